@@ -1,0 +1,221 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! host = "a1"
+//! vtep = "198.18.1.10"          # this host's underlay address (outer source of VXLAN)
+//! overlay_ip = "10.244.255.1"   # this host's own address inside the overlay
+//! overlay_cidr = "10.244.0.0/16"
+//! vni = 4242
+//! vxlan_port = 4789
+//! vxlan_device = "ferry_vx"
+//! metrics_listen = "127.0.0.1:9464"
+//! bpffs_dir = "/sys/fs/bpf/ferry/fl1234ab-a1"
+//!
+//! [[peers]]
+//! name = "a2"
+//! vtep = "198.18.1.11"
+//! overlay_ip = "10.244.255.2"
+//! ```
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Default UDP port of VXLAN (IANA).
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+/// Default name of the host's external-mode VXLAN device.
+pub const DEFAULT_VXLAN_DEVICE: &str = "ferry_vx";
+/// Default VXLAN network identifier.
+pub const DEFAULT_VNI: u32 = 4242;
+/// Default address of the Prometheus endpoint (inside the host's network namespace).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of this host (used in logs and metrics).
+    pub host: String,
+    /// This host's underlay IPv4 address: the VTEP other hosts encapsulate to.
+    pub vtep: Ipv4Addr,
+    /// This host's own address inside the overlay (assigned to the VXLAN device).
+    pub overlay_ip: Ipv4Addr,
+    /// The overlay CIDR every container and host overlay address lives in.
+    pub overlay_cidr: Ipv4Net,
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+    #[serde(default = "default_vxlan_device")]
+    pub vxlan_device: String,
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Where this agent pins its eBPF maps (one directory per host: several lab hosts share
+    /// one bpffs). `None`: nothing is pinned.
+    #[serde(default)]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Other hosts known at start (the gateway pushes changes later).
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub vtep: Ipv4Addr,
+    pub overlay_ip: Ipv4Addr,
+}
+
+fn default_vni() -> u32 {
+    DEFAULT_VNI
+}
+fn default_vxlan_port() -> u16 {
+    DEFAULT_VXLAN_PORT
+}
+fn default_vxlan_device() -> String {
+    DEFAULT_VXLAN_DEVICE.to_owned()
+}
+fn default_metrics_listen() -> SocketAddr {
+    DEFAULT_METRICS_LISTEN.parse().expect("valid default")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path}: field `{field}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate().map_err(|(field, problem)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("AgentConfig always serialises")
+    }
+
+    /// Checks what serde cannot: returns the offending field and the problem.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |f: &str, p: String| Err((f.to_owned(), p));
+        if self.host.is_empty() {
+            return err("host", "must not be empty".into());
+        }
+        if self.vni == 0 || self.vni > 0x00ff_ffff {
+            return err("vni", format!("{} is not a 24-bit VNI (1..=16777215)", self.vni));
+        }
+        if self.vxlan_port == 0 {
+            return err("vxlan_port", "must not be 0".into());
+        }
+        if self.vxlan_device.is_empty() || self.vxlan_device.len() > 15 {
+            return err(
+                "vxlan_device",
+                format!("{:?} is not a valid interface name (1..=15 bytes)", self.vxlan_device),
+            );
+        }
+        if !self.overlay_cidr.contains(&self.overlay_ip) {
+            return err(
+                "overlay_ip",
+                format!("{} is outside overlay_cidr {}", self.overlay_ip, self.overlay_cidr),
+            );
+        }
+        if self.overlay_cidr.contains(&self.vtep) {
+            return err(
+                "vtep",
+                format!("{} is inside the overlay {}: the underlay must be separate", self.vtep, self.overlay_cidr),
+            );
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if !self.overlay_cidr.contains(&p.overlay_ip) {
+                return err(
+                    &format!("peers[{i}].overlay_ip"),
+                    format!("{} is outside overlay_cidr {}", p.overlay_ip, self.overlay_cidr),
+                );
+            }
+            if p.overlay_ip == self.overlay_ip || p.vtep == self.vtep {
+                return err(
+                    &format!("peers[{i}]"),
+                    format!("peer {} has this host's own address", p.name),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host = "a1"
+vtep = "198.18.1.10"
+overlay_ip = "10.244.255.1"
+overlay_cidr = "10.244.0.0/16"
+
+[[peers]]
+name = "a2"
+vtep = "198.18.1.11"
+overlay_ip = "10.244.255.2"
+"#;
+
+    #[test]
+    fn parses_with_defaults_and_round_trips() {
+        let c = AgentConfig::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.vni, DEFAULT_VNI);
+        assert_eq!(c.vxlan_device, DEFAULT_VXLAN_DEVICE);
+        assert_eq!(c.peers.len(), 1);
+        let again = AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn rejects_bad_fields_by_name() {
+        let bad = GOOD.replace("10.244.255.1", "10.99.0.1");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("overlay_ip"), "{e}");
+        let bad = format!("vni = 0\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("vni"), "{e}");
+        let bad = format!("colour = 1\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let bad = GOOD.replace("vtep = \"198.18.1.11\"", "vtep = \"198.18.1.10\"");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("peers[0]"), "{e}");
+    }
+}

@@ -1,0 +1,2 @@
+//! ferry's node agent.
+pub mod config;

@@ -1,0 +1,5 @@
+//! The kernel-facing side of ferry: network namespaces, netlink (VXLAN device, addresses,
+//! routes), and the eBPF datapath (load, attach, typed map access). Nothing else in the
+//! workspace calls the kernel directly.
+pub mod netns;
+pub mod sys;

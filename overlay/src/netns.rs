@@ -1,0 +1,116 @@
+//! Network namespaces: enter one for the current thread (restored on drop), or run a closure
+//! in one on a dedicated thread. Never hold a [`NetNsGuard`] across an `.await`: the namespace
+//! belongs to the OS thread, and an async task may move between threads.
+
+use std::{
+    fs::File,
+    io,
+    marker::PhantomData,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use crate::sys;
+
+/// Where `ip netns add NAME` puts its bind mounts.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// Path of a named network namespace.
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_RUN_DIR).join(name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetNsError {
+    #[error("opening network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("entering network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: io::Error },
+    #[error("returning to the original network namespace: {0}")]
+    Restore(io::Error),
+    #[error("the thread running in network namespace {path} panicked")]
+    Panicked { path: PathBuf },
+}
+
+/// The calling thread is in another network namespace while this lives; dropping it moves the
+/// thread back. `!Send`: it is bound to the thread that created it.
+#[derive(Debug)]
+pub struct NetNsGuard {
+    original: File,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl NetNsGuard {
+    pub fn enter(path: &Path) -> Result<Self, NetNsError> {
+        let original = sys::current_netns().map_err(NetNsError::Restore)?;
+        let target = File::open(path).map_err(|source| NetNsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        sys::setns_net(target.as_fd()).map_err(|source| NetNsError::Enter {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            original,
+            _not_send: PhantomData,
+        })
+    }
+}
+
+impl Drop for NetNsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = sys::setns_net(self.original.as_fd()) {
+            // A thread left in a foreign namespace would silently misdirect every later socket.
+            panic!("failed to restore network namespace: {e}");
+        }
+    }
+}
+
+/// Runs `f` on a fresh OS thread inside the network namespace at `path` and returns its result.
+/// The caller's thread never changes namespace.
+pub fn run_in<T, F>(path: &Path, f: F) -> Result<T, NetNsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let p = path.to_owned();
+    let handle = std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || -> Result<T, NetNsError> {
+            let _guard = NetNsGuard::enter(&p)?;
+            Ok(f())
+        })
+        .expect("spawning a thread");
+    handle.join().map_err(|_| NetNsError::Panicked {
+        path: path.to_owned(),
+    })?
+}
+
+/// Opens a namespace file for later use by a child process (`pre_exec` + setns).
+pub fn open(path: &Path) -> Result<File, NetNsError> {
+    File::open(path).map_err(|source| NetNsError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Makes `cmd` start inside the network namespace at `path` (the mount namespace stays the
+/// caller's: unlike `ip netns exec`, /sys/fs/bpf and /proc stay visible, which the agent and
+/// CRIU need). The namespace file is opened now, so errors surface here, not in the child.
+pub fn command_in(cmd: &mut std::process::Command, path: &Path) -> Result<(), NetNsError> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let ns = open(path)?;
+    // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which is
+    // async-signal-safe; `ns` is moved into the closure and outlives it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# ferry set-up: installs whatever is missing for building, testing and running ferry on a
+# Debian bookworm machine (root). Idempotent: with everything present it only checks and exits.
+#
+#   scripts/setup.sh            install what is missing
+#   scripts/setup.sh --check    report what is missing, change nothing (exit 1 if anything is)
+#
+# What it installs, and why (see docs/setup.md):
+#   - Debian packages: iproute2/iperf3/socat/... for the lab, llvm-22-dev for bpf-linker,
+#     CRIU's build dependencies;
+#   - rust-src for the pinned toolchain (the eBPF crate is built with -Z build-std=core);
+#   - bpf-linker 0.13.0 linked against LLVM 22 (the LLVM of rustc 1.95);
+#   - CRIU >= 4.1 built from Debian's own trixie source package (bookworm's 3.17 fails on
+#     kernels >= 6.13), installed as /usr/local/sbin/criu. Only a deb-src line is added.
+set -euo pipefail
+
+CHECK_ONLY=0
+[[ "${1:-}" == "--check" ]] && CHECK_ONLY=1
+
+TOOLCHAIN=1.95.0
+BPF_LINKER_VERSION=0.13.0
+LLVM_MAJOR=22
+CRIU_SUITE=trixie
+CRIU_MIN=4.1
+CRIU_BIN=/usr/local/sbin/criu
+CACHE_DIR=/var/cache/ferry
+export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+APT_PACKAGES=(
+  # lab and tests
+  iproute2 iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
+  # bpf-linker
+  "llvm-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
+  # CRIU build dependencies (bookworm versions)
+  build-essential pkg-config protobuf-c-compiler libprotobuf-c-dev protobuf-compiler
+  libprotobuf-dev libnl-3-dev libnet1-dev libcap-dev uuid-dev libbsd-dev libnftables-dev
+  libgnutls28-dev python3-protobuf xz-utils dpkg-dev
+)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+missing=()
+t0=$(date +%s.%N)
+
+if [[ $(id -u) -ne 0 ]]; then
+  log "must run as root (installs Debian packages and CRIU)"; exit 1
+fi
+
+# --- Debian packages ---------------------------------------------------------------------------
+apt_missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || apt_missing+=("$p")
+done
+apt_updated=0
+apt_update() {
+  if [[ $apt_updated -eq 0 ]]; then
+    log "apt-get update"; apt-get update -qq; apt_updated=1
+  fi
+}
+if ((${#apt_missing[@]})); then
+  if ((CHECK_ONLY)); then missing+=("apt: ${apt_missing[*]}"); else
+    apt_update
+    log "installing Debian packages: ${apt_missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+  fi
+fi
+
+# --- Rust toolchain pieces ----------------------------------------------------------------------
+if ! rustup toolchain list | grep -q "^${TOOLCHAIN}-"; then
+  if ((CHECK_ONLY)); then missing+=("rust toolchain ${TOOLCHAIN}"); else
+    log "installing rust ${TOOLCHAIN} (not made the default)"
+    rustup toolchain install "${TOOLCHAIN}" --profile minimal --component rustfmt,clippy
+  fi
+fi
+for comp in rust-src rustfmt clippy; do
+  if ! rustup component list --installed --toolchain "${TOOLCHAIN}" 2>/dev/null | grep -q "^${comp}"; then
+    if ((CHECK_ONLY)); then missing+=("rustup component ${comp}"); else
+      log "adding ${comp} to ${TOOLCHAIN}"
+      rustup component add "${comp}" --toolchain "${TOOLCHAIN}"
+    fi
+  fi
+done
+
+if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
+  if ((CHECK_ONLY)); then missing+=("bpf-linker ${BPF_LINKER_VERSION}"); else
+    log "building bpf-linker ${BPF_LINKER_VERSION} against LLVM ${LLVM_MAJOR} (about a minute)"
+    LLVM_PREFIX="/usr/lib/llvm-${LLVM_MAJOR}" cargo "+${TOOLCHAIN}" install "bpf-linker@${BPF_LINKER_VERSION}" \
+      --locked --no-default-features --features "llvm-${LLVM_MAJOR}" --quiet
+  fi
+fi
+
+# --- CRIU >= 4.1 ----------------------------------------------------------------------------------
+criu_ok() {
+  [[ -x "$CRIU_BIN" ]] || return 1
+  local v
+  v=$("$CRIU_BIN" --version 2>/dev/null | awk '/^Version:/{print $2}')
+  [[ -n "$v" ]] || return 1
+  [[ "$(printf '%s\n%s\n' "$CRIU_MIN" "$v" | sort -V | head -1)" == "$CRIU_MIN" ]] || return 1
+  "$CRIU_BIN" check >/dev/null 2>&1
+}
+if ! criu_ok; then
+  if ((CHECK_ONLY)); then missing+=("criu >= ${CRIU_MIN} at ${CRIU_BIN}"); else
+    src_list=/etc/apt/sources.list.d/ferry-criu-src.sources
+    if [[ ! -f "$src_list" ]]; then
+      # deb-src ONLY: binaries stay bookworm's. Same archive apt already uses.
+      cat >"$src_list" <<SRC
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: ${CRIU_SUITE}
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+      apt_updated=0
+    fi
+    apt_update
+    mkdir -p "$CACHE_DIR/criu"
+    cd "$CACHE_DIR/criu"
+    if ! ls criu_*.orig.tar.* >/dev/null 2>&1; then
+      log "fetching CRIU source (Debian ${CRIU_SUITE})"
+      # The .debian.tar.xz / .dsc may answer 404; the checksum-verified orig tarball is what we need.
+      apt-get source --download-only "criu/${CRIU_SUITE}" >/dev/null 2>&1 || true
+    fi
+    orig=$(ls criu_*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
+    [[ -n "$orig" ]] || { log "CRIU source tarball did not arrive"; exit 1; }
+    rm -rf build && mkdir build
+    tar -xf "$orig" -C build --strip-components=1
+    log "building CRIU from $orig (about 20 s)"
+    make -C build -j"$(nproc)" criu >build.log 2>&1 || { tail -30 build.log; log "CRIU build failed (log: $CACHE_DIR/criu/build.log)"; exit 1; }
+    install -m 0755 build/criu/criu "$CRIU_BIN"
+    criu_ok || { "$CRIU_BIN" check || true; log "installed CRIU fails 'criu check'"; exit 1; }
+    log "installed $("$CRIU_BIN" --version | head -1) at $CRIU_BIN"
+  fi
+fi
+
+# --- kernel facilities the lab needs ---------------------------------------------------------------
+if ! mountpoint -q /sys/fs/bpf; then
+  if ((CHECK_ONLY)); then missing+=("bpffs at /sys/fs/bpf"); else mount -t bpf bpf /sys/fs/bpf; fi
+fi
+mkdir -p /run/netns
+
+t1=$(date +%s.%N)
+if ((CHECK_ONLY)) && ((${#missing[@]})); then
+  printf '[setup] missing: %s\n' "${missing[@]}" >&2; exit 1
+fi
+log "ready ($(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s)"
