@@ -28,7 +28,7 @@ export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 
 APT_PACKAGES=(
   # lab and tests
-  iproute2 iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
+  iproute2 iputils-ping curl iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
   # bpf-linker
   "llvm-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   # CRIU build dependencies (bookworm versions)

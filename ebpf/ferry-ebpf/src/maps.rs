@@ -1,0 +1,50 @@
+//! The maps, and typed accessors over them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use ferry_common::{Config, Counter, Endpoint, MAX_ENDPOINTS, MAX_VTEPS, Reason, Vtep};
+
+#[map(name = "FERRY_COUNTERS")]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[map(name = "FERRY_ENDPOINTS")]
+static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+#[map(name = "FERRY_VTEPS")]
+static VTEPS: HashMap<u32, Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);
+
+#[map(name = "FERRY_CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(reason: Reason, len: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Result<Config, Reason> {
+    match CONFIG.get(0) {
+        Some(c) if c.vni != 0 => Ok(*c),
+        _ => Err(Reason::DropNoConfig),
+    }
+}
+
+#[inline(always)]
+pub fn endpoint(ip_be: u32) -> Option<Endpoint> {
+    // SAFETY: the value is copied out at once; user space replaces entries whole.
+    unsafe { ENDPOINTS.get(&ip_be).copied() }
+}
+
+#[inline(always)]
+pub fn vtep(ip_be: u32) -> Option<Vtep> {
+    // SAFETY: as above.
+    unsafe { VTEPS.get(&ip_be).copied() }
+}

@@ -1,0 +1,201 @@
+//! ferry's eBPF datapath: loads the object built by build.rs, attaches one program per attach
+//! point (tcx on this kernel), and gives typed access to the maps.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
+};
+use ferry_common::{Config, Counter, Endpoint, Reason, Vtep, ipv4_be, maps, programs};
+
+/// The eBPF object, built by overlay/build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("creating {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Counters of one reason, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasonCount {
+    pub reason: Reason,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The loaded and attached datapath. Dropping it detaches the programs (tcx links are owned by
+/// their file descriptors) and removes what it pinned.
+pub struct Datapath {
+    _ebpf: Ebpf,
+    counters: PerCpuArray<MapData, Counter>,
+    endpoints: HashMap<MapData, u32, Endpoint>,
+    vteps: HashMap<MapData, u32, Vtep>,
+    pinned: Vec<PathBuf>,
+}
+
+impl Datapath {
+    /// Loads the object, writes `config`, and attaches from-overlay (ingress) and to-overlay
+    /// (egress) to the VXLAN device `vxlan`. With `pin_dir`, the maps are pinned there (one
+    /// directory per host) for inspection with bpftool.
+    pub fn attach(vxlan: &str, config: Config, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        for (name, attach) in [
+            (programs::FROM_OVERLAY, TcAttachType::Ingress),
+            (programs::TO_OVERLAY, TcAttachType::Egress),
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.attach(vxlan, attach)
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let mut pinned = Vec::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let mut take_pinned = |name: &'static str| -> Result<aya::maps::Map, DatapathError> {
+            let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+            if let Some(dir) = pin_dir {
+                let path = dir.join(name);
+                let _ = std::fs::remove_file(&path);
+                map.pin(&path).map_err(|source| DatapathError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                pinned.push(path);
+            }
+            Ok(map)
+        };
+        let cfg_map = take_pinned(maps::CONFIG)?;
+        let counters = take_pinned(maps::COUNTERS)?;
+        let endpoints = take_pinned(maps::ENDPOINTS)?;
+        let vteps = take_pinned(maps::VTEPS)?;
+        let mut cfg: Array<MapData, Config> = typed(cfg_map, maps::CONFIG)?;
+        cfg.set(0, config, 0).map_err(map_err(maps::CONFIG))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            counters: typed(counters, maps::COUNTERS)?,
+            endpoints: typed(endpoints, maps::ENDPOINTS)?,
+            vteps: typed(vteps, maps::VTEPS)?,
+            pinned,
+        })
+    }
+
+    pub fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
+        self.endpoints
+            .insert(ipv4_be(ip.octets()), ep, 0)
+            .map_err(map_err(maps::ENDPOINTS))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.endpoints
+            .remove(&ipv4_be(ip.octets()))
+            .map_err(map_err(maps::ENDPOINTS))
+    }
+
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<Endpoint> {
+        self.endpoints.get(&ipv4_be(ip.octets()), 0).ok()
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn allow_vtep(&mut self, ip: Ipv4Addr, vtep: Vtep) -> Result<(), DatapathError> {
+        self.vteps
+            .insert(ipv4_be(ip.octets()), vtep, 0)
+            .map_err(map_err(maps::VTEPS))
+    }
+
+    pub fn disallow_vtep(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.vteps
+            .remove(&ipv4_be(ip.octets()))
+            .map_err(map_err(maps::VTEPS))
+    }
+
+    pub fn vtep_count(&self) -> usize {
+        self.vteps.keys().filter(Result::is_ok).count()
+    }
+
+    /// Per-reason counters summed over all CPUs, in reason order.
+    pub fn counters(&self) -> Result<Vec<ReasonCount>, DatapathError> {
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu = self
+                    .counters
+                    .get(&(reason as u32), 0)
+                    .map_err(map_err(maps::COUNTERS))?;
+                let (packets, bytes) = per_cpu
+                    .iter()
+                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                Ok(ReasonCount {
+                    reason,
+                    packets,
+                    bytes,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        for p in &self.pinned {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "unpinning map");
+            }
+        }
+        if let Some(dir) = self.pinned.first().and_then(|p| p.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn typed<T>(map: aya::maps::Map, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(map_err(name))
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
