@@ -35,7 +35,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     let ifindex = nl.ensure_vxlan(&spec).await?;
     // The overlay is IPv4; IPv6 on the device would only emit ND/MLD noise into the datapath.
-    sys::write_sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", cfg.vxlan_device), "1")?;
+    sys::write_sysctl(
+        &format!("net/ipv6/conf/{}/disable_ipv6", cfg.vxlan_device),
+        "1",
+    )?;
     info!(device = %cfg.vxlan_device, ifindex, port = cfg.vxlan_port, "vxlan device ready");
 
     let mut dp = Datapath::attach(
@@ -55,7 +58,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for (ip, v) in &p.vteps {
         dp.allow_vtep(*ip, *v)?;
     }
-    info!(endpoints = p.endpoints.len(), vteps = p.vteps.len(), "datapath attached");
+    info!(
+        endpoints = p.endpoints.len(),
+        vteps = p.vteps.len(),
+        "datapath attached"
+    );
 
     let state = AppState {
         host: cfg.host.as_str().into(),

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry-agent", version, about = "ferry's node agent (one per host)")]
+#[command(
+    name = "ferry-agent",
+    version,
+    about = "ferry's node agent (one per host)"
+)]
 pub struct Cli {
     /// Agent configuration (TOML).
     #[arg(long, short, env = "FERRY_AGENT_CONFIG")]

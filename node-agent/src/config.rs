@@ -117,11 +117,13 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        config.validate().map_err(|(field, problem)| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            problem,
-        })?;
+        config
+            .validate()
+            .map_err(|(field, problem)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                problem,
+            })?;
         Ok(config)
     }
 
@@ -136,7 +138,10 @@ impl AgentConfig {
             return err("host", "must not be empty".into());
         }
         if self.vni == 0 || self.vni > 0x00ff_ffff {
-            return err("vni", format!("{} is not a 24-bit VNI (1..=16777215)", self.vni));
+            return err(
+                "vni",
+                format!("{} is not a 24-bit VNI (1..=16777215)", self.vni),
+            );
         }
         if self.vxlan_port == 0 {
             return err("vxlan_port", "must not be 0".into());
@@ -144,26 +149,38 @@ impl AgentConfig {
         if self.vxlan_device.is_empty() || self.vxlan_device.len() > 15 {
             return err(
                 "vxlan_device",
-                format!("{:?} is not a valid interface name (1..=15 bytes)", self.vxlan_device),
+                format!(
+                    "{:?} is not a valid interface name (1..=15 bytes)",
+                    self.vxlan_device
+                ),
             );
         }
         if !self.overlay_cidr.contains(&self.overlay_ip) {
             return err(
                 "overlay_ip",
-                format!("{} is outside overlay_cidr {}", self.overlay_ip, self.overlay_cidr),
+                format!(
+                    "{} is outside overlay_cidr {}",
+                    self.overlay_ip, self.overlay_cidr
+                ),
             );
         }
         if self.overlay_cidr.contains(&self.vtep) {
             return err(
                 "vtep",
-                format!("{} is inside the overlay {}: the underlay must be separate", self.vtep, self.overlay_cidr),
+                format!(
+                    "{} is inside the overlay {}: the underlay must be separate",
+                    self.vtep, self.overlay_cidr
+                ),
             );
         }
         for (i, p) in self.peers.iter().enumerate() {
             if !self.overlay_cidr.contains(&p.overlay_ip) {
                 return err(
                     &format!("peers[{i}].overlay_ip"),
-                    format!("{} is outside overlay_cidr {}", p.overlay_ip, self.overlay_cidr),
+                    format!(
+                        "{} is outside overlay_cidr {}",
+                        p.overlay_ip, self.overlay_cidr
+                    ),
                 );
             }
             if p.overlay_ip == self.overlay_ip || p.vtep == self.vtep {
@@ -206,16 +223,24 @@ overlay_ip = "10.244.255.2"
     #[test]
     fn rejects_bad_fields_by_name() {
         let bad = GOOD.replace("10.244.255.1", "10.99.0.1");
-        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("overlay_ip"), "{e}");
         let bad = format!("vni = 0\n{GOOD}");
-        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vni"), "{e}");
         let bad = format!("colour = 1\n{GOOD}");
-        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("colour"), "{e}");
         let bad = GOOD.replace("vtep = \"198.18.1.11\"", "vtep = \"198.18.1.10\"");
-        let e = AgentConfig::parse(Path::new("t.toml"), &bad).unwrap_err().to_string();
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("peers[0]"), "{e}");
     }
 }

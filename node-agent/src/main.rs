@@ -1,9 +1,9 @@
 use clap::Parser as _;
-use tracing::Instrument as _;
 use ferry_agent::{
     cli::{Cli, LogFormat},
     config::AgentConfig,
 };
+use tracing::Instrument as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

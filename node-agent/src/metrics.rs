@@ -7,7 +7,10 @@ use ferry_overlay::datapath::ReasonCount;
 /// Renders datapath counters and map sizes in Prometheus text format (version 0.0.4).
 pub fn render(host: &str, counters: &[ReasonCount], endpoints: usize, vteps: usize) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP ferry_datapath_packets_total Packets seen by the eBPF datapath, by verdict reason.");
+    let _ = writeln!(
+        out,
+        "# HELP ferry_datapath_packets_total Packets seen by the eBPF datapath, by verdict reason."
+    );
     let _ = writeln!(out, "# TYPE ferry_datapath_packets_total counter");
     for c in counters {
         let _ = writeln!(
@@ -18,7 +21,10 @@ pub fn render(host: &str, counters: &[ReasonCount], endpoints: usize, vteps: usi
             c.packets
         );
     }
-    let _ = writeln!(out, "# HELP ferry_datapath_bytes_total Bytes seen by the eBPF datapath, by verdict reason.");
+    let _ = writeln!(
+        out,
+        "# HELP ferry_datapath_bytes_total Bytes seen by the eBPF datapath, by verdict reason."
+    );
     let _ = writeln!(out, "# TYPE ferry_datapath_bytes_total counter");
     for c in counters {
         let _ = writeln!(

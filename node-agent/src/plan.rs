@@ -76,14 +76,26 @@ mod tests {
     fn own_address_is_host_and_peers_are_remote() {
         let p = plan(&cfg());
         assert_eq!(p.endpoints.len(), 2);
-        assert_eq!(p.endpoints[0].0, "10.244.255.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            p.endpoints[0].0,
+            "10.244.255.1".parse::<Ipv4Addr>().unwrap()
+        );
         assert_eq!(p.endpoints[0].1.kind, kind::HOST);
         let (ip, ep) = p.endpoints[1];
         assert_eq!(ip, "10.244.255.3".parse::<Ipv4Addr>().unwrap());
         assert_eq!(ep.kind, kind::REMOTE);
         assert_eq!(ep.vni, 77);
         assert_eq!(ep.vtep_be.to_ne_bytes(), [198, 18, 2, 10]);
-        assert_eq!(p.vteps, vec![("198.18.2.10".parse().unwrap(), Vtep { vni: 77, host_id: 1 })]);
+        assert_eq!(
+            p.vteps,
+            vec![(
+                "198.18.2.10".parse().unwrap(),
+                Vtep {
+                    vni: 77,
+                    host_id: 1
+                }
+            )]
+        );
     }
 
     #[test]

@@ -68,7 +68,11 @@ impl Datapath {
     /// Loads the object, writes `config`, and attaches from-overlay (ingress) and to-overlay
     /// (egress) to the VXLAN device `vxlan`. With `pin_dir`, the maps are pinned there (one
     /// directory per host) for inspection with bpftool.
-    pub fn attach(vxlan: &str, config: Config, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
+    pub fn attach(
+        vxlan: &str,
+        config: Config,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, DatapathError> {
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
         for (name, attach) in [
             (programs::FROM_OVERLAY, TcAttachType::Ingress),
@@ -79,7 +83,8 @@ impl Datapath {
                 .ok_or(DatapathError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
             prog.attach(vxlan, attach)
                 .map_err(|source| DatapathError::Program { name, source })?;
         }

@@ -29,7 +29,8 @@ pub fn current_netns() -> io::Result<File> {
 /// opener, so call it from a thread that is in the target namespace.
 pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
     let path = Path::new("/proc/sys").join(key);
-    std::fs::write(&path, value).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    std::fs::write(&path, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Reads a sysctl of the calling thread's network namespace.

@@ -33,10 +33,16 @@ struct Verdict {
 }
 
 const fn pass(reason: Reason) -> Verdict {
-    Verdict { action: TC_ACT_OK, reason }
+    Verdict {
+        action: TC_ACT_OK,
+        reason,
+    }
 }
 const fn redirect(reason: Reason) -> Verdict {
-    Verdict { action: TC_ACT_REDIRECT, reason }
+    Verdict {
+        action: TC_ACT_REDIRECT,
+        reason,
+    }
 }
 
 fn finish(ctx: &TcContext, r: Result<Verdict, Reason>) -> i32 {
@@ -77,7 +83,8 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     match ep.kind {
         kind::HOST => {
             // The sender addressed the frame to its own device MAC (NOARP): accept it as ours.
-            ctx.change_type(PACKET_HOST).map_err(|_| Reason::DropMalformed)?;
+            ctx.change_type(PACKET_HOST)
+                .map_err(|_| Reason::DropMalformed)?;
             Ok(pass(Reason::OverlayToHost))
         }
         kind::LOCAL => {

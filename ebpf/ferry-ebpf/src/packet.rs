@@ -19,7 +19,8 @@ pub fn ethertype(ctx: &TcContext) -> Result<u16, Reason> {
 /// IPv4 destination as stored on the wire (network order in memory).
 #[inline(always)]
 pub fn ipv4_dst(ctx: &TcContext) -> Result<u32, Reason> {
-    ctx.load::<u32>(IPV4_DST_OFF).map_err(|_| Reason::DropMalformed)
+    ctx.load::<u32>(IPV4_DST_OFF)
+        .map_err(|_| Reason::DropMalformed)
 }
 
 #[inline(always)]

@@ -17,7 +17,11 @@ pub fn get(ctx: &TcContext) -> Result<bpf_tunnel_key, Reason> {
     let rc = unsafe {
         bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
     };
-    if rc < 0 { Err(Reason::DropNoTunnelKey) } else { Ok(key) }
+    if rc < 0 {
+        Err(Reason::DropNoTunnelKey)
+    } else {
+        Ok(key)
+    }
 }
 
 /// The outer source address in the datapath's key form (network order in memory).
@@ -38,5 +42,9 @@ pub fn set(ctx: &TcContext, vni: u32, vtep_be: u32, ttl: u32) -> Result<(), Reas
     let rc = unsafe {
         bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
     };
-    if rc < 0 { Err(Reason::DropTunnelKeyFailed) } else { Ok(()) }
+    if rc < 0 {
+        Err(Reason::DropTunnelKeyFailed)
+    } else {
+        Ok(())
+    }
 }
