@@ -1,1 +1,30 @@
-//! lab
+//! ferry-lab: labs of network namespaces that stand for hosts, clouds, a gateway and the
+//! internet.
+//!
+//! A lab has a unique prefix (`fl` + 6 hex digits); every node is a namespace
+//! `<prefix>-<node>`: one per host, `<prefix>-router` (one bridge per cloud, forwarding
+//! between clouds) and `<prefix>-inet` (a client on the internet side of the gateway).
+//! Nothing is ever added to the root namespace. State lives in `/run/ferry-lab/<prefix>/`.
+//!
+//! ```no_run
+//! use ferry_lab::{Lab, LabOptions, Topology};
+//! let lab = Lab::up(LabOptions { topology: Topology::default_lab(), start_agents: false })?;
+//! let b1 = lab.host("b1").unwrap().address.to_string();
+//! assert!(lab.ping("a1", &b1));
+//! lab.down()?;
+//! # Ok::<(), ferry_lab::LabError>(())
+//! ```
+pub mod bins;
+pub mod cli;
+pub mod demo;
+mod error;
+pub mod lab;
+pub mod procs;
+pub mod state;
+pub mod teardown;
+pub mod topology;
+
+pub use error::{LabError, TeardownError};
+pub use lab::{INET, Lab, LabOptions, ROUTER, netns_name};
+pub use teardown::{LabStatus, leftovers, list_labs, reap, status, teardown};
+pub use topology::{Host, LabTopology, Role, Topology, TopologyError};

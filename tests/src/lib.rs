@@ -1,1 +1,146 @@
-//! test support
+//! Test support for ferry's acceptance tests (real namespaces, real eBPF, real daemons).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+};
+
+/// Is the effective user root? (From /proc/self/status: `Uid: real effective saved fs`.)
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Path of an executable `tool` on PATH.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Whether a test needing root and `tools` can run. If not: with `CI=true` it panics with the
+/// reason (CI must never skip silently); otherwise it prints `SKIP: ...` to stderr and returns
+/// false, and the test returns early.
+pub fn require_root_and_tools(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("root (run the tests as root)".to_owned());
+    }
+    for t in tools {
+        if which(t).is_none() {
+            missing.push(format!("tool `{t}` (not on PATH)"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("this test needs {}", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and {why}");
+    }
+    eprintln!("SKIP: {why}");
+    false
+}
+
+static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+
+/// Path of the workspace binary `name` (e.g. `ferry-lab`, `ferry-agent`), built up to date.
+///
+/// `cargo test -p ferry-tests` builds only this package's dependencies as libraries, not their
+/// binaries, while labs need `ferry-lab` (the reaper) and `ferry-agent`: so the first call per
+/// binary runs `cargo build --bin NAME` with this test binary's profile and target directory
+/// (a no-op when it is fresh). The binary lands in `target/<profile>/`, next to the test's
+/// `deps/` directory, which is where `ferry_lab` looks for it. Panics if it cannot be had.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(p) = built.get(name) {
+        return p.clone();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary inside target/<profile>/deps")
+        .to_owned();
+    let target_dir = profile_dir.parent().expect("target dir").to_owned();
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let bin = profile_dir.join(name);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "--quiet", "--bin", name, "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    match cmd.output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) if bin.exists() => eprintln!(
+            "warning: `cargo build --bin {name}` failed; using the existing {}:\n{}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Ok(out) => panic!(
+            "building {name} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if bin.exists() => eprintln!(
+            "warning: cannot run cargo ({e}); using the existing {}",
+            bin.display()
+        ),
+        Err(e) => panic!("{name} is not built and cargo cannot run: {e}"),
+    }
+    assert!(bin.exists(), "{} missing after building it", bin.display());
+    built.insert(name.to_owned(), bin.clone());
+    bin
+}
+
+/// A child process that is SIGKILLed and reaped when this guard drops (a failing assertion must
+/// not leave, say, a lab's owner process sleeping forever).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Tears lab `prefix` down when dropped (for labs made by `ferry-lab up`, which outlive the
+/// process that asked for them); errors are ignored: the test's own assertions report them.
+pub struct DownOnDrop(pub String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = ferry_lab::teardown(&self.0);
+    }
+}

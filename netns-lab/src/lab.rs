@@ -1,0 +1,699 @@
+//! Bringing a lab up: namespaces, the router's bridges, veths, addresses, routes, the agents,
+//! and the reaper that tears the lab down if its owner dies.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use ferry_agent::config::{AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, Peer};
+use ferry_overlay::netns::{command_in, netns_path, run_in};
+
+use crate::{
+    LabError, TeardownError,
+    bins::find_binary,
+    procs::{self, ProcRecord},
+    state::{self, BPFFS_ROOT, LabState},
+    teardown::teardown,
+    topology::{Host, LabTopology, Topology},
+};
+
+/// Name of the router node (and of its namespace suffix).
+pub const ROUTER: &str = "router";
+/// Name of the internet client node.
+pub const INET: &str = "inet";
+/// Host-side interface of a host's link to its cloud.
+pub const HOST_IF: &str = "eth0";
+/// The gateway's interface facing the internet.
+pub const PUBLIC_IF: &str = "pub0";
+/// How long agents get to serve their metrics endpoint.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What to bring up (default: the built-in topology, no agents).
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions {
+    pub topology: Topology,
+    /// Start a `ferry-agent` in every host (including the gateway) and wait for its metrics.
+    pub start_agents: bool,
+}
+
+/// A running lab. Dropping it tears it down (best effort, errors logged); [`Lab::down`] tears
+/// it down and reports errors.
+#[derive(Debug)]
+pub struct Lab {
+    prefix: String,
+    topology: LabTopology,
+    children: Vec<Child>,
+    up_duration: Duration,
+    detached: bool,
+}
+
+/// `<prefix>-<node>`: the namespace name of a lab node.
+pub fn netns_name(prefix: &str, node: &str) -> String {
+    format!("{prefix}-{node}")
+}
+
+/// The lab's nodes, in creation order: the router, every host, then the internet client.
+pub fn nodes(topology: &LabTopology) -> Vec<String> {
+    let mut v = vec![ROUTER.to_owned()];
+    v.extend(topology.hosts.iter().map(|h| h.name.clone()));
+    if topology.internet.is_some() {
+        v.push(INET.to_owned());
+    }
+    v
+}
+
+impl Lab {
+    /// Brings a lab up; a reaper tears it down if this process dies without doing so.
+    pub fn up(opts: LabOptions) -> Result<Self, LabError> {
+        Self::up_inner(opts, false)
+    }
+
+    /// Brings up a lab that outlives this process (no reaper): what `ferry-lab up` does.
+    /// Use [`Lab::detach`] to leave it running.
+    pub fn up_persistent(opts: LabOptions) -> Result<Self, LabError> {
+        Self::up_inner(opts, true)
+    }
+
+    fn up_inner(opts: LabOptions, persistent: bool) -> Result<Self, LabError> {
+        let t0 = Instant::now();
+        if !procs::is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let topology = opts.topology.resolve()?;
+        // Find the binaries before touching anything.
+        let reaper_bin = if persistent {
+            None
+        } else {
+            Some(find_binary("ferry-lab", "ferry-lab")?)
+        };
+        let agent_bin = if opts.start_agents {
+            Some(find_binary("ferry-agent", "ferry-agent")?)
+        } else {
+            None
+        };
+
+        let prefix = create_state_dir()?;
+        let mut b = Builder {
+            state: LabState {
+                prefix: prefix.clone(),
+                persistent,
+                owner_pid: std::process::id() as i32,
+                created_unix_secs: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                agents: opts.start_agents,
+                topology: topology.clone(),
+                namespaces: Vec::new(),
+                processes: Vec::new(),
+            },
+            children: Vec::new(),
+        };
+        let _span = tracing::info_span!("lab", %prefix).entered();
+        let result = b.build(reaper_bin.as_deref(), agent_bin.as_deref());
+        let mut lab = Self {
+            prefix,
+            topology,
+            children: std::mem::take(&mut b.children),
+            up_duration: Duration::ZERO,
+            detached: false,
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "bringing the lab up failed: tearing it down");
+            lab.detached = true; // torn down here, not again on drop
+            return Err(match lab.teardown_now() {
+                Ok(()) => error,
+                Err(teardown) => LabError::UpAndTeardown {
+                    error: Box::new(error),
+                    teardown,
+                },
+            });
+        }
+        lab.up_duration = t0.elapsed();
+        tracing::info!(
+            elapsed_ms = lab.up_duration.as_millis() as u64,
+            agents = opts.start_agents,
+            "lab up"
+        );
+        Ok(lab)
+    }
+
+    /// The lab's unique prefix (`fl` + 6 hex digits).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The resolved topology (every address).
+    pub fn topology(&self) -> &LabTopology {
+        &self.topology
+    }
+
+    /// How long [`Lab::up`] took.
+    pub fn up_duration(&self) -> Duration {
+        self.up_duration
+    }
+
+    /// The lab's state directory (`/run/ferry-lab/<prefix>`).
+    pub fn state_dir(&self) -> PathBuf {
+        state::state_dir(&self.prefix)
+    }
+
+    /// Log file of a host's agent.
+    pub fn agent_log(&self, host: &str) -> PathBuf {
+        self.state_dir().join(host).join("agent.log")
+    }
+
+    /// Names of the lab's nodes: `router`, the hosts, `inet` (if the topology has an internet).
+    pub fn nodes(&self) -> Vec<String> {
+        nodes(&self.topology)
+    }
+
+    /// Namespace name of a node (a host name, `router` or `inet`).
+    pub fn netns_name(&self, node: &str) -> String {
+        netns_name(&self.prefix, node)
+    }
+
+    /// Path of a node's namespace (`/run/netns/<prefix>-<node>`).
+    pub fn netns(&self, node: &str) -> PathBuf {
+        netns_path(&self.netns_name(node))
+    }
+
+    /// A host's addresses.
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.topology.host(name)
+    }
+
+    fn check_node(&self, node: &str) -> Result<(), LabError> {
+        let nodes = self.nodes();
+        if nodes.iter().any(|n| n == node) {
+            Ok(())
+        } else {
+            Err(LabError::UnknownNode {
+                prefix: self.prefix.clone(),
+                name: node.to_owned(),
+                known: nodes.join(", "),
+            })
+        }
+    }
+
+    /// Runs a command inside a node's namespace (the mount namespace stays ours) and captures
+    /// its output. `args[0]` is the program.
+    pub fn exec(&self, node: &str, args: &[&str]) -> Result<Output, LabError> {
+        self.check_node(node)?;
+        let (program, rest) = args.split_first().ok_or_else(|| {
+            LabError::io(
+                format!("exec in {node}"),
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
+            )
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.args(rest).stdin(Stdio::null());
+        command_in(&mut cmd, &self.netns(node))?;
+        cmd.output()
+            .map_err(|e| LabError::io(format!("running {args:?} in {node}"), e))
+    }
+
+    /// Can `from` ping `to_ip`? Up to 3 echo requests, 1 s each; true at the first reply.
+    pub fn ping(&self, from: &str, to_ip: &str) -> bool {
+        (0..3).any(|_| {
+            self.exec(from, &["ping", "-n", "-q", "-c", "1", "-W", "1", to_ip])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+    }
+
+    /// Tears the lab down and reports every error.
+    pub fn down(mut self) -> Result<(), LabError> {
+        self.detached = true;
+        self.teardown_now().map_err(LabError::from)
+    }
+
+    /// Leaves the lab running and returns its prefix (`ferry-lab down --lab PREFIX` removes
+    /// it). A reaper, if the lab has one, still tears it down when this process exits.
+    pub fn detach(mut self) -> String {
+        self.detached = true;
+        // Children keep running; dropping a `Child` neither kills nor waits for it.
+        std::mem::take(&mut self.prefix)
+    }
+
+    fn teardown_now(&mut self) -> Result<(), TeardownError> {
+        let result = teardown(&self.prefix);
+        // Reap our own children (they were stopped by teardown) so no zombie lingers.
+        for child in &mut self.children {
+            let _ = child.try_wait();
+        }
+        self.children.clear();
+        result
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        if let Err(e) = self.teardown_now() {
+            tracing::error!(error = %e, "lab teardown on drop");
+            eprintln!("ferry-lab: {e}");
+        }
+    }
+}
+
+/// Creates `/run/ferry-lab/<prefix>/` for a fresh prefix no other lab uses.
+fn create_state_dir() -> Result<String, LabError> {
+    let root = Path::new(state::STATE_ROOT);
+    std::fs::create_dir_all(root)
+        .map_err(|e| LabError::io(format!("creating {}", root.display()), e))?;
+    for _ in 0..16 {
+        let prefix = state::random_prefix()?;
+        let taken = std::fs::read_dir(ferry_overlay::netns::NETNS_RUN_DIR)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            })
+            .unwrap_or(false);
+        if taken {
+            continue;
+        }
+        match std::fs::create_dir(state::state_dir(&prefix)) {
+            Ok(()) => return Ok(prefix),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(LabError::io(
+                    format!("creating {}", state::state_dir(&prefix).display()),
+                    e,
+                ));
+            }
+        }
+    }
+    Err(LabError::io(
+        "choosing a lab prefix",
+        std::io::Error::other("16 random prefixes were all taken"),
+    ))
+}
+
+struct Builder {
+    state: LabState,
+    children: Vec<Child>,
+}
+
+impl Builder {
+    fn prefix(&self) -> &str {
+        &self.state.prefix
+    }
+
+    fn ns(&self, node: &str) -> String {
+        netns_name(self.prefix(), node)
+    }
+
+    fn dir(&self) -> PathBuf {
+        state::state_dir(self.prefix())
+    }
+
+    fn build(&mut self, reaper: Option<&Path>, agent: Option<&Path>) -> Result<(), LabError> {
+        self.state.save()?;
+        if let Some(bin) = reaper {
+            self.spawn_reaper(bin)?;
+        }
+        self.create_namespaces()?;
+        self.wire()?;
+        if let Some(bin) = agent {
+            self.start_agents(bin)?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, child: &Child, kind: &str, host: Option<&str>) -> Result<(), LabError> {
+        let pid = child.id() as i32;
+        let start_time = procs::start_time(pid)
+            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
+        self.state.processes.push(ProcRecord {
+            pid,
+            start_time,
+            kind: kind.to_owned(),
+            host: host.map(str::to_owned),
+        });
+        self.state.save()
+    }
+
+    fn spawn_reaper(&mut self, bin: &Path) -> Result<(), LabError> {
+        let owner = std::process::id() as i32;
+        let owner_start =
+            procs::start_time(owner).map_err(|e| LabError::io("reading our own start time", e))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["reap", "--lab", self.prefix(), "--owner"])
+            .arg(owner.to_string())
+            .arg("--owner-start")
+            .arg(owner_start.to_string())
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        detach_session(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| LabError::io(format!("spawning the reaper {}", bin.display()), e))?;
+        tracing::debug!(pid = child.id(), "reaper started");
+        let r = self.record(&child, "reaper", None);
+        self.children.push(child);
+        r
+    }
+
+    fn create_namespaces(&mut self) -> Result<(), LabError> {
+        let names: Vec<String> = nodes(&self.state.topology)
+            .iter()
+            .map(|n| self.ns(n))
+            .collect();
+        // Recorded first: a crash half-way still leaves them listed for teardown.
+        self.state.namespaces = names.clone();
+        self.state.save()?;
+        let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
+        self.run_batch(None, "netns", &batch)
+    }
+
+    /// Links, addresses, routes and sysctls of every node.
+    fn wire(&mut self) -> Result<(), LabError> {
+        let t = self.state.topology.clone();
+        let p = self.prefix().to_owned();
+
+        // The router: one bridge per cloud, one veth per host (host end created directly in
+        // the host's namespace), and the gateway's public veth pair.
+        let mut router = String::from("link set lo up\n");
+        for c in &t.clouds {
+            let br = format!("br-{}", c.name);
+            router.push_str(&format!(
+                "link add {br} type bridge forward_delay 0 stp_state 0\n\
+                 addr add {}/{} dev {br}\n\
+                 link set {br} up\n",
+                c.router,
+                c.subnet.prefix_len()
+            ));
+        }
+        for h in &t.hosts {
+            let v = format!("v-{}", h.name);
+            router.push_str(&format!(
+                "link add {v} type veth peer name {HOST_IF} netns {}\n\
+                 link set {v} master br-{}\n\
+                 link set {v} up\n",
+                netns_name(&p, &h.name),
+                h.cloud
+            ));
+        }
+        if let Some(inet) = &t.internet {
+            router.push_str(&format!(
+                "link add {PUBLIC_IF} netns {} type veth peer name {HOST_IF} netns {}\n",
+                netns_name(&p, &inet.gateway),
+                netns_name(&p, INET)
+            ));
+        }
+        self.run_batch(Some(ROUTER), ROUTER, &router)?;
+
+        // Hosts and the internet client, in parallel.
+        let mut batches: Vec<(String, String)> = Vec::new();
+        for h in &t.hosts {
+            let mut b = format!(
+                "link set lo up\n\
+                 addr add {}/{} dev {HOST_IF}\n\
+                 link set {HOST_IF} up\n\
+                 route add default via {}\n",
+                h.address, h.prefix_len, h.router
+            );
+            if let (Some(public), Some(inet)) = (h.public_address, &t.internet) {
+                b.push_str(&format!(
+                    "addr add {public}/{} dev {PUBLIC_IF}\nlink set {PUBLIC_IF} up\n",
+                    inet.subnet.prefix_len()
+                ));
+            }
+            batches.push((h.name.clone(), b));
+        }
+        if let Some(inet) = &t.internet {
+            batches.push((
+                INET.to_owned(),
+                format!(
+                    "link set lo up\n\
+                     addr add {}/{} dev {HOST_IF}\n\
+                     link set {HOST_IF} up\n\
+                     route add default via {}\n",
+                    inet.client,
+                    inet.subnet.prefix_len(),
+                    inet.gateway_address
+                ),
+            ));
+        }
+        let mut running = Vec::new();
+        for (node, text) in &batches {
+            running.push((node.clone(), self.spawn_batch(Some(node), node, text)?));
+        }
+        let mut first_error = None;
+        for (node, (cmd, child)) in running {
+            if let Err(e) = finish_batch(&node, cmd, child)
+                && first_error.is_none()
+            {
+                first_error = Some(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+
+        // Forwarding on the router and on gateways.
+        let mut forwarders = vec![ROUTER.to_owned()];
+        if let Some(inet) = &t.internet {
+            forwarders.push(inet.gateway.clone());
+        }
+        for node in forwarders {
+            let path = netns_path(&self.ns(&node));
+            run_in(&path, || {
+                ferry_overlay::sys::write_sysctl("net/ipv4/ip_forward", "1")
+            })?
+            .map_err(|e| LabError::io(format!("enabling ip_forward in {node}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes an `ip` batch file into the state dir (kept for debugging) and runs it, in
+    /// node `ns`'s namespace (or the root one for `None`: only `netns add` lines go there).
+    fn run_batch(&self, ns: Option<&str>, label: &str, text: &str) -> Result<(), LabError> {
+        let (cmd, child) = self.spawn_batch(ns, label, text)?;
+        finish_batch(label, cmd, child)
+    }
+
+    fn spawn_batch(
+        &self,
+        ns: Option<&str>,
+        label: &str,
+        text: &str,
+    ) -> Result<(String, Child), LabError> {
+        let file = self.dir().join(format!("{label}.ip"));
+        std::fs::write(&file, text)
+            .map_err(|e| LabError::io(format!("writing {}", file.display()), e))?;
+        let mut cmd = Command::new("ip");
+        if let Some(node) = ns {
+            cmd.arg("-n").arg(self.ns(node));
+        }
+        cmd.arg("-b").arg(&file);
+        let shown = format!("{cmd:?}").replace('"', "");
+        tracing::debug!(command = %shown, "ip batch");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::io(format!("running {shown}"), e))?;
+        Ok((shown, child))
+    }
+
+    fn start_agents(&mut self, bin: &Path) -> Result<(), LabError> {
+        let t = self.state.topology.clone();
+        let listen: SocketAddr = DEFAULT_METRICS_LISTEN.parse().expect("valid default");
+        for h in &t.hosts {
+            let dir = self.dir().join(&h.name);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
+            let cfg = AgentConfig {
+                host: h.name.clone(),
+                vtep: h.address,
+                overlay_ip: h.overlay_ip,
+                overlay_cidr: t.overlay_cidr,
+                vni: t.vni,
+                vxlan_port: t.vxlan_port,
+                vxlan_device: DEFAULT_VXLAN_DEVICE.to_owned(),
+                metrics_listen: listen,
+                bpffs_dir: Some(Path::new(BPFFS_ROOT).join(netns_name(self.prefix(), &h.name))),
+                peers: t
+                    .hosts
+                    .iter()
+                    .filter(|o| o.name != h.name)
+                    .map(|o| Peer {
+                        name: o.name.clone(),
+                        vtep: o.address,
+                        overlay_ip: o.overlay_ip,
+                    })
+                    .collect(),
+            };
+            let config = dir.join("agent.toml");
+            std::fs::write(&config, cfg.to_toml())
+                .map_err(|e| LabError::io(format!("writing {}", config.display()), e))?;
+            let log_path = dir.join("agent.log");
+            let log = File::create(&log_path)
+                .map_err(|e| LabError::io(format!("creating {}", log_path.display()), e))?;
+            let log2 = log
+                .try_clone()
+                .map_err(|e| LabError::io("duplicating the log fd", e))?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2);
+            command_in(&mut cmd, &netns_path(&self.ns(&h.name)))?;
+            detach_session(&mut cmd);
+            let child = cmd.spawn().map_err(|e| {
+                LabError::io(format!("spawning {} for host {}", bin.display(), h.name), e)
+            })?;
+            tracing::info!(host = %h.name, pid = child.id(), "agent started");
+            let r = self.record(&child, "agent", Some(&h.name));
+            self.children.push(child);
+            r?;
+        }
+        self.wait_agents(listen)
+    }
+
+    /// Waits until every agent answers `GET /metrics` inside its namespace.
+    fn wait_agents(&mut self, listen: SocketAddr) -> Result<(), LabError> {
+        let t0 = Instant::now();
+        let deadline = t0 + AGENT_READY_TIMEOUT;
+        let agents: Vec<(usize, String)> = self
+            .state
+            .processes
+            .iter()
+            .filter(|p| p.kind == "agent")
+            .filter_map(|p| {
+                let host = p.host.clone()?;
+                let idx = self.children.iter().position(|c| c.id() as i32 == p.pid)?;
+                Some((idx, host))
+            })
+            .collect();
+        let mut pending = agents;
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for (idx, host) in pending {
+                let log = self.dir().join(&host).join("agent.log");
+                if let Ok(Some(status)) = self.children[idx].try_wait() {
+                    return Err(LabError::AgentDied {
+                        host,
+                        status,
+                        tail: tail(&log, 40),
+                        log,
+                    });
+                }
+                let ns = netns_path(&self.ns(&host));
+                if metrics_answer(&ns, listen) {
+                    tracing::debug!(%host, elapsed_ms = t0.elapsed().as_millis() as u64, "agent ready");
+                } else if Instant::now() >= deadline {
+                    return Err(LabError::AgentTimeout {
+                        host,
+                        listen,
+                        secs: AGENT_READY_TIMEOUT.as_secs(),
+                        tail: tail(&log, 40),
+                        log,
+                    });
+                } else {
+                    still.push((idx, host));
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        tracing::info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "all agents serve metrics"
+        );
+        Ok(())
+    }
+}
+
+fn finish_batch(label: &str, shown: String, child: Child) -> Result<(), LabError> {
+    let out = child
+        .wait_with_output()
+        .map_err(|e| LabError::io(format!("waiting for {shown} ({label})"), e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Command {
+            command: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Puts the child in a session of its own: terminal signals (Ctrl-C) to the owner's process
+/// group do not reach it, and it survives the owner.
+fn detach_session(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
+    // is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
+/// Does `GET /metrics` on `listen` inside namespace `ns` answer 200?
+fn metrics_answer(ns: &Path, listen: SocketAddr) -> bool {
+    run_in(ns, move || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&listen, Duration::from_millis(300))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_write_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let k = s.read(&mut head[n..])?;
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        let line = String::from_utf8_lossy(&head[..n]);
+        Ok(line.starts_with("HTTP/1.") && line.get(9..12) == Some("200"))
+    })
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or(false)
+}
+
+/// The last `lines` lines of a file (or why it could not be read).
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            if all.is_empty() {
+                "(empty)".to_owned()
+            } else {
+                all[from..].join("\n")
+            }
+        }
+        Err(e) => format!("(cannot read: {e})"),
+    }
+}

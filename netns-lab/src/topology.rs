@@ -1,0 +1,990 @@
+//! Lab topologies: the TOML a user writes ([`Topology`]) and the fully resolved form the lab
+//! builds ([`LabTopology`]: every address allocated, every cross-reference checked).
+//!
+//! Everything here is pure: no root, no kernel.
+//!
+//! ```toml
+//! overlay_cidr = "10.244.0.0/16"   # default
+//! vni = 4242                       # default
+//! vxlan_port = 4789                # default
+//!
+//! [[clouds]]
+//! name = "a"
+//! subnet = "198.18.1.0/24"         # the cloud's router holds .1
+//!
+//! [[hosts]]
+//! name = "a1"                      # <= 10 chars of [a-z0-9-]
+//! cloud = "a"
+//! address = "198.18.1.10"          # optional: else .10, .11, ... in order within the cloud
+//! role = "host"                    # or "gateway"
+//! overlay_ip = "10.244.255.1"      # optional: else last /24 of overlay_cidr, host index + 1
+//!
+//! [internet]                       # optional
+//! subnet = "203.0.113.0/24"        # default
+//! gateway = "gw"                   # default; a host with role "gateway"; it gets .1
+//! client = "203.0.113.10"          # optional: default .10
+//! ```
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// The built-in default topology (also shipped as `netns-lab/topologies/default.toml`).
+pub const DEFAULT_TOPOLOGY_TOML: &str = include_str!("../topologies/default.toml");
+
+/// Longest host name: namespaces are `<prefix>-<host>` and the router-side veth is `v-<host>`.
+pub const MAX_HOST_NAME: usize = 10;
+/// Longest cloud name: the router's bridge is `br-<cloud>` and interface names have <= 15 bytes.
+pub const MAX_CLOUD_NAME: usize = 12;
+/// Names that are lab nodes of their own and cannot be host names.
+pub const RESERVED_NAMES: [&str; 2] = ["router", "inet"];
+
+/// First host number allocated within a cloud (`.10`).
+const FIRST_HOST: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("reading topology {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax or shape (unknown field, wrong type, missing field): toml's own message,
+    /// which carries the line and column.
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        source: toml::de::Error,
+    },
+    /// A value serde accepted but the lab cannot build; `field` is its path in the file
+    /// (e.g. `hosts[2].cloud`).
+    #[error("{origin}{field}: {problem}")]
+    Invalid {
+        origin: String,
+        field: String,
+        problem: String,
+    },
+}
+
+impl TopologyError {
+    fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            origin: String::new(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The offending field, for validation errors.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    fn with_origin(self, path: &Path) -> Self {
+        match self {
+            Self::Invalid { field, problem, .. } => Self::Invalid {
+                origin: format!("{}: ", path.display()),
+                field,
+                problem,
+            },
+            Self::Parse { source, .. } => Self::Parse {
+                origin: path.display().to_string(),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// What a host is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Host,
+    Gateway,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Host => "host",
+            Role::Gateway => "gateway",
+        })
+    }
+}
+
+/// A topology as written in TOML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    #[serde(default = "default_overlay_cidr")]
+    pub overlay_cidr: Ipv4Net,
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+    pub clouds: Vec<CloudSpec>,
+    pub hosts: Vec<HostSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internet: Option<InternetSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSpec {
+    pub name: String,
+    /// The cloud's underlay subnet; its router holds the first address (.1).
+    pub subnet: Ipv4Net,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    pub name: String,
+    pub cloud: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_ip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternetSpec {
+    #[serde(default = "default_internet_subnet")]
+    pub subnet: Ipv4Net,
+    #[serde(default = "default_internet_gateway")]
+    pub gateway: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<Ipv4Addr>,
+}
+
+fn default_overlay_cidr() -> Ipv4Net {
+    "10.244.0.0/16".parse().expect("valid")
+}
+fn default_vni() -> u32 {
+    4242
+}
+fn default_vxlan_port() -> u16 {
+    4789
+}
+fn default_internet_subnet() -> Ipv4Net {
+    "203.0.113.0/24".parse().expect("valid")
+}
+fn default_internet_gateway() -> String {
+    "gw".to_owned()
+}
+
+/// A resolved topology: what the lab builds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabTopology {
+    pub overlay_cidr: Ipv4Net,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub clouds: Vec<Cloud>,
+    pub hosts: Vec<Host>,
+    pub internet: Option<Internet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cloud {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    /// The router's address in this cloud (first address of the subnet).
+    pub router: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub cloud: String,
+    pub role: Role,
+    /// Underlay address (on `eth0`); also the host's VTEP.
+    pub address: Ipv4Addr,
+    /// Prefix length of the cloud's subnet.
+    pub prefix_len: u8,
+    /// The cloud router's address: the host's default route.
+    pub router: Ipv4Addr,
+    /// The host's own address inside the overlay.
+    pub overlay_ip: Ipv4Addr,
+    /// For the host facing the internet: its public address (on `pub0`).
+    pub public_address: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Internet {
+    pub subnet: Ipv4Net,
+    /// The host facing the internet.
+    pub gateway: String,
+    /// The gateway's public address (first address of the subnet).
+    pub gateway_address: Ipv4Addr,
+    /// The client's address (in the `inet` namespace).
+    pub client: Ipv4Addr,
+}
+
+impl LabTopology {
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+    pub fn cloud(&self, name: &str) -> Option<&Cloud> {
+        self.clouds.iter().find(|c| c.name == name)
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::default_lab()
+    }
+}
+
+impl Topology {
+    /// The built-in default topology.
+    pub fn default_lab() -> Self {
+        Self::parse(DEFAULT_TOPOLOGY_TOML).expect("the built-in default topology is valid")
+    }
+
+    /// Parses and validates a topology.
+    pub fn parse(text: &str) -> Result<Self, TopologyError> {
+        let topology: Self = toml::from_str(text).map_err(|source| TopologyError::Parse {
+            origin: "topology".to_owned(),
+            source,
+        })?;
+        topology.resolve()?;
+        Ok(topology)
+    }
+
+    /// Reads, parses and validates a topology file; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| e.with_origin(path))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a topology always serialises")
+    }
+
+    /// Checks everything serde cannot and allocates every address.
+    pub fn resolve(&self) -> Result<LabTopology, TopologyError> {
+        use TopologyError as E;
+        if self.vni == 0 || self.vni > 0x00ff_ffff {
+            return Err(E::invalid(
+                "vni",
+                format!("{} is not a 24-bit VNI (1..=16777215)", self.vni),
+            ));
+        }
+        if self.vxlan_port == 0 {
+            return Err(E::invalid("vxlan_port", "must not be 0"));
+        }
+        check_aligned("overlay_cidr", self.overlay_cidr)?;
+        if self.overlay_cidr.prefix_len() > 24 {
+            return Err(E::invalid(
+                "overlay_cidr",
+                format!(
+                    "{} is smaller than a /24 (hosts' overlay addresses come from its last /24)",
+                    self.overlay_cidr
+                ),
+            ));
+        }
+
+        // Clouds.
+        if self.clouds.is_empty() {
+            return Err(E::invalid("clouds", "at least one cloud is required"));
+        }
+        let mut clouds: Vec<Cloud> = Vec::with_capacity(self.clouds.len());
+        for (i, c) in self.clouds.iter().enumerate() {
+            check_name(
+                &format!("clouds[{i}].name"),
+                &c.name,
+                MAX_CLOUD_NAME,
+                "cloud",
+            )?;
+            if let Some(j) = self.clouds[..i].iter().position(|o| o.name == c.name) {
+                return Err(E::invalid(
+                    format!("clouds[{i}].name"),
+                    format!("duplicate cloud name {:?} (also clouds[{j}])", c.name),
+                ));
+            }
+            let field = format!("clouds[{i}].subnet");
+            check_aligned(&field, c.subnet)?;
+            if c.subnet.prefix_len() > 28 {
+                return Err(E::invalid(
+                    &field,
+                    format!(
+                        "{} is too small: a cloud needs at least a /28 (router .1, hosts from .10)",
+                        c.subnet
+                    ),
+                ));
+            }
+            if let Some(j) = self.clouds[..i]
+                .iter()
+                .position(|o| overlaps(o.subnet, c.subnet))
+            {
+                return Err(E::invalid(
+                    &field,
+                    format!(
+                        "{} overlaps clouds[{j}].subnet ({})",
+                        c.subnet, self.clouds[j].subnet
+                    ),
+                ));
+            }
+            if overlaps(self.overlay_cidr, c.subnet) {
+                return Err(E::invalid(
+                    "overlay_cidr",
+                    format!(
+                        "{} overlaps the underlay clouds[{i}].subnet ({}): the overlay must be separate",
+                        self.overlay_cidr, c.subnet
+                    ),
+                ));
+            }
+            clouds.push(Cloud {
+                name: c.name.clone(),
+                subnet: c.subnet,
+                router: nth(c.subnet, 1),
+            });
+        }
+
+        // Hosts: names, clouds, explicit addresses first.
+        if self.hosts.is_empty() {
+            return Err(E::invalid("hosts", "at least one host is required"));
+        }
+        if self.hosts.len() > 254 {
+            return Err(E::invalid(
+                "hosts",
+                format!("{} hosts: at most 254 are supported", self.hosts.len()),
+            ));
+        }
+        let mut cloud_of: Vec<usize> = Vec::with_capacity(self.hosts.len());
+        let mut taken: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            check_name(&format!("hosts[{i}].name"), &h.name, MAX_HOST_NAME, "host")?;
+            if RESERVED_NAMES.contains(&h.name.as_str()) {
+                return Err(E::invalid(
+                    format!("hosts[{i}].name"),
+                    format!("{:?} is reserved (the lab has a node of that name)", h.name),
+                ));
+            }
+            if let Some(j) = self.hosts[..i].iter().position(|o| o.name == h.name) {
+                return Err(E::invalid(
+                    format!("hosts[{i}].name"),
+                    format!("duplicate host name {:?} (also hosts[{j}])", h.name),
+                ));
+            }
+            let Some(ci) = clouds.iter().position(|c| c.name == h.cloud) else {
+                return Err(E::invalid(
+                    format!("hosts[{i}].cloud"),
+                    format!("unknown cloud {:?}", h.cloud),
+                ));
+            };
+            cloud_of.push(ci);
+            if let Some(addr) = h.address {
+                let field = format!("hosts[{i}].address");
+                let cloud = &clouds[ci];
+                check_host_address(
+                    &field,
+                    addr,
+                    cloud.subnet,
+                    &format!("cloud {:?}", cloud.name),
+                )?;
+                if addr == cloud.router {
+                    return Err(E::invalid(
+                        field,
+                        format!("{addr} is the router's address in cloud {:?}", cloud.name),
+                    ));
+                }
+                if let Some(&j) = taken.get(&addr) {
+                    return Err(E::invalid(
+                        field,
+                        format!(
+                            "duplicate address {addr} (also hosts[{j}] {:?})",
+                            self.hosts[j].name
+                        ),
+                    ));
+                }
+                taken.insert(addr, i);
+            }
+        }
+
+        // Allocate the missing underlay addresses: .10, .11, ... skipping taken ones.
+        let mut next: Vec<u32> = vec![FIRST_HOST; clouds.len()];
+        let mut addresses: Vec<Ipv4Addr> = Vec::with_capacity(self.hosts.len());
+        for (i, h) in self.hosts.iter().enumerate() {
+            let ci = cloud_of[i];
+            let addr = match h.address {
+                Some(a) => a,
+                None => {
+                    let subnet = clouds[ci].subnet;
+                    loop {
+                        let n = next[ci];
+                        next[ci] += 1;
+                        if n >= host_count(subnet) {
+                            return Err(E::invalid(
+                                format!("hosts[{i}].address"),
+                                format!(
+                                    "cloud {:?} ({subnet}) has no free address left to allocate",
+                                    clouds[ci].name
+                                ),
+                            ));
+                        }
+                        let a = nth(subnet, n);
+                        if let std::collections::hash_map::Entry::Vacant(e) = taken.entry(a) {
+                            e.insert(i);
+                            break a;
+                        }
+                    }
+                }
+            };
+            addresses.push(addr);
+        }
+
+        // Overlay addresses.
+        let last24 = nth(self.overlay_cidr, host_count(self.overlay_cidr) + 1 - 256);
+        let mut overlay_taken: HashMap<Ipv4Addr, usize> = HashMap::new();
+        let mut overlay_ips = Vec::with_capacity(self.hosts.len());
+        for (i, h) in self.hosts.iter().enumerate() {
+            let field = format!("hosts[{i}].overlay_ip");
+            let ip = match h.overlay_ip {
+                Some(ip) => {
+                    check_host_address(&field, ip, self.overlay_cidr, "overlay_cidr")?;
+                    ip
+                }
+                None => Ipv4Addr::from(u32::from(last24) + i as u32 + 1),
+            };
+            if let Some(&j) = overlay_taken.get(&ip) {
+                return Err(E::invalid(
+                    field,
+                    format!(
+                        "duplicate overlay address {ip} (also hosts[{j}] {:?})",
+                        self.hosts[j].name
+                    ),
+                ));
+            }
+            overlay_taken.insert(ip, i);
+            overlay_ips.push(ip);
+        }
+
+        // The internet.
+        let internet = match &self.internet {
+            None => None,
+            Some(inet) => {
+                check_aligned("internet.subnet", inet.subnet)?;
+                if inet.subnet.prefix_len() > 30 {
+                    return Err(E::invalid(
+                        "internet.subnet",
+                        format!("{} is too small (at least a /30)", inet.subnet),
+                    ));
+                }
+                if overlaps(inet.subnet, self.overlay_cidr) {
+                    return Err(E::invalid(
+                        "internet.subnet",
+                        format!(
+                            "{} overlaps overlay_cidr ({})",
+                            inet.subnet, self.overlay_cidr
+                        ),
+                    ));
+                }
+                if let Some(j) = clouds.iter().position(|c| overlaps(c.subnet, inet.subnet)) {
+                    return Err(E::invalid(
+                        "internet.subnet",
+                        format!(
+                            "{} overlaps clouds[{j}].subnet ({})",
+                            inet.subnet, clouds[j].subnet
+                        ),
+                    ));
+                }
+                let Some(gi) = self.hosts.iter().position(|h| h.name == inet.gateway) else {
+                    return Err(E::invalid(
+                        "internet.gateway",
+                        format!("unknown host {:?}", inet.gateway),
+                    ));
+                };
+                if self.hosts[gi].role != Role::Gateway {
+                    return Err(E::invalid(
+                        "internet.gateway",
+                        format!(
+                            "host {:?} (hosts[{gi}]) has role \"{}\", not \"gateway\"",
+                            inet.gateway, self.hosts[gi].role
+                        ),
+                    ));
+                }
+                let gateway_address = nth(inet.subnet, 1);
+                let client = match inet.client {
+                    Some(c) => {
+                        check_host_address("internet.client", c, inet.subnet, "internet.subnet")?;
+                        if c == gateway_address {
+                            return Err(E::invalid(
+                                "internet.client",
+                                format!("{c} is the gateway's public address"),
+                            ));
+                        }
+                        c
+                    }
+                    None => {
+                        let n = if host_count(inet.subnet) > FIRST_HOST {
+                            FIRST_HOST
+                        } else {
+                            2
+                        };
+                        nth(inet.subnet, n)
+                    }
+                };
+                Some(Internet {
+                    subnet: inet.subnet,
+                    gateway: inet.gateway.clone(),
+                    gateway_address,
+                    client,
+                })
+            }
+        };
+
+        let hosts = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let cloud = &clouds[cloud_of[i]];
+                Host {
+                    name: h.name.clone(),
+                    cloud: cloud.name.clone(),
+                    role: h.role,
+                    address: addresses[i],
+                    prefix_len: cloud.subnet.prefix_len(),
+                    router: cloud.router,
+                    overlay_ip: overlay_ips[i],
+                    public_address: internet
+                        .as_ref()
+                        .filter(|inet| inet.gateway == h.name)
+                        .map(|inet| inet.gateway_address),
+                }
+            })
+            .collect();
+
+        Ok(LabTopology {
+            overlay_cidr: self.overlay_cidr,
+            vni: self.vni,
+            vxlan_port: self.vxlan_port,
+            clouds,
+            hosts,
+            internet,
+        })
+    }
+}
+
+/// Address number `n` of `net` (0 = network address).
+fn nth(net: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+/// Number of the broadcast address of `net` (= count of addresses - 1).
+fn host_count(net: Ipv4Net) -> u32 {
+    u32::from(net.broadcast()) - u32::from(net.network())
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn check_aligned(field: &str, net: Ipv4Net) -> Result<(), TopologyError> {
+    if net.addr() != net.network() {
+        return Err(TopologyError::invalid(
+            field,
+            format!("{net} has host bits set (did you mean {}?)", net.trunc()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_host_address(
+    field: &str,
+    addr: Ipv4Addr,
+    net: Ipv4Net,
+    what: &str,
+) -> Result<(), TopologyError> {
+    if !net.contains(&addr) {
+        return Err(TopologyError::invalid(
+            field,
+            format!("{addr} is outside {what} ({net})"),
+        ));
+    }
+    if addr == net.network() || addr == net.broadcast() {
+        return Err(TopologyError::invalid(
+            field,
+            format!("{addr} is the network or broadcast address of {net}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, name: &str, max: usize, what: &str) -> Result<(), TopologyError> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(TopologyError::invalid(
+            field,
+            format!(
+                "{name:?} is not a valid {what} name (1 to {max} characters of [a-z0-9-], not starting with '-')"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Topology::parse(text).unwrap_err().to_string()
+    }
+
+    fn invalid_field(text: &str) -> String {
+        match Topology::parse(text).unwrap_err() {
+            TopologyError::Invalid { field, .. } => field,
+            other => panic!("expected a validation error, got: {other}"),
+        }
+    }
+
+    const SMALL: &str = r#"
+[[clouds]]
+name = "a"
+subnet = "198.18.1.0/24"
+[[clouds]]
+name = "b"
+subnet = "198.18.2.0/24"
+[[hosts]]
+name = "a1"
+cloud = "a"
+[[hosts]]
+name = "b1"
+cloud = "b"
+"#;
+
+    #[test]
+    fn default_lab_resolves_as_documented() {
+        let t = Topology::default_lab();
+        assert_eq!(t.overlay_cidr, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
+        assert_eq!((t.vni, t.vxlan_port), (4242, 4789));
+        let r = t.resolve().unwrap();
+        let names: Vec<_> = r.clouds.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["edge", "a", "b"]);
+        assert_eq!(r.cloud("a").unwrap().router, Ipv4Addr::new(198, 18, 1, 1));
+        let h = |n: &str| r.host(n).unwrap().clone();
+        assert_eq!(h("a1").address, Ipv4Addr::new(198, 18, 1, 10));
+        assert_eq!(h("a2").address, Ipv4Addr::new(198, 18, 1, 11));
+        assert_eq!(h("b1").address, Ipv4Addr::new(198, 18, 2, 10));
+        assert_eq!(h("gw").address, Ipv4Addr::new(198, 18, 0, 10));
+        assert_eq!(h("b1").router, Ipv4Addr::new(198, 18, 2, 1));
+        assert_eq!(h("b1").prefix_len, 24);
+        assert_eq!(h("a1").overlay_ip, Ipv4Addr::new(10, 244, 255, 1));
+        assert_eq!(h("a2").overlay_ip, Ipv4Addr::new(10, 244, 255, 2));
+        assert_eq!(h("b1").overlay_ip, Ipv4Addr::new(10, 244, 255, 3));
+        assert_eq!(h("gw").overlay_ip, Ipv4Addr::new(10, 244, 255, 4));
+        assert_eq!(h("gw").role, Role::Gateway);
+        assert_eq!(h("a1").role, Role::Host);
+        assert_eq!(h("gw").public_address, Some(Ipv4Addr::new(203, 0, 113, 1)));
+        assert_eq!(h("a1").public_address, None);
+        let inet = r.internet.unwrap();
+        assert_eq!(inet.gateway, "gw");
+        assert_eq!(inet.client, Ipv4Addr::new(203, 0, 113, 10));
+        assert_eq!(inet.gateway_address, Ipv4Addr::new(203, 0, 113, 1));
+    }
+
+    #[test]
+    fn defaults_fill_in_and_round_trip() {
+        let t = Topology::parse(SMALL).unwrap();
+        assert_eq!(t.vni, 4242);
+        assert_eq!(t.vxlan_port, 4789);
+        assert_eq!(t.overlay_cidr.to_string(), "10.244.0.0/16");
+        assert!(t.internet.is_none());
+        assert_eq!(Topology::parse(&t.to_toml()).unwrap(), t);
+        let d = Topology::default_lab();
+        assert_eq!(Topology::parse(&d.to_toml()).unwrap(), d);
+        // [internet] with every field defaulted.
+        let text = format!(
+            "{SMALL}[[clouds]]\nname = \"edge\"\nsubnet = \"198.18.0.0/24\"\n\
+             [[hosts]]\nname = \"gw\"\ncloud = \"edge\"\nrole = \"gateway\"\n[internet]\n"
+        );
+        let r = Topology::parse(&text).unwrap().resolve().unwrap();
+        let inet = r.internet.unwrap();
+        assert_eq!(inet.subnet.to_string(), "203.0.113.0/24");
+        assert_eq!(inet.client, Ipv4Addr::new(203, 0, 113, 10));
+    }
+
+    #[test]
+    fn allocation_skips_explicit_addresses_and_honours_overlay_ip() {
+        let text = r#"
+overlay_cidr = "10.50.0.0/16"
+[[clouds]]
+name = "a"
+subnet = "198.18.1.0/24"
+[[hosts]]
+name = "x"
+cloud = "a"
+[[hosts]]
+name = "y"
+cloud = "a"
+address = "198.18.1.11"
+overlay_ip = "10.50.7.7"
+[[hosts]]
+name = "z"
+cloud = "a"
+"#;
+        let r = Topology::parse(text).unwrap().resolve().unwrap();
+        let addr = |n: &str| r.host(n).unwrap().address;
+        assert_eq!(addr("x"), Ipv4Addr::new(198, 18, 1, 10));
+        assert_eq!(addr("y"), Ipv4Addr::new(198, 18, 1, 11));
+        assert_eq!(addr("z"), Ipv4Addr::new(198, 18, 1, 12));
+        let ov = |n: &str| r.host(n).unwrap().overlay_ip;
+        assert_eq!(ov("x"), Ipv4Addr::new(10, 50, 255, 1));
+        assert_eq!(ov("y"), Ipv4Addr::new(10, 50, 7, 7));
+        assert_eq!(ov("z"), Ipv4Addr::new(10, 50, 255, 3));
+    }
+
+    #[test]
+    fn syntax_errors_keep_line_and_column() {
+        let e = err("overlay_cidr = \"10.244.0.0/16\"\n[[clouds]\nname = 1\n");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("column"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_named() {
+        let e = err(&format!("colour = \"red\"\n{SMALL}"));
+        assert!(e.contains("colour"), "{e}");
+        let e = err(&SMALL.replace("cloud = \"a\"", "cloud = \"a\"\nram = 4"));
+        assert!(e.contains("ram"), "{e}");
+        let e = err(&SMALL.replace("198.18.1.0/24", "198.18.1.0/33"));
+        assert!(e.contains("line"), "{e}");
+        let e = err(&format!("vni = -1\n{SMALL}"));
+        assert!(e.contains("vni"), "{e}");
+        let e = err(&SMALL.replace("name = \"b1\"\n", ""));
+        assert!(e.contains("name"), "{e}");
+        let e = err(&SMALL.replace("cloud = \"b\"", "cloud = \"b\"\nrole = \"router\""));
+        assert!(e.contains("role") || e.contains("router"), "{e}");
+        let e = err("[[clouds]]\nname = \"a\"\nsubnet = \"198.18.1.0/24\"\n");
+        assert!(e.contains("hosts"), "{e}");
+    }
+
+    /// Each malformed topology is rejected, with the message naming the field.
+    #[test]
+    fn validation_errors_name_the_field() {
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                SMALL.replace("cloud = \"b\"", "cloud = \"c\""),
+                "hosts[1].cloud",
+                "unknown cloud \"c\"",
+            ),
+            (
+                SMALL.replace("198.18.2.0/24", "198.18.1.0/25"),
+                "clouds[1].subnet",
+                "overlaps clouds[0].subnet",
+            ),
+            (
+                SMALL.replace("\"a1\"", "\"A B\""),
+                "hosts[0].name",
+                "\"A B\" is not a valid host name",
+            ),
+            (
+                SMALL.replace("\"a1\"", "\"abcdefghijk\""),
+                "hosts[0].name",
+                "not a valid host name",
+            ),
+            (
+                SMALL.replace("\"b1\"", "\"a1\""),
+                "hosts[1].name",
+                "duplicate host name",
+            ),
+            (
+                SMALL.replace("\"b1\"", "\"router\""),
+                "hosts[1].name",
+                "reserved",
+            ),
+            (
+                SMALL.replace("name = \"b\"", "name = \"a\""),
+                "clouds[1].name",
+                "duplicate cloud name",
+            ),
+            (
+                SMALL.replace("name = \"b\"", "name = \"Cloud_B\""),
+                "clouds[1].name",
+                "not a valid cloud name",
+            ),
+            (
+                SMALL.replace("name = \"b\"", "name = \"thirteenchars\""),
+                "clouds[1].name",
+                "not a valid cloud name",
+            ),
+            (
+                SMALL.replace("cloud = \"a\"", "cloud = \"a\"\naddress = \"198.18.2.10\""),
+                "hosts[0].address",
+                "outside cloud \"a\"",
+            ),
+            (
+                SMALL.replace("cloud = \"a\"", "cloud = \"a\"\naddress = \"198.18.1.1\""),
+                "hosts[0].address",
+                "router",
+            ),
+            (
+                SMALL.replace("cloud = \"a\"", "cloud = \"a\"\naddress = \"198.18.1.255\""),
+                "hosts[0].address",
+                "broadcast",
+            ),
+            (
+                format!(
+                    "{}[[hosts]]\nname = \"a2\"\ncloud = \"a\"\naddress = \"198.18.1.10\"\n",
+                    SMALL.replace("cloud = \"a\"", "cloud = \"a\"\naddress = \"198.18.1.10\"")
+                ),
+                "hosts[2].address",
+                "duplicate address 198.18.1.10",
+            ),
+            (
+                format!("overlay_cidr = \"198.18.0.0/16\"\n{SMALL}"),
+                "overlay_cidr",
+                "overlaps the underlay clouds[0].subnet",
+            ),
+            (
+                format!("overlay_cidr = \"10.244.0.0/25\"\n{SMALL}"),
+                "overlay_cidr",
+                "smaller than a /24",
+            ),
+            (
+                format!("overlay_cidr = \"10.244.1.0/16\"\n{SMALL}"),
+                "overlay_cidr",
+                "host bits",
+            ),
+            (
+                SMALL.replace("198.18.2.0/24", "198.18.2.7/24"),
+                "clouds[1].subnet",
+                "host bits",
+            ),
+            (
+                SMALL.replace("198.18.2.0/24", "198.18.2.0/29"),
+                "clouds[1].subnet",
+                "too small",
+            ),
+            (format!("vni = 0\n{SMALL}"), "vni", "24-bit"),
+            (format!("vni = 16777216\n{SMALL}"), "vni", "24-bit"),
+            (format!("vxlan_port = 0\n{SMALL}"), "vxlan_port", "0"),
+            (
+                SMALL.replace("cloud = \"b\"", "cloud = \"b\"\noverlay_ip = \"10.9.0.1\""),
+                "hosts[1].overlay_ip",
+                "outside overlay_cidr",
+            ),
+            (
+                SMALL.replace(
+                    "cloud = \"b\"",
+                    "cloud = \"b\"\noverlay_ip = \"10.244.255.1\"",
+                ),
+                "hosts[1].overlay_ip",
+                "duplicate overlay address",
+            ),
+            (
+                format!("{SMALL}[internet]\ngateway = \"a1\"\n"),
+                "internet.gateway",
+                "not \"gateway\"",
+            ),
+            (
+                format!("{SMALL}[internet]\n"),
+                "internet.gateway",
+                "unknown host \"gw\"",
+            ),
+            (
+                format!("{SMALL}[internet]\nsubnet = \"198.18.0.0/16\"\n"),
+                "internet.subnet",
+                "overlaps clouds[0].subnet",
+            ),
+            (
+                format!(
+                    "{}[internet]\ngateway = \"b1\"\nclient = \"203.0.114.10\"\n",
+                    SMALL.replace("cloud = \"b\"", "cloud = \"b\"\nrole = \"gateway\"")
+                ),
+                "internet.client",
+                "outside internet.subnet",
+            ),
+            (
+                format!(
+                    "{}[internet]\ngateway = \"b1\"\nclient = \"203.0.113.1\"\n",
+                    SMALL.replace("cloud = \"b\"", "cloud = \"b\"\nrole = \"gateway\"")
+                ),
+                "internet.client",
+                "gateway's public address",
+            ),
+            (
+                "clouds = []\nhosts = []\n".to_owned(),
+                "clouds",
+                "at least one",
+            ),
+            (
+                "hosts = []\n[[clouds]]\nname = \"a\"\nsubnet = \"198.18.1.0/24\"\n".to_owned(),
+                "hosts",
+                "at least one",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let e = Topology::parse(&text).unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(
+                e.field(),
+                Some(field),
+                "wrong field in {msg:?} for:\n{text}"
+            );
+            assert!(
+                msg.starts_with(&format!("{field}: ")),
+                "message does not lead with the field: {msg:?}"
+            );
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn full_cloud_reports_no_free_address() {
+        let mut text = "[[clouds]]\nname = \"a\"\nsubnet = \"198.18.1.0/28\"\n".to_owned();
+        // .10 .. .14 are free in a /28 (.15 is broadcast): the 6th host does not fit.
+        for i in 0..6 {
+            text.push_str(&format!("[[hosts]]\nname = \"h{i}\"\ncloud = \"a\"\n"));
+        }
+        assert_eq!(invalid_field(&text), "hosts[5].address");
+        let e = err(&text);
+        assert!(e.contains("no free address"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("ferry-lab-topo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, SMALL.replace("cloud = \"b\"", "cloud = \"zz\"")).unwrap();
+        let e = Topology::load(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.toml"), "{e}");
+        assert!(e.contains("hosts[1].cloud"), "{e}");
+        let e = Topology::load(&dir.join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shipped_default_file_is_the_built_in_one() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/default.toml");
+        assert_eq!(Topology::load(&path).unwrap(), Topology::default_lab());
+    }
+}
