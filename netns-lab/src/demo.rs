@@ -161,13 +161,13 @@ fn ping_avg_us(lab: &Lab, from: &str, to: &str) -> Option<u64> {
 fn agent_counters(lab: &Lab, host: &str) -> BTreeMap<String, u64> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        if let Ok(out) = lab.exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"]) {
-            if out.status.success() {
-                return ferry_agent::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
-                    .into_iter()
-                    .filter(|(_, n)| *n > 0)
-                    .collect();
-            }
+        if let Ok(out) = lab.exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
+            && out.status.success()
+        {
+            return ferry_agent::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .collect();
         }
         if Instant::now() > deadline {
             return BTreeMap::new();
