@@ -144,3 +144,29 @@ impl Drop for DownOnDrop {
         let _ = ferry_lab::teardown(&self.0);
     }
 }
+
+/// Starts `ferry-lab hold-test-lab ARGS` (a process that brings a lab up with a reaper and then
+/// sleeps) and returns it with the prefix it printed: a lab owner for tests to SIGKILL.
+pub fn spawn_lab_owner(args: &[&str]) -> (KillOnDrop, String) {
+    use std::io::{BufRead as _, BufReader};
+    let mut owner = std::process::Command::new(workspace_binary("ferry-lab"))
+        .arg("hold-test-lab")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawning ferry-lab hold-test-lab");
+    let stdout = owner.stdout.take().expect("piped stdout");
+    let owner = KillOnDrop(owner);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading the prefix");
+    let prefix = line.trim().to_owned();
+    assert!(
+        ferry_lab::state::is_prefix(&prefix),
+        "owner printed {line:?}"
+    );
+    (owner, prefix)
+}

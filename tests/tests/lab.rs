@@ -2,14 +2,13 @@
 //! teardown that leaves nothing (explicit, on panic, and by the reaper after a SIGKILLed
 //! owner), and the CLI.
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use ferry_lab::{Lab, LabOptions, Topology, leftovers};
-use ferry_tests::{DownOnDrop, KillOnDrop, require_root_and_tools, workspace_binary};
+use ferry_tests::{DownOnDrop, require_root_and_tools, spawn_lab_owner, workspace_binary};
 
 const TOOLS: &[&str] = &["ip", "ping"];
 
@@ -270,23 +269,7 @@ fn the_reaper_cleans_up_after_a_sigkilled_owner() {
     if !ready() {
         return;
     }
-    let bin = workspace_binary("ferry-lab");
-    let mut owner = Command::new(&bin)
-        .arg("hold-test-lab")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = owner.stdout.take().unwrap();
-    let mut owner = KillOnDrop(owner);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let prefix = line.trim().to_owned();
-    assert!(
-        ferry_lab::state::is_prefix(&prefix),
-        "owner printed {line:?}"
-    );
+    let (mut owner, prefix) = spawn_lab_owner(&[]);
     let st = ferry_lab::status(&prefix).expect("status");
     assert!(
         st.namespaces.iter().all(|n| n.exists),

@@ -2,16 +2,15 @@
 //! agents (through `FERRY_BIN_DIR`) for the failure paths: one that dies at start, one that
 //! ignores SIGTERM.
 use std::{
-    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use ferry_agent::config::AgentConfig;
 use ferry_lab::{Lab, LabOptions, Topology, leftovers};
-use ferry_tests::{DownOnDrop, KillOnDrop, require_root_and_tools, workspace_binary};
+use ferry_tests::{DownOnDrop, require_root_and_tools, spawn_lab_owner, workspace_binary};
 
 fn wait_clean(prefix: &str, within: Duration) -> Vec<String> {
     let deadline = Instant::now() + within;
@@ -98,24 +97,8 @@ fn the_reaper_stops_the_agents_of_a_sigkilled_owner() {
     if !require_root_and_tools(&["ip"]) {
         return;
     }
-    let bin = workspace_binary("ferry-lab");
     workspace_binary("ferry-agent");
-    let mut owner = Command::new(&bin)
-        .args(["hold-test-lab", "--agents"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = owner.stdout.take().unwrap();
-    let mut owner = KillOnDrop(owner);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let prefix = line.trim().to_owned();
-    assert!(
-        ferry_lab::state::is_prefix(&prefix),
-        "owner printed {line:?}"
-    );
+    let (mut owner, prefix) = spawn_lab_owner(&["--agents"]);
     let st = ferry_lab::status(&prefix).unwrap();
     let agents: Vec<i32> = st
         .processes
