@@ -1,84 +1,836 @@
-//! The gateway daemon's HTTP API. For now: health and metrics; the registry, public endpoints
-//! and the migration coordinator build on this server.
+//! The gateway daemon's HTTP API (routes and semantics: the `ferry-api` crate's documentation).
+//!
+//! Concurrency: the registry is an immutable `Arc<Registry>` that readers clone cheaply. A
+//! change runs on a blocking thread under one writer lock: clone, apply, persist, then publish
+//! the new `Arc` and the new version (which wakes the watches). Running it off the request's
+//! future means a client that disconnects cannot cancel a change half-way (persisted but not
+//! published).
 
-use std::{net::SocketAddr, path::Path, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
-use axum::{Json, Router, routing::get};
-use serde::{Deserialize, Serialize};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{
+        DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path as AxPath, Query,
+        Request as HttpRequest, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
+    http::{HeaderValue, Method, StatusCode, Uri, header, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get},
+};
+use ferry_api::{
+    API_VERSION, EndpointsRequest, ErrorBody, ErrorCode, Health, HostInfo, HostRole, HostStatus,
+    PublicKey, PublicSpec, RegistryVersion, WatchQuery,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
 
-pub const API_VERSION: &str = "v1";
+use crate::{
+    auth,
+    config::Config,
+    registry::{Change, Registry, RegistryError, Request},
+    store::{self, Store},
+};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Health {
-    pub status: String,
-    pub api: String,
-    pub version: String,
+/// Largest request body: a batch of 65,536 endpoints is about 5 MB.
+const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Errors as answers
+
+/// An error answer: status, code and message, sent as [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
 }
 
-pub async fn serve(listen: SocketAddr, state_dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", state_dir.display()))?;
-    let started = Instant::now();
-    let app = Router::new()
-        .route(
-            "/v1/health",
-            get(|| async {
-                Json(Health {
-                    status: "ok".into(),
-                    api: API_VERSION.into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                })
-            }),
+impl ApiFailure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::from_u16(code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+}
+
+impl From<RegistryError> for ApiFailure {
+    fn from(e: RegistryError) -> Self {
+        Self::new(e.code, e.message)
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(ErrorBody::new(self.code.as_str(), self.message)),
         )
-        .route(
-            "/metrics",
-            get(move || async move {
-                format!(
-                    "# HELP ferry_gateway_uptime_seconds Seconds since the gateway started.\n\
-                     # TYPE ferry_gateway_uptime_seconds gauge\n\
-                     ferry_gateway_uptime_seconds {:.3}\n",
-                    started.elapsed().as_secs_f64()
-                )
-            }),
+            .into_response();
+        if self.code == ErrorCode::Unauthorized {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// `Json` whose rejections are [`ErrorBody`] answers with code `bad_request`.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: HttpRequest, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(r) => Err(json_rejection(r)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiFailure {
+    let text = r.body_text();
+    match r {
+        JsonRejection::JsonDataError(_) => ApiFailure::bad_request(format!(
+            "invalid request body: {}",
+            strip(
+                &text,
+                "Failed to deserialize the JSON body into the target type: "
+            )
+        )),
+        JsonRejection::JsonSyntaxError(_) => ApiFailure::bad_request(format!(
+            "request body is not valid JSON: {}",
+            strip(&text, "Failed to parse the request body as JSON: ")
+        )),
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiFailure::bad_request("want a JSON body with `Content-Type: application/json`")
+                .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        }
+        other => {
+            let status = other.status();
+            ApiFailure::bad_request(format!("reading the request body: {text}")).with_status(status)
+        }
+    }
+}
+
+fn strip<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.strip_prefix(prefix).unwrap_or(text)
+}
+
+/// `Query` whose rejections are [`ErrorBody`] answers with code `bad_request`.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Self(v)),
+            Err(r) => Err(query_rejection(r)),
+        }
+    }
+}
+
+fn query_rejection(r: QueryRejection) -> ApiFailure {
+    ApiFailure::bad_request(format!(
+        "invalid query: {}",
+        strip(&r.body_text(), "Failed to deserialize query string: ")
+    ))
+}
+
+/// One path parameter as a string (parsed by the handler, which names it in its errors).
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match AxPath::<String>::from_request_parts(parts, state).await {
+            Ok(AxPath(v)) => Ok(Self(v)),
+            Err(r) => Err(ApiFailure::bad_request(format!(
+                "invalid path: {}",
+                r.body_text()
+            ))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state
+
+#[derive(Debug, Default, Clone, Copy)]
+struct HostRuntime {
+    applied_version: u64,
+    last_seen_unix_ms: u64,
+    open_watches: u32,
+}
+
+pub struct Gateway {
+    current: RwLock<Arc<Registry>>,
+    /// Serialises changes (held on a blocking thread across the fsyncs).
+    writer: Mutex<()>,
+    store: Store,
+    runtime: Mutex<HashMap<String, HostRuntime>>,
+    version_tx: watch::Sender<u64>,
+    shutdown_tx: watch::Sender<bool>,
+    token: String,
+    watch_timeout: Duration,
+    started: Instant,
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// The newest snapshot, serialised once for every watch that answers it.
+    snapshot_cache: Mutex<Option<(u64, Bytes)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Gateway {
+    pub fn new(
+        registry: Registry,
+        store: Store,
+        token: String,
+        watch_timeout: Duration,
+    ) -> Arc<Self> {
+        let (version_tx, _) = watch::channel(registry.version());
+        let (shutdown_tx, _) = watch::channel(false);
+        Arc::new(Self {
+            current: RwLock::new(Arc::new(registry)),
+            writer: Mutex::new(()),
+            store,
+            runtime: Mutex::new(HashMap::new()),
+            version_tx,
+            shutdown_tx,
+            token,
+            watch_timeout,
+            started: Instant::now(),
+            requests: Mutex::new(BTreeMap::new()),
+            snapshot_cache: Mutex::new(None),
+        })
+    }
+
+    /// The current registry.
+    pub fn current(&self) -> Arc<Registry> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Ends open watches (they answer the current snapshot) and refuses to start new waits.
+    pub fn begin_shutdown(&self) {
+        self.shutdown_tx.send_replace(true);
+    }
+
+    /// Applies a change: validated, persisted, published, logged. Runs to completion even if
+    /// the caller goes away.
+    async fn change(self: &Arc<Self>, req: Request) -> Result<(Change, u64), ApiFailure> {
+        let g = self.clone();
+        tokio::task::spawn_blocking(move || g.change_blocking(req))
+            .await
+            .map_err(|e| ApiFailure::new(ErrorCode::Internal, format!("change task failed: {e}")))?
+    }
+
+    fn change_blocking(&self, req: Request) -> Result<(Change, u64), ApiFailure> {
+        let _writer = lock(&self.writer);
+        let mut next = (*self.current()).clone();
+        let change = match next.apply(req) {
+            Ok(c) => c,
+            Err(e) => {
+                info!(code = %e.code, message = %e.message, "request refused");
+                return Err(e.into());
+            }
+        };
+        let version = next.version();
+        if change.changes_state() {
+            if let Err(e) = self.store.save(&next.to_persisted()) {
+                error!(error = %e, "persisting the registry failed; the change was not applied");
+                return Err(ApiFailure::new(
+                    ErrorCode::Internal,
+                    format!("{e}; the change was not applied"),
+                ));
+            }
+            *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+            self.version_tx.send_replace(version);
+        }
+        log_change(&change, version);
+        Ok((change, version))
+    }
+
+    fn host_status(&self, info: HostInfo) -> HostStatus {
+        let rt = lock(&self.runtime)
+            .get(&info.name)
+            .copied()
+            .unwrap_or_default();
+        HostStatus {
+            info,
+            applied_version: rt.applied_version,
+            last_seen_unix_ms: rt.last_seen_unix_ms,
+            connected: rt.open_watches > 0,
+        }
+    }
+
+    fn touch(&self, host: &str) {
+        lock(&self.runtime)
+            .entry(host.to_string())
+            .or_default()
+            .last_seen_unix_ms = now_unix_ms();
+    }
+
+    /// The current snapshot as JSON, serialised once per version (on a blocking thread: with
+    /// 65,536 endpoints it is megabytes, and many watches wake at once).
+    async fn snapshot_response(self: &Arc<Self>) -> Response {
+        let g = self.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            let reg = g.current();
+            let mut cache = lock(&g.snapshot_cache);
+            if let Some((v, b)) = &*cache
+                && *v == reg.version()
+            {
+                return Ok(b.clone());
+            }
+            let b = Bytes::from(serde_json::to_vec(&reg.snapshot())?);
+            *cache = Some((reg.version(), b.clone()));
+            Ok::<_, serde_json::Error>(b)
+        })
+        .await;
+        match bytes {
+            Ok(Ok(b)) => (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                b,
+            )
+                .into_response(),
+            Ok(Err(e)) => ApiFailure::new(
+                ErrorCode::Internal,
+                format!("serialising the snapshot: {e}"),
+            )
+            .into_response(),
+            Err(e) => ApiFailure::new(ErrorCode::Internal, format!("snapshot task failed: {e}"))
+                .into_response(),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let reg = self.current();
+        let version = reg.version();
+        let (in_sync, connected) = {
+            let rt = lock(&self.runtime);
+            let get = |n: &str| rt.get(n).copied().unwrap_or_default();
+            (
+                reg.hosts()
+                    .filter(|h| get(&h.name).applied_version == version)
+                    .count(),
+                reg.hosts()
+                    .filter(|h| get(&h.name).open_watches > 0)
+                    .count(),
+            )
+        };
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        };
+        gauge(
+            "ferry_gateway_uptime_seconds",
+            "Seconds since the gateway started.",
+            format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    info!(%listen, state_dir = %state_dir.display(), "gateway listening");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+        gauge(
+            "ferry_gateway_hosts",
+            "Registered hosts.",
+            reg.host_count().to_string(),
+        );
+        gauge(
+            "ferry_gateway_endpoints",
+            "Registered container endpoints.",
+            reg.endpoint_count().to_string(),
+        );
+        gauge(
+            "ferry_gateway_public_mappings",
+            "Public mappings.",
+            reg.public_count().to_string(),
+        );
+        gauge(
+            "ferry_gateway_registry_version",
+            "Registry version (one more per change).",
+            version.to_string(),
+        );
+        gauge(
+            "ferry_gateway_hosts_in_sync",
+            "Registered hosts whose agent reported the current registry version as applied.",
+            in_sync.to_string(),
+        );
+        gauge(
+            "ferry_gateway_hosts_connected",
+            "Registered hosts whose agent holds a watch open.",
+            connected.to_string(),
+        );
+        out.push_str(
+            "# HELP ferry_gateway_api_requests_total API requests answered, by route (method and \
+             path pattern) and HTTP status.\n# TYPE ferry_gateway_api_requests_total counter\n",
+        );
+        for ((route, status), n) in lock(&self.requests).iter() {
+            out.push_str(&format!(
+                "ferry_gateway_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// Counts an open watch of a host; on drop (answered, or the client went away) it is closed.
+struct WatchGuard<'a> {
+    gateway: &'a Gateway,
+    host: String,
+}
+
+impl<'a> WatchGuard<'a> {
+    fn open(gateway: &'a Gateway, host: &str, applied: u64) -> Self {
+        let mut rt = lock(&gateway.runtime);
+        let e = rt.entry(host.to_string()).or_default();
+        e.applied_version = applied;
+        e.last_seen_unix_ms = now_unix_ms();
+        e.open_watches += 1;
+        Self {
+            gateway,
+            host: host.to_string(),
+        }
+    }
+}
+
+impl Drop for WatchGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = lock(&self.gateway.runtime).get_mut(&self.host) {
+            e.open_watches = e.open_watches.saturating_sub(1);
+            e.last_seen_unix_ms = now_unix_ms();
+        }
+    }
+}
+
+fn role(r: HostRole) -> &'static str {
+    match r {
+        HostRole::Host => "host",
+        HostRole::Gateway => "gateway",
+    }
+}
+
+fn target(p: &PublicSpec) -> String {
+    match p.container_port {
+        Some(port) => format!("{}:{port}", p.container),
+        None => p.container.to_string(),
+    }
+}
+
+fn log_change(change: &Change, version: u64) {
+    match change {
+        Change::HostAdded(h) => info!(
+            host = %h.name, vtep = %h.vtep, overlay_ip = %h.overlay_ip, role = role(h.role), version,
+            "host registered"
+        ),
+        Change::HostUpdated { old, new } => info!(
+            host = %new.name, vtep = %new.vtep, overlay_ip = %new.overlay_ip, role = role(new.role),
+            old_vtep = %old.vtep, old_overlay_ip = %old.overlay_ip, old_role = role(old.role), version,
+            "host updated"
+        ),
+        Change::HostUnchanged(h) => {
+            debug!(host = %h.name, version, "host re-registered unchanged")
+        }
+        Change::HostRemoved(h) => info!(host = %h.name, version, "host removed"),
+        Change::EndpointsAdded(eps) => {
+            for e in eps.iter().take(16) {
+                info!(endpoint = %e.ip, host = %e.host, mac = %e.mac, version, "endpoint added");
+            }
+            if eps.len() > 16 {
+                info!(
+                    count = eps.len(),
+                    version, "endpoints added (first 16 logged)"
+                );
+            }
+        }
+        Change::EndpointRemoved {
+            endpoint,
+            kept_public,
+        } => {
+            let kept: Vec<String> = kept_public.iter().map(|p| p.key()).collect();
+            info!(
+                endpoint = %endpoint.ip, host = %endpoint.host, version,
+                kept_public = ?kept,
+                "endpoint removed; its public mappings are kept (re-add the endpoint to move it)"
+            );
+        }
+        Change::PublicAdded(p) => info!(
+            public = %p.key(), container = %target(p), version, "public mapping added"
+        ),
+        Change::PublicRemoved(p) => {
+            info!(public = %p.key(), container = %target(p), version, "public mapping removed")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+type Shared = State<Arc<Gateway>>;
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        api: API_VERSION.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+async fn metrics(State(g): Shared) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        g.metrics_text(),
+    )
+}
+
+async fn version(State(g): Shared) -> Json<RegistryVersion> {
+    Json(RegistryVersion {
+        version: g.current().version(),
+    })
+}
+
+fn created<T: Serialize>(yes: bool, body: T) -> Response {
+    let status = if yes {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn register_host(
+    State(g): Shared,
+    ApiJson(info): ApiJson<HostInfo>,
+) -> Result<Response, ApiFailure> {
+    let (change, _) = g.change(Request::RegisterHost(info)).await?;
+    let (info, new) = match change {
+        Change::HostAdded(h) => (h, true),
+        Change::HostUpdated { new, .. } => (new, false),
+        Change::HostUnchanged(h) => (h, false),
+        other => unreachable!("register answered {other:?}"),
+    };
+    g.touch(&info.name);
+    Ok(created(new, g.host_status(info)))
+}
+
+async fn list_hosts(State(g): Shared) -> Json<Vec<HostStatus>> {
+    let reg = g.current();
+    Json(reg.hosts().map(|h| g.host_status(h.clone())).collect())
+}
+
+async fn remove_host(
+    State(g): Shared,
+    PathParam(name): PathParam,
+) -> Result<Json<HostStatus>, ApiFailure> {
+    let (change, _) = g.change(Request::RemoveHost(name)).await?;
+    let Change::HostRemoved(h) = change else {
+        unreachable!("remove host answered {change:?}")
+    };
+    let status = g.host_status(h);
+    lock(&g.runtime).remove(&status.info.name);
+    Ok(Json(status))
+}
+
+async fn add_endpoints(
+    State(g): Shared,
+    ApiJson(req): ApiJson<EndpointsRequest>,
+) -> Result<Response, ApiFailure> {
+    let (change, _) = g.change(Request::AddEndpoints(req.endpoints)).await?;
+    let Change::EndpointsAdded(added) = change else {
+        unreachable!("add endpoints answered {change:?}")
+    };
+    Ok(created(true, added))
+}
+
+async fn list_endpoints(State(g): Shared) -> Response {
+    let reg = g.current();
+    Json(reg.endpoints().collect::<Vec<_>>()).into_response()
+}
+
+async fn remove_endpoint(
+    State(g): Shared,
+    PathParam(ip): PathParam,
+) -> Result<Response, ApiFailure> {
+    let ip = ip.parse().map_err(|_| {
+        ApiFailure::bad_request(format!(
+            "endpoint {ip:?} in the path is not an IPv4 address"
+        ))
+    })?;
+    let (change, _) = g.change(Request::RemoveEndpoint(ip)).await?;
+    let Change::EndpointRemoved { endpoint, .. } = change else {
+        unreachable!("remove endpoint answered {change:?}")
+    };
+    Ok(Json(endpoint).into_response())
+}
+
+async fn add_public(
+    State(g): Shared,
+    ApiJson(spec): ApiJson<PublicSpec>,
+) -> Result<Response, ApiFailure> {
+    let (change, _) = g.change(Request::AddPublic(spec)).await?;
+    let Change::PublicAdded(p) = change else {
+        unreachable!("add public answered {change:?}")
+    };
+    Ok(created(true, p))
+}
+
+async fn list_public(State(g): Shared) -> Response {
+    let reg = g.current();
+    Json(reg.public().collect::<Vec<_>>()).into_response()
+}
+
+async fn remove_public(
+    State(g): Shared,
+    PathParam(key): PathParam,
+) -> Result<Response, ApiFailure> {
+    let key: PublicKey = key
+        .parse()
+        .map_err(|e: String| ApiFailure::bad_request(format!("public key in the path: {e}")))?;
+    let (change, _) = g.change(Request::RemovePublic(key)).await?;
+    let Change::PublicRemoved(p) = change else {
+        unreachable!("remove public answered {change:?}")
+    };
+    Ok(Json(p).into_response())
+}
+
+async fn watch_snapshot(
+    State(g): Shared,
+    ApiQuery(q): ApiQuery<WatchQuery>,
+) -> Result<Response, ApiFailure> {
+    // Subscribe before reading the version: a change in between is not missed.
+    let mut versions = g.version_tx.subscribe();
+    let mut shutdown = g.shutdown_tx.subscribe();
+    let reg = g.current();
+    if reg.host(&q.host).is_none() {
+        return Err(ApiFailure::new(
+            ErrorCode::UnknownHost,
+            format!("host {:?} is not registered", q.host),
+        ));
+    }
+    let current = reg.version();
+    drop(reg);
+    let applied = if q.after > current {
+        warn!(
+            host = %q.host, after = q.after, version = current,
+            "agent reports a version newer than the registry's (state reset?): sending the current snapshot"
+        );
+        0
+    } else {
+        q.after
+    };
+    let _open = WatchGuard::open(&g, &q.host, applied);
+    if current == q.after && !*shutdown.borrow() {
+        debug!(host = %q.host, after = q.after, "watch waiting");
+        tokio::select! {
+            _ = versions.wait_for(|v| *v != q.after) => {}
+            _ = tokio::time::sleep(g.watch_timeout) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+    Ok(g.snapshot_response().await)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiFailure {
+    ApiFailure::new(
+        ErrorCode::NotFound,
+        format!("no route {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiFailure {
+    ApiFailure::bad_request(format!("method {method} is not allowed on {}", uri.path()))
+        .with_status(StatusCode::METHOD_NOT_ALLOWED)
+}
+
+async fn require_token(State(g): Shared, req: HttpRequest, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match auth::check_bearer(header, &g.token) {
+        Ok(()) => next.run(req).await,
+        Err(why) => {
+            warn!(method = %req.method(), path = %req.uri().path(), reason = why, "unauthorized request");
+            ApiFailure::new(ErrorCode::Unauthorized, why).into_response()
+        }
+    }
+}
+
+async fn count_requests(State(g): Shared, req: HttpRequest, next: Next) -> Response {
+    let route = match req.extensions().get::<MatchedPath>() {
+        Some(p) => format!("{} {}", req.method(), p.as_str()),
+        None => "unmatched".to_string(),
+    };
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    debug!(%route, status, "answered");
+    *lock(&g.requests).entry((route, status)).or_default() += 1;
+    resp
+}
+
+/// The API.
+pub fn router(g: Arc<Gateway>) -> Router {
+    let protected = Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/hosts", get(list_hosts).post(register_host))
+        .route("/v1/hosts/{name}", delete(remove_host))
+        .route("/v1/endpoints", get(list_endpoints).post(add_endpoints))
+        .route("/v1/endpoints/{ip}", delete(remove_endpoint))
+        .route("/v1/public", get(list_public).post(add_public))
+        .route("/v1/public/{*key}", delete(remove_public))
+        .route("/v1/watch", get(watch_snapshot))
+        .route_layer(middleware::from_fn_with_state(g.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
+        .layer(middleware::from_fn_with_state(g.clone(), count_requests))
+        .with_state(g)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up
+
+/// What `--check` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub config: PathBuf,
+    pub listen: SocketAddr,
+    pub state_file: PathBuf,
+    pub state_exists: bool,
+    pub version: u64,
+    pub hosts: usize,
+    pub endpoints: usize,
+    pub public: usize,
+}
+
+/// Loads what the daemon needs, in the daemon's order: config, token, stored state (checked
+/// against the config). `lock`: take the state directory (the daemon) or only read it
+/// (`--check`, which must not create anything).
+fn prepare(
+    config_path: &Path,
+    lock: bool,
+) -> Result<(Config, String, Option<Store>, Registry), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let token = auth::load_server_token(&config.token_file)?;
+    let store = if lock {
+        Some(Store::open(&config.state_dir).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let state = store::read_state(&config.state_dir).map_err(|e| e.to_string())?;
+    let registry = match state {
+        None => Registry::new(config.net()),
+        Some(s) => Registry::from_persisted(config.net(), s).map_err(|e| {
+            format!(
+                "{}: the stored registry does not fit config {}: {e}; the file was left untouched",
+                config.state_dir.join(store::STATE_FILE).display(),
+                config_path.display()
+            )
+        })?,
+    };
+    Ok((config, token, store, registry))
+}
+
+/// `ferry gateway --config F --check`.
+pub fn check(config_path: &Path) -> Result<CheckReport, String> {
+    let (config, _, _, registry) = prepare(config_path, false)?;
+    let state_file = config.state_dir.join(store::STATE_FILE);
+    Ok(CheckReport {
+        config: config_path.to_path_buf(),
+        listen: config.listen,
+        state_exists: state_file.exists(),
+        state_file,
+        version: registry.version(),
+        hosts: registry.host_count(),
+        endpoints: registry.endpoint_count(),
+        public: registry.public_count(),
+    })
+}
+
+/// `ferry gateway --config F`: serves until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+
+    let (config, token, store, registry) = prepare(config_path, true)?;
+    let store = store.expect("prepare(lock) opens the store");
+    let (hosts, endpoints, public, version) = (
+        registry.host_count(),
+        registry.endpoint_count(),
+        registry.public_count(),
+        registry.version(),
+    );
+    let dangling = registry.dangling_public();
+    if !dangling.is_empty() {
+        info!(containers = ?dangling, "public mappings kept for containers that are not endpoints now");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", config.listen))?;
+    let g = Gateway::new(registry, store, token, config.watch_timeout());
+    info!(
+        listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,
+        public, overlay_cidr = %config.overlay_cidr, vni = config.vni,
+        "gateway listening"
+    );
+    let app = router(g.clone());
+    let g2 = g.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+                _ = int.recv() => info!("SIGINT: shutting down"),
             }
+            g2.begin_shutdown();
         })
-        .await?;
-    info!("gateway stopped");
-    Ok(())
-}
-
-/// A minimal HTTP/1.0 GET for the CLI (no client stack needed for a local API).
-pub async fn get_json<T: for<'de> Deserialize<'de>>(
-    addr: SocketAddr,
-    path: &str,
-) -> anyhow::Result<T> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to gateway {addr}: {e}"))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response from {addr}"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    if status != "200" {
-        anyhow::bail!("gateway {addr} answered {status}: {}", body.trim());
-    }
-    Ok(serde_json::from_str(body)?)
+        .map_err(|e| format!("serving: {e}"))?;
+    info!(version = g.current().version(), "gateway stopped");
+    Ok(())
 }

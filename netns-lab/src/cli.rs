@@ -78,6 +78,11 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Benchmarks in a lab of their own (torn down at the end).
+    Bench {
+        #[command(subcommand)]
+        what: crate::bench::BenchCmd,
+    },
     /// Labs present on this machine.
     List {
         #[arg(long)]
@@ -186,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 .with_context(|| format!("running `ip netns exec {ns} ...`"))?;
             Ok(exit_code(status))
         }
+        Cmd::Bench { what } => Ok(crate::bench::run(what)?),
         Cmd::List { json } => {
             let labs = list_labs();
             if json {

@@ -32,6 +32,14 @@ pub enum LabError {
     },
     #[error(transparent)]
     NetNs(#[from] ferry_overlay::netns::NetNsError),
+    #[error("gateway daemon {problem}; tail of {log}:\n{tail}")]
+    GatewayFailed {
+        problem: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("`ferry {args}` failed: {message}")]
+    Ferry { args: String, message: String },
     #[error(
         "agent of host {host} exited ({status}) before serving metrics; tail of {log}:\n{tail}"
     )]

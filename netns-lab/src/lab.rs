@@ -11,16 +11,20 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use ferry_agent::config::{AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, Peer};
+use ferry_agent::config::{
+    AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, GatewayLink, Peer,
+};
+use ferry_api::HostRole;
 use ferry_overlay::netns::{command_in, netns_path, run_in};
 
 use crate::{
     LabError, TeardownError,
     bins::find_binary,
+    control::ControlPlane,
     procs::{self, ProcRecord},
     state::{self, BPFFS_ROOT, LabState},
     teardown::teardown,
-    topology::{Host, LabTopology, Topology},
+    topology::{Host, LabTopology, Role, Topology},
 };
 
 /// Name of the router node (and of its namespace suffix).
@@ -97,6 +101,12 @@ impl Lab {
         } else {
             None
         };
+        // With agents and a gateway host, the gateway daemon (registry) runs too.
+        let ferry_bin = if opts.start_agents && topology.internet.is_some() {
+            Some(find_binary("ferry", "ferry-gateway")?)
+        } else {
+            None
+        };
 
         let prefix = create_state_dir()?;
         let mut b = Builder {
@@ -116,7 +126,11 @@ impl Lab {
             children: Vec::new(),
         };
         let _span = tracing::info_span!("lab", %prefix).entered();
-        let result = b.build(reaper_bin.as_deref(), agent_bin.as_deref());
+        let result = b.build(
+            reaper_bin.as_deref(),
+            agent_bin.as_deref(),
+            ferry_bin.as_deref(),
+        );
         let mut lab = Self {
             prefix,
             topology,
@@ -228,6 +242,186 @@ impl Lab {
         })
     }
 
+    /// Runs a command inside any namespace of this lab (e.g. a container's) and captures its
+    /// output. Refuses paths outside the lab.
+    pub fn exec_in(&self, netns: &Path, args: &[&str]) -> Result<Output, LabError> {
+        let mine = netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&format!("{}-", self.prefix)));
+        let (program, rest) = match args.split_first() {
+            Some(x) if mine => x,
+            _ => {
+                return Err(LabError::io(
+                    format!("exec in {}", netns.display()),
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "empty command, or a namespace that is not this lab's",
+                    ),
+                ));
+            }
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(rest).stdin(Stdio::null());
+        command_in(&mut cmd, netns)?;
+        cmd.output()
+            .map_err(|e| LabError::io(format!("running {args:?} in {}", netns.display()), e))
+    }
+
+    /// The lab's control plane (gateway daemon, token), if the topology has a gateway.
+    pub fn control(&self) -> Option<ControlPlane> {
+        ControlPlane::of(&self.prefix, &self.topology)
+    }
+
+    fn control_or_err(&self) -> Result<ControlPlane, LabError> {
+        self.control().ok_or_else(|| LabError::Ferry {
+            args: String::new(),
+            message: "this lab's topology has no gateway (no [internet] section)".into(),
+        })
+    }
+
+    /// Runs the `ferry` CLI inside the gateway host's namespace, pointed at the lab's gateway
+    /// (FERRY_GATEWAY, FERRY_TOKEN_FILE), and captures its output.
+    pub fn ferry(&self, args: &[&str]) -> Result<Output, LabError> {
+        let cp = self.control_or_err()?;
+        let bin = find_binary("ferry", "ferry-gateway")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env("FERRY_GATEWAY", cp.api.to_string())
+            .env("FERRY_TOKEN_FILE", &cp.token_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        command_in(&mut cmd, &self.netns(&cp.host))?;
+        cmd.output()
+            .map_err(|e| LabError::io(format!("running ferry {args:?}"), e))
+    }
+
+    /// Runs `ferry --json ARGS`; an error (with the CLI's message) unless it exits 0.
+    pub fn ferry_json(&self, args: &[&str]) -> Result<serde_json::Value, LabError> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ferry(&all)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(LabError::Ferry {
+                args: args.join(" "),
+                message: format!(
+                    "{} {}",
+                    stdout.trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        serde_json::from_str(stdout.trim()).map_err(|e| LabError::Ferry {
+            args: args.join(" "),
+            message: format!("unparseable output {stdout:?}: {e}"),
+        })
+    }
+
+    /// Runs `f` with an API client of the lab's gateway, on a thread inside the gateway host's
+    /// namespace (the API listens on the lab's underlay) with a current-thread runtime.
+    pub fn api<T, F, Fut>(&self, f: F) -> Result<T, LabError>
+    where
+        F: FnOnce(ferry_api::Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let cp = self.control_or_err()?;
+        let client = ferry_api::Client::with_token_file(cp.api, &cp.token_file).map_err(|e| {
+            LabError::Ferry {
+                args: "(api)".into(),
+                message: e.to_string(),
+            }
+        })?;
+        run_in(&self.netns(&cp.host), move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok::<T, std::io::Error>(rt.block_on(f(client)))
+        })?
+        .map_err(|e| LabError::io("starting a runtime for the API client", e))
+    }
+
+    /// Waits until every agent has applied the registry's current version (`ferry sync`).
+    pub fn sync(&self) -> Result<(), LabError> {
+        self.ferry_json(&["sync", "--timeout-ms", "15000"])
+            .map(|_| ())
+    }
+
+    /// Namespace path of the container with address `ip` on `host` (as that host's agent
+    /// names it).
+    pub fn container_netns(&self, host: &str, ip: std::net::Ipv4Addr) -> PathBuf {
+        netns_path(&ferry_agent::plan::container_netns_name(
+            &container_netns_prefix(&self.prefix, host),
+            ip,
+        ))
+    }
+
+    /// Registers a container endpoint on `host` through the gateway, waits until every agent
+    /// applied it, and returns the container's namespace.
+    pub fn add_container(&self, host: &str, ip: std::net::Ipv4Addr) -> Result<PathBuf, LabError> {
+        self.ferry_json(&["endpoint", "add", "--ip", &ip.to_string(), "--host", host])?;
+        self.sync()?;
+        let ns = self.container_netns(host, ip);
+        if !ns.exists() {
+            return Err(LabError::Ferry {
+                args: format!("endpoint add --ip {ip} --host {host}"),
+                message: format!(
+                    "the agent of {host} applied the change but {} does not exist",
+                    ns.display()
+                ),
+            });
+        }
+        Ok(ns)
+    }
+
+    /// Stops the gateway daemon (SIGTERM, by PID) and starts it again with the same
+    /// configuration and state directory; waits until it answers.
+    pub fn restart_gateway(&mut self) -> Result<(), LabError> {
+        let cp = self.control_or_err()?;
+        let bin = find_binary("ferry", "ferry-gateway")?;
+        let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
+            prefix: self.prefix.clone(),
+            path: state::state_file(&self.prefix),
+            problem: "no state".into(),
+        })?;
+        let targets: Vec<procs::Target> = st
+            .processes
+            .iter()
+            .filter(|p| p.kind == "gateway")
+            .map(|p| procs::Target {
+                pid: p.pid,
+                start_time: Some(p.start_time),
+            })
+            .collect();
+        let errors = procs::stop_all(&targets, Duration::from_secs(5));
+        if !errors.is_empty() {
+            return Err(LabError::GatewayFailed {
+                problem: format!("did not stop: {}", errors.join("; ")),
+                tail: tail(&cp.log, 20),
+                log: cp.log.clone(),
+            });
+        }
+        for c in &mut self.children {
+            let _ = c.try_wait();
+        }
+        st.processes.retain(|p| p.kind != "gateway");
+        let mut child = cp.spawn(&self.prefix, &bin)?;
+        let pid = child.id() as i32;
+        let start_time = procs::start_time(pid)
+            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
+        st.processes.push(ProcRecord {
+            pid,
+            start_time,
+            kind: "gateway".into(),
+            host: Some(cp.host.clone()),
+        });
+        st.save()?;
+        let ready = cp.wait_ready(&self.prefix, &mut child);
+        self.children.push(child);
+        ready
+    }
+
     /// Tears the lab down and reports every error.
     pub fn down(mut self) -> Result<(), LabError> {
         self.detached = true;
@@ -316,17 +510,39 @@ impl Builder {
         state::state_dir(self.prefix())
     }
 
-    fn build(&mut self, reaper: Option<&Path>, agent: Option<&Path>) -> Result<(), LabError> {
+    fn build(
+        &mut self,
+        reaper: Option<&Path>,
+        agent: Option<&Path>,
+        ferry: Option<&Path>,
+    ) -> Result<(), LabError> {
         self.state.save()?;
         if let Some(bin) = reaper {
             self.spawn_reaper(bin)?;
         }
         self.create_namespaces()?;
         self.wire()?;
+        if let Some(bin) = ferry {
+            self.start_gateway(bin)?;
+        }
         if let Some(bin) = agent {
             self.start_agents(bin)?;
         }
         Ok(())
+    }
+
+    fn start_gateway(&mut self, bin: &Path) -> Result<(), LabError> {
+        let t = self.state.topology.clone();
+        let Some(cp) = ControlPlane::of(self.prefix(), &t) else {
+            return Ok(());
+        };
+        cp.write_files(&t)?;
+        let mut child = cp.spawn(self.prefix(), bin)?;
+        tracing::info!(host = %cp.host, pid = child.id(), api = %cp.api, "gateway started");
+        let r = self.record(&child, "gateway", Some(&cp.host));
+        let ready = r.and_then(|()| cp.wait_ready(self.prefix(), &mut child));
+        self.children.push(child);
+        ready
     }
 
     fn record(&mut self, child: &Child, kind: &str, host: Option<&str>) -> Result<(), LabError> {
@@ -512,7 +728,9 @@ impl Builder {
     fn start_agents(&mut self, bin: &Path) -> Result<(), LabError> {
         let t = self.state.topology.clone();
         let listen: SocketAddr = DEFAULT_METRICS_LISTEN.parse().expect("valid default");
+        let control = ControlPlane::of(self.prefix(), &t);
         for h in &t.hosts {
+            let gateway_role = h.role == Role::Gateway && h.public_address.is_some();
             let dir = self.dir().join(&h.name);
             std::fs::create_dir_all(&dir)
                 .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
@@ -536,6 +754,18 @@ impl Builder {
                         overlay_ip: o.overlay_ip,
                     })
                     .collect(),
+                role: if gateway_role {
+                    HostRole::Gateway
+                } else {
+                    HostRole::Host
+                },
+                container_netns_prefix: container_netns_prefix(self.prefix(), &h.name),
+                public_interface: gateway_role.then(|| PUBLIC_IF.to_owned()),
+                masquerade: true,
+                gateway: control.as_ref().map(|cp| GatewayLink {
+                    address: cp.api,
+                    token_file: cp.token_file.clone(),
+                }),
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())
@@ -638,9 +868,15 @@ fn finish_batch(label: &str, shown: String, child: Child) -> Result<(), LabError
     }
 }
 
+/// Prefix of the container namespaces a lab host's agent creates: `<prefix>-<host>-c-`, so
+/// they belong to the lab (teardown removes every `<prefix>-*` namespace).
+pub fn container_netns_prefix(prefix: &str, host: &str) -> String {
+    format!("{}-c-", netns_name(prefix, host))
+}
+
 /// Puts the child in a session of its own: terminal signals (Ctrl-C) to the owner's process
 /// group do not reach it, and it survives the owner.
-fn detach_session(cmd: &mut Command) {
+pub(crate) fn detach_session(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
     // is async-signal-safe.
     unsafe {

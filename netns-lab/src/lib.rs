@@ -14,8 +14,10 @@
 //! lab.down()?;
 //! # Ok::<(), ferry_lab::LabError>(())
 //! ```
+pub mod bench;
 pub mod bins;
 pub mod cli;
+pub mod control;
 pub mod demo;
 mod error;
 pub mod lab;

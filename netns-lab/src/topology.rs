@@ -168,6 +168,11 @@ pub struct InternetSpec {
     pub gateway: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<Ipv4Addr>,
+    /// Addresses the gateway may hand out as public endpoints (default: the upper half of
+    /// `subnet`). Must lie inside `subnet` and hold neither the gateway's nor the client's
+    /// address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_pool: Option<Ipv4Net>,
 }
 
 fn default_overlay_cidr() -> Ipv4Net {
@@ -231,6 +236,8 @@ pub struct Internet {
     pub gateway_address: Ipv4Addr,
     /// The client's address (in the `inet` namespace).
     pub client: Ipv4Addr,
+    /// Public endpoint addresses.
+    pub public_pool: Ipv4Net,
 }
 
 impl LabTopology {
@@ -541,11 +548,38 @@ impl Topology {
                         nth(inet.subnet, n)
                     }
                 };
+                let public_pool = match inet.public_pool {
+                    Some(p) => p,
+                    None => {
+                        let len = (inet.subnet.prefix_len() + 1).min(32);
+                        let upper = u32::from(inet.subnet.network())
+                            | (1u32 << (32 - u32::from(len))).min(u32::MAX >> 1);
+                        Ipv4Net::new(Ipv4Addr::from(upper), len).expect("valid prefix")
+                    }
+                };
+                if !inet.subnet.contains(&public_pool) {
+                    return Err(E::invalid(
+                        "internet.public_pool",
+                        format!(
+                            "{public_pool} is not inside internet.subnet {}",
+                            inet.subnet
+                        ),
+                    ));
+                }
+                for (what, a) in [("gateway's", gateway_address), ("client's", client)] {
+                    if public_pool.contains(&a) {
+                        return Err(E::invalid(
+                            "internet.public_pool",
+                            format!("{public_pool} holds the {what} address {a}"),
+                        ));
+                    }
+                }
                 Some(Internet {
                     subnet: inet.subnet,
                     gateway: inet.gateway.clone(),
                     gateway_address,
                     client,
+                    public_pool,
                 })
             }
         };

@@ -1,19 +1,27 @@
-//! The running agent: sets up the host's overlay device and datapath, serves metrics, and
-//! tears its own state down on SIGTERM / SIGINT.
+//! The running agent: sets up the host's overlay device and datapath, follows the registry
+//! (containers, peers, public addresses), serves metrics and status, and tears its own state
+//! down on SIGTERM / SIGINT.
 
 use std::sync::{Arc, Mutex};
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use ferry_common::Config;
+use anyhow::Context as _;
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use ferry_api::{Client, HostRole};
+use ferry_common::{Config, config_flags, ipv4_be};
 use ferry_overlay::{
     datapath::Datapath,
     netlink::{Netlink, VxlanSpec},
-    sys,
+    nft, sys,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
-use crate::{config::AgentConfig, metrics, plan};
+use crate::{
+    config::AgentConfig,
+    metrics,
+    node::{Applied, Node},
+    plan, sync,
+};
 
 /// Underlay MTU minus the VXLAN overhead (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const OVERLAY_MTU: u32 = 1500 - 50;
@@ -22,6 +30,7 @@ pub const OVERLAY_MTU: u32 = 1500 - 50;
 struct AppState {
     host: Arc<str>,
     datapath: Arc<Mutex<Datapath>>,
+    node: Arc<tokio::sync::Mutex<Node>>,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -41,39 +50,100 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     )?;
     info!(device = %cfg.vxlan_device, ifindex, port = cfg.vxlan_port, "vxlan device ready");
 
-    let mut dp = Datapath::attach(
-        &cfg.vxlan_device,
-        Config {
-            vni: cfg.vni,
-            vxlan_ifindex: ifindex,
-            tunnel_ttl: plan::TUNNEL_TTL,
-            _pad: 0,
-        },
-        cfg.bpffs_dir.as_deref(),
-    )?;
-    let p = plan::plan(&cfg);
-    for (ip, ep) in &p.endpoints {
-        dp.set_endpoint(*ip, *ep)?;
+    let mut base = Config {
+        vni: cfg.vni,
+        vxlan_ifindex: ifindex,
+        tunnel_ttl: plan::TUNNEL_TTL,
+        overlay_net_be: ipv4_be(cfg.overlay_cidr.network().octets()),
+        overlay_mask_be: ipv4_be(cfg.overlay_cidr.netmask().octets()),
+        ..Config::default()
+    };
+    if cfg.role == HostRole::Gateway {
+        let public = cfg
+            .public_interface
+            .as_deref()
+            .context("a gateway needs public_interface")?;
+        let idx = nl
+            .link_index(public)
+            .await?
+            .with_context(|| format!("public_interface {public} does not exist"))?;
+        let mac = nl.link_mac(idx).await?.unwrap_or_default();
+        base.flags |= config_flags::GATEWAY;
+        base.public_ifindex = idx;
+        base.public_mac = mac
+            .get(..6)
+            .and_then(|m| <[u8; 6]>::try_from(m).ok())
+            .with_context(|| format!("public_interface {public} has no Ethernet address"))?;
+        // Containers' traffic to the internet leaves through the stack (translated by the
+        // datapath, or masqueraded): forwarding on, and no strict reverse-path filter on the
+        // VXLAN device (translated packets arrive there with a public source address).
+        sys::write_sysctl("net/ipv4/ip_forward", "1")?;
+        sys::write_sysctl(
+            &format!("net/ipv4/conf/{}/rp_filter", cfg.vxlan_device),
+            "0",
+        )?;
+        if sys::read_sysctl("net/ipv4/conf/all/rp_filter").is_ok_and(|v| v == "1") {
+            warn!(
+                "net.ipv4.conf.all.rp_filter is strict (1): setting it to loose (2) so translated packets pass"
+            );
+            sys::write_sysctl("net/ipv4/conf/all/rp_filter", "2")?;
+        }
+        if cfg.masquerade {
+            nft::ensure_masquerade(cfg.overlay_cidr, public)?;
+        }
     }
-    for (ip, v) in &p.vteps {
-        dp.allow_vtep(*ip, *v)?;
+
+    let mut dp = Datapath::attach(&cfg.vxlan_device, base, cfg.bpffs_dir.as_deref())?;
+    if let Some(public) = cfg.public_interface.as_deref() {
+        dp.attach_public(public)?;
+        info!(interface = public, "from-public attached");
+    }
+    let datapath = Arc::new(Mutex::new(dp));
+    let mut node = Node {
+        host: cfg.host.clone(),
+        nl,
+        datapath: datapath.clone(),
+        base_config: base,
+        netns_prefix: cfg.container_netns_prefix.clone(),
+        container_mtu: OVERLAY_MTU,
+        overlay_ip: cfg.overlay_ip,
+        applied: Applied::default(),
+    };
+    let errors = node.apply(&plan::desired(&cfg, None)).await;
+    if !errors.is_empty() {
+        anyhow::bail!("programming the datapath: {}", errors.join("; "));
     }
     info!(
-        endpoints = p.endpoints.len(),
-        vteps = p.vteps.len(),
+        endpoints = node.applied.endpoints.len(),
+        vteps = node.applied.vteps.len(),
         "datapath attached"
     );
+    let node = Arc::new(tokio::sync::Mutex::new(node));
+
+    let follower = match &cfg.gateway {
+        Some(g) => {
+            let client = Client::with_token_file(g.address, &g.token_file)
+                .with_context(|| format!("gateway token {}", g.token_file.display()))?;
+            let span = tracing::info_span!("sync", gateway = %g.address);
+            Some(tokio::spawn(
+                sync::follow(cfg.clone(), client, node.clone()).instrument(span),
+            ))
+        }
+        None => None,
+    };
 
     let state = AppState {
         host: cfg.host.as_str().into(),
-        datapath: Arc::new(Mutex::new(dp)),
+        datapath,
+        node: node.clone(),
     };
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/v1/health", get(|| async { "ok\n" }))
+        .route("/v1/status", get(status_handler))
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind(cfg.metrics_listen).await?;
-    info!(listen = %cfg.metrics_listen, "serving metrics");
+    info!(listen = %cfg.metrics_listen, "serving metrics and status");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -86,26 +156,59 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         })
         .await?;
 
-    // Detach first (dropping the datapath closes the tcx links), then remove the device.
+    if let Some(f) = follower {
+        f.abort();
+        let _ = f.await;
+    }
     drop(state);
+    let node = Arc::try_unwrap(node)
+        .map_err(|_| anyhow::anyhow!("the node is still shared at shutdown"))?
+        .into_inner();
+    let mut node = node;
+    node.remove_containers().await;
+    // Detach (dropping the datapath closes the tcx links), then remove the device.
+    let Node { nl, datapath, .. } = node;
+    drop(datapath);
     if let Err(e) = nl.delete_link(&cfg.vxlan_device).await {
         warn!(error = %e, "removing vxlan device");
+    }
+    if cfg.role == HostRole::Gateway
+        && cfg.masquerade
+        && let Err(e) = nft::remove()
+    {
+        warn!(error = %e, "removing the masquerade table");
     }
     info!("stopped");
     Ok(())
 }
 
+async fn status_handler(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.node.lock().await.status())
+}
+
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    let applied_version = s.node.lock().await.applied.version;
+    let containers = s.node.lock().await.applied.containers.len();
     let dp = match s.datapath.lock() {
         Ok(dp) => dp,
         Err(p) => p.into_inner(),
     };
     match dp.counters() {
-        Ok(c) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            metrics::render(&s.host, &c, dp.endpoint_count(), dp.vtep_count()),
-        ),
+        Ok(c) => {
+            let gauges = metrics::Gauges {
+                endpoints: dp.endpoint_count(),
+                vteps: dp.vtep_count(),
+                public: dp.public_count(),
+                snat: dp.snat_count(),
+                containers,
+                applied_version,
+            };
+            (
+                StatusCode::OK,
+                [("content-type", "text/plain; version=0.0.4")],
+                metrics::render(&s.host, &c, &gauges),
+            )
+        }
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             [("content-type", "text/plain")],

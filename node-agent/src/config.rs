@@ -11,6 +11,16 @@
 //! metrics_listen = "127.0.0.1:9464"
 //! bpffs_dir = "/sys/fs/bpf/ferry/fl1234ab-a1"
 //!
+//! role = "host"                # or "gateway" (translates public addresses, carries egress)
+//! container_netns_prefix = "ferry-c-"
+//! # public_interface = "pub"   # gateway only: the internet-facing interface
+//! # masquerade = true          # gateway only: containers without a public address leave as
+//! #                            # the gateway's own address (nftables masquerade)
+//!
+//! [gateway]                     # the registry this agent follows (optional)
+//! address = "198.18.0.10:7400"
+//! token_file = "/etc/ferry/token"
+//!
 //! [[peers]]
 //! name = "a2"
 //! vtep = "198.18.1.11"
@@ -22,6 +32,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ferry_api::HostRole;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +71,31 @@ pub struct AgentConfig {
     /// Other hosts known at start (the gateway pushes changes later).
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// `host` runs containers; `gateway` also translates public addresses and carries the
+    /// containers' traffic to and from the internet side.
+    #[serde(default)]
+    pub role: HostRole,
+    /// Containers' network namespaces are named `<prefix><a>-<b>-<c>-<d>` after their address.
+    #[serde(default = "default_container_netns_prefix")]
+    pub container_netns_prefix: String,
+    /// Gateway role: the internet-facing interface (from-public is attached to it).
+    #[serde(default)]
+    pub public_interface: Option<String>,
+    /// Gateway role: masquerade containers that have no public address.
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+    /// The gateway (registry) this agent registers with and follows.
+    #[serde(default)]
+    pub gateway: Option<GatewayLink>,
+}
+
+/// How the agent reaches the gateway's API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayLink {
+    pub address: SocketAddr,
+    /// File holding the shared bearer token.
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +106,15 @@ pub struct Peer {
     pub overlay_ip: Ipv4Addr,
 }
 
+/// Default prefix of container network namespace names.
+pub const DEFAULT_CONTAINER_NETNS_PREFIX: &str = "ferry-c-";
+
+fn default_container_netns_prefix() -> String {
+    DEFAULT_CONTAINER_NETNS_PREFIX.to_owned()
+}
+fn default_true() -> bool {
+    true
+}
 fn default_vni() -> u32 {
     DEFAULT_VNI
 }
@@ -173,6 +218,39 @@ impl AgentConfig {
                 ),
             );
         }
+        if self.container_netns_prefix.is_empty()
+            || self.container_netns_prefix.contains('/')
+            || self.container_netns_prefix.len() > 200
+        {
+            return err(
+                "container_netns_prefix",
+                format!(
+                    "{:?} must be 1..=200 bytes without '/'",
+                    self.container_netns_prefix
+                ),
+            );
+        }
+        match (self.role, &self.public_interface) {
+            (HostRole::Gateway, None) => {
+                return err(
+                    "public_interface",
+                    "required when role = \"gateway\"".into(),
+                );
+            }
+            (HostRole::Host, Some(_)) => {
+                return err(
+                    "public_interface",
+                    "only a host with role = \"gateway\" has one".into(),
+                );
+            }
+            (_, Some(i)) if i.is_empty() || i.len() > 15 => {
+                return err(
+                    "public_interface",
+                    format!("{i:?} is not a valid interface name (1..=15 bytes)"),
+                );
+            }
+            _ => {}
+        }
         for (i, p) in self.peers.iter().enumerate() {
             if !self.overlay_cidr.contains(&p.overlay_ip) {
                 return err(
@@ -242,5 +320,14 @@ overlay_ip = "10.244.255.2"
             .unwrap_err()
             .to_string();
         assert!(e.contains("peers[0]"), "{e}");
+        let bad = format!("role = \"gateway\"\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("public_interface"), "{e}");
+        let good = format!("role = \"gateway\"\npublic_interface = \"pub\"\n{GOOD}");
+        let c = AgentConfig::parse(Path::new("t.toml"), &good).unwrap();
+        assert_eq!(c.role, HostRole::Gateway);
+        assert!(c.masquerade);
     }
 }

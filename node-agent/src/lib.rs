@@ -1,8 +1,12 @@
 //! ferry's node agent: one per host. It owns the host's external VXLAN device and the eBPF
-//! datapath attached to it, keeps the datapath maps in line with what it knows of the other
-//! hosts, and exports the datapath's counters in Prometheus text format.
+//! datapath, builds the network side of the containers the registry places on this host,
+//! follows the registry (gateway) for peers, endpoints and public addresses, and exports the
+//! datapath's counters in Prometheus text format.
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod containers;
 pub mod metrics;
+pub mod node;
 pub mod plan;
+pub mod sync;

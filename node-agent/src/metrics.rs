@@ -4,8 +4,19 @@ use std::fmt::Write as _;
 
 use ferry_overlay::datapath::ReasonCount;
 
+/// Map sizes and other gauges.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub endpoints: usize,
+    pub vteps: usize,
+    pub public: usize,
+    pub snat: usize,
+    pub containers: usize,
+    pub applied_version: u64,
+}
+
 /// Renders datapath counters and map sizes in Prometheus text format (version 0.0.4).
-pub fn render(host: &str, counters: &[ReasonCount], endpoints: usize, vteps: usize) -> String {
+pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -35,12 +46,42 @@ pub fn render(host: &str, counters: &[ReasonCount], endpoints: usize, vteps: usi
             c.bytes
         );
     }
-    let _ = writeln!(out, "# HELP ferry_endpoints Entries in the endpoint map.");
-    let _ = writeln!(out, "# TYPE ferry_endpoints gauge");
-    let _ = writeln!(out, "ferry_endpoints{{host=\"{host}\"}} {endpoints}");
-    let _ = writeln!(out, "# HELP ferry_vteps Entries in the VTEP allow-list.");
-    let _ = writeln!(out, "# TYPE ferry_vteps gauge");
-    let _ = writeln!(out, "ferry_vteps{{host=\"{host}\"}} {vteps}");
+    for (name, help, value) in [
+        (
+            "ferry_endpoints",
+            "Entries in the endpoint map.",
+            g.endpoints as u64,
+        ),
+        (
+            "ferry_vteps",
+            "Entries in the VTEP allow-list.",
+            g.vteps as u64,
+        ),
+        (
+            "ferry_public_entries",
+            "Entries in the public-address map (gateway).",
+            g.public as u64,
+        ),
+        (
+            "ferry_snat_entries",
+            "Entries in the source-translation map (gateway).",
+            g.snat as u64,
+        ),
+        (
+            "ferry_containers",
+            "Containers whose network side this agent runs.",
+            g.containers as u64,
+        ),
+        (
+            "ferry_registry_applied_version",
+            "Registry version applied to the datapath without errors.",
+            g.applied_version,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name}{{host=\"{host}\"}} {value}");
+    }
     out
 }
 
@@ -77,8 +118,19 @@ mod tests {
                 bytes: i as u64 * 1000,
             })
             .collect();
-        let text = render("a1", &counters, 3, 2);
+        let g = Gauges {
+            endpoints: 3,
+            vteps: 2,
+            public: 4,
+            applied_version: 9,
+            ..Gauges::default()
+        };
+        let text = render("a1", &counters, &g);
         assert!(text.contains("ferry_endpoints{host=\"a1\"} 3"));
+        assert!(text.contains("ferry_public_entries{host=\"a1\"} 4"));
+        assert!(text.contains("ferry_registry_applied_version{host=\"a1\"} 9"));
+        assert!(text.contains("reason=\"public_snat\",verdict=\"pass\"} 190"));
+        assert!(text.contains("reason=\"spoofed_source\",verdict=\"drop\"} 230"));
         assert!(text.contains("reason=\"unknown_vtep\",verdict=\"drop\"} 50"));
         assert!(text.contains("reason=\"overlay_encap\",verdict=\"pass\"} 10"));
         let parsed = parse_packets(&text);

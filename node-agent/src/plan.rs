@@ -1,109 +1,414 @@
-//! Pure: what the datapath maps must hold for a given configuration. Tested without root.
+//! Pure: what the datapath must hold, given the agent's configuration and the registry's
+//! latest snapshot, and the difference to what it holds now. Tested without root.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
-use ferry_common::{Endpoint, Vtep, ipv4_be, kind};
+use ferry_api::{HostRole, MacAddr, Snapshot};
+use ferry_common::{Endpoint, NatKey, NatValue, Vtep, ipv4_be, kind};
 
 use crate::config::AgentConfig;
 
 /// Default TTL of the outer IPv4 header.
 pub const TUNNEL_TTL: u32 = 64;
 
-/// The desired content of the endpoint and VTEP maps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapPlan {
-    pub endpoints: Vec<(Ipv4Addr, Endpoint)>,
-    pub vteps: Vec<(Ipv4Addr, Vtep)>,
+/// IANA-reserved protocol number marking "this address is public" in the public map (see the
+/// datapath's `nat::presence_key`).
+pub const PRESENCE_PROTO: u8 = 255;
+
+/// A container this host must run the network side of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalContainer {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
 }
 
-/// This host's own overlay address is `HOST`; every peer's overlay address is `REMOTE` to its
-/// VTEP; every peer's VTEP is allowed to send us VXLAN with our VNI.
-pub fn plan(cfg: &AgentConfig) -> MapPlan {
-    let mut endpoints = vec![(
+/// The desired state of this host's datapath.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Endpoint entries that do not depend on a local veth: this host (`HOST`) and everything
+    /// living elsewhere (`REMOTE`). Local containers get their `LOCAL` entries once their veth
+    /// exists (see [`local_entry`]).
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    pub vteps: BTreeMap<Ipv4Addr, Vtep>,
+    pub containers: BTreeMap<Ipv4Addr, LocalContainer>,
+    /// Gateway only: public → container, plus one presence marker per public address.
+    pub public: BTreeMap<NatKey, NatValue>,
+    /// Gateway only: container → public.
+    pub snat: BTreeMap<NatKey, NatValue>,
+    /// Where containers' packets for outside the overlay go (the gateway's VTEP); `None` on
+    /// the gateway itself or while no gateway is registered.
+    pub egress_vtep: Option<Ipv4Addr>,
+    /// The registry version this was computed from (0: configuration only).
+    pub version: u64,
+    /// Endpoints the snapshot places on hosts it does not list (ignored, reported).
+    pub orphans: Vec<Ipv4Addr>,
+}
+
+fn remote(vtep: Ipv4Addr, vni: u32) -> Endpoint {
+    Endpoint {
+        kind: kind::REMOTE,
+        vtep_be: ipv4_be(vtep.octets()),
+        vni,
+        ..Endpoint::default()
+    }
+}
+
+/// The `LOCAL` entry of a container whose host-side veth has index `ifindex`.
+pub fn local_entry(c: &LocalContainer, ifindex: u32) -> Endpoint {
+    Endpoint {
+        kind: kind::LOCAL,
+        ifindex,
+        mac: c.mac.0,
+        ..Endpoint::default()
+    }
+}
+
+/// Key of the public / SNAT maps for an address and optional (port, protocol).
+pub fn nat_key(addr: Ipv4Addr, port: Option<(u16, u8)>) -> NatKey {
+    let (port_be, proto) = port.map_or((0, 0), |(p, proto)| (p.to_be(), proto));
+    NatKey {
+        addr_be: ipv4_be(addr.octets()),
+        port_be,
+        proto,
+        _pad: 0,
+    }
+}
+
+fn nat_value(addr: Ipv4Addr, port: Option<u16>) -> NatValue {
+    NatValue {
+        addr_be: ipv4_be(addr.octets()),
+        port_be: port.map_or(0, u16::to_be),
+        _pad: [0; 2],
+    }
+}
+
+/// The desired state: static peers from the configuration, overlaid by the snapshot.
+pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
+    let vni = snap.map_or(cfg.vni, |s| s.vni);
+    let mut d = Desired {
+        version: snap.map_or(0, |s| s.version),
+        ..Desired::default()
+    };
+    d.endpoints.insert(
         cfg.overlay_ip,
         Endpoint {
             kind: kind::HOST,
             ..Endpoint::default()
         },
-    )];
-    let mut vteps = Vec::new();
-    for (i, peer) in cfg.peers.iter().enumerate() {
-        endpoints.push((
-            peer.overlay_ip,
-            Endpoint {
-                kind: kind::REMOTE,
-                vtep_be: ipv4_be(peer.vtep.octets()),
-                vni: cfg.vni,
-                ..Endpoint::default()
-            },
-        ));
-        vteps.push((
-            peer.vtep,
-            Vtep {
-                vni: cfg.vni,
-                host_id: u32::try_from(i + 1).unwrap_or(u32::MAX),
-            },
-        ));
+    );
+    // Hosts: static peers first, then the registry's (which wins on conflicts).
+    let mut hosts: BTreeMap<String, (Ipv4Addr, Ipv4Addr, HostRole)> = cfg
+        .peers
+        .iter()
+        .map(|p| (p.name.clone(), (p.vtep, p.overlay_ip, HostRole::Host)))
+        .collect();
+    if let Some(s) = snap {
+        for h in &s.hosts {
+            hosts.insert(h.name.clone(), (h.vtep, h.overlay_ip, h.role));
+        }
     }
-    MapPlan { endpoints, vteps }
+    for (i, (name, (vtep, overlay_ip, role))) in hosts.iter().enumerate() {
+        let host_id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        if *name == cfg.host || *vtep == cfg.vtep {
+            continue;
+        }
+        d.vteps.insert(*vtep, Vtep { vni, host_id });
+        if *overlay_ip != cfg.overlay_ip {
+            d.endpoints.insert(*overlay_ip, remote(*vtep, vni));
+        }
+        if *role == HostRole::Gateway && cfg.role != HostRole::Gateway {
+            d.egress_vtep = Some(*vtep);
+        }
+    }
+    let Some(s) = snap else {
+        return d;
+    };
+    for ep in &s.endpoints {
+        if ep.host == cfg.host {
+            d.containers.insert(
+                ep.ip,
+                LocalContainer {
+                    ip: ep.ip,
+                    mac: ep.mac,
+                },
+            );
+        } else if let Some((vtep, _, _)) = hosts.get(&ep.host) {
+            d.endpoints.insert(ep.ip, remote(*vtep, vni));
+        } else {
+            d.orphans.push(ep.ip);
+        }
+    }
+    if cfg.role == HostRole::Gateway {
+        for m in &s.public {
+            let port = match (m.public_port, m.container_port, m.proto) {
+                (Some(pp), Some(cp), Some(proto)) => Some((pp, cp, proto.number())),
+                _ => None,
+            };
+            d.public.insert(
+                nat_key(m.public, Some((0, PRESENCE_PROTO))),
+                nat_value(m.public, None),
+            );
+            match port {
+                Some((pp, cp, proto)) => {
+                    d.public.insert(
+                        nat_key(m.public, Some((pp, proto))),
+                        nat_value(m.container, Some(cp)),
+                    );
+                    d.snat.insert(
+                        nat_key(m.container, Some((cp, proto))),
+                        nat_value(m.public, Some(pp)),
+                    );
+                }
+                None => {
+                    d.public
+                        .insert(nat_key(m.public, None), nat_value(m.container, None));
+                    d.snat
+                        .insert(nat_key(m.container, None), nat_value(m.public, None));
+                }
+            }
+        }
+    }
+    d
+}
+
+/// What to change to go from `have` to `want`: entries to insert or replace, keys to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diff<K, V> {
+    pub upsert: Vec<(K, V)>,
+    pub remove: Vec<K>,
+}
+
+impl<K, V> Diff<K, V> {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> Diff<K, V> {
+    let upsert = want
+        .iter()
+        .filter(|(k, v)| have.get(k) != Some(v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let remove = have
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .cloned()
+        .collect();
+    Diff { upsert, remove }
+}
+
+/// Containers to create (new, or whose MAC changed: recreated) and to delete.
+pub fn container_changes(
+    have: &BTreeMap<Ipv4Addr, LocalContainer>,
+    want: &BTreeMap<Ipv4Addr, LocalContainer>,
+) -> (Vec<LocalContainer>, Vec<Ipv4Addr>) {
+    let d = diff(have, want);
+    let recreated: BTreeSet<Ipv4Addr> = d
+        .upsert
+        .iter()
+        .filter(|(ip, _)| have.contains_key(ip))
+        .map(|(ip, _)| *ip)
+        .collect();
+    let mut delete = d.remove;
+    delete.extend(recreated);
+    delete.sort();
+    (d.upsert.into_iter().map(|(_, c)| c).collect(), delete)
+}
+
+/// Name of a container's network namespace.
+pub fn container_netns_name(prefix: &str, ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("{prefix}{}-{}-{}-{}", o[0], o[1], o[2], o[3])
+}
+
+/// Name of the host side of a container's veth: `fc` + the address in hex (10 bytes, well
+/// within IFNAMSIZ, unique per address).
+pub fn container_host_if(ip: Ipv4Addr) -> String {
+    format!("fc{:08x}", u32::from(ip))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Peer;
+    use ferry_api::{Endpoint as ApiEndpoint, HostInfo, Proto, PublicSpec};
 
-    fn cfg() -> AgentConfig {
-        AgentConfig {
-            host: "a1".into(),
-            vtep: "198.18.1.10".parse().unwrap(),
-            overlay_ip: "10.244.255.1".parse().unwrap(),
+    fn cfg(role: HostRole) -> AgentConfig {
+        let mut c = AgentConfig::parse(
+            std::path::Path::new("t.toml"),
+            r#"
+host = "a1"
+vtep = "198.18.1.10"
+overlay_ip = "10.244.255.1"
+overlay_cidr = "10.244.0.0/16"
+"#,
+        )
+        .unwrap();
+        c.role = role;
+        if role == HostRole::Gateway {
+            c.public_interface = Some("pub".into());
+        }
+        c
+    }
+
+    fn host(name: &str, last: u8, role: HostRole) -> HostInfo {
+        HostInfo {
+            name: name.into(),
+            vtep: Ipv4Addr::new(198, 18, 1, last),
+            overlay_ip: Ipv4Addr::new(10, 244, 255, last - 9),
+            role,
+        }
+    }
+
+    fn ep(ip: [u8; 4], host: &str) -> ApiEndpoint {
+        let ip = Ipv4Addr::from(ip);
+        ApiEndpoint {
+            ip,
+            host: host.into(),
+            mac: MacAddr::for_container(ip),
+        }
+    }
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            version: 7,
             overlay_cidr: "10.244.0.0/16".parse().unwrap(),
-            vni: 77,
-            vxlan_port: 4789,
-            vxlan_device: "ferry_vx".into(),
-            metrics_listen: "127.0.0.1:9464".parse().unwrap(),
-            bpffs_dir: None,
-            peers: vec![Peer {
-                name: "b1".into(),
-                vtep: "198.18.2.10".parse().unwrap(),
-                overlay_ip: "10.244.255.3".parse().unwrap(),
-            }],
+            vni: 4242,
+            hosts: vec![
+                host("a1", 10, HostRole::Host),
+                host("a2", 11, HostRole::Host),
+                host("gw", 12, HostRole::Gateway),
+            ],
+            endpoints: vec![
+                ep([10, 244, 1, 5], "a1"),
+                ep([10, 244, 2, 5], "a2"),
+                ep([10, 244, 9, 9], "ghost"),
+            ],
+            public: vec![
+                PublicSpec {
+                    public: "203.0.113.130".parse().unwrap(),
+                    public_port: None,
+                    container: "10.244.1.5".parse().unwrap(),
+                    container_port: None,
+                    proto: None,
+                },
+                PublicSpec {
+                    public: "203.0.113.131".parse().unwrap(),
+                    public_port: Some(8080),
+                    container: "10.244.2.5".parse().unwrap(),
+                    container_port: Some(80),
+                    proto: Some(Proto::Tcp),
+                },
+            ],
         }
     }
 
     #[test]
-    fn own_address_is_host_and_peers_are_remote() {
-        let p = plan(&cfg());
-        assert_eq!(p.endpoints.len(), 2);
-        assert_eq!(
-            p.endpoints[0].0,
-            "10.244.255.1".parse::<Ipv4Addr>().unwrap()
-        );
-        assert_eq!(p.endpoints[0].1.kind, kind::HOST);
-        let (ip, ep) = p.endpoints[1];
-        assert_eq!(ip, "10.244.255.3".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(ep.kind, kind::REMOTE);
-        assert_eq!(ep.vni, 77);
-        assert_eq!(ep.vtep_be.to_ne_bytes(), [198, 18, 2, 10]);
-        assert_eq!(
-            p.vteps,
-            vec![(
-                "198.18.2.10".parse().unwrap(),
-                Vtep {
-                    vni: 77,
-                    host_id: 1
-                }
-            )]
-        );
+    fn config_only_plan_has_host_and_static_peers() {
+        let mut c = cfg(HostRole::Host);
+        c.peers.push(Peer {
+            name: "a2".into(),
+            vtep: "198.18.1.11".parse().unwrap(),
+            overlay_ip: "10.244.255.2".parse().unwrap(),
+        });
+        let d = desired(&c, None);
+        assert_eq!(d.endpoints.len(), 2);
+        assert_eq!(d.endpoints[&c.overlay_ip].kind, kind::HOST);
+        let a2 = d.endpoints[&"10.244.255.2".parse().unwrap()];
+        assert_eq!(a2.kind, kind::REMOTE);
+        assert_eq!(a2.vtep_be, ipv4_be([198, 18, 1, 11]));
+        assert_eq!(d.vteps.len(), 1);
+        assert!(d.containers.is_empty());
+        assert_eq!(d.egress_vtep, None);
     }
 
     #[test]
-    fn no_peers_means_no_vtep_is_allowed() {
-        let mut c = cfg();
-        c.peers.clear();
-        let p = plan(&c);
-        assert!(p.vteps.is_empty());
-        assert_eq!(p.endpoints.len(), 1);
+    fn snapshot_places_endpoints_locally_or_remotely() {
+        let d = desired(&cfg(HostRole::Host), Some(&snap()));
+        assert_eq!(d.version, 7);
+        let local: Ipv4Addr = "10.244.1.5".parse().unwrap();
+        let remote_ip: Ipv4Addr = "10.244.2.5".parse().unwrap();
+        assert_eq!(d.containers[&local].mac, MacAddr::for_container(local));
+        assert!(
+            !d.endpoints.contains_key(&local),
+            "LOCAL entries come later"
+        );
+        assert_eq!(d.endpoints[&remote_ip].kind, kind::REMOTE);
+        assert_eq!(d.endpoints[&remote_ip].vtep_be, ipv4_be([198, 18, 1, 11]));
+        assert_eq!(d.orphans, vec!["10.244.9.9".parse::<Ipv4Addr>().unwrap()]);
+        // Every other host's VTEP is allowed; our own is not.
+        assert_eq!(d.vteps.len(), 2);
+        assert!(!d.vteps.contains_key(&"198.18.1.10".parse().unwrap()));
+        assert_eq!(d.egress_vtep, Some("198.18.1.12".parse().unwrap()));
+        // Public mappings only matter on the gateway.
+        assert!(d.public.is_empty() && d.snat.is_empty());
+    }
+
+    #[test]
+    fn gateway_gets_both_nat_directions_and_presence_markers() {
+        let mut c = cfg(HostRole::Gateway);
+        c.host = "gw".into();
+        c.vtep = "198.18.1.12".parse().unwrap();
+        c.overlay_ip = "10.244.255.3".parse().unwrap();
+        let d = desired(&c, Some(&snap()));
+        assert_eq!(d.egress_vtep, None);
+        let pub1: Ipv4Addr = "203.0.113.130".parse().unwrap();
+        let pub2: Ipv4Addr = "203.0.113.131".parse().unwrap();
+        // 2 presence markers + 1 whole-IP + 1 port mapping.
+        assert_eq!(d.public.len(), 4);
+        assert!(
+            d.public
+                .contains_key(&nat_key(pub1, Some((0, PRESENCE_PROTO))))
+        );
+        let whole = d.public[&nat_key(pub1, None)];
+        assert_eq!(whole.addr_be, ipv4_be([10, 244, 1, 5]));
+        assert_eq!(whole.port_be, 0);
+        let port = d.public[&nat_key(pub2, Some((8080, 6)))];
+        assert_eq!(port.addr_be, ipv4_be([10, 244, 2, 5]));
+        assert_eq!(u16::from_be(port.port_be), 80);
+        let back = d.snat[&nat_key("10.244.2.5".parse().unwrap(), Some((80, 6)))];
+        assert_eq!(back.addr_be, ipv4_be([203, 0, 113, 131]));
+        assert_eq!(u16::from_be(back.port_be), 8080);
+        assert_eq!(d.snat.len(), 2);
+    }
+
+    #[test]
+    fn diff_finds_inserts_changes_and_removals() {
+        let have: BTreeMap<u32, u32> = [(1, 1), (2, 2), (3, 3)].into();
+        let want: BTreeMap<u32, u32> = [(2, 2), (3, 30), (4, 4)].into();
+        let d = diff(&have, &want);
+        assert_eq!(d.upsert, vec![(3, 30), (4, 4)]);
+        assert_eq!(d.remove, vec![1]);
+        assert!(diff(&want, &want).is_empty());
+    }
+
+    #[test]
+    fn a_changed_mac_recreates_the_container() {
+        let ip: Ipv4Addr = "10.244.1.5".parse().unwrap();
+        let other: Ipv4Addr = "10.244.1.6".parse().unwrap();
+        let c = |ip, mac| LocalContainer { ip, mac };
+        let have = BTreeMap::from([
+            (ip, c(ip, MacAddr::for_container(ip))),
+            (other, c(other, MacAddr::for_container(other))),
+        ]);
+        let want = BTreeMap::from([(ip, c(ip, MacAddr([0x0e, 1, 2, 3, 4, 5])))]);
+        let (create, delete) = container_changes(&have, &want);
+        assert_eq!(create, vec![c(ip, MacAddr([0x0e, 1, 2, 3, 4, 5]))]);
+        assert_eq!(delete, vec![ip, other]);
+    }
+
+    #[test]
+    fn names_fit_the_kernel_limits() {
+        let ip: Ipv4Addr = "10.244.255.254".parse().unwrap();
+        assert_eq!(container_host_if(ip), "fc0af4fffe");
+        assert!(container_host_if(ip).len() <= 15);
+        assert_eq!(container_netns_name("x-", ip), "x-10-244-255-254");
     }
 }

@@ -2,6 +2,7 @@
 //! point (tcx on this kernel), and gives typed access to the maps.
 
 use std::{
+    collections::HashMap as StdHashMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -9,9 +10,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
-use ferry_common::{Config, Counter, Endpoint, Reason, Vtep, ipv4_be, maps, programs};
+use ferry_common::{
+    Config, Counter, Endpoint, NatKey, NatValue, Reason, Vtep, ipv4_be, maps, programs,
+};
 
 /// The eBPF object, built by overlay/build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry"));
@@ -24,6 +27,17 @@ pub enum DatapathError {
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
+    },
+    #[error("attaching {name} to {interface}: {source}")]
+    Attach {
+        name: &'static str,
+        interface: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("{name} is not attached to {interface}")]
+    NotAttached {
+        name: &'static str,
+        interface: String,
     },
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
@@ -57,10 +71,15 @@ pub struct ReasonCount {
 /// The loaded and attached datapath. Dropping it detaches the programs (tcx links are owned by
 /// their file descriptors) and removes what it pinned.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counter>,
     endpoints: HashMap<MapData, u32, Endpoint>,
     vteps: HashMap<MapData, u32, Vtep>,
+    public: HashMap<MapData, NatKey, NatValue>,
+    snat: HashMap<MapData, NatKey, NatValue>,
+    /// Per-interface attachments made after start (container veths, the public interface).
+    links: StdHashMap<(&'static str, String), SchedClassifierLinkId>,
     pinned: Vec<PathBuf>,
 }
 
@@ -74,19 +93,27 @@ impl Datapath {
         pin_dir: Option<&Path>,
     ) -> Result<Self, DatapathError> {
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        for name in [
+            programs::FROM_OVERLAY,
+            programs::TO_OVERLAY,
+            programs::FROM_CONTAINER,
+            programs::FROM_PUBLIC,
+        ] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         for (name, attach) in [
             (programs::FROM_OVERLAY, TcAttachType::Ingress),
             (programs::TO_OVERLAY, TcAttachType::Egress),
         ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-            prog.attach(vxlan, attach)
-                .map_err(|source| DatapathError::Program { name, source })?;
+            classifier(&mut ebpf, name)?
+                .attach(vxlan, attach)
+                .map_err(|source| DatapathError::Attach {
+                    name,
+                    interface: vxlan.to_owned(),
+                    source,
+                })?;
         }
         let mut pinned = Vec::new();
         if let Some(dir) = pin_dir {
@@ -112,15 +139,113 @@ impl Datapath {
         let counters = take_pinned(maps::COUNTERS)?;
         let endpoints = take_pinned(maps::ENDPOINTS)?;
         let vteps = take_pinned(maps::VTEPS)?;
-        let mut cfg: Array<MapData, Config> = typed(cfg_map, maps::CONFIG)?;
-        cfg.set(0, config, 0).map_err(map_err(maps::CONFIG))?;
-        Ok(Self {
-            _ebpf: ebpf,
+        let public = take_pinned(maps::PUBLIC)?;
+        let snat = take_pinned(maps::SNAT)?;
+        let mut dp = Self {
+            config: typed(cfg_map, maps::CONFIG)?,
             counters: typed(counters, maps::COUNTERS)?,
             endpoints: typed(endpoints, maps::ENDPOINTS)?,
             vteps: typed(vteps, maps::VTEPS)?,
+            public: typed(public, maps::PUBLIC)?,
+            snat: typed(snat, maps::SNAT)?,
+            ebpf,
+            links: StdHashMap::new(),
             pinned,
-        })
+        };
+        dp.set_config(config)?;
+        Ok(dp)
+    }
+
+    /// Replaces the configuration (e.g. when the gateway's VTEP becomes known).
+    pub fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        self.config.set(0, config, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// Attaches from-container to the ingress of a container's host-side veth.
+    pub fn attach_container(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attach_ingress(programs::FROM_CONTAINER, interface)
+    }
+
+    /// Detaches from-container from a veth (a no-op error if it was not attached).
+    pub fn detach_container(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.detach(programs::FROM_CONTAINER, interface)
+    }
+
+    /// Gateway: attaches from-public to the ingress of the internet-facing interface.
+    pub fn attach_public(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attach_ingress(programs::FROM_PUBLIC, interface)
+    }
+
+    /// Interfaces from-container is attached to.
+    pub fn container_interfaces(&self) -> Vec<String> {
+        self.links
+            .keys()
+            .filter(|(p, _)| *p == programs::FROM_CONTAINER)
+            .map(|(_, i)| i.clone())
+            .collect()
+    }
+
+    fn attach_ingress(&mut self, name: &'static str, interface: &str) -> Result<(), DatapathError> {
+        let key = (name, interface.to_owned());
+        if self.links.contains_key(&key) {
+            return Ok(());
+        }
+        let id = classifier(&mut self.ebpf, name)?
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(|source| DatapathError::Attach {
+                name,
+                interface: interface.to_owned(),
+                source,
+            })?;
+        self.links.insert(key, id);
+        Ok(())
+    }
+
+    fn detach(&mut self, name: &'static str, interface: &str) -> Result<(), DatapathError> {
+        let id = self
+            .links
+            .remove(&(name, interface.to_owned()))
+            .ok_or_else(|| DatapathError::NotAttached {
+                name,
+                interface: interface.to_owned(),
+            })?;
+        classifier(&mut self.ebpf, name)?
+            .detach(id)
+            .map_err(|source| DatapathError::Attach {
+                name,
+                interface: interface.to_owned(),
+                source,
+            })
+    }
+
+    pub fn set_public(&mut self, key: NatKey, value: NatValue) -> Result<(), DatapathError> {
+        self.public
+            .insert(key, value, 0)
+            .map_err(map_err(maps::PUBLIC))
+    }
+
+    pub fn remove_public(&mut self, key: &NatKey) -> Result<(), DatapathError> {
+        self.public.remove(key).map_err(map_err(maps::PUBLIC))
+    }
+
+    pub fn set_snat(&mut self, key: NatKey, value: NatValue) -> Result<(), DatapathError> {
+        self.snat.insert(key, value, 0).map_err(map_err(maps::SNAT))
+    }
+
+    pub fn remove_snat(&mut self, key: &NatKey) -> Result<(), DatapathError> {
+        self.snat.remove(key).map_err(map_err(maps::SNAT))
+    }
+
+    pub fn public_count(&self) -> usize {
+        self.public.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn snat_count(&self) -> usize {
+        self.snat.keys().filter(Result::is_ok).count()
     }
 
     pub fn set_endpoint(&mut self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
@@ -192,6 +317,16 @@ impl Drop for Datapath {
             let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn typed<T>(map: aya::maps::Map, name: &'static str) -> Result<T, DatapathError>

@@ -4,6 +4,7 @@
 pub mod datapath;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod sys;
 
 pub use ferry_common as common;

@@ -2,12 +2,39 @@
 //! overlay address and the overlay route. One [`Netlink`] per namespace: open it from a thread
 //! that is in the namespace (the socket stays bound to it afterwards).
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
 
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use netlink_packet_route::link::LinkAttribute;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use netlink_packet_route::{link::LinkAttribute, route::RouteScope};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+
+use crate::netns::{self, NetNsError};
+
+/// Name of the container's end of its veth.
+pub const CONTAINER_IF: &str = "eth0";
+/// The container's default gateway: link-local, never on any wire. Every host's side of every
+/// container veth answers ARP for it with the same MAC, so it is valid on any host.
+pub const CONTAINER_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// A container's link: a veth pair, one end in the host's namespace (`host_if`, the
+/// well-known gateway MAC), the other `eth0` in the container's namespace.
+#[derive(Debug, Clone)]
+pub struct ContainerLink {
+    /// The container's network namespace (a file such as /run/netns/NAME).
+    pub netns: PathBuf,
+    pub host_if: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub mtu: u32,
+    /// Source address the host uses towards the container.
+    pub host_overlay_ip: Ipv4Addr,
+}
 
 /// MAC of a host's VXLAN device, derived from its overlay address (locally administered, unique
 /// per host). The device is NOARP: the host stack addresses overlay frames to its own device
@@ -31,6 +58,8 @@ pub enum NetlinkError {
     },
     #[error("link {0} not found")]
     NoSuchLink(String),
+    #[error(transparent)]
+    NetNs(#[from] NetNsError),
 }
 
 /// What the VXLAN device should look like.
@@ -52,6 +81,19 @@ impl Netlink {
     /// connection task on the current tokio runtime.
     pub fn open() -> Result<Self, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Opens a netlink socket inside the network namespace at `path` (on a short-lived thread
+    /// that enters it); the socket stays bound to that namespace. Needs a tokio runtime.
+    pub fn open_in(path: &Path) -> Result<Self, NetlinkError> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle, _) = netns::run_in(path, move || {
+            let _rt = rt.enter();
+            rtnetlink::new_connection()
+        })?
+        .map_err(NetlinkError::Connect)?;
         tokio::spawn(conn);
         Ok(Self { handle })
     }
@@ -175,5 +217,137 @@ impl Netlink {
                 what: name.to_owned(),
                 source,
             })
+    }
+
+    async fn op<T>(
+        fut: impl std::future::Future<Output = Result<T, rtnetlink::Error>>,
+        op: &'static str,
+        what: impl FnOnce() -> String,
+    ) -> Result<T, NetlinkError> {
+        fut.await.map_err(|source| NetlinkError::Op {
+            op,
+            what: what(),
+            source,
+        })
+    }
+
+    /// Creates a container's veth pair (self: the host's namespace): the host end gets the
+    /// gateway MAC and a /32 route to the container; the container end becomes `eth0` with
+    /// the container's MAC and address, a link route to [`CONTAINER_GATEWAY`] and the default
+    /// route through it. A stale host end from an earlier run is replaced. Returns the host
+    /// end's ifindex.
+    pub async fn create_container_link(&self, spec: &ContainerLink) -> Result<u32, NetlinkError> {
+        self.delete_link(&spec.host_if).await?;
+        let peer_tmp = format!("{}p", spec.host_if);
+        self.delete_link(&peer_tmp).await?;
+        let msg = LinkMessageBuilder::<LinkVeth>::new(&spec.host_if, &peer_tmp)
+            .mtu(spec.mtu)
+            .address(spec.gateway_mac.to_vec())
+            .build();
+        Self::op(self.handle.link().add(msg).execute(), "create veth", || {
+            spec.host_if.clone()
+        })
+        .await?;
+        let host_idx = self
+            .link_index(&spec.host_if)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(spec.host_if.clone()))?;
+        let peer_idx = self
+            .link_index(&peer_tmp)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(peer_tmp.clone()))?;
+        let ns = netns::open(&spec.netns)?;
+        Self::op(
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(peer_idx)
+                        .setns_by_fd(ns.as_raw_fd())
+                        .build(),
+                )
+                .execute(),
+            "move veth",
+            || format!("{peer_tmp} to {}", spec.netns.display()),
+        )
+        .await?;
+        drop(ns);
+
+        let inner = Netlink::open_in(&spec.netns)?;
+        inner.configure_container_end(spec, &peer_tmp).await?;
+
+        self.set_up(host_idx, &spec.host_if).await?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(spec.ip, 32)
+            .output_interface(host_idx)
+            .pref_source(spec.host_overlay_ip)
+            .scope(RouteScope::Link)
+            .build();
+        Self::op(
+            self.handle.route().add(route).replace().execute(),
+            "add route",
+            || format!("{}/32 dev {}", spec.ip, spec.host_if),
+        )
+        .await?;
+        Ok(host_idx)
+    }
+
+    /// Inside the container's namespace: `lo` up, the veth end renamed `eth0` with the
+    /// container's MAC, address and routes.
+    async fn configure_container_end(
+        &self,
+        spec: &ContainerLink,
+        peer_tmp: &str,
+    ) -> Result<(), NetlinkError> {
+        if let Some(lo) = self.link_index("lo").await? {
+            self.set_up(lo, "lo").await?;
+        }
+        let idx = self
+            .link_index(peer_tmp)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(peer_tmp.to_owned()))?;
+        Self::op(
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .name(CONTAINER_IF.to_owned())
+                        .address(spec.mac.to_vec())
+                        .mtu(spec.mtu)
+                        .build(),
+                )
+                .execute(),
+            "rename veth",
+            || format!("{peer_tmp} to {CONTAINER_IF}"),
+        )
+        .await?;
+        self.set_up(idx, CONTAINER_IF).await?;
+        Self::op(
+            self.handle.address().add(idx, spec.ip.into(), 32).execute(),
+            "add address",
+            || format!("{}/32 on {CONTAINER_IF}", spec.ip),
+        )
+        .await?;
+        let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(CONTAINER_GATEWAY, 32)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .build();
+        Self::op(
+            self.handle.route().add(gw_route).replace().execute(),
+            "add route",
+            || format!("{CONTAINER_GATEWAY} dev {CONTAINER_IF}"),
+        )
+        .await?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(idx)
+            .gateway(CONTAINER_GATEWAY)
+            .build();
+        Self::op(
+            self.handle.route().add(default).replace().execute(),
+            "add route",
+            || format!("default via {CONTAINER_GATEWAY}"),
+        )
+        .await?;
+        Ok(())
     }
 }

@@ -28,6 +28,10 @@ pub enum NetNsError {
     Enter { path: PathBuf, source: io::Error },
     #[error("returning to the original network namespace: {0}")]
     Restore(io::Error),
+    #[error("creating network namespace {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("deleting network namespace {path}: {source}")]
+    Delete { path: PathBuf, source: io::Error },
     #[error("the thread running in network namespace {path} panicked")]
     Panicked { path: PathBuf },
 }
@@ -113,4 +117,57 @@ pub fn command_in(cmd: &mut std::process::Command, path: &Path) -> Result<(), Ne
         });
     }
     Ok(())
+}
+
+/// Creates the named network namespace `/run/netns/NAME` (what `ip netns add` does: a new
+/// namespace kept alive by a bind mount of its nsfs file). Fails if the name exists.
+pub fn create_named(name: &str) -> Result<PathBuf, NetNsError> {
+    let path = netns_path(name);
+    let create_err = |source| NetNsError::Create {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(NETNS_RUN_DIR).map_err(create_err)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(create_err)?;
+    let target = path.clone();
+    let made = std::thread::Builder::new()
+        .name("netns-create".into())
+        .spawn(move || -> io::Result<()> {
+            // This thread's namespace changes for good; it ends right after.
+            sys::unshare_net()?;
+            sys::bind_mount(Path::new("/proc/thread-self/ns/net"), &target)
+        })
+        .expect("spawning a thread")
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")));
+    if let Err(source) = made {
+        let _ = std::fs::remove_file(&path);
+        return Err(NetNsError::Create { path, source });
+    }
+    Ok(path)
+}
+
+/// Deletes a named network namespace (what `ip netns del` does). The namespace itself goes
+/// away once no process and no interface keeps it. Missing: `Ok(false)`.
+pub fn delete_named(name: &str) -> Result<bool, NetNsError> {
+    let path = netns_path(name);
+    if !path.exists() {
+        return Ok(false);
+    }
+    let del_err = |source| NetNsError::Delete {
+        path: path.clone(),
+        source,
+    };
+    match sys::umount_detach(&path) {
+        Ok(()) => {}
+        // Not a mount point (a half-created entry): just remove the file.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(del_err(e)),
+    }
+    std::fs::remove_file(&path).map_err(del_err)?;
+    Ok(true)
 }

@@ -38,3 +38,52 @@ pub fn read_sysctl(key: &str) -> io::Result<String> {
     let path = Path::new("/proc/sys").join(key);
     Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
+
+/// `unshare(CLONE_NEWNET)`: the calling thread moves into a new, empty network namespace.
+pub fn unshare_net() -> io::Result<()> {
+    // SAFETY: plain system call affecting only the calling thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn cstr(p: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// `mount --bind src dst`.
+pub fn bind_mount(src: &Path, dst: &Path) -> io::Result<()> {
+    let (s, d) = (cstr(src)?, cstr(dst)?);
+    // SAFETY: both are valid NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `umount -l path` (MNT_DETACH).
+pub fn umount_detach(path: &Path) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -1,5 +1,7 @@
 //! Test support for ferry's acceptance tests (real namespaces, real eBPF, real daemons).
 
+pub mod net;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -169,4 +171,35 @@ pub fn spawn_lab_owner(args: &[&str]) -> (KillOnDrop, String) {
         "owner printed {line:?}"
     );
     (owner, prefix)
+}
+
+/// A host agent's datapath packet counters by reason, read from its Prometheus endpoint.
+pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
+    let out = lab
+        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "metrics of {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ferry_agent::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .collect()
+}
+
+/// A gauge (e.g. `ferry_endpoints`) of a host's agent.
+pub fn gauge(lab: &ferry_lab::Lab, host: &str, name: &str) -> Option<u64> {
+    let out = lab
+        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// How much counter `reason` grew between two readings.
+pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, reason: &str) -> u64 {
+    after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
 }

@@ -17,7 +17,12 @@ pub mod maps {
     pub const ENDPOINTS: &str = "FERRY_ENDPOINTS";
     pub const VTEPS: &str = "FERRY_VTEPS";
     pub const CONFIG: &str = "FERRY_CONFIG";
+    pub const PUBLIC: &str = "FERRY_PUBLIC";
+    pub const SNAT: &str = "FERRY_SNAT";
 }
+
+/// Maximum number of public mappings (each direction) on the gateway.
+pub const MAX_PUBLIC: u32 = 65_536;
 
 /// Names of the programs in the object: one per attach point.
 pub mod programs {
@@ -25,6 +30,10 @@ pub mod programs {
     pub const FROM_OVERLAY: &str = "from_overlay";
     /// TC egress of the host's VXLAN device: packets the host routes into the overlay.
     pub const TO_OVERLAY: &str = "to_overlay";
+    /// TC ingress of the host side of each container's veth: what the container sends.
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// TC ingress of the gateway's internet-facing interface: traffic for public addresses.
+    pub const FROM_PUBLIC: &str = "from_public";
 }
 
 /// What an endpoint entry tells the datapath to do with a packet for that address.
@@ -76,6 +85,13 @@ pub struct Vtep {
     pub host_id: u32,
 }
 
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// This host is the gateway: it translates public addresses and carries the containers'
+    /// traffic to and from the internet side.
+    pub const GATEWAY: u32 = 1 << 0;
+}
+
 /// Single-entry array: the host's datapath configuration.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -86,7 +102,52 @@ pub struct Config {
     pub vxlan_ifindex: u32,
     /// TTL of the outer header.
     pub tunnel_ttl: u32,
-    pub _pad: u32,
+    /// Bit set of [`config_flags`].
+    pub flags: u32,
+    /// Underlay address of the gateway (network order): where containers' packets for
+    /// addresses outside the overlay are encapsulated to. 0: no gateway known.
+    pub egress_vtep_be: u32,
+    /// The overlay CIDR (network and mask, network order).
+    pub overlay_net_be: u32,
+    pub overlay_mask_be: u32,
+    /// Gateway only: ifindex of the internet-facing interface.
+    pub public_ifindex: u32,
+    /// Gateway only: MAC of the internet-facing interface (answers ARP for public addresses).
+    pub public_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl Config {
+    /// Whether `ip_be` lies inside the overlay CIDR.
+    #[inline(always)]
+    pub const fn in_overlay(&self, ip_be: u32) -> bool {
+        ip_be & self.overlay_mask_be == self.overlay_net_be
+    }
+}
+
+/// Key of the public-address maps: an address, and for port mappings a port and protocol
+/// (port 0 and proto 0 for a whole-IP mapping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct NatKey {
+    /// IPv4 address, network order.
+    pub addr_be: u32,
+    /// Port, network order; 0 for whole-IP.
+    pub port_be: u16,
+    /// IP protocol (6 TCP, 17 UDP); 0 for whole-IP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the public-address maps: what the address (and port) is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatValue {
+    /// IPv4 address, network order.
+    pub addr_be: u32,
+    /// Port, network order; 0 keeps the port (whole-IP).
+    pub port_be: u16,
+    pub _pad: [u8; 2],
 }
 
 /// Per-reason packet and byte counter (a per-CPU array indexed by [`Reason`]).
@@ -127,11 +188,46 @@ pub enum Reason {
     DropBadKind = 11,
     /// drop: configuration map empty (agent not ready).
     DropNoConfig = 12,
+    /// from-container: to a container on the same host.
+    ContainerToLocal = 13,
+    /// from-container: encapsulated to the host the destination lives on.
+    ContainerEncap = 14,
+    /// from-container: to this host's own overlay address.
+    ContainerToHost = 15,
+    /// from-container: outside the overlay, encapsulated to the gateway.
+    ContainerEgress = 16,
+    /// from-container / from-public: ARP request answered by the datapath.
+    ArpReply = 17,
+    /// from-public: public address translated to the container's, sent on to it.
+    PublicDnat = 18,
+    /// gateway: container's address translated to its public one, sent out to the internet.
+    PublicSnat = 19,
+    /// to-overlay: outside the overlay, encapsulated to the gateway.
+    OverlayEgress = 20,
+    /// gateway: container traffic without a public address, handed to the stack (masquerade).
+    GatewayToStack = 21,
+    /// from-public: not for a public address (the gateway's own traffic), to the stack.
+    PublicPass = 22,
+    /// drop: a container sent from an address that is not its own.
+    DropSpoofedSource = 23,
+    /// drop: ARP that is not a request the datapath answers (e.g. gratuitous).
+    DropArpIgnored = 24,
+    /// drop: for a public address, but no mapping for this port / protocol.
+    DropNoPublicMapping = 25,
+    /// drop: outside the overlay and no gateway to send it to.
+    DropNoEgress = 26,
+    /// drop: the redirect helper refused the target device.
+    DropRedirectFailed = 27,
+    /// drop: rewriting addresses or checksums failed.
+    DropRewriteFailed = 28,
+    /// from-container: an ARP reply to the host's own request (the host resolving the
+    /// container's address for its /32 route), handed to the stack.
+    ArpToHost = 29,
 }
 
 impl Reason {
     /// Number of reasons (length of the counter array).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 30;
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::OverlayToHost,
@@ -147,6 +243,23 @@ impl Reason {
         Reason::DropTunnelKeyFailed,
         Reason::DropBadKind,
         Reason::DropNoConfig,
+        Reason::ContainerToLocal,
+        Reason::ContainerEncap,
+        Reason::ContainerToHost,
+        Reason::ContainerEgress,
+        Reason::ArpReply,
+        Reason::PublicDnat,
+        Reason::PublicSnat,
+        Reason::OverlayEgress,
+        Reason::GatewayToStack,
+        Reason::PublicPass,
+        Reason::DropSpoofedSource,
+        Reason::DropArpIgnored,
+        Reason::DropNoPublicMapping,
+        Reason::DropNoEgress,
+        Reason::DropRedirectFailed,
+        Reason::DropRewriteFailed,
+        Reason::ArpToHost,
     ];
 
     /// Stable name used in metrics labels.
@@ -165,12 +278,46 @@ impl Reason {
             Reason::DropTunnelKeyFailed => "tunnel_key_failed",
             Reason::DropBadKind => "bad_kind",
             Reason::DropNoConfig => "no_config",
+            Reason::ContainerToLocal => "container_to_local",
+            Reason::ContainerEncap => "container_encap",
+            Reason::ContainerToHost => "container_to_host",
+            Reason::ContainerEgress => "container_egress",
+            Reason::ArpReply => "arp_reply",
+            Reason::PublicDnat => "public_dnat",
+            Reason::PublicSnat => "public_snat",
+            Reason::OverlayEgress => "overlay_egress",
+            Reason::GatewayToStack => "gateway_to_stack",
+            Reason::PublicPass => "public_pass",
+            Reason::DropSpoofedSource => "spoofed_source",
+            Reason::DropArpIgnored => "arp_ignored",
+            Reason::DropNoPublicMapping => "no_public_mapping",
+            Reason::DropNoEgress => "no_egress",
+            Reason::DropRedirectFailed => "redirect_failed",
+            Reason::DropRewriteFailed => "rewrite_failed",
+            Reason::ArpToHost => "arp_to_host",
         }
     }
 
     /// Whether this reason is a drop.
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= (Reason::DropNoTunnelKey as u32)
+        matches!(
+            self,
+            Reason::DropNoTunnelKey
+                | Reason::DropUnknownVtep
+                | Reason::DropBadVni
+                | Reason::DropNoEndpoint
+                | Reason::DropNotIpv4
+                | Reason::DropMalformed
+                | Reason::DropTunnelKeyFailed
+                | Reason::DropBadKind
+                | Reason::DropNoConfig
+                | Reason::DropSpoofedSource
+                | Reason::DropArpIgnored
+                | Reason::DropNoPublicMapping
+                | Reason::DropNoEgress
+                | Reason::DropRedirectFailed
+                | Reason::DropRewriteFailed
+        )
     }
 }
 
@@ -195,10 +342,16 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatValue {}
 }
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
     use core::mem::size_of;
 
@@ -206,7 +359,9 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 4 * 5 + 8);
         assert_eq!(size_of::<Vtep>(), 8);
-        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(size_of::<Config>(), 4 * 8 + 8);
+        assert_eq!(size_of::<NatKey>(), 8);
+        assert_eq!(size_of::<NatValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);
     }
 
@@ -220,6 +375,14 @@ mod tests {
         }
         assert!(!Reason::OverlayEncap.is_drop());
         assert!(Reason::DropUnknownVtep.is_drop());
+        assert!(!Reason::PublicSnat.is_drop());
+        for r in Reason::ALL {
+            assert_eq!(
+                r.is_drop(),
+                std::format!("{r:?}").starts_with("Drop"),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

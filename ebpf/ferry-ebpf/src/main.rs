@@ -3,7 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod arp;
 mod maps;
+mod nat;
 mod packet;
 mod tunnel;
 
@@ -13,11 +15,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use ferry_common::{Reason, kind};
+use ferry_common::{Config, Endpoint, Reason, config_flags, kind};
 
 use crate::{
     maps::{config, count, endpoint, vtep},
-    packet::{ethertype, ipv4_dst, set_eth_addrs},
+    packet::{ETH_P_ARP, ETH_P_IP, ethertype, ipv4_dst, ipv4_src, set_eth_addrs},
 };
 
 /// MAC of every host-side container veth (the container's default gateway), same on every host.
@@ -38,11 +40,24 @@ const fn pass(reason: Reason) -> Verdict {
         reason,
     }
 }
-const fn redirect(reason: Reason) -> Verdict {
-    Verdict {
-        action: TC_ACT_REDIRECT,
-        reason,
+
+/// Checks a redirect helper's answer.
+#[inline(always)]
+fn redirected(rc: i64, reason: Reason) -> Result<Verdict, Reason> {
+    if rc as i32 == TC_ACT_REDIRECT {
+        Ok(Verdict {
+            action: TC_ACT_REDIRECT,
+            reason,
+        })
+    } else {
+        Err(Reason::DropRedirectFailed)
     }
+}
+
+#[inline(always)]
+fn redirect_to(ifindex: u32, reason: Reason) -> Result<Verdict, Reason> {
+    // SAFETY: plain helper call; the kernel validates the ifindex.
+    redirected(unsafe { bpf_redirect(ifindex, 0) }, reason)
 }
 
 fn finish(ctx: &TcContext, r: Result<Verdict, Reason>) -> i32 {
@@ -56,6 +71,58 @@ fn finish(ctx: &TcContext, r: Result<Verdict, Reason>) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// ifindex of the device the program runs on.
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run; ifindex is a plain field.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Sends a packet on towards an endpoint: into a local container's veth, or encapsulated to
+/// the host it lives on. `local`/`encap` name the reason counted for each outcome.
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    cfg: &Config,
+    ep: &Endpoint,
+    local: Reason,
+    encap: Reason,
+) -> Result<Verdict, Reason> {
+    match ep.kind {
+        kind::LOCAL => {
+            set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
+            redirect_to(ep.ifindex, local)
+        }
+        kind::REMOTE | kind::FORWARD => {
+            tunnel::set(ctx, ep.vni, ep.vtep_be, cfg.tunnel_ttl)?;
+            redirect_to(cfg.vxlan_ifindex, encap)
+        }
+        _ => Err(Reason::DropBadKind),
+    }
+}
+
+/// Gateway: a container's packet for the internet side. With a public address its source is
+/// translated; either way it is handed to the gateway's stack, which routes it out of the
+/// public interface (and masquerades containers without a public address).
+///
+/// Why not redirect straight to the public interface: a decapsulated skb may carry
+/// CHECKSUM_COMPLETE state, which an ingress→egress redirect keeps while the receiver then
+/// distrusts the packet's (correct) checksum; the stack's forwarding path clears that state
+/// (skb_forward_csum). Measured in the lab: redirected UDP replies were dropped as checksum
+/// errors by the client.
+#[inline(always)]
+fn to_internet(ctx: &TcContext, src_be: u32) -> Result<Verdict, Reason> {
+    let l4 = packet::l4(ctx)?;
+    let reason = if nat::snat(ctx, src_be, &l4)? {
+        Reason::PublicSnat
+    } else {
+        Reason::GatewayToStack
+    };
+    ctx.change_type(PACKET_HOST)
+        .map_err(|_| Reason::DropMalformed)?;
+    Ok(pass(reason))
 }
 
 /// TC ingress of the VXLAN device: packets other hosts encapsulated to us.
@@ -75,11 +142,16 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     if peer.vni != key.tunnel_id {
         return Err(Reason::DropBadVni);
     }
-    if ethertype(ctx)? != packet::ETH_P_IP {
+    if ethertype(ctx)? != ETH_P_IP {
         return Err(Reason::DropNotIpv4);
     }
     let dst = ipv4_dst(ctx)?;
-    let ep = endpoint(dst).ok_or(Reason::DropNoEndpoint)?;
+    let Some(ep) = endpoint(dst) else {
+        if !cfg.in_overlay(dst) && cfg.flags & config_flags::GATEWAY != 0 {
+            return to_internet(ctx, ipv4_src(ctx)?);
+        }
+        return Err(Reason::DropNoEndpoint);
+    };
     match ep.kind {
         kind::HOST => {
             // The sender addressed the frame to its own device MAC (NOARP): accept it as ours.
@@ -87,26 +159,9 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
                 .map_err(|_| Reason::DropMalformed)?;
             Ok(pass(Reason::OverlayToHost))
         }
-        kind::LOCAL => {
-            set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
-            // SAFETY: plain helper call; the kernel validates the ifindex.
-            let rc = unsafe { bpf_redirect(ep.ifindex, 0) };
-            if rc as i32 == TC_ACT_REDIRECT {
-                Ok(redirect(Reason::OverlayToLocal))
-            } else {
-                Err(Reason::DropBadKind)
-            }
-        }
-        kind::FORWARD => {
-            // Back out through the VXLAN device; to_overlay sets the new tunnel key.
-            // SAFETY: plain helper call; the kernel validates the ifindex.
-            let rc = unsafe { bpf_redirect(cfg.vxlan_ifindex, 0) };
-            if rc as i32 == TC_ACT_REDIRECT {
-                Ok(redirect(Reason::OverlayForward))
-            } else {
-                Err(Reason::DropBadKind)
-            }
-        }
+        kind::LOCAL => deliver(ctx, &cfg, &ep, Reason::OverlayToLocal, Reason::DropBadKind),
+        // Back out through the VXLAN device to the endpoint's new host.
+        kind::FORWARD => deliver(ctx, &cfg, &ep, Reason::DropBadKind, Reason::OverlayForward),
         _ => Err(Reason::DropBadKind),
     }
 }
@@ -120,11 +175,17 @@ pub fn to_overlay(ctx: TcContext) -> i32 {
 
 fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
-    if ethertype(ctx)? != packet::ETH_P_IP {
+    if ethertype(ctx)? != ETH_P_IP {
         return Err(Reason::DropNotIpv4);
     }
     let dst = ipv4_dst(ctx)?;
-    let ep = endpoint(dst).ok_or(Reason::DropNoEndpoint)?;
+    let Some(ep) = endpoint(dst) else {
+        if !cfg.in_overlay(dst) && cfg.egress_vtep_be != 0 {
+            tunnel::set(ctx, cfg.vni, cfg.egress_vtep_be, cfg.tunnel_ttl)?;
+            return Ok(pass(Reason::OverlayEgress));
+        }
+        return Err(Reason::DropNoEndpoint);
+    };
     let reason = match ep.kind {
         kind::REMOTE => Reason::OverlayEncap,
         kind::FORWARD => Reason::OverlayForward,
@@ -132,6 +193,97 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     };
     tunnel::set(ctx, ep.vni, ep.vtep_be, cfg.tunnel_ttl)?;
     Ok(pass(reason))
+}
+
+/// TC ingress of the host side of a container's veth: everything the container sends.
+#[classifier]
+pub fn from_container(ctx: TcContext) -> i32 {
+    let r = try_from_container(&ctx);
+    finish(&ctx, r)
+}
+
+fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    match ethertype(ctx)? {
+        ETH_P_IP => {}
+        ETH_P_ARP => {
+            // The container's only neighbour is its default gateway: every host answers with
+            // the same MAC, so the container's neighbour cache stays valid wherever it runs.
+            return match arp::parse(ctx)? {
+                arp::Arp::Request(req) => {
+                    arp::reply(ctx, &req, &GATEWAY_MAC)?;
+                    redirect_to(ifindex(ctx), Reason::ArpReply)
+                }
+                arp::Arp::Reply => Ok(pass(Reason::ArpToHost)),
+            };
+        }
+        _ => return Err(Reason::DropNotIpv4),
+    }
+    let src = ipv4_src(ctx)?;
+    match endpoint(src) {
+        Some(me) if me.kind == kind::LOCAL && me.ifindex == ifindex(ctx) => {}
+        _ => return Err(Reason::DropSpoofedSource),
+    }
+    let dst = ipv4_dst(ctx)?;
+    if let Some(ep) = endpoint(dst) {
+        if ep.kind == kind::HOST {
+            return Ok(pass(Reason::ContainerToHost));
+        }
+        return deliver(
+            ctx,
+            &cfg,
+            &ep,
+            Reason::ContainerToLocal,
+            Reason::ContainerEncap,
+        );
+    }
+    if cfg.in_overlay(dst) {
+        return Err(Reason::DropNoEndpoint);
+    }
+    if cfg.flags & config_flags::GATEWAY != 0 {
+        return to_internet(ctx, src);
+    }
+    if cfg.egress_vtep_be == 0 {
+        return Err(Reason::DropNoEgress);
+    }
+    tunnel::set(ctx, cfg.vni, cfg.egress_vtep_be, cfg.tunnel_ttl)?;
+    redirect_to(cfg.vxlan_ifindex, Reason::ContainerEgress)
+}
+
+/// TC ingress of the gateway's internet-facing interface: ARP and traffic for public
+/// addresses are translated to the container; the rest is the gateway's own.
+#[classifier]
+pub fn from_public(ctx: TcContext) -> i32 {
+    let r = try_from_public(&ctx);
+    finish(&ctx, r)
+}
+
+fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    match ethertype(ctx)? {
+        ETH_P_IP => {}
+        ETH_P_ARP => {
+            let Ok(arp::Arp::Request(req)) = arp::parse(ctx) else {
+                return Ok(pass(Reason::PublicPass));
+            };
+            if maps::public_entry(&nat::presence_key(req.target_be())).is_none() {
+                return Ok(pass(Reason::PublicPass));
+            }
+            arp::reply(ctx, &req, &cfg.public_mac)?;
+            return redirect_to(ifindex(ctx), Reason::ArpReply);
+        }
+        _ => return Ok(pass(Reason::PublicPass)),
+    }
+    let dst = ipv4_dst(ctx)?;
+    let l4 = packet::l4(ctx)?;
+    let Some(container) = nat::dnat(ctx, dst, &l4)? else {
+        return Ok(pass(Reason::PublicPass));
+    };
+    let ep = endpoint(container).ok_or(Reason::DropNoEndpoint)?;
+    if ep.kind == kind::HOST {
+        return Err(Reason::DropBadKind);
+    }
+    deliver(ctx, &cfg, &ep, Reason::PublicDnat, Reason::PublicDnat)
 }
 
 #[cfg(not(test))]

@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
-use ferry_common::{Config, Counter, Endpoint, MAX_ENDPOINTS, MAX_VTEPS, Reason, Vtep};
+use ferry_common::{
+    Config, Counter, Endpoint, MAX_ENDPOINTS, MAX_PUBLIC, MAX_VTEPS, NatKey, NatValue, Reason, Vtep,
+};
 
 #[map(name = "FERRY_COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
@@ -17,6 +19,15 @@ static VTEPS: HashMap<u32, Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);
 
 #[map(name = "FERRY_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Gateway: public address (and port) → container address (and port), plus a presence marker
+/// per public address.
+#[map(name = "FERRY_PUBLIC")]
+static PUBLIC: HashMap<NatKey, NatValue> = HashMap::with_max_entries(MAX_PUBLIC, 0);
+
+/// Gateway: container address (and port) → public address (and port).
+#[map(name = "FERRY_SNAT")]
+static SNAT: HashMap<NatKey, NatValue> = HashMap::with_max_entries(MAX_PUBLIC, 0);
 
 #[inline(always)]
 pub fn count(reason: Reason, len: u32) {
@@ -47,4 +58,16 @@ pub fn endpoint(ip_be: u32) -> Option<Endpoint> {
 pub fn vtep(ip_be: u32) -> Option<Vtep> {
     // SAFETY: as above.
     unsafe { VTEPS.get(&ip_be).copied() }
+}
+
+#[inline(always)]
+pub fn public_entry(key: &NatKey) -> Option<NatValue> {
+    // SAFETY: as above.
+    unsafe { PUBLIC.get(key).copied() }
+}
+
+#[inline(always)]
+pub fn snat_entry(key: &NatKey) -> Option<NatValue> {
+    // SAFETY: as above.
+    unsafe { SNAT.get(key).copied() }
 }

@@ -1,13 +1,21 @@
 //! Bounds-checked packet access (through bpf_skb_load_bytes / store_bytes, so non-linear skbs
-//! work too). Offsets are for an Ethernet frame with an IPv4 header.
+//! work too). Offsets are for an Ethernet frame; the IPv4 header may carry options.
 
 use aya_ebpf::programs::TcContext;
 use ferry_common::Reason;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 const ETHERTYPE_OFF: usize = 12;
-const IPV4_DST_OFF: usize = ETH_HLEN + 16;
+/// Offsets of IPv4 header fields from the start of the frame.
+pub const IPV4_FRAG_OFF: usize = ETH_HLEN + 6;
+pub const IPV4_PROTO_OFF: usize = ETH_HLEN + 9;
+pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IPV4_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IPV4_DST_OFF: usize = ETH_HLEN + 16;
 
 #[inline(always)]
 pub fn ethertype(ctx: &TcContext) -> Result<u16, Reason> {
@@ -23,8 +31,73 @@ pub fn ipv4_dst(ctx: &TcContext) -> Result<u32, Reason> {
         .map_err(|_| Reason::DropMalformed)
 }
 
+/// IPv4 source as stored on the wire (network order in memory).
+#[inline(always)]
+pub fn ipv4_src(ctx: &TcContext) -> Result<u32, Reason> {
+    ctx.load::<u32>(IPV4_SRC_OFF)
+        .map_err(|_| Reason::DropMalformed)
+}
+
 #[inline(always)]
 pub fn set_eth_addrs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), Reason> {
     ctx.store(0, dst, 0).map_err(|_| Reason::DropMalformed)?;
     ctx.store(6, src, 0).map_err(|_| Reason::DropMalformed)
+}
+
+/// Where the transport header is, for the protocols whose ports the gateway translates.
+#[derive(Clone, Copy)]
+pub struct L4 {
+    pub proto: u8,
+    /// Offset of the transport header from the start of the frame.
+    pub off: usize,
+    /// Offset of the transport checksum from the start of the frame.
+    pub csum_off: usize,
+    /// Source and destination ports, network order.
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+impl L4 {
+    pub const fn is_udp(&self) -> bool {
+        self.proto == IPPROTO_UDP
+    }
+}
+
+/// The IPv4 packet's TCP or UDP header, if it has one in this packet (not for other protocols,
+/// and not for non-first fragments, which carry no transport header).
+#[inline(always)]
+pub fn l4(ctx: &TcContext) -> Result<Option<L4>, Reason> {
+    let vihl = ctx
+        .load::<u8>(ETH_HLEN)
+        .map_err(|_| Reason::DropMalformed)?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Err(Reason::DropMalformed);
+    }
+    let frag = ctx
+        .load::<u16>(IPV4_FRAG_OFF)
+        .map(u16::from_be)
+        .map_err(|_| Reason::DropMalformed)?;
+    if frag & 0x1fff != 0 {
+        return Ok(None);
+    }
+    let proto = ctx
+        .load::<u8>(IPV4_PROTO_OFF)
+        .map_err(|_| Reason::DropMalformed)?;
+    let csum_rel = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => return Ok(None),
+    };
+    let off = ETH_HLEN + ihl;
+    let ports = ctx
+        .load::<[u16; 2]>(off)
+        .map_err(|_| Reason::DropMalformed)?;
+    Ok(Some(L4 {
+        proto,
+        off,
+        csum_off: off + csum_rel,
+        sport_be: ports[0],
+        dport_be: ports[1],
+    }))
 }

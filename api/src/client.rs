@@ -1,0 +1,461 @@
+//! A small client of the API: plain HTTP/1.1 over a TCP connection per request
+//! (`Connection: close`), JSON bodies with a Content-Length, a deadline on every request.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use crate::{
+    http::{self, ParseError},
+    types::*,
+    validate::percent_encode,
+};
+
+/// Default deadline of one request (connect and complete answer).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest answer body accepted: a snapshot of 65,536 endpoints is about 6 MB.
+pub const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// Everything that can go wrong talking to the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("connecting to gateway {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("gateway {addr}: {what}: no complete answer within {timeout:?}")]
+    Timeout {
+        addr: SocketAddr,
+        what: String,
+        timeout: Duration,
+    },
+    #[error("gateway {addr}: {what}: {source}")]
+    Io {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("gateway {addr}: {what}: invalid HTTP answer: {source}")]
+    Protocol {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: ParseError,
+    },
+    /// The gateway answered with an error status. `code` is the API error code when the body
+    /// was an [`ErrorBody`]; `message` is its message, or else the raw body.
+    #[error("{message} ({}, HTTP {status})", code.as_deref().unwrap_or("no error code"))]
+    Http {
+        status: u16,
+        code: Option<String>,
+        message: String,
+    },
+    #[error("decoding {what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("token file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ApiError {
+    /// The API error code, for an error answered by the gateway.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ApiError::Http { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, for an error answered by the gateway.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Http { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a bearer token file: surrounding whitespace is trimmed, an empty file is an error.
+pub fn read_token_file(path: &Path) -> Result<String, ApiError> {
+    let err = |source| ApiError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(err)?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the file is empty (want a bearer token)",
+        )));
+    }
+    if let Some(c) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the token contains {c:?}: want printable ASCII without spaces"),
+        )));
+    }
+    Ok(token.to_string())
+}
+
+/// A client of one gateway.
+#[derive(Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, token: Option<String>) -> Self {
+        Self {
+            addr,
+            token,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// A client whose token is read from `path` (see [`read_token_file`]).
+    pub fn with_token_file(addr: SocketAddr, path: &Path) -> Result<Self, ApiError> {
+        Ok(Self::new(addr, Some(read_token_file(path)?)))
+    }
+
+    /// Sets the deadline of each request (except [`Client::watch`], which takes its own).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub async fn health(&self) -> Result<Health, ApiError> {
+        self.get("/v1/health").await
+    }
+
+    /// The registry version (`GET /v1/version`).
+    pub async fn version(&self) -> Result<u64, ApiError> {
+        let v: RegistryVersion = self.get("/v1/version").await?;
+        Ok(v.version)
+    }
+
+    pub async fn register_host(&self, host: &HostInfo) -> Result<HostStatus, ApiError> {
+        self.send("POST", "/v1/hosts", Some(host), self.timeout)
+            .await
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostStatus>, ApiError> {
+        self.get("/v1/hosts").await
+    }
+
+    pub async fn remove_host(&self, name: &str) -> Result<HostStatus, ApiError> {
+        let path = format!("/v1/hosts/{}", percent_encode(name));
+        self.send::<(), _>("DELETE", &path, None, self.timeout)
+            .await
+    }
+
+    /// Adds endpoints, all or none.
+    pub async fn add_endpoints(&self, specs: &[EndpointSpec]) -> Result<Vec<Endpoint>, ApiError> {
+        let body = EndpointsRequest {
+            endpoints: specs.to_vec(),
+        };
+        self.send("POST", "/v1/endpoints", Some(&body), self.timeout)
+            .await
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<Endpoint>, ApiError> {
+        self.get("/v1/endpoints").await
+    }
+
+    pub async fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<Endpoint, ApiError> {
+        self.send::<(), _>("DELETE", &format!("/v1/endpoints/{ip}"), None, self.timeout)
+            .await
+    }
+
+    pub async fn add_public(&self, spec: &PublicSpec) -> Result<PublicMapping, ApiError> {
+        self.send("POST", "/v1/public", Some(spec), self.timeout)
+            .await
+    }
+
+    pub async fn public(&self) -> Result<Vec<PublicMapping>, ApiError> {
+        self.get("/v1/public").await
+    }
+
+    /// Removes a public mapping by key (`203.0.113.130` or `203.0.113.130:8080/tcp`).
+    pub async fn remove_public(&self, key: &str) -> Result<PublicMapping, ApiError> {
+        let path = format!("/v1/public/{}", percent_encode(key));
+        self.send::<(), _>("DELETE", &path, None, self.timeout)
+            .await
+    }
+
+    /// Long-polls for a snapshot newer than `after`. `timeout` bounds the whole request: make it
+    /// longer than the gateway's `watch_timeout_ms`.
+    pub async fn watch(
+        &self,
+        host: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Snapshot, ApiError> {
+        let path = format!("/v1/watch?host={}&after={after}", percent_encode(host));
+        self.send::<(), _>("GET", &path, None, timeout).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+        self.send::<(), _>("GET", path, None, self.timeout).await
+    }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let what = format!("{method} {path}");
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|source| ApiError::Decode {
+                what: format!("the body of {what}"),
+                source,
+            })?;
+        let request = http::encode_request(
+            method,
+            path,
+            &self.addr.to_string(),
+            self.token.as_deref(),
+            body.as_deref(),
+        );
+        let response = tokio::time::timeout(timeout, self.exchange(&request, &what))
+            .await
+            .map_err(|_| ApiError::Timeout {
+                addr: self.addr,
+                what: what.clone(),
+                timeout,
+            })??;
+        if !(200..300).contains(&response.status) {
+            return Err(http_error(response.status, &response.body));
+        }
+        serde_json::from_slice(&response.body).map_err(|source| ApiError::Decode {
+            what: format!("the answer to {what}"),
+            source,
+        })
+    }
+
+    async fn exchange(&self, request: &[u8], what: &str) -> Result<http::Response, ApiError> {
+        let io_err = |source| ApiError::Io {
+            addr: self.addr,
+            what: what.to_string(),
+            source,
+        };
+        let mut stream =
+            TcpStream::connect(self.addr)
+                .await
+                .map_err(|source| ApiError::Connect {
+                    addr: self.addr,
+                    source,
+                })?;
+        let _ = stream.set_nodelay(true);
+        stream.write_all(request).await.map_err(io_err)?;
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(io_err)?;
+            buf.extend_from_slice(&chunk[..n]);
+            let parsed = http::parse_response(&buf, n == 0, MAX_BODY).map_err(|source| {
+                ApiError::Protocol {
+                    addr: self.addr,
+                    what: what.to_string(),
+                    source,
+                }
+            })?;
+            if let Some(r) = parsed {
+                return Ok(r);
+            }
+        }
+    }
+}
+
+/// Turns an error answer into [`ApiError::Http`], decoding an [`ErrorBody`] if it is one.
+pub fn http_error(status: u16, body: &[u8]) -> ApiError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ApiError::Http {
+            status,
+            code: Some(e.error.code),
+            message: e.error.message,
+        },
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let mut message: String = text.trim().chars().take(1000).collect();
+            if message.is_empty() {
+                message = format!("HTTP {status} with an empty body");
+            }
+            ApiError::Http {
+                status,
+                code: None,
+                message,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn error_bodies_are_decoded_or_kept_raw() {
+        let e = http_error(
+            409,
+            br#"{"error":{"code":"duplicate_endpoint","message":"10.244.1.5 is already on a1"}}"#,
+        );
+        assert_eq!(e.code(), Some("duplicate_endpoint"));
+        assert_eq!(e.status(), Some(409));
+        assert_eq!(
+            e.to_string(),
+            "10.244.1.5 is already on a1 (duplicate_endpoint, HTTP 409)"
+        );
+        let e = http_error(502, b"  Bad Gateway\n");
+        assert_eq!(e.code(), None);
+        assert!(e.to_string().starts_with("Bad Gateway"), "{e}");
+        let e = http_error(500, b"");
+        assert!(e.to_string().contains("empty body"), "{e}");
+    }
+
+    #[test]
+    fn token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "  abc123\n").unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "abc123");
+        std::fs::write(&p, " \n\t").unwrap();
+        let e = read_token_file(&p).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        std::fs::write(&p, "ab c").unwrap();
+        assert!(read_token_file(&p).is_err());
+        let e = Client::with_token_file("127.0.0.1:1".parse().unwrap(), &dir.path().join("nope"))
+            .unwrap_err();
+        assert!(matches!(e, ApiError::TokenFile { .. }));
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    /// A one-shot server answering `answer` in two writes, recording the request.
+    async fn one_shot(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                req.extend_from_slice(&b[..n]);
+            }
+            let mid = answer.len() / 2;
+            s.write_all(&answer[..mid]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(&answer[mid..]).await.unwrap();
+            req
+        });
+        (addr, h)
+    }
+
+    #[tokio::test]
+    async fn requests_carry_token_and_answers_decode() {
+        let (addr, h) = one_shot(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 22\r\n\r\n{\"version\":7}         ",
+        )
+        .await;
+        let c = Client::new(addr, Some("tok".into()));
+        assert_eq!(c.version().await.unwrap(), 7);
+        let req = String::from_utf8(h.await.unwrap()).unwrap();
+        assert!(req.starts_with("GET /v1/version HTTP/1.1\r\n"), "{req}");
+        assert!(req.contains("Authorization: Bearer tok\r\n"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn error_answer_becomes_http_error() {
+        let (addr, _h) = one_shot(
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 62\r\n\r\n{\"error\":{\"code\":\"unknown_host\",\"message\":\"no host named x1\"}}",
+        )
+        .await;
+        let e = Client::new(addr, None).remove_host("x1").await.unwrap_err();
+        assert_eq!(e.code(), Some("unknown_host"), "{e}");
+        assert_eq!(e.status(), Some(404));
+    }
+
+    #[tokio::test]
+    async fn undecodable_answer_is_a_decode_error() {
+        let (addr, _h) = one_shot(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]").await;
+        let e = Client::new(addr, None).health().await.unwrap_err();
+        assert!(matches!(e, ApiError::Decode { .. }), "{e}");
+        assert!(e.to_string().contains("GET /v1/health"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _keep = tokio::spawn(async move {
+            let (_s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let e = Client::new(addr, None)
+            .timeout(Duration::from_millis(100))
+            .endpoints()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ApiError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("GET /v1/endpoints"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_a_connect_error() {
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = Client::new(addr, None).health().await.unwrap_err();
+        assert!(matches!(e, ApiError::Connect { .. }), "{e}");
+        assert!(e.to_string().starts_with("connecting to gateway"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn truncated_answer_is_a_protocol_error() {
+        let (addr, _h) =
+            one_shot(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n{\"status\"").await;
+        let e = Client::new(addr, None).health().await.unwrap_err();
+        assert!(matches!(e, ApiError::Protocol { .. }), "{e}");
+    }
+}

@@ -1,0 +1,336 @@
+//! Validation and parsing shared by the gateway (which enforces the rules) and the CLI (which
+//! parses the same forms from its arguments, so both give the same messages).
+//!
+//! Every error is a sentence naming the offending value, ready to be shown to a person.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use crate::types::{Proto, PublicSpec};
+
+/// Longest host name.
+pub const HOST_NAME_MAX: usize = 32;
+
+/// A host name is 1–32 characters of `[a-z0-9-]`, starting with a letter or a digit.
+pub fn validate_host_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("host name is empty: want 1–32 characters of [a-z0-9-]".into());
+    }
+    if name.len() > HOST_NAME_MAX {
+        return Err(format!(
+            "host name {name:?} is {} characters long: at most {HOST_NAME_MAX}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "host name {name:?} contains {c:?}: only a-z, 0-9 and '-' are allowed"
+        ));
+    }
+    if name.starts_with('-') {
+        return Err(format!(
+            "host name {name:?} starts with '-': it must start with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Why `ip` cannot be a unicast host address, if it cannot: unspecified, loopback, multicast,
+/// limited broadcast.
+pub fn non_unicast_reason(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+/// Parses a port number (1–65535).
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) => Err("port 0 is not a valid port: want 1–65535".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("invalid port {s:?}: want a number 1–65535")),
+    }
+}
+
+fn parse_ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid {what} {s:?}: not an IPv4 address"))
+}
+
+/// The identity of a public mapping: a whole public IP, or `(public IP, port, proto)`.
+///
+/// Written `203.0.113.130` or `203.0.113.130:8080/tcp` (the same text as
+/// [`PublicSpec::key`]); the CLI's `--public` takes the same form. Orders by address first, a
+/// whole-IP key before the port keys of the same address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey {
+    pub public: Ipv4Addr,
+    pub port: Option<(u16, Proto)>,
+}
+
+impl PublicKey {
+    pub fn is_whole_ip(&self) -> bool {
+        self.port.is_none()
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some((port, proto)) => write!(f, "{}:{port}/{proto}", self.public),
+            None => write!(f, "{}", self.public),
+        }
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((ip, rest)) = s.split_once(':') else {
+            if s.contains('/') {
+                return Err(format!(
+                    "invalid public endpoint {s:?}: a protocol needs a port (IP:PORT/PROTO)"
+                ));
+            }
+            return Ok(Self {
+                public: parse_ipv4(s, "public address")?,
+                port: None,
+            });
+        };
+        let public = parse_ipv4(ip, "public address")?;
+        let Some((port, proto)) = rest.split_once('/') else {
+            return Err(format!(
+                "invalid public endpoint {s:?}: a port needs a protocol (IP:PORT/tcp or IP:PORT/udp)"
+            ));
+        };
+        let port = parse_port(port).map_err(|e| format!("invalid public endpoint {s:?}: {e}"))?;
+        let proto: Proto = proto
+            .parse()
+            .map_err(|e| format!("invalid public endpoint {s:?}: {e}"))?;
+        Ok(Self {
+            public,
+            port: Some((port, proto)),
+        })
+    }
+}
+
+impl PublicSpec {
+    /// The mapping's key as a value (see [`PublicKey`]). For a spec with a port but no
+    /// protocol (invalid, rejected by the gateway) the port is ignored.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey {
+            public: self.public,
+            port: self.public_port.zip(self.proto),
+        }
+    }
+}
+
+/// A container address as the CLI's `--container` takes it: `IP` or `IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerAddr {
+    pub ip: Ipv4Addr,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for ContainerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.ip),
+            None => write!(f, "{}", self.ip),
+        }
+    }
+}
+
+impl FromStr for ContainerAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None => Ok(Self {
+                ip: parse_ipv4(s, "container address")?,
+                port: None,
+            }),
+            Some((ip, port)) => Ok(Self {
+                ip: parse_ipv4(ip, "container address")?,
+                port: Some(
+                    parse_port(port)
+                        .map_err(|e| format!("invalid container address {s:?}: {e}"))?,
+                ),
+            }),
+        }
+    }
+}
+
+/// Builds the request of `ferry public add --public P --container C`: both with a port (a port
+/// mapping, protocol from `P`) or both without (whole IP).
+pub fn public_spec(public: PublicKey, container: ContainerAddr) -> Result<PublicSpec, String> {
+    match (public.port, container.port) {
+        (None, None) => Ok(PublicSpec {
+            public: public.public,
+            public_port: None,
+            container: container.ip,
+            container_port: None,
+            proto: None,
+        }),
+        (Some((public_port, proto)), Some(container_port)) => Ok(PublicSpec {
+            public: public.public,
+            public_port: Some(public_port),
+            container: container.ip,
+            container_port: Some(container_port),
+            proto: Some(proto),
+        }),
+        (Some(_), None) => Err(format!(
+            "public endpoint {public} has a port, so the container needs one too \
+             ({container}:PORT)"
+        )),
+        (None, Some(_)) => Err(format!(
+            "container {container} has a port, so the public endpoint needs one too \
+             ({public}:PORT/PROTO)"
+        )),
+    }
+}
+
+/// Percent-encodes one path segment or query value (everything but RFC 3986 unreserved
+/// characters).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names() {
+        for ok in ["a", "a1", "0", "gw-1", "a-", &"x".repeat(32)] {
+            validate_host_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("-a", "starts with '-'"),
+            ("A1", "contains 'A'"),
+            ("a_1", "contains '_'"),
+            ("a.b", "contains '.'"),
+            ("é", "contains 'é'"),
+            (&"x".repeat(33), "33 characters"),
+        ] {
+            let e = validate_host_name(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn non_unicast() {
+        assert!(non_unicast_reason("0.0.0.0".parse().unwrap()).is_some());
+        assert!(non_unicast_reason("127.0.0.2".parse().unwrap()).is_some());
+        assert!(non_unicast_reason("224.0.0.1".parse().unwrap()).is_some());
+        assert!(non_unicast_reason("255.255.255.255".parse().unwrap()).is_some());
+        assert_eq!(non_unicast_reason("198.18.1.10".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn public_keys_parse_print_and_order() {
+        let whole: PublicKey = "203.0.113.130".parse().unwrap();
+        assert_eq!(whole.port, None);
+        assert_eq!(whole.to_string(), "203.0.113.130");
+        let port: PublicKey = "203.0.113.130:8080/tcp".parse().unwrap();
+        assert_eq!(port.port, Some((8080, Proto::Tcp)));
+        assert_eq!(port.to_string(), "203.0.113.130:8080/tcp");
+        let udp: PublicKey = "203.0.113.130:53/udp".parse().unwrap();
+        assert!(whole < udp && udp < port, "whole IP first, then by port");
+        let lower: PublicKey = "203.0.113.9:80/tcp".parse().unwrap();
+        assert!(lower < whole, "numeric address order, not text order");
+
+        for (bad, why) in [
+            ("203.0.113.130:8080", "needs a protocol"),
+            ("203.0.113.130/tcp", "needs a port"),
+            ("203.0.113.130:0/tcp", "port 0"),
+            ("203.0.113.130:70000/tcp", "invalid port \"70000\""),
+            ("203.0.113.130:80/sctp", "invalid protocol \"sctp\""),
+            ("203.0.113:80/tcp", "not an IPv4 address"),
+            ("", "not an IPv4 address"),
+        ] {
+            let e = bad.parse::<PublicKey>().unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn spec_key_matches_public_key() {
+        let spec = PublicSpec {
+            public: "203.0.113.130".parse().unwrap(),
+            public_port: Some(443),
+            container: "10.244.1.5".parse().unwrap(),
+            container_port: Some(8443),
+            proto: Some(Proto::Tcp),
+        };
+        assert_eq!(spec.key(), spec.public_key().to_string());
+        assert_eq!(spec.key().parse::<PublicKey>().unwrap(), spec.public_key());
+    }
+
+    #[test]
+    fn container_addrs() {
+        let c: ContainerAddr = "10.244.1.5".parse().unwrap();
+        assert_eq!(c.port, None);
+        let c: ContainerAddr = "10.244.1.5:8080".parse().unwrap();
+        assert_eq!(c.port, Some(8080));
+        assert_eq!(c.to_string(), "10.244.1.5:8080");
+        assert!(
+            "10.244.1.5:x"
+                .parse::<ContainerAddr>()
+                .unwrap_err()
+                .contains("invalid port")
+        );
+        assert!(
+            "10.244.1:80"
+                .parse::<ContainerAddr>()
+                .unwrap_err()
+                .contains("not an IPv4")
+        );
+    }
+
+    #[test]
+    fn cli_public_specs() {
+        let p = |s: &str| s.parse::<PublicKey>().unwrap();
+        let c = |s: &str| s.parse::<ContainerAddr>().unwrap();
+        let spec = public_spec(p("203.0.113.130"), c("10.244.1.5")).unwrap();
+        assert!(spec.is_whole_ip());
+        assert_eq!(spec.proto, None);
+        let spec = public_spec(p("203.0.113.130:80/udp"), c("10.244.1.5:8080")).unwrap();
+        assert_eq!(
+            (spec.public_port, spec.container_port, spec.proto),
+            (Some(80), Some(8080), Some(Proto::Udp))
+        );
+        let e = public_spec(p("203.0.113.130:80/tcp"), c("10.244.1.5")).unwrap_err();
+        assert!(e.contains("container needs one too"), "{e}");
+        let e = public_spec(p("203.0.113.130"), c("10.244.1.5:80")).unwrap_err();
+        assert!(e.contains("public endpoint needs one too"), "{e}");
+    }
+
+    #[test]
+    fn percent_encoding() {
+        assert_eq!(
+            percent_encode("203.0.113.130:80/tcp"),
+            "203.0.113.130%3A80%2Ftcp"
+        );
+        assert_eq!(percent_encode("a-1_b~c"), "a-1_b~c");
+        assert_eq!(percent_encode("a b&c"), "a%20b%26c");
+    }
+}

@@ -1,0 +1,504 @@
+//! What each `ferry` command does. Every command produces an [`Outcome`] (a JSON document and
+//! its text rendering) or a [`CliError`] (code and message); [`run`] prints one of them and
+//! returns the exit code.
+
+use std::{
+    collections::BTreeMap,
+    process::ExitCode,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use ferry_api::{
+    ApiError, Client, EndpointSpec, ErrorBody, HostRole, HostStatus, validate::public_spec,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    cli::{Cli, Command, EndpointCommand, GatewayArgs, PublicCommand},
+    server,
+};
+
+/// A command's result: one JSON document, and the same for people.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub json: Value,
+    pub text: String,
+}
+
+impl Outcome {
+    fn new(json: impl Serialize, text: impl Into<String>) -> Result<Self, CliError> {
+        let json = serde_json::to_value(json)
+            .map_err(|e| CliError::new("internal", format!("encoding the answer: {e}")))?;
+        Ok(Self {
+            json,
+            text: text.into(),
+        })
+    }
+}
+
+/// A failure: `code` is the API's error code for an answer of the gateway, else one of
+/// `unreachable`, `timeout`, `io`, `protocol`, `bad_response`, `token_file`, `sync_timeout`,
+/// `invalid_config`, `gateway_failed`, `usage`, `internal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliError {
+    pub code: String,
+    pub message: String,
+    /// The HTTP status, when the gateway refused the request.
+    pub status: Option<u16>,
+}
+
+impl CliError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            status: None,
+        }
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => write!(f, "{} ({}, HTTP {s})", self.message, self.code),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl From<ApiError> for CliError {
+    fn from(e: ApiError) -> Self {
+        if let ApiError::Http {
+            status,
+            code,
+            message,
+        } = e
+        {
+            return Self {
+                code: code.unwrap_or_else(|| "http".into()),
+                message,
+                status: Some(status),
+            };
+        }
+        let code = match &e {
+            ApiError::Http { .. } => "http",
+            ApiError::Connect { .. } => "unreachable",
+            ApiError::Timeout { .. } => "timeout",
+            ApiError::Io { .. } => "io",
+            ApiError::Protocol { .. } => "protocol",
+            ApiError::Decode { .. } => "bad_response",
+            ApiError::TokenFile { .. } => "token_file",
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+/// Runs the command line and returns the exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return report(
+                cli.json,
+                Err(CliError::new("internal", format!("starting runtime: {e}"))),
+            );
+        }
+    };
+    let json = cli.json;
+    let result = rt.block_on(execute(cli));
+    report(json, result)
+}
+
+/// Prints the outcome; the exit code.
+fn report(json: bool, result: Result<Option<Outcome>, CliError>) -> ExitCode {
+    match result {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(o)) => {
+            if json {
+                println!("{}", o.json);
+            } else if !o.text.is_empty() {
+                println!("{}", o.text.trim_end());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&ErrorBody::new(e.code, e.message))
+                        .unwrap_or_else(|_| "{}".into())
+                );
+            } else {
+                eprintln!("ferry: {e}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `Ok(None)`: nothing to print (the daemon ran and stopped cleanly).
+pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
+    let client = || Client::with_token_file(cli.gateway, &cli.token_file).map_err(CliError::from);
+    match cli.command {
+        Command::Gateway(args) => gateway(args).await,
+        Command::Health => health(&Client::new(cli.gateway, None)).await.map(Some),
+        Command::Hosts => hosts(&client()?).await.map(Some),
+        Command::Endpoint(cmd) => endpoint(&client()?, cmd).await.map(Some),
+        Command::Public(cmd) => public(&client()?, cmd).await.map(Some),
+        Command::Sync { timeout_ms } => sync(&client()?, Duration::from_millis(timeout_ms))
+            .await
+            .map(Some),
+    }
+}
+
+async fn gateway(args: GatewayArgs) -> Result<Option<Outcome>, CliError> {
+    if args.check {
+        let r = server::check(&args.config).map_err(|m| CliError::new("invalid_config", m))?;
+        let state = if r.state_exists {
+            format!(
+                "registry version {} ({} hosts, {} endpoints, {} public mappings) in {}",
+                r.version,
+                r.hosts,
+                r.endpoints,
+                r.public,
+                r.state_file.display()
+            )
+        } else {
+            format!("no state yet ({} will be created)", r.state_file.display())
+        };
+        let text = format!(
+            "config {} is valid: listen {}, {state}",
+            r.config.display(),
+            r.listen
+        );
+        return Outcome::new(r, text).map(Some);
+    }
+    server::run(&args.config)
+        .await
+        .map_err(|m| CliError::new("gateway_failed", m))?;
+    Ok(None)
+}
+
+async fn health(c: &Client) -> Result<Outcome, CliError> {
+    let h = c.health().await?;
+    let text = format!(
+        "gateway {}: {} (api {}, ferry {})",
+        c.addr(),
+        h.status,
+        h.api,
+        h.version
+    );
+    Outcome::new(h, text)
+}
+
+#[derive(Serialize)]
+struct HostsReport {
+    version: u64,
+    hosts: Vec<HostStatus>,
+}
+
+async fn hosts(c: &Client) -> Result<Outcome, CliError> {
+    let version = c.version().await?;
+    let hosts = c.hosts().await?;
+    let now = now_unix_ms();
+    let rows = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.info.name.clone(),
+                match h.info.role {
+                    HostRole::Host => "host".into(),
+                    HostRole::Gateway => "gateway".into(),
+                },
+                h.info.vtep.to_string(),
+                h.info.overlay_ip.to_string(),
+                format!(
+                    "{}/{version} {}",
+                    h.applied_version,
+                    if h.applied_version == version {
+                        "in sync"
+                    } else {
+                        "behind"
+                    }
+                ),
+                if h.connected { "yes" } else { "no" }.into(),
+                ago(now, h.last_seen_unix_ms),
+            ]
+        })
+        .collect();
+    let text = if hosts.is_empty() {
+        format!("no hosts registered (registry version {version})")
+    } else {
+        table(
+            &[
+                "NAME",
+                "ROLE",
+                "VTEP",
+                "OVERLAY IP",
+                "APPLIED",
+                "CONNECTED",
+                "LAST SEEN",
+            ],
+            rows,
+        )
+    };
+    Outcome::new(HostsReport { version, hosts }, text)
+}
+
+async fn endpoint(c: &Client, cmd: EndpointCommand) -> Result<Outcome, CliError> {
+    match cmd {
+        EndpointCommand::Add { ip, host, mac } => {
+            let added = c.add_endpoints(&[EndpointSpec { ip, host, mac }]).await?;
+            let e = added
+                .into_iter()
+                .next()
+                .ok_or_else(|| CliError::new("bad_response", "the gateway answered no endpoint"))?;
+            let text = format!("endpoint {} added on host {} (mac {})", e.ip, e.host, e.mac);
+            Outcome::new(e, text)
+        }
+        EndpointCommand::Rm { ip } => {
+            let e = c.remove_endpoint(ip).await?;
+            let text = format!(
+                "endpoint {} removed from host {} (its public mappings are kept)",
+                e.ip, e.host
+            );
+            Outcome::new(e, text)
+        }
+        EndpointCommand::List => {
+            let eps = c.endpoints().await?;
+            let text = if eps.is_empty() {
+                "no endpoints".to_string()
+            } else {
+                table(
+                    &["IP", "HOST", "MAC"],
+                    eps.iter()
+                        .map(|e| vec![e.ip.to_string(), e.host.clone(), e.mac.to_string()])
+                        .collect(),
+                )
+            };
+            Outcome::new(eps, text)
+        }
+    }
+}
+
+fn container_text(p: &ferry_api::PublicMapping) -> String {
+    match p.container_port {
+        Some(port) => format!("{}:{port}", p.container),
+        None => p.container.to_string(),
+    }
+}
+
+async fn public(c: &Client, cmd: PublicCommand) -> Result<Outcome, CliError> {
+    match cmd {
+        PublicCommand::Add { public, container } => {
+            let spec = public_spec(public, container).map_err(|m| CliError::new("usage", m))?;
+            let p = c.add_public(&spec).await?;
+            let text = format!("public {} → {} added", p.key(), container_text(&p));
+            Outcome::new(p, text)
+        }
+        PublicCommand::Rm { key } => {
+            let p = c.remove_public(&key.to_string()).await?;
+            let text = format!("public {} → {} removed", p.key(), container_text(&p));
+            Outcome::new(p, text)
+        }
+        PublicCommand::List => {
+            let list = c.public().await?;
+            let hosts: BTreeMap<_, _> = c
+                .endpoints()
+                .await?
+                .into_iter()
+                .map(|e| (e.ip, e.host))
+                .collect();
+            let text = if list.is_empty() {
+                "no public mappings".to_string()
+            } else {
+                table(
+                    &["PUBLIC", "CONTAINER", "HOST"],
+                    list.iter()
+                        .map(|p| {
+                            vec![
+                                p.key(),
+                                container_text(p),
+                                hosts
+                                    .get(&p.container)
+                                    .cloned()
+                                    .unwrap_or_else(|| "- (not an endpoint now)".into()),
+                            ]
+                        })
+                        .collect(),
+                )
+            };
+            Outcome::new(list, text)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct SyncReport {
+    /// The registry version every host has now applied (at least).
+    version: u64,
+    hosts: Vec<String>,
+    waited_ms: u64,
+}
+
+/// Reads the registry version once, then polls the hosts every 20 ms until each one's
+/// `applied_version` has reached it.
+async fn sync(c: &Client, timeout: Duration) -> Result<Outcome, CliError> {
+    let start = Instant::now();
+    let target = c.version().await?;
+    loop {
+        let hosts = c.hosts().await?;
+        let behind: Vec<&HostStatus> = hosts
+            .iter()
+            .filter(|h| h.applied_version < target)
+            .collect();
+        let waited_ms = start.elapsed().as_millis() as u64;
+        if behind.is_empty() {
+            let names: Vec<String> = hosts.iter().map(|h| h.info.name.clone()).collect();
+            let text = if names.is_empty() {
+                format!("no hosts registered (registry version {target})")
+            } else {
+                format!(
+                    "all {} hosts applied registry version {target} (waited {waited_ms} ms)",
+                    names.len()
+                )
+            };
+            return Outcome::new(
+                SyncReport {
+                    version: target,
+                    hosts: names,
+                    waited_ms,
+                },
+                text,
+            );
+        }
+        if start.elapsed() >= timeout {
+            let now = now_unix_ms();
+            let list: Vec<String> = behind
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{} (applied {}, {}, last seen {})",
+                        h.info.name,
+                        h.applied_version,
+                        if h.connected {
+                            "connected"
+                        } else {
+                            "not connected"
+                        },
+                        ago(now, h.last_seen_unix_ms)
+                    )
+                })
+                .collect();
+            return Err(CliError::new(
+                "sync_timeout",
+                format!(
+                    "after {} ms, {} of {} hosts have not applied registry version {target}: {}",
+                    timeout.as_millis(),
+                    behind.len(),
+                    hosts.len(),
+                    list.join(", ")
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// "never", "3s ago", "5m ago", "2h ago".
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    if then_ms == 0 {
+        return "never".into();
+    }
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..120 => format!("{s}s ago"),
+        120..7200 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(cell);
+                s.push_str(&" ".repeat(w - cell.chars().count() + 2));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(headers.to_vec());
+    for r in &rows {
+        out.push('\n');
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &["IP", "HOST"],
+            vec![
+                vec!["10.244.1.5".into(), "a1".into()],
+                vec!["10.244.10.50".into(), "b1".into()],
+            ],
+        );
+        assert_eq!(t, "IP            HOST\n10.244.1.5    a1\n10.244.10.50  b1");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(ago(10_000, 0), "never");
+        assert_eq!(ago(10_000, 7_000), "3s ago");
+        assert_eq!(ago(1_000_000, 1), "16m ago");
+        assert_eq!(ago(10_000_000, 1), "2h ago");
+    }
+
+    #[test]
+    fn api_errors_map_to_codes() {
+        let e: CliError = ApiError::Http {
+            status: 409,
+            code: Some("duplicate_endpoint".into()),
+            message: "m".into(),
+        }
+        .into();
+        assert_eq!(e.code, "duplicate_endpoint");
+        assert_eq!(e.message, "m");
+        assert_eq!(e.to_string(), "m (duplicate_endpoint, HTTP 409)");
+        let e: CliError = ApiError::Connect {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        }
+        .into();
+        assert_eq!(e.code, "unreachable");
+        assert!(e.message.starts_with("connecting to gateway 127.0.0.1:1"));
+    }
+}

@@ -1,0 +1,248 @@
+//! `ferry gateway --config FILE`: the daemon's TOML configuration.
+//!
+//! ```toml
+//! listen = "198.18.0.10:7400"            # API address (default 127.0.0.1:7400)
+//! state_dir = "/var/lib/ferry/gateway"   # registry.json lives here (this is the default)
+//! token_file = "/etc/ferry/token"        # bearer token, mode 0600 (this is the default)
+//! overlay_cidr = "10.244.0.0/16"         # container and host overlay addresses (required)
+//! vni = 4242                             # VXLAN network identifier, 1–16777215 (required)
+//! public_cidrs = ["203.0.113.128/25"]    # where public addresses come from (default none)
+//! watch_timeout_ms = 25000               # long-poll timeout of /v1/watch (default 25000)
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::registry::NetConfig;
+
+pub const DEFAULT_WATCH_TIMEOUT_MS: u64 = 25_000;
+const MAX_WATCH_TIMEOUT_MS: u64 = 3_600_000;
+const MAX_VNI: u32 = (1 << 24) - 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
+    pub overlay_cidr: Ipv4Net,
+    pub vni: u32,
+    #[serde(default)]
+    pub public_cidrs: Vec<Ipv4Net>,
+    #[serde(default = "default_watch_timeout_ms")]
+    pub watch_timeout_ms: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/ferry/gateway".into()
+}
+fn default_token_file() -> PathBuf {
+    "/etc/ferry/token".into()
+}
+fn default_watch_timeout_ms() -> u64 {
+    DEFAULT_WATCH_TIMEOUT_MS
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses and validates.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let o = self.overlay_cidr;
+        if o.trunc() != o {
+            return Err(format!(
+                "overlay_cidr {o} has host bits set: did you mean {}?",
+                o.trunc()
+            ));
+        }
+        if o.prefix_len() > 30 {
+            return Err(format!(
+                "overlay_cidr {o} is too small: want a prefix of /30 or shorter"
+            ));
+        }
+        if self.vni == 0 || self.vni > MAX_VNI {
+            return Err(format!(
+                "vni {} is out of range: want 1–{MAX_VNI}",
+                self.vni
+            ));
+        }
+        for (i, p) in self.public_cidrs.iter().enumerate() {
+            if p.trunc() != *p {
+                return Err(format!(
+                    "public_cidrs[{i}] {p} has host bits set: did you mean {}?",
+                    p.trunc()
+                ));
+            }
+            if p.contains(&o) || o.contains(p) {
+                return Err(format!("public_cidrs[{i}] {p} overlaps overlay_cidr {o}"));
+            }
+            if let Some((j, q)) = self
+                .public_cidrs
+                .iter()
+                .enumerate()
+                .take(i)
+                .find(|(_, q)| q.contains(p) || p.contains(*q))
+            {
+                return Err(format!(
+                    "public_cidrs[{i}] {p} overlaps public_cidrs[{j}] {q}"
+                ));
+            }
+        }
+        if self.watch_timeout_ms == 0 || self.watch_timeout_ms > MAX_WATCH_TIMEOUT_MS {
+            return Err(format!(
+                "watch_timeout_ms {} is out of range: want 1–{MAX_WATCH_TIMEOUT_MS}",
+                self.watch_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn net(&self) -> NetConfig {
+        NetConfig {
+            overlay_cidr: self.overlay_cidr,
+            vni: self.vni,
+            public_cidrs: self.public_cidrs.clone(),
+        }
+    }
+
+    pub fn watch_timeout(&self) -> Duration {
+        Duration::from_millis(self.watch_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+listen = "198.18.0.10:7400"
+state_dir = "/var/lib/ferry/gateway"
+token_file = "/etc/ferry/token"
+overlay_cidr = "10.244.0.0/16"
+vni = 4242
+public_cidrs = ["203.0.113.128/25"]
+watch_timeout_ms = 25000
+"#;
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(FULL).unwrap();
+        assert_eq!(c.listen, "198.18.0.10:7400".parse().unwrap());
+        assert_eq!(c.overlay_cidr, "10.244.0.0/16".parse().unwrap());
+        assert_eq!(c.vni, 4242);
+        assert_eq!(c.public_cidrs, vec!["203.0.113.128/25".parse().unwrap()]);
+        assert_eq!(c.watch_timeout(), Duration::from_secs(25));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse("overlay_cidr = \"10.244.0.0/16\"\nvni = 1\n").unwrap();
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry/gateway"));
+        assert_eq!(c.token_file, PathBuf::from("/etc/ferry/token"));
+        assert!(c.public_cidrs.is_empty());
+        assert_eq!(c.watch_timeout_ms, DEFAULT_WATCH_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn rejects_with_the_field_named() {
+        let base = "overlay_cidr = \"10.244.0.0/16\"\nvni = 4242\n";
+        for (extra_or_replacement, want) in [
+            (format!("{base}bogus = 1\n"), "unknown field `bogus`"),
+            ("vni = 4242\n".to_string(), "missing field `overlay_cidr`"),
+            (
+                "overlay_cidr = \"10.244.0.0/33\"\nvni = 1\n".into(),
+                "overlay_cidr",
+            ),
+            (
+                "overlay_cidr = \"10.244.1.0/16\"\nvni = 1\n".into(),
+                "host bits set: did you mean 10.244.0.0/16",
+            ),
+            (
+                "overlay_cidr = \"10.244.0.0/31\"\nvni = 1\n".into(),
+                "too small",
+            ),
+            (
+                "overlay_cidr = \"10.244.0.0/16\"\nvni = 0\n".into(),
+                "vni 0 is out of range",
+            ),
+            (
+                "overlay_cidr = \"10.244.0.0/16\"\nvni = 16777216\n".into(),
+                "vni 16777216 is out of range",
+            ),
+            (
+                format!("{base}public_cidrs = [\"10.244.3.0/24\"]\n"),
+                "overlaps overlay_cidr",
+            ),
+            (
+                format!("{base}public_cidrs = [\"203.0.113.0/24\", \"203.0.113.128/25\"]\n"),
+                "public_cidrs[1] 203.0.113.128/25 overlaps public_cidrs[0]",
+            ),
+            (
+                format!("{base}public_cidrs = [\"203.0.113.129/25\"]\n"),
+                "public_cidrs[0] 203.0.113.129/25 has host bits set",
+            ),
+            (
+                format!("{base}watch_timeout_ms = 0\n"),
+                "watch_timeout_ms 0",
+            ),
+            (format!("{base}listen = \"nope\"\n"), "listen"),
+        ] {
+            let e = Config::parse(&extra_or_replacement).unwrap_err();
+            assert!(e.contains(want), "{extra_or_replacement:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("gw.toml");
+        let e = Config::load(&p).unwrap_err();
+        assert!(e.to_string().contains("gw.toml"), "{e}");
+        std::fs::write(&p, "vni = \"x\"").unwrap();
+        let e = Config::load(&p).unwrap_err();
+        assert!(
+            e.to_string().contains("gw.toml") && e.to_string().contains("vni"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! The datapath benchmark's report: medians, percentiles, ratios, the table and the JSON.
+//! Pure: no lab, no kernel.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// What one mode measured, one value per round (plus why it stopped, if it failed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModeSamples {
+    pub gbps: Vec<f64>,
+    pub rr_p50_us: Vec<f64>,
+    pub rr_p99_us: Vec<f64>,
+    /// Reported in the mode's summary, not among the samples.
+    #[serde(skip)]
+    pub error: Option<String>,
+}
+
+/// The run's parameters, echoed in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub rounds: u32,
+    pub duration_secs: u64,
+    pub rr_count: u64,
+    pub rr_size: u64,
+    /// Where the request/response threads ran (`same-cpu`, `split`, `any`).
+    pub rr_placement: &'static str,
+}
+
+/// Medians over the rounds; `None` (JSON `null`) when the mode was not measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModeSummary {
+    pub gbps: Option<f64>,
+    pub rr_p50_us: Option<f64>,
+    pub rr_p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ThroughputSummary {
+    pub gbps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Ratios of medians; `None` when either side is missing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Ratios {
+    /// ferry Gbps / kernel_vxlan Gbps (> 1: ferry is faster).
+    pub ferry_vs_kernel_vxlan_gbps: Option<f64>,
+    /// ferry rr p50 / kernel_vxlan rr p50 (< 1: ferry has lower latency).
+    pub ferry_vs_kernel_vxlan_rr_p50: Option<f64>,
+    /// ferry Gbps / routed Gbps (the cost of the overlay).
+    pub ferry_vs_routed_gbps: Option<f64>,
+    /// ferry_full_map Gbps / ferry Gbps (the cost of a full endpoint map).
+    pub ferry_full_vs_small_gbps: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ThroughputSamples {
+    pub gbps: Vec<f64>,
+}
+
+/// Raw per-round values of every mode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Samples {
+    pub ferry: ModeSamples,
+    pub kernel_vxlan: ModeSamples,
+    pub routed: ModeSamples,
+    pub ferry_full_map: ThroughputSamples,
+}
+
+/// The report: one JSON object with `--json`, else [`Report::table`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub ferry: ModeSummary,
+    pub kernel_vxlan: ModeSummary,
+    pub routed: ModeSummary,
+    pub ferry_full_map: ThroughputSummary,
+    pub ratios: Ratios,
+    pub rounds: u32,
+    pub duration_secs: u64,
+    pub rr_count: u64,
+    pub rr_size: u64,
+    pub rr_placement: &'static str,
+    pub samples: Samples,
+}
+
+/// Percentile `p` (0–100) of sorted samples, nearest-rank method (always one of the samples:
+/// p50 of 1..=100 is 50, p99 is 99). `None` for no samples.
+pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    debug_assert!(sorted.is_sorted(), "percentile needs sorted samples");
+    let n = sorted.len();
+    // The epsilon keeps float error from pushing an exact rank up (99.9 % of 1000 is 999).
+    let rank = ((p.clamp(0.0, 100.0) / 100.0) * n as f64 - 1e-9).ceil() as usize;
+    Some(sorted[rank.clamp(1, n) - 1])
+}
+
+/// Median (mean of the two middle values for an even count); `None` for no values.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// `num / den` when both are known and `den` is positive.
+pub fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
+    match (num, den) {
+        (Some(n), Some(d)) if d > 0.0 && n.is_finite() && d.is_finite() => Some(n / d),
+        _ => None,
+    }
+}
+
+/// `x` rounded to `decimals` decimal places (for readable JSON).
+pub fn round_to(x: f64, decimals: i32) -> f64 {
+    let f = 10f64.powi(decimals);
+    (x * f).round() / f
+}
+
+fn rounded(v: &[f64], decimals: i32) -> Vec<f64> {
+    v.iter().map(|x| round_to(*x, decimals)).collect()
+}
+
+fn summary(s: &ModeSamples) -> ModeSummary {
+    ModeSummary {
+        gbps: median(&s.gbps),
+        rr_p50_us: median(&s.rr_p50_us),
+        rr_p99_us: median(&s.rr_p99_us),
+        error: s.error.clone(),
+    }
+}
+
+fn rounded_summary(s: &ModeSummary) -> ModeSummary {
+    ModeSummary {
+        gbps: s.gbps.map(|x| round_to(x, 3)),
+        rr_p50_us: s.rr_p50_us.map(|x| round_to(x, 1)),
+        rr_p99_us: s.rr_p99_us.map(|x| round_to(x, 1)),
+        error: s.error.clone(),
+    }
+}
+
+fn rounded_samples(s: &ModeSamples) -> ModeSamples {
+    ModeSamples {
+        gbps: rounded(&s.gbps, 3),
+        rr_p50_us: rounded(&s.rr_p50_us, 1),
+        rr_p99_us: rounded(&s.rr_p99_us, 1),
+        error: s.error.clone(),
+    }
+}
+
+impl Report {
+    /// Medians and ratios from the raw samples (ratios from unrounded medians; everything
+    /// shown is rounded: Gbps to 3 decimals, µs to 1, ratios to 3).
+    pub fn build(
+        params: Params,
+        ferry: &ModeSamples,
+        kernel_vxlan: &ModeSamples,
+        routed: &ModeSamples,
+        ferry_full_map: &ModeSamples,
+    ) -> Self {
+        let (f, k, r) = (summary(ferry), summary(kernel_vxlan), summary(routed));
+        let full = median(&ferry_full_map.gbps);
+        let r3 = |x: Option<f64>| x.map(|v| round_to(v, 3));
+        let ratios = Ratios {
+            ferry_vs_kernel_vxlan_gbps: r3(ratio(f.gbps, k.gbps)),
+            ferry_vs_kernel_vxlan_rr_p50: r3(ratio(f.rr_p50_us, k.rr_p50_us)),
+            ferry_vs_routed_gbps: r3(ratio(f.gbps, r.gbps)),
+            ferry_full_vs_small_gbps: r3(ratio(full, f.gbps)),
+        };
+        Self {
+            ferry: rounded_summary(&f),
+            kernel_vxlan: rounded_summary(&k),
+            routed: rounded_summary(&r),
+            ferry_full_map: ThroughputSummary {
+                gbps: r3(full),
+                error: ferry_full_map.error.clone(),
+            },
+            ratios,
+            rounds: params.rounds,
+            duration_secs: params.duration_secs,
+            rr_count: params.rr_count,
+            rr_size: params.rr_size,
+            rr_placement: params.rr_placement,
+            samples: Samples {
+                ferry: rounded_samples(ferry),
+                kernel_vxlan: rounded_samples(kernel_vxlan),
+                routed: rounded_samples(routed),
+                ferry_full_map: ThroughputSamples {
+                    gbps: rounded(&ferry_full_map.gbps, 3),
+                },
+            },
+        }
+    }
+
+    /// (mode, error) of every mode that failed.
+    pub fn errors(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("ferry", &self.ferry.error),
+            ("kernel_vxlan", &self.kernel_vxlan.error),
+            ("routed", &self.routed.error),
+            ("ferry_full_map", &self.ferry_full_map.error),
+        ]
+        .into_iter()
+        .filter_map(|(m, e)| Some((m, e.as_deref()?)))
+        .collect()
+    }
+
+    /// Every mode measured.
+    pub fn ok(&self) -> bool {
+        self.errors().is_empty()
+    }
+
+    /// The table for people: one row per mode, medians over the rounds, Gbps ratios against
+    /// routed and kernel_vxlan.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let routed = self.routed.gbps;
+        let kv = self.kernel_vxlan.gbps;
+        let _ = writeln!(
+            s,
+            "{:<16} {:>8} {:>11} {:>11} {:>15} {:>21}",
+            "mode", "Gbps", "rr p50 µs", "rr p99 µs", "Gbps vs routed", "Gbps vs kernel_vxlan"
+        );
+        let full = ModeSummary {
+            gbps: self.ferry_full_map.gbps,
+            error: self.ferry_full_map.error.clone(),
+            ..ModeSummary::default()
+        };
+        let rows: [(&str, &ModeSummary); 4] = [
+            ("ferry", &self.ferry),
+            ("kernel_vxlan", &self.kernel_vxlan),
+            ("routed", &self.routed),
+            ("ferry_full_map", &full),
+        ];
+        for (mode, m) in rows {
+            let num = |x: Option<f64>, d: usize| x.map_or("-".to_owned(), |v| format!("{v:.d$}"));
+            let times = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.2}x"));
+            let _ = write!(
+                s,
+                "{:<16} {:>8} {:>11} {:>11} {:>15} {:>21}",
+                mode,
+                num(m.gbps, 2),
+                num(m.rr_p50_us, 1),
+                num(m.rr_p99_us, 1),
+                times(ratio(m.gbps, routed)),
+                times(ratio(m.gbps, kv)),
+            );
+            match &m.error {
+                Some(e) => {
+                    let _ = writeln!(s, "  FAILED: {e}");
+                }
+                None => s.push('\n'),
+            }
+        }
+        let times = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.2}x"));
+        let _ = writeln!(
+            s,
+            "rr p50 ferry vs kernel_vxlan: {}; full map vs small map (Gbps): {}",
+            times(self.ratios.ferry_vs_kernel_vxlan_rr_p50),
+            times(self.ratios.ferry_full_vs_small_gbps),
+        );
+        let _ = writeln!(
+            s,
+            "medians of {} round(s): single-stream iperf3 for {} s; {} TCP round trips of {} B \
+             (client and server threads: {})",
+            self.rounds, self.duration_secs, self.rr_count, self.rr_size, self.rr_placement
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            rounds: 3,
+            duration_secs: 5,
+            rr_count: 20_000,
+            rr_size: 64,
+            rr_placement: "same-cpu",
+        }
+    }
+
+    fn samples(gbps: &[f64], p50: &[f64], p99: &[f64]) -> ModeSamples {
+        ModeSamples {
+            gbps: gbps.to_vec(),
+            rr_p50_us: p50.to_vec(),
+            rr_p99_us: p99.to_vec(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50));
+        assert_eq!(percentile(&v, 99.0), Some(99));
+        assert_eq!(percentile(&v, 100.0), Some(100));
+        assert_eq!(percentile(&v, 0.0), Some(1));
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 99.0), Some(990));
+        assert_eq!(percentile(&v, 99.9), Some(999));
+        assert_eq!(percentile(&[7], 50.0), Some(7));
+        assert_eq!(percentile(&[7], 99.0), Some(7));
+        assert_eq!(percentile(&[1, 2], 50.0), Some(1));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[9.0, 1.0, 5.0]), Some(5.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn ratios_need_both_sides() {
+        assert_eq!(ratio(Some(3.0), Some(2.0)), Some(1.5));
+        assert_eq!(ratio(None, Some(2.0)), None);
+        assert_eq!(ratio(Some(3.0), None), None);
+        assert_eq!(ratio(Some(3.0), Some(0.0)), None);
+        assert_eq!(round_to(1.23456, 3), 1.235);
+    }
+
+    #[test]
+    fn report_has_the_documented_shape() {
+        let ferry = samples(&[9.0, 8.0, 10.0], &[40.0, 42.0, 41.0], &[60.0, 70.0, 65.0]);
+        let kv = samples(&[6.0, 5.0, 7.0], &[50.0, 51.0, 49.0], &[80.0, 81.0, 79.0]);
+        let routed = samples(
+            &[12.0, 11.0, 13.0],
+            &[30.0, 31.0, 29.0],
+            &[45.0, 46.0, 44.0],
+        );
+        let full = samples(&[8.0, 8.5, 9.5], &[], &[]);
+        let r = Report::build(params(), &ferry, &kv, &routed, &full);
+        assert!(r.ok());
+        let j = serde_json::to_value(&r).unwrap();
+        let obj = j.as_object().unwrap();
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "duration_secs",
+                "ferry",
+                "ferry_full_map",
+                "kernel_vxlan",
+                "ratios",
+                "rounds",
+                "routed",
+                "rr_count",
+                "rr_placement",
+                "rr_size",
+                "samples"
+            ]
+        );
+        assert_eq!(
+            j["ferry"],
+            serde_json::json!({"gbps": 9.0, "rr_p50_us": 41.0, "rr_p99_us": 65.0})
+        );
+        assert_eq!(
+            j["kernel_vxlan"],
+            serde_json::json!({"gbps": 6.0, "rr_p50_us": 50.0, "rr_p99_us": 80.0})
+        );
+        assert_eq!(j["routed"]["gbps"], 12.0);
+        assert_eq!(j["ferry_full_map"], serde_json::json!({"gbps": 8.5}));
+        assert_eq!(
+            j["ratios"],
+            serde_json::json!({
+                "ferry_vs_kernel_vxlan_gbps": 1.5,
+                "ferry_vs_kernel_vxlan_rr_p50": 0.82,
+                "ferry_vs_routed_gbps": 0.75,
+                "ferry_full_vs_small_gbps": 0.944,
+            })
+        );
+        assert_eq!(j["rounds"], 3);
+        assert_eq!(j["duration_secs"], 5);
+        assert_eq!(j["rr_placement"], "same-cpu");
+        assert_eq!(
+            j["samples"]["ferry"],
+            serde_json::json!({
+                "gbps": [9.0, 8.0, 10.0],
+                "rr_p50_us": [40.0, 42.0, 41.0],
+                "rr_p99_us": [60.0, 70.0, 65.0],
+            })
+        );
+        assert_eq!(
+            j["samples"]["ferry_full_map"],
+            serde_json::json!({"gbps": [8.0, 8.5, 9.5]})
+        );
+        let t = r.table();
+        assert_eq!(t.lines().count(), 7, "{t}");
+        assert!(t.contains("kernel_vxlan"));
+        assert!(!t.contains("FAILED"));
+    }
+
+    #[test]
+    fn failed_modes_are_null_with_their_error() {
+        let ferry = ModeSamples {
+            error: Some("setup: ferry mode not wired yet".into()),
+            ..ModeSamples::default()
+        };
+        let kv = samples(&[6.0], &[50.0], &[80.0]);
+        let routed = samples(&[12.0], &[30.0], &[45.0]);
+        let full = ModeSamples {
+            error: Some("skipped: ferry failed".into()),
+            ..ModeSamples::default()
+        };
+        let r = Report::build(params(), &ferry, &kv, &routed, &full);
+        assert!(!r.ok());
+        assert_eq!(
+            r.errors(),
+            [
+                ("ferry", "setup: ferry mode not wired yet"),
+                ("ferry_full_map", "skipped: ferry failed")
+            ]
+        );
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            j["ferry"],
+            serde_json::json!({
+                "gbps": null, "rr_p50_us": null, "rr_p99_us": null,
+                "error": "setup: ferry mode not wired yet"
+            })
+        );
+        assert_eq!(j["ratios"]["ferry_vs_routed_gbps"], serde_json::Value::Null);
+        assert_eq!(j["samples"]["ferry"]["gbps"], serde_json::json!([]));
+        let t = r.table();
+        assert!(t.contains("FAILED: setup: ferry mode not wired yet"), "{t}");
+        assert!(t.contains("0.50x"), "kernel_vxlan vs routed: {t}");
+    }
+}

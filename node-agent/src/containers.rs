@@ -1,0 +1,161 @@
+//! The network side of local containers: a network namespace, a veth pair, and from-container
+//! attached to its host end. The agent creates them when the registry places an endpoint here
+//! and removes them when it leaves.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use ferry_overlay::{
+    datapath::Datapath,
+    netlink::{ContainerLink, Netlink},
+    netns, sys,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::plan::{LocalContainer, container_host_if, container_netns_name};
+
+/// MAC of every host-side container veth (the container's default gateway), same on every
+/// host; the datapath answers ARP with it too.
+pub const GATEWAY_MAC: [u8; 6] = [0x0e, 0xfe, 0x00, 0x00, 0x00, 0x01];
+
+/// A container's network side as built on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Built {
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub netns: PathBuf,
+    pub host_if: String,
+    pub ifindex: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container {ip}: {source}")]
+    NetNs {
+        ip: Ipv4Addr,
+        source: netns::NetNsError,
+    },
+    #[error("container {ip}: {source}")]
+    Netlink {
+        ip: Ipv4Addr,
+        source: ferry_overlay::netlink::NetlinkError,
+    },
+    #[error("container {ip}: {source}")]
+    Datapath {
+        ip: Ipv4Addr,
+        source: ferry_overlay::datapath::DatapathError,
+    },
+    #[error("container {ip}: sysctl: {source}")]
+    Sysctl {
+        ip: Ipv4Addr,
+        source: std::io::Error,
+    },
+}
+
+/// What the container builder needs from the host.
+pub struct HostSide<'a> {
+    pub nl: &'a Netlink,
+    pub datapath: &'a std::sync::Mutex<Datapath>,
+    pub netns_prefix: &'a str,
+    pub mtu: u32,
+    pub host_overlay_ip: Ipv4Addr,
+}
+
+impl HostSide<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Datapath> {
+        self.datapath.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Builds a container's network side afresh (a stale namespace or veth of the same name,
+    /// left by an earlier run, is replaced). On failure, whatever was made is removed again.
+    pub async fn create(&self, c: &LocalContainer) -> Result<Built, ContainerError> {
+        let ip = c.ip;
+        let name = container_netns_name(self.netns_prefix, ip);
+        let host_if = container_host_if(ip);
+        if let Err(e) = self.delete(ip).await {
+            warn!(%ip, error = %e, "removing a stale container before creating it");
+        }
+        let path =
+            netns::create_named(&name).map_err(|source| ContainerError::NetNs { ip, source })?;
+        let r = self.build(c, &path, &host_if).await;
+        match r {
+            Ok(ifindex) => {
+                info!(%ip, mac = %c.mac, netns = %path.display(), %host_if, ifindex, "container network ready");
+                Ok(Built {
+                    ip,
+                    mac: c.mac.to_string(),
+                    netns: path,
+                    host_if,
+                    ifindex,
+                })
+            }
+            Err(e) => {
+                if let Err(e2) = self.delete(ip).await {
+                    warn!(%ip, error = %e2, "cleaning up after a failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(
+        &self,
+        c: &LocalContainer,
+        path: &std::path::Path,
+        host_if: &str,
+    ) -> Result<u32, ContainerError> {
+        let ip = c.ip;
+        // IPv4 only for now: no router solicitations or MLD from the container.
+        netns::run_in(path, || -> std::io::Result<()> {
+            sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
+            sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+        })
+        .map_err(|source| ContainerError::NetNs { ip, source })?
+        .map_err(|source| ContainerError::Sysctl { ip, source })?;
+        let spec = ContainerLink {
+            netns: path.to_owned(),
+            host_if: host_if.to_owned(),
+            ip,
+            mac: c.mac.0,
+            gateway_mac: GATEWAY_MAC,
+            mtu: self.mtu,
+            host_overlay_ip: self.host_overlay_ip,
+        };
+        let ifindex = self
+            .nl
+            .create_container_link(&spec)
+            .await
+            .map_err(|source| ContainerError::Netlink { ip, source })?;
+        sys::write_sysctl(&format!("net/ipv6/conf/{host_if}/disable_ipv6"), "1")
+            .map_err(|source| ContainerError::Sysctl { ip, source })?;
+        self.lock()
+            .attach_container(host_if)
+            .map_err(|source| ContainerError::Datapath { ip, source })?;
+        Ok(ifindex)
+    }
+
+    /// Removes a container's network side: detaches from-container, deletes the veth (both
+    /// ends) and the namespace's name. Keeps going on errors and reports the first.
+    pub async fn delete(&self, ip: Ipv4Addr) -> Result<(), ContainerError> {
+        let host_if = container_host_if(ip);
+        let mut first: Option<ContainerError> = None;
+        {
+            let mut dp = self.lock();
+            if dp.container_interfaces().contains(&host_if)
+                && let Err(source) = dp.detach_container(&host_if)
+            {
+                first.get_or_insert(ContainerError::Datapath { ip, source });
+            }
+        }
+        if let Err(source) = self.nl.delete_link(&host_if).await {
+            first.get_or_insert(ContainerError::Netlink { ip, source });
+        }
+        if let Err(source) = netns::delete_named(&container_netns_name(self.netns_prefix, ip)) {
+            first.get_or_insert(ContainerError::NetNs { ip, source });
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Following the registry: the agent registers its host with the gateway, then holds a watch
+//! (long poll) open. The gateway answers with a whole snapshot as soon as its version moves
+//! past the one the agent has applied, so every change reaches every agent at once, and an
+//! agent that missed changes (restart, network cut, gateway restart) converges from any state.
+
+use std::{sync::Arc, time::Duration};
+
+use ferry_api::{Client, HostInfo, Snapshot};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::{config::AgentConfig, node::Node, plan};
+
+/// How long a watch may stay open before the agent asks again (the gateway answers first).
+const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs until the task is dropped.
+pub async fn follow(cfg: AgentConfig, client: Client, node: Arc<Mutex<Node>>) {
+    let me = HostInfo {
+        name: cfg.host.clone(),
+        vtep: cfg.vtep,
+        overlay_ip: cfg.overlay_ip,
+        role: cfg.role,
+    };
+    let mut backoff = BACKOFF_MIN;
+    'register: loop {
+        match client.register_host(&me).await {
+            Ok(_) => {
+                info!(gateway = %client.addr(), "registered with the gateway");
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                warn!(gateway = %client.addr(), error = %e, "registering; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        }
+        // The version last seen from the registry (applied or not).
+        let mut seen: Option<u64> = None;
+        loop {
+            let after = node.lock().await.applied.version;
+            let snap: Snapshot = match client.watch(&cfg.host, after, WATCH_TIMEOUT).await {
+                Ok(s) => s,
+                Err(e) if e.code() == Some("unknown_host") => {
+                    warn!("the gateway does not know this host (any more); registering again");
+                    continue 'register;
+                }
+                Err(e) => {
+                    warn!(error = %e, "watching the registry; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            if snap.vni != cfg.vni || snap.overlay_cidr != cfg.overlay_cidr {
+                warn!(
+                    registry_vni = snap.vni,
+                    registry_cidr = %snap.overlay_cidr,
+                    "the registry's overlay differs from this agent's configuration; ignoring it"
+                );
+                tokio::time::sleep(BACKOFF_MAX).await;
+                continue;
+            }
+            if !snap.hosts.iter().any(|h| h.name == cfg.host) {
+                warn!("this host is missing from the registry's snapshot; registering again");
+                continue 'register;
+            }
+            let mut n = node.lock().await;
+            if seen == Some(snap.version) && n.applied.version == snap.version {
+                debug!(version = snap.version, "no change");
+                continue;
+            }
+            seen = Some(snap.version);
+            let want = plan::desired(&cfg, Some(&snap));
+            let errors = n.apply(&want).await;
+            drop(n);
+            if !errors.is_empty() {
+                for e in &errors {
+                    warn!(version = snap.version, error = %e, "applying the registry");
+                }
+                // Retry what failed (the next watch answers at once: we are still behind).
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}

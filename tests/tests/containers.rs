@@ -1,0 +1,327 @@
+//! Containers on the eBPF overlay, in a real lab: agents build each container's namespace and
+//! veth when the gateway's registry places it on their host; containers talk over TCP and UDP
+//! on one host, across hosts and across clouds; an endpoint moved by hand is reachable at its
+//! new place; a container spoofing its source address is dropped and counted; the endpoint map
+//! holds 65,536 entries.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use ferry_lab::{Lab, LabOptions, Topology, state::LabState};
+use ferry_tests::{
+    counters, delta, gauge,
+    net::{EchoServer, echo_roundtrip, pattern, tcp_connect, tcp_echo, udp_echo},
+    require_root_and_tools,
+};
+
+const TOOLS: &[&str] = &["ip", "ping", "curl"];
+
+fn lab() -> Lab {
+    ferry_tests::workspace_binary("ferry-lab");
+    ferry_tests::workspace_binary("ferry-agent");
+    ferry_tests::workspace_binary("ferry");
+    Lab::up(LabOptions {
+        start_agents: true,
+        ..LabOptions::default()
+    })
+    .expect("lab up")
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn agent_pids(lab: &Lab) -> Vec<(String, i32)> {
+    let st = LabState::load(lab.prefix()).unwrap().unwrap();
+    let mut v: Vec<(String, i32)> = st
+        .processes
+        .iter()
+        .filter(|p| p.kind == "agent")
+        .map(|p| (p.host.clone().unwrap_or_default(), p.pid))
+        .collect();
+    v.sort();
+    v
+}
+
+/// TCP (1 MiB, so full-size segments cross the overlay) and UDP (a 1,400-byte datagram) from
+/// `from` to an echo server at `to_ip`.
+fn check_pair(from: &Path, to_ip: Ipv4Addr, port: u16, what: &str) {
+    tcp_echo(from, SocketAddrV4::new(to_ip, port), 1 << 20)
+        .unwrap_or_else(|e| panic!("{what}: TCP: {e}"));
+    udp_echo(from, SocketAddrV4::new(to_ip, port), 1400)
+        .unwrap_or_else(|e| panic!("{what}: UDP: {e}"));
+}
+
+#[test]
+fn containers_talk_on_one_host_across_hosts_and_across_clouds() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let lab = lab();
+    let (c1, c2, c3, c4) = (
+        ip("10.244.1.10"),
+        ip("10.244.1.11"),
+        ip("10.244.2.10"),
+        ip("10.244.3.10"),
+    );
+    let n1 = lab.add_container("a1", c1).unwrap();
+    let n2 = lab.add_container("a1", c2).unwrap();
+    let n3 = lab.add_container("a2", c3).unwrap();
+    let n4 = lab.add_container("b1", c4).unwrap();
+    let servers: Vec<EchoServer> = [&n1, &n2, &n3, &n4]
+        .iter()
+        .map(|n| EchoServer::start(n, 7000).unwrap())
+        .collect();
+    let before_a1 = counters(&lab, "a1");
+    let before_b1 = counters(&lab, "b1");
+
+    check_pair(&n1, c2, 7000, "same host (a1 → a1)");
+    check_pair(&n1, c3, 7000, "across hosts in cloud a (a1 → a2)");
+    check_pair(&n1, c4, 7000, "across clouds (a1 → b1)");
+    check_pair(&n4, c1, 7000, "across clouds (b1 → a1)");
+    check_pair(&n3, c2, 7000, "across hosts (a2 → a1)");
+
+    // Every server saw its clients' real container addresses (no translation in the overlay).
+    let peers_of_c4: Vec<Ipv4Addr> = servers[3]
+        .peers()
+        .iter()
+        .map(|p| match p.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            other => panic!("unexpected peer {other}"),
+        })
+        .collect();
+    assert!(peers_of_c4.iter().all(|p| *p == c1), "{peers_of_c4:?}");
+
+    // The datapath, not the host stack, carried it.
+    let after_a1 = counters(&lab, "a1");
+    let after_b1 = counters(&lab, "b1");
+    assert!(
+        delta(&before_a1, &after_a1, "container_to_local") > 10,
+        "{after_a1:?}"
+    );
+    assert!(delta(&before_a1, &after_a1, "container_encap") > 10);
+    assert!(delta(&before_a1, &after_a1, "overlay_to_local") > 10);
+    assert!(delta(&before_b1, &after_b1, "overlay_to_local") > 10);
+    assert!(
+        delta(&before_a1, &after_a1, "arp_reply") + delta(&before_b1, &after_b1, "arp_reply") >= 1
+    );
+    for host in ["a1", "a2", "b1", "gw"] {
+        let c = counters(&lab, host);
+        for r in [
+            "spoofed_source",
+            "no_endpoint",
+            "redirect_failed",
+            "rewrite_failed",
+        ] {
+            assert_eq!(c.get(r).copied().unwrap_or(0), 0, "{host}: {r}");
+        }
+    }
+    // Hosts reach containers too (a /32 route to each local veth, the overlay for the rest).
+    assert!(lab.ping("a1", "10.244.1.10"));
+    assert!(lab.ping("a2", "10.244.3.10"));
+    assert_eq!(gauge(&lab, "a1", "ferry_containers"), Some(2));
+    drop(servers);
+    lab.down().unwrap();
+}
+
+#[test]
+fn endpoint_moved_by_hand_is_reachable_at_its_new_place_without_restarting_agents() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let lab = lab();
+    let moving = ip("10.244.7.7");
+    let peer = ip("10.244.2.20");
+    let mac = "0e:aa:bb:cc:dd:ee";
+    let pids = agent_pids(&lab);
+    lab.ferry_json(&[
+        "endpoint",
+        "add",
+        "--ip",
+        "10.244.7.7",
+        "--host",
+        "a1",
+        "--mac",
+        mac,
+    ])
+    .unwrap();
+    lab.sync().unwrap();
+    let on_a1 = lab.container_netns("a1", moving);
+    let peer_ns = lab.add_container("a2", peer).unwrap();
+    lab.ferry_json(&[
+        "public",
+        "add",
+        "--public",
+        "203.0.113.140",
+        "--container",
+        "10.244.7.7",
+    ])
+    .unwrap();
+    lab.sync().unwrap();
+    {
+        let _srv = EchoServer::start(&on_a1, 7100).unwrap();
+        check_pair(&peer_ns, moving, 7100, "before the move");
+    }
+
+    // Move: remove on a1, add on b1 (another cloud) with the same IP and MAC.
+    lab.ferry_json(&["endpoint", "rm", "10.244.7.7"]).unwrap();
+    lab.ferry_json(&[
+        "endpoint",
+        "add",
+        "--ip",
+        "10.244.7.7",
+        "--host",
+        "b1",
+        "--mac",
+        mac,
+    ])
+    .unwrap();
+    lab.sync().unwrap();
+    assert!(!on_a1.exists(), "a1 removed its copy");
+    let on_b1 = lab.container_netns("b1", moving);
+    assert!(on_b1.exists(), "b1 built the container");
+    let link = lab
+        .exec_in(&on_b1, &["ip", "-o", "link", "show", "eth0"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains(mac),
+        "same MAC at the new place: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+
+    let _srv = EchoServer::start(&on_b1, 7100).unwrap();
+    check_pair(
+        &peer_ns,
+        moving,
+        7100,
+        "container on a2 → moved container on b1",
+    );
+    assert!(lab.ping("a1", "10.244.7.7"), "old host reaches it");
+    assert!(lab.ping("gw", "10.244.7.7"), "gateway reaches it");
+    // The internet reaches it through its unchanged public address.
+    tcp_echo(
+        &lab.netns("inet"),
+        SocketAddrV4::new(ip("203.0.113.140"), 7100),
+        64 << 10,
+    )
+    .expect("internet → public address → moved container");
+    assert_eq!(agent_pids(&lab), pids, "no agent restarted");
+    lab.down().unwrap();
+}
+
+#[test]
+fn a_container_spoofing_its_source_is_dropped_and_counted() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let lab = lab();
+    let n1 = lab.add_container("a1", ip("10.244.1.10")).unwrap();
+    let n2 = lab.add_container("a2", ip("10.244.2.10")).unwrap();
+    let _srv = EchoServer::start(&n2, 7000).unwrap();
+    // A second address the registry never gave it.
+    let out = lab
+        .exec_in(&n1, &["ip", "addr", "add", "10.244.9.9/32", "dev", "eth0"])
+        .unwrap();
+    assert!(out.status.success());
+    let before = counters(&lab, "a1");
+    let out = lab
+        .exec_in(
+            &n1,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "10.244.9.9",
+                "10.244.2.10",
+            ],
+        )
+        .unwrap();
+    assert!(!out.status.success(), "spoofed pings must not be answered");
+    let after = counters(&lab, "a1");
+    assert!(delta(&before, &after, "spoofed_source") >= 3);
+    // Its real address still works.
+    check_pair(&n1, ip("10.244.2.10"), 7000, "real address after spoofing");
+    lab.down().unwrap();
+}
+
+#[test]
+fn the_endpoint_map_holds_65536_endpoints_and_traffic_still_flows() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    // 65,536 endpoints do not fit in a /16 next to the hosts: use a /12 overlay.
+    let topology = Topology {
+        overlay_cidr: "10.240.0.0/12".parse().unwrap(),
+        ..Topology::default()
+    };
+    ferry_tests::workspace_binary("ferry-lab");
+    ferry_tests::workspace_binary("ferry-agent");
+    ferry_tests::workspace_binary("ferry");
+    let lab = Lab::up(LabOptions {
+        topology,
+        start_agents: true,
+    })
+    .expect("lab up");
+    let n1 = lab.add_container("a1", ip("10.240.1.10")).unwrap();
+    let n2 = lab.add_container("b1", ip("10.240.2.10")).unwrap();
+    // A connection made before the map fills up must survive it.
+    let _srv0 = EchoServer::start(&n2, 7000).unwrap();
+    let mut conn = tcp_connect(
+        &n1,
+        SocketAddrV4::new(ip("10.240.2.10"), 7000),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    echo_roundtrip(&mut conn, &pattern(1000, 1)).unwrap();
+    // A host that never runs an agent, holding 65,536 endpoints (10.241.0.0 – 10.241.255.255).
+    let added = lab
+        .api(|c| async move {
+            c.register_host(&ferry_api::HostInfo {
+                name: "phantom".into(),
+                vtep: "198.18.2.99".parse().unwrap(),
+                overlay_ip: "10.255.255.99".parse().unwrap(),
+                role: ferry_api::HostRole::Host,
+            })
+            .await?;
+            let specs: Vec<ferry_api::EndpointSpec> = (0..65_536u32)
+                .map(|i| ferry_api::EndpointSpec {
+                    ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 241, 0, 0)) + i),
+                    host: "phantom".into(),
+                    mac: None,
+                })
+                .collect();
+            c.add_endpoints(&specs).await.map(|v| v.len())
+        })
+        .unwrap()
+        .expect("registering 65,536 endpoints");
+    assert_eq!(added, 65_536);
+    // (`ferry sync` would wait for the phantom host too: wait for the real agents.)
+    let t0 = std::time::Instant::now();
+    for host in ["a1", "a2", "b1", "gw"] {
+        loop {
+            let n = gauge(&lab, host, "ferry_endpoints").unwrap_or(0);
+            if n > 65_536 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(180),
+                "{host} holds only {n} endpoints"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    eprintln!("4 agents applied 65,536 endpoints in {:?}", t0.elapsed());
+    let _srv = EchoServer::start(&n2, 7001).unwrap();
+    check_pair(&n1, ip("10.240.2.10"), 7001, "with a full endpoint map");
+    echo_roundtrip(&mut conn, &pattern(100_000, 2)).expect("the earlier connection survives");
+    lab.down().unwrap();
+}

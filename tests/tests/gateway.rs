@@ -1,0 +1,389 @@
+//! The gateway in a real lab: public addresses translated in eBPF (whole-IP and port
+//! mappings) in both directions, containers reaching the internet side, the registry's state
+//! surviving a gateway restart, and bad API input refused without changing anything.
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use ferry_lab::{Lab, LabOptions};
+use ferry_tests::{
+    counters, delta,
+    net::{EchoServer, echo_roundtrip, pattern, tcp_connect, tcp_echo, udp_echo},
+    require_root_and_tools,
+};
+use serde_json::Value;
+
+const TOOLS: &[&str] = &["ip", "ping", "curl", "nft"];
+
+fn lab() -> Lab {
+    ferry_tests::workspace_binary("ferry-lab");
+    ferry_tests::workspace_binary("ferry-agent");
+    ferry_tests::workspace_binary("ferry");
+    Lab::up(LabOptions {
+        start_agents: true,
+        ..LabOptions::default()
+    })
+    .expect("lab up")
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn v4(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(v) => v,
+        IpAddr::V6(v) => panic!("unexpected IPv6 peer {v}"),
+    }
+}
+
+/// The registry as the CLI lists it: endpoints, public mappings, hosts (without the runtime
+/// fields that change on their own).
+fn registry(lab: &Lab) -> (Value, Value, Vec<(String, String)>) {
+    let endpoints = lab.ferry_json(&["endpoint", "list"]).unwrap();
+    let public = lab.ferry_json(&["public", "list"]).unwrap();
+    let hosts = lab.ferry_json(&["hosts"]).unwrap();
+    let mut h: Vec<(String, String)> = hosts
+        .as_array()
+        .or_else(|| hosts["hosts"].as_array())
+        .expect("hosts is a list")
+        .iter()
+        .map(|h| (h["name"].to_string(), h["vtep"].to_string()))
+        .collect();
+    h.sort();
+    (endpoints, public, h)
+}
+
+#[test]
+fn internet_reaches_containers_through_public_addresses_and_replies_leave_with_them() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let lab = lab();
+    let inet = lab.netns("inet");
+    let client_ip = lab.topology().internet.as_ref().unwrap().client;
+    let gw_public = lab.topology().internet.as_ref().unwrap().gateway_address;
+    let whole = lab.add_container("a1", ip("10.244.1.10")).unwrap();
+    let ported = lab.add_container("b1", ip("10.244.2.10")).unwrap();
+    lab.ferry_json(&[
+        "public",
+        "add",
+        "--public",
+        "203.0.113.130",
+        "--container",
+        "10.244.1.10",
+    ])
+    .unwrap();
+    for proto in ["tcp", "udp"] {
+        lab.ferry_json(&[
+            "public",
+            "add",
+            "--public",
+            &format!("203.0.113.131:8080/{proto}"),
+            "--container",
+            "10.244.2.10:80",
+        ])
+        .unwrap();
+    }
+    lab.sync().unwrap();
+    let s_whole = EchoServer::start(&whole, 7000).unwrap();
+    let s_port = EchoServer::start(&ported, 80).unwrap();
+    let before = counters(&lab, "gw");
+
+    // Inbound, whole-IP: any port. The client's connected UDP socket only accepts replies
+    // from 203.0.113.130, and its TCP handshake only completes if the SYN-ACK comes from it.
+    tcp_echo(&inet, SocketAddrV4::new(ip("203.0.113.130"), 7000), 1 << 20).expect("whole-IP TCP");
+    udp_echo(&inet, SocketAddrV4::new(ip("203.0.113.130"), 7000), 1200).expect("whole-IP UDP");
+    assert!(
+        lab.ping("inet", "203.0.113.130"),
+        "ICMP through a whole-IP mapping"
+    );
+    // Inbound, port mapping 8080 → 80, TCP and UDP.
+    tcp_echo(&inet, SocketAddrV4::new(ip("203.0.113.131"), 8080), 1 << 20)
+        .expect("port-mapped TCP");
+    udp_echo(&inet, SocketAddrV4::new(ip("203.0.113.131"), 8080), 1200).expect("port-mapped UDP");
+    // The containers saw the client's real address (no source translation inbound).
+    assert!(s_whole.peers().iter().all(|p| v4(p.ip()) == client_ip));
+    assert!(s_port.peers().iter().all(|p| v4(p.ip()) == client_ip));
+    assert!(!s_port.peers().is_empty());
+
+    // A port the mapping does not cover is dropped at the gateway, and counted.
+    let dropped_before = counters(&lab, "gw");
+    assert!(
+        tcp_connect(
+            &inet,
+            SocketAddrV4::new(ip("203.0.113.131"), 9999),
+            Duration::from_millis(700)
+        )
+        .is_err()
+    );
+    let dropped_after = counters(&lab, "gw");
+    assert!(delta(&dropped_before, &dropped_after, "no_public_mapping") >= 1);
+
+    // Outbound: the whole-IP container leaves as its public address, the port-mapped one
+    // (no whole-IP mapping) is masqueraded as the gateway's own address.
+    let s_inet = EchoServer::start(&inet, 9000).unwrap();
+    tcp_echo(&whole, SocketAddrV4::new(client_ip, 9000), 64 << 10).expect("container → internet");
+    tcp_echo(&ported, SocketAddrV4::new(client_ip, 9000), 64 << 10)
+        .expect("masqueraded container → internet");
+    udp_echo(&whole, SocketAddrV4::new(client_ip, 9000), 500).expect("container → internet UDP");
+    let sources: Vec<Ipv4Addr> = s_inet.peers().iter().map(|p| v4(p.ip())).collect();
+    assert!(sources.contains(&ip("203.0.113.130")), "{sources:?}");
+    assert!(sources.contains(&gw_public), "{sources:?}");
+    assert!(
+        sources.iter().all(|s| !s.octets().starts_with(&[10, 244])),
+        "no overlay address leaks to the internet: {sources:?}"
+    );
+
+    let after = counters(&lab, "gw");
+    assert!(delta(&before, &after, "public_dnat") > 10, "{after:?}");
+    assert!(delta(&before, &after, "public_snat") > 10, "{after:?}");
+    assert!(
+        delta(&before, &after, "arp_reply") >= 1,
+        "the gateway answered ARP for them"
+    );
+    assert!(
+        delta(&before, &after, "gateway_to_stack") >= 1,
+        "masqueraded traffic"
+    );
+    lab.down().unwrap();
+}
+
+#[test]
+fn a_gateway_restart_keeps_endpoints_and_public_mappings() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let mut lab = lab();
+    let n1 = lab.add_container("a1", ip("10.244.1.10")).unwrap();
+    lab.add_container("a2", ip("10.244.2.10")).unwrap();
+    lab.ferry_json(&[
+        "public",
+        "add",
+        "--public",
+        "203.0.113.130",
+        "--container",
+        "10.244.1.10",
+    ])
+    .unwrap();
+    lab.ferry_json(&[
+        "public",
+        "add",
+        "--public",
+        "203.0.113.131:8080/tcp",
+        "--container",
+        "10.244.2.10:80",
+    ])
+    .unwrap();
+    lab.sync().unwrap();
+    let before = registry(&lab);
+    assert_eq!(before.0.as_array().map(Vec::len), Some(2), "{:?}", before.0);
+    assert_eq!(before.1.as_array().map(Vec::len), Some(2), "{:?}", before.1);
+    let srv = EchoServer::start(&n1, 7000).unwrap();
+    let inet = lab.netns("inet");
+    let mut conn = tcp_connect(
+        &inet,
+        SocketAddrV4::new(ip("203.0.113.130"), 7000),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    echo_roundtrip(&mut conn, &pattern(10_000, 1)).unwrap();
+
+    lab.restart_gateway().unwrap();
+    assert_eq!(registry(&lab), before, "the registry survived the restart");
+    // The datapath never depended on the gateway daemon: the connection kept working.
+    echo_roundtrip(&mut conn, &pattern(10_000, 2)).unwrap();
+    // Agents follow the restarted gateway: a new endpoint reaches them.
+    let n3 = lab.add_container("b1", ip("10.244.3.10")).unwrap();
+    let _srv3 = EchoServer::start(&n3, 7001).unwrap();
+    tcp_echo(&n1, SocketAddrV4::new(ip("10.244.3.10"), 7001), 10_000).unwrap();
+    drop(srv);
+    lab.down().unwrap();
+}
+
+#[test]
+fn bad_api_input_is_rejected_clearly_and_changes_nothing() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let lab = lab();
+    let n1 = lab.add_container("a1", ip("10.244.1.10")).unwrap();
+    let n2 = lab.add_container("b1", ip("10.244.2.10")).unwrap();
+    lab.ferry_json(&[
+        "public",
+        "add",
+        "--public",
+        "203.0.113.130",
+        "--container",
+        "10.244.1.10",
+    ])
+    .unwrap();
+    lab.sync().unwrap();
+    let _srv = EchoServer::start(&n2, 7000).unwrap();
+    let mut conn = tcp_connect(
+        &n1,
+        SocketAddrV4::new(ip("10.244.2.10"), 7000),
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    echo_roundtrip(&mut conn, &pattern(10_000, 1)).unwrap();
+    let before = registry(&lab);
+    let c_before = counters(&lab, "a1");
+
+    // (arguments, a word the error message must contain)
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["endpoint", "add", "--ip", "10.999.1.1", "--host", "a1"],
+            "10.999.1.1",
+        ),
+        (
+            &["endpoint", "add", "--ip", "192.168.1.1", "--host", "a1"],
+            "overlay",
+        ),
+        (
+            &["endpoint", "add", "--ip", "10.244.5.5", "--host", "nosuch"],
+            "nosuch",
+        ),
+        (
+            &["endpoint", "add", "--ip", "10.244.1.10", "--host", "a2"],
+            "10.244.1.10",
+        ),
+        (
+            &["endpoint", "add", "--ip", "10.244.255.1", "--host", "a2"],
+            "10.244.255.1",
+        ),
+        (
+            &[
+                "endpoint",
+                "add",
+                "--ip",
+                "10.244.5.5",
+                "--host",
+                "a1",
+                "--mac",
+                "01:00:5e:00:00:01",
+            ],
+            "mac",
+        ),
+        (&["endpoint", "rm", "10.244.99.99"], "10.244.99.99"),
+        (
+            &[
+                "public",
+                "add",
+                "--public",
+                "198.51.100.1",
+                "--container",
+                "10.244.1.10",
+            ],
+            "198.51.100.1",
+        ),
+        (
+            &[
+                "public",
+                "add",
+                "--public",
+                "203.0.113.130",
+                "--container",
+                "10.244.2.10",
+            ],
+            "203.0.113.130",
+        ),
+        (
+            &[
+                "public",
+                "add",
+                "--public",
+                "203.0.113.150",
+                "--container",
+                "10.244.77.77",
+            ],
+            "10.244.77.77",
+        ),
+        (
+            &[
+                "public",
+                "add",
+                "--public",
+                "203.0.113.150:0/tcp",
+                "--container",
+                "10.244.2.10:80",
+            ],
+            "port",
+        ),
+        (
+            &[
+                "public",
+                "add",
+                "--public",
+                "203.0.113.150:80/icmp",
+                "--container",
+                "10.244.2.10:80",
+            ],
+            "icmp",
+        ),
+        (&["public", "rm", "203.0.113.199"], "203.0.113.199"),
+    ];
+    for (args, needle) in cases {
+        let out = lab.ferry(&[&["--json"], *args].concat()).unwrap();
+        assert!(!out.status.success(), "{args:?} must fail");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.to_lowercase().contains(&needle.to_lowercase()),
+            "{args:?}: message should mention {needle:?}: {text}"
+        );
+        assert_eq!(registry(&lab), before, "{args:?} changed the registry");
+    }
+
+    // A wrong token: refused, nothing changed.
+    let bad_token = lab.state_dir().join("wrong-token");
+    std::fs::write(&bad_token, "not-the-token").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&bad_token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let cp = lab.control().unwrap();
+    let out = lab
+        .exec(
+            &cp.host,
+            &[
+                ferry_tests::workspace_binary("ferry").to_str().unwrap(),
+                "--json",
+                "--gateway",
+                &cp.api.to_string(),
+                "--token-file",
+                bad_token.to_str().unwrap(),
+                "endpoint",
+                "add",
+                "--ip",
+                "10.244.5.5",
+                "--host",
+                "a1",
+            ],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(registry(&lab), before);
+
+    // Connections and packets were untouched throughout.
+    echo_roundtrip(&mut conn, &pattern(100_000, 2)).unwrap();
+    let c_after = counters(&lab, "a1");
+    for r in [
+        "no_endpoint",
+        "spoofed_source",
+        "redirect_failed",
+        "bad_kind",
+    ] {
+        assert_eq!(delta(&c_before, &c_after, r), 0, "{r}");
+    }
+    lab.down().unwrap();
+}
