@@ -11,7 +11,7 @@ mod tunnel;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::bpf_redirect,
+    helpers::{bpf_redirect, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
 };
@@ -80,8 +80,10 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Sends a packet on towards an endpoint: into a local container's veth, or encapsulated to
-/// the host it lives on. `local`/`encap` name the reason counted for each outcome.
+/// Sends a packet on towards an endpoint: into a local container's veth, or to the VXLAN
+/// device, whose egress program (to-overlay) encapsulates it to the host the endpoint lives on
+/// (one place sets tunnel keys: the redirect runs the device's egress hook).
+/// `local`/`encap` name the reason counted for each outcome.
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
@@ -93,12 +95,15 @@ fn deliver(
     match ep.kind {
         kind::LOCAL => {
             set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
-            redirect_to(ep.ifindex, local)
+            // Straight into the container's end of the veth (its namespace's ingress), as if
+            // its eth0 had received it: no pass through the host veth's transmit and backlog.
+            // The frame is addressed to the container now, so it is for that host.
+            ctx.change_type(PACKET_HOST)
+                .map_err(|_| Reason::DropMalformed)?;
+            // SAFETY: plain helper call; the kernel validates the ifindex (a veth here).
+            redirected(unsafe { bpf_redirect_peer(ep.ifindex, 0) }, local)
         }
-        kind::REMOTE | kind::FORWARD => {
-            tunnel::set(ctx, ep.vni, ep.vtep_be, cfg.tunnel_ttl)?;
-            redirect_to(cfg.vxlan_ifindex, encap)
-        }
+        kind::REMOTE | kind::FORWARD => redirect_to(cfg.vxlan_ifindex, encap),
         _ => Err(Reason::DropBadKind),
     }
 }
@@ -246,7 +251,7 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     if cfg.egress_vtep_be == 0 {
         return Err(Reason::DropNoEgress);
     }
-    tunnel::set(ctx, cfg.vni, cfg.egress_vtep_be, cfg.tunnel_ttl)?;
+    // to-overlay encapsulates it to the gateway.
     redirect_to(cfg.vxlan_ifindex, Reason::ContainerEgress)
 }
 

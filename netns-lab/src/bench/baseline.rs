@@ -1,15 +1,18 @@
 //! The two baselines of the datapath benchmark, built in the lab next to ferry's own overlay.
 //!
 //! - `kernel_vxlan`: flannel's vxlan backend, device for device. On each host a VXLAN device
-//!   `flannel.1` (VNI 1, UDP 8472, `nolearning`, MTU 1450) holding `10.245.N.0/32`, a bridge
-//!   `cni0` holding `10.245.N.1/24`, the container (`10.245.N.2/24`, default via `.1`) on a veth
+//!   `flannel.1` (VNI 1, UDP 8472, `nolearning`, MTU 1450) holding `172.30.N.0/32`, a bridge
+//!   `cni0` holding `172.30.N.1/24`, the container (`172.30.N.2/24`, default via `.1`) on a veth
 //!   in the bridge; for the peer's subnet a route via the peer's `flannel.1` address (`onlink`),
 //!   a permanent neighbour entry with the peer device's MAC, and an FDB entry sending that MAC
 //!   to the peer's underlay address.
 //! - `routed`: Calico-style routed veths, no overlay, MTU 1500. The container holds
-//!   `10.246.N.2/32` with a default route via `169.254.1.1` (`onlink`), which the host side of
+//!   `172.31.N.2/32` with a default route via `169.254.1.1` (`onlink`), which the host side of
 //!   the veth answers by proxy ARP; the host routes the container's /32 to the veth and the
-//!   peer's `10.246.M.0/24` to the peer's underlay address.
+//!   peer's `172.31.M.0/24` to the peer's underlay address.
+//!
+//! The baselines' addresses (172.30/16, 172.31/16) stay out of ferry's overlay (in 10/8), so the
+//! hosts' routes never mix; [`check_no_overlap`] refuses a lab whose overlay covers them.
 //!
 //! Containers are namespaces `<prefix>-<host>-kv` and `<prefix>-<host>-rt`, so the lab's
 //! teardown removes them with everything in them. Host N is 1 for the first host, 2 for the
@@ -18,6 +21,7 @@
 use std::{net::Ipv4Addr, process::Command};
 
 use ferry_overlay::netns::{netns_path, run_in};
+use ipnet::Ipv4Net;
 
 use super::{BenchError, Endpoint, Pair, run_checked};
 use crate::{Lab, lab::HOST_IF, topology::Host};
@@ -43,14 +47,14 @@ pub const ROUTED_GW: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const KV_SUFFIX: &str = "kv";
 pub const RT_SUFFIX: &str = "rt";
 
-/// `10.245.N.X`: kernel_vxlan addresses.
+/// `172.30.N.X`: kernel_vxlan addresses.
 pub fn kv_addr(n: u8, x: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 245, n, x)
+    Ipv4Addr::new(172, 30, n, x)
 }
 
-/// `10.246.N.X`: routed addresses.
+/// `172.31.N.X`: routed addresses.
 pub fn rt_addr(n: u8, x: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 246, n, x)
+    Ipv4Addr::new(172, 31, n, x)
 }
 
 /// Host side of kernel_vxlan on host `h` (number `n`): flannel.1, cni0 and the container's veth.
@@ -129,8 +133,29 @@ pub fn parse_link_mac(json: &str) -> Option<String> {
     (mac.len() == 17).then(|| mac.to_owned())
 }
 
+/// The /16 all kernel_vxlan addresses come from.
+pub fn kv_net() -> Ipv4Net {
+    Ipv4Net::new(kv_addr(0, 0), 16).expect("valid prefix")
+}
+
+/// The /16 all routed addresses come from.
+pub fn rt_net() -> Ipv4Net {
+    Ipv4Net::new(rt_addr(0, 0), 16).expect("valid prefix")
+}
+
+/// Fails if a baseline's addresses overlap the lab's overlay (the hosts' routes would mix).
+pub fn check_no_overlap(mode: &str, net: Ipv4Net, overlay: Ipv4Net) -> Result<(), BenchError> {
+    if net.contains(&overlay.network()) || overlay.contains(&net.network()) {
+        return Err(BenchError::failed(format!(
+            "{mode}'s addresses {net} overlap the lab's overlay {overlay}"
+        )));
+    }
+    Ok(())
+}
+
 /// Builds kernel_vxlan between hosts `a` and `b`; returns the two containers.
 pub fn kernel_vxlan(lab: &Lab, a: &str, b: &str) -> Result<Pair, BenchError> {
+    check_no_overlap("kernel_vxlan", kv_net(), lab.topology().overlay_cidr)?;
     let hosts = [host(lab, a)?, host(lab, b)?];
     let cns = [
         container_ns(lab, a, KV_SUFFIX),
@@ -192,6 +217,7 @@ pub fn kernel_vxlan(lab: &Lab, a: &str, b: &str) -> Result<Pair, BenchError> {
 
 /// Builds routed veths between hosts `a` and `b`; returns the two containers.
 pub fn routed(lab: &Lab, a: &str, b: &str) -> Result<Pair, BenchError> {
+    check_no_overlap("routed", rt_net(), lab.topology().overlay_cidr)?;
     let hosts = [host(lab, a)?, host(lab, b)?];
     let cns = [
         container_ns(lab, a, RT_SUFFIX),
@@ -314,26 +340,44 @@ mod tests {
         assert!(b.starts_with(
             "link add flannel.1 type vxlan id 1 local 198.18.1.10 dev eth0 dstport 8472 nolearning\n"
         ));
-        assert!(b.contains("addr add 10.245.1.0/32 dev flannel.1\n"));
-        assert!(b.contains("addr add 10.245.1.1/24 dev cni0\n"));
+        assert!(b.contains("addr add 172.30.1.0/32 dev flannel.1\n"));
+        assert!(b.contains("addr add 172.30.1.1/24 dev cni0\n"));
         assert!(b.contains("peer name eth0 netns fl000000-a1-kv\n"));
-        assert!(flannel_container_batch(2).contains("addr add 10.245.2.2/24 dev eth0\n"));
+        assert!(flannel_container_batch(2).contains("addr add 172.30.2.2/24 dev eth0\n"));
         assert_eq!(
             flannel_peer_batch(2, "aa:bb:cc:dd:ee:ff"),
-            "route add 10.245.2.0/24 via 10.245.2.0 dev flannel.1 onlink\n\
-             neigh add 10.245.2.0 lladdr aa:bb:cc:dd:ee:ff dev flannel.1 nud permanent\n"
+            "route add 172.30.2.0/24 via 172.30.2.0 dev flannel.1 onlink\n\
+             neigh add 172.30.2.0 lladdr aa:bb:cc:dd:ee:ff dev flannel.1 nud permanent\n"
         );
     }
 
     #[test]
     fn routed_batches() {
         let b = routed_host_batch(1, "fl000000-a1-rt", 2, Ipv4Addr::new(198, 18, 1, 11));
-        assert!(b.contains("route add 10.246.1.2/32 dev calirt0 scope link\n"));
-        assert!(b.contains("route add 10.246.2.0/24 via 198.18.1.11 dev eth0\n"));
+        assert!(b.contains("route add 172.31.1.2/32 dev calirt0 scope link\n"));
+        assert!(b.contains("route add 172.31.2.0/24 via 198.18.1.11 dev eth0\n"));
         assert!(
             routed_container_batch(1)
                 .contains("route add default via 169.254.1.1 dev eth0 onlink\n")
         );
+    }
+
+    #[test]
+    fn overlapping_overlays_are_refused() {
+        let o16: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let o15: Ipv4Net = "10.244.0.0/15".parse().unwrap();
+        let o12: Ipv4Net = "10.240.0.0/12".parse().unwrap();
+        let big: Ipv4Net = "172.16.0.0/12".parse().unwrap();
+        for o in [o16, o15, o12] {
+            assert!(check_no_overlap("kernel_vxlan", kv_net(), o).is_ok());
+            assert!(check_no_overlap("routed", rt_net(), o).is_ok());
+        }
+        let e = check_no_overlap("kernel_vxlan", kv_net(), big).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kernel_vxlan's addresses 172.30.0.0/16 overlap the lab's overlay 172.16.0.0/12"
+        );
+        assert!(check_no_overlap("routed", rt_net(), "172.31.7.0/24".parse().unwrap()).is_err());
     }
 
     #[test]

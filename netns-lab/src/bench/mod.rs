@@ -32,6 +32,8 @@ use report::{ModeSamples, Params, Report};
 pub const HOST_A: &str = "a1";
 /// Host of container B (the server side); same cloud as [`HOST_A`], another host.
 pub const HOST_B: &str = "a2";
+/// The bench lab's overlay (room for the 65,536 filler endpoints).
+pub const BENCH_OVERLAY: &str = "10.64.0.0/12";
 /// Entries in ferry's endpoint map for `ferry_full_map`.
 pub const FULL_MAP_ENTRIES: usize = 65_536;
 
@@ -198,8 +200,12 @@ fn datapath(args: &DatapathArgs) -> Result<i32, BenchError> {
     let rr_size = usize::try_from(args.rr_size).unwrap_or(usize::MAX);
 
     p.say("bringing up the default lab with agents");
+    // A /12 overlay: 65,536 filler endpoints do not fit in the default /16 next to the hosts.
     let lab = Lab::up(LabOptions {
-        topology: Topology::default_lab(),
+        topology: Topology {
+            overlay_cidr: BENCH_OVERLAY.parse().expect("valid CIDR"),
+            ..Topology::default_lab()
+        },
         start_agents: true,
     })?;
     let prefix = lab.prefix().to_owned();

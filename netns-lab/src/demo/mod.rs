@@ -1,7 +1,11 @@
 //! `ferry-lab demo`: ferry's main job shown end to end in a lab. Today: the default lab comes
-//! up with an agent on every host, every host reaches every other over the eBPF VXLAN overlay
-//! (same cloud and across clouds), the datapath counters show what crossed, and the lab is torn
-//! down with nothing left behind.
+//! up with an agent on every host and the gateway's registry; every host reaches every other
+//! over the eBPF VXLAN overlay; containers are placed through the registry, talk across hosts
+//! and clouds, and are reached from the internet side through public addresses; one container
+//! is moved by hand to another cloud and stays reachable at its public address; the datapath
+//! counters show what crossed, and the lab is torn down with nothing left behind.
+
+mod containers;
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +21,8 @@ pub struct DemoReport {
     pub lab_up_ms: u64,
     /// (from, to) → average RTT over the overlay in µs; `None` if unreachable.
     pub overlay_rtt_us: BTreeMap<String, Option<u64>>,
+    /// Containers, public addresses and a move by hand (topologies with a gateway).
+    pub containers: Option<containers::ContainersReport>,
     /// host → non-zero datapath counters (reason → packets).
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
     pub teardown_ms: u64,
@@ -25,7 +31,9 @@ pub struct DemoReport {
 
 impl DemoReport {
     pub fn ok(&self) -> bool {
-        self.overlay_rtt_us.values().all(Option::is_some) && self.leftovers.is_empty()
+        self.overlay_rtt_us.values().all(Option::is_some)
+            && self.containers.as_ref().is_none_or(containers::ContainersReport::ok)
+            && self.leftovers.is_empty()
     }
 }
 
@@ -92,6 +100,12 @@ pub fn run(topology: Topology, json: bool) -> Result<DemoReport, LabError> {
         }
     }
 
+    let containers = if lab.control().is_some() {
+        Some(containers::run(&lab, json, t0)?)
+    } else {
+        None
+    };
+
     step(
         json,
         t0,
@@ -128,6 +142,7 @@ pub fn run(topology: Topology, json: bool) -> Result<DemoReport, LabError> {
         prefix,
         lab_up_ms,
         overlay_rtt_us,
+        containers,
         counters,
         teardown_ms,
         leftovers: left,
