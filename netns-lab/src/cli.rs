@@ -69,6 +69,7 @@ pub enum Cmd {
         json: bool,
     },
     /// Run a command inside a node's namespace (`ip netns exec`); exits with its status.
+    /// FERRY_GATEWAY and FERRY_TOKEN_FILE point at the lab's gateway, so `ferry` works there.
     Exec {
         #[arg(long)]
         lab: Option<String>,
@@ -184,9 +185,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let prefix = pick(lab)?;
             check_node(&prefix, &host)?;
             let ns = netns_name(&prefix, &host);
-            let status = Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .args(&cmd)
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns]).args(&cmd);
+            // So that `ferry-lab exec gw -- ferry hosts` talks to this lab's gateway.
+            if let Some(st) = LabState::load(&prefix)?
+                && let Some(cp) = crate::control::ControlPlane::of(&prefix, &st.topology)
+            {
+                c.env("FERRY_GATEWAY", cp.api.to_string())
+                    .env("FERRY_TOKEN_FILE", &cp.token_file);
+            }
+            let status = c
                 .status()
                 .with_context(|| format!("running `ip netns exec {ns} ...`"))?;
             Ok(exit_code(status))

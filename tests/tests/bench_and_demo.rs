@@ -1,0 +1,77 @@
+//! The lab's main job and its datapath benchmark run end to end (short settings): the demo's
+//! every check passes and leaves nothing behind; the benchmark measures every mode and prints
+//! the JSON shape orchestrators and docs/benchmarks.md rely on. Figures are not asserted
+//! (shared, noisy machines): only that each was measured.
+use std::process::Command;
+
+use ferry_tests::{require_root_and_tools, workspace_binary};
+use serde_json::Value;
+
+#[test]
+fn the_demo_passes_every_check_and_leaves_nothing_behind() {
+    if !require_root_and_tools(&["ip", "ping", "curl", "nft"]) {
+        return;
+    }
+    workspace_binary("ferry-agent");
+    workspace_binary("ferry");
+    let out = Command::new(workspace_binary("ferry-lab"))
+        .args(["demo", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON document");
+    let c = &r["containers"];
+    assert_eq!(c["moved_reachable"], Value::Bool(true), "{r}");
+    for (path, us) in c["rr_us"].as_object().unwrap() {
+        assert!(us.as_u64().is_some(), "{path} failed: {r}");
+    }
+    for (addr, p) in c["public"].as_object().unwrap() {
+        assert_eq!(p["ok"], Value::Bool(true), "{addr}: {r}");
+        assert_eq!(p["client_seen_as"], "203.0.113.10", "{addr}: {r}");
+    }
+    assert_eq!(r["leftovers"], Value::Array(vec![]), "{r}");
+}
+
+#[test]
+fn the_datapath_benchmark_measures_every_mode() {
+    if !require_root_and_tools(&["ip", "iperf3", "bridge"]) {
+        return;
+    }
+    workspace_binary("ferry-agent");
+    workspace_binary("ferry");
+    let out = Command::new(workspace_binary("ferry-lab"))
+        .args([
+            "bench",
+            "datapath",
+            "--json",
+            "--duration-secs",
+            "1",
+            "--rounds",
+            "1",
+            "--rr-count",
+            "500",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    for mode in ["ferry", "kernel_vxlan", "routed"] {
+        for key in ["gbps", "rr_p50_us", "rr_p99_us"] {
+            let v = r[mode][key].as_f64().unwrap_or(0.0);
+            assert!(v > 0.0, "{mode}.{key} = {v}: {r}");
+        }
+        assert!(r[mode]["rr_p99_us"].as_f64() >= r[mode]["rr_p50_us"].as_f64());
+    }
+    assert!(r["ferry_full_map"]["gbps"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    assert!(r["ratios"]["ferry_vs_routed_gbps"].as_f64().is_some(), "{r}");
+}
