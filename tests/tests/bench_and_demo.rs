@@ -72,6 +72,12 @@ fn the_datapath_benchmark_measures_every_mode() {
         }
         assert!(r[mode]["rr_p99_us"].as_f64() >= r[mode]["rr_p50_us"].as_f64());
     }
-    assert!(r["ferry_full_map"]["gbps"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
-    assert!(r["ratios"]["ferry_vs_routed_gbps"].as_f64().is_some(), "{r}");
+    assert!(
+        r["ferry_full_map"]["gbps"].as_f64().unwrap_or(0.0) > 0.0,
+        "{r}"
+    );
+    assert!(
+        r["ratios"]["ferry_vs_routed_gbps"].as_f64().is_some(),
+        "{r}"
+    );
 }

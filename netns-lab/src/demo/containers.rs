@@ -159,7 +159,18 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
         )?;
         ns.insert(name, lab.container_netns(host, ip));
     }
-    ferry(lab, json, &["public", "add", "--public", "203.0.113.130", "--container", "10.244.1.10"])?;
+    ferry(
+        lab,
+        json,
+        &[
+            "public",
+            "add",
+            "--public",
+            "203.0.113.130",
+            "--container",
+            "10.244.1.10",
+        ],
+    )?;
     ferry(
         lab,
         json,
@@ -178,14 +189,22 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
         servers.insert(name, Server::start(&ns[name])?);
     }
 
-    step(json, t0, "containers talk over TCP (median of 200 round trips)");
+    step(
+        json,
+        t0,
+        "containers talk over TCP (median of 200 round trips)",
+    );
     let mut rr = BTreeMap::new();
     for (from, to, what) in [
         ("web", "api", "across hosts"),
         ("web", "db", "across clouds"),
         ("db", "api", "across clouds"),
     ] {
-        let ip = plan.iter().find(|p| p.0 == to).map(|p| p.2).expect("planned");
+        let ip = plan
+            .iter()
+            .find(|p| p.0 == to)
+            .map(|p| p.2)
+            .expect("planned");
         let us = rr_us(&ns[from], SocketAddrV4::new(ip, PORT));
         if !json {
             match us {
@@ -196,11 +215,18 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
         rr.insert(format!("{from}->{to}"), us);
     }
 
-    step(json, t0, "the internet client reaches containers at their public addresses");
+    step(
+        json,
+        t0,
+        "the internet client reaches containers at their public addresses",
+    );
     let inet = lab.netns(crate::INET);
     let mut public = BTreeMap::new();
     for (addr, container) in [
-        (SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 130), PORT), "web"),
+        (
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 130), PORT),
+            "web",
+        ),
         (SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 131), 80), "db"),
     ] {
         let ok = rr_us(&inet, addr).is_some();
@@ -230,7 +256,11 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
     drop(servers.remove("web"));
     let t = Instant::now();
     ferry(lab, json, &["endpoint", "rm", "10.244.1.10"])?;
-    ferry(lab, json, &["endpoint", "add", "--ip", "10.244.1.10", "--host", "b1"])?;
+    ferry(
+        lab,
+        json,
+        &["endpoint", "add", "--ip", "10.244.1.10", "--host", "b1"],
+    )?;
     let converged = lab.sync().ok().map(|()| t.elapsed().as_millis() as u64);
     let moved_ns = lab.container_netns("b1", Ipv4Addr::new(10, 244, 1, 10));
     let _web = Server::start(&moved_ns)?;
@@ -245,9 +275,7 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
             converged.map_or("?".into(), |m| m.to_string()),
             if moved_reachable { "ok" } else { "FAILED" }
         );
-        eprintln!(
-            "  (a real migration keeps the processes and their connections: issues 4 and 5)"
-        );
+        eprintln!("  (a real migration keeps the processes and their connections: issues 4 and 5)");
     }
     Ok(ContainersReport {
         containers: plan

@@ -32,7 +32,10 @@ pub struct DemoReport {
 impl DemoReport {
     pub fn ok(&self) -> bool {
         self.overlay_rtt_us.values().all(Option::is_some)
-            && self.containers.as_ref().is_none_or(containers::ContainersReport::ok)
+            && self
+                .containers
+                .as_ref()
+                .is_none_or(containers::ContainersReport::ok)
             && self.leftovers.is_empty()
     }
 }
