@@ -183,9 +183,15 @@ http.server.HTTPServer(("127.0.0.1", 9464), H).serve_forever()
     let up: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let prefix = up["prefix"].as_str().unwrap().to_owned();
     let _down = DownOnDrop(prefix.clone());
-    let agents = up["processes"].as_array().unwrap();
-    assert_eq!(agents.len(), 4, "{agents:?}");
-    assert!(agents.iter().all(|a| a["alive"] == true), "{agents:?}");
+    let procs = up["processes"].as_array().unwrap();
+    let agents: Vec<_> = procs.iter().filter(|p| p["kind"] == "agent").collect();
+    assert_eq!(agents.len(), 4, "{procs:?}");
+    assert!(procs.iter().all(|a| a["alive"] == true), "{procs:?}");
+    assert_eq!(
+        procs.iter().filter(|p| p["kind"] == "gateway").count(),
+        1,
+        "the gateway daemon runs too: {procs:?}"
+    );
 
     let t = Instant::now();
     let o = Command::new(&bin)
