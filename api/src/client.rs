@@ -61,6 +61,8 @@ pub enum ApiError {
         status: u16,
         code: Option<String>,
         message: String,
+        /// With `rolled_back` / `needs_attention`: where the failed migration step left things.
+        migration: Option<Box<MigrationFailure>>,
     },
     #[error("decoding {what}: {source}")]
     Decode {
@@ -81,6 +83,14 @@ impl ApiError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ApiError::Http { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Where a failed migration step left things (`rolled_back`, `needs_attention`).
+    pub fn migration_failure(&self) -> Option<&MigrationFailure> {
+        match self {
+            ApiError::Http { migration, .. } => migration.as_deref(),
             _ => None,
         }
     }
@@ -218,6 +228,134 @@ impl Client {
             .await
     }
 
+    /// The prepare step: creates a migration of `container` to host `to` (or, repeated while
+    /// it is prepared, answers it unchanged). `timeout`: how long the gateway waits for the
+    /// agents (default: its `step_timeout_ms`). See [`Client::step_deadline`].
+    pub async fn prepare_migration(
+        &self,
+        container: Ipv4Addr,
+        to: &str,
+        timeout: Option<Duration>,
+    ) -> Result<MigrationStep, ApiError> {
+        let body = MigrationRequest {
+            container,
+            to: to.to_string(),
+        };
+        let path = format!("/v1/migrations{}", step_query(timeout));
+        self.send("POST", &path, Some(&body), self.step_deadline(timeout))
+            .await
+    }
+
+    /// The freeze step of migration `id`.
+    pub async fn freeze_migration(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<MigrationStep, ApiError> {
+        self.migration_step(id, MigrationStepKind::Freeze, timeout)
+            .await
+    }
+
+    /// The release step of migration `id`.
+    pub async fn release_migration(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<MigrationStep, ApiError> {
+        self.migration_step(id, MigrationStepKind::Release, timeout)
+            .await
+    }
+
+    /// Aborts migration `id`.
+    pub async fn abort_migration(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<MigrationStep, ApiError> {
+        self.migration_step(id, MigrationStepKind::Abort, timeout)
+            .await
+    }
+
+    /// `freeze`, `release` or `abort` of migration `id` (`prepare` is
+    /// [`Client::prepare_migration`]).
+    pub async fn migration_step(
+        &self,
+        id: &str,
+        step: MigrationStepKind,
+        timeout: Option<Duration>,
+    ) -> Result<MigrationStep, ApiError> {
+        let path = format!(
+            "/v1/migrations/{}/{step}{}",
+            percent_encode(id),
+            step_query(timeout)
+        );
+        self.send::<(), _>("POST", &path, None, self.step_deadline(timeout))
+            .await
+    }
+
+    /// The deadline of a step request: the gateway may wait `timeout` for the agents, and as
+    /// long again for an automatic abort, so `2 × timeout` plus the client's own timeout
+    /// (without a timeout: 2 × 60 s, the largest `step_timeout_ms` a gateway accepts).
+    pub fn step_deadline(&self, timeout: Option<Duration>) -> Duration {
+        timeout
+            .unwrap_or(Duration::from_millis(MAX_CONFIG_STEP_TIMEOUT_MS))
+            .saturating_mul(2)
+            .saturating_add(self.timeout)
+    }
+
+    /// Every migration the gateway knows (active, released and still forwarding, and the
+    /// history of finished ones), oldest first.
+    pub async fn migrations(&self) -> Result<Vec<Migration>, ApiError> {
+        self.get("/v1/migrations").await
+    }
+
+    /// The migrations of one container, oldest first; `active_only`: only a `prepared` or
+    /// `frozen` one.
+    pub async fn container_migrations(
+        &self,
+        container: Ipv4Addr,
+        active_only: bool,
+    ) -> Result<Vec<Migration>, ApiError> {
+        let mut path = format!("/v1/migrations?container={container}");
+        if active_only {
+            path.push_str("&active=true");
+        }
+        self.get(&path).await
+    }
+
+    /// The container's active (`prepared` or `frozen`) migration, if any.
+    pub async fn active_migration(
+        &self,
+        container: Ipv4Addr,
+    ) -> Result<Option<Migration>, ApiError> {
+        Ok(self
+            .container_migrations(container, true)
+            .await?
+            .into_iter()
+            .next_back())
+    }
+
+    /// The container's active migration, or else its most recent one (what a repeated step
+    /// refers to: `ferry migrate release --container IP` after the release).
+    pub async fn latest_migration(
+        &self,
+        container: Ipv4Addr,
+    ) -> Result<Option<Migration>, ApiError> {
+        let all = self.container_migrations(container, false).await?;
+        Ok(all
+            .iter()
+            .rev()
+            .find(|m| m.phase.is_active())
+            .or(all.last())
+            .cloned())
+    }
+
+    /// One migration by id.
+    pub async fn migration(&self, id: &str) -> Result<Migration, ApiError> {
+        self.get(&format!("/v1/migrations/{}", percent_encode(id)))
+            .await
+    }
+
     /// Long-polls for a snapshot newer than `after`. `timeout` bounds the whole request: make it
     /// longer than the gateway's `watch_timeout_ms`.
     pub async fn watch(
@@ -306,6 +444,16 @@ impl Client {
     }
 }
 
+/// Largest `step_timeout_ms` in a gateway's configuration.
+pub const MAX_CONFIG_STEP_TIMEOUT_MS: u64 = 60_000;
+
+fn step_query(timeout: Option<Duration>) -> String {
+    match timeout {
+        Some(t) => format!("?timeout_ms={}", t.as_millis()),
+        None => String::new(),
+    }
+}
+
 /// Turns an error answer into [`ApiError::Http`], decoding an [`ErrorBody`] if it is one.
 pub fn http_error(status: u16, body: &[u8]) -> ApiError {
     match serde_json::from_slice::<ErrorBody>(body) {
@@ -313,6 +461,7 @@ pub fn http_error(status: u16, body: &[u8]) -> ApiError {
             status,
             code: Some(e.error.code),
             message: e.error.message,
+            migration: e.error.migration,
         },
         Err(_) => {
             let text = String::from_utf8_lossy(body);
@@ -324,6 +473,7 @@ pub fn http_error(status: u16, body: &[u8]) -> ApiError {
                 status,
                 code: None,
                 message,
+                migration: None,
             }
         }
     }
@@ -413,6 +563,35 @@ mod tests {
         let e = Client::new(addr, None).remove_host("x1").await.unwrap_err();
         assert_eq!(e.code(), Some("unknown_host"), "{e}");
         assert_eq!(e.status(), Some(404));
+    }
+
+    #[tokio::test]
+    async fn migration_steps_send_their_timeout_and_decode_failures() {
+        let body = r#"{"error":{"code":"rolled_back","message":"b1 did not apply","migration":{"step":"freeze","migration":{"id":"m3","container":"10.244.1.5","from":"a1","to":"b1","phase":"aborted","created_unix_ms":1,"updated_unix_ms":2},"version":7,"lagging":[{"host":"b1","applied_version":5,"wanted_version":6,"connected":false}],"waited_ms":250}}}"#;
+        let answer = format!(
+            "HTTP/1.1 504 Gateway Timeout\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (addr, h) = one_shot(Box::leak(answer.into_bytes().into_boxed_slice())).await;
+        let c = Client::new(addr, None);
+        let e = c
+            .freeze_migration("m3", Some(Duration::from_millis(250)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("rolled_back"), "{e}");
+        let f = e.migration_failure().expect("failure detail");
+        assert_eq!(f.migration.phase, MigrationPhase::Aborted);
+        assert_eq!(f.lagging[0].host, "b1");
+        let req = String::from_utf8(h.await.unwrap()).unwrap();
+        assert!(
+            req.starts_with("POST /v1/migrations/m3/freeze?timeout_ms=250 HTTP/1.1\r\n"),
+            "{req}"
+        );
+        assert_eq!(
+            c.step_deadline(Some(Duration::from_secs(1))),
+            Duration::from_secs(12)
+        );
+        assert_eq!(c.step_deadline(None), Duration::from_secs(130));
     }
 
     #[tokio::test]

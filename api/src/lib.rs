@@ -18,6 +18,12 @@
 //! | DELETE | /v1/public/{key} | → [`PublicMapping`] (`key` as [`PublicMapping::key`]) |
 //! | GET | /v1/watch?host=NAME&after=N | → [`Snapshot`] as soon as its version ≠ N (or after the long-poll timeout, the current one) |
 //! | GET | /v1/version | → [`RegistryVersion`] (the registry's current version) |
+//! | POST | /v1/migrations[?timeout_ms=N] | [`MigrationRequest`] → [`MigrationStep`] (prepare: 201 new, 200 repeated) |
+//! | POST | /v1/migrations/{id}/freeze[?timeout_ms=N] | → [`MigrationStep`] |
+//! | POST | /v1/migrations/{id}/release[?timeout_ms=N] | → [`MigrationStep`] |
+//! | POST | /v1/migrations/{id}/abort[?timeout_ms=N] | → [`MigrationStep`] |
+//! | GET | /v1/migrations[?container=IP][&active=true] | → `Vec<Migration>` (live and history, oldest first) |
+//! | GET | /v1/migrations/{id} | → [`Migration`] |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]) with a 4xx/5xx
 //! status ([`ErrorCode`] lists the codes); a rejected request changes nothing.
@@ -37,6 +43,57 @@
 //!   moved by removing it and adding it again on another host.
 //! - `DELETE /v1/public/{key}`: the key's `/` may be sent as is or as `%2F`.
 //! - `GET /metrics` (no token): Prometheus text.
+//!
+//! Migrations (the coordinator; the agents learn everything from [`Snapshot::migrations`]):
+//! - A migration moves one container endpoint from its host (`from`) to another registered
+//!   host (`to`, any role: wherever an endpoint may live, the gateway host included) in steps
+//!   prepare → freeze → release, or prepare [→ freeze] → abort. Ids are `m<n>`, never reused.
+//!   Each step that changes something is one new registry version, persisted before anything
+//!   else happens; release also moves the endpoint (`host` becomes `to`, same IP and MAC) in
+//!   that same version.
+//! - prepare refuses: an unknown container (404 `unknown_endpoint`), an unknown `to` (404
+//!   `unknown_host`), `to` = the endpoint's host (400 `bad_request`), a container that already
+//!   has an active (`prepared`/`frozen`) migration to another host (409 `conflict`, naming
+//!   it). Preparing while the container's previous migration is `released` and still
+//!   forwarding ends that grace early (the snapshot holds at most one migration per
+//!   container).
+//! - Repeating the current step (prepare with the same container and `to` while prepared,
+//!   freeze while frozen, release while released, abort while aborted) answers 200 with the
+//!   migration unchanged (`changed: false`, no new version). Any other step out of order is
+//!   409 `bad_phase` ("migration m3 is prepared: freeze it before release", "released: too
+//!   late to abort; migrate back instead", anything after an abort) and changes nothing;
+//!   unknown ids are 404 `unknown_migration`.
+//! - While a migration is active, `DELETE /v1/endpoints/{ip}` of its container and
+//!   `DELETE /v1/hosts/{name}` of its source or destination are 409 `conflict`.
+//! - Waiting: after persisting, a step answers only once the agents concerned report (their
+//!   watch's `after`) a version ≥ the step's: prepare — `from` and `to`; freeze and release —
+//!   `from`, `to` and every host whose agent is connected (a watch open, or one within the
+//!   last 10 s); abort — every host that reported a version carrying the migration, plus
+//!   `from` and `to` if connected. At most `timeout_ms` (1–600000; default the gateway's
+//!   `step_timeout_ms`, 5000). [`MigrationStep::applied_ms`] says how long it took. A repeated
+//!   step waits the same way for the version of the migration's current phase.
+//! - Timeouts (504, the body's `error.migration` is a [`MigrationFailure`] naming the lagging
+//!   hosts): a prepare or freeze is aborted automatically (persisted), then the hosts that had
+//!   applied a version carrying the migration must apply the abort within the same timeout:
+//!   `rolled_back` if they do (the step failed, everything went back to `from`),
+//!   `needs_attention` if not. A release that times out is `needs_attention` (a release is
+//!   never rolled back: the endpoint is on `to`), as is an abort that times out, and a step
+//!   whose wait is cut short by the gateway shutting down (the step stays persisted).
+//! - Released migrations stay in the snapshot while `now < forward_until_unix_ms`
+//!   (`released_unix_ms + forward_grace_ms`, gateway config, default 2000); then a timer in
+//!   the gateway moves them to the history with a new version. The snapshot is a function of
+//!   the state and the time: one the timer has not caught up with yet already omits them.
+//!   Aborted migrations leave the snapshot at once. `GET /v1/migrations` also lists the
+//!   history (the last 1000 finished ones).
+//! - Restarts: migrations are persisted with the registry. A restarted gateway keeps active
+//!   migrations as they are (it neither aborts nor completes them); agents re-sync through
+//!   their watch, and the orchestrator continues (freeze, release) or aborts.
+//!
+//! `ferry migrate prepare|freeze|release|abort|status` (the CLI) exits with: 0 success (the
+//! step is in effect, or already was); 1 error with nothing changed (bad input, unknown
+//! container/host/migration, `bad_phase`, `conflict`, unreachable gateway, …); 2 usage; 3
+//! `rolled_back`; 4 `needs_attention` (also when a step's answer was lost after it was sent:
+//! its outcome is unknown).
 
 pub mod client;
 pub mod http;

@@ -244,6 +244,199 @@ pub struct Snapshot {
     pub hosts: Vec<HostInfo>,
     pub endpoints: Vec<Endpoint>,
     pub public: Vec<PublicMapping>,
+    /// Migrations the agents must act on: every `prepared` or `frozen` one, and `released`
+    /// ones until their forwarding grace period ends. (Aborted and finished ones are history,
+    /// listed by `GET /v1/migrations`, not here.)
+    #[serde(default)]
+    pub migrations: Vec<Migration>,
+}
+
+/// Where a migration stands. Steps go prepare → freeze → release; abort is possible from
+/// `prepared` and `frozen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationPhase {
+    /// The destination built the container's network side and holds its packets; traffic
+    /// still flows to the source.
+    Prepared,
+    /// Everyone sends to the destination, which holds; the source forwards to it and drops
+    /// what the frozen copy emits.
+    Frozen,
+    /// The container runs at the destination (the endpoint's host is now `to`); held packets
+    /// were re-injected; the source forwards stragglers until `forward_until_unix_ms`.
+    Released,
+    /// Rolled back: the container stays at `from`; the destination sent what it held there.
+    Aborted,
+}
+
+/// One migration of one container endpoint between two registered hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Migration {
+    /// Unique, assigned by the gateway (`m<n>`).
+    pub id: String,
+    /// The container endpoint's address.
+    pub container: Ipv4Addr,
+    /// Source and destination hosts.
+    pub from: String,
+    pub to: String,
+    pub phase: MigrationPhase,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    /// When the phase became `frozen` / `released` (0: not yet).
+    #[serde(default)]
+    pub frozen_unix_ms: u64,
+    #[serde(default)]
+    pub released_unix_ms: u64,
+    /// `released`: until when the source keeps its forwarding pointer.
+    #[serde(default)]
+    pub forward_until_unix_ms: u64,
+}
+
+/// Body of `POST /v1/migrations` (the prepare step).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub container: Ipv4Addr,
+    pub to: String,
+}
+
+impl MigrationPhase {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Prepared => "prepared",
+            MigrationPhase::Frozen => "frozen",
+            MigrationPhase::Released => "released",
+            MigrationPhase::Aborted => "aborted",
+        }
+    }
+
+    /// `prepared` or `frozen`: the migration can still go on or be aborted, and it is the
+    /// container's only active one.
+    pub const fn is_active(self) -> bool {
+        matches!(self, MigrationPhase::Prepared | MigrationPhase::Frozen)
+    }
+}
+
+impl fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Migration {
+    /// The number in the id (`m12` → 12), by which migrations are ordered.
+    pub fn seq(&self) -> Option<u64> {
+        migration_seq(&self.id)
+    }
+}
+
+/// The number of a migration id `m<n>` (n ≥ 1, no leading zero), if it is one.
+pub fn migration_seq(id: &str) -> Option<u64> {
+    let digits = id.strip_prefix('m')?;
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A migration step (`prepare`, `freeze`, `release`, `abort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationStepKind {
+    Prepare,
+    Freeze,
+    Release,
+    Abort,
+}
+
+impl MigrationStepKind {
+    pub const ALL: [MigrationStepKind; 4] = [
+        MigrationStepKind::Prepare,
+        MigrationStepKind::Freeze,
+        MigrationStepKind::Release,
+        MigrationStepKind::Abort,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MigrationStepKind::Prepare => "prepare",
+            MigrationStepKind::Freeze => "freeze",
+            MigrationStepKind::Release => "release",
+            MigrationStepKind::Abort => "abort",
+        }
+    }
+
+    /// The phase this step puts a migration in.
+    pub const fn phase(self) -> MigrationPhase {
+        match self {
+            MigrationStepKind::Prepare => MigrationPhase::Prepared,
+            MigrationStepKind::Freeze => MigrationPhase::Frozen,
+            MigrationStepKind::Release => MigrationPhase::Released,
+            MigrationStepKind::Abort => MigrationPhase::Aborted,
+        }
+    }
+}
+
+impl fmt::Display for MigrationStepKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer of a successful migration step (`POST /v1/migrations` and
+/// `POST /v1/migrations/{id}/freeze|release|abort`): the step is persisted and the agents of
+/// `hosts` reported (through their watch) that they applied `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationStep {
+    /// The migration after the step.
+    pub migration: Migration,
+    /// The registry version that carries the migration's current phase.
+    pub version: u64,
+    /// False when the step was a repetition of the current one: nothing changed (no new
+    /// version), the answer came once `hosts` had applied `version`.
+    pub changed: bool,
+    /// The hosts whose agents were waited for (sorted).
+    pub hosts: Vec<String>,
+    /// How long they took to report `version` as applied, from the moment the step was
+    /// persisted (ms).
+    pub applied_ms: u64,
+}
+
+/// A host that had not applied a version in time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostLag {
+    pub host: String,
+    /// The version its agent last reported as applied.
+    pub applied_version: u64,
+    /// The version it was waited for.
+    pub wanted_version: u64,
+    /// Whether its agent held a watch open when the wait ended.
+    pub connected: bool,
+}
+
+/// Where things stand after a migration step that changed the registry but failed: attached to
+/// the error answers with code `rolled_back` and `needs_attention`
+/// ([`ErrorDetail::migration`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationFailure {
+    /// The step that failed.
+    pub step: MigrationStepKind,
+    /// The migration as it is now (`aborted` after a rollback).
+    pub migration: Migration,
+    /// The registry version now.
+    pub version: u64,
+    /// Hosts that did not apply the failed step in time (the reason of the failure).
+    pub lagging: Vec<HostLag>,
+    /// After an automatic abort: hosts that did not apply the abort in time (non-empty only
+    /// with `needs_attention`).
+    #[serde(default)]
+    pub rollback_lagging: Vec<HostLag>,
+    /// Time from persisting the step to this answer (ms).
+    pub waited_ms: u64,
 }
 
 /// Body of every error answer.
@@ -257,11 +450,15 @@ pub struct ErrorBody {
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
     /// Stable, machine-readable: `unauthorized`, `bad_request`, `invalid_address`,
-    /// `unknown_host`, `unknown_endpoint`, `unknown_public`, `duplicate_endpoint`,
-    /// `duplicate_public`, `conflict`, `not_found`, `internal`.
+    /// `unknown_host`, `unknown_endpoint`, `unknown_public`, `unknown_migration`,
+    /// `duplicate_endpoint`, `duplicate_public`, `conflict`, `bad_phase`, `not_found`,
+    /// `rolled_back`, `needs_attention`, `internal`.
     pub code: String,
     /// For people: names the offending field or value.
     pub message: String,
+    /// With `rolled_back` and `needs_attention`: the migration and the hosts that lagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Box<MigrationFailure>>,
 }
 
 impl ErrorBody {
@@ -270,8 +467,15 @@ impl ErrorBody {
             error: ErrorDetail {
                 code: code.into(),
                 message: message.into(),
+                migration: None,
             },
         }
+    }
+
+    /// Attaches where a failed migration step left things.
+    pub fn with_migration(mut self, failure: MigrationFailure) -> Self {
+        self.error.migration = Some(Box::new(failure));
+        self
     }
 }
 
@@ -295,16 +499,31 @@ pub enum ErrorCode {
     DuplicateEndpoint,
     /// 409: a public mapping with that key already exists.
     DuplicatePublic,
-    /// 409: the request collides with other state (addresses, MACs, roles, reverse NAT, …).
+    /// 409: the request collides with other state (addresses, MACs, roles, reverse NAT, an
+    /// active migration, …).
     Conflict,
     /// 404: no such route.
     NotFound,
     /// 500: the gateway failed (e.g. could not persist); nothing changed.
     Internal,
+    /// 404: no migration has that id (or it left the history).
+    UnknownMigration,
+    /// 409: the migration is not in a phase where this step applies (release before freeze,
+    /// anything after abort, …); nothing changed.
+    BadPhase,
+    /// 504: the step was persisted but the agents did not apply it in time, so the gateway
+    /// aborted the migration and the agents that had acted on it applied the abort: the step
+    /// failed, everything went back (the container stays on `from`).
+    RolledBack,
+    /// 504: a step was persisted but could not be confirmed, and could not be (or must not
+    /// be) undone: a release the agents did not apply in time, an abort (explicit or
+    /// automatic) not applied in time, a gateway shutting down during the wait. Look at
+    /// `ferry migrate status` and the lagging hosts.
+    NeedsAttention,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::Unauthorized,
         ErrorCode::BadRequest,
         ErrorCode::InvalidAddress,
@@ -316,6 +535,10 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::NotFound,
         ErrorCode::Internal,
+        ErrorCode::UnknownMigration,
+        ErrorCode::BadPhase,
+        ErrorCode::RolledBack,
+        ErrorCode::NeedsAttention,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -331,6 +554,10 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnknownMigration => "unknown_migration",
+            ErrorCode::BadPhase => "bad_phase",
+            ErrorCode::RolledBack => "rolled_back",
+            ErrorCode::NeedsAttention => "needs_attention",
         }
     }
 
@@ -342,9 +569,14 @@ impl ErrorCode {
             ErrorCode::UnknownHost
             | ErrorCode::UnknownEndpoint
             | ErrorCode::UnknownPublic
+            | ErrorCode::UnknownMigration
             | ErrorCode::NotFound => 404,
-            ErrorCode::DuplicateEndpoint | ErrorCode::DuplicatePublic | ErrorCode::Conflict => 409,
+            ErrorCode::DuplicateEndpoint
+            | ErrorCode::DuplicatePublic
+            | ErrorCode::Conflict
+            | ErrorCode::BadPhase => 409,
             ErrorCode::Internal => 500,
+            ErrorCode::RolledBack | ErrorCode::NeedsAttention => 504,
         }
     }
 }
@@ -371,6 +603,31 @@ impl FromStr for ErrorCode {
 #[serde(deny_unknown_fields)]
 pub struct RegistryVersion {
     pub version: u64,
+}
+
+/// Query of `POST /v1/migrations` and `POST /v1/migrations/{id}/{step}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepQuery {
+    /// How long to wait for the agents (ms, 1–[`MAX_STEP_TIMEOUT_MS`]); default: the
+    /// gateway's `step_timeout_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Largest `timeout_ms` of a step.
+pub const MAX_STEP_TIMEOUT_MS: u64 = 600_000;
+
+/// Query of `GET /v1/migrations`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationsQuery {
+    /// Only this container's migrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Ipv4Addr>,
+    /// Only active (`prepared`, `frozen`) migrations.
+    #[serde(default)]
+    pub active: bool,
 }
 
 /// Query of `GET /v1/watch?host=NAME&after=N`.
@@ -431,6 +688,81 @@ mod tests {
         assert!("0e:fc:0a:f4:01:5".parse::<MacAddr>().is_err());
         assert!("0e:fc:0a:f4:01:zz".parse::<MacAddr>().is_err());
         assert_eq!(serde_json::to_string(&m).unwrap(), r#""0e:fc:0a:f4:01:05""#);
+    }
+
+    #[test]
+    fn migration_ids_and_answers() {
+        assert_eq!(migration_seq("m1"), Some(1));
+        assert_eq!(migration_seq("m1234"), Some(1234));
+        for bad in [
+            "",
+            "m",
+            "m0",
+            "m01",
+            "1",
+            "M1",
+            "m1x",
+            "m-1",
+            "m99999999999999999999999",
+        ] {
+            assert_eq!(migration_seq(bad), None, "{bad:?}");
+        }
+        let m = Migration {
+            id: "m3".into(),
+            container: "10.244.1.5".parse().unwrap(),
+            from: "a1".into(),
+            to: "b1".into(),
+            phase: MigrationPhase::Frozen,
+            created_unix_ms: 1,
+            updated_unix_ms: 2,
+            frozen_unix_ms: 2,
+            released_unix_ms: 0,
+            forward_until_unix_ms: 0,
+        };
+        assert_eq!(m.seq(), Some(3));
+        let step = MigrationStep {
+            migration: m.clone(),
+            version: 9,
+            changed: true,
+            hosts: vec!["a1".into(), "b1".into()],
+            applied_ms: 12,
+        };
+        let json = serde_json::to_string(&step).unwrap();
+        assert!(json.contains(r#""phase":"frozen""#), "{json}");
+        assert_eq!(serde_json::from_str::<MigrationStep>(&json).unwrap(), step);
+
+        // Error bodies: the migration detail only when present.
+        let plain = ErrorBody::new("bad_phase", "x");
+        assert!(!serde_json::to_string(&plain).unwrap().contains("migration"));
+        let b = ErrorBody::new(ErrorCode::RolledBack.as_str(), "timed out").with_migration(
+            MigrationFailure {
+                step: MigrationStepKind::Freeze,
+                migration: Migration {
+                    phase: MigrationPhase::Aborted,
+                    ..m
+                },
+                version: 10,
+                lagging: vec![HostLag {
+                    host: "b1".into(),
+                    applied_version: 8,
+                    wanted_version: 9,
+                    connected: false,
+                }],
+                rollback_lagging: vec![],
+                waited_ms: 5000,
+            },
+        );
+        let json = serde_json::to_string(&b).unwrap();
+        assert!(json.contains(r#""step":"freeze""#), "{json}");
+        assert_eq!(serde_json::from_str::<ErrorBody>(&json).unwrap(), b);
+        for k in MigrationStepKind::ALL {
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
+        assert_eq!(MigrationStepKind::Release.phase(), MigrationPhase::Released);
+        assert!(MigrationPhase::Frozen.is_active() && !MigrationPhase::Released.is_active());
     }
 
     #[test]

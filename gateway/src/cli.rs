@@ -2,12 +2,33 @@
 //! [`crate::commands`] runs them).
 //!
 //! Exit codes: 0 success, 1 failure (refused by the API, unreachable gateway, timeout, …),
-//! 2 usage. With `--json`, every command prints exactly one JSON document on stdout, an
-//! [`ferry_api::ErrorBody`] on failure.
+//! 2 usage; `ferry migrate` adds 3 (failed, rolled back) and 4 (failed, needs attention), see
+//! [`MIGRATE_EXIT_CODES`]. With `--json`, every command prints exactly one JSON document on
+//! stdout, an [`ferry_api::ErrorBody`] on failure.
 use std::{net::Ipv4Addr, net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use ferry_api::{ContainerAddr, MacAddr, PublicKey};
+use ferry_api::{ContainerAddr, MAX_STEP_TIMEOUT_MS, MacAddr, PublicKey};
+
+/// The exit codes of `ferry migrate` (shown by `ferry migrate --help`).
+pub const MIGRATE_EXIT_CODES: &str = "\
+Steps: prepare → (CRIU checkpoint starts) freeze → (dump, transfer, restore) release; abort
+instead of release if anything failed. Each step answers once the agents it concerns have
+applied it (at most --timeout-ms, default the gateway's step_timeout_ms). A step repeated
+answers the migration unchanged. freeze, release and abort find the migration by --container
+(its active migration, else its latest) or by --id.
+
+Exit codes:
+  0  success: the step is in effect (or was already)
+  1  error, nothing changed: bad input, unknown container, host or migration, a step out of
+     order (bad_phase), a conflict, an unreachable gateway
+  2  usage error
+  3  failed, rolled back: the agents did not apply a prepare or freeze in time, so the
+     gateway aborted the migration and the agents that had acted on it applied the abort;
+     the container stays on its source host
+  4  failed, needs attention: a step was persisted but not confirmed and not undone (a
+     release or abort the agents did not apply in time, an automatic abort not applied in
+     time, a lost answer); see `ferry migrate status` and `ferry hosts`";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +76,10 @@ pub enum Command {
     /// Public endpoints (public IP or IP:PORT/PROTO → container).
     #[command(subcommand)]
     Public(PublicCommand),
+    /// Migrate a container to another host, one step at a time (orchestrators' pre/post
+    /// migration steps).
+    #[command(subcommand, after_help = MIGRATE_EXIT_CODES)]
+    Migrate(MigrateCommand),
     /// Wait until every registered host has applied the registry version current now.
     Sync {
         /// Give up (exit 1, naming the hosts behind) after this long.
@@ -113,4 +138,145 @@ pub enum PublicCommand {
     },
     /// List public mappings.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Step 1: the destination builds the container's network side and holds its packets;
+    /// traffic still goes to the source.
+    #[command(after_help = MIGRATE_EXIT_CODES)]
+    Prepare {
+        /// The container endpoint's IP.
+        #[arg(long, value_name = "IP")]
+        container: Ipv4Addr,
+        /// The destination host.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        #[command(flatten)]
+        wait: StepWait,
+    },
+    /// Step 2 (as the checkpoint starts): everyone sends to the destination, which holds; the
+    /// source forwards there and drops what the frozen copy still emits.
+    #[command(after_help = MIGRATE_EXIT_CODES)]
+    Freeze(StepArgs),
+    /// Step 3 (once restored): the endpoint moves to the destination, which re-injects the
+    /// held packets and announces; the source forwards stragglers for a grace period.
+    #[command(after_help = MIGRATE_EXIT_CODES)]
+    Release(StepArgs),
+    /// Roll back a prepared or frozen migration: the container stays on its source.
+    #[command(after_help = MIGRATE_EXIT_CODES)]
+    Abort(StepArgs),
+    /// Show migrations: those in progress (default), a container's latest (--container), or
+    /// all of them with the history (--all).
+    Status {
+        /// Only this container's migrations.
+        #[arg(long, value_name = "IP")]
+        container: Option<Ipv4Addr>,
+        /// Include finished ones (aborted, released).
+        #[arg(long)]
+        all: bool,
+        /// Deadline of the request (ms).
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_TIMEOUT_MS))]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// How long a step waits for the agents.
+#[derive(Debug, Args)]
+pub struct StepWait {
+    /// Wait at most this long for the agents to apply the step (default: the gateway's
+    /// step_timeout_ms).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_TIMEOUT_MS))]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Which migration a step is for.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct MigrationTarget {
+    /// The container's active migration (or else its latest, for a repeated step).
+    #[arg(long, value_name = "IP")]
+    pub container: Option<Ipv4Addr>,
+    /// The migration's id (m<n>).
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    #[command(flatten)]
+    pub target: MigrationTarget,
+    #[command(flatten)]
+    pub wait: StepWait,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn migrate_targets() {
+        let c = Cli::try_parse_from(["ferry", "migrate", "freeze", "--container", "10.244.1.5"])
+            .unwrap();
+        let Command::Migrate(MigrateCommand::Freeze(a)) = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.target.container, Some("10.244.1.5".parse().unwrap()));
+        let c = Cli::try_parse_from([
+            "ferry",
+            "--json",
+            "migrate",
+            "release",
+            "--id",
+            "m3",
+            "--timeout-ms",
+            "250",
+        ])
+        .unwrap();
+        assert!(c.json);
+        let Command::Migrate(MigrateCommand::Release(a)) = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (a.target.id.as_deref(), a.wait.timeout_ms),
+            (Some("m3"), Some(250))
+        );
+        for bad in [
+            &["ferry", "migrate", "freeze"][..],
+            &[
+                "ferry",
+                "migrate",
+                "abort",
+                "--id",
+                "m1",
+                "--container",
+                "10.244.1.5",
+            ],
+            &[
+                "ferry",
+                "migrate",
+                "freeze",
+                "--id",
+                "m1",
+                "--timeout-ms",
+                "0",
+            ],
+            &["ferry", "migrate", "prepare", "--container", "10.244.1.5"],
+        ] {
+            let e = Cli::try_parse_from(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let help = Cli::command()
+            .find_subcommand_mut("migrate")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(help.contains("3  failed, rolled back"), "{help}");
+    }
 }

@@ -9,13 +9,14 @@ use std::{
 };
 
 use ferry_api::{
-    ApiError, Client, EndpointSpec, ErrorBody, HostRole, HostStatus, validate::public_spec,
+    ApiError, Client, EndpointSpec, ErrorBody, HostRole, HostStatus, Migration, MigrationFailure,
+    MigrationPhase, MigrationStep, MigrationStepKind, validate::public_spec,
 };
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    cli::{Cli, Command, EndpointCommand, GatewayArgs, PublicCommand},
+    cli::{Cli, Command, EndpointCommand, GatewayArgs, MigrateCommand, PublicCommand, StepArgs},
     server,
 };
 
@@ -39,13 +40,16 @@ impl Outcome {
 
 /// A failure: `code` is the API's error code for an answer of the gateway, else one of
 /// `unreachable`, `timeout`, `io`, `protocol`, `bad_response`, `token_file`, `sync_timeout`,
-/// `invalid_config`, `gateway_failed`, `usage`, `internal`.
+/// `invalid_config`, `gateway_failed`, `usage`, `internal`, `unknown_migration` (no migration
+/// of that container), `needs_attention` (a migration step whose answer was lost).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CliError {
     pub code: String,
     pub message: String,
     /// The HTTP status, when the gateway refused the request.
     pub status: Option<u16>,
+    /// Where a failed migration step left things (`rolled_back`, `needs_attention`).
+    pub migration: Option<Box<MigrationFailure>>,
 }
 
 impl CliError {
@@ -54,6 +58,16 @@ impl CliError {
             code: code.into(),
             message: message.into(),
             status: None,
+            migration: None,
+        }
+    }
+
+    /// 3 for `rolled_back`, 4 for `needs_attention`, else 1 (usage errors, 2, are clap's).
+    pub fn exit_code(&self) -> u8 {
+        match self.code.as_str() {
+            "rolled_back" => 3,
+            "needs_attention" => 4,
+            _ => 1,
         }
     }
 }
@@ -73,12 +87,14 @@ impl From<ApiError> for CliError {
             status,
             code,
             message,
+            migration,
         } = e
         {
             return Self {
                 code: code.unwrap_or_else(|| "http".into()),
                 message,
                 status: Some(status),
+                migration,
             };
         }
         let code = match &e {
@@ -127,16 +143,24 @@ fn report(json: bool, result: Result<Option<Outcome>, CliError>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            let exit = e.exit_code();
             if json {
+                let mut body = ErrorBody::new(e.code, e.message);
+                body.error.migration = e.migration;
                 println!(
                     "{}",
-                    serde_json::to_string(&ErrorBody::new(e.code, e.message))
-                        .unwrap_or_else(|_| "{}".into())
+                    serde_json::to_string(&body).unwrap_or_else(|_| "{}".into())
                 );
             } else {
                 eprintln!("ferry: {e}");
+                if let Some(f) = &e.migration {
+                    eprintln!(
+                        "ferry: migration {} is now {} (registry version {})",
+                        f.migration.id, f.migration.phase, f.version
+                    );
+                }
             }
-            ExitCode::from(1)
+            ExitCode::from(exit)
         }
     }
 }
@@ -150,6 +174,7 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
         Command::Hosts => hosts(&client()?).await.map(Some),
         Command::Endpoint(cmd) => endpoint(&client()?, cmd).await.map(Some),
         Command::Public(cmd) => public(&client()?, cmd).await.map(Some),
+        Command::Migrate(cmd) => migrate(client()?, cmd).await.map(Some),
         Command::Sync { timeout_ms } => sync(&client()?, Duration::from_millis(timeout_ms))
             .await
             .map(Some),
@@ -161,11 +186,13 @@ async fn gateway(args: GatewayArgs) -> Result<Option<Outcome>, CliError> {
         let r = server::check(&args.config).map_err(|m| CliError::new("invalid_config", m))?;
         let state = if r.state_exists {
             format!(
-                "registry version {} ({} hosts, {} endpoints, {} public mappings) in {}",
+                "registry version {} ({} hosts, {} endpoints, {} public mappings, {} migrations \
+                 in progress) in {}",
                 r.version,
                 r.hosts,
                 r.endpoints,
                 r.public,
+                r.migrations,
                 r.state_file.display()
             )
         } else {
@@ -410,6 +437,208 @@ async fn sync(c: &Client, timeout: Duration) -> Result<Outcome, CliError> {
     }
 }
 
+// ---- migrate
+
+async fn migrate(c: Client, cmd: MigrateCommand) -> Result<Outcome, CliError> {
+    let ms = |t: Option<u64>| t.map(Duration::from_millis);
+    match cmd {
+        MigrateCommand::Prepare {
+            container,
+            to,
+            wait,
+        } => {
+            let s = c
+                .prepare_migration(container, &to, ms(wait.timeout_ms))
+                .await
+                .map_err(step_error)?;
+            step_outcome(MigrationStepKind::Prepare, s)
+        }
+        MigrateCommand::Freeze(a) => migrate_step(&c, MigrationStepKind::Freeze, a).await,
+        MigrateCommand::Release(a) => migrate_step(&c, MigrationStepKind::Release, a).await,
+        MigrateCommand::Abort(a) => migrate_step(&c, MigrationStepKind::Abort, a).await,
+        MigrateCommand::Status {
+            container,
+            all,
+            timeout_ms,
+        } => {
+            let c = match ms(timeout_ms) {
+                Some(t) => c.timeout(t),
+                None => c,
+            };
+            migrate_status(&c, container, all).await
+        }
+    }
+}
+
+/// A step's error. An answer lost after the request was sent (timeout, broken connection,
+/// garbled answer) leaves the outcome unknown: `needs_attention` (exit 4), not "nothing
+/// changed".
+fn step_error(e: ApiError) -> CliError {
+    match e {
+        ApiError::Timeout { .. }
+        | ApiError::Io { .. }
+        | ApiError::Protocol { .. }
+        | ApiError::Decode { .. } => CliError::new(
+            "needs_attention",
+            format!(
+                "{e}: the step's outcome is unknown (the gateway may have applied it): check \
+                 `ferry migrate status`"
+            ),
+        ),
+        other => other.into(),
+    }
+}
+
+async fn migrate_step(
+    c: &Client,
+    step: MigrationStepKind,
+    a: StepArgs,
+) -> Result<Outcome, CliError> {
+    let id = match (a.target.id, a.target.container) {
+        (Some(id), _) => id,
+        (None, Some(ip)) => match c.latest_migration(ip).await? {
+            Some(m) => m.id,
+            None => {
+                return Err(CliError::new(
+                    "unknown_migration",
+                    format!(
+                        "container {ip} has no migration (start one with `ferry migrate prepare \
+                         --container {ip} --to HOST`)"
+                    ),
+                ));
+            }
+        },
+        (None, None) => return Err(CliError::new("usage", "give --container or --id")),
+    };
+    let s = c
+        .migration_step(&id, step, a.wait.timeout_ms.map(Duration::from_millis))
+        .await
+        .map_err(step_error)?;
+    step_outcome(step, s)
+}
+
+fn step_outcome(step: MigrationStepKind, s: MigrationStep) -> Result<Outcome, CliError> {
+    let m = &s.migration;
+    let head = format!("{}: {} {} → {}", m.id, m.container, m.from, m.to);
+    let mut text = if s.changed {
+        format!("{head} {}", m.phase)
+    } else {
+        format!("{head} is already {} (nothing changed)", m.phase)
+    };
+    if step == MigrationStepKind::Release && m.phase == MigrationPhase::Released {
+        text.push_str(&format!(
+            "; the endpoint is on {}; {} forwards stragglers for {} ms",
+            m.to,
+            m.from,
+            m.forward_until_unix_ms.saturating_sub(m.released_unix_ms)
+        ));
+    }
+    if m.phase == MigrationPhase::Aborted {
+        text.push_str(&format!("; the container stays on {}", m.from));
+    }
+    if s.hosts.is_empty() {
+        text.push_str(&format!(" (registry version {})", s.version));
+    } else {
+        text.push_str(&format!(
+            "; applied by {} in {} ms (registry version {})",
+            s.hosts.join(", "),
+            s.applied_ms,
+            s.version
+        ));
+    }
+    Outcome::new(s, text)
+}
+
+async fn migrate_status(
+    c: &Client,
+    container: Option<std::net::Ipv4Addr>,
+    all: bool,
+) -> Result<Outcome, CliError> {
+    let now = now_unix_ms();
+    let list: Vec<Migration> = match (container, all) {
+        (Some(ip), true) => c.container_migrations(ip, false).await?,
+        (Some(ip), false) => c.latest_migration(ip).await?.into_iter().collect(),
+        (None, true) => c.migrations().await?,
+        (None, false) => c
+            .migrations()
+            .await?
+            .into_iter()
+            .filter(|m| {
+                m.phase.is_active()
+                    || (m.phase == MigrationPhase::Released && m.forward_until_unix_ms > now)
+            })
+            .collect(),
+    };
+    let text = if list.is_empty() {
+        match (container, all) {
+            (Some(ip), _) => format!("container {ip} has no migration"),
+            (None, true) => "no migrations".to_string(),
+            (None, false) => "no migrations in progress".to_string(),
+        }
+    } else {
+        migration_table(&list, now)
+    };
+    Outcome::new(list, text)
+}
+
+/// `+350ms`, `+1.2s`, `+3m`: how long after `start` `t` was (`-` if `t` is 0).
+fn after(start: u64, t: u64) -> String {
+    if t == 0 {
+        return "-".into();
+    }
+    let d = t.saturating_sub(start);
+    match d {
+        0..1000 => format!("+{d}ms"),
+        1000..120_000 => format!("+{:.1}s", d as f64 / 1000.0),
+        _ => format!("+{}m", d / 60_000),
+    }
+}
+
+fn migration_table(list: &[Migration], now: u64) -> String {
+    let rows = list
+        .iter()
+        .map(|m| {
+            let note = match m.phase {
+                MigrationPhase::Released if m.forward_until_unix_ms > now => format!(
+                    "{} forwards for {} ms more",
+                    m.from,
+                    m.forward_until_unix_ms - now
+                ),
+                MigrationPhase::Released => "done".into(),
+                MigrationPhase::Aborted => {
+                    format!("aborted {}", after(m.created_unix_ms, m.updated_unix_ms))
+                }
+                MigrationPhase::Prepared | MigrationPhase::Frozen => {
+                    format!("in progress since {}", ago(now, m.created_unix_ms))
+                }
+            };
+            vec![
+                m.id.clone(),
+                m.container.to_string(),
+                format!("{} → {}", m.from, m.to),
+                m.phase.to_string(),
+                ago(now, m.created_unix_ms),
+                after(m.created_unix_ms, m.frozen_unix_ms),
+                after(m.created_unix_ms, m.released_unix_ms),
+                note,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "CONTAINER",
+            "FROM → TO",
+            "PHASE",
+            "CREATED",
+            "FROZEN",
+            "RELEASED",
+            "NOTE",
+        ],
+        rows,
+    )
+}
+
 fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -475,6 +704,71 @@ mod tests {
     }
 
     #[test]
+    fn migration_exit_codes_and_lost_answers() {
+        let http = |code: &str| -> CliError {
+            ApiError::Http {
+                status: 504,
+                code: Some(code.into()),
+                message: "m".into(),
+                migration: None,
+            }
+            .into()
+        };
+        assert_eq!(http("rolled_back").exit_code(), 3);
+        assert_eq!(http("needs_attention").exit_code(), 4);
+        assert_eq!(http("bad_phase").exit_code(), 1);
+        let lost = step_error(ApiError::Timeout {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            what: "POST /v1/migrations/m1/freeze".into(),
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(
+            (lost.code.as_str(), lost.exit_code()),
+            ("needs_attention", 4)
+        );
+        let refused = step_error(ApiError::Connect {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        assert_eq!(
+            (refused.code.as_str(), refused.exit_code()),
+            ("unreachable", 1)
+        );
+    }
+
+    #[test]
+    fn migration_tables() {
+        assert_eq!(after(1000, 0), "-");
+        assert_eq!(after(1000, 1350), "+350ms");
+        assert_eq!(after(1000, 2500), "+1.5s");
+        assert_eq!(after(0, 600_000), "+10m");
+        let m = Migration {
+            id: "m1".into(),
+            container: "10.244.1.5".parse().unwrap(),
+            from: "a1".into(),
+            to: "b1".into(),
+            phase: MigrationPhase::Released,
+            created_unix_ms: 10_000,
+            updated_unix_ms: 11_000,
+            frozen_unix_ms: 10_200,
+            released_unix_ms: 11_000,
+            forward_until_unix_ms: 13_000,
+        };
+        let t = migration_table(&[m], 12_000);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].starts_with("ID  CONTAINER   FROM → TO  PHASE"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains(
+                "a1 → b1    released  2s ago   +200ms  +1.0s     a1 forwards for 1000 ms more"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
     fn ages() {
         assert_eq!(ago(10_000, 0), "never");
         assert_eq!(ago(10_000, 7_000), "3s ago");
@@ -488,8 +782,10 @@ mod tests {
             status: 409,
             code: Some("duplicate_endpoint".into()),
             message: "m".into(),
+            migration: None,
         }
         .into();
+        assert_eq!(e.exit_code(), 1);
         assert_eq!(e.code, "duplicate_endpoint");
         assert_eq!(e.message, "m");
         assert_eq!(e.to_string(), "m (duplicate_endpoint, HTTP 409)");

@@ -8,6 +8,11 @@
 //! vni = 4242                             # VXLAN network identifier, 1–16777215 (required)
 //! public_cidrs = ["203.0.113.128/25"]    # where public addresses come from (default none)
 //! watch_timeout_ms = 25000               # long-poll timeout of /v1/watch (default 25000)
+//! step_timeout_ms = 5000                 # how long a migration step waits for the agents
+//!                                        # (default 5000, at most 60000; per request
+//!                                        # `?timeout_ms=`)
+//! forward_grace_ms = 2000                # how long a released migration's source keeps
+//!                                        # forwarding (default 2000)
 //! ```
 
 use std::{
@@ -23,6 +28,11 @@ use crate::registry::NetConfig;
 
 pub const DEFAULT_WATCH_TIMEOUT_MS: u64 = 25_000;
 const MAX_WATCH_TIMEOUT_MS: u64 = 3_600_000;
+pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 5_000;
+/// Clients size their request deadline on it (`ferry_api::client::MAX_CONFIG_STEP_TIMEOUT_MS`).
+pub const MAX_STEP_TIMEOUT_MS: u64 = ferry_api::client::MAX_CONFIG_STEP_TIMEOUT_MS;
+pub const DEFAULT_FORWARD_GRACE_MS: u64 = 2_000;
+const MAX_FORWARD_GRACE_MS: u64 = 3_600_000;
 const MAX_VNI: u32 = (1 << 24) - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +50,10 @@ pub struct Config {
     pub public_cidrs: Vec<Ipv4Net>,
     #[serde(default = "default_watch_timeout_ms")]
     pub watch_timeout_ms: u64,
+    #[serde(default = "default_step_timeout_ms")]
+    pub step_timeout_ms: u64,
+    #[serde(default = "default_forward_grace_ms")]
+    pub forward_grace_ms: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -53,6 +67,12 @@ fn default_token_file() -> PathBuf {
 }
 fn default_watch_timeout_ms() -> u64 {
     DEFAULT_WATCH_TIMEOUT_MS
+}
+fn default_step_timeout_ms() -> u64 {
+    DEFAULT_STEP_TIMEOUT_MS
+}
+fn default_forward_grace_ms() -> u64 {
+    DEFAULT_FORWARD_GRACE_MS
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +153,18 @@ impl Config {
                 self.watch_timeout_ms
             ));
         }
+        if self.step_timeout_ms == 0 || self.step_timeout_ms > MAX_STEP_TIMEOUT_MS {
+            return Err(format!(
+                "step_timeout_ms {} is out of range: want 1–{MAX_STEP_TIMEOUT_MS}",
+                self.step_timeout_ms
+            ));
+        }
+        if self.forward_grace_ms > MAX_FORWARD_GRACE_MS {
+            return Err(format!(
+                "forward_grace_ms {} is out of range: want 0–{MAX_FORWARD_GRACE_MS}",
+                self.forward_grace_ms
+            ));
+        }
         Ok(())
     }
 
@@ -141,11 +173,16 @@ impl Config {
             overlay_cidr: self.overlay_cidr,
             vni: self.vni,
             public_cidrs: self.public_cidrs.clone(),
+            forward_grace_ms: self.forward_grace_ms,
         }
     }
 
     pub fn watch_timeout(&self) -> Duration {
         Duration::from_millis(self.watch_timeout_ms)
+    }
+
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_millis(self.step_timeout_ms)
     }
 }
 
@@ -161,6 +198,8 @@ overlay_cidr = "10.244.0.0/16"
 vni = 4242
 public_cidrs = ["203.0.113.128/25"]
 watch_timeout_ms = 25000
+step_timeout_ms = 7000
+forward_grace_ms = 1500
 "#;
 
     #[test]
@@ -171,6 +210,8 @@ watch_timeout_ms = 25000
         assert_eq!(c.vni, 4242);
         assert_eq!(c.public_cidrs, vec!["203.0.113.128/25".parse().unwrap()]);
         assert_eq!(c.watch_timeout(), Duration::from_secs(25));
+        assert_eq!(c.step_timeout(), Duration::from_secs(7));
+        assert_eq!(c.net().forward_grace_ms, 1500);
     }
 
     #[test]
@@ -181,6 +222,8 @@ watch_timeout_ms = 25000
         assert_eq!(c.token_file, PathBuf::from("/etc/ferry/token"));
         assert!(c.public_cidrs.is_empty());
         assert_eq!(c.watch_timeout_ms, DEFAULT_WATCH_TIMEOUT_MS);
+        assert_eq!(c.step_timeout_ms, 5000);
+        assert_eq!(c.forward_grace_ms, 2000);
     }
 
     #[test]
@@ -226,6 +269,15 @@ watch_timeout_ms = 25000
                 "watch_timeout_ms 0",
             ),
             (format!("{base}listen = \"nope\"\n"), "listen"),
+            (format!("{base}step_timeout_ms = 0\n"), "step_timeout_ms 0"),
+            (
+                format!("{base}step_timeout_ms = 60001\n"),
+                "step_timeout_ms 60001 is out of range",
+            ),
+            (
+                format!("{base}forward_grace_ms = 3600001\n"),
+                "forward_grace_ms 3600001",
+            ),
         ] {
             let e = Config::parse(&extra_or_replacement).unwrap_err();
             assert!(e.contains(want), "{extra_or_replacement:?}: {e}");

@@ -5,6 +5,8 @@
 //! the new `Arc` and the new version (which wakes the watches). Running it off the request's
 //! future means a client that disconnects cannot cancel a change half-way (persisted but not
 //! published).
+//!
+//! The migration routes (and the waiting for agents they do) are in [`crate::coordinator`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,7 +31,7 @@ use axum::{
 };
 use ferry_api::{
     API_VERSION, EndpointsRequest, ErrorBody, ErrorCode, Health, HostInfo, HostRole, HostStatus,
-    PublicKey, PublicSpec, RegistryVersion, WatchQuery,
+    MigrationFailure, PublicKey, PublicSpec, RegistryVersion, WatchQuery,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
@@ -38,6 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     auth,
     config::Config,
+    coordinator::{self, MigrationMetrics},
     registry::{Change, Registry, RegistryError, Request},
     store::{self, Store},
 };
@@ -54,6 +57,8 @@ pub struct ApiFailure {
     pub status: StatusCode,
     pub code: ErrorCode,
     pub message: String,
+    /// With `rolled_back` / `needs_attention`: where the failed migration step left things.
+    pub migration: Option<Box<MigrationFailure>>,
 }
 
 impl ApiFailure {
@@ -63,15 +68,21 @@ impl ApiFailure {
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
             message: message.into(),
+            migration: None,
         }
     }
 
-    fn with_status(mut self, status: StatusCode) -> Self {
+    pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;
         self
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn with_migration(mut self, failure: MigrationFailure) -> Self {
+        self.migration = Some(Box::new(failure));
+        self
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
 }
@@ -84,11 +95,9 @@ impl From<RegistryError> for ApiFailure {
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            Json(ErrorBody::new(self.code.as_str(), self.message)),
-        )
-            .into_response();
+        let mut body = ErrorBody::new(self.code.as_str(), self.message);
+        body.error.migration = self.migration;
+        let mut r = (self.status, Json(body)).into_response();
         if self.code == ErrorCode::Unauthorized {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -182,33 +191,44 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
 // Shared state
 
 #[derive(Debug, Default, Clone, Copy)]
-struct HostRuntime {
-    applied_version: u64,
-    last_seen_unix_ms: u64,
-    open_watches: u32,
+pub(crate) struct HostRuntime {
+    pub(crate) applied_version: u64,
+    pub(crate) last_seen_unix_ms: u64,
+    pub(crate) open_watches: u32,
+    /// When a watch of this host last opened or ended (0: never since the gateway started).
+    pub(crate) last_watch_unix_ms: u64,
 }
+
+/// A serialised snapshot: its version, and until when (unix ms) it stays exact (the next end
+/// of a forwarding grace in it).
+type CachedSnapshot = (u64, u64, Bytes);
 
 pub struct Gateway {
     current: RwLock<Arc<Registry>>,
     /// Serialises changes (held on a blocking thread across the fsyncs).
     writer: Mutex<()>,
     store: Store,
-    runtime: Mutex<HashMap<String, HostRuntime>>,
-    version_tx: watch::Sender<u64>,
-    shutdown_tx: watch::Sender<bool>,
+    pub(crate) runtime: Mutex<HashMap<String, HostRuntime>>,
+    pub(crate) version_tx: watch::Sender<u64>,
+    pub(crate) shutdown_tx: watch::Sender<bool>,
+    /// Ticks whenever an agent reports an applied version (wakes the coordinator's waits).
+    pub(crate) applied_tx: watch::Sender<u64>,
     token: String,
     watch_timeout: Duration,
+    /// How long a migration step waits for the agents by default.
+    pub(crate) step_timeout: Duration,
     started: Instant,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    pub(crate) migration_metrics: Mutex<MigrationMetrics>,
     /// The newest snapshot, serialised once for every watch that answers it.
-    snapshot_cache: Mutex<Option<(u64, Bytes)>>,
+    snapshot_cache: Mutex<Option<CachedSnapshot>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -221,9 +241,11 @@ impl Gateway {
         store: Store,
         token: String,
         watch_timeout: Duration,
+        step_timeout: Duration,
     ) -> Arc<Self> {
         let (version_tx, _) = watch::channel(registry.version());
         let (shutdown_tx, _) = watch::channel(false);
+        let (applied_tx, _) = watch::channel(0);
         Arc::new(Self {
             current: RwLock::new(Arc::new(registry)),
             writer: Mutex::new(()),
@@ -231,10 +253,13 @@ impl Gateway {
             runtime: Mutex::new(HashMap::new()),
             version_tx,
             shutdown_tx,
+            applied_tx,
             token,
             watch_timeout,
+            step_timeout,
             started: Instant::now(),
             requests: Mutex::new(BTreeMap::new()),
+            migration_metrics: Mutex::new(MigrationMetrics::default()),
             snapshot_cache: Mutex::new(None),
         })
     }
@@ -254,7 +279,10 @@ impl Gateway {
 
     /// Applies a change: validated, persisted, published, logged. Runs to completion even if
     /// the caller goes away.
-    async fn change(self: &Arc<Self>, req: Request) -> Result<(Change, u64), ApiFailure> {
+    pub(crate) async fn change(
+        self: &Arc<Self>,
+        req: Request,
+    ) -> Result<(Change, u64), ApiFailure> {
         let g = self.clone();
         tokio::task::spawn_blocking(move || g.change_blocking(req))
             .await
@@ -313,14 +341,17 @@ impl Gateway {
         let g = self.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             let reg = g.current();
+            let now = now_unix_ms();
             let mut cache = lock(&g.snapshot_cache);
-            if let Some((v, b)) = &*cache
+            if let Some((v, valid_until, b)) = &*cache
                 && *v == reg.version()
+                && now < *valid_until
             {
                 return Ok(b.clone());
             }
-            let b = Bytes::from(serde_json::to_vec(&reg.snapshot())?);
-            *cache = Some((reg.version(), b.clone()));
+            let b = Bytes::from(serde_json::to_vec(&reg.snapshot(now))?);
+            let valid_until = reg.next_expiry_after(now).unwrap_or(u64::MAX);
+            *cache = Some((reg.version(), valid_until, b.clone()));
             Ok::<_, serde_json::Error>(b)
         })
         .await;
@@ -399,6 +430,7 @@ impl Gateway {
             "Registered hosts whose agent holds a watch open.",
             connected.to_string(),
         );
+        coordinator::write_metrics(&mut out, &reg, &lock(&self.migration_metrics));
         out.push_str(
             "# HELP ferry_gateway_api_requests_total API requests answered, by route (method and \
              path pattern) and HTTP status.\n# TYPE ferry_gateway_api_requests_total counter\n",
@@ -420,11 +452,15 @@ struct WatchGuard<'a> {
 
 impl<'a> WatchGuard<'a> {
     fn open(gateway: &'a Gateway, host: &str, applied: u64) -> Self {
-        let mut rt = lock(&gateway.runtime);
-        let e = rt.entry(host.to_string()).or_default();
-        e.applied_version = applied;
-        e.last_seen_unix_ms = now_unix_ms();
-        e.open_watches += 1;
+        {
+            let mut rt = lock(&gateway.runtime);
+            let e = rt.entry(host.to_string()).or_default();
+            e.applied_version = applied;
+            e.last_seen_unix_ms = now_unix_ms();
+            e.last_watch_unix_ms = e.last_seen_unix_ms;
+            e.open_watches += 1;
+        }
+        gateway.applied_tx.send_modify(|n| *n = n.wrapping_add(1));
         Self {
             gateway,
             host: host.to_string(),
@@ -437,11 +473,12 @@ impl Drop for WatchGuard<'_> {
         if let Some(e) = lock(&self.gateway.runtime).get_mut(&self.host) {
             e.open_watches = e.open_watches.saturating_sub(1);
             e.last_seen_unix_ms = now_unix_ms();
+            e.last_watch_unix_ms = e.last_seen_unix_ms;
         }
     }
 }
 
-fn role(r: HostRole) -> &'static str {
+pub(crate) fn role(r: HostRole) -> &'static str {
     match r {
         HostRole::Host => "host",
         HostRole::Gateway => "gateway",
@@ -469,7 +506,13 @@ fn log_change(change: &Change, version: u64) {
         Change::HostUnchanged(h) => {
             debug!(host = %h.name, version, "host re-registered unchanged")
         }
-        Change::HostRemoved(h) => info!(host = %h.name, version, "host removed"),
+        Change::HostRemoved {
+            host,
+            ended_migrations,
+        } => {
+            info!(host = %host.name, version, "host removed");
+            coordinator::log_ended(ended_migrations, version);
+        }
         Change::EndpointsAdded(eps) => {
             for e in eps.iter().take(16) {
                 info!(endpoint = %e.ip, host = %e.host, mac = %e.mac, version, "endpoint added");
@@ -484,6 +527,7 @@ fn log_change(change: &Change, version: u64) {
         Change::EndpointRemoved {
             endpoint,
             kept_public,
+            ended_migrations,
         } => {
             let kept: Vec<String> = kept_public.iter().map(|p| p.key()).collect();
             info!(
@@ -491,6 +535,7 @@ fn log_change(change: &Change, version: u64) {
                 kept_public = ?kept,
                 "endpoint removed; its public mappings are kept (re-add the endpoint to move it)"
             );
+            coordinator::log_ended(ended_migrations, version);
         }
         Change::PublicAdded(p) => info!(
             public = %p.key(), container = %target(p), version, "public mapping added"
@@ -498,13 +543,17 @@ fn log_change(change: &Change, version: u64) {
         Change::PublicRemoved(p) => {
             info!(public = %p.key(), container = %target(p), version, "public mapping removed")
         }
+        Change::MigrationPrepared { .. }
+        | Change::MigrationStepped { .. }
+        | Change::MigrationUnchanged(_)
+        | Change::MigrationsExpired(_) => coordinator::log_change(change, version),
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
-type Shared = State<Arc<Gateway>>;
+pub(crate) type Shared = State<Arc<Gateway>>;
 
 async fn health() -> Json<Health> {
     Json(Health {
@@ -530,7 +579,7 @@ async fn version(State(g): Shared) -> Json<RegistryVersion> {
     })
 }
 
-fn created<T: Serialize>(yes: bool, body: T) -> Response {
+pub(crate) fn created<T: Serialize>(yes: bool, body: T) -> Response {
     let status = if yes {
         StatusCode::CREATED
     } else {
@@ -564,7 +613,7 @@ async fn remove_host(
     PathParam(name): PathParam,
 ) -> Result<Json<HostStatus>, ApiFailure> {
     let (change, _) = g.change(Request::RemoveHost(name)).await?;
-    let Change::HostRemoved(h) = change else {
+    let Change::HostRemoved { host: h, .. } = change else {
         unreachable!("remove host answered {change:?}")
     };
     let status = g.host_status(h);
@@ -720,6 +769,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/public", get(list_public).post(add_public))
         .route("/v1/public/{*key}", delete(remove_public))
         .route("/v1/watch", get(watch_snapshot))
+        .merge(coordinator::routes())
         .route_layer(middleware::from_fn_with_state(g.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))
@@ -746,6 +796,8 @@ pub struct CheckReport {
     pub hosts: usize,
     pub endpoints: usize,
     pub public: usize,
+    /// Live migrations (prepared, frozen, or released and maybe still forwarding).
+    pub migrations: usize,
 }
 
 /// Loads what the daemon needs, in the daemon's order: config, token, stored state (checked
@@ -789,6 +841,7 @@ pub fn check(config_path: &Path) -> Result<CheckReport, String> {
         hosts: registry.host_count(),
         endpoints: registry.endpoint_count(),
         public: registry.public_count(),
+        migrations: registry.live_migrations().count(),
     })
 }
 
@@ -810,10 +863,25 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
     if !dangling.is_empty() {
         info!(containers = ?dangling, "public mappings kept for containers that are not endpoints now");
     }
+    for l in registry.live_migrations() {
+        let m = &l.migration;
+        info!(
+            migration = %m.id, container = %m.container, from = %m.from, to = %m.to,
+            phase = %m.phase,
+            "migration in progress kept as it is: agents re-sync through their watch; continue or abort it"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", config.listen))?;
-    let g = Gateway::new(registry, store, token, config.watch_timeout());
+    let g = Gateway::new(
+        registry,
+        store,
+        token,
+        config.watch_timeout(),
+        config.step_timeout(),
+    );
+    let expiry = tokio::spawn(coordinator::expire_released(g.clone()));
     info!(
         listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,
         public, overlay_cidr = %config.overlay_cidr, vni = config.vni,
@@ -831,6 +899,8 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
         })
         .await
         .map_err(|e| format!("serving: {e}"))?;
+    g.begin_shutdown();
+    let _ = expiry.await;
     info!(version = g.current().version(), "gateway stopped");
     Ok(())
 }

@@ -13,8 +13,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ferry_api::{Endpoint, HostInfo, PublicMapping};
+use ferry_api::{Endpoint, HostInfo, Migration, PublicMapping};
 use serde::{Deserialize, Serialize};
+
+use crate::registry::LiveMigration;
 
 pub const STATE_FILE: &str = "registry.json";
 const LOCK_FILE: &str = "lock";
@@ -28,6 +30,20 @@ pub struct PersistedState {
     pub hosts: Vec<HostInfo>,
     pub endpoints: Vec<Endpoint>,
     pub public: Vec<PublicMapping>,
+    /// Live migrations (prepared, frozen, released and maybe still forwarding). Absent in files
+    /// written before migrations existed.
+    #[serde(default)]
+    pub migrations: Vec<LiveMigration>,
+    /// Finished migrations, oldest first.
+    #[serde(default)]
+    pub migration_history: Vec<Migration>,
+    /// The number of the next migration id.
+    #[serde(default = "first_migration")]
+    pub next_migration: u64,
+}
+
+fn first_migration() -> u64 {
+    1
 }
 
 impl PersistedState {
@@ -202,7 +218,20 @@ mod tests {
                 mac: MacAddr::for_container("10.244.1.5".parse().unwrap()),
             }],
             public: vec![],
+            migrations: vec![],
+            migration_history: vec![],
+            next_migration: 1,
         }
+    }
+
+    #[test]
+    fn files_without_migrations_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = r#"{"format":1,"version":1,"hosts":[{"name":"a1","vtep":"198.18.1.10","overlay_ip":"10.244.255.1","role":"host"}],"endpoints":[],"public":[]}"#;
+        fs::write(dir.path().join(STATE_FILE), json).unwrap();
+        let s = read_state(dir.path()).unwrap().unwrap();
+        assert!(s.migrations.is_empty() && s.migration_history.is_empty());
+        assert_eq!(s.next_migration, 1);
     }
 
     #[test]

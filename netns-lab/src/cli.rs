@@ -137,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let lab = Lab::up_persistent(LabOptions {
                 topology,
                 start_agents: !no_agents,
+                ..LabOptions::default()
             })?;
             let up_ms = lab.up_duration().as_millis() as u64;
             let state_dir = lab.state_dir();
@@ -224,6 +225,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let lab = Lab::up(LabOptions {
                 topology,
                 start_agents: agents,
+                ..LabOptions::default()
             })?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", lab.prefix())?;

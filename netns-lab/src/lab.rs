@@ -44,6 +44,8 @@ pub struct LabOptions {
     pub topology: Topology,
     /// Start a `ferry-agent` in every host (including the gateway) and wait for its metrics.
     pub start_agents: bool,
+    /// The agents' hold-queue limits.
+    pub hold_limits: ferry_agent::hold::HoldLimits,
 }
 
 /// A running lab. Dropping it tears it down (best effort, errors logged); [`Lab::down`] tears
@@ -119,6 +121,7 @@ impl Lab {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 agents: opts.start_agents,
+                hold_limits: opts.hold_limits,
                 topology: topology.clone(),
                 namespaces: Vec::new(),
                 processes: Vec::new(),
@@ -766,6 +769,9 @@ impl Builder {
                     address: cp.api,
                     token_file: cp.token_file.clone(),
                 }),
+                hold_device: ferry_agent::config::DEFAULT_HOLD_DEVICE.to_owned(),
+                hold: self.state.hold_limits,
+                announce: ferry_announce::Schedule::default(),
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())

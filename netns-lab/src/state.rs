@@ -21,6 +21,9 @@ pub struct LabState {
     pub owner_pid: i32,
     pub created_unix_secs: u64,
     pub agents: bool,
+    /// The agents' hold-queue limits.
+    #[serde(default)]
+    pub hold_limits: ferry_agent::hold::HoldLimits,
     pub topology: LabTopology,
     /// Namespace names (not paths), recorded *before* each is created.
     pub namespaces: Vec<String>,

@@ -12,14 +12,16 @@ use ferry_overlay::{
     datapath::Datapath,
     netlink::{Netlink, VxlanSpec},
     nft, sys,
+    tap::{HOLD_MTU, Tap},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{Instrument as _, info, warn};
 
 use crate::{
     config::AgentConfig,
+    hold::HoldQueues,
     metrics,
-    node::{Applied, Node},
+    node::{Applied, Hold, Node},
     plan, sync,
 };
 
@@ -93,7 +95,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
+    // The hold device: packets for HOLD endpoints wait behind it, in this agent.
+    let tap = Tap::open(&cfg.hold_device)
+        .with_context(|| format!("creating the hold device {}", cfg.hold_device))?;
+    base.hold_ifindex = nl.configure_hold_device(&cfg.hold_device, HOLD_MTU).await?;
+    sys::write_sysctl(
+        &format!("net/ipv6/conf/{}/disable_ipv6", cfg.hold_device),
+        "1",
+    )?;
+    let hold = Arc::new(Hold {
+        tap,
+        queues: Mutex::new(HoldQueues::new(cfg.hold)),
+    });
+
     let mut dp = Datapath::attach(&cfg.vxlan_device, base, cfg.bpffs_dir.as_deref())?;
+    dp.attach_hold(&cfg.hold_device)?;
     if let Some(public) = cfg.public_interface.as_deref() {
         dp.attach_public(public)?;
         info!(interface = public, "from-public attached");
@@ -108,7 +124,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         container_mtu: OVERLAY_MTU,
         overlay_ip: cfg.overlay_ip,
         applied: Applied::default(),
+        hold: Some(hold.clone()),
+        announce: cfg.announce.clone(),
     };
+    let hold_reader = tokio::spawn(read_hold_device(hold.clone()));
     let errors = node.apply(&plan::desired(&cfg, None)).await;
     if !errors.is_empty() {
         anyhow::bail!("programming the datapath: {}", errors.join("; "));
@@ -160,6 +179,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         f.abort();
         let _ = f.await;
     }
+    hold_reader.abort();
+    let _ = hold_reader.await;
     drop(state);
     let node = Arc::try_unwrap(node)
         .map_err(|_| anyhow::anyhow!("the node is still shared at shutdown"))?
@@ -167,8 +188,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut node = node;
     node.remove_containers().await;
     // Detach (dropping the datapath closes the tcx links), then remove the device.
-    let Node { nl, datapath, .. } = node;
+    let Node {
+        nl, datapath, hold, ..
+    } = node;
     drop(datapath);
+    drop(hold); // closing the TAP's fd removes the device
     if let Err(e) = nl.delete_link(&cfg.vxlan_device).await {
         warn!(error = %e, "removing vxlan device");
     }
@@ -182,13 +206,78 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the hold device for as long as the agent runs: frames for held endpoints are queued,
+/// stragglers for released ones are written straight back.
+async fn read_hold_device(hold: Arc<Hold>) {
+    use tokio::io::{Interest, unix::AsyncFd};
+    /// Owns a reference to the device, so its fd stays open while registered.
+    struct HoldFd(Arc<Hold>);
+    impl std::os::fd::AsRawFd for HoldFd {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.tap.as_raw_fd()
+        }
+    }
+    // SAFETY: the fd belongs to the TAP inside `Hold`, which `HoldFd` keeps alive (an Arc) for
+    // as long as the AsyncFd exists; `as_raw_fd` always returns that same fd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(HoldFd(hold.clone()), Interest::READABLE) };
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "watching the hold device; held packets cannot be read");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let mut ready = match fd.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "hold device");
+                return;
+            }
+        };
+        loop {
+            match hold.tap.read_frame(&mut buf) {
+                Ok(n) => {
+                    let (verdict, back) = hold
+                        .queues
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(buf[..n].to_vec());
+                    if let Some(frame) = back
+                        && let Err(e) = hold.tap.write_frame(&frame)
+                    {
+                        warn!(error = %e, ?verdict, "passing a straggler on");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "reading the hold device");
+                    ready.clear_ready();
+                    break;
+                }
+            }
+        }
+    }
+}
+
 async fn status_handler(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.node.lock().await.status())
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
-    let applied_version = s.node.lock().await.applied.version;
-    let containers = s.node.lock().await.applied.containers.len();
+    let (applied_version, containers, hold) = {
+        let n = s.node.lock().await;
+        let hold = n.hold.as_ref().map(|h| {
+            let q = h.queues.lock().unwrap_or_else(|p| p.into_inner());
+            (q.counters, q.held().len(), q.total_packets())
+        });
+        (n.applied.version, n.applied.containers.len(), hold)
+    };
     let dp = match s.datapath.lock() {
         Ok(dp) => dp,
         Err(p) => p.into_inner(),
@@ -202,6 +291,9 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                 snat: dp.snat_count(),
                 containers,
                 applied_version,
+                hold: hold.map(|h| h.0).unwrap_or_default(),
+                held_endpoints: hold.map_or(0, |h| h.1),
+                held_packets: hold.map_or(0, |h| h.2),
             };
             (
                 StatusCode::OK,

@@ -45,7 +45,7 @@ pub const DEFAULT_VNI: u32 = 4242;
 /// Default address of the Prometheus endpoint (inside the host's network namespace).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Name of this host (used in logs and metrics).
@@ -87,6 +87,17 @@ pub struct AgentConfig {
     /// The gateway (registry) this agent registers with and follows.
     #[serde(default)]
     pub gateway: Option<GatewayLink>,
+    /// Name of the hold device (a TAP this agent creates; held packets wait behind it).
+    #[serde(default = "default_hold_device")]
+    pub hold_device: String,
+    /// Per-endpoint limits of the hold queues.
+    #[serde(default)]
+    pub hold: crate::hold::HoldLimits,
+    /// When a held container is released here: gratuitous ARP (request and reply) and, with
+    /// IPv6, unsolicited neighbour advertisements from its own interface, on this schedule
+    /// (default: at once, then 50, 200, 450 ms).
+    #[serde(default)]
+    pub announce: ferry_announce::Schedule,
 }
 
 /// How the agent reaches the gateway's API.
@@ -111,6 +122,12 @@ pub const DEFAULT_CONTAINER_NETNS_PREFIX: &str = "ferry-c-";
 
 fn default_container_netns_prefix() -> String {
     DEFAULT_CONTAINER_NETNS_PREFIX.to_owned()
+}
+/// Default name of the hold device.
+pub const DEFAULT_HOLD_DEVICE: &str = "ferry_hold";
+
+fn default_hold_device() -> String {
+    DEFAULT_HOLD_DEVICE.to_owned()
 }
 fn default_true() -> bool {
     true

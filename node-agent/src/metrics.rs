@@ -13,6 +13,10 @@ pub struct Gauges {
     pub snat: usize,
     pub containers: usize,
     pub applied_version: u64,
+    /// Hold queues: counters, endpoints held now, packets queued now.
+    pub hold: crate::hold::HoldCounters,
+    pub held_endpoints: usize,
+    pub held_packets: usize,
 }
 
 /// Renders datapath counters and map sizes in Prometheus text format (version 0.0.4).
@@ -77,10 +81,38 @@ pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
             "Registry version applied to the datapath without errors.",
             g.applied_version,
         ),
+        (
+            "ferry_hold_endpoints",
+            "Endpoints whose packets are held now.",
+            g.held_endpoints as u64,
+        ),
+        (
+            "ferry_hold_queued_packets",
+            "Packets waiting in hold queues now.",
+            g.held_packets as u64,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name}{{host=\"{host}\"}} {value}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ferry_hold_packets_total Held packets by event (held, released, overflow drops, stragglers passed on, malformed drops)."
+    );
+    let _ = writeln!(out, "# TYPE ferry_hold_packets_total counter");
+    let h = &g.hold;
+    for (event, n) in [
+        ("held", h.held),
+        ("released", h.released),
+        ("overflow", h.overflow),
+        ("straggler", h.stragglers),
+        ("malformed", h.malformed),
+    ] {
+        let _ = writeln!(
+            out,
+            "ferry_hold_packets_total{{host=\"{host}\",event=\"{event}\"}} {n}"
+        );
     }
     out
 }

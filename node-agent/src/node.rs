@@ -8,15 +8,41 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, ipv4_be};
-use ferry_overlay::{datapath::Datapath, netlink::Netlink};
+use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, ipv4_be, kind};
+use ferry_overlay::{datapath::Datapath, netlink::Netlink, tap::Tap};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
     containers::{Built, HostSide},
+    hold::HoldQueues,
     plan::{self, Desired, LocalContainer},
 };
+
+/// The hold device and the queues behind it, shared with the task that reads the device.
+pub struct Hold {
+    pub tap: Tap,
+    pub queues: Mutex<HoldQueues>,
+}
+
+impl Hold {
+    fn queues(&self) -> std::sync::MutexGuard<'_, HoldQueues> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes frames back into the kernel through the hold device (from-hold delivers them by
+    /// the endpoint's entry as it stands now). Returns how many failed.
+    fn reinject(&self, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+        let mut failed = 0;
+        for f in frames {
+            if let Err(e) = self.tap.write_frame(&f) {
+                failed += 1;
+                warn!(error = %e, "re-injecting a held packet");
+            }
+        }
+        failed
+    }
+}
 
 /// What has been applied to the datapath.
 #[derive(Debug, Default)]
@@ -54,6 +80,9 @@ pub struct Node {
     pub container_mtu: u32,
     pub overlay_ip: Ipv4Addr,
     pub applied: Applied,
+    pub hold: Option<Arc<Hold>>,
+    /// Announcement schedule after a release.
+    pub announce: ferry_announce::Schedule,
 }
 
 impl Node {
@@ -100,19 +129,13 @@ impl Node {
             .map(|(ip, (c, _))| (*ip, *c))
             .collect();
         let (create, delete) = plan::container_changes(&have, &want.containers);
-        for ip in delete {
-            // Stop delivering to the veth before it goes.
-            if self.applied.endpoints.remove(&ip).is_some()
-                && let Err(e) = dp().remove_endpoint(ip)
-            {
-                errors.push(format!("removing endpoint {ip}: {e}"));
-            }
-            let side = self.host_side();
-            if let Err(e) = side.delete(ip).await {
-                errors.push(e.to_string());
-            }
-            self.applied.containers.remove(&ip);
-            info!(%ip, "container removed");
+        // Recreated ones (same address, new MAC) go first; departing ones only after their
+        // entry points elsewhere (step 3), so no packet meets a missing entry or a dead veth.
+        let (recreate, departing): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = delete
+            .into_iter()
+            .partition(|ip| want.containers.contains_key(ip));
+        for ip in recreate {
+            self.remove_container(ip, &mut errors).await;
         }
         for c in create {
             let side = self.host_side();
@@ -124,10 +147,67 @@ impl Node {
             }
         }
 
-        // 3. Endpoint entries: registry-placed ones plus LOCAL for every built container.
+        // 3. Endpoint entries: registry-placed ones plus one for every built container.
         let mut endpoints = want.endpoints.clone();
         for (ip, (c, built)) in &self.applied.containers {
-            endpoints.insert(*ip, plan::local_entry(c, built.ifindex));
+            if want.containers.contains_key(ip) {
+                endpoints.insert(*ip, plan::local_entry(want, c, built.ifindex));
+            }
+        }
+        // Holding starts before an entry says HOLD, so the first held packet is queued.
+        if let Some(h) = &self.hold {
+            for ip in &want.hold {
+                h.queues().hold(*ip);
+            }
+        }
+        // Release, in order: while the entry still says HOLD, write the queue back (from-hold
+        // delivers HOLD entries to the container; new packets keep queueing behind), until it
+        // is empty; only then does the entry become LOCAL. What was in flight to the device at
+        // that moment is passed on as it is read.
+        let releasing: Vec<Ipv4Addr> = match &self.hold {
+            Some(h) => h
+                .queues()
+                .held()
+                .into_iter()
+                .filter(|ip| !want.hold.contains(ip))
+                .collect(),
+            None => Vec::new(),
+        };
+        if let Some(h) = &self.hold {
+            for ip in &releasing {
+                let target = endpoints.get(ip).copied();
+                // Towards another host (an abort): the entry stays HOLD but carries the
+                // target's VTEP, so what is drained goes there while newer packets keep
+                // queueing behind it — the order is kept either way.
+                if let Some(t) = target
+                    && (t.kind == kind::REMOTE || t.kind == kind::FORWARD)
+                {
+                    let mut draining = self.applied.endpoints.get(ip).copied().unwrap_or_default();
+                    draining.kind = kind::HOLD;
+                    draining.vtep_be = t.vtep_be;
+                    draining.vni = t.vni;
+                    if let Err(e) = dp().set_endpoint(*ip, draining) {
+                        errors.push(format!("draining {ip}: {e}"));
+                    }
+                    self.applied.endpoints.insert(*ip, draining);
+                }
+                if matches!(
+                    target.map(|e| e.kind),
+                    Some(kind::LOCAL | kind::REMOTE | kind::FORWARD)
+                ) {
+                    let mut rounds = 0;
+                    loop {
+                        let frames = h.queues().drain(*ip);
+                        if frames.is_empty() || rounds > 64 {
+                            break;
+                        }
+                        rounds += 1;
+                        let n = frames.len();
+                        let failed = h.reinject(frames);
+                        info!(%ip, packets = n, failed, "released held packets");
+                    }
+                }
+            }
         }
         let eps = plan::diff(&self.applied.endpoints, &endpoints);
         for (ip, ep) in &eps.upsert {
@@ -145,6 +225,27 @@ impl Node {
                 }
                 Err(e) => errors.push(format!("removing endpoint {ip}: {e}")),
             }
+        }
+
+        // Whatever is still queued for a released endpoint follows its new entry: the
+        // container (release), or the source host (abort: the entry points there now).
+        if let Some(h) = &self.hold {
+            for ip in &releasing {
+                let frames = h.queues().release(*ip);
+                let n = frames.len();
+                let failed = h.reinject(frames);
+                info!(%ip, packets = n, failed, to = ?endpoints.get(ip).map(|e| e.kind), "hold ended");
+                if let Some((c, built)) = self.applied.containers.get(ip)
+                    && endpoints.get(ip).map(|e| e.kind) == Some(kind::LOCAL)
+                {
+                    self.announce(c, built);
+                }
+            }
+        }
+
+        // Departing containers: nothing points at their veths any more.
+        for ip in departing {
+            self.remove_container(ip, &mut errors).await;
         }
 
         // 4. Public translation (gateway only; empty elsewhere).
@@ -219,6 +320,51 @@ impl Node {
             "datapath reconciled"
         );
         errors
+    }
+
+    /// "I am here now", from the released container's own interface, on the configured
+    /// schedule (first round at once), in the background.
+    fn announce(&self, c: &LocalContainer, built: &Built) {
+        let ann = ferry_announce::Announcement {
+            interface: ferry_overlay::netlink::CONTAINER_IF.to_owned(),
+            mac: c.mac.0,
+            ipv4: vec![c.ip],
+            ipv6: Vec::new(),
+        };
+        let (netns, schedule, ip) = (built.netns.clone(), self.announce.clone(), c.ip);
+        tokio::task::spawn_blocking(move || {
+            match ferry_announce::announce_in_netns(&netns, &ann, &schedule, None) {
+                Ok(r) => info!(%ip, sent = ?r.sent, rounds = r.rounds_ok, "announced"),
+                Err(e) => warn!(%ip, error = %e, "announcing"),
+            }
+        });
+    }
+
+    /// Removes a container's entry (if it still points at it) and its network side.
+    async fn remove_container(&mut self, ip: Ipv4Addr, errors: &mut Vec<String>) {
+        let ifindex = self.applied.containers.get(&ip).map(|(_, b)| b.ifindex);
+        let points_here = self
+            .applied
+            .endpoints
+            .get(&ip)
+            .is_some_and(|e| Some(e.ifindex) == ifindex && e.kind != kind::REMOTE);
+        if points_here {
+            self.applied.endpoints.remove(&ip);
+            let r = self
+                .datapath
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove_endpoint(ip);
+            if let Err(e) = r {
+                errors.push(format!("removing endpoint {ip}: {e}"));
+            }
+        }
+        let side = self.host_side();
+        if let Err(e) = side.delete(ip).await {
+            errors.push(e.to_string());
+        }
+        self.applied.containers.remove(&ip);
+        info!(%ip, "container removed");
     }
 
     fn host_side(&self) -> HostSide<'_> {

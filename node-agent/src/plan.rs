@@ -6,8 +6,8 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ferry_api::{HostRole, MacAddr, Snapshot};
-use ferry_common::{Endpoint, NatKey, NatValue, Vtep, ipv4_be, kind};
+use ferry_api::{HostRole, MacAddr, MigrationPhase, Snapshot};
+use ferry_common::{Endpoint, NatKey, NatValue, Vtep, flags, ipv4_be, kind};
 
 use crate::config::AgentConfig;
 
@@ -41,8 +41,17 @@ pub struct Desired {
     /// Where containers' packets for outside the overlay go (the gateway's VTEP); `None` on
     /// the gateway itself or while no gateway is registered.
     pub egress_vtep: Option<Ipv4Addr>,
+    /// Local containers whose entry is `HOLD` (a migration's destination before release):
+    /// their packets are queued.
+    pub hold: BTreeSet<Ipv4Addr>,
+    /// Local containers whose entry is a forwarding pointer to another host's VTEP (a
+    /// migration's source from freeze until the grace period after release): what reaches
+    /// this host is sent on, what the frozen copy emits is dropped.
+    pub forward: BTreeMap<Ipv4Addr, Ipv4Addr>,
     /// The registry version this was computed from (0: configuration only).
     pub version: u64,
+    /// The VNI in use.
+    pub vni: u32,
     /// Endpoints the snapshot places on hosts it does not list (ignored, reported).
     pub orphans: Vec<Ipv4Addr>,
 }
@@ -56,14 +65,26 @@ fn remote(vtep: Ipv4Addr, vni: u32) -> Endpoint {
     }
 }
 
-/// The `LOCAL` entry of a container whose host-side veth has index `ifindex`.
-pub fn local_entry(c: &LocalContainer, ifindex: u32) -> Endpoint {
-    Endpoint {
+/// The entry of a local container whose host-side veth has index `ifindex`: `LOCAL`, or
+/// `HOLD` / a forwarding pointer while it migrates (both keep the veth's index and the MAC:
+/// the hold device delivers by them at release, and from-container recognises the frozen
+/// copy by them).
+pub fn local_entry(d: &Desired, c: &LocalContainer, ifindex: u32) -> Endpoint {
+    let mut e = Endpoint {
         kind: kind::LOCAL,
         ifindex,
         mac: c.mac.0,
         ..Endpoint::default()
+    };
+    if d.hold.contains(&c.ip) {
+        e.kind = kind::HOLD;
+    } else if let Some(vtep) = d.forward.get(&c.ip) {
+        e.kind = kind::FORWARD;
+        e.flags = flags::DROP_EGRESS;
+        e.vtep_be = ipv4_be(vtep.octets());
+        e.vni = d.vni;
     }
+    e
 }
 
 /// Key of the public / SNAT maps for an address and optional (port, protocol).
@@ -90,6 +111,7 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
     let vni = snap.map_or(cfg.vni, |s| s.vni);
     let mut d = Desired {
         version: snap.map_or(0, |s| s.version),
+        vni,
         ..Desired::default()
     };
     d.endpoints.insert(
@@ -139,6 +161,46 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
             d.endpoints.insert(ep.ip, remote(*vtep, vni));
         } else {
             d.orphans.push(ep.ip);
+        }
+    }
+    // Migrations: the destination builds the container and holds it until release; from
+    // freeze on everyone else points at the destination and the source forwards to it.
+    for m in &s.migrations {
+        let Some(ep) = s.endpoints.iter().find(|e| e.ip == m.container) else {
+            continue;
+        };
+        let Some((to_vtep, _, _)) = hosts.get(&m.to) else {
+            continue;
+        };
+        let me_from = m.from == cfg.host;
+        let me_to = m.to == cfg.host;
+        match m.phase {
+            MigrationPhase::Prepared | MigrationPhase::Frozen if me_to => {
+                d.endpoints.remove(&m.container);
+                d.containers.insert(
+                    m.container,
+                    LocalContainer {
+                        ip: m.container,
+                        mac: ep.mac,
+                    },
+                );
+                d.hold.insert(m.container);
+            }
+            MigrationPhase::Frozen | MigrationPhase::Released if me_from => {
+                d.endpoints.remove(&m.container);
+                d.containers.insert(
+                    m.container,
+                    LocalContainer {
+                        ip: m.container,
+                        mac: ep.mac,
+                    },
+                );
+                d.forward.insert(m.container, *to_vtep);
+            }
+            MigrationPhase::Frozen if !me_to => {
+                d.endpoints.insert(m.container, remote(*to_vtep, vni));
+            }
+            _ => {}
         }
     }
     if cfg.role == HostRole::Gateway {
@@ -291,6 +353,7 @@ overlay_cidr = "10.244.0.0/16"
                 ep([10, 244, 2, 5], "a2"),
                 ep([10, 244, 9, 9], "ghost"),
             ],
+            migrations: vec![],
             public: vec![
                 PublicSpec {
                     public: "203.0.113.130".parse().unwrap(),
@@ -377,6 +440,85 @@ overlay_cidr = "10.244.0.0/16"
         assert_eq!(back.addr_be, ipv4_be([203, 0, 113, 131]));
         assert_eq!(u16::from_be(back.port_be), 8080);
         assert_eq!(d.snat.len(), 2);
+    }
+
+    fn migration(phase: MigrationPhase) -> ferry_api::Migration {
+        ferry_api::Migration {
+            id: "m1".into(),
+            container: "10.244.1.5".parse().unwrap(),
+            from: "a1".into(),
+            to: "a2".into(),
+            phase,
+            created_unix_ms: 1,
+            updated_unix_ms: 1,
+            frozen_unix_ms: 0,
+            released_unix_ms: 0,
+            forward_until_unix_ms: 0,
+        }
+    }
+
+    fn on(host: &str, last: u8) -> AgentConfig {
+        let mut c = cfg(HostRole::Host);
+        c.host = host.into();
+        c.vtep = Ipv4Addr::new(198, 18, 1, last);
+        c.overlay_ip = Ipv4Addr::new(10, 244, 255, last - 9);
+        c
+    }
+
+    #[test]
+    fn migration_phases_place_hold_and_forwarding_pointers() {
+        let ip: Ipv4Addr = "10.244.1.5".parse().unwrap();
+        let (a1, a2, gw) = (on("a1", 10), on("a2", 11), on("gw", 12));
+        let a2_vtep = ipv4_be([198, 18, 1, 11]);
+        let a1_vtep = ipv4_be([198, 18, 1, 10]);
+        let with = |phase, host: &str| {
+            let mut s = snap();
+            s.migrations = vec![migration(phase)];
+            s.endpoints[0].host = host.into();
+            s
+        };
+
+        // Prepared: a2 builds it and holds; a1 keeps it; the rest still sends to a1.
+        let s = with(MigrationPhase::Prepared, "a1");
+        let d = desired(&a2, Some(&s));
+        assert!(d.containers.contains_key(&ip) && d.hold.contains(&ip));
+        assert!(
+            !d.endpoints.contains_key(&ip),
+            "its entry comes from the built veth"
+        );
+        let d = desired(&a1, Some(&s));
+        assert!(d.containers.contains_key(&ip) && d.hold.is_empty() && d.forward.is_empty());
+        assert_eq!(desired(&gw, Some(&s)).endpoints[&ip].vtep_be, a1_vtep);
+
+        // Frozen: everyone sends to a2, a1 forwards there and drops its copy's output.
+        let s = with(MigrationPhase::Frozen, "a1");
+        assert!(desired(&a2, Some(&s)).hold.contains(&ip));
+        let d = desired(&a1, Some(&s));
+        assert_eq!(d.forward.get(&ip), Some(&"198.18.1.11".parse().unwrap()));
+        let e = local_entry(&d, &d.containers[&ip], 42);
+        assert_eq!(
+            (e.kind, e.flags, e.vtep_be, e.ifindex),
+            (kind::FORWARD, flags::DROP_EGRESS, a2_vtep, 42)
+        );
+        let g = desired(&gw, Some(&s));
+        assert_eq!(
+            (g.endpoints[&ip].kind, g.endpoints[&ip].vtep_be),
+            (kind::REMOTE, a2_vtep)
+        );
+
+        // Released: the endpoint lives on a2 (LOCAL there), a1 still forwards.
+        let s = with(MigrationPhase::Released, "a2");
+        let d = desired(&a2, Some(&s));
+        assert!(d.containers.contains_key(&ip) && d.hold.is_empty());
+        assert_eq!(local_entry(&d, &d.containers[&ip], 7).kind, kind::LOCAL);
+        assert!(desired(&a1, Some(&s)).forward.contains_key(&ip));
+        assert_eq!(desired(&gw, Some(&s)).endpoints[&ip].vtep_be, a2_vtep);
+
+        // Gone from the snapshot (grace over, or aborted): back to plain placement.
+        let mut s = snap();
+        s.endpoints[0].host = "a1".into();
+        assert!(!desired(&a2, Some(&s)).containers.contains_key(&ip));
+        assert!(desired(&a1, Some(&s)).forward.is_empty());
     }
 
     #[test]

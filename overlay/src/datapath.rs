@@ -98,6 +98,7 @@ impl Datapath {
             programs::TO_OVERLAY,
             programs::FROM_CONTAINER,
             programs::FROM_PUBLIC,
+            programs::FROM_HOLD,
         ] {
             classifier(&mut ebpf, name)?
                 .load()
@@ -178,6 +179,11 @@ impl Datapath {
     /// Gateway: attaches from-public to the ingress of the internet-facing interface.
     pub fn attach_public(&mut self, interface: &str) -> Result<(), DatapathError> {
         self.attach_ingress(programs::FROM_PUBLIC, interface)
+    }
+
+    /// Attaches from-hold to the ingress of the agent's hold device.
+    pub fn attach_hold(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attach_ingress(programs::FROM_HOLD, interface)
     }
 
     /// Interfaces from-container is attached to.

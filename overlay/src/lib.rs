@@ -6,5 +6,6 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod sys;
+pub mod tap;
 
 pub use ferry_common as common;

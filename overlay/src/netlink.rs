@@ -206,6 +206,32 @@ impl Netlink {
         Ok(index)
     }
 
+    /// Brings the hold device (a TAP the caller opened) up with the largest MTU and a long
+    /// transmit queue (it buffers between the agent's reads). Returns its ifindex.
+    pub async fn configure_hold_device(&self, name: &str, mtu: u32) -> Result<u32, NetlinkError> {
+        let index = self
+            .link_index(name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))?;
+        Self::op(
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .mtu(mtu)
+                        .txqueuelen(10_000)
+                        .arp(false)
+                        .up()
+                        .build(),
+                )
+                .execute(),
+            "configure hold device",
+            || name.to_owned(),
+        )
+        .await?;
+        Ok(index)
+    }
+
     pub async fn set_up(&self, index: u32, name: &str) -> Result<(), NetlinkError> {
         self.handle
             .link()

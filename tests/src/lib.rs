@@ -203,3 +203,17 @@ pub fn gauge(lab: &ferry_lab::Lab, host: &str, name: &str) -> Option<u64> {
 pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, reason: &str) -> u64 {
     after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
 }
+
+/// `ferry_hold_packets_total{event}` of a host's agent.
+pub fn hold_counter(lab: &ferry_lab::Lab, host: &str, event: &str) -> u64 {
+    let out = lab
+        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| {
+            l.starts_with("ferry_hold_packets_total{") && l.contains(&format!("event=\"{event}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}

@@ -269,6 +269,7 @@ fn the_endpoint_map_holds_65536_endpoints_and_traffic_still_flows() {
     let lab = Lab::up(LabOptions {
         topology,
         start_agents: true,
+        ..LabOptions::default()
     })
     .expect("lab up");
     let n1 = lab.add_container("a1", ip("10.240.1.10")).unwrap();

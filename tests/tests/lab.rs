@@ -25,6 +25,7 @@ fn default_lab() -> Lab {
     Lab::up(LabOptions {
         topology: Topology::default_lab(),
         start_agents: false,
+        ..LabOptions::default()
     })
     .expect("lab up")
 }

@@ -42,6 +42,7 @@ fn real_agents_are_configured_and_go_away_with_the_lab() {
     let lab = Lab::up(LabOptions {
         topology: Topology::default_lab(),
         start_agents: true,
+        ..LabOptions::default()
     })
     .expect("lab with agents up");
     let prefix = lab.prefix().to_owned();

@@ -54,6 +54,7 @@ fn hosts_talk_over_the_ebpf_overlay_and_counters_move() {
     let lab = Lab::up(LabOptions {
         topology: Topology::default_lab(),
         start_agents: true,
+        ..LabOptions::default()
     })
     .expect("lab up");
     let hosts = ["a1", "a2", "b1", "gw"];

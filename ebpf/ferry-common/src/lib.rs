@@ -34,6 +34,8 @@ pub mod programs {
     pub const FROM_CONTAINER: &str = "from_container";
     /// TC ingress of the gateway's internet-facing interface: traffic for public addresses.
     pub const FROM_PUBLIC: &str = "from_public";
+    /// TC ingress of the agent's hold device (a TAP): held packets the agent re-injects.
+    pub const FROM_HOLD: &str = "from_hold";
 }
 
 /// What an endpoint entry tells the datapath to do with a packet for that address.
@@ -115,6 +117,9 @@ pub struct Config {
     /// Gateway only: MAC of the internet-facing interface (answers ARP for public addresses).
     pub public_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// ifindex of the agent's hold device (a TAP): `HOLD` endpoints' packets go there.
+    /// 0: no hold device (held packets are dropped as `no_hold_device`).
+    pub hold_ifindex: u32,
 }
 
 impl Config {
@@ -223,11 +228,24 @@ pub enum Reason {
     /// from-container: an ARP reply to the host's own request (the host resolving the
     /// container's address for its /32 route), handed to the stack.
     ArpToHost = 29,
+    /// to a `HOLD` endpoint: queued by the agent (redirected to its hold device).
+    HoldQueued = 30,
+    /// from-hold: a re-injected packet delivered to its (now running) container.
+    HoldReleased = 31,
+    /// from-hold / from-overlay: a packet sent on to the endpoint's host (re-injected after
+    /// an abort, or arriving at a host that no longer has the endpoint).
+    HoldForwarded = 32,
+    /// drop: the frozen source copy of a migrating container still emitted this.
+    DropFrozenSource = 33,
+    /// drop: a `HOLD` endpoint but no hold device configured.
+    DropNoHoldDevice = 34,
+    /// drop: re-encapsulated too often (inner TTL ran out: a forwarding loop).
+    DropTtlExceeded = 35,
 }
 
 impl Reason {
     /// Number of reasons (length of the counter array).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 36;
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::OverlayToHost,
@@ -260,6 +278,12 @@ impl Reason {
         Reason::DropRedirectFailed,
         Reason::DropRewriteFailed,
         Reason::ArpToHost,
+        Reason::HoldQueued,
+        Reason::HoldReleased,
+        Reason::HoldForwarded,
+        Reason::DropFrozenSource,
+        Reason::DropNoHoldDevice,
+        Reason::DropTtlExceeded,
     ];
 
     /// Stable name used in metrics labels.
@@ -295,6 +319,12 @@ impl Reason {
             Reason::DropRedirectFailed => "redirect_failed",
             Reason::DropRewriteFailed => "rewrite_failed",
             Reason::ArpToHost => "arp_to_host",
+            Reason::HoldQueued => "hold_queued",
+            Reason::HoldReleased => "hold_released",
+            Reason::HoldForwarded => "hold_forwarded",
+            Reason::DropFrozenSource => "frozen_source",
+            Reason::DropNoHoldDevice => "no_hold_device",
+            Reason::DropTtlExceeded => "ttl_exceeded",
         }
     }
 
@@ -317,6 +347,9 @@ impl Reason {
                 | Reason::DropNoEgress
                 | Reason::DropRedirectFailed
                 | Reason::DropRewriteFailed
+                | Reason::DropFrozenSource
+                | Reason::DropNoHoldDevice
+                | Reason::DropTtlExceeded
         )
     }
 }
@@ -359,7 +392,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 4 * 5 + 8);
         assert_eq!(size_of::<Vtep>(), 8);
-        assert_eq!(size_of::<Config>(), 4 * 8 + 8);
+        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4);
         assert_eq!(size_of::<NatKey>(), 8);
         assert_eq!(size_of::<NatValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);

@@ -15,7 +15,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use ferry_common::{Config, Endpoint, Reason, config_flags, kind};
+use ferry_common::{Config, Endpoint, Reason, config_flags, flags, kind};
 
 use crate::{
     maps::{config, count, endpoint, vtep},
@@ -104,8 +104,43 @@ fn deliver(
             redirected(unsafe { bpf_redirect_peer(ep.ifindex, 0) }, local)
         }
         kind::REMOTE | kind::FORWARD => redirect_to(cfg.vxlan_ifindex, encap),
+        kind::HOLD => hold(cfg),
         _ => Err(Reason::DropBadKind),
     }
+}
+
+/// A `HOLD` endpoint (frozen, or not yet restored here): the packet goes to the agent's hold
+/// device, where the agent queues it until release (bounded, overflow counted there).
+#[inline(always)]
+fn hold(cfg: &Config) -> Result<Verdict, Reason> {
+    if cfg.hold_ifindex == 0 {
+        return Err(Reason::DropNoHoldDevice);
+    }
+    redirect_to(cfg.hold_ifindex, Reason::HoldQueued)
+}
+
+/// Sending a packet that arrived from the overlay back into it (a forwarding pointer, or a
+/// host that no longer has the endpoint): decrement the inner TTL so that hosts with stale,
+/// mutually pointing entries cannot bounce a packet forever.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext) -> Result<(), Reason> {
+    let ttl_proto = ctx
+        .load::<u16>(packet::IPV4_TTL_OFF)
+        .map_err(|_| Reason::DropMalformed)?;
+    let ttl = u16::from_be(ttl_proto) >> 8;
+    if ttl <= 1 {
+        return Err(Reason::DropTtlExceeded);
+    }
+    let new = (u16::from_be(ttl_proto) - 0x0100).to_be();
+    ctx.l3_csum_replace(
+        packet::IPV4_CSUM_OFF,
+        u64::from(ttl_proto),
+        u64::from(new),
+        2,
+    )
+    .map_err(|_| Reason::DropRewriteFailed)?;
+    ctx.store(packet::IPV4_TTL_OFF, &new, 0)
+        .map_err(|_| Reason::DropRewriteFailed)
 }
 
 /// Gateway: a container's packet for the internet side. With a public address its source is
@@ -164,9 +199,34 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
                 .map_err(|_| Reason::DropMalformed)?;
             Ok(pass(Reason::OverlayToHost))
         }
-        kind::LOCAL => deliver(ctx, &cfg, &ep, Reason::OverlayToLocal, Reason::DropBadKind),
-        // Back out through the VXLAN device to the endpoint's new host.
-        kind::FORWARD => deliver(ctx, &cfg, &ep, Reason::DropBadKind, Reason::OverlayForward),
+        kind::LOCAL | kind::HOLD => {
+            deliver(ctx, &cfg, &ep, Reason::OverlayToLocal, Reason::DropBadKind)
+        }
+        // A forwarding pointer never sends a packet back to the host it came from: that host
+        // only sends us this endpoint's packets when the move was aborted and it drains what
+        // it held back here (possibly before this host has switched back to LOCAL). The
+        // pointer keeps the local veth, so deliver there.
+        kind::FORWARD if tunnel::remote_be(&key) == ep.vtep_be && ep.ifindex != 0 => {
+            let mut local = ep;
+            local.kind = kind::LOCAL;
+            deliver(
+                ctx,
+                &cfg,
+                &local,
+                Reason::OverlayToLocal,
+                Reason::DropBadKind,
+            )
+        }
+        // Back out through the VXLAN device to the endpoint's (new) host.
+        kind::FORWARD | kind::REMOTE => {
+            decrement_ttl(ctx)?;
+            let reason = if ep.kind == kind::FORWARD {
+                Reason::OverlayForward
+            } else {
+                Reason::HoldForwarded
+            };
+            deliver(ctx, &cfg, &ep, Reason::DropBadKind, reason)
+        }
         _ => Err(Reason::DropBadKind),
     }
 }
@@ -194,6 +254,8 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     let reason = match ep.kind {
         kind::REMOTE => Reason::OverlayEncap,
         kind::FORWARD => Reason::OverlayForward,
+        // A hold being drained towards another host (see from-hold).
+        kind::HOLD if ep.vtep_be != 0 => Reason::HoldForwarded,
         _ => return Err(Reason::DropBadKind),
     };
     tunnel::set(ctx, ep.vni, ep.vtep_be, cfg.tunnel_ttl)?;
@@ -226,7 +288,12 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     let src = ipv4_src(ctx)?;
     match endpoint(src) {
-        Some(me) if me.kind == kind::LOCAL && me.ifindex == ifindex(ctx) => {}
+        Some(me) if me.ifindex == ifindex(ctx) && me.flags & flags::DROP_EGRESS != 0 => {
+            return Err(Reason::DropFrozenSource);
+        }
+        // HOLD: restored here, not yet released; what it sends already goes out.
+        Some(me)
+            if (me.kind == kind::LOCAL || me.kind == kind::HOLD) && me.ifindex == ifindex(ctx) => {}
         _ => return Err(Reason::DropSpoofedSource),
     }
     let dst = ipv4_dst(ctx)?;
@@ -289,6 +356,44 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
         return Err(Reason::DropBadKind);
     }
     deliver(ctx, &cfg, &ep, Reason::PublicDnat, Reason::PublicDnat)
+}
+
+/// TC ingress of the agent's hold device: the held packets the agent writes back, in order.
+/// Delivered by the endpoint's entry as it stands: still `HOLD` at release (the agent switches
+/// the entry to `LOCAL` only after the queue is written, so nothing overtakes it), or `REMOTE`
+/// after an abort (back to the source).
+#[classifier]
+pub fn from_hold(ctx: TcContext) -> i32 {
+    let r = try_from_hold(&ctx);
+    finish(&ctx, r)
+}
+
+fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    if ethertype(ctx)? != ETH_P_IP {
+        return Err(Reason::DropNotIpv4);
+    }
+    let dst = ipv4_dst(ctx)?;
+    let ep = endpoint(dst).ok_or(Reason::DropNoEndpoint)?;
+    match ep.kind {
+        // Draining towards another host (an abort: back to the source) while new packets
+        // still queue behind: to-overlay encapsulates by the entry's VTEP.
+        kind::HOLD if ep.vtep_be != 0 => redirect_to(cfg.vxlan_ifindex, Reason::HoldForwarded),
+        // Straight to the container (never back into the hold device).
+        kind::LOCAL | kind::HOLD => {
+            set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
+            ctx.change_type(PACKET_HOST)
+                .map_err(|_| Reason::DropMalformed)?;
+            // SAFETY: plain helper call; the kernel validates the ifindex.
+            redirected(
+                unsafe { bpf_redirect_peer(ep.ifindex, 0) },
+                Reason::HoldReleased,
+            )
+        }
+        kind::REMOTE | kind::FORWARD => redirect_to(cfg.vxlan_ifindex, Reason::HoldForwarded),
+        kind::HOST => Ok(pass(Reason::OverlayToHost)),
+        _ => Err(Reason::DropBadKind),
+    }
 }
 
 #[cfg(not(test))]

@@ -12,6 +12,8 @@ pub const IPPROTO_UDP: u8 = 17;
 const ETHERTYPE_OFF: usize = 12;
 /// Offsets of IPv4 header fields from the start of the frame.
 pub const IPV4_FRAG_OFF: usize = ETH_HLEN + 6;
+/// TTL and protocol, as one 16-bit word (for the checksum update).
+pub const IPV4_TTL_OFF: usize = ETH_HLEN + 8;
 pub const IPV4_PROTO_OFF: usize = ETH_HLEN + 9;
 pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IPV4_SRC_OFF: usize = ETH_HLEN + 12;

@@ -47,6 +47,11 @@ pub struct Env {
 impl Env {
     /// A config with the given `watch_timeout_ms`.
     pub fn new(watch_timeout_ms: u64) -> Self {
+        Self::with_extra(watch_timeout_ms, "")
+    }
+
+    /// A config with the given `watch_timeout_ms` and extra TOML lines.
+    pub fn with_extra(watch_timeout_ms: u64, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let token_file = dir.path().join("token");
@@ -59,7 +64,8 @@ impl Env {
             format!(
                 "listen = \"{addr}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\n\
                  overlay_cidr = \"10.244.0.0/16\"\nvni = 4242\n\
-                 public_cidrs = [\"203.0.113.128/25\"]\nwatch_timeout_ms = {watch_timeout_ms}\n",
+                 public_cidrs = [\"203.0.113.128/25\"]\nwatch_timeout_ms = {watch_timeout_ms}\n\
+                 {extra}",
                 state_dir.display(),
                 token_file.display()
             ),

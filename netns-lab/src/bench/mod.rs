@@ -207,6 +207,7 @@ fn datapath(args: &DatapathArgs) -> Result<i32, BenchError> {
             ..Topology::default_lab()
         },
         start_agents: true,
+        ..LabOptions::default()
     })?;
     let prefix = lab.prefix().to_owned();
     p.say(format!(

@@ -56,6 +56,7 @@ pub fn run(topology: Topology, json: bool) -> Result<DemoReport, LabError> {
     let lab = Lab::up(LabOptions {
         topology,
         start_agents: true,
+        ..LabOptions::default()
     })?;
     let prefix = lab.prefix().to_owned();
     let lab_up_ms = lab.up_duration().as_millis() as u64;

@@ -1,0 +1,816 @@
+//! The migration coordinator: the `/v1/migrations` routes, the wait for the agents after each
+//! step, the automatic rollback of a step they did not apply in time, the timer that ends
+//! forwarding graces, and the migration metrics. The rules (phases, idempotency, conflicts)
+//! are the registry's ([`crate::registry`]); the state reaches the agents only through the
+//! snapshot and its watch.
+//!
+//! Who a step waits for (each must report, through its watch, a version ≥ the step's):
+//! - prepare: the source and the destination;
+//! - freeze, release: the source, the destination, and every registered host whose agent is
+//!   connected (holds a watch open, or held one within [`LIVE_WINDOW_MS`]: an agent has none
+//!   open while it applies a snapshot);
+//! - abort (asked for, or automatic after a prepare or freeze that timed out): every host whose
+//!   agent reported a version carrying the migration (≥ the prepare's version: it may have
+//!   acted on it), and for an abort asked for, also the source and the destination if their
+//!   agents are connected. A host that never applied the migration has nothing to undo: the
+//!   snapshot it gets next no longer holds the migration.
+//!
+//! A repeated step (no change) waits the same way for the version that put the migration in
+//! its phase, so a success always means "applied"; one whose migration is finished answers at
+//! once.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    response::Response,
+    routing::{get, post},
+};
+use ferry_api::{
+    ErrorCode, HostLag, MAX_STEP_TIMEOUT_MS, Migration, MigrationFailure, MigrationPhase,
+    MigrationRequest, MigrationStep, MigrationStepKind, MigrationsQuery, StepQuery,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    registry::{Change, Registry, Request},
+    server::{
+        ApiFailure, ApiJson, ApiQuery, Gateway, HostRuntime, PathParam, Shared, created, lock,
+        now_unix_ms,
+    },
+};
+
+/// An agent without an open watch still counts as connected this long after its last watch
+/// (it has none open while it applies a snapshot). Registering alone does not count.
+pub const LIVE_WINDOW_MS: u64 = 10_000;
+
+/// Upper bounds (seconds) of the step apply-time histogram.
+const APPLY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Results counted by `ferry_gateway_migration_steps_total`.
+const RESULTS: [&str; 6] = [
+    "ok",
+    "unchanged",
+    "refused",
+    "rolled_back",
+    "needs_attention",
+    "error",
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    /// Per bucket of [`APPLY_BUCKETS`] (not cumulative).
+    buckets: [u64; APPLY_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// Counters of the coordinator.
+#[derive(Debug, Default)]
+pub struct MigrationMetrics {
+    steps: BTreeMap<(&'static str, &'static str), u64>,
+    apply: BTreeMap<&'static str, Histogram>,
+}
+
+impl MigrationMetrics {
+    fn count(&mut self, step: MigrationStepKind, result: &'static str) {
+        *self.steps.entry((step.as_str(), result)).or_default() += 1;
+    }
+
+    fn observe(&mut self, step: MigrationStepKind, seconds: f64) {
+        let h = self.apply.entry(step.as_str()).or_default();
+        if let Some(i) = APPLY_BUCKETS.iter().position(|b| seconds <= *b) {
+            h.buckets[i] += 1;
+        }
+        h.sum += seconds;
+        h.count += 1;
+    }
+}
+
+/// Appends the migration metrics (Prometheus text).
+pub(crate) fn write_metrics(out: &mut String, reg: &Registry, m: &MigrationMetrics) {
+    out.push_str(
+        "# HELP ferry_gateway_migrations Migrations the agents act on, by phase (released: \
+         still forwarding).\n# TYPE ferry_gateway_migrations gauge\n",
+    );
+    for (phase, n) in reg.migration_counts(now_unix_ms()) {
+        let _ = writeln!(out, "ferry_gateway_migrations{{phase=\"{phase}\"}} {n}");
+    }
+    out.push_str(
+        "# HELP ferry_gateway_migration_steps_total Migration steps answered, by step and result \
+         (ok, unchanged, refused, rolled_back, needs_attention, error).\n\
+         # TYPE ferry_gateway_migration_steps_total counter\n",
+    );
+    for step in MigrationStepKind::ALL {
+        for result in RESULTS {
+            let n = m.steps.get(&(step.as_str(), result)).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "ferry_gateway_migration_steps_total{{step=\"{step}\",result=\"{result}\"}} {n}"
+            );
+        }
+    }
+    out.push_str(
+        "# HELP ferry_gateway_migration_step_apply_seconds Time from persisting a migration step \
+         to its agents reporting it applied (successful steps that changed something).\n\
+         # TYPE ferry_gateway_migration_step_apply_seconds histogram\n",
+    );
+    for step in MigrationStepKind::ALL {
+        let h = m.apply.get(step.as_str()).cloned().unwrap_or_default();
+        let mut cumulative = 0;
+        for (b, n) in APPLY_BUCKETS.iter().zip(h.buckets) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "ferry_gateway_migration_step_apply_seconds_bucket{{step=\"{step}\",le=\"{b}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "ferry_gateway_migration_step_apply_seconds_bucket{{step=\"{step}\",le=\"+Inf\"}} {}\n\
+             ferry_gateway_migration_step_apply_seconds_sum{{step=\"{step}\"}} {:.6}\n\
+             ferry_gateway_migration_step_apply_seconds_count{{step=\"{step}\"}} {}",
+            h.count, h.sum, h.count
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging
+
+fn describe(m: &Migration) -> String {
+    format!(
+        "migration {} ({}, {} → {})",
+        m.id, m.container, m.from, m.to
+    )
+}
+
+pub(crate) fn log_change(change: &Change, version: u64) {
+    match change {
+        Change::MigrationPrepared {
+            migration: m,
+            ended,
+        } => {
+            if let Some(e) = ended {
+                info!(
+                    migration = %e.id, container = %e.container, version,
+                    "released migration's forwarding grace ended early: a new migration of its container starts"
+                );
+            }
+            info!(
+                migration = %m.id, container = %m.container, from = %m.from, to = %m.to, version,
+                "migration prepared"
+            );
+        }
+        Change::MigrationStepped { old, migration: m } => info!(
+            migration = %m.id, container = %m.container, from = %m.from, to = %m.to,
+            old_phase = %old, phase = %m.phase, forward_until_unix_ms = m.forward_until_unix_ms,
+            version, "migration step"
+        ),
+        Change::MigrationUnchanged(m) => debug!(
+            migration = %m.id, phase = %m.phase, version, "migration step repeated: unchanged"
+        ),
+        Change::MigrationsExpired(list) => {
+            for m in list {
+                info!(
+                    migration = %m.id, container = %m.container, from = %m.from, to = %m.to,
+                    version, "forwarding grace over: migration finished"
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+pub(crate) fn log_ended(ended: &[Migration], version: u64) {
+    for m in ended {
+        info!(
+            migration = %m.id, container = %m.container, from = %m.from, to = %m.to, version,
+            "released migration's forwarding grace ended early (its endpoint or host was removed)"
+        );
+    }
+}
+
+fn lag_list(lagging: &[HostLag]) -> String {
+    lagging
+        .iter()
+        .map(|l| {
+            format!(
+                "{} (applied {} of {}, {})",
+                l.host,
+                l.applied_version,
+                l.wanted_version,
+                if l.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting for agents
+
+/// How a wait for agents ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Wait {
+    Applied,
+    /// Deadline passed (or the gateway began shutting down) with these hosts behind.
+    Lagging {
+        lagging: Vec<HostLag>,
+        shutting_down: bool,
+    },
+}
+
+fn is_live(rt: Option<&HostRuntime>, now: u64) -> bool {
+    rt.is_some_and(|r| {
+        r.open_watches > 0
+            || (r.last_watch_unix_ms != 0
+                && now.saturating_sub(r.last_watch_unix_ms) <= LIVE_WINDOW_MS)
+    })
+}
+
+impl Gateway {
+    /// The hosts among `hosts` (still registered) whose agents have not reported `target`.
+    fn lagging(&self, hosts: &[String], target: u64) -> Vec<HostLag> {
+        let reg = self.current();
+        let rt = lock(&self.runtime);
+        hosts
+            .iter()
+            .filter(|h| reg.host(h).is_some())
+            .filter_map(|h| {
+                let r = rt.get(h.as_str()).copied().unwrap_or_default();
+                (r.applied_version < target).then(|| HostLag {
+                    host: h.clone(),
+                    applied_version: r.applied_version,
+                    wanted_version: target,
+                    connected: r.open_watches > 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until every host of `hosts` reported `target` (or later) as applied, the
+    /// deadline, or the start of a shutdown.
+    pub(crate) async fn wait_applied(
+        &self,
+        hosts: &[String],
+        target: u64,
+        deadline: Instant,
+    ) -> Wait {
+        let mut ticks = self.applied_tx.subscribe();
+        let mut shutdown = self.shutdown_tx.subscribe();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        loop {
+            ticks.borrow_and_update();
+            let lagging = self.lagging(hosts, target);
+            if lagging.is_empty() {
+                return Wait::Applied;
+            }
+            let shutting_down = *shutdown.borrow();
+            if shutting_down || tokio::time::Instant::now() >= deadline {
+                return Wait::Lagging {
+                    lagging,
+                    shutting_down,
+                };
+            }
+            tokio::select! {
+                _ = ticks.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        }
+    }
+
+    /// freeze/release (`all`) or prepare: who applies the migration's phase.
+    fn step_hosts(&self, reg: &Registry, m: &Migration, all: bool) -> Vec<String> {
+        let mut set = BTreeSet::from([m.from.clone(), m.to.clone()]);
+        if all {
+            let now = now_unix_ms();
+            let rt = lock(&self.runtime);
+            set.extend(
+                reg.hosts()
+                    .filter(|h| is_live(rt.get(&h.name), now))
+                    .map(|h| h.name.clone()),
+            );
+        }
+        set.into_iter().collect()
+    }
+
+    /// Who must apply an abort: hosts that reported a version ≥ `prepared_version`, and (for an
+    /// abort asked for) the source and destination if their agents are connected.
+    fn rollback_hosts(
+        &self,
+        reg: &Registry,
+        m: &Migration,
+        prepared_version: u64,
+        live_ends: bool,
+    ) -> Vec<String> {
+        let now = now_unix_ms();
+        let rt = lock(&self.runtime);
+        let mut set: BTreeSet<String> = reg
+            .hosts()
+            .filter(|h| {
+                rt.get(&h.name)
+                    .is_some_and(|r| r.applied_version >= prepared_version)
+            })
+            .map(|h| h.name.clone())
+            .collect();
+        if live_ends {
+            for h in [&m.from, &m.to] {
+                if reg.host(h).is_some() && is_live(rt.get(h.as_str()), now) {
+                    set.insert(h.clone());
+                }
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    fn count_step(&self, step: MigrationStepKind, result: &'static str) {
+        lock(&self.migration_metrics).count(step, result);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+pub(crate) fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/v1/migrations", get(list).post(prepare))
+        .route("/v1/migrations/{id}", get(one))
+        .route("/v1/migrations/{id}/freeze", post(freeze))
+        .route("/v1/migrations/{id}/release", post(release))
+        .route("/v1/migrations/{id}/abort", post(abort))
+}
+
+fn step_timeout(g: &Gateway, q: &StepQuery) -> Result<Duration, ApiFailure> {
+    match q.timeout_ms {
+        None => Ok(g.step_timeout),
+        Some(t) if (1..=MAX_STEP_TIMEOUT_MS).contains(&t) => Ok(Duration::from_millis(t)),
+        Some(t) => Err(ApiFailure::bad_request(format!(
+            "timeout_ms {t} is out of range: want 1–{MAX_STEP_TIMEOUT_MS}"
+        ))),
+    }
+}
+
+async fn list(State(g): Shared, ApiQuery(q): ApiQuery<MigrationsQuery>) -> Json<Vec<Migration>> {
+    let reg = g.current();
+    Json(
+        reg.all_migrations()
+            .into_iter()
+            .filter(|m| q.container.is_none_or(|c| m.container == c))
+            .filter(|m| !q.active || m.phase.is_active())
+            .cloned()
+            .collect(),
+    )
+}
+
+async fn one(State(g): Shared, PathParam(id): PathParam) -> Result<Json<Migration>, ApiFailure> {
+    g.current()
+        .migration(&id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| {
+            ApiFailure::new(
+                ErrorCode::UnknownMigration,
+                format!("no migration has id {id:?}"),
+            )
+        })
+}
+
+async fn prepare(
+    State(g): Shared,
+    ApiQuery(q): ApiQuery<StepQuery>,
+    ApiJson(req): ApiJson<MigrationRequest>,
+) -> Result<Response, ApiFailure> {
+    let step = MigrationStepKind::Prepare;
+    let timeout = step_timeout(&g, &q).inspect_err(|_| g.count_step(step, "refused"))?;
+    let r = g
+        .change(Request::PrepareMigration {
+            container: req.container,
+            to: req.to,
+            now_ms: now_unix_ms(),
+        })
+        .await;
+    settle(&g, step, r, None, timeout).await
+}
+
+async fn freeze(
+    State(g): Shared,
+    PathParam(id): PathParam,
+    ApiQuery(q): ApiQuery<StepQuery>,
+) -> Result<Response, ApiFailure> {
+    step(g, id, MigrationStepKind::Freeze, q).await
+}
+
+async fn release(
+    State(g): Shared,
+    PathParam(id): PathParam,
+    ApiQuery(q): ApiQuery<StepQuery>,
+) -> Result<Response, ApiFailure> {
+    step(g, id, MigrationStepKind::Release, q).await
+}
+
+async fn abort(
+    State(g): Shared,
+    PathParam(id): PathParam,
+    ApiQuery(q): ApiQuery<StepQuery>,
+) -> Result<Response, ApiFailure> {
+    step(g, id, MigrationStepKind::Abort, q).await
+}
+
+async fn step(
+    g: Arc<Gateway>,
+    id: String,
+    step: MigrationStepKind,
+    q: StepQuery,
+) -> Result<Response, ApiFailure> {
+    let timeout = step_timeout(&g, &q).inspect_err(|_| g.count_step(step, "refused"))?;
+    let prepared_version = g.current().live_migration(&id).map(|l| l.prepared_version);
+    let r = g
+        .change(Request::StepMigration {
+            id,
+            step,
+            now_ms: now_unix_ms(),
+            expect: None,
+        })
+        .await;
+    settle(&g, step, r, prepared_version, timeout).await
+}
+
+/// After a step was applied to the registry (or refused): waits for its agents and answers;
+/// on a timeout, rolls back (prepare, freeze) or reports (release, abort).
+async fn settle(
+    g: &Arc<Gateway>,
+    step: MigrationStepKind,
+    result: Result<(Change, u64), ApiFailure>,
+    prepared_version: Option<u64>,
+    timeout: Duration,
+) -> Result<Response, ApiFailure> {
+    let persisted_at = Instant::now();
+    let (change, version) = result.inspect_err(|e| {
+        let r = if e.code == ErrorCode::Internal {
+            "error"
+        } else {
+            "refused"
+        };
+        g.count_step(step, r);
+    })?;
+    let (migration, changed, created_new) = match change {
+        Change::MigrationPrepared { migration, .. } => (migration, true, true),
+        Change::MigrationStepped { migration, .. } => (migration, true, false),
+        Change::MigrationUnchanged(m) => (m, false, false),
+        other => unreachable!("a migration step answered {other:?}"),
+    };
+    let reg = g.current();
+    let all = step != MigrationStepKind::Prepare;
+    let plan = if changed {
+        let hosts = if step == MigrationStepKind::Abort {
+            g.rollback_hosts(&reg, &migration, prepared_version.unwrap_or(1), true)
+        } else {
+            g.step_hosts(&reg, &migration, all)
+        };
+        Some((hosts, version))
+    } else {
+        reg.live_migration(&migration.id)
+            .map(|l| (g.step_hosts(&reg, &l.migration, all), l.phase_version))
+    };
+    let current_version = reg.version();
+    drop(reg);
+    let Some((hosts, target)) = plan else {
+        // A repeated step of a finished migration: nothing to wait for.
+        g.count_step(step, "unchanged");
+        let answer = MigrationStep {
+            migration,
+            version: current_version,
+            changed: false,
+            hosts: vec![],
+            applied_ms: 0,
+        };
+        return Ok(created(false, answer));
+    };
+    match g.wait_applied(&hosts, target, persisted_at + timeout).await {
+        Wait::Applied => {
+            let took = persisted_at.elapsed();
+            {
+                let mut m = lock(&g.migration_metrics);
+                m.count(step, if changed { "ok" } else { "unchanged" });
+                if changed {
+                    m.observe(step, took.as_secs_f64());
+                }
+            }
+            info!(
+                migration = %migration.id, %step, phase = %migration.phase, version = target,
+                hosts = ?hosts, applied_ms = took.as_millis() as u64, changed,
+                "migration step applied by its agents"
+            );
+            let answer = MigrationStep {
+                migration,
+                version: target,
+                changed,
+                hosts,
+                applied_ms: took.as_millis() as u64,
+            };
+            Ok(created(created_new, answer))
+        }
+        Wait::Lagging {
+            lagging,
+            shutting_down,
+        } => {
+            let timeout_ms = timeout.as_millis();
+            let what = format!(
+                "{step} of {} is persisted (registry version {target})",
+                describe(&migration)
+            );
+            let failure = |rollback_lagging: Vec<HostLag>| MigrationFailure {
+                step,
+                migration: migration.clone(),
+                version: g.current().version(),
+                lagging: lagging.clone(),
+                rollback_lagging,
+                waited_ms: persisted_at.elapsed().as_millis() as u64,
+            };
+            if shutting_down {
+                g.count_step(step, "needs_attention");
+                warn!(migration = %migration.id, %step, lagging = %lag_list(&lagging), "gateway shutting down during a migration step");
+                return Err(ApiFailure::new(
+                    ErrorCode::NeedsAttention,
+                    format!(
+                        "{what} but the gateway is shutting down before these agents applied it: \
+                         {}; after the restart, repeat the step to confirm it, or abort",
+                        lag_list(&lagging)
+                    ),
+                )
+                .with_migration(failure(vec![])));
+            }
+            match step {
+                MigrationStepKind::Prepare | MigrationStepKind::Freeze => {
+                    auto_abort(g, step, &migration, lagging, timeout, persisted_at, target).await
+                }
+                MigrationStepKind::Release => {
+                    g.count_step(step, "needs_attention");
+                    error!(migration = %migration.id, lagging = %lag_list(&lagging), "release not applied in time");
+                    Err(ApiFailure::new(
+                        ErrorCode::NeedsAttention,
+                        format!(
+                            "{what}: the endpoint is on {} now, but these agents did not apply \
+                             it within {timeout_ms} ms: {}. A release is not rolled back: check \
+                             those agents (`ferry hosts`), then repeat the release to confirm it",
+                            migration.to,
+                            lag_list(&lagging)
+                        ),
+                    )
+                    .with_migration(failure(vec![])))
+                }
+                MigrationStepKind::Abort => {
+                    g.count_step(step, "needs_attention");
+                    error!(migration = %migration.id, lagging = %lag_list(&lagging), "abort not applied in time");
+                    Err(ApiFailure::new(
+                        ErrorCode::NeedsAttention,
+                        format!(
+                            "{what}, but these agents did not apply it within {timeout_ms} ms: \
+                             {}; the container stays on {}: check those agents (`ferry hosts`, \
+                             `ferry sync`)",
+                            lag_list(&lagging),
+                            migration.from
+                        ),
+                    )
+                    .with_migration(failure(vec![])))
+                }
+            }
+        }
+    }
+}
+
+/// A prepare or freeze that the agents did not apply in time: abort it (only if nobody moved it
+/// meanwhile) and wait for the agents that may have acted on it to apply the abort.
+async fn auto_abort(
+    g: &Arc<Gateway>,
+    step: MigrationStepKind,
+    m: &Migration,
+    lagging: Vec<HostLag>,
+    timeout: Duration,
+    persisted_at: Instant,
+    step_version: u64,
+) -> Result<Response, ApiFailure> {
+    let prepared_version = g
+        .current()
+        .live_migration(&m.id)
+        .map(|l| l.prepared_version);
+    let why = format!(
+        "{step} of {} (registry version {step_version}) was not applied within {} ms by {}",
+        describe(m),
+        timeout.as_millis(),
+        lag_list(&lagging)
+    );
+    warn!(migration = %m.id, %step, lagging = %lag_list(&lagging), "migration step not applied in time: aborting it");
+    let failure = |migration: Migration, rollback_lagging: Vec<HostLag>| MigrationFailure {
+        step,
+        migration,
+        version: g.current().version(),
+        lagging: lagging.clone(),
+        rollback_lagging,
+        waited_ms: persisted_at.elapsed().as_millis() as u64,
+    };
+    let result = g
+        .change(Request::StepMigration {
+            id: m.id.clone(),
+            step: MigrationStepKind::Abort,
+            now_ms: now_unix_ms(),
+            expect: Some(m.phase),
+        })
+        .await;
+    let (aborted, abort_version) = match result {
+        Ok((Change::MigrationStepped { migration, .. }, v)) => (migration, v),
+        Ok((other, _)) => unreachable!("an abort answered {other:?}"),
+        Err(e) => {
+            let now = g.current().migration(&m.id).cloned();
+            return match now {
+                Some(cur) if cur.phase == MigrationPhase::Aborted => {
+                    g.count_step(step, "rolled_back");
+                    Err(ApiFailure::new(
+                        ErrorCode::RolledBack,
+                        format!("{why}; it was aborted meanwhile by another request"),
+                    )
+                    .with_migration(failure(cur, vec![])))
+                }
+                cur => {
+                    g.count_step(step, "needs_attention");
+                    error!(migration = %m.id, error = %e.message, "automatic abort failed");
+                    Err(ApiFailure::new(
+                        ErrorCode::NeedsAttention,
+                        format!("{why}; the automatic abort failed: {}", e.message),
+                    )
+                    .with_migration(failure(cur.unwrap_or_else(|| m.clone()), vec![])))
+                }
+            };
+        }
+    };
+    let reg = g.current();
+    let hosts = g.rollback_hosts(&reg, &aborted, prepared_version.unwrap_or(1), false);
+    drop(reg);
+    match g
+        .wait_applied(&hosts, abort_version, Instant::now() + timeout)
+        .await
+    {
+        Wait::Applied => {
+            g.count_step(step, "rolled_back");
+            let confirmed = if hosts.is_empty() {
+                "no agent had applied the migration, so none had anything to undo".to_string()
+            } else {
+                format!("{} applied the abort", hosts.join(", "))
+            };
+            warn!(migration = %m.id, %step, version = abort_version, "migration rolled back");
+            Err(ApiFailure::new(
+                ErrorCode::RolledBack,
+                format!(
+                    "{why}: the gateway aborted the migration (registry version {abort_version}) \
+                     and {confirmed}; the container stays on {}",
+                    aborted.from
+                ),
+            )
+            .with_migration(failure(aborted, vec![])))
+        }
+        Wait::Lagging {
+            lagging: rollback_lagging,
+            ..
+        } => {
+            g.count_step(step, "needs_attention");
+            error!(migration = %m.id, lagging = %lag_list(&rollback_lagging), "automatic abort not applied in time");
+            Err(ApiFailure::new(
+                ErrorCode::NeedsAttention,
+                format!(
+                    "{why}: the gateway aborted the migration (registry version {abort_version}) \
+                     but these agents did not apply the abort within {} ms: {}; check them \
+                     (`ferry hosts`)",
+                    timeout.as_millis(),
+                    lag_list(&rollback_lagging)
+                ),
+            )
+            .with_migration(failure(aborted, rollback_lagging)))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forwarding-grace timer
+
+/// Moves released migrations to the history when their grace ends (a new registry version, so
+/// the agents drop their forwarding pointers), until the gateway shuts down.
+pub(crate) async fn expire_released(g: Arc<Gateway>) {
+    let mut versions = g.version_tx.subscribe();
+    let mut shutdown = g.shutdown_tx.subscribe();
+    loop {
+        versions.borrow_and_update();
+        if *shutdown.borrow() {
+            return;
+        }
+        let next = g.current().next_expiry();
+        let now = now_unix_ms();
+        let wait = match next {
+            Some(t) if t <= now => {
+                match g.change(Request::ExpireMigrations { now_ms: now }).await {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        error!(error = %e.message, "ending forwarding graces failed; retrying in 1 s");
+                        Duration::from_secs(1)
+                    }
+                }
+            }
+            Some(t) => Duration::from_millis(t - now),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = versions.changed() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_and_counters_render() {
+        let mut m = MigrationMetrics::default();
+        m.count(MigrationStepKind::Freeze, "ok");
+        m.count(MigrationStepKind::Freeze, "ok");
+        m.count(MigrationStepKind::Prepare, "rolled_back");
+        m.observe(MigrationStepKind::Freeze, 0.02);
+        m.observe(MigrationStepKind::Freeze, 100.0);
+        let reg = Registry::new(crate::registry::NetConfig {
+            overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            vni: 1,
+            public_cidrs: vec![],
+            forward_grace_ms: 2000,
+        });
+        let mut out = String::new();
+        write_metrics(&mut out, &reg, &m);
+        for want in [
+            "ferry_gateway_migrations{phase=\"frozen\"} 0\n",
+            "ferry_gateway_migration_steps_total{step=\"freeze\",result=\"ok\"} 2\n",
+            "ferry_gateway_migration_steps_total{step=\"prepare\",result=\"rolled_back\"} 1\n",
+            "ferry_gateway_migration_steps_total{step=\"abort\",result=\"error\"} 0\n",
+            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"0.01\"} 0\n",
+            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"0.025\"} 1\n",
+            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"30\"} 1\n",
+            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"+Inf\"} 2\n",
+            "ferry_gateway_migration_step_apply_seconds_count{step=\"freeze\"} 2\n",
+            "ferry_gateway_migration_step_apply_seconds_sum{step=\"freeze\"} 100.020000\n",
+        ] {
+            assert!(out.contains(want), "{want:?} missing from\n{out}");
+        }
+    }
+
+    #[test]
+    fn liveness() {
+        let now = 100_000;
+        assert!(!is_live(None, now));
+        let mut r = HostRuntime {
+            last_seen_unix_ms: now,
+            ..Default::default()
+        };
+        assert!(!is_live(Some(&r), now), "registered, never watched");
+        r.last_watch_unix_ms = now - LIVE_WINDOW_MS;
+        assert!(is_live(Some(&r), now));
+        r.last_watch_unix_ms = now - LIVE_WINDOW_MS - 1;
+        assert!(!is_live(Some(&r), now));
+        r.open_watches = 1;
+        assert!(is_live(Some(&r), now));
+    }
+
+    #[test]
+    fn lag_lists_read_well() {
+        let l = vec![
+            HostLag {
+                host: "b1".into(),
+                applied_version: 5,
+                wanted_version: 6,
+                connected: false,
+            },
+            HostLag {
+                host: "gw".into(),
+                applied_version: 6,
+                wanted_version: 7,
+                connected: true,
+            },
+        ];
+        assert_eq!(
+            lag_list(&l),
+            "b1 (applied 5 of 6, not connected), gw (applied 6 of 7, connected)"
+        );
+    }
+}

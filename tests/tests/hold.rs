@@ -1,0 +1,363 @@
+//! Hold and release in a real lab, driven through the coordinator's steps
+//! (`ferry migrate prepare|freeze|release|abort`): while a container is frozen its packets are
+//! held at the destination and released in order at release (or sent back to the source at
+//! abort) — none lost, none duplicated, none reordered. A UDP stream with sequence numbers
+//! makes every one of those visible.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use ferry_lab::{Lab, LabOptions};
+use ferry_tests::{counters, delta, gauge, require_root_and_tools};
+
+const PORT: u16 = 9100;
+
+fn lab() -> Lab {
+    ferry_tests::workspace_binary("ferry-lab");
+    ferry_tests::workspace_binary("ferry-agent");
+    ferry_tests::workspace_binary("ferry");
+    Lab::up(LabOptions {
+        start_agents: true,
+        ..LabOptions::default()
+    })
+    .expect("lab up")
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Receives sequence-numbered datagrams in a namespace; records them in arrival order.
+struct Receiver {
+    got: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    t: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start(ns: &Path) -> Self {
+        let s = ferry_overlay::netns::run_in(ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)))
+            .unwrap()
+            .unwrap();
+        // Released packets arrive as one burst: a default receive buffer (~90 datagrams of
+        // this size) would overflow in the receiving socket, not in ferry.
+        let size: libc::c_int = 32 << 20;
+        // SAFETY: setsockopt with a valid fd, a pointer to a c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, st) = (got.clone(), stop.clone());
+        let t = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok(n) = s.recv(&mut buf)
+                    && n >= 8
+                {
+                    g.lock()
+                        .unwrap()
+                        .push(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+                }
+            }
+        });
+        Self {
+            got,
+            stop,
+            t: Some(t),
+        }
+    }
+
+    fn got(&self) -> Vec<u64> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.t.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends datagram n (8-byte sequence number + padding to `size`) every `every`, from `ns`.
+struct Sender {
+    sent: Arc<Mutex<u64>>,
+    stop: Arc<AtomicBool>,
+    t: Option<JoinHandle<()>>,
+}
+
+impl Sender {
+    fn start(ns: &Path, to: SocketAddrV4, every: Duration, size: usize) -> Self {
+        let s = ferry_overlay::netns::run_in(ns, move || {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(to)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap()
+        .unwrap();
+        let sent = Arc::new(Mutex::new(0u64));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, st) = (sent.clone(), stop.clone());
+        let t = std::thread::spawn(move || {
+            let mut buf = vec![0u8; size.max(8)];
+            let mut i = 0u64;
+            while !st.load(Ordering::Relaxed) {
+                buf[..8].copy_from_slice(&i.to_be_bytes());
+                if s.send(&buf).is_ok() {
+                    i += 1;
+                    *n.lock().unwrap() = i;
+                }
+                std::thread::sleep(every);
+            }
+        });
+        Self {
+            sent,
+            stop,
+            t: Some(t),
+        }
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.t.take() {
+            let _ = t.join();
+        }
+        *self.sent.lock().unwrap()
+    }
+}
+
+fn step(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    lab.ferry_json(args)
+        .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"))
+}
+
+/// Every number 0..sent exactly once over the receivers; returns how many arrived after a
+/// higher number (reordered). Holding keeps the queue's order; the one place a packet can be
+/// overtaken is the switch itself (a packet already on its way to the hold device when the
+/// entry flips is passed on right after newer ones), so a handful at most.
+fn assert_each_once(sent: u64, parts: &[Vec<u64>]) -> usize {
+    let mut all: Vec<u64> = parts.iter().flatten().copied().collect();
+    let mut reordered = 0;
+    for p in parts {
+        let mut max = None;
+        for &n in p {
+            if max.is_some_and(|m| n < m) {
+                reordered += 1;
+            }
+            max = max.max(Some(n));
+        }
+    }
+    all.sort_unstable();
+    let want: Vec<u64> = (0..sent).collect();
+    let missing: Vec<u64> = want
+        .iter()
+        .filter(|n| all.binary_search(n).is_err())
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} datagrams: {:?}…",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert_eq!(all.len() as u64, sent, "duplicates");
+    reordered
+}
+
+#[test]
+fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
+    if !require_root_and_tools(&["ip", "curl"]) {
+        return;
+    }
+    let lab = lab();
+    let c = ip("10.244.1.10");
+    let on_a1 = lab.add_container("a1", c).unwrap();
+    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
+    let old = Receiver::start(&on_a1);
+    let tx = Sender::start(
+        &peer,
+        SocketAddrV4::new(c, PORT),
+        Duration::from_millis(2),
+        1400,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+
+    step(
+        &lab,
+        &[
+            "migrate",
+            "prepare",
+            "--container",
+            "10.244.1.10",
+            "--to",
+            "a2",
+        ],
+    );
+    let on_a2 = lab.container_netns("a2", c);
+    assert!(on_a2.exists(), "prepare built the container on a2");
+    // The "restored" process: listening at the destination before release.
+    let new = Receiver::start(&on_a2);
+    let before = counters(&lab, "a2");
+    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        new.got().is_empty(),
+        "nothing reaches the destination before release"
+    );
+    let held = gauge(&lab, "a2", "ferry_hold_queued_packets").unwrap_or(0);
+    assert!(
+        held >= 100,
+        "a2 holds the frozen container's packets: {held}"
+    );
+    step(&lab, &["migrate", "release", "--container", "10.244.1.10"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = tx.stop();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (old_got, new_got) = (old.got(), new.got());
+    assert!(!old_got.is_empty() && !new_got.is_empty());
+    assert!(
+        old_got.last() < new_got.first(),
+        "the source got the early part, the destination the rest"
+    );
+    let reordered = assert_each_once(sent, &[old_got, new_got]);
+    eprintln!("sent {sent}, held {held}, reordered {reordered}");
+    assert!(reordered <= 3, "{reordered} reordered");
+    let after = counters(&lab, "a2");
+    assert!(delta(&before, &after, "hold_queued") >= held);
+    assert!(delta(&before, &after, "hold_released") >= held);
+    assert_eq!(gauge(&lab, "a2", "ferry_hold_queued_packets"), Some(0));
+    lab.down().unwrap();
+}
+
+#[test]
+fn abort_after_freeze_sends_the_held_packets_back_to_the_source() {
+    if !require_root_and_tools(&["ip", "curl"]) {
+        return;
+    }
+    let lab = lab();
+    let c = ip("10.244.1.10");
+    let on_a1 = lab.add_container("a1", c).unwrap();
+    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
+    let old = Receiver::start(&on_a1);
+    let tx = Sender::start(
+        &peer,
+        SocketAddrV4::new(c, PORT),
+        Duration::from_millis(2),
+        200,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    step(
+        &lab,
+        &[
+            "migrate",
+            "prepare",
+            "--container",
+            "10.244.1.10",
+            "--to",
+            "b1",
+        ],
+    );
+    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let held = gauge(&lab, "b1", "ferry_hold_queued_packets").unwrap_or(0);
+    assert!(held >= 50, "b1 holds: {held}");
+    step(&lab, &["migrate", "abort", "--container", "10.244.1.10"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = tx.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    // The source got every datagram, the held ones included.
+    let reordered = assert_each_once(sent, &[old.got()]);
+    eprintln!("sent {sent}, held {held}, reordered {reordered}");
+    assert!(reordered <= 3, "{reordered} reordered");
+    assert!(
+        !lab.container_netns("b1", c).exists(),
+        "b1 removed what it prepared"
+    );
+    lab.down().unwrap();
+}
+
+#[test]
+fn hold_queue_overflow_is_counted_and_tcp_recovers() {
+    if !require_root_and_tools(&["ip", "curl"]) {
+        return;
+    }
+    use ferry_tests::net::{EchoServer, echo_roundtrip, pattern, tcp_connect};
+    ferry_tests::workspace_binary("ferry-lab");
+    ferry_tests::workspace_binary("ferry-agent");
+    ferry_tests::workspace_binary("ferry");
+    let lab = Lab::up(LabOptions {
+        start_agents: true,
+        hold_limits: ferry_agent::hold::HoldLimits {
+            max_packets: 20,
+            max_bytes: 1 << 20,
+        },
+        ..LabOptions::default()
+    })
+    .expect("lab up");
+    let c = ip("10.244.1.10");
+    let on_a1 = lab.add_container("a1", c).unwrap();
+    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
+    let _srv = EchoServer::start(&on_a1, 7000).unwrap();
+    let mut conn = tcp_connect(&peer, SocketAddrV4::new(c, 7000), Duration::from_secs(3)).unwrap();
+    echo_roundtrip(&mut conn, &pattern(10_000, 1)).unwrap();
+    // A UDP stream too, so more than 20 packets arrive while frozen.
+    let tx = Sender::start(
+        &peer,
+        SocketAddrV4::new(c, PORT),
+        Duration::from_millis(2),
+        200,
+    );
+
+    step(
+        &lab,
+        &[
+            "migrate",
+            "prepare",
+            "--container",
+            "10.244.1.10",
+            "--to",
+            "a2",
+        ],
+    );
+    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    // TCP data sent into the freeze: some of it overflows the 20-packet queue.
+    let mut writer = conn.try_clone().unwrap();
+    let data = pattern(200_000, 9);
+    let w = std::thread::spawn(move || {
+        use std::io::Write as _;
+        writer.write_all(&data)
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let overflow = ferry_tests::hold_counter(&lab, "a2", "overflow");
+    assert!(overflow > 0, "the 20-packet queue overflowed and said so");
+    assert_eq!(gauge(&lab, "a2", "ferry_hold_queued_packets"), Some(20));
+    step(&lab, &["migrate", "abort", "--container", "10.244.1.10"]);
+    let _ = tx.stop();
+    // TCP retransmits what the overflow dropped: every byte comes back, in order.
+    let mut back = vec![0u8; 200_000];
+    use std::io::Read as _;
+    conn.read_exact(&mut back).expect("the connection recovers");
+    assert_eq!(back, pattern(200_000, 9));
+    w.join().unwrap().unwrap();
+    echo_roundtrip(&mut conn, &pattern(10_000, 3)).unwrap();
+    lab.down().unwrap();
+}
