@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use ferry_lab::{Lab, LabOptions, Topology};
-//! let lab = Lab::up(LabOptions { topology: Topology::default_lab(), start_agents: false })?;
+//! let lab = Lab::up(LabOptions { topology: Topology::default_lab(), ..LabOptions::default() })?;
 //! let b1 = lab.host("b1").unwrap().address.to_string();
 //! assert!(lab.ping("a1", &b1));
 //! lab.down()?;
