@@ -9,10 +9,24 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// What happens to a held endpoint's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HoldMode {
+    /// Queue them and release them in order (ferry's design).
+    #[default]
+    Hold,
+    /// Drop them (counted as `dropped`), as a network lock does today: peers wait out their
+    /// retransmission back-off. For comparisons (`ferry-lab bench handoff`).
+    Drop,
+}
+
 /// Limits of one endpoint's queue (configurable in the agent's TOML, `[hold]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HoldLimits {
+    #[serde(default)]
+    pub mode: HoldMode,
     /// Most packets queued per endpoint.
     #[serde(default = "default_max_packets")]
     pub max_packets: usize,
@@ -31,6 +45,7 @@ fn default_max_bytes() -> usize {
 impl Default for HoldLimits {
     fn default() -> Self {
         Self {
+            mode: HoldMode::Hold,
             max_packets: default_max_packets(),
             max_bytes: default_max_bytes(),
         }
@@ -44,6 +59,8 @@ pub enum Verdict {
     Held,
     /// Dropped: the endpoint's queue is full (counted as `overflow`).
     Overflow,
+    /// Dropped: drop mode (counted as `dropped`).
+    Dropped,
     /// The endpoint is not held (any more): write the frame back at once (a straggler that
     /// was in flight to the device when the endpoint was released).
     PassOn,
@@ -57,6 +74,7 @@ pub struct HoldCounters {
     pub held: u64,
     pub released: u64,
     pub overflow: u64,
+    pub dropped: u64,
     pub stragglers: u64,
     pub malformed: u64,
     pub bytes_held: u64,
@@ -128,6 +146,10 @@ impl HoldQueues {
             None => {
                 self.counters.stragglers += 1;
                 (Verdict::PassOn, Some(frame))
+            }
+            Some(_) if limits.mode == HoldMode::Drop => {
+                self.counters.dropped += 1;
+                (Verdict::Dropped, None)
             }
             Some(q) => {
                 if q.frames.len() >= limits.max_packets || q.bytes + frame.len() > limits.max_bytes
@@ -211,6 +233,7 @@ mod tests {
         let mut h = HoldQueues::new(HoldLimits {
             max_packets: 3,
             max_bytes: 10_000,
+            ..HoldLimits::default()
         });
         h.hold(ip);
         for i in 0..5u8 {
@@ -221,6 +244,7 @@ mod tests {
         let mut h = HoldQueues::new(HoldLimits {
             max_packets: 100,
             max_bytes: 3_000,
+            ..HoldLimits::default()
         });
         h.hold(ip);
         for i in 0..5u8 {
@@ -231,6 +255,21 @@ mod tests {
         // The first three, in order, survive.
         let out: Vec<u8> = h.release(ip).iter().map(|f| f[999]).collect();
         assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn drop_mode_drops_and_counts_and_releases_nothing() {
+        let ip = Ipv4Addr::new(10, 244, 1, 10);
+        let mut h = HoldQueues::new(HoldLimits {
+            mode: HoldMode::Drop,
+            ..HoldLimits::default()
+        });
+        h.hold(ip);
+        for i in 0..10u8 {
+            assert_eq!(h.push(frame(ip.octets(), 100, i)).0, Verdict::Dropped);
+        }
+        assert_eq!(h.counters.dropped, 10);
+        assert!(h.release(ip).is_empty());
     }
 
     #[test]

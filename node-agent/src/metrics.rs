@@ -98,7 +98,7 @@ pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP ferry_hold_packets_total Held packets by event (held, released, overflow drops, stragglers passed on, malformed drops)."
+        "# HELP ferry_hold_packets_total Held packets by event (held, released, overflow drops, drop-mode drops, stragglers passed on, malformed drops)."
     );
     let _ = writeln!(out, "# TYPE ferry_hold_packets_total counter");
     let h = &g.hold;
@@ -106,6 +106,7 @@ pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
         ("held", h.held),
         ("released", h.released),
         ("overflow", h.overflow),
+        ("dropped", h.dropped),
         ("straggler", h.stragglers),
         ("malformed", h.malformed),
     ] {

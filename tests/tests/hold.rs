@@ -309,6 +309,7 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
         hold_limits: ferry_agent::hold::HoldLimits {
             max_packets: 20,
             max_bytes: 1 << 20,
+            ..Default::default()
         },
         ..LabOptions::default()
     })
@@ -359,5 +360,63 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
     assert_eq!(back, pattern(200_000, 9));
     w.join().unwrap().unwrap();
     echo_roundtrip(&mut conn, &pattern(10_000, 3)).unwrap();
+    lab.down().unwrap();
+}
+
+#[test]
+fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
+    if !require_root_and_tools(&["ip", "curl"]) {
+        return;
+    }
+    ferry_tests::workspace_binary("ferry-lab");
+    ferry_tests::workspace_binary("ferry-agent");
+    ferry_tests::workspace_binary("ferry");
+    let lab = Lab::up(LabOptions {
+        start_agents: true,
+        hold_limits: ferry_agent::hold::HoldLimits {
+            mode: ferry_agent::hold::HoldMode::Drop,
+            ..Default::default()
+        },
+        ..LabOptions::default()
+    })
+    .expect("lab up");
+    let c = ip("10.244.1.10");
+    let on_a1 = lab.add_container("a1", c).unwrap();
+    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
+    let old = Receiver::start(&on_a1);
+    let tx = Sender::start(
+        &peer,
+        SocketAddrV4::new(c, PORT),
+        Duration::from_millis(2),
+        200,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    step(
+        &lab,
+        &[
+            "migrate",
+            "prepare",
+            "--container",
+            "10.244.1.10",
+            "--to",
+            "a2",
+        ],
+    );
+    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    std::thread::sleep(Duration::from_millis(300));
+    step(&lab, &["migrate", "abort", "--container", "10.244.1.10"]);
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = tx.stop();
+    std::thread::sleep(Duration::from_millis(100));
+    let got = old.got();
+    let dropped = ferry_tests::hold_counter(&lab, "a2", "dropped");
+    assert!(dropped >= 50, "dropped while frozen: {dropped}");
+    // Nothing else is lost: what was not dropped (and counted) arrived.
+    assert_eq!(
+        got.len() as u64 + dropped,
+        sent,
+        "sent {sent}, got {}, dropped {dropped}",
+        got.len()
+    );
     lab.down().unwrap();
 }
