@@ -217,3 +217,15 @@ pub fn hold_counter(lab: &ferry_lab::Lab, host: &str, event: &str) -> u64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// A lab with an agent on every host and the gateway daemon (their binaries built first).
+pub fn agents_lab(opts: ferry_lab::LabOptions) -> ferry_lab::Lab {
+    workspace_binary("ferry-lab");
+    workspace_binary("ferry-agent");
+    workspace_binary("ferry");
+    ferry_lab::Lab::up(ferry_lab::LabOptions {
+        start_agents: true,
+        ..opts
+    })
+    .expect("lab up")
+}

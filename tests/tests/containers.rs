@@ -19,14 +19,7 @@ use ferry_tests::{
 const TOOLS: &[&str] = &["ip", "ping", "curl"];
 
 fn lab() -> Lab {
-    ferry_tests::workspace_binary("ferry-lab");
-    ferry_tests::workspace_binary("ferry-agent");
-    ferry_tests::workspace_binary("ferry");
-    Lab::up(LabOptions {
-        start_agents: true,
-        ..LabOptions::default()
-    })
-    .expect("lab up")
+    ferry_tests::agents_lab(LabOptions::default())
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -263,15 +256,10 @@ fn the_endpoint_map_holds_65536_endpoints_and_traffic_still_flows() {
         overlay_cidr: "10.240.0.0/12".parse().unwrap(),
         ..Topology::default()
     };
-    ferry_tests::workspace_binary("ferry-lab");
-    ferry_tests::workspace_binary("ferry-agent");
-    ferry_tests::workspace_binary("ferry");
-    let lab = Lab::up(LabOptions {
+    let lab = ferry_tests::agents_lab(LabOptions {
         topology,
-        start_agents: true,
         ..LabOptions::default()
-    })
-    .expect("lab up");
+    });
     let n1 = lab.add_container("a1", ip("10.240.1.10")).unwrap();
     let n2 = lab.add_container("b1", ip("10.240.2.10")).unwrap();
     // A connection made before the map fills up must survive it.

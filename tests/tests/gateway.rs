@@ -17,14 +17,7 @@ use serde_json::Value;
 const TOOLS: &[&str] = &["ip", "ping", "curl", "nft"];
 
 fn lab() -> Lab {
-    ferry_tests::workspace_binary("ferry-lab");
-    ferry_tests::workspace_binary("ferry-agent");
-    ferry_tests::workspace_binary("ferry");
-    Lab::up(LabOptions {
-        start_agents: true,
-        ..LabOptions::default()
-    })
-    .expect("lab up")
+    ferry_tests::agents_lab(LabOptions::default())
 }
 
 fn ip(s: &str) -> Ipv4Addr {

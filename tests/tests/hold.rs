@@ -20,14 +20,7 @@ use ferry_tests::{counters, delta, gauge, require_root_and_tools};
 const PORT: u16 = 9100;
 
 fn lab() -> Lab {
-    ferry_tests::workspace_binary("ferry-lab");
-    ferry_tests::workspace_binary("ferry-agent");
-    ferry_tests::workspace_binary("ferry");
-    Lab::up(LabOptions {
-        start_agents: true,
-        ..LabOptions::default()
-    })
-    .expect("lab up")
+    ferry_tests::agents_lab(LabOptions::default())
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -144,6 +137,15 @@ impl Sender {
     }
 }
 
+/// `ferry migrate STEP --container 10.244.1.10 [--to HOST]`.
+fn migrate(lab: &Lab, step_name: &str, to: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["migrate", step_name, "--container", "10.244.1.10"];
+    if let Some(to) = to {
+        args.extend(["--to", to]);
+    }
+    step(lab, &args)
+}
+
 fn step(lab: &Lab, args: &[&str]) -> serde_json::Value {
     lab.ferry_json(args)
         .unwrap_or_else(|e| panic!("ferry {args:?}: {e}"))
@@ -182,16 +184,28 @@ fn assert_each_once(sent: u64, parts: &[Vec<u64>]) -> usize {
     reordered
 }
 
+/// Container C (10.244.1.10) on a1 with a receiver, and a peer container on b1.
+struct Scene {
+    c: Ipv4Addr,
+    peer: std::path::PathBuf,
+    old: Receiver,
+}
+
+fn scene(lab: &Lab) -> Scene {
+    let c = ip("10.244.1.10");
+    let on_a1 = lab.add_container("a1", c).unwrap();
+    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
+    let old = Receiver::start(&on_a1);
+    Scene { c, peer, old }
+}
+
 #[test]
 fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
     if !require_root_and_tools(&["ip", "curl"]) {
         return;
     }
     let lab = lab();
-    let c = ip("10.244.1.10");
-    let on_a1 = lab.add_container("a1", c).unwrap();
-    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
-    let old = Receiver::start(&on_a1);
+    let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
         SocketAddrV4::new(c, PORT),
@@ -200,23 +214,13 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
     );
     std::thread::sleep(Duration::from_millis(200));
 
-    step(
-        &lab,
-        &[
-            "migrate",
-            "prepare",
-            "--container",
-            "10.244.1.10",
-            "--to",
-            "a2",
-        ],
-    );
+    migrate(&lab, "prepare", Some("a2"));
     let on_a2 = lab.container_netns("a2", c);
     assert!(on_a2.exists(), "prepare built the container on a2");
     // The "restored" process: listening at the destination before release.
     let new = Receiver::start(&on_a2);
     let before = counters(&lab, "a2");
-    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    migrate(&lab, "freeze", None);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         new.got().is_empty(),
@@ -227,7 +231,7 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
         held >= 100,
         "a2 holds the frozen container's packets: {held}"
     );
-    step(&lab, &["migrate", "release", "--container", "10.244.1.10"]);
+    migrate(&lab, "release", None);
     std::thread::sleep(Duration::from_millis(300));
     let sent = tx.stop();
     std::thread::sleep(Duration::from_millis(200));
@@ -254,10 +258,7 @@ fn abort_after_freeze_sends_the_held_packets_back_to_the_source() {
         return;
     }
     let lab = lab();
-    let c = ip("10.244.1.10");
-    let on_a1 = lab.add_container("a1", c).unwrap();
-    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
-    let old = Receiver::start(&on_a1);
+    let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
         SocketAddrV4::new(c, PORT),
@@ -265,22 +266,12 @@ fn abort_after_freeze_sends_the_held_packets_back_to_the_source() {
         200,
     );
     std::thread::sleep(Duration::from_millis(200));
-    step(
-        &lab,
-        &[
-            "migrate",
-            "prepare",
-            "--container",
-            "10.244.1.10",
-            "--to",
-            "b1",
-        ],
-    );
-    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    migrate(&lab, "prepare", Some("b1"));
+    migrate(&lab, "freeze", None);
     std::thread::sleep(Duration::from_millis(400));
     let held = gauge(&lab, "b1", "ferry_hold_queued_packets").unwrap_or(0);
     assert!(held >= 50, "b1 holds: {held}");
-    step(&lab, &["migrate", "abort", "--container", "10.244.1.10"]);
+    migrate(&lab, "abort", None);
     std::thread::sleep(Duration::from_millis(300));
     let sent = tx.stop();
     std::thread::sleep(Duration::from_millis(200));
@@ -301,19 +292,14 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
         return;
     }
     use ferry_tests::net::{EchoServer, echo_roundtrip, pattern, tcp_connect};
-    ferry_tests::workspace_binary("ferry-lab");
-    ferry_tests::workspace_binary("ferry-agent");
-    ferry_tests::workspace_binary("ferry");
-    let lab = Lab::up(LabOptions {
-        start_agents: true,
+    let lab = ferry_tests::agents_lab(LabOptions {
         hold_limits: ferry_agent::hold::HoldLimits {
             max_packets: 20,
             max_bytes: 1 << 20,
             ..Default::default()
         },
         ..LabOptions::default()
-    })
-    .expect("lab up");
+    });
     let c = ip("10.244.1.10");
     let on_a1 = lab.add_container("a1", c).unwrap();
     let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
@@ -328,18 +314,8 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
         200,
     );
 
-    step(
-        &lab,
-        &[
-            "migrate",
-            "prepare",
-            "--container",
-            "10.244.1.10",
-            "--to",
-            "a2",
-        ],
-    );
-    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    migrate(&lab, "prepare", Some("a2"));
+    migrate(&lab, "freeze", None);
     // TCP data sent into the freeze: some of it overflows the 20-packet queue.
     let mut writer = conn.try_clone().unwrap();
     let data = pattern(200_000, 9);
@@ -351,7 +327,7 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
     let overflow = ferry_tests::hold_counter(&lab, "a2", "overflow");
     assert!(overflow > 0, "the 20-packet queue overflowed and said so");
     assert_eq!(gauge(&lab, "a2", "ferry_hold_queued_packets"), Some(20));
-    step(&lab, &["migrate", "abort", "--container", "10.244.1.10"]);
+    migrate(&lab, "abort", None);
     let _ = tx.stop();
     // TCP retransmits what the overflow dropped: every byte comes back, in order.
     let mut back = vec![0u8; 200_000];
@@ -368,22 +344,14 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
     if !require_root_and_tools(&["ip", "curl"]) {
         return;
     }
-    ferry_tests::workspace_binary("ferry-lab");
-    ferry_tests::workspace_binary("ferry-agent");
-    ferry_tests::workspace_binary("ferry");
-    let lab = Lab::up(LabOptions {
-        start_agents: true,
+    let lab = ferry_tests::agents_lab(LabOptions {
         hold_limits: ferry_agent::hold::HoldLimits {
             mode: ferry_agent::hold::HoldMode::Drop,
             ..Default::default()
         },
         ..LabOptions::default()
-    })
-    .expect("lab up");
-    let c = ip("10.244.1.10");
-    let on_a1 = lab.add_container("a1", c).unwrap();
-    let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
-    let old = Receiver::start(&on_a1);
+    });
+    let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
         SocketAddrV4::new(c, PORT),
@@ -391,20 +359,10 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
         200,
     );
     std::thread::sleep(Duration::from_millis(100));
-    step(
-        &lab,
-        &[
-            "migrate",
-            "prepare",
-            "--container",
-            "10.244.1.10",
-            "--to",
-            "a2",
-        ],
-    );
-    step(&lab, &["migrate", "freeze", "--container", "10.244.1.10"]);
+    migrate(&lab, "prepare", Some("a2"));
+    migrate(&lab, "freeze", None);
     std::thread::sleep(Duration::from_millis(300));
-    step(&lab, &["migrate", "abort", "--container", "10.244.1.10"]);
+    migrate(&lab, "abort", None);
     std::thread::sleep(Duration::from_millis(100));
     let sent = tx.stop();
     std::thread::sleep(Duration::from_millis(100));
