@@ -3,8 +3,7 @@
 
 use std::{
     fs::File,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -37,6 +36,8 @@ pub const HOST_IF: &str = "eth0";
 pub const PUBLIC_IF: &str = "pub0";
 /// How long agents get to serve their metrics endpoint.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Port of the agents' peer API (hand-off packages), on each host's underlay address.
+pub const AGENT_API_PORT: u16 = ferry_agent::config::DEFAULT_API_PORT;
 
 /// What to bring up (default: the built-in topology, no agents).
 #[derive(Debug, Clone, Default)]
@@ -184,6 +185,11 @@ impl Lab {
     /// Log file of a host's agent.
     pub fn agent_log(&self, host: &str) -> PathBuf {
         self.state_dir().join(host).join("agent.log")
+    }
+
+    /// The hand-off socket of a host's agent (`/run/ferry-lab/<prefix>/<host>/handoff.sock`).
+    pub fn handoff_socket(&self, host: &str) -> PathBuf {
+        handoff_socket(&self.prefix, host)
     }
 
     /// Names of the lab's nodes: `router`, the hosts, `inet` (if the topology has an internet).
@@ -772,6 +778,9 @@ impl Builder {
                 hold_device: ferry_agent::config::DEFAULT_HOLD_DEVICE.to_owned(),
                 hold: self.state.hold_limits,
                 announce: ferry_announce::Schedule::default(),
+                handoff_socket: handoff_socket(self.prefix(), &h.name),
+                api_listen: SocketAddr::new(h.address.into(), AGENT_API_PORT),
+                handoff_max_bytes: ferry_agent::config::DEFAULT_HANDOFF_MAX_BYTES,
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())
@@ -832,7 +841,7 @@ impl Builder {
                     });
                 }
                 let ns = netns_path(&self.ns(&host));
-                if metrics_answer(&ns, listen) {
+                if crate::control::http_ok(&ns, listen, "/metrics") {
                     tracing::debug!(%host, elapsed_ms = t0.elapsed().as_millis() as u64, "agent ready");
                 } else if Instant::now() >= deadline {
                     return Err(LabError::AgentTimeout {
@@ -874,6 +883,11 @@ fn finish_batch(label: &str, shown: String, child: Child) -> Result<(), LabError
     }
 }
 
+/// The hand-off socket of a lab host's agent, in the host's state directory.
+pub fn handoff_socket(prefix: &str, host: &str) -> PathBuf {
+    state::state_dir(prefix).join(host).join("handoff.sock")
+}
+
 /// Prefix of the container namespaces a lab host's agent creates: `<prefix>-<host>-c-`, so
 /// they belong to the lab (teardown removes every `<prefix>-*` namespace).
 pub fn container_netns_prefix(prefix: &str, host: &str) -> String {
@@ -894,33 +908,6 @@ pub(crate) fn detach_session(cmd: &mut Command) {
             }
         });
     }
-}
-
-/// Does `GET /metrics` on `listen` inside namespace `ns` answer 200?
-fn metrics_answer(ns: &Path, listen: SocketAddr) -> bool {
-    run_in(ns, move || -> std::io::Result<bool> {
-        let mut s = TcpStream::connect_timeout(&listen, Duration::from_millis(300))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.set_write_timeout(Some(Duration::from_secs(2)))?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut head = [0u8; 64];
-        let mut n = 0;
-        while n < 12 {
-            let k = s.read(&mut head[n..])?;
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        let line = String::from_utf8_lossy(&head[..n]);
-        Ok(line.starts_with("HTTP/1.") && line.get(9..12) == Some("200"))
-    })
-    .ok()
-    .and_then(Result::ok)
-    .unwrap_or(false)
 }
 
 /// The last `lines` lines of a file (or why it could not be read).

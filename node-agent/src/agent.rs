@@ -19,6 +19,7 @@ use tracing::{Instrument as _, info, warn};
 
 use crate::{
     config::AgentConfig,
+    handoff::Handoff,
     hold::HoldQueues,
     metrics,
     node::{Applied, Hold, Node},
@@ -126,6 +127,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         applied: Applied::default(),
         hold: Some(hold.clone()),
         announce: cfg.announce.clone(),
+        registry: None,
     };
     let hold_reader = tokio::spawn(read_hold_device(hold.clone()));
     let errors = node.apply(&plan::desired(&cfg, None)).await;
@@ -150,6 +152,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+
+    let handoff = Handoff::start(&cfg, node.clone()).await?;
 
     let state = AppState {
         host: cfg.host.as_str().into(),
@@ -179,6 +183,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         f.abort();
         let _ = f.await;
     }
+    handoff.shutdown().await;
     hold_reader.abort();
     let _ = hold_reader.await;
     drop(state);

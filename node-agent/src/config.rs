@@ -17,6 +17,10 @@
 //! # masquerade = true          # gateway only: containers without a public address leave as
 //! #                            # the gateway's own address (nftables masquerade)
 //!
+//! handoff_socket = "/run/ferry/handoff.sock"  # the socket hand-off API (local processes)
+//! api_listen = "198.18.1.10:7401"            # the peer API (other agents); same port everywhere
+//! handoff_max_bytes = 268435456              # hand-off packages kept waiting for a claim
+//!
 //! [gateway]                     # the registry this agent follows (optional)
 //! address = "198.18.0.10:7400"
 //! token_file = "/etc/ferry/token"
@@ -44,6 +48,12 @@ pub const DEFAULT_VXLAN_DEVICE: &str = "ferry_vx";
 pub const DEFAULT_VNI: u32 = 4242;
 /// Default address of the Prometheus endpoint (inside the host's network namespace).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// Default path of the socket hand-off API's Unix socket.
+pub const DEFAULT_HANDOFF_SOCKET: &str = "/run/ferry/handoff.sock";
+/// Default port of the agents' peer API (every agent must use the same one).
+pub const DEFAULT_API_PORT: u16 = 7401;
+/// Default bound of the hand-off packages an agent keeps waiting for a claim (256 MiB).
+pub const DEFAULT_HANDOFF_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +108,22 @@ pub struct AgentConfig {
     /// (default: at once, then 50, 200, 450 ms).
     #[serde(default)]
     pub announce: ferry_announce::Schedule,
+    /// The socket hand-off API (`crate::handoff`): the Unix socket (mode 0600) through which a
+    /// process exports its established TCP sockets and state, and the new process on the
+    /// destination claims them. Processes in containers reach it through the shared mount
+    /// namespace. Default `/run/ferry/handoff.sock`.
+    #[serde(default = "default_handoff_socket")]
+    pub handoff_socket: PathBuf,
+    /// The agents' peer API (HTTP, the `[gateway]` token): where other agents send hand-off
+    /// packages for containers built here. A source agent reaches a destination at the
+    /// destination's VTEP and *this* port, so every agent must use the same port. Served only
+    /// with a `[gateway]` section. Default `0.0.0.0:7401`.
+    #[serde(default = "default_api_listen")]
+    pub api_listen: SocketAddr,
+    /// Bytes of hand-off packages (encoded) kept in memory waiting for a claim, all containers
+    /// together; a package beyond it is refused. Default 256 MiB.
+    #[serde(default = "default_handoff_max_bytes")]
+    pub handoff_max_bytes: u64,
 }
 
 /// How the agent reaches the gateway's API.
@@ -140,6 +166,15 @@ fn default_vxlan_port() -> u16 {
 }
 fn default_vxlan_device() -> String {
     DEFAULT_VXLAN_DEVICE.to_owned()
+}
+fn default_handoff_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_HANDOFF_SOCKET)
+}
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_API_PORT)
+}
+fn default_handoff_max_bytes() -> u64 {
+    DEFAULT_HANDOFF_MAX_BYTES
 }
 fn default_metrics_listen() -> SocketAddr {
     DEFAULT_METRICS_LISTEN.parse().expect("valid default")
@@ -247,6 +282,25 @@ impl AgentConfig {
                 ),
             );
         }
+        let sock = self.handoff_socket.as_os_str().len();
+        if !self.handoff_socket.is_absolute() || sock >= 108 {
+            return err(
+                "handoff_socket",
+                format!(
+                    "{} must be an absolute path shorter than 108 bytes (a Unix socket address)",
+                    self.handoff_socket.display()
+                ),
+            );
+        }
+        if self.api_listen.port() == 0 {
+            return err(
+                "api_listen",
+                "needs a fixed port (the same on every agent)".into(),
+            );
+        }
+        if self.handoff_max_bytes == 0 {
+            return err("handoff_max_bytes", "must not be 0".into());
+        }
         match (self.role, &self.public_interface) {
             (HostRole::Gateway, None) => {
                 return err(
@@ -311,6 +365,9 @@ overlay_ip = "10.244.255.2"
         assert_eq!(c.vni, DEFAULT_VNI);
         assert_eq!(c.vxlan_device, DEFAULT_VXLAN_DEVICE);
         assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.handoff_socket, Path::new(DEFAULT_HANDOFF_SOCKET));
+        assert_eq!(c.api_listen.port(), DEFAULT_API_PORT);
+        assert_eq!(c.handoff_max_bytes, DEFAULT_HANDOFF_MAX_BYTES);
         let again = AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap();
         assert_eq!(c, again);
     }
@@ -337,6 +394,16 @@ overlay_ip = "10.244.255.2"
             .unwrap_err()
             .to_string();
         assert!(e.contains("peers[0]"), "{e}");
+        let bad = format!("handoff_socket = \"run/h.sock\"\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("handoff_socket"), "{e}");
+        let bad = format!("api_listen = \"0.0.0.0:0\"\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_listen"), "{e}");
         let bad = format!("role = \"gateway\"\n{GOOD}");
         let e = AgentConfig::parse(Path::new("t.toml"), &bad)
             .unwrap_err()

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod containers;
+pub mod handoff;
 pub mod hold;
 pub mod metrics;
 pub mod node;

@@ -83,6 +83,9 @@ pub struct Node {
     pub hold: Option<Arc<Hold>>,
     /// Announcement schedule after a release.
     pub announce: ferry_announce::Schedule,
+    /// The registry snapshot last received (applied or not; `applied.version` says). The
+    /// hand-off reads hosts and migrations from it.
+    pub registry: Option<Arc<ferry_api::Snapshot>>,
 }
 
 impl Node {

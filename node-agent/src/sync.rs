@@ -75,6 +75,7 @@ pub async fn follow(cfg: AgentConfig, client: Client, node: Arc<Mutex<Node>>) {
                 continue;
             }
             seen = Some(snap.version);
+            n.registry = Some(Arc::new(snap.clone()));
             let want = plan::desired(&cfg, Some(&snap));
             let errors = n.apply(&want).await;
             drop(n);

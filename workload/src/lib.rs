@@ -1,0 +1,17 @@
+//! `ferry-workload`: a small stateful TCP service that moves itself between hosts with ferry's
+//! socket hand-off, and the client that proves the move invisible to its connections.
+//!
+//! - [`server`]: `serve` (a request/response server whose per-connection counters are its state;
+//!   exports its sockets and state to the node agent on SIGUSR1 or `export HOST` on stdin) and
+//!   `claim` (the same server, rebuilt on the destination from what the agent restored).
+//! - [`client`]: many connections, a numbered request on each every few milliseconds, every
+//!   reply checked (exactly once, in order, counters continuous), gaps and retransmissions
+//!   measured.
+//! - [`handoff`] and [`wire`]: the client side of the agent's hand-off API (a Unix socket, JSON
+//!   headers, file descriptors as SCM_RIGHTS) with nothing but std and libc: what any
+//!   application needs to move its own connections.
+pub mod client;
+pub mod handoff;
+pub mod server;
+pub mod sys;
+pub mod wire;

@@ -1,0 +1,176 @@
+//! `ferry-workload serve|claim|client`: see the library's docs.
+
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
+
+use ferry_workload::{
+    client,
+    server::{self, HandoffTarget, Options, Outcome, Server},
+};
+use serde_json::json;
+
+const USAGE: &str = "\
+usage:
+  ferry-workload serve  --port PORT [--handoff-socket PATH --container IP] [--export-to HOST]
+  ferry-workload claim  --port PORT --handoff-socket PATH --container IP [--timeout-ms MS] [--export-to HOST]
+  ferry-workload client --to IP:PORT [--connections N] [--interval-ms MS] [--duration-ms MS]
+                        [--payload-bytes N] [--json]
+
+serve: answers `REQ <seq> <payload>` with `RES <seq> <n>` (n: the connection's request count).
+  SIGUSR1 (to --export-to) or `export HOST` on stdin hands every connection and the counters
+  to the node agent and exits 0; a refused export is printed and serving goes on.
+claim: claims what was exported for the container on this host and serves on.
+client: checks every reply (in order, exactly once, counters continuous); prints a summary;
+  exit status 2 if a connection was reset or a reply was wrong.";
+
+/// `--flag value` pairs and bare `--switch`es.
+struct Args {
+    values: HashMap<String, String>,
+    switches: Vec<String>,
+}
+
+impl Args {
+    fn parse(args: &[String], switches: &[&str], flags: &[&str]) -> Result<Self, String> {
+        let mut values = HashMap::new();
+        let mut on = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let name = a
+                .strip_prefix("--")
+                .ok_or(format!("unexpected argument {a:?}"))?;
+            if switches.contains(&name) {
+                on.push(name.to_owned());
+            } else if flags.contains(&name) {
+                let v = it.next().ok_or(format!("--{name} needs a value"))?;
+                values.insert(name.to_owned(), v.clone());
+            } else {
+                return Err(format!("unknown option --{name}"));
+            }
+        }
+        Ok(Self {
+            values,
+            switches: on,
+        })
+    }
+
+    fn get<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.values
+            .get(name)
+            .map(|v| v.parse().map_err(|e| format!("--{name} {v:?}: {e}")))
+            .transpose()
+    }
+
+    fn need<T: std::str::FromStr>(&self, name: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.get(name)?.ok_or(format!("--{name} is required"))
+    }
+}
+
+fn server_options(a: &Args) -> Result<Options, String> {
+    let socket: Option<PathBuf> = a.get("handoff-socket")?;
+    let container: Option<Ipv4Addr> = a.get("container")?;
+    let handoff = match (socket, container) {
+        (Some(socket), Some(container)) => Some(HandoffTarget { socket, container }),
+        (None, None) => None,
+        _ => return Err("--handoff-socket and --container go together".into()),
+    };
+    Ok(Options {
+        port: a.need("port")?,
+        handoff,
+        export_to: a.get("export-to")?,
+    })
+}
+
+fn serve(mut s: Server) -> ExitCode {
+    match s.run() {
+        Ok(Outcome::Exported | Outcome::Stopped) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-workload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = argv.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::FAILURE;
+    };
+    let server_flags = [
+        "port",
+        "handoff-socket",
+        "container",
+        "export-to",
+        "timeout-ms",
+    ];
+    let result = match cmd.as_str() {
+        "serve" => Args::parse(rest, &[], &server_flags[..4])
+            .and_then(|a| server_options(&a))
+            .and_then(|o| Server::start(o).map_err(|e| format!("listening: {e}")))
+            .map(serve),
+        "claim" => Args::parse(rest, &[], &server_flags).and_then(|a| {
+            let timeout_ms = a.get("timeout-ms")?.unwrap_or(5000);
+            let opts = server_options(&a)?;
+            match Server::claim(opts, timeout_ms) {
+                Ok((s, line)) => {
+                    server::emit(&line);
+                    Ok(serve(s))
+                }
+                Err(e) => {
+                    server::emit(
+                        &json!({"event": "claim_failed", "ok": false, "error": e.to_json()}),
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }),
+        "client" => Args::parse(
+            rest,
+            &["json"],
+            &[
+                "to",
+                "connections",
+                "interval-ms",
+                "duration-ms",
+                "payload-bytes",
+            ],
+        )
+        .and_then(|a| {
+            let opts = client::Options {
+                to: a.need("to")?,
+                connections: a.get("connections")?.unwrap_or(50),
+                interval: Duration::from_millis(a.get("interval-ms")?.unwrap_or(5)),
+                duration: a.get("duration-ms")?.map(Duration::from_millis),
+                payload_bytes: a.get("payload-bytes")?.unwrap_or(16),
+            };
+            let summary = client::run(&opts).map_err(|e| e.to_string())?;
+            if a.switches.iter().any(|s| s == "json") {
+                println!("{summary}");
+            } else {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).unwrap_or_default()
+                );
+            }
+            Ok(if client::passed(&summary) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!("unknown command {other:?}")),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("ferry-workload: {e}\n\n{USAGE}");
+        ExitCode::FAILURE
+    })
+}
