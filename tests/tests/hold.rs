@@ -378,3 +378,124 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
     );
     lab.down().unwrap();
 }
+
+#[test]
+fn out_of_order_duplicate_and_malformed_steps_are_refused_without_effect() {
+    if !require_root_and_tools(&["ip", "curl"]) {
+        return;
+    }
+    let lab = lab();
+    let Scene { c, peer, old, .. } = scene(&lab);
+    let tx = Sender::start(
+        &peer,
+        SocketAddrV4::new(c, PORT),
+        Duration::from_millis(2),
+        200,
+    );
+    // (arguments, exit code, error code) — each refused, and the stream to the container on
+    // a1 goes on untouched.
+    let refused: &[(&[&str], i32, &str)] = &[
+        (&["migrate", "freeze", "--container", "10.244.1.10"], 1, ""),
+        (&["migrate", "release", "--container", "10.244.1.10"], 1, ""),
+        (
+            &[
+                "migrate",
+                "prepare",
+                "--container",
+                "10.244.1.10",
+                "--to",
+                "a1",
+            ],
+            1,
+            "a1",
+        ),
+        (
+            &[
+                "migrate",
+                "prepare",
+                "--container",
+                "10.244.1.10",
+                "--to",
+                "nosuch",
+            ],
+            1,
+            "nosuch",
+        ),
+        (
+            &[
+                "migrate",
+                "prepare",
+                "--container",
+                "10.244.99.99",
+                "--to",
+                "a2",
+            ],
+            1,
+            "10.244.99.99",
+        ),
+        (
+            &[
+                "migrate",
+                "prepare",
+                "--container",
+                "not-an-ip",
+                "--to",
+                "a2",
+            ],
+            2,
+            "",
+        ),
+    ];
+    let check = |args: &[&str], code: i32, needle: &str| {
+        let out = lab.ferry(&[&["--json"], args].concat()).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {text}");
+        assert!(
+            text.contains(needle),
+            "{args:?} should mention {needle:?}: {text}"
+        );
+    };
+    for (args, code, needle) in refused {
+        check(args, *code, needle);
+    }
+    // Steps out of order once a migration exists; a repeated step changes nothing.
+    let p1 = migrate(&lab, "prepare", Some("a2"));
+    let p2 = migrate(&lab, "prepare", Some("a2"));
+    assert_eq!(p1["migration"]["id"], p2["migration"]["id"]);
+    assert_eq!(
+        p1["version"], p2["version"],
+        "a repeated prepare bumps nothing"
+    );
+    check(
+        &["migrate", "release", "--container", "10.244.1.10"],
+        1,
+        "bad_phase",
+    );
+    check(
+        &[
+            "migrate",
+            "prepare",
+            "--container",
+            "10.244.1.10",
+            "--to",
+            "b1",
+        ],
+        1,
+        "conflict",
+    );
+    migrate(&lab, "abort", None);
+    check(
+        &["migrate", "release", "--container", "10.244.1.10"],
+        1,
+        "bad_phase",
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = tx.stop();
+    std::thread::sleep(Duration::from_millis(100));
+    // Nothing was frozen: every datagram reached the container on a1, in order.
+    let reordered = assert_each_once(sent, &[old.got()]);
+    assert_eq!(reordered, 0);
+    assert_eq!(ferry_tests::hold_counter(&lab, "a2", "held"), 0);
+    lab.down().unwrap();
+}
