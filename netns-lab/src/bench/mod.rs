@@ -13,6 +13,7 @@
 
 pub mod baseline;
 pub mod ferry_mode;
+pub mod handoff;
 pub mod measure;
 pub mod report;
 
@@ -43,6 +44,10 @@ pub enum BenchCmd {
     /// Throughput and request/response latency between containers on two hosts: ferry vs a
     /// kernel-VXLAN + bridge overlay (flannel) vs routed veths, side by side in one lab.
     Datapath(DatapathArgs),
+    /// A stateful server moving between clouds with its connections (socket hand-off): the
+    /// gap a client on the internet sees, with ferry's hold queues and with drop (a network
+    /// lock), for several freeze lengths.
+    Handoff(handoff::HandoffArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -174,6 +179,7 @@ impl Progress {
 pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
     match cmd {
         BenchCmd::Datapath(args) => datapath(&args),
+        BenchCmd::Handoff(args) => handoff::run(&args),
     }
 }
 
