@@ -139,6 +139,10 @@ pub struct MoveSample {
     pub bytes_lost: u64,
     pub requests: u64,
     pub replies: u64,
+    /// Segments the destination's own TCP stack dropped (backlog, receive queue,
+    /// out-of-order queue, zero window; `nstat` in the container's namespace): losses a
+    /// re-injected burst could cause above ferry, which ferry's counters cannot see.
+    pub server_stack_drops: u64,
 }
 
 /// One mode and freeze: the two moves and their summary.
@@ -450,6 +454,31 @@ impl Drop for Workload {
     }
 }
 
+/// TCP segments dropped by the stack in `ns` (absolute counters of a namespace made for this
+/// move), summed over the kinds of drop a burst can cause.
+fn stack_drops(lab: &Lab, ns: &Path) -> u64 {
+    const KINDS: [&str; 5] = [
+        "TcpExtTCPBacklogDrop",
+        "TcpExtTCPRcvQDrop",
+        "TcpExtTCPOFODrop",
+        "TcpExtTCPZeroWindowDrop",
+        "TcpExtTCPMinTTLDrop",
+    ];
+    let mut args = vec!["nstat", "-az"];
+    args.extend(KINDS);
+    let Ok(out) = lab.exec_in(ns, &args) else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (k, v) = (w.next()?, w.next()?);
+            KINDS.contains(&k).then(|| v.parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
 fn f(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
 }
@@ -633,6 +662,7 @@ impl Ctx<'_> {
         client.signal(libc::SIGTERM)?;
         let summary = client.next_json(false, Duration::from_secs(20))?;
         let after = hold_counters(self.lab, to)?;
+        let server_stack_drops = stack_drops(self.lab, &self.lab.container_netns(to, self.c()));
 
         let per_conn: Vec<f64> = summary["max_gap_ms_per_connection"]
             .as_array()
@@ -668,11 +698,12 @@ impl Ctx<'_> {
             bytes_lost: unanswered * request_bytes(max_seq, PAYLOAD_BYTES),
             requests,
             replies: u(&summary, "replies"),
+            server_stack_drops,
         };
         p.say(format!(
             "  {name}: {from}->{to}: gap {:.1} ms, frozen {:.1} ms (freeze step {:.1}, release \
              step {:.1}, process frozen {:.1}), held {}, dropped {}, resets {}, retransmits {}, \
-             unanswered {}, mismatches {}",
+             unanswered {}, mismatches {}, server stack drops {}",
             sample.gap_ms,
             sample.frozen_ms,
             sample.freeze_step_ms,
@@ -684,6 +715,7 @@ impl Ctx<'_> {
             sample.client_retransmits,
             sample.unanswered,
             sample.reordered,
+            sample.server_stack_drops,
         ));
         let errors = u(&summary, "errors") + u(&summary, "closed_by_server");
         if errors > 0 || u(&summary, "alive") != self.args.connections {
