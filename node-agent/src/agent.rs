@@ -126,6 +126,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         overlay_ip: cfg.overlay_ip,
         applied: Applied::default(),
         hold: Some(hold.clone()),
+        hold_ifindex: base.hold_ifindex,
         announce: cfg.announce.clone(),
         registry: None,
     };
@@ -275,13 +276,17 @@ async fn status_handler(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
-    let (applied_version, containers, hold) = {
+    let (applied_version, containers, hold, hold_device_dropped) = {
         let n = s.node.lock().await;
+        let dropped = match n.hold_ifindex {
+            0 => 0,
+            i => n.nl.link_tx_dropped(i).await.ok().flatten().unwrap_or(0),
+        };
         let hold = n.hold.as_ref().map(|h| {
             let q = h.queues.lock().unwrap_or_else(|p| p.into_inner());
             (q.counters, q.held().len(), q.total_packets())
         });
-        (n.applied.version, n.applied.containers.len(), hold)
+        (n.applied.version, n.applied.containers.len(), hold, dropped)
     };
     let dp = match s.datapath.lock() {
         Ok(dp) => dp,
@@ -299,6 +304,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                 hold: hold.map(|h| h.0).unwrap_or_default(),
                 held_endpoints: hold.map_or(0, |h| h.1),
                 held_packets: hold.map_or(0, |h| h.2),
+                hold_device_dropped,
             };
             (
                 StatusCode::OK,

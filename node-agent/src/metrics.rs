@@ -17,6 +17,8 @@ pub struct Gauges {
     pub hold: crate::hold::HoldCounters,
     pub held_endpoints: usize,
     pub held_packets: usize,
+    /// Frames the hold device's own queue dropped before the agent read them.
+    pub hold_device_dropped: u64,
 }
 
 /// Renders datapath counters and map sizes in Prometheus text format (version 0.0.4).
@@ -98,7 +100,7 @@ pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
     }
     let _ = writeln!(
         out,
-        "# HELP ferry_hold_packets_total Held packets by event (held, released, overflow drops, drop-mode drops, stragglers passed on, malformed drops)."
+        "# HELP ferry_hold_packets_total Held packets by event (held, released, overflow drops, drop-mode drops, stragglers passed on, malformed drops, drops in the hold device's own queue)."
     );
     let _ = writeln!(out, "# TYPE ferry_hold_packets_total counter");
     let h = &g.hold;
@@ -109,6 +111,7 @@ pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
         ("dropped", h.dropped),
         ("straggler", h.stragglers),
         ("malformed", h.malformed),
+        ("device_dropped", g.hold_device_dropped),
     ] {
         let _ = writeln!(
             out,

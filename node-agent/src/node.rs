@@ -81,6 +81,8 @@ pub struct Node {
     pub overlay_ip: Ipv4Addr,
     pub applied: Applied,
     pub hold: Option<Arc<Hold>>,
+    /// ifindex of the hold device (0: none), for its drop counter.
+    pub hold_ifindex: u32,
     /// Announcement schedule after a release.
     pub announce: ferry_announce::Schedule,
     /// The registry snapshot last received (applied or not; `applied.version` says). The

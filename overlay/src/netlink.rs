@@ -132,6 +132,23 @@ impl Netlink {
         }))
     }
 
+    /// Packets the kernel dropped while transmitting on a link (`tx_dropped`): for the hold
+    /// device, frames its queue could not take before the agent read them.
+    pub async fn link_tx_dropped(&self, index: u32) -> Result<Option<u64>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get link",
+            what: index.to_string(),
+            source,
+        })?;
+        Ok(msg.and_then(|m| {
+            m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::Stats64(s) => Some(s.tx_dropped),
+                _ => None,
+            })
+        }))
+    }
+
     pub async fn delete_link(&self, name: &str) -> Result<bool, NetlinkError> {
         let Some(index) = self.link_index(name).await? else {
             return Ok(false);

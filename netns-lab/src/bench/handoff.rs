@@ -143,6 +143,9 @@ pub struct MoveSample {
     /// out-of-order queue, zero window; `nstat` in the container's namespace): losses a
     /// re-injected burst could cause above ferry, which ferry's counters cannot see.
     pub server_stack_drops: u64,
+    /// Frames the destination's hold device itself dropped (its queue full before the agent
+    /// read them).
+    pub hold_device_dropped: u64,
 }
 
 /// One mode and freeze: the two moves and their summary.
@@ -699,11 +702,12 @@ impl Ctx<'_> {
             requests,
             replies: u(&summary, "replies"),
             server_stack_drops,
+            hold_device_dropped: delta(&before, &after, "device_dropped"),
         };
         p.say(format!(
             "  {name}: {from}->{to}: gap {:.1} ms, frozen {:.1} ms (freeze step {:.1}, release \
              step {:.1}, process frozen {:.1}), held {}, dropped {}, resets {}, retransmits {}, \
-             unanswered {}, mismatches {}, server stack drops {}",
+             unanswered {}, mismatches {}, server stack drops {}, hold device drops {}",
             sample.gap_ms,
             sample.frozen_ms,
             sample.freeze_step_ms,
@@ -716,6 +720,7 @@ impl Ctx<'_> {
             sample.unanswered,
             sample.reordered,
             sample.server_stack_drops,
+            sample.hold_device_dropped,
         ));
         let errors = u(&summary, "errors") + u(&summary, "closed_by_server");
         if errors > 0 || u(&summary, "alive") != self.args.connections {
