@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, ipv4_be, kind};
+use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, flags, ipv4_be, kind};
 use ferry_overlay::{datapath::Datapath, netlink::Netlink, tap::Tap};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -55,6 +55,9 @@ pub struct Applied {
     pub egress_vtep: Option<Ipv4Addr>,
     /// The registry version applied without errors (0: none yet).
     pub version: u64,
+    /// Local containers whose connections have been dumped here (they left with a hand-off
+    /// or a checkpoint): whatever the old copy still emits is stale and dropped.
+    pub dumped: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 /// Summary for `/v1/status`.
@@ -156,9 +159,17 @@ impl Node {
         let mut endpoints = want.endpoints.clone();
         for (ip, (c, built)) in &self.applied.containers {
             if want.containers.contains_key(ip) {
-                endpoints.insert(*ip, plan::local_entry(want, c, built.ifindex));
+                let mut e = plan::local_entry(want, c, built.ifindex);
+                if e.kind == kind::FORWARD && self.applied.dumped.contains(ip) {
+                    e.flags |= flags::DROP_EGRESS;
+                }
+                endpoints.insert(*ip, e);
             }
         }
+        // A dumped copy only matters while this host forwards for it.
+        self.applied
+            .dumped
+            .retain(|ip| endpoints.get(ip).is_some_and(|e| e.kind == kind::FORWARD));
         // Holding starts before an entry says HOLD, so the first held packet is queued.
         if let Some(h) = &self.hold {
             for ip in &want.hold {
@@ -343,6 +354,38 @@ impl Node {
                 Err(e) => warn!(%ip, error = %e, "announcing"),
             }
         });
+    }
+
+    /// The connections of local container `ip` have been dumped (or are back, `false`): from
+    /// now on what the old copy emits is dropped (`frozen_source`), at once.
+    pub fn mark_dumped(&mut self, ip: Ipv4Addr, dumped: bool) {
+        if dumped {
+            self.applied.dumped.insert(ip);
+        } else {
+            self.applied.dumped.remove(&ip);
+        }
+        let Some(mut e) = self.applied.endpoints.get(&ip).copied() else {
+            return;
+        };
+        if e.kind != kind::FORWARD {
+            return;
+        }
+        if dumped {
+            e.flags |= flags::DROP_EGRESS;
+        } else {
+            e.flags &= !flags::DROP_EGRESS;
+        }
+        let r = self
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_endpoint(ip, e);
+        match r {
+            Ok(()) => {
+                self.applied.endpoints.insert(ip, e);
+            }
+            Err(err) => warn!(%ip, error = %err, "marking the old copy's output as stale"),
+        }
     }
 
     /// Removes a container's entry (if it still points at it) and its network side.

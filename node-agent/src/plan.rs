@@ -7,7 +7,7 @@ use std::{
 };
 
 use ferry_api::{HostRole, MacAddr, MigrationPhase, Snapshot};
-use ferry_common::{Endpoint, NatKey, NatValue, Vtep, flags, ipv4_be, kind};
+use ferry_common::{Endpoint, NatKey, NatValue, Vtep, ipv4_be, kind};
 
 use crate::config::AgentConfig;
 
@@ -79,8 +79,10 @@ pub fn local_entry(d: &Desired, c: &LocalContainer, ifindex: u32) -> Endpoint {
     if d.hold.contains(&c.ip) {
         e.kind = kind::HOLD;
     } else if let Some(vtep) = d.forward.get(&c.ip) {
+        // The source process may still answer what reached it before the freeze (a hand-off
+        // exports later): its output goes on until its connections are dumped, when the agent
+        // adds DROP_EGRESS (see `Node::mark_dumped`).
         e.kind = kind::FORWARD;
-        e.flags = flags::DROP_EGRESS;
         e.vtep_be = ipv4_be(vtep.octets());
         e.vni = d.vni;
     }
@@ -498,7 +500,7 @@ overlay_cidr = "10.244.0.0/16"
         let e = local_entry(&d, &d.containers[&ip], 42);
         assert_eq!(
             (e.kind, e.flags, e.vtep_be, e.ifindex),
-            (kind::FORWARD, flags::DROP_EGRESS, a2_vtep, 42)
+            (kind::FORWARD, 0, a2_vtep, 42)
         );
         let g = desired(&gw, Some(&s));
         assert_eq!(

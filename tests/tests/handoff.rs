@@ -473,3 +473,134 @@ fn refusals_change_nothing() {
     step(&lab, &["migrate", "abort", "--container", C]);
     lab.down().unwrap();
 }
+
+/// One move of the workload (a1 → b1) with the hand-off and an extra freeze, while a
+/// stop-and-wait client (one request in flight, like an RPC caller) talks to it through the
+/// public address. Returns (the client's longest wait for a reply, the network-frozen window),
+/// in ms, after checking every reply and that the connection was never reset.
+fn move_with_freeze(lab: &Lab, extra: Duration) -> (f64, f64) {
+    let on_a1 = lab.add_container("a1", c()).unwrap();
+    step(
+        lab,
+        &["public", "add", "--public", PUBLIC, "--container", C],
+    );
+    lab.sync().unwrap();
+    let port = PORT.to_string();
+    let a1_sock = lab.handoff_socket("a1");
+    let b1_sock = lab.handoff_socket("b1");
+    let mut server = Proc::start(
+        &on_a1,
+        &[
+            "serve",
+            "--port",
+            &port,
+            "--handoff-socket",
+            a1_sock.to_str().unwrap(),
+            "--container",
+            C,
+        ],
+    );
+    assert_eq!(server.next(Duration::from_secs(5))["event"], "listening");
+
+    // The client: connect from the internet side, then request, wait for the reply, repeat.
+    let to: std::net::SocketAddr = format!("{PUBLIC}:{PORT}").parse().unwrap();
+    let stream = ferry_overlay::netns::run_in(&lab.netns("inet"), move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    })
+    .unwrap()
+    .unwrap();
+    stream.set_nodelay(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    let client = std::thread::spawn(move || -> Result<(u64, f64), String> {
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut w = stream;
+        let (mut seq, mut worst) = (0u64, 0f64);
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            seq += 1;
+            let t = Instant::now();
+            writeln!(w, "REQ {seq} x").map_err(|e| format!("request {seq}: {e}"))?;
+            let mut line = String::new();
+            reader
+                .read_line(&mut line)
+                .map_err(|e| format!("reply {seq}: {e}"))?;
+            let want = format!("RES {seq} {seq}");
+            if line.trim() != want {
+                return Err(format!("reply {seq}: {line:?}, want {want:?}"));
+            }
+            worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok((seq, worst))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    step(lab, &["migrate", "prepare", "--container", C, "--to", "b1"]);
+    step(lab, &["migrate", "freeze", "--container", C]);
+    let t_frozen = Instant::now();
+    std::thread::sleep(extra);
+    server.say("export b1");
+    let exported = server.next(Duration::from_secs(30));
+    assert_eq!(exported["ok"], true, "{exported}");
+    assert!(server.wait(Duration::from_secs(5)).success());
+    let dest = Proc::start(
+        &lab.container_netns("b1", c()),
+        &[
+            "claim",
+            "--port",
+            &port,
+            "--handoff-socket",
+            b1_sock.to_str().unwrap(),
+            "--container",
+            C,
+        ],
+    );
+    assert_eq!(dest.next(Duration::from_secs(15))["ok"], true);
+    step(lab, &["migrate", "release", "--container", C]);
+    let frozen_ms = t_frozen.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (requests, worst) = client
+        .join()
+        .unwrap()
+        .expect("every reply, in order, no reset");
+    assert!(requests > 100, "{requests} requests");
+    drop(dest);
+    (worst, frozen_ms)
+}
+
+#[test]
+fn a_one_second_freeze_costs_the_freeze_with_hold_and_the_back_off_with_drop() {
+    if !require_root_and_tools(&["ip", "kill"]) {
+        return;
+    }
+    workspace_binary("ferry-workload");
+    let extra = Duration::from_millis(1000);
+    let hold_lab = ferry_tests::agents_lab(LabOptions::default());
+    let (hold_gap, hold_frozen) = move_with_freeze(&hold_lab, extra);
+    hold_lab.down().unwrap();
+    let drop_lab = ferry_tests::agents_lab(LabOptions {
+        hold_limits: ferry_agent::hold::HoldLimits {
+            mode: ferry_agent::hold::HoldMode::Drop,
+            ..Default::default()
+        },
+        ..LabOptions::default()
+    });
+    let (drop_gap, drop_frozen) = move_with_freeze(&drop_lab, extra);
+    drop_lab.down().unwrap();
+    let (hold_over, drop_over) = (hold_gap - hold_frozen, drop_gap - drop_frozen);
+    eprintln!(
+        "1 s freeze, stop-and-wait client: hold: wait {hold_gap:.1} ms for {hold_frozen:.1} ms \
+         frozen (overhead {hold_over:.1}); drop: wait {drop_gap:.1} ms for {drop_frozen:.1} ms \
+         frozen (overhead {drop_over:.1})"
+    );
+    // Both waited out the freeze itself...
+    assert!(hold_gap >= 900.0 && drop_gap >= 900.0);
+    // ...but only the drop mode also waited for the client's retransmission back-off (its
+    // retransmissions at +0.2, +0.6, +1.4 s: the first after the release comes late), while the
+    // held request was answered as soon as the container ran again.
+    assert!(
+        drop_over > hold_over + 100.0,
+        "hold overhead {hold_over:.1} ms, drop overhead {drop_over:.1} ms"
+    );
+}

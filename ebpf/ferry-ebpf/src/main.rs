@@ -291,9 +291,12 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
         Some(me) if me.ifindex == ifindex(ctx) && me.flags & flags::DROP_EGRESS != 0 => {
             return Err(Reason::DropFrozenSource);
         }
-        // HOLD: restored here, not yet released; what it sends already goes out.
+        // HOLD: restored here, not yet released; what it sends already goes out. FORWARD
+        // without DROP_EGRESS: the source copy of a migrating container before its
+        // connections are dumped (it may still answer what reached it before the freeze).
         Some(me)
-            if (me.kind == kind::LOCAL || me.kind == kind::HOLD) && me.ifindex == ifindex(ctx) => {}
+            if matches!(me.kind, kind::LOCAL | kind::HOLD | kind::FORWARD)
+                && me.ifindex == ifindex(ctx) => {}
         _ => return Err(Reason::DropSpoofedSource),
     }
     let dst = ipv4_dst(ctx)?;

@@ -63,6 +63,8 @@ pub async fn export(ctx: &Ctx, msg: wire::Message) -> Result<Value, HandoffError
         .map_err(|e| HandoffError::new("internal", format!("the dump task failed: {e}")))?;
     let sockets = dumped?;
     let dump_time = t0.elapsed();
+    // The old copy's connections are gone from here: drop what it still emits.
+    ctx.node.lock().await.mark_dumped(c, true);
     let n = sockets.len();
     let package = Package {
         container: c,
@@ -77,6 +79,7 @@ pub async fn export(ctx: &Ctx, msg: wire::Message) -> Result<Value, HandoffError
         Ok(stored) => stored,
         Err(e) => {
             let aborted = tokio::task::spawn_blocking(move || abort_all(&fds)).await;
+            ctx.node.lock().await.mark_dumped(c, false);
             let failed = aborted.unwrap_or_else(|e| vec![format!("the abort task failed: {e}")]);
             if let Err(w) = peer::withdraw(dest, &token, c).await {
                 warn!(%c, error = %w, "withdrawing the package from the destination (it may have none)");
