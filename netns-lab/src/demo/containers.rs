@@ -275,7 +275,9 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
             converged.map_or("?".into(), |m| m.to_string()),
             if moved_reachable { "ok" } else { "FAILED" }
         );
-        eprintln!("  (a real migration keeps the processes and their connections: issues 4 and 5)");
+        eprintln!(
+            "  (that moved the address only; a live move keeps the processes and their connections too: ferry-lab bench handoff, tests/tests/handoff.rs)"
+        );
     }
     Ok(ContainersReport {
         containers: plan
