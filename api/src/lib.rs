@@ -97,6 +97,7 @@
 
 pub mod client;
 pub mod http;
+pub mod run;
 pub mod types;
 pub mod validate;
 

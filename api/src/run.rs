@@ -1,0 +1,224 @@
+//! Whole-container migration with CRIU (`ferry migrate run`): the report the gateway keeps for
+//! each run, and the agents' API types for checkpoint, image transfer and restore.
+//!
+//! Gateway routes:
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | POST | /v1/runs | [`RunRequest`] → [`RunReport`] (202: the run goes on in the gateway; poll it) |
+//! | GET | /v1/runs/{id} | → [`RunReport`] (`id` is the migration's id) |
+//!
+//! Agents' peer API (`api_listen`, same bearer token):
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | POST | /v1/containers/{ip}/start | [`StartRequest`] → [`ContainerProcess`] (201) |
+//! | GET | /v1/containers/{ip} | → [`ContainerProcess`] |
+//! | DELETE | /v1/containers/{ip}/process | → [`ContainerProcess`] (stopped) |
+//! | POST | /v1/checkpoint/{migration} | [`CheckpointRequest`] → NDJSON lines of [`RunEvent`], the last one `done` or `failed` |
+//! | POST | /v1/images/{migration} | image stream ([`crate::run`] framing, see the agent) → [`RestoreAnswer`] |
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// The phases of a run, in order.
+pub const PHASES: [&str; 6] = ["prepare", "freeze", "dump", "transfer", "restore", "release"];
+
+/// Body of `POST /v1/runs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    pub container: Ipv4Addr,
+    pub to: String,
+    /// How the source's packets are kept while the container is frozen: `hold` (ferry's hold,
+    /// the default) or `criu-lock` (CRIU's own nftables network lock at the source, the
+    /// endpoint switched only after the restore: the baseline a CRIU user has today).
+    #[serde(default)]
+    pub lock: LockMode,
+    /// Fault injection for tests and drills: `dump` or `restore` fails on purpose (after
+    /// the container was frozen), so the rollback can be watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail: Option<FailAt>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockMode {
+    #[default]
+    Hold,
+    CriuLock,
+}
+
+impl LockMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Hold => "hold",
+            LockMode::CriuLock => "criu-lock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailAt {
+    Dump,
+    Restore,
+}
+
+/// One phase's timing. Times are Unix milliseconds (fractional, from the gateway's clock
+/// for prepare/freeze/release and the agents' clocks for dump/transfer/restore).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTiming {
+    /// One of [`PHASES`].
+    pub name: String,
+    pub start_unix_ms: f64,
+    pub ms: f64,
+    /// Bytes moved in this phase (transfer: image bytes), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+/// CRIU's own figures (from `--display-stats`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CriuStats {
+    /// How long the container's processes were stopped at the source (CRIU's "Frozen time").
+    pub frozen_ms: f64,
+    pub freezing_ms: f64,
+    pub memory_dump_ms: f64,
+    pub memory_write_ms: f64,
+    pub pages_written: u64,
+    /// CRIU's "Restore time" at the destination.
+    pub restore_ms: f64,
+    pub pages_restored: u64,
+}
+
+/// Where a run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    /// Done: the container runs at `to`.
+    Released,
+    /// Failed and rolled back: the container runs at `from`.
+    RolledBack,
+    /// Failed and not (known to be) rolled back; see `error`.
+    NeedsAttention,
+}
+
+impl RunState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Released => "released",
+            RunState::RolledBack => "rolled_back",
+            RunState::NeedsAttention => "needs_attention",
+        }
+    }
+
+    pub const fn finished(self) -> bool {
+        !matches!(self, RunState::Running)
+    }
+}
+
+/// `ferry migrate run`'s report (also `GET /v1/runs/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// The migration's id (`m<n>`).
+    pub id: String,
+    pub container: Ipv4Addr,
+    pub from: String,
+    pub to: String,
+    pub lock: LockMode,
+    pub state: RunState,
+    pub started_unix_ms: f64,
+    /// From the start of prepare to the end of release (or of the rollback).
+    pub total_ms: f64,
+    /// Phases done so far, in order.
+    pub phases: Vec<PhaseTiming>,
+    /// Progress lines (human-readable), oldest first.
+    pub events: Vec<RunEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu: Option<CriuStats>,
+    /// Bytes of CRIU images moved from source to destination.
+    pub image_bytes: u64,
+    /// Why it failed (state rolled_back / needs_attention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunReport {
+    pub fn phase(&self, name: &str) -> Option<&PhaseTiming> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+}
+
+/// A progress event (also the lines an agent streams back from a checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEvent {
+    pub unix_ms: f64,
+    /// `phase` (a phase finished: `phase` has its timing), `progress` (bytes so far),
+    /// `info`, `done`, `failed`.
+    pub kind: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<PhaseTiming>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu: Option<CriuStats>,
+}
+
+/// Body of an agent's `POST /v1/checkpoint/{migration}` (the gateway to the source agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    pub container: Ipv4Addr,
+    /// The destination host's name, and its agent's peer API.
+    pub to: String,
+    pub to_api: std::net::SocketAddr,
+    pub lock: LockMode,
+    /// The gateway's API, for the CRIU action script (network-lock → freeze, network-unlock
+    /// → release / abort).
+    pub gateway: std::net::SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail: Option<FailAt>,
+}
+
+/// A destination agent's answer to an image stream: the container was restored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreAnswer {
+    pub pid: i32,
+    pub bytes: u64,
+    pub files: u32,
+    pub transfer: PhaseTiming,
+    pub restore: PhaseTiming,
+    pub criu_restore_ms: f64,
+    pub pages_restored: u64,
+}
+
+/// Body of an agent's `POST /v1/containers/{ip}/start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The program (absolute path) and its arguments.
+    pub argv: Vec<String>,
+    /// Extra environment (the process otherwise gets only `PATH`).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// A container's process tree, as its agent knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerProcess {
+    pub container: Ipv4Addr,
+    /// Host PID of the tree's root (PID 1 of the container's PID namespace).
+    pub pid: i32,
+    pub argv: Vec<String>,
+    /// `started` (by this agent) or `restored` (by CRIU on this agent).
+    pub origin: String,
+    pub running: bool,
+    /// The exit status if it ended (`exited N` / `killed by SIGNAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+}
