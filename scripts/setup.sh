@@ -10,8 +10,10 @@
 #     CRIU's build dependencies;
 #   - rust-src for the pinned toolchain (the eBPF crate is built with -Z build-std=core);
 #   - bpf-linker 0.13.0 linked against LLVM 22 (the LLVM of rustc 1.95);
-#   - CRIU >= 4.1 built from Debian's own trixie source package (bookworm's 3.17 fails on
-#     kernels >= 6.13), installed as /usr/local/sbin/criu. Only a deb-src line is added.
+#   - CRIU >= 4.2 built from Debian's own sid source package, installed as /usr/local/sbin/criu.
+#     bookworm's 3.17 fails on kernels >= 6.13 (vDSO); 4.1 cannot dump any TCP socket on
+#     kernels >= 6.16 (SO_PASSCRED is refused on inet sockets, fixed in 4.2). Only a deb-src
+#     line is added.
 set -euo pipefail
 
 CHECK_ONLY=0
@@ -20,8 +22,8 @@ CHECK_ONLY=0
 TOOLCHAIN=1.95.0
 BPF_LINKER_VERSION=0.13.0
 LLVM_MAJOR=22
-CRIU_SUITE=trixie
-CRIU_MIN=4.1
+CRIU_SUITE=sid
+CRIU_MIN=4.2
 CRIU_BIN=/usr/local/sbin/criu
 CACHE_DIR=/var/cache/ferry
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -29,6 +31,8 @@ export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 APT_PACKAGES=(
   # lab and tests
   iproute2 iputils-ping curl iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
+  # the unmodified Debian server the CRIU tests migrate
+  redis-server
   # bpf-linker
   "llvm-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   # CRIU build dependencies (bookworm versions)
@@ -88,7 +92,7 @@ if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
   fi
 fi
 
-# --- CRIU >= 4.1 ----------------------------------------------------------------------------------
+# --- CRIU >= 4.2 ----------------------------------------------------------------------------------
 criu_ok() {
   [[ -x "$CRIU_BIN" ]] || return 1
   local v
@@ -100,7 +104,7 @@ criu_ok() {
 if ! criu_ok; then
   if ((CHECK_ONLY)); then missing+=("criu >= ${CRIU_MIN} at ${CRIU_BIN}"); else
     src_list=/etc/apt/sources.list.d/ferry-criu-src.sources
-    if [[ ! -f "$src_list" ]]; then
+    if ! grep -qx "Suites: ${CRIU_SUITE}" "$src_list" 2>/dev/null; then
       # deb-src ONLY: binaries stay bookworm's. Same archive apt already uses.
       cat >"$src_list" <<SRC
 Types: deb-src
@@ -114,12 +118,12 @@ SRC
     apt_update
     mkdir -p "$CACHE_DIR/criu"
     cd "$CACHE_DIR/criu"
-    if ! ls criu_*.orig.tar.* >/dev/null 2>&1; then
+    if ! ls criu_${CRIU_MIN}*.orig.tar.* >/dev/null 2>&1; then
       log "fetching CRIU source (Debian ${CRIU_SUITE})"
       # The .debian.tar.xz / .dsc may answer 404; the checksum-verified orig tarball is what we need.
       apt-get source --download-only "criu/${CRIU_SUITE}" >/dev/null 2>&1 || true
     fi
-    orig=$(ls criu_*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
+    orig=$(ls criu_${CRIU_MIN}*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
     [[ -n "$orig" ]] || { log "CRIU source tarball did not arrive"; exit 1; }
     rm -rf build && mkdir build
     tar -xf "$orig" -C build --strip-components=1

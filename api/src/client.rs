@@ -293,6 +293,26 @@ impl Client {
             .await
     }
 
+    /// Starts a whole-container migration (`POST /v1/runs`); it goes on in the gateway.
+    pub async fn start_run(
+        &self,
+        req: &crate::run::RunRequest,
+    ) -> Result<crate::run::RunReport, ApiError> {
+        self.send("POST", "/v1/runs", Some(req), self.timeout).await
+    }
+
+    /// A run's report so far (`GET /v1/runs/{id}`).
+    pub async fn run(&self, id: &str) -> Result<crate::run::RunReport, ApiError> {
+        self.get(&format!("/v1/runs/{}", percent_encode(id))).await
+    }
+
+    /// A progress event for run `id` (agents, during a checkpoint).
+    pub async fn run_event(&self, id: &str, event: &crate::run::RunEvent) -> Result<(), ApiError> {
+        let path = format!("/v1/runs/{}/events", percent_encode(id));
+        let _: serde_json::Value = self.send("POST", &path, Some(event), self.timeout).await?;
+        Ok(())
+    }
+
     /// The deadline of a step request: the gateway may wait `timeout` for the agents, and as
     /// long again for an automatic abort, so `2 × timeout` plus the client's own timeout
     /// (without a timeout: 2 × 60 s, the largest `step_timeout_ms` a gateway accepts).

@@ -134,6 +134,10 @@ pub struct RunReport {
     pub started_unix_ms: f64,
     /// From the start of prepare to the end of release (or of the rollback).
     pub total_ms: f64,
+    /// How long the container ran nowhere: from CRIU seizing the source's tasks to the
+    /// destination's tasks running (0 if it did not get that far).
+    #[serde(default)]
+    pub stopped_ms: f64,
     /// Phases done so far, in order.
     pub phases: Vec<PhaseTiming>,
     /// Progress lines (human-readable), oldest first.
@@ -189,6 +193,13 @@ pub struct CheckpointRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestoreAnswer {
     pub pid: i32,
+    /// When the restored tasks were resumed (Unix ms, from CRIU's log).
+    pub resumed_unix_ms: f64,
+    /// The release (hold mode) or the switch (freeze + release, criu-lock mode) the
+    /// destination asked the gateway for, once the tasks ran.
+    pub release: Option<PhaseTiming>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_error: Option<String>,
     pub bytes: u64,
     pub files: u32,
     pub transfer: PhaseTiming,
@@ -221,4 +232,26 @@ pub struct ContainerProcess {
     /// The exit status if it ended (`exited N` / `killed by SIGNAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+}
+
+/// A source agent's answer to `POST /v1/checkpoint/{migration}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointAnswer {
+    /// The container runs at the destination (released there).
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The source's tree runs again (a failure after which the migration must be aborted).
+    pub resumed: bool,
+    /// dump, transfer, restore, release (those that happened).
+    pub phases: Vec<PhaseTiming>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu: Option<CriuStats>,
+    pub image_bytes: u64,
+    /// From the source's tasks being seized to the destination's tasks running again (CRIU's
+    /// logs), Unix ms: the time the container ran nowhere.
+    #[serde(default)]
+    pub stopped_from_unix_ms: f64,
+    #[serde(default)]
+    pub stopped_until_unix_ms: f64,
 }

@@ -80,6 +80,12 @@ pub enum Command {
     /// migration steps).
     #[command(subcommand, after_help = MIGRATE_EXIT_CODES)]
     Migrate(MigrateCommand),
+    /// CRIU's action script (`criu dump|restore --action-script $(which ferry)`; `ferry`
+    /// with no arguments under CRIU does the same): network-lock at dump → freeze,
+    /// network-unlock at dump (a failed dump) → abort, post-resume at restore → release.
+    /// The migration: FERRY_MIGRATION (its id) or FERRY_CONTAINER (its container's active
+    /// one); the side: FERRY_CRIU_SIDE=dump|restore, else the parent criu's command.
+    ActionScript,
     /// Wait until every registered host has applied the registry version current now.
     Sync {
         /// Give up (exit 1, naming the hosts behind) after this long.
@@ -166,6 +172,29 @@ pub enum MigrateCommand {
     /// Roll back a prepared or frozen migration: the container stays on its source.
     #[command(after_help = MIGRATE_EXIT_CODES)]
     Abort(StepArgs),
+    /// The whole migration with CRIU, run by the gateway: prepare, freeze, dump, transfer,
+    /// restore, release (or abort on any failure). Progress on stderr; at the end a per-phase
+    /// report. Exit 0 released, 3 rolled back (the container runs on at its source), 4 needs
+    /// attention, 1 refused.
+    #[command(after_help = MIGRATE_EXIT_CODES)]
+    Run {
+        /// The container endpoint's IP (its agent runs its process tree).
+        #[arg(long, value_name = "IP")]
+        container: Ipv4Addr,
+        /// The destination host.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// How packets are kept while the container is stopped: `hold` (ferry) or
+        /// `criu-lock` (CRIU's own nftables lock, the network switched after the restore).
+        #[arg(long, value_enum, default_value = "hold")]
+        lock: LockArg,
+        /// Fault injection (tests, drills): CRIU fails the dump or the restore on purpose.
+        #[arg(long, value_enum, hide = true)]
+        fail: Option<FailArg>,
+        /// No progress lines on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Show migrations: those in progress (default), a container's latest (--container), or
     /// all of them with the history (--all).
     Status {
@@ -179,6 +208,36 @@ pub enum MigrateCommand {
         #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_TIMEOUT_MS))]
         timeout_ms: Option<u64>,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LockArg {
+    Hold,
+    CriuLock,
+}
+
+impl From<LockArg> for ferry_api::run::LockMode {
+    fn from(l: LockArg) -> Self {
+        match l {
+            LockArg::Hold => Self::Hold,
+            LockArg::CriuLock => Self::CriuLock,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FailArg {
+    Dump,
+    Restore,
+}
+
+impl From<FailArg> for ferry_api::run::FailAt {
+    fn from(f: FailArg) -> Self {
+        match f {
+            FailArg::Dump => Self::Dump,
+            FailArg::Restore => Self::Restore,
+        }
+    }
 }
 
 /// How long a step waits for the agents.

@@ -25,15 +25,18 @@ use crate::{
 pub struct Outcome {
     pub json: Value,
     pub text: String,
+    /// The exit code (0; `ferry migrate run` reports a rolled-back run as 3 with its report).
+    pub exit: u8,
 }
 
 impl Outcome {
-    fn new(json: impl Serialize, text: impl Into<String>) -> Result<Self, CliError> {
+    pub fn new(json: impl Serialize, text: impl Into<String>) -> Result<Self, CliError> {
         let json = serde_json::to_value(json)
             .map_err(|e| CliError::new("internal", format!("encoding the answer: {e}")))?;
         Ok(Self {
             json,
             text: text.into(),
+            exit: 0,
         })
     }
 }
@@ -140,7 +143,7 @@ fn report(json: bool, result: Result<Option<Outcome>, CliError>) -> ExitCode {
             } else if !o.text.is_empty() {
                 println!("{}", o.text.trim_end());
             }
-            ExitCode::SUCCESS
+            ExitCode::from(o.exit)
         }
         Err(e) => {
             let exit = e.exit_code();
@@ -174,7 +177,24 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
         Command::Hosts => hosts(&client()?).await.map(Some),
         Command::Endpoint(cmd) => endpoint(&client()?, cmd).await.map(Some),
         Command::Public(cmd) => public(&client()?, cmd).await.map(Some),
+        Command::Migrate(MigrateCommand::Run {
+            container,
+            to,
+            lock,
+            fail,
+            quiet,
+        }) => crate::runcmd::run(
+            &client()?,
+            container,
+            to,
+            lock.into(),
+            fail.map(Into::into),
+            quiet,
+        )
+        .await
+        .map(Some),
         Command::Migrate(cmd) => migrate(client()?, cmd).await.map(Some),
+        Command::ActionScript => crate::runcmd::action_script(&client()?).await,
         Command::Sync { timeout_ms } => sync(&client()?, Duration::from_millis(timeout_ms))
             .await
             .map(Some),
@@ -456,6 +476,7 @@ async fn migrate(c: Client, cmd: MigrateCommand) -> Result<Outcome, CliError> {
         MigrateCommand::Freeze(a) => migrate_step(&c, MigrationStepKind::Freeze, a).await,
         MigrateCommand::Release(a) => migrate_step(&c, MigrationStepKind::Release, a).await,
         MigrateCommand::Abort(a) => migrate_step(&c, MigrationStepKind::Abort, a).await,
+        MigrateCommand::Run { .. } => unreachable!("handled by execute"),
         MigrateCommand::Status {
             container,
             all,

@@ -54,6 +54,14 @@ pub struct Config {
     pub step_timeout_ms: u64,
     #[serde(default = "default_forward_grace_ms")]
     pub forward_grace_ms: u64,
+    /// The port of every agent's peer API (`api_listen`), where `ferry migrate run` asks the
+    /// source agent for a checkpoint. Default 7401.
+    #[serde(default = "default_agent_api_port")]
+    pub agent_api_port: u16,
+}
+
+fn default_agent_api_port() -> u16 {
+    crate::runs::DEFAULT_AGENT_API_PORT
 }
 
 fn default_listen() -> SocketAddr {

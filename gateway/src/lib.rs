@@ -14,5 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod coordinator;
 pub mod registry;
+pub mod runcmd;
+pub mod runs;
 pub mod server;
 pub mod store;

@@ -4,7 +4,12 @@ use clap::Parser as _;
 use ferry_gateway::{cli::Cli, commands};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Run by CRIU as its --action-script (no arguments, CRTOOLS_SCRIPT_ACTION set).
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 1 && std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some() {
+        args.push("action-script".into());
+    }
+    let cli = Cli::parse_from(args);
     init_tracing();
     commands::run(cli)
 }

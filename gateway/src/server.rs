@@ -222,6 +222,8 @@ pub struct Gateway {
     pub(crate) migration_metrics: Mutex<MigrationMetrics>,
     /// The newest snapshot, serialised once for every watch that answers it.
     snapshot_cache: Mutex<Option<CachedSnapshot>>,
+    /// Whole-container migrations (`ferry migrate run`).
+    pub(crate) runs: crate::runs::Runs,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -261,7 +263,18 @@ impl Gateway {
             requests: Mutex::new(BTreeMap::new()),
             migration_metrics: Mutex::new(MigrationMetrics::default()),
             snapshot_cache: Mutex::new(None),
+            runs: crate::runs::Runs::default(),
         })
+    }
+
+    /// The API's bearer token (the gateway's own client uses it).
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The gateway's own API address and the agents' peer API port, for runs.
+    pub fn configure_runs(&self, listen: SocketAddr, agent_api_port: u16) {
+        self.runs.configure(listen, agent_api_port);
     }
 
     /// The current registry.
@@ -770,6 +783,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/public/{*key}", delete(remove_public))
         .route("/v1/watch", get(watch_snapshot))
         .merge(coordinator::routes())
+        .merge(crate::runs::routes())
         .route_layer(middleware::from_fn_with_state(g.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))
@@ -881,6 +895,7 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
         config.watch_timeout(),
         config.step_timeout(),
     );
+    g.configure_runs(config.listen, config.agent_api_port);
     let expiry = tokio::spawn(coordinator::expire_released(g.clone()));
     info!(
         listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,

@@ -79,6 +79,21 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Start a process tree in a container (PID 1 of a new PID namespace, in the container's
+    /// network namespace), through the agent of the host the container lives on.
+    Run {
+        #[arg(long)]
+        lab: Option<String>,
+        /// The container's overlay address.
+        #[arg(long)]
+        container: std::net::Ipv4Addr,
+        /// Print the process as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The program (absolute path) and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Benchmarks in a lab of their own (torn down at the end).
     Bench {
         #[command(subcommand)]
@@ -199,6 +214,32 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 .status()
                 .with_context(|| format!("running `ip netns exec {ns} ...`"))?;
             Ok(exit_code(status))
+        }
+        Cmd::Run {
+            lab,
+            container,
+            json,
+            argv,
+        } => {
+            let lab = Lab::attach(&pick(lab)?)?;
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let p = lab.start_process(container, &argv)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!(
+                    "container {}: PID {} ({}{}) {}",
+                    p.container,
+                    p.pid,
+                    p.origin,
+                    if p.running { ", running" } else { "" },
+                    p.argv.join(" ")
+                );
+                if let Some(e) = &p.ended {
+                    println!("  ended: {e}");
+                }
+            }
+            Ok(0)
         }
         Cmd::Bench { what } => Ok(crate::bench::run(what)?),
         Cmd::List { json } => {
@@ -379,6 +420,32 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["ferry-lab", "down", "--lab", "fl000000", "--all"]).is_err());
         assert!(Cli::try_parse_from(["ferry-lab", "exec", "a1"]).is_err());
+        let c = Cli::try_parse_from([
+            "ferry-lab",
+            "run",
+            "--container",
+            "10.244.1.10",
+            "--json",
+            "--",
+            "/bin/sleep",
+            "--help",
+        ])
+        .unwrap();
+        match c.command {
+            Cmd::Run {
+                lab,
+                container,
+                json,
+                argv,
+            } => {
+                assert_eq!(lab, None);
+                assert_eq!(container, std::net::Ipv4Addr::new(10, 244, 1, 10));
+                assert!(json);
+                assert_eq!(argv, ["/bin/sleep", "--help"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ferry-lab", "run", "--container", "10.244.1.10"]).is_err());
         let c =
             Cli::try_parse_from(["ferry-lab", "up", "t.toml", "--no-agents", "--json"]).unwrap();
         assert!(matches!(

@@ -454,6 +454,161 @@ impl Lab {
         self.children.clear();
         result
     }
+
+    /// A handle on a lab that is already up (by its prefix), e.g. from `ferry-lab up`:
+    /// dropping it leaves the lab as it is.
+    pub fn attach(prefix: &str) -> Result<Self, LabError> {
+        state::check_prefix(prefix)?;
+        let st =
+            state::LabState::load(prefix)?.ok_or_else(|| LabError::NoSuchLab(prefix.into()))?;
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            topology: st.topology,
+            children: Vec::new(),
+            up_duration: Duration::ZERO,
+            detached: true,
+        })
+    }
+
+    /// The host a container endpoint lives on now (from the gateway's registry).
+    pub fn endpoint_host(&self, ip: std::net::Ipv4Addr) -> Result<String, LabError> {
+        let endpoints = self
+            .api(|c| async move { c.endpoints().await })?
+            .map_err(|e| LabError::Ferry {
+                args: "(api) GET /v1/endpoints".into(),
+                message: e.to_string(),
+            })?;
+        endpoints
+            .into_iter()
+            .find(|e| e.ip == ip)
+            .map(|e| e.host)
+            .ok_or_else(|| LabError::Ferry {
+                args: "(api) GET /v1/endpoints".into(),
+                message: format!("no endpoint {ip} in the registry"),
+            })
+    }
+
+    /// One request to a host's agent on its peer API (`<underlay address>:7401`, the lab's
+    /// token), made from inside that host's namespace. Returns the status and the body.
+    pub fn agent_request(
+        &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), LabError> {
+        use std::io::{Read as _, Write as _};
+        let h = self.host(host).ok_or_else(|| LabError::UnknownNode {
+            prefix: self.prefix.clone(),
+            name: host.to_owned(),
+            known: self.nodes().join(", "),
+        })?;
+        let addr = SocketAddr::new(h.address.into(), AGENT_API_PORT);
+        let cp = self.control_or_err()?;
+        let token =
+            ferry_api::client::read_token_file(&cp.token_file).map_err(|e| LabError::Ferry {
+                args: format!("(agent {host}) {method} {path}"),
+                message: e.to_string(),
+            })?;
+        let request =
+            ferry_api::http::encode_request(method, path, &addr.to_string(), Some(&token), body);
+        let what = format!("agent {host} ({addr}): {method} {path}");
+        let answer = run_in(&self.netns(host), move || -> std::io::Result<Vec<u8>> {
+            let timeout = Duration::from_secs(30);
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            s.write_all(&request)?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)?;
+            Ok(buf)
+        })?
+        .map_err(|e| LabError::io(what.clone(), e))?;
+        let r = ferry_api::http::parse_response(&answer, true, ferry_api::client::MAX_BODY)
+            .map_err(|e| LabError::io(what.clone(), std::io::Error::other(e)))?
+            .ok_or_else(|| LabError::io(what, std::io::ErrorKind::UnexpectedEof.into()))?;
+        Ok((r.status, r.body))
+    }
+
+    /// An agent's answer as `T`, or an error carrying the API error (`... (code, HTTP n)`).
+    fn agent_json<T: serde::de::DeserializeOwned>(
+        host: &str,
+        what: &str,
+        (status, body): (u16, Vec<u8>),
+    ) -> Result<T, LabError> {
+        let args = format!("(agent {host}) {what}");
+        if !(200..300).contains(&status) {
+            return Err(LabError::Ferry {
+                args,
+                message: ferry_api::client::http_error(status, &body).to_string(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| LabError::Ferry {
+            args,
+            message: format!(
+                "unparseable answer {:?}: {e}",
+                String::from_utf8_lossy(&body)
+            ),
+        })
+    }
+
+    /// Starts `argv` (absolute program path) as the process tree of container `ip`, through
+    /// the agent of the host the container lives on.
+    pub fn start_process(
+        &self,
+        ip: std::net::Ipv4Addr,
+        argv: &[&str],
+    ) -> Result<ferry_api::run::ContainerProcess, LabError> {
+        let host = self.endpoint_host(ip)?;
+        self.start_process_on(&host, ip, argv)
+    }
+
+    /// Starts `argv` in container `ip` through the agent of `host` (whether or not the
+    /// container lives there).
+    pub fn start_process_on(
+        &self,
+        host: &str,
+        ip: std::net::Ipv4Addr,
+        argv: &[&str],
+    ) -> Result<ferry_api::run::ContainerProcess, LabError> {
+        let req = ferry_api::run::StartRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+        };
+        let body = serde_json::to_vec(&req).expect("a start request serializes");
+        let path = format!("/v1/containers/{ip}/start");
+        let answer = self.agent_request(host, "POST", &path, Some(&body))?;
+        Self::agent_json(host, &format!("POST {path}"), answer)
+    }
+
+    /// Container `ip`'s process as the agent of its current host knows it (`None`: no
+    /// process there).
+    pub fn process(
+        &self,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<Option<ferry_api::run::ContainerProcess>, LabError> {
+        let host = self.endpoint_host(ip)?;
+        let path = format!("/v1/containers/{ip}");
+        let answer = self.agent_request(&host, "GET", &path, None)?;
+        if answer.0 == 404
+            && ferry_api::client::http_error(answer.0, &answer.1).code() == Some("no_process")
+        {
+            return Ok(None);
+        }
+        Self::agent_json(&host, &format!("GET {path}"), answer).map(Some)
+    }
+
+    /// Stops container `ip`'s process (SIGTERM, SIGKILL after 2 s) through the agent of its
+    /// current host; returns it as it ended.
+    pub fn stop_process(
+        &self,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<ferry_api::run::ContainerProcess, LabError> {
+        let host = self.endpoint_host(ip)?;
+        let path = format!("/v1/containers/{ip}/process");
+        let answer = self.agent_request(&host, "DELETE", &path, None)?;
+        Self::agent_json(&host, &format!("DELETE {path}"), answer)
+    }
 }
 
 impl Drop for Lab {
@@ -781,6 +936,13 @@ impl Builder {
                 handoff_socket: handoff_socket(self.prefix(), &h.name),
                 api_listen: SocketAddr::new(h.address.into(), AGENT_API_PORT),
                 handoff_max_bytes: ferry_agent::config::DEFAULT_HANDOFF_MAX_BYTES,
+                criu: ferry_agent::criu::CriuConfig {
+                    // Images on the lab's tmpfs, one directory per host: no directory is
+                    // shared between the hosts.
+                    work_dir: dir.join("criu"),
+                    action_script: crate::bins::find_binary("ferry", "ferry-gateway")?,
+                    ..Default::default()
+                },
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())

@@ -23,7 +23,9 @@ use crate::{
     hold::HoldQueues,
     metrics,
     node::{Applied, Hold, Node},
-    plan, sync,
+    plan,
+    runtime::Runtime,
+    sync,
 };
 
 /// Underlay MTU minus the VXLAN overhead (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
@@ -34,6 +36,7 @@ struct AppState {
     host: Arc<str>,
     datapath: Arc<Mutex<Datapath>>,
     node: Arc<tokio::sync::Mutex<Node>>,
+    runtime: Runtime,
 }
 
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -154,12 +157,22 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         None => None,
     };
 
-    let handoff = Handoff::start(&cfg, node.clone()).await?;
+    // The container runtime: the agent becomes a child subreaper (CRIU-restored trees are
+    // reparented to it) and reaps the processes it starts or adopts.
+    let runtime = Runtime::new(&cfg.host)?;
+    let handoff = match Handoff::start(&cfg, node.clone(), runtime.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            runtime.shutdown().await;
+            return Err(e);
+        }
+    };
 
     let state = AppState {
         host: cfg.host.as_str().into(),
         datapath,
         node: node.clone(),
+        runtime: runtime.clone(),
     };
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -185,6 +198,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let _ = f.await;
     }
     handoff.shutdown().await;
+    // Container processes die before their namespaces go.
+    runtime.shutdown().await;
     hold_reader.abort();
     let _ = hold_reader.await;
     drop(state);
@@ -272,7 +287,15 @@ async fn read_hold_device(hold: Arc<Hold>) {
 }
 
 async fn status_handler(State(s): State<AppState>) -> impl IntoResponse {
-    Json(s.node.lock().await.status())
+    let status = s.node.lock().await.status();
+    let mut v = serde_json::to_value(status).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "processes".into(),
+            serde_json::to_value(s.runtime.list()).unwrap_or_default(),
+        );
+    }
+    Json(v)
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {

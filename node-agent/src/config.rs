@@ -124,6 +124,9 @@ pub struct AgentConfig {
     /// together; a package beyond it is refused. Default 256 MiB.
     #[serde(default = "default_handoff_max_bytes")]
     pub handoff_max_bytes: u64,
+    /// Whole-container migration: the `criu` binary, the image directory, the action script.
+    #[serde(default)]
+    pub criu: crate::criu::CriuConfig,
 }
 
 /// How the agent reaches the gateway's API.

@@ -86,11 +86,13 @@ use tokio::{
 };
 use tracing::{Instrument as _, info, warn};
 
+pub(crate) use peer::authorize_bearer;
 pub use store::Package;
 
 use crate::{
     config::{AgentConfig, Peer},
     node::Node,
+    runtime::Runtime,
 };
 
 /// Largest state a process may export (and a claim may return).
@@ -144,6 +146,8 @@ pub(crate) struct Ctx {
     /// Our `api_listen` port, assumed to be every agent's.
     api_port: u16,
     peers: Vec<Peer>,
+    /// The container runtime (its routes are served on the peer API).
+    runtime: Runtime,
 }
 
 impl Ctx {
@@ -253,8 +257,13 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    /// Binds the Unix socket and (with a `[gateway]` token) the peer API, and serves them.
-    pub async fn start(cfg: &AgentConfig, node: Arc<Mutex<Node>>) -> anyhow::Result<Self> {
+    /// Binds the Unix socket and (with a `[gateway]` token) the peer API (hand-off packages and
+    /// the container runtime's routes), and serves them.
+    pub async fn start(
+        cfg: &AgentConfig,
+        node: Arc<Mutex<Node>>,
+        runtime: Runtime,
+    ) -> anyhow::Result<Self> {
         let token = match &cfg.gateway {
             Some(g) => Some(
                 ferry_api::client::read_token_file(&g.token_file)
@@ -269,6 +278,7 @@ impl Handoff {
             token,
             api_port: cfg.api_listen.port(),
             peers: cfg.peers.clone(),
+            runtime,
         });
         let api = match &ctx.token {
             Some(_) => Some(
@@ -286,7 +296,25 @@ impl Handoff {
         match api {
             Some(listener) => {
                 let mut rx = stop_rx;
-                let app = peer::router(ctx);
+                let mut app = peer::router(ctx.clone()).merge(crate::runtime::api::router(
+                    ctx.runtime.clone(),
+                    ctx.node.clone(),
+                    ctx.token.clone(),
+                ));
+                // Whole-container migration with CRIU (checkpoint, images, restore).
+                if let (Some(g), Some(token)) = (&cfg.gateway, &ctx.token) {
+                    let criu = Arc::new(crate::criu::Ctx {
+                        host: cfg.host.clone(),
+                        node: ctx.node.clone(),
+                        runtime: ctx.runtime.clone(),
+                        token: token.clone(),
+                        token_file: g.token_file.clone(),
+                        gateway: g.address,
+                        criu: cfg.criu.clone(),
+                        busy: std::sync::Mutex::new(Default::default()),
+                    });
+                    app = app.merge(crate::criu::router(criu));
+                }
                 let peer_api = async move {
                     let served = axum::serve(listener, app)
                         .with_graceful_shutdown(async move {
@@ -298,11 +326,11 @@ impl Handoff {
                     }
                 };
                 tasks.push(tokio::spawn(peer_api.in_current_span()));
-                info!(listen = %cfg.api_listen, "serving the peer API (hand-off packages)");
+                info!(listen = %cfg.api_listen, "serving the peer API (hand-off packages, container processes)");
             }
             None => warn!(
                 "no [gateway] section: no peer API, so hand-off exports cannot be sent and no \
-                 package can be received"
+                 package can be received, and container processes cannot be started remotely"
             ),
         }
         Ok(Self {

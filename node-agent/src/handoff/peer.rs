@@ -58,11 +58,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Refusal> {
-    let unauthorized = |m: &str| Refusal(StatusCode::UNAUTHORIZED, "unauthorized", m.into());
-    let token = ctx
-        .token
-        .as_deref()
-        .ok_or_else(|| unauthorized("this agent has no token"))?;
+    authorize_bearer(ctx.token.as_deref(), headers).map_err(|(s, c, m)| Refusal(s, c, m))
+}
+
+/// The peer API's bearer-token check (also used by the runtime's routes): the status, code
+/// and message of the refusal.
+pub(crate) fn authorize_bearer(
+    token: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(), (StatusCode, &'static str, String)> {
+    let unauthorized = |m: &str| (StatusCode::UNAUTHORIZED, "unauthorized", m.to_owned());
+    let token = token.ok_or_else(|| unauthorized("this agent has no token"))?;
     let given = headers
         .get(AUTHORIZATION)
         .map(|v| v.as_bytes())

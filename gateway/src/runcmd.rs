@@ -1,0 +1,317 @@
+//! `ferry migrate run` (the whole sequence, run by the gateway, with progress) and
+//! `ferry action-script` (CRIU's `--action-script`: its hooks mapped to ferry's steps).
+
+use std::{fmt::Write as _, time::Duration};
+
+use ferry_api::{
+    Client, MigrationStepKind,
+    run::{FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState},
+};
+
+use crate::commands::{CliError, Outcome};
+
+/// Runs a migration and follows it until it ends. Progress goes to stderr (unless `quiet`).
+pub async fn run(
+    c: &Client,
+    container: std::net::Ipv4Addr,
+    to: String,
+    lock: LockMode,
+    fail: Option<FailAt>,
+    quiet: bool,
+) -> Result<Outcome, CliError> {
+    let req = RunRequest {
+        container,
+        to,
+        lock,
+        fail,
+    };
+    let mut report = c.start_run(&req).await?;
+    let id = report.id.clone();
+    if !quiet {
+        eprintln!(
+            "[ferry] migration {id}: {} {} → {} ({} mode)",
+            report.container,
+            report.from,
+            report.to,
+            lock.as_str()
+        );
+    }
+    let mut shown = 0;
+    let t0 = report.started_unix_ms;
+    let mut failures = 0;
+    loop {
+        for e in report.events.iter().skip(shown) {
+            if !quiet {
+                eprintln!("[ferry] {:>8.1} ms  {}", e.unix_ms - t0, e.message);
+            }
+        }
+        shown = report.events.len();
+        if report.state.finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match c.run(&id).await {
+            Ok(r) => {
+                report = r;
+                failures = 0;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures > 50 {
+                    return Err(CliError::new(
+                        "needs_attention",
+                        format!(
+                            "lost track of run {id}: {e}; see `ferry migrate status --container {container}`"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let exit = match report.state {
+        RunState::Released => 0,
+        RunState::RolledBack => 3,
+        _ => 4,
+    };
+    let text = phase_table(&report);
+    let mut o = Outcome::new(&report, text)?;
+    o.exit = exit;
+    Ok(o)
+}
+
+/// The per-phase report for people.
+pub fn phase_table(r: &RunReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "migration {}: {} {} → {} ({}): {}",
+        r.id,
+        r.container,
+        r.from,
+        r.to,
+        r.lock.as_str(),
+        r.state.as_str()
+    );
+    if let Some(e) = &r.error {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    let _ = writeln!(out, "  {:<9} {:>9} {:>10}  bytes", "phase", "at ms", "took ms");
+    for name in PHASES {
+        match r.phase(name) {
+            Some(PhaseTiming {
+                start_unix_ms,
+                ms,
+                bytes,
+                ..
+            }) => {
+                let b = bytes.map(|b| b.to_string()).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {name:<9} {:>9.1} {ms:>10.1}  {b}",
+                    start_unix_ms - r.started_unix_ms
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  {name:<9} {:>9} {:>10}", "-", "-");
+            }
+        }
+    }
+    if let Some(s) = &r.criu {
+        let _ = writeln!(
+            out,
+            "  CRIU: frozen {:.1} ms at the source (dump), restore {:.1} ms, {} pages",
+            s.frozen_ms, s.restore_ms, s.pages_written
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  container stopped {:.1} ms (seized at the source → running at the destination); \
+         images {} bytes; total {:.1} ms",
+        r.stopped_ms, r.image_bytes, r.total_ms
+    );
+    out
+}
+
+/// What CRIU asked, and on which side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Dump,
+    Restore,
+}
+
+/// The step a CRIU hook maps to, if any.
+pub fn hook_step(action: &str, side: Side) -> Option<MigrationStepKind> {
+    match (action, side) {
+        // The dump froze the tasks and is about to dump sockets: hold from here.
+        ("network-lock", Side::Dump) => Some(MigrationStepKind::Freeze),
+        // At dump, network-unlock comes only when the dump failed (or --leave-running): the
+        // tasks run on at the source.
+        ("network-unlock", Side::Dump) => Some(MigrationStepKind::Abort),
+        // At restore, network-unlock comes while the sockets are still in repair mode; the
+        // held packets are released once the tasks run (post-resume).
+        ("post-resume", Side::Restore) => Some(MigrationStepKind::Release),
+        _ => None,
+    }
+}
+
+/// Which side a hook runs on: `FERRY_CRIU_SIDE`, else the parent `criu` process's command.
+fn side() -> Option<Side> {
+    let from_env = std::env::var("FERRY_CRIU_SIDE").ok();
+    let word = match from_env {
+        Some(w) => w,
+        None => {
+            // SAFETY: getppid cannot fail.
+            let ppid = unsafe { libc::getppid() };
+            let cmdline = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.into_iter()
+                .find(|a| a == "dump" || a == "restore")
+                .unwrap_or_default()
+        }
+    };
+    match word.as_str() {
+        "dump" => Some(Side::Dump),
+        "restore" => Some(Side::Restore),
+        _ => None,
+    }
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+/// `ferry action-script` (also `ferry` with no arguments and `CRTOOLS_SCRIPT_ACTION` set).
+/// Prints nothing on stdout (CRIU's stdout carries its statistics).
+pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
+    let Ok(action) = std::env::var("CRTOOLS_SCRIPT_ACTION") else {
+        return Err(CliError::new(
+            "usage",
+            "action-script runs under CRIU (--action-script), which sets CRTOOLS_SCRIPT_ACTION",
+        ));
+    };
+    let Some(side) = side() else {
+        return Ok(None);
+    };
+    let Some(step) = hook_step(&action, side) else {
+        return Ok(None);
+    };
+    let id = match std::env::var("FERRY_MIGRATION") {
+        Ok(id) => id,
+        Err(_) => {
+            let ip: std::net::Ipv4Addr = std::env::var("FERRY_CONTAINER")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    CliError::new(
+                        "usage",
+                        format!(
+                            "CRIU's {action}: set FERRY_MIGRATION (the migration id) or \
+                             FERRY_CONTAINER (its container IP) for ferry's action script"
+                        ),
+                    )
+                })?;
+            match c.active_migration(ip).await? {
+                Some(m) => m.id,
+                None => {
+                    return Err(CliError::new(
+                        "unknown_migration",
+                        format!(
+                            "CRIU's {action}: container {ip} has no active migration (run \
+                             `ferry migrate prepare` before the dump)"
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    let start = now_ms();
+    let t = std::time::Instant::now();
+    c.migration_step(&id, step, None).await?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    // Tell a run (if ferry runs this migration) when the step happened.
+    let phase = (step == MigrationStepKind::Freeze).then(|| PhaseTiming {
+        name: "freeze".into(),
+        start_unix_ms: start,
+        ms,
+        bytes: None,
+    });
+    let event = RunEvent {
+        unix_ms: now_ms(),
+        kind: if phase.is_some() { "phase" } else { "info" }.into(),
+        message: format!("{step}: {ms:.1} ms (CRIU {action} on the {side:?} side)").to_lowercase(),
+        phase,
+        bytes: None,
+        criu: None,
+    };
+    let _ = c.run_event(&id, &event).await;
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hooks_map_to_steps() {
+        assert_eq!(
+            hook_step("network-lock", Side::Dump),
+            Some(MigrationStepKind::Freeze)
+        );
+        assert_eq!(
+            hook_step("network-unlock", Side::Dump),
+            Some(MigrationStepKind::Abort)
+        );
+        assert_eq!(
+            hook_step("post-resume", Side::Restore),
+            Some(MigrationStepKind::Release)
+        );
+        for (a, s) in [
+            ("network-unlock", Side::Restore),
+            ("network-lock", Side::Restore),
+            ("pre-dump", Side::Dump),
+            ("post-dump", Side::Dump),
+            ("pre-restore", Side::Restore),
+            ("setup-namespaces", Side::Restore),
+            ("post-resume", Side::Dump),
+        ] {
+            assert_eq!(hook_step(a, s), None, "{a} {s:?}");
+        }
+    }
+
+    #[test]
+    fn the_phase_table_lists_every_phase() {
+        let r = RunReport {
+            id: "m3".into(),
+            container: "10.244.1.10".parse().expect("ip"),
+            from: "a1".into(),
+            to: "b1".into(),
+            lock: LockMode::Hold,
+            state: RunState::Released,
+            started_unix_ms: 1000.0,
+            total_ms: 150.0,
+            stopped_ms: 90.0,
+            phases: vec![PhaseTiming {
+                name: "dump".into(),
+                start_unix_ms: 1020.0,
+                ms: 60.5,
+                bytes: None,
+            }],
+            events: vec![],
+            criu: None,
+            image_bytes: 4096,
+            error: None,
+        };
+        let t = phase_table(&r);
+        for p in PHASES {
+            assert!(t.contains(p), "{t}");
+        }
+        assert!(t.contains("dump             20.0       60.5"), "{t}");
+        assert!(t.contains("released"), "{t}");
+    }
+}

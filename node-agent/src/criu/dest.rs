@@ -1,0 +1,254 @@
+//! The destination side: `POST /v1/images/{migration}` (from the source agent). The image
+//! stream is written to disk as it arrives; then `criu restore` brings the tree back inside
+//! the network namespace `prepare` built (handed to CRIU as an inherited descriptor), the
+//! runtime adopts it, and the agent asks the gateway to release (hold mode) or to switch the
+//! endpoint here (criu-lock mode: freeze + release, the network moves only after the restore).
+
+use std::{net::Ipv4Addr, os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Instant};
+
+use axum::{
+    Json,
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+};
+use ferry_api::{
+    MigrationPhase,
+    run::{LockMode, PhaseTiming, RestoreAnswer},
+};
+use futures::StreamExt as _;
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::{
+    Ctx, Refusal, authorize,
+    cmd::{self, Restore},
+    images::Receiver,
+    now_unix_ms,
+};
+
+/// Largest image stream accepted.
+pub const MAX_IMAGE_BYTES: u64 = 16 << 30;
+
+/// The migration's container, if it is coming here and is prepared.
+async fn expect(ctx: &Ctx, id: &str) -> Result<(Ipv4Addr, PathBuf), Refusal> {
+    let node = ctx.node.lock().await;
+    let m = node
+        .registry
+        .as_ref()
+        .and_then(|s| s.migrations.iter().find(|m| m.id == id))
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                "unknown_migration",
+                format!("host {} knows no active migration {id}", ctx.host),
+            )
+        })?;
+    if m.to != ctx.host {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "wrong_destination",
+            format!("migration {id} goes to {}, not to {}", m.to, ctx.host),
+        ));
+    }
+    if !matches!(m.phase, MigrationPhase::Prepared | MigrationPhase::Frozen) {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "bad_phase",
+            format!("migration {id} is {}: nothing to restore", m.phase),
+        ));
+    }
+    let netns = node
+        .applied
+        .containers
+        .get(&m.container)
+        .map(|(_, b)| b.netns.clone())
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::CONFLICT,
+                "not_local",
+                format!(
+                    "container {} is not built on {} yet (prepare not applied?)",
+                    m.container, ctx.host
+                ),
+            )
+        })?;
+    Ok((m.container, netns))
+}
+
+/// `POST /v1/images/{migration}`.
+pub async fn receive(
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<RestoreAnswer>, Refusal> {
+    authorize(&ctx.token, &headers)?;
+    let (ip, netns) = expect(&ctx, &id).await?;
+    if ctx.runtime.pid(ip).is_some() {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("container {ip} already runs on {}", ctx.host),
+        ));
+    }
+    let _busy = ctx.claim(ip)?;
+    let span = info_span!("restore", migration = %id, container = %ip, host = %ctx.host);
+    let dir = ctx.criu.work_dir.join(format!("{id}-restore"));
+    let r = restore(&ctx, &id, ip, netns, &dir, body)
+        .instrument(span)
+        .await;
+    if !ctx.criu.keep_images {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    r.map(Json)
+}
+
+async fn restore(
+    ctx: &Arc<Ctx>,
+    id: &str,
+    ip: Ipv4Addr,
+    netns: PathBuf,
+    dir: &std::path::Path,
+    body: Body,
+) -> Result<RestoreAnswer, Refusal> {
+    let failed = |code: &'static str, m: String| {
+        warn!(error = %m, "restore refused");
+        Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, code, m)
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| failed("internal", format!("creating {}: {e}", dir.display())))?;
+
+    // Receive.
+    let transfer_start = now_unix_ms();
+    let t = Instant::now();
+    let mut rx = Receiver::new(dir, MAX_IMAGE_BYTES);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "transfer_failed",
+                format!("reading the image stream: {e}"),
+            )
+        })?;
+        rx.feed(&chunk).map_err(|e| {
+            Refusal::new(StatusCode::BAD_REQUEST, "bad_image_stream", e.to_string())
+        })?;
+    }
+    let header = rx
+        .finish()
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_image_stream", e.to_string()))?
+        .clone();
+    if header.migration != id || header.container != ip {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_image_stream",
+            format!(
+                "the stream is migration {} of {}, the path says {id} of {ip}",
+                header.migration, header.container
+            ),
+        ));
+    }
+    let transfer = PhaseTiming {
+        name: "transfer".into(),
+        start_unix_ms: transfer_start,
+        ms: t.elapsed().as_secs_f64() * 1e3,
+        bytes: Some(rx.bytes),
+    };
+    info!(bytes = rx.bytes, files = rx.files, ms = transfer.ms, "images received");
+
+    // Restore into the prepared namespace.
+    let ns: OwnedFd = std::fs::File::open(&netns)
+        .map_err(|e| failed("internal", format!("{}: {e}", netns.display())))?
+        .into();
+    let restore = Restore {
+        dir,
+        lock: header.lock,
+        action_script: &ctx.criu.action_script,
+    };
+    let mut args = restore.args();
+    // The release is asked for below, once CRIU returned (its network-unlock hook runs
+    // while the sockets are still in repair mode): no action script on this side.
+    if let Some(i) = args.iter().position(|a| a == "--action-script") {
+        args.drain(i..i + 2);
+    }
+    let mut env = ctx.script_env(id, ip, "restore");
+    if header.fail_restore {
+        env.push(("CRIU_FAULT".into(), cmd::FAULT_POST_RESTORE.into()));
+    }
+    let start = now_unix_ms();
+    let out = cmd::run(
+        &ctx.criu.binary,
+        &args,
+        &env,
+        Some(&ns),
+        &dir.join("restore.log"),
+    )
+    .await
+    .map_err(|e| {
+        failed(
+            "restore_failed",
+            format!("starting {}: {e}", ctx.criu.binary.display()),
+        )
+    })?;
+    if !out.ok {
+        return Err(failed("restore_failed", out.failure("restore")));
+    }
+    let pid: i32 = std::fs::read_to_string(restore.pidfile())
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| failed("restore_failed", "CRIU wrote no PID file".into()))?;
+    if let Err(e) = ctx.runtime.adopt(ip, pid, header.argv.clone()) {
+        warn!(pid, error = %e, "adopting the restored tree");
+    }
+    let log = std::fs::read_to_string(dir.join("restore.log")).unwrap_or_default();
+    let resumed = start + cmd::log_offset_ms(&log, cmd::LOG_RESUMED).unwrap_or(out.ms);
+    let mut stats = ferry_api::run::CriuStats::default();
+    cmd::parse_stats(&out.stdout, &mut stats);
+    let restore_phase = PhaseTiming {
+        name: "restore".into(),
+        start_unix_ms: start,
+        ms: out.ms,
+        bytes: None,
+    };
+    info!(pid, ms = out.ms, "restored");
+
+    // Release here (hold: drain what was held, then deliver; criu-lock: the switch).
+    let client = ctx.gateway_client();
+    let release_start = now_unix_ms();
+    let t = Instant::now();
+    let mut release_error = None;
+    if header.lock == LockMode::CriuLock {
+        if let Err(e) = client.freeze_migration(id, None).await {
+            release_error = Some(format!("freeze (switch) failed: {e}"));
+        }
+    }
+    if release_error.is_none() {
+        if let Err(e) = client.release_migration(id, None).await {
+            release_error = Some(format!("release failed: {e}"));
+        }
+    }
+    let release = PhaseTiming {
+        name: "release".into(),
+        start_unix_ms: release_start,
+        ms: t.elapsed().as_secs_f64() * 1e3,
+        bytes: None,
+    };
+    match &release_error {
+        None => info!(ms = release.ms, "released"),
+        Some(e) => warn!(error = %e, "restored but not released"),
+    }
+    Ok(RestoreAnswer {
+        pid,
+        resumed_unix_ms: resumed,
+        release: Some(release),
+        release_error,
+        bytes: rx.bytes,
+        files: rx.files,
+        transfer,
+        restore: restore_phase,
+        criu_restore_ms: stats.restore_ms,
+        pages_restored: stats.pages_restored,
+    })
+}

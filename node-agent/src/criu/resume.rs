@@ -1,0 +1,140 @@
+//! The source tree after a dump: CRIU leaves it stopped (`--leave-stopped`) with its
+//! established TCP sockets still in repair mode. Once the destination runs the container the
+//! agent kills it (a socket closed in repair mode sends nothing: no FIN, no RST); if anything
+//! after the dump failed it resumes it instead: repair mode off on every connection (through
+//! `pidfd_getfd`, the process's own sockets), then SIGCONT to every task.
+
+use std::{io, os::fd::FromRawFd as _, os::fd::OwnedFd, os::unix::fs::MetadataExt as _};
+
+/// PIDs (host view) of every process in the PID namespace whose init is `init`.
+pub fn tree(init: i32) -> io::Result<Vec<i32>> {
+    let ns = std::fs::metadata(format!("/proc/{init}/ns/pid"))?.ino();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let Ok(e) = e else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        match std::fs::metadata(format!("/proc/{pid}/ns/pid")) {
+            Ok(m) if m.ino() == ns => pids.push(pid),
+            _ => {}
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, target: i32) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The TCP state of a socket, or None if it is not TCP.
+fn tcp_state(fd: &OwnedFd) -> Option<u8> {
+    use std::os::fd::AsRawFd as _;
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: info is a valid buffer of len bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len >= 1).then_some(info[0])
+}
+
+const TCP_LISTEN: u8 = 10;
+const TCP_CLOSE: u8 = 7;
+const TCP_REPAIR_OFF: libc::c_int = 0;
+
+/// Takes every connected TCP socket of `pid` out of repair mode; returns how many.
+fn unrepair(pid: i32) -> io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let pidfd = pidfd_open(pid)?;
+    let mut n = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(e) = e else { continue };
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(e.path())
+            .map(|l| l.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        if !is_socket {
+            continue;
+        }
+        let Ok(sock) = pidfd_getfd(&pidfd, fd) else {
+            continue;
+        };
+        match tcp_state(&sock) {
+            Some(s) if s != TCP_LISTEN && s != TCP_CLOSE => {}
+            _ => continue,
+        }
+        let off = TCP_REPAIR_OFF;
+        // SAFETY: a c_int option value.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_REPAIR,
+                (&raw const off).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Resumes a tree CRIU left stopped: repair off everywhere, then SIGCONT. Returns the
+/// number of tasks and of connections.
+pub fn resume(init: i32) -> io::Result<(usize, usize)> {
+    let pids = tree(init)?;
+    if pids.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no process left in the PID namespace of {init}"),
+        ));
+    }
+    let mut conns = 0;
+    for &p in &pids {
+        conns += unrepair(p)?;
+    }
+    for &p in &pids {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    Ok((pids.len(), conns))
+}
+
+/// Kills a tree (SIGKILL to the namespace's init kills every task in it).
+pub fn kill(init: i32) -> io::Result<()> {
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(init, libc::SIGKILL) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

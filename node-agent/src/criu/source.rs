@@ -1,0 +1,376 @@
+//! The source side: `POST /v1/checkpoint/{migration}` (from the gateway, which runs the
+//! migration). Dump with CRIU (the tree left stopped), stream the images to the destination,
+//! which restores and releases; then kill the stopped tree — or, if the transfer or the
+//! restore failed, resume it.
+
+use std::{net::Ipv4Addr, os::unix::fs::MetadataExt as _, path::PathBuf, sync::Arc};
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+};
+use ferry_api::{
+    Client, MigrationPhase,
+    run::{
+        CheckpointAnswer, CheckpointRequest, CriuStats, FailAt, LockMode, PhaseTiming,
+        RestoreAnswer, RunEvent,
+    },
+};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::{
+    Ctx, Refusal, authorize,
+    cmd::{self, Dump},
+    images, now_unix_ms, resume,
+};
+
+fn bad(status: StatusCode, code: &'static str, m: String) -> Refusal {
+    Refusal::new(status, code, m)
+}
+
+/// Checks the request against what this agent knows; returns the container's netns path.
+async fn validate(ctx: &Ctx, id: &str, req: &CheckpointRequest) -> Result<PathBuf, Refusal> {
+    let ip = req.container;
+    let node = ctx.node.lock().await;
+    let netns = node
+        .applied
+        .containers
+        .get(&ip)
+        .map(|(_, b)| b.netns.clone())
+        .ok_or_else(|| {
+            bad(
+                StatusCode::NOT_FOUND,
+                "not_local",
+                format!("container {ip} is not built on host {}", ctx.host),
+            )
+        })?;
+    let m = node
+        .registry
+        .as_ref()
+        .and_then(|s| s.migrations.iter().find(|m| m.id == id))
+        .ok_or_else(|| {
+            bad(
+                StatusCode::NOT_FOUND,
+                "unknown_migration",
+                format!(
+                    "host {} knows no active migration {id} (not in its registry snapshot)",
+                    ctx.host
+                ),
+            )
+        })?;
+    if m.container != ip || m.from != ctx.host || m.to != req.to {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "migration {id} moves {} from {} to {}, not {ip} from {} to {}",
+                m.container, m.from, m.to, ctx.host, req.to
+            ),
+        ));
+    }
+    if m.phase != MigrationPhase::Prepared {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            "bad_phase",
+            format!(
+                "migration {id} is {}: a checkpoint starts from prepared",
+                m.phase
+            ),
+        ));
+    }
+    if node.applied.version < node.registry.as_ref().map_or(0, |s| s.version) {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            "not_applied",
+            format!("host {} has not applied the registry yet: retry", ctx.host),
+        ));
+    }
+    Ok(netns)
+}
+
+/// `POST /v1/checkpoint/{migration}`.
+pub async fn checkpoint(
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<CheckpointAnswer>, Refusal> {
+    authorize(&ctx.token, &headers)?;
+    let req: CheckpointRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the body is not a checkpoint request: {e}"),
+        )
+    })?;
+    let netns = validate(&ctx, &id, &req).await?;
+    let ip = req.container;
+    let Some(pid) = ctx.runtime.pid(ip) else {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            "no_process",
+            format!(
+                "container {ip} has no running process on {} to checkpoint",
+                ctx.host
+            ),
+        ));
+    };
+    let _busy = ctx.claim(ip)?;
+    let span = info_span!("checkpoint", migration = %id, container = %ip, host = %ctx.host, to = %req.to);
+    let answer = run(ctx.clone(), id, req, netns, pid).instrument(span).await;
+    Ok(Json(answer))
+}
+
+/// Pushes a progress event to the gateway (best effort, never waits on the migration).
+fn push(ctx: &Arc<Ctx>, id: &str, kind: &str, message: String, phase: Option<PhaseTiming>) {
+    let event = RunEvent {
+        unix_ms: now_unix_ms(),
+        kind: kind.into(),
+        message,
+        phase,
+        bytes: None,
+        criu: None,
+    };
+    let (client, id) = (ctx.gateway_client(), id.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = client.run_event(&id, &event).await {
+            warn!(error = %e, "progress event not delivered to the gateway");
+        }
+    });
+}
+
+impl Ctx {
+    pub fn gateway_client(&self) -> Client {
+        Client::new(self.gateway, Some(self.token.clone()))
+    }
+}
+
+async fn run(
+    ctx: Arc<Ctx>,
+    id: String,
+    req: CheckpointRequest,
+    netns: PathBuf,
+    pid: i32,
+) -> CheckpointAnswer {
+    let ip = req.container;
+    let mut answer = CheckpointAnswer {
+        ok: false,
+        error: None,
+        resumed: false,
+        phases: Vec::new(),
+        criu: None,
+        image_bytes: 0,
+        stopped_from_unix_ms: 0.0,
+        stopped_until_unix_ms: 0.0,
+    };
+    let dir = ctx.criu.work_dir.join(format!("{id}-dump"));
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        answer.error = Some(format!("creating {}: {e}", dir.display()));
+        answer.resumed = true;
+        return answer;
+    }
+    let cleanup = |dir: &std::path::Path| {
+        if !ctx.criu.keep_images {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    };
+    let inode = match std::fs::metadata(&netns) {
+        Ok(m) => m.ino(),
+        Err(e) => {
+            answer.error = Some(format!("{}: {e}", netns.display()));
+            answer.resumed = true;
+            cleanup(&dir);
+            return answer;
+        }
+    };
+
+    // Dump. In hold mode CRIU calls `ferry` (its action script) at network-lock, which asks
+    // the gateway to freeze: from then on the destination holds every packet.
+    let dump = Dump {
+        pid,
+        dir: &dir,
+        netns_inode: inode,
+        lock: req.lock,
+        action_script: &ctx.criu.action_script,
+    };
+    let mut env = ctx.script_env(&id, ip, "dump");
+    if req.fail == Some(FailAt::Dump) {
+        env.push(("CRIU_FAULT".into(), cmd::FAULT_DUMP_PAGES.into()));
+    }
+    info!(pid, lock = req.lock.as_str(), "dumping");
+    let start = now_unix_ms();
+    let out = cmd::run(
+        &ctx.criu.binary,
+        &dump.args(),
+        &env,
+        None,
+        &dir.join("dump.log"),
+    )
+    .await;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            answer.error = Some(format!("starting {}: {e}", ctx.criu.binary.display()));
+            answer.resumed = true;
+            cleanup(&dir);
+            return answer;
+        }
+    };
+    if !out.ok {
+        // CRIU resumed the tree itself (and, in hold mode, ran network-unlock: abort).
+        let e = out.failure("dump");
+        warn!(error = %e, "dump failed; the container runs on here");
+        answer.error = Some(e);
+        answer.resumed = true;
+        cleanup(&dir);
+        return answer;
+    }
+    let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+    let mut stats = CriuStats::default();
+    cmd::parse_stats(&out.stdout, &mut stats);
+    answer.stopped_from_unix_ms =
+        start + cmd::log_offset_ms(&log, cmd::LOG_SEIZED).unwrap_or(0.0);
+    let dump_phase = PhaseTiming {
+        name: "dump".into(),
+        start_unix_ms: start,
+        ms: out.ms,
+        bytes: None,
+    };
+    info!(
+        ms = out.ms,
+        frozen_ms = stats.frozen_ms,
+        pages = stats.pages_written,
+        "dumped"
+    );
+    push(
+        &ctx,
+        &id,
+        "phase",
+        format!(
+            "dump: {:.1} ms (CRIU frozen {:.1} ms, {} pages)",
+            out.ms, stats.frozen_ms, stats.pages_written
+        ),
+        Some(dump_phase.clone()),
+    );
+    answer.phases.push(dump_phase);
+    answer.criu = Some(stats.clone());
+    ctx.node.lock().await.mark_dumped(ip, true);
+
+    // Transfer; the destination restores and releases before it answers.
+    let argv = ctx.runtime.get(ip).map(|p| p.argv).unwrap_or_default();
+    let header = images::Header {
+        migration: id.clone(),
+        container: ip,
+        from: ctx.host.clone(),
+        lock: req.lock,
+        argv,
+        fail_restore: req.fail == Some(FailAt::Restore),
+    };
+    let transfer_start = now_unix_ms();
+    let progress_ctx = ctx.clone();
+    let progress_id = id.clone();
+    let sent = images::send(req.to_api, &ctx.token, &header, &dir, move |sent, total| {
+        info!(sent, total, "sending images");
+        if sent < total {
+            push(
+                &progress_ctx,
+                &progress_id,
+                "progress",
+                format!("transfer: {sent} of {total} bytes"),
+                None,
+            );
+        }
+    })
+    .await;
+    cleanup(&dir);
+    let restored: Result<(images::Sent, RestoreAnswer), String> = match sent {
+        Err(e) => Err(format!("transfer to {} failed: {e}", req.to)),
+        Ok(s) if (200..300).contains(&s.status) => {
+            match serde_json::from_slice::<RestoreAnswer>(&s.body) {
+                Ok(a) => Ok((s, a)),
+                Err(e) => Err(format!("the destination's answer is not understood: {e}")),
+            }
+        }
+        Ok(s) => Err(format!(
+            "the destination {} refused: {}",
+            req.to,
+            ferry_api::client::http_error(s.status, &s.body)
+        )),
+    };
+    let (sent, restored) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "resuming the source");
+            ctx.node.lock().await.mark_dumped(ip, false);
+            match tokio::task::spawn_blocking(move || resume::resume(pid)).await {
+                Ok(Ok((tasks, conns))) => {
+                    info!(tasks, connections = conns, "source resumed");
+                    answer.resumed = true;
+                }
+                Ok(Err(re)) => warn!(error = %re, "resuming the source failed"),
+                Err(re) => warn!(error = %re, "resuming the source failed"),
+            }
+            answer.error = Some(e);
+            return answer;
+        }
+    };
+    answer.image_bytes = sent.bytes;
+    let mut transfer = restored.transfer.clone();
+    // The sender's clock: from its first byte to the destination's last.
+    transfer.start_unix_ms = transfer_start;
+    transfer.ms = transfer.ms.max(sent.send_ms);
+    transfer.bytes = Some(sent.bytes);
+    answer.phases.push(transfer);
+    answer.phases.push(restored.restore.clone());
+    if let Some(r) = &restored.release {
+        answer.phases.push(r.clone());
+    }
+    if let Some(s) = answer.criu.as_mut() {
+        s.restore_ms = restored.criu_restore_ms;
+        s.pages_restored = restored.pages_restored;
+    }
+    answer.stopped_until_unix_ms = restored.resumed_unix_ms;
+
+    // The container runs at the destination: the stopped copy goes (its sockets are in
+    // repair mode, so closing them sends nothing).
+    ctx.runtime.checkpointed(ip);
+    if let Err(e) = resume::kill(pid) {
+        warn!(pid, error = %e, "killing the checkpointed tree");
+    }
+    match restored.release_error {
+        Some(e) => {
+            answer.error = Some(format!("restored at {} but not released: {e}", req.to));
+        }
+        None => answer.ok = true,
+    }
+    info!(
+        bytes = sent.bytes,
+        restored_pid = restored.pid,
+        "container moved"
+    );
+    answer
+}
+
+impl Ctx {
+    /// The environment CRIU passes to its action script (`ferry`).
+    pub fn script_env(&self, id: &str, ip: Ipv4Addr, side: &str) -> Vec<(String, String)> {
+        vec![
+            ("FERRY_GATEWAY".into(), self.gateway.to_string()),
+            (
+                "FERRY_TOKEN_FILE".into(),
+                self.token_file.display().to_string(),
+            ),
+            ("FERRY_MIGRATION".into(), id.to_owned()),
+            ("FERRY_CONTAINER".into(), ip.to_string()),
+            ("FERRY_CRIU_SIDE".into(), side.to_owned()),
+            ("FERRY_HOST".into(), self.host.clone()),
+        ]
+    }
+}
+
+/// Whether a lock mode needs the action script at dump (hold: freeze from network-lock).
+pub fn dump_uses_script(lock: LockMode) -> bool {
+    lock == LockMode::Hold
+}

@@ -1,0 +1,1002 @@
+//! A minimal container runtime: the container's process tree, in a shape CRIU can checkpoint
+//! and restore.
+//!
+//! A started process is PID 1 of a new PID namespace, inside the container's network namespace
+//! (entered with setns(2) on a dedicated thread, never across an `.await`), in the host's mount
+//! namespace (no private mount namespace: CRIU needs /proc and /sys/fs/bpf as the agent sees
+//! them), a session leader, with stdin/stdout/stderr on /dev/null, cwd `/`, and an environment
+//! of `PATH` plus what the request adds. The agent is its parent.
+//!
+//! The agent is also a child subreaper (`PR_SET_CHILD_SUBREAPER`): a tree CRIU restores with
+//! `--restore-detached`, CRIU run as the agent's child, is orphaned when CRIU exits and so
+//! reparented to the agent, which then reaps it ([`Runtime::adopt`]).
+//!
+//! Reaping: tokio::process reaps its own children, so this runtime never waits for "any
+//! child": only `waitpid(pid, WNOHANG)` for the PIDs it knows, on every SIGCHLD and on a slow
+//! periodic sweep.
+
+pub mod api;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    ffi::{CString, c_char, c_int, c_void},
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use ferry_api::run::{ContainerProcess, StartRequest};
+use ferry_overlay::netns::{self, NetNsError};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+/// `PATH` of every started process (the request may add variables, or replace this one).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How often known PIDs are checked even without a SIGCHLD (a safety net).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// How long [`Runtime::stop`] and [`Runtime::shutdown`] wait for a SIGKILLed root to be reaped.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Largest argv / env, in elements.
+pub const MAX_ARGS: usize = 4096;
+/// Stack of the cloned child before it execs (it only makes a handful of system calls).
+const CHILD_STACK: usize = 64 * 1024;
+
+pub const ORIGIN_STARTED: &str = "started";
+pub const ORIGIN_RESTORED: &str = "restored";
+
+/// Why the runtime refused or failed. [`RuntimeError::code`] is the API error code.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("container {ip} is not built on host {host}")]
+    NotLocal { ip: Ipv4Addr, host: String },
+    #[error("container {ip} already has a running process (PID {pid}, {origin}) on host {host}")]
+    Conflict {
+        ip: Ipv4Addr,
+        pid: i32,
+        origin: String,
+        host: String,
+    },
+    #[error("container {ip} is being started on host {host}")]
+    Starting { ip: Ipv4Addr, host: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("container {ip} has no process on host {host}")]
+    NoProcess { ip: Ipv4Addr, host: String },
+    #[error("starting {program} in container {ip}: {what}: {source}")]
+    SpawnFailed {
+        ip: Ipv4Addr,
+        program: String,
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+impl RuntimeError {
+    /// The API error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RuntimeError::NotLocal { .. } => "not_local",
+            RuntimeError::Conflict { .. } | RuntimeError::Starting { .. } => "conflict",
+            RuntimeError::BadRequest(_) => "bad_request",
+            RuntimeError::NoProcess { .. } => "no_process",
+            RuntimeError::SpawnFailed { .. } => "spawn_failed",
+        }
+    }
+
+    /// The HTTP status the API answers this error with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            RuntimeError::NotLocal { .. } | RuntimeError::NoProcess { .. } => 404,
+            RuntimeError::Conflict { .. } | RuntimeError::Starting { .. } => 409,
+            RuntimeError::BadRequest(_) => 400,
+            RuntimeError::SpawnFailed { .. } => 500,
+        }
+    }
+}
+
+/// Checks a start request: argv non-empty, an absolute program path, no NUL bytes anywhere,
+/// environment names non-empty without `=`. Returns the environment to exec with: `PATH`
+/// first (replaced if the request sets it), then the request's variables in order (a name
+/// given twice: the last value wins).
+pub fn validate(req: &StartRequest) -> Result<Vec<(String, String)>, RuntimeError> {
+    let bad = |m: String| Err(RuntimeError::BadRequest(m));
+    let Some(program) = req.argv.first() else {
+        return bad("argv is empty: want the program's absolute path and its arguments".into());
+    };
+    if req.argv.len() > MAX_ARGS || req.env.len() > MAX_ARGS {
+        return bad(format!(
+            "at most {MAX_ARGS} arguments and {MAX_ARGS} variables"
+        ));
+    }
+    if !program.starts_with('/') {
+        return bad(format!(
+            "argv[0] {program:?} is not an absolute path (the runtime does not search PATH)"
+        ));
+    }
+    if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
+        return bad(format!("argv[{i}] contains a NUL byte"));
+    }
+    let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
+    for (i, (k, v)) in req.env.iter().enumerate() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return bad(format!(
+                "env[{i}]: the name {k:?} is empty or contains `=` or a NUL byte"
+            ));
+        }
+        if v.contains('\0') {
+            return bad(format!("env[{i}] ({k}): the value contains a NUL byte"));
+        }
+        match env.iter_mut().find(|(n, _)| n == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    Ok(env)
+}
+
+/// How a wait status reads in [`ContainerProcess::ended`]: `exited N` / `killed by SIGNAME`.
+pub fn describe_status(status: c_int) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exited {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        let core = if libc::WCOREDUMP(status) {
+            " (core dumped)"
+        } else {
+            ""
+        };
+        format!("killed by {}{core}", signal_name(libc::WTERMSIG(status)))
+    } else {
+        format!("wait status {status:#x}")
+    }
+}
+
+/// `SIGKILL` for 9, …; `signal N` for the ones without a name here.
+pub fn signal_name(sig: c_int) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSTKFLT => "SIGSTKFLT",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGURG => "SIGURG",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGWINCH => "SIGWINCH",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGSYS => "SIGSYS",
+        other => return format!("signal {other}"),
+    };
+    name.to_owned()
+}
+
+/// One known process tree.
+struct Entry {
+    proc: ContainerProcess,
+    /// Field 22 of /proc/PID/stat when it became known: a PID that no longer has this start
+    /// time is not ours any more.
+    start_time: Option<u64>,
+    /// A stop was asked for: its exit is expected.
+    stopping: bool,
+}
+
+#[derive(Default)]
+struct State {
+    procs: BTreeMap<Ipv4Addr, Entry>,
+    /// Containers with a start in progress (their slot is reserved).
+    starting: std::collections::BTreeSet<Ipv4Addr>,
+    /// Trees CRIU dumped and killed, forgotten but still to be reaped: PID → container.
+    checkpointed: HashMap<i32, (Ipv4Addr, Option<u64>)>,
+}
+
+struct Inner {
+    host: String,
+    state: Mutex<State>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The agent's container runtime. Cheap to clone (an `Arc` inside).
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("host", &self.inner.host)
+            .field("processes", &self.list().len())
+            .finish()
+    }
+}
+
+/// What one `waitpid(pid, WNOHANG)` found.
+enum Reaped {
+    Running,
+    Ended(String),
+}
+
+/// Reaps `pid` if it has ended. A PID that is not (or not yet) our child is checked by its
+/// start time instead: gone (or reused) means ended, status unknown.
+fn try_reap(pid: i32, start_time: Option<u64>) -> Reaped {
+    let mut status: c_int = 0;
+    loop {
+        // SAFETY: waitpid on one specific PID; `status` is a valid out pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if rc == pid {
+            return Reaped::Ended(describe_status(status));
+        }
+        if rc == 0 {
+            return Reaped::Running;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Not our child (a restored tree whose CRIU has not exited yet, or never
+            // reparented): alive as long as the same process holds the PID.
+            Some(libc::ECHILD) => {
+                return if same_process(pid, start_time) {
+                    Reaped::Running
+                } else {
+                    Reaped::Ended("ended (not a child of this agent: exit status unknown)".into())
+                };
+            }
+            _ => return Reaped::Ended(format!("ended (waitpid: {e})")),
+        }
+    }
+}
+
+/// Field 22 (starttime) of /proc/PID/stat.
+fn start_time(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain anything: fields are counted after its closing parenthesis.
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Does `pid` still name the process that had `start_time`?
+fn same_process(pid: i32, start: Option<u64>) -> bool {
+    match (start_time(pid), start) {
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// Sends `sig` to `pid` if it is still the same process. Err(ESRCH) if it is gone.
+fn signal_pid(pid: i32, start: Option<u64>, sig: c_int) -> io::Result<()> {
+    if !same_process(pid, start) {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    // SAFETY: kill(2) with a positive PID (checked by the callers' bookkeeping) and a signal.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Runtime {
+    /// Makes the agent a child subreaper and starts the reaper task. Call inside the tokio
+    /// runtime.
+    pub fn new(host: &str) -> anyhow::Result<Self> {
+        // SAFETY: prctl with integer arguments; affects only this process.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            anyhow::bail!(
+                "prctl(PR_SET_CHILD_SUBREAPER): {}",
+                io::Error::last_os_error()
+            );
+        }
+        let mut sigchld = signal(SignalKind::child())?;
+        let inner = Arc::new(Inner {
+            host: host.to_owned(),
+            state: Mutex::new(State::default()),
+            reaper: Mutex::new(None),
+        });
+        let weak: Weak<Inner> = Arc::downgrade(&inner);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = sigchld.recv() => {}
+                    _ = tick.tick() => {}
+                }
+                match weak.upgrade() {
+                    Some(inner) => Runtime { inner }.sweep(),
+                    None => return,
+                }
+            }
+        });
+        *inner.reaper.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(Self { inner })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The host this runtime runs on (for messages).
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
+    /// Checks every known PID once: records exits, reaps what ended.
+    fn sweep(&self) {
+        let mut st = self.lock();
+        let State {
+            procs,
+            checkpointed,
+            ..
+        } = &mut *st;
+        for (ip, e) in procs.iter_mut().filter(|(_, e)| e.proc.running) {
+            if let Reaped::Ended(how) = try_reap(e.proc.pid, e.start_time) {
+                let p = &mut e.proc;
+                p.running = false;
+                p.ended = Some(how.clone());
+                if e.stopping {
+                    info!(container = %ip, pid = p.pid, origin = %p.origin, status = %how, "container process stopped");
+                } else {
+                    warn!(container = %ip, pid = p.pid, origin = %p.origin, status = %how, "container process ended");
+                }
+            }
+        }
+        checkpointed.retain(|pid, (ip, start)| match try_reap(*pid, *start) {
+            Reaped::Running => true,
+            Reaped::Ended(how) => {
+                info!(container = %ip, pid, status = %how, "checkpointed process tree ended, as expected");
+                false
+            }
+        });
+    }
+
+    /// Starts `req.argv` as PID 1 of a new PID namespace inside the network namespace
+    /// `netns` (the container `ip`'s).
+    pub async fn start(
+        &self,
+        ip: Ipv4Addr,
+        netns: &Path,
+        req: &StartRequest,
+    ) -> Result<ContainerProcess, RuntimeError> {
+        let env = validate(req)?;
+        {
+            let mut st = self.lock();
+            if let Some(e) = st.procs.get(&ip).filter(|e| e.proc.running) {
+                return Err(RuntimeError::Conflict {
+                    ip,
+                    pid: e.proc.pid,
+                    origin: e.proc.origin.clone(),
+                    host: self.inner.host.clone(),
+                });
+            }
+            if !st.starting.insert(ip) {
+                return Err(RuntimeError::Starting {
+                    ip,
+                    host: self.inner.host.clone(),
+                });
+            }
+        }
+        let r = self.spawn(ip, netns, req, env).await;
+        let mut st = self.lock();
+        st.starting.remove(&ip);
+        let pid = r?;
+        let proc = ContainerProcess {
+            container: ip,
+            pid,
+            argv: req.argv.clone(),
+            origin: ORIGIN_STARTED.into(),
+            running: true,
+            ended: None,
+        };
+        st.procs.insert(
+            ip,
+            Entry {
+                proc: proc.clone(),
+                start_time: start_time(pid),
+                stopping: false,
+            },
+        );
+        drop(st);
+        info!(container = %ip, pid, origin = ORIGIN_STARTED, argv = ?req.argv, "container process started");
+        // A SIGCHLD that came before the PID was known found nothing to reap.
+        self.sweep();
+        Ok(self.get(ip).unwrap_or(proc))
+    }
+
+    async fn spawn(
+        &self,
+        ip: Ipv4Addr,
+        netns: &Path,
+        req: &StartRequest,
+        env: Vec<(String, String)>,
+    ) -> Result<i32, RuntimeError> {
+        let program = req.argv[0].clone();
+        let failed = |what, source| RuntimeError::SpawnFailed {
+            ip,
+            program: program.clone(),
+            what,
+            source,
+        };
+        let argv = req.argv.clone();
+        let path: PathBuf = netns.to_owned();
+        let ns = path.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            netns::run_in(&ns, move || spawn_in_current_netns(&argv, &env))
+        })
+        .await
+        .map_err(|e| failed("the spawning thread", io::Error::other(e.to_string())))?;
+        match joined {
+            Ok(Ok(pid)) => Ok(pid),
+            Ok(Err((what, e))) => Err(failed(what, e)),
+            Err(NetNsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(RuntimeError::NotLocal {
+                    ip,
+                    host: self.inner.host.clone(),
+                })
+            }
+            Err(e) => Err(failed(
+                "entering the network namespace",
+                io::Error::other(e),
+            )),
+        }
+    }
+
+    /// The container's process (running or ended), if the runtime knows one.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<ContainerProcess> {
+        self.lock().procs.get(&ip).map(|e| e.proc.clone())
+    }
+
+    /// Every known process, by container address.
+    pub fn list(&self) -> Vec<ContainerProcess> {
+        self.lock().procs.values().map(|e| e.proc.clone()).collect()
+    }
+
+    /// PID of the container's root process, while it runs.
+    pub fn pid(&self, ip: Ipv4Addr) -> Option<i32> {
+        self.lock()
+            .procs
+            .get(&ip)
+            .filter(|e| e.proc.running)
+            .map(|e| e.proc.pid)
+    }
+
+    /// A tree CRIU restored on this host (origin `restored`): reaped from now on.
+    pub fn adopt(&self, ip: Ipv4Addr, pid: i32, argv: Vec<String>) -> Result<(), RuntimeError> {
+        if pid <= 1 {
+            return Err(RuntimeError::BadRequest(format!(
+                "PID {pid} cannot be a container's root"
+            )));
+        }
+        let start = start_time(pid);
+        if start.is_none() {
+            return Err(RuntimeError::NoProcess {
+                ip,
+                host: self.inner.host.clone(),
+            });
+        }
+        {
+            let mut st = self.lock();
+            if let Some(e) = st.procs.get(&ip).filter(|e| e.proc.running) {
+                return Err(RuntimeError::Conflict {
+                    ip,
+                    pid: e.proc.pid,
+                    origin: e.proc.origin.clone(),
+                    host: self.inner.host.clone(),
+                });
+            }
+            if st.starting.contains(&ip) {
+                return Err(RuntimeError::Starting {
+                    ip,
+                    host: self.inner.host.clone(),
+                });
+            }
+            st.procs.insert(
+                ip,
+                Entry {
+                    proc: ContainerProcess {
+                        container: ip,
+                        pid,
+                        argv,
+                        origin: ORIGIN_RESTORED.into(),
+                        running: true,
+                        ended: None,
+                    },
+                    start_time: start,
+                    stopping: false,
+                },
+            );
+        }
+        info!(container = %ip, pid, origin = ORIGIN_RESTORED, "restored process tree adopted");
+        self.sweep();
+        Ok(())
+    }
+
+    /// CRIU dumped this container's tree and killed it: forget it; its exit is expected (and
+    /// still reaped).
+    pub fn checkpointed(&self, ip: Ipv4Addr) {
+        let mut st = self.lock();
+        let Some(e) = st.procs.remove(&ip) else {
+            return;
+        };
+        info!(container = %ip, pid = e.proc.pid, origin = %e.proc.origin, running = e.proc.running, "process tree checkpointed: forgotten");
+        if e.proc.running {
+            st.checkpointed.insert(e.proc.pid, (ip, e.start_time));
+        }
+        drop(st);
+        self.sweep();
+    }
+
+    /// Stops the container's process: SIGTERM to the root, SIGKILL after `grace` (which kills
+    /// its whole PID namespace), reaped. An already ended process is answered as it is.
+    pub async fn stop(
+        &self,
+        ip: Ipv4Addr,
+        grace: Duration,
+    ) -> Result<ContainerProcess, RuntimeError> {
+        let (pid, start) = {
+            let mut st = self.lock();
+            let Some(e) = st.procs.get_mut(&ip) else {
+                return Err(RuntimeError::NoProcess {
+                    ip,
+                    host: self.inner.host.clone(),
+                });
+            };
+            if !e.proc.running {
+                return Ok(e.proc.clone());
+            }
+            e.stopping = true;
+            (e.proc.pid, e.start_time)
+        };
+        info!(container = %ip, pid, grace_ms = grace.as_millis() as u64, "stopping the container process");
+        let _ = signal_pid(pid, start, libc::SIGTERM);
+        if !self.wait_ended(ip, pid, grace).await {
+            info!(container = %ip, pid, "still running after the grace period: SIGKILL");
+            let _ = signal_pid(pid, start, libc::SIGKILL);
+            if !self.wait_ended(ip, pid, KILL_WAIT).await {
+                warn!(container = %ip, pid, "not reaped {} s after SIGKILL", KILL_WAIT.as_secs());
+            }
+        }
+        self.get(ip).ok_or(RuntimeError::NoProcess {
+            ip,
+            host: self.inner.host.clone(),
+        })
+    }
+
+    /// Polls (10 ms) until the entry of `ip` with `pid` is no longer running, or `timeout`.
+    async fn wait_ended(&self, ip: Ipv4Addr, pid: i32, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.sweep();
+            let ended = self
+                .lock()
+                .procs
+                .get(&ip)
+                .is_none_or(|e| e.proc.pid != pid || !e.proc.running);
+            if ended {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// At agent exit: SIGKILLs every known root (which kills its PID namespace) and reaps
+    /// them; stops the reaper.
+    pub async fn shutdown(&self) {
+        let targets: Vec<(Ipv4Addr, i32, Option<u64>)> = {
+            let mut st = self.lock();
+            let mut v = Vec::new();
+            for (ip, e) in st.procs.iter_mut().filter(|(_, e)| e.proc.running) {
+                e.stopping = true;
+                v.push((*ip, e.proc.pid, e.start_time));
+            }
+            v.extend(st.checkpointed.iter().map(|(pid, (ip, s))| (*ip, *pid, *s)));
+            v
+        };
+        for (ip, pid, start) in &targets {
+            info!(container = %ip, pid, "agent shutting down: SIGKILL to the container's process tree");
+            let _ = signal_pid(*pid, *start, libc::SIGKILL);
+        }
+        let deadline = tokio::time::Instant::now() + KILL_WAIT;
+        loop {
+            self.sweep();
+            let left: Vec<i32> = {
+                let st = self.lock();
+                st.procs
+                    .values()
+                    .filter(|e| e.proc.running)
+                    .map(|e| e.proc.pid)
+                    .chain(st.checkpointed.keys().copied())
+                    .collect()
+            };
+            if left.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(pids = ?left, "container processes not reaped at shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let task = self
+            .inner
+            .reaper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// What the cloned child is given: only pointers to memory prepared before the clone (the
+/// child is a copy of this one thread of a multi-threaded process, so it must not allocate
+/// or take locks).
+struct ChildArgs {
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    devnull: c_int,
+    status_fd: c_int,
+    empty_mask: libc::sigset_t,
+}
+
+/// Stages the child reports, with the errno, on the status pipe.
+const STAGE_SETSID: i32 = 1;
+const STAGE_DUP2: i32 = 2;
+const STAGE_CHDIR: i32 = 3;
+const STAGE_EXEC: i32 = 4;
+
+fn stage_name(stage: i32) -> &'static str {
+    match stage {
+        STAGE_SETSID => "setsid",
+        STAGE_DUP2 => "redirecting stdio to /dev/null",
+        STAGE_CHDIR => "chdir /",
+        STAGE_EXEC => "execve",
+        _ => "the child",
+    }
+}
+
+/// The child after clone(2): async-signal-safe system calls only, then execve.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` points at the ChildArgs the parent keeps alive across clone(2); the child
+    // has its own copy of that memory. Every call below is an async-signal-safe system call
+    // wrapper on pointers and fds prepared before the clone; nothing allocates.
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        let fail = |stage: i32| -> ! {
+            let report = [stage, *libc::__errno_location()];
+            libc::write(
+                a.status_fd,
+                report.as_ptr().cast(),
+                std::mem::size_of_val(&report),
+            );
+            libc::_exit(127)
+        };
+        // Signals: nothing blocked, nothing ignored (Rust ignores SIGPIPE; ignored
+        // dispositions survive execve).
+        libc::sigprocmask(libc::SIG_SETMASK, &a.empty_mask, std::ptr::null_mut());
+        for sig in 1..65 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(STAGE_SETSID);
+        }
+        for fd in 0..3 {
+            if libc::dup2(a.devnull, fd) < 0 {
+                fail(STAGE_DUP2);
+            }
+        }
+        if libc::chdir(c"/".as_ptr()) < 0 {
+            fail(STAGE_CHDIR);
+        }
+        // No descriptor of the agent's leaks into the container (CRIU would have to dump it).
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
+        );
+        libc::execve(a.path, a.argv, a.envp);
+        fail(STAGE_EXEC)
+    }
+}
+
+/// Clones a child in a new PID namespace (in the calling thread's network namespace) that
+/// execs `argv` with `env`; returns its PID once the exec succeeded. On failure: which step,
+/// and the error (the failed child is reaped).
+fn spawn_in_current_netns(
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<i32, (&'static str, io::Error)> {
+    let invalid = |what| (what, io::Error::from(io::ErrorKind::InvalidInput));
+    // Everything the child touches, prepared now.
+    let c_argv: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid("argv"))?;
+    let c_env: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid("env"))?;
+    let mut argv_ptrs: Vec<*const c_char> = c_argv.iter().map(|c| c.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| ("opening /dev/null", e))?;
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(("pipe2", io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+    let (status_r, status_w) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: sigemptyset initialises the set it is given.
+    let empty_mask = unsafe {
+        let mut m = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(m.as_mut_ptr());
+        m.assume_init()
+    };
+    let args = ChildArgs {
+        path: c_argv[0].as_ptr(),
+        argv: argv_ptrs.as_ptr(),
+        envp: env_ptrs.as_ptr(),
+        devnull: devnull.as_raw_fd(),
+        status_fd: status_w.as_raw_fd(),
+        empty_mask,
+    };
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down: its top, 16-byte aligned.
+    let top = ((stack.as_mut_ptr() as usize + CHILD_STACK) & !15) as *mut c_void;
+    // SAFETY: without CLONE_VM the child runs on its own copy of `stack` and of `args`, both
+    // alive here until clone returns; child_main never returns (execve or _exit).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_NEWPID | libc::SIGCHLD,
+            &args as *const ChildArgs as *mut c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(("clone(CLONE_NEWPID)", io::Error::last_os_error()));
+    }
+    drop(status_w);
+    drop(stack);
+    drop(devnull);
+    // Until EOF: nothing means the exec succeeded (the pipe closed on exec).
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < report.len() {
+        // SAFETY: reads into the unread tail of `report`.
+        let n = unsafe {
+            libc::read(
+                status_r.as_raw_fd(),
+                report[got..].as_mut_ptr().cast(),
+                report.len() - got,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => got += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    // The child failed before or at exec, and exits 127: reap it (the runtime never knew it).
+    let mut status = 0;
+    // SAFETY: waits for our own child, blocking for the moment it takes to _exit.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+    if got < report.len() {
+        return Err((
+            "the child",
+            io::Error::other(format!("failed ({})", describe_status(status))),
+        ));
+    }
+    let stage = i32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
+    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
+    Err((stage_name(stage), io::Error::from_raw_os_error(errno)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(argv: &[&str], env: &[(&str, &str)]) -> StartRequest {
+        StartRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn argv_is_checked() {
+        let code = |r: &StartRequest| validate(r).err().map(|e| e.code());
+        assert_eq!(code(&req(&[], &[])), Some("bad_request"));
+        assert_eq!(code(&req(&["sleep", "1"], &[])), Some("bad_request"));
+        assert_eq!(code(&req(&["./sleep"], &[])), Some("bad_request"));
+        assert_eq!(code(&req(&["/bin/sleep", "1\0"], &[])), Some("bad_request"));
+        assert_eq!(code(&req(&["/bin/sl\0eep"], &[])), Some("bad_request"));
+        assert_eq!(code(&req(&["/bin/sleep", "", "x y"], &[])), None);
+        let msg = validate(&req(&["sleep"], &[])).unwrap_err().to_string();
+        assert!(msg.contains("absolute"), "{msg}");
+    }
+
+    #[test]
+    fn env_is_path_plus_the_request() {
+        let env = validate(&req(&["/bin/true"], &[])).unwrap();
+        assert_eq!(env, vec![("PATH".to_string(), DEFAULT_PATH.to_string())]);
+        let env = validate(&req(&["/bin/true"], &[("A", "1"), ("B", ""), ("A", "2")])).unwrap();
+        assert_eq!(
+            env,
+            vec![
+                ("PATH".to_string(), DEFAULT_PATH.to_string()),
+                ("A".to_string(), "2".to_string()),
+                ("B".to_string(), String::new()),
+            ]
+        );
+        let env = validate(&req(&["/bin/true"], &[("PATH", "/opt/bin")])).unwrap();
+        assert_eq!(env, vec![("PATH".to_string(), "/opt/bin".to_string())]);
+        for bad in [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0y")] {
+            let e = validate(&req(&["/bin/true"], &[bad])).unwrap_err();
+            assert_eq!(e.code(), "bad_request", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn statuses_read_well() {
+        assert_eq!(describe_status(0), "exited 0");
+        assert_eq!(describe_status(3 << 8), "exited 3");
+        assert_eq!(describe_status(libc::SIGKILL), "killed by SIGKILL");
+        assert_eq!(
+            describe_status(libc::SIGSEGV | 0x80),
+            "killed by SIGSEGV (core dumped)"
+        );
+        assert_eq!(signal_name(40), "signal 40");
+    }
+
+    #[test]
+    fn error_codes() {
+        let ip = Ipv4Addr::new(10, 244, 1, 10);
+        let host = "a1".to_string();
+        let cases: [(RuntimeError, &str, u16); 5] = [
+            (
+                RuntimeError::NotLocal {
+                    ip,
+                    host: host.clone(),
+                },
+                "not_local",
+                404,
+            ),
+            (
+                RuntimeError::Conflict {
+                    ip,
+                    pid: 5,
+                    origin: "started".into(),
+                    host: host.clone(),
+                },
+                "conflict",
+                409,
+            ),
+            (RuntimeError::BadRequest("x".into()), "bad_request", 400),
+            (RuntimeError::NoProcess { ip, host }, "no_process", 404),
+            (
+                RuntimeError::SpawnFailed {
+                    ip,
+                    program: "/x".into(),
+                    what: "execve",
+                    source: io::Error::from_raw_os_error(libc::ENOENT),
+                },
+                "spawn_failed",
+                500,
+            ),
+        ];
+        for (e, code, status) in cases {
+            assert_eq!((e.code(), e.http_status()), (code, status), "{e}");
+        }
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Root only (a PID namespace): start in our own network namespace, exec failure, stop.
+    #[tokio::test]
+    async fn starts_stops_and_reports_exec_failures() {
+        if !is_root() {
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        let rt = Runtime::new("test").unwrap();
+        let ip = Ipv4Addr::new(10, 244, 9, 9);
+        let ns = Path::new("/proc/self/ns/net");
+        let missing = rt
+            .start(ip, ns, &req(&["/nonexistent/program"], &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), "spawn_failed", "{missing}");
+        assert!(missing.to_string().contains("No such file"), "{missing}");
+        assert!(rt.get(ip).is_none());
+        let p = rt
+            .start(ip, ns, &req(&["/bin/sleep", "30"], &[]))
+            .await
+            .unwrap();
+        assert!(p.running && p.pid > 1, "{p:?}");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert!(nspid.trim_end().ends_with("\t1"), "{nspid}");
+        let again = rt
+            .start(ip, ns, &req(&["/bin/sleep", "30"], &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), "conflict");
+        // sleep as PID 1 of its namespace has no SIGTERM handler: SIGKILL after the grace.
+        let stopped = rt.stop(ip, Duration::from_millis(200)).await.unwrap();
+        assert!(!stopped.running);
+        assert_eq!(stopped.ended.as_deref(), Some("killed by SIGKILL"));
+        assert!(rt.pid(ip).is_none());
+        assert!(!Path::new(&format!("/proc/{}", p.pid)).exists());
+        // A process that exits on its own.
+        let p = rt.start(ip, ns, &req(&["/bin/true"], &[])).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rt.get(ip).unwrap().running {
+            assert!(std::time::Instant::now() < deadline, "not reaped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(rt.get(ip).unwrap().ended.as_deref(), Some("exited 0"));
+        assert_eq!(rt.get(ip).unwrap().pid, p.pid);
+        rt.shutdown().await;
+    }
+}
