@@ -154,6 +154,8 @@ pub fn log_errors(log: &str, max: usize) -> Vec<String> {
     let errors: Vec<String> = log
         .lines()
         .filter(|l| l.contains("Error (") || l.contains("Error:"))
+        // CRIU reports this on every run as root in a user namespace-less setup; noise.
+        .filter(|l| !l.contains("RLIMIT_NOFILE"))
         .map(|l| {
             // "(00.048722) Error (criu/sockets.c:628): sockets: Can't get ..." → from "Error".
             l.find("Error").map_or(l, |i| &l[i..]).trim().to_owned()
