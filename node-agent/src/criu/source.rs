@@ -285,6 +285,16 @@ async fn run(
     })
     .await;
     cleanup(&dir);
+    if let Ok(s) = &sent {
+        // Even if the restore fails, the images did travel: report them.
+        answer.image_bytes = s.bytes;
+        answer.phases.push(PhaseTiming {
+            name: "transfer".into(),
+            start_unix_ms: transfer_start,
+            ms: s.send_ms,
+            bytes: Some(s.bytes),
+        });
+    }
     let restored: Result<(images::Sent, RestoreAnswer), String> = match sent {
         Err(e) => Err(format!("transfer to {} failed: {e}", req.to)),
         Ok(s) if (200..300).contains(&s.status) => {
@@ -316,7 +326,7 @@ async fn run(
             return answer;
         }
     };
-    answer.image_bytes = sent.bytes;
+    answer.phases.retain(|p| p.name != "transfer");
     let mut transfer = restored.transfer.clone();
     // The sender's clock: from its first byte to the destination's last.
     transfer.start_unix_ms = transfer_start;

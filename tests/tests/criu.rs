@@ -1,0 +1,609 @@
+//! Whole-container migration with CRIU (`ferry migrate run`) in a real lab: the container's
+//! process tree (PID 1 of its own PID namespace, started by the agent) is checkpointed at the
+//! source, its images streamed to the destination agent and restored there, the endpoint
+//! switched with ferry's hold. Live clients on the internet side (through the container's
+//! public address) check every reply: `ferry-workload serve` across clouds and back, an
+//! unmodified redis-server, a server whose unread and unacknowledged bytes sit in its socket
+//! queues during the move, failed dumps and restores that roll back, and ten moves in a row.
+//! Timing figures are printed for the log, never asserted.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use ferry_api::run::{PHASES, RunReport, RunState};
+use ferry_lab::{Lab, LabOptions};
+use ferry_tests::{KillOnDrop, agents_lab, net, require_root_and_tools, workspace_binary};
+use serde_json::Value;
+
+const C: &str = "10.244.1.10";
+const PUBLIC: &str = "203.0.113.130";
+const TOOLS: &[&str] = &["ip", "ss", "criu", "redis-server"];
+
+fn c() -> Ipv4Addr {
+    C.parse().unwrap()
+}
+
+/// A lab with container C on a1, its public address, and `ferry-workload` built.
+fn lab_with_container() -> (Lab, PathBuf) {
+    workspace_binary("ferry-workload");
+    let lab = agents_lab(LabOptions::default());
+    let ns = lab.add_container("a1", c()).expect("container on a1");
+    lab.ferry_json(&["public", "add", "--public", PUBLIC, "--container", C])
+        .expect("public add");
+    lab.sync().unwrap();
+    (lab, ns)
+}
+
+/// `ferry --json migrate run --container C --to HOST [extra]`: the exit code and the report
+/// (stdout is the report whatever the exit code: a rolled-back run exits 3).
+fn migrate(lab: &Lab, to: &str, extra: &[&str]) -> (i32, RunReport) {
+    let mut args = vec!["--json", "migrate", "run", "--container", C, "--to", to];
+    args.extend_from_slice(extra);
+    let t0 = Instant::now();
+    let out = lab.ferry(&args).expect("running ferry");
+    let wall = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let code = out.status.code().unwrap_or(-1);
+    let report: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "ferry {args:?} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!(
+        "migrate {} {} -> {} {extra:?}: exit {code}, state {}, total {:.1} ms, stopped {:.1} ms, \
+         image {} B, frozen(criu) {:?} ms, phases [{}], wall {wall:?}{}",
+        report.id,
+        report.from,
+        report.to,
+        report.state.as_str(),
+        report.total_ms,
+        report.stopped_ms,
+        report.image_bytes,
+        report.criu.as_ref().map(|s| s.frozen_ms),
+        report
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.1}", p.name, p.ms))
+            .collect::<Vec<_>>()
+            .join(", "),
+        report
+            .error
+            .as_ref()
+            .map(|e| format!(", error: {e}"))
+            .unwrap_or_default()
+    );
+    (code, report)
+}
+
+/// A migration that must be released, with all six phases and some image bytes.
+fn migrate_ok(lab: &Lab, from: &str, to: &str) -> RunReport {
+    let (code, r) = migrate(lab, to, &[]);
+    assert_eq!(
+        r.state,
+        RunState::Released,
+        "{from} -> {to}: {r:?}\nagent logs: {} {}",
+        lab.agent_log(from).display(),
+        lab.agent_log(to).display()
+    );
+    assert_eq!(code, 0, "{r:?}");
+    assert_eq!(r.from, from);
+    assert_eq!(r.to, to);
+    let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, PHASES, "{r:?}");
+    assert!(r.image_bytes > 0, "{r:?}");
+    assert!(r.error.is_none(), "{r:?}");
+    r
+}
+
+/// Waits until something listens on TCP `port` in `ns`.
+fn wait_listening(lab: &Lab, ns: &Path, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab
+            .exec_in(ns, &["ss", "-Hltn", &format!("sport = :{port}")])
+            .unwrap();
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing listens on :{port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `ferry-workload` client running in a namespace: its stdout (the summary) is collected,
+/// its stderr lines arrive on a channel; SIGKILLed (by PID) and reaped when dropped.
+struct Client {
+    child: KillOnDrop,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    name: String,
+}
+
+impl Client {
+    fn start(ns: &Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new(workspace_binary("ferry-workload"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        ferry_overlay::netns::command_in(&mut cmd, ns).unwrap();
+        let mut child = cmd.spawn().expect("spawning ferry-workload");
+        let (otx, out) = mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            let _ = otx.send(s);
+        });
+        let (etx, err) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = etx.send(line);
+            }
+        });
+        Self {
+            child: KillOnDrop(child),
+            out,
+            err,
+            name: format!("ferry-workload {}", args.first().unwrap_or(&"")),
+        }
+    }
+
+    /// Waits for the `{"event":"connected",..}` line.
+    fn connected(&self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .err
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("{}: not connected within {timeout:?}: {e}", self.name));
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) if v["event"] == "connected" => return v,
+                _ => eprintln!("{}: {line}", self.name),
+            }
+        }
+    }
+
+    /// Waits for the end: exit code and summary.
+    fn finish(mut self, timeout: Duration) -> (i32, Value) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self.out.recv_timeout(Duration::from_secs(5)).unwrap();
+        while let Ok(line) = self.err.try_recv() {
+            eprintln!("{}: {line}", self.name);
+        }
+        let summary: Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{}: {status:?}, summary {stdout:?}: {e}", self.name));
+        eprintln!("{} ({status:?}): {summary}", self.name);
+        (status.code().unwrap_or(-1), summary)
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("no number {k} in {v}"))
+}
+
+/// The `ferry-workload serve` client checks: nothing reset, lost or wrong, all alive.
+fn assert_client_clean(code: i32, s: &Value, connections: u64) {
+    assert_eq!(u(s, "resets"), 0, "{s}");
+    assert_eq!(u(s, "mismatches"), 0, "{s}");
+    assert_eq!(u(s, "unanswered"), 0, "{s}");
+    assert_eq!(u(s, "replies"), u(s, "requests"), "{s}");
+    assert!(u(s, "requests") > 0, "{s}");
+    assert_eq!(u(s, "alive"), connections, "{s}");
+    assert_eq!(code, 0, "{s}");
+}
+
+/// `ferry-workload serve --port PORT` in container C, and a client from the internet through
+/// the public address for `duration_ms`, connected.
+fn serve_and_client(lab: &Lab, ns: &Path, duration_ms: u64) -> (i32, Client) {
+    let workload = workspace_binary("ferry-workload");
+    let p = lab
+        .start_process(
+            c(),
+            &[workload.to_str().unwrap(), "serve", "--port", "7000"],
+        )
+        .expect("start the server");
+    eprintln!("server: {p:?}");
+    wait_listening(lab, ns, 7000);
+    let to = format!("{PUBLIC}:7000");
+    let duration = duration_ms.to_string();
+    let client = Client::start(
+        &lab.netns("inet"),
+        &[
+            "client",
+            "--to",
+            &to,
+            "--connections",
+            "4",
+            "--interval-ms",
+            "5",
+            "--duration-ms",
+            &duration,
+            "--json",
+        ],
+    );
+    client.connected(Duration::from_secs(10));
+    (p.pid, client)
+}
+
+fn running_on(lab: &Lab, host: &str) -> ferry_api::run::ContainerProcess {
+    assert_eq!(lab.endpoint_host(c()).unwrap(), host);
+    let p = lab
+        .process(c())
+        .unwrap()
+        .unwrap_or_else(|| panic!("no process for {C} on {host}"));
+    assert!(p.running, "{p:?}");
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", p.pid)).exists(),
+        "{p:?}"
+    );
+    p
+}
+
+#[test]
+fn workload_moves_across_clouds_and_back_with_live_clients() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let (pid, client) = serve_and_client(&lab, &ns, 4000);
+    std::thread::sleep(Duration::from_millis(700));
+
+    let there = migrate_ok(&lab, "a1", "b1");
+    let on_b1 = running_on(&lab, "b1");
+    eprintln!("on b1: {on_b1:?}");
+    assert_eq!(on_b1.origin, "restored");
+    std::thread::sleep(Duration::from_millis(500));
+    let back = migrate_ok(&lab, "b1", "a1");
+    let on_a1 = running_on(&lab, "a1");
+    eprintln!("back on a1: {on_a1:?} (first started as PID {pid})");
+    assert_eq!(on_a1.origin, "restored");
+    // PID 1 of its own PID namespace again.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", on_a1.pid)).unwrap();
+    let nspid: Vec<&str> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(nspid.last(), Some(&"1"), "NSpid: {nspid:?}");
+
+    let (code, s) = client.finish(Duration::from_secs(20));
+    eprintln!(
+        "figures: max_gap_ms {} retransmits {}, stopped_ms {:.1} / {:.1}",
+        s["max_gap_ms"], s["retransmits"], there.stopped_ms, back.stopped_ms
+    );
+    assert_client_clean(code, &s, 4);
+}
+
+#[test]
+fn redis_server_moves_with_a_live_client() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let redis = ferry_tests::which("redis-server").unwrap();
+    let p = lab
+        .start_process(
+            c(),
+            &[
+                redis.to_str().unwrap(),
+                "--port",
+                "6379",
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+                "--supervised",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "",
+            ],
+        )
+        .expect("start redis-server");
+    eprintln!("redis: {p:?}");
+    wait_listening(&lab, &ns, 6379);
+    let samples = std::env::temp_dir().join(format!("ferry-criu-redis-{}.csv", lab.prefix()));
+    let to = format!("{PUBLIC}:6379");
+    let client = Client::start(
+        &lab.netns("inet"),
+        &[
+            "redis-client",
+            "--to",
+            &to,
+            "--connections",
+            "2",
+            "--interval-ms",
+            "5",
+            "--duration-ms",
+            "2500",
+            "--samples",
+            samples.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    client.connected(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(800));
+    let r = migrate_ok(&lab, "a1", "b1");
+    let on_b1 = running_on(&lab, "b1");
+    assert_eq!(on_b1.origin, "restored");
+    let (code, s) = client.finish(Duration::from_secs(20));
+
+    // Requests sent after the run ended were answered (by the restored server, whose
+    // counters the client checks to go on by exactly one).
+    let end_ms = r.started_unix_ms + r.total_ms;
+    let csv = std::fs::read_to_string(&samples).unwrap();
+    let _ = std::fs::remove_file(&samples);
+    let (mut before, mut after) = ([0u64; 2], [0u64; 2]);
+    for line in csv.lines() {
+        let cols: Vec<&str> = line.split(',').collect();
+        let Some(t) = cols.first().and_then(|t| t.parse::<f64>().ok()) else {
+            continue;
+        };
+        let conn: usize = cols[1].parse().unwrap();
+        let answered = cols.get(3).is_some_and(|l| !l.trim().is_empty());
+        if answered && t < r.started_unix_ms {
+            before[conn] += 1;
+        }
+        if answered && t > end_ms {
+            after[conn] += 1;
+        }
+    }
+    eprintln!(
+        "redis: {before:?} answered before the run, {after:?} after it (per connection); \
+         max_gap_ms {}, stopped_ms {:.1}",
+        s["max_gap_ms"], r.stopped_ms
+    );
+    assert_eq!(u(&s, "reconnects"), 0, "{s}");
+    assert_eq!(u(&s, "resets"), 0, "{s}");
+    assert_eq!(u(&s, "errors"), 0, "{s}");
+    assert_eq!(u(&s, "mismatches"), 0, "{s}");
+    assert_eq!(u(&s, "alive"), 2, "{s}");
+    assert_eq!(code, 0, "{s}");
+    // Each connection's counter: INCR is one command in five, each checked by the client to
+    // be exactly the previous value + 1; so a final counter beyond what the requests answered
+    // before the run could reach went on in the restored server's memory.
+    let finals: Vec<u64> = s["final_counter"]
+        .as_array()
+        .unwrap_or_else(|| panic!("final_counter in {s}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(finals.len(), 2, "{s}");
+    for i in 0..2 {
+        assert!(
+            after[i] >= 10,
+            "connection {i}: {} answered after the run",
+            after[i]
+        );
+        assert!(
+            finals[i] > before[i] / 5 + 1,
+            "connection {i}: final counter {} with {} answered before the run",
+            finals[i],
+            before[i]
+        );
+    }
+}
+
+/// Bytes the server sends right after accepting: far more than the client's receive window
+/// while it reads nothing, so at the dump most of them are still in the server's send queue
+/// (unsent or unacknowledged).
+const B_LEN: usize = 1 << 20;
+
+/// The server: accepts one connection, sends `B_LEN` bytes of pattern B (on a thread: it
+/// blocks while the client does not read), reads nothing until the go file exists, then reads
+/// exactly 64 KiB and echoes them after B.
+const HOLDING_SERVER: &str = r#"
+import os, socket, sys, threading, time
+go, n = sys.argv[1], int(sys.argv[2])
+l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 7100))
+l.listen(1)
+s, _ = l.accept()
+t = threading.Thread(target=lambda: s.sendall(bytes((i * 7 + 3) % 251 for i in range(n))))
+t.start()
+while not os.path.exists(go):
+    time.sleep(0.05)
+buf = b""
+while len(buf) < 65536:
+    d = s.recv(65536 - len(buf))
+    if not d:
+        break
+    buf += d
+t.join()
+s.sendall(buf)
+while True:
+    time.sleep(3600)
+"#;
+
+#[test]
+fn unread_and_unacked_data_moves_intact() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let python = Path::new("/usr/bin/python3");
+    assert!(python.exists(), "/usr/bin/python3 needed");
+    let go = std::env::temp_dir().join(format!("ferry-criu-go-{}", lab.prefix()));
+    let _ = std::fs::remove_file(&go);
+    let p = lab
+        .start_process(
+            c(),
+            &[
+                python.to_str().unwrap(),
+                "-c",
+                HOLDING_SERVER,
+                go.to_str().unwrap(),
+                &B_LEN.to_string(),
+            ],
+        )
+        .expect("start the python server");
+    eprintln!("python server: {p:?}");
+    wait_listening(&lab, &ns, 7100);
+
+    let to = SocketAddrV4::new(PUBLIC.parse().unwrap(), 7100);
+    let mut s = net::tcp_connect(&lab.netns("inet"), to, Duration::from_secs(5)).expect("connect");
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let a: Vec<u8> = (0..65536u32).map(|i| ((i * 13 + 5) % 241) as u8).collect();
+    let b: Vec<u8> = (0..B_LEN as u32)
+        .map(|i| ((i * 7 + 3) % 251) as u8)
+        .collect();
+    s.write_all(&a)
+        .expect("writing 64 KiB the server does not read yet");
+    // Let the bytes settle into the queues, and show them.
+    std::thread::sleep(Duration::from_millis(500));
+    let ss = |ns: &Path| {
+        let out = lab
+            .exec_in(ns, &["ss", "-tnei", "( sport = :7100 or dport = :7100 )"])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = ss(&ns);
+    eprintln!("container sockets before the run:\n{before}");
+    // (Recv-Q, Send-Q) of the server's connection.
+    let queues = |text: &str| -> (u64, u64) {
+        let l = text
+            .lines()
+            .find(|l| l.starts_with("ESTAB"))
+            .unwrap_or_else(|| panic!("no connection in {text}"));
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f[1].parse().unwrap(), f[2].parse().unwrap())
+    };
+    let (recv_q, send_q) = queues(&before);
+    assert_eq!(
+        recv_q, 65536,
+        "the server's receive queue holds the client's bytes"
+    );
+    assert!(send_q > 0, "the server's send queue holds some of B");
+
+    let r = migrate_ok(&lab, "a1", "b1");
+    eprintln!("stopped_ms {:.1}", r.stopped_ms);
+    let on_b1 = running_on(&lab, "b1");
+    assert_eq!(on_b1.origin, "restored");
+    let after = ss(&lab.container_netns("b1", c()));
+    eprintln!("container sockets after the run (b1):\n{after}");
+    // The unread bytes are all there; the send queue still holds B (the server's sending
+    // thread may have queued more since: the restored socket's buffer limits differ).
+    let (recv_after, send_after) = queues(&after);
+    assert_eq!(recv_after, recv_q, "the server's receive queue as it was");
+    assert!(send_after > 0, "the server's send queue still holds B");
+
+    std::fs::write(&go, b"go").unwrap();
+    let mut got = vec![0u8; B_LEN + 65536];
+    let t_read = Instant::now();
+    let read = s.read_exact(&mut got);
+    let _ = std::fs::remove_file(&go);
+    read.expect("reading B and the echo of A after the move");
+    eprintln!(
+        "read {} B after the go in {:?}; container sockets now (b1):\n{}",
+        got.len(),
+        t_read.elapsed(),
+        ss(&lab.container_netns("b1", c()))
+    );
+    if let Some(k) = (0..B_LEN).find(|&k| got[k] != b[k]) {
+        panic!("pattern B (queued during the move) differs first at byte {k}");
+    }
+    if let Some(k) = (0..65536).find(|&k| got[B_LEN + k] != a[k]) {
+        panic!("the echo of A (unread during the move) differs first at byte {k}");
+    }
+    // Still the same connection, still alive.
+    assert!(running_on(&lab, "b1").running);
+}
+
+#[test]
+fn failed_dump_and_failed_restore_roll_back() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let (pid, client) = serve_and_client(&lab, &ns, 6000);
+    std::thread::sleep(Duration::from_millis(500));
+
+    for (fail, wait) in [("dump", 500), ("restore", 500)] {
+        let (code, r) = migrate(&lab, "b1", &["--fail", fail]);
+        assert_eq!(
+            r.state,
+            RunState::RolledBack,
+            "--fail {fail}: {r:?}\nagent logs: {} {}",
+            lab.agent_log("a1").display(),
+            lab.agent_log("b1").display()
+        );
+        assert_eq!(code, 3, "--fail {fail}: {r:?}");
+        assert!(r.error.is_some(), "{r:?}");
+        let p = running_on(&lab, "a1");
+        eprintln!("after --fail {fail}: {p:?}");
+        assert_eq!(p.pid, pid, "--fail {fail}: the source's tree resumed");
+        assert_eq!(p.origin, "started");
+        std::thread::sleep(Duration::from_millis(wait));
+    }
+    let r = migrate_ok(&lab, "a1", "b1");
+    eprintln!("then released, stopped_ms {:.1}", r.stopped_ms);
+    assert_eq!(running_on(&lab, "b1").origin, "restored");
+
+    let (code, s) = client.finish(Duration::from_secs(20));
+    eprintln!("max_gap_ms {}", s["max_gap_ms"]);
+    assert_client_clean(code, &s, 4);
+}
+
+#[test]
+fn ten_migrations_in_a_row() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    // Long enough for ten runs on a slow machine; SIGTERM ends it early (it then drains).
+    let (_pid, client) = serve_and_client(&lab, &ns, 60_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut stopped = Vec::new();
+    let t0 = Instant::now();
+    for i in 0..10 {
+        let (from, to) = if i % 2 == 0 {
+            ("a1", "b1")
+        } else {
+            ("b1", "a1")
+        };
+        let r = migrate_ok(&lab, from, to);
+        stopped.push(r.stopped_ms);
+        running_on(&lab, to);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!(
+        "ten runs in {:?}; stopped_ms: {:?}",
+        t0.elapsed(),
+        stopped
+            .iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+    );
+    // End the client now: SIGTERM (it stops sending and drains what is owed).
+    let pid = client.child.0.id() as i32;
+    // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let (code, s) = client.finish(Duration::from_secs(20));
+    eprintln!("max_gap_ms {}", s["max_gap_ms"]);
+    assert_client_clean(code, &s, 4);
+}
