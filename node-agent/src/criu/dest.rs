@@ -219,15 +219,15 @@ async fn restore(
     let release_start = now_unix_ms();
     let t = Instant::now();
     let mut release_error = None;
-    if header.lock == LockMode::CriuLock {
-        if let Err(e) = client.freeze_migration(id, None).await {
-            release_error = Some(format!("freeze (switch) failed: {e}"));
-        }
+    if header.lock == LockMode::CriuLock
+        && let Err(e) = client.freeze_migration(id, None).await
+    {
+        release_error = Some(format!("freeze (switch) failed: {e}"));
     }
-    if release_error.is_none() {
-        if let Err(e) = client.release_migration(id, None).await {
-            release_error = Some(format!("release failed: {e}"));
-        }
+    if release_error.is_none()
+        && let Err(e) = client.release_migration(id, None).await
+    {
+        release_error = Some(format!("release failed: {e}"));
     }
     let release = PhaseTiming {
         name: "release".into(),
