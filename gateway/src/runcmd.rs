@@ -311,7 +311,7 @@ mod tests {
         for p in PHASES {
             assert!(t.contains(p), "{t}");
         }
-        assert!(t.contains("dump             20.0       60.5"), "{t}");
+        assert!(t.contains("  dump           20.0       60.5"), "{t}");
         assert!(t.contains("released"), "{t}");
     }
 }
