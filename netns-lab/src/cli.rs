@@ -32,14 +32,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// ferry's main job in a lab: bring up the default lab with agents, show the hosts
-    /// talking over the eBPF overlay and the datapath counters, tear it all down.
+    /// ferry's main job in a lab: bring up the default lab with agents, start a stateful
+    /// container on a1 with a public address and a client on the internet side, live-migrate
+    /// it with CRIU to cloud b and back, print the timeline and plot the client's latency.
     Demo {
         /// Topology file (TOML); default: the built-in topology.
         topology: Option<PathBuf>,
         /// Print the report as JSON on stdout (progress stays on stderr).
         #[arg(long)]
         json: bool,
+        /// Where to write the plot of the client's per-request latency (SVG).
+        #[arg(long, value_name = "PATH", default_value = crate::demo::DEFAULT_PLOT)]
+        plot: PathBuf,
     },
     /// Bring a lab up; it stays until `ferry-lab down`. Prints its prefix.
     Up {
@@ -136,8 +140,16 @@ struct UpReport {
 /// Runs the command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Cmd::Demo { topology, json } => {
-            let report = crate::demo::run(load_topology(topology)?, json)?;
+        Cmd::Demo {
+            topology,
+            json,
+            plot,
+        } => {
+            let report = crate::demo::run_with(crate::demo::DemoOptions {
+                topology: load_topology(topology)?,
+                json,
+                plot: Some(plot),
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }

@@ -9,13 +9,17 @@ use serde_json::Value;
 
 #[test]
 fn the_demo_passes_every_check_and_leaves_nothing_behind() {
-    if !require_root_and_tools(&["ip", "ping", "curl", "nft"]) {
+    if !require_root_and_tools(&["ip", "ping", "curl", "nft", "criu"]) {
         return;
     }
     workspace_binary("ferry-agent");
     workspace_binary("ferry");
+    workspace_binary("ferry-workload");
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("demo.svg");
     let out = Command::new(workspace_binary("ferry-lab"))
-        .args(["demo", "--json"])
+        .args(["demo", "--json", "--plot"])
+        .arg(&plot)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -35,6 +39,17 @@ fn the_demo_passes_every_check_and_leaves_nothing_behind() {
         assert_eq!(p["client_seen_as"], "203.0.113.10", "{addr}: {r}");
     }
     assert_eq!(r["leftovers"], Value::Array(vec![]), "{r}");
+    // The live migration there and back: both runs released, the client saw every reply.
+    let m = &r["migration"];
+    let runs = m["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{m}");
+    for run in runs {
+        assert_eq!(run["state"], "released", "{run}");
+    }
+    assert_eq!(m["client_ok"], Value::Bool(true), "{m}");
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg:.200}");
+    assert!(svg.contains("dump") && svg.contains("restore"), "phases are marked");
 }
 
 #[test]

@@ -8,13 +8,18 @@
 //! Stops after `--duration-ms` or on SIGTERM/SIGINT, then waits up to [`DRAIN`] for the
 //! replies still owed. Prints `{"event":"connected",..}` on stderr once every connection is
 //! open, and the summary (one JSON object) on stdout at the end.
+//!
+//! With `--samples FILE` it also writes one CSV line per request ([`write_samples`]):
+//! `unix_ms,conn,seq,latency_ms`, `unix_ms` when the request was sent (fractional Unix
+//! milliseconds), `latency_ms` empty for a request never answered (or answered wrongly).
 
 use std::{
     collections::VecDeque,
-    io::{self, Read as _, Write as _},
+    io::{self, BufWriter, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::AsFd,
-    time::{Duration, Instant},
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde_json::{Value, json};
@@ -35,6 +40,43 @@ pub struct Options {
     pub interval: Duration,
     pub duration: Option<Duration>,
     pub payload_bytes: usize,
+    /// Where to write the per-request samples (CSV, see [`write_samples`]).
+    pub samples: Option<PathBuf>,
+}
+
+/// One request as the client saw it (a line of `--samples`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// When the request was sent, fractional Unix milliseconds.
+    pub unix_ms: f64,
+    /// The connection's index (0-based).
+    pub conn: u32,
+    pub seq: u64,
+    /// Send to reply; `None`: never answered (or answered wrongly).
+    pub latency_ms: Option<f64>,
+}
+
+/// The header line of the samples CSV.
+pub const SAMPLES_HEADER: &str = "unix_ms,conn,seq,latency_ms";
+
+/// Writes `samples` as CSV: [`SAMPLES_HEADER`], then one line per sample, times with µs
+/// precision, an empty last field for an unanswered request.
+pub fn write_samples(mut w: impl io::Write, samples: &[Sample]) -> io::Result<()> {
+    writeln!(w, "{SAMPLES_HEADER}")?;
+    for s in samples {
+        match s.latency_ms {
+            Some(l) => writeln!(w, "{:.3},{},{},{l:.3}", s.unix_ms, s.conn, s.seq)?,
+            None => writeln!(w, "{:.3},{},{},", s.unix_ms, s.conn, s.seq)?,
+        }
+    }
+    w.flush()
+}
+
+/// Now, in fractional Unix milliseconds.
+fn unix_ms_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Why a connection ended early.
@@ -48,8 +90,9 @@ enum Failure {
 struct Conn {
     stream: TcpStream,
     next_seq: u64,
-    /// Sequence numbers sent and not answered yet, with when they were sent.
-    outstanding: VecDeque<(u64, Instant)>,
+    /// Sequence numbers sent and not answered yet, with when they were sent (monotonic and
+    /// Unix ms).
+    outstanding: VecDeque<(u64, Instant, f64)>,
     last_n: u64,
     last_reply: Instant,
     max_gap: Duration,
@@ -69,9 +112,22 @@ struct Tally {
     examples: Vec<String>,
     gaps_us: Vec<u32>,
     latencies_us: Vec<u32>,
+    /// Per-request samples, kept only with `--samples`.
+    samples: Option<Vec<Sample>>,
 }
 
 impl Tally {
+    fn sample(&mut self, conn: usize, seq: u64, sent_unix_ms: f64, latency: Option<Duration>) {
+        if let Some(v) = &mut self.samples {
+            v.push(Sample {
+                unix_ms: sent_unix_ms,
+                conn: conn as u32,
+                seq,
+                latency_ms: latency.map(|d| d.as_secs_f64() * 1e3),
+            });
+        }
+    }
+
     fn mismatch(&mut self, conn: usize, what: String) {
         self.mismatches += 1;
         if self.examples.len() < EXAMPLES {
@@ -116,7 +172,8 @@ impl Conn {
         self.next_seq += 1;
         self.output
             .extend_from_slice(format!("REQ {seq} {payload}\n").as_bytes());
-        self.outstanding.push_back((seq, Instant::now()));
+        self.outstanding
+            .push_back((seq, Instant::now(), unix_ms_f64()));
         tally.requests += 1;
         self.flush();
     }
@@ -158,10 +215,14 @@ impl Conn {
         };
         tally.replies += 1;
         match self.outstanding.pop_front() {
-            Some((want, sent)) if want == seq => {
+            Some((want, sent, sent_unix_ms)) if want == seq => {
                 tally.latencies_us.push(micros(now - sent));
+                tally.sample(id, want, sent_unix_ms, Some(now - sent));
             }
-            Some((want, _)) => tally.mismatch(id, format!("reply to {seq} where {want} was due")),
+            Some((want, _, sent_unix_ms)) => {
+                tally.sample(id, want, sent_unix_ms, None);
+                tally.mismatch(id, format!("reply to {seq} where {want} was due"));
+            }
             None => tally.mismatch(id, format!("reply to {seq}, nothing was outstanding")),
         }
         if n != self.last_n + 1 {
@@ -239,7 +300,10 @@ pub fn run(opts: &Options) -> io::Result<Value> {
     );
 
     let payload = "p".repeat(opts.payload_bytes);
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        samples: opts.samples.as_ref().map(|_| Vec::new()),
+        ..Tally::default()
+    };
     let start = Instant::now();
     for c in &mut conns {
         c.last_reply = start;
@@ -304,7 +368,10 @@ pub fn run(opts: &Options) -> io::Result<Value> {
     let mut per_conn_gap = Vec::with_capacity(conns.len());
     let (mut resets, mut eofs, mut errors, mut retrans, mut unanswered) = (0, 0, 0, 0u64, 0u64);
     let mut worst = (Duration::ZERO, 0u64);
-    for c in &mut conns {
+    for (i, c) in conns.iter_mut().enumerate() {
+        for &(seq, _, sent_unix_ms) in &c.outstanding {
+            tally.sample(i, seq, sent_unix_ms, None);
+        }
         // A connection still owing replies has been silent since its last reply.
         if !c.outstanding.is_empty() {
             let open = end - c.last_reply;
@@ -327,7 +394,18 @@ pub fn run(opts: &Options) -> io::Result<Value> {
         }
     }
     let alive = conns.iter().filter(|c| c.failure.is_none()).count();
-    Ok(json!({
+    let samples_written = match (&opts.samples, tally.samples.as_mut()) {
+        (Some(path), Some(v)) => {
+            v.sort_by(|a, b| a.unix_ms.total_cmp(&b.unix_ms).then(a.conn.cmp(&b.conn)));
+            let f = std::fs::File::create(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("samples file {}: {e}", path.display()))
+            })?;
+            write_samples(BufWriter::new(f), v)?;
+            Some(v.len())
+        }
+        _ => None,
+    };
+    let mut summary = json!({
         "to": opts.to.to_string(),
         "connections": conns.len(),
         "alive": alive,
@@ -350,7 +428,12 @@ pub fn run(opts: &Options) -> io::Result<Value> {
         "interval_ms": ms(opts.interval),
         "duration_ms": ms(elapsed),
         "connect_ms": ms(connect_time),
-    }))
+    });
+    if let (Some(path), Some(n)) = (&opts.samples, samples_written) {
+        summary["samples_file"] = json!(path.display().to_string());
+        summary["samples"] = json!(n);
+    }
+    Ok(summary)
 }
 
 /// Did every connection survive with every reply right?
@@ -362,4 +445,79 @@ pub fn passed(summary: &Value) -> bool {
         && n("closed_by_server") == 0
         && n("unanswered") == 0
         && n("alive") == n("connections")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_written_as_csv_with_empty_latency_for_unanswered() {
+        let samples = [
+            Sample {
+                unix_ms: 1_700_000_000_123.456_7,
+                conn: 0,
+                seq: 1,
+                latency_ms: Some(0.0625),
+            },
+            Sample {
+                unix_ms: 1_700_000_000_128.5,
+                conn: 3,
+                seq: 2,
+                latency_ms: Some(142.0),
+            },
+            Sample {
+                unix_ms: 1_700_000_000_133.0,
+                conn: 1,
+                seq: 7,
+                latency_ms: None,
+            },
+        ];
+        let mut out = Vec::new();
+        write_samples(&mut out, &samples).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "unix_ms,conn,seq,latency_ms\n\
+             1700000000123.457,0,1,0.062\n\
+             1700000000128.500,3,2,142.000\n\
+             1700000000133.000,1,7,\n"
+        );
+    }
+
+    #[test]
+    fn no_samples_is_just_the_header() {
+        let mut out = Vec::new();
+        write_samples(&mut out, &[]).unwrap();
+        assert_eq!(out, b"unix_ms,conn,seq,latency_ms\n");
+    }
+
+    #[test]
+    fn the_tally_keeps_samples_only_when_asked() {
+        let mut off = Tally::default();
+        off.sample(0, 1, 1.0, Some(Duration::from_micros(250)));
+        assert!(off.samples.is_none());
+        let mut on = Tally {
+            samples: Some(Vec::new()),
+            ..Tally::default()
+        };
+        on.sample(2, 5, 10.5, Some(Duration::from_micros(250)));
+        on.sample(2, 6, 11.5, None);
+        assert_eq!(
+            on.samples.unwrap(),
+            vec![
+                Sample {
+                    unix_ms: 10.5,
+                    conn: 2,
+                    seq: 5,
+                    latency_ms: Some(0.25)
+                },
+                Sample {
+                    unix_ms: 11.5,
+                    conn: 2,
+                    seq: 6,
+                    latency_ms: None
+                },
+            ]
+        );
+    }
 }

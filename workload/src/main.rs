@@ -1,9 +1,9 @@
-//! `ferry-workload serve|claim|client`: see the library's docs.
+//! `ferry-workload serve|claim|client|redis-client`: see the library's docs.
 
 use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use ferry_workload::{
-    client,
+    client, redis,
     server::{self, HandoffTarget, Options, Outcome, Server},
 };
 use serde_json::json;
@@ -13,14 +13,22 @@ usage:
   ferry-workload serve  --port PORT [--handoff-socket PATH --container IP] [--export-to HOST]
   ferry-workload claim  --port PORT --handoff-socket PATH --container IP [--timeout-ms MS] [--export-to HOST]
   ferry-workload client --to IP:PORT [--connections N] [--interval-ms MS] [--duration-ms MS]
-                        [--payload-bytes N] [--json]
+                        [--payload-bytes N] [--samples FILE] [--json]
+  ferry-workload redis-client --to IP:PORT [--connections N] [--interval-ms MS] [--duration-ms MS]
+                        [--samples FILE] [--json]
 
 serve: answers `REQ <seq> <payload>` with `RES <seq> <n>` (n: the connection's request count).
   SIGUSR1 (to --export-to) or `export HOST` on stdin hands every connection and the counters
   to the node agent and exits 0; a refused export is printed and serving goes on.
 claim: claims what was exported for the container on this host and serves on.
 client: checks every reply (in order, exactly once, counters continuous); prints a summary;
-  exit status 2 if a connection was reset or a reply was wrong.";
+  exit status 2 if a connection was reset or a reply was wrong. --samples FILE: one CSV line
+  per request, `unix_ms,conn,seq,latency_ms` (sent at, fractional Unix ms; latency empty if
+  never answered).
+redis-client: talks to an unmodified redis-server (default 2 connections, one command every
+  5 ms on each, no pipelining): INCR must count on by one, GET must return what SET stored,
+  STRLEN must match what APPEND built. Never reconnects; prints a summary; exit status 2 if a
+  connection was reset or closed, or a reply was an error or wrong. --samples as for client.";
 
 /// `--flag value` pairs and bare `--switch`es.
 struct Args {
@@ -138,6 +146,7 @@ fn main() -> ExitCode {
                 "interval-ms",
                 "duration-ms",
                 "payload-bytes",
+                "samples",
             ],
         )
         .and_then(|a| {
@@ -147,6 +156,7 @@ fn main() -> ExitCode {
                 interval: Duration::from_millis(a.get("interval-ms")?.unwrap_or(5)),
                 duration: a.get("duration-ms")?.map(Duration::from_millis),
                 payload_bytes: a.get("payload-bytes")?.unwrap_or(16),
+                samples: a.get("samples")?,
             };
             let summary = client::run(&opts).map_err(|e| e.to_string())?;
             if a.switches.iter().any(|s| s == "json") {
@@ -158,6 +168,34 @@ fn main() -> ExitCode {
                 );
             }
             Ok(if client::passed(&summary) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }),
+        "redis-client" => Args::parse(
+            rest,
+            &["json"],
+            &["to", "connections", "interval-ms", "duration-ms", "samples"],
+        )
+        .and_then(|a| {
+            let opts = redis::Options {
+                to: a.need("to")?,
+                connections: a.get("connections")?.unwrap_or(2),
+                interval: Duration::from_millis(a.get("interval-ms")?.unwrap_or(5)),
+                duration: a.get("duration-ms")?.map(Duration::from_millis),
+                samples: a.get("samples")?,
+            };
+            let summary = redis::run(&opts).map_err(|e| e.to_string())?;
+            if a.switches.iter().any(|s| s == "json") {
+                println!("{summary}");
+            } else {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).unwrap_or_default()
+                );
+            }
+            Ok(if redis::passed(&summary) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(2)

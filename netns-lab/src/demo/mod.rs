@@ -1,18 +1,41 @@
-//! `ferry-lab demo`: ferry's main job shown end to end in a lab. Today: the default lab comes
-//! up with an agent on every host and the gateway's registry; every host reaches every other
-//! over the eBPF VXLAN overlay; containers are placed through the registry, talk across hosts
-//! and clouds, and are reached from the internet side through public addresses; one container
-//! is moved by hand to another cloud and stays reachable at its public address; the datapath
-//! counters show what crossed, and the lab is torn down with nothing left behind.
+//! `ferry-lab demo`: ferry's main job shown end to end in a lab. The default lab comes up with
+//! an agent on every host and the gateway's registry; every host reaches every other over the
+//! eBPF VXLAN overlay; containers are placed through the registry, talk across hosts and
+//! clouds, and are reached from the internet side through public addresses. Then the live
+//! migration: `web` runs a stateful server (`ferry-workload serve`), a client on the internet
+//! keeps 4 connections busy through web's public address, and `ferry migrate run` moves the
+//! whole container with CRIU to the other cloud and back: every reply must arrive, right and in
+//! order, with no reset. The runs' timeline is printed and the client's per-request latencies,
+//! with the runs' phases, are drawn as an SVG (`--plot`). The datapath counters show what
+//! crossed, and the lab is torn down with nothing left behind.
 
 mod containers;
+mod migration;
+pub mod plot;
+pub mod timeline;
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
+pub use migration::MigrationReport;
+
 use crate::{Lab, LabError, LabOptions, Topology, leftovers};
+
+/// Where the plot goes unless told (relative to the current directory).
+pub const DEFAULT_PLOT: &str = "ferry-demo.svg";
+
+/// How to run the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub topology: Topology,
+    /// Print the report as JSON on stdout (progress stays on stderr).
+    pub json: bool,
+    /// Where to write the latency plot (default [`DEFAULT_PLOT`]).
+    pub plot: Option<PathBuf>,
+}
 
 /// What the demo measured (printed as a table, or as JSON with `--json`).
 #[derive(Debug, serde::Serialize)]
@@ -21,8 +44,10 @@ pub struct DemoReport {
     pub lab_up_ms: u64,
     /// (from, to) → average RTT over the overlay in µs; `None` if unreachable.
     pub overlay_rtt_us: BTreeMap<String, Option<u64>>,
-    /// Containers, public addresses and a move by hand (topologies with a gateway).
+    /// Containers and public addresses (topologies with a gateway).
     pub containers: Option<containers::ContainersReport>,
+    /// The live migration: runs, the client's summary, the plot (topologies with a gateway).
+    pub migration: Option<MigrationReport>,
     /// host → non-zero datapath counters (reason → packets).
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
     pub teardown_ms: u64,
@@ -36,6 +61,8 @@ impl DemoReport {
                 .containers
                 .as_ref()
                 .is_none_or(containers::ContainersReport::ok)
+            && self.migration.as_ref().is_none_or(MigrationReport::ok)
+            && self.containers.is_some() == self.migration.is_some()
             && self.leftovers.is_empty()
     }
 }
@@ -46,7 +73,22 @@ fn step(json: bool, t0: Instant, msg: &str) {
     }
 }
 
+/// The demo with the plot at [`DEFAULT_PLOT`].
 pub fn run(topology: Topology, json: bool) -> Result<DemoReport, LabError> {
+    run_with(DemoOptions {
+        topology,
+        json,
+        plot: None,
+    })
+}
+
+pub fn run_with(opts: DemoOptions) -> Result<DemoReport, LabError> {
+    let DemoOptions {
+        topology,
+        json,
+        plot,
+    } = opts;
+    let plot = plot.unwrap_or_else(|| PathBuf::from(DEFAULT_PLOT));
     let t0 = Instant::now();
     step(
         json,
@@ -82,32 +124,34 @@ pub fn run(topology: Topology, json: bool) -> Result<DemoReport, LabError> {
     );
     let mut overlay_rtt_us = BTreeMap::new();
     for from in &hosts {
-        for to in &hosts {
-            if from.name == to.name {
-                continue;
-            }
+        let mut line = Vec::new();
+        for to in hosts.iter().filter(|h| h.name != from.name) {
             let rtt = ping_avg_us(&lab, &from.name, &to.overlay_ip.to_string());
-            if !json {
-                let cross = if from.cloud == to.cloud {
-                    "same cloud "
-                } else {
-                    "cross-cloud"
-                };
-                match rtt {
-                    Some(us) => {
-                        eprintln!("  {:>4} → {:<4} {cross} {:>7} µs", from.name, to.name, us)
-                    }
-                    None => eprintln!("  {:>4} → {:<4} {cross} UNREACHABLE", from.name, to.name),
-                }
-            }
+            let cross = if from.cloud == to.cloud { "" } else { "*" };
+            line.push(match rtt {
+                Some(us) => format!("{}{cross} {us} µs", to.name),
+                None => format!("{}{cross} UNREACHABLE", to.name),
+            });
             overlay_rtt_us.insert(format!("{}->{}", from.name, to.name), rtt);
         }
+        if !json {
+            eprintln!("  {:>4} → {}", from.name, line.join(" · "));
+        }
+    }
+    if !json {
+        eprintln!("  (* across clouds)");
     }
 
-    let containers = if lab.control().is_some() {
-        Some(containers::run(&lab, json, t0)?)
+    let (containers, migration) = if lab.control().is_some() {
+        let mut c = containers::run(&lab, json, t0)?;
+        let m = migration::run(&lab, json, t0, &plot);
+        c.moved_reachable = m.replies_while_away > 0
+            && m.runs
+                .first()
+                .is_some_and(|r| r.state == ferry_api::run::RunState::Released);
+        (Some(c), Some(m))
     } else {
-        None
+        (None, None)
     };
 
     step(
@@ -147,6 +191,7 @@ pub fn run(topology: Topology, json: bool) -> Result<DemoReport, LabError> {
         lab_up_ms,
         overlay_rtt_us,
         containers,
+        migration,
         counters,
         teardown_ms,
         leftovers: left,

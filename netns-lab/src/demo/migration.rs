@@ -1,0 +1,534 @@
+//! The live migration of the demo: `ferry-workload serve` runs as `web`'s process tree (started
+//! through its agent's runtime), a `ferry-workload client` on the internet side keeps 4
+//! connections busy through web's public address, and `ferry migrate run` moves the whole
+//! container with CRIU to the other cloud and, a second later, back. The client checks every
+//! reply; its per-request samples become an SVG ([`super::plot`]) and the runs a timeline
+//! ([`super::timeline`]).
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use ferry_api::run::{RunReport, RunState};
+use serde_json::Value;
+
+use super::{
+    containers::{PORT, WEB, WEB_HOST, WEB_PUBLIC},
+    plot, step, timeline,
+};
+use crate::{Lab, bins::find_binary, procs::PidFd};
+
+/// Client connections and the interval between requests on each.
+pub const CONNECTIONS: usize = 4;
+pub const INTERVAL_MS: u64 = 5;
+/// Where the container goes, and the pause around the runs.
+pub const AWAY: &str = "b1";
+const WARM_UP: Duration = Duration::from_millis(700);
+const BETWEEN: Duration = Duration::from_secs(1);
+const SETTLE: Duration = Duration::from_millis(700);
+
+/// What the live migration showed.
+#[derive(Debug, serde::Serialize)]
+pub struct MigrationReport {
+    pub container: Ipv4Addr,
+    pub public: String,
+    /// `ferry migrate run`'s reports, in order (a1 → b1, b1 → a1).
+    pub runs: Vec<RunReport>,
+    /// Per run: the longest silence a client connection saw around it (ms).
+    pub client_gap_ms: Vec<f64>,
+    /// `ferry-workload client --json`'s summary.
+    pub client: Option<Value>,
+    /// Every connection alive, every reply right and in order, nothing unanswered.
+    pub client_ok: bool,
+    /// Requests recorded in the samples.
+    pub samples: usize,
+    /// The SVG written (absolute path).
+    pub plot: Option<PathBuf>,
+    /// Replies from web while it ran on the other cloud (between the runs).
+    pub replies_while_away: usize,
+    /// What went wrong, if anything did outside the runs and the client's checks.
+    pub error: Option<String>,
+}
+
+impl Default for MigrationReport {
+    fn default() -> Self {
+        Self {
+            container: WEB,
+            public: SocketAddrV4::new(WEB_PUBLIC, PORT).to_string(),
+            runs: Vec::new(),
+            client_gap_ms: Vec::new(),
+            client: None,
+            client_ok: false,
+            samples: 0,
+            plot: None,
+            replies_while_away: 0,
+            error: None,
+        }
+    }
+}
+
+impl MigrationReport {
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+            && self.runs.len() == 2
+            && self.runs.iter().all(|r| r.state == RunState::Released)
+            && self.client_ok
+    }
+}
+
+/// The client's own verdict (as `ferry-workload client`'s `passed`).
+pub fn client_passed(summary: &Value) -> bool {
+    let n = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX);
+    n("resets") == 0
+        && n("mismatches") == 0
+        && n("errors") == 0
+        && n("closed_by_server") == 0
+        && n("unanswered") == 0
+        && n("replies") > 0
+        && n("alive") == n("connections")
+}
+
+/// `ferry-workload client` in the inet namespace: stdout/stderr lines on channels; killed (by
+/// its own PID, reaped here) if still running when dropped.
+struct Client {
+    child: Child,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+}
+
+impl Client {
+    fn start(bin: &Path, ns: &Path, args: &[&str]) -> Result<Self, String> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        ferry_overlay::netns::command_in(&mut cmd, ns).map_err(|e| format!("client: {e}"))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawning the client: {e}"))?;
+        fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        }
+        let (Some(out), Some(err)) = (
+            child.stdout.take().map(lines),
+            child.stderr.take().map(lines),
+        ) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("client: no pipes".into());
+        };
+        Ok(Self { child, out, err })
+    }
+
+    /// The next JSON line on stdout (`stderr`: on stderr); other lines are passed on.
+    fn next_json(&self, stderr: bool, timeout: Duration) -> Result<Value, String> {
+        let rx = if stderr { &self.err } else { &self.out };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .map_err(|e| format!("client: no JSON line within {timeout:?} ({e})"))?;
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) => return Ok(v),
+                Err(_) => eprintln!("  client: {line}"),
+            }
+        }
+    }
+
+    fn terminate(&self) -> Result<(), String> {
+        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
+        match PidFd::open(pid, None) {
+            Ok(Some(fd)) => fd.signal(libc::SIGTERM).map_err(|e| format!("client: {e}")),
+            Ok(None) => Ok(()),
+            Err(e) => Err(format!("client: {e}")),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `ferry --json migrate run --container web --to HOST`: the run's report, also when the run
+/// failed (the CLI then exits non-zero with the report on stdout).
+fn migrate_run(lab: &Lab, json: bool, to: &str) -> Result<RunReport, String> {
+    let c = WEB.to_string();
+    let args = ["migrate", "run", "--container", &c, "--to", to];
+    if !json {
+        eprintln!("  $ ferry {}", args.join(" "));
+    }
+    let mut all = vec!["--json"];
+    all.extend_from_slice(&args);
+    let out = lab.ferry(&all).map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str::<RunReport>(stdout.trim()).map_err(|e| {
+        format!(
+            "ferry {}: {} (exit {:?}; {} {})",
+            args.join(" "),
+            if out.status.success() {
+                format!("unparseable report: {e}")
+            } else {
+                "failed".into()
+            },
+            out.status.code(),
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}
+
+/// Waits until something listens on TCP `port` in `ns` (without connecting to it).
+fn wait_listening(lab: &Lab, ns: &Path, port: u16, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = lab
+            .exec_in(ns, &["ss", "-Hltn", &filter])
+            .map_err(|e| e.to_string())?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "nothing listens on :{port} in {} after {timeout:?}",
+                ns.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs the live migration (see the module docs) and writes the plot to `plot_path`.
+pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationReport {
+    let mut report = MigrationReport::default();
+    let samples_path = lab.state_dir().join("demo-samples.csv");
+    if let Err(e) = moves(lab, json, t0, &samples_path, &mut report) {
+        report.error = Some(e);
+    }
+    // Samples, gaps and the plot, with whatever was measured.
+    let samples = match plot::read_samples(&samples_path) {
+        Ok(s) => s,
+        Err(e) => {
+            if report.client.is_some() {
+                report.error.get_or_insert(format!("samples: {e}"));
+            }
+            Vec::new()
+        }
+    };
+    report.samples = samples.len();
+    report.client_gap_ms = report
+        .runs
+        .iter()
+        .map(|r| {
+            let gap =
+                plot::client_gap_ms(&samples, r.started_unix_ms, r.started_unix_ms + r.total_ms);
+            (gap * 1e3).round() / 1e3
+        })
+        .collect();
+    if let [first, second] = &report.runs[..] {
+        let (from, to) = (
+            first.started_unix_ms + first.total_ms,
+            second.started_unix_ms,
+        );
+        report.replies_while_away = samples
+            .iter()
+            .filter(|s| s.latency_ms.is_some() && s.unix_ms > from && s.unix_ms < to)
+            .count();
+    }
+    if !report.runs.is_empty() || !samples.is_empty() {
+        let svg = plot::latency_svg(
+            &samples,
+            &report.runs,
+            &format!(
+                "ferry: web ({WEB}) live-migrated {WEB_HOST} → {AWAY} → {WEB_HOST}, {CONNECTIONS} connections, a request every {INTERVAL_MS} ms on each"
+            ),
+        );
+        let abs = std::path::absolute(plot_path).unwrap_or_else(|_| plot_path.to_owned());
+        match std::fs::write(&abs, svg) {
+            Ok(()) => report.plot = Some(abs),
+            Err(e) => {
+                report
+                    .error
+                    .get_or_insert(format!("writing {}: {e}", abs.display()));
+            }
+        }
+    }
+    if !json {
+        print_report(&report, &samples);
+    }
+    report
+}
+
+/// Starts the workload and the client, runs the two migrations, stops the client.
+fn moves(
+    lab: &Lab,
+    json: bool,
+    t0: Instant,
+    samples_path: &Path,
+    report: &mut MigrationReport,
+) -> Result<(), String> {
+    let bin = find_binary("ferry-workload", "ferry-workload").map_err(|e| e.to_string())?;
+    let bin = std::path::absolute(&bin).unwrap_or(bin);
+    let bin_s = bin.to_string_lossy().into_owned();
+    let port = PORT.to_string();
+    step(
+        json,
+        t0,
+        &format!(
+            "web runs `ferry-workload serve` (a stateful server: a counter per connection), started through {WEB_HOST}'s agent"
+        ),
+    );
+    let p = lab
+        .start_process(WEB, &[&bin_s, "serve", "--port", &port])
+        .map_err(|e| format!("starting the workload in {WEB}: {e}"))?;
+    if !json {
+        eprintln!("  {WEB}: PID {} on {WEB_HOST} ({})", p.pid, p.origin);
+    }
+    let inet = lab.netns(crate::INET);
+    let public = SocketAddrV4::new(WEB_PUBLIC, PORT);
+    wait_listening(
+        lab,
+        &lab.container_netns(WEB_HOST, WEB),
+        PORT,
+        Duration::from_secs(10),
+    )?;
+
+    step(
+        json,
+        t0,
+        &format!(
+            "the internet client opens {CONNECTIONS} connections to {public} and sends a request every {INTERVAL_MS} ms on each, checking every reply"
+        ),
+    );
+    let to = public.to_string();
+    let (n, interval) = (CONNECTIONS.to_string(), INTERVAL_MS.to_string());
+    let samples = samples_path.to_string_lossy().into_owned();
+    let client = Client::start(
+        &bin,
+        &inet,
+        &[
+            "client",
+            "--to",
+            &to,
+            "--connections",
+            &n,
+            "--interval-ms",
+            &interval,
+            "--samples",
+            &samples,
+            "--json",
+        ],
+    )?;
+    client.next_json(true, Duration::from_secs(15))?;
+    std::thread::sleep(WARM_UP);
+
+    let result = (|| {
+        for (i, to) in [AWAY, WEB_HOST].into_iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(BETWEEN);
+            }
+            step(
+                json,
+                t0,
+                &format!(
+                    "live migration {}: web (processes, memory, connections) → {to}",
+                    i + 1
+                ),
+            );
+            let t = Instant::now();
+            let r = migrate_run(lab, json, to)?;
+            if !json {
+                eprintln!(
+                    "  {} {} → {}: {} in {:.0} ms ({:.0} ms for the call)",
+                    r.id,
+                    r.from,
+                    r.to,
+                    r.state.as_str(),
+                    r.total_ms,
+                    ms(t.elapsed())
+                );
+            }
+            let released = r.state == RunState::Released;
+            let why = r.error.clone();
+            report.runs.push(r);
+            if !released {
+                return Err(format!(
+                    "run {} did not release: {}",
+                    i + 1,
+                    why.unwrap_or_else(|| "no error given".into())
+                ));
+            }
+        }
+        Ok(())
+    })();
+    std::thread::sleep(SETTLE);
+    step(
+        json,
+        t0,
+        "stopping the client (it waits for the replies still owed)",
+    );
+    client.terminate()?;
+    let summary = client.next_json(false, Duration::from_secs(20))?;
+    report.client_ok = client_passed(&summary);
+    report.client = Some(summary);
+    // The workload stops with the lab; stop it now for a clean exit where it runs.
+    if let Err(e) = lab.stop_process(WEB)
+        && !json
+    {
+        eprintln!("  stopping the workload: {e}");
+    }
+    result
+}
+
+fn print_report(r: &MigrationReport, samples: &[plot::Sample]) {
+    let t0 = samples
+        .iter()
+        .map(|s| s.unix_ms)
+        .reduce(f64::min)
+        .or_else(|| r.runs.first().map(|x| x.started_unix_ms))
+        .unwrap_or(0.0);
+    if !r.runs.is_empty() {
+        eprintln!("  timeline (ms since the client's first request):");
+        for line in timeline::timeline(&r.runs, t0).lines() {
+            eprintln!("    {line}");
+        }
+        eprintln!();
+        for line in timeline::phase_table(&r.runs).lines() {
+            eprintln!("    {line}");
+        }
+        for (run, gap) in r.runs.iter().zip(&r.client_gap_ms) {
+            eprintln!(
+                "  {} {} → {}: the client's longest silence {gap:.0} ms (phases {:.0} ms in all)",
+                run.id, run.from, run.to, run.total_ms
+            );
+        }
+    }
+    if let Some(c) = &r.client {
+        let n = |k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let f = |k: &str| c.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+        eprintln!(
+            "  client: {}/{} connections alive, {} requests, {} replies, {} unanswered, {} wrong or out of order, {} resets, {} retransmits; latency p50 {:.2} ms, max {:.0} ms → {}",
+            n("alive"),
+            n("connections"),
+            n("requests"),
+            n("replies"),
+            n("unanswered"),
+            n("mismatches"),
+            n("resets"),
+            n("retransmits"),
+            f("p50_latency_ms"),
+            f("max_latency_ms"),
+            if r.client_ok {
+                "every reply right, in order, on the same connections"
+            } else {
+                "FAILED"
+            }
+        );
+        if let Some(ex) = c.get("mismatch_examples").and_then(Value::as_array) {
+            for e in ex.iter().filter_map(Value::as_str) {
+                eprintln!("    {e}");
+            }
+        }
+        eprintln!(
+            "  {} replies came from web on {AWAY} between the runs",
+            r.replies_while_away
+        );
+    }
+    if let Some(p) = &r.plot {
+        eprintln!(
+            "  plot: {} ({} requests; open it in a browser)",
+            p.display(),
+            r.samples
+        );
+    }
+    if let Some(e) = &r.error {
+        eprintln!("  FAILED: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::demo::plot::tests::run;
+
+    #[test]
+    fn the_client_passes_only_with_every_reply_right() {
+        let good = json!({"connections": 4, "alive": 4, "replies": 800, "resets": 0,
+            "mismatches": 0, "errors": 0, "closed_by_server": 0, "unanswered": 0});
+        assert!(client_passed(&good));
+        for (k, v) in [
+            ("resets", 1),
+            ("mismatches", 2),
+            ("unanswered", 1),
+            ("alive", 3),
+            ("replies", 0),
+            ("closed_by_server", 1),
+        ] {
+            let mut bad = good.clone();
+            bad[k] = json!(v);
+            assert!(!client_passed(&bad), "{k}");
+        }
+        assert!(!client_passed(&json!({})));
+    }
+
+    #[test]
+    fn the_report_needs_two_released_runs_and_a_clean_client() {
+        let ok = MigrationReport {
+            runs: vec![
+                run("m1", "a1", "b1", 1000.0, &[("prepare", 1.0)]),
+                run("m2", "b1", "a1", 3000.0, &[("prepare", 1.0)]),
+            ],
+            client_ok: true,
+            ..MigrationReport::default()
+        };
+        assert!(ok.ok());
+        let mut rolled_back = MigrationReport {
+            runs: ok.runs.clone(),
+            client_ok: true,
+            ..MigrationReport::default()
+        };
+        rolled_back.runs[1].state = RunState::RolledBack;
+        assert!(!rolled_back.ok());
+        let one = MigrationReport {
+            runs: ok.runs[..1].to_vec(),
+            client_ok: true,
+            ..MigrationReport::default()
+        };
+        assert!(!one.ok());
+        let client = MigrationReport {
+            runs: ok.runs.clone(),
+            ..MigrationReport::default()
+        };
+        assert!(!client.ok());
+        let json = serde_json::to_value(&ok).unwrap();
+        assert_eq!(json["runs"][0]["from"], "a1");
+        assert_eq!(json["container"], "10.244.1.10");
+        assert_eq!(json["public"], "203.0.113.130:7000");
+    }
+}
