@@ -96,3 +96,44 @@ fn the_datapath_benchmark_measures_every_mode() {
         "{r}"
     );
 }
+
+/// The CRIU migration benchmark, two migrations per mode (there and back, the second one
+/// into the namespace the container left moments ago): both modes migrate without losing a
+/// connection or a byte, and every figure the JSON promises is there.
+#[test]
+fn the_migration_benchmark_measures_both_modes() {
+    if !require_root_and_tools(&["ip", "nft", "criu"]) {
+        return;
+    }
+    workspace_binary("ferry-agent");
+    workspace_binary("ferry");
+    workspace_binary("ferry-workload");
+    let out = Command::new(workspace_binary("ferry-lab"))
+        .args(["bench", "migrate", "--json", "--runs", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    for mode in ["ferry", "criu_lock"] {
+        let m = &r[mode];
+        assert_eq!(m["migrations_ok"], 2, "{mode}: {m}");
+        assert_eq!(m["migrations_failed"], 0, "{mode}: {m}");
+        assert_eq!(m["resets"], 0, "{mode}: {m}");
+        assert_eq!(m["bytes_lost"], 0, "{mode}: {m}");
+        for key in [
+            "gap_ms_p50",
+            "gap_ms_p99",
+            "frozen_ms_p50",
+            "stall_overhead_ms_p50",
+            "client_retransmits",
+        ] {
+            assert!(m[key].as_f64().is_some(), "{mode}.{key}: {m}");
+        }
+        assert!(m["gap_ms_p50"].as_f64().unwrap_or(0.0) > 0.0, "{mode}: {m}");
+    }
+}

@@ -15,6 +15,7 @@ pub mod baseline;
 pub mod ferry_mode;
 pub mod handoff;
 pub mod measure;
+pub mod migrate;
 pub mod report;
 
 use std::{
@@ -48,6 +49,10 @@ pub enum BenchCmd {
     /// gap a client on the internet sees, with ferry's hold queues and with drop (a network
     /// lock), for several freeze lengths.
     Handoff(handoff::HandoffArgs),
+    /// Whole-container live migration with CRIU (`ferry migrate run`), ferry's hold vs CRIU's
+    /// own network lock: the gap a client on the internet sees, the time the container ran
+    /// nowhere, and the phases.
+    Migrate(migrate::MigrateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -180,6 +185,7 @@ pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
     match cmd {
         BenchCmd::Datapath(args) => datapath(&args),
         BenchCmd::Handoff(args) => handoff::run(&args),
+        BenchCmd::Migrate(args) => migrate::run(&args),
     }
 }
 

@@ -158,7 +158,18 @@ async fn restore(
     };
     info!(bytes = rx.bytes, files = rx.files, ms = transfer.ms, "images received");
 
-    // Restore into the prepared namespace.
+    // Restore into the prepared namespace. A namespace this host kept (the container left
+    // it moments ago, and comes back while the forwarding grace runs) may still carry the
+    // drop-all table of CRIU's own network lock from that dump: remove it first.
+    if let Err(e) = tokio::task::spawn_blocking({
+        let netns = netns.clone();
+        move || remove_criu_lock_tables(&netns)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+    {
+        return Err(failed("restore_failed", e));
+    }
     let ns: OwnedFd = std::fs::File::open(&netns)
         .map_err(|e| failed("internal", format!("{}: {e}", netns.display())))?
         .into();
@@ -251,4 +262,39 @@ async fn restore(
         criu_restore_ms: stats.restore_ms,
         pages_restored: stats.pages_restored,
     })
+}
+
+/// Deletes the `CRIU-*` nftables tables (CRIU's network lock) inside a namespace.
+fn remove_criu_lock_tables(netns: &std::path::Path) -> Result<(), String> {
+    let nft = |args: &[&str]| -> Result<String, String> {
+        let mut cmd = std::process::Command::new("nft");
+        cmd.args(args);
+        ferry_overlay::netns::command_in(&mut cmd, netns).map_err(|e| e.to_string())?;
+        let out = cmd.output().map_err(|e| format!("running nft: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "nft {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let tables = match nft(&["list", "tables"]) {
+        Ok(t) => t,
+        // No nft at all: there can be no CRIU nft lock either.
+        Err(e) if e.starts_with("running nft") => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for line in tables.lines() {
+        // "table inet CRIU-<uuid>"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let ["table", family, name] = words[..]
+            && name.starts_with("CRIU")
+        {
+            nft(&["delete", "table", family, name])?;
+            info!(table = name, "removed a stale CRIU network-lock table");
+        }
+    }
+    Ok(())
 }
