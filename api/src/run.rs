@@ -23,7 +23,9 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 /// The phases of a run, in order.
-pub const PHASES: [&str; 6] = ["prepare", "freeze", "dump", "transfer", "restore", "release"];
+pub const PHASES: [&str; 6] = [
+    "prepare", "freeze", "dump", "transfer", "restore", "release",
+];
 
 /// Body of `POST /v1/runs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -95,7 +95,11 @@ pub fn phase_table(r: &RunReport) -> String {
     if let Some(e) = &r.error {
         let _ = writeln!(out, "  error: {e}");
     }
-    let _ = writeln!(out, "  {:<9} {:>9} {:>10}  bytes", "phase", "at ms", "took ms");
+    let _ = writeln!(
+        out,
+        "  {:<9} {:>9} {:>10}  bytes",
+        "phase", "at ms", "took ms"
+    );
     for name in PHASES {
         match r.phase(name) {
             Some(PhaseTiming {

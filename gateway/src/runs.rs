@@ -278,11 +278,7 @@ async fn drive(
                 "released: {} runs on {} ({:.1} ms in all, stopped {:.1} ms)",
                 r.container, r.to, r.total_ms, r.stopped_ms
             ),
-            _ => format!(
-                "{}: {}",
-                state.as_str(),
-                error.clone().unwrap_or_default()
-            ),
+            _ => format!("{}: {}", state.as_str(), error.clone().unwrap_or_default()),
         };
         let kind = if state == RunState::Released {
             "done"
@@ -306,7 +302,10 @@ async fn abort(
     why: String,
 ) -> (RunState, Option<String>) {
     warn!(migration = %id, error = %why, "run failed: aborting");
-    g.runs.update(id, |r| r.events.push(event("info", format!("failed: {why}; aborting"))));
+    g.runs.update(id, |r| {
+        r.events
+            .push(event("info", format!("failed: {why}; aborting")))
+    });
     match client.abort_migration(id, None).await {
         Ok(_) => (RunState::RolledBack, Some(why)),
         Err(e) => {

@@ -101,7 +101,10 @@ impl Ctx {
             return Err(Refusal::new(
                 StatusCode::CONFLICT,
                 "conflict",
-                format!("a CRIU operation on {ip} is already running on {}", self.host),
+                format!(
+                    "a CRIU operation on {ip} is already running on {}",
+                    self.host
+                ),
             ));
         }
         Ok(BusyGuard {

@@ -48,8 +48,14 @@ fn the_demo_passes_every_check_and_leaves_nothing_behind() {
     }
     assert_eq!(m["client_ok"], Value::Bool(true), "{m}");
     let svg = std::fs::read_to_string(&plot).expect("the plot was written");
-    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{svg:.200}");
-    assert!(svg.contains("dump") && svg.contains("restore"), "phases are marked");
+    assert!(
+        svg.starts_with("<svg") || svg.starts_with("<?xml"),
+        "{svg:.200}"
+    );
+    assert!(
+        svg.contains("dump") && svg.contains("restore"),
+        "phases are marked"
+    );
 }
 
 #[test]

@@ -156,7 +156,12 @@ async fn restore(
         ms: t.elapsed().as_secs_f64() * 1e3,
         bytes: Some(rx.bytes),
     };
-    info!(bytes = rx.bytes, files = rx.files, ms = transfer.ms, "images received");
+    info!(
+        bytes = rx.bytes,
+        files = rx.files,
+        ms = transfer.ms,
+        "images received"
+    );
 
     // Restore into the prepared namespace. A namespace this host kept (the container left
     // it moments ago, and comes back while the forwarding grace runs) may still carry the

@@ -316,7 +316,9 @@ pub async fn send(
     let mut next_report = 4 << 20;
     let mut buf = vec![0u8; 256 * 1024];
     for (name, size) in &files {
-        s.write_all(&encode_file_head(name, *size)).await.map_err(io)?;
+        s.write_all(&encode_file_head(name, *size))
+            .await
+            .map_err(io)?;
         sent += 2 + name.len() as u64 + 8;
         let mut f = tokio::fs::File::open(dir.join(name))
             .await
@@ -397,7 +399,11 @@ mod tests {
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let s = stream(
             &header(),
-            &[("core-1.img", b"core"), ("empty.img", b""), ("pages-1.img", &big)],
+            &[
+                ("core-1.img", b"core"),
+                ("empty.img", b""),
+                ("pages-1.img", &big),
+            ],
         );
         for step in [1usize, 7, 4096, s.len()] {
             let dir = tempfile::tempdir().expect("tempdir");

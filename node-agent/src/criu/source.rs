@@ -117,7 +117,8 @@ pub async fn checkpoint(
         ));
     };
     let _busy = ctx.claim(ip)?;
-    let span = info_span!("checkpoint", migration = %id, container = %ip, host = %ctx.host, to = %req.to);
+    let span =
+        info_span!("checkpoint", migration = %id, container = %ip, host = %ctx.host, to = %req.to);
     let answer = run(ctx.clone(), id, req, netns, pid).instrument(span).await;
     Ok(Json(answer))
 }
@@ -230,8 +231,7 @@ async fn run(
     let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
     let mut stats = CriuStats::default();
     cmd::parse_stats(&out.stdout, &mut stats);
-    answer.stopped_from_unix_ms =
-        start + cmd::log_offset_ms(&log, cmd::LOG_SEIZED).unwrap_or(0.0);
+    answer.stopped_from_unix_ms = start + cmd::log_offset_ms(&log, cmd::LOG_SEIZED).unwrap_or(0.0);
     let dump_phase = PhaseTiming {
         name: "dump".into(),
         start_unix_ms: start,
