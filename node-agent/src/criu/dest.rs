@@ -91,16 +91,31 @@ pub async fn receive(
             format!("container {ip} already runs on {}", ctx.host),
         ));
     }
-    let _busy = ctx.claim(ip)?;
+    let busy = ctx.claim(ip)?;
     let span = info_span!("restore", migration = %id, container = %ip, host = %ctx.host);
     let dir = ctx.criu.work_dir.join(format!("{id}-restore"));
-    let r = restore(&ctx, &id, ip, netns, &dir, body)
-        .instrument(span)
-        .await;
-    if !ctx.criu.keep_images {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    r.map(Json)
+    // In a task of its own, so that a restore is not dropped half way if the source's
+    // connection goes away.
+    let task = tokio::spawn(
+        async move {
+            let _busy = busy;
+            let r = restore(&ctx, &id, ip, netns, &dir, body).await;
+            if !ctx.criu.keep_images {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            r
+        }
+        .instrument(span),
+    );
+    task.await
+        .map_err(|e| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the restore task failed: {e}"),
+            )
+        })?
+        .map(Json)
 }
 
 async fn restore(

@@ -116,10 +116,26 @@ pub async fn checkpoint(
             ),
         ));
     };
-    let _busy = ctx.claim(ip)?;
+    let busy = ctx.claim(ip)?;
     let span =
         info_span!("checkpoint", migration = %id, container = %ip, host = %ctx.host, to = %req.to);
-    let answer = run(ctx.clone(), id, req, netns, pid).instrument(span).await;
+    // In a task of its own: if the caller goes away mid-way (a gateway restart), the
+    // checkpoint still ends in a consistent state (moved, or the source resumed) instead of
+    // being dropped with the request, which could leave the source tree stopped.
+    let task = tokio::spawn(
+        async move {
+            let _busy = busy;
+            run(ctx, id, req, netns, pid).await
+        }
+        .instrument(span),
+    );
+    let answer = task.await.map_err(|e| {
+        Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the checkpoint task failed: {e}"),
+        )
+    })?;
     Ok(Json(answer))
 }
 
