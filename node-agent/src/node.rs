@@ -58,6 +58,27 @@ pub struct Applied {
     /// Local containers whose connections have been dumped here (they left with a hand-off
     /// or a checkpoint): whatever the old copy still emits is stale and dropped.
     pub dumped: std::collections::BTreeSet<Ipv4Addr>,
+    /// Local containers being checkpointed by CRIU here: their tasks are frozen before the
+    /// migration's freeze, so from the freeze on what the old copy emits comes from the
+    /// kernel's timers alone (delayed ACKs, window updates — even from sockets in repair
+    /// mode). Its TCP segments without payload are dropped from the FORWARD switch on: such
+    /// a segment carries a TCP timestamp newer than the one CRIU saves, and the peer would
+    /// then discard the restored socket's segments (PAWS) until its RTO fired. Segments with
+    /// data still go out (the peer needs them; the dump counts them as sent).
+    pub silenced: std::collections::BTreeSet<Ipv4Addr>,
+}
+
+/// What a FORWARD entry drops of the old copy's output: everything once its connections are
+/// dumped; the TCP segments without payload while CRIU checkpoints it.
+fn egress_flags(applied: &Applied, ip: Ipv4Addr) -> u32 {
+    let mut f = 0;
+    if applied.dumped.contains(&ip) {
+        f |= flags::DROP_EGRESS;
+    }
+    if applied.silenced.contains(&ip) {
+        f |= flags::DROP_EGRESS_EMPTY;
+    }
+    f
 }
 
 /// Summary for `/v1/status`.
@@ -160,8 +181,8 @@ impl Node {
         for (ip, (c, built)) in &self.applied.containers {
             if want.containers.contains_key(ip) {
                 let mut e = plan::local_entry(want, c, built.ifindex);
-                if e.kind == kind::FORWARD && self.applied.dumped.contains(ip) {
-                    e.flags |= flags::DROP_EGRESS;
+                if e.kind == kind::FORWARD {
+                    e.flags |= egress_flags(&self.applied, *ip);
                 }
                 endpoints.insert(*ip, e);
             }
@@ -364,17 +385,19 @@ impl Node {
         } else {
             self.applied.dumped.remove(&ip);
         }
+        self.refresh_drop_egress(ip);
+    }
+
+    /// A FORWARD entry drops the old copy's output while it is dumped or silenced.
+    fn refresh_drop_egress(&mut self, ip: Ipv4Addr) {
         let Some(mut e) = self.applied.endpoints.get(&ip).copied() else {
             return;
         };
         if e.kind != kind::FORWARD {
             return;
         }
-        if dumped {
-            e.flags |= flags::DROP_EGRESS;
-        } else {
-            e.flags &= !flags::DROP_EGRESS;
-        }
+        e.flags &= !(flags::DROP_EGRESS | flags::DROP_EGRESS_EMPTY);
+        e.flags |= egress_flags(&self.applied, ip);
         let r = self
             .datapath
             .lock()
@@ -386,6 +409,18 @@ impl Node {
             }
             Err(err) => warn!(%ip, error = %err, "marking the old copy's output as stale"),
         }
+    }
+
+    /// Container `ip` is being checkpointed by CRIU here (`true`), or no longer is: see
+    /// [`Applied::silenced`]. Takes effect on the next FORWARD entry (the freeze), or at once
+    /// if the entry already forwards.
+    pub fn silence_on_freeze(&mut self, ip: Ipv4Addr, on: bool) {
+        if on {
+            self.applied.silenced.insert(ip);
+        } else {
+            self.applied.silenced.remove(&ip);
+        }
+        self.refresh_drop_egress(ip);
     }
 
     /// Removes a container's entry (if it still points at it) and its network side.

@@ -171,6 +171,19 @@ async fn run(
     pid: i32,
 ) -> CheckpointAnswer {
     let ip = req.container;
+    let answer = run_inner(ctx.clone(), id, req, netns, pid).await;
+    ctx.node.lock().await.silence_on_freeze(ip, false);
+    answer
+}
+
+async fn run_inner(
+    ctx: Arc<Ctx>,
+    id: String,
+    req: CheckpointRequest,
+    netns: PathBuf,
+    pid: i32,
+) -> CheckpointAnswer {
+    let ip = req.container;
     let mut answer = CheckpointAnswer {
         ok: false,
         error: None,
@@ -215,6 +228,11 @@ async fn run(
     let mut env = ctx.script_env(&id, ip, "dump");
     if req.fail == Some(FailAt::Dump) {
         env.push(("CRIU_FAULT".into(), cmd::FAULT_DUMP_PAGES.into()));
+    }
+    // The tasks are frozen before the freeze: from the FORWARD switch on, the old copy's
+    // kernel-made empty segments are dropped (see `Applied::silenced`).
+    if req.lock == LockMode::Hold {
+        ctx.node.lock().await.silence_on_freeze(ip, true);
     }
     info!(pid, lock = req.lock.as_str(), "dumping");
     let start = now_unix_ms();
@@ -329,7 +347,11 @@ async fn run(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "resuming the source");
-            ctx.node.lock().await.mark_dumped(ip, false);
+            {
+                let mut node = ctx.node.lock().await;
+                node.mark_dumped(ip, false);
+                node.silence_on_freeze(ip, false);
+            }
             match tokio::task::spawn_blocking(move || resume::resume(pid)).await {
                 Ok(Ok((tasks, conns))) => {
                     info!(tasks, connections = conns, "source resumed");
