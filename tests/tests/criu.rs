@@ -639,3 +639,133 @@ fn client_tcp_stat(lab: &ferry_lab::Lab, name: &str) -> i64 {
     }
     panic!("no TcpExt {name} in /proc/net/netstat: {text}");
 }
+
+/// `ferry --json ARGS`: the exit code and the JSON on stdout (a report or an error body).
+fn ferry_any(lab: &Lab, args: &[&str]) -> (i32, Value) {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = lab.ferry(&all).expect("running ferry");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// Bad requests to `ferry migrate run` and to the agents' checkpoint and image APIs get a
+/// clear error, change nothing, and a live client through the public address notices nothing;
+/// a real migration still works afterwards.
+#[test]
+fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let (pid, client) = serve_and_client(&lab, &ns, 60_000);
+    let code_of = |v: &Value| v["error"]["code"].as_str().unwrap_or("").to_owned();
+
+    // Unknown container, unknown host, the host it is on: refused before anything is prepared.
+    for (args, want) in [
+        (
+            vec!["migrate", "run", "--container", "10.244.9.9", "--to", "b1"],
+            "unknown_endpoint",
+        ),
+        (
+            vec!["migrate", "run", "--container", C, "--to", "nosuch"],
+            "unknown_host",
+        ),
+        (
+            vec!["migrate", "run", "--container", C, "--to", "a1"],
+            "bad_request",
+        ),
+    ] {
+        let (code, v) = ferry_any(&lab, &args);
+        assert_eq!(code, 1, "{args:?}: {v}");
+        assert_eq!(code_of(&v), want, "{args:?}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+    }
+    // Not an address at all: a usage error.
+    let (code, _) = ferry_any(
+        &lab,
+        &["migrate", "run", "--container", "nope", "--to", "b1"],
+    );
+    assert_eq!(code, 2);
+    let (code, v) = ferry_any(&lab, &["migrate", "status"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        v.as_array().map(Vec::len),
+        Some(0),
+        "nothing was prepared: {v}"
+    );
+
+    // A container with no process to checkpoint: the run rolls back, naming why.
+    let idle = "10.244.1.11";
+    lab.add_container("a1", idle.parse().unwrap())
+        .expect("idle container");
+    lab.sync().unwrap();
+    let (code, v) = ferry_any(&lab, &["migrate", "run", "--container", idle, "--to", "b1"]);
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(v["state"], "rolled_back", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no_process")),
+        "{v}"
+    );
+    assert_eq!(lab.endpoint_host(idle.parse().unwrap()).unwrap(), "a1");
+
+    // The agents' APIs: an unknown migration, a body that is not a request, a stream that is
+    // not an image stream.
+    let (status, body) = lab
+        .agent_request("a1", "POST", "/v1/checkpoint/m999", Some(b"{}"))
+        .unwrap();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let req = serde_json::json!({
+        "container": C, "to": "b1", "to_api": "198.18.2.10:7401", "lock": "hold",
+        "gateway": "198.18.0.10:7400"
+    })
+    .to_string();
+    let (status, body) = lab
+        .agent_request("a1", "POST", "/v1/checkpoint/m999", Some(req.as_bytes()))
+        .unwrap();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_migration"), "{body}");
+    let (status, body) = lab
+        .agent_request(
+            "b1",
+            "POST",
+            "/v1/images/m999",
+            Some(b"GET / HTTP/1.1\r\n\r\n"),
+        )
+        .unwrap();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("unknown_migration"), "{body}");
+    // The server was never touched.
+    let p = running_on(&lab, "a1");
+    assert_eq!(p.pid, pid);
+
+    // Two runs of the same container at once: one moves it, the other is refused.
+    let lab = std::sync::Arc::new(lab);
+    let l2 = lab.clone();
+    let first = std::thread::spawn(move || {
+        ferry_any(&l2, &["migrate", "run", "--container", C, "--to", "b1"])
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let (code2, v2) = ferry_any(&lab, &["migrate", "run", "--container", C, "--to", "b1"]);
+    let (code1, v1) = first.join().unwrap();
+    assert_eq!(code1, 0, "{v1}");
+    assert_eq!(v1["state"], "released", "{v1}");
+    assert_eq!(code2, 1, "the second run: {v2}");
+    running_on(&lab, "b1");
+
+    let pid = client.child.0.id() as i32;
+    // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let (code, s) = client.finish(Duration::from_secs(20));
+    assert_client_clean(code, &s, 4);
+}
