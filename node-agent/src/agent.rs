@@ -167,6 +167,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    let orphans = tokio::spawn(stop_orphans(node.clone(), runtime.clone()).in_current_span());
 
     let state = AppState {
         host: cfg.host.as_str().into(),
@@ -200,6 +201,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     handoff.shutdown().await;
     // Container processes die before their namespaces go.
     runtime.shutdown().await;
+    orphans.abort();
+    let _ = orphans.await;
     hold_reader.abort();
     let _ = hold_reader.await;
     drop(state);
@@ -280,6 +283,37 @@ async fn read_hold_device(hold: Arc<Hold>) {
                     warn!(error = %e, "reading the hold device");
                     ready.clear_ready();
                     break;
+                }
+            }
+        }
+    }
+}
+
+/// A container the registry took off this host other than by a migration (its endpoint
+/// removed): its network namespace is gone, so its process tree is stopped too, as a runtime
+/// deletes a sandbox's processes with it. (A migrated container's tree was checkpointed and
+/// is no longer the runtime's.)
+async fn stop_orphans(node: Arc<tokio::sync::Mutex<Node>>, runtime: Runtime) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let built: std::collections::BTreeSet<std::net::Ipv4Addr> = node
+            .lock()
+            .await
+            .applied
+            .containers
+            .keys()
+            .copied()
+            .collect();
+        for p in runtime.list() {
+            if p.running && !built.contains(&p.container) {
+                warn!(container = %p.container, pid = p.pid, "the container left this host: stopping its process tree");
+                if let Err(e) = runtime
+                    .stop(p.container, std::time::Duration::from_secs(2))
+                    .await
+                {
+                    warn!(container = %p.container, error = %e, "stopping an orphaned process tree");
                 }
             }
         }

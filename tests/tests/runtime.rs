@@ -285,6 +285,23 @@ fn the_agent_runs_a_container_process_criu_can_move() {
     );
     client_passes(&lab, &peer_ns, workload);
 
+    // An endpoint removed from the registry (not migrated): its namespace goes, and its
+    // process tree with it.
+    let gone_ip = ip("10.244.1.20");
+    lab.add_container("a2", gone_ip).unwrap();
+    lab.sync().unwrap();
+    let p4 = lab.start_process(gone_ip, &["/bin/sleep", "1000"]).unwrap();
+    let s4 = procs::start_time(p4.pid).unwrap();
+    lab.ferry_json(&["endpoint", "rm", "10.244.1.20"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(p4.pid, s4) {
+        assert!(
+            Instant::now() < deadline,
+            "the process of a removed endpoint still runs: {p4:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let log = lab.agent_log("a1");
     // SAFETY: kill(2) on the a1 agent's PID, read from the lab's state just now.
     assert_eq!(unsafe { libc::kill(agent, libc::SIGTERM) }, 0);
