@@ -184,9 +184,6 @@ pub struct CheckpointRequest {
     pub to: String,
     pub to_api: std::net::SocketAddr,
     pub lock: LockMode,
-    /// The gateway's API, for the CRIU action script (network-lock → freeze, network-unlock
-    /// → release / abort).
-    pub gateway: std::net::SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail: Option<FailAt>,
 }

@@ -217,7 +217,6 @@ async fn start(
         to: m.to.clone(),
         to_api: SocketAddr::new(to_vtep.into(), agent_port),
         lock: req.lock,
-        gateway: client.addr(),
         fail: req.fail,
     };
     let source = SocketAddr::new(from_vtep.into(), agent_port);

@@ -29,7 +29,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    http::{HeaderMap, StatusCode, header::AUTHORIZATION},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -145,33 +145,9 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Compares in time that depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u64;
-    for i in 0..a.len().max(b.len()) {
-        let (x, y) = (
-            a.get(i).copied().unwrap_or(0),
-            b.get(i).copied().unwrap_or(0),
-        );
-        diff |= u64::from(std::hint::black_box(x ^ y));
-    }
-    diff == 0
-}
-
+/// The peer API's bearer-token check (shared with the hand-off routes).
 pub fn authorize(token: &str, headers: &HeaderMap) -> Result<(), Refusal> {
-    let unauthorized = |m: &str| Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let given = headers
-        .get(AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .ok_or_else(|| unauthorized("missing Authorization header: want `Bearer <token>`"))?;
-    let given = given
-        .strip_prefix(b"Bearer ")
-        .ok_or_else(|| unauthorized("the Authorization header is not `Bearer <token>`"))?;
-    if constant_time_eq(given.trim_ascii(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(unauthorized("wrong bearer token"))
-    }
+    crate::handoff::authorize_bearer(Some(token), headers).map_err(|(s, c, m)| Refusal(s, c, m))
 }
 
 /// The routes, merged into the agents' peer API.

@@ -60,25 +60,23 @@ pub struct Applied {
     pub dumped: std::collections::BTreeSet<Ipv4Addr>,
     /// Local containers being checkpointed by CRIU here: their tasks are frozen before the
     /// migration's freeze, so from the freeze on what the old copy emits comes from the
-    /// kernel's timers alone (delayed ACKs, window updates — even from sockets in repair
-    /// mode). Its TCP segments without payload are dropped from the FORWARD switch on: such
-    /// a segment carries a TCP timestamp newer than the one CRIU saves, and the peer would
-    /// then discard the restored socket's segments (PAWS) until its RTO fired. Segments with
-    /// data still go out (the peer needs them; the dump counts them as sent).
+    /// kernel's timers alone (delayed ACKs, window updates, retransmissions — even from
+    /// sockets in repair mode), and it is all dropped from the FORWARD switch on. Such a
+    /// segment carries a TCP timestamp newer than the one CRIU saves, and the peer would then
+    /// discard the restored socket's segments (PAWS) until its RTO fired. Nothing is lost: a
+    /// retransmission's data is in the dump (unacknowledged), and the restored socket sends it
+    /// again.
     pub silenced: std::collections::BTreeSet<Ipv4Addr>,
 }
 
-/// What a FORWARD entry drops of the old copy's output: everything once its connections are
-/// dumped; the TCP segments without payload while CRIU checkpoints it.
+/// A FORWARD entry drops the old copy's output once its connections are dumped, or from the
+/// start while CRIU checkpoints it.
 fn egress_flags(applied: &Applied, ip: Ipv4Addr) -> u32 {
-    let mut f = 0;
-    if applied.dumped.contains(&ip) {
-        f |= flags::DROP_EGRESS;
+    if applied.dumped.contains(&ip) || applied.silenced.contains(&ip) {
+        flags::DROP_EGRESS
+    } else {
+        0
     }
-    if applied.silenced.contains(&ip) {
-        f |= flags::DROP_EGRESS_EMPTY;
-    }
-    f
 }
 
 /// Summary for `/v1/status`.
@@ -396,7 +394,7 @@ impl Node {
         if e.kind != kind::FORWARD {
             return;
         }
-        e.flags &= !(flags::DROP_EGRESS | flags::DROP_EGRESS_EMPTY);
+        e.flags &= !flags::DROP_EGRESS;
         e.flags |= egress_flags(&self.applied, ip);
         let r = self
             .datapath

@@ -724,8 +724,7 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
         .unwrap();
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     let req = serde_json::json!({
-        "container": C, "to": "b1", "to_api": "198.18.2.10:7401", "lock": "hold",
-        "gateway": "198.18.0.10:7400"
+        "container": C, "to": "b1", "to_api": "198.18.2.10:7401", "lock": "hold"
     })
     .to_string();
     let (status, body) = lab

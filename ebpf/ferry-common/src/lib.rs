@@ -56,11 +56,6 @@ pub mod kind {
 pub mod flags {
     /// Drop what the (frozen) source copy of this endpoint still emits.
     pub const DROP_EGRESS: u32 = 1 << 0;
-    /// Drop the TCP segments without payload (pure ACKs, window updates, FIN, RST) that the
-    /// source copy still emits: its tasks are frozen (CRIU seized them), so these come from
-    /// the kernel's timers, and their TCP timestamps would be newer than the ones the
-    /// checkpoint saves.
-    pub const DROP_EGRESS_EMPTY: u32 = 1 << 1;
 }
 
 /// Value of the endpoint map, keyed by the endpoint's IPv4 address (`u32`, network order).
@@ -246,14 +241,11 @@ pub enum Reason {
     DropNoHoldDevice = 34,
     /// drop: re-encapsulated too often (inner TTL ran out: a forwarding loop).
     DropTtlExceeded = 35,
-    /// drop: a TCP segment without payload from a source copy being checkpointed (see
-    /// [`flags::DROP_EGRESS_EMPTY`]).
-    DropFrozenSourceAck = 36,
 }
 
 impl Reason {
     /// Number of reasons (length of the counter array).
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 36;
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::OverlayToHost,
@@ -292,7 +284,6 @@ impl Reason {
         Reason::DropFrozenSource,
         Reason::DropNoHoldDevice,
         Reason::DropTtlExceeded,
-        Reason::DropFrozenSourceAck,
     ];
 
     /// Stable name used in metrics labels.
@@ -334,7 +325,6 @@ impl Reason {
             Reason::DropFrozenSource => "frozen_source",
             Reason::DropNoHoldDevice => "no_hold_device",
             Reason::DropTtlExceeded => "ttl_exceeded",
-            Reason::DropFrozenSourceAck => "frozen_source_ack",
         }
     }
 
@@ -360,7 +350,6 @@ impl Reason {
                 | Reason::DropFrozenSource
                 | Reason::DropNoHoldDevice
                 | Reason::DropTtlExceeded
-                | Reason::DropFrozenSourceAck
         )
     }
 }

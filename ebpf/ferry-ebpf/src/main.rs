@@ -291,13 +291,6 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
         Some(me) if me.ifindex == ifindex(ctx) && me.flags & flags::DROP_EGRESS != 0 => {
             return Err(Reason::DropFrozenSource);
         }
-        Some(me)
-            if me.ifindex == ifindex(ctx)
-                && me.flags & flags::DROP_EGRESS_EMPTY != 0
-                && packet::is_empty_tcp(ctx)? =>
-        {
-            return Err(Reason::DropFrozenSourceAck);
-        }
         // HOLD: restored here, not yet released; what it sends already goes out. FORWARD
         // without DROP_EGRESS: the source copy of a migrating container before its
         // connections are dumped (it may still answer what reached it before the freeze).

@@ -103,24 +103,3 @@ pub fn l4(ctx: &TcContext) -> Result<Option<L4>, Reason> {
         dport_be: ports[1],
     }))
 }
-
-/// Whether the IPv4 packet is a TCP segment without payload (an ACK, a window update, a bare
-/// SYN, FIN or RST).
-#[inline(always)]
-pub fn is_empty_tcp(ctx: &TcContext) -> Result<bool, Reason> {
-    let Some(l4) = l4(ctx)? else {
-        return Ok(false);
-    };
-    if l4.proto != IPPROTO_TCP {
-        return Ok(false);
-    }
-    let total = ctx
-        .load::<u16>(ETH_HLEN + 2)
-        .map(u16::from_be)
-        .map_err(|_| Reason::DropMalformed)?;
-    let doff = ctx
-        .load::<u8>(l4.off + 12)
-        .map_err(|_| Reason::DropMalformed)?;
-    let headers = (l4.off - ETH_HLEN) + usize::from(doff >> 4) * 4;
-    Ok(usize::from(total) <= headers)
-}

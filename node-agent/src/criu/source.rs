@@ -417,8 +417,3 @@ impl Ctx {
         ]
     }
 }
-
-/// Whether a lock mode needs the action script at dump (hold: freeze from network-lock).
-pub fn dump_uses_script(lock: LockMode) -> bool {
-    lock == LockMode::Hold
-}
