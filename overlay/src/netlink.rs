@@ -10,7 +10,11 @@ use std::{
 
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use netlink_packet_route::{link::LinkAttribute, route::RouteScope};
+use netlink_packet_route::{
+    link::{LinkAttribute, State},
+    neighbour::NeighbourState,
+    route::RouteScope,
+};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::netns::{self, NetNsError};
@@ -20,6 +24,10 @@ pub const CONTAINER_IF: &str = "eth0";
 /// The container's default gateway: link-local, never on any wire. Every host's side of every
 /// container veth answers ARP for it with the same MAC, so it is valid on any host.
 pub const CONTAINER_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// How long a new container veth may take to become operationally up (carrier on and the
+/// qdisc attached by the kernel's linkwatch, which can lag up to a second behind `set up`).
+const LINK_UP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A container's link: a veth pair, one end in the host's namespace (`host_if`, the
 /// well-known gateway MAC), the other `eth0` in the container's namespace.
@@ -58,6 +66,12 @@ pub enum NetlinkError {
     },
     #[error("link {0} not found")]
     NoSuchLink(String),
+    #[error("link {what} not operationally up after {waited:?} (operstate {state})")]
+    NotUp {
+        what: String,
+        waited: std::time::Duration,
+        state: String,
+    },
     #[error(transparent)]
     NetNs(#[from] NetNsError),
 }
@@ -262,6 +276,67 @@ impl Netlink {
             })
     }
 
+    /// The operational state of a link (`IFLA_OPERSTATE`).
+    pub async fn link_oper_state(&self, index: u32) -> Result<Option<State>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get link",
+            what: index.to_string(),
+            source,
+        })?;
+        Ok(msg.and_then(|m| {
+            m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::OperState(s) => Some(s),
+                _ => None,
+            })
+        }))
+    }
+
+    /// Waits until a link is operationally up. A veth sends nothing before that: until the
+    /// kernel's linkwatch has seen the carrier and attached the real qdisc, the device's
+    /// qdisc is `noop`, which drops every frame — a container's first ARP or first packet
+    /// would be lost, and the kernel retries ARP only after a second.
+    pub async fn wait_oper_up(&self, index: u32, name: &str) -> Result<(), NetlinkError> {
+        let start = tokio::time::Instant::now();
+        loop {
+            let state = self.link_oper_state(index).await?;
+            if state == Some(State::Up) {
+                return Ok(());
+            }
+            if start.elapsed() >= LINK_UP_DEADLINE {
+                return Err(NetlinkError::NotUp {
+                    what: name.to_owned(),
+                    waited: start.elapsed(),
+                    state: format!("{state:?}"),
+                });
+            }
+            // Polled: linkwatch sends no event we could wait on for the qdisc itself.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A permanent neighbour entry (`ip neigh replace IP lladdr MAC nud permanent dev IDX`).
+    pub async fn add_permanent_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+        dev: &str,
+    ) -> Result<(), NetlinkError> {
+        Self::op(
+            self.handle
+                .neighbours()
+                .add(index, ip.into())
+                .link_layer_address(&mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute(),
+            "add neighbour",
+            || format!("{ip} dev {dev}"),
+        )
+        .await
+    }
+
     async fn op<T>(
         fut: impl std::future::Future<Output = Result<T, rtnetlink::Error>>,
         op: &'static str,
@@ -316,9 +391,12 @@ impl Netlink {
         drop(ns);
 
         let inner = Netlink::open_in(&spec.netns)?;
-        inner.configure_container_end(spec, &peer_tmp).await?;
+        let inner_idx = inner.configure_container_end(spec, &peer_tmp).await?;
 
         self.set_up(host_idx, &spec.host_if).await?;
+        // The host's own traffic to the container (its /32 route) needs no ARP either.
+        self.add_permanent_neighbour(host_idx, spec.ip, spec.mac, &spec.host_if)
+            .await?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(spec.ip, 32)
             .output_interface(host_idx)
@@ -331,16 +409,22 @@ impl Netlink {
             || format!("{}/32 dev {}", spec.ip, spec.host_if),
         )
         .await?;
+        // Reported built only once both ends can carry frames (see `wait_oper_up`).
+        self.wait_oper_up(host_idx, &spec.host_if).await?;
+        inner.wait_oper_up(inner_idx, CONTAINER_IF).await?;
         Ok(host_idx)
     }
 
     /// Inside the container's namespace: `lo` up, the veth end renamed `eth0` with the
-    /// container's MAC, address and routes.
+    /// container's MAC, address and routes, and a permanent neighbour entry for the gateway
+    /// (its MAC is the same on every host by design, so the container never has to ARP for
+    /// it: no first packet waits on an ARP, and a restored container's entry is valid on any
+    /// host). Returns `eth0`'s ifindex.
     async fn configure_container_end(
         &self,
         spec: &ContainerLink,
         peer_tmp: &str,
-    ) -> Result<(), NetlinkError> {
+    ) -> Result<u32, NetlinkError> {
         if let Some(lo) = self.link_index("lo").await? {
             self.set_up(lo, "lo").await?;
         }
@@ -381,6 +465,8 @@ impl Netlink {
             || format!("{CONTAINER_GATEWAY} dev {CONTAINER_IF}"),
         )
         .await?;
+        self.add_permanent_neighbour(idx, CONTAINER_GATEWAY, spec.gateway_mac, CONTAINER_IF)
+            .await?;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .output_interface(idx)
             .gateway(CONTAINER_GATEWAY)
@@ -391,6 +477,6 @@ impl Netlink {
             || format!("default via {CONTAINER_GATEWAY}"),
         )
         .await?;
-        Ok(())
+        Ok(idx)
     }
 }

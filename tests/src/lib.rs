@@ -188,15 +188,96 @@ pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
         .collect()
 }
 
-/// A gauge (e.g. `ferry_endpoints`) of a host's agent.
+/// A gauge (e.g. `ferry_endpoints`) of a host's agent: `None` when the agent does not export
+/// it. A metrics endpoint that cannot be read fails the test (it is not a zero).
 pub fn gauge(lab: &ferry_lab::Lab, host: &str, name: &str) -> Option<u64> {
     let out = lab
         .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-        .ok()?;
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "metrics of {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find(|l| l.starts_with(&format!("{name}{{")))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{host}: unparsable metric line {l:?}"))
+        })
+}
+
+/// Polls `cond` (every few ms) until it yields a value, and returns it; after `within` the test
+/// fails naming `what`. Tests wait on conditions like this, never on a fixed sleep.
+pub fn wait_for<T>(
+    what: &str,
+    within: std::time::Duration,
+    mut cond: impl FnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out after {:?} waiting for: {what}",
+            start.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// While alive, prints every host agent's non-zero datapath counters and hold counters if the
+/// test panics, so a failed assertion shows what the datapath did. It keeps only the hosts'
+/// namespace paths, so the lab can still be taken down by value.
+pub struct CountersOnPanic(Vec<(String, PathBuf)>);
+
+impl CountersOnPanic {
+    pub fn new(lab: &ferry_lab::Lab) -> Self {
+        Self(
+            lab.topology()
+                .hosts
+                .iter()
+                .map(|h| (h.name.clone(), lab.netns(&h.name)))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for CountersOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (host, ns) in &self.0 {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sf", "--max-time", "5", "http://127.0.0.1:9464/metrics"]);
+            let out = ferry_overlay::netns::command_in(&mut cmd, ns)
+                .ok()
+                .and_then(|()| cmd.output().ok());
+            let Some(out) = out else {
+                eprintln!("--- {host}: metrics unreadable");
+                continue;
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut lines: Vec<String> = ferry_agent::metrics::parse_packets(&text)
+                .into_iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            lines.sort();
+            lines.extend(
+                text.lines()
+                    .filter(|l| l.starts_with("ferry_hold") && !l.ends_with(" 0"))
+                    .map(str::to_owned),
+            );
+            eprintln!("--- datapath counters of {host}: {}", lines.join(" "));
+        }
+    }
 }
 
 /// How much counter `reason` grew between two readings.

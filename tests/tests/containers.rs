@@ -97,9 +97,18 @@ fn containers_talk_on_one_host_across_hosts_and_across_clouds() {
     assert!(delta(&before_a1, &after_a1, "container_encap") > 10);
     assert!(delta(&before_a1, &after_a1, "overlay_to_local") > 10);
     assert!(delta(&before_b1, &after_b1, "overlay_to_local") > 10);
-    assert!(
-        delta(&before_a1, &after_a1, "arp_reply") + delta(&before_b1, &after_b1, "arp_reply") >= 1
+    // The gateway's neighbour entry is permanent: no container had to ARP for it.
+    assert_eq!(
+        delta(&before_a1, &after_a1, "arp_reply") + delta(&before_b1, &after_b1, "arp_reply"),
+        0
     );
+    // A container whose entry is gone (flushed by its owner) still gets the answer.
+    let del = lab
+        .exec_in(&n1, &["ip", "neigh", "del", "169.254.1.1", "dev", "eth0"])
+        .unwrap();
+    assert!(del.status.success(), "{del:?}");
+    check_pair(&n1, c4, 7000, "across clouds after an ARP (a1 → b1)");
+    assert!(delta(&after_a1, &counters(&lab, "a1"), "arp_reply") >= 1);
     for host in ["a1", "a2", "b1", "gw"] {
         let c = counters(&lab, host);
         for r in [
@@ -312,5 +321,89 @@ fn the_endpoint_map_holds_65536_endpoints_and_traffic_still_flows() {
     let _srv = EchoServer::start(&n2, 7001).unwrap();
     check_pair(&n1, ip("10.240.2.10"), 7001, "with a full endpoint map");
     echo_roundtrip(&mut conn, &pattern(100_000, 2)).expect("the earlier connection survives");
+    lab.down().unwrap();
+}
+
+/// A container that has just been placed can send and receive at once: its first datagrams
+/// (sent once each, never retried) arrive, it never has to ARP for its gateway (the entry is
+/// permanent, the MAC being the same on every host), and the host's side needs no ARP either.
+/// Before, a new container's first ARP could be lost while its veth was still coming up, and
+/// the kernel asks again only after a second.
+#[test]
+fn a_container_started_and_immediately_sent_to_receives_its_first_packets() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    use std::net::UdpSocket;
+    let lab = lab();
+    let _diag = ferry_tests::CountersOnPanic::new(&lab);
+    let before_a1 = counters(&lab, "a1");
+    let before_b1 = counters(&lab, "b1");
+    let (rx_ip, tx_ip) = (ip("10.244.1.20"), ip("10.244.3.20"));
+    let rx_ns = lab.add_container("a1", rx_ip).unwrap();
+    let rx =
+        ferry_overlay::netns::run_in(&rx_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 9300)))
+            .unwrap()
+            .unwrap();
+    let tx_ns = lab.add_container("b1", tx_ip).unwrap();
+    // At once: no wait, no warm-up, each datagram sent exactly once.
+    ferry_overlay::netns::run_in(&tx_ns, move || -> std::io::Result<()> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        for i in 0u8..3 {
+            s.send_to(&[i; 64], SocketAddrV4::new(rx_ip, 9300))?;
+        }
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 128];
+    for i in 0u8..3 {
+        let (n, from) = rx
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} of the new container: {e}"));
+        assert_eq!((n, buf[0], from.ip()), (64, i, std::net::IpAddr::V4(tx_ip)));
+    }
+    // The gateway's neighbour entry is permanent in both containers, the container's on the
+    // host side of its veth: nothing had to be resolved.
+    for (host, ns, peer) in [
+        ("a1", &rx_ns, ferry_overlay::netlink::CONTAINER_GATEWAY),
+        ("b1", &tx_ns, ferry_overlay::netlink::CONTAINER_GATEWAY),
+    ] {
+        let out = lab
+            .exec_in(
+                ns,
+                &[
+                    "ip",
+                    "-4",
+                    "neigh",
+                    "show",
+                    &peer.to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("lladdr 0e:fe:00:00:00:01") && text.contains("PERMANENT"),
+            "{host}: the container's gateway entry is permanent: {text:?}"
+        );
+    }
+    let host_side = lab
+        .exec("a1", &["ip", "-4", "neigh", "show", &rx_ip.to_string()])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&host_side.stdout).contains("PERMANENT"),
+        "a1's entry for its container is permanent: {}",
+        String::from_utf8_lossy(&host_side.stdout)
+    );
+    let (after_a1, after_b1) = (counters(&lab, "a1"), counters(&lab, "b1"));
+    assert_eq!(
+        delta(&before_b1, &after_b1, "arp_reply"),
+        0,
+        "the sending container never asked for its gateway's MAC"
+    );
+    assert_eq!(delta(&before_a1, &after_a1, "arp_reply"), 0);
     lab.down().unwrap();
 }

@@ -15,9 +15,12 @@ use std::{
 };
 
 use ferry_lab::{Lab, LabOptions};
-use ferry_tests::{counters, delta, gauge, require_root_and_tools};
+use ferry_tests::{CountersOnPanic, counters, delta, gauge, require_root_and_tools, wait_for};
 
 const PORT: u16 = 9100;
+/// Deadline for every wait: generous, because a loaded 2-core machine is slow, and nothing is
+/// timed by it (each wait ends as soon as its condition holds).
+const DEADLINE: Duration = Duration::from_secs(15);
 
 fn lab() -> Lab {
     ferry_tests::agents_lab(LabOptions::default())
@@ -79,6 +82,30 @@ impl Receiver {
     fn got(&self) -> Vec<u64> {
         self.got.lock().unwrap().clone()
     }
+
+    fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Waits until this receiver has `n` datagrams more than it had at `from`.
+    fn wait_more(&self, what: &str, from: usize, n: usize) {
+        wait_for(what, DEADLINE, || (self.len() >= from + n).then_some(()));
+    }
+}
+
+/// Waits until the receivers together hold `total` datagrams, or the deadline passes (then
+/// the caller's checks say what is missing).
+fn settle(total: u64, rx: &[&Receiver]) {
+    let start = std::time::Instant::now();
+    while rx.iter().map(|r| r.len() as u64).sum::<u64>() < total && start.elapsed() < DEADLINE {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A host's hold queue length; the gauge must be exported.
+fn queued(lab: &Lab, host: &str) -> u64 {
+    gauge(lab, host, "ferry_hold_queued_packets")
+        .unwrap_or_else(|| panic!("{host} exports ferry_hold_queued_packets"))
 }
 
 impl Drop for Receiver {
@@ -205,6 +232,7 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
         return;
     }
     let lab = lab();
+    let _diag = CountersOnPanic::new(&lab);
     let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
@@ -212,7 +240,7 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
         Duration::from_millis(2),
         1400,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    old.wait_more("the container on a1 receives the stream", 0, 20);
 
     migrate(&lab, "prepare", Some("a2"));
     let on_a2 = lab.container_netns("a2", c);
@@ -221,20 +249,23 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
     let new = Receiver::start(&on_a2);
     let before = counters(&lab, "a2");
     migrate(&lab, "freeze", None);
-    std::thread::sleep(Duration::from_millis(500));
+    let held = wait_for(
+        "a2 holds 100 of the frozen container's packets",
+        DEADLINE,
+        || Some(queued(&lab, "a2")).filter(|&n| n >= 100),
+    );
     assert!(
         new.got().is_empty(),
         "nothing reaches the destination before release"
     );
-    let held = gauge(&lab, "a2", "ferry_hold_queued_packets").unwrap_or(0);
-    assert!(
-        held >= 100,
-        "a2 holds the frozen container's packets: {held}"
-    );
     migrate(&lab, "release", None);
-    std::thread::sleep(Duration::from_millis(300));
+    new.wait_more(
+        "the destination receives the held packets and the stream after release",
+        0,
+        held as usize + 20,
+    );
     let sent = tx.stop();
-    std::thread::sleep(Duration::from_millis(200));
+    settle(sent, &[&old, &new]);
 
     let (old_got, new_got) = (old.got(), new.got());
     assert!(!old_got.is_empty() && !new_got.is_empty());
@@ -248,7 +279,7 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
     let after = counters(&lab, "a2");
     assert!(delta(&before, &after, "hold_queued") >= held);
     assert!(delta(&before, &after, "hold_released") >= held);
-    assert_eq!(gauge(&lab, "a2", "ferry_hold_queued_packets"), Some(0));
+    assert_eq!(queued(&lab, "a2"), 0);
     lab.down().unwrap();
 }
 
@@ -258,6 +289,7 @@ fn abort_after_freeze_sends_the_held_packets_back_to_the_source() {
         return;
     }
     let lab = lab();
+    let _diag = CountersOnPanic::new(&lab);
     let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
@@ -265,16 +297,21 @@ fn abort_after_freeze_sends_the_held_packets_back_to_the_source() {
         Duration::from_millis(2),
         200,
     );
-    std::thread::sleep(Duration::from_millis(200));
+    old.wait_more("the container on a1 receives the stream", 0, 20);
     migrate(&lab, "prepare", Some("b1"));
     migrate(&lab, "freeze", None);
-    std::thread::sleep(Duration::from_millis(400));
-    let held = gauge(&lab, "b1", "ferry_hold_queued_packets").unwrap_or(0);
-    assert!(held >= 50, "b1 holds: {held}");
+    let held = wait_for("b1 holds 50 packets", DEADLINE, || {
+        Some(queued(&lab, "b1")).filter(|&n| n >= 50)
+    });
+    let at_abort = old.len();
     migrate(&lab, "abort", None);
-    std::thread::sleep(Duration::from_millis(300));
+    old.wait_more(
+        "the source receives the held packets and the stream after abort",
+        at_abort,
+        held as usize + 20,
+    );
     let sent = tx.stop();
-    std::thread::sleep(Duration::from_millis(200));
+    settle(sent, &[&old]);
     // The source got every datagram, the held ones included.
     let reordered = assert_each_once(sent, &[old.got()]);
     eprintln!("sent {sent}, held {held}, reordered {reordered}");
@@ -300,6 +337,7 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
         },
         ..LabOptions::default()
     });
+    let _diag = CountersOnPanic::new(&lab);
     let c = ip("10.244.1.10");
     let on_a1 = lab.add_container("a1", c).unwrap();
     let peer = lab.add_container("b1", ip("10.244.3.10")).unwrap();
@@ -323,10 +361,12 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
         use std::io::Write as _;
         writer.write_all(&data)
     });
-    std::thread::sleep(Duration::from_millis(400));
-    let overflow = ferry_tests::hold_counter(&lab, "a2", "overflow");
-    assert!(overflow > 0, "the 20-packet queue overflowed and said so");
-    assert_eq!(gauge(&lab, "a2", "ferry_hold_queued_packets"), Some(20));
+    wait_for(
+        "the 20-packet queue overflows and says so",
+        DEADLINE,
+        || (ferry_tests::hold_counter(&lab, "a2", "overflow") > 0).then_some(()),
+    );
+    assert_eq!(queued(&lab, "a2"), 20, "the queue is full, not over");
     migrate(&lab, "abort", None);
     let _ = tx.stop();
     // TCP retransmits what the overflow dropped: every byte comes back, in order.
@@ -351,6 +391,7 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
         },
         ..LabOptions::default()
     });
+    let _diag = CountersOnPanic::new(&lab);
     let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
@@ -358,17 +399,22 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
         Duration::from_millis(2),
         200,
     );
-    std::thread::sleep(Duration::from_millis(100));
+    old.wait_more("the container on a1 receives the stream", 0, 20);
     migrate(&lab, "prepare", Some("a2"));
     migrate(&lab, "freeze", None);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("a2 drops 50 packets while frozen", DEADLINE, || {
+        (ferry_tests::hold_counter(&lab, "a2", "dropped") >= 50).then_some(())
+    });
     migrate(&lab, "abort", None);
-    std::thread::sleep(Duration::from_millis(100));
+    let at_abort = old.len();
+    old.wait_more("the source receives the stream after abort", at_abort, 20);
     let sent = tx.stop();
-    std::thread::sleep(Duration::from_millis(100));
-    let got = old.got();
     let dropped = ferry_tests::hold_counter(&lab, "a2", "dropped");
-    assert!(dropped >= 50, "dropped while frozen: {dropped}");
+    let start = std::time::Instant::now();
+    while (old.len() as u64) + dropped < sent && start.elapsed() < DEADLINE {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = old.got();
     // Nothing else is lost: what was not dropped (and counted) arrived.
     assert_eq!(
         got.len() as u64 + dropped,
@@ -385,6 +431,7 @@ fn out_of_order_duplicate_and_malformed_steps_are_refused_without_effect() {
         return;
     }
     let lab = lab();
+    let _diag = CountersOnPanic::new(&lab);
     let Scene { c, peer, old, .. } = scene(&lab);
     let tx = Sender::start(
         &peer,
@@ -490,9 +537,10 @@ fn out_of_order_duplicate_and_malformed_steps_are_refused_without_effect() {
         1,
         "bad_phase",
     );
-    std::thread::sleep(Duration::from_millis(100));
+    let now = old.len();
+    old.wait_more("the container on a1 still receives the stream", now, 20);
     let sent = tx.stop();
-    std::thread::sleep(Duration::from_millis(100));
+    settle(sent, &[&old]);
     // Nothing was frozen: every datagram reached the container on a1, in order.
     let reordered = assert_each_once(sent, &[old.got()]);
     assert_eq!(reordered, 0);
