@@ -201,11 +201,11 @@ http.server.HTTPServer(("127.0.0.1", 9464), H).serve_forever()
         .unwrap();
     let took = t.elapsed();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A lower bound only (a loaded machine can make it longer, never shorter).
     assert!(
         took >= Duration::from_millis(2900),
         "down took {took:?}: the SIGTERM grace period was not honoured"
     );
-    assert!(took < Duration::from_secs(10), "down took {took:?}");
     let left = leftovers(&prefix);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
