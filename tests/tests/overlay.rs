@@ -94,9 +94,16 @@ fn hosts_talk_over_the_ebpf_overlay_and_counters_move() {
     let before = counters(&lab, "a1");
     send_vxlan(&lab, "router", &a1, 4242, 5);
     send_vxlan(&lab, "router", &a1, 999, 7);
-    // Counters are read after the datagrams were sent; give the receive path a moment.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let after = counters(&lab, "a1");
+    // The datagrams are counted as the receive path gets to them: wait until all 12 are.
+    let after = ferry_tests::wait_for(
+        "a1 counts the 12 foreign VXLAN datagrams",
+        std::time::Duration::from_secs(15),
+        || {
+            let now = counters(&lab, "a1");
+            (delta(&before, &now, "unknown_vtep") + delta(&before, &now, "bad_vni") >= 12)
+                .then_some(now)
+        },
+    );
     assert_eq!(delta(&before, &after, "unknown_vtep"), 5, "{after:?}");
     assert_eq!(delta(&before, &after, "bad_vni"), 7, "{after:?}");
     assert_eq!(delta(&before, &after, "overlay_to_host"), 0, "{after:?}");
