@@ -131,36 +131,37 @@ impl Netlink {
         }
     }
 
-    pub async fn link_mac(&self, index: u32) -> Result<Option<Vec<u8>>, NetlinkError> {
+    /// One attribute of a link, picked by `pick` (None: no such link or no such attribute).
+    async fn link_attr<T>(
+        &self,
+        index: u32,
+        pick: impl Fn(LinkAttribute) -> Option<T>,
+    ) -> Result<Option<T>, NetlinkError> {
         let mut links = self.handle.link().get().match_index(index).execute();
         let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
             op: "get link",
             what: index.to_string(),
             source,
         })?;
-        Ok(msg.and_then(|m| {
-            m.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::Address(mac) => Some(mac),
-                _ => None,
-            })
-        }))
+        Ok(msg.and_then(|m| m.attributes.into_iter().find_map(pick)))
+    }
+
+    pub async fn link_mac(&self, index: u32) -> Result<Option<Vec<u8>>, NetlinkError> {
+        self.link_attr(index, |a| match a {
+            LinkAttribute::Address(mac) => Some(mac),
+            _ => None,
+        })
+        .await
     }
 
     /// Packets the kernel dropped while transmitting on a link (`tx_dropped`): for the hold
     /// device, frames its queue could not take before the agent read them.
     pub async fn link_tx_dropped(&self, index: u32) -> Result<Option<u64>, NetlinkError> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
-            op: "get link",
-            what: index.to_string(),
-            source,
-        })?;
-        Ok(msg.and_then(|m| {
-            m.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::Stats64(s) => Some(s.tx_dropped),
-                _ => None,
-            })
-        }))
+        self.link_attr(index, |a| match a {
+            LinkAttribute::Stats64(s) => Some(s.tx_dropped),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn delete_link(&self, name: &str) -> Result<bool, NetlinkError> {
@@ -278,18 +279,11 @@ impl Netlink {
 
     /// The operational state of a link (`IFLA_OPERSTATE`).
     pub async fn link_oper_state(&self, index: u32) -> Result<Option<State>, NetlinkError> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
-            op: "get link",
-            what: index.to_string(),
-            source,
-        })?;
-        Ok(msg.and_then(|m| {
-            m.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::OperState(s) => Some(s),
-                _ => None,
-            })
-        }))
+        self.link_attr(index, |a| match a {
+            LinkAttribute::OperState(s) => Some(s),
+            _ => None,
+        })
+        .await
     }
 
     /// Waits until a link is operationally up. A veth sends nothing before that: until the
