@@ -252,6 +252,16 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Container A sends from `src` to `dst`: from-container must give `action` for `reason`.
+    fn a_sends(&self, src: [u8; 4], dst: [u8; 4], action: i32, reason: Reason) -> Run {
+        let frame = from_a(src, dst);
+        let run = self.run(programs::FROM_CONTAINER, self.veth_a, &frame);
+        run.expect(action, reason, frame.len());
+        run
+    }
+}
+
 /// An Ethernet + IPv4 + TCP (SYN) frame with correct checksums.
 fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
     let payload = b"ferry";
@@ -367,17 +377,17 @@ fn from_container_answers_arp_delivers_and_drops_by_reason() {
 
     // A sending as B (B lives on another veth), or from an address nobody has: spoofed.
     for src in [B_IP, UNKNOWN_IP] {
-        let f = from_a(src, B_IP);
-        b.run(program, b.veth_a, &f)
-            .expect(TC_ACT_SHOT, Reason::DropSpoofedSource, f.len());
+        b.a_sends(src, B_IP, TC_ACT_SHOT, Reason::DropSpoofedSource);
     }
 
     // To a LOCAL endpoint: straight to its veth, addressed to its MAC from the gateway's.
-    let f = from_a(A_IP, B_IP);
-    let run = b.run(program, b.veth_a, &f);
-    run.expect(TC_ACT_REDIRECT, Reason::ContainerToLocal, f.len());
+    let run = b.a_sends(A_IP, B_IP, TC_ACT_REDIRECT, Reason::ContainerToLocal);
     assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, B_MAC));
-    assert_eq!(run.frame[14..], f[14..], "only the Ethernet header changes");
+    assert_eq!(
+        run.frame[14..],
+        from_a(A_IP, B_IP)[14..],
+        "only the Ethernet header changes"
+    );
 
     // The same the other way round (B's own veth): its source is its own.
     let f = tcp(B_MAC, GATEWAY_MAC, (B_IP, 80), (A_IP, 40000));
@@ -386,30 +396,21 @@ fn from_container_answers_arp_delivers_and_drops_by_reason() {
     assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, A_MAC));
 
     // To a REMOTE endpoint: to the VXLAN device (whose egress program encapsulates), as is.
-    let f = from_a(A_IP, REMOTE_IP);
-    let run = b.run(program, b.veth_a, &f);
-    run.expect(TC_ACT_REDIRECT, Reason::ContainerEncap, f.len());
-    assert_eq!(run.frame, f);
+    let run = b.a_sends(A_IP, REMOTE_IP, TC_ACT_REDIRECT, Reason::ContainerEncap);
+    assert_eq!(run.frame, from_a(A_IP, REMOTE_IP));
 
-    // To the host's own overlay address: to the stack.
-    let f = from_a(A_IP, HOST_IP);
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_OK, Reason::ContainerToHost, f.len());
-
-    // To an overlay address without an endpoint: dropped.
-    let f = from_a(A_IP, UNKNOWN_IP);
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_SHOT, Reason::DropNoEndpoint, f.len());
-
-    // Outside the overlay with no gateway known: dropped.
-    let f = from_a(A_IP, CLIENT_IP);
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_SHOT, Reason::DropNoEgress, f.len());
-
-    // To a HOLD endpoint: to the hold device.
-    let f = from_a(A_IP, HELD_IP);
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_REDIRECT, Reason::HoldQueued, f.len());
+    for (dst, action, reason) in [
+        // The host's own overlay address: to the stack.
+        (HOST_IP, TC_ACT_OK, Reason::ContainerToHost),
+        // An overlay address without an endpoint.
+        (UNKNOWN_IP, TC_ACT_SHOT, Reason::DropNoEndpoint),
+        // Outside the overlay, and no gateway known.
+        (CLIENT_IP, TC_ACT_SHOT, Reason::DropNoEgress),
+        // A HOLD endpoint: to the hold device.
+        (HELD_IP, TC_ACT_REDIRECT, Reason::HoldQueued),
+    ] {
+        b.a_sends(A_IP, dst, action, reason);
+    }
 
     // Not IPv4 (an IPv6 ethertype): dropped.
     let mut v6 = from_a(A_IP, B_IP);
@@ -424,48 +425,46 @@ fn from_container_follows_the_endpoint_entries_as_a_migration_changes_them() {
         return;
     }
     let mut b = Bench::new(false);
-    let program = programs::FROM_CONTAINER;
-    let f = from_a(A_IP, B_IP);
 
-    // A is frozen for a migration: what its old copy still emits is dropped.
-    let frozen = Endpoint {
+    // A is migrating away: until its connections are dumped, its source copy (a forwarding
+    // pointer that keeps its veth) may still send; once frozen, what it emits is dropped.
+    let mut a = Endpoint {
         kind: kind::FORWARD,
-        flags: flags::DROP_EGRESS,
+        flags: 0,
         ifindex: b.veth_a,
         vtep_be: ipv4_be(REMOTE_VTEP),
         vni: VNI,
         mac: A_MAC,
         _pad: [0; 2],
     };
-    b.dp.set_endpoint(A_IP.into(), frozen).expect("set A");
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_SHOT, Reason::DropFrozenSource, f.len());
+    b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends(A_IP, B_IP, TC_ACT_REDIRECT, Reason::ContainerToLocal);
+    a.flags = flags::DROP_EGRESS;
+    b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends(A_IP, B_IP, TC_ACT_SHOT, Reason::DropFrozenSource);
 
-    // B is held but the agent has no hold device: dropped for that reason.
-    let mut a = frozen;
-    a.kind = kind::LOCAL;
+    // A restored here but not yet released (HOLD) already sends.
+    a.kind = kind::HOLD;
     a.flags = 0;
     b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends(A_IP, B_IP, TC_ACT_REDIRECT, Reason::ContainerToLocal);
+
+    // A held endpoint while the agent has no hold device: dropped for that reason.
     let mut config = b.dp.config().expect("config");
     config.hold_ifindex = 0;
     b.dp.set_config(config).expect("set config");
-    let f = from_a(A_IP, HELD_IP);
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_SHOT, Reason::DropNoHoldDevice, f.len());
+    b.a_sends(A_IP, HELD_IP, TC_ACT_SHOT, Reason::DropNoHoldDevice);
 
     // Once the gateway's VTEP is known, traffic for the internet goes to it (via VXLAN).
     config.hold_ifindex = b.hold;
     config.egress_vtep_be = ipv4_be([192, 0, 2, 1]);
     b.dp.set_config(config).expect("set config");
-    let f = from_a(A_IP, CLIENT_IP);
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_REDIRECT, Reason::ContainerEgress, f.len());
+    b.a_sends(A_IP, CLIENT_IP, TC_ACT_REDIRECT, Reason::ContainerEgress);
 
     // Without configuration (agent not ready) everything is dropped as such.
     config.vni = 0;
     b.dp.set_config(config).expect("set config");
-    b.run(program, b.veth_a, &f)
-        .expect(TC_ACT_SHOT, Reason::DropNoConfig, f.len());
+    b.a_sends(A_IP, CLIENT_IP, TC_ACT_SHOT, Reason::DropNoConfig);
 }
 
 #[test]

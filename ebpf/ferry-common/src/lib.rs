@@ -276,7 +276,7 @@ reasons! {
     PublicPass = 22, pass, "public_pass",
         "from-public: not for a public address (the gateway's own traffic), to the stack.";
     DropSpoofedSource = 23, drop, "spoofed_source",
-        "A container sent from an address that is not its own.";
+        "a container sent from an address that is not its own.";
     DropArpIgnored = 24, drop, "arp_ignored",
         "ARP that is not a request the datapath answers (e.g. gratuitous).";
     DropNoPublicMapping = 25, drop, "no_public_mapping",
