@@ -11,6 +11,11 @@ pub const MAX_ENDPOINTS: u32 = 131_072;
 /// Maximum number of VTEPs (hosts) allowed to send VXLAN to this host.
 pub const MAX_VTEPS: u32 = 4_096;
 
+/// MAC of every host-side container veth (the containers' default gateway), the same on every
+/// host: the datapath answers the containers' ARP with it, and sets it as the source of what it
+/// delivers to them.
+pub const GATEWAY_MAC: [u8; 6] = [0x0e, 0xfe, 0x00, 0x00, 0x00, 0x01];
+
 /// Names of the maps, as user space finds them in the object.
 pub mod maps {
     pub const COUNTERS: &str = "FERRY_COUNTERS";
@@ -144,6 +149,22 @@ pub struct NatKey {
     pub _pad: u8,
 }
 
+impl NatKey {
+    /// Protocol of the marker entry saying "this address is public" (answer ARP for it, drop
+    /// what no mapping matches). 255 is IANA-reserved, so it never collides with a port mapping.
+    pub const PRESENCE_PROTO: u8 = 255;
+
+    /// The marker entry of public address `addr_be`.
+    pub const fn presence(addr_be: u32) -> Self {
+        Self {
+            addr_be,
+            port_be: 0,
+            proto: Self::PRESENCE_PROTO,
+            _pad: 0,
+        }
+    }
+}
+
 /// Value of the public-address maps: what the address (and port) is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -163,194 +184,129 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Why a packet was passed, redirected or dropped. Every verdict the datapath gives has one.
-#[repr(u32)]
+/// Whether a reason stands for a packet going on (passed to the stack or redirected) or dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// from-overlay: for this host's own overlay address, handed to the stack.
-    OverlayToHost = 0,
-    /// to-overlay: encapsulated to a remote host.
-    OverlayEncap = 1,
-    /// to-overlay: re-encapsulated along a forwarding pointer.
-    OverlayForward = 2,
-    /// from-overlay: delivered to a local container.
-    OverlayToLocal = 3,
-    /// drop: a packet on the VXLAN device carried no tunnel metadata.
-    DropNoTunnelKey = 4,
-    /// drop: outer source is not in the VTEP allow-list.
-    DropUnknownVtep = 5,
-    /// drop: VNI differs from the host's (or the VTEP's) VNI.
-    DropBadVni = 6,
-    /// drop: no endpoint entry for the inner destination.
-    DropNoEndpoint = 7,
-    /// drop: not IPv4 (the overlay is IPv4-only for now).
-    DropNotIpv4 = 8,
-    /// drop: truncated or malformed header.
-    DropMalformed = 9,
-    /// drop: setting the tunnel key failed.
-    DropTunnelKeyFailed = 10,
-    /// drop: the endpoint kind is not valid at this attach point.
-    DropBadKind = 11,
-    /// drop: configuration map empty (agent not ready).
-    DropNoConfig = 12,
-    /// from-container: to a container on the same host.
-    ContainerToLocal = 13,
-    /// from-container: encapsulated to the host the destination lives on.
-    ContainerEncap = 14,
-    /// from-container: to this host's own overlay address.
-    ContainerToHost = 15,
-    /// from-container: outside the overlay, encapsulated to the gateway.
-    ContainerEgress = 16,
-    /// from-container / from-public: ARP request answered by the datapath.
-    ArpReply = 17,
-    /// from-public: public address translated to the container's, sent on to it.
-    PublicDnat = 18,
-    /// gateway: container's address translated to its public one, sent out to the internet.
-    PublicSnat = 19,
-    /// to-overlay: outside the overlay, encapsulated to the gateway.
-    OverlayEgress = 20,
-    /// gateway: container traffic without a public address, handed to the stack (masquerade).
-    GatewayToStack = 21,
-    /// from-public: not for a public address (the gateway's own traffic), to the stack.
-    PublicPass = 22,
-    /// drop: a container sent from an address that is not its own.
-    DropSpoofedSource = 23,
-    /// drop: ARP that is not a request the datapath answers (e.g. gratuitous).
-    DropArpIgnored = 24,
-    /// drop: for a public address, but no mapping for this port / protocol.
-    DropNoPublicMapping = 25,
-    /// drop: outside the overlay and no gateway to send it to.
-    DropNoEgress = 26,
-    /// drop: the redirect helper refused the target device.
-    DropRedirectFailed = 27,
-    /// drop: rewriting addresses or checksums failed.
-    DropRewriteFailed = 28,
-    /// from-container: an ARP reply to the host's own request (the host resolving the
-    /// container's address for its /32 route), handed to the stack.
-    ArpToHost = 29,
-    /// to a `HOLD` endpoint: queued by the agent (redirected to its hold device).
-    HoldQueued = 30,
-    /// from-hold: a re-injected packet delivered to its (now running) container.
-    HoldReleased = 31,
-    /// from-hold / from-overlay: a packet sent on to the endpoint's host (re-injected after
-    /// an abort, or arriving at a host that no longer has the endpoint).
-    HoldForwarded = 32,
-    /// drop: the frozen source copy of a migrating container still emitted this.
-    DropFrozenSource = 33,
-    /// drop: a `HOLD` endpoint but no hold device configured.
-    DropNoHoldDevice = 34,
-    /// drop: re-encapsulated too often (inner TTL ran out: a forwarding loop).
-    DropTtlExceeded = 35,
+pub enum ReasonKind {
+    Pass,
+    Drop,
+}
+
+/// Defines [`Reason`] and everything derived from its one list: the enum (with stable
+/// `#[repr(u32)]` indices: the counters map is indexed by them), `COUNT`, `ALL`, `name()`,
+/// `kind()` and `description()`.
+macro_rules! reasons {
+    ($($variant:ident = $index:literal, $kind:ident, $name:literal, $description:literal;)*) => {
+        /// Why a packet was passed, redirected or dropped. Every verdict the datapath gives has
+        /// one, and each is counted (packets and bytes) in the per-CPU counters map at its index.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $(#[doc = $description] $variant = $index,)*
+        }
+
+        impl Reason {
+            /// Number of reasons (length of the counter array).
+            pub const COUNT: u32 = [$($index),*].len() as u32;
+            /// Every reason, in index order.
+            pub const ALL: [Reason; Self::COUNT as usize] = [$(Reason::$variant),*];
+
+            /// Stable name used in metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)*
+                }
+            }
+
+            /// Whether the packet went on or was dropped.
+            pub const fn kind(self) -> ReasonKind {
+                match self {
+                    $(Reason::$variant => reasons!(@kind $kind),)*
+                }
+            }
+
+            /// One line saying where the reason is given and what happened to the packet.
+            pub const fn description(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $description,)*
+                }
+            }
+        }
+    };
+    (@kind pass) => { ReasonKind::Pass };
+    (@kind drop) => { ReasonKind::Drop };
+}
+
+// The one list of reasons: variant = index (never renumber: dashboards and the counters map
+// use it), pass or drop, metrics name, description. Append new reasons at the end.
+reasons! {
+    OverlayToHost = 0, pass, "overlay_to_host",
+        "from-overlay: for this host's own overlay address, handed to the stack.";
+    OverlayEncap = 1, pass, "overlay_encap", "to-overlay: encapsulated to a remote host.";
+    OverlayForward = 2, pass, "overlay_forward",
+        "to-overlay: re-encapsulated along a forwarding pointer.";
+    OverlayToLocal = 3, pass, "overlay_to_local", "from-overlay: delivered to a local container.";
+    DropNoTunnelKey = 4, drop, "no_tunnel_key",
+        "a packet on the VXLAN device carried no tunnel metadata.";
+    DropUnknownVtep = 5, drop, "unknown_vtep", "outer source is not in the VTEP allow-list.";
+    DropBadVni = 6, drop, "bad_vni", "VNI differs from the host's (or the VTEP's) VNI.";
+    DropNoEndpoint = 7, drop, "no_endpoint", "no endpoint entry for the inner destination.";
+    DropNotIpv4 = 8, drop, "not_ipv4", "not IPv4 (the overlay is IPv4-only for now).";
+    DropMalformed = 9, drop, "malformed", "truncated or malformed header.";
+    DropTunnelKeyFailed = 10, drop, "tunnel_key_failed", "setting the tunnel key failed.";
+    DropBadKind = 11, drop, "bad_kind", "the endpoint kind is not valid at this attach point.";
+    DropNoConfig = 12, drop, "no_config", "configuration map empty (agent not ready).";
+    ContainerToLocal = 13, pass, "container_to_local",
+        "from-container: to a container on the same host.";
+    ContainerEncap = 14, pass, "container_encap",
+        "from-container: encapsulated to the host the destination lives on.";
+    ContainerToHost = 15, pass, "container_to_host",
+        "from-container: to this host's own overlay address.";
+    ContainerEgress = 16, pass, "container_egress",
+        "from-container: outside the overlay, encapsulated to the gateway.";
+    ArpReply = 17, pass, "arp_reply",
+        "from-container / from-public: ARP request answered by the datapath.";
+    PublicDnat = 18, pass, "public_dnat",
+        "from-public: public address translated to the container's, sent on to it.";
+    PublicSnat = 19, pass, "public_snat",
+        "gateway: container's address translated to its public one, sent out to the internet.";
+    OverlayEgress = 20, pass, "overlay_egress",
+        "to-overlay: outside the overlay, encapsulated to the gateway.";
+    GatewayToStack = 21, pass, "gateway_to_stack",
+        "gateway: container traffic without a public address, handed to the stack (masquerade).";
+    PublicPass = 22, pass, "public_pass",
+        "from-public: not for a public address (the gateway's own traffic), to the stack.";
+    DropSpoofedSource = 23, drop, "spoofed_source",
+        "a container sent from an address that is not its own.";
+    DropArpIgnored = 24, drop, "arp_ignored",
+        "ARP that is not a request the datapath answers (e.g. gratuitous).";
+    DropNoPublicMapping = 25, drop, "no_public_mapping",
+        "for a public address, but no mapping for this port / protocol.";
+    DropNoEgress = 26, drop, "no_egress", "outside the overlay and no gateway to send it to.";
+    DropRedirectFailed = 27, drop, "redirect_failed",
+        "the redirect helper refused the target device.";
+    DropRewriteFailed = 28, drop, "rewrite_failed", "rewriting addresses or checksums failed.";
+    ArpToHost = 29, pass, "arp_to_host",
+        "from-container: an ARP reply to the host's own request (the host resolving the \
+        container's address for its /32 route), handed to the stack.";
+    HoldQueued = 30, pass, "hold_queued",
+        "to a `HOLD` endpoint: queued by the agent (redirected to its hold device).";
+    HoldReleased = 31, pass, "hold_released",
+        "from-hold: a re-injected packet delivered to its (now running) container.";
+    HoldForwarded = 32, pass, "hold_forwarded",
+        "from-hold / from-overlay: a packet sent on to the endpoint's host (re-injected after an \
+        abort, or arriving at a host that no longer has the endpoint).";
+    DropFrozenSource = 33, drop, "frozen_source",
+        "the frozen source copy of a migrating container still emitted this.";
+    DropNoHoldDevice = 34, drop, "no_hold_device",
+        "A `HOLD` endpoint but no hold device configured.";
+    DropTtlExceeded = 35, drop, "ttl_exceeded",
+        "re-encapsulated too often (inner TTL ran out: a forwarding loop).";
 }
 
 impl Reason {
-    /// Number of reasons (length of the counter array).
-    pub const COUNT: u32 = 36;
-    /// Every reason, in index order.
-    pub const ALL: [Reason; Self::COUNT as usize] = [
-        Reason::OverlayToHost,
-        Reason::OverlayEncap,
-        Reason::OverlayForward,
-        Reason::OverlayToLocal,
-        Reason::DropNoTunnelKey,
-        Reason::DropUnknownVtep,
-        Reason::DropBadVni,
-        Reason::DropNoEndpoint,
-        Reason::DropNotIpv4,
-        Reason::DropMalformed,
-        Reason::DropTunnelKeyFailed,
-        Reason::DropBadKind,
-        Reason::DropNoConfig,
-        Reason::ContainerToLocal,
-        Reason::ContainerEncap,
-        Reason::ContainerToHost,
-        Reason::ContainerEgress,
-        Reason::ArpReply,
-        Reason::PublicDnat,
-        Reason::PublicSnat,
-        Reason::OverlayEgress,
-        Reason::GatewayToStack,
-        Reason::PublicPass,
-        Reason::DropSpoofedSource,
-        Reason::DropArpIgnored,
-        Reason::DropNoPublicMapping,
-        Reason::DropNoEgress,
-        Reason::DropRedirectFailed,
-        Reason::DropRewriteFailed,
-        Reason::ArpToHost,
-        Reason::HoldQueued,
-        Reason::HoldReleased,
-        Reason::HoldForwarded,
-        Reason::DropFrozenSource,
-        Reason::DropNoHoldDevice,
-        Reason::DropTtlExceeded,
-    ];
-
-    /// Stable name used in metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::OverlayToHost => "overlay_to_host",
-            Reason::OverlayEncap => "overlay_encap",
-            Reason::OverlayForward => "overlay_forward",
-            Reason::OverlayToLocal => "overlay_to_local",
-            Reason::DropNoTunnelKey => "no_tunnel_key",
-            Reason::DropUnknownVtep => "unknown_vtep",
-            Reason::DropBadVni => "bad_vni",
-            Reason::DropNoEndpoint => "no_endpoint",
-            Reason::DropNotIpv4 => "not_ipv4",
-            Reason::DropMalformed => "malformed",
-            Reason::DropTunnelKeyFailed => "tunnel_key_failed",
-            Reason::DropBadKind => "bad_kind",
-            Reason::DropNoConfig => "no_config",
-            Reason::ContainerToLocal => "container_to_local",
-            Reason::ContainerEncap => "container_encap",
-            Reason::ContainerToHost => "container_to_host",
-            Reason::ContainerEgress => "container_egress",
-            Reason::ArpReply => "arp_reply",
-            Reason::PublicDnat => "public_dnat",
-            Reason::PublicSnat => "public_snat",
-            Reason::OverlayEgress => "overlay_egress",
-            Reason::GatewayToStack => "gateway_to_stack",
-            Reason::PublicPass => "public_pass",
-            Reason::DropSpoofedSource => "spoofed_source",
-            Reason::DropArpIgnored => "arp_ignored",
-            Reason::DropNoPublicMapping => "no_public_mapping",
-            Reason::DropNoEgress => "no_egress",
-            Reason::DropRedirectFailed => "redirect_failed",
-            Reason::DropRewriteFailed => "rewrite_failed",
-            Reason::ArpToHost => "arp_to_host",
-            Reason::HoldQueued => "hold_queued",
-            Reason::HoldReleased => "hold_released",
-            Reason::HoldForwarded => "hold_forwarded",
-            Reason::DropFrozenSource => "frozen_source",
-            Reason::DropNoHoldDevice => "no_hold_device",
-            Reason::DropTtlExceeded => "ttl_exceeded",
-        }
-    }
-
     /// Whether this reason is a drop.
     pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Reason::DropNoTunnelKey
-                | Reason::DropUnknownVtep
-                | Reason::DropBadVni
-                | Reason::DropNoEndpoint
-                | Reason::DropNotIpv4
-                | Reason::DropMalformed
-                | Reason::DropTunnelKeyFailed
-                | Reason::DropBadKind
-                | Reason::DropNoConfig
-                | Reason::DropSpoofedSource
-                | Reason::DropArpIgnored
-                | Reason::DropNoPublicMapping
-                | Reason::DropNoEgress
-                | Reason::DropRedirectFailed
-                | Reason::DropRewriteFailed
-                | Reason::DropFrozenSource
-                | Reason::DropNoHoldDevice
-                | Reason::DropTtlExceeded
-        )
+        matches!(self.kind(), ReasonKind::Drop)
     }
 }
 
@@ -400,15 +356,29 @@ mod tests {
 
     #[test]
     fn reasons_are_dense_and_named_uniquely() {
+        assert_eq!(Reason::ALL.len(), Reason::COUNT as usize);
         for (i, r) in Reason::ALL.iter().enumerate() {
-            assert_eq!(*r as u32, i as u32);
+            assert_eq!(*r as u32, i as u32, "{r:?} is not at its index");
             for other in &Reason::ALL[i + 1..] {
                 assert_ne!(r.name(), other.name());
             }
+            assert!(
+                r.name()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "metrics name {:?} is not snake_case",
+                r.name()
+            );
+            assert!(!r.description().is_empty(), "{r:?} has no description");
         }
+    }
+
+    #[test]
+    fn drops_are_the_drop_variants() {
         assert!(!Reason::OverlayEncap.is_drop());
         assert!(Reason::DropUnknownVtep.is_drop());
         assert!(!Reason::PublicSnat.is_drop());
+        assert_eq!(Reason::DropSpoofedSource.kind(), ReasonKind::Drop);
         for r in Reason::ALL {
             assert_eq!(
                 r.is_drop(),
@@ -416,6 +386,14 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    #[test]
+    fn indices_stay_where_dashboards_expect_them() {
+        assert_eq!(Reason::OverlayToHost as u32, 0);
+        assert_eq!(Reason::DropSpoofedSource as u32, 23);
+        assert_eq!(Reason::DropTtlExceeded as u32, 35);
+        assert_eq!(Reason::DropNoEndpoint.name(), "no_endpoint");
     }
 
     #[test]

@@ -15,15 +15,12 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use ferry_common::{Config, Endpoint, Reason, config_flags, flags, kind};
+use ferry_common::{Config, Endpoint, GATEWAY_MAC, NatKey, Reason, config_flags, flags, kind};
 
 use crate::{
     maps::{config, count, endpoint, vtep},
     packet::{ETH_P_ARP, ETH_P_IP, ethertype, ipv4_dst, ipv4_src, set_eth_addrs},
 };
-
-/// MAC of every host-side container veth (the container's default gateway), same on every host.
-const GATEWAY_MAC: [u8; 6] = [0x0e, 0xfe, 0x00, 0x00, 0x00, 0x01];
 
 /// `skb->pkt_type` for frames addressed to this host.
 const PACKET_HOST: u32 = 0;
@@ -341,7 +338,7 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
             let Ok(arp::Arp::Request(req)) = arp::parse(ctx) else {
                 return Ok(pass(Reason::PublicPass));
             };
-            if maps::public_entry(&nat::presence_key(req.target_be())).is_none() {
+            if maps::public_entry(&NatKey::presence(req.target_be())).is_none() {
                 return Ok(pass(Reason::PublicPass));
             }
             arp::reply(ctx, &req, &cfg.public_mac)?;

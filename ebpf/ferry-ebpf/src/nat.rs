@@ -83,18 +83,6 @@ pub fn set_port(
         .map_err(|_| Reason::DropRewriteFailed)
 }
 
-/// The marker entry saying "this address is public" (answer ARP for it, drop what no mapping
-/// matches). Protocol 255 is IANA-reserved, so it never collides with a port mapping.
-#[inline(always)]
-pub const fn presence_key(addr_be: u32) -> NatKey {
-    NatKey {
-        addr_be,
-        port_be: 0,
-        proto: 255,
-        _pad: 0,
-    }
-}
-
 #[inline(always)]
 const fn key(addr_be: u32, port_be: u16, proto: u8) -> NatKey {
     NatKey {
@@ -135,7 +123,7 @@ fn lookup(table: Table, addr_be: u32, port_be: Option<(u16, u8)>) -> Option<NatV
 /// address at all; `Err(DropNoPublicMapping)` if it is, but nothing maps this packet.
 #[inline(always)]
 pub fn dnat(ctx: &TcContext, dst_be: u32, l4: &Option<L4>) -> Result<Option<u32>, Reason> {
-    if public_entry(&presence_key(dst_be)).is_none() {
+    if public_entry(&NatKey::presence(dst_be)).is_none() {
         return Ok(None);
     }
     let v = lookup(Table::Public, dst_be, l4.map(|l| (l.dport_be, l.proto)))

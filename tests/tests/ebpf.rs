@@ -1,0 +1,581 @@
+//! The eBPF programs run by the kernel on crafted frames (BPF_PROG_TEST_RUN): the real object
+//! overlay/build.rs builds, loaded in a network namespace of the test's own with its maps
+//! filled as an agent fills them. Each case checks the verdict (`TC_ACT_*`), the frame the
+//! program left, and that exactly the expected reason counter moved, by one packet.
+//!
+//! What test runs cannot show: where a redirect goes (the kernel reports `TC_ACT_REDIRECT` but
+//! does not carry it out, nor return the target), and from-overlay past its first check: a test
+//! run's skb has no tunnel metadata and no way to be given some, so from-overlay can only be
+//! seen dropping as `no_tunnel_key` here (the lab tests cover the rest).
+
+use std::{
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, NetSlice, PacketBuilder,
+    SlicedPacket, TransportSlice,
+};
+use ferry_overlay::{
+    common::{
+        Config, Endpoint, GATEWAY_MAC, NatKey, NatValue, Reason, Vtep, config_flags, flags,
+        ipv4_be, kind, programs,
+    },
+    datapath::Datapath,
+    netns::{NetNsGuard, create_named, delete_named, netns_path},
+};
+use ferry_tests::require_root_and_tools;
+
+/// Verdicts of TC programs (linux/pkt_cls.h).
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const VNI: u32 = 4242;
+const OVERLAY: [u8; 4] = [10, 244, 0, 0];
+const HOST_IP: [u8; 4] = [10, 244, 1, 1];
+/// Container A (sends in most cases) and B, both on this host.
+const A_IP: [u8; 4] = [10, 244, 1, 2];
+const A_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
+const B_IP: [u8; 4] = [10, 244, 1, 3];
+const B_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 3];
+/// Frozen here, held by the agent.
+const HELD_IP: [u8; 4] = [10, 244, 1, 4];
+/// On another host.
+const REMOTE_IP: [u8; 4] = [10, 244, 2, 2];
+const REMOTE_VTEP: [u8; 4] = [192, 0, 2, 2];
+/// In the overlay, but no endpoint anywhere.
+const UNKNOWN_IP: [u8; 4] = [10, 244, 9, 9];
+/// Gateway: a public address and a client on the internet side.
+const PUBLIC_IP: [u8; 4] = [203, 0, 113, 10];
+const PUBLIC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 1];
+const CLIENT_IP: [u8; 4] = [198, 51, 100, 7];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xcc, 1];
+
+/// A network namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "ferry-ebpf-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        create_named(&name).expect("creating the test's netns");
+        Self(name)
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .expect("ip runs");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ifindex(&self, dev: &str) -> u32 {
+        let line = self.ip(&["-o", "link", "show", "dev", dev]);
+        line.split(':')
+            .next()
+            .and_then(|i| i.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ifindex in {line:?}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = delete_named(&self.0) {
+            eprintln!("deleting netns {}: {e}", self.0);
+        }
+    }
+}
+
+/// The datapath loaded in a fresh namespace that the calling thread is in while this lives.
+/// Fields drop in order: the datapath, then the thread goes home, then the namespace goes.
+struct Bench {
+    dp: Datapath,
+    _guard: NetNsGuard,
+    ns: Netns,
+    /// Host sides of containers A's and B's veths.
+    veth_a: u32,
+    veth_b: u32,
+    vxlan: u32,
+    hold: u32,
+    public: u32,
+}
+
+/// What a program did with one frame.
+struct Run {
+    action: i32,
+    frame: Vec<u8>,
+    /// Reasons whose counters moved: (reason, packets, bytes).
+    moved: Vec<(Reason, u64, u64)>,
+}
+
+impl Run {
+    /// Asserts the verdict and that `reason`, and only it, counted this one frame.
+    fn expect(&self, action: i32, reason: Reason, len: usize) {
+        assert_eq!(
+            (self.action, self.moved.as_slice()),
+            (action, [(reason, 1, len as u64)].as_slice()),
+            "expected action {action} and one packet counted as {}",
+            reason.name()
+        );
+    }
+}
+
+impl Bench {
+    /// A namespace with containers A's and B's veths, a VXLAN device (external), a hold TAP
+    /// and a public interface; the datapath attached as an agent attaches it, with A, B, the
+    /// host, a held, a remote and a forwarded endpoint.
+    fn new(gateway: bool) -> Self {
+        let ns = Netns::create();
+        ns.ip(&[
+            "link", "add", "ctra", "type", "veth", "peer", "name", "ctra-c",
+        ]);
+        ns.ip(&[
+            "link", "add", "ctrb", "type", "veth", "peer", "name", "ctrb-c",
+        ]);
+        ns.ip(&[
+            "link", "add", "pub0", "type", "veth", "peer", "name", "pub0-p",
+        ]);
+        ns.ip(&[
+            "link", "add", "ferry_vx", "type", "vxlan", "external", "dstport", "4789",
+        ]);
+        ns.ip(&["tuntap", "add", "hold0", "mode", "tap"]);
+        let guard = NetNsGuard::enter(&netns_path(&ns.0)).expect("entering the test's netns");
+        let (veth_a, veth_b) = (ns.ifindex("ctra"), ns.ifindex("ctrb"));
+        let (vxlan, hold, public) = (
+            ns.ifindex("ferry_vx"),
+            ns.ifindex("hold0"),
+            ns.ifindex("pub0"),
+        );
+        let config = Config {
+            vni: VNI,
+            vxlan_ifindex: vxlan,
+            tunnel_ttl: 64,
+            flags: if gateway { config_flags::GATEWAY } else { 0 },
+            egress_vtep_be: 0,
+            overlay_net_be: ipv4_be(OVERLAY),
+            overlay_mask_be: ipv4_be([255, 255, 0, 0]),
+            public_ifindex: if gateway { public } else { 0 },
+            public_mac: if gateway { PUBLIC_MAC } else { [0; 6] },
+            _pad: [0; 2],
+            hold_ifindex: hold,
+        };
+        let mut dp = Datapath::attach("ferry_vx", config, None).expect("datapath attach");
+        let local = |ifindex, mac| Endpoint {
+            kind: kind::LOCAL,
+            ifindex,
+            mac,
+            ..Endpoint::default()
+        };
+        let remote = Endpoint {
+            kind: kind::REMOTE,
+            vtep_be: ipv4_be(REMOTE_VTEP),
+            vni: VNI,
+            ..Endpoint::default()
+        };
+        let host = Endpoint {
+            kind: kind::HOST,
+            ..Endpoint::default()
+        };
+        let held = Endpoint {
+            kind: kind::HOLD,
+            ..Endpoint::default()
+        };
+        for (ip, ep) in [
+            (A_IP, local(veth_a, A_MAC)),
+            (B_IP, local(veth_b, B_MAC)),
+            (HOST_IP, host),
+            (HELD_IP, held),
+            (REMOTE_IP, remote),
+        ] {
+            dp.set_endpoint(ip.into(), ep).expect("set endpoint");
+        }
+        dp.allow_vtep(
+            REMOTE_VTEP.into(),
+            Vtep {
+                vni: VNI,
+                host_id: 2,
+            },
+        )
+        .expect("allow vtep");
+        Self {
+            dp,
+            _guard: guard,
+            ns,
+            veth_a,
+            veth_b,
+            vxlan,
+            hold,
+            public,
+        }
+    }
+
+    fn counters(&self) -> Vec<(Reason, u64, u64)> {
+        self.dp
+            .counters()
+            .expect("reading the counters")
+            .into_iter()
+            .map(|c| (c.reason, c.packets, c.bytes))
+            .collect()
+    }
+
+    /// Runs `program` on `frame` as if it came in on `ifindex`.
+    fn run(&self, program: &'static str, ifindex: u32, frame: &[u8]) -> Run {
+        let before = self.counters();
+        let out = self
+            .dp
+            .test_run(program, ifindex, frame)
+            .unwrap_or_else(|e| panic!("test run of {program}: {e}"));
+        let moved = before
+            .iter()
+            .zip(self.counters())
+            .filter(|(b, a)| **b != *a)
+            .map(|(b, a)| (a.0, a.1 - b.1, a.2 - b.2))
+            .collect();
+        Run {
+            action: out.action,
+            frame: out.packet,
+            moved,
+        }
+    }
+}
+
+impl Bench {
+    /// Container A sends from `src` to `dst`: from-container must give `action` for `reason`.
+    fn a_sends(&self, src: [u8; 4], dst: [u8; 4], action: i32, reason: Reason) -> Run {
+        let frame = from_a(src, dst);
+        let run = self.run(programs::FROM_CONTAINER, self.veth_a, &frame);
+        run.expect(action, reason, frame.len());
+        run
+    }
+}
+
+/// An Ethernet + IPv4 + TCP (SYN) frame with correct checksums.
+fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let payload = b"ferry";
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1, 65535)
+        .syn();
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("building a frame");
+    frame
+}
+
+/// What a container sends to `dst` (to its gateway's MAC).
+fn from_a(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    tcp(A_MAC, GATEWAY_MAC, (src, 40000), (dst, 80))
+}
+
+/// A broadcast ARP request: who has `target`? tell `sender`.
+fn arp_request(sender_mac: [u8; 6], sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &sender_mac,
+        &sender,
+        &[0; 6],
+        &target,
+    )
+    .expect("an ARP request");
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(sender_mac, [0xff; 6])
+        .arp(arp)
+        .write_to_vec(&mut frame)
+        .expect("building an ARP frame");
+    frame
+}
+
+/// Asserts `frame` is the ARP reply "`ip` is at `mac`" addressed to the requester.
+fn assert_arp_reply(frame: &[u8], mac: [u8; 6], ip: [u8; 4], to_mac: [u8; 6], to_ip: [u8; 4]) {
+    let (eth, rest) = Ethernet2Header::from_slice(frame).expect("an Ethernet frame");
+    assert_eq!((eth.source, eth.destination), (mac, to_mac), "{eth:?}");
+    assert_eq!(eth.ether_type, EtherType::ARP);
+    let arp = ArpPacket::from_slice(rest)
+        .expect("an ARP packet")
+        .try_eth_ipv4()
+        .expect("Ethernet/IPv4 ARP");
+    assert_eq!(arp.operation, ArpOperation::REPLY, "{arp:?}");
+    assert_eq!(
+        (
+            arp.sender_mac,
+            arp.sender_ipv4,
+            arp.target_mac,
+            arp.target_ipv4
+        ),
+        (mac, ip, to_mac, to_ip),
+        "{arp:?}"
+    );
+}
+
+/// The frame's (IPv4 source, IPv4 destination, TCP ports), after checking that its IPv4
+/// header and TCP checksums are right for its contents.
+fn tcp_endpoints(frame: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
+    let p = SlicedPacket::from_ethernet(frame).expect("an Ethernet/IPv4 frame");
+    let Some(NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4: {:?}", p.net)
+    };
+    let ip = ip.header();
+    assert_eq!(
+        ip.header_checksum(),
+        ip.to_header().calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+        panic!("not TCP: {:?}", p.transport)
+    };
+    assert_eq!(
+        tcp.checksum(),
+        tcp.calc_checksum_ipv4(ip.source(), ip.destination())
+            .expect("segment fits"),
+        "TCP checksum"
+    );
+    (
+        (ip.source(), tcp.source_port()),
+        (ip.destination(), tcp.destination_port()),
+    )
+}
+
+fn eth_addrs(frame: &[u8]) -> ([u8; 6], [u8; 6]) {
+    let (eth, _) = Ethernet2Header::from_slice(frame).expect("an Ethernet frame");
+    (eth.source, eth.destination)
+}
+
+#[test]
+fn from_container_answers_arp_delivers_and_drops_by_reason() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let b = Bench::new(false);
+    let program = programs::FROM_CONTAINER;
+
+    // ARP for the gateway: answered in place with the gateway MAC, sent back to the container.
+    let req = arp_request(A_MAC, A_IP, HOST_IP);
+    let run = b.run(program, b.veth_a, &req);
+    run.expect(TC_ACT_REDIRECT, Reason::ArpReply, req.len());
+    assert_arp_reply(&run.frame, GATEWAY_MAC, HOST_IP, A_MAC, A_IP);
+
+    // A gratuitous ARP (sender asks for its own address) is not answered.
+    let grat = arp_request(A_MAC, A_IP, A_IP);
+    b.run(program, b.veth_a, &grat)
+        .expect(TC_ACT_SHOT, Reason::DropArpIgnored, grat.len());
+
+    // A sending as B (B lives on another veth), or from an address nobody has: spoofed.
+    for src in [B_IP, UNKNOWN_IP] {
+        b.a_sends(src, B_IP, TC_ACT_SHOT, Reason::DropSpoofedSource);
+    }
+
+    // To a LOCAL endpoint: straight to its veth, addressed to its MAC from the gateway's.
+    let run = b.a_sends(A_IP, B_IP, TC_ACT_REDIRECT, Reason::ContainerToLocal);
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, B_MAC));
+    assert_eq!(
+        run.frame[14..],
+        from_a(A_IP, B_IP)[14..],
+        "only the Ethernet header changes"
+    );
+
+    // The same the other way round (B's own veth): its source is its own.
+    let f = tcp(B_MAC, GATEWAY_MAC, (B_IP, 80), (A_IP, 40000));
+    let run = b.run(program, b.veth_b, &f);
+    run.expect(TC_ACT_REDIRECT, Reason::ContainerToLocal, f.len());
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, A_MAC));
+
+    // To a REMOTE endpoint: to the VXLAN device (whose egress program encapsulates), as is.
+    let run = b.a_sends(A_IP, REMOTE_IP, TC_ACT_REDIRECT, Reason::ContainerEncap);
+    assert_eq!(run.frame, from_a(A_IP, REMOTE_IP));
+
+    for (dst, action, reason) in [
+        // The host's own overlay address: to the stack.
+        (HOST_IP, TC_ACT_OK, Reason::ContainerToHost),
+        // An overlay address without an endpoint.
+        (UNKNOWN_IP, TC_ACT_SHOT, Reason::DropNoEndpoint),
+        // Outside the overlay, and no gateway known.
+        (CLIENT_IP, TC_ACT_SHOT, Reason::DropNoEgress),
+        // A HOLD endpoint: to the hold device.
+        (HELD_IP, TC_ACT_REDIRECT, Reason::HoldQueued),
+    ] {
+        b.a_sends(A_IP, dst, action, reason);
+    }
+
+    // Not IPv4 (an IPv6 ethertype): dropped.
+    let mut v6 = from_a(A_IP, B_IP);
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    b.run(program, b.veth_a, &v6)
+        .expect(TC_ACT_SHOT, Reason::DropNotIpv4, v6.len());
+}
+
+#[test]
+fn from_container_follows_the_endpoint_entries_as_a_migration_changes_them() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(false);
+
+    // A is migrating away: until its connections are dumped, its source copy (a forwarding
+    // pointer that keeps its veth) may still send; once frozen, what it emits is dropped.
+    let mut a = Endpoint {
+        kind: kind::FORWARD,
+        flags: 0,
+        ifindex: b.veth_a,
+        vtep_be: ipv4_be(REMOTE_VTEP),
+        vni: VNI,
+        mac: A_MAC,
+        _pad: [0; 2],
+    };
+    b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends(A_IP, B_IP, TC_ACT_REDIRECT, Reason::ContainerToLocal);
+    a.flags = flags::DROP_EGRESS;
+    b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends(A_IP, B_IP, TC_ACT_SHOT, Reason::DropFrozenSource);
+
+    // A restored here but not yet released (HOLD) already sends.
+    a.kind = kind::HOLD;
+    a.flags = 0;
+    b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends(A_IP, B_IP, TC_ACT_REDIRECT, Reason::ContainerToLocal);
+
+    // A held endpoint while the agent has no hold device: dropped for that reason.
+    let mut config = b.dp.config().expect("config");
+    config.hold_ifindex = 0;
+    b.dp.set_config(config).expect("set config");
+    b.a_sends(A_IP, HELD_IP, TC_ACT_SHOT, Reason::DropNoHoldDevice);
+
+    // Once the gateway's VTEP is known, traffic for the internet goes to it (via VXLAN).
+    config.hold_ifindex = b.hold;
+    config.egress_vtep_be = ipv4_be([192, 0, 2, 1]);
+    b.dp.set_config(config).expect("set config");
+    b.a_sends(A_IP, CLIENT_IP, TC_ACT_REDIRECT, Reason::ContainerEgress);
+
+    // Without configuration (agent not ready) everything is dropped as such.
+    config.vni = 0;
+    b.dp.set_config(config).expect("set config");
+    b.a_sends(A_IP, CLIENT_IP, TC_ACT_SHOT, Reason::DropNoConfig);
+}
+
+#[test]
+fn the_vxlan_device_programs() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let b = Bench::new(false);
+
+    // to-overlay sets the tunnel key for a REMOTE endpoint and lets the device encapsulate.
+    let f = from_a(A_IP, REMOTE_IP);
+    let run = b.run(programs::TO_OVERLAY, b.vxlan, &f);
+    run.expect(TC_ACT_OK, Reason::OverlayEncap, f.len());
+    assert_eq!(run.frame, f);
+    let f = from_a(A_IP, UNKNOWN_IP);
+    b.run(programs::TO_OVERLAY, b.vxlan, &f)
+        .expect(TC_ACT_SHOT, Reason::DropNoEndpoint, f.len());
+
+    // from-overlay: a test run cannot carry tunnel metadata (BPF_PROG_TEST_RUN builds a bare
+    // skb and its context has no tunnel fields), so the frame stops at the first check.
+    let f = tcp(
+        [0x02, 0, 0, 0, 2, 2],
+        [0x02, 0, 0, 0, 1, 1],
+        (REMOTE_IP, 40000),
+        (A_IP, 80),
+    );
+    b.run(programs::FROM_OVERLAY, b.vxlan, &f).expect(
+        TC_ACT_SHOT,
+        Reason::DropNoTunnelKey,
+        f.len(),
+    );
+
+    // The bench leaves nothing behind.
+    let ns = netns_path(&b.ns.0);
+    drop(b);
+    assert!(!ns.exists(), "{} left behind", ns.display());
+}
+
+#[test]
+fn from_public_translates_mapped_ports_with_correct_checksums() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(true);
+    let program = programs::FROM_PUBLIC;
+    let public = ipv4_be(PUBLIC_IP);
+    // As the gateway host's agent maps PUBLIC_IP:80/tcp to A:8080.
+    b.dp.set_public(
+        NatKey::presence(public),
+        NatValue {
+            addr_be: public,
+            ..NatValue::default()
+        },
+    )
+    .expect("set presence");
+    let tcp_key = |addr_be, port: u16| NatKey {
+        addr_be,
+        port_be: port.to_be(),
+        proto: 6,
+        _pad: 0,
+    };
+    let tcp_value = |addr_be, port: u16| NatValue {
+        addr_be,
+        port_be: port.to_be(),
+        _pad: [0; 2],
+    };
+    b.dp.set_public(tcp_key(public, 80), tcp_value(ipv4_be(A_IP), 8080))
+        .expect("set mapping");
+    b.dp.set_snat(tcp_key(ipv4_be(A_IP), 8080), tcp_value(public, 80))
+        .expect("set snat");
+
+    // A client's SYN to the public address: destination translated, checksums still right,
+    // sent to the container.
+    let syn = tcp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (PUBLIC_IP, 80));
+    let run = b.run(program, b.public, &syn);
+    run.expect(TC_ACT_REDIRECT, Reason::PublicDnat, syn.len());
+    assert_eq!(
+        tcp_endpoints(&run.frame),
+        ((CLIENT_IP, 40000), (A_IP, 8080))
+    );
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, A_MAC));
+
+    // A port of the public address that nothing maps: dropped.
+    let f = tcp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (PUBLIC_IP, 81));
+    b.run(program, b.public, &f)
+        .expect(TC_ACT_SHOT, Reason::DropNoPublicMapping, f.len());
+
+    // Not a public address (the gateway's own traffic): to the stack, untouched.
+    let f = tcp(
+        CLIENT_MAC,
+        PUBLIC_MAC,
+        (CLIENT_IP, 40000),
+        ([203, 0, 113, 99], 80),
+    );
+    let run = b.run(program, b.public, &f);
+    run.expect(TC_ACT_OK, Reason::PublicPass, f.len());
+    assert_eq!(run.frame, f);
+
+    // ARP for the public address is answered with the public interface's MAC.
+    let req = arp_request(CLIENT_MAC, CLIENT_IP, PUBLIC_IP);
+    let run = b.run(program, b.public, &req);
+    run.expect(TC_ACT_REDIRECT, Reason::ArpReply, req.len());
+    assert_arp_reply(&run.frame, PUBLIC_MAC, PUBLIC_IP, CLIENT_MAC, CLIENT_IP);
+
+    // The reply from the container (on the gateway host): source translated back, checksums
+    // still right, handed to the gateway's stack.
+    let reply = tcp(A_MAC, GATEWAY_MAC, (A_IP, 8080), (CLIENT_IP, 40000));
+    let run = b.run(programs::FROM_CONTAINER, b.veth_a, &reply);
+    run.expect(TC_ACT_OK, Reason::PublicSnat, reply.len());
+    assert_eq!(
+        tcp_endpoints(&run.frame),
+        ((PUBLIC_IP, 80), (CLIENT_IP, 40000))
+    );
+}
