@@ -1,7 +1,11 @@
 use std::process::ExitCode;
 
+mod cli;
+mod commands;
+mod runcmd;
+
 use clap::Parser as _;
-use ferry_gateway::{cli::Cli, commands};
+use cli::Cli;
 
 fn main() -> ExitCode {
     // Run by CRIU as its --action-script (no arguments, CRTOOLS_SCRIPT_ACTION set).

@@ -15,9 +15,10 @@ use ferry_api::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{
-    cli::{Cli, Command, EndpointCommand, GatewayArgs, MigrateCommand, PublicCommand, StepArgs},
-    server,
+use ferry_gateway::server;
+
+use crate::cli::{
+    Cli, Command, EndpointCommand, GatewayArgs, MigrateCommand, PublicCommand, StepArgs,
 };
 
 /// A command's result: one JSON document, and the same for people.
