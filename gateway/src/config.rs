@@ -61,7 +61,7 @@ pub struct Config {
 }
 
 fn default_agent_api_port() -> u16 {
-    crate::runs::DEFAULT_AGENT_API_PORT
+    crate::migration::runs::DEFAULT_AGENT_API_PORT
 }
 
 fn default_listen() -> SocketAddr {

@@ -6,7 +6,7 @@
 //! future means a client that disconnects cannot cancel a change half-way (persisted but not
 //! published).
 //!
-//! The migration routes (and the waiting for agents they do) are in [`crate::coordinator`].
+//! The migration routes (and the waiting for agents they do) are in [`crate::migration::coordinator`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     auth,
     config::Config,
-    coordinator::{self, MigrationMetrics},
+    migration::coordinator::{self, MigrationMetrics},
     registry::{Change, Registry, RegistryError, Request},
     store::{self, Store},
 };
@@ -223,7 +223,7 @@ pub struct Gateway {
     /// The newest snapshot, serialised once for every watch that answers it.
     snapshot_cache: Mutex<Option<CachedSnapshot>>,
     /// Whole-container migrations (`ferry migrate run`).
-    pub(crate) runs: crate::runs::Runs,
+    pub(crate) runs: crate::migration::runs::Runs,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,7 +263,7 @@ impl Gateway {
             requests: Mutex::new(BTreeMap::new()),
             migration_metrics: Mutex::new(MigrationMetrics::default()),
             snapshot_cache: Mutex::new(None),
-            runs: crate::runs::Runs::default(),
+            runs: crate::migration::runs::Runs::default(),
         })
     }
 
@@ -783,7 +783,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/public/{*key}", delete(remove_public))
         .route("/v1/watch", get(watch_snapshot))
         .merge(coordinator::routes())
-        .merge(crate::runs::routes())
+        .merge(crate::migration::runs::routes())
         .route_layer(middleware::from_fn_with_state(g.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))

@@ -1,7 +1,7 @@
 //! The migration coordinator: the `/v1/migrations` routes, the wait for the agents after each
 //! step, the automatic rollback of a step they did not apply in time, the timer that ends
 //! forwarding graces, and the migration metrics. The rules (phases, idempotency, conflicts)
-//! are the registry's ([`crate::registry`]); the state reaches the agents only through the
+//! are the registry's ([`crate::migration::transitions`]); the state reaches the agents only through the
 //! snapshot and its watch.
 //!
 //! Who a step waits for (each must report, through its watch, a version ≥ the step's):
