@@ -9,10 +9,15 @@
 //! - [`migration`]: the gateway's side of a migration: the pure transitions, the coordinator
 //!   (routes, the wait for agents, rollbacks, grace timer) and the run driver.
 //!
-//! The `ferry` command line (ferry-cli) runs the daemon with [`server::run`].
+//! - [`daemon`]: start-up ([`serve`], [`check`]).
+//!
+//! The `ferry` command line (ferry-cli) runs the daemon with [`serve`].
 pub mod auth;
 pub mod config;
+pub mod daemon;
 pub mod migration;
 pub mod registry;
 pub mod server;
 pub mod store;
+
+pub use daemon::{CheckReport, StartError, check, serve};

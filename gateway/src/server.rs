@@ -11,7 +11,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -39,10 +38,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     auth,
-    config::Config,
     migration::coordinator::{self, MigrationMetrics},
     registry::{Change, Registry, RegistryError, Request},
-    store::{self, Store},
+    store::Store,
 };
 
 /// Largest request body: a batch of 65,536 endpoints is about 5 MB.
@@ -207,7 +205,7 @@ pub struct Gateway {
     current: RwLock<Arc<Registry>>,
     /// Serialises changes (held on a blocking thread across the fsyncs).
     writer: Mutex<()>,
-    store: Store,
+    pub(crate) store: Store,
     pub(crate) runtime: Mutex<HashMap<String, HostRuntime>>,
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) shutdown_tx: watch::Sender<bool>,
@@ -794,128 +792,4 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .layer(middleware::from_fn_with_state(g.clone(), count_requests))
         .with_state(g)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Start-up
-
-/// What `--check` found.
-#[derive(Debug, Clone, Serialize)]
-pub struct CheckReport {
-    pub config: PathBuf,
-    pub listen: SocketAddr,
-    pub state_file: PathBuf,
-    pub state_exists: bool,
-    pub version: u64,
-    pub hosts: usize,
-    pub endpoints: usize,
-    pub public: usize,
-    /// Live migrations (prepared, frozen, or released and maybe still forwarding).
-    pub migrations: usize,
-}
-
-/// Loads what the daemon needs, in the daemon's order: config, token, stored state (checked
-/// against the config). `lock`: take the state directory (the daemon) or only read it
-/// (`--check`, which must not create anything).
-fn prepare(
-    config_path: &Path,
-    lock: bool,
-) -> Result<(Config, String, Option<Store>, Registry), String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let token = auth::load_server_token(&config.token_file)?;
-    let store = if lock {
-        Some(Store::open(&config.state_dir).map_err(|e| e.to_string())?)
-    } else {
-        None
-    };
-    let state = store::read_state(&config.state_dir).map_err(|e| e.to_string())?;
-    let registry = match state {
-        None => Registry::new(config.net()),
-        Some(s) => Registry::from_persisted(config.net(), s).map_err(|e| {
-            format!(
-                "{}: the stored registry does not fit config {}: {e}; the file was left untouched",
-                config.state_dir.join(store::STATE_FILE).display(),
-                config_path.display()
-            )
-        })?,
-    };
-    Ok((config, token, store, registry))
-}
-
-/// `ferry gateway --config F --check`.
-pub fn check(config_path: &Path) -> Result<CheckReport, String> {
-    let (config, _, _, registry) = prepare(config_path, false)?;
-    let state_file = config.state_dir.join(store::STATE_FILE);
-    Ok(CheckReport {
-        config: config_path.to_path_buf(),
-        listen: config.listen,
-        state_exists: state_file.exists(),
-        state_file,
-        version: registry.version(),
-        hosts: registry.host_count(),
-        endpoints: registry.endpoint_count(),
-        public: registry.public_count(),
-        migrations: registry.live_migrations().count(),
-    })
-}
-
-/// `ferry gateway --config F`: serves until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path) -> Result<(), String> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-
-    let (config, token, store, registry) = prepare(config_path, true)?;
-    let store = store.expect("prepare(lock) opens the store");
-    let (hosts, endpoints, public, version) = (
-        registry.host_count(),
-        registry.endpoint_count(),
-        registry.public_count(),
-        registry.version(),
-    );
-    let dangling = registry.dangling_public();
-    if !dangling.is_empty() {
-        info!(containers = ?dangling, "public mappings kept for containers that are not endpoints now");
-    }
-    for l in registry.live_migrations() {
-        let m = &l.migration;
-        info!(
-            migration = %m.id, container = %m.container, from = %m.from, to = %m.to,
-            phase = %m.phase,
-            "migration in progress kept as it is: agents re-sync through their watch; continue or abort it"
-        );
-    }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", config.listen))?;
-    let g = Gateway::new(
-        registry,
-        store,
-        token,
-        config.watch_timeout(),
-        config.step_timeout(),
-    );
-    g.configure_runs(config.listen, config.agent_api_port);
-    let expiry = tokio::spawn(coordinator::expire_released(g.clone()));
-    info!(
-        listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,
-        public, overlay_cidr = %config.overlay_cidr, vni = config.vni,
-        "gateway listening"
-    );
-    let app = router(g.clone());
-    let g2 = g.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: shutting down"),
-                _ = int.recv() => info!("SIGINT: shutting down"),
-            }
-            g2.begin_shutdown();
-        })
-        .await
-        .map_err(|e| format!("serving: {e}"))?;
-    g.begin_shutdown();
-    let _ = expiry.await;
-    info!(version = g.current().version(), "gateway stopped");
-    Ok(())
 }

@@ -31,6 +31,8 @@ mod public;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+pub use persist::LoadError;
+
 /// What the registry is checked against (from the config).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {

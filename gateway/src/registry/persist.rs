@@ -4,9 +4,47 @@ use std::collections::BTreeSet;
 
 use ferry_api::{EndpointSpec, Migration, MigrationPhase};
 
-use super::{NetConfig, Registry};
+use super::{NetConfig, Registry, RegistryError};
 use crate::migration::transitions::LiveMigration;
 use crate::store::PersistedState;
+
+/// Why a stored state does not fit (the config, or itself). Nothing was loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "unknown format {found} (this gateway reads format {})",
+        PersistedState::FORMAT
+    )]
+    Format { found: u32 },
+    #[error("host {name}: {}", source.message)]
+    Host {
+        name: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("{}", .0.message)]
+    Endpoints(#[source] RegistryError),
+    #[error("public {key}: {}", source.message)]
+    Public {
+        key: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("version is 0 but the state holds {entries} entries")]
+    VersionZero { entries: usize },
+    #[error("migration id {id:?} is not m<number>")]
+    MigrationId { id: String },
+    #[error("migration {id} appears twice")]
+    MigrationTwice { id: String },
+    /// A live migration that does not fit the hosts, endpoints or versions (`why`).
+    #[error("migration {id}: {why}")]
+    Migration { id: String, why: String },
+    #[error("migration {id} in the history is {phase}: want released or aborted")]
+    ActiveInHistory { id: String, phase: MigrationPhase },
+    #[error("next_migration {next} is not above the largest migration id m{max_seq}")]
+    NextMigration { next: u64, max_seq: u64 },
+}
+
 impl Registry {
     /// The state to persist.
     pub fn to_persisted(&self) -> PersistedState {
@@ -24,19 +62,15 @@ impl Registry {
 
     /// Rebuilds a registry from a persisted state, checking it against `net` with the same
     /// rules as the API (a config change can make a stored state invalid).
-    pub fn from_persisted(net: NetConfig, s: PersistedState) -> Result<Self, String> {
+    pub fn from_persisted(net: NetConfig, s: PersistedState) -> Result<Self, LoadError> {
         if s.format != PersistedState::FORMAT {
-            return Err(format!(
-                "unknown format {} (this gateway reads format {})",
-                s.format,
-                PersistedState::FORMAT
-            ));
+            return Err(LoadError::Format { found: s.format });
         }
         let mut r = Registry::new(net);
         for h in s.hosts {
             let name = h.name.clone();
             r.register_host(h)
-                .map_err(|e| format!("host {name}: {}", e.message))?;
+                .map_err(|source| LoadError::Host { name, source })?;
         }
         if !s.endpoints.is_empty() {
             let specs = s
@@ -48,12 +82,12 @@ impl Registry {
                     mac: Some(e.mac),
                 })
                 .collect();
-            r.add_endpoints(specs).map_err(|e| e.message)?;
+            r.add_endpoints(specs).map_err(LoadError::Endpoints)?;
         }
         for p in s.public {
             let key = p.key();
             r.add_public(p, false)
-                .map_err(|e| format!("public {key}: {}", e.message))?;
+                .map_err(|source| LoadError::Public { key, source })?;
         }
         r.load_migrations(
             s.version,
@@ -64,9 +98,7 @@ impl Registry {
         let entries = r.hosts.len() + r.endpoints.len() + r.public.len() + r.migrations.len();
         if s.version == 0 && entries > 0 {
             // Agents start from version 0: they would never be sent these entries.
-            return Err(format!(
-                "version is 0 but the state holds {entries} entries"
-            ));
+            return Err(LoadError::VersionZero { entries });
         }
         r.version = s.version;
         Ok(r)
@@ -79,15 +111,15 @@ impl Registry {
         live: Vec<LiveMigration>,
         history: Vec<Migration>,
         next: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), LoadError> {
         let mut seen = BTreeSet::new();
         let mut max_seq = 0;
         let mut check_id = |m: &Migration| {
             let seq = m
                 .seq()
-                .ok_or_else(|| format!("migration id {:?} is not m<number>", m.id))?;
+                .ok_or_else(|| LoadError::MigrationId { id: m.id.clone() })?;
             if !seen.insert(seq) {
-                return Err(format!("migration {} appears twice", m.id));
+                return Err(LoadError::MigrationTwice { id: m.id.clone() });
             }
             max_seq = max_seq.max(seq);
             Ok(seq)
@@ -96,7 +128,10 @@ impl Registry {
         for l in live {
             let m = &l.migration;
             let seq = check_id(m)?;
-            let at = |why: String| format!("migration {}: {why}", m.id);
+            let at = |why: String| LoadError::Migration {
+                id: m.id.clone(),
+                why,
+            };
             if !self.hosts.contains_key(&m.from) || !self.hosts.contains_key(&m.to) {
                 return Err(at(format!("host {} or {} is not registered", m.from, m.to)));
             }
@@ -139,17 +174,15 @@ impl Registry {
         for m in history {
             check_id(&m)?;
             if m.phase.is_active() {
-                return Err(format!(
-                    "migration {} in the history is {}: want released or aborted",
-                    m.id, m.phase
-                ));
+                return Err(LoadError::ActiveInHistory {
+                    id: m.id.clone(),
+                    phase: m.phase,
+                });
             }
             self.push_history(m);
         }
         if next <= max_seq {
-            return Err(format!(
-                "next_migration {next} is not above the largest migration id m{max_seq}"
-            ));
+            return Err(LoadError::NextMigration { next, max_seq });
         }
         self.next_migration = next;
         Ok(())
@@ -189,7 +222,9 @@ mod tests {
         let r = populated();
         let mut other = net();
         other.overlay_cidr = "10.250.0.0/16".parse().unwrap();
-        let e = Registry::from_persisted(other, r.to_persisted()).unwrap_err();
+        let e = Registry::from_persisted(other, r.to_persisted())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("host a1: overlay_ip 10.244.255.1 is outside overlay_cidr 10.250.0.0/16"),
             "{e}"
@@ -197,7 +232,7 @@ mod tests {
 
         let mut s = r.to_persisted();
         s.version = 0;
-        let e = Registry::from_persisted(net(), s).unwrap_err();
+        let e = Registry::from_persisted(net(), s).unwrap_err().to_string();
         assert!(
             e.contains("version is 0 but the state holds 5 entries"),
             "{e}"
@@ -208,12 +243,13 @@ mod tests {
         assert!(
             Registry::from_persisted(net(), s)
                 .unwrap_err()
+                .to_string()
                 .contains("format 99")
         );
 
         let mut s = r.to_persisted();
         s.endpoints.push(s.endpoints[0].clone());
-        let e = Registry::from_persisted(net(), s).unwrap_err();
+        let e = Registry::from_persisted(net(), s).unwrap_err().to_string();
         assert!(e.contains("appears twice"), "{e}");
     }
 
@@ -306,7 +342,7 @@ mod tests {
         for (spoil, want) in cases {
             let mut s = r.to_persisted();
             spoil(&mut s);
-            let e = Registry::from_persisted(net(), s).unwrap_err();
+            let e = Registry::from_persisted(net(), s).unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
         }
     }
