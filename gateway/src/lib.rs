@@ -9,12 +9,14 @@
 //! - [`migration`]: the gateway's side of a migration: the pure transitions, the coordinator
 //!   (routes, the wait for agents, rollbacks, grace timer) and the run driver.
 //!
+//! - [`metrics`]: the Prometheus metrics (prometheus-client);
 //! - [`daemon`]: start-up ([`serve`], [`check`]).
 //!
 //! The `ferry` command line (ferry-cli) runs the daemon with [`serve`].
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod metrics;
 pub mod migration;
 pub mod registry;
 pub mod server;

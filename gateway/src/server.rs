@@ -9,10 +9,10 @@
 //! The migration routes (and the waiting for agents they do) are in [`crate::migration::coordinator`].
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -38,7 +38,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     auth,
-    migration::coordinator::{self, MigrationMetrics},
+    metrics::{Metrics, RegistryGauges},
+    migration::coordinator,
     registry::{Change, Registry, RegistryError, Request},
     store::Store,
 };
@@ -215,9 +216,7 @@ pub struct Gateway {
     watch_timeout: Duration,
     /// How long a migration step waits for the agents by default.
     pub(crate) step_timeout: Duration,
-    started: Instant,
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    pub(crate) migration_metrics: Mutex<MigrationMetrics>,
+    pub(crate) metrics: Metrics,
     /// The newest snapshot, serialised once for every watch that answers it.
     snapshot_cache: Mutex<Option<CachedSnapshot>>,
     /// Whole-container migrations (`ferry migrate run`).
@@ -257,9 +256,7 @@ impl Gateway {
             token,
             watch_timeout,
             step_timeout,
-            started: Instant::now(),
-            requests: Mutex::new(BTreeMap::new()),
-            migration_metrics: Mutex::new(MigrationMetrics::default()),
+            metrics: Metrics::new(),
             snapshot_cache: Mutex::new(None),
             runs: crate::migration::runs::Runs::default(),
         })
@@ -400,58 +397,15 @@ impl Gateway {
                     .count(),
             )
         };
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            ));
-        };
-        gauge(
-            "ferry_gateway_uptime_seconds",
-            "Seconds since the gateway started.",
-            format!("{:.3}", self.started.elapsed().as_secs_f64()),
-        );
-        gauge(
-            "ferry_gateway_hosts",
-            "Registered hosts.",
-            reg.host_count().to_string(),
-        );
-        gauge(
-            "ferry_gateway_endpoints",
-            "Registered container endpoints.",
-            reg.endpoint_count().to_string(),
-        );
-        gauge(
-            "ferry_gateway_public_mappings",
-            "Public mappings.",
-            reg.public_count().to_string(),
-        );
-        gauge(
-            "ferry_gateway_registry_version",
-            "Registry version (one more per change).",
-            version.to_string(),
-        );
-        gauge(
-            "ferry_gateway_hosts_in_sync",
-            "Registered hosts whose agent reported the current registry version as applied.",
-            in_sync.to_string(),
-        );
-        gauge(
-            "ferry_gateway_hosts_connected",
-            "Registered hosts whose agent holds a watch open.",
-            connected.to_string(),
-        );
-        coordinator::write_metrics(&mut out, &reg, &lock(&self.migration_metrics));
-        out.push_str(
-            "# HELP ferry_gateway_api_requests_total API requests answered, by route (method and \
-             path pattern) and HTTP status.\n# TYPE ferry_gateway_api_requests_total counter\n",
-        );
-        for ((route, status), n) in lock(&self.requests).iter() {
-            out.push_str(&format!(
-                "ferry_gateway_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
-            ));
-        }
-        out
+        self.metrics.render(&RegistryGauges {
+            hosts: reg.host_count(),
+            endpoints: reg.endpoint_count(),
+            public_mappings: reg.public_count(),
+            version,
+            hosts_in_sync: in_sync,
+            hosts_connected: connected,
+            migrations: reg.migration_counts(now_unix_ms()),
+        })
     }
 }
 
@@ -578,7 +532,7 @@ async fn metrics(State(g): Shared) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
         g.metrics_text(),
     )
@@ -765,7 +719,7 @@ async fn count_requests(State(g): Shared, req: HttpRequest, next: Next) -> Respo
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     debug!(%route, status, "answered");
-    *lock(&g.requests).entry((route, status)).or_default() += 1;
+    g.metrics.count_request(route, status);
     resp
 }
 
