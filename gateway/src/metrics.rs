@@ -117,32 +117,28 @@ impl Metrics {
             "Seconds since the gateway started",
             m.uptime.clone(),
         );
-        r.register("hosts", "Registered hosts", m.hosts.clone());
-        r.register(
-            "endpoints",
-            "Registered container endpoints",
-            m.endpoints.clone(),
-        );
-        r.register(
-            "public_mappings",
-            "Public mappings",
-            m.public_mappings.clone(),
-        );
-        r.register(
-            "registry_version",
-            "Registry version (one more per change)",
-            m.version.clone(),
-        );
-        r.register(
-            "hosts_in_sync",
-            "Registered hosts whose agent reported the current registry version as applied",
-            m.hosts_in_sync.clone(),
-        );
-        r.register(
-            "hosts_connected",
-            "Registered hosts whose agent holds a watch open",
-            m.hosts_connected.clone(),
-        );
+        for (name, help, gauge) in [
+            ("hosts", "Registered hosts", &m.hosts),
+            ("endpoints", "Registered container endpoints", &m.endpoints),
+            ("public_mappings", "Public mappings", &m.public_mappings),
+            (
+                "registry_version",
+                "Registry version (one more per change)",
+                &m.version,
+            ),
+            (
+                "hosts_in_sync",
+                "Registered hosts whose agent reported the current registry version as applied",
+                &m.hosts_in_sync,
+            ),
+            (
+                "hosts_connected",
+                "Registered hosts whose agent holds a watch open",
+                &m.hosts_connected,
+            ),
+        ] {
+            r.register(name, help, gauge.clone());
+        }
         r.register(
             "migrations",
             "Migrations the agents act on, by phase (released: still forwarding)",
