@@ -1,3 +1,6 @@
+//! `ferry`: the orchestrators' command line ([`cli`]: the clap structures; [`commands`]: what
+//! each command does; [`runcmd`]: `ferry migrate run` and CRIU's action script), and
+//! `ferry gateway`, which runs the daemon of the ferry-gateway library.
 use std::process::ExitCode;
 
 mod cli;

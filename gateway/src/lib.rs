@@ -1,4 +1,5 @@
-//! ferry's gateway daemon: the endpoint registry, public mappings and the migration coordinator.
+//! ferry's gateway daemon as a library: the endpoint registry, public mappings and the
+//! migration coordinator.
 //!
 //! - [`config`]: the daemon's TOML configuration;
 //! - [`registry`]: the registry as a pure state machine (validation, versions), one module per
@@ -7,8 +8,7 @@
 //! - [`auth`]: the bearer token;
 //! - [`server`]: the HTTP API (axum);
 //! - [`migration`]: the gateway's side of a migration: the pure transitions, the coordinator
-//!   (routes, the wait for agents, rollbacks, grace timer) and the run driver.
-//!
+//!   (routes, the wait for agents, rollbacks, grace timer) and the run driver;
 //! - [`metrics`]: the Prometheus metrics (prometheus-client);
 //! - [`daemon`]: start-up ([`serve`], [`check`]).
 //!

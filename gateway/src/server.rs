@@ -6,7 +6,8 @@
 //! future means a client that disconnects cannot cancel a change half-way (persisted but not
 //! published).
 //!
-//! The migration routes (and the waiting for agents they do) are in [`crate::migration::coordinator`].
+//! The migration routes (and the waiting for agents they do) are in
+//! [`crate::migration::coordinator`]; start-up is in [`crate::daemon`].
 
 use std::{
     collections::HashMap,

@@ -5,8 +5,8 @@
 //! no clock here (requests that need the time carry it); the server persists the new state
 //! before it answers.
 //!
-//! One module per concern, each an `impl Registry` block with its unit tests: [`hosts`],
-//! [`endpoints`], [`public`] (mappings), [`persist`] (the stored state, checked on load); the
+//! One module per concern, each an `impl Registry` block with its unit tests: `hosts`,
+//! `endpoints`, `public` (mappings), `persist` (the stored state, checked on load); the
 //! migrations' transitions are in [`crate::migration::transitions`], with the rest of the
 //! gateway's side of a migration. Here: the types, the queries, the snapshot and the version.
 
