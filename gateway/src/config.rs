@@ -61,7 +61,7 @@ pub struct Config {
 }
 
 fn default_agent_api_port() -> u16 {
-    crate::runs::DEFAULT_AGENT_API_PORT
+    crate::migration::runs::DEFAULT_AGENT_API_PORT
 }
 
 fn default_listen() -> SocketAddr {
@@ -91,8 +91,47 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config {}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
+    #[error("config {}: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: InvalidConfig,
+    },
+}
+
+/// Why a config's text is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidConfig {
+    #[error("{}", .0.to_string().trim())]
+    Toml(#[from] toml::de::Error),
+    #[error("overlay_cidr {cidr} has host bits set: did you mean {}?", cidr.trunc())]
+    OverlayHostBits { cidr: Ipv4Net },
+    #[error("overlay_cidr {cidr} is too small: want a prefix of /30 or shorter")]
+    OverlayTooSmall { cidr: Ipv4Net },
+    #[error("vni {vni} is out of range: want 1–{max}", max = MAX_VNI)]
+    Vni { vni: u32 },
+    #[error("public_cidrs[{index}] {cidr} has host bits set: did you mean {}?", cidr.trunc())]
+    PublicHostBits { index: usize, cidr: Ipv4Net },
+    #[error("public_cidrs[{index}] {cidr} overlaps overlay_cidr {overlay}")]
+    PublicOverlapsOverlay {
+        index: usize,
+        cidr: Ipv4Net,
+        overlay: Ipv4Net,
+    },
+    #[error("public_cidrs[{index}] {cidr} overlaps public_cidrs[{other_index}] {other}")]
+    PublicOverlap {
+        index: usize,
+        cidr: Ipv4Net,
+        other_index: usize,
+        other: Ipv4Net,
+    },
+    #[error("{field} {value} is out of range: want {min}–{max}")]
+    OutOfRange {
+        field: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
 }
 
 impl Config {
@@ -101,78 +140,86 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+        Self::parse(&text).map_err(|source| ConfigError::Invalid {
             path: path.to_path_buf(),
-            message,
+            source,
         })
     }
 
     /// Parses and validates.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+    pub fn parse(text: &str) -> Result<Self, InvalidConfig> {
+        let c: Config = toml::from_str(text)?;
         c.validate()?;
         Ok(c)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let o = self.overlay_cidr;
         if o.trunc() != o {
-            return Err(format!(
-                "overlay_cidr {o} has host bits set: did you mean {}?",
-                o.trunc()
-            ));
+            return Err(InvalidConfig::OverlayHostBits { cidr: o });
         }
         if o.prefix_len() > 30 {
-            return Err(format!(
-                "overlay_cidr {o} is too small: want a prefix of /30 or shorter"
-            ));
+            return Err(InvalidConfig::OverlayTooSmall { cidr: o });
         }
         if self.vni == 0 || self.vni > MAX_VNI {
-            return Err(format!(
-                "vni {} is out of range: want 1–{MAX_VNI}",
-                self.vni
-            ));
+            return Err(InvalidConfig::Vni { vni: self.vni });
         }
-        for (i, p) in self.public_cidrs.iter().enumerate() {
+        for (index, p) in self.public_cidrs.iter().enumerate() {
             if p.trunc() != *p {
-                return Err(format!(
-                    "public_cidrs[{i}] {p} has host bits set: did you mean {}?",
-                    p.trunc()
-                ));
+                return Err(InvalidConfig::PublicHostBits { index, cidr: *p });
             }
             if p.contains(&o) || o.contains(p) {
-                return Err(format!("public_cidrs[{i}] {p} overlaps overlay_cidr {o}"));
+                return Err(InvalidConfig::PublicOverlapsOverlay {
+                    index,
+                    cidr: *p,
+                    overlay: o,
+                });
             }
-            if let Some((j, q)) = self
+            if let Some((other_index, q)) = self
                 .public_cidrs
                 .iter()
                 .enumerate()
-                .take(i)
+                .take(index)
                 .find(|(_, q)| q.contains(p) || p.contains(*q))
             {
-                return Err(format!(
-                    "public_cidrs[{i}] {p} overlaps public_cidrs[{j}] {q}"
-                ));
+                return Err(InvalidConfig::PublicOverlap {
+                    index,
+                    cidr: *p,
+                    other_index,
+                    other: *q,
+                });
             }
         }
-        if self.watch_timeout_ms == 0 || self.watch_timeout_ms > MAX_WATCH_TIMEOUT_MS {
-            return Err(format!(
-                "watch_timeout_ms {} is out of range: want 1–{MAX_WATCH_TIMEOUT_MS}",
-                self.watch_timeout_ms
-            ));
-        }
-        if self.step_timeout_ms == 0 || self.step_timeout_ms > MAX_STEP_TIMEOUT_MS {
-            return Err(format!(
-                "step_timeout_ms {} is out of range: want 1–{MAX_STEP_TIMEOUT_MS}",
-                self.step_timeout_ms
-            ));
-        }
-        if self.forward_grace_ms > MAX_FORWARD_GRACE_MS {
-            return Err(format!(
-                "forward_grace_ms {} is out of range: want 0–{MAX_FORWARD_GRACE_MS}",
-                self.forward_grace_ms
-            ));
-        }
+        let range = |field, value, min, max| {
+            if value < min || value > max {
+                Err(InvalidConfig::OutOfRange {
+                    field,
+                    value,
+                    min,
+                    max,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "watch_timeout_ms",
+            self.watch_timeout_ms,
+            1,
+            MAX_WATCH_TIMEOUT_MS,
+        )?;
+        range(
+            "step_timeout_ms",
+            self.step_timeout_ms,
+            1,
+            MAX_STEP_TIMEOUT_MS,
+        )?;
+        range(
+            "forward_grace_ms",
+            self.forward_grace_ms,
+            0,
+            MAX_FORWARD_GRACE_MS,
+        )?;
         Ok(())
     }
 
@@ -287,7 +334,9 @@ forward_grace_ms = 1500
                 "forward_grace_ms 3600001",
             ),
         ] {
-            let e = Config::parse(&extra_or_replacement).unwrap_err();
+            let e = Config::parse(&extra_or_replacement)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{extra_or_replacement:?}: {e}");
         }
     }

@@ -1,20 +1,25 @@
-//! ferry's gateway: the endpoint registry, public mappings and the migration coordinator, and
-//! the CLI that orchestrators call.
+//! ferry's gateway daemon as a library: the endpoint registry, public mappings and the
+//! migration coordinator.
 //!
 //! - [`config`]: the daemon's TOML configuration;
-//! - [`registry`]: the registry as a pure state machine (validation, versions);
+//! - [`registry`]: the registry as a pure state machine (validation, versions), one module per
+//!   concern;
 //! - [`store`]: its atomic persistence;
 //! - [`auth`]: the bearer token;
 //! - [`server`]: the HTTP API (axum);
-//! - [`coordinator`]: the migration routes, the wait for agents, rollbacks, grace timer;
-//! - [`cli`] / [`commands`]: the `ferry` command line and what each command does.
+//! - [`migration`]: the gateway's side of a migration: the pure transitions, the coordinator
+//!   (routes, the wait for agents, rollbacks, grace timer) and the run driver;
+//! - [`metrics`]: the Prometheus metrics (prometheus-client);
+//! - [`daemon`]: start-up ([`serve`], [`check`]).
+//!
+//! The `ferry` command line (ferry-cli) runs the daemon with [`serve`].
 pub mod auth;
-pub mod cli;
-pub mod commands;
 pub mod config;
-pub mod coordinator;
+pub mod daemon;
+pub mod metrics;
+pub mod migration;
 pub mod registry;
-pub mod runcmd;
-pub mod runs;
 pub mod server;
 pub mod store;
+
+pub use daemon::{CheckReport, StartError, check, serve};

@@ -6,14 +6,14 @@
 //! future means a client that disconnects cannot cancel a change half-way (persisted but not
 //! published).
 //!
-//! The migration routes (and the waiting for agents they do) are in [`crate::coordinator`].
+//! The migration routes (and the waiting for agents they do) are in
+//! [`crate::migration::coordinator`]; start-up is in [`crate::daemon`].
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
@@ -39,10 +39,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     auth,
-    config::Config,
-    coordinator::{self, MigrationMetrics},
+    metrics::{Metrics, RegistryGauges},
+    migration::coordinator,
     registry::{Change, Registry, RegistryError, Request},
-    store::{self, Store},
+    store::Store,
 };
 
 /// Largest request body: a batch of 65,536 endpoints is about 5 MB.
@@ -207,7 +207,7 @@ pub struct Gateway {
     current: RwLock<Arc<Registry>>,
     /// Serialises changes (held on a blocking thread across the fsyncs).
     writer: Mutex<()>,
-    store: Store,
+    pub(crate) store: Store,
     pub(crate) runtime: Mutex<HashMap<String, HostRuntime>>,
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) shutdown_tx: watch::Sender<bool>,
@@ -217,13 +217,11 @@ pub struct Gateway {
     watch_timeout: Duration,
     /// How long a migration step waits for the agents by default.
     pub(crate) step_timeout: Duration,
-    started: Instant,
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    pub(crate) migration_metrics: Mutex<MigrationMetrics>,
+    pub(crate) metrics: Metrics,
     /// The newest snapshot, serialised once for every watch that answers it.
     snapshot_cache: Mutex<Option<CachedSnapshot>>,
     /// Whole-container migrations (`ferry migrate run`).
-    pub(crate) runs: crate::runs::Runs,
+    pub(crate) runs: crate::migration::runs::Runs,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -259,11 +257,9 @@ impl Gateway {
             token,
             watch_timeout,
             step_timeout,
-            started: Instant::now(),
-            requests: Mutex::new(BTreeMap::new()),
-            migration_metrics: Mutex::new(MigrationMetrics::default()),
+            metrics: Metrics::new(),
             snapshot_cache: Mutex::new(None),
-            runs: crate::runs::Runs::default(),
+            runs: crate::migration::runs::Runs::default(),
         })
     }
 
@@ -402,58 +398,15 @@ impl Gateway {
                     .count(),
             )
         };
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            ));
-        };
-        gauge(
-            "ferry_gateway_uptime_seconds",
-            "Seconds since the gateway started.",
-            format!("{:.3}", self.started.elapsed().as_secs_f64()),
-        );
-        gauge(
-            "ferry_gateway_hosts",
-            "Registered hosts.",
-            reg.host_count().to_string(),
-        );
-        gauge(
-            "ferry_gateway_endpoints",
-            "Registered container endpoints.",
-            reg.endpoint_count().to_string(),
-        );
-        gauge(
-            "ferry_gateway_public_mappings",
-            "Public mappings.",
-            reg.public_count().to_string(),
-        );
-        gauge(
-            "ferry_gateway_registry_version",
-            "Registry version (one more per change).",
-            version.to_string(),
-        );
-        gauge(
-            "ferry_gateway_hosts_in_sync",
-            "Registered hosts whose agent reported the current registry version as applied.",
-            in_sync.to_string(),
-        );
-        gauge(
-            "ferry_gateway_hosts_connected",
-            "Registered hosts whose agent holds a watch open.",
-            connected.to_string(),
-        );
-        coordinator::write_metrics(&mut out, &reg, &lock(&self.migration_metrics));
-        out.push_str(
-            "# HELP ferry_gateway_api_requests_total API requests answered, by route (method and \
-             path pattern) and HTTP status.\n# TYPE ferry_gateway_api_requests_total counter\n",
-        );
-        for ((route, status), n) in lock(&self.requests).iter() {
-            out.push_str(&format!(
-                "ferry_gateway_api_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n"
-            ));
-        }
-        out
+        self.metrics.render(&RegistryGauges {
+            hosts: reg.host_count(),
+            endpoints: reg.endpoint_count(),
+            public_mappings: reg.public_count(),
+            version,
+            hosts_in_sync: in_sync,
+            hosts_connected: connected,
+            migrations: reg.migration_counts(now_unix_ms()),
+        })
     }
 }
 
@@ -580,7 +533,7 @@ async fn metrics(State(g): Shared) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
         g.metrics_text(),
     )
@@ -767,7 +720,7 @@ async fn count_requests(State(g): Shared, req: HttpRequest, next: Next) -> Respo
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     debug!(%route, status, "answered");
-    *lock(&g.requests).entry((route, status)).or_default() += 1;
+    g.metrics.count_request(route, status);
     resp
 }
 
@@ -783,7 +736,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/public/{*key}", delete(remove_public))
         .route("/v1/watch", get(watch_snapshot))
         .merge(coordinator::routes())
-        .merge(crate::runs::routes())
+        .merge(crate::migration::runs::routes())
         .route_layer(middleware::from_fn_with_state(g.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))
@@ -794,128 +747,4 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .layer(middleware::from_fn_with_state(g.clone(), count_requests))
         .with_state(g)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Start-up
-
-/// What `--check` found.
-#[derive(Debug, Clone, Serialize)]
-pub struct CheckReport {
-    pub config: PathBuf,
-    pub listen: SocketAddr,
-    pub state_file: PathBuf,
-    pub state_exists: bool,
-    pub version: u64,
-    pub hosts: usize,
-    pub endpoints: usize,
-    pub public: usize,
-    /// Live migrations (prepared, frozen, or released and maybe still forwarding).
-    pub migrations: usize,
-}
-
-/// Loads what the daemon needs, in the daemon's order: config, token, stored state (checked
-/// against the config). `lock`: take the state directory (the daemon) or only read it
-/// (`--check`, which must not create anything).
-fn prepare(
-    config_path: &Path,
-    lock: bool,
-) -> Result<(Config, String, Option<Store>, Registry), String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let token = auth::load_server_token(&config.token_file)?;
-    let store = if lock {
-        Some(Store::open(&config.state_dir).map_err(|e| e.to_string())?)
-    } else {
-        None
-    };
-    let state = store::read_state(&config.state_dir).map_err(|e| e.to_string())?;
-    let registry = match state {
-        None => Registry::new(config.net()),
-        Some(s) => Registry::from_persisted(config.net(), s).map_err(|e| {
-            format!(
-                "{}: the stored registry does not fit config {}: {e}; the file was left untouched",
-                config.state_dir.join(store::STATE_FILE).display(),
-                config_path.display()
-            )
-        })?,
-    };
-    Ok((config, token, store, registry))
-}
-
-/// `ferry gateway --config F --check`.
-pub fn check(config_path: &Path) -> Result<CheckReport, String> {
-    let (config, _, _, registry) = prepare(config_path, false)?;
-    let state_file = config.state_dir.join(store::STATE_FILE);
-    Ok(CheckReport {
-        config: config_path.to_path_buf(),
-        listen: config.listen,
-        state_exists: state_file.exists(),
-        state_file,
-        version: registry.version(),
-        hosts: registry.host_count(),
-        endpoints: registry.endpoint_count(),
-        public: registry.public_count(),
-        migrations: registry.live_migrations().count(),
-    })
-}
-
-/// `ferry gateway --config F`: serves until SIGTERM or SIGINT.
-pub async fn run(config_path: &Path) -> Result<(), String> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-
-    let (config, token, store, registry) = prepare(config_path, true)?;
-    let store = store.expect("prepare(lock) opens the store");
-    let (hosts, endpoints, public, version) = (
-        registry.host_count(),
-        registry.endpoint_count(),
-        registry.public_count(),
-        registry.version(),
-    );
-    let dangling = registry.dangling_public();
-    if !dangling.is_empty() {
-        info!(containers = ?dangling, "public mappings kept for containers that are not endpoints now");
-    }
-    for l in registry.live_migrations() {
-        let m = &l.migration;
-        info!(
-            migration = %m.id, container = %m.container, from = %m.from, to = %m.to,
-            phase = %m.phase,
-            "migration in progress kept as it is: agents re-sync through their watch; continue or abort it"
-        );
-    }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", config.listen))?;
-    let g = Gateway::new(
-        registry,
-        store,
-        token,
-        config.watch_timeout(),
-        config.step_timeout(),
-    );
-    g.configure_runs(config.listen, config.agent_api_port);
-    let expiry = tokio::spawn(coordinator::expire_released(g.clone()));
-    info!(
-        listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,
-        public, overlay_cidr = %config.overlay_cidr, vni = config.vni,
-        "gateway listening"
-    );
-    let app = router(g.clone());
-    let g2 = g.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: shutting down"),
-                _ = int.recv() => info!("SIGINT: shutting down"),
-            }
-            g2.begin_shutdown();
-        })
-        .await
-        .map_err(|e| format!("serving: {e}"))?;
-    g.begin_shutdown();
-    let _ = expiry.await;
-    info!(version = g.current().version(), "gateway stopped");
-    Ok(())
 }

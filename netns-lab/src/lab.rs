@@ -106,7 +106,7 @@ impl Lab {
         };
         // With agents and a gateway host, the gateway daemon (registry) runs too.
         let ferry_bin = if opts.start_agents && topology.internet.is_some() {
-            Some(find_binary("ferry", "ferry-gateway")?)
+            Some(find_binary("ferry", "ferry-cli")?)
         } else {
             None
         };
@@ -293,7 +293,7 @@ impl Lab {
     /// (FERRY_GATEWAY, FERRY_TOKEN_FILE), and captures its output.
     pub fn ferry(&self, args: &[&str]) -> Result<Output, LabError> {
         let cp = self.control_or_err()?;
-        let bin = find_binary("ferry", "ferry-gateway")?;
+        let bin = find_binary("ferry", "ferry-cli")?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .env("FERRY_GATEWAY", cp.api.to_string())
@@ -388,7 +388,7 @@ impl Lab {
     /// configuration and state directory; waits until it answers.
     pub fn restart_gateway(&mut self) -> Result<(), LabError> {
         let cp = self.control_or_err()?;
-        let bin = find_binary("ferry", "ferry-gateway")?;
+        let bin = find_binary("ferry", "ferry-cli")?;
         let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
             prefix: self.prefix.clone(),
             path: state::state_file(&self.prefix),
@@ -940,7 +940,7 @@ impl Builder {
                     // Images on the lab's tmpfs, one directory per host: no directory is
                     // shared between the hosts.
                     work_dir: dir.join("criu"),
-                    action_script: crate::bins::find_binary("ferry", "ferry-gateway")?,
+                    action_script: crate::bins::find_binary("ferry", "ferry-cli")?,
                     ..Default::default()
                 },
             };

@@ -851,7 +851,7 @@ fn run_mode(p: &Progress, args: &HandoffArgs, mode: Mode, bin: &Path, code: &mut
 pub fn run(args: &HandoffArgs) -> Result<i32, BenchError> {
     let p = Progress(Instant::now());
     let bin = find_binary("ferry-workload", "ferry-workload")?;
-    find_binary("ferry", "ferry-gateway")?;
+    find_binary("ferry", "ferry-cli")?;
     let mut code = 0;
     let mut hold = ByFreeze::default();
     let mut drop_ = ByFreeze::default();

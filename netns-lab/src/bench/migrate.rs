@@ -1064,7 +1064,7 @@ pub fn run(args: &MigrateArgs) -> Result<i32, BenchError> {
     let p = Progress(Instant::now());
     let bin = find_binary("ferry-workload", "ferry-workload")?;
     let bin = bin.canonicalize().unwrap_or(bin);
-    find_binary("ferry", "ferry-gateway")?;
+    find_binary("ferry", "ferry-cli")?;
     let mut code = 0;
     let ferry = run_mode(&p, args, Mode::Hold, &bin, &mut code);
     let criu_lock = run_mode(&p, args, Mode::CriuLock, &bin, &mut code);

@@ -1,7 +1,14 @@
+//! `ferry`: the orchestrators' command line ([`cli`]: the clap structures; [`commands`]: what
+//! each command does; [`runcmd`]: `ferry migrate run` and CRIU's action script), and
+//! `ferry gateway`, which runs the daemon of the ferry-gateway library.
 use std::process::ExitCode;
 
+mod cli;
+mod commands;
+mod runcmd;
+
 use clap::Parser as _;
-use ferry_gateway::{cli::Cli, commands};
+use cli::Cli;
 
 fn main() -> ExitCode {
     // Run by CRIU as its --action-script (no arguments, CRTOOLS_SCRIPT_ACTION set).

@@ -29,6 +29,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use ferry_api::run::unix_now_ms;
 use ferry_api::{
     ApiError, Client, ErrorCode,
     run::{
@@ -79,16 +80,9 @@ impl Runs {
     }
 }
 
-fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1e3)
-        .unwrap_or(0.0)
-}
-
 fn event(kind: &str, message: String) -> RunEvent {
     RunEvent {
-        unix_ms: now_ms(),
+        unix_ms: unix_now_ms(),
         kind: kind.into(),
         message,
         phase: None,
@@ -158,7 +152,7 @@ async fn start(
         ));
     };
     drop(reg);
-    let started = now_ms();
+    let started = unix_now_ms();
     let step = client
         .prepare_migration(req.container, &req.to, None)
         .await
@@ -185,7 +179,7 @@ async fn start(
     let prepare = PhaseTiming {
         name: "prepare".into(),
         start_unix_ms: started,
-        ms: now_ms() - started,
+        ms: unix_now_ms() - started,
         bytes: None,
     };
     let report = RunReport {
@@ -262,7 +256,7 @@ async fn drive(
         }
         Err(why) => abort(&g, &client, &id, why).await,
     };
-    let done = now_ms();
+    let done = unix_now_ms();
     g.runs.update(&id, |r| {
         r.phases.sort_by_key(|p| {
             PHASES

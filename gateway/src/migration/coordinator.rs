@@ -1,7 +1,7 @@
 //! The migration coordinator: the `/v1/migrations` routes, the wait for the agents after each
 //! step, the automatic rollback of a step they did not apply in time, the timer that ends
-//! forwarding graces, and the migration metrics. The rules (phases, idempotency, conflicts)
-//! are the registry's ([`crate::registry`]); the state reaches the agents only through the
+//! forwarding graces (its metrics are in [`crate::metrics`]). The rules (phases, idempotency, conflicts)
+//! are the registry's ([`crate::migration::transitions`]); the state reaches the agents only through the
 //! snapshot and its watch.
 //!
 //! Who a step waits for (each must report, through its watch, a version ≥ the step's):
@@ -20,8 +20,7 @@
 //! once.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
+    collections::BTreeSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -49,99 +48,6 @@ use crate::{
 /// An agent without an open watch still counts as connected this long after its last watch
 /// (it has none open while it applies a snapshot). Registering alone does not count.
 pub const LIVE_WINDOW_MS: u64 = 10_000;
-
-/// Upper bounds (seconds) of the step apply-time histogram.
-const APPLY_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-/// Results counted by `ferry_gateway_migration_steps_total`.
-const RESULTS: [&str; 6] = [
-    "ok",
-    "unchanged",
-    "refused",
-    "rolled_back",
-    "needs_attention",
-    "error",
-];
-
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    /// Per bucket of [`APPLY_BUCKETS`] (not cumulative).
-    buckets: [u64; APPLY_BUCKETS.len()],
-    sum: f64,
-    count: u64,
-}
-
-/// Counters of the coordinator.
-#[derive(Debug, Default)]
-pub struct MigrationMetrics {
-    steps: BTreeMap<(&'static str, &'static str), u64>,
-    apply: BTreeMap<&'static str, Histogram>,
-}
-
-impl MigrationMetrics {
-    fn count(&mut self, step: MigrationStepKind, result: &'static str) {
-        *self.steps.entry((step.as_str(), result)).or_default() += 1;
-    }
-
-    fn observe(&mut self, step: MigrationStepKind, seconds: f64) {
-        let h = self.apply.entry(step.as_str()).or_default();
-        if let Some(i) = APPLY_BUCKETS.iter().position(|b| seconds <= *b) {
-            h.buckets[i] += 1;
-        }
-        h.sum += seconds;
-        h.count += 1;
-    }
-}
-
-/// Appends the migration metrics (Prometheus text).
-pub(crate) fn write_metrics(out: &mut String, reg: &Registry, m: &MigrationMetrics) {
-    out.push_str(
-        "# HELP ferry_gateway_migrations Migrations the agents act on, by phase (released: \
-         still forwarding).\n# TYPE ferry_gateway_migrations gauge\n",
-    );
-    for (phase, n) in reg.migration_counts(now_unix_ms()) {
-        let _ = writeln!(out, "ferry_gateway_migrations{{phase=\"{phase}\"}} {n}");
-    }
-    out.push_str(
-        "# HELP ferry_gateway_migration_steps_total Migration steps answered, by step and result \
-         (ok, unchanged, refused, rolled_back, needs_attention, error).\n\
-         # TYPE ferry_gateway_migration_steps_total counter\n",
-    );
-    for step in MigrationStepKind::ALL {
-        for result in RESULTS {
-            let n = m.steps.get(&(step.as_str(), result)).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "ferry_gateway_migration_steps_total{{step=\"{step}\",result=\"{result}\"}} {n}"
-            );
-        }
-    }
-    out.push_str(
-        "# HELP ferry_gateway_migration_step_apply_seconds Time from persisting a migration step \
-         to its agents reporting it applied (successful steps that changed something).\n\
-         # TYPE ferry_gateway_migration_step_apply_seconds histogram\n",
-    );
-    for step in MigrationStepKind::ALL {
-        let h = m.apply.get(step.as_str()).cloned().unwrap_or_default();
-        let mut cumulative = 0;
-        for (b, n) in APPLY_BUCKETS.iter().zip(h.buckets) {
-            cumulative += n;
-            let _ = writeln!(
-                out,
-                "ferry_gateway_migration_step_apply_seconds_bucket{{step=\"{step}\",le=\"{b}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "ferry_gateway_migration_step_apply_seconds_bucket{{step=\"{step}\",le=\"+Inf\"}} {}\n\
-             ferry_gateway_migration_step_apply_seconds_sum{{step=\"{step}\"}} {:.6}\n\
-             ferry_gateway_migration_step_apply_seconds_count{{step=\"{step}\"}} {}",
-            h.count, h.sum, h.count
-        );
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Logging
@@ -338,7 +244,7 @@ impl Gateway {
     }
 
     fn count_step(&self, step: MigrationStepKind, result: &'static str) {
-        lock(&self.migration_metrics).count(step, result);
+        self.metrics.count_step(step, result);
     }
 }
 
@@ -503,12 +409,10 @@ async fn settle(
     match g.wait_applied(&hosts, target, persisted_at + timeout).await {
         Wait::Applied => {
             let took = persisted_at.elapsed();
-            {
-                let mut m = lock(&g.migration_metrics);
-                m.count(step, if changed { "ok" } else { "unchanged" });
-                if changed {
-                    m.observe(step, took.as_secs_f64());
-                }
+            g.metrics
+                .count_step(step, if changed { "ok" } else { "unchanged" });
+            if changed {
+                g.metrics.observe_apply(step, took.as_secs_f64());
             }
             info!(
                 migration = %migration.id, %step, phase = %migration.phase, version = target,
@@ -742,38 +646,6 @@ pub(crate) async fn expire_released(g: Arc<Gateway>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_and_counters_render() {
-        let mut m = MigrationMetrics::default();
-        m.count(MigrationStepKind::Freeze, "ok");
-        m.count(MigrationStepKind::Freeze, "ok");
-        m.count(MigrationStepKind::Prepare, "rolled_back");
-        m.observe(MigrationStepKind::Freeze, 0.02);
-        m.observe(MigrationStepKind::Freeze, 100.0);
-        let reg = Registry::new(crate::registry::NetConfig {
-            overlay_cidr: "10.244.0.0/16".parse().unwrap(),
-            vni: 1,
-            public_cidrs: vec![],
-            forward_grace_ms: 2000,
-        });
-        let mut out = String::new();
-        write_metrics(&mut out, &reg, &m);
-        for want in [
-            "ferry_gateway_migrations{phase=\"frozen\"} 0\n",
-            "ferry_gateway_migration_steps_total{step=\"freeze\",result=\"ok\"} 2\n",
-            "ferry_gateway_migration_steps_total{step=\"prepare\",result=\"rolled_back\"} 1\n",
-            "ferry_gateway_migration_steps_total{step=\"abort\",result=\"error\"} 0\n",
-            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"0.01\"} 0\n",
-            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"0.025\"} 1\n",
-            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"30\"} 1\n",
-            "ferry_gateway_migration_step_apply_seconds_bucket{step=\"freeze\",le=\"+Inf\"} 2\n",
-            "ferry_gateway_migration_step_apply_seconds_count{step=\"freeze\"} 2\n",
-            "ferry_gateway_migration_step_apply_seconds_sum{step=\"freeze\"} 100.020000\n",
-        ] {
-            assert!(out.contains(want), "{want:?} missing from\n{out}");
-        }
-    }
 
     #[test]
     fn liveness() {

@@ -15,9 +15,8 @@ use ferry_api::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{
-    cli::{Cli, Command, EndpointCommand, GatewayArgs, MigrateCommand, PublicCommand, StepArgs},
-    server,
+use crate::cli::{
+    Cli, Command, EndpointCommand, GatewayArgs, MigrateCommand, PublicCommand, StepArgs,
 };
 
 /// A command's result: one JSON document, and the same for people.
@@ -203,7 +202,8 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
 
 async fn gateway(args: GatewayArgs) -> Result<Option<Outcome>, CliError> {
     if args.check {
-        let r = server::check(&args.config).map_err(|m| CliError::new("invalid_config", m))?;
+        let r = ferry_gateway::check(&args.config)
+            .map_err(|e| CliError::new("invalid_config", e.to_string()))?;
         let state = if r.state_exists {
             format!(
                 "registry version {} ({} hosts, {} endpoints, {} public mappings, {} migrations \
@@ -225,9 +225,9 @@ async fn gateway(args: GatewayArgs) -> Result<Option<Outcome>, CliError> {
         );
         return Outcome::new(r, text).map(Some);
     }
-    server::run(&args.config)
+    ferry_gateway::serve(&args.config)
         .await
-        .map_err(|m| CliError::new("gateway_failed", m))?;
+        .map_err(|e| CliError::new("gateway_failed", e.to_string()))?;
     Ok(None)
 }
 

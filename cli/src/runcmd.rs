@@ -5,7 +5,10 @@ use std::{fmt::Write as _, time::Duration};
 
 use ferry_api::{
     Client, MigrationStepKind,
-    run::{FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState},
+    run::{
+        FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState,
+        unix_now_ms,
+    },
 };
 
 use crate::commands::{CliError, Outcome};
@@ -183,13 +186,6 @@ fn side() -> Option<Side> {
     }
 }
 
-fn now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1e3)
-        .unwrap_or(0.0)
-}
-
 /// `ferry action-script` (also `ferry` with no arguments and `CRTOOLS_SCRIPT_ACTION` set).
 /// Prints nothing on stdout (CRIU's stdout carries its statistics).
 pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
@@ -234,7 +230,7 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
             }
         }
     };
-    let start = now_ms();
+    let start = unix_now_ms();
     let t = std::time::Instant::now();
     c.migration_step(&id, step, None).await?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -246,7 +242,7 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
         bytes: None,
     });
     let event = RunEvent {
-        unix_ms: now_ms(),
+        unix_ms: unix_now_ms(),
         kind: if phase.is_some() { "phase" } else { "info" }.into(),
         message: format!("{step}: {ms:.1} ms (CRIU {action} on the {side:?} side)").to_lowercase(),
         phase,

@@ -1,0 +1,329 @@
+//! Container endpoints: batches added all or nothing, removal (public mappings are kept).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ferry_api::{Endpoint, EndpointSpec, ErrorCode, MacAddr};
+
+use super::{Change, Registry, RegistryError, fail};
+impl Registry {
+    pub(crate) fn add_endpoints(
+        &mut self,
+        specs: Vec<EndpointSpec>,
+    ) -> Result<Change, RegistryError> {
+        if specs.is_empty() {
+            return fail(
+                ErrorCode::BadRequest,
+                "endpoints: the list is empty: give at least one endpoint",
+            );
+        }
+        let batch = specs.len() > 1;
+        let mut seen_ip: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+        let mut seen_mac: BTreeMap<MacAddr, usize> = BTreeMap::new();
+        let mut new = Vec::with_capacity(specs.len());
+        for (i, s) in specs.into_iter().enumerate() {
+            let at = |m: String| {
+                if batch {
+                    format!("endpoints[{i}]: {m}")
+                } else {
+                    m
+                }
+            };
+            let wrap = |e: RegistryError| RegistryError {
+                code: e.code,
+                message: at(e.message),
+            };
+            self.check_overlay_ip("ip", s.ip).map_err(wrap)?;
+            if let Some(h) = self.host_with_overlay_ip(s.ip) {
+                return fail(
+                    ErrorCode::Conflict,
+                    at(format!("ip {} is host {}'s overlay_ip", s.ip, h.name)),
+                );
+            }
+            if !self.hosts.contains_key(&s.host) {
+                return fail(
+                    ErrorCode::UnknownHost,
+                    at(format!(
+                        "host {:?} (of endpoint {}) is not registered",
+                        s.host, s.ip
+                    )),
+                );
+            }
+            if let Some(e) = self.endpoints.get(&s.ip) {
+                return fail(
+                    ErrorCode::DuplicateEndpoint,
+                    at(format!(
+                        "endpoint {} already exists on host {}",
+                        s.ip, e.host
+                    )),
+                );
+            }
+            if let Some(j) = seen_ip.insert(s.ip, i) {
+                return fail(
+                    ErrorCode::DuplicateEndpoint,
+                    at(format!(
+                        "ip {} appears twice in the request (also endpoints[{j}])",
+                        s.ip
+                    )),
+                );
+            }
+            let mac = s.mac.unwrap_or_else(|| MacAddr::for_container(s.ip));
+            if mac.is_zero() {
+                return fail(
+                    ErrorCode::InvalidAddress,
+                    at(format!("mac {mac} of endpoint {} is all zeros", s.ip)),
+                );
+            }
+            if !mac.is_unicast() {
+                return fail(
+                    ErrorCode::InvalidAddress,
+                    at(format!(
+                        "mac {mac} of endpoint {} is a multicast address: want a unicast MAC",
+                        s.ip
+                    )),
+                );
+            }
+            if let Some(other) = self.macs.get(&mac) {
+                return fail(
+                    ErrorCode::Conflict,
+                    at(format!(
+                        "mac {mac} of endpoint {} is already endpoint {other}'s",
+                        s.ip
+                    )),
+                );
+            }
+            if let Some(j) = seen_mac.insert(mac, i) {
+                return fail(
+                    ErrorCode::Conflict,
+                    at(format!(
+                        "mac {mac} appears twice in the request (also endpoints[{j}])"
+                    )),
+                );
+            }
+            new.push(Endpoint {
+                ip: s.ip,
+                host: s.host,
+                mac,
+            });
+        }
+        for e in &new {
+            self.macs.insert(e.mac, e.ip);
+            self.endpoints.insert(e.ip, e.clone());
+        }
+        Ok(Change::EndpointsAdded(new))
+    }
+
+    pub(crate) fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<Change, RegistryError> {
+        if !self.endpoints.contains_key(&ip) {
+            return fail(
+                ErrorCode::UnknownEndpoint,
+                format!("no endpoint has ip {ip}"),
+            );
+        }
+        if let Some(l) = self.active_migration(ip) {
+            let m = &l.migration;
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "endpoint {ip} is being migrated (migration {}, {}, {} → {}): abort or \
+                     finish the migration first",
+                    m.id, m.phase, m.from, m.to
+                ),
+            );
+        }
+        let endpoint = self.endpoints.remove(&ip).expect("checked above");
+        self.macs.remove(&endpoint.mac);
+        let kept_public = self
+            .public
+            .values()
+            .filter(|p| p.container == ip)
+            .cloned()
+            .collect();
+        let ended_migrations = self.end_live(|m| m.container == ip);
+        Ok(Change::EndpointRemoved {
+            endpoint,
+            kept_public,
+            ended_migrations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use ferry_api::{EndpointSpec, ErrorCode, MacAddr};
+
+    use crate::registry::{Change, Request};
+
+    use crate::registry::testutil::*;
+
+    #[test]
+    fn endpoint_validation() {
+        let mut r = populated();
+        use ErrorCode::*;
+        let one = |s: EndpointSpec| Request::AddEndpoints(vec![s]);
+        let cases = [
+            (
+                one(ep("10.245.1.1", "a1")),
+                InvalidAddress,
+                "ip 10.245.1.1 is outside overlay_cidr 10.244.0.0/16",
+            ),
+            (
+                one(ep("10.244.0.0", "a1")),
+                InvalidAddress,
+                "ip 10.244.0.0 is the network address",
+            ),
+            (
+                one(ep("10.244.255.255", "a1")),
+                InvalidAddress,
+                "ip 10.244.255.255 is the broadcast address",
+            ),
+            (
+                one(ep("10.244.255.3", "a1")),
+                Conflict,
+                "ip 10.244.255.3 is host b1's overlay_ip",
+            ),
+            (
+                one(ep("10.244.1.9", "zz")),
+                UnknownHost,
+                "host \"zz\" (of endpoint 10.244.1.9) is not registered",
+            ),
+            (
+                one(ep("10.244.1.5", "b1")),
+                DuplicateEndpoint,
+                "endpoint 10.244.1.5 already exists on host a1",
+            ),
+            (
+                one(ep_mac("10.244.1.9", "a1", "00:00:00:00:00:00")),
+                InvalidAddress,
+                "mac 00:00:00:00:00:00 of endpoint 10.244.1.9 is all zeros",
+            ),
+            (
+                one(ep_mac("10.244.1.9", "a1", "01:00:5e:00:00:01")),
+                InvalidAddress,
+                "is a multicast address",
+            ),
+            (
+                one(ep_mac("10.244.1.9", "a1", "0e:fc:0a:f4:01:05")),
+                Conflict,
+                "mac 0e:fc:0a:f4:01:05 of endpoint 10.244.1.9 is already endpoint 10.244.1.5's",
+            ),
+            (
+                Request::AddEndpoints(vec![]),
+                BadRequest,
+                "the list is empty",
+            ),
+        ];
+        for (req, code, want) in cases {
+            refused(&mut r, req, code, want);
+        }
+    }
+
+    #[test]
+    fn endpoint_batches_are_all_or_nothing() {
+        let mut r = populated();
+        // The bad entry is last: the good ones before it must not be applied.
+        refused(
+            &mut r,
+            Request::AddEndpoints(vec![
+                ep("10.244.1.6", "a1"),
+                ep("10.244.1.7", "b1"),
+                ep("10.244.1.8", "nope"),
+            ]),
+            ErrorCode::UnknownHost,
+            "endpoints[2]: host \"nope\"",
+        );
+        refused(
+            &mut r,
+            Request::AddEndpoints(vec![
+                ep("10.244.1.6", "a1"),
+                ep("10.244.1.7", "b1"),
+                ep("10.244.1.6", "b1"),
+            ]),
+            ErrorCode::DuplicateEndpoint,
+            "endpoints[2]: ip 10.244.1.6 appears twice in the request (also endpoints[0])",
+        );
+        refused(
+            &mut r,
+            Request::AddEndpoints(vec![
+                ep_mac("10.244.1.6", "a1", "0e:00:00:00:00:01"),
+                ep_mac("10.244.1.7", "a1", "0e:00:00:00:00:01"),
+            ]),
+            ErrorCode::Conflict,
+            "endpoints[1]: mac 0e:00:00:00:00:01 appears twice in the request (also endpoints[0])",
+        );
+        // A default MAC colliding with an explicit one in the same batch.
+        refused(
+            &mut r,
+            Request::AddEndpoints(vec![
+                ep_mac("10.244.1.6", "a1", "0e:fc:0a:f4:01:07"),
+                ep("10.244.1.7", "a1"),
+            ]),
+            ErrorCode::Conflict,
+            "appears twice",
+        );
+
+        let v = r.version();
+        let added = r
+            .apply(Request::AddEndpoints(vec![
+                ep("10.244.1.6", "a1"),
+                ep_mac("10.244.1.7", "b1", "02:00:00:00:00:07"),
+            ]))
+            .unwrap();
+        assert_eq!(r.version(), v + 1, "one batch is one version");
+        let Change::EndpointsAdded(added) = added else {
+            panic!("{added:?}")
+        };
+        assert_eq!(
+            added[0].mac,
+            MacAddr::for_container("10.244.1.6".parse().unwrap())
+        );
+        assert_eq!(added[1].mac.to_string(), "02:00:00:00:00:07");
+        assert_eq!(r.endpoint_count(), 4);
+    }
+
+    #[test]
+    fn endpoint_removal_keeps_public_mappings_and_frees_the_mac() {
+        let mut r = populated();
+        r.apply(Request::AddPublic(whole("203.0.113.130", "10.244.1.5")))
+            .unwrap();
+        refused(
+            &mut r,
+            Request::RemoveEndpoint("10.244.1.99".parse().unwrap()),
+            ErrorCode::UnknownEndpoint,
+            "no endpoint has ip 10.244.1.99",
+        );
+        let c = r
+            .apply(Request::RemoveEndpoint("10.244.1.5".parse().unwrap()))
+            .unwrap();
+        let Change::EndpointRemoved {
+            endpoint,
+            kept_public,
+            ended_migrations,
+        } = c
+        else {
+            panic!("{c:?}")
+        };
+        assert_eq!(endpoint.host, "a1");
+        assert!(ended_migrations.is_empty());
+        assert_eq!(kept_public, vec![whole("203.0.113.130", "10.244.1.5")]);
+        assert_eq!(r.public_count(), 1);
+        assert_eq!(
+            r.dangling_public(),
+            BTreeSet::from(["10.244.1.5".parse().unwrap()])
+        );
+        // Move: re-add on another host, with the same (default) MAC.
+        r.apply(Request::AddEndpoints(vec![ep("10.244.1.5", "b1")]))
+            .unwrap();
+        assert!(r.dangling_public().is_empty());
+        // A host may not take the overlay address a kept mapping points to.
+        r.apply(Request::RemoveEndpoint("10.244.1.5".parse().unwrap()))
+            .unwrap();
+        refused(
+            &mut r,
+            Request::RegisterHost(host("c1", "198.18.9.1", "10.244.1.5")),
+            ErrorCode::Conflict,
+            "container address of public mapping 203.0.113.130",
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! Hosts: registration (idempotent; updates bump the version) and removal.
+
+use std::net::Ipv4Addr;
+
+use ferry_api::{
+    ErrorCode, HostInfo, HostRole,
+    validate::{non_unicast_reason, validate_host_name},
+};
+
+use super::{Change, Registry, RegistryError, fail};
+impl Registry {
+    pub(crate) fn register_host(&mut self, h: HostInfo) -> Result<Change, RegistryError> {
+        validate_host_name(&h.name).map_err(|m| RegistryError {
+            code: ErrorCode::BadRequest,
+            message: format!("name: {m}"),
+        })?;
+        if let Some(why) = non_unicast_reason(h.vtep) {
+            return fail(
+                ErrorCode::InvalidAddress,
+                format!(
+                    "vtep {} is {why}: want the host's unicast underlay address",
+                    h.vtep
+                ),
+            );
+        }
+        if self.net.overlay_cidr.contains(&h.vtep) {
+            return fail(
+                ErrorCode::InvalidAddress,
+                format!(
+                    "vtep {} is inside overlay_cidr {}: want the host's underlay address",
+                    h.vtep, self.net.overlay_cidr
+                ),
+            );
+        }
+        self.check_overlay_ip("overlay_ip", h.overlay_ip)?;
+
+        let old = self.hosts.get(&h.name).cloned();
+        if old.as_ref() == Some(&h) {
+            return Ok(Change::HostUnchanged(h));
+        }
+        for other in self.hosts.values().filter(|o| o.name != h.name) {
+            if other.vtep == h.vtep {
+                return fail(
+                    ErrorCode::Conflict,
+                    format!("vtep {} is already host {}'s vtep", h.vtep, other.name),
+                );
+            }
+            if other.overlay_ip == h.overlay_ip {
+                return fail(
+                    ErrorCode::Conflict,
+                    format!(
+                        "overlay_ip {} is already host {}'s overlay_ip",
+                        h.overlay_ip, other.name
+                    ),
+                );
+            }
+            if h.role == HostRole::Gateway && other.role == HostRole::Gateway {
+                return fail(
+                    ErrorCode::Conflict,
+                    format!(
+                        "host {} already has role gateway: there can be only one gateway",
+                        other.name
+                    ),
+                );
+            }
+        }
+        if let Some(e) = self.endpoints.get(&h.overlay_ip) {
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "overlay_ip {} is the address of endpoint {} on host {}",
+                    h.overlay_ip, e.ip, e.host
+                ),
+            );
+        }
+        if let Some(p) = self.public.values().find(|p| p.container == h.overlay_ip) {
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "overlay_ip {} is the container address of public mapping {}",
+                    h.overlay_ip,
+                    p.key()
+                ),
+            );
+        }
+        self.hosts.insert(h.name.clone(), h.clone());
+        Ok(match old {
+            None => Change::HostAdded(h),
+            Some(old) => Change::HostUpdated { old, new: h },
+        })
+    }
+
+    pub(crate) fn remove_host(&mut self, name: &str) -> Result<Change, RegistryError> {
+        if !self.hosts.contains_key(name) {
+            return fail(
+                ErrorCode::UnknownHost,
+                format!("host {name:?} is not registered"),
+            );
+        }
+        if let Some(l) = self.migrations.values().find(|l| {
+            l.migration.phase.is_active() && (l.migration.from == name || l.migration.to == name)
+        }) {
+            let m = &l.migration;
+            let role = if m.to == name {
+                "destination"
+            } else {
+                "source"
+            };
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "host {name} is the {role} of migration {} ({}, {}, {} → {}): abort or \
+                     finish it first",
+                    m.id, m.container, m.phase, m.from, m.to
+                ),
+            );
+        }
+        let on_it: Vec<Ipv4Addr> = self
+            .endpoints
+            .values()
+            .filter(|e| e.host == name)
+            .map(|e| e.ip)
+            .collect();
+        if !on_it.is_empty() {
+            let mut list: Vec<String> = on_it.iter().take(5).map(|ip| ip.to_string()).collect();
+            if on_it.len() > 5 {
+                list.push("…".into());
+            }
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "host {name} still has {} endpoint(s) ({}): remove or move them first",
+                    on_it.len(),
+                    list.join(", ")
+                ),
+            );
+        }
+        let host = self.hosts.remove(name).expect("checked above");
+        let ended_migrations = self.end_live(|m| m.from == name || m.to == name);
+        Ok(Change::HostRemoved {
+            host,
+            ended_migrations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use ferry_api::{ErrorCode, HostInfo, HostRole};
+
+    use crate::registry::{Change, Request};
+
+    use crate::registry::testutil::*;
+
+    #[test]
+    fn host_registration_is_idempotent_and_updates_bump() {
+        let mut r = populated();
+        let v = r.version();
+        let same = host("a1", "198.18.1.10", "10.244.255.1");
+        assert_eq!(
+            r.apply(Request::RegisterHost(same.clone())).unwrap(),
+            Change::HostUnchanged(same.clone())
+        );
+        assert_eq!(r.version(), v, "identical re-registration must not bump");
+
+        let moved = host("a1", "198.18.1.11", "10.244.255.2");
+        assert_eq!(
+            r.apply(Request::RegisterHost(moved.clone())).unwrap(),
+            Change::HostUpdated {
+                old: same,
+                new: moved.clone()
+            }
+        );
+        assert_eq!(r.version(), v + 1);
+        assert_eq!(r.host("a1"), Some(&moved));
+        // Endpoints stay on the updated host.
+        assert_eq!(r.endpoints().filter(|e| e.host == "a1").count(), 1);
+
+        // Role change is an update too.
+        let promoted = HostInfo {
+            role: HostRole::Gateway,
+            ..host("b1", "198.18.2.10", "10.244.255.3")
+        };
+        refused(
+            &mut r,
+            Request::RegisterHost(promoted),
+            ErrorCode::Conflict,
+            "host gw already has role gateway",
+        );
+        r.apply(Request::RegisterHost(gw(
+            "gw",
+            "198.18.0.10",
+            "10.244.255.254",
+        )))
+        .unwrap();
+        assert_eq!(r.version(), v + 1, "gateway re-registration unchanged");
+        r.apply(Request::RegisterHost(host(
+            "gw",
+            "198.18.0.10",
+            "10.244.255.254",
+        )))
+        .unwrap();
+        r.apply(Request::RegisterHost(gw(
+            "b1",
+            "198.18.2.10",
+            "10.244.255.3",
+        )))
+        .unwrap();
+        assert_eq!(r.version(), v + 3);
+    }
+
+    #[test]
+    fn host_validation() {
+        let mut r = populated();
+        use ErrorCode::*;
+        let cases = [
+            (
+                host("A1", "198.18.9.1", "10.244.255.9"),
+                BadRequest,
+                "name: host name \"A1\"",
+            ),
+            (
+                host("-x", "198.18.9.1", "10.244.255.9"),
+                BadRequest,
+                "starts with '-'",
+            ),
+            (host("", "198.18.9.1", "10.244.255.9"), BadRequest, "empty"),
+            (
+                host(&"x".repeat(33), "198.18.9.1", "10.244.255.9"),
+                BadRequest,
+                "33 characters",
+            ),
+            (
+                host("c1", "0.0.0.0", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 0.0.0.0 is the unspecified",
+            ),
+            (
+                host("c1", "127.0.0.1", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 127.0.0.1 is a loopback",
+            ),
+            (
+                host("c1", "239.1.1.1", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 239.1.1.1 is a multicast",
+            ),
+            (
+                host("c1", "255.255.255.255", "10.244.255.9"),
+                InvalidAddress,
+                "the broadcast address",
+            ),
+            (
+                host("c1", "10.244.7.7", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 10.244.7.7 is inside overlay_cidr 10.244.0.0/16",
+            ),
+            (
+                host("c1", "198.18.9.1", "10.245.0.1"),
+                InvalidAddress,
+                "overlay_ip 10.245.0.1 is outside overlay_cidr 10.244.0.0/16",
+            ),
+            (
+                host("c1", "198.18.9.1", "10.244.0.0"),
+                InvalidAddress,
+                "overlay_ip 10.244.0.0 is the network address",
+            ),
+            (
+                host("c1", "198.18.9.1", "10.244.255.255"),
+                InvalidAddress,
+                "overlay_ip 10.244.255.255 is the broadcast address",
+            ),
+            (
+                host("c1", "198.18.1.10", "10.244.255.9"),
+                Conflict,
+                "vtep 198.18.1.10 is already host a1's vtep",
+            ),
+            (
+                host("c1", "198.18.9.1", "10.244.255.1"),
+                Conflict,
+                "overlay_ip 10.244.255.1 is already host a1's overlay_ip",
+            ),
+            (
+                host("c1", "198.18.9.1", "10.244.1.5"),
+                Conflict,
+                "overlay_ip 10.244.1.5 is the address of endpoint 10.244.1.5 on host a1",
+            ),
+            (
+                gw("c1", "198.18.9.1", "10.244.255.9"),
+                Conflict,
+                "host gw already has role gateway",
+            ),
+            // An update of a1 must not collide with b1 either.
+            (
+                host("a1", "198.18.2.10", "10.244.255.1"),
+                Conflict,
+                "vtep 198.18.2.10 is already host b1's vtep",
+            ),
+        ];
+        for (h, code, want) in cases {
+            refused(&mut r, Request::RegisterHost(h), code, want);
+        }
+    }
+
+    #[test]
+    fn host_removal() {
+        let mut r = populated();
+        refused(
+            &mut r,
+            Request::RemoveHost("nope".into()),
+            ErrorCode::UnknownHost,
+            "host \"nope\" is not registered",
+        );
+        refused(
+            &mut r,
+            Request::RemoveHost("a1".into()),
+            ErrorCode::Conflict,
+            "host a1 still has 1 endpoint(s) (10.244.1.5)",
+        );
+        let v = r.version();
+        assert_eq!(
+            r.apply(Request::RemoveHost("gw".into())).unwrap(),
+            Change::HostRemoved {
+                host: gw("gw", "198.18.0.10", "10.244.255.254"),
+                ended_migrations: vec![],
+            }
+        );
+        assert_eq!(r.version(), v + 1);
+        assert!(r.host("gw").is_none());
+    }
+}
