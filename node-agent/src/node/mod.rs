@@ -80,6 +80,14 @@ fn egress_flags(applied: &Applied, ip: Ipv4Addr) -> u32 {
     }
 }
 
+fn mark(set: &mut BTreeSet<Ipv4Addr>, ip: Ipv4Addr, on: bool) {
+    if on {
+        set.insert(ip);
+    } else {
+        set.remove(&ip);
+    }
+}
+
 /// Summary for `/v1/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -158,11 +166,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// The connections of local container `ip` have been dumped (or are back, `false`): from
     /// now on what the old copy emits is dropped (`frozen_source`), at once.
     pub fn mark_dumped(&mut self, ip: Ipv4Addr, dumped: bool) {
-        if dumped {
-            self.applied.dumped.insert(ip);
-        } else {
-            self.applied.dumped.remove(&ip);
-        }
+        mark(&mut self.applied.dumped, ip, dumped);
         self.refresh_drop_egress(ip);
     }
 
@@ -170,11 +174,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// [`Applied::silenced`]. Takes effect on the next FORWARD entry (the freeze), or at once
     /// if the entry already forwards.
     pub fn silence_on_freeze(&mut self, ip: Ipv4Addr, on: bool) {
-        if on {
-            self.applied.silenced.insert(ip);
-        } else {
-            self.applied.silenced.remove(&ip);
-        }
+        mark(&mut self.applied.silenced, ip, on);
         self.refresh_drop_egress(ip);
     }
 
