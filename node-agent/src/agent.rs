@@ -19,10 +19,11 @@ use tracing::{Instrument as _, info, warn};
 
 use crate::{
     config::AgentConfig,
+    containers::HostNetwork,
     handoff::Handoff,
     hold::HoldQueues,
     metrics,
-    node::{Applied, Hold, Node},
+    node::{Announcements, Applied, Hold, Node},
     plan,
     runtime::Runtime,
     sync,
@@ -121,16 +122,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let datapath = Arc::new(Mutex::new(dp));
     let mut node = Node {
         host: cfg.host.clone(),
-        nl,
         datapath: datapath.clone(),
+        net: HostNetwork {
+            nl,
+            netns_prefix: cfg.container_netns_prefix.clone(),
+            mtu: OVERLAY_MTU,
+            host_overlay_ip: cfg.overlay_ip,
+        },
         base_config: base,
-        netns_prefix: cfg.container_netns_prefix.clone(),
-        container_mtu: OVERLAY_MTU,
-        overlay_ip: cfg.overlay_ip,
         applied: Applied::default(),
         hold: Some(hold.clone()),
         hold_ifindex: base.hold_ifindex,
-        announce: cfg.announce.clone(),
+        announcer: Announcements {
+            schedule: cfg.announce.clone(),
+        },
         registry: None,
     };
     let hold_reader = tokio::spawn(read_hold_device(hold.clone()));
@@ -213,11 +218,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     node.remove_containers().await;
     // Detach (dropping the datapath closes the tcx links), then remove the device.
     let Node {
-        nl, datapath, hold, ..
+        net,
+        datapath,
+        hold,
+        ..
     } = node;
     drop(datapath);
     drop(hold); // closing the TAP's fd removes the device
-    if let Err(e) = nl.delete_link(&cfg.vxlan_device).await {
+    if let Err(e) = net.nl.delete_link(&cfg.vxlan_device).await {
         warn!(error = %e, "removing vxlan device");
     }
     if cfg.role == HostRole::Gateway
@@ -337,7 +345,14 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
         let n = s.node.lock().await;
         let dropped = match n.hold_ifindex {
             0 => 0,
-            i => n.nl.link_tx_dropped(i).await.ok().flatten().unwrap_or(0),
+            i => n
+                .net
+                .nl
+                .link_tx_dropped(i)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0),
         };
         let hold = n.hold.as_ref().map(|h| {
             let q = h.queues.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,18 +1,20 @@
-//! The network side of local containers: a network namespace, a veth pair, and from-container
-//! attached to its host end. The agent creates them when the registry places an endpoint here
-//! and removes them when it leaves.
+//! The network side of local containers: a network namespace and a veth pair (from-container
+//! on its host end is the datapath's part, see `node::steps`). The agent creates them when the
+//! registry places an endpoint here and removes them when it leaves.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use ferry_overlay::{
-    datapath::Datapath,
     netlink::{ContainerLink, Netlink},
     netns, sys,
 };
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::plan::{LocalContainer, container_host_if, container_netns_name};
+use crate::{
+    node::seams::ContainerNet,
+    plan::{LocalContainer, container_host_if, container_netns_name},
+};
 
 /// MAC of every host-side container veth (the container's default gateway), same on every
 /// host; the datapath answers ARP with it too.
@@ -40,10 +42,10 @@ pub enum ContainerError {
         ip: Ipv4Addr,
         source: ferry_overlay::netlink::NetlinkError,
     },
-    #[error("container {ip}: {source}")]
-    Datapath {
+    #[error("container {ip}: a blocking task failed: {source}")]
+    Blocking {
         ip: Ipv4Addr,
-        source: ferry_overlay::datapath::DatapathError,
+        source: tokio::task::JoinError,
     },
     #[error("container {ip}: sysctl: {source}")]
     Sysctl {
@@ -52,33 +54,39 @@ pub enum ContainerError {
     },
 }
 
-/// What the container builder needs from the host.
-pub struct HostSide<'a> {
-    pub nl: &'a Netlink,
-    pub datapath: &'a std::sync::Mutex<Datapath>,
-    pub netns_prefix: &'a str,
+/// Runs a blocking kernel call (a namespace change or a bind mount on a thread of its own)
+/// off the tokio workers.
+async fn blocking<T: Send + 'static>(
+    ip: Ipv4Addr,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ContainerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| ContainerError::Blocking { ip, source })
+}
+
+/// The real [`ContainerNet`]: namespaces and veths in the host's network namespace, over
+/// netlink (`nl` is bound to it).
+pub struct HostNetwork {
+    pub nl: Netlink,
+    pub netns_prefix: String,
     pub mtu: u32,
     pub host_overlay_ip: Ipv4Addr,
 }
 
-impl HostSide<'_> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Datapath> {
-        self.datapath.lock().unwrap_or_else(|p| p.into_inner())
-    }
+impl ContainerNet for HostNetwork {
+    type Error = ContainerError;
 
-    /// Builds a container's network side afresh (a stale namespace or veth of the same name,
-    /// left by an earlier run, is replaced). On failure, whatever was made is removed again.
-    pub async fn create(&self, c: &LocalContainer) -> Result<Built, ContainerError> {
+    /// Creates the named namespace, then the veth pair (see
+    /// [`Netlink::create_container_link`]). On failure, whatever was made is removed again.
+    async fn create(&self, c: &LocalContainer) -> Result<Built, ContainerError> {
         let ip = c.ip;
-        let name = container_netns_name(self.netns_prefix, ip);
+        let name = container_netns_name(&self.netns_prefix, ip);
         let host_if = container_host_if(ip);
-        if let Err(e) = self.delete(ip).await {
-            warn!(%ip, error = %e, "removing a stale container before creating it");
-        }
-        let path =
-            netns::create_named(&name).map_err(|source| ContainerError::NetNs { ip, source })?;
-        let r = self.build(c, &path, &host_if).await;
-        match r {
+        let path = blocking(ip, move || netns::create_named(&name))
+            .await?
+            .map_err(|source| ContainerError::NetNs { ip, source })?;
+        match self.build(c, &path, &host_if).await {
             Ok(ifindex) => {
                 info!(%ip, mac = %c.mac, netns = %path.display(), %host_if, ifindex, "container network ready");
                 Ok(Built {
@@ -98,6 +106,32 @@ impl HostSide<'_> {
         }
     }
 
+    /// Deletes the veth (both ends) and the namespace's name. Keeps going on errors and
+    /// reports the first.
+    async fn delete(&self, ip: Ipv4Addr) -> Result<(), ContainerError> {
+        let host_if = container_host_if(ip);
+        let mut first: Option<ContainerError> = None;
+        if let Err(source) = self.nl.delete_link(&host_if).await {
+            first.get_or_insert(ContainerError::Netlink { ip, source });
+        }
+        let name = container_netns_name(&self.netns_prefix, ip);
+        match blocking(ip, move || netns::delete_named(&name)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => {
+                first.get_or_insert(ContainerError::NetNs { ip, source });
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+impl HostNetwork {
     async fn build(
         &self,
         c: &LocalContainer,
@@ -106,10 +140,14 @@ impl HostSide<'_> {
     ) -> Result<u32, ContainerError> {
         let ip = c.ip;
         // IPv4 only for now: no router solicitations or MLD from the container.
-        netns::run_in(path, || -> std::io::Result<()> {
-            sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
-            sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+        let ns = path.to_owned();
+        blocking(ip, move || {
+            netns::run_in(&ns, || -> std::io::Result<()> {
+                sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
+                sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+            })
         })
+        .await?
         .map_err(|source| ContainerError::NetNs { ip, source })?
         .map_err(|source| ContainerError::Sysctl { ip, source })?;
         let spec = ContainerLink {
@@ -128,34 +166,6 @@ impl HostSide<'_> {
             .map_err(|source| ContainerError::Netlink { ip, source })?;
         sys::write_sysctl(&format!("net/ipv6/conf/{host_if}/disable_ipv6"), "1")
             .map_err(|source| ContainerError::Sysctl { ip, source })?;
-        self.lock()
-            .attach_container(host_if)
-            .map_err(|source| ContainerError::Datapath { ip, source })?;
         Ok(ifindex)
-    }
-
-    /// Removes a container's network side: detaches from-container, deletes the veth (both
-    /// ends) and the namespace's name. Keeps going on errors and reports the first.
-    pub async fn delete(&self, ip: Ipv4Addr) -> Result<(), ContainerError> {
-        let host_if = container_host_if(ip);
-        let mut first: Option<ContainerError> = None;
-        {
-            let mut dp = self.lock();
-            if dp.container_interfaces().contains(&host_if)
-                && let Err(source) = dp.detach_container(&host_if)
-            {
-                first.get_or_insert(ContainerError::Datapath { ip, source });
-            }
-        }
-        if let Err(source) = self.nl.delete_link(&host_if).await {
-            first.get_or_insert(ContainerError::Netlink { ip, source });
-        }
-        if let Err(source) = netns::delete_named(&container_netns_name(self.netns_prefix, ip)) {
-            first.get_or_insert(ContainerError::NetNs { ip, source });
-        }
-        match first {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
     }
 }

@@ -100,13 +100,21 @@ impl Netlink {
     }
 
     /// Opens a netlink socket inside the network namespace at `path` (on a short-lived thread
-    /// that enters it); the socket stays bound to that namespace. Needs a tokio runtime.
-    pub fn open_in(path: &Path) -> Result<Self, NetlinkError> {
+    /// that enters it, waited for off the tokio workers); the socket stays bound to that
+    /// namespace. Needs a tokio runtime.
+    pub async fn open_in(path: &Path) -> Result<Self, NetlinkError> {
         let rt = tokio::runtime::Handle::current();
-        let (conn, handle, _) = netns::run_in(path, move || {
-            let _rt = rt.enter();
-            rtnetlink::new_connection()
-        })?
+        let p = path.to_owned();
+        let (conn, handle, _) = tokio::task::spawn_blocking(move || {
+            netns::run_in(&p, move || {
+                let _rt = rt.enter();
+                rtnetlink::new_connection()
+            })
+        })
+        .await
+        .map_err(|_| NetNsError::Panicked {
+            path: path.to_owned(),
+        })??
         .map_err(NetlinkError::Connect)?;
         tokio::spawn(conn);
         Ok(Self { handle })
@@ -384,7 +392,7 @@ impl Netlink {
         .await?;
         drop(ns);
 
-        let inner = Netlink::open_in(&spec.netns)?;
+        let inner = Netlink::open_in(&spec.netns).await?;
         let inner_idx = inner.configure_container_end(spec, &peer_tmp).await?;
 
         self.set_up(host_idx, &spec.host_if).await?;

@@ -1,0 +1,357 @@
+//! A recording fake of every seam of [`Node::apply`](super::Node::apply): one [`Fake`] plays
+//! the datapath, the hold device, the container network and the announcer. It logs each call
+//! that succeeded, in order, fails the calls it is told to, and models what the order
+//! matters for: the endpoint map, the hold queues, and where from-hold sends a frame written
+//! back (by the entry as it stands at that moment, as the eBPF program does).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, kind};
+
+use super::seams::{Announcer, ContainerNet, Datapath, HoldDevice};
+use crate::{
+    containers::Built,
+    hold::{HoldLimits, HoldQueues, frame_dst},
+    plan::{LocalContainer, container_host_if},
+};
+
+/// Where from-hold sent a frame written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// To the container behind this host-side veth.
+    Container(u32),
+    /// Encapsulated to this VTEP (network order).
+    Vtep(u32),
+    Host,
+    Dropped,
+}
+
+/// A call that reached the fake kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    AllowVtep(Ipv4Addr),
+    DisallowVtep(Ipv4Addr),
+    SetEndpoint {
+        ip: Ipv4Addr,
+        kind: u32,
+        flags: u32,
+        vtep_be: u32,
+    },
+    RemoveEndpoint(Ipv4Addr),
+    SetPublic(NatKey),
+    RemovePublic(NatKey),
+    SetSnat(NatKey),
+    RemoveSnat(NatKey),
+    SetConfig {
+        egress_vtep_be: u32,
+    },
+    Attach(String),
+    Detach(String),
+    CreateNet(Ipv4Addr),
+    DeleteNet(Ipv4Addr),
+    Hold(Ipv4Addr),
+    Release(Ipv4Addr),
+    /// A frame written back through the hold device (`tag`: its last byte).
+    Write {
+        dst: Ipv4Addr,
+        tag: u8,
+        to: Delivery,
+    },
+    /// A frame that arrived from the overlay and was delivered at once (not held).
+    Arrived {
+        dst: Ipv4Addr,
+        tag: u8,
+        to: Delivery,
+    },
+    Announce(Ipv4Addr),
+}
+
+/// The error of a call the fake was told to fail.
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure of {0:?}")]
+pub struct Injected(pub Call);
+
+type Matcher = Box<dyn Fn(&Call) -> bool + Send>;
+
+#[derive(Default)]
+struct World {
+    log: Vec<Call>,
+    failures: Vec<Call>,
+    /// Each fails the first call it matches, then is gone.
+    fail_once: Vec<Matcher>,
+    endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    attached: BTreeSet<String>,
+    nets: BTreeMap<Ipv4Addr, u32>,
+    next_ifindex: u32,
+    queues: HoldQueues,
+    /// Frames that reach the hold device while a held endpoint's entry is being switched
+    /// away from HOLD (in flight when the switch happens).
+    in_flight_at_switch: BTreeMap<Ipv4Addr, Vec<Vec<u8>>>,
+    /// Frames that arrive for an endpoint while the agent writes one back, routed by the entry
+    /// at that moment (HOLD: queued behind).
+    arriving: BTreeMap<Ipv4Addr, VecDeque<Vec<u8>>>,
+}
+
+impl World {
+    /// Logs `call` unless a failure was injected for it.
+    fn call(&mut self, call: Call) -> Result<(), Injected> {
+        if let Some(i) = self.fail_once.iter().position(|m| m(&call)) {
+            drop(self.fail_once.remove(i));
+            self.failures.push(call.clone());
+            return Err(Injected(call));
+        }
+        self.log.push(call);
+        Ok(())
+    }
+
+    /// What from-hold does with a frame for `dst` (see `try_from_hold`).
+    fn route(&self, dst: Ipv4Addr) -> Delivery {
+        match self.endpoints.get(&dst) {
+            Some(e) if e.kind == kind::HOLD && e.vtep_be != 0 => Delivery::Vtep(e.vtep_be),
+            Some(e) if e.kind == kind::LOCAL || e.kind == kind::HOLD => {
+                Delivery::Container(e.ifindex)
+            }
+            Some(e) if e.kind == kind::REMOTE || e.kind == kind::FORWARD => {
+                Delivery::Vtep(e.vtep_be)
+            }
+            Some(e) if e.kind == kind::HOST => Delivery::Host,
+            _ => Delivery::Dropped,
+        }
+    }
+}
+
+/// Every seam at once; clones share one world.
+#[derive(Clone)]
+pub struct Fake(Arc<Mutex<World>>);
+
+impl Default for Fake {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(World {
+            queues: HoldQueues::new(HoldLimits::default()),
+            next_ifindex: 100,
+            ..World::default()
+        })))
+    }
+}
+
+impl Fake {
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The calls that succeeded, in order.
+    pub fn log(&self) -> Vec<Call> {
+        self.world().log.clone()
+    }
+
+    /// The calls that failed (as told), in order.
+    pub fn failures(&self) -> Vec<Call> {
+        self.world().failures.clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.world().log.clear();
+    }
+
+    /// Fails the next call that `m` matches (once).
+    pub fn fail_once(&self, m: impl Fn(&Call) -> bool + Send + 'static) {
+        self.world().fail_once.push(Box::new(m));
+    }
+
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<Endpoint> {
+        self.world().endpoints.get(&ip).copied()
+    }
+
+    pub fn is_attached(&self, host_if: &str) -> bool {
+        self.world().attached.contains(host_if)
+    }
+
+    /// Frames that reached the hold device for a held endpoint.
+    pub fn held_frames(&self, ip: Ipv4Addr, tags: impl IntoIterator<Item = u8>) {
+        let mut w = self.world();
+        for t in tags {
+            w.queues.push(frame(ip, t));
+        }
+    }
+
+    /// A frame that arrives for `ip` while the agent writes the next frame back.
+    pub fn arrives_while_writing(&self, ip: Ipv4Addr, tag: u8) {
+        self.world()
+            .arriving
+            .entry(ip)
+            .or_default()
+            .push_back(frame(ip, tag));
+    }
+
+    /// A frame in flight to the hold device when `ip`'s entry stops saying HOLD.
+    pub fn in_flight_at_switch(&self, ip: Ipv4Addr, tag: u8) {
+        self.world()
+            .in_flight_at_switch
+            .entry(ip)
+            .or_default()
+            .push(frame(ip, tag));
+    }
+}
+
+/// An IPv4 frame for `dst` whose last byte is `tag`.
+pub fn frame(dst: Ipv4Addr, tag: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    f[12] = 0x08;
+    f[14] = 0x45;
+    f[30..34].copy_from_slice(&dst.octets());
+    f[59] = tag;
+    f
+}
+
+impl Datapath for Fake {
+    type Error = Injected;
+    fn set_endpoint(&self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), Injected> {
+        let mut w = self.world();
+        w.call(Call::SetEndpoint {
+            ip,
+            kind: ep.kind,
+            flags: ep.flags,
+            vtep_be: ep.vtep_be,
+        })?;
+        let was_hold = w.endpoints.get(&ip).is_some_and(|e| e.kind == kind::HOLD);
+        w.endpoints.insert(ip, ep);
+        if was_hold && ep.kind != kind::HOLD {
+            for f in w.in_flight_at_switch.remove(&ip).unwrap_or_default() {
+                w.queues.push(f);
+            }
+        }
+        Ok(())
+    }
+    fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), Injected> {
+        let mut w = self.world();
+        w.call(Call::RemoveEndpoint(ip))?;
+        w.endpoints.remove(&ip);
+        Ok(())
+    }
+    fn allow_vtep(&self, ip: Ipv4Addr, _: Vtep) -> Result<(), Injected> {
+        self.world().call(Call::AllowVtep(ip))
+    }
+    fn disallow_vtep(&self, ip: Ipv4Addr) -> Result<(), Injected> {
+        self.world().call(Call::DisallowVtep(ip))
+    }
+    fn set_public(&self, key: NatKey, _: NatValue) -> Result<(), Injected> {
+        self.world().call(Call::SetPublic(key))
+    }
+    fn remove_public(&self, key: &NatKey) -> Result<(), Injected> {
+        self.world().call(Call::RemovePublic(*key))
+    }
+    fn set_snat(&self, key: NatKey, _: NatValue) -> Result<(), Injected> {
+        self.world().call(Call::SetSnat(key))
+    }
+    fn remove_snat(&self, key: &NatKey) -> Result<(), Injected> {
+        self.world().call(Call::RemoveSnat(*key))
+    }
+    fn set_config(&self, config: Config) -> Result<(), Injected> {
+        self.world().call(Call::SetConfig {
+            egress_vtep_be: config.egress_vtep_be,
+        })
+    }
+    fn attach_container(&self, host_if: &str) -> Result<(), Injected> {
+        let mut w = self.world();
+        w.call(Call::Attach(host_if.to_owned()))?;
+        w.attached.insert(host_if.to_owned());
+        Ok(())
+    }
+    fn detach_container(&self, host_if: &str) -> Result<(), Injected> {
+        let mut w = self.world();
+        // As the real one: detaching what is not attached is an error.
+        if !w.attached.contains(host_if) {
+            return Err(Injected(Call::Detach(host_if.to_owned())));
+        }
+        w.call(Call::Detach(host_if.to_owned()))?;
+        w.attached.remove(host_if);
+        Ok(())
+    }
+    fn container_attached(&self, host_if: &str) -> bool {
+        self.is_attached(host_if)
+    }
+}
+
+impl HoldDevice for Fake {
+    fn hold(&self, ip: Ipv4Addr) {
+        let mut w = self.world();
+        if !w.queues.is_held(ip) {
+            w.log.push(Call::Hold(ip));
+        }
+        w.queues.hold(ip);
+    }
+    fn held(&self) -> Vec<Ipv4Addr> {
+        self.world().queues.held()
+    }
+    fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
+        self.world().queues.drain(ip)
+    }
+    fn release(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
+        let mut w = self.world();
+        w.log.push(Call::Release(ip));
+        w.queues.release(ip)
+    }
+    fn write_frame(&self, f: &[u8]) -> std::io::Result<()> {
+        let mut w = self.world();
+        let dst = frame_dst(f).ok_or_else(|| std::io::Error::other("not IPv4"))?;
+        let to = w.route(dst);
+        w.call(Call::Write {
+            dst,
+            tag: f[f.len() - 1],
+            to,
+        })
+        .map_err(std::io::Error::other)?;
+        let next = w.arriving.get_mut(&dst).and_then(VecDeque::pop_front);
+        if let Some(next) = next {
+            // By the entry as it stands: queued behind while it says HOLD, else delivered.
+            let holding = w.endpoints.get(&dst).is_some_and(|e| e.kind == kind::HOLD)
+                && w.queues.is_held(dst);
+            if holding {
+                w.queues.push(next);
+            } else {
+                let to = w.route(dst);
+                w.log.push(Call::Arrived {
+                    dst,
+                    tag: next[next.len() - 1],
+                    to,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ContainerNet for Fake {
+    type Error = Injected;
+    async fn create(&self, c: &LocalContainer) -> Result<Built, Injected> {
+        let mut w = self.world();
+        w.call(Call::CreateNet(c.ip))?;
+        w.next_ifindex += 1;
+        let ifindex = w.next_ifindex;
+        w.nets.insert(c.ip, ifindex);
+        Ok(Built {
+            ip: c.ip,
+            mac: c.mac.to_string(),
+            netns: PathBuf::from(format!("/run/netns/fake-{}", c.ip)),
+            host_if: container_host_if(c.ip),
+            ifindex,
+        })
+    }
+    async fn delete(&self, ip: Ipv4Addr) -> Result<(), Injected> {
+        let mut w = self.world();
+        w.call(Call::DeleteNet(ip))?;
+        w.nets.remove(&ip);
+        Ok(())
+    }
+}
+
+impl Announcer for Fake {
+    fn announce(&self, c: &LocalContainer, _: &Built) {
+        self.world().log.push(Call::Announce(c.ip));
+    }
+}

@@ -1,0 +1,209 @@
+//! The agent's view of what its datapath holds, and the one place that changes it:
+//! [`Node::apply`] moves the datapath from what it holds ([`Applied`]) to a [`Desired`] state,
+//! make-before-break, and keeps going past errors (each is reported; what failed is retried
+//! with the next apply).
+//!
+//! # A migration, as this host sees it
+//!
+//! The registry (gateway) decides the phase; [`plan::desired`] turns it into what this host's
+//! datapath must hold, and `apply` gets there through the steps in [`steps`]:
+//!
+//! | phase | on the destination | on the source | elsewhere |
+//! |---|---|---|---|
+//! | prepared | build the container; entry `HOLD` (packets queue in the hold device) | `LOCAL` | `REMOTE` → source |
+//! | frozen | `HOLD` | `FORWARD` → destination (`DROP_EGRESS` while CRIU checkpoints, or once the connections are dumped) | `REMOTE` → destination |
+//! | released | release: held packets re-injected in order, then `LOCAL`, stragglers drained, announcements | `FORWARD` | `REMOTE` → destination |
+//! | gone (grace over) | `LOCAL` | container removed (entry, then from-container, then veth) | `REMOTE` → destination |
+//! | gone (aborted) | held packets drained back to the source, then container removed | `LOCAL` again | `REMOTE` → source |
+//!
+//! The kernel-facing pieces are behind the traits in [`seams`], so the order of the steps is
+//! pinned by unit tests with recording fakes (`node/tests.rs`).
+
+pub mod seams;
+mod steps;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, flags, kind};
+use serde::Serialize;
+use tracing::warn;
+
+pub use seams::{Announcements, Hold, SharedDatapath};
+use seams::{Announcer, ContainerNet, Datapath, HoldDevice};
+
+use crate::{
+    containers::{Built, HostNetwork},
+    plan::{Desired, LocalContainer},
+};
+
+/// What has been applied to the datapath.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    pub vteps: BTreeMap<Ipv4Addr, Vtep>,
+    pub public: BTreeMap<NatKey, NatValue>,
+    pub snat: BTreeMap<NatKey, NatValue>,
+    pub containers: BTreeMap<Ipv4Addr, (LocalContainer, Built)>,
+    pub egress_vtep: Option<Ipv4Addr>,
+    /// The registry version applied without errors (0: none yet).
+    pub version: u64,
+    /// Local containers whose connections have been dumped here (they left with a hand-off
+    /// or a checkpoint): whatever the old copy still emits is stale and dropped.
+    pub dumped: BTreeSet<Ipv4Addr>,
+    /// Local containers being checkpointed by CRIU here: their tasks are frozen before the
+    /// migration's freeze, so from the freeze on what the old copy emits comes from the
+    /// kernel's timers alone (delayed ACKs, window updates, retransmissions — even from
+    /// sockets in repair mode), and it is all dropped from the FORWARD switch on. Such a
+    /// segment carries a TCP timestamp newer than the one CRIU saves, and the peer would then
+    /// discard the restored socket's segments (PAWS) until its RTO fired. Nothing is lost: a
+    /// retransmission's data is in the dump (unacknowledged), and the restored socket sends it
+    /// again.
+    pub silenced: BTreeSet<Ipv4Addr>,
+}
+
+/// A FORWARD entry drops the old copy's output once its connections are dumped, or from the
+/// start while CRIU checkpoints it.
+fn egress_flags(applied: &Applied, ip: Ipv4Addr) -> u32 {
+    if applied.dumped.contains(&ip) || applied.silenced.contains(&ip) {
+        flags::DROP_EGRESS
+    } else {
+        0
+    }
+}
+
+fn mark(set: &mut BTreeSet<Ipv4Addr>, ip: Ipv4Addr, on: bool) {
+    if on {
+        set.insert(ip);
+    } else {
+        set.remove(&ip);
+    }
+}
+
+/// Summary for `/v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub host: String,
+    pub applied_version: u64,
+    pub endpoints: usize,
+    pub vteps: usize,
+    pub public: usize,
+    pub snat: usize,
+    pub egress_vtep: Option<Ipv4Addr>,
+    pub containers: Vec<Built>,
+}
+
+/// One host's datapath state and the kernel-facing pieces that change it (the real ones by
+/// default; the unit tests use fakes).
+pub struct Node<D = SharedDatapath, H = Hold, N = HostNetwork, A = Announcements> {
+    pub host: String,
+    pub datapath: D,
+    /// Containers' namespaces and veths.
+    pub net: N,
+    /// The datapath configuration without the parts the registry decides (egress VTEP).
+    pub base_config: Config,
+    pub applied: Applied,
+    pub hold: Option<Arc<H>>,
+    /// ifindex of the hold device (0: none), for its drop counter.
+    pub hold_ifindex: u32,
+    /// Announcements after a release.
+    pub announcer: A,
+    /// The registry snapshot last received (applied or not; `applied.version` says). The
+    /// hand-off reads hosts and migrations from it.
+    pub registry: Option<Arc<ferry_api::Snapshot>>,
+}
+
+impl<D, H, N, A> Node<D, H, N, A> {
+    pub fn status(&self) -> Status {
+        let a = &self.applied;
+        Status {
+            host: self.host.clone(),
+            applied_version: a.version,
+            endpoints: a.endpoints.len(),
+            vteps: a.vteps.len(),
+            public: a.public.len(),
+            snat: a.snat.len(),
+            egress_vtep: a.egress_vtep,
+            containers: a.containers.values().map(|(_, b)| b.clone()).collect(),
+        }
+    }
+}
+
+impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A> {
+    /// Applies `want`, step by step (each step's ordering rule is on its function in
+    /// [`steps`]). Returns the errors met (empty: the datapath now matches `want`, and its
+    /// version is recorded as applied).
+    pub async fn apply(&mut self, want: &Desired) -> Vec<String> {
+        let mut errors = Vec::new();
+        for ip in &want.orphans {
+            warn!(%ip, "endpoint placed on a host the registry does not list; ignored");
+        }
+        self.allow_peers(want, &mut errors);
+        let departing = self.build_containers(want, &mut errors).await;
+        let endpoints = self.endpoint_entries(want);
+        self.start_holding(want);
+        let releasing = self.releasing(want);
+        self.drain_held(&releasing, &endpoints, &mut errors);
+        self.write_endpoints(&endpoints, &mut errors);
+        let arrived = self.end_holds(&releasing, &endpoints);
+        self.announce_arrivals(&arrived);
+        self.remove_departed(departing, &mut errors).await;
+        self.write_translations(want, &mut errors);
+        self.write_egress(want, &mut errors);
+        self.forget_peers(want, &mut errors);
+        self.record_version(want, &errors);
+        errors
+    }
+
+    /// The connections of local container `ip` have been dumped (or are back, `false`): from
+    /// now on what the old copy emits is dropped (`frozen_source`), at once.
+    pub fn mark_dumped(&mut self, ip: Ipv4Addr, dumped: bool) {
+        mark(&mut self.applied.dumped, ip, dumped);
+        self.refresh_drop_egress(ip);
+    }
+
+    /// Container `ip` is being checkpointed by CRIU here (`true`), or no longer is: see
+    /// [`Applied::silenced`]. Takes effect on the next FORWARD entry (the freeze), or at once
+    /// if the entry already forwards.
+    pub fn silence_on_freeze(&mut self, ip: Ipv4Addr, on: bool) {
+        mark(&mut self.applied.silenced, ip, on);
+        self.refresh_drop_egress(ip);
+    }
+
+    /// A FORWARD entry drops the old copy's output while it is dumped or silenced.
+    fn refresh_drop_egress(&mut self, ip: Ipv4Addr) {
+        let Some(mut e) = self.applied.endpoints.get(&ip).copied() else {
+            return;
+        };
+        if e.kind != kind::FORWARD {
+            return;
+        }
+        e.flags &= !flags::DROP_EGRESS;
+        e.flags |= egress_flags(&self.applied, ip);
+        match self.datapath.set_endpoint(ip, e) {
+            Ok(()) => {
+                self.applied.endpoints.insert(ip, e);
+            }
+            Err(err) => warn!(%ip, error = %err, "marking the old copy's output as stale"),
+        }
+    }
+
+    /// Removes every container this agent built (at shutdown). Keeps going on errors.
+    pub async fn remove_containers(&mut self) {
+        let ips: Vec<Ipv4Addr> = self.applied.containers.keys().copied().collect();
+        for ip in ips {
+            for e in self.teardown(ip).await {
+                warn!(error = %e, "removing container at shutdown");
+            }
+            self.applied.containers.remove(&ip);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The kernel-facing pieces [`Node::apply`](super::Node::apply) drives, each behind a trait:
+//! [`Datapath`] (the eBPF maps and the from-container attachments), [`HoldDevice`] (the hold
+//! TAP and its queues), [`ContainerNet`] (a container's namespace and veth, over netlink) and
+//! [`Announcer`] ("I am here now" frames). The real implementations delegate to
+//! `ferry-overlay` and `ferry-announce` (`ContainerNet`'s is
+//! [`HostNetwork`](crate::containers::HostNetwork)); the unit tests drive `apply` through
+//! recording fakes (`node/fake.rs`) to pin the order of the calls.
+//!
+//! The traits live here, with their one consumer, rather than in `ferry-overlay`: they are
+//! shaped by what the apply needs (a container's network side is netns + netlink + sysctls as
+//! one operation, the hold device is the TAP plus the agent's queues), and `ferry-overlay`
+//! stays a plain library of kernel calls.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep};
+use ferry_overlay::{datapath::DatapathError, tap::Tap};
+use tracing::{info, warn};
+
+use crate::{containers::Built, hold::HoldQueues, plan::LocalContainer};
+
+/// The eBPF datapath as the apply changes it: map entries, the configuration, and
+/// from-container on the host ends of container veths.
+pub trait Datapath {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn set_endpoint(&self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), Self::Error>;
+    fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), Self::Error>;
+    /// Lets from-overlay accept packets from `ip`.
+    fn allow_vtep(&self, ip: Ipv4Addr, vtep: Vtep) -> Result<(), Self::Error>;
+    fn disallow_vtep(&self, ip: Ipv4Addr) -> Result<(), Self::Error>;
+    fn set_public(&self, key: NatKey, value: NatValue) -> Result<(), Self::Error>;
+    fn remove_public(&self, key: &NatKey) -> Result<(), Self::Error>;
+    fn set_snat(&self, key: NatKey, value: NatValue) -> Result<(), Self::Error>;
+    fn remove_snat(&self, key: &NatKey) -> Result<(), Self::Error>;
+    fn set_config(&self, config: Config) -> Result<(), Self::Error>;
+    /// Attaches from-container to the ingress of a container's host-side veth.
+    fn attach_container(&self, host_if: &str) -> Result<(), Self::Error>;
+    fn detach_container(&self, host_if: &str) -> Result<(), Self::Error>;
+    /// Whether from-container is attached to `host_if`.
+    fn container_attached(&self, host_if: &str) -> bool;
+}
+
+/// The hold device: the datapath redirects packets for `HOLD` endpoints to it, the agent
+/// queues them (per endpoint, in arrival order) and writes them back at release.
+pub trait HoldDevice {
+    /// Starts queueing packets for `ip` (idempotent).
+    fn hold(&self, ip: Ipv4Addr);
+    /// The endpoints being held.
+    fn held(&self) -> Vec<Ipv4Addr>;
+    /// Takes the frames queued so far for `ip`, in order, and keeps holding it.
+    fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>>;
+    /// Stops holding `ip` and takes what is still queued, in order (later arrivals are
+    /// passed on as they are read).
+    fn release(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>>;
+    /// Writes one frame back into the kernel: from-hold delivers it by its endpoint's entry
+    /// as it stands at that moment.
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<()>;
+}
+
+/// The network side of local containers: a network namespace and a veth pair, one end in it.
+pub trait ContainerNet {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Builds container `c`'s namespace and veth, both ends operationally up. On failure,
+    /// whatever was made is removed again. (from-container is the datapath's part.)
+    fn create(&self, c: &LocalContainer)
+    -> impl Future<Output = Result<Built, Self::Error>> + Send;
+    /// Deletes the veth (both ends) and the namespace's name of container `ip`; keeps going
+    /// past errors and returns the first.
+    fn delete(&self, ip: Ipv4Addr) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Announcements of a container that has just arrived on this host.
+pub trait Announcer {
+    /// Announces, from the container's own interface and in the background, that `c` is
+    /// reachable here now.
+    fn announce(&self, c: &LocalContainer, built: &Built);
+}
+
+/// The loaded datapath, shared with the metrics handler (which reads its counters).
+pub type SharedDatapath = Arc<Mutex<ferry_overlay::datapath::Datapath>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Datapath for SharedDatapath {
+    type Error = DatapathError;
+    fn set_endpoint(&self, ip: Ipv4Addr, ep: Endpoint) -> Result<(), DatapathError> {
+        lock(self).set_endpoint(ip, ep)
+    }
+    fn remove_endpoint(&self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        lock(self).remove_endpoint(ip)
+    }
+    fn allow_vtep(&self, ip: Ipv4Addr, vtep: Vtep) -> Result<(), DatapathError> {
+        lock(self).allow_vtep(ip, vtep)
+    }
+    fn disallow_vtep(&self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        lock(self).disallow_vtep(ip)
+    }
+    fn set_public(&self, key: NatKey, value: NatValue) -> Result<(), DatapathError> {
+        lock(self).set_public(key, value)
+    }
+    fn remove_public(&self, key: &NatKey) -> Result<(), DatapathError> {
+        lock(self).remove_public(key)
+    }
+    fn set_snat(&self, key: NatKey, value: NatValue) -> Result<(), DatapathError> {
+        lock(self).set_snat(key, value)
+    }
+    fn remove_snat(&self, key: &NatKey) -> Result<(), DatapathError> {
+        lock(self).remove_snat(key)
+    }
+    fn set_config(&self, config: Config) -> Result<(), DatapathError> {
+        lock(self).set_config(config)
+    }
+    fn attach_container(&self, host_if: &str) -> Result<(), DatapathError> {
+        lock(self).attach_container(host_if)
+    }
+    fn detach_container(&self, host_if: &str) -> Result<(), DatapathError> {
+        lock(self).detach_container(host_if)
+    }
+    fn container_attached(&self, host_if: &str) -> bool {
+        lock(self)
+            .container_interfaces()
+            .iter()
+            .any(|i| i == host_if)
+    }
+}
+
+/// The hold device and the queues behind it, shared with the task that reads the device.
+pub struct Hold {
+    pub tap: Tap,
+    pub queues: Mutex<HoldQueues>,
+}
+
+impl HoldDevice for Hold {
+    fn hold(&self, ip: Ipv4Addr) {
+        lock(&self.queues).hold(ip);
+    }
+    fn held(&self) -> Vec<Ipv4Addr> {
+        lock(&self.queues).held()
+    }
+    fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
+        lock(&self.queues).drain(ip)
+    }
+    fn release(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
+        lock(&self.queues).release(ip)
+    }
+    fn write_frame(&self, frame: &[u8]) -> std::io::Result<()> {
+        self.tap.write_frame(frame)
+    }
+}
+
+/// Announcements sent with `ferry-announce` on the configured schedule (first round at once).
+pub struct Announcements {
+    pub schedule: ferry_announce::Schedule,
+}
+
+impl Announcer for Announcements {
+    fn announce(&self, c: &LocalContainer, built: &Built) {
+        let ann = ferry_announce::Announcement {
+            interface: ferry_overlay::netlink::CONTAINER_IF.to_owned(),
+            mac: c.mac.0,
+            ipv4: vec![c.ip],
+            ipv6: Vec::new(),
+        };
+        let (netns, schedule, ip) = (built.netns.clone(), self.schedule.clone(), c.ip);
+        tokio::task::spawn_blocking(move || {
+            match ferry_announce::announce_in_netns(&netns, &ann, &schedule, None) {
+                Ok(r) => info!(%ip, sent = ?r.sent, rounds = r.rounds_ok, "announced"),
+                Err(e) => warn!(%ip, error = %e, "announcing"),
+            }
+        });
+    }
+}

@@ -1,0 +1,412 @@
+//! The steps of [`Node::apply`], in the order it runs them: peers, build, entries, hold /
+//! release / drain, announcements, cleanup. Each step's doc comment says the ordering rule it
+//! keeps. Every step keeps going past errors and adds each to `errors`; what failed is not
+//! recorded as applied, so the next apply retries it.
+
+use std::{
+    collections::BTreeMap,
+    fmt::{Debug, Display},
+    net::Ipv4Addr,
+};
+
+use ferry_common::{Endpoint, ipv4_be, kind};
+use tracing::{info, warn};
+
+use super::{
+    Node, egress_flags,
+    seams::{Announcer, ContainerNet, Datapath, HoldDevice},
+};
+use crate::{
+    containers::Built,
+    plan::{self, Desired, LocalContainer},
+};
+
+/// Most rounds of writing a held queue back before its entry changes: a queue that keeps
+/// refilling (a flood) must not stall the apply; what is left follows the new entry.
+const MAX_DRAIN_ROUNDS: usize = 65;
+
+impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A> {
+    /// Peers first: a new peer's VTEP is allowed before anything may send to it or receive
+    /// from it.
+    pub(super) fn allow_peers(&mut self, want: &Desired, errors: &mut Vec<String>) {
+        let upsert = plan::diff(&self.applied.vteps, &want.vteps).upsert;
+        upsert_each(
+            &mut self.applied.vteps,
+            upsert,
+            "allowing vtep",
+            errors,
+            |ip, v| self.datapath.allow_vtep(ip, v),
+        );
+    }
+
+    /// Build: recreated containers (same address, new MAC) are removed first; then every new
+    /// container's namespace and veth are built and from-container attached to it — before
+    /// any entry points at it (entries are written later, and only for containers built).
+    /// One container failing does not stop the others. Returns the departing containers: they
+    /// are removed only once their entries point elsewhere ([`Self::remove_departed`]).
+    pub(super) async fn build_containers(
+        &mut self,
+        want: &Desired,
+        errors: &mut Vec<String>,
+    ) -> Vec<Ipv4Addr> {
+        let have: BTreeMap<Ipv4Addr, LocalContainer> = self
+            .applied
+            .containers
+            .iter()
+            .map(|(ip, (c, _))| (*ip, *c))
+            .collect();
+        let (create, delete) = plan::container_changes(&have, &want.containers);
+        let (recreate, departing): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = delete
+            .into_iter()
+            .partition(|ip| want.containers.contains_key(ip));
+        for ip in recreate {
+            self.remove_container(ip, errors).await;
+        }
+        for c in create {
+            if let Some(built) = self.build_container(&c, errors).await {
+                self.applied.containers.insert(c.ip, (c, built));
+            }
+        }
+        departing
+    }
+
+    /// One container, afresh: whatever an earlier run left under its names is torn down, the
+    /// namespace and veth are built (both ends up), then from-container is attached to the
+    /// host end; if attaching fails, the network side is removed again.
+    async fn build_container(&self, c: &LocalContainer, errors: &mut Vec<String>) -> Option<Built> {
+        for e in self.teardown(c.ip).await {
+            warn!(ip = %c.ip, error = %e, "removing a stale container before creating it");
+        }
+        let built = match self.net.create(c).await {
+            Ok(b) => b,
+            Err(e) => {
+                errors.push(e.to_string());
+                return None;
+            }
+        };
+        if let Err(e) = self.datapath.attach_container(&built.host_if) {
+            errors.push(format!(
+                "container {}: attaching from-container to {}: {e}",
+                c.ip, built.host_if
+            ));
+            if let Err(e2) = self.net.delete(c.ip).await {
+                warn!(ip = %c.ip, error = %e2, "cleaning up after a failed create");
+            }
+            return None;
+        }
+        Some(built)
+    }
+
+    /// Entries: the registry-placed ones (this host, remote endpoints) plus one for every
+    /// built container still wanted here — `LOCAL`, `HOLD` or `FORWARD` (see
+    /// [`plan::local_entry`]), a `FORWARD` one with `DROP_EGRESS` while the old copy is
+    /// dumped or silenced. A container whose build failed gets none. A dumped copy is
+    /// forgotten once this host no longer forwards for it.
+    pub(super) fn endpoint_entries(&mut self, want: &Desired) -> BTreeMap<Ipv4Addr, Endpoint> {
+        let mut endpoints = want.endpoints.clone();
+        for (ip, (c, built)) in &self.applied.containers {
+            if want.containers.contains_key(ip) {
+                let mut e = plan::local_entry(want, c, built.ifindex);
+                if e.kind == kind::FORWARD {
+                    e.flags |= egress_flags(&self.applied, *ip);
+                }
+                endpoints.insert(*ip, e);
+            }
+        }
+        self.applied
+            .dumped
+            .retain(|ip| endpoints.get(ip).is_some_and(|e| e.kind == kind::FORWARD));
+        endpoints
+    }
+
+    /// Hold: queueing starts before any entry says `HOLD`, so the first held packet is
+    /// queued.
+    pub(super) fn start_holding(&self, want: &Desired) {
+        if let Some(h) = &self.hold {
+            for ip in &want.hold {
+                h.hold(*ip);
+            }
+        }
+    }
+
+    /// The endpoints held until now that `want` holds no more: released (their entry becomes
+    /// `LOCAL`) or aborted (it points at another host).
+    pub(super) fn releasing(&self, want: &Desired) -> Vec<Ipv4Addr> {
+        self.hold.as_ref().map_or_else(Vec::new, |h| {
+            h.held()
+                .into_iter()
+                .filter(|ip| !want.hold.contains(ip))
+                .collect()
+        })
+    }
+
+    /// Release, first half — drain while the entry still says `HOLD`: the queue is written
+    /// back, in order, round after round until it is empty (from-hold delivers by a `HOLD`
+    /// entry to the container; packets arriving meanwhile queue behind and go in the next
+    /// round); only then may the entry change ([`Self::write_endpoints`]). Towards another
+    /// host (an abort), the entry first stays `HOLD` but carries the target's VTEP, so what
+    /// is drained goes there, still ahead of what queues behind it.
+    pub(super) fn drain_held(
+        &mut self,
+        releasing: &[Ipv4Addr],
+        endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
+        errors: &mut Vec<String>,
+    ) {
+        let Some(h) = self.hold.clone() else {
+            return;
+        };
+        for ip in releasing {
+            let target = endpoints.get(ip).copied();
+            if let Some(t) = target
+                && (t.kind == kind::REMOTE || t.kind == kind::FORWARD)
+            {
+                let mut draining = self.applied.endpoints.get(ip).copied().unwrap_or_default();
+                draining.kind = kind::HOLD;
+                draining.vtep_be = t.vtep_be;
+                draining.vni = t.vni;
+                match self.datapath.set_endpoint(*ip, draining) {
+                    Ok(()) => {
+                        self.applied.endpoints.insert(*ip, draining);
+                    }
+                    Err(e) => errors.push(format!("draining {ip}: {e}")),
+                }
+            }
+            if !matches!(
+                target.map(|e| e.kind),
+                Some(kind::LOCAL | kind::REMOTE | kind::FORWARD)
+            ) {
+                continue;
+            }
+            for _ in 0..MAX_DRAIN_ROUNDS {
+                let frames = h.drain(*ip);
+                if frames.is_empty() {
+                    break;
+                }
+                let n = frames.len();
+                let failed = reinject(&*h, frames);
+                info!(%ip, packets = n, failed, "released held packets");
+            }
+        }
+    }
+
+    /// Entries, make-before-break: every new or changed entry is written before any stale one
+    /// is removed, so a packet meets the old entry or the new one, never none.
+    pub(super) fn write_endpoints(
+        &mut self,
+        endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
+        errors: &mut Vec<String>,
+    ) {
+        let d = plan::diff(&self.applied.endpoints, endpoints);
+        let applied = &mut self.applied.endpoints;
+        upsert_each(applied, d.upsert, "setting endpoint", errors, |ip, e| {
+            self.datapath.set_endpoint(ip, e)
+        });
+        remove_each(applied, d.remove, "removing endpoint", errors, |ip| {
+            self.datapath.remove_endpoint(*ip)
+        });
+    }
+
+    /// Release, second half — after the switch: holding stops, and what was queued in the
+    /// meantime (in flight to the device while the entry changed) is written back to follow
+    /// the new entry: to the container (release), or to the source host (abort). Later
+    /// stragglers are passed on by the hold device's reader. Returns the containers released
+    /// to a `LOCAL` entry here.
+    pub(super) fn end_holds(
+        &self,
+        releasing: &[Ipv4Addr],
+        endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
+    ) -> Vec<Ipv4Addr> {
+        let Some(h) = &self.hold else {
+            return Vec::new();
+        };
+        let mut arrived = Vec::new();
+        for ip in releasing {
+            let frames = h.release(*ip);
+            let n = frames.len();
+            let failed = reinject(&**h, frames);
+            let to = endpoints.get(ip).map(|e| e.kind);
+            info!(%ip, packets = n, failed, ?to, "hold ended");
+            if to == Some(kind::LOCAL) && self.applied.containers.contains_key(ip) {
+                arrived.push(*ip);
+            }
+        }
+        arrived
+    }
+
+    /// Announcements: "I am here now" for the containers released here, only once their
+    /// entry is `LOCAL` and every held packet has been written back ([`Self::end_holds`]).
+    pub(super) fn announce_arrivals(&self, arrived: &[Ipv4Addr]) {
+        for ip in arrived {
+            if let Some((c, built)) = self.applied.containers.get(ip) {
+                self.announcer.announce(c, built);
+            }
+        }
+    }
+
+    /// Cleanup: departing containers go only now, when no entry points at their veths any
+    /// more (the entries were switched above).
+    pub(super) async fn remove_departed(
+        &mut self,
+        departing: Vec<Ipv4Addr>,
+        errors: &mut Vec<String>,
+    ) {
+        for ip in departing {
+            self.remove_container(ip, errors).await;
+        }
+    }
+
+    /// Removes a container: its entry first (if it still points at its veth), then its
+    /// network side ([`Self::teardown`]) — no packet is sent to a veth that is going.
+    async fn remove_container(&mut self, ip: Ipv4Addr, errors: &mut Vec<String>) {
+        let ifindex = self.applied.containers.get(&ip).map(|(_, b)| b.ifindex);
+        let points_here = self
+            .applied
+            .endpoints
+            .get(&ip)
+            .is_some_and(|e| Some(e.ifindex) == ifindex && e.kind != kind::REMOTE);
+        if points_here {
+            self.applied.endpoints.remove(&ip);
+            if let Err(e) = self.datapath.remove_endpoint(ip) {
+                errors.push(format!("removing endpoint {ip}: {e}"));
+            }
+        }
+        errors.extend(self.teardown(ip).await);
+        self.applied.containers.remove(&ip);
+        info!(%ip, "container removed");
+    }
+
+    /// A container's network side goes: from-container detached from the veth first (if
+    /// attached), then the veth and the namespace deleted. Keeps going past errors and
+    /// returns every one.
+    pub(super) async fn teardown(&self, ip: Ipv4Addr) -> Vec<String> {
+        let mut errors = Vec::new();
+        let host_if = plan::container_host_if(ip);
+        if self.datapath.container_attached(&host_if)
+            && let Err(e) = self.datapath.detach_container(&host_if)
+        {
+            errors.push(format!(
+                "container {ip}: detaching from-container from {host_if}: {e}"
+            ));
+        }
+        if let Err(e) = self.net.delete(ip).await {
+            errors.push(e.to_string());
+        }
+        errors
+    }
+
+    /// Public translation (gateway only; empty elsewhere), both directions: new and changed
+    /// entries before stale ones are removed.
+    pub(super) fn write_translations(&mut self, want: &Desired, errors: &mut Vec<String>) {
+        let d = plan::diff(&self.applied.public, &want.public);
+        let applied = &mut self.applied.public;
+        upsert_each(applied, d.upsert, "setting public entry", errors, |k, v| {
+            self.datapath.set_public(k, v)
+        });
+        remove_each(applied, d.remove, "removing public entry", errors, |k| {
+            self.datapath.remove_public(k)
+        });
+        let d = plan::diff(&self.applied.snat, &want.snat);
+        let applied = &mut self.applied.snat;
+        upsert_each(applied, d.upsert, "setting snat entry", errors, |k, v| {
+            self.datapath.set_snat(k, v)
+        });
+        remove_each(applied, d.remove, "removing snat entry", errors, |k| {
+            self.datapath.remove_snat(k)
+        });
+    }
+
+    /// Where traffic for outside the overlay goes (the gateway's VTEP, in the configuration).
+    pub(super) fn write_egress(&mut self, want: &Desired, errors: &mut Vec<String>) {
+        if self.applied.egress_vtep == want.egress_vtep {
+            return;
+        }
+        let mut cfg = self.base_config;
+        cfg.egress_vtep_be = want.egress_vtep.map_or(0, |v| ipv4_be(v.octets()));
+        match self.datapath.set_config(cfg) {
+            Ok(()) => {
+                info!(egress_vtep = ?want.egress_vtep, "egress gateway set");
+                self.applied.egress_vtep = want.egress_vtep;
+            }
+            Err(e) => errors.push(format!("setting config: {e}")),
+        }
+    }
+
+    /// Peers last: a VTEP is disallowed only once no entry points at it any more.
+    pub(super) fn forget_peers(&mut self, want: &Desired, errors: &mut Vec<String>) {
+        let remove = plan::diff(&self.applied.vteps, &want.vteps).remove;
+        remove_each(
+            &mut self.applied.vteps,
+            remove,
+            "disallowing vtep",
+            errors,
+            |ip| self.datapath.disallow_vtep(*ip),
+        );
+    }
+
+    /// The version counts as applied only when every step succeeded; otherwise the next
+    /// apply retries what failed (the differences are computed again from what was applied).
+    pub(super) fn record_version(&mut self, want: &Desired, errors: &[String]) {
+        if errors.is_empty() {
+            self.applied.version = want.version;
+        }
+        info!(
+            version = want.version,
+            endpoints = self.applied.endpoints.len(),
+            containers = self.applied.containers.len(),
+            vteps = self.applied.vteps.len(),
+            public = self.applied.public.len(),
+            errors = errors.len(),
+            "datapath reconciled"
+        );
+    }
+}
+
+/// Writes frames back through the hold device, in order. Returns how many failed.
+fn reinject<H: HoldDevice + ?Sized>(hold: &H, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+    let mut failed = 0;
+    for f in frames {
+        if let Err(e) = hold.write_frame(&f) {
+            failed += 1;
+            warn!(error = %e, "re-injecting a held packet");
+        }
+    }
+    failed
+}
+
+/// Writes each entry with `write`; records it in `applied` once written, or reports
+/// "`doing` `key`: error".
+fn upsert_each<K: Ord + Copy + Debug, V: Copy, E: Display>(
+    applied: &mut BTreeMap<K, V>,
+    upsert: Vec<(K, V)>,
+    doing: &str,
+    errors: &mut Vec<String>,
+    mut write: impl FnMut(K, V) -> Result<(), E>,
+) {
+    for (k, v) in upsert {
+        match write(k, v) {
+            Ok(()) => {
+                applied.insert(k, v);
+            }
+            Err(e) => errors.push(format!("{doing} {k:?}: {e}")),
+        }
+    }
+}
+
+/// Removes each key with `remove`; forgets it in `applied` once removed, or reports
+/// "`doing` `key`: error".
+fn remove_each<K: Ord + Debug, V, E: Display>(
+    applied: &mut BTreeMap<K, V>,
+    keys: Vec<K>,
+    doing: &str,
+    errors: &mut Vec<String>,
+    mut remove: impl FnMut(&K) -> Result<(), E>,
+) {
+    for k in keys {
+        match remove(&k) {
+            Ok(()) => {
+                applied.remove(&k);
+            }
+            Err(e) => errors.push(format!("{doing} {k:?}: {e}")),
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The order of `apply`'s steps, pinned with the recording fake (no root, no kernel).
+
+use std::{net::Ipv4Addr, sync::Arc};
+
+use ferry_api::MacAddr;
+use ferry_common::{Config, Endpoint, Vtep, flags, ipv4_be, kind};
+
+use super::{
+    Applied, Node,
+    fake::{Call, Delivery, Fake},
+};
+use crate::plan::{Desired, LocalContainer, container_host_if};
+
+const A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 6);
+/// Another host's VTEP (a migration's source or destination).
+const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
+const VNI: u32 = 4242;
+
+type FakeNode = Node<Fake, Fake, Fake, Fake>;
+
+fn node() -> (FakeNode, Fake) {
+    let f = Fake::default();
+    let n = Node {
+        host: "a1".into(),
+        datapath: f.clone(),
+        net: f.clone(),
+        base_config: Config::default(),
+        applied: Applied::default(),
+        hold: Some(Arc::new(f.clone())),
+        hold_ifindex: 0,
+        announcer: f.clone(),
+        registry: None,
+    };
+    (n, f)
+}
+
+fn local(ip: Ipv4Addr) -> LocalContainer {
+    LocalContainer {
+        ip,
+        mac: MacAddr::for_container(ip),
+    }
+}
+
+fn remote() -> Endpoint {
+    Endpoint {
+        kind: kind::REMOTE,
+        vtep_be: ipv4_be(PEER.octets()),
+        vni: VNI,
+        ..Endpoint::default()
+    }
+}
+
+/// Version `version` of a plan with one peer and the local containers `here`.
+fn want(version: u64, here: &[Ipv4Addr]) -> Desired {
+    let mut d = Desired {
+        version,
+        vni: VNI,
+        ..Desired::default()
+    };
+    d.vteps.insert(
+        PEER,
+        Vtep {
+            vni: VNI,
+            host_id: 2,
+        },
+    );
+    for ip in here {
+        d.containers.insert(*ip, local(*ip));
+    }
+    d
+}
+
+fn set(ip: Ipv4Addr, k: u32) -> impl Fn(&Call) -> bool {
+    move |c| matches!(c, Call::SetEndpoint { ip: i, kind, .. } if *i == ip && *kind == k)
+}
+
+/// Index of the first call `m` matches (panics, with the log, if none does).
+fn at(log: &[Call], m: impl Fn(&Call) -> bool) -> usize {
+    log.iter()
+        .position(m)
+        .unwrap_or_else(|| panic!("call not found in {log:#?}"))
+}
+
+/// The frames written back through the hold device: (tag, where they went, index in the log).
+fn writes(log: &[Call], ip: Ipv4Addr) -> Vec<(u8, Delivery, usize)> {
+    log.iter()
+        .enumerate()
+        .filter_map(|(i, c)| match c {
+            Call::Write { dst, tag, to } if *dst == ip => Some((*tag, *to, i)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ifindex(n: &FakeNode, ip: Ipv4Addr) -> u32 {
+    n.applied.containers[&ip].1.ifindex
+}
+
+/// Applies v1 with `A` built and held here (a migration's destination, prepared).
+async fn holding_a() -> (FakeNode, Fake) {
+    let (mut n, f) = node();
+    let mut w = want(1, &[A]);
+    w.hold.insert(A);
+    assert!(n.apply(&w).await.is_empty());
+    (n, f)
+}
+
+#[tokio::test]
+async fn a_new_container_gets_its_entry_only_once_its_veth_exists_and_from_container_is_attached() {
+    let (mut n, f) = node();
+    let errors = n.apply(&want(1, &[A])).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let log = f.log();
+    let created = at(&log, |c| *c == Call::CreateNet(A));
+    let attached = at(&log, |c| *c == Call::Attach(container_host_if(A)));
+    let entry = at(&log, set(A, kind::LOCAL));
+    assert!(created < attached && attached < entry, "{log:#?}");
+    assert_eq!(f.endpoint(A).map(|e| e.ifindex), Some(ifindex(&n, A)));
+    assert_eq!(n.applied.version, 1);
+}
+
+#[tokio::test]
+async fn peers_are_allowed_before_entries_use_them_and_forgotten_after() {
+    let (mut n, f) = node();
+    let mut w = want(1, &[]);
+    w.endpoints.insert(B, remote());
+    assert!(n.apply(&w).await.is_empty());
+    let log = f.log();
+    assert!(at(&log, |c| *c == Call::AllowVtep(PEER)) < at(&log, set(B, kind::REMOTE)));
+
+    f.clear_log();
+    assert!(n.apply(&Desired::default()).await.is_empty());
+    let log = f.log();
+    assert!(
+        at(&log, |c| *c == Call::RemoveEndpoint(B)) < at(&log, |c| *c == Call::DisallowVtep(PEER))
+    );
+}
+
+#[tokio::test]
+async fn holding_starts_before_the_entry_says_hold() {
+    let (n, f) = holding_a().await;
+    let log = f.log();
+    assert!(at(&log, |c| *c == Call::Hold(A)) < at(&log, set(A, kind::HOLD)));
+    assert_eq!(f.endpoint(A).map(|e| e.kind), Some(kind::HOLD));
+    assert!(
+        !log.contains(&Call::Announce(A)),
+        "nothing announced while held"
+    );
+    assert_eq!(n.applied.version, 1);
+}
+
+#[tokio::test]
+async fn release_writes_every_held_frame_back_in_order_before_the_entry_becomes_local() {
+    let (mut n, f) = holding_a().await;
+    let veth = Delivery::Container(ifindex(&n, A));
+    f.held_frames(A, 1..=3);
+    // One more arrives (and queues behind) while the first is written back, and one is in
+    // flight to the hold device when the entry switches.
+    f.arrives_while_writing(A, 4);
+    f.in_flight_at_switch(A, 5);
+    f.clear_log();
+
+    assert!(n.apply(&want(2, &[A])).await.is_empty());
+    let log = f.log();
+    let local = at(&log, set(A, kind::LOCAL));
+    let w = writes(&log, A);
+    let tags: Vec<u8> = w.iter().map(|(t, _, _)| *t).collect();
+    assert_eq!(tags, vec![1, 2, 3, 4, 5], "in arrival order: {log:#?}");
+    assert!(w.iter().all(|(_, to, _)| *to == veth), "{log:#?}");
+    assert!(
+        w[..4].iter().all(|(_, _, i)| *i < local),
+        "held ones before the switch"
+    );
+    assert!(w[4].2 > local, "the straggler after it");
+    let released = at(&log, |c| *c == Call::Release(A));
+    assert!(local < released && released < w[4].2);
+    // Announced last, once everything held has been delivered.
+    assert_eq!(log.last(), Some(&Call::Announce(A)));
+    assert_eq!(n.applied.version, 2);
+}
+
+#[tokio::test]
+async fn abort_sends_held_frames_back_towards_the_source_then_removes_the_container() {
+    let (mut n, f) = holding_a().await;
+    f.held_frames(A, 1..=3);
+    f.in_flight_at_switch(A, 4);
+    f.clear_log();
+    // Aborted: the container lives on the source again.
+    let mut w = want(2, &[]);
+    w.endpoints.insert(A, remote());
+    assert!(n.apply(&w).await.is_empty());
+
+    let log = f.log();
+    let source = ipv4_be(PEER.octets());
+    let draining = at(
+        &log,
+        |c| matches!(c, Call::SetEndpoint { ip, kind: kind::HOLD, vtep_be, .. } if *ip == A && *vtep_be == source),
+    );
+    let remote_entry = at(&log, set(A, kind::REMOTE));
+    let w = writes(&log, A);
+    assert_eq!(
+        w.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(
+        w.iter().all(|(_, to, _)| *to == Delivery::Vtep(source)),
+        "{log:#?}"
+    );
+    assert!(
+        w[..3]
+            .iter()
+            .all(|(_, _, i)| draining < *i && *i < remote_entry)
+    );
+    assert!(w[3].2 > remote_entry);
+    let detach = at(&log, |c| *c == Call::Detach(container_host_if(A)));
+    let delete = at(&log, |c| *c == Call::DeleteNet(A));
+    assert!(w[3].2 < detach && detach < delete);
+    assert!(!log.contains(&Call::Announce(A)));
+    assert!(n.applied.containers.is_empty());
+}
+
+#[tokio::test]
+async fn a_removed_container_loses_its_entry_before_its_veth_and_is_detached_before_deletion() {
+    let (mut n, f) = node();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    f.clear_log();
+    assert!(n.apply(&want(2, &[])).await.is_empty());
+    let log = f.log();
+    let entry = at(&log, |c| *c == Call::RemoveEndpoint(A));
+    let detach = at(&log, |c| *c == Call::Detach(container_host_if(A)));
+    let delete = at(&log, |c| *c == Call::DeleteNet(A));
+    assert!(entry < detach && detach < delete, "{log:#?}");
+    assert!(!f.is_attached(&container_host_if(A)));
+}
+
+#[tokio::test]
+async fn a_recreated_container_goes_entry_veth_then_comes_back_veth_entry() {
+    let (mut n, f) = node();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    f.clear_log();
+    let mut w = want(2, &[A]);
+    w.containers.insert(
+        A,
+        LocalContainer {
+            ip: A,
+            mac: MacAddr([0x0e, 1, 2, 3, 4, 5]),
+        },
+    );
+    assert!(n.apply(&w).await.is_empty());
+    let log = f.log();
+    let order = [
+        at(&log, |c| *c == Call::RemoveEndpoint(A)),
+        at(&log, |c| *c == Call::Detach(container_host_if(A))),
+        at(&log, |c| *c == Call::DeleteNet(A)),
+        at(&log, |c| *c == Call::CreateNet(A)),
+        at(&log, |c| *c == Call::Attach(container_host_if(A))),
+        at(&log, set(A, kind::LOCAL)),
+    ];
+    assert!(order.is_sorted(), "{log:#?}");
+    assert_eq!(f.endpoint(A).map(|e| e.mac), Some([0x0e, 1, 2, 3, 4, 5]));
+}
+
+#[tokio::test]
+async fn a_failing_step_leaves_the_version_unapplied_and_the_next_apply_retries_it() {
+    let (mut n, f) = node();
+    f.fail_once(set(A, kind::LOCAL));
+    let errors = n.apply(&want(1, &[A])).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("setting endpoint 10.244.1.5"),
+        "{errors:?}"
+    );
+    assert!(set(A, kind::LOCAL)(&f.failures()[0]));
+    assert_eq!(n.applied.version, 0);
+    assert_eq!(f.endpoint(A), None);
+
+    f.clear_log();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    assert_eq!(n.applied.version, 1);
+    let log = f.log();
+    at(&log, set(A, kind::LOCAL));
+    assert!(
+        !log.contains(&Call::CreateNet(A)),
+        "only what failed is redone"
+    );
+}
+
+#[tokio::test]
+async fn errors_from_one_container_do_not_stop_the_others() {
+    let (mut n, f) = node();
+    f.fail_once(|c| *c == Call::CreateNet(A));
+    let errors = n.apply(&want(1, &[A, B])).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("CreateNet(10.244.1.5)"), "{errors:?}");
+    assert_eq!(f.endpoint(B).map(|e| e.kind), Some(kind::LOCAL));
+    assert_eq!(f.endpoint(A), None, "no entry for a container not built");
+    assert_eq!(n.applied.version, 0);
+
+    assert!(n.apply(&want(1, &[A, B])).await.is_empty());
+    assert_eq!(f.endpoint(A).map(|e| e.kind), Some(kind::LOCAL));
+    assert_eq!(n.applied.version, 1);
+}
+
+#[tokio::test]
+async fn a_failed_attach_removes_the_new_veth_and_sets_no_entry() {
+    let (mut n, f) = node();
+    f.fail_once(|c| *c == Call::Attach(container_host_if(A)));
+    let errors = n.apply(&want(1, &[A])).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let log = f.log();
+    let created = at(&log, |c| *c == Call::CreateNet(A));
+    let deleted = log.iter().rposition(|c| *c == Call::DeleteNet(A));
+    assert!(deleted.is_some_and(|d| d > created), "{log:#?}");
+    assert_eq!(f.endpoint(A), None);
+    assert!(n.applied.containers.is_empty());
+}
+
+#[tokio::test]
+async fn a_forward_entry_drops_the_output_of_a_silenced_or_dumped_copy() {
+    let (mut n, f) = node();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    let forward = |version| {
+        let mut w = want(version, &[A]);
+        w.forward.insert(A, PEER);
+        w
+    };
+    // Silenced while LOCAL: nothing changes yet; the freeze's FORWARD entry carries it.
+    f.clear_log();
+    n.silence_on_freeze(A, true);
+    assert!(f.log().is_empty());
+    assert!(n.apply(&forward(2)).await.is_empty());
+    let e = f.endpoint(A).unwrap();
+    assert_eq!((e.kind, e.flags), (kind::FORWARD, flags::DROP_EGRESS));
+    assert_eq!(e.vtep_be, ipv4_be(PEER.octets()));
+
+    // Not silenced any more: its output goes on, at once; dumped: dropped again, at once.
+    n.silence_on_freeze(A, false);
+    assert_eq!(f.endpoint(A).map(|e| e.flags), Some(0));
+    n.mark_dumped(A, true);
+    assert_eq!(f.endpoint(A).map(|e| e.flags), Some(flags::DROP_EGRESS));
+    // A later apply keeps it.
+    assert!(n.apply(&forward(3)).await.is_empty());
+    assert_eq!(f.endpoint(A).map(|e| e.flags), Some(flags::DROP_EGRESS));
+
+    // The grace period over: the container goes, and with it the dumped mark.
+    assert!(n.apply(&want(4, &[])).await.is_empty());
+    assert!(n.applied.dumped.is_empty());
+    assert_eq!(f.endpoint(A), None);
+}
+
+#[tokio::test]
+async fn shutdown_detaches_before_deleting_every_container() {
+    let (mut n, f) = node();
+    assert!(n.apply(&want(1, &[A, B])).await.is_empty());
+    f.clear_log();
+    n.remove_containers().await;
+    let log = f.log();
+    for ip in [A, B] {
+        let detach = at(&log, |c| *c == Call::Detach(container_host_if(ip)));
+        assert!(detach < at(&log, |c| *c == Call::DeleteNet(ip)), "{log:#?}");
+    }
+    assert!(n.applied.containers.is_empty());
+}
