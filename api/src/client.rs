@@ -1,5 +1,5 @@
-//! A small client of the API: plain HTTP/1.1 over a TCP connection per request
-//! (`Connection: close`), JSON bodies with a Content-Length, a deadline on every request.
+//! A small client of the API: JSON over [`crate::transport`] (hyper, one connection per
+//! request, a deadline on every request).
 
 use std::{
     io,
@@ -9,13 +9,9 @@ use std::{
 };
 
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
 
 use crate::{
-    http::{self, ParseError},
+    transport::{HttpError, ProtocolError, Request},
     types::*,
     validate::percent_encode,
 };
@@ -52,7 +48,7 @@ pub enum ApiError {
         addr: SocketAddr,
         what: String,
         #[source]
-        source: ParseError,
+        source: ProtocolError,
     },
     /// The gateway answered with an error status. `code` is the API error code when the body
     /// was an [`ErrorBody`]; `message` is its message, or else the raw body.
@@ -100,6 +96,37 @@ impl ApiError {
         match self {
             ApiError::Http { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+}
+
+impl From<HttpError> for ApiError {
+    fn from(e: HttpError) -> Self {
+        match e {
+            HttpError::Connect { addr, source } => ApiError::Connect { addr, source },
+            HttpError::Timeout {
+                addr,
+                what,
+                timeout,
+            } => ApiError::Timeout {
+                addr,
+                what,
+                timeout,
+            },
+            HttpError::Io { addr, what, source } => ApiError::Io { addr, what, source },
+            HttpError::Protocol { addr, what, source } => ApiError::Protocol { addr, what, source },
+            // A token or path that cannot be sent (e.g. a control character in a token
+            // given to `Client::new`).
+            HttpError::Request { addr, what, source } => ApiError::Io {
+                addr,
+                what,
+                source: io::Error::new(io::ErrorKind::InvalidInput, source),
+            },
+            HttpError::Runtime { addr, source } => ApiError::Io {
+                addr,
+                what: "starting a runtime".into(),
+                source,
+            },
         }
     }
 }
@@ -399,68 +426,21 @@ impl Client {
         body: Option<&B>,
         timeout: Duration,
     ) -> Result<T, ApiError> {
-        let what = format!("{method} {path}");
-        let body = body
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(|source| ApiError::Decode {
-                what: format!("the body of {what}"),
+        let mut request = Request::new(method, path)
+            .header("Accept", "application/json")
+            .timeout(timeout);
+        if let Some(t) = &self.token {
+            request = request.token(t.as_str());
+        }
+        if let Some(body) = body {
+            let body = serde_json::to_vec(body).map_err(|source| ApiError::Decode {
+                what: format!("the body of {}", request.what()),
                 source,
             })?;
-        let request = http::encode_request(
-            method,
-            path,
-            &self.addr.to_string(),
-            self.token.as_deref(),
-            body.as_deref(),
-        );
-        let response = tokio::time::timeout(timeout, self.exchange(&request, &what))
-            .await
-            .map_err(|_| ApiError::Timeout {
-                addr: self.addr,
-                what: what.clone(),
-                timeout,
-            })??;
-        if !(200..300).contains(&response.status) {
-            return Err(http_error(response.status, &response.body));
+            request = request.json(body);
         }
-        serde_json::from_slice(&response.body).map_err(|source| ApiError::Decode {
-            what: format!("the answer to {what}"),
-            source,
-        })
-    }
-
-    async fn exchange(&self, request: &[u8], what: &str) -> Result<http::Response, ApiError> {
-        let io_err = |source| ApiError::Io {
-            addr: self.addr,
-            what: what.to_string(),
-            source,
-        };
-        let mut stream =
-            TcpStream::connect(self.addr)
-                .await
-                .map_err(|source| ApiError::Connect {
-                    addr: self.addr,
-                    source,
-                })?;
-        let _ = stream.set_nodelay(true);
-        stream.write_all(request).await.map_err(io_err)?;
-        let mut buf = Vec::with_capacity(16 * 1024);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let n = stream.read(&mut chunk).await.map_err(io_err)?;
-            buf.extend_from_slice(&chunk[..n]);
-            let parsed = http::parse_response(&buf, n == 0, MAX_BODY).map_err(|source| {
-                ApiError::Protocol {
-                    addr: self.addr,
-                    what: what.to_string(),
-                    source,
-                }
-            })?;
-            if let Some(r) = parsed {
-                return Ok(r);
-            }
-        }
+        let what = request.what();
+        request.send(self.addr).await?.json(&what)
     }
 }
 
@@ -542,23 +522,7 @@ mod tests {
 
     /// A one-shot server answering `answer` in two writes, recording the request.
     async fn one_shot(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let h = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut req = Vec::new();
-            let mut b = [0u8; 4096];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut b).await.unwrap();
-                req.extend_from_slice(&b[..n]);
-            }
-            let mid = answer.len() / 2;
-            s.write_all(&answer[..mid]).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            s.write_all(&answer[mid..]).await.unwrap();
-            req
-        });
-        (addr, h)
+        crate::transport::tests::server(answer, 0).await
     }
 
     #[tokio::test]
@@ -571,7 +535,10 @@ mod tests {
         assert_eq!(c.version().await.unwrap(), 7);
         let req = String::from_utf8(h.await.unwrap()).unwrap();
         assert!(req.starts_with("GET /v1/version HTTP/1.1\r\n"), "{req}");
-        assert!(req.contains("Authorization: Bearer tok\r\n"), "{req}");
+        assert!(
+            req.to_lowercase().contains("authorization: bearer tok\r\n"),
+            "{req}"
+        );
     }
 
     #[tokio::test]

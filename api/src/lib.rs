@@ -1,5 +1,7 @@
 //! ferry's control-plane API (version 1): the JSON types that `ferry` (CLI), `ferry gateway`
-//! and `ferry-agent` exchange over HTTP, their validation, and a small HTTP client.
+//! and `ferry-agent` exchange over HTTP, their validation, and the HTTP client both sides use
+//! ([`Client`] for the gateway's API, [`transport`] for any request, e.g. the agents' peer
+//! APIs).
 //!
 //! Routes (all under `/v1`, JSON bodies, `Authorization: Bearer <token>` on everything except
 //! `GET /v1/health`):
@@ -96,11 +98,13 @@
 //! its outcome is unknown).
 
 pub mod client;
-pub mod http;
+pub mod clock;
 pub mod run;
+pub mod transport;
 pub mod types;
 pub mod validate;
 
 pub use client::{ApiError, Client};
+pub use clock::{unix_ms, unix_ms_f64};
 pub use types::*;
 pub use validate::{ContainerAddr, PublicKey};

@@ -1,7 +1,8 @@
 //! Validation and parsing shared by the gateway (which enforces the rules) and the CLI (which
 //! parses the same forms from its arguments, so both give the same messages).
 //!
-//! Every error is a sentence naming the offending value, ready to be shown to a person.
+//! Every error is an enum whose message is a sentence naming the offending value, ready to be
+//! shown to a person.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
@@ -10,29 +11,105 @@ use crate::types::{Proto, PublicSpec};
 /// Longest host name.
 pub const HOST_NAME_MAX: usize = 32;
 
+/// Why a host name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostNameError {
+    #[error("host name is empty: want 1–32 characters of [a-z0-9-]")]
+    Empty,
+    #[error("host name {name:?} is {len} characters long: at most {HOST_NAME_MAX}")]
+    TooLong { name: String, len: usize },
+    #[error("host name {name:?} contains {c:?}: only a-z, 0-9 and '-' are allowed")]
+    Character { name: String, c: char },
+    #[error("host name {name:?} starts with '-': it must start with a letter or digit")]
+    LeadingDash { name: String },
+}
+
+/// Why a port number is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    #[error("port 0 is not a valid port: want 1–65535")]
+    Zero,
+    #[error("invalid port {text:?}: want a number 1–65535")]
+    Invalid { text: String },
+}
+
+/// Why a public endpoint (`IP` or `IP:PORT/PROTO`) does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicKeyError {
+    #[error("invalid public address {text:?}: not an IPv4 address")]
+    Address { text: String },
+    #[error("invalid public endpoint {text:?}: a protocol needs a port (IP:PORT/PROTO)")]
+    ProtocolWithoutPort { text: String },
+    #[error(
+        "invalid public endpoint {text:?}: a port needs a protocol (IP:PORT/tcp or IP:PORT/udp)"
+    )]
+    PortWithoutProtocol { text: String },
+    #[error("invalid public endpoint {text:?}: {source}")]
+    Port {
+        text: String,
+        #[source]
+        source: PortError,
+    },
+    /// `reason` is [`Proto`]'s parse error.
+    #[error("invalid public endpoint {text:?}: {reason}")]
+    Protocol { text: String, reason: String },
+}
+
+/// Why a container address (`IP` or `IP:PORT`) does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContainerAddrError {
+    #[error("invalid container address {text:?}: not an IPv4 address")]
+    Address { text: String },
+    #[error("invalid container address {text:?}: {source}")]
+    Port {
+        text: String,
+        #[source]
+        source: PortError,
+    },
+}
+
+/// Why `ferry public add --public P --container C` is not a mapping.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicSpecError {
+    #[error(
+        "public endpoint {public} has a port, so the container needs one too ({container}:PORT)"
+    )]
+    ContainerNeedsPort {
+        public: PublicKey,
+        container: ContainerAddr,
+    },
+    #[error(
+        "container {container} has a port, so the public endpoint needs one too \
+         ({public}:PORT/PROTO)"
+    )]
+    PublicNeedsPort {
+        public: PublicKey,
+        container: ContainerAddr,
+    },
+}
+
 /// A host name is 1–32 characters of `[a-z0-9-]`, starting with a letter or a digit.
-pub fn validate_host_name(name: &str) -> Result<(), String> {
+pub fn validate_host_name(name: &str) -> Result<(), HostNameError> {
     if name.is_empty() {
-        return Err("host name is empty: want 1–32 characters of [a-z0-9-]".into());
+        return Err(HostNameError::Empty);
     }
     if name.len() > HOST_NAME_MAX {
-        return Err(format!(
-            "host name {name:?} is {} characters long: at most {HOST_NAME_MAX}",
-            name.len()
-        ));
+        return Err(HostNameError::TooLong {
+            name: name.into(),
+            len: name.len(),
+        });
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
-        return Err(format!(
-            "host name {name:?} contains {c:?}: only a-z, 0-9 and '-' are allowed"
-        ));
+        return Err(HostNameError::Character {
+            name: name.into(),
+            c,
+        });
     }
     if name.starts_with('-') {
-        return Err(format!(
-            "host name {name:?} starts with '-': it must start with a letter or digit"
-        ));
+        return Err(HostNameError::LeadingDash { name: name.into() });
     }
     Ok(())
 }
@@ -54,17 +131,12 @@ pub fn non_unicast_reason(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// Parses a port number (1–65535).
-pub fn parse_port(s: &str) -> Result<u16, String> {
+pub fn parse_port(s: &str) -> Result<u16, PortError> {
     match s.parse::<u16>() {
-        Ok(0) => Err("port 0 is not a valid port: want 1–65535".into()),
+        Ok(0) => Err(PortError::Zero),
         Ok(p) => Ok(p),
-        Err(_) => Err(format!("invalid port {s:?}: want a number 1–65535")),
+        Err(_) => Err(PortError::Invalid { text: s.into() }),
     }
-}
-
-fn parse_ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
-    s.parse()
-        .map_err(|_| format!("invalid {what} {s:?}: not an IPv4 address"))
 }
 
 /// The identity of a public mapping: a whole public IP, or `(public IP, port, proto)`.
@@ -94,29 +166,33 @@ impl fmt::Display for PublicKey {
 }
 
 impl FromStr for PublicKey {
-    type Err = String;
+    type Err = PublicKeyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let address = |ip: &str| {
+            ip.parse()
+                .map_err(|_| PublicKeyError::Address { text: ip.into() })
+        };
         let Some((ip, rest)) = s.split_once(':') else {
             if s.contains('/') {
-                return Err(format!(
-                    "invalid public endpoint {s:?}: a protocol needs a port (IP:PORT/PROTO)"
-                ));
+                return Err(PublicKeyError::ProtocolWithoutPort { text: s.into() });
             }
             return Ok(Self {
-                public: parse_ipv4(s, "public address")?,
+                public: address(s)?,
                 port: None,
             });
         };
-        let public = parse_ipv4(ip, "public address")?;
+        let public = address(ip)?;
         let Some((port, proto)) = rest.split_once('/') else {
-            return Err(format!(
-                "invalid public endpoint {s:?}: a port needs a protocol (IP:PORT/tcp or IP:PORT/udp)"
-            ));
+            return Err(PublicKeyError::PortWithoutProtocol { text: s.into() });
         };
-        let port = parse_port(port).map_err(|e| format!("invalid public endpoint {s:?}: {e}"))?;
-        let proto: Proto = proto
-            .parse()
-            .map_err(|e| format!("invalid public endpoint {s:?}: {e}"))?;
+        let port = parse_port(port).map_err(|source| PublicKeyError::Port {
+            text: s.into(),
+            source,
+        })?;
+        let proto: Proto = proto.parse().map_err(|reason| PublicKeyError::Protocol {
+            text: s.into(),
+            reason,
+        })?;
         Ok(Self {
             public,
             port: Some((port, proto)),
@@ -152,19 +228,23 @@ impl fmt::Display for ContainerAddr {
 }
 
 impl FromStr for ContainerAddr {
-    type Err = String;
+    type Err = ContainerAddrError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let address = |ip: &str| {
+            ip.parse()
+                .map_err(|_| ContainerAddrError::Address { text: ip.into() })
+        };
         match s.split_once(':') {
             None => Ok(Self {
-                ip: parse_ipv4(s, "container address")?,
+                ip: address(s)?,
                 port: None,
             }),
             Some((ip, port)) => Ok(Self {
-                ip: parse_ipv4(ip, "container address")?,
-                port: Some(
-                    parse_port(port)
-                        .map_err(|e| format!("invalid container address {s:?}: {e}"))?,
-                ),
+                ip: address(ip)?,
+                port: Some(parse_port(port).map_err(|source| ContainerAddrError::Port {
+                    text: s.into(),
+                    source,
+                })?),
             }),
         }
     }
@@ -172,7 +252,10 @@ impl FromStr for ContainerAddr {
 
 /// Builds the request of `ferry public add --public P --container C`: both with a port (a port
 /// mapping, protocol from `P`) or both without (whole IP).
-pub fn public_spec(public: PublicKey, container: ContainerAddr) -> Result<PublicSpec, String> {
+pub fn public_spec(
+    public: PublicKey,
+    container: ContainerAddr,
+) -> Result<PublicSpec, PublicSpecError> {
     match (public.port, container.port) {
         (None, None) => Ok(PublicSpec {
             public: public.public,
@@ -188,14 +271,8 @@ pub fn public_spec(public: PublicKey, container: ContainerAddr) -> Result<Public
             container_port: Some(container_port),
             proto: Some(proto),
         }),
-        (Some(_), None) => Err(format!(
-            "public endpoint {public} has a port, so the container needs one too \
-             ({container}:PORT)"
-        )),
-        (None, Some(_)) => Err(format!(
-            "container {container} has a port, so the public endpoint needs one too \
-             ({public}:PORT/PROTO)"
-        )),
+        (Some(_), None) => Err(PublicSpecError::ContainerNeedsPort { public, container }),
+        (None, Some(_)) => Err(PublicSpecError::PublicNeedsPort { public, container }),
     }
 }
 
@@ -232,7 +309,7 @@ mod tests {
             (&"x".repeat(33), "33 characters"),
         ] {
             let e = validate_host_name(bad).unwrap_err();
-            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.to_string().contains(why), "{bad:?}: {e}");
         }
     }
 
@@ -268,7 +345,7 @@ mod tests {
             ("", "not an IPv4 address"),
         ] {
             let e = bad.parse::<PublicKey>().unwrap_err();
-            assert!(e.contains(why), "{bad:?}: {e}");
+            assert!(e.to_string().contains(why), "{bad:?}: {e}");
         }
     }
 
@@ -296,12 +373,14 @@ mod tests {
             "10.244.1.5:x"
                 .parse::<ContainerAddr>()
                 .unwrap_err()
+                .to_string()
                 .contains("invalid port")
         );
         assert!(
             "10.244.1:80"
                 .parse::<ContainerAddr>()
                 .unwrap_err()
+                .to_string()
                 .contains("not an IPv4")
         );
     }
@@ -319,9 +398,12 @@ mod tests {
             (Some(80), Some(8080), Some(Proto::Udp))
         );
         let e = public_spec(p("203.0.113.130:80/tcp"), c("10.244.1.5")).unwrap_err();
-        assert!(e.contains("container needs one too"), "{e}");
+        assert!(e.to_string().contains("container needs one too"), "{e}");
         let e = public_spec(p("203.0.113.130"), c("10.244.1.5:80")).unwrap_err();
-        assert!(e.contains("public endpoint needs one too"), "{e}");
+        assert!(
+            e.to_string().contains("public endpoint needs one too"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -343,7 +343,8 @@ fn container_text(p: &ferry_api::PublicMapping) -> String {
 async fn public(c: &Client, cmd: PublicCommand) -> Result<Outcome, CliError> {
     match cmd {
         PublicCommand::Add { public, container } => {
-            let spec = public_spec(public, container).map_err(|m| CliError::new("usage", m))?;
+            let spec = public_spec(public, container)
+                .map_err(|m| CliError::new("usage", m.to_string()))?;
             let p = c.add_public(&spec).await?;
             let text = format!("public {} → {} added", p.key(), container_text(&p));
             Outcome::new(p, text)

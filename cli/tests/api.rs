@@ -488,15 +488,7 @@ fn metrics_count_what_matters() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let (_, _, _) = raw(env.addr, "GET", "/v1/endpoints", &[], None);
-    let mut s = std::net::TcpStream::connect(env.addr).unwrap();
-    use std::io::{Read as _, Write as _};
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let text = common::metrics(env.addr);
     for line in [
         "ferry_gateway_hosts 3\n",
         "ferry_gateway_endpoints 2\n",

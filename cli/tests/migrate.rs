@@ -175,16 +175,7 @@ fn endpoint_host(env: &Env, ip: &str) -> String {
 }
 
 fn metrics(env: &Env) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(env.addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
+    common::metrics(env.addr)
 }
 
 #[test]

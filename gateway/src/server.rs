@@ -641,7 +641,9 @@ async fn remove_public(
 ) -> Result<Response, ApiFailure> {
     let key: PublicKey = key
         .parse()
-        .map_err(|e: String| ApiFailure::bad_request(format!("public key in the path: {e}")))?;
+        .map_err(|e: ferry_api::validate::PublicKeyError| {
+            ApiFailure::bad_request(format!("public key in the path: {e}"))
+        })?;
     let (change, _) = g.change(Request::RemovePublic(key)).await?;
     let Change::PublicRemoved(p) = change else {
         unreachable!("remove public answered {change:?}")

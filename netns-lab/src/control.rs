@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -148,25 +148,11 @@ impl ControlPlane {
 /// Does `GET path` on `addr` from inside namespace `ns` answer 200?
 pub(crate) fn http_ok(ns: &Path, addr: SocketAddr, path: &str) -> bool {
     let path = path.to_owned();
-    run_in(ns, move || -> std::io::Result<bool> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.set_write_timeout(Some(Duration::from_secs(2)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut head = [0u8; 64];
-        let mut n = 0;
-        while n < 12 {
-            let k = s.read(&mut head[n..])?;
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        let line = String::from_utf8_lossy(&head[..n]);
-        Ok(line.starts_with("HTTP/1.") && line.get(9..12) == Some("200"))
+    run_in(ns, move || {
+        ferry_api::transport::Request::get(path)
+            .timeout(Duration::from_secs(2))
+            .send_blocking(addr)
+            .map(|r| r.status == 200)
     })
     .ok()
     .and_then(Result::ok)

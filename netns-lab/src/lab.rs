@@ -343,10 +343,7 @@ impl Lab {
             }
         })?;
         run_in(&self.netns(&cp.host), move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            Ok::<T, std::io::Error>(rt.block_on(f(client)))
+            ferry_api::transport::block_on(f(client))
         })?
         .map_err(|e| LabError::io("starting a runtime for the API client", e))
     }
@@ -497,7 +494,6 @@ impl Lab {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), LabError> {
-        use std::io::{Read as _, Write as _};
         let h = self.host(host).ok_or_else(|| LabError::UnknownNode {
             prefix: self.prefix.clone(),
             name: host.to_owned(),
@@ -510,24 +506,17 @@ impl Lab {
                 args: format!("(agent {host}) {method} {path}"),
                 message: e.to_string(),
             })?;
-        let request =
-            ferry_api::http::encode_request(method, path, &addr.to_string(), Some(&token), body);
+        let mut request = ferry_api::transport::Request::new(method, path)
+            .token(token)
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            // Any body goes as JSON (the agents' JSON routes need the type).
+            request = request.json(b.to_vec());
+        }
         let what = format!("agent {host} ({addr}): {method} {path}");
-        let answer = run_in(&self.netns(host), move || -> std::io::Result<Vec<u8>> {
-            let timeout = Duration::from_secs(30);
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(timeout))?;
-            s.set_write_timeout(Some(timeout))?;
-            s.write_all(&request)?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf)?;
-            Ok(buf)
-        })?
-        .map_err(|e| LabError::io(what.clone(), e))?;
-        let r = ferry_api::http::parse_response(&answer, true, ferry_api::client::MAX_BODY)
-            .map_err(|e| LabError::io(what.clone(), std::io::Error::other(e)))?
-            .ok_or_else(|| LabError::io(what, std::io::ErrorKind::UnexpectedEof.into()))?;
-        Ok((r.status, r.body))
+        let r = run_in(&self.netns(host), move || request.send_blocking(addr))?
+            .map_err(|e| LabError::io(what, std::io::Error::other(e)))?;
+        Ok((r.status, r.body.to_vec()))
     }
 
     /// An agent's answer as `T`, or an error carrying the API error (`... (code, HTTP n)`).

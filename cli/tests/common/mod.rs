@@ -5,8 +5,7 @@
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -29,11 +28,7 @@ pub fn free_port() -> u16 {
 
 /// Runs a future on a fresh runtime (tests are plain threads).
 pub fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+    ferry_api::transport::block_on(f).unwrap()
 }
 
 pub struct Env {
@@ -265,26 +260,32 @@ pub fn raw(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, Value, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = ferry_api::transport::Request::new(method, path).timeout(Duration::from_secs(30));
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        req = req.header(*k, *v);
     }
     if let Some(b) = body {
-        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+        req = req.body(b.to_owned());
     }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or(""));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let r = ferry_api::http::parse_response(&buf, true, 1 << 26)
-        .unwrap()
-        .unwrap();
-    let head: String = String::from_utf8_lossy(&buf[..buf.len() - r.body.len()]).into();
+    let r = req.send_blocking(addr).unwrap();
+    let mut head = format!("HTTP/1.1 {}\r\n", r.status);
+    for (k, v) in &r.headers {
+        head.push_str(&format!(
+            "{k}: {}\r\n",
+            String::from_utf8_lossy(v.as_bytes())
+        ));
+    }
     let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
     (r.status, v, head)
+}
+
+/// `GET /metrics` (no token): the Prometheus text.
+pub fn metrics(addr: SocketAddr) -> String {
+    let r = ferry_api::transport::Request::get("/metrics")
+        .send_blocking(addr)
+        .unwrap();
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body.to_vec()).unwrap()
 }
 
 pub fn bearer() -> String {

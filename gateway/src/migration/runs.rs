@@ -36,8 +36,8 @@ use ferry_api::{
         CheckpointAnswer, CheckpointRequest, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest,
         RunState,
     },
+    transport::{HttpError, Request},
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{error, info, warn};
 
 use crate::server::{ApiFailure, ApiJson, Gateway, PathParam, lock};
@@ -319,49 +319,27 @@ async fn checkpoint(
     req: &CheckpointRequest,
 ) -> Result<CheckpointAnswer, String> {
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    let path = format!("/v1/checkpoint/{id}");
-    let request = ferry_api::http::encode_request(
-        "POST",
-        &path,
-        &agent.to_string(),
-        Some(token),
-        Some(&body),
-    );
-    let talk = async {
-        let mut s = tokio::net::TcpStream::connect(agent)
-            .await
-            .map_err(|e| format!("connecting to the source agent {agent}: {e}"))?;
-        let _ = s.set_nodelay(true);
-        s.write_all(&request)
-            .await
-            .map_err(|e| format!("sending to {agent}: {e}"))?;
-        let mut buf = Vec::with_capacity(8192);
-        loop {
-            let mut chunk = [0u8; 16384];
-            let n = s
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading the source agent's answer: {e}"))?;
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(r) = ferry_api::http::parse_response(&buf, n == 0, 16 << 20)
-                .map_err(|e| format!("reading the source agent's answer: {e}"))?
-            {
-                return Ok::<_, String>(r);
-            }
-        }
-    };
-    let r = tokio::time::timeout(CHECKPOINT_TIMEOUT, talk)
+    let r = Request::post(format!("/v1/checkpoint/{id}"))
+        .token(token)
+        .json(body)
+        .timeout(CHECKPOINT_TIMEOUT)
+        .max_answer(16 << 20)
+        .send(agent)
         .await
-        .map_err(|_| {
-            format!(
+        .map_err(|e| match e {
+            HttpError::Connect { source, .. } => {
+                format!("connecting to the source agent {agent}: {source}")
+            }
+            HttpError::Timeout { .. } => format!(
                 "the source agent did not answer within {} s",
                 CHECKPOINT_TIMEOUT.as_secs()
-            )
-        })??;
-    if !(200..300).contains(&r.status) {
+            ),
+            e => format!("reading the source agent's answer: {e}"),
+        })?;
+    if !r.is_success() {
         return Err(format!(
             "the source agent refused the checkpoint: {}",
-            ferry_api::client::http_error(r.status, &r.body)
+            r.error()
         ));
     }
     serde_json::from_slice(&r.body).map_err(|e| format!("the source agent's answer: {e}"))

@@ -4,8 +4,7 @@
 //! (two namespace paths and addresses) and calls [`fill_map`] once, after the ferry rounds.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -92,19 +91,14 @@ pub fn fill_map(lab: &Lab, n: usize) -> Result<(), BenchError> {
 /// `ferry_endpoints` of a host's agent (its metrics endpoint inside the host's namespace).
 fn endpoints_gauge(lab: &Lab, host: &str) -> Option<u64> {
     let addr: SocketAddr = ferry_agent::config::DEFAULT_METRICS_LISTEN.parse().ok()?;
-    let text = run_in(&lab.netns(host), move || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
+    let answer = run_in(&lab.netns(host), move || {
+        ferry_api::transport::Request::get("/metrics")
+            .timeout(Duration::from_secs(10))
+            .send_blocking(addr)
     })
     .ok()?
     .ok()?;
+    let text = String::from_utf8_lossy(&answer.body);
     text.lines()
         .find(|l| l.starts_with("ferry_endpoints{"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

@@ -19,9 +19,12 @@ use std::{
     time::Instant,
 };
 
-use ferry_api::run::LockMode;
+use ferry_api::{
+    run::LockMode,
+    transport::{BodyClosed, BodyWriter, Request},
+};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncReadExt as _;
 
 pub const MAGIC: &[u8] = b"FERRYIMG1\n";
 pub const MAX_FILES: u32 = 100_000;
@@ -274,7 +277,7 @@ fn encode_file_head(name: &str, size: u64) -> Vec<u8> {
 pub struct Sent {
     pub bytes: u64,
     pub files: u32,
-    /// Until the last byte was written.
+    /// Until the last byte was handed to the connection (at most two 256 KiB frames queued).
     pub send_ms: f64,
     pub status: u16,
     pub body: Vec<u8>,
@@ -299,75 +302,111 @@ pub async fn send(
             .sum::<u64>()
         + 2;
     let t = Instant::now();
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let _ = s.set_nodelay(true);
-    let request = format!(
-        "POST /v1/images/{} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ferry-agent\r\n\
-         Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\n\
-         Content-Length: {total}\r\nConnection: close\r\n\r\n",
-        header.migration
-    );
-    let io = |e: std::io::Error| format!("sending the images to {addr}: {e}");
-    s.write_all(request.as_bytes()).await.map_err(io)?;
-    s.write_all(&head).await.map_err(io)?;
-    let mut sent = head.len() as u64;
-    let mut next_report = 4 << 20;
-    let mut buf = vec![0u8; 256 * 1024];
-    for (name, size) in &files {
-        s.write_all(&encode_file_head(name, *size))
-            .await
-            .map_err(io)?;
-        sent += 2 + name.len() as u64 + 8;
-        let mut f = tokio::fs::File::open(dir.join(name))
-            .await
-            .map_err(|e| format!("opening {name}: {e}"))?;
-        let mut left = *size;
-        while left > 0 {
-            let want = buf.len().min(left as usize);
-            let n = f
-                .read(&mut buf[..want])
-                .await
-                .map_err(|e| format!("reading {name}: {e}"))?;
-            if n == 0 {
-                return Err(format!("{name} shrank while being sent"));
-            }
-            s.write_all(&buf[..n]).await.map_err(io)?;
-            left -= n as u64;
-            sent += n as u64;
-            if sent >= next_report {
+    // No deadline: the destination answers once it restored the container.
+    let (request, mut body) = Request::post(format!("/v1/images/{}", header.migration))
+        .token(token)
+        .header("Content-Type", "application/octet-stream")
+        .without_timeout()
+        .max_answer(1 << 20)
+        .stream(total);
+    let write = async {
+        let mut sent = 0u64;
+        let written = write_files(
+            &mut body,
+            head,
+            &files,
+            dir,
+            &mut sent,
+            total,
+            &mut progress,
+        )
+        .await;
+        match written {
+            Ok(()) => {
+                // Dropping the writer ends the body.
+                drop(body);
+                let send_ms = t.elapsed().as_secs_f64() * 1e3;
                 progress(sent, total);
-                next_report += 4 << 20;
+                Ok((sent, send_ms))
             }
-        }
-    }
-    s.write_all(&0u16.to_be_bytes()).await.map_err(io)?;
-    sent += 2;
-    progress(sent, total);
-    let send_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut answer = Vec::with_capacity(4096);
-    let r = loop {
-        let mut chunk = [0u8; 8192];
-        let n = s
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading the destination's answer: {e}"))?;
-        answer.extend_from_slice(&chunk[..n]);
-        if let Some(r) = ferry_api::http::parse_response(&answer, n == 0, 1 << 20)
-            .map_err(|e| format!("reading the destination's answer: {e}"))?
-        {
-            break r;
+            Err(Stop::Closed) => Ok((sent, t.elapsed().as_secs_f64() * 1e3)),
+            Err(Stop::Failed(e)) => {
+                body.abort(std::io::Error::other(e.clone()));
+                Err(e)
+            }
         }
     };
+    let (answer, written) = tokio::join!(request.send(addr), write);
+    let (sent, send_ms) = written?;
+    let r = answer.map_err(|e| format!("sending the images: {e}"))?;
     Ok(Sent {
         bytes: sent,
         files: files.len() as u32,
         send_ms,
         status: r.status,
-        body: r.body,
+        body: r.body.to_vec(),
     })
 }
+
+/// Why the image writer stopped early.
+enum Stop {
+    /// The request is over (answered early or failed): its outcome says why.
+    Closed,
+    Failed(String),
+}
+
+impl From<BodyClosed> for Stop {
+    fn from(_: BodyClosed) -> Self {
+        Stop::Closed
+    }
+}
+
+/// Writes the stream after `head`: every file, then the end marker.
+async fn write_files(
+    body: &mut BodyWriter,
+    head: Vec<u8>,
+    files: &[(String, u64)],
+    dir: &Path,
+    sent: &mut u64,
+    total: u64,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<(), Stop> {
+    *sent += head.len() as u64;
+    body.write(head).await?;
+    let mut next_report = 4 << 20;
+    for (name, size) in files {
+        body.write(encode_file_head(name, *size)).await?;
+        *sent += 2 + name.len() as u64 + 8;
+        let mut f = tokio::fs::File::open(dir.join(name))
+            .await
+            .map_err(|e| Stop::Failed(format!("opening {name}: {e}")))?;
+        let mut left = *size;
+        while left > 0 {
+            let mut buf = vec![0u8; CHUNK.min(left as usize)];
+            let n = f
+                .read(&mut buf)
+                .await
+                .map_err(|e| Stop::Failed(format!("reading {name}: {e}")))?;
+            if n == 0 {
+                return Err(Stop::Failed(format!("{name} shrank while being sent")));
+            }
+            buf.truncate(n);
+            body.write(buf).await?;
+            left -= n as u64;
+            *sent += n as u64;
+            if *sent >= next_report {
+                progress(*sent, total);
+                next_report += 4 << 20;
+            }
+        }
+    }
+    body.write(0u16.to_be_bytes().to_vec()).await?;
+    *sent += 2;
+    Ok(())
+}
+
+/// Bytes read from a file per body frame.
+const CHUNK: usize = 256 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -12,12 +12,8 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use ferry_api::{ErrorBody, http};
+use ferry_api::{ErrorBody, transport};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
 use tracing::info;
 
 use super::{Ctx, Package, store::StoreError};
@@ -162,38 +158,24 @@ async fn exchange(
     method: &str,
     path: &str,
     token: &str,
-    body: Option<&[u8]>,
-) -> Result<http::Response, String> {
-    let request = http::encode_request(method, path, &addr.to_string(), Some(token), body);
-    let talk = async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let _ = s.set_nodelay(true);
-        s.write_all(&request)
-            .await
-            .map_err(|e| format!("sending: {e}"))?;
-        let mut buf = Vec::with_capacity(4096);
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            let n = s
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading the answer: {e}"))?;
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(r) = http::parse_response(&buf, n == 0, MAX_ANSWER)
-                .map_err(|e| format!("reading the answer: {e}"))?
-            {
-                return Ok(r);
-            }
+    body: Option<Vec<u8>>,
+) -> Result<transport::Response, String> {
+    let mut request = transport::Request::new(method, path)
+        .token(token)
+        .timeout(TRANSFER_TIMEOUT)
+        .max_answer(MAX_ANSWER);
+    if let Some(b) = body {
+        request = request.json(b);
+    }
+    request.send(addr).await.map_err(|e| match e {
+        transport::HttpError::Timeout { .. } => {
+            format!("no answer within {} s", TRANSFER_TIMEOUT.as_secs())
         }
-    };
-    tokio::time::timeout(TRANSFER_TIMEOUT, talk)
-        .await
-        .map_err(|_| format!("no answer within {} s", TRANSFER_TIMEOUT.as_secs()))?
+        e => e.to_string(),
+    })
 }
 
-fn refused(r: &http::Response) -> String {
+fn refused(r: &transport::Response) -> String {
     ferry_api::client::http_error(r.status, &r.body).to_string()
 }
 
@@ -201,7 +183,7 @@ fn refused(r: &http::Response) -> String {
 pub async fn send_package(addr: SocketAddr, token: &str, p: &Package) -> Result<Value, String> {
     let body = serde_json::to_vec(p).map_err(|e| format!("encoding the package: {e}"))?;
     let path = format!("/v1/handoff/{}", p.container);
-    let r = exchange(addr, "POST", &path, token, Some(&body)).await?;
+    let r = exchange(addr, "POST", &path, token, Some(body)).await?;
     if (200..300).contains(&r.status) {
         Ok(serde_json::from_slice(&r.body).unwrap_or(Value::Null))
     } else {

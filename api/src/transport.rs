@@ -1,0 +1,561 @@
+//! One HTTP/1.1 request per connection, over hyper: what [`crate::Client`] (the gateway's API)
+//! and the agents' peer APIs (checkpoint, images, hand-off, containers) are spoken with.
+//!
+//! Each request opens its own TCP connection (`Connection: close`, as before: the lab makes
+//! requests from inside network namespaces and the gateway counts watches, so no pool), has one
+//! deadline over connect, request and the whole answer, and bounds the answer's body. The
+//! connection is handed to hyper's `client::conn::http1` as a plain byte stream, so a TLS stream
+//! (tokio-rustls) can be put in the TCP stream's place in [`Request::send`] without touching
+//! the callers. [`block_on`] is the one blocking entry for synchronous callers (the lab,
+//! tests).
+
+use std::{future::Future, io, net::SocketAddr, pin::pin, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full, Limited, channel::Channel, combinators::BoxBody};
+use hyper::{
+    HeaderMap,
+    header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT},
+};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+
+use crate::client::{ApiError, DEFAULT_TIMEOUT, MAX_BODY, http_error};
+
+/// Why a request got no (acceptable) answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{addr}: {what}: cannot build the request: {source}")]
+    Request {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{addr}: {what}: no complete answer within {timeout:?}")]
+    Timeout {
+        addr: SocketAddr,
+        what: String,
+        timeout: Duration,
+    },
+    #[error("{addr}: {what}: {source}")]
+    Io {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{addr}: {what}: invalid HTTP answer: {source}")]
+    Protocol {
+        addr: SocketAddr,
+        what: String,
+        #[source]
+        source: ProtocolError,
+    },
+    #[error("{addr}: starting a runtime for a blocking request: {source}")]
+    Runtime {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What was wrong with an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error(transparent)]
+    Http(hyper::Error),
+    #[error("answer body larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("the connection ended before the answer was complete ({reason})")]
+    Truncated { reason: String },
+}
+
+/// A request to send to one address.
+#[derive(Debug)]
+pub struct Request {
+    method: String,
+    path: String,
+    token: Option<String>,
+    headers: Vec<(String, String)>,
+    body: Body,
+    timeout: Option<Duration>,
+    max_answer: usize,
+}
+
+#[derive(Debug)]
+enum Body {
+    None,
+    Full(Bytes),
+    /// Written through a [`BodyWriter`] while the request is under way; exact length.
+    Stream(Channel<Bytes, io::Error>, u64),
+}
+
+impl Request {
+    /// `method path` (the path with its query, already percent-encoded). Deadline
+    /// [`DEFAULT_TIMEOUT`], answers up to [`MAX_BODY`] bytes.
+    pub fn new(method: &str, path: impl Into<String>) -> Self {
+        Self {
+            method: method.to_owned(),
+            path: path.into(),
+            token: None,
+            headers: Vec::new(),
+            body: Body::None,
+            timeout: Some(DEFAULT_TIMEOUT),
+            max_answer: MAX_BODY,
+        }
+    }
+
+    pub fn get(path: impl Into<String>) -> Self {
+        Self::new("GET", path)
+    }
+
+    pub fn post(path: impl Into<String>) -> Self {
+        Self::new("POST", path)
+    }
+
+    /// Sends `Authorization: Bearer <token>`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// One more header, sent as given.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// A body, sent with its Content-Length (no Content-Type: see [`Request::json`]).
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = Body::Full(body.into());
+        self
+    }
+
+    /// A JSON body (already encoded), with `Content-Type: application/json`.
+    pub fn json(self, body: impl Into<Bytes>) -> Self {
+        self.header(CONTENT_TYPE.as_str(), "application/json")
+            .body(body)
+    }
+
+    /// A body of exactly `len` bytes written through the returned [`BodyWriter`] while
+    /// [`Request::send`] runs (drive both at once, e.g. with `tokio::join!`).
+    pub fn stream(mut self, len: u64) -> (Self, BodyWriter) {
+        // Two frames in flight: the writer reads the next chunk while hyper sends one.
+        let (tx, body) = Channel::new(2);
+        self.body = Body::Stream(body, len);
+        (self, BodyWriter { tx })
+    }
+
+    /// The deadline of the whole exchange (connect, request, complete answer).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// No deadline (an answer that comes when the peer has finished a long job).
+    pub fn without_timeout(mut self) -> Self {
+        self.timeout = None;
+        self
+    }
+
+    /// Largest answer body accepted.
+    pub fn max_answer(mut self, limit: usize) -> Self {
+        self.max_answer = limit;
+        self
+    }
+
+    /// `METHOD path`, how errors name the request.
+    pub fn what(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+
+    /// Sends the request to `addr` on a new connection and reads the whole answer, whatever
+    /// its status.
+    pub async fn send(self, addr: SocketAddr) -> Result<Response, HttpError> {
+        let what = self.what();
+        match self.timeout {
+            None => self.exchange(addr, &what).await,
+            Some(timeout) => tokio::time::timeout(timeout, self.exchange(addr, &what))
+                .await
+                .map_err(|_| HttpError::Timeout {
+                    addr,
+                    what: what.clone(),
+                    timeout,
+                })?,
+        }
+    }
+
+    /// [`Request::send`] from synchronous code (see [`block_on`]).
+    pub fn send_blocking(self, addr: SocketAddr) -> Result<Response, HttpError> {
+        block_on(self.send(addr)).map_err(|source| HttpError::Runtime { addr, source })?
+    }
+
+    fn build(self, addr: SocketAddr) -> Result<hyper::Request<ReqBody>, hyper::http::Error> {
+        let mut b = hyper::Request::builder()
+            .method(self.method.as_str())
+            .uri(self.path.as_str())
+            .header(HOST, addr.to_string())
+            .header(USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")))
+            .header(CONNECTION, "close");
+        if let Some(t) = &self.token {
+            b = b.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        for (name, value) in &self.headers {
+            b = b.header(name.as_str(), value.as_str());
+        }
+        let body = match self.body {
+            Body::None => {
+                if matches!(self.method.as_str(), "POST" | "PUT" | "PATCH") {
+                    b = b.header(CONTENT_LENGTH, "0");
+                }
+                Empty::new().map_err(|never| match never {}).boxed()
+            }
+            Body::Full(bytes) => Full::new(bytes).map_err(|never| match never {}).boxed(),
+            Body::Stream(channel, len) => {
+                b = b.header(CONTENT_LENGTH, len);
+                channel.boxed()
+            }
+        };
+        b.body(body)
+    }
+
+    async fn exchange(self, addr: SocketAddr, what: &str) -> Result<Response, HttpError> {
+        let max = self.max_answer;
+        let request = self.build(addr).map_err(|source| HttpError::Request {
+            addr,
+            what: what.to_owned(),
+            source,
+        })?;
+        let failed = |e: hyper::Error| classify(addr, what, e);
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| HttpError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(failed)?;
+        let answer = async {
+            let answer = sender.send_request(request).await.map_err(failed)?;
+            let (parts, body) = answer.into_parts();
+            let body = Limited::new(body, max)
+                .collect()
+                .await
+                .map_err(|e| match e.downcast::<hyper::Error>() {
+                    Ok(e) => failed(*e),
+                    Err(_) => HttpError::Protocol {
+                        addr,
+                        what: what.to_owned(),
+                        source: ProtocolError::TooLarge { limit: max },
+                    },
+                })?
+                .to_bytes();
+            Ok(Response {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
+        };
+        // The connection makes progress only while polled; it ends after the answer
+        // (`Connection: close`), or with the error the request also sees.
+        let mut conn = pin!(conn);
+        let mut answer = pin!(answer);
+        tokio::select! {
+            r = &mut answer => r,
+            c = &mut conn => {
+                c.map_err(failed)?;
+                answer.await
+            }
+        }
+    }
+}
+
+type ReqBody = BoxBody<Bytes, io::Error>;
+
+/// A socket error (the peer reset, a write failed) is [`HttpError::Io`]; anything else hyper
+/// refuses (a malformed or truncated answer) is [`HttpError::Protocol`].
+fn classify(addr: SocketAddr, what: &str, e: hyper::Error) -> HttpError {
+    let io = std::error::Error::source(&e).and_then(|c| c.downcast_ref::<io::Error>());
+    if let Some(io) = io.filter(|io| io.kind() == io::ErrorKind::UnexpectedEof) {
+        return HttpError::Protocol {
+            addr,
+            what: what.to_owned(),
+            source: ProtocolError::Truncated {
+                reason: io.to_string(),
+            },
+        };
+    }
+    if let Some(io) = io.filter(|_| !e.is_parse()) {
+        return HttpError::Io {
+            addr,
+            what: what.to_owned(),
+            // hyper lends its cause only: keep the socket error's kind and words.
+            source: io::Error::new(io.kind(), io.to_string()),
+        };
+    }
+    HttpError::Protocol {
+        addr,
+        what: what.to_owned(),
+        source: ProtocolError::Http(e),
+    }
+}
+
+/// Writes a streamed request body (see [`Request::stream`]).
+#[derive(Debug)]
+pub struct BodyWriter {
+    tx: http_body_util::channel::Sender<Bytes, io::Error>,
+}
+
+/// The request a [`BodyWriter`] writes to is over (answered early, or failed): its outcome is
+/// [`Request::send`]'s.
+#[derive(Debug, thiserror::Error)]
+#[error("the request no longer takes body data")]
+pub struct BodyClosed;
+
+impl BodyWriter {
+    pub async fn write(&mut self, data: impl Into<Bytes>) -> Result<(), BodyClosed> {
+        self.tx.send_data(data.into()).await.map_err(|_| BodyClosed)
+    }
+
+    /// Abandons the body: the request fails with `error` (the connection is closed before the
+    /// announced length was sent, so the peer cannot take it as complete).
+    pub fn abort(self, error: io::Error) {
+        self.tx.abort(error)
+    }
+}
+
+/// A complete answer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// An error answer as [`ApiError::Http`] (its [`crate::ErrorBody`] decoded if it is one).
+    pub fn error(&self) -> ApiError {
+        http_error(self.status, &self.body)
+    }
+
+    /// A 2xx answer's JSON body as `T`; an error answer as [`Response::error`]. `what` names
+    /// the request in a decoding error.
+    pub fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, ApiError> {
+        if !self.is_success() {
+            return Err(self.error());
+        }
+        serde_json::from_slice(&self.body).map_err(|source| ApiError::Decode {
+            what: format!("the answer to {what}"),
+            source,
+        })
+    }
+}
+
+/// Runs `f` to completion on a new current-thread runtime (with I/O and timers): how synchronous
+/// code (the lab, tests, a thread inside a network namespace) makes requests.
+pub fn block_on<F: Future>(f: F) -> io::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    /// A one-shot server: reads the request head and `body_len` body bytes, then answers in
+    /// two writes (the client must put the halves together); returns the request.
+    pub(crate) async fn server(
+        answer: &'static [u8],
+        body_len: usize,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut b = vec![0u8; 64 * 1024];
+            loop {
+                let head = req.windows(4).position(|w| w == b"\r\n\r\n");
+                if head.is_some_and(|h| req.len() >= h + 4 + body_len) {
+                    break;
+                }
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                req.extend_from_slice(&b[..n]);
+            }
+            let mid = answer.len() / 2;
+            s.write_all(&answer[..mid]).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(&answer[mid..]).await.unwrap();
+            req
+        });
+        (addr, h)
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_and_headers_arrive() {
+        let (addr, h) = server(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n",
+            2,
+        )
+        .await;
+        let r = Request::post("/x?y=1")
+            .token("tok")
+            .json("{}")
+            .send(addr)
+            .await
+            .unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"Wikipedia"[..]));
+        assert_eq!(r.headers["x-a"], "b");
+        let req = String::from_utf8(h.await.unwrap()).unwrap().to_lowercase();
+        assert!(req.starts_with("post /x?y=1 http/1.1\r\n"), "{req}");
+        for line in [
+            "authorization: bearer tok\r\n",
+            "content-type: application/json\r\n",
+            "content-length: 2\r\n",
+            "connection: close\r\n",
+            &format!("host: {addr}\r\n"),
+        ] {
+            assert!(req.contains(line), "{line:?} missing: {req}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_post_without_body_says_so() {
+        let (addr, h) = server(b"HTTP/1.1 204 No Content\r\n\r\n", 0).await;
+        let r = Request::post("/x").send(addr).await.unwrap();
+        assert_eq!(r.status, 204);
+        let req = String::from_utf8(h.await.unwrap()).unwrap().to_lowercase();
+        assert!(req.contains("content-length: 0\r\n"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused() {
+        let (addr, _h) = server(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n01234567890123456789",
+            0,
+        )
+        .await;
+        let e = Request::get("/x")
+            .max_answer(10)
+            .send(addr)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HttpError::Protocol {
+                    source: ProtocolError::TooLarge { limit: 10 },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_protocol_error() {
+        let (addr, _h) = server(b"SSH-2.0-OpenSSH\r\n\r\n", 0).await;
+        let e = Request::get("/x").send(addr).await.unwrap_err();
+        assert!(matches!(e, HttpError::Protocol { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_arrives_whole_with_its_length() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (addr, h) = server(
+            b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+            data.len(),
+        )
+        .await;
+        let (req, mut w) = Request::post("/up").stream(data.len() as u64);
+        let chunks = data.clone();
+        let write = async move {
+            for c in chunks.chunks(65_536) {
+                w.write(Bytes::copy_from_slice(c)).await.unwrap();
+            }
+        };
+        let (r, ()) = tokio::join!(req.send(addr), write);
+        let r = r.unwrap();
+        assert_eq!((r.status, &r.body[..]), (201, &b"ok"[..]));
+        let got = h.await.unwrap();
+        let head = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let text = String::from_utf8_lossy(&got[..head]).to_lowercase();
+        assert!(
+            text.contains(&format!("content-length: {}\r\n", data.len())),
+            "{text}"
+        );
+        assert_eq!(&got[head..], &data[..]);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_stream_fails_the_request() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let (req, mut w) = Request::post("/up").stream(100);
+        let write = async move {
+            w.write(&b"0123456789"[..]).await.unwrap();
+            w.abort(io::Error::other("the file vanished"));
+        };
+        let (r, ()) = tokio::join!(req.send(addr), write);
+        let e = r.unwrap_err();
+        assert!(
+            matches!(e, HttpError::Io { .. } | HttpError::Protocol { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("the file vanished"), "{e}");
+        // The peer saw the connection end before the announced 100 bytes.
+        let got = server.await.unwrap();
+        let body = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |h| got.len() - h - 4);
+        assert!(body < 100, "{body}");
+    }
+
+    #[test]
+    fn blocking_requests_run_on_their_own_runtime() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 4096];
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).unwrap();
+                req.extend_from_slice(&b[..n]);
+            }
+            s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 62\r\n\r\n{\"error\":{\"code\":\"unknown_host\",\"message\":\"no host named x1\"}}")
+                .unwrap();
+        });
+        let r = Request::get("/v1/hosts/x1").send_blocking(addr).unwrap();
+        t.join().unwrap();
+        let e = r.json::<serde_json::Value>("GET /v1/hosts/x1").unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(404), Some("unknown_host")));
+    }
+}
