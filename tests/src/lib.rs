@@ -183,7 +183,7 @@ pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
         "metrics of {host}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ferry_agent::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+    ferry_config::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
         .into_iter()
         .collect()
 }

@@ -91,7 +91,7 @@ pub fn fill_map(lab: &Lab, n: usize) -> Result<(), BenchError> {
 
 /// `ferry_endpoints` of a host's agent (its metrics endpoint inside the host's namespace).
 fn endpoints_gauge(lab: &Lab, host: &str) -> Option<u64> {
-    let addr: SocketAddr = ferry_agent::config::DEFAULT_METRICS_LISTEN.parse().ok()?;
+    let addr: SocketAddr = ferry_config::DEFAULT_METRICS_LISTEN.parse().ok()?;
     let text = run_in(&lab.netns(host), move || -> std::io::Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
