@@ -23,8 +23,7 @@
 //! where the header's `fds` field (absent: 0) counts the file descriptors, sent as
 //! SCM_RIGHTS on the carrier bytes, at most 253 per carrier, in order; and `state_len`
 //! (absent: 0) is the length of the payload that follows. A client needs no more than std and
-//! rustix:
-//! `ferry_workload::wire` is one.
+//! rustix: `ferry_workload::wire` is one.
 //!
 //! - **export** (source): `{"op":"export","container":"10.244.1.10","to":"b1","fds":N,
 //!   "state_len":S}` + N established TCP sockets + S bytes of opaque state. The agent checks
