@@ -270,6 +270,42 @@ fn encode_file_head(name: &str, size: u64) -> Vec<u8> {
     out
 }
 
+/// Why the images did not reach the destination (or its answer did not come back).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("listing {}: {source}", dir.display())]
+    List {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("sending the images to {addr}: {source}")]
+    Send {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("opening {name}: {source}")]
+    Open {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("reading {name}: {source}")]
+    Read {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("{name} shrank while being sent")]
+    Shrank { name: String },
+    #[error("reading the destination's answer: {0}")]
+    Answer(#[source] std::io::Error),
+    #[error("reading the destination's answer: {0}")]
+    BadAnswer(#[source] ferry_api::http::ParseError),
+}
+
 /// What a send achieved.
 pub struct Sent {
     pub bytes: u64,
@@ -289,8 +325,11 @@ pub async fn send(
     header: &Header,
     dir: &Path,
     mut progress: impl FnMut(u64, u64),
-) -> Result<Sent, String> {
-    let files = list(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+) -> Result<Sent, SendError> {
+    let files = list(dir).map_err(|source| SendError::List {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let head = encode_header(header);
     let total: u64 = head.len() as u64
         + files
@@ -301,7 +340,7 @@ pub async fn send(
     let t = Instant::now();
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        .map_err(|source| SendError::Connect { addr, source })?;
     let _ = s.set_nodelay(true);
     let request = format!(
         "POST /v1/images/{} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ferry-agent\r\n\
@@ -309,7 +348,7 @@ pub async fn send(
          Content-Length: {total}\r\nConnection: close\r\n\r\n",
         header.migration
     );
-    let io = |e: std::io::Error| format!("sending the images to {addr}: {e}");
+    let io = |source| SendError::Send { addr, source };
     s.write_all(request.as_bytes()).await.map_err(io)?;
     s.write_all(&head).await.map_err(io)?;
     let mut sent = head.len() as u64;
@@ -322,16 +361,22 @@ pub async fn send(
         sent += 2 + name.len() as u64 + 8;
         let mut f = tokio::fs::File::open(dir.join(name))
             .await
-            .map_err(|e| format!("opening {name}: {e}"))?;
+            .map_err(|source| SendError::Open {
+                name: name.clone(),
+                source,
+            })?;
         let mut left = *size;
         while left > 0 {
             let want = buf.len().min(left as usize);
             let n = f
                 .read(&mut buf[..want])
                 .await
-                .map_err(|e| format!("reading {name}: {e}"))?;
+                .map_err(|source| SendError::Read {
+                    name: name.clone(),
+                    source,
+                })?;
             if n == 0 {
-                return Err(format!("{name} shrank while being sent"));
+                return Err(SendError::Shrank { name: name.clone() });
             }
             s.write_all(&buf[..n]).await.map_err(io)?;
             left -= n as u64;
@@ -349,13 +394,10 @@ pub async fn send(
     let mut answer = Vec::with_capacity(4096);
     let r = loop {
         let mut chunk = [0u8; 8192];
-        let n = s
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading the destination's answer: {e}"))?;
+        let n = s.read(&mut chunk).await.map_err(SendError::Answer)?;
         answer.extend_from_slice(&chunk[..n]);
         if let Some(r) = ferry_api::http::parse_response(&answer, n == 0, 1 << 20)
-            .map_err(|e| format!("reading the destination's answer: {e}"))?
+            .map_err(SendError::BadAnswer)?
         {
             break r;
         }
