@@ -398,7 +398,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
             };
             (
                 StatusCode::OK,
-                [("content-type", "text/plain; version=0.0.4")],
+                [("content-type", metrics::CONTENT_TYPE)],
                 metrics::render(&s.host, &c, &gauges),
             )
         }
