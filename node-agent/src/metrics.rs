@@ -62,23 +62,24 @@ fn counter_name(total: &'static str) -> &'static str {
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
         let reason = |c: &ReasonCount| [("reason", c.reason.name()), ("verdict", verdict(c))];
-        let mut m = enc.encode_descriptor(
-            counter_name(names::DATAPATH_PACKETS),
-            "Packets seen by the eBPF datapath, by verdict reason.",
-            None,
-            MetricType::Counter,
-        )?;
-        for c in &self.counters {
-            ConstCounter::new(c.packets).encode(m.encode_family(&reason(c))?)?;
-        }
-        let mut m = enc.encode_descriptor(
-            counter_name(names::DATAPATH_BYTES),
-            "Bytes seen by the eBPF datapath, by verdict reason.",
-            None,
-            MetricType::Counter,
-        )?;
-        for c in &self.counters {
-            ConstCounter::new(c.bytes).encode(m.encode_family(&reason(c))?)?;
+        let datapath: [(_, _, fn(&ReasonCount) -> u64); 2] = [
+            (
+                names::DATAPATH_PACKETS,
+                "Packets seen by the eBPF datapath, by verdict reason.",
+                |c| c.packets,
+            ),
+            (
+                names::DATAPATH_BYTES,
+                "Bytes seen by the eBPF datapath, by verdict reason.",
+                |c| c.bytes,
+            ),
+        ];
+        for (name, help, value) in datapath {
+            let mut m =
+                enc.encode_descriptor(counter_name(name), help, None, MetricType::Counter)?;
+            for c in &self.counters {
+                ConstCounter::new(value(c)).encode(m.encode_family(&reason(c))?)?;
+            }
         }
         let g = &self.gauges;
         for (name, help, value) in [
