@@ -59,10 +59,13 @@ fn counter_name(total: &'static str) -> &'static str {
     total.strip_suffix("_total").unwrap_or(total)
 }
 
+/// A datapath counter: its name, its help, and the number of a [`ReasonCount`] it exports.
+type DatapathCounter = (&'static str, &'static str, fn(&ReasonCount) -> u64);
+
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
         let reason = |c: &ReasonCount| [("reason", c.reason.name()), ("verdict", verdict(c))];
-        let datapath: [(_, _, fn(&ReasonCount) -> u64); 2] = [
+        let datapath: [DatapathCounter; 2] = [
             (
                 names::DATAPATH_PACKETS,
                 "Packets seen by the eBPF datapath, by verdict reason.",
