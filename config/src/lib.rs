@@ -115,8 +115,8 @@ pub struct AgentConfig {
     /// (default: at once, then 50, 200, 450 ms).
     #[serde(default)]
     pub announce: ferry_announce::Schedule,
-    /// The socket hand-off API (`ferry_agent::handoff`): the Unix socket (mode 0600) through which a
-    /// process exports its established TCP sockets and state, and the new process on the
+    /// The socket hand-off API (`ferry_agent::handoff`): the Unix socket (mode 0600) through
+    /// which a process exports its established TCP sockets and state, and the new process on the
     /// destination claims them. Processes in containers reach it through the shared mount
     /// namespace. Default `/run/ferry/handoff.sock`.
     #[serde(default = "default_handoff_socket")]
