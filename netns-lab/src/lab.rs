@@ -10,10 +10,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use ferry_agent::config::{
-    AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, GatewayLink, Peer,
-};
 use ferry_api::HostRole;
+use ferry_config::{AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, GatewayLink, Peer};
 use ferry_overlay::netns::{command_in, netns_path, run_in};
 
 use crate::{
@@ -37,7 +35,7 @@ pub const PUBLIC_IF: &str = "pub0";
 /// How long agents get to serve their metrics endpoint.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Port of the agents' peer API (hand-off packages), on each host's underlay address.
-pub const AGENT_API_PORT: u16 = ferry_agent::config::DEFAULT_API_PORT;
+pub const AGENT_API_PORT: u16 = ferry_config::DEFAULT_API_PORT;
 
 /// What to bring up (default: the built-in topology, no agents).
 #[derive(Debug, Clone, Default)]
@@ -46,7 +44,7 @@ pub struct LabOptions {
     /// Start a `ferry-agent` in every host (including the gateway) and wait for its metrics.
     pub start_agents: bool,
     /// The agents' hold-queue limits.
-    pub hold_limits: ferry_agent::hold::HoldLimits,
+    pub hold_limits: ferry_config::HoldLimits,
 }
 
 /// A running lab. Dropping it tears it down (best effort, errors logged); [`Lab::down`] tears
@@ -357,7 +355,7 @@ impl Lab {
     /// Namespace path of the container with address `ip` on `host` (as that host's agent
     /// names it).
     pub fn container_netns(&self, host: &str, ip: std::net::Ipv4Addr) -> PathBuf {
-        netns_path(&ferry_agent::plan::container_netns_name(
+        netns_path(&ferry_config::container_netns_name(
             &container_netns_prefix(&self.prefix, host),
             ip,
         ))
@@ -919,13 +917,13 @@ impl Builder {
                     address: cp.api,
                     token_file: cp.token_file.clone(),
                 }),
-                hold_device: ferry_agent::config::DEFAULT_HOLD_DEVICE.to_owned(),
+                hold_device: ferry_config::DEFAULT_HOLD_DEVICE.to_owned(),
                 hold: self.state.hold_limits,
                 announce: ferry_announce::Schedule::default(),
                 handoff_socket: handoff_socket(self.prefix(), &h.name),
                 api_listen: SocketAddr::new(h.address.into(), AGENT_API_PORT),
-                handoff_max_bytes: ferry_agent::config::DEFAULT_HANDOFF_MAX_BYTES,
-                criu: ferry_agent::criu::CriuConfig {
+                handoff_max_bytes: ferry_config::DEFAULT_HANDOFF_MAX_BYTES,
+                criu: ferry_config::CriuConfig {
                     // Images on the lab's tmpfs, one directory per host: no directory is
                     // shared between the hosts.
                     work_dir: dir.join("criu"),

@@ -23,7 +23,7 @@ pub struct LabState {
     pub agents: bool,
     /// The agents' hold-queue limits.
     #[serde(default)]
-    pub hold_limits: ferry_agent::hold::HoldLimits,
+    pub hold_limits: ferry_config::HoldLimits,
     pub topology: LabTopology,
     /// Namespace names (not paths), recorded *before* each is created.
     pub namespaces: Vec<String>,

@@ -24,6 +24,7 @@ use crate::{
     hold::HoldQueues,
     metrics,
     node::{Announcements, Applied, Hold, Node},
+    peer_api::{self, PeerApi},
     plan,
     runtime::Runtime,
     sync,
@@ -165,7 +166,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The container runtime: the agent becomes a child subreaper (CRIU-restored trees are
     // reparented to it) and reaps the processes it starts or adopts.
     let runtime = Runtime::new(&cfg.host)?;
-    let handoff = match Handoff::start(&cfg, node.clone(), runtime.clone()).await {
+    let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime).await {
         Ok(h) => h,
         Err(e) => {
             runtime.shutdown().await;
@@ -203,6 +204,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         f.abort();
         let _ = f.await;
     }
+    if let Some(p) = peer_api {
+        p.shutdown().await;
+    }
     handoff.shutdown().await;
     // Container processes die before their namespaces go.
     runtime.shutdown().await;
@@ -236,6 +240,35 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The hand-off's Unix socket and (with a `[gateway]` token) the peer API.
+async fn start_handoff(
+    cfg: &AgentConfig,
+    node: &Arc<tokio::sync::Mutex<Node>>,
+    runtime: &Runtime,
+) -> anyhow::Result<(Handoff, Option<PeerApi>)> {
+    let token = peer_api::read_token(cfg)?;
+    let listener = peer_api::bind(cfg, token.as_deref()).await?;
+    let handoff = Handoff::start(cfg, node.clone(), token.clone())?;
+    let peer_api = match (listener, token) {
+        (Some(l), Some(token)) => Some(PeerApi::serve(
+            l,
+            cfg,
+            token,
+            node.clone(),
+            runtime.clone(),
+            &handoff,
+        )),
+        _ => {
+            warn!(
+                "no [gateway] section: no peer API, so hand-off exports cannot be sent and no \
+                 package can be received, and container processes cannot be started remotely"
+            );
+            None
+        }
+    };
+    Ok((handoff, peer_api))
 }
 
 /// Reads the hold device for as long as the agent runs: frames for held endpoints are queued,
@@ -380,7 +413,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
             };
             (
                 StatusCode::OK,
-                [("content-type", "text/plain; version=0.0.4")],
+                [("content-type", metrics::CONTENT_TYPE)],
                 metrics::render(&s.host, &c, &gauges),
             )
         }

@@ -28,57 +28,14 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Router,
     http::{HeaderMap, StatusCode},
-    response::{IntoResponse, Response},
     routing::post,
 };
-use ferry_api::ErrorBody;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+pub use crate::{auth::Refusal, config::CriuConfig};
 use crate::{node::Node, runtime::Runtime};
-
-/// `[criu]` in the agent's config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CriuConfig {
-    /// The `criu` binary (>= 4.2 on kernels >= 6.16). Default `/usr/local/sbin/criu`.
-    #[serde(default = "default_binary")]
-    pub binary: PathBuf,
-    /// Where images are written (dump) and received (restore), one directory per migration,
-    /// removed afterwards. Put it on tmpfs. Default `/run/ferry/criu`.
-    #[serde(default = "default_work_dir")]
-    pub work_dir: PathBuf,
-    /// The `ferry` binary, which CRIU runs as its `--action-script`: network-lock → freeze
-    /// (hold mode), post-resume → release. Default `/usr/local/bin/ferry`.
-    #[serde(default = "default_action_script")]
-    pub action_script: PathBuf,
-    /// Keep the images and CRIU's logs of the last migration (for debugging).
-    #[serde(default)]
-    pub keep_images: bool,
-}
-
-impl Default for CriuConfig {
-    fn default() -> Self {
-        Self {
-            binary: default_binary(),
-            work_dir: default_work_dir(),
-            action_script: default_action_script(),
-            keep_images: false,
-        }
-    }
-}
-
-fn default_binary() -> PathBuf {
-    PathBuf::from("/usr/local/sbin/criu")
-}
-fn default_work_dir() -> PathBuf {
-    PathBuf::from("/run/ferry/criu")
-}
-fn default_action_script() -> PathBuf {
-    PathBuf::from("/usr/local/bin/ferry")
-}
 
 /// What the checkpoint and restore handlers share.
 pub struct Ctx {
@@ -129,25 +86,9 @@ impl Drop for BusyGuard {
     }
 }
 
-/// An error answer: `{"error":{"code","message"}}` with a status.
-#[derive(Debug)]
-pub struct Refusal(pub StatusCode, pub &'static str, pub String);
-
-impl Refusal {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self(status, code, message.into())
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody::new(self.1, self.2))).into_response()
-    }
-}
-
-/// The peer API's bearer-token check (shared with the hand-off routes).
+/// The peer API's bearer-token check.
 pub fn authorize(token: &str, headers: &HeaderMap) -> Result<(), Refusal> {
-    crate::handoff::authorize_bearer(Some(token), headers).map_err(|(s, c, m)| Refusal(s, c, m))
+    crate::auth::authorize(Some(token), headers)
 }
 
 /// The routes, merged into the agents' peer API.

@@ -22,8 +22,8 @@
 //!
 //! where the header's `fds` field (absent: 0) counts the file descriptors, sent as
 //! SCM_RIGHTS on the carrier bytes, at most 253 per carrier, in order; and `state_len`
-//! (absent: 0) is the length of the payload that follows. A client needs only libc:
-//! `ferry_workload::wire` is one.
+//! (absent: 0) is the length of the payload that follows. A client needs no more than std and
+//! rustix: `ferry_workload::wire` is one.
 //!
 //! - **export** (source): `{"op":"export","container":"10.244.1.10","to":"b1","fds":N,
 //!   "state_len":S}` + N established TCP sockets + S bytes of opaque state. The agent checks
@@ -80,19 +80,18 @@ use anyhow::Context as _;
 use ferry_api::MigrationPhase;
 use serde_json::{Value, json};
 use tokio::{
-    net::{TcpListener, UnixListener},
+    net::UnixListener,
     sync::{Mutex, watch},
     task::JoinHandle,
 };
 use tracing::{Instrument as _, info, warn};
 
-pub(crate) use peer::authorize_bearer;
+pub use peer::PeerError;
 pub use store::Package;
 
 use crate::{
     config::{AgentConfig, Peer},
     node::Node,
-    runtime::Runtime,
 };
 
 /// Largest state a process may export (and a claim may return).
@@ -146,8 +145,6 @@ pub(crate) struct Ctx {
     /// Our `api_listen` port, assumed to be every agent's.
     api_port: u16,
     peers: Vec<Peer>,
-    /// The container runtime (its routes are served on the peer API).
-    runtime: Runtime,
 }
 
 impl Ctx {
@@ -249,28 +246,23 @@ impl Ctx {
     }
 }
 
-/// The running hand-off service: the Unix socket server and the peer API.
+/// The running hand-off service: the Unix socket server, and the routes it adds to the peer
+/// API (served by [`crate::peer_api`]).
 pub struct Handoff {
+    ctx: Arc<Ctx>,
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
     socket: PathBuf,
 }
 
 impl Handoff {
-    /// Binds the Unix socket and (with a `[gateway]` token) the peer API (hand-off packages and
-    /// the container runtime's routes), and serves them.
-    pub async fn start(
+    /// Binds the Unix socket and serves it. `token` is the `[gateway]` token: without one this
+    /// agent has no peer API, so it can neither send nor receive packages.
+    pub fn start(
         cfg: &AgentConfig,
         node: Arc<Mutex<Node>>,
-        runtime: Runtime,
+        token: Option<String>,
     ) -> anyhow::Result<Self> {
-        let token = match &cfg.gateway {
-            Some(g) => Some(
-                ferry_api::client::read_token_file(&g.token_file)
-                    .with_context(|| format!("hand-off token {}", g.token_file.display()))?,
-            ),
-            None => None,
-        };
         let ctx = Arc::new(Ctx {
             host: cfg.host.clone(),
             node,
@@ -278,74 +270,29 @@ impl Handoff {
             token,
             api_port: cfg.api_listen.port(),
             peers: cfg.peers.clone(),
-            runtime,
         });
-        let api = match &ctx.token {
-            Some(_) => Some(
-                TcpListener::bind(cfg.api_listen)
-                    .await
-                    .with_context(|| format!("binding api_listen {}", cfg.api_listen))?,
-            ),
-            None => None,
-        };
         let unix = bind_unix(&cfg.handoff_socket)?;
         let (stop, stop_rx) = watch::channel(false);
-        let serving = server::serve(unix, ctx.clone(), stop_rx.clone());
-        let mut tasks = vec![tokio::spawn(serving.in_current_span())];
+        let serving = server::serve(unix, ctx.clone(), stop_rx);
+        let task = tokio::spawn(serving.in_current_span());
         info!(socket = %cfg.handoff_socket.display(), "serving the hand-off socket");
-        match api {
-            Some(listener) => {
-                let mut rx = stop_rx;
-                let mut app = peer::router(ctx.clone()).merge(crate::runtime::api::router(
-                    ctx.runtime.clone(),
-                    ctx.node.clone(),
-                    ctx.token.clone(),
-                ));
-                // Whole-container migration with CRIU (checkpoint, images, restore).
-                if let (Some(g), Some(token)) = (&cfg.gateway, &ctx.token) {
-                    let criu = Arc::new(crate::criu::Ctx {
-                        host: cfg.host.clone(),
-                        node: ctx.node.clone(),
-                        runtime: ctx.runtime.clone(),
-                        token: token.clone(),
-                        token_file: g.token_file.clone(),
-                        gateway: g.address,
-                        criu: cfg.criu.clone(),
-                        busy: std::sync::Mutex::new(Default::default()),
-                    });
-                    app = app.merge(crate::criu::router(criu));
-                }
-                let peer_api = async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = rx.wait_for(|s| *s).await;
-                        })
-                        .await;
-                    if let Err(e) = served {
-                        warn!(error = %e, "the peer API stopped");
-                    }
-                };
-                tasks.push(tokio::spawn(peer_api.in_current_span()));
-                info!(listen = %cfg.api_listen, "serving the peer API (hand-off packages, container processes)");
-            }
-            None => warn!(
-                "no [gateway] section: no peer API, so hand-off exports cannot be sent and no \
-                 package can be received, and container processes cannot be started remotely"
-            ),
-        }
         Ok(Self {
+            ctx,
             stop,
-            tasks,
+            task,
             socket: cfg.handoff_socket.clone(),
         })
+    }
+
+    /// The peer API's routes for hand-off packages (`/v1/handoff/{container}`).
+    pub fn routes(&self) -> axum::Router {
+        peer::router(self.ctx.clone())
     }
 
     /// Stops serving (requests in progress are dropped), and removes the socket file.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        let _ = self.task.await;
         if let Err(e) = std::fs::remove_file(&self.socket) {
             warn!(error = %e, socket = %self.socket.display(), "removing the hand-off socket");
         }

@@ -1,8 +1,16 @@
-//! Prometheus text exposition of the agent's counters.
+//! Prometheus text exposition of the agent's counters (prometheus-client's encoder; the
+//! metric names readers use are in [`ferry_config::metrics`]).
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt};
 
+use ferry_config::metrics as names;
 use ferry_overlay::datapath::ReasonCount;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 
 /// Map sizes and other gauges.
 #[derive(Debug, Clone, Copy, Default)]
@@ -21,104 +29,128 @@ pub struct Gauges {
     pub hold_device_dropped: u64,
 }
 
-/// Renders datapath counters and map sizes in Prometheus text format (version 0.0.4).
+/// The `Content-Type` of [`render`]'s text.
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Renders datapath counters and map sizes in Prometheus text format (version 0.0.4); every
+/// sample is labelled with `host`.
 pub fn render(host: &str, counters: &[ReasonCount], g: &Gauges) -> String {
+    let mut registry =
+        Registry::with_labels([(Cow::Borrowed("host"), Cow::Owned(host.to_owned()))].into_iter());
+    registry.register_collector(Box::new(Scrape {
+        counters: counters.to_vec(),
+        gauges: *g,
+    }));
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP ferry_datapath_packets_total Packets seen by the eBPF datapath, by verdict reason."
-    );
-    let _ = writeln!(out, "# TYPE ferry_datapath_packets_total counter");
-    for c in counters {
-        let _ = writeln!(
-            out,
-            "ferry_datapath_packets_total{{host=\"{host}\",reason=\"{}\",verdict=\"{}\"}} {}",
-            c.reason.name(),
-            verdict(c),
-            c.packets
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_datapath_bytes_total Bytes seen by the eBPF datapath, by verdict reason."
-    );
-    let _ = writeln!(out, "# TYPE ferry_datapath_bytes_total counter");
-    for c in counters {
-        let _ = writeln!(
-            out,
-            "ferry_datapath_bytes_total{{host=\"{host}\",reason=\"{}\",verdict=\"{}\"}} {}",
-            c.reason.name(),
-            verdict(c),
-            c.bytes
-        );
-    }
-    for (name, help, value) in [
-        (
-            "ferry_endpoints",
-            "Entries in the endpoint map.",
-            g.endpoints as u64,
-        ),
-        (
-            "ferry_vteps",
-            "Entries in the VTEP allow-list.",
-            g.vteps as u64,
-        ),
-        (
-            "ferry_public_entries",
-            "Entries in the public-address map (gateway).",
-            g.public as u64,
-        ),
-        (
-            "ferry_snat_entries",
-            "Entries in the source-translation map (gateway).",
-            g.snat as u64,
-        ),
-        (
-            "ferry_containers",
-            "Containers whose network side this agent runs.",
-            g.containers as u64,
-        ),
-        (
-            "ferry_registry_applied_version",
-            "Registry version applied to the datapath without errors.",
-            g.applied_version,
-        ),
-        (
-            "ferry_hold_endpoints",
-            "Endpoints whose packets are held now.",
-            g.held_endpoints as u64,
-        ),
-        (
-            "ferry_hold_queued_packets",
-            "Packets waiting in hold queues now.",
-            g.held_packets as u64,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        let _ = writeln!(out, "{name}{{host=\"{host}\"}} {value}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_hold_packets_total Held packets by event (held, released, overflow drops, drop-mode drops, stragglers passed on, malformed drops, drops in the hold device's own queue)."
-    );
-    let _ = writeln!(out, "# TYPE ferry_hold_packets_total counter");
-    let h = &g.hold;
-    for (event, n) in [
-        ("held", h.held),
-        ("released", h.released),
-        ("overflow", h.overflow),
-        ("dropped", h.dropped),
-        ("straggler", h.stragglers),
-        ("malformed", h.malformed),
-        ("device_dropped", g.hold_device_dropped),
-    ] {
-        let _ = writeln!(
-            out,
-            "ferry_hold_packets_total{{host=\"{host}\",event=\"{event}\"}} {n}"
-        );
-    }
+    prometheus_text::encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
+}
+
+/// One scrape's values: read from the datapath and the hold queues when asked for, so they
+/// are exported as constant metrics.
+#[derive(Debug)]
+struct Scrape {
+    counters: Vec<ReasonCount>,
+    gauges: Gauges,
+}
+
+/// prometheus-client appends `_total` to a counter's name; the names readers look for have it.
+fn counter_name(total: &'static str) -> &'static str {
+    total.strip_suffix("_total").unwrap_or(total)
+}
+
+/// A datapath counter: its name, its help, and the number of a [`ReasonCount`] it exports.
+type DatapathCounter = (&'static str, &'static str, fn(&ReasonCount) -> u64);
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        let reason = |c: &ReasonCount| [("reason", c.reason.name()), ("verdict", verdict(c))];
+        let datapath: [DatapathCounter; 2] = [
+            (
+                names::DATAPATH_PACKETS,
+                "Packets seen by the eBPF datapath, by verdict reason.",
+                |c| c.packets,
+            ),
+            (
+                names::DATAPATH_BYTES,
+                "Bytes seen by the eBPF datapath, by verdict reason.",
+                |c| c.bytes,
+            ),
+        ];
+        for (name, help, value) in datapath {
+            let mut m =
+                enc.encode_descriptor(counter_name(name), help, None, MetricType::Counter)?;
+            for c in &self.counters {
+                ConstCounter::new(value(c)).encode(m.encode_family(&reason(c))?)?;
+            }
+        }
+        let g = &self.gauges;
+        for (name, help, value) in [
+            (
+                names::ENDPOINTS,
+                "Entries in the endpoint map.",
+                g.endpoints as u64,
+            ),
+            (
+                names::VTEPS,
+                "Entries in the VTEP allow-list.",
+                g.vteps as u64,
+            ),
+            (
+                names::PUBLIC_ENTRIES,
+                "Entries in the public-address map (gateway).",
+                g.public as u64,
+            ),
+            (
+                names::SNAT_ENTRIES,
+                "Entries in the source-translation map (gateway).",
+                g.snat as u64,
+            ),
+            (
+                names::CONTAINERS,
+                "Containers whose network side this agent runs.",
+                g.containers as u64,
+            ),
+            (
+                names::APPLIED_VERSION,
+                "Registry version applied to the datapath without errors.",
+                g.applied_version,
+            ),
+            (
+                names::HOLD_ENDPOINTS,
+                "Endpoints whose packets are held now.",
+                g.held_endpoints as u64,
+            ),
+            (
+                names::HOLD_QUEUED_PACKETS,
+                "Packets waiting in hold queues now.",
+                g.held_packets as u64,
+            ),
+        ] {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(m)?;
+        }
+        let mut m = enc.encode_descriptor(
+            counter_name(names::HOLD_PACKETS),
+            "Held packets by event (held, released, overflow drops, drop-mode drops, stragglers \
+             passed on, malformed drops, drops in the hold device's own queue).",
+            None,
+            MetricType::Counter,
+        )?;
+        let h = &g.hold;
+        for (event, n) in [
+            ("held", h.held),
+            ("released", h.released),
+            ("overflow", h.overflow),
+            ("dropped", h.dropped),
+            ("straggler", h.stragglers),
+            ("malformed", h.malformed),
+            ("device_dropped", g.hold_device_dropped),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
+        }
+        Ok(())
+    }
 }
 
 fn verdict(c: &ReasonCount) -> &'static str {
@@ -127,16 +159,7 @@ fn verdict(c: &ReasonCount) -> &'static str {
 
 /// Parses `ferry_datapath_packets_total` samples back out of the text (used by tests and the
 /// lab's status): returns (reason, packets) pairs.
-pub fn parse_packets(text: &str) -> Vec<(String, u64)> {
-    text.lines()
-        .filter(|l| l.starts_with("ferry_datapath_packets_total{"))
-        .filter_map(|l| {
-            let reason = l.split("reason=\"").nth(1)?.split('"').next()?.to_owned();
-            let value = l.rsplit(' ').next()?.parse().ok()?;
-            Some((reason, value))
-        })
-        .collect()
-}
+pub use ferry_config::metrics::parse_packets;
 
 #[cfg(test)]
 mod tests {
@@ -162,6 +185,19 @@ mod tests {
             ..Gauges::default()
         };
         let text = render("a1", &counters, &g);
+        // The names and labels every reader (tests, the lab, the benchmarks) looks for.
+        for line in [
+            "# TYPE ferry_datapath_packets_total counter\n",
+            "# TYPE ferry_datapath_bytes_total counter\n",
+            "# TYPE ferry_hold_packets_total counter\n",
+            "# TYPE ferry_endpoints gauge\n",
+            "\nferry_hold_packets_total{host=\"a1\",event=\"device_dropped\"} 0\n",
+            "\nferry_hold_queued_packets{host=\"a1\"} 0\n",
+            "\nferry_datapath_bytes_total{host=\"a1\",reason=\"overlay_encap\",verdict=\"pass\"} 1000\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+        assert!(!text.contains("EOF"), "{text}");
         assert!(text.contains("ferry_endpoints{host=\"a1\"} 3"));
         assert!(text.contains("ferry_public_entries{host=\"a1\"} 4"));
         assert!(text.contains("ferry_registry_applied_version{host=\"a1\"} 9"));

@@ -11,6 +11,8 @@ use ferry_common::{Endpoint, NatKey, NatValue, Vtep, ipv4_be, kind};
 
 use crate::config::AgentConfig;
 
+pub use crate::config::container_netns_name;
+
 /// Default TTL of the outer IPv4 header.
 pub const TUNNEL_TTL: u32 = 64;
 
@@ -284,12 +286,6 @@ pub fn container_changes(
     delete.extend(recreated);
     delete.sort();
     (d.upsert.into_iter().map(|(_, c)| c).collect(), delete)
-}
-
-/// Name of a container's network namespace.
-pub fn container_netns_name(prefix: &str, ip: Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("{prefix}{}-{}-{}-{}", o[0], o[1], o[2], o[3])
 }
 
 /// Name of the host side of a container's veth: `fc` + the address in hex (10 bytes, well

@@ -446,11 +446,7 @@ impl Runtime {
         let argv = req.argv.clone();
         let path: PathBuf = netns.to_owned();
         let ns = path.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            netns::run_in(&ns, move || spawn_in_current_netns(&argv, &env))
-        })
-        .await
-        .map_err(|e| failed("the spawning thread", io::Error::other(e.to_string())))?;
+        let joined = netns::run_in_async(&ns, move || spawn_in_current_netns(&argv, &env)).await;
         match joined {
             Ok(Ok(pid)) => Ok(pid),
             Ok(Err((what, e))) => Err(failed(what, e)),

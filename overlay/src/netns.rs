@@ -91,6 +91,31 @@ where
     })?
 }
 
+/// [`run_in`] for async code: the thread is spawned and joined on tokio's blocking pool, so no
+/// runtime worker waits on the join (and none ever changes namespace).
+pub async fn run_in_async<T, F>(path: &Path, f: F) -> Result<T, NetNsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || run_in(&p, f))
+        .await
+        .map_err(|_| NetNsError::Panicked {
+            path: path.to_owned(),
+        })?
+}
+
+/// [`create_named`] for async code (its thread is joined on tokio's blocking pool).
+pub async fn create_named_async(name: &str) -> Result<PathBuf, NetNsError> {
+    let n = name.to_owned();
+    tokio::task::spawn_blocking(move || create_named(&n))
+        .await
+        .map_err(|_| NetNsError::Panicked {
+            path: netns_path(name),
+        })?
+}
+
 /// Opens a namespace file for later use by a child process (`pre_exec` + setns).
 pub fn open(path: &Path) -> Result<File, NetNsError> {
     File::open(path).map_err(|source| NetNsError::Open {
@@ -170,4 +195,36 @@ pub fn delete_named(name: &str) -> Result<bool, NetNsError> {
     }
     std::fs::remove_file(&path).map_err(del_err)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    fn thread_netns() -> Option<u64> {
+        std::fs::metadata("/proc/thread-self/ns/net")
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    /// The closure runs in the namespace asked for (here the caller's own, so no root-made
+    /// namespace is needed) on a thread other than the caller's, and its value comes back.
+    #[tokio::test(flavor = "current_thread")]
+    async fn run_in_async_runs_off_the_worker() {
+        let caller = std::thread::current().id();
+        let (inode, thread) = run_in_async(Path::new("/proc/self/ns/net"), || {
+            (thread_netns(), std::thread::current().id())
+        })
+        .await
+        .expect("entering our own namespace");
+        assert_ne!(thread, caller);
+        assert_eq!(inode, thread_netns());
+        let missing = run_in_async(Path::new("/nonexistent/ns"), || ()).await;
+        assert!(
+            matches!(missing, Err(NetNsError::Open { .. })),
+            "{missing:?}"
+        );
+    }
 }

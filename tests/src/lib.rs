@@ -183,7 +183,7 @@ pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
         "metrics of {host}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ferry_agent::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+    ferry_config::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
         .into_iter()
         .collect()
 }
@@ -264,7 +264,7 @@ impl Drop for CountersOnPanic {
                 continue;
             };
             let text = String::from_utf8_lossy(&out.stdout);
-            let mut lines: Vec<String> = ferry_agent::metrics::parse_packets(&text)
+            let mut lines: Vec<String> = ferry_config::metrics::parse_packets(&text)
                 .into_iter()
                 .filter(|(_, v)| *v > 0)
                 .map(|(k, v)| format!("{k}={v}"))

@@ -580,8 +580,8 @@ fn a_one_second_freeze_costs_the_freeze_with_hold_and_the_back_off_with_drop() {
     let (hold_gap, hold_frozen) = move_with_freeze(&hold_lab, extra);
     hold_lab.down().unwrap();
     let drop_lab = ferry_tests::agents_lab(LabOptions {
-        hold_limits: ferry_agent::hold::HoldLimits {
-            mode: ferry_agent::hold::HoldMode::Drop,
+        hold_limits: ferry_config::HoldLimits {
+            mode: ferry_config::HoldMode::Drop,
             ..Default::default()
         },
         ..LabOptions::default()

@@ -330,7 +330,7 @@ fn hold_queue_overflow_is_counted_and_tcp_recovers() {
     }
     use ferry_tests::net::{EchoServer, echo_roundtrip, pattern, tcp_connect};
     let lab = ferry_tests::agents_lab(LabOptions {
-        hold_limits: ferry_agent::hold::HoldLimits {
+        hold_limits: ferry_config::HoldLimits {
             max_packets: 20,
             max_bytes: 1 << 20,
             ..Default::default()
@@ -385,8 +385,8 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
         return;
     }
     let lab = ferry_tests::agents_lab(LabOptions {
-        hold_limits: ferry_agent::hold::HoldLimits {
-            mode: ferry_agent::hold::HoldMode::Drop,
+        hold_limits: ferry_config::HoldLimits {
+            mode: ferry_config::HoldMode::Drop,
             ..Default::default()
         },
         ..LabOptions::default()

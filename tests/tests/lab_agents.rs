@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_agent::config::AgentConfig;
+use ferry_config::AgentConfig;
 use ferry_lab::{Lab, LabOptions, Topology, leftovers};
 use ferry_tests::{DownOnDrop, require_root_and_tools, spawn_lab_owner, workspace_binary};
 

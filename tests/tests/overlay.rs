@@ -2,7 +2,7 @@
 //! router, and the per-reason counters read from each agent's Prometheus endpoint.
 use std::collections::HashMap;
 
-use ferry_agent::metrics::parse_packets;
+use ferry_config::metrics::parse_packets;
 use ferry_lab::{Lab, LabOptions, Topology};
 use ferry_tests::require_root_and_tools;
 

@@ -19,7 +19,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     os::fd::AsFd,
     path::PathBuf,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
@@ -70,13 +70,6 @@ pub fn write_samples(mut w: impl io::Write, samples: &[Sample]) -> io::Result<()
         }
     }
     w.flush()
-}
-
-/// Now, in fractional Unix milliseconds.
-fn unix_ms_f64() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Why a connection ended early.
@@ -173,7 +166,7 @@ impl Conn {
         self.output
             .extend_from_slice(format!("REQ {seq} {payload}\n").as_bytes());
         self.outstanding
-            .push_back((seq, Instant::now(), unix_ms_f64()));
+            .push_back((seq, Instant::now(), sys::unix_ms_f64()));
         tally.requests += 1;
         self.flush();
     }

@@ -30,7 +30,7 @@ pub struct HandoffError {
 }
 
 impl HandoffError {
-    fn io(what: impl fmt::Display, e: std::io::Error) -> Self {
+    fn io(what: impl fmt::Display, e: impl fmt::Display) -> Self {
         Self {
             code: "io".into(),
             message: format!("{what}: {e}"),
@@ -61,16 +61,16 @@ pub fn request(
 ) -> Result<wire::Message, HandoffError> {
     let s = UnixStream::connect(socket)
         .map_err(|e| HandoffError::io(format_args!("connecting to {}", socket.display()), e))?;
-    let io = |e| {
+    let io = |e: &dyn fmt::Display| {
         HandoffError::io(
             format_args!("talking to the agent at {}", socket.display()),
             e,
         )
     };
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    wire::send_message(&s, header, fds, payload).map_err(io)?;
-    let reply = wire::recv_message(&s, MAX_STATE_LEN).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| io(&e))?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| io(&e))?;
+    wire::send_message(&s, header, fds, payload).map_err(|e| io(&e))?;
+    let reply = wire::recv_message(&s, MAX_STATE_LEN).map_err(|e| io(&e))?;
     if reply.header.get("ok") == Some(&Value::Bool(true)) {
         return Ok(reply);
     }
@@ -126,9 +126,9 @@ pub fn claim(socket: &Path, container: Ipv4Addr, timeout_ms: u64) -> Result<Clai
         json!({"op": "claim", "container": container.to_string(), "timeout_ms": timeout_ms});
     let timeout = Duration::from_millis(timeout_ms) + EXPORT_TIMEOUT;
     let m = request(socket, &header, &[], &[], timeout)?;
-    let (announced, _) = wire::counts(&m.header).map_err(|message| HandoffError {
+    let (announced, _) = wire::counts(&m.header).map_err(|e| HandoffError {
         code: "bad_reply".into(),
-        message,
+        message: e.to_string(),
     })?;
     if announced != m.fds.len() {
         return Err(HandoffError {

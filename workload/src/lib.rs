@@ -10,7 +10,7 @@
 //! - [`redis`]: a checking client for an unmodified `redis-server` (INCR/SET/GET/APPEND/STRLEN
 //!   on a few connections, every reply checked, never reconnecting), with its own RESP2 codec.
 //! - [`handoff`] and [`wire`]: the client side of the agent's hand-off API (a Unix socket, JSON
-//!   headers, file descriptors as SCM_RIGHTS) with nothing but std and libc: what any
+//!   headers, file descriptors as SCM_RIGHTS) with std and rustix only: what any
 //!   application needs to move its own connections.
 pub mod client;
 pub mod handoff;

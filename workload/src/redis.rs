@@ -509,7 +509,7 @@ impl Conn {
         self.pending = Some(Pending {
             seq,
             sent: Instant::now(),
-            sent_unix_ms: unix_ms_f64(),
+            sent_unix_ms: sys::unix_ms_f64(),
             what,
             expect,
         });
@@ -590,13 +590,6 @@ impl Conn {
             tally.mismatch(self.id, format!("{} (seq {}): {w}", p.what, p.seq));
         }
     }
-}
-
-/// Milliseconds since the Unix epoch, with µs precision.
-fn unix_ms_f64() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_micros() as f64 / 1e3)
 }
 
 fn micros(d: Duration) -> u32 {

@@ -157,16 +157,16 @@ impl Conn {
         })
     }
 
-    fn from_json(v: &Value, fd: OwnedFd) -> Result<Self, String> {
+    fn from_json(v: &Value, fd: OwnedFd) -> Result<Self, ConnStateError> {
         let counter = v
             .get("counter")
             .and_then(Value::as_u64)
-            .ok_or("a connection without `counter`")?;
-        let bytes = |name: &str| {
+            .ok_or(ConnStateError::NoCounter)?;
+        let bytes = |name: &'static str| {
             v.get(name)
                 .and_then(Value::as_str)
                 .and_then(sys::unhex)
-                .ok_or_else(|| format!("a connection without hex `{name}`"))
+                .ok_or(ConnStateError::NoBytes(name))
         };
         Self::new(
             TcpStream::from(fd),
@@ -174,8 +174,19 @@ impl Conn {
             bytes("input")?,
             bytes("output")?,
         )
-        .map_err(|e| format!("setting up a claimed socket: {e}"))
+        .map_err(ConnStateError::Socket)
     }
+}
+
+/// Why a claimed connection's state cannot be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnStateError {
+    #[error("a connection without `counter`")]
+    NoCounter,
+    #[error("a connection without hex `{0}`")]
+    NoBytes(&'static str),
+    #[error("setting up a claimed socket: {0}")]
+    Socket(#[source] io::Error),
 }
 
 /// The server: its listening socket, its connections, and how it is told to move.
@@ -255,7 +266,7 @@ impl Server {
             )));
         }
         for (c, fd) in conns.iter().zip(claimed.fds) {
-            let mut conn = Conn::from_json(c, fd).map_err(local)?;
+            let mut conn = Conn::from_json(c, fd).map_err(|e| local(e.to_string()))?;
             server.served += conn.answer_lines().unwrap_or(0);
             let _ = conn.flush();
             server.conns.push(conn);

@@ -109,10 +109,14 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
+    unix_ms_f64() as u64
+}
+
+/// Unix time in milliseconds, fractional (to the microsecond).
+pub fn unix_ms_f64() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .map_or(0.0, |d| d.as_micros() as f64 / 1e3)
 }
 
 /// Lower-case hex.

@@ -17,15 +17,18 @@
 //!   can never be attached to bytes of the next message.
 
 use std::{
-    io,
-    mem::{self, size_of},
+    io::{self, IoSlice, IoSliceMut},
+    mem::MaybeUninit,
     os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, BorrowedFd, OwnedFd},
         unix::net::UnixStream,
     },
-    ptr,
 };
 
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use serde_json::Value;
 
 /// Descriptors per carrier byte (`SCM_MAX_FD` is 253).
@@ -37,25 +40,113 @@ pub const MAX_HEADER_LEN: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Message {
     pub header: Value,
+    /// Every descriptor that arrived while the message was read, in order.
     pub fds: Vec<OwnedFd>,
     pub payload: Vec<u8>,
 }
 
+/// A header that does not announce its counts properly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("the header must be a JSON object, not {0}")]
+    NotAnObject(String),
+    #[error("`{field}` must be a non-negative integer, not {value}")]
+    NotACount { field: &'static str, value: String },
+}
+
+/// Why a message could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error(
+        "a header of {0} bytes (at most {MAX_HEADER_LEN}; the message starts with its length as \
+         a big-endian u32)"
+    )]
+    HeaderTooLong(usize),
+    #[error("the header is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("state_len {len} is more than the {max} bytes accepted")]
+    PayloadTooLong { len: usize, max: usize },
+    #[error("{0} descriptors in one sendmsg (at most {MAX_FDS_PER_CARRIER})")]
+    TooManyFds(usize),
+    #[error(
+        "more than {MAX_FDS_PER_CARRIER} descriptors arrived with one carrier byte (the excess \
+         was closed)"
+    )]
+    FdsTruncated,
+    #[error("the connection closed {got} bytes into a {want}-byte read")]
+    Eof { got: usize, want: usize },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<rustix::io::Errno> for WireError {
+    fn from(e: rustix::io::Errno) -> Self {
+        Self::Io(e.into())
+    }
+}
+
+impl WireError {
+    /// The peer broke the format (as opposed to an I/O failure).
+    pub fn is_malformed(&self) -> bool {
+        !matches!(self, Self::Io(_) | Self::Eof { .. })
+    }
+}
+
 /// The counts a header announces: (`fds`, `state_len`), 0 when absent.
-pub fn counts(header: &Value) -> Result<(usize, usize), String> {
-    let field = |name: &str| -> Result<usize, String> {
-        match header.get(name) {
+pub fn counts(header: &Value) -> Result<(usize, usize), HeaderError> {
+    if !header.is_object() {
+        return Err(HeaderError::NotAnObject(header.to_string()));
+    }
+    let field = |field: &'static str| -> Result<usize, HeaderError> {
+        match header.get(field) {
             None | Some(Value::Null) => Ok(0),
             Some(v) => v
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| format!("`{name}` must be a non-negative integer, not {v}")),
+                .ok_or_else(|| HeaderError::NotACount {
+                    field,
+                    value: v.to_string(),
+                }),
         }
     };
-    if !header.is_object() {
-        return Err(format!("the header must be a JSON object, not {header}"));
-    }
     Ok((field("fds")?, field("state_len")?))
+}
+
+/// The first part of a message: the header's length and the header.
+pub fn encode_header(header: &Value) -> Result<Vec<u8>, WireError> {
+    let head = serde_json::to_vec(header).map_err(WireError::NotJson)?;
+    if head.len() > MAX_HEADER_LEN {
+        return Err(WireError::HeaderTooLong(head.len()));
+    }
+    let mut first = Vec::with_capacity(4 + head.len());
+    first.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    first.extend_from_slice(&head);
+    Ok(first)
+}
+
+/// The header's length from the first four bytes of a message.
+pub fn header_len(len: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER_LEN {
+        return Err(WireError::HeaderTooLong(len));
+    }
+    Ok(len)
+}
+
+/// Parses a header; returns it with its counts (`fds`, `state_len`), the payload's length
+/// checked against `max_payload`.
+pub fn decode_header(head: &[u8], max_payload: usize) -> Result<(Value, usize, usize), WireError> {
+    let header: Value = serde_json::from_slice(head).map_err(WireError::NotJson)?;
+    let (nfds, state_len) = counts(&header)?;
+    if state_len > max_payload {
+        return Err(WireError::PayloadTooLong {
+            len: state_len,
+            max: max_payload,
+        });
+    }
+    Ok((header, nfds, state_len))
 }
 
 /// Sends one message: header, descriptors, payload.
@@ -64,18 +155,8 @@ pub fn send_message(
     header: &Value,
     fds: &[BorrowedFd<'_>],
     payload: &[u8],
-) -> io::Result<()> {
-    let head = serde_json::to_vec(header).map_err(io::Error::other)?;
-    if head.len() > MAX_HEADER_LEN {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("header of {} bytes (at most {MAX_HEADER_LEN})", head.len()),
-        ));
-    }
-    let mut first = Vec::with_capacity(4 + head.len());
-    first.extend_from_slice(&(head.len() as u32).to_be_bytes());
-    first.extend_from_slice(&head);
-    write_all(sock, &first, &[])?;
+) -> Result<(), WireError> {
+    write_all(sock, &encode_header(header)?, &[])?;
     for chunk in fds.chunks(MAX_FDS_PER_CARRIER) {
         write_all(sock, &[0], chunk)?;
     }
@@ -83,27 +164,13 @@ pub fn send_message(
 }
 
 /// Receives one message; refuses a payload longer than `max_payload`.
-pub fn recv_message(sock: &UnixStream, max_payload: usize) -> io::Result<Message> {
-    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+pub fn recv_message(sock: &UnixStream, max_payload: usize) -> Result<Message, WireError> {
     let mut fds = Vec::new();
     let mut len = [0u8; 4];
     read_exact(sock, &mut len, &mut fds)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_HEADER_LEN {
-        return Err(bad(format!(
-            "header of {len} bytes (at most {MAX_HEADER_LEN})"
-        )));
-    }
-    let mut head = vec![0u8; len];
+    let mut head = vec![0u8; header_len(len)?];
     read_exact(sock, &mut head, &mut fds)?;
-    let header: Value =
-        serde_json::from_slice(&head).map_err(|e| bad(format!("the header is not JSON: {e}")))?;
-    let (nfds, state_len) = counts(&header).map_err(bad)?;
-    if state_len > max_payload {
-        return Err(bad(format!(
-            "state_len {state_len} is more than {max_payload}"
-        )));
-    }
+    let (header, nfds, state_len) = decode_header(&head, max_payload)?;
     for _ in 0..nfds.div_ceil(MAX_FDS_PER_CARRIER) {
         read_exact(sock, &mut [0u8; 1], &mut fds)?;
     }
@@ -116,7 +183,7 @@ pub fn recv_message(sock: &UnixStream, max_payload: usize) -> io::Result<Message
     })
 }
 
-fn write_all(sock: &UnixStream, mut bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+fn write_all(sock: &UnixStream, mut bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
     let mut fds = fds;
     while !bytes.is_empty() {
         let n = send_with_fds(sock.as_fd(), bytes, fds)?;
@@ -126,138 +193,72 @@ fn write_all(sock: &UnixStream, mut bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io:
     Ok(())
 }
 
-fn read_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<()> {
+fn read_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), WireError> {
     let mut off = 0;
     while off < buf.len() {
         let n = recv_with_fds(sock.as_fd(), &mut buf[off..], fds)?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "connection closed {off} bytes into a {}-byte read",
-                    buf.len()
-                ),
-            ));
+            return Err(WireError::Eof {
+                got: off,
+                want: buf.len(),
+            });
         }
         off += n;
     }
     Ok(())
 }
 
-fn cmsg_space(fds: usize) -> usize {
-    // SAFETY: CMSG_SPACE is arithmetic on its argument.
-    unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) as usize }
-}
-
-/// One `sendmsg`: `bytes` (some of them), with `fds` (at most 253) as `SCM_RIGHTS`.
+/// One `sendmsg`: `bytes` (some of them), with `fds` (at most 253) as `SCM_RIGHTS`. On a
+/// non-blocking socket it fails with `WouldBlock` rather than wait.
 pub fn send_with_fds(
     sock: BorrowedFd<'_>,
     bytes: &[u8],
     fds: &[BorrowedFd<'_>],
-) -> io::Result<usize> {
+) -> Result<usize, WireError> {
     if fds.len() > MAX_FDS_PER_CARRIER {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} descriptors in one sendmsg (at most 253)", fds.len()),
-        ));
+        return Err(WireError::TooManyFds(fds.len()));
     }
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let space = cmsg_space(raw.len());
-    // u64 elements: the control buffer must be aligned for cmsghdr.
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !raw.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds CMSG_SPACE(n fds) bytes, so CMSG_FIRSTHDR is non-null
-        // and the header plus n descriptors (CMSG_LEN) fit behind it; the copy reads `raw`'s
-        // n descriptors.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN((raw.len() * size_of::<RawFd>()) as u32) as _;
-            ptr::copy_nonoverlapping(
-                raw.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(cmsg),
-                raw.len() * size_of::<RawFd>(),
-            );
-        }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_CARRIER))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        // Cannot fail: the buffer has room for MAX_FDS_PER_CARRIER descriptors.
+        control.push(SendAncillaryMessage::ScmRights(fds));
     }
+    let iov = [IoSlice::new(bytes)];
     loop {
-        // SAFETY: `msg` points at `iov` (over `bytes`) and `control`, both alive for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL) {
+            Err(rustix::io::Errno::INTR) => continue,
+            sent => return Ok(sent?),
         }
     }
 }
 
 /// One `recvmsg` into `buf`; descriptors that arrive (close-on-exec) are appended to `fds`.
 /// A message with more descriptors than one carrier may hold is an error (the kernel closed
-/// the excess).
+/// the excess). On a non-blocking socket it fails with `WouldBlock` rather than wait.
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
-) -> io::Result<usize> {
-    let space = cmsg_space(MAX_FDS_PER_CARRIER);
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both alive and writable.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+) -> Result<usize, WireError> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_CARRIER))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(buf)];
+    let got = loop {
+        match rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Err(rustix::io::Errno::INTR) => continue,
+            got => break got?,
         }
     };
-    // SAFETY: the kernel filled `control` with msg_controllen bytes of well-formed cmsg
-    // headers; CMSG_FIRSTHDR/CMSG_NXTHDR walk them within that length, and an SCM_RIGHTS
-    // payload holds (cmsg_len - CMSG_LEN(0)) / 4 descriptors that are now ours to own.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(ptr::read_unaligned(data.add(i))));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(arrived) = m {
+            fds.extend(arrived);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "more than 253 descriptors arrived with one carrier byte (the excess was closed)",
-        ));
+    if got.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(WireError::FdsTruncated);
     }
-    Ok(n)
+    Ok(got.bytes)
 }
 
 #[cfg(test)]
@@ -307,6 +308,7 @@ mod tests {
         (&a).write_all(&3u32.to_be_bytes()).unwrap();
         (&a).write_all(b"{x}").unwrap();
         let e = recv_message(&b, 10).unwrap_err();
+        assert!(e.is_malformed());
         assert!(e.to_string().contains("not JSON"), "{e}");
     }
 }

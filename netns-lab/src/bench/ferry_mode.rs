@@ -90,7 +90,7 @@ pub fn fill_map(lab: &Lab, n: usize) -> Result<(), BenchError> {
 
 /// `ferry_endpoints` of a host's agent (its metrics endpoint inside the host's namespace).
 fn endpoints_gauge(lab: &Lab, host: &str) -> Option<u64> {
-    let addr: SocketAddr = ferry_agent::config::DEFAULT_METRICS_LISTEN.parse().ok()?;
+    let addr: SocketAddr = ferry_config::DEFAULT_METRICS_LISTEN.parse().ok()?;
     let answer = run_in(&lab.netns(host), move || {
         ferry_api::transport::Request::get("/metrics")
             .timeout(Duration::from_secs(10))

@@ -28,7 +28,7 @@ use std::{
 };
 
 use clap::Args;
-use ferry_agent::hold::{HoldLimits, HoldMode};
+use ferry_config::{HoldLimits, HoldMode};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 use serde_json::Value;
 

@@ -228,7 +228,7 @@ fn agent_counters(lab: &Lab, host: &str) -> BTreeMap<String, u64> {
         if let Ok(out) = lab.exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
             && out.status.success()
         {
-            return ferry_agent::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+            return ferry_config::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
                 .into_iter()
                 .filter(|(_, n)| *n > 0)
                 .collect();

@@ -186,9 +186,9 @@ async fn restore(
         move || remove_criu_lock_tables(&netns)
     })
     .await
-    .unwrap_or_else(|e| Err(e.to_string()))
+    .unwrap_or_else(|e| Err(e.into()))
     {
-        return Err(failed("restore_failed", e));
+        return Err(failed("restore_failed", e.to_string()));
     }
     let ns: OwnedFd = std::fs::File::open(&netns)
         .map_err(|e| failed("internal", format!("{}: {e}", netns.display())))?
@@ -284,26 +284,38 @@ async fn restore(
     })
 }
 
+/// Why CRIU's network-lock tables could not be removed.
+#[derive(Debug, thiserror::Error)]
+enum NftError {
+    #[error(transparent)]
+    NetNs(#[from] ferry_overlay::netns::NetNsError),
+    #[error("running nft: {0}")]
+    Run(#[source] std::io::Error),
+    #[error("nft {args}: {stderr}")]
+    Failed { args: String, stderr: String },
+    #[error("the nft task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Deletes the `CRIU-*` nftables tables (CRIU's network lock) inside a namespace.
-fn remove_criu_lock_tables(netns: &std::path::Path) -> Result<(), String> {
-    let nft = |args: &[&str]| -> Result<String, String> {
+fn remove_criu_lock_tables(netns: &std::path::Path) -> Result<(), NftError> {
+    let nft = |args: &[&str]| -> Result<String, NftError> {
         let mut cmd = std::process::Command::new("nft");
         cmd.args(args);
-        ferry_overlay::netns::command_in(&mut cmd, netns).map_err(|e| e.to_string())?;
-        let out = cmd.output().map_err(|e| format!("running nft: {e}"))?;
+        ferry_overlay::netns::command_in(&mut cmd, netns)?;
+        let out = cmd.output().map_err(NftError::Run)?;
         if !out.status.success() {
-            return Err(format!(
-                "nft {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            return Err(NftError::Failed {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let tables = match nft(&["list", "tables"]) {
         Ok(t) => t,
         // No nft at all: there can be no CRIU nft lock either.
-        Err(e) if e.starts_with("running nft") => return Ok(()),
+        Err(NftError::Run(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
     for line in tables.lines() {

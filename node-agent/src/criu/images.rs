@@ -273,6 +273,30 @@ fn encode_file_head(name: &str, size: u64) -> Vec<u8> {
     out
 }
 
+/// Why the images did not reach the destination (or its answer did not come back).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("listing {}: {source}", dir.display())]
+    List {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening {name}: {source}")]
+    Open {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("reading {name}: {source}")]
+    Read {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("{name} shrank while being sent")]
+    Shrank { name: String },
+    #[error("sending the images: {0}")]
+    Http(#[from] ferry_api::transport::HttpError),
+}
+
 /// What a send achieved.
 pub struct Sent {
     pub bytes: u64,
@@ -292,8 +316,11 @@ pub async fn send(
     header: &Header,
     dir: &Path,
     mut progress: impl FnMut(u64, u64),
-) -> Result<Sent, String> {
-    let files = list(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
+) -> Result<Sent, SendError> {
+    let files = list(dir).map_err(|source| SendError::List {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let head = encode_header(header);
     let total: u64 = head.len() as u64
         + files
@@ -331,14 +358,14 @@ pub async fn send(
             }
             Err(Stop::Closed) => Ok((sent, t.elapsed().as_secs_f64() * 1e3)),
             Err(Stop::Failed(e)) => {
-                body.abort(std::io::Error::other(e.clone()));
+                body.abort(std::io::Error::other(e.to_string()));
                 Err(e)
             }
         }
     };
     let (answer, written) = tokio::join!(request.send(addr), write);
     let (sent, send_ms) = written?;
-    let r = answer.map_err(|e| format!("sending the images: {e}"))?;
+    let r = answer?;
     Ok(Sent {
         bytes: sent,
         files: files.len() as u32,
@@ -352,7 +379,7 @@ pub async fn send(
 enum Stop {
     /// The request is over (answered early or failed): its outcome says why.
     Closed,
-    Failed(String),
+    Failed(SendError),
 }
 
 impl From<BodyClosed> for Stop {
@@ -379,16 +406,26 @@ async fn write_files(
         *sent += 2 + name.len() as u64 + 8;
         let mut f = tokio::fs::File::open(dir.join(name))
             .await
-            .map_err(|e| Stop::Failed(format!("opening {name}: {e}")))?;
+            .map_err(|source| {
+                Stop::Failed(SendError::Open {
+                    name: name.clone(),
+                    source,
+                })
+            })?;
         let mut left = *size;
         while left > 0 {
             let mut buf = vec![0u8; CHUNK.min(left as usize)];
             let n = f
                 .read(&mut buf)
                 .await
-                .map_err(|e| Stop::Failed(format!("reading {name}: {e}")))?;
+                .map_err(|source| {
+                    Stop::Failed(SendError::Read {
+                        name: name.clone(),
+                        source,
+                    })
+                })?;
             if n == 0 {
-                return Err(Stop::Failed(format!("{name} shrank while being sent")));
+                return Err(Stop::Failed(SendError::Shrank { name: name.clone() }));
             }
             buf.truncate(n);
             body.write(buf).await?;

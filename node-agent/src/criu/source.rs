@@ -329,19 +329,21 @@ async fn run_inner(
             bytes: Some(s.bytes),
         });
     }
-    let restored: Result<(images::Sent, RestoreAnswer), String> = match sent {
-        Err(e) => Err(format!("transfer to {} failed: {e}", req.to)),
+    let restored = match sent {
+        Err(source) => Err(TransferError::Send {
+            to: req.to.clone(),
+            source,
+        }),
         Ok(s) if (200..300).contains(&s.status) => {
             match serde_json::from_slice::<RestoreAnswer>(&s.body) {
                 Ok(a) => Ok((s, a)),
-                Err(e) => Err(format!("the destination's answer is not understood: {e}")),
+                Err(e) => Err(TransferError::Answer(e)),
             }
         }
-        Ok(s) => Err(format!(
-            "the destination {} refused: {}",
-            req.to,
-            ferry_api::client::http_error(s.status, &s.body)
-        )),
+        Ok(s) => Err(TransferError::Refused {
+            to: req.to.clone(),
+            source: ferry_api::client::http_error(s.status, &s.body),
+        }),
     };
     let (sent, restored) = match restored {
         Ok(r) => r,
@@ -360,7 +362,7 @@ async fn run_inner(
                 Ok(Err(re)) => warn!(error = %re, "resuming the source failed"),
                 Err(re) => warn!(error = %re, "resuming the source failed"),
             }
-            answer.error = Some(e);
+            answer.error = Some(e.to_string());
             return answer;
         }
     };
@@ -399,6 +401,23 @@ async fn run_inner(
         "container moved"
     );
     answer
+}
+
+/// Why the container did not come up at the destination (the source resumes).
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    #[error("transfer to {to} failed: {source}")]
+    Send {
+        to: String,
+        source: images::SendError,
+    },
+    #[error("the destination's answer is not understood: {0}")]
+    Answer(#[source] serde_json::Error),
+    #[error("the destination {to} refused: {source}")]
+    Refused {
+        to: String,
+        source: ferry_api::ApiError,
+    },
 }
 
 impl Ctx {

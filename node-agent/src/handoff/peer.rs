@@ -8,15 +8,16 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Path, State},
-    http::{HeaderMap, StatusCode, header::AUTHORIZATION},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
 };
-use ferry_api::{ErrorBody, transport};
+use ferry_api::transport;
 use serde_json::{Value, json};
 use tracing::info;
 
 use super::{Ctx, Package, store::StoreError};
+use crate::auth::{self, Refusal, container_ip};
 
 /// How long a transfer (connect, body, the destination's answer) may take.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,64 +32,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .with_state(ctx)
 }
 
-/// An error answer: `{"error":{"code","message"}}` with a status.
-struct Refusal(StatusCode, &'static str, String);
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody::new(self.1, self.2))).into_response()
-    }
-}
-
-/// Compares in time that depends only on the lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u64;
-    for i in 0..a.len().max(b.len()) {
-        let (x, y) = (
-            a.get(i).copied().unwrap_or(0),
-            b.get(i).copied().unwrap_or(0),
-        );
-        diff |= u64::from(std::hint::black_box(x ^ y));
-    }
-    diff == 0
-}
-
 fn authorize(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Refusal> {
-    authorize_bearer(ctx.token.as_deref(), headers).map_err(|(s, c, m)| Refusal(s, c, m))
-}
-
-/// The peer API's bearer-token check (also used by the runtime's routes): the status, code
-/// and message of the refusal.
-pub(crate) fn authorize_bearer(
-    token: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<(), (StatusCode, &'static str, String)> {
-    let unauthorized = |m: &str| (StatusCode::UNAUTHORIZED, "unauthorized", m.to_owned());
-    let token = token.ok_or_else(|| unauthorized("this agent has no token"))?;
-    let given = headers
-        .get(AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .ok_or_else(|| unauthorized("missing Authorization header: want `Bearer <token>`"))?;
-    let given = given
-        .strip_prefix(b"Bearer ")
-        .ok_or_else(|| unauthorized("the Authorization header is not `Bearer <token>`"))?;
-    if constant_time_eq(given.trim_ascii(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(unauthorized("wrong bearer token"))
-    }
-}
-
-fn bad_request(message: String) -> Refusal {
-    Refusal(StatusCode::BAD_REQUEST, "bad_request", message)
-}
-
-fn container_ip(s: &str) -> Result<std::net::Ipv4Addr, Refusal> {
-    s.parse().map_err(|_| {
-        bad_request(format!(
-            "{s:?} in the path is not an IPv4 container address"
-        ))
-    })
+    auth::authorize(ctx.token.as_deref(), headers)
 }
 
 /// `POST /v1/handoff/{container}`: stores a package for a claim.
@@ -101,16 +46,16 @@ async fn receive(
     authorize(&ctx, &headers)?;
     let c = container_ip(&container)?;
     let package: Package = serde_json::from_slice(&body)
-        .map_err(|e| bad_request(format!("the body is not a hand-off package: {e}")))?;
+        .map_err(|e| Refusal::bad_request(format!("the body is not a hand-off package: {e}")))?;
     if package.container != c {
-        return Err(bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "the package is for {}, the path says {c}",
             package.container
         )));
     }
     for (i, s) in package.sockets.iter().enumerate() {
         s.validate()
-            .map_err(|e| bad_request(format!("sockets[{i}]: {e}")))?;
+            .map_err(|e| Refusal::bad_request(format!("sockets[{i}]: {e}")))?;
     }
     ctx.local_netns(c)
         .await
@@ -152,6 +97,20 @@ async fn withdrawn(
     Ok(Json(json!({"withdrawn": true, "container": c.to_string()})).into_response())
 }
 
+/// Why a request to a peer agent got no acceptable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("encoding the package: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("{0}")]
+    Http(#[source] transport::HttpError),
+    #[error("no answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+    /// The peer answered with an error status.
+    #[error(transparent)]
+    Refused(#[from] ferry_api::ApiError),
+}
+
 /// One request to a peer agent; the answer, or why there is none.
 async fn exchange(
     addr: SocketAddr,
@@ -159,7 +118,7 @@ async fn exchange(
     path: &str,
     token: &str,
     body: Option<Vec<u8>>,
-) -> Result<transport::Response, String> {
+) -> Result<transport::Response, PeerError> {
     let mut request = transport::Request::new(method, path)
         .token(token)
         .timeout(TRANSFER_TIMEOUT)
@@ -168,20 +127,18 @@ async fn exchange(
         request = request.json(b);
     }
     request.send(addr).await.map_err(|e| match e {
-        transport::HttpError::Timeout { .. } => {
-            format!("no answer within {} s", TRANSFER_TIMEOUT.as_secs())
-        }
-        e => e.to_string(),
+        transport::HttpError::Timeout { .. } => PeerError::Timeout(TRANSFER_TIMEOUT),
+        e => PeerError::Http(e),
     })
 }
 
-fn refused(r: &transport::Response) -> String {
-    ferry_api::client::http_error(r.status, &r.body).to_string()
+fn refused(r: &transport::Response) -> PeerError {
+    ferry_api::client::http_error(r.status, &r.body).into()
 }
 
 /// Sends a package to the destination agent; returns its answer once it stored it.
-pub async fn send_package(addr: SocketAddr, token: &str, p: &Package) -> Result<Value, String> {
-    let body = serde_json::to_vec(p).map_err(|e| format!("encoding the package: {e}"))?;
+pub async fn send_package(addr: SocketAddr, token: &str, p: &Package) -> Result<Value, PeerError> {
+    let body = serde_json::to_vec(p).map_err(PeerError::Encode)?;
     let path = format!("/v1/handoff/{}", p.container);
     let r = exchange(addr, "POST", &path, token, Some(body)).await?;
     if (200..300).contains(&r.status) {
@@ -196,7 +153,7 @@ pub async fn withdraw(
     addr: SocketAddr,
     token: &str,
     container: std::net::Ipv4Addr,
-) -> Result<(), String> {
+) -> Result<(), PeerError> {
     let path = format!("/v1/handoff/{container}");
     let r = exchange(addr, "DELETE", &path, token, None).await?;
     if (200..300).contains(&r.status) || r.status == 404 {

@@ -11,7 +11,7 @@
 //! 400 `bad_request`, 404 `no_process`, 500 `spawn_failed` (with the errno's text), 401
 //! `unauthorized`.
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -21,11 +21,14 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
-use ferry_api::{ErrorBody, run::StartRequest};
+use ferry_api::run::StartRequest;
 use tokio::sync::Mutex;
 
 use super::{Runtime, RuntimeError};
-use crate::{handoff::authorize_bearer, node::Node};
+use crate::{
+    auth::{Refusal, authorize, container_ip},
+    node::Node,
+};
 
 /// How long `DELETE /v1/containers/{ip}/process` waits after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -35,15 +38,6 @@ struct Api {
     runtime: Runtime,
     node: Arc<Mutex<Node>>,
     token: Option<Arc<str>>,
-}
-
-/// An error answer.
-struct Refusal(StatusCode, &'static str, String);
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody::new(self.1, self.2))).into_response()
-    }
 }
 
 impl From<RuntimeError> for Refusal {
@@ -68,18 +62,7 @@ pub fn router(runtime: Runtime, node: Arc<Mutex<Node>>, token: Option<String>) -
 }
 
 fn check(api: &Api, headers: &HeaderMap) -> Result<(), Refusal> {
-    authorize_bearer(api.token.as_deref(), headers)
-        .map_err(|(status, code, message)| Refusal(status, code, message))
-}
-
-fn container_ip(s: &str) -> Result<Ipv4Addr, Refusal> {
-    s.parse().map_err(|_| {
-        Refusal(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("{s:?} in the path is not an IPv4 container address"),
-        )
-    })
+    authorize(api.token.as_deref(), headers)
 }
 
 /// `POST /v1/containers/{ip}/start`.
@@ -92,13 +75,9 @@ async fn start(
     check(&api, &headers)?;
     let ip = container_ip(&ip)?;
     let req: StartRequest = serde_json::from_slice(&body).map_err(|e| {
-        Refusal(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "the body is not a start request ({{\"argv\":[...],\"env\":[[k,v],...]}}): {e}"
-            ),
-        )
+        Refusal::bad_request(format!(
+            "the body is not a start request ({{\"argv\":[...],\"env\":[[k,v],...]}}): {e}"
+        ))
     })?;
     let netns = {
         let node = api.node.lock().await;

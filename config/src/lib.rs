@@ -40,6 +40,13 @@ use ferry_api::HostRole;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+mod criu;
+mod hold;
+pub mod metrics;
+
+pub use criu::CriuConfig;
+pub use hold::{HoldLimits, HoldMode};
+
 /// Default UDP port of VXLAN (IANA).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 /// Default name of the host's external-mode VXLAN device.
@@ -102,14 +109,14 @@ pub struct AgentConfig {
     pub hold_device: String,
     /// Per-endpoint limits of the hold queues.
     #[serde(default)]
-    pub hold: crate::hold::HoldLimits,
+    pub hold: HoldLimits,
     /// When a held container is released here: gratuitous ARP (request and reply) and, with
     /// IPv6, unsolicited neighbour advertisements from its own interface, on this schedule
     /// (default: at once, then 50, 200, 450 ms).
     #[serde(default)]
     pub announce: ferry_announce::Schedule,
-    /// The socket hand-off API (`crate::handoff`): the Unix socket (mode 0600) through which a
-    /// process exports its established TCP sockets and state, and the new process on the
+    /// The socket hand-off API (`ferry_agent::handoff`): the Unix socket (mode 0600) through
+    /// which a process exports its established TCP sockets and state, and the new process on the
     /// destination claims them. Processes in containers reach it through the shared mount
     /// namespace. Default `/run/ferry/handoff.sock`.
     #[serde(default = "default_handoff_socket")]
@@ -126,7 +133,7 @@ pub struct AgentConfig {
     pub handoff_max_bytes: u64,
     /// Whole-container migration: the `criu` binary, the image directory, the action script.
     #[serde(default)]
-    pub criu: crate::criu::CriuConfig,
+    pub criu: CriuConfig,
 }
 
 /// How the agent reaches the gateway's API.
@@ -181,6 +188,12 @@ fn default_handoff_max_bytes() -> u64 {
 }
 fn default_metrics_listen() -> SocketAddr {
     DEFAULT_METRICS_LISTEN.parse().expect("valid default")
+}
+
+/// Name of a container's network namespace.
+pub fn container_netns_name(prefix: &str, ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("{prefix}{}-{}-{}-{}", o[0], o[1], o[2], o[3])
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,46 @@
+//! `[criu]`: whole-container migration with CRIU.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `[criu]` in the agent's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriuConfig {
+    /// The `criu` binary (>= 4.2 on kernels >= 6.16). Default `/usr/local/sbin/criu`.
+    #[serde(default = "default_binary")]
+    pub binary: PathBuf,
+    /// Where images are written (dump) and received (restore), one directory per migration,
+    /// removed afterwards. Put it on tmpfs. Default `/run/ferry/criu`.
+    #[serde(default = "default_work_dir")]
+    pub work_dir: PathBuf,
+    /// The `ferry` binary, which CRIU runs as its `--action-script`: network-lock → freeze
+    /// (hold mode), post-resume → release. Default `/usr/local/bin/ferry`.
+    #[serde(default = "default_action_script")]
+    pub action_script: PathBuf,
+    /// Keep the images and CRIU's logs of the last migration (for debugging).
+    #[serde(default)]
+    pub keep_images: bool,
+}
+
+impl Default for CriuConfig {
+    fn default() -> Self {
+        Self {
+            binary: default_binary(),
+            work_dir: default_work_dir(),
+            action_script: default_action_script(),
+            keep_images: false,
+        }
+    }
+}
+
+fn default_binary() -> PathBuf {
+    PathBuf::from("/usr/local/sbin/criu")
+}
+fn default_work_dir() -> PathBuf {
+    PathBuf::from("/run/ferry/criu")
+}
+fn default_action_script() -> PathBuf {
+    PathBuf::from("/usr/local/bin/ferry")
+}
