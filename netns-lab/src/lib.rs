@@ -14,11 +14,8 @@
 //! lab.down()?;
 //! # Ok::<(), ferry_lab::LabError>(())
 //! ```
-pub mod bench;
 pub mod bins;
-pub mod cli;
 pub mod control;
-pub mod demo;
 mod error;
 pub mod lab;
 pub mod procs;

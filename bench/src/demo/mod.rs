@@ -22,7 +22,7 @@ use std::{
 
 pub use migration::MigrationReport;
 
-use crate::{Lab, LabError, LabOptions, Topology, leftovers};
+use ferry_lab::{Lab, LabError, LabOptions, Topology, leftovers};
 
 /// Where the plot goes unless told (relative to the current directory).
 pub const DEFAULT_PLOT: &str = "ferry-demo.svg";

@@ -21,7 +21,7 @@ use super::{
     containers::{PORT, WEB, WEB_HOST, WEB_PUBLIC},
     plot, step, timeline,
 };
-use crate::{Lab, bins::find_binary, procs::PidFd};
+use ferry_lab::{Lab, bins::find_binary, procs::PidFd};
 
 /// Client connections and the interval between requests on each.
 pub const CONNECTIONS: usize = 4;
@@ -308,7 +308,7 @@ fn moves(
     if !json {
         eprintln!("  {WEB}: PID {} on {WEB_HOST} ({})", p.pid, p.origin);
     }
-    let inet = lab.netns(crate::INET);
+    let inet = lab.netns(ferry_lab::INET);
     let public = SocketAddrV4::new(WEB_PUBLIC, PORT);
     wait_listening(
         lab,

@@ -12,6 +12,7 @@
 //! The lab is always torn down (the [`Lab`] handle does it on drop, and its reaper if we die).
 
 pub mod baseline;
+pub mod demo;
 pub mod ferry_mode;
 pub mod handoff;
 pub mod measure;
@@ -27,7 +28,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 
-use crate::{Lab, LabError, LabOptions, Topology, leftovers};
+use ferry_lab::{Lab, LabError, LabOptions, Topology, leftovers};
 use report::{ModeSamples, Params, Report};
 
 /// Host of container A (the client side of every measurement).
@@ -406,16 +407,20 @@ fn datapath(args: &DatapathArgs) -> Result<i32, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Cmd};
-    use clap::Parser as _;
+    use clap::Parser;
+
+    /// `ferry-lab bench` as the binary declares it.
+    #[derive(Debug, Parser)]
+    struct Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    }
 
     fn parse(args: &[&str]) -> Result<DatapathArgs, clap::Error> {
-        let mut argv = vec!["ferry-lab", "bench", "datapath"];
+        let mut argv = vec!["bench", "datapath"];
         argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv)?.command {
-            Cmd::Bench {
-                what: BenchCmd::Datapath(a),
-            } => Ok(a),
+        match Bench::try_parse_from(argv)?.what {
+            BenchCmd::Datapath(a) => Ok(a),
             other => panic!("{other:?}"),
         }
     }

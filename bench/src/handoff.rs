@@ -33,7 +33,7 @@ use serde::{Serialize, Serializer, ser::SerializeMap as _};
 use serde_json::Value;
 
 use super::{BenchError, Progress};
-use crate::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
+use ferry_lab::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
 
 /// The moving container.
 pub const CONTAINER: &str = "10.244.1.10";

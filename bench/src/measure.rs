@@ -591,7 +591,7 @@ mod tests {
         if run_in(&me, || ()).is_err() {
             return;
         }
-        let ep = |ip| super::super::Endpoint {
+        let ep = |ip| crate::Endpoint {
             netns: me.clone(),
             ip,
         };

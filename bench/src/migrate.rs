@@ -47,7 +47,7 @@ use super::{
     handoff::{PAYLOAD_BYTES, request_bytes},
     report::ratio,
 };
-use crate::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
+use ferry_lab::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
 
 /// The migrating container.
 pub const CONTAINER: &str = "10.244.1.10";

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::{
+use ferry_lab::{
     INET, Lab, LabOptions, LabStatus, ROUTER, Topology, list_labs, netns_name, reap,
     state::{self, LabState},
     status, teardown,
@@ -42,7 +42,7 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
         /// Where to write the plot of the client's per-request latency (SVG).
-        #[arg(long, value_name = "PATH", default_value = crate::demo::DEFAULT_PLOT)]
+        #[arg(long, value_name = "PATH", default_value = ferry_bench::demo::DEFAULT_PLOT)]
         plot: PathBuf,
     },
     /// Bring a lab up; it stays until `ferry-lab down`. Prints its prefix.
@@ -101,7 +101,7 @@ pub enum Cmd {
     /// Benchmarks in a lab of their own (torn down at the end).
     Bench {
         #[command(subcommand)]
-        what: crate::bench::BenchCmd,
+        what: ferry_bench::BenchCmd,
     },
     /// Labs present on this machine.
     List {
@@ -145,7 +145,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             plot,
         } => {
-            let report = crate::demo::run_with(crate::demo::DemoOptions {
+            let report = ferry_bench::demo::run_with(ferry_bench::demo::DemoOptions {
                 topology: load_topology(topology)?,
                 json,
                 plot: Some(plot),
@@ -217,7 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             c.args(["netns", "exec", &ns]).args(&cmd);
             // So that `ferry-lab exec gw -- ferry hosts` talks to this lab's gateway.
             if let Some(st) = LabState::load(&prefix)?
-                && let Some(cp) = crate::control::ControlPlane::of(&prefix, &st.topology)
+                && let Some(cp) = ferry_lab::control::ControlPlane::of(&prefix, &st.topology)
             {
                 c.env("FERRY_GATEWAY", cp.api.to_string())
                     .env("FERRY_TOKEN_FILE", &cp.token_file);
@@ -253,7 +253,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Bench { what } => Ok(crate::bench::run(what)?),
+        Cmd::Bench { what } => Ok(ferry_bench::run(what)?),
         Cmd::List { json } => {
             let labs = list_labs();
             if json {
@@ -313,7 +313,7 @@ fn pick(lab: Option<String>) -> anyhow::Result<String> {
 fn check_node(prefix: &str, node: &str) -> anyhow::Result<()> {
     match LabState::load(prefix)? {
         Some(st) => {
-            let nodes = crate::lab::nodes(&st.topology);
+            let nodes = ferry_lab::lab::nodes(&st.topology);
             if !nodes.iter().any(|n| n == node) {
                 bail!(
                     "lab {prefix} has no node {node:?} (nodes: {})",
