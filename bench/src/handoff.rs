@@ -32,7 +32,7 @@ use ferry_agent::hold::{HoldLimits, HoldMode};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 use serde_json::Value;
 
-use super::{BenchError, Progress};
+use crate::{BenchError, Progress, stats::median};
 use ferry_lab::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
 
 /// The moving container.
@@ -212,21 +212,6 @@ impl FreezeSummary {
             moves,
         }
     }
-}
-
-/// Median (the mean of the middle two for an even count); `None` for no values.
-pub fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 /// Freeze value → summary, serialised as a JSON object in the order of `--freezes`.
@@ -903,9 +888,6 @@ mod tests {
 
     #[test]
     fn medians_and_summaries() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0]), Some(3.0));
-        assert_eq!(median(&[4.0, 2.0]), Some(3.0));
         let m = |gap, frozen, held| MoveSample {
             gap_ms: gap,
             frozen_ms: frozen,

@@ -42,10 +42,10 @@ use ferry_api::run::{RunReport, RunState};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
+use crate::{
     BenchError, Progress,
     handoff::{PAYLOAD_BYTES, request_bytes},
-    report::ratio,
+    stats::{median, percentile_of, ratio},
 };
 use ferry_lab::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
 
@@ -220,23 +220,6 @@ pub fn gap_in_window(arrivals: &[Vec<f64>], from: f64, to: f64) -> Option<Gap> {
     best
 }
 
-/// Median (the mean of the middle two for an even count); `None` for no values.
-pub fn p50(v: &[f64]) -> Option<f64> {
-    super::report::median(v)
-}
-
-/// Percentile `p` (0–100), nearest rank (always one of the values); `None` for no values.
-pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let rank = ((p.clamp(0.0, 100.0) / 100.0) * n as f64 - 1e-9).ceil() as usize;
-    Some(v[rank.clamp(1, n) - 1])
-}
-
 fn max(v: &[f64]) -> Option<f64> {
     v.iter().copied().reduce(f64::max)
 }
@@ -279,7 +262,7 @@ impl PhaseMs {
     /// p50 of each phase over `runs` (over those that have it).
     pub fn p50(runs: &[&PhaseMs]) -> Self {
         let m = |f: fn(&PhaseMs) -> Option<f64>| {
-            p50(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+            median(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
         };
         Self {
             prepare: m(|r| r.prepare),
@@ -466,15 +449,15 @@ impl ModeSummary {
         let max_seq = c.requests / connections.max(1) + 1;
         Self {
             lock: mode.lock(),
-            gap_ms_p50: p50(&gaps),
-            gap_ms_p99: percentile(&gaps, 99.0),
+            gap_ms_p50: median(&gaps),
+            gap_ms_p99: percentile_of(&gaps, 99.0),
             gap_ms_max: max(&gaps),
-            frozen_ms_p50: p50(&vals(|m| m.frozen_ms)),
-            stopped_ms_p50: p50(&vals(|m| m.stopped_ms)),
-            stall_overhead_ms_p50: p50(&overheads),
-            stall_overhead_ms_p99: percentile(&overheads, 99.0),
-            total_ms_p50: p50(&vals(|m| m.total_ms)),
-            image_bytes_p50: p50(&vals(|m| m.image_bytes.map(|b| b as f64))),
+            frozen_ms_p50: median(&vals(|m| m.frozen_ms)),
+            stopped_ms_p50: median(&vals(|m| m.stopped_ms)),
+            stall_overhead_ms_p50: median(&overheads),
+            stall_overhead_ms_p99: percentile_of(&overheads, 99.0),
+            total_ms_p50: median(&vals(|m| m.total_ms)),
+            image_bytes_p50: median(&vals(|m| m.image_bytes.map(|b| b as f64))),
             phase_ms_p50: PhaseMs::p50(&phases),
             resets: c.resets,
             client_retransmits: c.retransmits,
@@ -1218,13 +1201,6 @@ mod tests {
 
     #[test]
     fn percentiles_and_summaries() {
-        assert_eq!(percentile(&[], 99.0), None);
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 99.0), Some(99.0));
-        assert_eq!(percentile(&v, 50.0), Some(50.0));
-        assert_eq!(percentile(&[3.0, 1.0, 2.0], 99.0), Some(3.0));
-        assert_eq!(p50(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-
         // Two migrations with a 100 ms stall each at different places, one rolled back.
         let mut s = conn(0, 1000.0, 3000.0, 5.0, (1200.0, 1300.0));
         s.extend(conn(1, 1000.0, 3000.0, 5.0, (2200.0, 2260.0)));

@@ -2,6 +2,7 @@
 use clap::Parser as _;
 
 mod cli;
+mod commands;
 
 fn main() {
     use std::io::IsTerminal as _;
@@ -13,7 +14,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = cli::Cli::parse();
-    match cli::run(cli) {
+    match commands::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("ferry-lab: {e:#}");

@@ -14,7 +14,8 @@ use std::{
 
 use ferry_overlay::netns::{command_in, run_in};
 
-use super::{BenchError, Pair, report::percentile};
+use super::{BenchError, Pair};
+use crate::stats::percentile;
 
 /// How long iperf3's server gets to listen.
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -591,7 +592,7 @@ mod tests {
         if run_in(&me, || ()).is_err() {
             return;
         }
-        let ep = |ip| crate::Endpoint {
+        let ep = |ip| super::super::Endpoint {
             netns: me.clone(),
             ip,
         };
