@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod demo;
 pub mod handoff;
 pub mod migrate;
+pub mod samples;
 pub mod stats;
 
 use std::{

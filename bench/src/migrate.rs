@@ -45,6 +45,7 @@ use serde_json::Value;
 use crate::{
     BenchError, Progress,
     handoff::{PAYLOAD_BYTES, request_bytes},
+    samples::{Sample, read_samples},
     stats::{median, percentile_of, ratio},
 };
 use ferry_lab::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
@@ -118,51 +119,10 @@ impl Mode {
 // ---------------------------------------------------------------------------------------------
 // Pure part: samples, gaps, percentiles, summaries (unit-tested below).
 
-/// One line of the client's `--samples` CSV.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClientSample {
-    /// When the request was sent (Unix ms).
-    pub unix_ms: f64,
-    pub conn: u32,
-    pub seq: u64,
-    /// `None`: never answered (or answered wrongly).
-    pub latency_ms: Option<f64>,
-}
-
-/// Parses `unix_ms,conn,seq,latency_ms` lines (a header and blank lines are skipped); an
-/// error names the first bad line.
-pub fn parse_samples(text: &str) -> Result<Vec<ClientSample>, String> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with("unix_ms") {
-            continue;
-        }
-        let bad = || format!("samples line {}: {line:?}", i + 1);
-        let mut f = line.split(',');
-        let (Some(t), Some(c), Some(s), Some(l), None) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            return Err(bad());
-        };
-        out.push(ClientSample {
-            unix_ms: t.parse().map_err(|_| bad())?,
-            conn: c.parse().map_err(|_| bad())?,
-            seq: s.parse().map_err(|_| bad())?,
-            latency_ms: if l.is_empty() {
-                None
-            } else {
-                Some(l.parse().map_err(|_| bad())?)
-            },
-        });
-    }
-    Ok(out)
-}
-
 /// Reply arrival times (sent + latency), per connection, sorted. `end_unix_ms`: when the
 /// client stopped; a connection with requests still unanswered after its last reply gets it
 /// as a last "arrival" (it was silent until then at least).
-pub fn arrivals(samples: &[ClientSample], end_unix_ms: Option<f64>) -> Vec<Vec<f64>> {
+pub fn arrivals(samples: &[Sample], end_unix_ms: Option<f64>) -> Vec<Vec<f64>> {
     let n = samples
         .iter()
         .map(|s| s.conn as usize + 1)
@@ -314,11 +274,7 @@ impl Migration {
     }
 
     /// Fills in a migration from its run report and the client's arrivals.
-    pub fn from_report(
-        r: &RunReport,
-        arrivals: &[Vec<f64>],
-        samples: &[ClientSample],
-    ) -> Migration {
+    pub fn from_report(r: &RunReport, arrivals: &[Vec<f64>], samples: &[Sample]) -> Migration {
         let (from, to) = (r.started_unix_ms, r.started_unix_ms + r.total_ms);
         let gap = gap_in_window(arrivals, from, to);
         let released = r.state == RunState::Released;
@@ -973,9 +929,7 @@ fn measure_mode(
     p.say(format!("{name}: stopping the client"));
     let (summary, ended) = client.stop(Duration::from_secs(20))?;
     let figures = ClientFigures::from_summary(&summary);
-    let text = std::fs::read_to_string(&samples_path)
-        .map_err(|e| format!("reading {}: {e}", samples_path.display()))?;
-    let samples = parse_samples(&text)?;
+    let samples = read_samples(&samples_path).map_err(|e| e.to_string())?;
     let arr = arrivals(&samples, Some(ended));
     let mut per_migration: Vec<Migration> = reports
         .iter()
@@ -1074,7 +1028,7 @@ mod tests {
 
     /// Samples of one connection answering every `every` ms with latency 1 ms, from `t0` to
     /// `t1`, except requests sent in `[s0, s1)`, answered only at `s1` (a stall).
-    fn conn(conn: u32, t0: f64, t1: f64, every: f64, stall: (f64, f64)) -> Vec<ClientSample> {
+    fn conn(conn: u32, t0: f64, t1: f64, every: f64, stall: (f64, f64)) -> Vec<Sample> {
         let mut v = Vec::new();
         let mut t = t0;
         let mut seq = 0;
@@ -1084,7 +1038,7 @@ mod tests {
             } else {
                 1.0
             };
-            v.push(ClientSample {
+            v.push(Sample {
                 unix_ms: t,
                 conn,
                 seq,
@@ -1125,17 +1079,6 @@ mod tests {
     }
 
     #[test]
-    fn samples_parse_with_empty_latency() {
-        let text = "unix_ms,conn,seq,latency_ms\n1000.500,0,1,0.250\n1005.000,1,2,\n\n";
-        let s = parse_samples(text).unwrap();
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].latency_ms, Some(0.25));
-        assert_eq!((s[1].conn, s[1].seq, s[1].latency_ms), (1, 2, None));
-        assert!(parse_samples("1,2\n").is_err());
-        assert!(parse_samples("x,0,1,2\n").is_err());
-    }
-
-    #[test]
     fn the_gap_is_the_worst_connections_longest_silence_overlapping_the_window() {
         // Two connections, replies every 5 ms; conn 0 stalls 100 ms, conn 1 stalls 150 ms
         // (from 1200 to 1350). A third, earlier stall of conn 1 (outside the window) is longer.
@@ -1166,7 +1109,7 @@ mod tests {
     #[test]
     fn an_unanswered_tail_stays_silent_until_the_client_ends() {
         let mut s = conn(0, 1000.0, 1100.0, 5.0, (0.0, 0.0));
-        s.push(ClientSample {
+        s.push(Sample {
             unix_ms: 1100.0,
             conn: 0,
             seq: 99,
@@ -1204,7 +1147,7 @@ mod tests {
         // Two migrations with a 100 ms stall each at different places, one rolled back.
         let mut s = conn(0, 1000.0, 3000.0, 5.0, (1200.0, 1300.0));
         s.extend(conn(1, 1000.0, 3000.0, 5.0, (2200.0, 2260.0)));
-        s.push(ClientSample {
+        s.push(Sample {
             unix_ms: 2990.0,
             conn: 1,
             seq: 1000,

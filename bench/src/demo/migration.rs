@@ -21,6 +21,7 @@ use super::{
     containers::{PORT, WEB, WEB_HOST, WEB_PUBLIC},
     plot, step, timeline,
 };
+use crate::samples::{Sample, client_gap_ms, read_samples};
 use ferry_lab::{Lab, bins::find_binary, procs::PidFd};
 
 /// Client connections and the interval between requests on each.
@@ -230,7 +231,7 @@ pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationRep
         report.error = Some(e);
     }
     // Samples, gaps and the plot, with whatever was measured.
-    let samples = match plot::read_samples(&samples_path) {
+    let samples = match read_samples(&samples_path) {
         Ok(s) => s,
         Err(e) => {
             if report.client.is_some() {
@@ -244,8 +245,7 @@ pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationRep
         .runs
         .iter()
         .map(|r| {
-            let gap =
-                plot::client_gap_ms(&samples, r.started_unix_ms, r.started_unix_ms + r.total_ms);
+            let gap = client_gap_ms(&samples, r.started_unix_ms, r.started_unix_ms + r.total_ms);
             (gap * 1e3).round() / 1e3
         })
         .collect();
@@ -268,12 +268,15 @@ pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationRep
             ),
         );
         let abs = std::path::absolute(plot_path).unwrap_or_else(|_| plot_path.to_owned());
-        match std::fs::write(&abs, svg) {
-            Ok(()) => report.plot = Some(abs),
-            Err(e) => {
+        match svg.map(|svg| std::fs::write(&abs, svg)) {
+            Ok(Ok(())) => report.plot = Some(abs),
+            Ok(Err(e)) => {
                 report
                     .error
                     .get_or_insert(format!("writing {}: {e}", abs.display()));
+            }
+            Err(e) => {
+                report.error.get_or_insert(e.to_string());
             }
         }
     }
@@ -404,7 +407,7 @@ fn moves(
     result
 }
 
-fn print_report(r: &MigrationReport, samples: &[plot::Sample]) {
+fn print_report(r: &MigrationReport, samples: &[Sample]) {
     let t0 = samples
         .iter()
         .map(|s| s.unix_ms)
