@@ -14,6 +14,7 @@ pub mod handoff;
 pub mod migrate;
 pub mod samples;
 pub mod stats;
+pub mod workload;
 
 use std::{
     process::{Command, ExitStatus, Output, Stdio},

@@ -29,12 +29,10 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader, Read as _},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    process::ExitStatus,
+    time::{Duration, Instant},
 };
 
 use clap::Args;
@@ -45,10 +43,11 @@ use serde_json::Value;
 use crate::{
     BenchError, Progress,
     handoff::{PAYLOAD_BYTES, request_bytes},
-    samples::{Sample, read_samples},
+    samples::{Sample, SamplesError, read_samples},
     stats::{median, percentile_of, ratio},
+    workload::{Workload, WorkloadError},
 };
-use ferry_lab::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
+use ferry_lab::{Lab, LabError, LabOptions, bins::find_binary, leftovers};
 
 /// The migrating container.
 pub const CONTAINER: &str = "10.244.1.10";
@@ -66,6 +65,38 @@ const WARM_UP: Duration = Duration::from_millis(500);
 const SETTLE: Duration = Duration::from_millis(1000);
 /// A mode gives up after this many failed migrations in a row.
 pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+
+/// Why a mode's set-up, a migration or the client failed (reported in the mode's summary).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Samples(#[from] SamplesError),
+    #[error("{what}: {source}")]
+    Lab {
+        what: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("container on {host}: {source}")]
+    Container {
+        host: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("{command}: {source}")]
+    Ferry {
+        command: String,
+        source: Box<LabError>,
+    },
+    #[error("{command}: {status} without a run report ({source}): {stdout} {stderr}")]
+    NoReport {
+        command: String,
+        status: ExitStatus,
+        stdout: String,
+        stderr: String,
+        source: serde_json::Error,
+    },
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
@@ -591,151 +622,28 @@ impl Report {
 // ---------------------------------------------------------------------------------------------
 // The run.
 
-fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-/// The `ferry-workload client` this bench started in the `inet` namespace: stderr lines on a
-/// channel, stdout collected; SIGKILLed (by its PID, not recycled before we reap it) and
-/// reaped when dropped.
-struct Client {
-    child: Child,
-    err: mpsc::Receiver<String>,
-    out: mpsc::Receiver<String>,
-}
-
-impl Client {
-    fn start(bin: &Path, ns: &Path, args: &[String]) -> Result<Self, String> {
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ferry_overlay::netns::command_in(&mut cmd, ns).map_err(|e| format!("client: {e}"))?;
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("spawning the client: {e}"))?;
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("client: no pipes".into());
-        };
-        let (etx, err) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if etx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (otx, out) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = BufReader::new(stdout).read_to_string(&mut s);
-            let _ = otx.send(s);
-        });
-        Ok(Self { child, err, out })
-    }
-
-    /// Waits for `{"event":"connected",..}` on stderr; an error if the client exits first.
-    fn connected(&mut self, timeout: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + timeout;
-        let mut said = Vec::new();
-        loop {
-            match self.err.recv_timeout(Duration::from_millis(20)) {
-                Ok(line) => match serde_json::from_str::<Value>(&line) {
-                    Ok(v) if v["event"] == "connected" => return Ok(v),
-                    // The first line says why; the usage text that follows does not.
-                    _ if said.is_empty() => said.push(line),
-                    _ => {}
-                },
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.child.wait();
-                    return Err(format!("client exited: {}", said.join(" | ")));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "client not connected within {timeout:?}: {}",
-                    said.join(" | ")
-                ));
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) -> Result<(), String> {
-        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
-        match PidFd::open(pid, None) {
-            Ok(Some(fd)) => fd.signal(sig).map_err(|e| format!("client: {e}")),
-            Ok(None) => Ok(()),
-            Err(e) => Err(format!("client: {e}")),
-        }
-    }
-
-    /// SIGTERM, then the summary (the client drains owed replies for up to 3 s first) and
-    /// when it ended (Unix ms).
-    fn stop(mut self, timeout: Duration) -> Result<(Value, f64), String> {
-        self.signal(libc::SIGTERM)?;
-        let text = self
-            .out
-            .recv_timeout(timeout)
-            .map_err(|e| format!("client: no summary within {timeout:?} ({e})"))?;
-        let ended = unix_ms();
-        let _ = self.child.wait();
-        for line in self.err.try_iter() {
-            eprintln!("  client: {line}");
-        }
-        text.lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-            .map(|v| (v, ended))
-            .ok_or_else(|| format!("client: no JSON summary in {text:?}"))
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 fn other(host: &str) -> &'static str {
     if host == HOST_A { HOST_B } else { HOST_A }
 }
 
-/// One `ferry migrate run`: the report (also of a failed run: the CLI exits non-zero but
-/// still prints it), or why there is none.
-fn migrate_run(lab: &Lab, to: &str, lock: &str) -> Result<RunReport, String> {
-    let args = [
-        "--json",
-        "migrate",
-        "run",
-        "--quiet",
-        "--container",
-        CONTAINER,
-        "--to",
-        to,
-        "--lock",
-        lock,
-    ];
-    let shown = format!("ferry {}", args[1..].join(" "));
-    let out = lab.ferry(&args).map_err(|e| format!("{shown}: {e}"))?;
+/// One `ferry --json migrate run ARGS..`: the report (also of a failed run: the CLI exits
+/// non-zero but still prints it), or why there is none.
+pub fn migrate_run(lab: &Lab, args: &[&str]) -> Result<RunReport, MigrateError> {
+    let mut all = vec!["--json", "migrate", "run"];
+    all.extend_from_slice(args);
+    let command = format!("ferry {}", all[1..].join(" "));
+    let out = lab.ferry(&all).map_err(|source| MigrateError::Ferry {
+        command: command.clone(),
+        source: Box::new(source),
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    match serde_json::from_str::<RunReport>(stdout.trim()) {
-        Ok(r) => Ok(r),
-        Err(e) => Err(format!(
-            "{shown}: {} without a run report ({e}): {} {}",
-            out.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-    }
+    serde_json::from_str::<RunReport>(stdout.trim()).map_err(|source| MigrateError::NoReport {
+        command,
+        status: out.status,
+        stdout: stdout.trim().to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        source,
+    })
 }
 
 /// A mode's lab, server and client, and its migrations.
@@ -765,7 +673,7 @@ fn run_mode(
     let prefix = lab.prefix().to_owned();
     let summary = match measure_mode(p, args, mode, bin, &lab) {
         Ok(s) => s,
-        Err(e) => fail(e),
+        Err(e) => fail(e.to_string()),
     };
     if summary.bad() {
         *code = 1;
@@ -789,11 +697,14 @@ fn measure_mode(
     mode: Mode,
     bin: &Path,
     lab: &Lab,
-) -> Result<ModeSummary, String> {
+) -> Result<ModeSummary, MigrateError> {
     let name = mode.key();
     let c: Ipv4Addr = CONTAINER.parse().expect("valid address");
     lab.add_container(HOST_A, c)
-        .map_err(|e| format!("container on {HOST_A}: {e}"))?;
+        .map_err(|source| MigrateError::Container {
+            host: HOST_A,
+            source: Box::new(source),
+        })?;
     lab.ferry_json(&[
         "public",
         "add",
@@ -802,13 +713,22 @@ fn measure_mode(
         "--container",
         CONTAINER,
     ])
-    .map_err(|e| format!("public add: {e}"))?;
-    lab.sync().map_err(|e| format!("sync: {e}"))?;
+    .map_err(|source| MigrateError::Lab {
+        what: "public add",
+        source: Box::new(source),
+    })?;
+    lab.sync().map_err(|source| MigrateError::Lab {
+        what: "sync",
+        source: Box::new(source),
+    })?;
     let bin_s = bin.to_string_lossy().into_owned();
     let port = PORT.to_string();
     let proc_ = lab
         .start_process(c, &[&bin_s, "serve", "--port", &port])
-        .map_err(|e| format!("starting the server: {e}"))?;
+        .map_err(|source| MigrateError::Lab {
+            what: "starting the server",
+            source: Box::new(source),
+        })?;
     p.say(format!(
         "{name}: lab {} up; {CONTAINER} on {HOST_A} as {PUBLIC}, server PID {}",
         lab.prefix(),
@@ -817,28 +737,29 @@ fn measure_mode(
 
     // The client, for the whole mode (retried while the server opens its socket).
     let samples_path: PathBuf = lab.state_dir().join(format!("bench-migrate-{name}.csv"));
-    let client_args: Vec<String> = [
+    let samples_arg = samples_path.to_string_lossy();
+    let (to, connections) = (format!("{PUBLIC}:{PORT}"), args.connections.to_string());
+    let (interval, payload) = (args.interval_ms.to_string(), PAYLOAD_BYTES.to_string());
+    let client_args = [
         "client",
         "--to",
-        &format!("{PUBLIC}:{PORT}"),
+        &to,
         "--connections",
-        &args.connections.to_string(),
+        &connections,
         "--interval-ms",
-        &args.interval_ms.to_string(),
+        &interval,
         "--payload-bytes",
-        &PAYLOAD_BYTES.to_string(),
+        &payload,
         "--samples",
-        &samples_path.to_string_lossy(),
+        &samples_arg,
         "--json",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    ];
     let inet = lab.netns("inet");
     let mut tries = 0;
     let client = loop {
         tries += 1;
-        let mut client = Client::start(bin, &inet, &client_args)?;
-        match client.connected(Duration::from_secs(10)) {
+        let mut client = Workload::start(bin, &inet, &client_args, false)?;
+        match client.event("connected", Duration::from_secs(10)) {
             Ok(_) => break client,
             Err(e) if tries < 30 => {
                 if tries % 10 == 1 {
@@ -847,7 +768,7 @@ fn measure_mode(
                 drop(client);
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
     p.say(format!(
@@ -867,7 +788,16 @@ fn measure_mode(
         }
         let to = other(&here);
         let t = Instant::now();
-        match migrate_run(lab, to, mode.lock()) {
+        let run_args = [
+            "--quiet",
+            "--container",
+            CONTAINER,
+            "--to",
+            to,
+            "--lock",
+            mode.lock(),
+        ];
+        match migrate_run(lab, &run_args) {
             Ok(r) => {
                 p.say(format!(
                     "{name}: {}/{}: {}->{}: {} in {:.1} ms (stopped {:.1} ms, criu frozen {}, \
@@ -911,7 +841,7 @@ fn measure_mode(
                     t.elapsed().as_secs_f64() * 1e3
                 ));
                 failures_in_a_row += 1;
-                reports.push(Err((here.clone(), to.to_owned(), e)));
+                reports.push(Err((here.clone(), to.to_owned(), e.to_string())));
                 if let Ok(h) = lab.endpoint_host(c) {
                     here = h;
                 }
@@ -927,9 +857,9 @@ fn measure_mode(
 
     std::thread::sleep(SETTLE);
     p.say(format!("{name}: stopping the client"));
-    let (summary, ended) = client.stop(Duration::from_secs(20))?;
+    let (summary, ended) = client.finish(Duration::from_secs(20))?;
     let figures = ClientFigures::from_summary(&summary);
-    let samples = read_samples(&samples_path).map_err(|e| e.to_string())?;
+    let samples = read_samples(&samples_path)?;
     let arr = arrivals(&samples, Some(ended));
     let mut per_migration: Vec<Migration> = reports
         .iter()

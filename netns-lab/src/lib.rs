@@ -14,7 +14,8 @@
 //!   of package `ferry-lab-cli`) that tears a lab down when its owner dies;
 //! - [`procs`]: process identity (PID + start time), stopping processes through pidfds;
 //! - [`state`]: what a lab recorded under `/run/ferry-lab/<prefix>/`;
-//! - [`bins`]: finding the workspace's binaries.
+//! - [`bins`]: finding the workspace's binaries;
+//! - [`clock`]: the wall clock in ms, and waiting on a condition with a deadline.
 //!
 //! The demo and the benchmarks are in `ferry-bench`; the `ferry-lab` command in `ferry-lab-cli`.
 //!
@@ -27,6 +28,7 @@
 //! # Ok::<(), ferry_lab::LabError>(())
 //! ```
 pub mod bins;
+pub mod clock;
 pub mod control;
 mod error;
 pub mod lab;
