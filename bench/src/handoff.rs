@@ -31,7 +31,7 @@ use serde::{Serialize, Serializer, ser::SerializeMap as _};
 use serde_json::Value;
 
 use crate::{
-    BenchError, Progress,
+    BenchError, Progress, print_report,
     stats::median,
     workload::{Stream, Workload, WorkloadError},
 };
@@ -828,13 +828,7 @@ pub fn run(args: &HandoffArgs) -> Result<i32, BenchError> {
     if !report.ok() {
         code = 1;
     }
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| BenchError::failed(format!("serialising the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(args.json, &report, || report.table())?;
     for (mode, freeze, error) in report.errors() {
         p.say(format!("{mode} {freeze} ms failed: {error}"));
     }

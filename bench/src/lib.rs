@@ -57,6 +57,8 @@ pub enum BenchError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("serialising the report: {0}")]
+    Report(#[source] serde_json::Error),
     #[error("{0}")]
     Failed(String),
 }
@@ -92,6 +94,21 @@ pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output, BenchError> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// Prints a benchmark's report on stdout: exactly one JSON object with `--json`, else its table.
+pub(crate) fn print_report(
+    json: bool,
+    report: &impl serde::Serialize,
+    table: impl FnOnce() -> String,
+) -> Result<(), BenchError> {
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(BenchError::Report)?;
+        println!("{text}");
+    } else {
+        print!("{}", table());
+    }
+    Ok(())
 }
 
 /// Progress on stderr, with the time since the start.

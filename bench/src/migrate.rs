@@ -43,6 +43,7 @@ use serde_json::Value;
 use crate::{
     BenchError, Progress,
     handoff::{PAYLOAD_BYTES, request_bytes},
+    print_report,
     samples::{Sample, SamplesError, read_samples},
     stats::{median, percentile_of, ratio},
     workload::{Workload, WorkloadError},
@@ -936,13 +937,7 @@ pub fn run(args: &MigrateArgs) -> Result<i32, BenchError> {
     let ferry = run_mode(&p, args, Mode::Hold, &bin, &mut code);
     let criu_lock = run_mode(&p, args, Mode::CriuLock, &bin, &mut code);
     let report = Report::build(args, ferry, criu_lock);
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| BenchError::failed(format!("serialising the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(args.json, &report, || report.table())?;
     for (name, m) in report.modes() {
         if let Some(e) = &m.error {
             p.say(format!("{name} failed: {e}"));

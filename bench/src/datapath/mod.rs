@@ -28,7 +28,7 @@ use ferry_lab::{Lab, LabOptions, Topology, leftovers};
 use report::{ModeSamples, Params, Report};
 
 // Children name these as `super::...`.
-use crate::{BenchError, Progress, run_checked};
+use crate::{BenchError, Progress, print_report, run_checked};
 
 /// Host of container A (the client side of every measurement).
 pub const HOST_A: &str = "a1";
@@ -299,13 +299,7 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
         code = 1;
     }
 
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| BenchError::failed(format!("serialising the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(args.json, &report, || report.table())?;
     for (mode, error) in report.errors() {
         p.say(format!("{mode} failed: {error}"));
     }
