@@ -95,7 +95,7 @@ impl Lab {
         let reaper_bin = if persistent {
             None
         } else {
-            Some(find_binary("ferry-lab", "ferry-lab")?)
+            Some(find_binary("ferry-lab", "ferry-lab-cli")?)
         };
         let agent_bin = if opts.start_agents {
             Some(find_binary("ferry-agent", "ferry-agent")?)

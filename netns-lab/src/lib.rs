@@ -6,6 +6,19 @@
 //! between clouds) and `<prefix>-inet` (a client on the internet side of the gateway).
 //! Nothing is ever added to the root namespace. State lives in `/run/ferry-lab/<prefix>/`.
 //!
+//! - [`topology`]: what a lab is made of (TOML), checked and resolved to addresses;
+//! - [`lab`]: bringing a lab up (namespaces, router, veths, routes, agents) and using it;
+//! - [`control`]: the lab's control plane (token, the gateway daemon the agents talk to);
+//! - [`teardown`]: tearing labs down (keeps going on errors, reports all of them), what a lab
+//!   left behind, listing labs, and [`reap`]: the reaper, a `ferry-lab reap` process (binary
+//!   of package `ferry-lab-cli`) that tears a lab down when its owner dies;
+//! - [`procs`]: process identity (PID + start time), stopping processes through pidfds;
+//! - [`state`]: what a lab recorded under `/run/ferry-lab/<prefix>/`;
+//! - [`bins`]: finding the workspace's binaries;
+//! - [`clock`]: the wall clock in ms, and waiting on a condition with a deadline.
+//!
+//! The demo and the benchmarks are in `ferry-bench`; the `ferry-lab` command in `ferry-lab-cli`.
+//!
 //! ```no_run
 //! use ferry_lab::{Lab, LabOptions, Topology};
 //! let lab = Lab::up(LabOptions { topology: Topology::default_lab(), ..LabOptions::default() })?;
@@ -14,11 +27,9 @@
 //! lab.down()?;
 //! # Ok::<(), ferry_lab::LabError>(())
 //! ```
-pub mod bench;
 pub mod bins;
-pub mod cli;
+pub mod clock;
 pub mod control;
-pub mod demo;
 mod error;
 pub mod lab;
 pub mod procs;

@@ -415,15 +415,12 @@ async fn write_files(
         let mut left = *size;
         while left > 0 {
             let mut buf = vec![0u8; CHUNK.min(left as usize)];
-            let n = f
-                .read(&mut buf)
-                .await
-                .map_err(|source| {
-                    Stop::Failed(SendError::Read {
-                        name: name.clone(),
-                        source,
-                    })
-                })?;
+            let n = f.read(&mut buf).await.map_err(|source| {
+                Stop::Failed(SendError::Read {
+                    name: name.clone(),
+                    source,
+                })
+            })?;
             if n == 0 {
                 return Err(Stop::Failed(SendError::Shrank { name: name.clone() }));
             }

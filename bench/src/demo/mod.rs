@@ -16,13 +16,14 @@ pub mod timeline;
 
 use std::{
     collections::BTreeMap,
+    convert::Infallible,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 pub use migration::MigrationReport;
 
-use crate::{Lab, LabError, LabOptions, Topology, leftovers};
+use ferry_lab::{Lab, LabError, LabOptions, Topology, clock::wait_until, leftovers};
 
 /// Where the plot goes unless told (relative to the current directory).
 pub const DEFAULT_PLOT: &str = "ferry-demo.svg";
@@ -223,19 +224,15 @@ fn ping_avg_us(lab: &Lab, from: &str, to: &str) -> Option<u64> {
 }
 
 fn agent_counters(lab: &Lab, host: &str) -> BTreeMap<String, u64> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        if let Ok(out) = lab.exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-            && out.status.success()
-        {
-            return ferry_config::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
-                .into_iter()
-                .filter(|(_, n)| *n > 0)
-                .collect();
-        }
-        if Instant::now() > deadline {
-            return BTreeMap::new();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Ok(metrics) = wait_until(Duration::from_secs(2), Duration::from_millis(100), || {
+        let out = lab.exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"]);
+        Ok::<_, Infallible>(out.ok().filter(|o| o.status.success()))
+    });
+    let Some(out) = metrics else {
+        return BTreeMap::new();
+    };
+    ferry_config::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }

@@ -24,7 +24,7 @@ use ferry_overlay::netns::{netns_path, run_in};
 use ipnet::Ipv4Net;
 
 use super::{BenchError, Endpoint, Pair, run_checked};
-use crate::{Lab, lab::HOST_IF, topology::Host};
+use ferry_lab::{Lab, lab::HOST_IF, topology::Host};
 
 /// flannel's VXLAN device, VNI and port (ferry's device uses 4789, so both coexist).
 pub const FLANNEL_DEV: &str = "flannel.1";
@@ -330,7 +330,7 @@ fn link_mac(ns: &str, dev: &str) -> Result<String, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::Topology;
+    use ferry_lab::topology::Topology;
 
     #[test]
     fn flannel_batches_match_flannels_devices() {

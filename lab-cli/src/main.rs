@@ -1,6 +1,9 @@
 //! `ferry-lab`: build, inspect and tear down labs of network namespaces.
 use clap::Parser as _;
 
+mod cli;
+mod commands;
+
 fn main() {
     use std::io::IsTerminal as _;
     use tracing_subscriber::{EnvFilter, fmt};
@@ -10,8 +13,8 @@ fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = ferry_lab::cli::Cli::parse();
-    match ferry_lab::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    match commands::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("ferry-lab: {e:#}");

@@ -1,4 +1,5 @@
-//! The `ferry-lab` command line.
+//! Runs a parsed `ferry-lab` command: the lab's commands through [`ferry_lab`], the demo and
+//! the benchmarks through [`ferry_bench`].
 
 use std::{
     io::Write,
@@ -9,125 +10,15 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::{
+use crate::cli::{Cli, Cmd};
+use ferry_lab::{
     INET, Lab, LabOptions, LabStatus, ROUTER, Topology, list_labs, netns_name, reap,
     state::{self, LabState},
     status, teardown,
     teardown::only_lab,
 };
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "ferry-lab",
-    version,
-    about = "Labs of network namespaces standing for hosts, clouds, a gateway and the internet"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Cmd {
-    /// ferry's main job in a lab: bring up the default lab with agents, start a stateful
-    /// container on a1 with a public address and a client on the internet side, live-migrate
-    /// it with CRIU to cloud b and back, print the timeline and plot the client's latency.
-    Demo {
-        /// Topology file (TOML); default: the built-in topology.
-        topology: Option<PathBuf>,
-        /// Print the report as JSON on stdout (progress stays on stderr).
-        #[arg(long)]
-        json: bool,
-        /// Where to write the plot of the client's per-request latency (SVG).
-        #[arg(long, value_name = "PATH", default_value = crate::demo::DEFAULT_PLOT)]
-        plot: PathBuf,
-    },
-    /// Bring a lab up; it stays until `ferry-lab down`. Prints its prefix.
-    Up {
-        /// Topology file (TOML); default: the built-in topology.
-        topology: Option<PathBuf>,
-        /// Do not start a ferry-agent in each host.
-        #[arg(long)]
-        no_agents: bool,
-        /// Print the prefix, namespaces and addresses as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Tear a lab down (processes, namespaces, bpffs pins, state).
-    Down {
-        /// The lab (default: the only lab present).
-        #[arg(long, conflicts_with = "all")]
-        lab: Option<String>,
-        /// Every lab on this machine.
-        #[arg(long)]
-        all: bool,
-    },
-    /// Namespaces, addresses and agents of a lab.
-    Status {
-        #[arg(long)]
-        lab: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run a command inside a node's namespace (`ip netns exec`); exits with its status.
-    /// FERRY_GATEWAY and FERRY_TOKEN_FILE point at the lab's gateway, so `ferry` works there.
-    Exec {
-        #[arg(long)]
-        lab: Option<String>,
-        /// A host name, `router` or `inet`.
-        host: String,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        cmd: Vec<String>,
-    },
-    /// Start a process tree in a container (PID 1 of a new PID namespace, in the container's
-    /// network namespace), through the agent of the host the container lives on.
-    Run {
-        #[arg(long)]
-        lab: Option<String>,
-        /// The container's overlay address.
-        #[arg(long)]
-        container: std::net::Ipv4Addr,
-        /// Print the process as JSON.
-        #[arg(long)]
-        json: bool,
-        /// The program (absolute path) and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        argv: Vec<String>,
-    },
-    /// Benchmarks in a lab of their own (torn down at the end).
-    Bench {
-        #[command(subcommand)]
-        what: crate::bench::BenchCmd,
-    },
-    /// Labs present on this machine.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Wait for the owner process to exit, then tear its lab down if it is still there.
-    #[command(hide = true)]
-    Reap {
-        #[arg(long)]
-        lab: String,
-        #[arg(long)]
-        owner: i32,
-        /// The owner's start time (field 22 of /proc/PID/stat), against PID reuse.
-        #[arg(long)]
-        owner_start: Option<u64>,
-    },
-    /// For tests: bring a lab up the way the library does (with a reaper), print its prefix,
-    /// then sleep until killed.
-    #[command(hide = true)]
-    HoldTestLab {
-        topology: Option<PathBuf>,
-        #[arg(long)]
-        agents: bool,
-    },
-}
 
 #[derive(Serialize)]
 struct UpReport {
@@ -145,7 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             plot,
         } => {
-            let report = crate::demo::run_with(crate::demo::DemoOptions {
+            let report = ferry_bench::demo::run_with(ferry_bench::demo::DemoOptions {
                 topology: load_topology(topology)?,
                 json,
                 plot: Some(plot),
@@ -217,7 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             c.args(["netns", "exec", &ns]).args(&cmd);
             // So that `ferry-lab exec gw -- ferry hosts` talks to this lab's gateway.
             if let Some(st) = LabState::load(&prefix)?
-                && let Some(cp) = crate::control::ControlPlane::of(&prefix, &st.topology)
+                && let Some(cp) = ferry_lab::control::ControlPlane::of(&prefix, &st.topology)
             {
                 c.env("FERRY_GATEWAY", cp.api.to_string())
                     .env("FERRY_TOKEN_FILE", &cp.token_file);
@@ -253,7 +144,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Bench { what } => Ok(crate::bench::run(what)?),
+        Cmd::Bench { what } => Ok(ferry_bench::run(what)?),
         Cmd::List { json } => {
             let labs = list_labs();
             if json {
@@ -298,7 +189,7 @@ fn load_topology(path: Option<PathBuf>) -> anyhow::Result<Topology> {
     })
 }
 
-fn pick(lab: Option<String>) -> anyhow::Result<String> {
+pub(crate) fn pick(lab: Option<String>) -> anyhow::Result<String> {
     match lab {
         Some(l) => {
             state::check_prefix(&l)?;
@@ -313,7 +204,7 @@ fn pick(lab: Option<String>) -> anyhow::Result<String> {
 fn check_node(prefix: &str, node: &str) -> anyhow::Result<()> {
     match LabState::load(prefix)? {
         Some(st) => {
-            let nodes = crate::lab::nodes(&st.topology);
+            let nodes = ferry_lab::lab::nodes(&st.topology);
             if !nodes.iter().any(|n| n == node) {
                 bail!(
                     "lab {prefix} has no node {node:?} (nodes: {})",
@@ -405,70 +296,6 @@ fn print_status(s: &LabStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_is_consistent_and_parses() {
-        Cli::command().debug_assert();
-        let c = Cli::try_parse_from([
-            "ferry-lab",
-            "exec",
-            "--lab",
-            "fl000000",
-            "a1",
-            "--",
-            "ip",
-            "-br",
-            "a",
-        ])
-        .unwrap();
-        match c.command {
-            Cmd::Exec { lab, host, cmd } => {
-                assert_eq!(lab.as_deref(), Some("fl000000"));
-                assert_eq!(host, "a1");
-                assert_eq!(cmd, ["ip", "-br", "a"]);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(Cli::try_parse_from(["ferry-lab", "down", "--lab", "fl000000", "--all"]).is_err());
-        assert!(Cli::try_parse_from(["ferry-lab", "exec", "a1"]).is_err());
-        let c = Cli::try_parse_from([
-            "ferry-lab",
-            "run",
-            "--container",
-            "10.244.1.10",
-            "--json",
-            "--",
-            "/bin/sleep",
-            "--help",
-        ])
-        .unwrap();
-        match c.command {
-            Cmd::Run {
-                lab,
-                container,
-                json,
-                argv,
-            } => {
-                assert_eq!(lab, None);
-                assert_eq!(container, std::net::Ipv4Addr::new(10, 244, 1, 10));
-                assert!(json);
-                assert_eq!(argv, ["/bin/sleep", "--help"]);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(Cli::try_parse_from(["ferry-lab", "run", "--container", "10.244.1.10"]).is_err());
-        let c =
-            Cli::try_parse_from(["ferry-lab", "up", "t.toml", "--no-agents", "--json"]).unwrap();
-        assert!(matches!(
-            c.command,
-            Cmd::Up {
-                no_agents: true,
-                json: true,
-                ..
-            }
-        ));
-    }
 
     #[test]
     fn bad_lab_names_are_refused() {

@@ -19,7 +19,7 @@ use std::{
 
 use ferry_overlay::netns::run_in;
 
-use crate::{Lab, LabError};
+use ferry_lab::{Lab, LabError};
 
 use super::step;
 
@@ -233,7 +233,7 @@ pub fn run(lab: &Lab, json: bool, t0: Instant) -> Result<ContainersReport, LabEr
         t0,
         "the internet client reaches containers at their public addresses",
     );
-    let inet = lab.netns(crate::INET);
+    let inet = lab.netns(ferry_lab::INET);
     let mut public = BTreeMap::new();
     for (addr, container) in [
         (SocketAddrV4::new(WEB_PUBLIC, PORT), "web"),

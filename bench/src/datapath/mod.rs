@@ -13,22 +13,22 @@
 
 pub mod baseline;
 pub mod ferry_mode;
-pub mod handoff;
 pub mod measure;
-pub mod migrate;
 pub mod report;
 
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
-    process::{Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use clap::{Args, Subcommand};
+use clap::Args;
 
-use crate::{Lab, LabError, LabOptions, Topology, leftovers};
+use ferry_lab::{Lab, LabOptions, Topology, leftovers};
 use report::{ModeSamples, Params, Report};
+
+// Children name these as `super::...`.
+use crate::{BenchError, Progress, print_report, run_checked};
 
 /// Host of container A (the client side of every measurement).
 pub const HOST_A: &str = "a1";
@@ -38,22 +38,6 @@ pub const HOST_B: &str = "a2";
 pub const BENCH_OVERLAY: &str = "10.64.0.0/12";
 /// Entries in ferry's endpoint map for `ferry_full_map`.
 pub const FULL_MAP_ENTRIES: usize = 65_536;
-
-/// `ferry-lab bench ...`
-#[derive(Debug, Subcommand)]
-pub enum BenchCmd {
-    /// Throughput and request/response latency between containers on two hosts: ferry vs a
-    /// kernel-VXLAN + bridge overlay (flannel) vs routed veths, side by side in one lab.
-    Datapath(DatapathArgs),
-    /// A stateful server moving between clouds with its connections (socket hand-off): the
-    /// gap a client on the internet sees, with ferry's hold queues and with drop (a network
-    /// lock), for several freeze lengths.
-    Handoff(handoff::HandoffArgs),
-    /// Whole-container live migration with CRIU (`ferry migrate run`), ferry's hold vs CRIU's
-    /// own network lock: the gap a client on the internet sees, the time the container ran
-    /// nowhere, and the phases.
-    Migrate(migrate::MigrateArgs),
-}
 
 #[derive(Debug, Clone, Args)]
 pub struct DatapathArgs {
@@ -93,60 +77,6 @@ pub struct Pair {
     pub b: Endpoint,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Lab(#[from] LabError),
-    #[error(transparent)]
-    NetNs(#[from] ferry_overlay::netns::NetNsError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: ExitStatus,
-        stderr: String,
-    },
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl BenchError {
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
-    }
-
-    pub fn failed(msg: impl Into<String>) -> Self {
-        Self::Failed(msg.into())
-    }
-}
-
-/// Runs a command to completion (stdin closed, output captured); fails on a non-zero exit.
-pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output, BenchError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| BenchError::io(format!("running {shown}"), e))?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(BenchError::Command {
-            command: shown,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
-}
-
 /// The modes measured in rounds (`ferry_full_map` comes after them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -167,28 +97,6 @@ impl Mode {
     }
 }
 
-/// Progress on stderr, with the time since the start.
-struct Progress(Instant);
-
-impl Progress {
-    fn say(&self, msg: impl AsRef<str>) {
-        eprintln!(
-            "[{:>8.3}s] {}",
-            self.0.elapsed().as_secs_f64(),
-            msg.as_ref()
-        );
-    }
-}
-
-/// Runs a `bench` subcommand; returns the exit code (non-zero if any mode failed).
-pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
-    match cmd {
-        BenchCmd::Datapath(args) => datapath(&args),
-        BenchCmd::Handoff(args) => handoff::run(&args),
-        BenchCmd::Migrate(args) => migrate::run(&args),
-    }
-}
-
 /// A mode's state during the run.
 struct ModeRun {
     mode: Mode,
@@ -204,7 +112,8 @@ impl ModeRun {
     }
 }
 
-fn datapath(args: &DatapathArgs) -> Result<i32, BenchError> {
+/// Runs the benchmark; returns the exit code (non-zero if any mode failed).
+pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
     let p = Progress(Instant::now());
     measure::check_iperf3()?;
     let duration = Duration::from_secs(args.duration_secs);
@@ -390,13 +299,7 @@ fn datapath(args: &DatapathArgs) -> Result<i32, BenchError> {
         code = 1;
     }
 
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| BenchError::failed(format!("serialising the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(args.json, &report, || report.table())?;
     for (mode, error) in report.errors() {
         p.say(format!("{mode} failed: {error}"));
     }
@@ -406,16 +309,22 @@ fn datapath(args: &DatapathArgs) -> Result<i32, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Cmd};
-    use clap::Parser as _;
+    use clap::Parser;
+
+    use crate::BenchCmd;
+
+    /// `ferry-lab bench` as the binary declares it.
+    #[derive(Debug, Parser)]
+    struct Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    }
 
     fn parse(args: &[&str]) -> Result<DatapathArgs, clap::Error> {
-        let mut argv = vec!["ferry-lab", "bench", "datapath"];
+        let mut argv = vec!["bench", "datapath"];
         argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv)?.command {
-            Cmd::Bench {
-                what: BenchCmd::Datapath(a),
-            } => Ok(a),
+        match Bench::try_parse_from(argv)?.what {
+            BenchCmd::Datapath(a) => Ok(a),
             other => panic!("{other:?}"),
         }
     }

@@ -14,7 +14,9 @@ use std::{
 
 use ferry_overlay::netns::{command_in, run_in};
 
-use super::{BenchError, Pair, report::percentile};
+use super::{BenchError, Pair};
+use crate::stats::percentile;
+use ferry_lab::clock::wait_until;
 
 /// How long iperf3's server gets to listen.
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,15 +82,8 @@ impl ProcGuard {
 
     /// The exit status, if the process exits before `deadline`.
     pub fn wait_until(&mut self, deadline: Instant) -> Result<Option<ExitStatus>, BenchError> {
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        wait_until(timeout, Duration::from_millis(5), || self.try_wait())
     }
 
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, BenchError> {
@@ -174,22 +169,34 @@ fn listening_in(ns: &Path, port: u16) -> Result<bool, BenchError> {
     })?)
 }
 
+/// What was wrong with `iperf3 -J`'s output.
+#[derive(Debug, thiserror::Error)]
+pub enum Iperf3Error {
+    #[error("iperf3's output is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("iperf3: {0}")]
+    Reported(String),
+    #[error("iperf3's JSON has no end.sum_received.bits_per_second")]
+    NoRate,
+    #[error("iperf3 received at {0} bit/s")]
+    BadRate(f64),
+}
+
 /// `end.sum_received.bits_per_second` of `iperf3 -c ... -J` output. iperf3 reports errors
 /// in the JSON's `error` (and may still exit 0).
-pub fn parse_iperf3(json: &str) -> Result<f64, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("iperf3's output is not JSON: {e}"))?;
+pub fn parse_iperf3(json: &str) -> Result<f64, Iperf3Error> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(Iperf3Error::NotJson)?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(format!("iperf3: {e}"));
+        return Err(Iperf3Error::Reported(e.to_owned()));
     }
     let bps = v
         .pointer("/end/sum_received/bits_per_second")
         .and_then(serde_json::Value::as_f64)
-        .ok_or("iperf3's JSON has no end.sum_received.bits_per_second")?;
+        .ok_or(Iperf3Error::NoRate)?;
     if bps.is_finite() && bps > 0.0 {
         Ok(bps)
     } else {
-        Err(format!("iperf3 received at {bps} bit/s"))
+        Err(Iperf3Error::BadRate(bps))
     }
 }
 
@@ -205,21 +212,23 @@ pub fn throughput(pair: &Pair, port: u16, duration: Duration) -> Result<f64, Ben
         .stderr(Stdio::piped());
     command_in(&mut cmd, &pair.b.netns)?;
     let mut server = ProcGuard::spawn(cmd, format!("iperf3 server on {ip}:{port}"))?;
-    let deadline = Instant::now() + SERVER_READY_TIMEOUT;
-    while !listening_in(&pair.b.netns, port)? {
-        if let Some(status) = server.try_wait()? {
-            return Err(BenchError::failed(format!(
+    let ready = wait_until(SERVER_READY_TIMEOUT, Duration::from_millis(10), || {
+        if listening_in(&pair.b.netns, port)? {
+            return Ok(Some(()));
+        }
+        match server.try_wait()? {
+            Some(status) => Err(BenchError::failed(format!(
                 "iperf3 server on {ip}:{port} exited ({status}): {}",
                 server.stderr_after_exit()
-            )));
+            ))),
+            None => Ok(None),
         }
-        if Instant::now() >= deadline {
-            return Err(BenchError::failed(format!(
-                "iperf3 server on {ip}:{port} did not listen within {} s",
-                SERVER_READY_TIMEOUT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    })?;
+    if ready.is_none() {
+        return Err(BenchError::failed(format!(
+            "iperf3 server on {ip}:{port} did not listen within {} s",
+            SERVER_READY_TIMEOUT.as_secs()
+        )));
     }
 
     let mut cmd = Command::new("iperf3");
@@ -495,22 +504,15 @@ fn exchange(
 
 /// Accepts one connection (within `io_timeout`) and echoes `size`-byte messages until EOF.
 fn serve(listener: TcpListener, size: usize, io_timeout: Duration) -> io::Result<()> {
-    let deadline = Instant::now() + io_timeout;
-    let mut s = loop {
+    let accepted = wait_until(io_timeout, Duration::from_millis(1), || {
         match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no client connected",
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => return Err(e),
+            Ok((s, _)) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
-    };
+    })?;
+    let mut s =
+        accepted.ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "no client connected"))?;
     drop(listener);
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
@@ -544,11 +546,14 @@ mod tests {
         let j = r#"{"start": {"connected": [], "version": "iperf 3.12"}, "intervals": [],
             "end": {}, "error": "unable to connect to server: Connection refused"}"#;
         assert_eq!(
-            parse_iperf3(j),
-            Err("iperf3: unable to connect to server: Connection refused".to_owned())
+            parse_iperf3(j).unwrap_err().to_string(),
+            "iperf3: unable to connect to server: Connection refused"
         );
-        assert!(parse_iperf3("").is_err());
-        assert!(parse_iperf3(r#"{"end": {}}"#).is_err());
+        assert!(matches!(parse_iperf3(""), Err(Iperf3Error::NotJson(_))));
+        assert!(matches!(
+            parse_iperf3(r#"{"end": {}}"#),
+            Err(Iperf3Error::NoRate)
+        ));
     }
 
     #[test]

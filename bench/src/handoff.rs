@@ -19,12 +19,10 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    process::ExitStatus,
+    time::{Duration, Instant},
 };
 
 use clap::Args;
@@ -32,8 +30,17 @@ use ferry_config::{HoldLimits, HoldMode};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 use serde_json::Value;
 
-use super::{BenchError, Progress};
-use crate::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
+use crate::{
+    BenchError, Progress, print_report,
+    stats::median,
+    workload::{Stream, Workload, WorkloadError},
+};
+use ferry_lab::{
+    Lab, LabError, LabOptions,
+    bins::find_binary,
+    clock::{ms, unix_ms, wait_until},
+    leftovers,
+};
 
 /// The moving container.
 pub const CONTAINER: &str = "10.244.1.10";
@@ -52,6 +59,47 @@ const WARM_UP: Duration = Duration::from_millis(500);
 /// How long the client runs on after a release (plus the network-frozen window: in drop mode
 /// the next retransmission can come that much later).
 const SETTLE: Duration = Duration::from_millis(1000);
+/// How long a previous move's copy of the container may linger on the destination.
+const GONE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a mode's set-up or a move failed (reported in the mode's summary).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error("ferry {args}: {source}")]
+    Ferry { args: String, source: Box<LabError> },
+    #[error("container on {host}: {source}")]
+    Container {
+        host: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("{what}: {source}")]
+    Lab {
+        what: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("{what}: {got}")]
+    Unexpected { what: &'static str, got: Value },
+    #[error("{host} still has {netns} after {timeout:?}", netns = .netns.display())]
+    NotGone {
+        host: String,
+        netns: PathBuf,
+        timeout: Duration,
+    },
+    #[error("metrics of {host}: {source}")]
+    MetricsExec { host: String, source: Box<LabError> },
+    #[error("metrics of {host}: curl {status}")]
+    Metrics { host: String, status: ExitStatus },
+    #[error("the source server exited non-zero after {exported}")]
+    SourceFailed { exported: Value },
+    #[error("client: {alive} of {connections} connections alive, {errors} errors/closed")]
+    ClientLost {
+        alive: u64,
+        connections: u64,
+        errors: u64,
+    },
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct HandoffArgs {
@@ -214,21 +262,6 @@ impl FreezeSummary {
     }
 }
 
-/// Median (the mean of the middle two for an even count); `None` for no values.
-pub fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 /// Freeze value → summary, serialised as a JSON object in the order of `--freezes`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ByFreeze(pub Vec<(u64, FreezeSummary)>);
@@ -334,129 +367,6 @@ impl Report {
     }
 }
 
-/// Milliseconds since the epoch, as a float.
-fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// A `ferry-workload` process this bench started inside a namespace: its stdout and stderr
-/// lines arrive on channels; SIGKILLed (by its PID, which cannot be recycled before we reap
-/// it) and reaped when dropped.
-struct Workload {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-    name: String,
-}
-
-impl Workload {
-    fn start(bin: &Path, ns: &Path, args: &[&str]) -> Result<Self, String> {
-        let name = format!("ferry-workload {}", args.first().unwrap_or(&""));
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ferry_overlay::netns::command_in(&mut cmd, ns).map_err(|e| format!("{name}: {e}"))?;
-        let mut child = cmd.spawn().map_err(|e| format!("spawning {name}: {e}"))?;
-        fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            rx
-        }
-        let out = child.stdout.take().map(lines);
-        let err = child.stderr.take().map(lines);
-        let (Some(out), Some(err)) = (out, err) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{name}: no pipes"));
-        };
-        Ok(Self {
-            stdin: child.stdin.take(),
-            child,
-            out,
-            err,
-            name,
-        })
-    }
-
-    /// The next JSON line on stdout (`err`: stderr); other lines are passed on to our stderr.
-    fn next_json(&self, stderr: bool, timeout: Duration) -> Result<Value, String> {
-        let rx = if stderr { &self.err } else { &self.out };
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .map_err(|e| format!("{}: no JSON line within {timeout:?} ({e})", self.name))?;
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                return Ok(v);
-            }
-            eprintln!("  {}: {line}", self.name);
-        }
-    }
-
-    fn say(&mut self, line: &str) -> Result<(), String> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| format!("{}: no stdin", self.name))?;
-        writeln!(stdin, "{line}")
-            .and_then(|()| stdin.flush())
-            .map_err(|e| format!("{}: writing {line:?}: {e}", self.name))
-    }
-
-    fn signal(&self, sig: i32) -> Result<(), String> {
-        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
-        match PidFd::open(pid, None) {
-            Ok(Some(fd)) => fd.signal(sig).map_err(|e| format!("{}: {e}", self.name)),
-            Ok(None) => Ok(()),
-            Err(e) => Err(format!("{}: {e}", self.name)),
-        }
-    }
-
-    /// Waits for the process to exit; true if it exited 0.
-    fn wait(&mut self, timeout: Duration) -> Result<bool, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => return Ok(s.success()),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(None) => return Err(format!("{} did not exit within {timeout:?}", self.name)),
-                Err(e) => return Err(format!("{}: {e}", self.name)),
-            }
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// TCP segments dropped by the stack in `ns` (absolute counters of a namespace made for this
 /// move), summed over the kinds of drop a burst can cause.
 fn stack_drops(lab: &Lab, ns: &Path) -> u64 {
@@ -491,12 +401,18 @@ fn u(v: &Value, k: &str) -> u64 {
 }
 
 /// `ferry_hold_packets_total{event}` of a host's agent, by event.
-fn hold_counters(lab: &Lab, host: &str) -> Result<Vec<(String, u64)>, String> {
+fn hold_counters(lab: &Lab, host: &str) -> Result<Vec<(String, u64)>, HandoffError> {
     let out = lab
         .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-        .map_err(|e| format!("metrics of {host}: {e}"))?;
+        .map_err(|source| HandoffError::MetricsExec {
+            host: host.to_owned(),
+            source: Box::new(source),
+        })?;
     if !out.status.success() {
-        return Err(format!("metrics of {host}: curl {}", out.status));
+        return Err(HandoffError::Metrics {
+            host: host.to_owned(),
+            status: out.status,
+        });
     }
     Ok(parse_hold_counters(&String::from_utf8_lossy(&out.stdout)))
 }
@@ -534,10 +450,13 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn step(&self, args: &[&str]) -> Result<Value, String> {
+    fn step(&self, args: &[&str]) -> Result<Value, HandoffError> {
         self.lab
             .ferry_json(args)
-            .map_err(|e| format!("ferry {}: {e}", args.join(" ")))
+            .map_err(|source| HandoffError::Ferry {
+                args: args.join(" "),
+                source: Box::new(source),
+            })
     }
 
     fn c(&self) -> Ipv4Addr {
@@ -561,24 +480,29 @@ impl Ctx<'_> {
         v
     }
 
-    fn start_server(&self, cmd: &'static str, host: &str) -> Result<Workload, String> {
+    fn start_server(&self, cmd: &'static str, host: &str) -> Result<Workload, WorkloadError> {
         let args = self.serve_args(cmd, host);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Workload::start(&self.bin, &self.lab.container_netns(host, self.c()), &args)
+        Workload::start(
+            &self.bin,
+            &self.lab.container_netns(host, self.c()),
+            &args,
+            true,
+        )
     }
 
     /// Waits until `host` has no copy of the container (a previous migration's forwarding
     /// grace is over there).
-    fn wait_gone(&self, host: &str) -> Result<(), String> {
-        let ns = self.lab.container_netns(host, self.c());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while ns.exists() {
-            if Instant::now() > deadline {
-                return Err(format!("{host} still has {} after 15 s", ns.display()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+    fn wait_gone(&self, host: &str) -> Result<(), HandoffError> {
+        let netns = self.lab.container_netns(host, self.c());
+        let gone = wait_until(GONE_TIMEOUT, Duration::from_millis(50), || {
+            Ok::<_, HandoffError>((!netns.exists()).then_some(()))
+        })?;
+        gone.ok_or_else(|| HandoffError::NotGone {
+            host: host.to_owned(),
+            netns,
+            timeout: GONE_TIMEOUT,
+        })
     }
 
     /// One move of the server from `from` to `to`. `server` is the running server on `from`;
@@ -589,7 +513,7 @@ impl Ctx<'_> {
         from: &str,
         to: &str,
         extra: Duration,
-    ) -> Result<(MoveSample, Workload), String> {
+    ) -> Result<(MoveSample, Workload), HandoffError> {
         let p = self.p;
         let name = self.mode.name();
         self.wait_gone(to)?;
@@ -612,17 +536,21 @@ impl Ctx<'_> {
                 &payload,
                 "--json",
             ],
+            false,
         )?;
-        let connected = client.next_json(true, Duration::from_secs(15))?;
+        let connected = client.next_json(Stream::Stderr, Duration::from_secs(15))?;
         if u(&connected, "connections") != self.args.connections {
-            return Err(format!("client: {connected}"));
+            return Err(HandoffError::Unexpected {
+                what: "client",
+                got: connected,
+            });
         }
         std::thread::sleep(WARM_UP);
         let before = hold_counters(self.lab, to)?;
 
         // Until the export succeeded the server is still on `from`: a failure aborts the
         // migration (the server serves on there).
-        let mut before_export = || -> Result<_, String> {
+        let mut before_export = || -> Result<_, HandoffError> {
             self.step(&["migrate", "prepare", "--container", CONTAINER, "--to", to])?;
             let t_freeze_call = Instant::now();
             let freeze_call_unix = unix_ms();
@@ -630,9 +558,12 @@ impl Ctx<'_> {
             let t_frozen = Instant::now();
             std::thread::sleep(extra);
             server.say(&format!("export {to}"))?;
-            let exported = server.next_json(false, Duration::from_secs(30))?;
+            let exported = server.next_json(Stream::Stdout, Duration::from_secs(30))?;
             if exported["ok"] != true {
-                return Err(format!("export: {exported}"));
+                return Err(HandoffError::Unexpected {
+                    what: "export",
+                    got: exported,
+                });
             }
             Ok((t_freeze_call, freeze_call_unix, t_frozen, exported))
         };
@@ -643,27 +574,31 @@ impl Ctx<'_> {
                 }
             })?;
         if !server.wait(Duration::from_secs(5))? {
-            return Err(format!(
-                "the source server exited non-zero after {exported}"
-            ));
+            return Err(HandoffError::SourceFailed { exported });
         }
         let dest = self.start_server("claim", to)?;
-        let claimed = dest.next_json(false, Duration::from_secs(15))?;
+        let claimed = dest.next_json(Stream::Stdout, Duration::from_secs(15))?;
         if claimed["ok"] != true {
-            return Err(format!("claim: {claimed}"));
+            return Err(HandoffError::Unexpected {
+                what: "claim",
+                got: claimed,
+            });
         }
         let t_release_call = Instant::now();
         self.step(&["migrate", "release", "--container", CONTAINER])?;
         let t_released = Instant::now();
         let released_unix = unix_ms();
-        let listening = dest.next_json(false, Duration::from_secs(5))?;
+        let listening = dest.next_json(Stream::Stdout, Duration::from_secs(5))?;
         if listening["event"] != "listening" {
-            return Err(format!("claimed server: {listening}"));
+            return Err(HandoffError::Unexpected {
+                what: "claimed server",
+                got: listening,
+            });
         }
         let frozen = t_released - t_frozen;
         std::thread::sleep(SETTLE + frozen);
         client.signal(libc::SIGTERM)?;
-        let summary = client.next_json(false, Duration::from_secs(20))?;
+        let summary = client.next_json(Stream::Stdout, Duration::from_secs(20))?;
         let after = hold_counters(self.lab, to)?;
         let server_stack_drops = stack_drops(self.lab, &self.lab.container_netns(to, self.c()));
 
@@ -724,11 +659,11 @@ impl Ctx<'_> {
         ));
         let errors = u(&summary, "errors") + u(&summary, "closed_by_server");
         if errors > 0 || u(&summary, "alive") != self.args.connections {
-            return Err(format!(
-                "client: {} of {} connections alive, {errors} errors/closed",
-                u(&summary, "alive"),
-                self.args.connections
-            ));
+            return Err(HandoffError::ClientLost {
+                alive: u(&summary, "alive"),
+                connections: self.args.connections,
+                errors,
+            });
         }
         Ok((sample, dest))
     }
@@ -762,9 +697,12 @@ fn run_mode(p: &Progress, args: &HandoffArgs, mode: Mode, bin: &Path, code: &mut
         args,
         mode,
     };
-    let set_up = || -> Result<Workload, String> {
+    let set_up = || -> Result<Workload, HandoffError> {
         lab.add_container(HOST_A, ctx.c())
-            .map_err(|e| format!("container on {HOST_A}: {e}"))?;
+            .map_err(|source| HandoffError::Container {
+                host: HOST_A,
+                source: Box::new(source),
+            })?;
         ctx.step(&[
             "public",
             "add",
@@ -773,11 +711,17 @@ fn run_mode(p: &Progress, args: &HandoffArgs, mode: Mode, bin: &Path, code: &mut
             "--container",
             CONTAINER,
         ])?;
-        lab.sync().map_err(|e| format!("sync: {e}"))?;
+        lab.sync().map_err(|source| HandoffError::Lab {
+            what: "sync",
+            source: Box::new(source),
+        })?;
         let server = ctx.start_server("serve", HOST_A)?;
-        let ev = server.next_json(false, Duration::from_secs(5))?;
+        let ev = server.next_json(Stream::Stdout, Duration::from_secs(5))?;
         if ev["event"] != "listening" {
-            return Err(format!("server: {ev}"));
+            return Err(HandoffError::Unexpected {
+                what: "server",
+                got: ev,
+            });
         }
         Ok(server)
     };
@@ -884,13 +828,7 @@ pub fn run(args: &HandoffArgs) -> Result<i32, BenchError> {
     if !report.ok() {
         code = 1;
     }
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| BenchError::failed(format!("serialising the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(args.json, &report, || report.table())?;
     for (mode, freeze, error) in report.errors() {
         p.say(format!("{mode} {freeze} ms failed: {error}"));
     }
@@ -903,9 +841,6 @@ mod tests {
 
     #[test]
     fn medians_and_summaries() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0]), Some(3.0));
-        assert_eq!(median(&[4.0, 2.0]), Some(3.0));
         let m = |gap, frozen, held| MoveSample {
             gap_ms: gap,
             frozen_ms: frozen,

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use ferry_api::run::{PHASES, RunReport, RunState};
 
+use crate::stats::median;
+
 /// Bytes for people: `812 B`, `3.4 KiB`, `5.2 MiB`, `1.1 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
@@ -96,20 +98,6 @@ pub fn timeline(runs: &[RunReport], t0_unix_ms: f64) -> String {
     o
 }
 
-/// The median (the mean of the two middle values for an even count); `None` if empty.
-fn median(v: &mut [f64]) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 /// A markdown table of each phase's duration over `runs` (p50 and max, in [`PHASES`] order,
 /// then any other phase), with the runs' totals and, when known, CRIU's frozen time.
 pub fn phase_table(runs: &[RunReport]) -> String {
@@ -143,9 +131,9 @@ pub fn phase_table(runs: &[RunReport]) -> String {
         rows.push(("CRIU frozen".into(), frozen));
     }
     let mut o = String::from("| phase | p50 ms | max ms |\n|---|---:|---:|\n");
-    for (name, mut v) in rows {
+    for (name, v) in rows {
         let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let p50 = median(&mut v).unwrap_or_default();
+        let p50 = median(&v).unwrap_or_default();
         let _ = writeln!(o, "| {name} | {p50:.1} | {max:.1} |");
     }
     o
@@ -273,10 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn medians_and_bytes() {
-        assert_eq!(median(&mut []), None);
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    fn human_bytes_are_readable() {
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");

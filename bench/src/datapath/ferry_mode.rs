@@ -11,7 +11,7 @@ use std::{
 use ferry_overlay::netns::run_in;
 
 use super::{BenchError, Endpoint, HOST_A, HOST_B, Pair};
-use crate::Lab;
+use ferry_lab::Lab;
 
 /// Name of the agent-less host that holds the filler endpoints.
 const PHANTOM: &str = "bench-phantom";

@@ -29,12 +29,10 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader, Read as _},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    process::ExitStatus,
+    time::{Duration, Instant},
 };
 
 use clap::Args;
@@ -42,12 +40,15 @@ use ferry_api::run::{RunReport, RunState};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
+use crate::{
     BenchError, Progress,
     handoff::{PAYLOAD_BYTES, request_bytes},
-    report::ratio,
+    print_report,
+    samples::{Sample, SamplesError, read_samples},
+    stats::{median, percentile_of, ratio},
+    workload::{Workload, WorkloadError},
 };
-use crate::{Lab, LabOptions, bins::find_binary, leftovers, procs::PidFd};
+use ferry_lab::{Lab, LabError, LabOptions, bins::find_binary, leftovers};
 
 /// The migrating container.
 pub const CONTAINER: &str = "10.244.1.10";
@@ -65,6 +66,38 @@ const WARM_UP: Duration = Duration::from_millis(500);
 const SETTLE: Duration = Duration::from_millis(1000);
 /// A mode gives up after this many failed migrations in a row.
 pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+
+/// Why a mode's set-up, a migration or the client failed (reported in the mode's summary).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Samples(#[from] SamplesError),
+    #[error("{what}: {source}")]
+    Lab {
+        what: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("container on {host}: {source}")]
+    Container {
+        host: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("{command}: {source}")]
+    Ferry {
+        command: String,
+        source: Box<LabError>,
+    },
+    #[error("{command}: {status} without a run report ({source}): {stdout} {stderr}")]
+    NoReport {
+        command: String,
+        status: ExitStatus,
+        stdout: String,
+        stderr: String,
+        source: serde_json::Error,
+    },
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
@@ -118,51 +151,10 @@ impl Mode {
 // ---------------------------------------------------------------------------------------------
 // Pure part: samples, gaps, percentiles, summaries (unit-tested below).
 
-/// One line of the client's `--samples` CSV.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClientSample {
-    /// When the request was sent (Unix ms).
-    pub unix_ms: f64,
-    pub conn: u32,
-    pub seq: u64,
-    /// `None`: never answered (or answered wrongly).
-    pub latency_ms: Option<f64>,
-}
-
-/// Parses `unix_ms,conn,seq,latency_ms` lines (a header and blank lines are skipped); an
-/// error names the first bad line.
-pub fn parse_samples(text: &str) -> Result<Vec<ClientSample>, String> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with("unix_ms") {
-            continue;
-        }
-        let bad = || format!("samples line {}: {line:?}", i + 1);
-        let mut f = line.split(',');
-        let (Some(t), Some(c), Some(s), Some(l), None) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            return Err(bad());
-        };
-        out.push(ClientSample {
-            unix_ms: t.parse().map_err(|_| bad())?,
-            conn: c.parse().map_err(|_| bad())?,
-            seq: s.parse().map_err(|_| bad())?,
-            latency_ms: if l.is_empty() {
-                None
-            } else {
-                Some(l.parse().map_err(|_| bad())?)
-            },
-        });
-    }
-    Ok(out)
-}
-
 /// Reply arrival times (sent + latency), per connection, sorted. `end_unix_ms`: when the
 /// client stopped; a connection with requests still unanswered after its last reply gets it
 /// as a last "arrival" (it was silent until then at least).
-pub fn arrivals(samples: &[ClientSample], end_unix_ms: Option<f64>) -> Vec<Vec<f64>> {
+pub fn arrivals(samples: &[Sample], end_unix_ms: Option<f64>) -> Vec<Vec<f64>> {
     let n = samples
         .iter()
         .map(|s| s.conn as usize + 1)
@@ -220,23 +212,6 @@ pub fn gap_in_window(arrivals: &[Vec<f64>], from: f64, to: f64) -> Option<Gap> {
     best
 }
 
-/// Median (the mean of the middle two for an even count); `None` for no values.
-pub fn p50(v: &[f64]) -> Option<f64> {
-    super::report::median(v)
-}
-
-/// Percentile `p` (0–100), nearest rank (always one of the values); `None` for no values.
-pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let rank = ((p.clamp(0.0, 100.0) / 100.0) * n as f64 - 1e-9).ceil() as usize;
-    Some(v[rank.clamp(1, n) - 1])
-}
-
 fn max(v: &[f64]) -> Option<f64> {
     v.iter().copied().reduce(f64::max)
 }
@@ -279,7 +254,7 @@ impl PhaseMs {
     /// p50 of each phase over `runs` (over those that have it).
     pub fn p50(runs: &[&PhaseMs]) -> Self {
         let m = |f: fn(&PhaseMs) -> Option<f64>| {
-            p50(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+            median(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
         };
         Self {
             prepare: m(|r| r.prepare),
@@ -331,11 +306,7 @@ impl Migration {
     }
 
     /// Fills in a migration from its run report and the client's arrivals.
-    pub fn from_report(
-        r: &RunReport,
-        arrivals: &[Vec<f64>],
-        samples: &[ClientSample],
-    ) -> Migration {
+    pub fn from_report(r: &RunReport, arrivals: &[Vec<f64>], samples: &[Sample]) -> Migration {
         let (from, to) = (r.started_unix_ms, r.started_unix_ms + r.total_ms);
         let gap = gap_in_window(arrivals, from, to);
         let released = r.state == RunState::Released;
@@ -466,15 +437,15 @@ impl ModeSummary {
         let max_seq = c.requests / connections.max(1) + 1;
         Self {
             lock: mode.lock(),
-            gap_ms_p50: p50(&gaps),
-            gap_ms_p99: percentile(&gaps, 99.0),
+            gap_ms_p50: median(&gaps),
+            gap_ms_p99: percentile_of(&gaps, 99.0),
             gap_ms_max: max(&gaps),
-            frozen_ms_p50: p50(&vals(|m| m.frozen_ms)),
-            stopped_ms_p50: p50(&vals(|m| m.stopped_ms)),
-            stall_overhead_ms_p50: p50(&overheads),
-            stall_overhead_ms_p99: percentile(&overheads, 99.0),
-            total_ms_p50: p50(&vals(|m| m.total_ms)),
-            image_bytes_p50: p50(&vals(|m| m.image_bytes.map(|b| b as f64))),
+            frozen_ms_p50: median(&vals(|m| m.frozen_ms)),
+            stopped_ms_p50: median(&vals(|m| m.stopped_ms)),
+            stall_overhead_ms_p50: median(&overheads),
+            stall_overhead_ms_p99: percentile_of(&overheads, 99.0),
+            total_ms_p50: median(&vals(|m| m.total_ms)),
+            image_bytes_p50: median(&vals(|m| m.image_bytes.map(|b| b as f64))),
             phase_ms_p50: PhaseMs::p50(&phases),
             resets: c.resets,
             client_retransmits: c.retransmits,
@@ -652,151 +623,28 @@ impl Report {
 // ---------------------------------------------------------------------------------------------
 // The run.
 
-fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-/// The `ferry-workload client` this bench started in the `inet` namespace: stderr lines on a
-/// channel, stdout collected; SIGKILLed (by its PID, not recycled before we reap it) and
-/// reaped when dropped.
-struct Client {
-    child: Child,
-    err: mpsc::Receiver<String>,
-    out: mpsc::Receiver<String>,
-}
-
-impl Client {
-    fn start(bin: &Path, ns: &Path, args: &[String]) -> Result<Self, String> {
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ferry_overlay::netns::command_in(&mut cmd, ns).map_err(|e| format!("client: {e}"))?;
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("spawning the client: {e}"))?;
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("client: no pipes".into());
-        };
-        let (etx, err) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if etx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (otx, out) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = BufReader::new(stdout).read_to_string(&mut s);
-            let _ = otx.send(s);
-        });
-        Ok(Self { child, err, out })
-    }
-
-    /// Waits for `{"event":"connected",..}` on stderr; an error if the client exits first.
-    fn connected(&mut self, timeout: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + timeout;
-        let mut said = Vec::new();
-        loop {
-            match self.err.recv_timeout(Duration::from_millis(20)) {
-                Ok(line) => match serde_json::from_str::<Value>(&line) {
-                    Ok(v) if v["event"] == "connected" => return Ok(v),
-                    // The first line says why; the usage text that follows does not.
-                    _ if said.is_empty() => said.push(line),
-                    _ => {}
-                },
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.child.wait();
-                    return Err(format!("client exited: {}", said.join(" | ")));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "client not connected within {timeout:?}: {}",
-                    said.join(" | ")
-                ));
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) -> Result<(), String> {
-        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
-        match PidFd::open(pid, None) {
-            Ok(Some(fd)) => fd.signal(sig).map_err(|e| format!("client: {e}")),
-            Ok(None) => Ok(()),
-            Err(e) => Err(format!("client: {e}")),
-        }
-    }
-
-    /// SIGTERM, then the summary (the client drains owed replies for up to 3 s first) and
-    /// when it ended (Unix ms).
-    fn stop(mut self, timeout: Duration) -> Result<(Value, f64), String> {
-        self.signal(libc::SIGTERM)?;
-        let text = self
-            .out
-            .recv_timeout(timeout)
-            .map_err(|e| format!("client: no summary within {timeout:?} ({e})"))?;
-        let ended = unix_ms();
-        let _ = self.child.wait();
-        for line in self.err.try_iter() {
-            eprintln!("  client: {line}");
-        }
-        text.lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-            .map(|v| (v, ended))
-            .ok_or_else(|| format!("client: no JSON summary in {text:?}"))
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 fn other(host: &str) -> &'static str {
     if host == HOST_A { HOST_B } else { HOST_A }
 }
 
-/// One `ferry migrate run`: the report (also of a failed run: the CLI exits non-zero but
-/// still prints it), or why there is none.
-fn migrate_run(lab: &Lab, to: &str, lock: &str) -> Result<RunReport, String> {
-    let args = [
-        "--json",
-        "migrate",
-        "run",
-        "--quiet",
-        "--container",
-        CONTAINER,
-        "--to",
-        to,
-        "--lock",
-        lock,
-    ];
-    let shown = format!("ferry {}", args[1..].join(" "));
-    let out = lab.ferry(&args).map_err(|e| format!("{shown}: {e}"))?;
+/// One `ferry --json migrate run ARGS..`: the report (also of a failed run: the CLI exits
+/// non-zero but still prints it), or why there is none.
+pub fn migrate_run(lab: &Lab, args: &[&str]) -> Result<RunReport, MigrateError> {
+    let mut all = vec!["--json", "migrate", "run"];
+    all.extend_from_slice(args);
+    let command = format!("ferry {}", all[1..].join(" "));
+    let out = lab.ferry(&all).map_err(|source| MigrateError::Ferry {
+        command: command.clone(),
+        source: Box::new(source),
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    match serde_json::from_str::<RunReport>(stdout.trim()) {
-        Ok(r) => Ok(r),
-        Err(e) => Err(format!(
-            "{shown}: {} without a run report ({e}): {} {}",
-            out.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-    }
+    serde_json::from_str::<RunReport>(stdout.trim()).map_err(|source| MigrateError::NoReport {
+        command,
+        status: out.status,
+        stdout: stdout.trim().to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        source,
+    })
 }
 
 /// A mode's lab, server and client, and its migrations.
@@ -826,7 +674,7 @@ fn run_mode(
     let prefix = lab.prefix().to_owned();
     let summary = match measure_mode(p, args, mode, bin, &lab) {
         Ok(s) => s,
-        Err(e) => fail(e),
+        Err(e) => fail(e.to_string()),
     };
     if summary.bad() {
         *code = 1;
@@ -850,11 +698,14 @@ fn measure_mode(
     mode: Mode,
     bin: &Path,
     lab: &Lab,
-) -> Result<ModeSummary, String> {
+) -> Result<ModeSummary, MigrateError> {
     let name = mode.key();
     let c: Ipv4Addr = CONTAINER.parse().expect("valid address");
     lab.add_container(HOST_A, c)
-        .map_err(|e| format!("container on {HOST_A}: {e}"))?;
+        .map_err(|source| MigrateError::Container {
+            host: HOST_A,
+            source: Box::new(source),
+        })?;
     lab.ferry_json(&[
         "public",
         "add",
@@ -863,13 +714,22 @@ fn measure_mode(
         "--container",
         CONTAINER,
     ])
-    .map_err(|e| format!("public add: {e}"))?;
-    lab.sync().map_err(|e| format!("sync: {e}"))?;
+    .map_err(|source| MigrateError::Lab {
+        what: "public add",
+        source: Box::new(source),
+    })?;
+    lab.sync().map_err(|source| MigrateError::Lab {
+        what: "sync",
+        source: Box::new(source),
+    })?;
     let bin_s = bin.to_string_lossy().into_owned();
     let port = PORT.to_string();
     let proc_ = lab
         .start_process(c, &[&bin_s, "serve", "--port", &port])
-        .map_err(|e| format!("starting the server: {e}"))?;
+        .map_err(|source| MigrateError::Lab {
+            what: "starting the server",
+            source: Box::new(source),
+        })?;
     p.say(format!(
         "{name}: lab {} up; {CONTAINER} on {HOST_A} as {PUBLIC}, server PID {}",
         lab.prefix(),
@@ -878,28 +738,29 @@ fn measure_mode(
 
     // The client, for the whole mode (retried while the server opens its socket).
     let samples_path: PathBuf = lab.state_dir().join(format!("bench-migrate-{name}.csv"));
-    let client_args: Vec<String> = [
+    let samples_arg = samples_path.to_string_lossy();
+    let (to, connections) = (format!("{PUBLIC}:{PORT}"), args.connections.to_string());
+    let (interval, payload) = (args.interval_ms.to_string(), PAYLOAD_BYTES.to_string());
+    let client_args = [
         "client",
         "--to",
-        &format!("{PUBLIC}:{PORT}"),
+        &to,
         "--connections",
-        &args.connections.to_string(),
+        &connections,
         "--interval-ms",
-        &args.interval_ms.to_string(),
+        &interval,
         "--payload-bytes",
-        &PAYLOAD_BYTES.to_string(),
+        &payload,
         "--samples",
-        &samples_path.to_string_lossy(),
+        &samples_arg,
         "--json",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    ];
     let inet = lab.netns("inet");
     let mut tries = 0;
     let client = loop {
         tries += 1;
-        let mut client = Client::start(bin, &inet, &client_args)?;
-        match client.connected(Duration::from_secs(10)) {
+        let mut client = Workload::start(bin, &inet, &client_args, false)?;
+        match client.event("connected", Duration::from_secs(10)) {
             Ok(_) => break client,
             Err(e) if tries < 30 => {
                 if tries % 10 == 1 {
@@ -908,7 +769,7 @@ fn measure_mode(
                 drop(client);
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
     p.say(format!(
@@ -928,7 +789,16 @@ fn measure_mode(
         }
         let to = other(&here);
         let t = Instant::now();
-        match migrate_run(lab, to, mode.lock()) {
+        let run_args = [
+            "--quiet",
+            "--container",
+            CONTAINER,
+            "--to",
+            to,
+            "--lock",
+            mode.lock(),
+        ];
+        match migrate_run(lab, &run_args) {
             Ok(r) => {
                 p.say(format!(
                     "{name}: {}/{}: {}->{}: {} in {:.1} ms (stopped {:.1} ms, criu frozen {}, \
@@ -972,7 +842,7 @@ fn measure_mode(
                     t.elapsed().as_secs_f64() * 1e3
                 ));
                 failures_in_a_row += 1;
-                reports.push(Err((here.clone(), to.to_owned(), e)));
+                reports.push(Err((here.clone(), to.to_owned(), e.to_string())));
                 if let Ok(h) = lab.endpoint_host(c) {
                     here = h;
                 }
@@ -988,11 +858,9 @@ fn measure_mode(
 
     std::thread::sleep(SETTLE);
     p.say(format!("{name}: stopping the client"));
-    let (summary, ended) = client.stop(Duration::from_secs(20))?;
+    let (summary, ended) = client.finish(Duration::from_secs(20))?;
     let figures = ClientFigures::from_summary(&summary);
-    let text = std::fs::read_to_string(&samples_path)
-        .map_err(|e| format!("reading {}: {e}", samples_path.display()))?;
-    let samples = parse_samples(&text)?;
+    let samples = read_samples(&samples_path)?;
     let arr = arrivals(&samples, Some(ended));
     let mut per_migration: Vec<Migration> = reports
         .iter()
@@ -1069,13 +937,7 @@ pub fn run(args: &MigrateArgs) -> Result<i32, BenchError> {
     let ferry = run_mode(&p, args, Mode::Hold, &bin, &mut code);
     let criu_lock = run_mode(&p, args, Mode::CriuLock, &bin, &mut code);
     let report = Report::build(args, ferry, criu_lock);
-    if args.json {
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| BenchError::failed(format!("serialising the report: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", report.table());
-    }
+    print_report(args.json, &report, || report.table())?;
     for (name, m) in report.modes() {
         if let Some(e) = &m.error {
             p.say(format!("{name} failed: {e}"));
@@ -1091,7 +953,7 @@ mod tests {
 
     /// Samples of one connection answering every `every` ms with latency 1 ms, from `t0` to
     /// `t1`, except requests sent in `[s0, s1)`, answered only at `s1` (a stall).
-    fn conn(conn: u32, t0: f64, t1: f64, every: f64, stall: (f64, f64)) -> Vec<ClientSample> {
+    fn conn(conn: u32, t0: f64, t1: f64, every: f64, stall: (f64, f64)) -> Vec<Sample> {
         let mut v = Vec::new();
         let mut t = t0;
         let mut seq = 0;
@@ -1101,7 +963,7 @@ mod tests {
             } else {
                 1.0
             };
-            v.push(ClientSample {
+            v.push(Sample {
                 unix_ms: t,
                 conn,
                 seq,
@@ -1142,17 +1004,6 @@ mod tests {
     }
 
     #[test]
-    fn samples_parse_with_empty_latency() {
-        let text = "unix_ms,conn,seq,latency_ms\n1000.500,0,1,0.250\n1005.000,1,2,\n\n";
-        let s = parse_samples(text).unwrap();
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].latency_ms, Some(0.25));
-        assert_eq!((s[1].conn, s[1].seq, s[1].latency_ms), (1, 2, None));
-        assert!(parse_samples("1,2\n").is_err());
-        assert!(parse_samples("x,0,1,2\n").is_err());
-    }
-
-    #[test]
     fn the_gap_is_the_worst_connections_longest_silence_overlapping_the_window() {
         // Two connections, replies every 5 ms; conn 0 stalls 100 ms, conn 1 stalls 150 ms
         // (from 1200 to 1350). A third, earlier stall of conn 1 (outside the window) is longer.
@@ -1183,7 +1034,7 @@ mod tests {
     #[test]
     fn an_unanswered_tail_stays_silent_until_the_client_ends() {
         let mut s = conn(0, 1000.0, 1100.0, 5.0, (0.0, 0.0));
-        s.push(ClientSample {
+        s.push(Sample {
             unix_ms: 1100.0,
             conn: 0,
             seq: 99,
@@ -1218,17 +1069,10 @@ mod tests {
 
     #[test]
     fn percentiles_and_summaries() {
-        assert_eq!(percentile(&[], 99.0), None);
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 99.0), Some(99.0));
-        assert_eq!(percentile(&v, 50.0), Some(50.0));
-        assert_eq!(percentile(&[3.0, 1.0, 2.0], 99.0), Some(3.0));
-        assert_eq!(p50(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-
         // Two migrations with a 100 ms stall each at different places, one rolled back.
         let mut s = conn(0, 1000.0, 3000.0, 5.0, (1200.0, 1300.0));
         s.extend(conn(1, 1000.0, 3000.0, 5.0, (2200.0, 2260.0)));
-        s.push(ClientSample {
+        s.push(Sample {
             unix_ms: 2990.0,
             conn: 1,
             seq: 1000,

@@ -6,11 +6,8 @@
 //! ([`super::timeline`]).
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -21,7 +18,16 @@ use super::{
     containers::{PORT, WEB, WEB_HOST, WEB_PUBLIC},
     plot, step, timeline,
 };
-use crate::{Lab, bins::find_binary, procs::PidFd};
+use crate::{
+    migrate::{MigrateError, migrate_run},
+    samples::{Sample, client_gap_ms, read_samples},
+    workload::{Stream, Workload, WorkloadError},
+};
+use ferry_lab::{
+    Lab, LabError,
+    bins::find_binary,
+    clock::{ms, wait_until},
+};
 
 /// Client connections and the interval between requests on each.
 pub const CONNECTIONS: usize = 4;
@@ -31,6 +37,28 @@ pub const AWAY: &str = "b1";
 const WARM_UP: Duration = Duration::from_millis(700);
 const BETWEEN: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_millis(700);
+
+/// Why the live migration could not be shown to its end (reported in the demo's report).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Run(#[from] MigrateError),
+    #[error("{what}: {source}")]
+    Lab {
+        what: &'static str,
+        source: Box<LabError>,
+    },
+    #[error("nothing listens on :{port} in {netns} after {timeout:?}", netns = .netns.display())]
+    NotListening {
+        port: u16,
+        netns: PathBuf,
+        timeout: Duration,
+    },
+    #[error("run {run} did not release: {why}")]
+    NotReleased { run: usize, why: String },
+}
 
 /// What the live migration showed.
 #[derive(Debug, serde::Serialize)]
@@ -93,133 +121,30 @@ pub fn client_passed(summary: &Value) -> bool {
         && n("alive") == n("connections")
 }
 
-/// `ferry-workload client` in the inet namespace: stdout/stderr lines on channels; killed (by
-/// its own PID, reaped here) if still running when dropped.
-struct Client {
-    child: Child,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-}
-
-impl Client {
-    fn start(bin: &Path, ns: &Path, args: &[&str]) -> Result<Self, String> {
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ferry_overlay::netns::command_in(&mut cmd, ns).map_err(|e| format!("client: {e}"))?;
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("spawning the client: {e}"))?;
-        fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            rx
-        }
-        let (Some(out), Some(err)) = (
-            child.stdout.take().map(lines),
-            child.stderr.take().map(lines),
-        ) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("client: no pipes".into());
-        };
-        Ok(Self { child, out, err })
-    }
-
-    /// The next JSON line on stdout (`stderr`: on stderr); other lines are passed on.
-    fn next_json(&self, stderr: bool, timeout: Duration) -> Result<Value, String> {
-        let rx = if stderr { &self.err } else { &self.out };
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .map_err(|e| format!("client: no JSON line within {timeout:?} ({e})"))?;
-            match serde_json::from_str::<Value>(&line) {
-                Ok(v) => return Ok(v),
-                Err(_) => eprintln!("  client: {line}"),
-            }
-        }
-    }
-
-    fn terminate(&self) -> Result<(), String> {
-        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
-        match PidFd::open(pid, None) {
-            Ok(Some(fd)) => fd.signal(libc::SIGTERM).map_err(|e| format!("client: {e}")),
-            Ok(None) => Ok(()),
-            Err(e) => Err(format!("client: {e}")),
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// `ferry --json migrate run --container web --to HOST`: the run's report, also when the run
-/// failed (the CLI then exits non-zero with the report on stdout).
-fn migrate_run(lab: &Lab, json: bool, to: &str) -> Result<RunReport, String> {
-    let c = WEB.to_string();
-    let args = ["migrate", "run", "--container", &c, "--to", to];
-    if !json {
-        eprintln!("  $ ferry {}", args.join(" "));
-    }
-    let mut all = vec!["--json"];
-    all.extend_from_slice(&args);
-    let out = lab.ferry(&all).map_err(|e| e.to_string())?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str::<RunReport>(stdout.trim()).map_err(|e| {
-        format!(
-            "ferry {}: {} (exit {:?}; {} {})",
-            args.join(" "),
-            if out.status.success() {
-                format!("unparseable report: {e}")
-            } else {
-                "failed".into()
-            },
-            out.status.code(),
-            stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })
-}
-
 /// Waits until something listens on TCP `port` in `ns` (without connecting to it).
-fn wait_listening(lab: &Lab, ns: &Path, port: u16, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
+fn wait_listening(
+    lab: &Lab,
+    ns: &Path,
+    port: u16,
+    timeout: Duration,
+) -> Result<(), MigrationError> {
     let filter = format!("sport = :{port}");
-    loop {
+    let listening = wait_until(timeout, Duration::from_millis(50), || {
         let out = lab
             .exec_in(ns, &["ss", "-Hltn", &filter])
-            .map_err(|e| e.to_string())?;
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "nothing listens on :{port} in {} after {timeout:?}",
-                ns.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+            .map_err(|source| MigrationError::Lab {
+                what: "ss",
+                source: Box::new(source),
+            })?;
+        Ok::<_, MigrationError>(
+            (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(()),
+        )
+    })?;
+    listening.ok_or_else(|| MigrationError::NotListening {
+        port,
+        netns: ns.to_owned(),
+        timeout,
+    })
 }
 
 /// Runs the live migration (see the module docs) and writes the plot to `plot_path`.
@@ -227,10 +152,10 @@ pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationRep
     let mut report = MigrationReport::default();
     let samples_path = lab.state_dir().join("demo-samples.csv");
     if let Err(e) = moves(lab, json, t0, &samples_path, &mut report) {
-        report.error = Some(e);
+        report.error = Some(e.to_string());
     }
     // Samples, gaps and the plot, with whatever was measured.
-    let samples = match plot::read_samples(&samples_path) {
+    let samples = match read_samples(&samples_path) {
         Ok(s) => s,
         Err(e) => {
             if report.client.is_some() {
@@ -244,8 +169,7 @@ pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationRep
         .runs
         .iter()
         .map(|r| {
-            let gap =
-                plot::client_gap_ms(&samples, r.started_unix_ms, r.started_unix_ms + r.total_ms);
+            let gap = client_gap_ms(&samples, r.started_unix_ms, r.started_unix_ms + r.total_ms);
             (gap * 1e3).round() / 1e3
         })
         .collect();
@@ -268,12 +192,15 @@ pub fn run(lab: &Lab, json: bool, t0: Instant, plot_path: &Path) -> MigrationRep
             ),
         );
         let abs = std::path::absolute(plot_path).unwrap_or_else(|_| plot_path.to_owned());
-        match std::fs::write(&abs, svg) {
-            Ok(()) => report.plot = Some(abs),
-            Err(e) => {
+        match svg.map(|svg| std::fs::write(&abs, svg)) {
+            Ok(Ok(())) => report.plot = Some(abs),
+            Ok(Err(e)) => {
                 report
                     .error
                     .get_or_insert(format!("writing {}: {e}", abs.display()));
+            }
+            Err(e) => {
+                report.error.get_or_insert(e.to_string());
             }
         }
     }
@@ -290,8 +217,12 @@ fn moves(
     t0: Instant,
     samples_path: &Path,
     report: &mut MigrationReport,
-) -> Result<(), String> {
-    let bin = find_binary("ferry-workload", "ferry-workload").map_err(|e| e.to_string())?;
+) -> Result<(), MigrationError> {
+    let bin =
+        find_binary("ferry-workload", "ferry-workload").map_err(|source| MigrationError::Lab {
+            what: "the workload",
+            source: Box::new(source),
+        })?;
     let bin = std::path::absolute(&bin).unwrap_or(bin);
     let bin_s = bin.to_string_lossy().into_owned();
     let port = PORT.to_string();
@@ -304,11 +235,14 @@ fn moves(
     );
     let p = lab
         .start_process(WEB, &[&bin_s, "serve", "--port", &port])
-        .map_err(|e| format!("starting the workload in {WEB}: {e}"))?;
+        .map_err(|source| MigrationError::Lab {
+            what: "starting the workload in web",
+            source: Box::new(source),
+        })?;
     if !json {
         eprintln!("  {WEB}: PID {} on {WEB_HOST} ({})", p.pid, p.origin);
     }
-    let inet = lab.netns(crate::INET);
+    let inet = lab.netns(ferry_lab::INET);
     let public = SocketAddrV4::new(WEB_PUBLIC, PORT);
     wait_listening(
         lab,
@@ -327,7 +261,7 @@ fn moves(
     let to = public.to_string();
     let (n, interval) = (CONNECTIONS.to_string(), INTERVAL_MS.to_string());
     let samples = samples_path.to_string_lossy().into_owned();
-    let client = Client::start(
+    let client = Workload::start(
         &bin,
         &inet,
         &[
@@ -342,8 +276,9 @@ fn moves(
             &samples,
             "--json",
         ],
+        false,
     )?;
-    client.next_json(true, Duration::from_secs(15))?;
+    client.next_json(Stream::Stderr, Duration::from_secs(15))?;
     std::thread::sleep(WARM_UP);
 
     let result = (|| {
@@ -360,7 +295,12 @@ fn moves(
                 ),
             );
             let t = Instant::now();
-            let r = migrate_run(lab, json, to)?;
+            let c = WEB.to_string();
+            let args = ["--container", &c, "--to", to];
+            if !json {
+                eprintln!("  $ ferry migrate run {}", args.join(" "));
+            }
+            let r = migrate_run(lab, &args)?;
             if !json {
                 eprintln!(
                     "  {} {} → {}: {} in {:.0} ms ({:.0} ms for the call)",
@@ -376,11 +316,10 @@ fn moves(
             let why = r.error.clone();
             report.runs.push(r);
             if !released {
-                return Err(format!(
-                    "run {} did not release: {}",
-                    i + 1,
-                    why.unwrap_or_else(|| "no error given".into())
-                ));
+                return Err(MigrationError::NotReleased {
+                    run: i + 1,
+                    why: why.unwrap_or_else(|| "no error given".into()),
+                });
             }
         }
         Ok(())
@@ -391,8 +330,8 @@ fn moves(
         t0,
         "stopping the client (it waits for the replies still owed)",
     );
-    client.terminate()?;
-    let summary = client.next_json(false, Duration::from_secs(20))?;
+    client.signal(libc::SIGTERM)?;
+    let summary = client.next_json(Stream::Stdout, Duration::from_secs(20))?;
     report.client_ok = client_passed(&summary);
     report.client = Some(summary);
     // The workload stops with the lab; stop it now for a clean exit where it runs.
@@ -404,7 +343,7 @@ fn moves(
     result
 }
 
-fn print_report(r: &MigrationReport, samples: &[plot::Sample]) {
+fn print_report(r: &MigrationReport, samples: &[Sample]) {
     let t0 = samples
         .iter()
         .map(|s| s.unix_ms)

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::stats::{median, ratio, round_to};
+
 /// What one mode measured, one value per round (plus why it stopped, if it failed).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ModeSamples {
@@ -85,48 +87,6 @@ pub struct Report {
     pub rr_size: u64,
     pub rr_placement: &'static str,
     pub samples: Samples,
-}
-
-/// Percentile `p` (0–100) of sorted samples, nearest-rank method (always one of the samples:
-/// p50 of 1..=100 is 50, p99 is 99). `None` for no samples.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    debug_assert!(sorted.is_sorted(), "percentile needs sorted samples");
-    let n = sorted.len();
-    // The epsilon keeps float error from pushing an exact rank up (99.9 % of 1000 is 999).
-    let rank = ((p.clamp(0.0, 100.0) / 100.0) * n as f64 - 1e-9).ceil() as usize;
-    Some(sorted[rank.clamp(1, n) - 1])
-}
-
-/// Median (mean of the two middle values for an even count); `None` for no values.
-pub fn median(values: &[f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
-/// `num / den` when both are known and `den` is positive.
-pub fn ratio(num: Option<f64>, den: Option<f64>) -> Option<f64> {
-    match (num, den) {
-        (Some(n), Some(d)) if d > 0.0 && n.is_finite() && d.is_finite() => Some(n / d),
-        _ => None,
-    }
-}
-
-/// `x` rounded to `decimals` decimal places (for readable JSON).
-pub fn round_to(x: f64, decimals: i32) -> f64 {
-    let f = 10f64.powi(decimals);
-    (x * f).round() / f
 }
 
 fn rounded(v: &[f64], decimals: i32) -> Vec<f64> {
@@ -302,39 +262,6 @@ mod tests {
             rr_p99_us: p99.to_vec(),
             error: None,
         }
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50));
-        assert_eq!(percentile(&v, 99.0), Some(99));
-        assert_eq!(percentile(&v, 100.0), Some(100));
-        assert_eq!(percentile(&v, 0.0), Some(1));
-        let v: Vec<u64> = (1..=1000).collect();
-        assert_eq!(percentile(&v, 99.0), Some(990));
-        assert_eq!(percentile(&v, 99.9), Some(999));
-        assert_eq!(percentile(&[7], 50.0), Some(7));
-        assert_eq!(percentile(&[7], 99.0), Some(7));
-        assert_eq!(percentile(&[1, 2], 50.0), Some(1));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0]), Some(3.0));
-        assert_eq!(median(&[9.0, 1.0, 5.0]), Some(5.0));
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-    }
-
-    #[test]
-    fn ratios_need_both_sides() {
-        assert_eq!(ratio(Some(3.0), Some(2.0)), Some(1.5));
-        assert_eq!(ratio(None, Some(2.0)), None);
-        assert_eq!(ratio(Some(3.0), None), None);
-        assert_eq!(ratio(Some(3.0), Some(0.0)), None);
-        assert_eq!(round_to(1.23456, 3), 1.235);
     }
 
     #[test]

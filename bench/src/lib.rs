@@ -1,0 +1,134 @@
+//! ferry's demo and benchmarks, each in a lab of its own (built with [`ferry_lab`] and torn
+//! down at the end):
+//! - [`demo`]: ferry's main job end to end, with a live migration and a latency plot;
+//! - [`datapath`]: throughput and request/response latency, ferry vs two baselines;
+//! - [`handoff`]: a stateful server handed off between clouds, hold vs drop;
+//! - [`migrate`]: whole-container live migration with CRIU, hold vs CRIU's network lock.
+//!
+//! `ferry-lab demo` and `ferry-lab bench ...` (package `ferry-lab-cli`) call into this crate;
+//! [`BenchCmd`] is the `bench` subcommand as the binary parses it.
+
+pub mod datapath;
+pub mod demo;
+pub mod handoff;
+pub mod migrate;
+pub mod samples;
+pub mod stats;
+pub mod workload;
+
+use std::{
+    process::{Command, ExitStatus, Output, Stdio},
+    time::Instant,
+};
+
+use clap::Subcommand;
+use ferry_lab::LabError;
+
+/// `ferry-lab bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// Throughput and request/response latency between containers on two hosts: ferry vs a
+    /// kernel-VXLAN + bridge overlay (flannel) vs routed veths, side by side in one lab.
+    Datapath(datapath::DatapathArgs),
+    /// A stateful server moving between clouds with its connections (socket hand-off): the
+    /// gap a client on the internet sees, with ferry's hold queues and with drop (a network
+    /// lock), for several freeze lengths.
+    Handoff(handoff::HandoffArgs),
+    /// Whole-container live migration with CRIU (`ferry migrate run`), ferry's hold vs CRIU's
+    /// own network lock: the gap a client on the internet sees, the time the container ran
+    /// nowhere, and the phases.
+    Migrate(migrate::MigrateArgs),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error(transparent)]
+    NetNs(#[from] ferry_overlay::netns::NetNsError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("serialising the report: {0}")]
+    Report(#[source] serde_json::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl BenchError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn failed(msg: impl Into<String>) -> Self {
+        Self::Failed(msg.into())
+    }
+}
+
+/// Runs a command to completion (stdin closed, output captured); fails on a non-zero exit.
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output, BenchError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| BenchError::io(format!("running {shown}"), e))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(BenchError::Command {
+            command: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Prints a benchmark's report on stdout: exactly one JSON object with `--json`, else its table.
+pub(crate) fn print_report(
+    json: bool,
+    report: &impl serde::Serialize,
+    table: impl FnOnce() -> String,
+) -> Result<(), BenchError> {
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(BenchError::Report)?;
+        println!("{text}");
+    } else {
+        print!("{}", table());
+    }
+    Ok(())
+}
+
+/// Progress on stderr, with the time since the start.
+pub(crate) struct Progress(pub(crate) Instant);
+
+impl Progress {
+    pub(crate) fn say(&self, msg: impl AsRef<str>) {
+        eprintln!(
+            "[{:>8.3}s] {}",
+            self.0.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+    }
+}
+
+/// Runs a `bench` subcommand; returns the exit code (non-zero if any mode failed).
+pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
+    match cmd {
+        BenchCmd::Datapath(args) => datapath::run(&args),
+        BenchCmd::Handoff(args) => handoff::run(&args),
+        BenchCmd::Migrate(args) => migrate::run(&args),
+    }
+}
