@@ -159,14 +159,6 @@ impl RunReport {
     }
 }
 
-/// Now, in Unix milliseconds: the time base of a run's `*_unix_ms` fields (0 before 1970).
-pub fn unix_now_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1e3)
-        .unwrap_or(0.0)
-}
-
 /// A progress event (also the lines an agent streams back from a checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunEvent {

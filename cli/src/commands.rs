@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     process::ExitCode,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use ferry_api::{
@@ -252,7 +252,7 @@ struct HostsReport {
 async fn hosts(c: &Client) -> Result<Outcome, CliError> {
     let version = c.version().await?;
     let hosts = c.hosts().await?;
-    let now = now_unix_ms();
+    let now = ferry_api::unix_ms();
     let rows = hosts
         .iter()
         .map(|h| {
@@ -426,7 +426,7 @@ async fn sync(c: &Client, timeout: Duration) -> Result<Outcome, CliError> {
             );
         }
         if start.elapsed() >= timeout {
-            let now = now_unix_ms();
+            let now = ferry_api::unix_ms();
             let list: Vec<String> = behind
                 .iter()
                 .map(|h| {
@@ -576,7 +576,7 @@ async fn migrate_status(
     container: Option<std::net::Ipv4Addr>,
     all: bool,
 ) -> Result<Outcome, CliError> {
-    let now = now_unix_ms();
+    let now = ferry_api::unix_ms();
     let list: Vec<Migration> = match (container, all) {
         (Some(ip), true) => c.container_migrations(ip, false).await?,
         (Some(ip), false) => c.latest_migration(ip).await?.into_iter().collect(),
@@ -659,13 +659,6 @@ fn migration_table(list: &[Migration], now: u64) -> String {
         ],
         rows,
     )
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// "never", "3s ago", "5m ago", "2h ago".

@@ -5,10 +5,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use ferry_api::{
     Client, MigrationStepKind,
-    run::{
-        FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState,
-        unix_now_ms,
-    },
+    run::{FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState},
 };
 
 use crate::commands::{CliError, Outcome};
@@ -230,7 +227,7 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
             }
         }
     };
-    let start = unix_now_ms();
+    let start = ferry_api::unix_ms_f64();
     let t = std::time::Instant::now();
     c.migration_step(&id, step, None).await?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -242,7 +239,7 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
         bytes: None,
     });
     let event = RunEvent {
-        unix_ms: unix_now_ms(),
+        unix_ms: ferry_api::unix_ms_f64(),
         kind: if phase.is_some() { "phase" } else { "info" }.into(),
         message: format!("{step}: {ms:.1} ms (CRIU {action} on the {side:?} side)").to_lowercase(),
         phase,

@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use axum::{
@@ -228,13 +228,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Gateway {
     pub fn new(
         registry: Registry,
@@ -341,7 +334,7 @@ impl Gateway {
         lock(&self.runtime)
             .entry(host.to_string())
             .or_default()
-            .last_seen_unix_ms = now_unix_ms();
+            .last_seen_unix_ms = ferry_api::unix_ms();
     }
 
     /// The current snapshot as JSON, serialised once per version (on a blocking thread: with
@@ -350,7 +343,7 @@ impl Gateway {
         let g = self.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             let reg = g.current();
-            let now = now_unix_ms();
+            let now = ferry_api::unix_ms();
             let mut cache = lock(&g.snapshot_cache);
             if let Some((v, valid_until, b)) = &*cache
                 && *v == reg.version()
@@ -405,7 +398,7 @@ impl Gateway {
             version,
             hosts_in_sync: in_sync,
             hosts_connected: connected,
-            migrations: reg.migration_counts(now_unix_ms()),
+            migrations: reg.migration_counts(ferry_api::unix_ms()),
         })
     }
 }
@@ -422,7 +415,7 @@ impl<'a> WatchGuard<'a> {
             let mut rt = lock(&gateway.runtime);
             let e = rt.entry(host.to_string()).or_default();
             e.applied_version = applied;
-            e.last_seen_unix_ms = now_unix_ms();
+            e.last_seen_unix_ms = ferry_api::unix_ms();
             e.last_watch_unix_ms = e.last_seen_unix_ms;
             e.open_watches += 1;
         }
@@ -438,7 +431,7 @@ impl Drop for WatchGuard<'_> {
     fn drop(&mut self) {
         if let Some(e) = lock(&self.gateway.runtime).get_mut(&self.host) {
             e.open_watches = e.open_watches.saturating_sub(1);
-            e.last_seen_unix_ms = now_unix_ms();
+            e.last_seen_unix_ms = ferry_api::unix_ms();
             e.last_watch_unix_ms = e.last_seen_unix_ms;
         }
     }

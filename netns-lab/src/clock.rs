@@ -1,14 +1,11 @@
 //! Time helpers for the lab and for what runs in it (the demo, the benchmarks): the wall clock
 //! in Unix milliseconds, and waiting on a condition with a deadline.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-/// Milliseconds since the Unix epoch, fractional (0 if the clock is set before 1970).
-pub fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
+/// Milliseconds since the Unix epoch, fractional: the API's clock, so the lab's timelines
+/// and the run reports share one time base.
+pub use ferry_api::unix_ms_f64 as unix_ms;
 
 /// A duration in fractional milliseconds.
 pub fn ms(d: Duration) -> f64 {

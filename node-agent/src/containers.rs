@@ -17,8 +17,8 @@ use crate::{
 };
 
 /// MAC of every host-side container veth (the container's default gateway), same on every
-/// host; the datapath answers ARP with it too.
-pub const GATEWAY_MAC: [u8; 6] = [0x0e, 0xfe, 0x00, 0x00, 0x00, 0x01];
+/// host; the datapath answers ARP with it too. Defined with the datapath's types.
+pub use ferry_common::GATEWAY_MAC;
 
 /// A container's network side as built on this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

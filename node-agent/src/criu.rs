@@ -99,11 +99,3 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(ctx)
 }
-
-/// Unix time in milliseconds (fractional).
-pub fn now_unix_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1e3)
-        .unwrap_or(0.0)
-}

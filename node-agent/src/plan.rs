@@ -16,9 +16,9 @@ pub use crate::config::container_netns_name;
 /// Default TTL of the outer IPv4 header.
 pub const TUNNEL_TTL: u32 = 64;
 
-/// IANA-reserved protocol number marking "this address is public" in the public map (see the
-/// datapath's `nat::presence_key`).
-pub const PRESENCE_PROTO: u8 = 255;
+/// IANA-reserved protocol number marking "this address is public" in the public map (defined
+/// with the map's key type, `NatKey::presence`).
+pub const PRESENCE_PROTO: u8 = ferry_common::NatKey::PRESENCE_PROTO;
 
 /// A container this host must run the network side of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,7 +41,6 @@ use crate::{
     registry::{Change, Registry, Request},
     server::{
         ApiFailure, ApiJson, ApiQuery, Gateway, HostRuntime, PathParam, Shared, created, lock,
-        now_unix_ms,
     },
 };
 
@@ -203,7 +202,7 @@ impl Gateway {
     fn step_hosts(&self, reg: &Registry, m: &Migration, all: bool) -> Vec<String> {
         let mut set = BTreeSet::from([m.from.clone(), m.to.clone()]);
         if all {
-            let now = now_unix_ms();
+            let now = ferry_api::unix_ms();
             let rt = lock(&self.runtime);
             set.extend(
                 reg.hosts()
@@ -223,7 +222,7 @@ impl Gateway {
         prepared_version: u64,
         live_ends: bool,
     ) -> Vec<String> {
-        let now = now_unix_ms();
+        let now = ferry_api::unix_ms();
         let rt = lock(&self.runtime);
         let mut set: BTreeSet<String> = reg
             .hosts()
@@ -306,7 +305,7 @@ async fn prepare(
         .change(Request::PrepareMigration {
             container: req.container,
             to: req.to,
-            now_ms: now_unix_ms(),
+            now_ms: ferry_api::unix_ms(),
         })
         .await;
     settle(&g, step, r, None, timeout).await
@@ -348,7 +347,7 @@ async fn step(
         .change(Request::StepMigration {
             id,
             step,
-            now_ms: now_unix_ms(),
+            now_ms: ferry_api::unix_ms(),
             expect: None,
         })
         .await;
@@ -531,7 +530,7 @@ async fn auto_abort(
         .change(Request::StepMigration {
             id: m.id.clone(),
             step: MigrationStepKind::Abort,
-            now_ms: now_unix_ms(),
+            now_ms: ferry_api::unix_ms(),
             expect: Some(m.phase),
         })
         .await;
@@ -621,7 +620,7 @@ pub(crate) async fn expire_released(g: Arc<Gateway>) {
             return;
         }
         let next = g.current().next_expiry();
-        let now = now_unix_ms();
+        let now = ferry_api::unix_ms();
         let wait = match next {
             Some(t) if t <= now => {
                 match g.change(Request::ExpireMigrations { now_ms: now }).await {

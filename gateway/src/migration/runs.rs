@@ -29,7 +29,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use ferry_api::run::unix_now_ms;
 use ferry_api::{
     ApiError, Client, ErrorCode,
     run::{
@@ -82,7 +81,7 @@ impl Runs {
 
 fn event(kind: &str, message: String) -> RunEvent {
     RunEvent {
-        unix_ms: unix_now_ms(),
+        unix_ms: ferry_api::unix_ms_f64(),
         kind: kind.into(),
         message,
         phase: None,
@@ -152,7 +151,7 @@ async fn start(
         ));
     };
     drop(reg);
-    let started = unix_now_ms();
+    let started = ferry_api::unix_ms_f64();
     let step = client
         .prepare_migration(req.container, &req.to, None)
         .await
@@ -179,7 +178,7 @@ async fn start(
     let prepare = PhaseTiming {
         name: "prepare".into(),
         start_unix_ms: started,
-        ms: unix_now_ms() - started,
+        ms: ferry_api::unix_ms_f64() - started,
         bytes: None,
     };
     let report = RunReport {
@@ -256,7 +255,7 @@ async fn drive(
         }
         Err(why) => abort(&g, &client, &id, why).await,
     };
-    let done = unix_now_ms();
+    let done = ferry_api::unix_ms_f64();
     g.runs.update(&id, |r| {
         r.phases.sort_by_key(|p| {
             PHASES

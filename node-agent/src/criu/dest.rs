@@ -23,7 +23,6 @@ use super::{
     Ctx, Refusal, authorize,
     cmd::{self, Restore},
     images::Receiver,
-    now_unix_ms,
 };
 
 /// Largest image stream accepted.
@@ -135,7 +134,7 @@ async fn restore(
         .map_err(|e| failed("internal", format!("creating {}: {e}", dir.display())))?;
 
     // Receive.
-    let transfer_start = now_unix_ms();
+    let transfer_start = ferry_api::unix_ms_f64();
     let t = Instant::now();
     let mut rx = Receiver::new(dir, MAX_IMAGE_BYTES);
     let mut stream = body.into_data_stream();
@@ -208,7 +207,7 @@ async fn restore(
     if header.fail_restore {
         env.push(("CRIU_FAULT".into(), cmd::FAULT_POST_RESTORE.into()));
     }
-    let start = now_unix_ms();
+    let start = ferry_api::unix_ms_f64();
     let out = cmd::run(
         &ctx.criu.binary,
         &args,
@@ -247,7 +246,7 @@ async fn restore(
 
     // Release here (hold: drain what was held, then deliver; criu-lock: the switch).
     let client = ctx.gateway_client();
-    let release_start = now_unix_ms();
+    let release_start = ferry_api::unix_ms_f64();
     let t = Instant::now();
     let mut release_error = None;
     if header.lock == LockMode::CriuLock

@@ -22,7 +22,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 use super::{
     Ctx, Refusal, authorize,
     cmd::{self, Dump},
-    images, now_unix_ms, resume,
+    images, resume,
 };
 
 fn bad(status: StatusCode, code: &'static str, m: String) -> Refusal {
@@ -142,7 +142,7 @@ pub async fn checkpoint(
 /// Pushes a progress event to the gateway (best effort, never waits on the migration).
 fn push(ctx: &Arc<Ctx>, id: &str, kind: &str, message: String, phase: Option<PhaseTiming>) {
     let event = RunEvent {
-        unix_ms: now_unix_ms(),
+        unix_ms: ferry_api::unix_ms_f64(),
         kind: kind.into(),
         message,
         phase,
@@ -235,7 +235,7 @@ async fn run_inner(
         ctx.node.lock().await.silence_on_freeze(ip, true);
     }
     info!(pid, lock = req.lock.as_str(), "dumping");
-    let start = now_unix_ms();
+    let start = ferry_api::unix_ms_f64();
     let out = cmd::run(
         &ctx.criu.binary,
         &dump.args(),
@@ -302,7 +302,7 @@ async fn run_inner(
         argv,
         fail_restore: req.fail == Some(FailAt::Restore),
     };
-    let transfer_start = now_unix_ms();
+    let transfer_start = ferry_api::unix_ms_f64();
     let progress_ctx = ctx.clone();
     let progress_id = id.clone();
     let sent = images::send(req.to_api, &ctx.token, &header, &dir, move |sent, total| {
