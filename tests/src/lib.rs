@@ -173,8 +173,9 @@ pub fn spawn_lab_owner(args: &[&str]) -> (KillOnDrop, String) {
     (owner, prefix)
 }
 
-/// A host agent's datapath packet counters by reason, read from its Prometheus endpoint.
-pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
+/// A host agent's Prometheus text; an endpoint that cannot be read fails the test (it is not
+/// a zero).
+pub fn metrics_text(lab: &ferry_lab::Lab, host: &str) -> String {
     let out = lab
         .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
         .expect("curl runs");
@@ -183,23 +184,20 @@ pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
         "metrics of {host}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    ferry_config::metrics::parse_packets(&String::from_utf8_lossy(&out.stdout))
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A host agent's datapath packet counters by reason, read from its Prometheus endpoint.
+pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
+    ferry_config::metrics::parse_packets(&metrics_text(lab, host))
         .into_iter()
         .collect()
 }
 
 /// A gauge (e.g. `ferry_endpoints`) of a host's agent: `None` when the agent does not export
-/// it. A metrics endpoint that cannot be read fails the test (it is not a zero).
+/// it.
 pub fn gauge(lab: &ferry_lab::Lab, host: &str, name: &str) -> Option<u64> {
-    let out = lab
-        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "metrics of {host}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    metrics_text(lab, host)
         .lines()
         .find(|l| l.starts_with(&format!("{name}{{")))
         .map(|l| {
@@ -208,6 +206,18 @@ pub fn gauge(lab: &ferry_lab::Lab, host: &str, name: &str) -> Option<u64> {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("{host}: unparsable metric line {l:?}"))
         })
+}
+
+/// Waits up to `within` until lab `prefix` has left nothing behind; returns what is left.
+pub fn wait_clean(prefix: &str, within: std::time::Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = ferry_lab::leftovers(prefix);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Polls `cond` (every few ms) until it yields a value, and returns it; after `within` the test
@@ -285,12 +295,9 @@ pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, reason
     after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
 }
 
-/// `ferry_hold_packets_total{event}` of a host's agent.
+/// `ferry_hold_packets_total{event}` of a host's agent (0 until the event first happens).
 pub fn hold_counter(lab: &ferry_lab::Lab, host: &str, event: &str) -> u64 {
-    let out = lab
-        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-        .expect("curl runs");
-    String::from_utf8_lossy(&out.stdout)
+    metrics_text(lab, host)
         .lines()
         .find(|l| {
             l.starts_with("ferry_hold_packets_total{") && l.contains(&format!("event=\"{event}\""))

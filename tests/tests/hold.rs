@@ -226,6 +226,21 @@ fn scene(lab: &Lab) -> Scene {
     Scene { c, peer, old }
 }
 
+/// The scene with a stream of `size`-byte datagrams every 2 ms from the peer to C, once C
+/// receives it.
+fn streaming(lab: &Lab, size: usize) -> (Scene, Sender) {
+    let sc = scene(lab);
+    let tx = Sender::start(
+        &sc.peer,
+        SocketAddrV4::new(sc.c, PORT),
+        Duration::from_millis(2),
+        size,
+    );
+    sc.old
+        .wait_more("the container on a1 receives the stream", 0, 20);
+    (sc, tx)
+}
+
 #[test]
 fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
     if !require_root_and_tools(&["ip", "curl"]) {
@@ -233,14 +248,7 @@ fn frozen_packets_are_held_at_the_destination_and_released_in_order() {
     }
     let lab = lab();
     let _diag = CountersOnPanic::new(&lab);
-    let Scene { c, peer, old, .. } = scene(&lab);
-    let tx = Sender::start(
-        &peer,
-        SocketAddrV4::new(c, PORT),
-        Duration::from_millis(2),
-        1400,
-    );
-    old.wait_more("the container on a1 receives the stream", 0, 20);
+    let (Scene { c, old, .. }, tx) = streaming(&lab, 1400);
 
     migrate(&lab, "prepare", Some("a2"));
     let on_a2 = lab.container_netns("a2", c);
@@ -290,14 +298,7 @@ fn abort_after_freeze_sends_the_held_packets_back_to_the_source() {
     }
     let lab = lab();
     let _diag = CountersOnPanic::new(&lab);
-    let Scene { c, peer, old, .. } = scene(&lab);
-    let tx = Sender::start(
-        &peer,
-        SocketAddrV4::new(c, PORT),
-        Duration::from_millis(2),
-        200,
-    );
-    old.wait_more("the container on a1 receives the stream", 0, 20);
+    let (Scene { c, old, .. }, tx) = streaming(&lab, 200);
     migrate(&lab, "prepare", Some("b1"));
     migrate(&lab, "freeze", None);
     let held = wait_for("b1 holds 50 packets", DEADLINE, || {
@@ -392,14 +393,7 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
         ..LabOptions::default()
     });
     let _diag = CountersOnPanic::new(&lab);
-    let Scene { c, peer, old, .. } = scene(&lab);
-    let tx = Sender::start(
-        &peer,
-        SocketAddrV4::new(c, PORT),
-        Duration::from_millis(2),
-        200,
-    );
-    old.wait_more("the container on a1 receives the stream", 0, 20);
+    let (Scene { old, .. }, tx) = streaming(&lab, 200);
     migrate(&lab, "prepare", Some("a2"));
     migrate(&lab, "freeze", None);
     wait_for("a2 drops 50 packets while frozen", DEADLINE, || {
@@ -432,13 +426,7 @@ fn out_of_order_duplicate_and_malformed_steps_are_refused_without_effect() {
     }
     let lab = lab();
     let _diag = CountersOnPanic::new(&lab);
-    let Scene { c, peer, old, .. } = scene(&lab);
-    let tx = Sender::start(
-        &peer,
-        SocketAddrV4::new(c, PORT),
-        Duration::from_millis(2),
-        200,
-    );
+    let (Scene { old, .. }, tx) = streaming(&lab, 200);
     // (arguments, exit code, error code) — each refused, and the stream to the container on
     // a1 goes on untouched.
     let refused: &[(&[&str], i32, &str)] = &[

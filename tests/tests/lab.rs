@@ -8,7 +8,9 @@ use std::{
 };
 
 use ferry_lab::{Lab, LabOptions, Topology, leftovers};
-use ferry_tests::{DownOnDrop, require_root_and_tools, spawn_lab_owner, workspace_binary};
+use ferry_tests::{
+    DownOnDrop, require_root_and_tools, spawn_lab_owner, wait_clean, workspace_binary,
+};
 
 const TOOLS: &[&str] = &["ip", "ping"];
 
@@ -63,17 +65,6 @@ fn assert_full_mesh(lab: &Lab) {
         "lab {}: the internet client cannot ping the gateway's public address",
         lab.prefix()
     );
-}
-
-fn wait_clean(prefix: &str, within: Duration) -> Vec<String> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = leftovers(prefix);
-        if left.is_empty() || Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -10,18 +10,9 @@ use std::{
 
 use ferry_config::AgentConfig;
 use ferry_lab::{Lab, LabOptions, Topology, leftovers};
-use ferry_tests::{DownOnDrop, require_root_and_tools, spawn_lab_owner, workspace_binary};
-
-fn wait_clean(prefix: &str, within: Duration) -> Vec<String> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = leftovers(prefix);
-        if left.is_empty() || Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use ferry_tests::{
+    DownOnDrop, require_root_and_tools, spawn_lab_owner, wait_clean, workspace_binary,
+};
 
 /// A directory holding an executable `ferry-agent` with the given shell script.
 fn fake_agent(script: &str) -> tempfile::TempDir {
@@ -111,7 +102,7 @@ fn the_reaper_stops_the_agents_of_a_sigkilled_owner() {
 
     owner.0.kill().unwrap();
     owner.0.wait().unwrap();
-    let left = wait_clean(&prefix, Duration::from_secs(10));
+    let left = wait_clean(&prefix, Duration::from_secs(30));
     assert!(
         left.is_empty(),
         "10 s after the owner died, still there: {left:?}"

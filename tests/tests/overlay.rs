@@ -1,28 +1,7 @@
 //! The eBPF overlay in a real lab: agents on every host, VXLAN between namespaces across a
 //! router, and the per-reason counters read from each agent's Prometheus endpoint.
-use std::collections::HashMap;
-
-use ferry_config::metrics::parse_packets;
 use ferry_lab::{Lab, LabOptions, Topology};
-use ferry_tests::require_root_and_tools;
-
-fn counters(lab: &Lab, host: &str) -> HashMap<String, u64> {
-    let out = lab
-        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "metrics of {host}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_packets(&String::from_utf8_lossy(&out.stdout))
-        .into_iter()
-        .collect()
-}
-
-fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, reason: &str) -> u64 {
-    after.get(reason).copied().unwrap_or(0) - before.get(reason).copied().unwrap_or(0)
-}
+use ferry_tests::{counters, delta, require_root_and_tools};
 
 /// Sends raw VXLAN datagrams (VNI `vni`, an inner Ethernet+IPv4 frame) from `from` to `to_ip`.
 fn send_vxlan(lab: &Lab, from: &str, to_ip: &str, vni: u32, count: u32) {

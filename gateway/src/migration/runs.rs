@@ -253,7 +253,7 @@ async fn drive(
                 )
             }
         }
-        Err(why) => abort(&g, &client, &id, why).await,
+        Err(why) => abort(&g, &client, &id, why.to_string()).await,
     };
     let done = ferry_api::unix_ms_f64();
     g.runs.update(&id, |r| {
@@ -316,8 +316,8 @@ async fn checkpoint(
     token: &str,
     id: &str,
     req: &CheckpointRequest,
-) -> Result<CheckpointAnswer, String> {
-    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+) -> Result<CheckpointAnswer, CheckpointError> {
+    let body = serde_json::to_vec(req).map_err(CheckpointError::Encode)?;
     let r = Request::post(format!("/v1/checkpoint/{id}"))
         .token(token)
         .json(body)
@@ -326,22 +326,34 @@ async fn checkpoint(
         .send(agent)
         .await
         .map_err(|e| match e {
-            HttpError::Connect { source, .. } => {
-                format!("connecting to the source agent {agent}: {source}")
-            }
-            HttpError::Timeout { .. } => format!(
-                "the source agent did not answer within {} s",
-                CHECKPOINT_TIMEOUT.as_secs()
-            ),
-            e => format!("reading the source agent's answer: {e}"),
+            HttpError::Connect { source, .. } => CheckpointError::Connect { agent, source },
+            HttpError::Timeout { .. } => CheckpointError::Timeout,
+            e => CheckpointError::Answer(e),
         })?;
     if !r.is_success() {
-        return Err(format!(
-            "the source agent refused the checkpoint: {}",
-            r.error()
-        ));
+        return Err(CheckpointError::Refused(r.error()));
     }
-    serde_json::from_slice(&r.body).map_err(|e| format!("the source agent's answer: {e}"))
+    serde_json::from_slice(&r.body).map_err(CheckpointError::Decode)
+}
+
+/// Why the source agent's checkpoint gave no answer (the texts are the run report's).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("encoding the checkpoint request: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("connecting to the source agent {agent}: {source}")]
+    Connect {
+        agent: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the source agent did not answer within {} s", CHECKPOINT_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("reading the source agent's answer: {0}")]
+    Answer(#[source] HttpError),
+    #[error("the source agent refused the checkpoint: {0}")]
+    Refused(ferry_api::ApiError),
+    #[error("the source agent's answer: {0}")]
+    Decode(#[source] serde_json::Error),
 }
 
 /// `GET /v1/runs/{id}`.
