@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | POST | /v1/runs | [`RunRequest`] → [`RunReport`] (202: the run goes on in the gateway; poll it) |
 //! | GET | /v1/runs/{id} | → [`RunReport`] (`id` is the migration's id) |
+//! | POST | /v1/runs/{id}/events | [`RunEvent`] → `{"ok":true}` (agents' progress, appended to the report; refused once the run is finished) |
 //!
 //! Agents' peer API (`api_listen`, same bearer token):
 //!
@@ -15,7 +16,7 @@
 //! | POST | /v1/containers/{ip}/start | [`StartRequest`] → [`ContainerProcess`] (201) |
 //! | GET | /v1/containers/{ip} | → [`ContainerProcess`] |
 //! | DELETE | /v1/containers/{ip}/process | → [`ContainerProcess`] (stopped) |
-//! | POST | /v1/checkpoint/{migration} | [`CheckpointRequest`] → NDJSON lines of [`RunEvent`], the last one `done` or `failed` |
+//! | POST | /v1/checkpoint/{migration} | [`CheckpointRequest`] → one [`CheckpointAnswer`] at the end (progress goes to the gateway's `/v1/runs/{id}/events`) |
 //! | POST | /v1/images/{migration} | image stream ([`crate::run`] framing, see the agent) → [`RestoreAnswer`] |
 
 use std::net::Ipv4Addr;

@@ -15,8 +15,10 @@ pub struct CriuConfig {
     /// removed afterwards. Put it on tmpfs. Default `/run/ferry/criu`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
-    /// The `ferry` binary, which CRIU runs as its `--action-script`: network-lock → freeze
-    /// (hold mode), post-resume → release. Default `/usr/local/bin/ferry`.
+    /// The `ferry` binary, which CRIU runs as its `--action-script` at dump: network-lock →
+    /// freeze (hold mode). (ferry's own runs release from the destination agent; `ferry` maps
+    /// post-resume → release for orchestrators that drive CRIU themselves.) Default
+    /// `/usr/local/bin/ferry`.
     #[serde(default = "default_action_script")]
     pub action_script: PathBuf,
     /// Keep the images and CRIU's logs of the last migration (for debugging).
