@@ -474,16 +474,12 @@ fn unread_and_unacked_data_moves_intact() {
         .collect();
     s.write_all(&a)
         .expect("writing 64 KiB the server does not read yet");
-    // Let the bytes settle into the queues, and show them.
-    std::thread::sleep(Duration::from_millis(500));
     let ss = |ns: &Path| {
         let out = lab
             .exec_in(ns, &["ss", "-tnei", "( sport = :7100 or dport = :7100 )"])
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let before = ss(&ns);
-    eprintln!("container sockets before the run:\n{before}");
     // (Recv-Q, Send-Q) of the server's connection.
     let queues = |text: &str| -> (u64, u64) {
         let l = text
@@ -493,6 +489,17 @@ fn unread_and_unacked_data_moves_intact() {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f[1].parse().unwrap(), f[2].parse().unwrap())
     };
+    // Wait until the bytes have settled into the queues, then show them.
+    let before = ferry_tests::wait_for(
+        "the client's 64 KiB in the server's receive queue, B in its send queue",
+        Duration::from_secs(15),
+        || {
+            let text = ss(&ns);
+            let (r, w) = queues(&text);
+            (r == 65536 && w > 0).then_some(text)
+        },
+    );
+    eprintln!("container sockets before the run:\n{before}");
     let (recv_q, send_q) = queues(&before);
     assert_eq!(
         recv_q, 65536,
@@ -754,12 +761,17 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     let first = std::thread::spawn(move || {
         ferry_any(&l2, &["migrate", "run", "--container", C, "--to", "b1"])
     });
-    std::thread::sleep(Duration::from_millis(30));
     let (code2, v2) = ferry_any(&lab, &["migrate", "run", "--container", C, "--to", "b1"]);
     let (code1, v1) = first.join().unwrap();
-    assert_eq!(code1, 0, "{v1}");
-    assert_eq!(v1["state"], "released", "{v1}");
-    assert_eq!(code2, 1, "the second run: {v2}");
+    // Whichever reached the gateway first moves it; the other is refused.
+    let (winner, loser) = if code1 == 0 {
+        ((code1, v1), (code2, v2))
+    } else {
+        ((code2, v2), (code1, v1))
+    };
+    assert_eq!(winner.0, 0, "one run moves it: {}", winner.1);
+    assert_eq!(winner.1["state"], "released", "{}", winner.1);
+    assert_eq!(loser.0, 1, "the other run is refused: {}", loser.1);
     running_on(&lab, "b1");
 
     let pid = client.child.0.id() as i32;
