@@ -42,27 +42,11 @@ pub enum ContainerError {
         ip: Ipv4Addr,
         source: ferry_overlay::netlink::NetlinkError,
     },
-    #[error("container {ip}: a blocking task failed: {source}")]
-    Blocking {
-        ip: Ipv4Addr,
-        source: tokio::task::JoinError,
-    },
     #[error("container {ip}: sysctl: {source}")]
     Sysctl {
         ip: Ipv4Addr,
         source: std::io::Error,
     },
-}
-
-/// Runs a blocking kernel call (a namespace change or a bind mount on a thread of its own)
-/// off the tokio workers.
-async fn blocking<T: Send + 'static>(
-    ip: Ipv4Addr,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ContainerError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|source| ContainerError::Blocking { ip, source })
 }
 
 /// The real [`ContainerNet`]: namespaces and veths in the host's network namespace, over
@@ -83,8 +67,8 @@ impl ContainerNet for HostNetwork {
         let ip = c.ip;
         let name = container_netns_name(&self.netns_prefix, ip);
         let host_if = container_host_if(ip);
-        let path = blocking(ip, move || netns::create_named(&name))
-            .await?
+        let path = netns::create_named_async(&name)
+            .await
             .map_err(|source| ContainerError::NetNs { ip, source })?;
         match self.build(c, &path, &host_if).await {
             Ok(ifindex) => {
@@ -115,14 +99,8 @@ impl ContainerNet for HostNetwork {
             first.get_or_insert(ContainerError::Netlink { ip, source });
         }
         let name = container_netns_name(&self.netns_prefix, ip);
-        match blocking(ip, move || netns::delete_named(&name)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(source)) => {
-                first.get_or_insert(ContainerError::NetNs { ip, source });
-            }
-            Err(e) => {
-                first.get_or_insert(e);
-            }
+        if let Err(source) = netns::delete_named_async(&name).await {
+            first.get_or_insert(ContainerError::NetNs { ip, source });
         }
         match first {
             None => Ok(()),
@@ -140,14 +118,11 @@ impl HostNetwork {
     ) -> Result<u32, ContainerError> {
         let ip = c.ip;
         // IPv4 only for now: no router solicitations or MLD from the container.
-        let ns = path.to_owned();
-        blocking(ip, move || {
-            netns::run_in(&ns, || -> std::io::Result<()> {
-                sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
-                sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
-            })
+        netns::run_in_async(path, || -> std::io::Result<()> {
+            sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
+            sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
         })
-        .await?
+        .await
         .map_err(|source| ContainerError::NetNs { ip, source })?
         .map_err(|source| ContainerError::Sysctl { ip, source })?;
         let spec = ContainerLink {

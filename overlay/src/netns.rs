@@ -116,6 +116,16 @@ pub async fn create_named_async(name: &str) -> Result<PathBuf, NetNsError> {
         })?
 }
 
+/// [`delete_named`] for async code (unmounting can block; it runs on tokio's blocking pool).
+pub async fn delete_named_async(name: &str) -> Result<bool, NetNsError> {
+    let n = name.to_owned();
+    tokio::task::spawn_blocking(move || delete_named(&n))
+        .await
+        .map_err(|_| NetNsError::Panicked {
+            path: netns_path(name),
+        })?
+}
+
 /// Opens a namespace file for later use by a child process (`pre_exec` + setns).
 pub fn open(path: &Path) -> Result<File, NetNsError> {
     File::open(path).map_err(|source| NetNsError::Open {
