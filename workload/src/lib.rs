@@ -14,6 +14,7 @@
 //!   application needs to move its own connections.
 pub mod client;
 pub mod handoff;
+pub mod measure;
 pub mod redis;
 pub mod server;
 pub mod sys;

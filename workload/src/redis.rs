@@ -38,7 +38,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::sys::{self, SignalFd};
+use crate::{
+    measure::{micros, ms, percentile_ms, total_retrans},
+    sys::{self, SignalFd},
+};
 
 /// How long the client waits for outstanding replies after it stops sending.
 pub const DRAIN: Duration = Duration::from_secs(3);
@@ -590,29 +593,6 @@ impl Conn {
             tally.mismatch(self.id, format!("{} (seq {}): {w}", p.what, p.seq));
         }
     }
-}
-
-fn micros(d: Duration) -> u32 {
-    d.as_micros().min(u128::from(u32::MAX)) as u32
-}
-
-fn total_retrans(s: &TcpStream) -> u32 {
-    sys::tcp_info(s.as_fd())
-        .map(|i| i.tcpi_total_retrans)
-        .unwrap_or(0)
-}
-
-fn percentile_ms(v: &mut [u32], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_unstable();
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    f64::from(v[i]) / 1e3
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Runs the client and returns its summary (see the module docs).
