@@ -222,23 +222,35 @@ pub fn wait_clean(prefix: &str, within: std::time::Duration) -> Vec<String> {
 
 /// Polls `cond` (every few ms) until it yields a value, and returns it; after `within` the test
 /// fails naming `what`. Tests wait on conditions like this, never on a fixed sleep.
-pub fn wait_for<T>(
-    what: &str,
+pub fn wait_for<T>(what: &str, within: std::time::Duration, cond: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    poll_until(within, cond)
+        .unwrap_or_else(|| panic!("timed out after {:?} waiting for: {what}", start.elapsed()))
+}
+
+/// Polls `cond` (every few ms) until it yields a value or `within` has passed (`None`): for
+/// waits whose caller reports the failure itself (what is missing, or a clean-up first).
+pub fn poll_until<T>(
     within: std::time::Duration,
     mut cond: impl FnMut() -> Option<T>,
-) -> T {
+) -> Option<T> {
     let start = std::time::Instant::now();
     loop {
         if let Some(v) = cond() {
-            return v;
+            return Some(v);
         }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {:?} waiting for: {what}",
-            start.elapsed()
-        );
+        if start.elapsed() >= within {
+            return None;
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// Lets the workloads that are running generate traffic for `d`. This is a length of load the
+/// test chooses to measure (before a move, after it, or a deliberate freeze), not a wait for
+/// anything: no assertion depends on something happening within it.
+pub fn keep_load_for(d: std::time::Duration) {
+    std::thread::sleep(d);
 }
 
 /// While alive, prints every host agent's non-zero datapath counters and hold counters if the

@@ -305,17 +305,11 @@ fn the_endpoint_map_holds_65536_endpoints_and_traffic_still_flows() {
     // (`ferry sync` would wait for the phantom host too: wait for the real agents.)
     let t0 = std::time::Instant::now();
     for host in ["a1", "a2", "b1", "gw"] {
-        loop {
-            let n = gauge(&lab, host, "ferry_endpoints").unwrap_or(0);
-            if n > 65_536 {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(180),
-                "{host} holds only {n} endpoints"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        ferry_tests::wait_for(
+            &format!("{host} to hold all 65,536 endpoints"),
+            Duration::from_secs(180),
+            || gauge(&lab, host, "ferry_endpoints").filter(|&n| n > 65_536),
+        );
     }
     eprintln!("4 agents applied 65,536 endpoints in {:?}", t0.elapsed());
     let _srv = EchoServer::start(&n2, 7001).unwrap();

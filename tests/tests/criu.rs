@@ -103,17 +103,16 @@ fn migrate_ok(lab: &Lab, from: &str, to: &str) -> RunReport {
 
 /// Waits until something listens on TCP `port` in `ns`.
 fn wait_listening(lab: &Lab, ns: &Path, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = lab
-            .exec_in(ns, &["ss", "-Hltn", &format!("sport = :{port}")])
-            .unwrap();
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nothing listens on :{port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ferry_tests::wait_for(
+        &format!("something listens on :{port}"),
+        Duration::from_secs(10),
+        || {
+            let out = lab
+                .exec_in(ns, &["ss", "-Hltn", &format!("sport = :{port}")])
+                .unwrap();
+            (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
+        },
+    );
 }
 
 /// A `ferry-workload` client running in a namespace: its stdout (the summary) is collected,
@@ -174,14 +173,10 @@ impl Client {
 
     /// Waits for the end: exit code and summary.
     fn finish(mut self, timeout: Duration) -> (i32, Value) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "{} did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let name = self.name.clone();
+        let status = ferry_tests::wait_for(&format!("{name} to exit"), timeout, || {
+            self.child.0.try_wait().unwrap()
+        });
         let stdout = self.out.recv_timeout(Duration::from_secs(5)).unwrap();
         while let Ok(line) = self.err.try_recv() {
             eprintln!("{}: {line}", self.name);
@@ -263,13 +258,13 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
     }
     let (lab, ns) = lab_with_container();
     let (pid, client) = serve_and_client(&lab, &ns, 4000);
-    std::thread::sleep(Duration::from_millis(700));
+    ferry_tests::keep_load_for(Duration::from_millis(700));
 
     let there = migrate_ok(&lab, "a1", "b1");
     let on_b1 = running_on(&lab, "b1");
     eprintln!("on b1: {on_b1:?}");
     assert_eq!(on_b1.origin, "restored");
-    std::thread::sleep(Duration::from_millis(500));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
     let back = migrate_ok(&lab, "b1", "a1");
     let on_a1 = running_on(&lab, "a1");
     eprintln!("back on a1: {on_a1:?} (first started as PID {pid})");
@@ -345,7 +340,7 @@ fn redis_server_moves_with_a_live_client() {
         ],
     );
     client.connected(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(800));
+    ferry_tests::keep_load_for(Duration::from_millis(800));
     let r = migrate_ok(&lab, "a1", "b1");
     let on_b1 = running_on(&lab, "b1");
     assert_eq!(on_b1.origin, "restored");
@@ -548,7 +543,7 @@ fn failed_dump_and_failed_restore_roll_back() {
     }
     let (lab, ns) = lab_with_container();
     let (pid, client) = serve_and_client(&lab, &ns, 6000);
-    std::thread::sleep(Duration::from_millis(500));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
 
     for (fail, wait) in [("dump", 500), ("restore", 500)] {
         let (code, r) = migrate(&lab, "b1", &["--fail", fail]);
@@ -565,7 +560,7 @@ fn failed_dump_and_failed_restore_roll_back() {
         eprintln!("after --fail {fail}: {p:?}");
         assert_eq!(p.pid, pid, "--fail {fail}: the source's tree resumed");
         assert_eq!(p.origin, "started");
-        std::thread::sleep(Duration::from_millis(wait));
+        ferry_tests::keep_load_for(Duration::from_millis(wait));
     }
     let r = migrate_ok(&lab, "a1", "b1");
     eprintln!("then released, stopped_ms {:.1}", r.stopped_ms);
@@ -584,7 +579,7 @@ fn ten_migrations_in_a_row() {
     let (lab, ns) = lab_with_container();
     // Long enough for ten runs on a slow machine; SIGTERM ends it early (it then drains).
     let (_pid, client) = serve_and_client(&lab, &ns, 60_000);
-    std::thread::sleep(Duration::from_millis(500));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
     let paws_before = client_tcp_stat(&lab, "PAWSEstab");
     let mut stopped = Vec::new();
     let t0 = Instant::now();
@@ -597,7 +592,7 @@ fn ten_migrations_in_a_row() {
         let r = migrate_ok(&lab, from, to);
         stopped.push(r.stopped_ms);
         running_on(&lab, to);
-        std::thread::sleep(Duration::from_millis(300));
+        ferry_tests::keep_load_for(Duration::from_millis(300));
     }
     eprintln!(
         "ten runs in {:?}; stopped_ms: {:?}",

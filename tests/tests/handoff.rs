@@ -126,14 +126,10 @@ impl Proc {
     }
 
     fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{} did not exit", self.name);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let name = self.name.clone();
+        ferry_tests::wait_for(&format!("{name} to exit"), timeout, || {
+            self.child.0.try_wait().unwrap()
+        })
     }
 }
 
@@ -195,7 +191,7 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     );
     let connected = client.next_err(Duration::from_secs(15));
     assert_eq!(connected["connections"], CONNECTIONS, "{connected}");
-    std::thread::sleep(Duration::from_millis(1000));
+    ferry_tests::keep_load_for(Duration::from_millis(1000));
 
     // Without a frozen migration the agent refuses before touching a socket; the server
     // goes on serving (the client's checks below cover that stretch too).
@@ -204,7 +200,7 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     assert_eq!(refused["ok"], false, "{refused}");
     assert_eq!(refused["error"]["code"], "not_frozen", "{refused}");
     assert_eq!(refused["resumed"], true);
-    std::thread::sleep(Duration::from_millis(500));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
 
     // The move.
     let t0 = Instant::now();
@@ -254,7 +250,7 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     assert_eq!(again.code, "already_claimed", "{again}");
 
     // Let the client run on at the destination, then stop it and read its summary.
-    std::thread::sleep(Duration::from_secs(2));
+    ferry_tests::keep_load_for(Duration::from_secs(2));
     client.signal("-TERM");
     let summary = client.next(Duration::from_secs(15));
     let processes_frozen_ms =
@@ -529,16 +525,16 @@ fn move_with_freeze(lab: &Lab, extra: Duration) -> (f64, f64) {
                 return Err(format!("reply {seq}: {line:?}, want {want:?}"));
             }
             worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
-            std::thread::sleep(Duration::from_millis(5));
+            ferry_tests::keep_load_for(Duration::from_millis(5)); // the client's pace
         }
         Ok((seq, worst))
     });
-    std::thread::sleep(Duration::from_millis(500));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
 
     step(lab, &["migrate", "prepare", "--container", C, "--to", "b1"]);
     step(lab, &["migrate", "freeze", "--container", C]);
     let t_frozen = Instant::now();
-    std::thread::sleep(extra);
+    ferry_tests::keep_load_for(extra);
     server.say("export b1");
     let exported = server.next(Duration::from_secs(30));
     assert_eq!(exported["ok"], true, "{exported}");
@@ -558,7 +554,7 @@ fn move_with_freeze(lab: &Lab, extra: Duration) -> (f64, f64) {
     assert_eq!(dest.next(Duration::from_secs(15))["ok"], true);
     step(lab, &["migrate", "release", "--container", C]);
     let frozen_ms = t_frozen.elapsed().as_secs_f64() * 1e3;
-    std::thread::sleep(Duration::from_secs(3));
+    ferry_tests::keep_load_for(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (requests, worst) = client
         .join()

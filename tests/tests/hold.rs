@@ -96,10 +96,9 @@ impl Receiver {
 /// Waits until the receivers together hold `total` datagrams, or the deadline passes (then
 /// the caller's checks say what is missing).
 fn settle(total: u64, rx: &[&Receiver]) {
-    let start = std::time::Instant::now();
-    while rx.iter().map(|r| r.len() as u64).sum::<u64>() < total && start.elapsed() < DEADLINE {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ferry_tests::poll_until(DEADLINE, || {
+        (rx.iter().map(|r| r.len() as u64).sum::<u64>() >= total).then_some(())
+    });
 }
 
 /// A host's hold queue length; the gauge must be exported.
@@ -145,7 +144,7 @@ impl Sender {
                     i += 1;
                     *n.lock().unwrap() = i;
                 }
-                std::thread::sleep(every);
+                ferry_tests::keep_load_for(every); // the stream's pace
             }
         });
         Self {
@@ -404,10 +403,9 @@ fn drop_mode_drops_what_arrives_while_frozen_and_counts_it() {
     old.wait_more("the source receives the stream after abort", at_abort, 20);
     let sent = tx.stop();
     let dropped = ferry_tests::hold_counter(&lab, "a2", "dropped");
-    let start = std::time::Instant::now();
-    while (old.len() as u64) + dropped < sent && start.elapsed() < DEADLINE {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ferry_tests::poll_until(DEADLINE, || {
+        ((old.len() as u64) + dropped >= sent).then_some(())
+    });
     let got = old.got();
     // Nothing else is lost: what was not dropped (and counted) arrived.
     assert_eq!(

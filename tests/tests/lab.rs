@@ -217,18 +217,12 @@ fn two_labs_at_once_do_not_interfere() {
 
     // Lab 2's teardown stops the process it did not start but that lives in its namespace.
     l2.down().expect("lab 2 down");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = sleeper.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
+    let status = ferry_tests::poll_until(Duration::from_secs(15), || sleeper.try_wait().unwrap())
+        .unwrap_or_else(|| {
             let _ = sleeper.kill();
             let _ = sleeper.wait();
             panic!("lab 2's teardown left a process running inside its namespace");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        });
     assert!(
         !status.success(),
         "the stray process was not stopped: {status}"

@@ -64,7 +64,7 @@ fn gone(pid: i32, start: u64) -> bool {
 fn client_passes(lab: &Lab, netns: &Path, workload: &str) -> Value {
     let to = format!("{C}:{PORT}");
     let mut last = String::new();
-    for _ in 0..20 {
+    let passed = ferry_tests::poll_until(Duration::from_secs(15), || {
         let out = lab
             .exec_in(
                 netns,
@@ -85,16 +85,16 @@ fn client_passes(lab: &Lab, netns: &Path, workload: &str) -> Value {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         if out.status.success() {
-            return serde_json::from_str(stdout.trim()).unwrap();
+            return Some(serde_json::from_str(stdout.trim()).unwrap());
         }
         last = format!(
             "{:?}: {stdout} {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("the client never passed: {last}");
+        None
+    });
+    passed.unwrap_or_else(|| panic!("the client never passed: {last}"))
 }
 
 /// The error's text: it ends with the API's `(code, HTTP status)`.
@@ -293,24 +293,19 @@ fn the_agent_runs_a_container_process_criu_can_move() {
     let p4 = lab.start_process(gone_ip, &["/bin/sleep", "1000"]).unwrap();
     let s4 = procs::start_time(p4.pid).unwrap();
     lab.ferry_json(&["endpoint", "rm", "10.244.1.20"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gone(p4.pid, s4) {
-        assert!(
-            Instant::now() < deadline,
-            "the process of a removed endpoint still runs: {p4:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ferry_tests::wait_for(
+        &format!("the process of the removed endpoint to stop: {p4:?}"),
+        Duration::from_secs(10),
+        || gone(p4.pid, s4).then_some(()),
+    );
 
     let log = lab.agent_log("a1");
     // SAFETY: kill(2) on the a1 agent's PID, read from the lab's state just now.
     assert_eq!(unsafe { libc::kill(agent, libc::SIGTERM) }, 0);
     // The agent is the lab's child: it stays a zombie until the lab reaps it.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while procs::stat(agent).is_ok_and(|(state, _)| state != 'Z') {
-        assert!(Instant::now() < deadline, "the agent of a1 did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ferry_tests::wait_for("the agent of a1 to stop", Duration::from_secs(15), || {
+        (!procs::stat(agent).is_ok_and(|(state, _)| state != 'Z')).then_some(())
+    });
     assert!(
         gone(p2.pid, s2),
         "a1's container process survived its agent"
