@@ -91,39 +91,38 @@ where
     })?
 }
 
-/// [`run_in`] for async code: the thread is spawned and joined on tokio's blocking pool, so no
-/// runtime worker waits on the join (and none ever changes namespace).
+/// Runs a blocking namespace operation on tokio's blocking pool, so no runtime worker waits on
+/// a thread join or an unmount (and none ever changes namespace). `path` names the namespace if
+/// the operation panics.
+async fn on_blocking_pool<T: Send + 'static>(
+    path: PathBuf,
+    op: impl FnOnce() -> Result<T, NetNsError> + Send + 'static,
+) -> Result<T, NetNsError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|_| NetNsError::Panicked { path })?
+}
+
+/// [`run_in`] for async code.
 pub async fn run_in_async<T, F>(path: &Path, f: F) -> Result<T, NetNsError>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
     let p = path.to_owned();
-    tokio::task::spawn_blocking(move || run_in(&p, f))
-        .await
-        .map_err(|_| NetNsError::Panicked {
-            path: path.to_owned(),
-        })?
+    on_blocking_pool(path.to_owned(), move || run_in(&p, f)).await
 }
 
-/// [`create_named`] for async code (its thread is joined on tokio's blocking pool).
+/// [`create_named`] for async code.
 pub async fn create_named_async(name: &str) -> Result<PathBuf, NetNsError> {
     let n = name.to_owned();
-    tokio::task::spawn_blocking(move || create_named(&n))
-        .await
-        .map_err(|_| NetNsError::Panicked {
-            path: netns_path(name),
-        })?
+    on_blocking_pool(netns_path(name), move || create_named(&n)).await
 }
 
-/// [`delete_named`] for async code (unmounting can block; it runs on tokio's blocking pool).
+/// [`delete_named`] for async code (unmounting can block).
 pub async fn delete_named_async(name: &str) -> Result<bool, NetNsError> {
     let n = name.to_owned();
-    tokio::task::spawn_blocking(move || delete_named(&n))
-        .await
-        .map_err(|_| NetNsError::Panicked {
-            path: netns_path(name),
-        })?
+    on_blocking_pool(netns_path(name), move || delete_named(&n)).await
 }
 
 /// Opens a namespace file for later use by a child process (`pre_exec` + setns).
