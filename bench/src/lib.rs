@@ -17,7 +17,7 @@ pub mod stats;
 pub mod workload;
 
 use std::{
-    process::{Command, ExitStatus, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::Instant,
 };
 
@@ -46,17 +46,6 @@ pub enum BenchError {
     Lab(#[from] LabError),
     #[error(transparent)]
     NetNs(#[from] ferry_overlay::netns::NetNsError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: ExitStatus,
-        stderr: String,
-    },
     #[error("serialising the report: {0}")]
     Report(#[source] serde_json::Error),
     #[error("{0}")]
@@ -64,11 +53,9 @@ pub enum BenchError {
 }
 
 impl BenchError {
+    /// An I/O error with what was being done (the lab's own variant: one shape for both).
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
+        Self::Lab(LabError::io(context, source))
     }
 
     pub fn failed(msg: impl Into<String>) -> Self {
@@ -88,11 +75,12 @@ pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output, BenchError> {
     if out.status.success() {
         Ok(out)
     } else {
-        Err(BenchError::Command {
+        Err(LabError::Command {
             command: shown,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
+        }
+        .into())
     }
 }
 
