@@ -6,23 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// One request as the client saw it (a line of `ferry-workload client --samples`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample {
-    /// When the request was sent, fractional Unix milliseconds.
-    pub unix_ms: f64,
-    pub conn: u32,
-    pub seq: u64,
-    /// `None`: never answered (or answered wrongly).
-    pub latency_ms: Option<f64>,
-}
-
-impl Sample {
-    /// When the reply arrived, Unix milliseconds.
-    pub fn reply_unix_ms(&self) -> Option<f64> {
-        self.latency_ms.map(|l| self.unix_ms + l)
-    }
-}
+/// One request as the client saw it: the type the client writes the CSV from.
+pub use ferry_workload::client::Sample;
 
 /// A samples CSV that could not be read.
 #[derive(Debug, thiserror::Error)]

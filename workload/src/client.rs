@@ -59,6 +59,13 @@ pub struct Sample {
     pub latency_ms: Option<f64>,
 }
 
+impl Sample {
+    /// When the reply arrived, Unix milliseconds.
+    pub fn reply_unix_ms(&self) -> Option<f64> {
+        self.latency_ms.map(|l| self.unix_ms + l)
+    }
+}
+
 /// The header line of the samples CSV.
 pub const SAMPLES_HEADER: &str = "unix_ms,conn,seq,latency_ms";
 
