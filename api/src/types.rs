@@ -76,7 +76,19 @@ impl MacAddr {
     pub fn is_zero(&self) -> bool {
         self.0 == [0; 6]
     }
+    /// In `0e:fe:…`, the prefix ferry keeps for its own interfaces: the gateway MAC every
+    /// host-side container veth carries (`ferry_common::GATEWAY_MAC`, `0e:fe:00:00:00:01`) and
+    /// each host's VXLAN device (`ferry_overlay::netlink::vxlan_mac`, `0e:fe:` + its overlay
+    /// address). A container with such a MAC would be taken for the host side (its own
+    /// neighbour entry for the gateway, the kernel's VXLAN loop check), so endpoints cannot have
+    /// one.
+    pub fn is_ferry_reserved(&self) -> bool {
+        self.0[..2] == RESERVED_MAC_PREFIX
+    }
 }
+
+/// The first two bytes of the MACs ferry keeps for itself (see [`MacAddr::is_ferry_reserved`]).
+pub const RESERVED_MAC_PREFIX: [u8; 2] = [0x0e, 0xfe];
 
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -159,6 +159,7 @@ fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
         ("POST", "/v1/endpoints", Some(r#"{"endpoints":[{"ip":"10.244.1.6","host":"a1","mac":"0e:fc:0a:f4:01:05"}]}"#.into()), 409, "conflict", "mac 0e:fc:0a:f4:01:05 of endpoint 10.244.1.6 is already endpoint 10.244.1.5's"),
         ("POST", "/v1/endpoints", Some(r#"{"endpoints":[{"ip":"10.244.1.6","host":"a1","mac":"0e:fc:0a:f4:01"}]}"#.into()), 400, "bad_request", "invalid MAC address"),
         ("POST", "/v1/endpoints", Some(r#"{"endpoints":[{"ip":"10.244.1.6","host":"a1","mac":"03:00:00:00:00:01"}]}"#.into()), 400, "invalid_address", "multicast"),
+        ("POST", "/v1/endpoints", Some(r#"{"endpoints":[{"ip":"10.244.1.6","host":"a1","mac":"0e:fe:00:00:00:01"}]}"#.into()), 400, "invalid_address", "is reserved: ferry's gateway and VXLAN devices"),
         ("POST", "/v1/endpoints", Some(r#"{"endpoints":[{"ip":"10.244.1","host":"a1"}]}"#.into()), 400, "bad_request", "endpoints[0].ip"),
         ("POST", "/v1/endpoints", Some(r#"{"endpoints":[]}"#.into()), 400, "bad_request", "the list is empty"),
         ("POST", "/v1/endpoints", Some(r#"{"endpoint":[]}"#.into()), 400, "bad_request", "unknown field `endpoint`"),

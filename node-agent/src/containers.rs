@@ -144,3 +144,21 @@ impl HostNetwork {
         Ok(ifindex)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry refuses endpoint MACs in ferry's reserved prefix; every MAC ferry gives its
+    /// own interfaces must be in it (else a container could be given one).
+    #[test]
+    fn ferrys_own_macs_are_in_the_prefix_the_registry_refuses() {
+        assert!(ferry_api::MacAddr(GATEWAY_MAC).is_ferry_reserved());
+        for ip in ["10.244.255.1", "10.0.0.0", "255.255.255.255"] {
+            let mac = ferry_overlay::netlink::vxlan_mac(ip.parse().unwrap());
+            assert!(ferry_api::MacAddr(mac).is_ferry_reserved(), "{ip}");
+        }
+        let ip: Ipv4Addr = "10.244.1.5".parse().unwrap();
+        assert!(!ferry_api::MacAddr::for_container(ip).is_ferry_reserved());
+    }
+}

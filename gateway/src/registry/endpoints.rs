@@ -82,6 +82,16 @@ impl Registry {
                     )),
                 );
             }
+            if mac.is_ferry_reserved() {
+                return fail(
+                    ErrorCode::InvalidAddress,
+                    at(format!(
+                        "mac {mac} of endpoint {} is reserved: ferry's gateway and VXLAN devices \
+                         use 0e:fe:…; pick another (or none, for 0e:fc: + the address)",
+                        s.ip
+                    )),
+                );
+            }
             if let Some(other) = self.macs.get(&mac) {
                 return fail(
                     ErrorCode::Conflict,
@@ -202,6 +212,16 @@ mod tests {
                 one(ep_mac("10.244.1.9", "a1", "01:00:5e:00:00:01")),
                 InvalidAddress,
                 "is a multicast address",
+            ),
+            (
+                one(ep_mac("10.244.1.9", "a1", "0e:fe:00:00:00:01")),
+                InvalidAddress,
+                "mac 0e:fe:00:00:00:01 of endpoint 10.244.1.9 is reserved",
+            ),
+            (
+                one(ep_mac("10.244.1.9", "a1", "0e:fe:0a:f4:ff:02")),
+                InvalidAddress,
+                "is reserved: ferry's gateway and VXLAN devices use 0e:fe:",
             ),
             (
                 one(ep_mac("10.244.1.9", "a1", "0e:fc:0a:f4:01:05")),
