@@ -82,6 +82,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .get(..6)
             .and_then(|m| <[u8; 6]>::try_from(m).ok())
             .with_context(|| format!("public_interface {public} has no Ethernet address"))?;
+        // VXLAN arriving from the internet is dropped before the stack sees it.
+        base.vxlan_port_be = cfg.vxlan_port.to_be();
         // Containers' traffic to the internet leaves through the stack (translated by the
         // datapath, or masqueraded): forwarding on, and no strict reverse-path filter on the
         // VXLAN device (translated packets arrive there with a public source address).

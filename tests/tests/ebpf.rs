@@ -169,7 +169,7 @@ impl Bench {
             overlay_mask_be: ipv4_be([255, 255, 0, 0]),
             public_ifindex: if gateway { public } else { 0 },
             public_mac: if gateway { PUBLIC_MAC } else { [0; 6] },
-            _pad: [0; 2],
+            vxlan_port_be: 4789u16.to_be(),
             hold_ifindex: hold,
         };
         let mut dp = Datapath::attach("ferry_vx", config, None).expect("datapath attach");
@@ -272,6 +272,19 @@ fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 4], u16), dst: ([u8; 4], u
     let mut frame = Vec::with_capacity(builder.size(payload.len()));
     builder
         .write(&mut frame, payload)
+        .expect("building a frame");
+    frame
+}
+
+/// A UDP datagram (e.g. VXLAN-shaped: 8 bytes of header and an inner frame as payload).
+fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let payload = [0x08, 0, 0, 0, 0, 0, 0x2a, 0, 0xde, 0xad, 0xbe, 0xef];
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, &payload)
         .expect("building a frame");
     frame
 }
@@ -562,6 +575,16 @@ fn from_public_translates_mapped_ports_with_correct_checksums() {
     let run = b.run(program, b.public, &f);
     run.expect(TC_ACT_OK, Reason::PublicPass, f.len());
     assert_eq!(run.frame, f);
+
+    // VXLAN from the internet (whatever outer source it claims) never reaches the gateway's
+    // VXLAN device: dropped and counted. Another UDP port of the gateway's own passes.
+    let gw_own = [203, 0, 113, 1];
+    let f = udp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (gw_own, 4789));
+    b.run(program, b.public, &f)
+        .expect(TC_ACT_SHOT, Reason::DropVxlanFromPublic, f.len());
+    let f = udp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (gw_own, 4790));
+    b.run(program, b.public, &f)
+        .expect(TC_ACT_OK, Reason::PublicPass, f.len());
 
     // ARP for the public address is answered with the public interface's MAC.
     let req = arp_request(CLIENT_MAC, CLIENT_IP, PUBLIC_IP);

@@ -380,3 +380,79 @@ fn bad_api_input_is_rejected_clearly_and_changes_nothing() {
     }
     lab.down().unwrap();
 }
+
+/// VXLAN from the internet never enters the overlay, even with an outer source forged as a
+/// host's underlay address (which would pass the VTEP allow-list): the gateway's public side
+/// drops it before its VXLAN device sees it, and counts it (`vxlan_from_public`).
+#[test]
+fn vxlan_from_the_internet_is_dropped_and_counted_even_with_a_forged_source() {
+    if !require_root_and_tools(&["ip", "curl", "python3"]) {
+        return;
+    }
+    let lab = lab();
+    let _diag = ferry_tests::CountersOnPanic::new(&lab);
+    let c = ip("10.244.1.10");
+    let ns = lab.add_container("a1", c).unwrap();
+    let rx = ferry_overlay::netns::run_in(&ns, || {
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 9400))
+    })
+    .unwrap()
+    .unwrap();
+    rx.set_nonblocking(true).unwrap();
+    let forged_src = lab.host("a1").expect("a1").address;
+    let gw_public = lab.topology().internet.as_ref().unwrap().gateway_address;
+    let (vni, port) = (lab.topology().vni, lab.topology().vxlan_port);
+    let before = counters(&lab, "gw");
+    // Outer IPv4 (source forged, IP_HDRINCL) / UDP to the VXLAN port / VXLAN (the lab's VNI) /
+    // inner Ethernet / IPv4 10.244.9.9 → the container / UDP 9400, inner checksum correct:
+    // without the check the container would receive it.
+    let script = format!(
+        r#"import socket,struct
+def csum(b):
+    s=sum(struct.unpack('!%dH'%(len(b)//2),b)); s=(s>>16)+(s&0xffff); s+=s>>16; return ~s&0xffff
+def ip4(src,dst,proto,payload):
+    h=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(payload),1,0,64,proto,0,socket.inet_aton(src),socket.inet_aton(dst))
+    return h[:10]+struct.pack('!H',csum(h))+h[12:]+payload
+def udp(sport,dport,payload): return struct.pack('!HHHH',sport,dport,8+len(payload),0)+payload
+inner=ip4('10.244.9.9','{c}',17,udp(5555,9400,b'injected'))
+frame=bytes.fromhex('0efe00000001')+bytes.fromhex('0e0000000099')+b'\x08\x00'+inner
+vx=struct.pack('!II',0x08000000,{vni}<<8)+frame
+pkt=ip4('{forged_src}','{gw_public}',17,udp(40000,{port},vx))
+s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW)
+for _ in range(5): s.sendto(pkt,('{gw_public}',0))
+"#
+    );
+    let out = lab.exec("inet", &["python3", "-c", &script]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = ferry_tests::wait_for(
+        "the gateway counts the 5 forged VXLAN datagrams",
+        Duration::from_secs(15),
+        || {
+            let now = counters(&lab, "gw");
+            (delta(&before, &now, "vxlan_from_public") >= 5).then_some(now)
+        },
+    );
+    assert_eq!(delta(&before, &after, "vxlan_from_public"), 5);
+    for r in [
+        "overlay_to_local",
+        "overlay_forward",
+        "unknown_vtep",
+        "bad_vni",
+    ] {
+        assert_eq!(
+            delta(&before, &after, r),
+            0,
+            "{r}: it never reached the overlay"
+        );
+    }
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(rx.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the container received the injected datagram"
+    );
+    lab.down().unwrap();
+}

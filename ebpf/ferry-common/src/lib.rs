@@ -121,7 +121,10 @@ pub struct Config {
     pub public_ifindex: u32,
     /// Gateway only: MAC of the internet-facing interface (answers ARP for public addresses).
     pub public_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The overlay's VXLAN UDP port (network order). On the gateway, a datagram to it that
+    /// arrives on the internet-facing interface is dropped (`vxlan_from_public`): the overlay is
+    /// accepted only from the underlay. 0: no such check.
+    pub vxlan_port_be: u16,
     /// ifindex of the agent's hold device (a TAP): `HOLD` endpoints' packets go there.
     /// 0: no hold device (held packets are dropped as `no_hold_device`).
     pub hold_ifindex: u32,
@@ -301,6 +304,10 @@ reasons! {
         "A `HOLD` endpoint but no hold device configured.";
     DropTtlExceeded = 35, drop, "ttl_exceeded",
         "re-encapsulated too often (inner TTL ran out: a forwarding loop).";
+    DropVxlanFromPublic = 36, drop, "vxlan_from_public",
+        "from-public: a datagram to the overlay's VXLAN port arrived from the internet (the \
+        overlay is accepted only from the underlay; a forged outer source would pass the VTEP \
+        allow-list).";
 }
 
 impl Reason {

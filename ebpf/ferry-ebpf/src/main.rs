@@ -349,6 +349,13 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
     let dst = ipv4_dst(ctx)?;
     let l4 = packet::l4(ctx)?;
     let Some(container) = nat::dnat(ctx, dst, &l4)? else {
+        // Not for a container: the gateway's own. Never the overlay (a first fragment carries
+        // the port; without it the rest is never reassembled).
+        if l4.as_ref().is_some_and(|l| {
+            l.is_udp() && cfg.vxlan_port_be != 0 && l.dport_be == cfg.vxlan_port_be
+        }) {
+            return Err(Reason::DropVxlanFromPublic);
+        }
         return Ok(pass(Reason::PublicPass));
     };
     let ep = endpoint(container).ok_or(Reason::DropNoEndpoint)?;
