@@ -67,29 +67,10 @@ impl Registry {
                 );
             }
             let mac = s.mac.unwrap_or_else(|| MacAddr::for_container(s.ip));
-            if mac.is_zero() {
+            if let Some(why) = unusable_mac(mac) {
                 return fail(
                     ErrorCode::InvalidAddress,
-                    at(format!("mac {mac} of endpoint {} is all zeros", s.ip)),
-                );
-            }
-            if !mac.is_unicast() {
-                return fail(
-                    ErrorCode::InvalidAddress,
-                    at(format!(
-                        "mac {mac} of endpoint {} is a multicast address: want a unicast MAC",
-                        s.ip
-                    )),
-                );
-            }
-            if mac.is_ferry_reserved() {
-                return fail(
-                    ErrorCode::InvalidAddress,
-                    at(format!(
-                        "mac {mac} of endpoint {} is reserved: ferry's gateway and VXLAN devices \
-                         use 0e:fe:…; pick another (or none, for 0e:fc: + the address)",
-                        s.ip
-                    )),
+                    at(format!("mac {mac} of endpoint {} {why}", s.ip)),
                 );
             }
             if let Some(other) = self.macs.get(&mac) {
@@ -154,6 +135,22 @@ impl Registry {
             kept_public,
             ended_migrations,
         })
+    }
+}
+
+/// Why an endpoint cannot have `mac` (whatever other endpoints have), if it cannot.
+fn unusable_mac(mac: MacAddr) -> Option<&'static str> {
+    if mac.is_zero() {
+        Some("is all zeros")
+    } else if !mac.is_unicast() {
+        Some("is a multicast address: want a unicast MAC")
+    } else if mac.is_ferry_reserved() {
+        Some(
+            "is reserved: ferry's gateway and VXLAN devices use 0e:fe:…; pick another (or \
+             none, for 0e:fc: + the address)",
+        )
+    } else {
+        None
     }
 }
 
