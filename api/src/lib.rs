@@ -99,6 +99,7 @@
 
 pub mod client;
 pub mod clock;
+pub mod faultpoint;
 pub mod run;
 pub mod transport;
 pub mod types;

@@ -247,6 +247,10 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
         criu: None,
     };
     let _ = c.run_event(&id, &event).await;
+    if step == MigrationStepKind::Freeze {
+        // The tasks are frozen and CRIU dumps: a harness may land a fault here.
+        ferry_api::faultpoint::pause("dump", &id).await;
+    }
     Ok(None)
 }
 

@@ -405,6 +405,17 @@ async fn settle(
         };
         return Ok(created(false, answer));
     };
+    if changed {
+        let point = match step {
+            MigrationStepKind::Prepare => Some("prepare"),
+            MigrationStepKind::Release => Some("released"),
+            MigrationStepKind::Abort => Some("aborted"),
+            MigrationStepKind::Freeze => None,
+        };
+        if let Some(p) = point {
+            ferry_api::faultpoint::pause(p, &migration.id).await;
+        }
+    }
     match g.wait_applied(&hosts, target, persisted_at + timeout).await {
         Wait::Applied => {
             let took = persisted_at.elapsed();

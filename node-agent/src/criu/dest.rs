@@ -177,6 +177,7 @@ async fn restore(
         "images received"
     );
 
+    ferry_api::faultpoint::pause("restore", id).await;
     // Restore into the prepared namespace. A namespace this host kept (the container left
     // it moments ago, and comes back while the forwarding grace runs) may still carry the
     // drop-all table of CRIU's own network lock from that dump: remove it first.
@@ -244,6 +245,7 @@ async fn restore(
     };
     info!(pid, ms = out.ms, "restored");
 
+    ferry_api::faultpoint::pause("release", id).await;
     // Release here (hold: drain what was held, then deliver; criu-lock: the switch).
     let client = ctx.gateway_client();
     let release_start = ferry_api::unix_ms_f64();

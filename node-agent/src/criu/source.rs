@@ -302,6 +302,7 @@ async fn run_inner(
         argv,
         fail_restore: req.fail == Some(FailAt::Restore),
     };
+    ferry_api::faultpoint::pause("transfer", &id).await;
     let transfer_start = ferry_api::unix_ms_f64();
     let progress_ctx = ctx.clone();
     let progress_id = id.clone();
