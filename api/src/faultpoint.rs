@@ -39,10 +39,7 @@ fn armed(point: &str) -> Option<PathBuf> {
 fn mark_reached(f: &std::path::Path, migration: &str) {
     let reached = f.with_extension("reached");
     // Best effort: a harness that cannot see it times out and says so.
-    let _ = std::fs::write(
-        &reached,
-        format!("{} {migration}\n", std::process::id()),
-    );
+    let _ = std::fs::write(&reached, format!("{} {migration}\n", std::process::id()));
 }
 
 /// Stops here while `point` is armed (see the module's doc). Returns at once when it is not.

@@ -2,7 +2,6 @@
 //! and the reaper that tears the lab down if its owner dies.
 
 use std::{
-    fs::File,
     net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -424,6 +423,108 @@ impl Lab {
         let ready = cp.wait_ready(&self.prefix, &mut child);
         self.children.push(child);
         ready
+    }
+
+    /// Sends `signal` to `host`'s agent (by PID and start time) and waits until it exited (at
+    /// most 10 s; a SIGTERM still unanswered then is followed by SIGKILL). Its containers,
+    /// namespaces and datapath stay as the agent leaves them.
+    pub fn kill_agent(&mut self, host: &str, signal: i32) -> Result<(), LabError> {
+        let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
+            prefix: self.prefix.clone(),
+            path: state::state_file(&self.prefix),
+            problem: "no state".into(),
+        })?;
+        let records: Vec<ProcRecord> = st
+            .processes
+            .iter()
+            .filter(|p| p.kind == "agent" && p.host.as_deref() == Some(host))
+            .cloned()
+            .collect();
+        if records.is_empty() {
+            return Err(LabError::io(
+                format!("stopping the agent of {host}"),
+                std::io::Error::other("the lab runs no agent there"),
+            ));
+        }
+        for r in &records {
+            let what = |e| {
+                LabError::io(
+                    format!("signal {signal} to the agent of {host} (PID {})", r.pid),
+                    e,
+                )
+            };
+            let Some(fd) = procs::PidFd::open(r.pid, Some(r.start_time)).map_err(what)? else {
+                continue;
+            };
+            fd.signal(signal).map_err(what)?;
+            if !fd.wait_exit(Some(Duration::from_secs(10))).map_err(what)? {
+                fd.signal(libc::SIGKILL).map_err(what)?;
+                fd.wait_exit(Some(Duration::from_secs(5))).map_err(what)?;
+            }
+        }
+        for c in &mut self.children {
+            let _ = c.try_wait();
+        }
+        st.processes
+            .retain(|p| !(p.kind == "agent" && p.host.as_deref() == Some(host)));
+        st.save()
+    }
+
+    /// Starts `host`'s agent again (after [`Lab::kill_agent`]) with the same configuration and
+    /// waits until it serves its metrics.
+    pub fn start_agent(&mut self, host: &str) -> Result<(), LabError> {
+        let bin = find_binary("ferry-agent", "ferry-agent")?;
+        let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
+            prefix: self.prefix.clone(),
+            path: state::state_file(&self.prefix),
+            problem: "no state".into(),
+        })?;
+        let mut child = spawn_agent(&self.prefix, host, &bin)?;
+        let pid = child.id() as i32;
+        let start_time = procs::start_time(pid)
+            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
+        st.processes.push(ProcRecord {
+            pid,
+            start_time,
+            kind: "agent".into(),
+            host: Some(host.to_owned()),
+        });
+        st.save()?;
+        let listen: SocketAddr = DEFAULT_METRICS_LISTEN.parse().expect("valid default");
+        let ns = netns_path(&netns_name(&self.prefix, host));
+        let log = self.agent_log(host);
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let ready = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Err(LabError::AgentDied {
+                    host: host.to_owned(),
+                    status,
+                    tail: tail(&log, 40),
+                    log: log.clone(),
+                });
+            }
+            if crate::control::http_ok(&ns, listen, "/metrics") {
+                break Ok(());
+            }
+            if Instant::now() >= deadline {
+                break Err(LabError::AgentTimeout {
+                    host: host.to_owned(),
+                    listen,
+                    secs: AGENT_READY_TIMEOUT.as_secs(),
+                    tail: tail(&log, 40),
+                    log: log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.children.push(child);
+        ready
+    }
+
+    /// Restarts `host`'s agent: `signal` (SIGTERM: an upgrade; SIGKILL: a crash), then start.
+    pub fn restart_agent(&mut self, host: &str, signal: i32) -> Result<(), LabError> {
+        self.kill_agent(host, signal)?;
+        self.start_agent(host)
     }
 
     /// Tears the lab down and reports every error.
@@ -934,26 +1035,7 @@ impl Builder {
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())
                 .map_err(|e| LabError::io(format!("writing {}", config.display()), e))?;
-            let log_path = dir.join("agent.log");
-            let log = File::create(&log_path)
-                .map_err(|e| LabError::io(format!("creating {}", log_path.display()), e))?;
-            let log2 = log
-                .try_clone()
-                .map_err(|e| LabError::io("duplicating the log fd", e))?;
-            let mut cmd = Command::new(bin);
-            cmd.arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .current_dir(&dir)
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2);
-            command_in(&mut cmd, &netns_path(&self.ns(&h.name)))?;
-            detach_session(&mut cmd);
-            let child = cmd.spawn().map_err(|e| {
-                LabError::io(format!("spawning {} for host {}", bin.display(), h.name), e)
-            })?;
-            tracing::info!(host = %h.name, pid = child.id(), "agent started");
+            let child = spawn_agent(self.prefix(), &h.name, bin)?;
             let r = self.record(&child, "agent", Some(&h.name));
             self.children.push(child);
             r?;
@@ -1015,6 +1097,37 @@ impl Builder {
         );
         Ok(())
     }
+}
+
+/// Starts `host`'s agent with the configuration the lab wrote for it (`<state>/<host>/agent.toml`),
+/// inside the host's namespace, its output appended to `agent.log`.
+fn spawn_agent(prefix: &str, host: &str, bin: &Path) -> Result<Child, LabError> {
+    let dir = state::state_dir(prefix).join(host);
+    let config = dir.join("agent.toml");
+    let log_path = dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| LabError::io(format!("opening {}", log_path.display()), e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| LabError::io("duplicating the log fd", e))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    command_in(&mut cmd, &netns_path(&netns_name(prefix, host)))?;
+    detach_session(&mut cmd);
+    let child = cmd
+        .spawn()
+        .map_err(|e| LabError::io(format!("spawning {} for host {host}", bin.display()), e))?;
+    tracing::info!(%host, pid = child.id(), "agent started");
+    Ok(child)
 }
 
 fn finish_batch(label: &str, shown: String, child: Child) -> Result<(), LabError> {
