@@ -211,6 +211,12 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/hosts/{name}/heartbeat`: tells the gateway this host's agent is alive.
+    pub async fn heartbeat(&self, name: &str) -> Result<HostStatus, ApiError> {
+        let path = format!("/v1/hosts/{}/heartbeat", percent_encode(name));
+        self.send::<(), _>("POST", &path, None, self.timeout).await
+    }
+
     pub async fn hosts(&self) -> Result<Vec<HostStatus>, ApiError> {
         self.get("/v1/hosts").await
     }

@@ -11,6 +11,7 @@
 //! | GET | /v1/health | → [`Health`] |
 //! | POST | /v1/hosts | [`HostInfo`] → [`HostStatus`] (an agent registers; idempotent) |
 //! | GET | /v1/hosts | → `Vec<HostStatus>` |
+//! | POST | /v1/hosts/{name}/heartbeat | → [`HostStatus`] (an agent is alive; every 250 ms) |
 //! | DELETE | /v1/hosts/{name} | → [`HostStatus`] (refused while endpoints live there) |
 //! | POST | /v1/endpoints | [`EndpointsRequest`] → `Vec<Endpoint>` (all or nothing) |
 //! | GET | /v1/endpoints | → `Vec<Endpoint>` |

@@ -232,6 +232,51 @@ pub struct ContainerProcess {
     /// The exit status if it ended (`exited N` / `killed by SIGNAME`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+    /// Set while the tree is a stopped copy that is not (or not yet) the container's owner:
+    /// it may neither run nor emit until the registry decides (see docs/migration.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<Fence>,
+}
+
+/// A stopped copy of a migrating container, kept until the registry's decision reaches its
+/// host: the source's dumped tree (resumed if the migration is aborted, killed once the
+/// destination runs) or the destination's restored tree (resumed once the migration is
+/// released, killed if it is aborted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub migration: String,
+    pub side: FenceSide,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceSide {
+    Source,
+    Destination,
+}
+
+impl FenceSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+/// `GET /v1/restores/{migration}` on a destination agent: how far the migration's restore
+/// got there (the gateway asks when it lost the source agent, to choose between waiting for
+/// the release and aborting).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreStatus {
+    pub migration: String,
+    /// `none` (nothing received), `receiving`, `restoring`, `restored` (the tree exists,
+    /// stopped, waiting for the decision), `failed`.
+    pub state: String,
+    /// Image bytes received so far.
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A source agent's answer to `POST /v1/checkpoint/{migration}`.

@@ -156,7 +156,11 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
         config.watch_timeout(),
         config.step_timeout(),
     );
-    g.configure_runs(config.listen, config.agent_api_port);
+    g.configure_runs(
+        config.listen,
+        config.agent_api_port,
+        Some(config.state_dir.join("runs")),
+    );
     let expiry = tokio::spawn(expire_released(g.clone()));
     info!(
         listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,

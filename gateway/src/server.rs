@@ -262,8 +262,18 @@ impl Gateway {
     }
 
     /// The gateway's own API address and the agents' peer API port, for runs.
-    pub fn configure_runs(&self, listen: SocketAddr, agent_api_port: u16) {
-        self.runs.configure(listen, agent_api_port);
+    /// Where runs call the gateway and the agents; with `dir`, their reports are persisted
+    /// there and the runs that were running are resumed.
+    pub fn configure_runs(
+        self: &Arc<Self>,
+        listen: SocketAddr,
+        agent_api_port: u16,
+        dir: Option<std::path::PathBuf>,
+    ) {
+        self.runs.configure(listen, agent_api_port, dir);
+        for id in self.runs.load() {
+            crate::migration::runs::resume(self, id);
+        }
     }
 
     /// The current registry.
@@ -562,6 +572,22 @@ async fn register_host(
     Ok(created(new, g.host_status(info)))
 }
 
+/// `POST /v1/hosts/{name}/heartbeat`: the agent is alive (every 250 ms, also while it applies
+/// a snapshot and holds no watch open): what fast failure detection reads.
+async fn heartbeat(
+    State(g): Shared,
+    PathParam(name): PathParam,
+) -> Result<Json<HostStatus>, ApiFailure> {
+    let info = g.current().host(&name).cloned().ok_or_else(|| {
+        ApiFailure::new(
+            ErrorCode::UnknownHost,
+            format!("host {name:?} is not registered"),
+        )
+    })?;
+    g.touch(&name);
+    Ok(Json(g.host_status(info)))
+}
+
 async fn list_hosts(State(g): Shared) -> Json<Vec<HostStatus>> {
     let reg = g.current();
     Json(reg.hosts().map(|h| g.host_status(h.clone())).collect())
@@ -725,6 +751,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/version", get(version))
         .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/{name}", delete(remove_host))
+        .route("/v1/hosts/{name}/heartbeat", axum::routing::post(heartbeat))
         .route("/v1/endpoints", get(list_endpoints).post(add_endpoints))
         .route("/v1/endpoints/{ip}", delete(remove_endpoint))
         .route("/v1/public", get(list_public).post(add_public))

@@ -20,6 +20,7 @@ use tracing::{Instrument as _, info, warn};
 use crate::{
     config::AgentConfig,
     containers::HostNetwork,
+    fencing::Fencing,
     handoff::Handoff,
     hold::HoldQueues,
     metrics,
@@ -153,18 +154,6 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
     let node = Arc::new(tokio::sync::Mutex::new(node));
 
-    let follower = match &cfg.gateway {
-        Some(g) => {
-            let client = Client::with_token_file(g.address, &g.token_file)
-                .with_context(|| format!("gateway token {}", g.token_file.display()))?;
-            let span = tracing::info_span!("sync", gateway = %g.address);
-            Some(tokio::spawn(
-                sync::follow(cfg.clone(), client, node.clone()).instrument(span),
-            ))
-        }
-        None => None,
-    };
-
     // The container runtime: the agent becomes a child subreaper (CRIU-restored trees are
     // reparented to it) and reaps the processes it starts or adopts.
     let runtime = Runtime::new(&cfg.host)?;
@@ -174,6 +163,29 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             runtime.shutdown().await;
             return Err(e);
         }
+    };
+    let fencing = Arc::new(Fencing {
+        host: cfg.host.clone(),
+        node: node.clone(),
+        runtime: runtime.clone(),
+        peer_port: cfg.api_listen.port(),
+        token: peer_api::read_token(&cfg).ok().flatten(),
+    });
+    let mut background = vec![tokio::spawn(fencing.clone().run().in_current_span())];
+    let follower = match &cfg.gateway {
+        Some(g) => {
+            let client = Client::with_token_file(g.address, &g.token_file)
+                .with_context(|| format!("gateway token {}", g.token_file.display()))?;
+            let span = tracing::info_span!("sync", gateway = %g.address);
+            background.push(tokio::spawn(
+                sync::heartbeat(cfg.host.clone(), client.clone()).instrument(span.clone()),
+            ));
+            Some(tokio::spawn(
+                sync::follow(cfg.clone(), client, node.clone(), Some(fencing.clone()))
+                    .instrument(span),
+            ))
+        }
+        None => None,
     };
     let orphans = tokio::spawn(stop_orphans(node.clone(), runtime.clone()).in_current_span());
 
@@ -206,6 +218,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         f.abort();
         let _ = f.await;
     }
+    for t in background {
+        t.abort();
+        let _ = t.await;
+    }
+    drop(fencing);
     if let Some(p) = peer_api {
         p.shutdown().await;
     }
@@ -350,7 +367,7 @@ async fn stop_orphans(node: Arc<tokio::sync::Mutex<Node>>, runtime: Runtime) {
             .copied()
             .collect();
         for p in runtime.list() {
-            if p.running && !built.contains(&p.container) {
+            if p.running && p.fenced.is_none() && !built.contains(&p.container) {
                 warn!(container = %p.container, pid = p.pid, "the container left this host: stopping its process tree");
                 if let Err(e) = runtime
                     .stop(p.container, std::time::Duration::from_secs(2))

@@ -8,6 +8,9 @@
 //! - [`dest`]: `POST /v1/images/{migration}` — receive, restore into the prepared namespace.
 //! - [`resume`]: a source tree CRIU left stopped, running again (repair off, SIGCONT).
 //!
+//! Neither side resumes or kills a stopped copy itself: each marks its tree fenced in the
+//! runtime, and [`crate::fencing`] acts on the registry's decision (released or aborted).
+//!
 //! Why the CLI and not CRIU's RPC (`criu swrk`): both start a `criu` process per dump and per
 //! restore (swrk is a process too), so RPC would save only the argument parsing while adding
 //! a protobuf schema to keep in step with CRIU; the CLI's stats (`--display-stats`) and log
@@ -32,6 +35,7 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::post,
 };
+use ferry_api::run::RestoreStatus;
 use tokio::sync::Mutex;
 
 pub use crate::{auth::Refusal, config::CriuConfig};
@@ -46,43 +50,49 @@ pub struct Ctx {
     pub token_file: PathBuf,
     pub gateway: SocketAddr,
     pub criu: CriuConfig,
-    /// One CRIU operation per container at a time.
-    pub busy: std::sync::Mutex<std::collections::HashSet<Ipv4Addr>>,
+    /// Restores on this host, by migration: how far each got (`GET /v1/restores/{id}`).
+    pub restores: std::sync::Mutex<std::collections::BTreeMap<String, RestoreStatus>>,
 }
 
 impl Ctx {
-    /// Claims `ip` for one operation; released when the guard drops.
-    pub fn claim(self: &Arc<Self>, ip: Ipv4Addr) -> Result<BusyGuard, Refusal> {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !busy.insert(ip) {
-            return Err(Refusal::new(
+    /// Claims `ip` for one CRIU operation (the runtime's claim); released when the guard
+    /// drops.
+    pub fn claim(&self, ip: Ipv4Addr) -> Result<crate::runtime::Claim, Refusal> {
+        self.runtime.claim(ip).ok_or_else(|| {
+            Refusal::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!(
                     "a CRIU operation on {ip} is already running on {}",
                     self.host
                 ),
-            ));
-        }
-        Ok(BusyGuard {
-            ctx: self.clone(),
-            ip,
+            )
         })
     }
-}
 
-pub struct BusyGuard {
-    ctx: Arc<Ctx>,
-    ip: Ipv4Addr,
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        self.ctx
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.ip);
+    /// Records how far the restore of `migration` got (kept for the last 100).
+    pub fn restore_status(&self, migration: &str, f: impl FnOnce(&mut RestoreStatus)) {
+        let mut r = self.restores.lock().unwrap_or_else(|p| p.into_inner());
+        let s = r
+            .entry(migration.to_owned())
+            .or_insert_with(|| RestoreStatus {
+                migration: migration.to_owned(),
+                state: "none".into(),
+                bytes: 0,
+                error: None,
+            });
+        f(s);
+        while r.len() > 100 {
+            // Ids are m<n>: drop the oldest by number.
+            let oldest = r
+                .keys()
+                .min_by_key(|k| ferry_api::migration_seq(k).unwrap_or(0))
+                .cloned();
+            match oldest {
+                Some(k) => r.remove(&k),
+                None => break,
+            };
+        }
     }
 }
 
@@ -96,6 +106,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/v1/checkpoint/{migration}", post(source::checkpoint))
         .route("/v1/images/{migration}", post(dest::receive))
+        .route("/v1/restores/{migration}", axum::routing::get(dest::status))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(ctx)
 }

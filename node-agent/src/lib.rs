@@ -10,9 +10,10 @@
 //! agent → peer_api, handoff, sync, metrics, runtime, node, plan, hold, config
 //! peer_api (serves the routes below on `api_listen`) → handoff, criu, runtime::api
 //! criu (CRIU driver)          → runtime, node, auth, config
+//! fencing (stopped copies)    → criu::resume, runtime, node
 //! handoff (socket hand-off)   → node, auth, config
 //! runtime::api                → runtime, node, auth
-//! sync (follows the registry) → node, plan, config
+//! sync (follows the registry) → fencing, node, plan, config
 //! metrics                     → hold
 //! node (applies a plan)       → containers, hold, plan
 //! containers → plan → config
@@ -27,6 +28,7 @@ pub mod cli;
 pub use ferry_config as config;
 pub mod containers;
 pub mod criu;
+pub mod fencing;
 pub mod handoff;
 pub mod hold;
 pub mod metrics;

@@ -68,7 +68,7 @@ impl PeerApi {
                 token_file: g.token_file.clone(),
                 gateway: g.address,
                 criu: cfg.criu.clone(),
-                busy: std::sync::Mutex::new(Default::default()),
+                restores: std::sync::Mutex::new(Default::default()),
             });
             app = app.merge(criu::router(criu));
         }

@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_api::run::{ContainerProcess, StartRequest};
+use ferry_api::run::{ContainerProcess, Fence, StartRequest};
 use ferry_overlay::netns::{self, NetNsError};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -212,6 +212,8 @@ struct State {
     starting: std::collections::BTreeSet<Ipv4Addr>,
     /// Trees CRIU dumped and killed, forgotten but still to be reaped: PID → container.
     checkpointed: HashMap<i32, (Ipv4Addr, Option<u64>)>,
+    /// Containers with a CRIU operation (checkpoint or restore) in progress.
+    busy: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 struct Inner {
@@ -413,6 +415,7 @@ impl Runtime {
             origin: ORIGIN_STARTED.into(),
             running: true,
             ended: None,
+            fenced: None,
         };
         st.procs.insert(
             ip,
@@ -473,13 +476,84 @@ impl Runtime {
         self.lock().procs.values().map(|e| e.proc.clone()).collect()
     }
 
-    /// PID of the container's root process, while it runs.
+    /// PID of the container's root process, while it runs (a fenced copy does not count:
+    /// it is stopped and waits for the registry's decision).
     pub fn pid(&self, ip: Ipv4Addr) -> Option<i32> {
         self.lock()
             .procs
             .get(&ip)
-            .filter(|e| e.proc.running)
+            .filter(|e| e.proc.running && e.proc.fenced.is_none())
             .map(|e| e.proc.pid)
+    }
+
+    /// The container's tree is now a stopped copy waiting for the registry's decision
+    /// ([`Fence`]). Returns false if the runtime knows no live tree for it.
+    pub fn fence(&self, ip: Ipv4Addr, fence: Fence) -> bool {
+        let mut st = self.lock();
+        let Some(e) = st.procs.get_mut(&ip).filter(|e| e.proc.running) else {
+            return false;
+        };
+        info!(container = %ip, pid = e.proc.pid, migration = %fence.migration, side = fence.side.as_str(), "process tree fenced: stopped until the registry decides");
+        e.proc.fenced = Some(fence);
+        true
+    }
+
+    /// The fenced tree of `ip` became the owner and runs again.
+    pub fn unfence(&self, ip: Ipv4Addr) {
+        if let Some(e) = self.lock().procs.get_mut(&ip)
+            && let Some(f) = e.proc.fenced.take()
+        {
+            info!(container = %ip, pid = e.proc.pid, migration = %f.migration, side = f.side.as_str(), "process tree runs: it owns the container");
+        }
+    }
+
+    /// Fenced trees that are still alive.
+    pub fn fenced(&self) -> Vec<ContainerProcess> {
+        self.sweep();
+        self.lock()
+            .procs
+            .values()
+            .filter(|e| e.proc.running && e.proc.fenced.is_some())
+            .map(|e| e.proc.clone())
+            .collect()
+    }
+
+    /// A fenced copy that will never own the container: SIGKILL to its root (which kills its
+    /// PID namespace; a socket closed in repair mode sends nothing), then forgotten like a
+    /// checkpointed tree (its exit is still reaped).
+    pub fn kill_fenced(&self, ip: Ipv4Addr) -> io::Result<()> {
+        let (pid, start) = {
+            let st = self.lock();
+            let Some(e) = st
+                .procs
+                .get(&ip)
+                .filter(|e| e.proc.running && e.proc.fenced.is_some())
+            else {
+                return Ok(());
+            };
+            (e.proc.pid, e.start_time)
+        };
+        match signal_pid(pid, start, libc::SIGKILL) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => return Err(e),
+        }
+        self.checkpointed(ip);
+        Ok(())
+    }
+
+    /// Claims `ip` for one CRIU operation (checkpoint or restore); released when the guard
+    /// drops. `None`: one is already in progress.
+    pub fn claim(&self, ip: Ipv4Addr) -> Option<Claim> {
+        self.lock().busy.insert(ip).then(|| Claim {
+            runtime: self.clone(),
+            ip,
+        })
+    }
+
+    /// Is a CRIU operation on `ip` in progress?
+    pub fn busy(&self, ip: Ipv4Addr) -> bool {
+        self.lock().busy.contains(&ip)
     }
 
     /// A tree CRIU restored on this host (origin `restored`): reaped from now on.
@@ -522,6 +596,7 @@ impl Runtime {
                         origin: ORIGIN_RESTORED.into(),
                         running: true,
                         ended: None,
+                        fenced: None,
                     },
                     start_time: start,
                     stopping: false,
@@ -652,6 +727,18 @@ impl Runtime {
             t.abort();
             let _ = t.await;
         }
+    }
+}
+
+/// One CRIU operation on a container's tree (see [`Runtime::claim`]).
+pub struct Claim {
+    runtime: Runtime,
+    ip: Ipv4Addr,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.runtime.lock().busy.remove(&self.ip);
     }
 }
 

@@ -9,15 +9,37 @@ use ferry_api::{Client, HostInfo, Snapshot};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::{config::AgentConfig, node::Node, plan};
+use crate::{config::AgentConfig, fencing::Fencing, node::Node, plan};
 
 /// How long a watch may stay open before the agent asks again (the gateway answers first).
 const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Runs until the task is dropped.
-pub async fn follow(cfg: AgentConfig, client: Client, node: Arc<Mutex<Node>>) {
+/// How often the agent tells the gateway it is alive (see the gateway's `DEAD_AFTER_MS`).
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// Heartbeats until the task is dropped (failures are the gateway's to notice).
+pub async fn heartbeat(host: String, client: Client) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = client.heartbeat(&host).await {
+            debug!(error = %e, "heartbeat not delivered");
+        }
+    }
+}
+
+/// Runs until the task is dropped. After every applied snapshot, `fencing` acts on the
+/// decisions it carries before the agent reports the version (so a host that reports a
+/// release runs the container).
+pub async fn follow(
+    cfg: AgentConfig,
+    client: Client,
+    node: Arc<Mutex<Node>>,
+    fencing: Option<Arc<Fencing>>,
+) {
     let me = HostInfo {
         name: cfg.host.clone(),
         vtep: cfg.vtep,
@@ -79,6 +101,9 @@ pub async fn follow(cfg: AgentConfig, client: Client, node: Arc<Mutex<Node>>) {
             let want = plan::desired(&cfg, Some(&snap));
             let errors = n.apply(&want).await;
             drop(n);
+            if let Some(f) = &fencing {
+                f.reconcile().await;
+            }
             if !errors.is_empty() {
                 for e in &errors {
                     warn!(version = snap.version, error = %e, "applying the registry");

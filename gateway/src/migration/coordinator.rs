@@ -47,6 +47,11 @@ use crate::{
 /// An agent without an open watch still counts as connected this long after its last watch
 /// (it has none open while it applies a snapshot). Registering alone does not count.
 pub const LIVE_WINDOW_MS: u64 = 10_000;
+/// An agent that watched before, holds no watch open and was not heard from (watch or
+/// heartbeat, sent every 250 ms) for this long is taken for dead: a migration step that
+/// needs it fails at once instead of at its timeout, and waits for a rollback skip it (it
+/// converges from the snapshot when it comes back).
+pub const DEAD_AFTER_MS: u64 = 1_500;
 
 // ---------------------------------------------------------------------------------------------
 // Logging
@@ -138,6 +143,15 @@ pub(crate) enum Wait {
     },
 }
 
+/// See [`DEAD_AFTER_MS`].
+pub(crate) fn is_dead(rt: Option<&HostRuntime>, now: u64) -> bool {
+    rt.is_some_and(|r| {
+        r.open_watches == 0
+            && r.last_watch_unix_ms != 0
+            && now.saturating_sub(r.last_seen_unix_ms.max(r.last_watch_unix_ms)) > DEAD_AFTER_MS
+    })
+}
+
 fn is_live(rt: Option<&HostRuntime>, now: u64) -> bool {
     rt.is_some_and(|r| {
         r.open_watches > 0
@@ -166,13 +180,28 @@ impl Gateway {
             .collect()
     }
 
+    /// Is `host`'s agent taken for dead ([`DEAD_AFTER_MS`])?
+    pub(crate) fn host_dead(&self, host: &str) -> bool {
+        is_dead(lock(&self.runtime).get(host), ferry_api::unix_ms())
+    }
+
+    /// The version `host`'s agent last reported as applied.
+    pub(crate) fn host_applied(&self, host: &str) -> u64 {
+        lock(&self.runtime)
+            .get(host)
+            .map_or(0, |r| r.applied_version)
+    }
+
     /// Waits until every host of `hosts` reported `target` (or later) as applied, the
-    /// deadline, or the start of a shutdown.
+    /// deadline, or the start of a shutdown. A dead agent ([`DEAD_AFTER_MS`]) among
+    /// `critical` ends the wait at once (lagging); one that is not critical is not waited
+    /// for (it converges from the snapshot when it comes back).
     pub(crate) async fn wait_applied(
         &self,
         hosts: &[String],
         target: u64,
         deadline: Instant,
+        critical: &[String],
     ) -> Wait {
         let mut ticks = self.applied_tx.subscribe();
         let mut shutdown = self.shutdown_tx.subscribe();
@@ -180,19 +209,29 @@ impl Gateway {
         loop {
             ticks.borrow_and_update();
             let lagging = self.lagging(hosts, target);
-            if lagging.is_empty() {
+            let (dead, alive): (Vec<HostLag>, Vec<HostLag>) =
+                lagging.into_iter().partition(|l| self.host_dead(&l.host));
+            if alive.is_empty() && !dead.iter().any(|l| critical.contains(&l.host)) {
+                if !dead.is_empty() {
+                    warn!(dead = %lag_list(&dead), "not waiting for dead agents: they converge when they come back");
+                }
                 return Wait::Applied;
             }
             let shutting_down = *shutdown.borrow();
-            if shutting_down || tokio::time::Instant::now() >= deadline {
+            let critical_dead = dead.iter().any(|l| critical.contains(&l.host));
+            if shutting_down || critical_dead || tokio::time::Instant::now() >= deadline {
+                let mut lagging = alive;
+                lagging.extend(dead);
                 return Wait::Lagging {
                     lagging,
                     shutting_down,
                 };
             }
+            // Liveness changes without an applied tick: look again every 100 ms.
             tokio::select! {
                 _ = ticks.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = shutdown.wait_for(|s| *s) => {}
             }
         }
@@ -416,7 +455,20 @@ async fn settle(
             ferry_api::faultpoint::pause(p, &migration.id).await;
         }
     }
-    match g.wait_applied(&hosts, target, persisted_at + timeout).await {
+    // Whose death ends the wait at once: the ends for prepare and freeze (roll back now, the
+    // source must not stay frozen), the destination for a release; an abort waits for the
+    // live only.
+    let critical: Vec<String> = match step {
+        MigrationStepKind::Prepare | MigrationStepKind::Freeze => {
+            vec![migration.from.clone(), migration.to.clone()]
+        }
+        MigrationStepKind::Release => vec![migration.to.clone()],
+        MigrationStepKind::Abort => vec![],
+    };
+    match g
+        .wait_applied(&hosts, target, persisted_at + timeout, &critical)
+        .await
+    {
         Wait::Applied => {
             let took = persisted_at.elapsed();
             g.metrics
@@ -575,7 +627,7 @@ async fn auto_abort(
     let hosts = g.rollback_hosts(&reg, &aborted, prepared_version.unwrap_or(1), false);
     drop(reg);
     match g
-        .wait_applied(&hosts, abort_version, Instant::now() + timeout)
+        .wait_applied(&hosts, abort_version, Instant::now() + timeout, &[])
         .await
     {
         Wait::Applied => {

@@ -18,8 +18,9 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -30,10 +31,10 @@ use axum::{
     routing::{get, post},
 };
 use ferry_api::{
-    ApiError, Client, ErrorCode,
+    ApiError, Client, ErrorCode, MigrationPhase,
     run::{
-        CheckpointAnswer, CheckpointRequest, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest,
-        RunState,
+        CheckpointAnswer, CheckpointRequest, PHASES, PhaseTiming, RestoreStatus, RunEvent,
+        RunReport, RunRequest, RunState,
     },
     transport::{HttpError, Request},
 };
@@ -54,27 +55,92 @@ pub struct Runs {
     order: Mutex<Vec<String>>,
     /// The gateway's own API address and the agents' port, set at start.
     endpoint: OnceLock<(SocketAddr, u16)>,
+    /// `<state_dir>/runs`: one `<id>.json` per report, rewritten (atomically) on every
+    /// change, so a restarted gateway still answers `GET /v1/runs/{id}` and resumes the runs
+    /// that were running. (What a run decides — released or aborted — is the registry's
+    /// migration phase, persisted with the registry before anyone acts on it; the report
+    /// only tells the story.)
+    dir: OnceLock<PathBuf>,
 }
 
 impl Runs {
-    pub fn configure(&self, listen: SocketAddr, agent_api_port: u16) {
+    pub fn configure(&self, listen: SocketAddr, agent_api_port: u16, dir: Option<PathBuf>) {
         let _ = self.endpoint.set((listen, agent_api_port));
+        if let Some(d) = dir {
+            let _ = self.dir.set(d);
+        }
+    }
+
+    /// Loads the persisted reports; returns the ids of those still running.
+    pub fn load(&self) -> Vec<String> {
+        let Some(dir) = self.dir.get() else {
+            return vec![];
+        };
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            error!(dir = %dir.display(), error = %e, "creating the runs directory");
+            return vec![];
+        }
+        let mut loaded: Vec<RunReport> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| {
+                let bytes = std::fs::read(e.path()).ok()?;
+                match serde_json::from_slice::<RunReport>(&bytes) {
+                    Ok(r) => Some(r),
+                    Err(err) => {
+                        warn!(file = %e.path().display(), error = %err, "ignoring an unreadable run report");
+                        None
+                    }
+                }
+            })
+            .collect();
+        loaded.sort_by_key(|r| ferry_api::migration_seq(&r.id).unwrap_or(0));
+        let running = loaded
+            .iter()
+            .filter(|r| r.state == RunState::Running)
+            .map(|r| r.id.clone())
+            .collect();
+        for r in loaded {
+            self.insert(r);
+        }
+        running
+    }
+
+    fn save(&self, r: &RunReport) {
+        let Some(dir) = self.dir.get() else { return };
+        let path = dir.join(format!("{}.json", r.id));
+        let written = serde_json::to_vec(r)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::store::write_atomic(&path, &b));
+        if let Err(e) = written {
+            error!(migration = %r.id, file = %path.display(), error = %e, "persisting the run report");
+        }
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut RunReport)) {
-        if let Some(r) = lock(&self.reports).get_mut(id) {
+        let copy = {
+            let mut reports = lock(&self.reports);
+            let Some(r) = reports.get_mut(id) else { return };
             f(r);
-        }
+            r.clone()
+        };
+        self.save(&copy);
     }
 
     fn insert(&self, r: RunReport) {
         let id = r.id.clone();
+        self.save(&r);
         lock(&self.reports).insert(id.clone(), r);
         let mut order = lock(&self.order);
         order.push(id);
         if order.len() > KEEP {
             let old = order.remove(0);
             lock(&self.reports).remove(&old);
+            if let Some(dir) = self.dir.get() {
+                let _ = std::fs::remove_file(dir.join(format!("{old}.json")));
+            }
         }
     }
 }
@@ -217,7 +283,8 @@ async fn start(
     Ok((StatusCode::ACCEPTED, Json(report)).into_response())
 }
 
-/// The rest of a run, after prepare.
+/// The rest of a run, after prepare: the checkpoint (raced against the source agent's death
+/// and against a decision taken elsewhere), then [`resolve`].
 async fn drive(
     g: Arc<Gateway>,
     client: Client,
@@ -225,9 +292,30 @@ async fn drive(
     source: SocketAddr,
     req: CheckpointRequest,
 ) {
-    let answer = checkpoint(source, g.token(), &id, &req).await;
-    let (state, error) = match answer {
-        Ok(a) => {
+    let from = g
+        .current()
+        .migration(&id)
+        .map(|m| m.from.clone())
+        .unwrap_or_default();
+    let to = req.to.clone();
+    let ck = checkpoint(source, g.token(), &id, &req);
+    tokio::pin!(ck);
+    let answer = tokio::select! {
+        a = &mut ck => Some(a),
+        why = decided_or_end_dead(&g, &id, &from, &to) => {
+            warn!(migration = %id, why, "resolving the run without the source agent's answer");
+            g.runs.update(&id, |r| r.events.push(event("info", format!("{why}: resolving the run from the registry"))));
+            // Decided elsewhere (the destination's release): the answer, with its figures,
+            // is normally a moment behind.
+            if why == DECIDED {
+                tokio::time::timeout(ANSWER_GRACE, &mut ck).await.ok()
+            } else {
+                None
+            }
+        }
+    };
+    let why = match answer {
+        Some(Ok(a)) => {
             g.runs.update(&id, |r| {
                 for p in &a.phases {
                     if r.phase(&p.name).is_none() {
@@ -241,22 +329,241 @@ async fn drive(
                     r.stopped_ms = a.stopped_until_unix_ms - a.stopped_from_unix_ms;
                 }
             });
-            if a.ok {
-                (RunState::Released, None)
-            } else if a.resumed {
-                let why = a.error.unwrap_or_else(|| "failed".into());
-                abort(&g, &client, &id, why).await
-            } else {
-                (
-                    RunState::NeedsAttention,
-                    Some(a.error.unwrap_or_else(|| "failed".into())),
+            a.error
+        }
+        Some(Err(e)) => Some(e.to_string()),
+        None => Some(format!("the source agent ({from}) was lost")),
+    };
+    let to_api = req.to_api;
+    let (state, error) = resolve(&g, &client, &id, to_api, why).await;
+    finish(&g, &id, state, error);
+}
+
+/// Resumes a run a restarted gateway found running: the checkpoint request died with the
+/// old gateway, so the run is resolved from the registry (and the destination's word).
+pub(crate) fn resume(g: &Arc<Gateway>, id: String) {
+    let Ok((client, agent_port)) = g.self_client() else {
+        return;
+    };
+    let reg = g.current();
+    let to_api = reg
+        .migration(&id)
+        .and_then(|m| reg.host(&m.to))
+        .map(|h| SocketAddr::new(h.vtep.into(), agent_port));
+    drop(reg);
+    info!(migration = %id, "resuming a run after a gateway restart");
+    g.runs.update(&id, |r| {
+        r.events.push(event(
+            "info",
+            "the gateway restarted: resuming the run from the registry".into(),
+        ))
+    });
+    let g = g.clone();
+    tokio::spawn(async move {
+        let (state, error) = match to_api {
+            Some(to_api) => {
+                resolve(
+                    &g,
+                    &client,
+                    &id,
+                    to_api,
+                    Some("the gateway restarted during the run".into()),
                 )
+                .await
+            }
+            None => (
+                RunState::NeedsAttention,
+                Some(format!(
+                    "migration {id} or its destination host is no longer in the registry"
+                )),
+            ),
+        };
+        finish(&g, &id, state, error);
+    });
+}
+
+const DECIDED: &str = "the migration was decided";
+/// How long the source's answer is still awaited once the migration was decided.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// Returns when migration `id` is no longer active (decided by someone else) or when the
+/// source or the destination agent is taken for dead.
+async fn decided_or_end_dead(g: &Gateway, id: &str, from: &str, to: &str) -> &'static str {
+    loop {
+        let active = g
+            .current()
+            .migration(id)
+            .is_some_and(|m| m.phase.is_active());
+        if !active {
+            return DECIDED;
+        }
+        if g.host_dead(from) {
+            return "the source agent is not answering";
+        }
+        if g.host_dead(to) {
+            return "the destination agent is not answering";
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a released run waits for its destination to confirm that its copy runs (and an
+/// aborted one for its source), before it says needs_attention. The agents still converge
+/// afterwards, whenever they come back.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+/// A destination that receives images without progress for this long is given up on.
+const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Drives migration `id` to a decision and waits until the owner confirmed it (the
+/// destination applied the release, or the source applied the abort):
+/// - `prepared`: abort (the checkpoint is over, or never started);
+/// - `frozen`: ask the destination how far its restore got (`GET /v1/restores/{id}`): while
+///   it restores, or receives with progress, wait for its release; otherwise abort;
+/// - `released`/`aborted`: wait for the owner's agent, then the run is over.
+async fn resolve(
+    g: &Arc<Gateway>,
+    client: &Client,
+    id: &str,
+    to_api: SocketAddr,
+    why: Option<String>,
+) -> (RunState, Option<String>) {
+    let mut progress: Option<(u64, Instant)> = None;
+    let mut decided_at: Option<(Instant, u64)> = None;
+    loop {
+        let reg = g.current();
+        let Some(m) = reg.migration(id).cloned() else {
+            return (
+                RunState::NeedsAttention,
+                Some(format!("migration {id} is no longer in the registry")),
+            );
+        };
+        let live = reg.live_migration(id).map(|l| l.phase_version);
+        let version = reg.version();
+        drop(reg);
+        match m.phase {
+            MigrationPhase::Released | MigrationPhase::Aborted => {
+                let (at, target) =
+                    *decided_at.get_or_insert((Instant::now(), live.unwrap_or(version)));
+                let owner = if m.phase == MigrationPhase::Released {
+                    &m.to
+                } else {
+                    &m.from
+                };
+                let confirmed = g.host_applied(owner) >= target;
+                if confirmed {
+                    return if m.phase == MigrationPhase::Released {
+                        (RunState::Released, None)
+                    } else {
+                        (
+                            RunState::RolledBack,
+                            Some(why.clone().unwrap_or_else(|| "aborted".into())),
+                        )
+                    };
+                }
+                if at.elapsed() >= CONFIRM_TIMEOUT {
+                    let (state, copy) = if m.phase == MigrationPhase::Released {
+                        (
+                            "released",
+                            format!(
+                                "its restored copy on {} stays stopped until that agent applies the release; {} keeps its stopped copy until then",
+                                m.to, m.from
+                            ),
+                        )
+                    } else {
+                        (
+                            "aborted",
+                            format!(
+                                "its stopped copy on {} resumes when that agent applies the abort",
+                                m.from
+                            ),
+                        )
+                    };
+                    return (
+                        RunState::NeedsAttention,
+                        Some(format!(
+                            "migration {id} is {state}, but the agent of {owner} has not applied it within {} s ({}): {copy}",
+                            CONFIRM_TIMEOUT.as_secs(),
+                            if g.host_dead(owner) {
+                                "not answering"
+                            } else {
+                                "lagging"
+                            },
+                        )),
+                    );
+                }
+            }
+            MigrationPhase::Prepared => {
+                abort_once(g, client, id, why.as_deref()).await;
+            }
+            MigrationPhase::Frozen => {
+                let dest_dead = g.host_dead(&m.to);
+                let status = if dest_dead {
+                    None
+                } else {
+                    restore_status(to_api, g.token(), id).await
+                };
+                let wait = match &status {
+                    Some(s) if s.state == "restoring" || s.state == "restored" => true,
+                    Some(s) if s.state == "receiving" => {
+                        let now = Instant::now();
+                        match progress {
+                            Some((b, t)) if b == s.bytes => now.duration_since(t) < STALL_TIMEOUT,
+                            _ => {
+                                progress = Some((s.bytes, now));
+                                true
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                if !wait {
+                    let state = status.map_or_else(
+                        || format!("{} is not answering", m.to),
+                        |s| format!("its restore on {} is {}", m.to, s.state),
+                    );
+                    let reason = format!(
+                        "{}; {state}",
+                        why.as_deref().unwrap_or("the checkpoint ended")
+                    );
+                    abort_once(g, client, id, Some(&reason)).await;
+                }
             }
         }
-        Err(why) => abort(&g, &client, &id, why.to_string()).await,
-    };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One abort request (the registry refuses it if the migration was released meanwhile).
+async fn abort_once(g: &Arc<Gateway>, client: &Client, id: &str, why: Option<&str>) {
+    let why = why.unwrap_or("failed");
+    warn!(migration = %id, error = %why, "run failed: aborting");
+    g.runs.update(id, |r| {
+        r.events
+            .push(event("info", format!("failed: {why}; aborting")))
+    });
+    if let Err(e) = client.abort_migration(id, None).await {
+        warn!(migration = %id, error = %e, "abort not confirmed yet");
+    }
+}
+
+/// `GET /v1/restores/{id}` on the destination agent (`None`: no answer within 1 s).
+async fn restore_status(agent: SocketAddr, token: &str, id: &str) -> Option<RestoreStatus> {
+    let r = Request::get(format!("/v1/restores/{id}"))
+        .token(token)
+        .timeout(Duration::from_secs(1))
+        .send(agent)
+        .await
+        .ok()?;
+    if !r.is_success() {
+        return None;
+    }
+    serde_json::from_slice(&r.body).ok()
+}
+
+/// Writes the run's end into its report.
+fn finish(g: &Gateway, id: &str, state: RunState, error: Option<String>) {
     let done = ferry_api::unix_ms_f64();
-    g.runs.update(&id, |r| {
+    g.runs.update(id, |r| {
         r.phases.sort_by_key(|p| {
             PHASES
                 .iter()
@@ -269,6 +576,12 @@ async fn drive(
             RunState::Released => format!(
                 "released: {} runs on {} ({:.1} ms in all, stopped {:.1} ms)",
                 r.container, r.to, r.total_ms, r.stopped_ms
+            ),
+            RunState::RolledBack => format!(
+                "rolled_back: {} runs on {}: {}",
+                r.container,
+                r.from,
+                error.clone().unwrap_or_default()
             ),
             _ => format!("{}: {}", state.as_str(), error.clone().unwrap_or_default()),
         };
@@ -283,30 +596,6 @@ async fn drive(
     match state {
         RunState::Released => info!(migration = %id, "run done"),
         _ => warn!(migration = %id, state = state.as_str(), error = ?error, "run failed"),
-    }
-}
-
-/// Rolls a failed run back: the migration is aborted (a repeated abort is harmless).
-async fn abort(
-    g: &Arc<Gateway>,
-    client: &Client,
-    id: &str,
-    why: String,
-) -> (RunState, Option<String>) {
-    warn!(migration = %id, error = %why, "run failed: aborting");
-    g.runs.update(id, |r| {
-        r.events
-            .push(event("info", format!("failed: {why}; aborting")))
-    });
-    match client.abort_migration(id, None).await {
-        Ok(_) => (RunState::RolledBack, Some(why)),
-        Err(e) => {
-            error!(migration = %id, error = %e, "abort failed");
-            (
-                RunState::NeedsAttention,
-                Some(format!("{why}; then the abort failed: {e}")),
-            )
-        }
     }
 }
 
@@ -368,7 +657,7 @@ async fn one(
         .ok_or_else(|| {
             ApiFailure::new(
                 ErrorCode::UnknownMigration,
-                format!("no run has id {id:?} (runs are kept in memory, the last {KEEP})"),
+                format!("no run has id {id:?} (the last {KEEP} runs are kept)"),
             )
         })
 }

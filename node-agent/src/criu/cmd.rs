@@ -81,7 +81,9 @@ impl Restore<'_> {
     }
 
     /// The arguments after the binary. `--restore-sibling` makes the agent the parent of the
-    /// restored tree; `--restore-detached` lets `criu` exit once the tasks run.
+    /// restored tree; `--restore-detached` lets `criu` exit once the tasks exist;
+    /// `--leave-stopped` keeps them stopped (fenced) until the registry's release reaches this
+    /// host (the fencing's SIGCONT), so a copy that is not the owner never runs.
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![
             "restore".into(),
@@ -94,6 +96,7 @@ impl Restore<'_> {
             "--tcp-established".into(),
             "--restore-detached".into(),
             "--restore-sibling".into(),
+            "--leave-stopped".into(),
             "--inherit-fd".into(),
             format!("fd[{NETNS_FD}]:{NETNS_KEY}").into(),
             "--pidfile".into(),

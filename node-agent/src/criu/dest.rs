@@ -14,7 +14,7 @@ use axum::{
 };
 use ferry_api::{
     MigrationPhase,
-    run::{LockMode, PhaseTiming, RestoreAnswer},
+    run::{Fence, FenceSide, LockMode, PhaseTiming, RestoreAnswer, RestoreStatus},
 };
 use futures::StreamExt as _;
 use tracing::{Instrument as _, info, info_span, warn};
@@ -74,6 +74,37 @@ async fn expect(ctx: &Ctx, id: &str) -> Result<(Ipv4Addr, PathBuf), Refusal> {
     Ok((m.container, netns))
 }
 
+/// `GET /v1/restores/{migration}`: how far its restore got here.
+pub async fn status(
+    State(ctx): State<Arc<Ctx>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<RestoreStatus>, Refusal> {
+    authorize(&ctx.token, &headers)?;
+    let known = ctx
+        .restores
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id)
+        .cloned();
+    Ok(Json(known.unwrap_or(RestoreStatus {
+        migration: id,
+        state: "none".into(),
+        bytes: 0,
+        error: None,
+    })))
+}
+
+/// The phase of migration `id` in this host's snapshot (`None`: not there — aborted, or its
+/// grace over).
+async fn phase_here(ctx: &Ctx, id: &str) -> Option<MigrationPhase> {
+    let node = ctx.node.lock().await;
+    node.registry
+        .as_ref()
+        .and_then(|s| s.migrations.iter().find(|m| m.id == id))
+        .map(|m| m.phase)
+}
+
 /// `POST /v1/images/{migration}`.
 pub async fn receive(
     State(ctx): State<Arc<Ctx>>,
@@ -98,7 +129,18 @@ pub async fn receive(
     let task = tokio::spawn(
         async move {
             let _busy = busy;
+            ctx.restore_status(&id, |s| {
+                s.state = "receiving".into();
+                s.bytes = 0;
+                s.error = None;
+            });
             let r = restore(&ctx, &id, ip, netns, &dir, body).await;
+            if let Err(e) = &r {
+                ctx.restore_status(&id, |s| {
+                    s.state = "failed".into();
+                    s.error = Some(e.2.clone());
+                });
+            }
             if !ctx.criu.keep_images {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -149,6 +191,8 @@ async fn restore(
         rx.feed(&chunk).map_err(|e| {
             Refusal::new(StatusCode::BAD_REQUEST, "bad_image_stream", e.to_string())
         })?;
+        let bytes = rx.bytes;
+        ctx.restore_status(id, |s| s.bytes = bytes);
     }
     let header = rx
         .finish()
@@ -178,6 +222,21 @@ async fn restore(
     );
 
     ferry_api::faultpoint::pause("restore", id).await;
+    // Decided meanwhile (aborted: the source runs again)? Then nothing is restored.
+    match phase_here(ctx, id).await {
+        Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {}
+        other => {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                "bad_phase",
+                format!(
+                    "migration {id} is {} here now: not restoring",
+                    other.map_or("gone".to_string(), |p| p.to_string())
+                ),
+            ));
+        }
+    }
+    ctx.restore_status(id, |s| s.state = "restoring".into());
     // Restore into the prepared namespace. A namespace this host kept (the container left
     // it moments ago, and comes back while the forwarding grace runs) may still carry the
     // drop-all table of CRIU's own network lock from that dump: remove it first.
@@ -208,6 +267,9 @@ async fn restore(
     if header.fail_restore {
         env.push(("CRIU_FAULT".into(), cmd::FAULT_POST_RESTORE.into()));
     }
+    // The restored tree is fenced: stopped (`--leave-stopped`), and whatever its kernel
+    // emits is dropped, until the release reaches this host.
+    ctx.node.lock().await.fence_egress(ip, true);
     let start = ferry_api::unix_ms_f64();
     let out = cmd::run(
         &ctx.criu.binary,
@@ -216,23 +278,41 @@ async fn restore(
         Some(&ns),
         &dir.join("restore.log"),
     )
-    .await
-    .map_err(|e| {
-        failed(
-            "restore_failed",
-            format!("starting {}: {e}", ctx.criu.binary.display()),
-        )
-    })?;
-    if !out.ok {
-        return Err(failed("restore_failed", out.failure("restore")));
-    }
-    let pid: i32 = std::fs::read_to_string(restore.pidfile())
+    .await;
+    let out = match out {
+        Ok(o) if o.ok => o,
+        Ok(o) => {
+            ctx.node.lock().await.fence_egress(ip, false);
+            return Err(failed("restore_failed", o.failure("restore")));
+        }
+        Err(e) => {
+            ctx.node.lock().await.fence_egress(ip, false);
+            return Err(failed(
+                "restore_failed",
+                format!("starting {}: {e}", ctx.criu.binary.display()),
+            ));
+        }
+    };
+    let pid: Option<i32> = std::fs::read_to_string(restore.pidfile())
         .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| failed("restore_failed", "CRIU wrote no PID file".into()))?;
+        .and_then(|s| s.trim().parse().ok());
+    let Some(pid) = pid else {
+        ctx.node.lock().await.fence_egress(ip, false);
+        return Err(failed("restore_failed", "CRIU wrote no PID file".into()));
+    };
+    let fence = Fence {
+        migration: id.to_owned(),
+        side: FenceSide::Destination,
+    };
     if let Err(e) = ctx.runtime.adopt(ip, pid, header.argv.clone()) {
-        warn!(pid, error = %e, "adopting the restored tree");
+        // Not ours to run: a copy the runtime cannot track must not live.
+        warn!(pid, error = %e, "adopting the restored tree failed: killing it");
+        let _ = super::resume::kill(pid);
+        ctx.node.lock().await.fence_egress(ip, false);
+        return Err(failed("restore_failed", format!("adopting PID {pid}: {e}")));
     }
+    ctx.runtime.fence(ip, fence);
+    ctx.restore_status(id, |s| s.state = "restored".into());
     let log = std::fs::read_to_string(dir.join("restore.log")).unwrap_or_default();
     let resumed = start + cmd::log_offset_ms(&log, cmd::LOG_RESUMED).unwrap_or(out.ms);
     let mut stats = ferry_api::run::CriuStats::default();
@@ -246,21 +326,14 @@ async fn restore(
     info!(pid, ms = out.ms, "restored");
 
     ferry_api::faultpoint::pause("release", id).await;
-    // Release here (hold: drain what was held, then deliver; criu-lock: the switch).
+    // Release: the gateway's decision. Asked for until it is decided either way (a gateway
+    // restarting or a link cut only delays it); the fencing acts on the decision when it
+    // reaches this host through the registry (released: SIGCONT; aborted: SIGKILL), so
+    // "applied" here means the tree runs.
     let client = ctx.gateway_client();
     let release_start = ferry_api::unix_ms_f64();
     let t = Instant::now();
-    let mut release_error = None;
-    if header.lock == LockMode::CriuLock
-        && let Err(e) = client.freeze_migration(id, None).await
-    {
-        release_error = Some(format!("freeze (switch) failed: {e}"));
-    }
-    if release_error.is_none()
-        && let Err(e) = client.release_migration(id, None).await
-    {
-        release_error = Some(format!("release failed: {e}"));
-    }
+    let release_error = ask_release(ctx, &client, id, header.lock).await.err();
     let release = PhaseTiming {
         name: "release".into(),
         start_unix_ms: release_start,
@@ -283,6 +356,65 @@ async fn restore(
         criu_restore_ms: stats.restore_ms,
         pages_restored: stats.pages_restored,
     })
+}
+
+/// Longest pause between two release requests.
+const RELEASE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the gateway to release (criu-lock: freeze, then release) until it answers with a
+/// decision: `Ok` (released, and applied here), or `Err` with why not (aborted meanwhile, or
+/// the release was refused). Transport failures and 5xx answers are retried with back-off for
+/// as long as the migration is undecided in this host's snapshot.
+async fn ask_release(
+    ctx: &Ctx,
+    client: &ferry_api::Client,
+    id: &str,
+    lock: LockMode,
+) -> Result<(), String> {
+    let mut backoff = std::time::Duration::from_millis(20);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let r = async {
+            if lock == LockMode::CriuLock {
+                client
+                    .freeze_migration(id, None)
+                    .await
+                    .map_err(|e| ("freeze (switch)", e))?;
+            }
+            client
+                .release_migration(id, None)
+                .await
+                .map_err(|e| ("release", e))
+        }
+        .await;
+        let (what, e) = match r {
+            Ok(_) => return Ok(()),
+            Err(x) => x,
+        };
+        // A 4xx is the gateway's answer (aborted, unknown): final. Anything else (no
+        // connection, 5xx, needs_attention while agents lag) is retried while undecided.
+        let status = match &e {
+            ferry_api::ApiError::Http { status, .. } => Some(*status),
+            _ => None,
+        };
+        if status.is_some_and(|s| (400..500).contains(&s)) {
+            return Err(format!("{what} refused: {e}"));
+        }
+        match phase_here(ctx, id).await {
+            Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {}
+            Some(MigrationPhase::Released) => return Ok(()),
+            other => {
+                return Err(format!(
+                    "{what} failed ({e}); the migration is {} here now",
+                    other.map_or("gone (aborted)".to_string(), |p| p.to_string())
+                ));
+            }
+        }
+        warn!(attempts, error = %e, "{what} not answered yet: retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RELEASE_BACKOFF_MAX);
+    }
 }
 
 /// Why CRIU's network-lock tables could not be removed.

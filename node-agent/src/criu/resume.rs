@@ -130,6 +130,23 @@ pub fn resume(init: i32) -> io::Result<(usize, usize)> {
     Ok((pids.len(), conns))
 }
 
+/// Resumes a tree CRIU restored stopped (`--leave-stopped`): its sockets are already out of
+/// repair mode, so only SIGCONT to every task. Returns the number of tasks.
+pub fn cont(init: i32) -> io::Result<usize> {
+    let pids = tree(init)?;
+    if pids.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no process left in the PID namespace of {init}"),
+        ));
+    }
+    for &p in &pids {
+        // SAFETY: plain kill(2).
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    Ok(pids.len())
+}
+
 /// Kills a tree (SIGKILL to the namespace's init kills every task in it).
 pub fn kill(init: i32) -> io::Result<()> {
     // SAFETY: plain kill(2).

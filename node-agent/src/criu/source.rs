@@ -13,8 +13,8 @@ use axum::{
 use ferry_api::{
     Client, MigrationPhase,
     run::{
-        CheckpointAnswer, CheckpointRequest, CriuStats, FailAt, LockMode, PhaseTiming,
-        RestoreAnswer, RunEvent,
+        CheckpointAnswer, CheckpointRequest, CriuStats, FailAt, Fence, FenceSide, LockMode,
+        PhaseTiming, RestoreAnswer, RunEvent,
     },
 };
 use tracing::{Instrument as _, info, info_span, warn};
@@ -22,7 +22,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 use super::{
     Ctx, Refusal, authorize,
     cmd::{self, Dump},
-    images, resume,
+    images,
 };
 
 fn bad(status: StatusCode, code: &'static str, m: String) -> Refusal {
@@ -291,6 +291,15 @@ async fn run_inner(
     answer.phases.push(dump_phase);
     answer.criu = Some(stats.clone());
     ctx.node.lock().await.mark_dumped(ip, true);
+    // From here the stopped tree is a fenced copy: it runs again only if the registry aborts
+    // the migration, and is killed once the destination runs it (see `crate::fencing`).
+    ctx.runtime.fence(
+        ip,
+        Fence {
+            migration: id.clone(),
+            side: FenceSide::Source,
+        },
+    );
 
     // Transfer; the destination restores and releases before it answers.
     let argv = ctx.runtime.get(ip).map(|p| p.argv).unwrap_or_default();
@@ -349,21 +358,13 @@ async fn run_inner(
     let (sent, restored) = match restored {
         Ok(r) => r,
         Err(e) => {
-            warn!(error = %e, "resuming the source");
-            {
-                let mut node = ctx.node.lock().await;
-                node.mark_dumped(ip, false);
-                node.silence_on_freeze(ip, false);
-            }
-            match tokio::task::spawn_blocking(move || resume::resume(pid)).await {
-                Ok(Ok((tasks, conns))) => {
-                    info!(tasks, connections = conns, "source resumed");
-                    answer.resumed = true;
-                }
-                Ok(Err(re)) => warn!(error = %re, "resuming the source failed"),
-                Err(re) => warn!(error = %re, "resuming the source failed"),
-            }
-            answer.error = Some(e.to_string());
+            // The destination did not take the container. Whether it runs there is the
+            // registry's decision, not ours: ask for the abort (the gateway refuses it if the
+            // destination was released meanwhile), and let the fencing resume the tree when
+            // the abort reaches this host.
+            warn!(error = %e, "transfer or restore failed: asking the gateway to abort");
+            let decided = ask_abort(&ctx, &id).await;
+            answer.error = Some(format!("{e}; {decided}"));
             return answer;
         }
     };
@@ -384,12 +385,8 @@ async fn run_inner(
     }
     answer.stopped_until_unix_ms = restored.resumed_unix_ms;
 
-    // The container runs at the destination: the stopped copy goes (its sockets are in
-    // repair mode, so closing them sends nothing).
-    ctx.runtime.checkpointed(ip);
-    if let Err(e) = resume::kill(pid) {
-        warn!(pid, error = %e, "killing the checkpointed tree");
-    }
+    // The stopped copy stays fenced until the destination runs the container; the fencing
+    // kills it then (its sockets are in repair mode, so closing them sends nothing).
     match restored.release_error {
         Some(e) => {
             answer.error = Some(format!("restored at {} but not released: {e}", req.to));
@@ -404,7 +401,51 @@ async fn run_inner(
     answer
 }
 
-/// Why the container did not come up at the destination (the source resumes).
+/// Longest pause between two abort requests.
+const ABORT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the gateway to abort `id` until it answers with a decision, or the decision reaches
+/// this host through the registry. Returns what was decided, in words.
+async fn ask_abort(ctx: &Ctx, id: &str) -> String {
+    let client = ctx.gateway_client();
+    let mut backoff = std::time::Duration::from_millis(20);
+    loop {
+        match client.abort_migration(id, None).await {
+            Ok(_) => return "the gateway aborted the migration".into(),
+            Err(ferry_api::ApiError::Http {
+                status, message, ..
+            }) if (400..500).contains(&status) => {
+                return format!("the gateway refused the abort: {message}");
+            }
+            Err(e) => {
+                let phase = {
+                    let node = ctx.node.lock().await;
+                    node.registry
+                        .as_ref()
+                        .and_then(|s| s.migrations.iter().find(|m| m.id == id))
+                        .map(|m| m.phase)
+                };
+                match phase {
+                    Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {
+                        warn!(error = %e, "abort not answered yet: retrying");
+                    }
+                    Some(p) => {
+                        return format!("the migration is {p} (the abort was not answered: {e})");
+                    }
+                    None => {
+                        return format!(
+                            "the migration is over here (the abort was not answered: {e})"
+                        );
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(ABORT_BACKOFF_MAX);
+    }
+}
+
+/// Why the container did not come up at the destination (the source asks for the abort).
 #[derive(Debug, thiserror::Error)]
 enum TransferError {
     #[error("transfer to {to} failed: {source}")]

@@ -68,16 +68,21 @@ pub struct Applied {
     /// retransmission's data is in the dump (unacknowledged), and the restored socket sends it
     /// again.
     pub silenced: BTreeSet<Ipv4Addr>,
+    /// Containers restored here whose tree is fenced (stopped, not yet the owner): their
+    /// `HOLD` entry drops whatever the stopped copy's kernel emits (a retransmission timer
+    /// firing) until the release makes it `LOCAL`.
+    pub fenced: BTreeSet<Ipv4Addr>,
 }
 
 /// A FORWARD entry drops the old copy's output once its connections are dumped, or from the
-/// start while CRIU checkpoints it.
-fn egress_flags(applied: &Applied, ip: Ipv4Addr) -> u32 {
-    if applied.dumped.contains(&ip) || applied.silenced.contains(&ip) {
-        flags::DROP_EGRESS
-    } else {
-        0
-    }
+/// start while CRIU checkpoints it; a HOLD entry drops a fenced restored copy's.
+fn egress_flags(applied: &Applied, ip: Ipv4Addr, entry_kind: u32) -> u32 {
+    let drop = match entry_kind {
+        kind::FORWARD => applied.dumped.contains(&ip) || applied.silenced.contains(&ip),
+        kind::HOLD => applied.fenced.contains(&ip),
+        _ => false,
+    };
+    if drop { flags::DROP_EGRESS } else { 0 }
 }
 
 fn mark(set: &mut BTreeSet<Ipv4Addr>, ip: Ipv4Addr, on: bool) {
@@ -178,16 +183,28 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         self.refresh_drop_egress(ip);
     }
 
-    /// A FORWARD entry drops the old copy's output while it is dumped or silenced.
+    /// Container `ip`'s restored tree here is fenced (`true`) or no longer is: see
+    /// [`Applied::fenced`]. Takes effect at once on its `HOLD` entry.
+    pub fn fence_egress(&mut self, ip: Ipv4Addr, on: bool) {
+        mark(&mut self.applied.fenced, ip, on);
+        self.refresh_drop_egress(ip);
+    }
+
+    /// A FORWARD entry drops the old copy's output while it is dumped or silenced, a HOLD
+    /// entry a fenced copy's.
     fn refresh_drop_egress(&mut self, ip: Ipv4Addr) {
         let Some(mut e) = self.applied.endpoints.get(&ip).copied() else {
             return;
         };
-        if e.kind != kind::FORWARD {
+        if e.kind != kind::FORWARD && e.kind != kind::HOLD {
             return;
         }
+        let before = e.flags;
         e.flags &= !flags::DROP_EGRESS;
-        e.flags |= egress_flags(&self.applied, ip);
+        e.flags |= egress_flags(&self.applied, ip, e.kind);
+        if e.flags == before {
+            return;
+        }
         match self.datapath.set_endpoint(ip, e) {
             Ok(()) => {
                 self.applied.endpoints.insert(ip, e);

@@ -107,9 +107,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         for (ip, (c, built)) in &self.applied.containers {
             if want.containers.contains_key(ip) {
                 let mut e = plan::local_entry(want, c, built.ifindex);
-                if e.kind == kind::FORWARD {
-                    e.flags |= egress_flags(&self.applied, *ip);
-                }
+                e.flags |= egress_flags(&self.applied, *ip, e.kind);
                 endpoints.insert(*ip, e);
             }
         }

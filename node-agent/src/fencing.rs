@@ -1,0 +1,363 @@
+//! Fencing: at most one copy of a container runs, and it is the registry's owner.
+//!
+//! A migration leaves a stopped copy on each side for a while: the source's dumped tree (CRIU
+//! `--leave-stopped`) and the destination's restored tree (`criu restore --leave-stopped`).
+//! The runtime marks each one fenced ([`ferry_api::run::Fence`]). Neither side resumes or
+//! kills a fenced copy on its own; this module does, and only on the registry's decision as
+//! this host has applied it:
+//!
+//! | side | the registry says | action |
+//! |---|---|---|
+//! | both | the migration is still `prepared`/`frozen` | wait |
+//! | destination | the endpoint is here (released) | SIGCONT: it owns the container |
+//! | destination | the endpoint is elsewhere (aborted) | SIGKILL |
+//! | source | the endpoint is here (aborted) | repair off, SIGCONT: it owns the container again |
+//! | source | the endpoint is elsewhere, migration released | SIGKILL once the destination says its copy runs (its peer API) |
+//! | source | the endpoint is elsewhere, migration gone (its grace over) | SIGKILL |
+//!
+//! Because the decision is one persisted registry transition (released xor aborted), the two
+//! sides can never both resume. Because each acts only on what it applied, a host that was
+//! down or cut off acts when it catches up. [`reconcile`] runs after every applied snapshot
+//! (before the agent reports the version, so "applied release" means "the copy runs") and
+//! every [`TICK`] (the source's confirmation, trees left stopped by a dead agent).
+
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use ferry_api::{
+    MigrationPhase, Snapshot,
+    run::{ContainerProcess, FenceSide},
+    transport::Request,
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::{criu::resume, node::Node, runtime::Runtime};
+
+/// How often fenced copies are looked at without a new snapshot.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// What to do with one fenced copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Undecided, or decided but not yet applied here.
+    Wait,
+    /// This copy owns the container: run it.
+    Resume,
+    /// Another host owns it: kill this copy now.
+    Kill,
+    /// Another host owns it: kill this copy once that host says its copy runs.
+    KillWhenRunsOn { host: String, vtep: Ipv4Addr },
+}
+
+/// The decision for a fenced copy of `p.container` on host `me`, from the snapshot this host
+/// has applied (pure).
+pub fn verdict(me: &str, p: &ContainerProcess, snap: &Snapshot) -> Verdict {
+    let Some(fence) = &p.fenced else {
+        return Verdict::Wait;
+    };
+    let ip = p.container;
+    if snap
+        .migrations
+        .iter()
+        .any(|m| m.container == ip && m.phase.is_active() && m.id == fence.migration)
+    {
+        return Verdict::Wait;
+    }
+    let owner = snap.endpoints.iter().find(|e| e.ip == ip).map(|e| &e.host);
+    if owner.is_some_and(|h| h == me) {
+        // Released to this destination, or aborted back to this source.
+        return Verdict::Resume;
+    }
+    match (fence.side, owner) {
+        (FenceSide::Destination, _) | (FenceSide::Source, None) => Verdict::Kill,
+        (FenceSide::Source, Some(owner)) => {
+            let released = snap.migrations.iter().any(|m| {
+                m.id == fence.migration && m.phase == MigrationPhase::Released && &m.to == owner
+            });
+            let vtep = snap.hosts.iter().find(|h| &h.name == owner).map(|h| h.vtep);
+            match (released, vtep) {
+                (true, Some(vtep)) => Verdict::KillWhenRunsOn {
+                    host: owner.clone(),
+                    vtep,
+                },
+                _ => Verdict::Kill,
+            }
+        }
+    }
+}
+
+/// What [`reconcile`] needs.
+pub struct Fencing {
+    pub host: String,
+    pub node: Arc<Mutex<Node>>,
+    pub runtime: Runtime,
+    /// The peer API's port (the same on every agent) and token, to ask an owner whether its
+    /// copy runs.
+    pub peer_port: u16,
+    pub token: Option<String>,
+}
+
+impl Fencing {
+    /// Acts on every fenced copy whose decision this host has applied. Never holds the node
+    /// lock across a system call that waits.
+    pub async fn reconcile(&self) {
+        let fenced = self.runtime.fenced();
+        if fenced.is_empty() {
+            return;
+        }
+        let snap = {
+            let node = self.node.lock().await;
+            match &node.registry {
+                // Only a snapshot this host applied: a resumed copy must find its entry LOCAL.
+                Some(s) if node.applied.version == s.version => s.clone(),
+                _ => return,
+            }
+        };
+        for p in fenced {
+            if self.runtime.busy(p.container) {
+                continue;
+            }
+            let v = verdict(&self.host, &p, &snap);
+            if v != Verdict::Wait {
+                self.act(&p, v).await;
+            }
+        }
+    }
+
+    async fn act(&self, p: &ContainerProcess, v: Verdict) {
+        let (ip, pid) = (p.container, p.pid);
+        let Some(fence) = p.fenced.clone() else {
+            return;
+        };
+        let (migration, side) = (fence.migration.as_str(), fence.side.as_str());
+        match v {
+            Verdict::Wait => {}
+            Verdict::Resume => {
+                let source = fence.side == FenceSide::Source;
+                {
+                    let mut node = self.node.lock().await;
+                    node.fence_egress(ip, false);
+                    if source {
+                        node.mark_dumped(ip, false);
+                        node.silence_on_freeze(ip, false);
+                    }
+                }
+                let r = tokio::task::spawn_blocking(move || {
+                    if source {
+                        // Its sockets are still in repair mode (the dump).
+                        resume::resume(pid)
+                    } else {
+                        resume::cont(pid).map(|n| (n, 0))
+                    }
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match r {
+                    Ok((tasks, conns)) => {
+                        self.runtime.unfence(ip);
+                        info!(container = %ip, pid, migration, side, tasks, connections = conns, "fenced copy resumed: it owns the container");
+                    }
+                    Err(e) => {
+                        warn!(container = %ip, pid, migration, side, error = %e, "resuming the fenced copy failed")
+                    }
+                }
+            }
+            Verdict::KillWhenRunsOn { host, vtep } => {
+                if self.runs_on(ip, &host, vtep).await {
+                    self.kill(ip, pid, migration, side, &format!("it runs on {host}"));
+                }
+            }
+            Verdict::Kill => {
+                self.kill(ip, pid, migration, side, "another host owns the container");
+                if fence.side == FenceSide::Destination {
+                    self.node.lock().await.fence_egress(ip, false);
+                }
+            }
+        }
+    }
+
+    fn kill(&self, ip: Ipv4Addr, pid: i32, migration: &str, side: &str, why: &str) {
+        match self.runtime.kill_fenced(ip) {
+            Ok(()) => {
+                info!(container = %ip, pid, migration, side, why, "fenced copy killed")
+            }
+            Err(e) => {
+                warn!(container = %ip, pid, migration, side, error = %e, "killing the fenced copy")
+            }
+        }
+    }
+
+    /// Does `host`'s agent say container `ip` runs there (not fenced)?
+    async fn runs_on(&self, ip: Ipv4Addr, host: &str, vtep: Ipv4Addr) -> bool {
+        let addr = std::net::SocketAddr::new(vtep.into(), self.peer_port);
+        let mut req = Request::get(format!("/v1/containers/{ip}")).timeout(Duration::from_secs(1));
+        if let Some(t) = &self.token {
+            req = req.token(t);
+        }
+        match req.send(addr).await {
+            Ok(r) if r.is_success() => serde_json::from_slice::<ContainerProcess>(&r.body)
+                .is_ok_and(|c| c.running && c.fenced.is_none()),
+            Ok(_) => false,
+            Err(e) => {
+                tracing::debug!(%host, error = %e, "asking the owner whether the container runs");
+                false
+            }
+        }
+    }
+
+    /// Reconciles every [`TICK`] until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.reconcile().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::{Endpoint, HostInfo, HostRole, MacAddr, Migration, run::Fence};
+
+    const IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+
+    fn host(name: &str, last: u8) -> HostInfo {
+        HostInfo {
+            name: name.into(),
+            vtep: Ipv4Addr::new(192, 168, 0, last),
+            overlay_ip: Ipv4Addr::new(10, 244, 0, last),
+            role: HostRole::Host,
+        }
+    }
+
+    fn snap(owner: &str, phase: Option<MigrationPhase>) -> Snapshot {
+        Snapshot {
+            version: 7,
+            overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            vni: 42,
+            hosts: vec![host("a1", 1), host("b1", 2)],
+            endpoints: vec![Endpoint {
+                ip: IP,
+                host: owner.into(),
+                mac: MacAddr([0x02, 0, 0, 0, 0, 1]),
+            }],
+            public: vec![],
+            migrations: phase
+                .map(|phase| Migration {
+                    id: "m1".into(),
+                    container: IP,
+                    from: "a1".into(),
+                    to: "b1".into(),
+                    phase,
+                    created_unix_ms: 1,
+                    updated_unix_ms: 1,
+                    frozen_unix_ms: 0,
+                    released_unix_ms: 0,
+                    forward_until_unix_ms: 0,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn copy(side: FenceSide) -> ContainerProcess {
+        ContainerProcess {
+            container: IP,
+            pid: 100,
+            argv: vec![],
+            origin: "restored".into(),
+            running: true,
+            ended: None,
+            fenced: Some(Fence {
+                migration: "m1".into(),
+                side,
+            }),
+        }
+    }
+
+    #[test]
+    fn undecided_copies_wait_on_both_sides() {
+        for phase in [MigrationPhase::Prepared, MigrationPhase::Frozen] {
+            let s = snap("a1", Some(phase));
+            assert_eq!(verdict("a1", &copy(FenceSide::Source), &s), Verdict::Wait);
+            assert_eq!(
+                verdict("b1", &copy(FenceSide::Destination), &s),
+                Verdict::Wait
+            );
+        }
+    }
+
+    #[test]
+    fn released_runs_the_destination_and_kills_the_source_once_confirmed() {
+        let s = snap("b1", Some(MigrationPhase::Released));
+        assert_eq!(
+            verdict("b1", &copy(FenceSide::Destination), &s),
+            Verdict::Resume
+        );
+        assert_eq!(
+            verdict("a1", &copy(FenceSide::Source), &s),
+            Verdict::KillWhenRunsOn {
+                host: "b1".into(),
+                vtep: Ipv4Addr::new(192, 168, 0, 2)
+            }
+        );
+        // The grace over, the migration left the snapshot: no need to ask any more.
+        let s = snap("b1", None);
+        assert_eq!(verdict("a1", &copy(FenceSide::Source), &s), Verdict::Kill);
+        assert_eq!(
+            verdict("b1", &copy(FenceSide::Destination), &s),
+            Verdict::Resume
+        );
+    }
+
+    #[test]
+    fn aborted_runs_the_source_and_kills_the_destination() {
+        // An aborted migration leaves the snapshot at once; the endpoint stayed on a1.
+        let s = snap("a1", None);
+        assert_eq!(verdict("a1", &copy(FenceSide::Source), &s), Verdict::Resume);
+        assert_eq!(
+            verdict("b1", &copy(FenceSide::Destination), &s),
+            Verdict::Kill
+        );
+    }
+
+    #[test]
+    fn never_both_resume() {
+        // Whatever the registry says, at most one of the two copies gets Resume.
+        let phases = [
+            None,
+            Some(MigrationPhase::Prepared),
+            Some(MigrationPhase::Frozen),
+            Some(MigrationPhase::Released),
+            Some(MigrationPhase::Aborted),
+        ];
+        for owner in ["a1", "b1", "c1"] {
+            for phase in phases {
+                let s = snap(owner, phase);
+                let a = verdict("a1", &copy(FenceSide::Source), &s) == Verdict::Resume;
+                let b = verdict("b1", &copy(FenceSide::Destination), &s) == Verdict::Resume;
+                assert!(!(a && b), "owner {owner}, phase {phase:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_copy_of_an_older_migration_is_not_kept_by_a_newer_one() {
+        // m1 aborted; m2 of the same container is being prepared to b1: b1's m1 copy goes.
+        let mut s = snap("a1", Some(MigrationPhase::Prepared));
+        s.migrations[0].id = "m2".into();
+        assert_eq!(
+            verdict("b1", &copy(FenceSide::Destination), &s),
+            Verdict::Kill
+        );
+    }
+
+    #[test]
+    fn an_unfenced_tree_is_left_alone() {
+        let mut p = copy(FenceSide::Source);
+        p.fenced = None;
+        assert_eq!(verdict("b1", &p, &snap("a1", None)), Verdict::Wait);
+    }
+}
