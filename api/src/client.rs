@@ -273,10 +273,32 @@ impl Client {
         let body = MigrationRequest {
             container,
             to: to.to_string(),
+            run: false,
         };
         let path = format!("/v1/migrations{}", step_query(timeout));
         self.send("POST", &path, Some(&body), self.step_deadline(timeout))
             .await
+    }
+
+    /// Prepare, marked as run by the gateway ([`Migration::run`]): what the gateway's own
+    /// runs send.
+    pub async fn prepare_run_migration(
+        &self,
+        container: Ipv4Addr,
+        to: &str,
+    ) -> Result<MigrationStep, ApiError> {
+        let body = MigrationRequest {
+            container,
+            to: to.to_string(),
+            run: true,
+        };
+        self.send(
+            "POST",
+            "/v1/migrations",
+            Some(&body),
+            self.step_deadline(None),
+        )
+        .await
     }
 
     /// The freeze step of migration `id`.

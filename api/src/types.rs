@@ -303,6 +303,10 @@ pub struct Migration {
     /// `released`: until when the source keeps its forwarding pointer.
     #[serde(default)]
     pub forward_until_unix_ms: u64,
+    /// The gateway runs this migration (`ferry migrate run`, `POST /v1/runs`): a restarted
+    /// gateway resumes it even if the run's report was never written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub run: bool,
 }
 
 /// Body of `POST /v1/migrations` (the prepare step).
@@ -311,6 +315,9 @@ pub struct Migration {
 pub struct MigrationRequest {
     pub container: Ipv4Addr,
     pub to: String,
+    /// Set by the gateway's own runs (see [`Migration::run`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub run: bool,
 }
 
 impl MigrationPhase {
@@ -730,6 +737,7 @@ mod tests {
             frozen_unix_ms: 2,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            run: false,
         };
         assert_eq!(m.seq(), Some(3));
         let step = MigrationStep {

@@ -271,7 +271,11 @@ impl Gateway {
         dir: Option<std::path::PathBuf>,
     ) {
         self.runs.configure(listen, agent_api_port, dir);
-        for id in self.runs.load() {
+        let mut running = self.runs.load();
+        // A run whose report was never written (the gateway died during its prepare) is
+        // still marked in the registry: resume it too.
+        running.extend(crate::migration::runs::unreported(self));
+        for id in running {
             crate::migration::runs::resume(self, id);
         }
     }

@@ -83,6 +83,25 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Stop, start or restart one host's agent (as an upgrade or a crash would): its
+    /// containers, namespaces and datapath stay as the agent leaves them.
+    Agent {
+        #[arg(long)]
+        lab: Option<String>,
+        /// The host whose agent it is.
+        #[arg(long)]
+        host: String,
+        #[command(subcommand)]
+        action: AgentAction,
+    },
+    /// Restart the lab's gateway daemon (same configuration and state directory).
+    RestartGateway {
+        #[arg(long)]
+        lab: Option<String>,
+        /// SIGKILL (a crash) instead of SIGTERM.
+        #[arg(long)]
+        hard: bool,
+    },
     /// Benchmarks in a lab of their own (torn down at the end).
     Bench {
         #[command(subcommand)]
@@ -111,6 +130,24 @@ pub enum Cmd {
         topology: Option<PathBuf>,
         #[arg(long)]
         agents: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum AgentAction {
+    /// Send a signal to the agent and wait until it exited.
+    Kill {
+        /// SIGKILL (a crash) instead of SIGTERM (an upgrade).
+        #[arg(long)]
+        hard: bool,
+    },
+    /// Start the agent again with its configuration; waits until it serves.
+    Start,
+    /// Kill, then start.
+    Restart {
+        /// SIGKILL (a crash) instead of SIGTERM (an upgrade).
+        #[arg(long)]
+        hard: bool,
     },
 }
 

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::cli::{Cli, Cmd};
+use crate::cli::{AgentAction, Cli, Cmd};
 use ferry_lab::{
     INET, Lab, LabOptions, LabStatus, ROUTER, Topology, list_labs, netns_name, reap,
     state::{self, LabState},
@@ -117,6 +117,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 .status()
                 .with_context(|| format!("running `ip netns exec {ns} ...`"))?;
             Ok(exit_code(status))
+        }
+        Cmd::Agent { lab, host, action } => {
+            let mut lab = Lab::attach(&pick(lab)?)?;
+            let sig = |hard: bool| if hard { libc::SIGKILL } else { libc::SIGTERM };
+            match action {
+                AgentAction::Kill { hard } => lab.kill_agent(&host, sig(hard))?,
+                AgentAction::Start => lab.start_agent(&host)?,
+                AgentAction::Restart { hard } => lab.restart_agent(&host, sig(hard))?,
+            }
+            Ok(0)
+        }
+        Cmd::RestartGateway { lab, hard } => {
+            let mut lab = Lab::attach(&pick(lab)?)?;
+            lab.restart_gateway_with(if hard { libc::SIGKILL } else { libc::SIGTERM })?;
+            Ok(0)
         }
         Cmd::Run {
             lab,

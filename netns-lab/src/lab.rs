@@ -381,6 +381,12 @@ impl Lab {
     /// Stops the gateway daemon (SIGTERM, by PID) and starts it again with the same
     /// configuration and state directory; waits until it answers.
     pub fn restart_gateway(&mut self) -> Result<(), LabError> {
+        self.restart_gateway_with(libc::SIGTERM)
+    }
+
+    /// [`Lab::restart_gateway`] with `signal` (SIGKILL: a crash; SIGTERM: a clean stop, then
+    /// SIGKILL if it is still there after 5 s).
+    pub fn restart_gateway_with(&mut self, signal: i32) -> Result<(), LabError> {
         let cp = self.control_or_err()?;
         let bin = find_binary("ferry", "ferry-cli")?;
         let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
@@ -388,16 +394,29 @@ impl Lab {
             path: state::state_file(&self.prefix),
             problem: "no state".into(),
         })?;
-        let targets: Vec<procs::Target> = st
-            .processes
-            .iter()
-            .filter(|p| p.kind == "gateway")
-            .map(|p| procs::Target {
-                pid: p.pid,
-                start_time: Some(p.start_time),
-            })
-            .collect();
-        let errors = procs::stop_all(&targets, Duration::from_secs(5));
+        let mut errors = Vec::new();
+        for p in st.processes.iter().filter(|p| p.kind == "gateway") {
+            let fd = match procs::PidFd::open(p.pid, Some(p.start_time)) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => continue,
+                Err(e) => {
+                    errors.push(format!("PID {}: {e}", p.pid));
+                    continue;
+                }
+            };
+            let stopped = fd.signal(signal).and_then(|()| {
+                if fd.wait_exit(Some(Duration::from_secs(5)))? {
+                    return Ok(true);
+                }
+                fd.signal(libc::SIGKILL)?;
+                fd.wait_exit(Some(Duration::from_secs(5)))
+            });
+            match stopped {
+                Ok(true) => {}
+                Ok(false) => errors.push(format!("PID {} survived SIGKILL for 5 s", p.pid)),
+                Err(e) => errors.push(format!("PID {}: {e}", p.pid)),
+            }
+        }
         if !errors.is_empty() {
             return Err(LabError::GatewayFailed {
                 problem: format!("did not stop: {}", errors.join("; ")),

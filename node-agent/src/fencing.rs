@@ -256,6 +256,7 @@ mod tests {
                     frozen_unix_ms: 0,
                     released_unix_ms: 0,
                     forward_until_unix_ms: 0,
+                    run: false,
                 })
                 .into_iter()
                 .collect(),

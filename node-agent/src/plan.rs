@@ -452,6 +452,7 @@ overlay_cidr = "10.244.0.0/16"
             frozen_unix_ms: 0,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            run: false,
         }
     }
 

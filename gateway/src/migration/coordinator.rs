@@ -345,6 +345,7 @@ async fn prepare(
             container: req.container,
             to: req.to,
             now_ms: ferry_api::unix_ms(),
+            run: req.run,
         })
         .await;
     settle(&g, step, r, None, timeout).await

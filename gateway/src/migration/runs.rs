@@ -219,7 +219,7 @@ async fn start(
     drop(reg);
     let started = ferry_api::unix_ms_f64();
     let step = client
-        .prepare_migration(req.container, &req.to, None)
+        .prepare_run_migration(req.container, &req.to)
         .await
         .map_err(relay)?;
     let m = step.migration;
@@ -337,6 +337,43 @@ async fn drive(
     let to_api = req.to_api;
     let (state, error) = resolve(&g, &client, &id, to_api, why).await;
     finish(&g, &id, state, error);
+}
+
+/// Active migrations the gateway runs (`Migration::run`) that have no report: one is made for
+/// each (so `GET /v1/runs/{id}` answers), and their ids returned.
+pub(crate) fn unreported(g: &Gateway) -> Vec<String> {
+    let reg = g.current();
+    let mut ids = Vec::new();
+    for l in reg.live_migrations() {
+        let m = &l.migration;
+        if !m.run || !m.phase.is_active() || lock(&g.runs.reports).contains_key(&m.id) {
+            continue;
+        }
+        g.runs.insert(RunReport {
+            id: m.id.clone(),
+            container: m.container,
+            from: m.from.clone(),
+            to: m.to.clone(),
+            lock: ferry_api::run::LockMode::Hold,
+            state: RunState::Running,
+            started_unix_ms: m.created_unix_ms as f64,
+            total_ms: 0.0,
+            stopped_ms: 0.0,
+            phases: vec![],
+            events: vec![event(
+                "info",
+                format!(
+                    "found {} in the registry without a report (the gateway stopped during its start)",
+                    m.phase
+                ),
+            )],
+            criu: None,
+            image_bytes: 0,
+            error: None,
+        });
+        ids.push(m.id.clone());
+    }
+    ids
 }
 
 /// Resumes a run a restarted gateway found running: the checkpoint request died with the

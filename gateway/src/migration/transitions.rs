@@ -180,6 +180,7 @@ impl Registry {
         container: Ipv4Addr,
         to: String,
         now_ms: u64,
+        run: bool,
     ) -> Result<Change, RegistryError> {
         let Some(endpoint) = self.endpoints.get(&container) else {
             return fail(
@@ -231,6 +232,7 @@ impl Registry {
             frozen_unix_ms: 0,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            run,
         };
         let ended = self.end_live(|m| m.container == container).pop();
         self.next_migration += 1;

@@ -72,6 +72,8 @@ pub enum Request {
         container: Ipv4Addr,
         to: String,
         now_ms: u64,
+        /// Run by the gateway (see `Migration::run`).
+        run: bool,
     },
     /// `freeze`, `release` or `abort` of a migration. `expect`: refuse (`bad_phase`) unless the
     /// migration is in this phase (the coordinator's automatic abort uses it, so it never
@@ -241,7 +243,8 @@ impl Registry {
                 container,
                 to,
                 now_ms,
-            } => self.prepare_migration(container, to, now_ms)?,
+                run,
+            } => self.prepare_migration(container, to, now_ms, run)?,
             Request::StepMigration {
                 id,
                 step,

@@ -116,6 +116,7 @@ pub(crate) fn prepare(c: &str, to: &str, now_ms: u64) -> Request {
         container: ip(c),
         to: to.into(),
         now_ms,
+        run: false,
     }
 }
 

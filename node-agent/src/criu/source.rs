@@ -362,9 +362,19 @@ async fn run_inner(
             // registry's decision, not ours: ask for the abort (the gateway refuses it if the
             // destination was released meanwhile), and let the fencing resume the tree when
             // the abort reaches this host.
+            // In a task of its own: this checkpoint ends now (its claim on the container
+            // goes), so the fencing can resume the tree the moment the abort arrives, without
+            // waiting for the gateway to hear back from every agent.
             warn!(error = %e, "transfer or restore failed: asking the gateway to abort");
-            let decided = ask_abort(&ctx, &id).await;
-            answer.error = Some(format!("{e}; {decided}"));
+            let (c, mid) = (ctx.clone(), id.clone());
+            tokio::spawn(
+                async move {
+                    let decided = ask_abort(&c, &mid).await;
+                    info!(decided, "abort asked for");
+                }
+                .in_current_span(),
+            );
+            answer.error = Some(format!("{e}; the source asked the gateway to abort"));
             return answer;
         }
     };
