@@ -429,7 +429,10 @@ overlay_ip = "10.244.255.2"
         let ip = Ipv4Addr::new(10, 244, 1, 10);
         let name = container_netns_name("fl1234ab-a1-c-", ip);
         assert_eq!(name, "fl1234ab-a1-c-10-244-1-10");
-        assert_eq!(parse_container_netns_name("fl1234ab-a1-c-", &name), Some(ip));
+        assert_eq!(
+            parse_container_netns_name("fl1234ab-a1-c-", &name),
+            Some(ip)
+        );
         for bad in [
             "fl1234ab-a2-c-10-244-1-10",
             "fl1234ab-a1-c-10-244-1",
@@ -438,7 +441,11 @@ overlay_ip = "10.244.255.2"
             "fl1234ab-a1-c-10-244-1-256",
             "fl1234ab-a1-c-10-244--10",
         ] {
-            assert_eq!(parse_container_netns_name("fl1234ab-a1-c-", bad), None, "{bad}");
+            assert_eq!(
+                parse_container_netns_name("fl1234ab-a1-c-", bad),
+                None,
+                "{bad}"
+            );
         }
     }
 

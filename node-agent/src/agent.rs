@@ -192,7 +192,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             dumped.insert(ip);
         }
     }
-    restore_held(&cfg.state_dir, &mut queues, adopted, previous_stopped_cleanly);
+    restore_held(
+        &cfg.state_dir,
+        &mut queues,
+        adopted,
+        previous_stopped_cleanly,
+    );
     let egress_vtep = adoption
         .previous_config
         .map(|c| c.egress_vtep_be)
@@ -335,8 +340,12 @@ fn restore_held(dir: &Path, queues: &mut HoldQueues, adopted: bool, clean: bool)
     match std::fs::read(&path) {
         Ok(bytes) => {
             match queues.load(&bytes) {
-                Ok(n) => info!(packets = n, held = ?queues.held(), "held packets of the previous agent queued again"),
-                Err(e) => warn!(error = %e, path = %path.display(), "saved held packets unreadable: dropped"),
+                Ok(n) => {
+                    info!(packets = n, held = ?queues.held(), "held packets of the previous agent queued again")
+                }
+                Err(e) => {
+                    warn!(error = %e, path = %path.display(), "saved held packets unreadable: dropped")
+                }
             }
             let _ = std::fs::remove_file(&path);
         }
@@ -359,7 +368,9 @@ fn save_held(dir: &Path, hold: &Hold) {
     let bytes = q.save();
     let path = dir.join(HOLD_QUEUE_FILE);
     match write_atomic(&path, &bytes) {
-        Ok(()) => info!(?held, packets, path = %path.display(), "held packets saved for the next agent"),
+        Ok(()) => {
+            info!(?held, packets, path = %path.display(), "held packets saved for the next agent")
+        }
         Err(e) => warn!(error = %e, ?held, packets, "saving held packets: they are lost"),
     }
 }
@@ -372,7 +383,8 @@ async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime) {
         containers::existing_containers(&prefix)
             .into_iter()
             .filter_map(|ip| {
-                let path = ferry_overlay::netns::netns_path(&plan::container_netns_name(&prefix, ip));
+                let path =
+                    ferry_overlay::netns::netns_path(&plan::container_netns_name(&prefix, ip));
                 let pids = ferry_overlay::netns::pids_in(&path).ok()?;
                 (!pids.is_empty()).then_some((ip, pids))
             })

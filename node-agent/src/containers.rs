@@ -201,7 +201,12 @@ pub async fn kill_processes(prefix: &str, ip: Ipv4Addr) -> Result<Vec<i32>, Cont
 }
 
 impl HostNetwork {
-    fn link_spec(&self, c: &LocalContainer, path: &std::path::Path, host_if: &str) -> ContainerLink {
+    fn link_spec(
+        &self,
+        c: &LocalContainer,
+        path: &std::path::Path,
+        host_if: &str,
+    ) -> ContainerLink {
         ContainerLink {
             netns: path.to_owned(),
             host_if: host_if.to_owned(),

@@ -160,7 +160,13 @@ impl HoldQueues {
     /// (4 bytes), its frame count (u32 LE) and each frame (u32 LE length, bytes), in order.
     pub fn save(&mut self) -> Vec<u8> {
         let c = self.counters;
-        let mut out = Vec::with_capacity(64 + self.queues.values().map(|q| q.bytes + 4 * q.frames.len()).sum::<usize>());
+        let mut out = Vec::with_capacity(
+            64 + self
+                .queues
+                .values()
+                .map(|q| q.bytes + 4 * q.frames.len())
+                .sum::<usize>(),
+        );
         out.extend_from_slice(SAVED_MAGIC);
         for n in [
             c.held,
@@ -300,7 +306,10 @@ mod saved_tests {
             new.load(&bytes[..bytes.len() - 3]),
             Err(SavedHoldError("truncated"))
         );
-        assert_eq!(new.load(b"FERRYHQ2\0\0\0\0\0\0\0\0"), Err(SavedHoldError("not a hold queue file")));
+        assert_eq!(
+            new.load(b"FERRYHQ2\0\0\0\0\0\0\0\0"),
+            Err(SavedHoldError("not a hold queue file"))
+        );
     }
 }
 

@@ -388,7 +388,11 @@ fn start_time(pid: i32) -> Option<u64> {
 /// State (field 3) of /proc/PID/stat.
 fn proc_state(pid: i32) -> Option<char> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
+    text[text.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// Does `pid` still name the (living: not a zombie) process that had `start_time`?
@@ -430,7 +434,12 @@ impl Runtime {
         let mut sigchld = signal(SignalKind::child())?;
         let store = state_dir.map(store::Store::open).transpose()?;
         let mut state = State::default();
-        if let Some(saved) = store.as_ref().map(|s| s.load::<Saved>()).transpose()?.flatten() {
+        if let Some(saved) = store
+            .as_ref()
+            .map(|s| s.load::<Saved>())
+            .transpose()?
+            .flatten()
+        {
             let (procs, checkpointed) = readopt(saved, same_process);
             for (ip, e) in &procs {
                 if e.proc.running {
@@ -836,7 +845,10 @@ impl Runtime {
         self.save(&self.lock());
         self.flush().await;
         let running = self.list().iter().filter(|p| p.running).count();
-        info!(running, "runtime detached: process trees left running for the next agent");
+        info!(
+            running,
+            "runtime detached: process trees left running for the next agent"
+        );
     }
 
     /// The explicit teardown (or a failed start): SIGKILLs every known root (which kills its
@@ -1206,7 +1218,10 @@ mod tests {
         let mut st = State::default();
         st.procs.extend([entry([10, 244, 1, 10], 100, 5000, true)]);
         st.procs.extend([entry([10, 244, 1, 11], 101, 5001, false)]);
-        st.procs.get_mut(&Ipv4Addr::new(10, 244, 1, 10)).unwrap().stopping = true;
+        st.procs
+            .get_mut(&Ipv4Addr::new(10, 244, 1, 10))
+            .unwrap()
+            .stopping = true;
         st.checkpointed
             .insert(77, (Ipv4Addr::new(10, 244, 1, 12), Some(4000)));
         let saved = st.saved("a1");
@@ -1292,13 +1307,15 @@ mod tests {
             checkpointed: Vec::new(),
         };
         std::fs::create_dir_all(&dir).unwrap();
-        store::write_atomic(&dir.join(store::FILE), &serde_json::to_vec(&saved).unwrap())
-            .unwrap();
+        store::write_atomic(&dir.join(store::FILE), &serde_json::to_vec(&saved).unwrap()).unwrap();
         let rt = Runtime::new("t", Some(&dir)).unwrap();
         let p = rt.get(Ipv4Addr::new(10, 244, 1, 10)).unwrap();
         assert!(p.running, "{p:?}");
         let q = rt.get(Ipv4Addr::new(10, 244, 1, 11)).unwrap();
-        assert!(!q.running && q.ended.as_deref() == Some(ENDED_UNWATCHED), "{q:?}");
+        assert!(
+            !q.running && q.ended.as_deref() == Some(ENDED_UNWATCHED),
+            "{q:?}"
+        );
         rt.detach().await;
         let back: Saved = store::load(&dir.join(store::FILE)).unwrap().unwrap();
         assert!(back.procs[&Ipv4Addr::new(10, 244, 1, 10)].proc.running);

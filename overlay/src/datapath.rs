@@ -20,11 +20,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::FdLink,
-        tc::SchedClassifierLinkId,
-    },
+    programs::{SchedClassifier, TcAttachType, links::FdLink, tc::SchedClassifierLinkId},
 };
 use ferry_common::{
     Config, Counter, Endpoint, NatKey, NatValue, Reason, Vtep, ipv4_be, maps, programs,
@@ -288,7 +284,10 @@ impl Datapath {
         let mut files: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
         files.sort();
         for path in files {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             let Some((program, iface)) = parse_link_pin_name(name) else {
                 tracing::warn!(path = %path.display(), "unknown entry among the pinned links: removed");
                 let _ = std::fs::remove_file(&path);

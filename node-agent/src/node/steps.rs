@@ -92,7 +92,9 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
                 return Some(built);
             }
             Ok(None) => {}
-            Err(e) => warn!(ip = %c.ip, error = %e, "checking for a container to adopt; building afresh"),
+            Err(e) => {
+                warn!(ip = %c.ip, error = %e, "checking for a container to adopt; building afresh")
+            }
         }
         for e in self.teardown(c.ip).await {
             warn!(ip = %c.ip, error = %e, "removing a stale container before creating it");

@@ -404,15 +404,27 @@ async fn a_restarted_agent_adopts_what_is_wanted_and_sweeps_the_rest_after_the_r
         )),
         "{log:#?}"
     );
-    assert!(!log.contains(&Call::Attach(container_host_if(A))), "{log:#?}");
-    assert!(!log.contains(&Call::Detach(container_host_if(A))), "{log:#?}");
+    assert!(
+        !log.contains(&Call::Attach(container_host_if(A))),
+        "{log:#?}"
+    );
+    assert!(
+        !log.contains(&Call::Detach(container_host_if(A))),
+        "{log:#?}"
+    );
     assert_eq!(ifindex(&n, A), 7);
-    assert_eq!(f.endpoint(A).map(|e| (e.kind, e.ifindex)), Some((kind::LOCAL, 7)));
+    assert_eq!(
+        f.endpoint(A).map(|e| (e.kind, e.ifindex)),
+        Some((kind::LOCAL, 7))
+    );
     let stale = at(&log, |c| *c == Call::RemoveEndpoint(STALE));
     let b_entry = at(&log, |c| *c == Call::RemoveEndpoint(B));
     let b_net = at(&log, |c| *c == Call::DeleteNet(B));
     assert!(stale < b_net && b_entry < b_net, "{log:#?}");
-    assert!(log.contains(&Call::Detach(container_host_if(B))), "{log:#?}");
+    assert!(
+        log.contains(&Call::Detach(container_host_if(B))),
+        "{log:#?}"
+    );
     assert!(!f.has_net(B) && f.has_net(A));
     assert_eq!(n.leftovers, super::Leftovers::Swept);
 }

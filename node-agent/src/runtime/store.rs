@@ -80,7 +80,9 @@ impl Store {
                     warn!(path = %self.path.display(), "the state writer is gone: not saved");
                 }
             }
-            Err(e) => warn!(path = %self.path.display(), error = %e, "serializing the runtime's state"),
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "serializing the runtime's state")
+            }
         }
     }
 
