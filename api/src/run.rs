@@ -226,7 +226,8 @@ pub struct ContainerProcess {
     /// Host PID of the tree's root (PID 1 of the container's PID namespace).
     pub pid: i32,
     pub argv: Vec<String>,
-    /// `started` (by this agent) or `restored` (by CRIU on this agent).
+    /// `started` (by this agent), `restored` (by CRIU on this agent) or `adopted` (found
+    /// running in the container's namespace by a restarted agent, with no record of it).
     pub origin: String,
     pub running: bool,
     /// The exit status if it ended (`exited N` / `killed by SIGNAME`).

@@ -20,6 +20,7 @@
 //! handoff_socket = "/run/ferry/handoff.sock"  # the socket hand-off API (local processes)
 //! api_listen = "198.18.1.10:7401"            # the peer API (other agents); same port everywhere
 //! handoff_max_bytes = 268435456              # hand-off packages kept waiting for a claim
+//! state_dir = "/run/ferry/agent"             # what a restarted agent adopts (process trees, ...)
 //!
 //! [gateway]                     # the registry this agent follows (optional)
 //! address = "198.18.0.10:7400"
@@ -61,6 +62,9 @@ pub const DEFAULT_HANDOFF_SOCKET: &str = "/run/ferry/handoff.sock";
 pub const DEFAULT_API_PORT: u16 = 7401;
 /// Default bound of the hand-off packages an agent keeps waiting for a claim (256 MiB).
 pub const DEFAULT_HANDOFF_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Default directory of the agent's own state (runtime records, held packets kept over a
+/// restart, the lock that keeps a second agent off the host).
+pub const DEFAULT_STATE_DIR: &str = "/run/ferry/agent";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +138,11 @@ pub struct AgentConfig {
     /// Whole-container migration: the `criu` binary, the image directory, the action script.
     #[serde(default)]
     pub criu: CriuConfig,
+    /// The agent's own state, kept across restarts: the runtime's process trees
+    /// (`runtime.json`), packets held at a SIGTERM (`hold-queue.bin`) and a lock file (one
+    /// agent per directory). Default `/run/ferry/agent`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
 }
 
 /// How the agent reaches the gateway's API.
@@ -186,6 +195,9 @@ fn default_api_listen() -> SocketAddr {
 fn default_handoff_max_bytes() -> u64 {
     DEFAULT_HANDOFF_MAX_BYTES
 }
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
 fn default_metrics_listen() -> SocketAddr {
     DEFAULT_METRICS_LISTEN.parse().expect("valid default")
 }
@@ -194,6 +206,23 @@ fn default_metrics_listen() -> SocketAddr {
 pub fn container_netns_name(prefix: &str, ip: Ipv4Addr) -> String {
     let o = ip.octets();
     format!("{prefix}{}-{}-{}-{}", o[0], o[1], o[2], o[3])
+}
+
+/// The container address a namespace name stands for, if `name` is one of `prefix`'s
+/// ([`container_netns_name`] backwards).
+pub fn parse_container_netns_name(prefix: &str, name: &str) -> Option<Ipv4Addr> {
+    let rest = name.strip_prefix(prefix)?;
+    let mut octets = [0u8; 4];
+    let mut parts = rest.split('-');
+    for o in &mut octets {
+        let p = parts.next()?;
+        // Canonical decimal only, so the name round-trips.
+        if p.is_empty() || (p.len() > 1 && p.starts_with('0')) {
+            return None;
+        }
+        *o = p.parse().ok()?;
+    }
+    parts.next().is_none().then(|| Ipv4Addr::from(octets))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +343,12 @@ impl AgentConfig {
                 "needs a fixed port (the same on every agent)".into(),
             );
         }
+        if !self.state_dir.is_absolute() {
+            return err(
+                "state_dir",
+                format!("{} must be an absolute path", self.state_dir.display()),
+            );
+        }
         if self.handoff_max_bytes == 0 {
             return err("handoff_max_bytes", "must not be 0".into());
         }
@@ -384,8 +419,34 @@ overlay_ip = "10.244.255.2"
         assert_eq!(c.handoff_socket, Path::new(DEFAULT_HANDOFF_SOCKET));
         assert_eq!(c.api_listen.port(), DEFAULT_API_PORT);
         assert_eq!(c.handoff_max_bytes, DEFAULT_HANDOFF_MAX_BYTES);
+        assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
         let again = AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn container_netns_names_round_trip() {
+        let ip = Ipv4Addr::new(10, 244, 1, 10);
+        let name = container_netns_name("fl1234ab-a1-c-", ip);
+        assert_eq!(name, "fl1234ab-a1-c-10-244-1-10");
+        assert_eq!(
+            parse_container_netns_name("fl1234ab-a1-c-", &name),
+            Some(ip)
+        );
+        for bad in [
+            "fl1234ab-a2-c-10-244-1-10",
+            "fl1234ab-a1-c-10-244-1",
+            "fl1234ab-a1-c-10-244-1-10-1",
+            "fl1234ab-a1-c-10-244-01-10",
+            "fl1234ab-a1-c-10-244-1-256",
+            "fl1234ab-a1-c-10-244--10",
+        ] {
+            assert_eq!(
+                parse_container_netns_name("fl1234ab-a1-c-", bad),
+                None,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1050,6 +1050,8 @@ impl Builder {
                     action_script: crate::bins::find_binary("ferry", "ferry-cli")?,
                     ..Default::default()
                 },
+                // What a restarted agent adopts, per host, in the lab's state directory.
+                state_dir: agent_state_dir(self.prefix(), &h.name),
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())
@@ -1162,6 +1164,11 @@ fn finish_batch(label: &str, shown: String, child: Child) -> Result<(), LabError
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// The state directory of a lab host's agent (`state_dir` in its configuration).
+pub fn agent_state_dir(prefix: &str, host: &str) -> PathBuf {
+    state::state_dir(prefix).join(host).join("agent-state")
 }
 
 /// The hand-off socket of a lab host's agent, in the host's state directory.

@@ -198,6 +198,37 @@ pub fn stop_all(targets: &[Target], grace: Duration) -> Vec<String> {
     errors
 }
 
+/// SIGKILL to every target (PID and start time checked through a pidfd) and wait up to 5 s
+/// for each. Never signals our own PID. Returns one message per failure.
+pub fn kill_all(targets: &[Target]) -> Vec<String> {
+    let me = std::process::id() as i32;
+    let mut errors = Vec::new();
+    let mut open = Vec::new();
+    for t in targets {
+        if t.pid == me || t.pid <= 1 {
+            continue;
+        }
+        match PidFd::open(t.pid, t.start_time) {
+            Ok(Some(fd)) => match fd.signal(libc::SIGKILL) {
+                Ok(()) => open.push((t.pid, fd)),
+                Err(e) => errors.push(format!("SIGKILL to PID {}: {e}", t.pid)),
+            },
+            Ok(None) => {}
+            Err(e) => errors.push(format!("opening a pidfd for PID {}: {e}", t.pid)),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (pid, fd) in &open {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match fd.wait_exit(Some(left)) {
+            Ok(true) => {}
+            Ok(false) => errors.push(format!("PID {pid} survived SIGKILL for 5 s")),
+            Err(e) => errors.push(format!("waiting for PID {pid}: {e}")),
+        }
+    }
+    errors
+}
+
 /// (device, inode) of a namespace file: what identifies a namespace.
 pub fn ns_id(path: &Path) -> io::Result<(u64, u64)> {
     let m = std::fs::metadata(path)?;

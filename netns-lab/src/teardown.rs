@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     LabError, TeardownError,
-    lab::netns_name,
+    lab::{container_netns_prefix, netns_name},
     procs::{self, ProcRecord, TERM_GRACE, Target},
     state::{self, BPFFS_ROOT, LabState, STATE_ROOT},
     topology::Host,
@@ -82,28 +82,59 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
         errors.extend(procs::stop_all(&targets, TERM_GRACE));
     }
 
-    // 2. Whatever else still runs inside the lab's namespaces.
+    // 2. Whatever else still runs inside the lab's namespaces: containers' processes first
+    //    (SIGKILL at once: a stopped agent leaves its containers running, and a container's
+    //    PID 1 ignores SIGTERM without a handler), then anything else in the hosts' and other
+    //    nodes' namespaces (SIGTERM, grace, SIGKILL). By PID through a pidfd, found by their
+    //    namespace (a scan of /proc/*/ns/net), whoever started them.
     let mut names: BTreeSet<String> = existing_namespaces(prefix).into_iter().collect();
     if let Some(st) = &st {
         names.extend(st.namespaces.iter().cloned());
     }
-    let ids: HashSet<(u64, u64)> = names
-        .iter()
-        .filter_map(|n| procs::ns_id(&netns_path(n)).ok())
-        .collect();
-    let stragglers: Vec<Target> = procs::pids_in_netns(&ids)
-        .into_iter()
-        .map(|pid| Target {
-            pid,
-            start_time: procs::start_time(pid).ok(),
-        })
-        .collect();
-    if !stragglers.is_empty() {
+    let container_prefixes: Vec<String> = match &st {
+        Some(st) => st
+            .topology
+            .hosts
+            .iter()
+            .map(|h| container_netns_prefix(prefix, &h.name))
+            .collect(),
+        None => Vec::new(),
+    };
+    // Without a state file the hosts are unknown: their agents' `-c-` naming tells.
+    let is_container = |n: &str| {
+        if container_prefixes.is_empty() {
+            n.contains("-c-")
+        } else {
+            container_prefixes.iter().any(|p| n.starts_with(p.as_str()))
+        }
+    };
+    let (containers, nodes): (Vec<&String>, Vec<&String>) =
+        names.iter().partition(|n| is_container(n));
+    for (group, grace) in [(containers, std::time::Duration::ZERO), (nodes, TERM_GRACE)] {
+        let ids: HashSet<(u64, u64)> = group
+            .iter()
+            .filter_map(|n| procs::ns_id(&netns_path(n)).ok())
+            .collect();
+        let stragglers: Vec<Target> = procs::pids_in_netns(&ids)
+            .into_iter()
+            .map(|pid| Target {
+                pid,
+                start_time: procs::start_time(pid).ok(),
+            })
+            .collect();
+        if stragglers.is_empty() {
+            continue;
+        }
         tracing::info!(
             pids = ?stragglers.iter().map(|t| (t.pid, procs::comm(t.pid))).collect::<Vec<_>>(),
+            containers = grace.is_zero(),
             "stopping processes still inside the lab's namespaces"
         );
-        errors.extend(procs::stop_all(&stragglers, TERM_GRACE));
+        if grace.is_zero() {
+            errors.extend(procs::kill_all(&stragglers));
+        } else {
+            errors.extend(procs::stop_all(&stragglers, grace));
+        }
     }
 
     // 3. The namespaces (what `ip netns del` does: detach the bind mount, remove the file).

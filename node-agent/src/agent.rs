@@ -1,13 +1,23 @@
 //! The running agent: sets up the host's overlay device and datapath, follows the registry
-//! (containers, peers, public addresses), serves metrics and status, and tears its own state
-//! down on SIGTERM / SIGINT.
+//! (containers, peers, public addresses), serves metrics and status.
+//!
+//! Restarts are hitless: on SIGTERM / SIGINT the agent stops *without* tearing anything down —
+//! containers, their processes, namespaces and veths, the pinned datapath (programs stay
+//! attached), the VXLAN device and the persistent hold device all stay — and saves what it
+//! holds in memory (held packets) for the next agent. A SIGKILLed agent leaves the same, minus
+//! the held packets. On start the agent adopts what is there ([`run`]); [`teardown`]
+//! (`ferry-agent --teardown`) is the explicit removal of everything.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use ferry_api::{Client, HostRole};
-use ferry_common::{Config, config_flags, ipv4_be};
+use ferry_common::{Config, config_flags, flags, ipv4_be, kind};
 use ferry_overlay::{
     datapath::Datapath,
     netlink::{Netlink, VxlanSpec},
@@ -19,17 +29,48 @@ use tracing::{Instrument as _, info, warn};
 
 use crate::{
     config::AgentConfig,
-    containers::HostNetwork,
+    containers::{self, HostNetwork},
     fencing::Fencing,
     handoff::Handoff,
     hold::HoldQueues,
     metrics,
-    node::{Announcements, Applied, Hold, Node},
+    node::{Announcements, Applied, Hold, Leftovers, Node},
     peer_api::{self, PeerApi},
     plan,
-    runtime::Runtime,
+    runtime::{Runtime, store::write_atomic},
     sync,
 };
+
+/// Held packets a stopping agent saved for the next one (in the state directory).
+pub const HOLD_QUEUE_FILE: &str = "hold-queue.bin";
+/// Written by an agent that stopped cleanly (SIGTERM), removed by the next one at start.
+pub const CLEAN_STOP_FILE: &str = "clean-stop";
+/// The lock that keeps a second agent (or a teardown) off a running agent's host.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// Takes the state directory's lock (`flock`, released when the process exits however it
+/// exits): one agent per host, and no teardown under a running agent.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock(2) on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "{} is locked: another ferry-agent runs with this state directory ({})",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(f)
+}
 
 /// Underlay MTU minus the VXLAN overhead (outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
 pub const OVERLAY_MTU: u32 = 1500 - 50;
@@ -42,7 +83,17 @@ struct AppState {
     runtime: Runtime,
 }
 
+/// Runs the agent until SIGTERM / SIGINT. What an earlier agent left is adopted, not rebuilt:
+/// the VXLAN device (if it matches), the hold device (persistent), the pinned maps and links
+/// (the programs are swapped in place), endpoints being held (from the map: queueing resumes
+/// before the device is read), the held packets a stopping agent saved, the runtime's process
+/// trees (its state file, then every container namespace scanned), and — as the registry's
+/// snapshot asks for them — the containers' namespaces and veths.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let clean_stop = cfg.state_dir.join(CLEAN_STOP_FILE);
+    let previous_stopped_cleanly = clean_stop.exists();
+    let _ = std::fs::remove_file(&clean_stop);
     let nl = Netlink::open()?;
     let spec = VxlanSpec {
         name: cfg.vxlan_device.clone(),
@@ -51,13 +102,13 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         overlay_ip: cfg.overlay_ip,
         overlay_cidr: cfg.overlay_cidr,
     };
-    let ifindex = nl.ensure_vxlan(&spec).await?;
+    let (ifindex, vxlan_kept) = nl.ensure_vxlan(&spec).await?;
     // The overlay is IPv4; IPv6 on the device would only emit ND/MLD noise into the datapath.
     sys::write_sysctl(
         &format!("net/ipv6/conf/{}/disable_ipv6", cfg.vxlan_device),
         "1",
     )?;
-    info!(device = %cfg.vxlan_device, ifindex, port = cfg.vxlan_port, "vxlan device ready");
+    info!(device = %cfg.vxlan_device, ifindex, port = cfg.vxlan_port, kept = vxlan_kept, "vxlan device ready");
 
     let mut base = Config {
         vni: cfg.vni,
@@ -104,18 +155,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
-    // The hold device: packets for HOLD endpoints wait behind it, in this agent.
-    let tap = Tap::open(&cfg.hold_device)
-        .with_context(|| format!("creating the hold device {}", cfg.hold_device))?;
+    // The hold device: packets for HOLD endpoints wait behind it, in this agent. Persistent:
+    // it stays (same ifindex, from-hold attached) when this agent stops.
+    let tap = Tap::open_persistent(&cfg.hold_device)
+        .with_context(|| format!("opening the hold device {}", cfg.hold_device))?;
     base.hold_ifindex = nl.configure_hold_device(&cfg.hold_device, HOLD_MTU).await?;
     sys::write_sysctl(
         &format!("net/ipv6/conf/{}/disable_ipv6", cfg.hold_device),
         "1",
     )?;
-    let hold = Arc::new(Hold {
-        tap,
-        queues: Mutex::new(HoldQueues::new(cfg.hold)),
-    });
 
     let mut dp = Datapath::attach(&cfg.vxlan_device, base, cfg.bpffs_dir.as_deref())?;
     dp.attach_hold(&cfg.hold_device)?;
@@ -123,6 +171,43 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         dp.attach_public(public)?;
         info!(interface = public, "from-public attached");
     }
+    let adoption = dp.adoption().clone();
+    let adopted = !adoption.maps_reused.is_empty();
+    if adopted {
+        info!(
+            maps = ?adoption.maps_reused,
+            links = adoption.links_adopted.len(),
+            links_dropped = ?adoption.links_dropped,
+            previous_stopped_cleanly,
+            "adopted the pinned datapath of an earlier agent (entries and counters go on)"
+        );
+    }
+    // What the kernel says about endpoints being held and old copies being silenced.
+    let mut queues = HoldQueues::new(cfg.hold);
+    let mut dumped = BTreeSet::new();
+    for (ip, e) in dp.endpoints() {
+        if e.kind == kind::HOLD {
+            queues.hold(ip);
+        }
+        if e.kind == kind::FORWARD && e.flags & flags::DROP_EGRESS != 0 {
+            dumped.insert(ip);
+        }
+    }
+    restore_held(
+        &cfg.state_dir,
+        &mut queues,
+        adopted,
+        previous_stopped_cleanly,
+    );
+    let egress_vtep = adoption
+        .previous_config
+        .map(|c| c.egress_vtep_be)
+        .filter(|v| *v != 0)
+        .map(|v| std::net::Ipv4Addr::from(u32::from_be(v)));
+    let hold = Arc::new(Hold {
+        tap,
+        queues: Mutex::new(queues),
+    });
     let datapath = Arc::new(Mutex::new(dp));
     let mut node = Node {
         host: cfg.host.clone(),
@@ -134,18 +219,34 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             host_overlay_ip: cfg.overlay_ip,
         },
         base_config: base,
-        applied: Applied::default(),
+        applied: Applied {
+            dumped,
+            egress_vtep,
+            ..Applied::default()
+        },
         hold: Some(hold.clone()),
         hold_ifindex: base.hold_ifindex,
         announcer: Announcements {
             schedule: cfg.announce.clone(),
         },
         registry: None,
+        leftovers: if cfg.gateway.is_some() {
+            Leftovers::AfterRegistry
+        } else {
+            Leftovers::AfterNextApply
+        },
     };
     let hold_reader = tokio::spawn(read_hold_device(hold.clone()));
-    let errors = node.apply(&plan::desired(&cfg, None)).await;
-    if !errors.is_empty() {
-        anyhow::bail!("programming the datapath: {}", errors.join("; "));
+    // The static configuration alone does not know the containers: on an adopted datapath
+    // that follows a registry, its apply would end holds the registry still wants. The
+    // datapath goes on as the earlier agent left it until the first snapshot is applied.
+    if adopted && cfg.gateway.is_some() {
+        info!("adopted datapath: waiting for the registry before changing anything");
+    } else {
+        let errors = node.apply(&plan::desired(&cfg, None)).await;
+        if !errors.is_empty() {
+            anyhow::bail!("programming the datapath: {}", errors.join("; "));
+        }
     }
     info!(
         endpoints = node.applied.endpoints.len(),
@@ -156,7 +257,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     // The container runtime: the agent becomes a child subreaper (CRIU-restored trees are
     // reparented to it) and reaps the processes it starts or adopts.
-    let runtime = Runtime::new(&cfg.host)?;
+    let runtime = Runtime::new(&cfg.host, Some(&cfg.state_dir))?;
+    adopt_unrecorded_processes(&cfg, &runtime).await;
     let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime).await {
         Ok(h) => h,
         Err(e) => {
@@ -187,7 +289,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let orphans = tokio::spawn(stop_orphans(node.clone(), runtime.clone()).in_current_span());
+    let orphans = tokio::spawn(
+        stop_orphans(node.clone(), runtime.clone(), cfg.gateway.is_some()).in_current_span(),
+    );
 
     let state = AppState {
         host: cfg.host.as_str().into(),
@@ -227,38 +331,163 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         p.shutdown().await;
     }
     handoff.shutdown().await;
-    // Container processes die before their namespaces go.
-    runtime.shutdown().await;
+    // Nothing is torn down: the containers' processes go on (the next agent re-adopts them).
+    runtime.detach().await;
     orphans.abort();
     let _ = orphans.await;
     hold_reader.abort();
     let _ = hold_reader.await;
+    save_held(&cfg.state_dir, &hold);
     drop(state);
-    let node = Arc::try_unwrap(node)
-        .map_err(|_| anyhow::anyhow!("the node is still shared at shutdown"))?
-        .into_inner();
-    let mut node = node;
-    node.remove_containers().await;
-    // Detach (dropping the datapath closes the tcx links), then remove the device.
-    let Node {
-        net,
-        datapath,
-        hold,
-        ..
-    } = node;
-    drop(datapath);
-    drop(hold); // closing the TAP's fd removes the device
+    drop(node);
+    // The datapath's maps and links stay pinned (programs attached), the hold device is
+    // persistent, the VXLAN device and the masquerade table stay.
+    if let Err(e) = write_atomic(&clean_stop, b"") {
+        warn!(error = %e, path = %clean_stop.display(), "marking the stop as clean");
+    }
+    info!("stopped; containers, datapath and devices left in place for the next agent");
+    Ok(())
+}
+
+/// Held packets a SIGTERMed agent saved: loaded (ahead of anything the device delivers now)
+/// and the file removed. Without one, after an agent that did not stop cleanly, whatever it
+/// held in memory is lost (said in the log; counting it is impossible afterwards).
+fn restore_held(dir: &Path, queues: &mut HoldQueues, adopted: bool, clean: bool) {
+    let path = dir.join(HOLD_QUEUE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            match queues.load(&bytes) {
+                Ok(n) => {
+                    info!(packets = n, held = ?queues.held(), "held packets of the previous agent queued again")
+                }
+                Err(e) => {
+                    warn!(error = %e, path = %path.display(), "saved held packets unreadable: dropped")
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if adopted && !clean && !queues.held().is_empty() {
+                warn!(held = ?queues.held(), "the previous agent did not stop cleanly: packets it held in memory are lost (TCP retransmits them)");
+            }
+        }
+        Err(e) => warn!(error = %e, path = %path.display(), "reading saved held packets"),
+    }
+}
+
+/// At a clean stop: the held packets, saved for the next agent (none: no file).
+fn save_held(dir: &Path, hold: &Hold) {
+    let mut q = hold.queues.lock().unwrap_or_else(|p| p.into_inner());
+    let (held, packets) = (q.held(), q.total_packets());
+    if held.is_empty() {
+        return;
+    }
+    let bytes = q.save();
+    let path = dir.join(HOLD_QUEUE_FILE);
+    match write_atomic(&path, &bytes) {
+        Ok(()) => {
+            info!(?held, packets, path = %path.display(), "held packets saved for the next agent")
+        }
+        Err(e) => warn!(error = %e, ?held, packets, "saving held packets: they are lost"),
+    }
+}
+
+/// Processes inside this agent's container namespaces that the runtime has no record of
+/// (the agent died between a spawn and the state's write) are adopted.
+async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime) {
+    let prefix = cfg.container_netns_prefix.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        containers::existing_containers(&prefix)
+            .into_iter()
+            .filter_map(|ip| {
+                let path =
+                    ferry_overlay::netns::netns_path(&plan::container_netns_name(&prefix, ip));
+                let pids = ferry_overlay::netns::pids_in(&path).ok()?;
+                (!pids.is_empty()).then_some((ip, pids))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (ip, pids) in found {
+        runtime.adopt_found(ip, &pids);
+    }
+}
+
+/// `ferry-agent --teardown`: removes everything the agent of this configuration made, whether
+/// or not it still runs… except that it refuses while one runs (the state directory's lock):
+/// every process inside each container namespace (found by scanning /proc, not only the
+/// runtime's records) is killed, then the namespaces and veths go, the pinned datapath
+/// (detaching the programs), the hold device, the VXLAN device, the masquerade table, and
+/// the agent's state files. Run it inside the host's network namespace. Keeps going past
+/// errors and reports all of them.
+pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
+    let lock = lock_state_dir(&cfg.state_dir)?;
+    let mut errors: Vec<String> = Vec::new();
+    let runtime = Runtime::new(&cfg.host, Some(&cfg.state_dir))?;
+    runtime.shutdown().await;
+    let nl = Netlink::open()?;
+    let net = HostNetwork {
+        nl,
+        netns_prefix: cfg.container_netns_prefix.clone(),
+        mtu: OVERLAY_MTU,
+        host_overlay_ip: cfg.overlay_ip,
+    };
+    for ip in containers::existing_containers(&cfg.container_netns_prefix) {
+        use crate::node::seams::ContainerNet as _;
+        match net.delete(ip).await {
+            Ok(()) => info!(container = %ip, "container removed"),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if let Some(dir) = &cfg.bpffs_dir {
+        match ferry_overlay::datapath::remove_pins(dir) {
+            Ok(()) => info!(dir = %dir.display(), "datapath unpinned (programs detached)"),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    match net.nl.link_index(&cfg.hold_device).await {
+        Ok(idx) => {
+            if let Err(e) = Tap::remove(&cfg.hold_device, idx.is_some()) {
+                errors.push(format!("removing the hold device {}: {e}", cfg.hold_device));
+            }
+        }
+        Err(e) => errors.push(e.to_string()),
+    }
     if let Err(e) = net.nl.delete_link(&cfg.vxlan_device).await {
-        warn!(error = %e, "removing vxlan device");
+        errors.push(e.to_string());
     }
     if cfg.role == HostRole::Gateway
         && cfg.masquerade
         && let Err(e) = nft::remove()
     {
-        warn!(error = %e, "removing the masquerade table");
+        errors.push(format!("removing the masquerade table: {e}"));
     }
-    info!("stopped");
-    Ok(())
+    let files: Vec<PathBuf> = [
+        crate::runtime::store::FILE,
+        HOLD_QUEUE_FILE,
+        CLEAN_STOP_FILE,
+        LOCK_FILE,
+    ]
+    .iter()
+    .map(|f| cfg.state_dir.join(f))
+    .collect();
+    for f in files {
+        if let Err(e) = std::fs::remove_file(&f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            errors.push(format!("removing {}: {e}", f.display()));
+        }
+    }
+    drop(lock);
+    // The directory itself, if nothing else lives in it.
+    let _ = std::fs::remove_dir(&cfg.state_dir);
+    if errors.is_empty() {
+        info!("torn down");
+        Ok(())
+    } else {
+        anyhow::bail!("teardown incomplete: {}", errors.join("; "))
+    }
 }
 
 /// The hand-off's Unix socket and (with a `[gateway]` token) the peer API.
@@ -352,20 +581,20 @@ async fn read_hold_device(hold: Arc<Hold>) {
 /// A container the registry took off this host other than by a migration (its endpoint
 /// removed): its network namespace is gone, so its process tree is stopped too, as a runtime
 /// deletes a sandbox's processes with it. (A migrated container's tree was checkpointed and
-/// is no longer the runtime's.)
-async fn stop_orphans(node: Arc<tokio::sync::Mutex<Node>>, runtime: Runtime) {
+/// is no longer the runtime's.) A restarted agent that follows a registry knows its
+/// containers only once it has applied a snapshot: nothing is stopped before that.
+async fn stop_orphans(node: Arc<tokio::sync::Mutex<Node>>, runtime: Runtime, registry: bool) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let built: std::collections::BTreeSet<std::net::Ipv4Addr> = node
-            .lock()
-            .await
-            .applied
-            .containers
-            .keys()
-            .copied()
-            .collect();
+        let built: std::collections::BTreeSet<std::net::Ipv4Addr> = {
+            let n = node.lock().await;
+            if registry && n.applied.version == 0 {
+                continue;
+            }
+            n.applied.containers.keys().copied().collect()
+        };
         for p in runtime.list() {
             if p.running && p.fenced.is_none() && !built.contains(&p.container) {
                 warn!(container = %p.container, pid = p.pid, "the container left this host: stopping its process tree");

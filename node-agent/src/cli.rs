@@ -19,6 +19,11 @@ pub struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Remove everything this configuration's agent made (its containers' processes,
+    /// namespaces and veths, the pinned datapath, the hold and VXLAN devices, its state) and
+    /// exit. Refused while the agent runs. (Stopping the agent leaves all of it in place.)
+    #[arg(long, conflicts_with = "check")]
+    pub teardown: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -1,8 +1,14 @@
 //! The network side of local containers: a network namespace and a veth pair (from-container
 //! on its host end is the datapath's part, see `node::steps`). The agent creates them when the
 //! registry places an endpoint here and removes them when it leaves.
+//!
+//! A restarted agent adopts a container's network side that an earlier agent built (same
+//! namespace, same veth: [`ContainerNet::adopt`]) instead of rebuilding it, and no namespace
+//! is ever deleted with processes still inside: [`ContainerNet::delete`] SIGKILLs every
+//! process whose network namespace it is first (found by scanning /proc, whoever started
+//! them), so no container process outlives its namespace.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use ferry_overlay::{
     netlink::{ContainerLink, Netlink},
@@ -47,7 +53,16 @@ pub enum ContainerError {
         ip: Ipv4Addr,
         source: std::io::Error,
     },
+    #[error("container {ip}: stopping the processes in {netns}: {source}")]
+    Kill {
+        ip: Ipv4Addr,
+        netns: PathBuf,
+        source: std::io::Error,
+    },
 }
+
+/// How long the processes of a namespace being deleted get to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// The real [`ContainerNet`]: namespaces and veths in the host's network namespace, over
 /// netlink (`nl` is bound to it).
@@ -90,11 +105,50 @@ impl ContainerNet for HostNetwork {
         }
     }
 
-    /// Deletes the veth (both ends) and the namespace's name. Keeps going on errors and
-    /// reports the first.
+    /// Adopts what an earlier agent built for `c`: the namespace exists and its veth matches
+    /// (see [`Netlink::adopt_container_link`]). `None`: nothing there, or something else.
+    async fn adopt(&self, c: &LocalContainer) -> Result<Option<Built>, ContainerError> {
+        let ip = c.ip;
+        let path = netns::netns_path(&container_netns_name(&self.netns_prefix, ip));
+        if !path.exists() {
+            return Ok(None);
+        }
+        let host_if = container_host_if(ip);
+        let spec = self.link_spec(c, &path, &host_if);
+        let adopted = self
+            .nl
+            .adopt_container_link(&spec)
+            .await
+            .map_err(|source| ContainerError::Netlink { ip, source })?;
+        Ok(adopted.map(|ifindex| {
+            let inode = netns::ns_id(&path).map(|(_, ino)| ino).unwrap_or_default();
+            info!(%ip, mac = %c.mac, netns = %path.display(), netns_inode = inode, %host_if, ifindex, "container network adopted");
+            Built {
+                ip,
+                mac: c.mac.to_string(),
+                netns: path,
+                host_if,
+                ifindex,
+            }
+        }))
+    }
+
+    /// Container namespaces of this agent's prefix that exist on the host.
+    async fn existing(&self) -> Vec<Ipv4Addr> {
+        let prefix = self.netns_prefix.clone();
+        tokio::task::spawn_blocking(move || existing_containers(&prefix))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Kills every process inside the container's namespace, then deletes the veth (both
+    /// ends) and the namespace's name. Keeps going on errors and reports the first.
     async fn delete(&self, ip: Ipv4Addr) -> Result<(), ContainerError> {
         let host_if = container_host_if(ip);
         let mut first: Option<ContainerError> = None;
+        if let Err(e) = kill_processes(&self.netns_prefix, ip).await {
+            first.get_or_insert(e);
+        }
         if let Err(source) = self.nl.delete_link(&host_if).await {
             first.get_or_insert(ContainerError::Netlink { ip, source });
         }
@@ -109,7 +163,61 @@ impl ContainerNet for HostNetwork {
     }
 }
 
+/// Container addresses whose namespace (named with `prefix`) exists in /run/netns.
+pub fn existing_containers(prefix: &str) -> Vec<Ipv4Addr> {
+    let Ok(dir) = std::fs::read_dir(netns::NETNS_RUN_DIR) else {
+        return Vec::new();
+    };
+    let mut v: Vec<Ipv4Addr> = dir
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            ferry_config::parse_container_netns_name(prefix, &name)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// SIGKILLs every process inside container `ip`'s namespace (if it exists) and waits for
+/// them, on a blocking thread.
+pub async fn kill_processes(prefix: &str, ip: Ipv4Addr) -> Result<Vec<i32>, ContainerError> {
+    let path = netns::netns_path(&container_netns_name(prefix, ip));
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let p = path.clone();
+    let killed = tokio::task::spawn_blocking(move || netns::kill_all_in(&p, KILL_WAIT))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| ContainerError::Kill {
+            ip,
+            netns: path.clone(),
+            source,
+        })?;
+    if !killed.is_empty() {
+        warn!(%ip, netns = %path.display(), pids = ?killed, "killed the processes left in the container's namespace before deleting it");
+    }
+    Ok(killed)
+}
+
 impl HostNetwork {
+    fn link_spec(
+        &self,
+        c: &LocalContainer,
+        path: &std::path::Path,
+        host_if: &str,
+    ) -> ContainerLink {
+        ContainerLink {
+            netns: path.to_owned(),
+            host_if: host_if.to_owned(),
+            ip: c.ip,
+            mac: c.mac.0,
+            gateway_mac: GATEWAY_MAC,
+            mtu: self.mtu,
+            host_overlay_ip: self.host_overlay_ip,
+        }
+    }
+
     async fn build(
         &self,
         c: &LocalContainer,
@@ -125,15 +233,7 @@ impl HostNetwork {
         .await
         .map_err(|source| ContainerError::NetNs { ip, source })?
         .map_err(|source| ContainerError::Sysctl { ip, source })?;
-        let spec = ContainerLink {
-            netns: path.to_owned(),
-            host_if: host_if.to_owned(),
-            ip,
-            mac: c.mac.0,
-            gateway_mac: GATEWAY_MAC,
-            mtu: self.mtu,
-            host_overlay_ip: self.host_overlay_ip,
-        };
+        let spec = self.link_spec(c, path, host_if);
         let ifindex = self
             .nl
             .create_container_link(&spec)

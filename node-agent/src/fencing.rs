@@ -36,6 +36,18 @@ use crate::{criu::resume, node::Node, runtime::Runtime};
 /// How often fenced copies are looked at without a new snapshot.
 pub const TICK: Duration = Duration::from_millis(200);
 
+/// Is `pid` stopped by a signal (`T` in /proc/PID/stat; not `t`, a tracer's stop: CRIU may
+/// still be dumping it)?
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            t.rfind(')')
+                .map(|i| t[i + 1..].trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
 /// What to do with one fenced copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -102,9 +114,6 @@ impl Fencing {
     /// lock across a system call that waits.
     pub async fn reconcile(&self) {
         let fenced = self.runtime.fenced();
-        if fenced.is_empty() {
-            return;
-        }
         let snap = {
             let node = self.node.lock().await;
             match &node.registry {
@@ -113,6 +122,7 @@ impl Fencing {
                 _ => return,
             }
         };
+        self.resume_stranded(&snap).await;
         for p in fenced {
             if self.runtime.busy(p.container) {
                 continue;
@@ -171,6 +181,47 @@ impl Fencing {
                 self.kill(ip, pid, migration, side, "another host owns the container");
                 if fence.side == FenceSide::Destination {
                     self.node.lock().await.fence_egress(ip, false);
+                }
+            }
+        }
+    }
+
+    /// A tree left stopped by a dump whose agent died before it could fence it (CRIU went on
+    /// without it): not fenced, but stopped (`T`) on the host that owns the container, with
+    /// no migration of it under way and no CRIU operation on it. The dump's migration was
+    /// aborted (the endpoint is here), so it resumes (repair off, SIGCONT).
+    async fn resume_stranded(&self, snap: &Snapshot) {
+        for p in self.runtime.list() {
+            let ip = p.container;
+            if !p.running || p.fenced.is_some() || self.runtime.busy(ip) {
+                continue;
+            }
+            let owner = snap
+                .endpoints
+                .iter()
+                .any(|e| e.ip == ip && e.host == self.host);
+            let migrating = snap
+                .migrations
+                .iter()
+                .any(|m| m.container == ip && m.phase.is_active());
+            if !owner || migrating || !stopped(p.pid) {
+                continue;
+            }
+            let pid = p.pid;
+            {
+                let mut node = self.node.lock().await;
+                node.mark_dumped(ip, false);
+                node.silence_on_freeze(ip, false);
+            }
+            match tokio::task::spawn_blocking(move || resume::resume(pid))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            {
+                Ok((tasks, conns)) => {
+                    warn!(container = %ip, pid, tasks, connections = conns, "a stopped tree of a container this host owns, left by an interrupted dump, resumed")
+                }
+                Err(e) => {
+                    warn!(container = %ip, pid, error = %e, "resuming a stranded stopped tree failed")
                 }
             }
         }

@@ -18,6 +18,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let span = tracing::info_span!("agent", host = %cfg.host);
+    if cli.teardown {
+        span.in_scope(|| tracing::info!("tearing down"));
+        return rt.block_on(ferry_agent::agent::teardown(cfg).instrument(span));
+    }
     span.in_scope(|| tracing::info!(vtep = %cfg.vtep, overlay_ip = %cfg.overlay_ip, "starting"));
     rt.block_on(ferry_agent::agent::run(cfg).instrument(span))
 }

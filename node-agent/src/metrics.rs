@@ -133,7 +133,8 @@ impl Collector for Scrape {
         let mut m = enc.encode_descriptor(
             counter_name(names::HOLD_PACKETS),
             "Held packets by event (held, released, overflow drops, drop-mode drops, stragglers \
-             passed on, malformed drops, drops in the hold device's own queue).",
+             passed on, malformed drops, carried over an agent restart, drops in the hold device's \
+             own queue).",
             None,
             MetricType::Counter,
         )?;
@@ -145,6 +146,7 @@ impl Collector for Scrape {
             ("dropped", h.dropped),
             ("straggler", h.stragglers),
             ("malformed", h.malformed),
+            ("kept_over_restart", h.kept_over_restart),
             ("device_dropped", g.hold_device_dropped),
         ] {
             ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;

@@ -14,8 +14,19 @@
 //! Reaping: tokio::process reaps its own children, so this runtime never waits for "any
 //! child": only `waitpid(pid, WNOHANG)` for the PIDs it knows, on every SIGCHLD and on a slow
 //! periodic sweep.
+//!
+//! Restarts: every entry (the whole [`Entry`], serialized, so fields added later persist too)
+//! is written to `<state_dir>/runtime.json` after every change ([`store`]). A new agent loads
+//! it and re-adopts every tree whose PID still has the recorded start time; such a tree is no
+//! longer its child (it was reparented when the old agent died), so its exit is noticed by
+//! the start-time check ([`try_reap`]: a PID that is gone, reused, or a zombie has ended). A
+//! process found inside a container's namespace that no record names (the agent died between
+//! a spawn and the write) is adopted too, with origin `adopted` ([`Runtime::adopt_found`]).
+//! An agent that stops (SIGTERM) leaves every tree running ([`Runtime::detach`]); only the
+//! explicit teardown kills them ([`Runtime::shutdown`]).
 
 pub mod api;
+pub mod store;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,6 +41,7 @@ use std::{
 
 use ferry_api::run::{ContainerProcess, Fence, StartRequest};
 use ferry_overlay::netns::{self, NetNsError};
+use serde::{Deserialize, Serialize};
 use tokio::{
     signal::unix::{SignalKind, signal},
     task::JoinHandle,
@@ -49,6 +61,10 @@ const CHILD_STACK: usize = 64 * 1024;
 
 pub const ORIGIN_STARTED: &str = "started";
 pub const ORIGIN_RESTORED: &str = "restored";
+/// Found running inside a container's namespace at start, with no record of it.
+pub const ORIGIN_ADOPTED: &str = "adopted";
+/// What an entry's `ended` says when its tree ended while no agent watched it.
+pub const ENDED_UNWATCHED: &str = "ended while the agent was down (exit status unknown)";
 
 /// Why the runtime refused or failed. [`RuntimeError::code`] is the API error code.
 #[derive(Debug, thiserror::Error)]
@@ -195,14 +211,18 @@ pub fn signal_name(sig: c_int) -> String {
     name.to_owned()
 }
 
-/// One known process tree.
-struct Entry {
-    proc: ContainerProcess,
+/// One known process tree. Persisted whole (see the module's doc): a field added here is
+/// carried across agent restarts too (give it `#[serde(default)]` so older files still load).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub proc: ContainerProcess,
     /// Field 22 of /proc/PID/stat when it became known: a PID that no longer has this start
     /// time is not ours any more.
-    start_time: Option<u64>,
+    #[serde(default)]
+    pub start_time: Option<u64>,
     /// A stop was asked for: its exit is expected.
-    stopping: bool,
+    #[serde(default)]
+    pub stopping: bool,
 }
 
 #[derive(Default)]
@@ -211,15 +231,101 @@ struct State {
     /// Containers with a start in progress (their slot is reserved).
     starting: std::collections::BTreeSet<Ipv4Addr>,
     /// Trees CRIU dumped and killed, forgotten but still to be reaped: PID → container.
-    checkpointed: HashMap<i32, (Ipv4Addr, Option<u64>)>,
+    checkpointed: CheckpointedTrees,
     /// Containers with a CRIU operation (checkpoint or restore) in progress.
     busy: std::collections::BTreeSet<Ipv4Addr>,
+}
+
+/// PID → (container, start time) of trees CRIU dumped and killed.
+type CheckpointedTrees = HashMap<i32, (Ipv4Addr, Option<u64>)>;
+
+/// A tree CRIU dumped and killed, still to be reaped (persisted form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpointed {
+    pub pid: i32,
+    pub container: Ipv4Addr,
+    #[serde(default)]
+    pub start_time: Option<u64>,
+}
+
+/// The runtime's state file (`runtime.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub procs: BTreeMap<Ipv4Addr, Entry>,
+    #[serde(default)]
+    pub checkpointed: Vec<Checkpointed>,
+}
+
+impl State {
+    fn saved(&self, host: &str) -> Saved {
+        let mut checkpointed: Vec<Checkpointed> = self
+            .checkpointed
+            .iter()
+            .map(|(pid, (ip, start))| Checkpointed {
+                pid: *pid,
+                container: *ip,
+                start_time: *start,
+            })
+            .collect();
+        checkpointed.sort_by_key(|c| c.pid);
+        Saved {
+            host: host.to_owned(),
+            procs: self.procs.clone(),
+            checkpointed,
+        }
+    }
+}
+
+/// What a new agent makes of a saved state: every running entry whose process is still the
+/// same (`alive(pid, start_time)`) stays running (re-adopted); the others are marked ended
+/// ([`ENDED_UNWATCHED`]). Checkpointed trees already gone are forgotten. Pure, for tests.
+pub fn readopt(
+    saved: Saved,
+    alive: impl Fn(i32, Option<u64>) -> bool,
+) -> (BTreeMap<Ipv4Addr, Entry>, CheckpointedTrees) {
+    let mut procs = saved.procs;
+    for e in procs.values_mut() {
+        if e.proc.running && !alive(e.proc.pid, e.start_time) {
+            e.proc.running = false;
+            e.proc.ended = Some(ENDED_UNWATCHED.into());
+        }
+    }
+    let checkpointed = saved
+        .checkpointed
+        .into_iter()
+        .filter(|c| alive(c.pid, c.start_time))
+        .map(|c| (c.pid, (c.container, c.start_time)))
+        .collect();
+    (procs, checkpointed)
+}
+
+/// A process found in a container's namespace: PID, parent PID, start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub pid: i32,
+    pub ppid: i32,
+    pub start_time: u64,
+}
+
+/// The root of the tree among the processes found in one namespace: one whose parent is not
+/// among them (the oldest if several). Pure, for tests.
+pub fn pick_root(found: &[Found]) -> Option<Found> {
+    found
+        .iter()
+        .filter(|f| !found.iter().any(|o| o.pid == f.ppid))
+        .min_by_key(|f| (f.start_time, f.pid))
+        .copied()
 }
 
 struct Inner {
     host: String,
     state: Mutex<State>,
     reaper: Mutex<Option<JoinHandle<()>>>,
+    /// Where the state is kept across restarts (`None`: in memory only).
+    store: Option<store::Store>,
 }
 
 /// The agent's container runtime. Cheap to clone (an `Arc` inside).
@@ -281,13 +387,24 @@ fn start_time(pid: i32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Does `pid` still name the process that had `start_time`?
+/// State (field 3) of /proc/PID/stat.
+fn proc_state(pid: i32) -> Option<char> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text[text.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Does `pid` still name the (living: not a zombie) process that had `start_time`?
 fn same_process(pid: i32, start: Option<u64>) -> bool {
-    match (start_time(pid), start) {
+    let same = match (start_time(pid), start) {
         (Some(now), Some(then)) => now == then,
         (Some(_), None) => true,
         (None, _) => false,
-    }
+    };
+    same && !matches!(proc_state(pid), Some('Z' | 'X') | None)
 }
 
 /// Sends `sig` to `pid` if it is still the same process. Err(ESRCH) if it is gone.
@@ -304,9 +421,10 @@ fn signal_pid(pid: i32, start: Option<u64>, sig: c_int) -> io::Result<()> {
 }
 
 impl Runtime {
-    /// Makes the agent a child subreaper and starts the reaper task. Call inside the tokio
-    /// runtime.
-    pub fn new(host: &str) -> anyhow::Result<Self> {
+    /// Makes the agent a child subreaper and starts the reaper task. With `state_dir`, the
+    /// runtime's state is kept in `state_dir/runtime.json`, and the trees recorded there that
+    /// still run are re-adopted now. Call inside the tokio runtime.
+    pub fn new(host: &str, state_dir: Option<&Path>) -> anyhow::Result<Self> {
         // SAFETY: prctl with integer arguments; affects only this process.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
         if rc != 0 {
@@ -316,10 +434,30 @@ impl Runtime {
             );
         }
         let mut sigchld = signal(SignalKind::child())?;
+        let store = state_dir.map(store::Store::open).transpose()?;
+        let mut state = State::default();
+        if let Some(saved) = store
+            .as_ref()
+            .map(|s| s.load::<Saved>())
+            .transpose()?
+            .flatten()
+        {
+            let (procs, checkpointed) = readopt(saved, same_process);
+            for (ip, e) in &procs {
+                if e.proc.running {
+                    info!(container = %ip, pid = e.proc.pid, origin = %e.proc.origin, "process tree re-adopted from the state file");
+                } else if e.proc.ended.as_deref() == Some(ENDED_UNWATCHED) {
+                    warn!(container = %ip, pid = e.proc.pid, origin = %e.proc.origin, "process tree ended while no agent ran");
+                }
+            }
+            state.procs = procs;
+            state.checkpointed = checkpointed;
+        }
         let inner = Arc::new(Inner {
             host: host.to_owned(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             reaper: Mutex::new(None),
+            store,
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let task = tokio::spawn(async move {
@@ -337,11 +475,86 @@ impl Runtime {
             }
         });
         *inner.reaper.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        Ok(Self { inner })
+        let rt = Self { inner };
+        rt.save(&rt.lock());
+        Ok(rt)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the state over to be written (after every change; see the module's doc).
+    fn save(&self, st: &State) {
+        if let Some(store) = &self.inner.store {
+            store.save(&st.saved(&self.inner.host));
+        }
+    }
+
+    /// Waits until the state file holds the latest state (off the tokio workers).
+    async fn flush(&self) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(store) = &inner.store {
+                store.flush();
+            }
+        })
+        .await;
+    }
+
+    /// Container `ip`'s namespace holds processes the runtime has no running entry for (the
+    /// agent restarted between a spawn and the state's write, or something else started
+    /// them): the root of their tree ([`pick_root`]) is recorded with origin `adopted`, so
+    /// it is watched, stopped and persisted like any other. Returns it, if one was adopted.
+    pub fn adopt_found(&self, ip: Ipv4Addr, pids: &[i32]) -> Option<ContainerProcess> {
+        let found: Vec<Found> = pids
+            .iter()
+            .filter_map(|&pid| {
+                let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let rest: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+                Some(Found {
+                    pid,
+                    ppid: rest.get(1)?.parse().ok()?,
+                    start_time: rest.get(19)?.parse().ok()?,
+                })
+            })
+            .collect();
+        let mut st = self.lock();
+        if let Some(e) = st.procs.get(&ip).filter(|e| e.proc.running)
+            && pids.contains(&e.proc.pid)
+        {
+            return None;
+        }
+        let root = pick_root(&found)?;
+        let argv: Vec<String> = std::fs::read(format!("/proc/{}/cmdline", root.pid))
+            .map(|raw| {
+                raw.split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let proc = ContainerProcess {
+            container: ip,
+            pid: root.pid,
+            argv,
+            origin: ORIGIN_ADOPTED.into(),
+            running: true,
+            ended: None,
+            fenced: None,
+        };
+        st.procs.insert(
+            ip,
+            Entry {
+                proc: proc.clone(),
+                start_time: Some(root.start_time),
+                stopping: false,
+            },
+        );
+        self.save(&st);
+        drop(st);
+        warn!(container = %ip, pid = root.pid, argv = ?proc.argv, "unrecorded process tree found in the container's namespace: adopted");
+        Some(proc)
     }
 
     /// The host this runtime runs on (for messages).
@@ -357,8 +570,10 @@ impl Runtime {
             checkpointed,
             ..
         } = &mut *st;
+        let mut changed = false;
         for (ip, e) in procs.iter_mut().filter(|(_, e)| e.proc.running) {
             if let Reaped::Ended(how) = try_reap(e.proc.pid, e.start_time) {
+                changed = true;
                 let p = &mut e.proc;
                 p.running = false;
                 p.ended = Some(how.clone());
@@ -372,10 +587,14 @@ impl Runtime {
         checkpointed.retain(|pid, (ip, start)| match try_reap(*pid, *start) {
             Reaped::Running => true,
             Reaped::Ended(how) => {
+                changed = true;
                 info!(container = %ip, pid, status = %how, "checkpointed process tree ended, as expected");
                 false
             }
         });
+        if changed {
+            self.save(&st);
+        }
     }
 
     /// Starts `req.argv` as PID 1 of a new PID namespace inside the network namespace
@@ -425,6 +644,7 @@ impl Runtime {
                 stopping: false,
             },
         );
+        self.save(&st);
         drop(st);
         info!(container = %ip, pid, origin = ORIGIN_STARTED, argv = ?req.argv, "container process started");
         // A SIGCHLD that came before the PID was known found nothing to reap.
@@ -495,15 +715,18 @@ impl Runtime {
         };
         info!(container = %ip, pid = e.proc.pid, migration = %fence.migration, side = fence.side.as_str(), "process tree fenced: stopped until the registry decides");
         e.proc.fenced = Some(fence);
+        self.save(&st);
         true
     }
 
     /// The fenced tree of `ip` became the owner and runs again.
     pub fn unfence(&self, ip: Ipv4Addr) {
-        if let Some(e) = self.lock().procs.get_mut(&ip)
+        let mut st = self.lock();
+        if let Some(e) = st.procs.get_mut(&ip)
             && let Some(f) = e.proc.fenced.take()
         {
             info!(container = %ip, pid = e.proc.pid, migration = %f.migration, side = f.side.as_str(), "process tree runs: it owns the container");
+            self.save(&st);
         }
     }
 
@@ -602,6 +825,7 @@ impl Runtime {
                     stopping: false,
                 },
             );
+            self.save(&st);
         }
         info!(container = %ip, pid, origin = ORIGIN_RESTORED, "restored process tree adopted");
         self.sweep();
@@ -619,6 +843,7 @@ impl Runtime {
         if e.proc.running {
             st.checkpointed.insert(e.proc.pid, (ip, e.start_time));
         }
+        self.save(&st);
         drop(st);
         self.sweep();
     }
@@ -642,7 +867,9 @@ impl Runtime {
                 return Ok(e.proc.clone());
             }
             e.stopping = true;
-            (e.proc.pid, e.start_time)
+            let target = (e.proc.pid, e.start_time);
+            self.save(&st);
+            target
         };
         info!(container = %ip, pid, grace_ms = grace.as_millis() as u64, "stopping the container process");
         let _ = signal_pid(pid, start, libc::SIGTERM);
@@ -679,8 +906,32 @@ impl Runtime {
         }
     }
 
-    /// At agent exit: SIGKILLs every known root (which kills its PID namespace) and reaps
-    /// them; stops the reaper.
+    /// An agent that stops without tearing down (SIGTERM: an upgrade or a restart): every
+    /// tree keeps running; the reaper stops and the state file is brought up to date, for the
+    /// next agent to re-adopt.
+    pub async fn detach(&self) {
+        self.sweep();
+        let task = self
+            .inner
+            .reaper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+        self.save(&self.lock());
+        self.flush().await;
+        let running = self.list().iter().filter(|p| p.running).count();
+        info!(
+            running,
+            "runtime detached: process trees left running for the next agent"
+        );
+    }
+
+    /// The explicit teardown (or a failed start): SIGKILLs every known root (which kills its
+    /// PID namespace) and reaps them; stops the reaper.
     pub async fn shutdown(&self) {
         let targets: Vec<(Ipv4Addr, i32, Option<u64>)> = {
             let mut st = self.lock();
@@ -727,6 +978,8 @@ impl Runtime {
             t.abort();
             let _ = t.await;
         }
+        self.save(&self.lock());
+        self.flush().await;
     }
 }
 
@@ -1030,6 +1283,138 @@ mod tests {
         }
     }
 
+    fn entry(ip: [u8; 4], pid: i32, start: u64, running: bool) -> (Ipv4Addr, Entry) {
+        let ip = Ipv4Addr::from(ip);
+        (
+            ip,
+            Entry {
+                proc: ContainerProcess {
+                    container: ip,
+                    pid,
+                    argv: vec!["/bin/sleep".into(), "1000".into()],
+                    origin: ORIGIN_STARTED.into(),
+                    running,
+                    ended: (!running).then(|| "exited 0".into()),
+                    fenced: None,
+                },
+                start_time: Some(start),
+                stopping: false,
+            },
+        )
+    }
+
+    /// The state file round-trips every field of every entry, and a file of an older agent
+    /// that lacks fields still loads.
+    #[test]
+    fn saved_state_round_trips() {
+        let mut st = State::default();
+        st.procs.extend([entry([10, 244, 1, 10], 100, 5000, true)]);
+        st.procs.extend([entry([10, 244, 1, 11], 101, 5001, false)]);
+        st.procs
+            .get_mut(&Ipv4Addr::new(10, 244, 1, 10))
+            .unwrap()
+            .stopping = true;
+        st.checkpointed
+            .insert(77, (Ipv4Addr::new(10, 244, 1, 12), Some(4000)));
+        let saved = st.saved("a1");
+        let text = serde_json::to_string(&saved).unwrap();
+        let back: Saved = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, saved);
+        assert_eq!(back.procs, st.procs);
+        assert_eq!(back.checkpointed[0].pid, 77);
+        let old = r#"{"procs":{"10.244.1.10":{"proc":{"container":"10.244.1.10","pid":5,
+            "argv":["/x"],"origin":"started","running":true}}}}"#;
+        let back: Saved = serde_json::from_str(old).unwrap();
+        let e = &back.procs[&Ipv4Addr::new(10, 244, 1, 10)];
+        assert_eq!((e.start_time, e.stopping), (None, false));
+    }
+
+    /// Re-adoption: a running entry whose PID still has its start time stays running; one
+    /// whose process is gone (or whose PID was reused) is marked ended; ended entries stay as
+    /// they were; checkpointed trees that are gone are forgotten.
+    #[test]
+    fn readoption_keeps_only_the_same_processes() {
+        let saved = Saved {
+            host: "a1".into(),
+            procs: [
+                entry([10, 244, 1, 10], 100, 5000, true),
+                entry([10, 244, 1, 11], 101, 5001, true),
+                entry([10, 244, 1, 12], 102, 5002, false),
+            ]
+            .into(),
+            checkpointed: vec![
+                Checkpointed {
+                    pid: 200,
+                    container: Ipv4Addr::new(10, 244, 1, 13),
+                    start_time: Some(6000),
+                },
+                Checkpointed {
+                    pid: 201,
+                    container: Ipv4Addr::new(10, 244, 1, 14),
+                    start_time: Some(6001),
+                },
+            ],
+        };
+        // PID 100 and 200 are still the same processes; 101 was reused (another start time).
+        let alive = |pid: i32, start: Option<u64>| {
+            matches!((pid, start), (100, Some(5000)) | (200, Some(6000)))
+        };
+        let (procs, checkpointed) = readopt(saved, alive);
+        let get = |d: u8| procs[&Ipv4Addr::new(10, 244, 1, d)].proc.clone();
+        assert!(get(10).running && get(10).ended.is_none());
+        assert!(!get(11).running);
+        assert_eq!(get(11).ended.as_deref(), Some(ENDED_UNWATCHED));
+        assert_eq!(get(12).ended.as_deref(), Some("exited 0"));
+        assert_eq!(checkpointed.keys().copied().collect::<Vec<_>>(), [200]);
+    }
+
+    #[test]
+    fn the_root_of_a_found_tree_is_the_one_without_a_parent_among_them() {
+        let f = |pid, ppid, start_time| Found {
+            pid,
+            ppid,
+            start_time,
+        };
+        // 50 (parent 1, outside) → 51 → 52; 60 joined later from outside (parent 2).
+        let found = [f(52, 51, 12), f(51, 50, 11), f(50, 1, 10), f(60, 2, 20)];
+        assert_eq!(pick_root(&found).map(|r| r.pid), Some(50));
+        assert_eq!(pick_root(&[f(60, 2, 20)]).map(|r| r.pid), Some(60));
+        assert_eq!(pick_root(&[]), None);
+    }
+
+    /// A state file written by one runtime is re-adopted by the next: our own process (alive,
+    /// same start time) stays running, a made-up PID is marked ended. No root needed.
+    #[tokio::test]
+    async fn a_new_runtime_readopts_what_the_state_file_records() {
+        let dir = std::env::temp_dir().join(format!("ferry-rt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let me = std::process::id() as i32;
+        let saved = Saved {
+            host: "t".into(),
+            procs: [
+                entry([10, 244, 1, 10], me, start_time(me).unwrap(), true),
+                entry([10, 244, 1, 11], me, start_time(me).unwrap() + 1, true),
+            ]
+            .into(),
+            checkpointed: Vec::new(),
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        store::write_atomic(&dir.join(store::FILE), &serde_json::to_vec(&saved).unwrap()).unwrap();
+        let rt = Runtime::new("t", Some(&dir)).unwrap();
+        let p = rt.get(Ipv4Addr::new(10, 244, 1, 10)).unwrap();
+        assert!(p.running, "{p:?}");
+        let q = rt.get(Ipv4Addr::new(10, 244, 1, 11)).unwrap();
+        assert!(
+            !q.running && q.ended.as_deref() == Some(ENDED_UNWATCHED),
+            "{q:?}"
+        );
+        rt.detach().await;
+        let back: Saved = store::load(&dir.join(store::FILE)).unwrap().unwrap();
+        assert!(back.procs[&Ipv4Addr::new(10, 244, 1, 10)].proc.running);
+        assert!(!back.procs[&Ipv4Addr::new(10, 244, 1, 11)].proc.running);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() == 0 }
@@ -1042,7 +1427,7 @@ mod tests {
             eprintln!("SKIP: needs root");
             return;
         }
-        let rt = Runtime::new("test").unwrap();
+        let rt = Runtime::new("test", None).unwrap();
         let ip = Ipv4Addr::new(10, 244, 9, 9);
         let ns = Path::new("/proc/self/ns/net");
         let missing = rt

@@ -11,7 +11,7 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
-    link::{LinkAttribute, State},
+    link::{InfoKind, LinkAttribute, LinkInfo, State},
     neighbour::NeighbourState,
     route::RouteScope,
 };
@@ -189,10 +189,19 @@ impl Netlink {
         Ok(true)
     }
 
-    /// Creates the external (collect_md) VXLAN device afresh (a stale one from an earlier run
-    /// is replaced), gives it the host's overlay address and routes the overlay through it.
-    /// Returns its ifindex.
-    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<u32, NetlinkError> {
+    /// The external (collect_md) VXLAN device, its overlay address and the overlay route
+    /// through it. A device of that name that is a VXLAN device with this host's MAC and the
+    /// MTU (an earlier agent's: the datapath's pinned links are attached to it) is kept as it
+    /// is, so traffic never stops across an agent restart; anything else of that name is
+    /// replaced. The address and route are (re)applied either way. Returns the ifindex and
+    /// whether the device was kept.
+    pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, bool), NetlinkError> {
+        if let Some(index) = self.link_index(&spec.name).await?
+            && self.is_our_vxlan(index, spec).await?
+        {
+            self.vxlan_address_and_route(index, spec).await?;
+            return Ok((index, true));
+        }
         self.delete_link(&spec.name).await?;
         let msg = LinkMessageBuilder::<LinkVxlan>::new(&spec.name)
             .collect_metadata(true)
@@ -216,16 +225,61 @@ impl Netlink {
             .link_index(&spec.name)
             .await?
             .ok_or_else(|| NetlinkError::NoSuchLink(spec.name.clone()))?;
-        self.handle
+        self.vxlan_address_and_route(index, spec).await?;
+        Ok((index, false))
+    }
+
+    /// Is link `index` a VXLAN device with the MAC and MTU `spec` gives it?
+    async fn is_our_vxlan(&self, index: u32, spec: &VxlanSpec) -> Result<bool, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let Some(msg) = links.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get link",
+            what: spec.name.clone(),
+            source,
+        })?
+        else {
+            return Ok(false);
+        };
+        let (mut vxlan, mut mac, mut mtu) = (false, false, false);
+        for a in msg.attributes {
+            match a {
+                LinkAttribute::LinkInfo(infos) => {
+                    vxlan = infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+                }
+                LinkAttribute::Address(m) => mac = m == vxlan_mac(spec.overlay_ip),
+                LinkAttribute::Mtu(m) => mtu = m == spec.mtu,
+                _ => {}
+            }
+        }
+        Ok(vxlan && mac && mtu)
+    }
+
+    /// The overlay address on the VXLAN device (kept if present), the device up, the overlay
+    /// route through it (replaced).
+    async fn vxlan_address_and_route(
+        &self,
+        index: u32,
+        spec: &VxlanSpec,
+    ) -> Result<(), NetlinkError> {
+        match self
+            .handle
             .address()
             .add(index, spec.overlay_ip.into(), 32)
             .execute()
             .await
-            .map_err(|source| NetlinkError::Op {
-                op: "add address",
-                what: format!("{}/32 on {}", spec.overlay_ip, spec.name),
-                source,
-            })?;
+        {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(source) => {
+                return Err(NetlinkError::Op {
+                    op: "add address",
+                    what: format!("{}/32 on {}", spec.overlay_ip, spec.name),
+                    source,
+                });
+            }
+        }
         self.set_up(index, &spec.name).await?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(spec.overlay_cidr.network(), spec.overlay_cidr.prefix_len())
@@ -243,7 +297,7 @@ impl Netlink {
                 what: format!("{} dev {}", spec.overlay_cidr, spec.name),
                 source,
             })?;
-        Ok(index)
+        Ok(())
     }
 
     /// Brings the hold device (a TAP the caller opened) up with the largest MTU and a long
@@ -415,6 +469,48 @@ impl Netlink {
         self.wait_oper_up(host_idx, &spec.host_if).await?;
         inner.wait_oper_up(inner_idx, CONTAINER_IF).await?;
         Ok(host_idx)
+    }
+
+    /// An existing container link that matches `spec` (an earlier agent's): the host end
+    /// `host_if` exists with the gateway MAC and is up, and inside the container's namespace
+    /// `eth0` has the container's MAC. Then its host-side route and neighbour entry are
+    /// re-applied (both are replaces: harmless) and the host end's ifindex is returned;
+    /// `None` if anything differs (the caller rebuilds). Nothing is removed here.
+    pub async fn adopt_container_link(
+        &self,
+        spec: &ContainerLink,
+    ) -> Result<Option<u32>, NetlinkError> {
+        let Some(host_idx) = self.link_index(&spec.host_if).await? else {
+            return Ok(None);
+        };
+        if self.link_mac(host_idx).await?.as_deref() != Some(&spec.gateway_mac[..]) {
+            return Ok(None);
+        }
+        let inner = Netlink::open_in(&spec.netns).await?;
+        let Some(inner_idx) = inner.link_index(CONTAINER_IF).await? else {
+            return Ok(None);
+        };
+        if inner.link_mac(inner_idx).await?.as_deref() != Some(&spec.mac[..]) {
+            return Ok(None);
+        }
+        if self.link_oper_state(host_idx).await? != Some(State::Up) {
+            return Ok(None);
+        }
+        self.add_permanent_neighbour(host_idx, spec.ip, spec.mac, &spec.host_if)
+            .await?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(spec.ip, 32)
+            .output_interface(host_idx)
+            .pref_source(spec.host_overlay_ip)
+            .scope(RouteScope::Link)
+            .build();
+        Self::op(
+            self.handle.route().add(route).replace().execute(),
+            "add route",
+            || format!("{}/32 dev {}", spec.ip, spec.host_if),
+        )
+        .await?;
+        Ok(Some(host_idx))
     }
 
     /// Inside the container's namespace: `lo` up, the veth end renamed `eth0` with the

@@ -206,6 +206,89 @@ pub fn delete_named(name: &str) -> Result<bool, NetNsError> {
     Ok(true)
 }
 
+/// (device, inode) of a namespace file: what identifies a namespace.
+pub fn ns_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Every PID whose network namespace is the one at `path` (what `ip netns pids` does: a scan
+/// of /proc/*/ns/net, so it finds every process inside, whoever started it). A process that
+/// has exited (a zombie) has no namespace any more and is not listed.
+pub fn pids_in(path: &Path) -> io::Result<Vec<i32>> {
+    let want = ns_id(path)?;
+    let me = std::process::id() as i32;
+    Ok(std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| ns_id(Path::new(&format!("/proc/{pid}/ns/net"))).is_ok_and(|id| id == want))
+        .collect())
+}
+
+/// SIGKILLs every process inside the network namespace at `path` and waits (up to `wait`)
+/// until each has exited. Signals go through pidfds opened before the namespace is checked
+/// again, so a PID recycled after the scan is never hit. Scans again until the namespace is
+/// empty (a process may fork while it is being killed). Returns the PIDs killed. Blocking: call
+/// it on a blocking thread.
+pub fn kill_all_in(path: &Path, wait: std::time::Duration) -> io::Result<Vec<i32>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let want = ns_id(path)?;
+    let deadline = std::time::Instant::now() + wait;
+    let mut killed = Vec::new();
+    loop {
+        let pids = pids_in(path)?;
+        if pids.is_empty() {
+            return Ok(killed);
+        }
+        let mut fds = Vec::new();
+        for pid in pids {
+            // SAFETY: pidfd_open(2) with a PID and no flags; returns a new fd or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if fd < 0 {
+                continue; // gone already
+            }
+            // SAFETY: the kernel just returned this fd; nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            // Still the process that was in the namespace (the pidfd pins the PID now).
+            if ns_id(Path::new(&format!("/proc/{pid}/ns/net"))).is_ok_and(|id| id == want) {
+                // SAFETY: pidfd_send_signal(2) with a valid pidfd, SIGKILL, no siginfo, no flags.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                killed.push(pid);
+                fds.push(fd);
+            }
+        }
+        for fd in &fds {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        }
+        if std::time::Instant::now() >= deadline {
+            let left = pids_in(path)?;
+            if left.is_empty() {
+                return Ok(killed);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("processes {left:?} in {} survived SIGKILL", path.display()),
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt as _;

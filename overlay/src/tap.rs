@@ -5,6 +5,11 @@
 //! No `IFF_VNET_HDR`: the kernel segments GSO packets before they reach the TAP, so every read
 //! is one wire-size frame, and every write is one frame. The MTU is the maximum so that no
 //! full-size packet is refused.
+//!
+//! The agent makes the device persistent (`TUNSETPERSIST`): it outlives the agent's fd, so a
+//! restarted agent re-opens the same device (same ifindex, from-hold still attached) instead of
+//! making a new one. While no fd is open the kernel drops what is sent to it (counted in the
+//! device's `tx_dropped`). [`Tap::remove`] is the explicit teardown.
 
 use std::{
     ffi::CString,
@@ -32,6 +37,8 @@ struct IfReq {
 
 /// `TUNSETIFF` = `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETPERSIST` = `_IOW('T', 203, int)`.
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 
 impl Tap {
     /// Creates (or attaches to) TAP `name` in the calling thread's network namespace, in
@@ -68,6 +75,43 @@ impl Tap {
             file,
             name: name.to_owned(),
         })
+    }
+
+    /// [`Tap::open`], then made persistent: the device stays when this fd closes.
+    pub fn open_persistent(name: &str) -> io::Result<Self> {
+        let tap = Self::open(name)?;
+        tap.set_persist(true)?;
+        Ok(tap)
+    }
+
+    /// Makes the device outlive its fds (`true`) or go with the last one (`false`).
+    pub fn set_persist(&self, on: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes its argument by value; the fd is a tun fd we own.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETPERSIST as _,
+                libc::c_ulong::from(on),
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Removes TAP `name` (persistent or not) from the calling thread's network namespace: it
+    /// is opened, made non-persistent, and closed. A device that does not exist is fine
+    /// (`Ok(false)`); the caller must not hold it open elsewhere.
+    pub fn remove(name: &str, exists: bool) -> io::Result<bool> {
+        if !exists {
+            return Ok(false);
+        }
+        let tap = Self::open(name)?;
+        tap.set_persist(false)?;
+        drop(tap);
+        Ok(true)
     }
 
     pub fn name(&self) -> &str {

@@ -13,7 +13,7 @@ use std::{
 
 use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, kind};
 
-use super::seams::{Announcer, ContainerNet, Datapath, HoldDevice};
+use super::seams::{Announcer, ContainerNet, Datapath, HoldDevice, Installed};
 use crate::{
     containers::Built,
     hold::{HoldLimits, HoldQueues, frame_dst},
@@ -53,6 +53,8 @@ pub enum Call {
     Attach(String),
     Detach(String),
     CreateNet(Ipv4Addr),
+    /// An earlier agent's namespace and veth taken over as they are.
+    AdoptNet(Ipv4Addr),
     DeleteNet(Ipv4Addr),
     Hold(Ipv4Addr),
     Release(Ipv4Addr),
@@ -86,7 +88,9 @@ struct World {
     fail_once: Vec<Matcher>,
     endpoints: BTreeMap<Ipv4Addr, Endpoint>,
     attached: BTreeSet<String>,
-    nets: BTreeMap<Ipv4Addr, u32>,
+    vteps: BTreeSet<Ipv4Addr>,
+    /// Containers' network sides: ifindex and MAC.
+    nets: BTreeMap<Ipv4Addr, (u32, String)>,
     next_ifindex: u32,
     queues: HoldQueues,
     /// Frames that reach the hold device while a held endpoint's entry is being switched
@@ -171,6 +175,28 @@ impl Fake {
         self.world().attached.contains(host_if)
     }
 
+    /// What an earlier agent left on the host: container `c`'s namespace and veth (ifindex),
+    /// from-container attached to it, and the entries it wrote.
+    pub fn left_by_earlier_agent(
+        &self,
+        c: &LocalContainer,
+        ifindex: u32,
+        entries: &[(Ipv4Addr, Endpoint)],
+    ) {
+        let mut w = self.world();
+        w.nets.insert(c.ip, (ifindex, c.mac.to_string()));
+        w.next_ifindex = w.next_ifindex.max(ifindex);
+        w.attached.insert(container_host_if(c.ip));
+        for (ip, e) in entries {
+            w.endpoints.insert(*ip, *e);
+        }
+    }
+
+    /// Whether container `ip`'s network side exists.
+    pub fn has_net(&self, ip: Ipv4Addr) -> bool {
+        self.world().nets.contains_key(&ip)
+    }
+
     /// Frames that reached the hold device for a held endpoint.
     pub fn held_frames(&self, ip: Ipv4Addr, tags: impl IntoIterator<Item = u8>) {
         let mut w = self.world();
@@ -234,10 +260,16 @@ impl Datapath for Fake {
         Ok(())
     }
     fn allow_vtep(&self, ip: Ipv4Addr, _: Vtep) -> Result<(), Injected> {
-        self.world().call(Call::AllowVtep(ip))
+        let mut w = self.world();
+        w.call(Call::AllowVtep(ip))?;
+        w.vteps.insert(ip);
+        Ok(())
     }
     fn disallow_vtep(&self, ip: Ipv4Addr) -> Result<(), Injected> {
-        self.world().call(Call::DisallowVtep(ip))
+        let mut w = self.world();
+        w.call(Call::DisallowVtep(ip))?;
+        w.vteps.remove(&ip);
+        Ok(())
     }
     fn set_public(&self, key: NatKey, _: NatValue) -> Result<(), Injected> {
         self.world().call(Call::SetPublic(key))
@@ -274,6 +306,15 @@ impl Datapath for Fake {
     }
     fn container_attached(&self, host_if: &str) -> bool {
         self.is_attached(host_if)
+    }
+    fn installed(&self) -> Installed {
+        let w = self.world();
+        Installed {
+            endpoints: w.endpoints.keys().copied().collect(),
+            vteps: w.vteps.iter().copied().collect(),
+            public: Vec::new(),
+            snat: Vec::new(),
+        }
     }
 }
 
@@ -333,7 +374,7 @@ impl ContainerNet for Fake {
         w.call(Call::CreateNet(c.ip))?;
         w.next_ifindex += 1;
         let ifindex = w.next_ifindex;
-        w.nets.insert(c.ip, ifindex);
+        w.nets.insert(c.ip, (ifindex, c.mac.to_string()));
         Ok(Built {
             ip: c.ip,
             mac: c.mac.to_string(),
@@ -341,6 +382,26 @@ impl ContainerNet for Fake {
             host_if: container_host_if(c.ip),
             ifindex,
         })
+    }
+    async fn adopt(&self, c: &LocalContainer) -> Result<Option<Built>, Injected> {
+        let mut w = self.world();
+        let Some((ifindex, mac)) = w.nets.get(&c.ip).cloned() else {
+            return Ok(None);
+        };
+        if mac != c.mac.to_string() {
+            return Ok(None);
+        }
+        w.call(Call::AdoptNet(c.ip))?;
+        Ok(Some(Built {
+            ip: c.ip,
+            mac,
+            netns: PathBuf::from(format!("/run/netns/fake-{}", c.ip)),
+            host_if: container_host_if(c.ip),
+            ifindex,
+        }))
+    }
+    async fn existing(&self) -> Vec<Ipv4Addr> {
+        self.world().nets.keys().copied().collect()
     }
     async fn delete(&self, ip: Ipv4Addr) -> Result<(), Injected> {
         let mut w = self.world();

@@ -18,6 +18,16 @@
 //!
 //! The kernel-facing pieces are behind the traits in [`seams`], so the order of the steps is
 //! pinned by unit tests with recording fakes (`node/tests.rs`).
+//!
+//! # A restarted agent
+//!
+//! It starts with an empty [`Applied`] on a host where an earlier agent left everything in
+//! place (pinned maps and links, namespaces, veths). Building a container first tries to
+//! adopt what is there ([`seams::ContainerNet::adopt`]: same namespace, same veth and ifindex,
+//! so the entry it writes is the one already in the map); entries are rewritten with the
+//! values they already have. What no snapshot wants any more is removed only once a
+//! snapshot has been applied in full ([`Leftovers`]): containers (their processes killed
+//! first) and map entries nobody wrote.
 
 pub mod seams;
 mod steps;
@@ -37,7 +47,7 @@ use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, flags, kind};
 use serde::Serialize;
 use tracing::warn;
 
-pub use seams::{Announcements, Hold, SharedDatapath};
+pub use seams::{Announcements, Hold, Installed, SharedDatapath};
 use seams::{Announcer, ContainerNet, Datapath, HoldDevice};
 
 use crate::{
@@ -93,6 +103,30 @@ fn mark(set: &mut BTreeSet<Ipv4Addr>, ip: Ipv4Addr, on: bool) {
     }
 }
 
+/// When what an earlier agent left and no snapshot wants is removed (see the module's doc).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Leftovers {
+    /// Nothing to sweep (done, or never asked).
+    #[default]
+    Swept,
+    /// After the first apply of a registry snapshot (the static configuration alone does not
+    /// know the containers).
+    AfterRegistry,
+    /// After the next apply (no registry: the configuration is the whole truth).
+    AfterNextApply,
+}
+
+impl Leftovers {
+    /// Is the sweep due after applying `version` without errors?
+    pub fn due(self, version: u64) -> bool {
+        match self {
+            Leftovers::Swept => false,
+            Leftovers::AfterRegistry => version > 0,
+            Leftovers::AfterNextApply => true,
+        }
+    }
+}
+
 /// Summary for `/v1/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -124,6 +158,8 @@ pub struct Node<D = SharedDatapath, H = Hold, N = HostNetwork, A = Announcements
     /// The registry snapshot last received (applied or not; `applied.version` says). The
     /// hand-off reads hosts and migrations from it.
     pub registry: Option<Arc<ferry_api::Snapshot>>,
+    /// Whether an apply still has to sweep what an earlier agent left.
+    pub leftovers: Leftovers,
 }
 
 impl<D, H, N, A> Node<D, H, N, A> {
@@ -165,6 +201,16 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         self.write_egress(want, &mut errors);
         self.forget_peers(want, &mut errors);
         self.record_version(want, &errors);
+        if errors.is_empty() && self.leftovers.due(want.version) {
+            let swept = self.sweep_leftovers().await;
+            if swept.is_empty() {
+                self.leftovers = Leftovers::Swept;
+            }
+            // Not this version's errors: reported, and the sweep is tried again next time.
+            for e in swept {
+                warn!(error = %e, "removing what an earlier agent left");
+            }
+        }
         errors
     }
 

@@ -43,6 +43,17 @@ pub trait Datapath {
     fn detach_container(&self, host_if: &str) -> Result<(), Self::Error>;
     /// Whether from-container is attached to `host_if`.
     fn container_attached(&self, host_if: &str) -> bool;
+    /// What the maps hold now (an adopted datapath: also what an earlier agent wrote).
+    fn installed(&self) -> Installed;
+}
+
+/// The keys of every map the apply writes, as the kernel holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    pub endpoints: Vec<Ipv4Addr>,
+    pub vteps: Vec<Ipv4Addr>,
+    pub public: Vec<NatKey>,
+    pub snat: Vec<NatKey>,
 }
 
 /// The hold device: the datapath redirects packets for `HOLD` endpoints to it, the agent
@@ -69,8 +80,16 @@ pub trait ContainerNet {
     /// whatever was made is removed again. (from-container is the datapath's part.)
     fn create(&self, c: &LocalContainer)
     -> impl Future<Output = Result<Built, Self::Error>> + Send;
-    /// Deletes the veth (both ends) and the namespace's name of container `ip`; keeps going
-    /// past errors and returns the first.
+    /// Adopts container `c`'s namespace and veth as an earlier agent left them, if they are
+    /// there and match `c` (`None`: build afresh). Changes nothing that carries traffic.
+    fn adopt(
+        &self,
+        c: &LocalContainer,
+    ) -> impl Future<Output = Result<Option<Built>, Self::Error>> + Send;
+    /// The containers whose namespace exists on the host (this agent's naming).
+    fn existing(&self) -> impl Future<Output = Vec<Ipv4Addr>> + Send;
+    /// Kills every process inside container `ip`'s namespace, then deletes the veth (both
+    /// ends) and the namespace's name; keeps going past errors and returns the first.
     fn delete(&self, ip: Ipv4Addr) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
@@ -128,6 +147,15 @@ impl Datapath for SharedDatapath {
             .container_interfaces()
             .iter()
             .any(|i| i == host_if)
+    }
+    fn installed(&self) -> Installed {
+        let dp = lock(self);
+        Installed {
+            endpoints: dp.endpoints().into_iter().map(|(ip, _)| ip).collect(),
+            vteps: dp.vtep_ips(),
+            public: dp.public_keys(),
+            snat: dp.snat_keys(),
+        }
     }
 }
 

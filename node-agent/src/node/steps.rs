@@ -70,10 +70,32 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         departing
     }
 
-    /// One container, afresh: whatever an earlier run left under its names is torn down, the
-    /// namespace and veth are built (both ends up), then from-container is attached to the
-    /// host end; if attaching fails, the network side is removed again.
+    /// One container: adopted as an earlier agent left it if it matches (same namespace,
+    /// veth and ifindex: its processes and connections go on, and from-container is attached
+    /// already or again); otherwise afresh: whatever an earlier run left under its names is
+    /// torn down (its processes killed), the namespace and veth are built (both ends up),
+    /// then from-container is attached to the host end; if attaching fails, the network side
+    /// is removed again.
     async fn build_container(&self, c: &LocalContainer, errors: &mut Vec<String>) -> Option<Built> {
+        match self.net.adopt(c).await {
+            Ok(Some(built)) => {
+                // Normally attached already (the pinned link was adopted at start).
+                if !self.datapath.container_attached(&built.host_if)
+                    && let Err(e) = self.datapath.attach_container(&built.host_if)
+                {
+                    errors.push(format!(
+                        "container {}: attaching from-container to adopted {}: {e}",
+                        c.ip, built.host_if
+                    ));
+                    return None;
+                }
+                return Some(built);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(ip = %c.ip, error = %e, "checking for a container to adopt; building afresh")
+            }
+        }
         for e in self.teardown(c.ip).await {
             warn!(ip = %c.ip, error = %e, "removing a stale container before creating it");
         }
@@ -288,6 +310,52 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         }
         if let Err(e) = self.net.delete(ip).await {
             errors.push(e.to_string());
+        }
+        errors
+    }
+
+    /// What an earlier agent left that the applied state does not have (the apply that
+    /// precedes this one wrote everything wanted): map entries — endpoints, VTEPs,
+    /// translations — then containers (no entry points at them any more: their processes
+    /// killed, then from-container, veth and namespace).
+    /// Keeps going past errors and returns them.
+    pub(super) async fn sweep_leftovers(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let have = self.datapath.installed();
+        for ip in have.endpoints {
+            if !self.applied.endpoints.contains_key(&ip) {
+                info!(%ip, "endpoint entry nobody wants any more: removed");
+                if let Err(e) = self.datapath.remove_endpoint(ip) {
+                    errors.push(format!("removing stale endpoint {ip}: {e}"));
+                }
+            }
+        }
+        for ip in have.vteps {
+            if !self.applied.vteps.contains_key(&ip)
+                && let Err(e) = self.datapath.disallow_vtep(ip)
+            {
+                errors.push(format!("disallowing stale vtep {ip}: {e}"));
+            }
+        }
+        for k in have.public {
+            if !self.applied.public.contains_key(&k)
+                && let Err(e) = self.datapath.remove_public(&k)
+            {
+                errors.push(format!("removing stale public entry {k:?}: {e}"));
+            }
+        }
+        for k in have.snat {
+            if !self.applied.snat.contains_key(&k)
+                && let Err(e) = self.datapath.remove_snat(&k)
+            {
+                errors.push(format!("removing stale snat entry {k:?}: {e}"));
+            }
+        }
+        for ip in self.net.existing().await {
+            if !self.applied.containers.contains_key(&ip) {
+                info!(%ip, "container left by an earlier agent and not wanted here: removed");
+                errors.extend(self.teardown(ip).await);
+            }
         }
         errors
     }

@@ -31,6 +31,7 @@ fn node() -> (FakeNode, Fake) {
         hold_ifindex: 0,
         announcer: f.clone(),
         registry: None,
+        leftovers: Default::default(),
     };
     (n, f)
 }
@@ -361,4 +362,86 @@ async fn shutdown_detaches_before_deleting_every_container() {
         assert!(detach < at(&log, |c| *c == Call::DeleteNet(ip)), "{log:#?}");
     }
     assert!(n.applied.containers.is_empty());
+}
+
+/// A restarted agent (empty `Applied`, everything an earlier agent left still in place):
+/// nothing is removed before the registry's first snapshot; then container `A`, still
+/// wanted, is adopted as it is (no delete, no create, no re-attach; its entry rewritten with
+/// the same ifindex), while `B`, which the snapshot no longer wants here, and an entry nobody
+/// wrote are removed — the entry first, then the container.
+#[tokio::test]
+async fn a_restarted_agent_adopts_what_is_wanted_and_sweeps_the_rest_after_the_registry() {
+    let (mut n, f) = node();
+    n.leftovers = super::Leftovers::AfterRegistry;
+    const STALE: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 9);
+    let local_entry = |ifindex| Endpoint {
+        kind: kind::LOCAL,
+        ifindex,
+        ..Endpoint::default()
+    };
+    f.left_by_earlier_agent(&local(A), 7, &[(A, local_entry(7)), (STALE, remote())]);
+    f.left_by_earlier_agent(&local(B), 8, &[(B, local_entry(8))]);
+
+    // The static configuration alone (version 0): nothing goes.
+    assert!(n.apply(&want(0, &[])).await.is_empty());
+    assert_eq!(n.leftovers, super::Leftovers::AfterRegistry);
+    assert!(f.has_net(A) && f.has_net(B));
+    assert!(f.endpoint(STALE).is_some() && f.endpoint(A).is_some());
+    assert!(!f.log().iter().any(|c| matches!(
+        c,
+        Call::DeleteNet(_) | Call::Detach(_) | Call::RemoveEndpoint(_)
+    )));
+
+    // The registry's snapshot: A adopted, B and the stale entry swept.
+    f.clear_log();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    let log = f.log();
+    assert!(log.contains(&Call::AdoptNet(A)), "{log:#?}");
+    assert!(
+        !log.iter().any(|c| matches!(
+            c,
+            Call::CreateNet(ip) | Call::DeleteNet(ip) if *ip == A
+        )),
+        "{log:#?}"
+    );
+    assert!(
+        !log.contains(&Call::Attach(container_host_if(A))),
+        "{log:#?}"
+    );
+    assert!(
+        !log.contains(&Call::Detach(container_host_if(A))),
+        "{log:#?}"
+    );
+    assert_eq!(ifindex(&n, A), 7);
+    assert_eq!(
+        f.endpoint(A).map(|e| (e.kind, e.ifindex)),
+        Some((kind::LOCAL, 7))
+    );
+    let stale = at(&log, |c| *c == Call::RemoveEndpoint(STALE));
+    let b_entry = at(&log, |c| *c == Call::RemoveEndpoint(B));
+    let b_net = at(&log, |c| *c == Call::DeleteNet(B));
+    assert!(stale < b_net && b_entry < b_net, "{log:#?}");
+    assert!(
+        log.contains(&Call::Detach(container_host_if(B))),
+        "{log:#?}"
+    );
+    assert!(!f.has_net(B) && f.has_net(A));
+    assert_eq!(n.leftovers, super::Leftovers::Swept);
+}
+
+/// A container whose MAC changed while no agent ran is not adopted: torn down (its
+/// processes with it) and built afresh.
+#[tokio::test]
+async fn a_container_left_with_another_mac_is_rebuilt_not_adopted() {
+    let (mut n, f) = node();
+    let mut old = local(A);
+    old.mac = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
+    f.left_by_earlier_agent(&old, 7, &[]);
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    let log = f.log();
+    assert!(!log.contains(&Call::AdoptNet(A)), "{log:#?}");
+    let del = at(&log, |c| *c == Call::DeleteNet(A));
+    let create = at(&log, |c| *c == Call::CreateNet(A));
+    assert!(del < create, "{log:#?}");
+    assert_ne!(ifindex(&n, A), 7);
 }
