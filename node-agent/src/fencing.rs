@@ -123,10 +123,10 @@ impl Fencing {
             }
         };
         self.resume_stranded(&snap).await;
+        // A fenced copy is past its CRIU operation (fenced after the dump, after the restore),
+        // so a claim still held (the source still streaming images to a destination that is
+        // cut off) does not delay the decision.
         for p in fenced {
-            if self.runtime.busy(p.container) {
-                continue;
-            }
             let v = verdict(&self.host, &p, &snap);
             if v != Verdict::Wait {
                 self.act(&p, v).await;

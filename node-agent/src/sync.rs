@@ -14,7 +14,7 @@ use crate::{config::AgentConfig, fencing::Fencing, node::Node, plan};
 /// How long a watch may stay open before the agent asks again (the gateway answers first).
 const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How often the agent tells the gateway it is alive (see the gateway's `DEAD_AFTER_MS`).
 pub const HEARTBEAT: Duration = Duration::from_millis(250);

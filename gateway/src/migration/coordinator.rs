@@ -47,8 +47,8 @@ use crate::{
 /// An agent without an open watch still counts as connected this long after its last watch
 /// (it has none open while it applies a snapshot). Registering alone does not count.
 pub const LIVE_WINDOW_MS: u64 = 10_000;
-/// An agent that watched before, holds no watch open and was not heard from (watch or
-/// heartbeat, sent every 250 ms) for this long is taken for dead: a migration step that
+/// An agent that watched before and was not heard from (watch or heartbeat, sent every
+/// 250 ms) for this long is taken for dead: a migration step that
 /// needs it fails at once instead of at its timeout, and waits for a rollback skip it (it
 /// converges from the snapshot when it comes back).
 pub const DEAD_AFTER_MS: u64 = 1_500;
@@ -144,10 +144,12 @@ pub(crate) enum Wait {
 }
 
 /// See [`DEAD_AFTER_MS`].
+///
+/// An open watch does not count: a watch whose agent was cut off stays "open" here until
+/// its long poll ends, since nothing tells the gateway the connection is gone.
 pub(crate) fn is_dead(rt: Option<&HostRuntime>, now: u64) -> bool {
     rt.is_some_and(|r| {
-        r.open_watches == 0
-            && r.last_watch_unix_ms != 0
+        r.last_watch_unix_ms != 0
             && now.saturating_sub(r.last_seen_unix_ms.max(r.last_watch_unix_ms)) > DEAD_AFTER_MS
     })
 }
@@ -725,6 +727,29 @@ mod tests {
         assert!(!is_live(Some(&r), now));
         r.open_watches = 1;
         assert!(is_live(Some(&r), now));
+    }
+
+    #[test]
+    fn death_is_silence_for_longer_than_dead_after() {
+        let now = 100_000;
+        assert!(!is_dead(None, now), "unknown");
+        let mut r = HostRuntime {
+            last_seen_unix_ms: now - DEAD_AFTER_MS - 1,
+            ..Default::default()
+        };
+        assert!(
+            !is_dead(Some(&r), now),
+            "never watched: not an agent that died"
+        );
+        r.last_watch_unix_ms = now - DEAD_AFTER_MS - 1;
+        assert!(is_dead(Some(&r), now));
+        r.open_watches = 1;
+        assert!(
+            is_dead(Some(&r), now),
+            "a watch left open by a cut-off agent does not keep it alive"
+        );
+        r.last_seen_unix_ms = now - DEAD_AFTER_MS;
+        assert!(!is_dead(Some(&r), now), "a heartbeat in time");
     }
 
     #[test]

@@ -300,17 +300,17 @@ async fn drive(
     let to = req.to.clone();
     let ck = checkpoint(source, g.token(), &id, &req);
     tokio::pin!(ck);
-    let answer = tokio::select! {
-        a = &mut ck => Some(a),
+    let (answer, lost) = tokio::select! {
+        a = &mut ck => (Some(a), None),
         why = decided_or_end_dead(&g, &id, &from, &to) => {
             warn!(migration = %id, why, "resolving the run without the source agent's answer");
             g.runs.update(&id, |r| r.events.push(event("info", format!("{why}: resolving the run from the registry"))));
             // Decided elsewhere (the destination's release): the answer, with its figures,
             // is normally a moment behind.
             if why == DECIDED {
-                tokio::time::timeout(ANSWER_GRACE, &mut ck).await.ok()
+                (tokio::time::timeout(ANSWER_GRACE, &mut ck).await.ok(), Some(why))
             } else {
-                None
+                (None, Some(why))
             }
         }
     };
@@ -332,7 +332,7 @@ async fn drive(
             a.error
         }
         Some(Err(e)) => Some(e.to_string()),
-        None => Some(format!("the source agent ({from}) was lost")),
+        None => Some(lost.unwrap_or(DECIDED).to_owned()),
     };
     let to_api = req.to_api;
     let (state, error) = resolve(&g, &client, &id, to_api, why).await;
@@ -420,6 +420,8 @@ pub(crate) fn resume(g: &Arc<Gateway>, id: String) {
 }
 
 const DECIDED: &str = "the migration was decided";
+const SOURCE_LOST: &str = "the source agent is not answering";
+const DESTINATION_LOST: &str = "the destination agent is not answering";
 /// How long the source's answer is still awaited once the migration was decided.
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
@@ -435,10 +437,10 @@ async fn decided_or_end_dead(g: &Gateway, id: &str, from: &str, to: &str) -> &'s
             return DECIDED;
         }
         if g.host_dead(from) {
-            return "the source agent is not answering";
+            return SOURCE_LOST;
         }
         if g.host_dead(to) {
-            return "the destination agent is not answering";
+            return DESTINATION_LOST;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
