@@ -303,6 +303,11 @@ pub struct Migration {
     /// `released`: until when the source keeps its forwarding pointer.
     #[serde(default)]
     pub forward_until_unix_ms: u64,
+    /// `frozen`, first half: the destination holds, nobody points at it yet (the next
+    /// version switches everyone else to it). See `docs/migration.md`, "Holding from the
+    /// freeze".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub switch_pending: bool,
     /// The gateway runs this migration (`ferry migrate run`, `POST /v1/runs`): a restarted
     /// gateway resumes it even if the run's report was never written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -737,6 +742,7 @@ mod tests {
             frozen_unix_ms: 2,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            switch_pending: false,
             run: false,
         };
         assert_eq!(m.seq(), Some(3));

@@ -768,6 +768,7 @@ mod tests {
             frozen_unix_ms: 10_200,
             released_unix_ms: 11_000,
             forward_until_unix_ms: 13_000,
+            switch_pending: false,
             run: false,
         };
         let t = migration_table(&[m], 12_000);

@@ -307,6 +307,7 @@ mod tests {
                     frozen_unix_ms: 0,
                     released_unix_ms: 0,
                     forward_until_unix_ms: 0,
+                    switch_pending: false,
                     run: false,
                 })
                 .into_iter()

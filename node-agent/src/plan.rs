@@ -46,6 +46,9 @@ pub struct Desired {
     /// Local containers whose entry is `HOLD` (a migration's destination before release):
     /// their packets are queued.
     pub hold: BTreeSet<Ipv4Addr>,
+    /// Local containers built for a prepared migration to this host: their entry stays the
+    /// registry's (`REMOTE` → the source) until the freeze makes it `HOLD`.
+    pub staged: BTreeSet<Ipv4Addr>,
     /// Local containers whose entry is a forwarding pointer to another host's VTEP (a
     /// migration's source from freeze until the grace period after release): what reaches
     /// this host is sent on, what the frozen copy emits is dropped.
@@ -179,7 +182,20 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
         let me_from = m.from == cfg.host;
         let me_to = m.to == cfg.host;
         match m.phase {
-            MigrationPhase::Prepared | MigrationPhase::Frozen if me_to => {
+            // Prepared: the destination builds the container, but its entry still points at
+            // the source (its own containers reach the migrating one there).
+            MigrationPhase::Prepared if me_to => {
+                d.containers.insert(
+                    m.container,
+                    LocalContainer {
+                        ip: m.container,
+                        mac: ep.mac,
+                    },
+                );
+                d.staged.insert(m.container);
+            }
+            // Frozen: the destination holds from the first half of the freeze on.
+            MigrationPhase::Frozen if me_to => {
                 d.endpoints.remove(&m.container);
                 d.containers.insert(
                     m.container,
@@ -190,6 +206,8 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
                 );
                 d.hold.insert(m.container);
             }
+            // The first half of a freeze changes nothing but the destination.
+            MigrationPhase::Frozen if m.switch_pending => {}
             MigrationPhase::Frozen | MigrationPhase::Released if me_from => {
                 d.endpoints.remove(&m.container);
                 d.containers.insert(
@@ -452,6 +470,7 @@ overlay_cidr = "10.244.0.0/16"
             frozen_unix_ms: 0,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            switch_pending: false,
             run: false,
         }
     }
@@ -477,16 +496,34 @@ overlay_cidr = "10.244.0.0/16"
             s
         };
 
-        // Prepared: a2 builds it and holds; a1 keeps it; the rest still sends to a1.
+        // Prepared: a2 builds it but does not hold: its entry still points at a1 (a2's own
+        // containers reach it there); a1 keeps it; the rest still sends to a1.
         let s = with(MigrationPhase::Prepared, "a1");
         let d = desired(&a2, Some(&s));
-        assert!(d.containers.contains_key(&ip) && d.hold.contains(&ip));
+        assert!(d.containers.contains_key(&ip) && d.staged.contains(&ip) && d.hold.is_empty());
+        assert_eq!(
+            (d.endpoints[&ip].kind, d.endpoints[&ip].vtep_be),
+            (kind::REMOTE, a1_vtep),
+            "the registry's entry, not the built veth's"
+        );
+        let d = desired(&a1, Some(&s));
+        assert!(d.containers.contains_key(&ip) && d.hold.is_empty() && d.forward.is_empty());
+        assert_eq!(desired(&gw, Some(&s)).endpoints[&ip].vtep_be, a1_vtep);
+
+        // Frozen, first half: a2 holds; nobody else changes yet.
+        let mut s = with(MigrationPhase::Frozen, "a1");
+        s.migrations[0].switch_pending = true;
+        let d = desired(&a2, Some(&s));
+        assert!(d.hold.contains(&ip) && !d.staged.contains(&ip));
         assert!(
             !d.endpoints.contains_key(&ip),
             "its entry comes from the built veth"
         );
         let d = desired(&a1, Some(&s));
-        assert!(d.containers.contains_key(&ip) && d.hold.is_empty() && d.forward.is_empty());
+        assert!(
+            d.containers.contains_key(&ip) && d.forward.is_empty(),
+            "a1 still LOCAL"
+        );
         assert_eq!(desired(&gw, Some(&s)).endpoints[&ip].vtep_be, a1_vtep);
 
         // Frozen: everyone sends to a2, a1 forwards there and drops its copy's output.

@@ -239,8 +239,12 @@ impl Gateway {
         }
     }
 
-    /// freeze/release (`all`) or prepare: who applies the migration's phase.
+    /// freeze/release (`all`) or prepare: who applies the migration's phase. The first half
+    /// of a freeze changes the destination alone (it holds).
     fn step_hosts(&self, reg: &Registry, m: &Migration, all: bool) -> Vec<String> {
+        if m.phase == MigrationPhase::Frozen && m.switch_pending {
+            return vec![m.to.clone()];
+        }
         let mut set = BTreeSet::from([m.from.clone(), m.to.clone()]);
         if all {
             let now = ferry_api::unix_ms();
@@ -353,12 +357,42 @@ async fn prepare(
     settle(&g, step, r, None, timeout).await
 }
 
+/// A freeze is two registry versions: the destination holds (`switch_pending`), and only once
+/// it applied that does every other host point at it and the source forward to it — so no
+/// packet reaches the destination before it holds, and its own containers are not cut off
+/// from the migrating one during the prepared phase.
 async fn freeze(
     State(g): Shared,
     PathParam(id): PathParam,
     ApiQuery(q): ApiQuery<StepQuery>,
 ) -> Result<Response, ApiFailure> {
-    step(g, id, MigrationStepKind::Freeze, q).await
+    let step = MigrationStepKind::Freeze;
+    let timeout = step_timeout(&g, &q).inspect_err(|_| g.count_step(step, "refused"))?;
+    let prepared_version = g.current().live_migration(&id).map(|l| l.prepared_version);
+    let half = g
+        .change(Request::StepMigration {
+            id: id.clone(),
+            step,
+            now_ms: ferry_api::unix_ms(),
+            expect: None,
+        })
+        .await;
+    let half_pending = matches!(&half, Ok((Change::MigrationStepped { migration, .. } | Change::MigrationUnchanged(migration), _)) if migration.switch_pending);
+    let first = settle_counted(&g, step, half, prepared_version, timeout, !half_pending).await?;
+    let pending = g
+        .current()
+        .live_migration(&id)
+        .is_some_and(|l| l.migration.phase == MigrationPhase::Frozen && l.migration.switch_pending);
+    if !pending {
+        return Ok(first);
+    }
+    let r = g
+        .change(Request::SwitchMigration {
+            id,
+            now_ms: ferry_api::unix_ms(),
+        })
+        .await;
+    settle(&g, MigrationStepKind::Freeze, r, prepared_version, timeout).await
 }
 
 async fn release(
@@ -404,6 +438,18 @@ async fn settle(
     result: Result<(Change, u64), ApiFailure>,
     prepared_version: Option<u64>,
     timeout: Duration,
+) -> Result<Response, ApiFailure> {
+    settle_counted(g, step, result, prepared_version, timeout, true).await
+}
+
+/// [`settle`]; `count_ok = false` for the first half of a freeze (the second counts it).
+async fn settle_counted(
+    g: &Arc<Gateway>,
+    step: MigrationStepKind,
+    result: Result<(Change, u64), ApiFailure>,
+    prepared_version: Option<u64>,
+    timeout: Duration,
+    count_ok: bool,
 ) -> Result<Response, ApiFailure> {
     let persisted_at = Instant::now();
     let (change, version) = result.inspect_err(|e| {
@@ -474,10 +520,12 @@ async fn settle(
     {
         Wait::Applied => {
             let took = persisted_at.elapsed();
-            g.metrics
-                .count_step(step, if changed { "ok" } else { "unchanged" });
-            if changed {
-                g.metrics.observe_apply(step, took.as_secs_f64());
+            if count_ok {
+                g.metrics
+                    .count_step(step, if changed { "ok" } else { "unchanged" });
+                if changed {
+                    g.metrics.observe_apply(step, took.as_secs_f64());
+                }
             }
             info!(
                 migration = %migration.id, %step, phase = %migration.phase, version = target,

@@ -232,6 +232,7 @@ impl Registry {
             frozen_unix_ms: 0,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            switch_pending: false,
             run,
         };
         let ended = self.end_live(|m| m.container == container).pop();
@@ -308,8 +309,13 @@ impl Registry {
         m.phase = target;
         m.updated_unix_ms = now_ms;
         match target {
-            P::Frozen => m.frozen_unix_ms = now_ms,
+            P::Frozen => {
+                m.frozen_unix_ms = now_ms;
+                // The destination holds first; `switch_migration` then points everyone at it.
+                m.switch_pending = true;
+            }
             P::Released => {
+                m.switch_pending = false;
                 m.released_unix_ms = now_ms;
                 m.forward_until_unix_ms = now_ms.saturating_add(self.net.forward_grace_ms);
             }
@@ -332,6 +338,45 @@ impl Registry {
             _ => {}
         }
         Ok(Change::MigrationStepped { old, migration })
+    }
+
+    /// The second half of a freeze: the destination holds (it applied the first), so every
+    /// other host may now send to it and the source forward to it. Repeating it (or a
+    /// migration already switched) answers unchanged.
+    pub(crate) fn switch_migration(
+        &mut self,
+        id: &str,
+        now_ms: u64,
+    ) -> Result<Change, RegistryError> {
+        let seq = migration_seq(id);
+        let version = self.version + 1;
+        let Some(live) = seq.and_then(|s| self.migrations.get_mut(&s)) else {
+            return match self.migration(id) {
+                Some(m) => fail(ErrorCode::BadPhase, bad_phase(m, MigrationStepKind::Freeze)),
+                None => fail(
+                    ErrorCode::UnknownMigration,
+                    format!("no migration has id {id:?}"),
+                ),
+            };
+        };
+        let m = &mut live.migration;
+        if m.phase != MigrationPhase::Frozen {
+            let m = m.clone();
+            return fail(
+                ErrorCode::BadPhase,
+                bad_phase(&m, MigrationStepKind::Freeze),
+            );
+        }
+        if !m.switch_pending {
+            return Ok(Change::MigrationUnchanged(m.clone()));
+        }
+        m.switch_pending = false;
+        m.updated_unix_ms = now_ms;
+        live.phase_version = version;
+        Ok(Change::MigrationStepped {
+            old: MigrationPhase::Frozen,
+            migration: live.migration.clone(),
+        })
     }
 
     pub(crate) fn expire_migrations(&mut self, now_ms: u64) -> Change {

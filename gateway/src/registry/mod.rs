@@ -88,6 +88,11 @@ pub enum Request {
     ExpireMigrations {
         now_ms: u64,
     },
+    /// The second half of a freeze (see `transitions::switch_migration`).
+    SwitchMigration {
+        id: String,
+        now_ms: u64,
+    },
 }
 
 /// What a successful request did.
@@ -252,6 +257,7 @@ impl Registry {
                 expect,
             } => self.step_migration(&id, step, now_ms, expect)?,
             Request::ExpireMigrations { now_ms } => self.expire_migrations(now_ms),
+            Request::SwitchMigration { id, now_ms } => self.switch_migration(&id, now_ms)?,
         };
         if change.changes_state() {
             self.version += 1;

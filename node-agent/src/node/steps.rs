@@ -127,7 +127,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     pub(super) fn endpoint_entries(&mut self, want: &Desired) -> BTreeMap<Ipv4Addr, Endpoint> {
         let mut endpoints = want.endpoints.clone();
         for (ip, (c, built)) in &self.applied.containers {
-            if want.containers.contains_key(ip) {
+            if want.containers.contains_key(ip) && !want.staged.contains(ip) {
                 let mut e = plan::local_entry(want, c, built.ifindex);
                 e.flags |= egress_flags(&self.applied, *ip, e.kind);
                 endpoints.insert(*ip, e);

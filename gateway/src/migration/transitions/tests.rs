@@ -24,6 +24,7 @@ fn a_migration_goes_prepare_freeze_release_then_leaves_the_snapshot() {
             frozen_unix_ms: 0,
             released_unix_ms: 0,
             forward_until_unix_ms: 0,
+            switch_pending: false,
             run: false,
         }
     );
