@@ -3,13 +3,16 @@
 //! - [`demo`]: ferry's main job end to end, with a live migration and a latency plot;
 //! - [`datapath`]: throughput and request/response latency, ferry vs two baselines;
 //! - [`handoff`]: a stateful server handed off between clouds, hold vs drop;
-//! - [`migrate`]: whole-container live migration with CRIU, hold vs CRIU's network lock.
+//! - [`migrate`]: whole-container live migration with CRIU, hold vs CRIU's network lock;
+//! - [`faults`]: the fault matrix: agents and the gateway killed, links cut, a full disk, at
+//!   each phase of a CRIU migration, and whether exactly one copy runs afterwards.
 //!
 //! `ferry-lab demo` and `ferry-lab bench ...` (package `ferry-lab-cli`) call into this crate;
 //! [`BenchCmd`] is the `bench` subcommand as the binary parses it.
 
 pub mod datapath;
 pub mod demo;
+pub mod faults;
 pub mod handoff;
 pub mod migrate;
 pub mod samples;
@@ -38,6 +41,11 @@ pub enum BenchCmd {
     /// own network lock: the gap a client on the internet sees, the time the container ran
     /// nowhere, and the phases.
     Migrate(migrate::MigrateArgs),
+    /// The fault matrix: each fault (an agent or the gateway SIGKILLed and restarted, a host's
+    /// link cut for 3 s or 20 s, the destination's disk full) at each phase of `ferry migrate
+    /// run`, with a live client: the outcome, the copies running afterwards (must be 1),
+    /// resets, bytes lost, the client's longest gap and the time to converge.
+    Faults(faults::FaultsArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,5 +126,6 @@ pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Datapath(args) => datapath::run(&args),
         BenchCmd::Handoff(args) => handoff::run(&args),
         BenchCmd::Migrate(args) => migrate::run(&args),
+        BenchCmd::Faults(args) => faults::run(&args),
     }
 }

@@ -284,7 +284,7 @@ impl Workload {
         }
         let ended = unix_ms();
         let _ = self.child.wait();
-        for line in self.err.try_iter() {
+        for line in self.err.try_iter().filter(|l| !is_progress(l)) {
             eprintln!("  {}: {line}", self.name);
         }
         text.iter()
@@ -297,6 +297,12 @@ impl Workload {
                 text: text.join("\n"),
             })
     }
+}
+
+/// A client's `{"event":"progress",..}` line (`--progress-ms`): read by whoever asked for
+/// them, never worth passing on.
+fn is_progress(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).is_ok_and(|v| v["event"] == "progress")
 }
 
 impl Drop for Workload {

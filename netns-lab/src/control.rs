@@ -104,6 +104,7 @@ impl ControlPlane {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .env(ferry_api::faultpoint::ENV, state::fault_dir(prefix))
             .current_dir(self.config.parent().expect("config has a parent"))
             .stdin(Stdio::null())
             .stdout(log)

@@ -179,6 +179,12 @@ impl Lab {
         state::state_dir(&self.prefix)
     }
 
+    /// The fault-point directory the lab's gateway and agents watch (`FERRY_FAULT_DIR`; see
+    /// `ferry_api::faultpoint`).
+    pub fn fault_dir(&self) -> PathBuf {
+        state::fault_dir(&self.prefix)
+    }
+
     /// Log file of a host's agent.
     pub fn agent_log(&self, host: &str) -> PathBuf {
         self.state_dir().join(host).join("agent.log")
@@ -384,42 +390,48 @@ impl Lab {
         self.restart_gateway_with(libc::SIGTERM)
     }
 
-    /// [`Lab::restart_gateway`] with `signal` (SIGKILL: a crash; SIGTERM: a clean stop, then
-    /// SIGKILL if it is still there after 5 s).
+    /// [`Lab::restart_gateway`] with `signal` (SIGKILL: a crash).
     pub fn restart_gateway_with(&mut self, signal: i32) -> Result<(), LabError> {
+        self.kill_gateway(signal)?;
+        self.start_gateway()
+    }
+
+    /// Sends `signal` to the gateway daemon (by PID and start time) and waits until it exited
+    /// (at most 5 s; a SIGTERM still unanswered then is followed by SIGKILL). SIGKILL is a
+    /// crash: nothing of its memory (e.g. its run reports) survives, its state directory does.
+    pub fn kill_gateway(&mut self, signal: i32) -> Result<(), LabError> {
         let cp = self.control_or_err()?;
-        let bin = find_binary("ferry", "ferry-cli")?;
-        let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
-            prefix: self.prefix.clone(),
-            path: state::state_file(&self.prefix),
-            problem: "no state".into(),
-        })?;
-        let mut errors = Vec::new();
-        for p in st.processes.iter().filter(|p| p.kind == "gateway") {
-            let fd = match procs::PidFd::open(p.pid, Some(p.start_time)) {
+        let mut st = self.load_state()?;
+        let mut problems = Vec::new();
+        for r in st.processes.iter().filter(|p| p.kind == "gateway") {
+            let what = |e: std::io::Error| format!("signal {signal} to PID {}: {e}", r.pid);
+            let fd = match procs::PidFd::open(r.pid, Some(r.start_time)) {
                 Ok(Some(fd)) => fd,
                 Ok(None) => continue,
                 Err(e) => {
-                    errors.push(format!("PID {}: {e}", p.pid));
+                    problems.push(what(e));
                     continue;
                 }
             };
-            let stopped = fd.signal(signal).and_then(|()| {
-                if fd.wait_exit(Some(Duration::from_secs(5)))? {
-                    return Ok(true);
-                }
-                fd.signal(libc::SIGKILL)?;
-                fd.wait_exit(Some(Duration::from_secs(5)))
-            });
-            match stopped {
+            let exited = fd
+                .signal(signal)
+                .and_then(|()| fd.wait_exit(Some(Duration::from_secs(5))));
+            match exited {
                 Ok(true) => {}
-                Ok(false) => errors.push(format!("PID {} survived SIGKILL for 5 s", p.pid)),
-                Err(e) => errors.push(format!("PID {}: {e}", p.pid)),
+                Ok(false) => {
+                    let killed = fd
+                        .signal(libc::SIGKILL)
+                        .and_then(|()| fd.wait_exit(Some(Duration::from_secs(5))));
+                    if !matches!(killed, Ok(true)) {
+                        problems.push(format!("PID {} survived SIGKILL for 5 s", r.pid));
+                    }
+                }
+                Err(e) => problems.push(what(e)),
             }
         }
-        if !errors.is_empty() {
+        if !problems.is_empty() {
             return Err(LabError::GatewayFailed {
-                problem: format!("did not stop: {}", errors.join("; ")),
+                problem: format!("did not stop: {}", problems.join("; ")),
                 tail: tail(&cp.log, 20),
                 log: cp.log.clone(),
             });
@@ -428,6 +440,15 @@ impl Lab {
             let _ = c.try_wait();
         }
         st.processes.retain(|p| p.kind != "gateway");
+        st.save()
+    }
+
+    /// Starts the gateway daemon (after [`Lab::kill_gateway`]) with the same configuration and
+    /// state directory; waits until it answers.
+    pub fn start_gateway(&mut self) -> Result<(), LabError> {
+        let cp = self.control_or_err()?;
+        let bin = find_binary("ferry", "ferry-cli")?;
+        let mut st = self.load_state()?;
         let mut child = cp.spawn(&self.prefix, &bin)?;
         let pid = child.id() as i32;
         let start_time = procs::start_time(pid)
@@ -442,6 +463,14 @@ impl Lab {
         let ready = cp.wait_ready(&self.prefix, &mut child);
         self.children.push(child);
         ready
+    }
+
+    fn load_state(&self) -> Result<LabState, LabError> {
+        state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
+            prefix: self.prefix.clone(),
+            path: state::state_file(&self.prefix),
+            problem: "no state".into(),
+        })
     }
 
     /// Sends `signal` to `host`'s agent (by PID and start time) and waits until it exited (at
@@ -678,9 +707,24 @@ impl Lab {
         ip: std::net::Ipv4Addr,
         argv: &[&str],
     ) -> Result<ferry_api::run::ContainerProcess, LabError> {
+        self.start_process_with_env(host, ip, argv, &[])
+    }
+
+    /// [`Lab::start_process_on`] with extra environment variables for the tree (they survive
+    /// a CRIU migration, being in the processes' memory: a way to find the tree's copies).
+    pub fn start_process_with_env(
+        &self,
+        host: &str,
+        ip: std::net::Ipv4Addr,
+        argv: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ferry_api::run::ContainerProcess, LabError> {
         let req = ferry_api::run::StartRequest {
             argv: argv.iter().map(|a| a.to_string()).collect(),
-            env: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let body = serde_json::to_vec(&req).expect("a start request serializes");
         let path = format!("/v1/containers/{ip}/start");
@@ -788,6 +832,9 @@ impl Builder {
         ferry: Option<&Path>,
     ) -> Result<(), LabError> {
         self.state.save()?;
+        let faults = state::fault_dir(self.prefix());
+        std::fs::create_dir_all(&faults)
+            .map_err(|e| LabError::io(format!("creating {}", faults.display()), e))?;
         if let Some(bin) = reaper {
             self.spawn_reaper(bin)?;
         }
@@ -1138,6 +1185,7 @@ fn spawn_agent(prefix: &str, host: &str, bin: &Path) -> Result<Child, LabError> 
     cmd.arg("--config")
         .arg(&config)
         .env("RUST_LOG", "info")
+        .env(ferry_api::faultpoint::ENV, state::fault_dir(prefix))
         .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(log)

@@ -35,6 +35,13 @@ pub fn state_dir(prefix: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(prefix)
 }
 
+/// The lab's fault-point directory (`<state>/faults`): the gateway and every agent the lab
+/// starts get it as `FERRY_FAULT_DIR` (see `ferry_api::faultpoint`); CRIU and its hook inherit
+/// it from the agent. Nothing stops anywhere unless a file is created in it.
+pub fn fault_dir(prefix: &str) -> PathBuf {
+    state_dir(prefix).join("faults")
+}
+
 pub fn state_file(prefix: &str) -> PathBuf {
     state_dir(prefix).join("state.json")
 }

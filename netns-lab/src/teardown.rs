@@ -160,8 +160,14 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
         }
     }
 
-    // 5. The state directory.
+    // 5. The state directory, after whatever was mounted under it (a harness's small tmpfs
+    // standing for a full disk, say).
     let dir = state::state_dir(prefix);
+    for m in mounts_under(&dir) {
+        if let Err(e) = detach_mount(&m) {
+            errors.push(format!("unmounting {}: {e}", m.display()));
+        }
+    }
     if let Err(e) = std::fs::remove_dir_all(&dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {
@@ -180,6 +186,56 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
             prefix: prefix.to_owned(),
             errors,
         })
+    }
+}
+
+/// Mount points at or below `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    v.dedup();
+    v
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Some(c) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(c);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `umount -l PATH`.
+pub fn detach_mount(path: &Path) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: umount2(2) with a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -239,6 +295,9 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
         }
     }
     let dir = state::state_dir(prefix);
+    for m in mounts_under(&dir) {
+        found.push(format!("mount {}", m.display()));
+    }
     if dir.exists() {
         found.push(format!("state directory {}", dir.display()));
     }
@@ -406,4 +465,16 @@ pub fn reap(prefix: &str, owner: i32, owner_start: Option<u64>) -> Result<(), La
         teardown(prefix)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo(r"/run/a\040b/c"), "/run/a b/c");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/odd\04"), r"/odd\04");
+    }
 }

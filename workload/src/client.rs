@@ -45,6 +45,9 @@ pub struct Options {
     pub payload_bytes: usize,
     /// Where to write the per-request samples (CSV, see [`write_samples`]).
     pub samples: Option<PathBuf>,
+    /// Every so often, a `{"event":"progress",..}` line on stderr ([`progress`]): how a
+    /// harness sees, while the client runs, whether it is being answered.
+    pub progress: Option<Duration>,
 }
 
 /// One request as the client saw it (a line of `--samples`).
@@ -249,6 +252,26 @@ impl Conn {
     }
 }
 
+/// A progress line: requests and replies so far, connections alive, and the age of the oldest
+/// request still unanswered on a live connection (`oldest_outstanding_ms`, 0 if none: a
+/// client being answered keeps it near its round-trip time).
+fn progress(conns: &[Conn], tally: &Tally, now: Instant) -> Value {
+    let live = conns.iter().filter(|c| c.failure.is_none());
+    let oldest = live
+        .clone()
+        .filter_map(|c| c.outstanding.front().map(|(_, sent, _)| now - *sent))
+        .max()
+        .unwrap_or(Duration::ZERO);
+    json!({
+        "event": "progress",
+        "unix_ms": sys::unix_ms(),
+        "requests": tally.requests,
+        "replies": tally.replies,
+        "alive": live.count(),
+        "oldest_outstanding_ms": ms(oldest),
+    })
+}
+
 /// Runs the client and returns its summary (see the module docs).
 pub fn run(opts: &Options) -> io::Result<Value> {
     let signals = SignalFd::new(&[libc::SIGTERM, libc::SIGINT])?;
@@ -289,6 +312,7 @@ pub fn run(opts: &Options) -> io::Result<Value> {
         c.last_reply = start;
     }
     let deadline = opts.duration.map(|d| start + d);
+    let mut next_progress = opts.progress.map(|p| start + p);
     let mut next_tick = start;
     let mut stop_at: Option<Instant> = None; // when sending stopped
     loop {
@@ -312,10 +336,17 @@ pub fn run(opts: &Options) -> io::Result<Value> {
                 next_tick = now + opts.interval; // fell behind: skip, do not burst
             }
         }
+        if let (Some(at), Some(every)) = (next_progress, opts.progress)
+            && now >= at
+        {
+            eprintln!("{}", progress(&conns, &tally, now));
+            next_progress = Some(now + every);
+        }
         let wake = match stop_at {
             Some(t) => t + DRAIN,
             None => deadline.map_or(next_tick, |d| d.min(next_tick)),
         };
+        let wake = next_progress.map_or(wake, |p| p.min(wake));
         let timeout = wake.saturating_duration_since(Instant::now());
         let mut pfds = vec![sys::pollfd(signals.as_fd(), libc::POLLIN)];
         for c in &conns {

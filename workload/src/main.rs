@@ -13,7 +13,7 @@ usage:
   ferry-workload serve  --port PORT [--handoff-socket PATH --container IP] [--export-to HOST]
   ferry-workload claim  --port PORT --handoff-socket PATH --container IP [--timeout-ms MS] [--export-to HOST]
   ferry-workload client --to IP:PORT [--connections N] [--interval-ms MS] [--duration-ms MS]
-                        [--payload-bytes N] [--samples FILE] [--json]
+                        [--payload-bytes N] [--samples FILE] [--progress-ms MS] [--json]
   ferry-workload redis-client --to IP:PORT [--connections N] [--interval-ms MS] [--duration-ms MS]
                         [--samples FILE] [--json]
 
@@ -24,7 +24,8 @@ claim: claims what was exported for the container on this host and serves on.
 client: checks every reply (in order, exactly once, counters continuous); prints a summary;
   exit status 2 if a connection was reset or a reply was wrong. --samples FILE: one CSV line
   per request, `unix_ms,conn,seq,latency_ms` (sent at, fractional Unix ms; latency empty if
-  never answered).
+  never answered). --progress-ms MS: every MS a JSON line on stderr, event `progress`
+  with requests, replies, alive and oldest_outstanding_ms.
 redis-client: talks to an unmodified redis-server (default 2 connections, one command every
   5 ms on each, no pipelining): INCR must count on by one, GET must return what SET stored,
   STRLEN must match what APPEND built. Never reconnects; prints a summary; exit status 2 if a
@@ -147,6 +148,7 @@ fn main() -> ExitCode {
                 "duration-ms",
                 "payload-bytes",
                 "samples",
+                "progress-ms",
             ],
         )
         .and_then(|a| {
@@ -157,6 +159,7 @@ fn main() -> ExitCode {
                 duration: a.get("duration-ms")?.map(Duration::from_millis),
                 payload_bytes: a.get("payload-bytes")?.unwrap_or(16),
                 samples: a.get("samples")?,
+                progress: a.get("progress-ms")?.map(Duration::from_millis),
             };
             let summary = client::run(&opts).map_err(|e| e.to_string())?;
             if a.switches.iter().any(|s| s == "json") {
