@@ -533,3 +533,45 @@ fn out_of_order_duplicate_and_malformed_steps_are_refused_without_effect() {
     assert_eq!(ferry_tests::hold_counter(&lab, "a2", "held"), 0);
     lab.down().unwrap();
 }
+
+/// Holding starts at the freeze, not at prepare: while the migration is only prepared, a
+/// container on the destination host still reaches the migrating one at its source (a
+/// stream from a2 keeps arriving at a1), and a2's hold queue stays empty; the freeze then
+/// holds that stream too.
+#[test]
+fn a_prepared_destination_still_reaches_the_container_at_its_source() {
+    if !require_root_and_tools(&["ip", "curl"]) {
+        return;
+    }
+    let lab = lab();
+    let _diag = CountersOnPanic::new(&lab);
+    let Scene { c, old, .. } = scene(&lab);
+    let neighbour = lab.add_container("a2", ip("10.244.2.20")).unwrap();
+    let tx = Sender::start(
+        &neighbour,
+        SocketAddrV4::new(c, PORT),
+        Duration::from_millis(2),
+        200,
+    );
+    old.wait_more("the container on a1 receives the stream from a2", 0, 20);
+
+    migrate(&lab, "prepare", Some("a2"));
+    assert!(lab.container_netns("a2", c).exists(), "prepare built it on a2");
+    let at_prepare = old.len();
+    old.wait_more(
+        "a2's own container still reaches the prepared container at a1",
+        at_prepare,
+        100,
+    );
+    assert_eq!(queued(&lab, "a2"), 0, "nothing is held while only prepared");
+
+    migrate(&lab, "freeze", None);
+    wait_for("a2 holds its own container's stream once frozen", DEADLINE, || {
+        (queued(&lab, "a2") >= 20).then_some(())
+    });
+    migrate(&lab, "abort", None);
+    let sent = tx.stop();
+    settle(sent, &[&old]);
+    assert_each_once(sent, &[old.got()]);
+    lab.down().unwrap();
+}

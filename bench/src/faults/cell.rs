@@ -550,6 +550,15 @@ impl FaultLab {
             if let Some(e) = &r.error {
                 cell.error.get_or_insert(e.clone());
             }
+        } else if let Some(m) = record.filter(|m| !m.phase.is_active()) {
+            // No report (the run was refused, e.g. its prepare rolled back): the registry's
+            // record of the migration is the outcome.
+            cell.outcome = match m.phase {
+                MigrationPhase::Released => RunState::Released,
+                _ => RunState::RolledBack,
+            }
+            .as_str()
+            .into();
         } else if cell.run_state == "lost" {
             cell.error
                 .get_or_insert("the gateway no longer knows the run".into());
