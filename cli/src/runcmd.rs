@@ -25,7 +25,28 @@ pub async fn run(
         lock,
         fail,
     };
-    let mut report = c.start_run(&req).await?;
+    let asked = ferry_api::unix_ms();
+    let mut report = match c.start_run(&req).await {
+        Ok(r) => r,
+        // No answer (the gateway went away while it prepared): the run may exist anyway
+        // (the registry marks migrations the gateway runs, and a restarted gateway resumes
+        // them). Find it and follow it instead of reporting a failure that may not be one.
+        Err(e) if !matches!(e, ferry_api::ApiError::Http { .. }) => {
+            match find_run(c, container, asked).await {
+                Some(r) => {
+                    if !quiet {
+                        eprintln!(
+                            "[ferry] the gateway did not answer ({e}); following run {}",
+                            r.id
+                        );
+                    }
+                    r
+                }
+                None => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let id = report.id.clone();
     if !quiet {
         eprintln!(
@@ -252,6 +273,32 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
         ferry_api::faultpoint::pause("dump", &id).await;
     }
     Ok(None)
+}
+
+/// How long `migrate run` looks for a run whose start was not answered.
+const FIND_RUN_FOR: Duration = Duration::from_secs(30);
+
+/// The run the gateway started for `container` at or after `asked_ms` (a migration marked
+/// `run` in the registry), once the gateway answers again; `None` if there is none.
+async fn find_run(c: &Client, container: std::net::Ipv4Addr, asked_ms: u64) -> Option<RunReport> {
+    let deadline = tokio::time::Instant::now() + FIND_RUN_FOR;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(all) = c.migrations().await {
+            let Some(m) = all
+                .into_iter()
+                .filter(|m| m.container == container && m.run)
+                .filter(|m| m.created_unix_ms + 1000 >= asked_ms)
+                .max_by_key(|m| m.seq().unwrap_or(0))
+            else {
+                return None;
+            };
+            if let Ok(r) = c.run(&m.id).await {
+                return Some(r);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -556,7 +556,10 @@ fn a_prepared_destination_still_reaches_the_container_at_its_source() {
     old.wait_more("the container on a1 receives the stream from a2", 0, 20);
 
     migrate(&lab, "prepare", Some("a2"));
-    assert!(lab.container_netns("a2", c).exists(), "prepare built it on a2");
+    assert!(
+        lab.container_netns("a2", c).exists(),
+        "prepare built it on a2"
+    );
     let at_prepare = old.len();
     old.wait_more(
         "a2's own container still reaches the prepared container at a1",
@@ -566,9 +569,11 @@ fn a_prepared_destination_still_reaches_the_container_at_its_source() {
     assert_eq!(queued(&lab, "a2"), 0, "nothing is held while only prepared");
 
     migrate(&lab, "freeze", None);
-    wait_for("a2 holds its own container's stream once frozen", DEADLINE, || {
-        (queued(&lab, "a2") >= 20).then_some(())
-    });
+    wait_for(
+        "a2 holds its own container's stream once frozen",
+        DEADLINE,
+        || (queued(&lab, "a2") >= 20).then_some(()),
+    );
     migrate(&lab, "abort", None);
     let sent = tx.stop();
     settle(sent, &[&old]);

@@ -548,7 +548,13 @@ impl FaultLab {
             cell.outcome = r.state.as_str().into();
             cell.stopped_ms = (r.stopped_ms > 0.0).then_some(r.stopped_ms);
             if let Some(e) = &r.error {
-                cell.error.get_or_insert(e.clone());
+                match &mut cell.error {
+                    // Why the run ended before the fault's point: worth reading.
+                    Some(x) if !cell.fault_landed => x.push_str(&format!("; the run: {e}")),
+                    _ => {
+                        cell.error.get_or_insert(e.clone());
+                    }
+                }
             }
         } else if let Some(m) = record.filter(|m| !m.phase.is_active()) {
             // No report (the run was refused, e.g. its prepare rolled back): the registry's

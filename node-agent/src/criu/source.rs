@@ -122,13 +122,8 @@ pub async fn checkpoint(
     // In a task of its own: if the caller goes away mid-way (a gateway restart), the
     // checkpoint still ends in a consistent state (moved, or the source resumed) instead of
     // being dropped with the request, which could leave the source tree stopped.
-    let task = tokio::spawn(
-        async move {
-            let _busy = busy;
-            run(ctx, id, req, netns, pid).await
-        }
-        .instrument(span),
-    );
+    let task =
+        tokio::spawn(async move { run(ctx, id, req, netns, pid, busy).await }.instrument(span));
     let answer = task.await.map_err(|e| {
         Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -169,9 +164,10 @@ async fn run(
     req: CheckpointRequest,
     netns: PathBuf,
     pid: i32,
+    claim: crate::runtime::Claim,
 ) -> CheckpointAnswer {
     let ip = req.container;
-    let answer = run_inner(ctx.clone(), id, req, netns, pid).await;
+    let answer = run_inner(ctx.clone(), id, req, netns, pid, claim).await;
     ctx.node.lock().await.silence_on_freeze(ip, false);
     answer
 }
@@ -182,6 +178,7 @@ async fn run_inner(
     req: CheckpointRequest,
     netns: PathBuf,
     pid: i32,
+    claim: crate::runtime::Claim,
 ) -> CheckpointAnswer {
     let ip = req.container;
     let mut answer = CheckpointAnswer {
@@ -300,6 +297,10 @@ async fn run_inner(
             side: FenceSide::Source,
         },
     );
+    // CRIU is done with the tree; the fencing owns it now. The stream below may outlive a
+    // cut link by minutes (TCP's back-off): it must not keep the container claimed, or the
+    // migration back here would be refused meanwhile.
+    drop(claim);
 
     // Transfer; the destination restores and releases before it answers.
     let argv = ctx.runtime.get(ip).map(|p| p.argv).unwrap_or_default();
