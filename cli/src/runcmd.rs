@@ -284,14 +284,11 @@ async fn find_run(c: &Client, container: std::net::Ipv4Addr, asked_ms: u64) -> O
     let deadline = tokio::time::Instant::now() + FIND_RUN_FOR;
     while tokio::time::Instant::now() < deadline {
         if let Ok(all) = c.migrations().await {
-            let Some(m) = all
+            let m = all
                 .into_iter()
                 .filter(|m| m.container == container && m.run)
                 .filter(|m| m.created_unix_ms + 1000 >= asked_ms)
-                .max_by_key(|m| m.seq().unwrap_or(0))
-            else {
-                return None;
-            };
+                .max_by_key(|m| m.seq().unwrap_or(0))?;
             if let Ok(r) = c.run(&m.id).await {
                 return Some(r);
             }
