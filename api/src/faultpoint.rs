@@ -15,6 +15,8 @@
 //! | `transfer` | source agent | the dump is on disk, before the images are streamed |
 //! | `restore` | destination agent | the images arrived, before `criu restore` |
 //! | `release` | destination agent | the tree is restored (stopped), before the release is asked for |
+//! | `frozen` | gateway | the first half of a freeze (the destination holds) is persisted |
+//! | `switched` | gateway | the second half of a freeze (everyone to the destination) is persisted |
 //! | `released` | gateway | the release is persisted, before the agents are waited for |
 //! | `aborted` | gateway | an abort is persisted, before the agents are waited for |
 

@@ -59,7 +59,7 @@ pub async fn run(
     }
     let mut shown = 0;
     let t0 = report.started_unix_ms;
-    let mut failures = 0;
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
         for e in report.events.iter().skip(shown) {
             if !quiet {
@@ -74,11 +74,12 @@ pub async fn run(
         match c.run(&id).await {
             Ok(r) => {
                 report = r;
-                failures = 0;
+                failing_since = None;
             }
             Err(e) => {
-                failures += 1;
-                if failures > 50 {
+                // The gateway may be restarting: it resumes the run (its report is on disk).
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > LOST_AFTER {
                     return Err(CliError::new(
                         "needs_attention",
                         format!(
@@ -274,6 +275,10 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
     }
     Ok(None)
 }
+
+/// How long `migrate run` keeps polling a gateway that does not answer before it reports
+/// `needs_attention`.
+const LOST_AFTER: Duration = Duration::from_secs(30);
 
 /// How long `migrate run` looks for a run whose start was not answered.
 const FIND_RUN_FOR: Duration = Duration::from_secs(30);

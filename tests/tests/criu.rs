@@ -17,7 +17,9 @@ use std::{
 
 use ferry_api::run::{PHASES, RunReport, RunState};
 use ferry_lab::{Lab, LabOptions};
-use ferry_tests::{KillOnDrop, agents_lab, net, require_root_and_tools, workspace_binary};
+use ferry_tests::{
+    KillOnDrop, agents_lab, net, require_root_and_tools, wait_for, workspace_binary,
+};
 use serde_json::Value;
 
 const C: &str = "10.244.1.10";
@@ -578,7 +580,7 @@ fn ten_migrations_in_a_row() {
     }
     let (lab, ns) = lab_with_container();
     // Long enough for ten runs on a slow machine; SIGTERM ends it early (it then drains).
-    let (_pid, client) = serve_and_client(&lab, &ns, 60_000);
+    let (_pid, client) = serve_and_client(&lab, &ns, 30_000);
     ferry_tests::keep_load_for(Duration::from_millis(500));
     let paws_before = client_tcp_stat(&lab, "PAWSEstab");
     let mut stopped = Vec::new();
@@ -773,5 +775,91 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let (code, s) = client.finish(Duration::from_secs(20));
+    assert_client_clean(code, &s, 4);
+}
+
+/// Hosts (a1, b1) where a process of container C runs (not stopped): must be exactly one.
+fn running_copies(lab: &Lab) -> Vec<String> {
+    ["a1", "b1"]
+        .into_iter()
+        .filter(|h| {
+            let Ok(id) = ferry_lab::procs::ns_id(&lab.container_netns(h, c())) else {
+                return false;
+            };
+            ferry_lab::procs::pids_in_netns(&std::collections::HashSet::from([id]))
+                .into_iter()
+                .any(|p| matches!(ferry_lab::procs::stat(p), Ok((s, _)) if !matches!(s, 'T' | 't' | 'Z' | 'X')))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The gateway SIGKILLed right after each transition it persists (prepare, each half of the
+/// freeze, release, abort) and started again: the run resumes on its own to a terminal state
+/// (`released` or `rolled_back`, never lost), exactly one copy runs, on the registry's
+/// endpoint host, and the client sees no reset and no lost byte.
+#[test]
+fn a_gateway_killed_after_each_persisted_transition_resumes_the_run() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (mut lab, ns) = lab_with_container();
+    let (_pid, client) = serve_and_client(&lab, &ns, 30_000);
+    let mut here = "a1";
+    for (point, extra) in [
+        ("prepare", &[][..]),
+        ("frozen", &[][..]),
+        ("switched", &[][..]),
+        ("released", &[][..]),
+        ("aborted", &["--fail", "restore"][..]),
+    ] {
+        let to = if here == "a1" { "b1" } else { "a1" };
+        let armed = lab.fault_dir().join(point);
+        let reached = lab.fault_dir().join(format!("{point}.reached"));
+        std::fs::write(&armed, b"").unwrap();
+        let handle = Lab::attach(lab.prefix()).unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let run = std::thread::spawn(move || {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            migrate(&handle, to, &extra)
+        });
+        wait_for(
+            &format!("the gateway reaches {point}"),
+            Duration::from_secs(30),
+            || reached.exists().then_some(()),
+        );
+        lab.kill_gateway(libc::SIGKILL).unwrap();
+        std::fs::remove_file(&armed).unwrap();
+        std::fs::remove_file(&reached).unwrap();
+        lab.start_gateway().unwrap();
+        let (code, r) = run.join().unwrap();
+        assert!(
+            matches!(r.state, RunState::Released | RunState::RolledBack),
+            "killed at {point}: the run must end on its own: {r:?}"
+        );
+        let owner = lab.endpoint_host(c()).unwrap();
+        let expected = if r.state == RunState::Released {
+            to
+        } else {
+            here
+        };
+        assert_eq!(owner, expected, "killed at {point}: {r:?}");
+        assert_eq!(code, if r.state == RunState::Released { 0 } else { 3 });
+        wait_for(
+            &format!("killed at {point}: exactly one copy runs, on {owner}"),
+            Duration::from_secs(30),
+            || (running_copies(&lab) == [owner.clone()]).then_some(()),
+        );
+        assert!(running_on(&lab, &owner).running);
+        eprintln!(
+            "killed at {point}: {} ({} → {to}), one copy on {owner}",
+            r.state.as_str(),
+            here
+        );
+        if r.state == RunState::Released {
+            here = to;
+        }
+    }
+    let (code, s) = client.finish(Duration::from_secs(90));
     assert_client_clean(code, &s, 4);
 }

@@ -498,7 +498,8 @@ async fn settle_counted(
             MigrationStepKind::Prepare => Some("prepare"),
             MigrationStepKind::Release => Some("released"),
             MigrationStepKind::Abort => Some("aborted"),
-            MigrationStepKind::Freeze => None,
+            MigrationStepKind::Freeze if migration.switch_pending => Some("frozen"),
+            MigrationStepKind::Freeze => Some("switched"),
         };
         if let Some(p) = point {
             ferry_api::faultpoint::pause(p, &migration.id).await;
