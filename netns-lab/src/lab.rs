@@ -401,9 +401,28 @@ impl Lab {
     /// crash: nothing of its memory (e.g. its run reports) survives, its state directory does.
     pub fn kill_gateway(&mut self, signal: i32) -> Result<(), LabError> {
         let cp = self.control_or_err()?;
-        let mut st = self.load_state()?;
+        self.stop_recorded("gateway", None, signal, Duration::from_secs(5))
+            .map_err(|problem| LabError::GatewayFailed {
+                problem: format!("did not stop: {problem}"),
+                tail: tail(&cp.log, 20),
+                log: cp.log.clone(),
+            })
+    }
+
+    /// Sends `signal` to the lab's recorded processes of `kind` (on `host`, if given), by
+    /// PID and start time through a pidfd; waits `grace` for each to exit, then SIGKILL and
+    /// 5 s more; forgets them in the lab's state. Err: what went wrong, in words.
+    fn stop_recorded(
+        &mut self,
+        kind: &str,
+        host: Option<&str>,
+        signal: i32,
+        grace: Duration,
+    ) -> Result<(), String> {
+        let mut st = self.load_state().map_err(|e| e.to_string())?;
+        let ours = |p: &ProcRecord| p.kind == kind && (host.is_none() || p.host.as_deref() == host);
         let mut problems = Vec::new();
-        for r in st.processes.iter().filter(|p| p.kind == "gateway") {
+        for r in st.processes.iter().filter(|p| ours(p)) {
             let what = |e: std::io::Error| format!("signal {signal} to PID {}: {e}", r.pid);
             let fd = match procs::PidFd::open(r.pid, Some(r.start_time)) {
                 Ok(Some(fd)) => fd,
@@ -413,10 +432,7 @@ impl Lab {
                     continue;
                 }
             };
-            let exited = fd
-                .signal(signal)
-                .and_then(|()| fd.wait_exit(Some(Duration::from_secs(5))));
-            match exited {
+            match fd.signal(signal).and_then(|()| fd.wait_exit(Some(grace))) {
                 Ok(true) => {}
                 Ok(false) => {
                     let killed = fd
@@ -430,17 +446,13 @@ impl Lab {
             }
         }
         if !problems.is_empty() {
-            return Err(LabError::GatewayFailed {
-                problem: format!("did not stop: {}", problems.join("; ")),
-                tail: tail(&cp.log, 20),
-                log: cp.log.clone(),
-            });
+            return Err(problems.join("; "));
         }
         for c in &mut self.children {
             let _ = c.try_wait();
         }
-        st.processes.retain(|p| p.kind != "gateway");
-        st.save()
+        st.processes.retain(|p| !ours(p));
+        st.save().map_err(|e| e.to_string())
     }
 
     /// Starts the gateway daemon (after [`Lab::kill_gateway`]) with the same configuration and
@@ -477,56 +489,29 @@ impl Lab {
     /// most 10 s; a SIGTERM still unanswered then is followed by SIGKILL). Its containers,
     /// namespaces and datapath stay as the agent leaves them.
     pub fn kill_agent(&mut self, host: &str, signal: i32) -> Result<(), LabError> {
-        let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
-            prefix: self.prefix.clone(),
-            path: state::state_file(&self.prefix),
-            problem: "no state".into(),
-        })?;
-        let records: Vec<ProcRecord> = st
+        let runs_one = self
+            .load_state()?
             .processes
             .iter()
-            .filter(|p| p.kind == "agent" && p.host.as_deref() == Some(host))
-            .cloned()
-            .collect();
-        if records.is_empty() {
-            return Err(LabError::io(
+            .any(|p| p.kind == "agent" && p.host.as_deref() == Some(host));
+        let failed = |problem: String| {
+            LabError::io(
                 format!("stopping the agent of {host}"),
-                std::io::Error::other("the lab runs no agent there"),
-            ));
+                std::io::Error::other(problem),
+            )
+        };
+        if !runs_one {
+            return Err(failed("the lab runs no agent there".into()));
         }
-        for r in &records {
-            let what = |e| {
-                LabError::io(
-                    format!("signal {signal} to the agent of {host} (PID {})", r.pid),
-                    e,
-                )
-            };
-            let Some(fd) = procs::PidFd::open(r.pid, Some(r.start_time)).map_err(what)? else {
-                continue;
-            };
-            fd.signal(signal).map_err(what)?;
-            if !fd.wait_exit(Some(Duration::from_secs(10))).map_err(what)? {
-                fd.signal(libc::SIGKILL).map_err(what)?;
-                fd.wait_exit(Some(Duration::from_secs(5))).map_err(what)?;
-            }
-        }
-        for c in &mut self.children {
-            let _ = c.try_wait();
-        }
-        st.processes
-            .retain(|p| !(p.kind == "agent" && p.host.as_deref() == Some(host)));
-        st.save()
+        self.stop_recorded("agent", Some(host), signal, Duration::from_secs(10))
+            .map_err(failed)
     }
 
     /// Starts `host`'s agent again (after [`Lab::kill_agent`]) with the same configuration and
     /// waits until it serves its metrics.
     pub fn start_agent(&mut self, host: &str) -> Result<(), LabError> {
         let bin = find_binary("ferry-agent", "ferry-agent")?;
-        let mut st = state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
-            prefix: self.prefix.clone(),
-            path: state::state_file(&self.prefix),
-            problem: "no state".into(),
-        })?;
+        let mut st = self.load_state()?;
         let mut child = spawn_agent(&self.prefix, host, &bin)?;
         let pid = child.id() as i32;
         let start_time = procs::start_time(pid)

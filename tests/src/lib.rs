@@ -1,6 +1,7 @@
 //! Test support for ferry's acceptance tests (real namespaces, real eBPF, real daemons).
 
 pub mod net;
+pub mod workload;
 
 use std::{
     collections::HashMap,

@@ -9,12 +9,10 @@
 //! that no agent is the parent of any more.
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader, Read as _},
     net::Ipv4Addr,
     os::unix::fs::MetadataExt as _,
     path::Path,
     process::{Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -52,75 +50,7 @@ fn ifindex_in(lab: &Lab, netns: &Path, name: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {name} in {}", netns.display()))
 }
 
-/// A `ferry-workload client` in a namespace: stderr lines on a channel, the summary at exit.
-struct Client {
-    child: KillOnDrop,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-}
-
-impl Client {
-    fn start(ns: &Path, args: &[&str]) -> Self {
-        let mut cmd = Command::new(workspace_binary("ferry-workload"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ferry_overlay::netns::command_in(&mut cmd, ns).unwrap();
-        let mut child = cmd.spawn().expect("spawning ferry-workload client");
-        let (otx, out) = mpsc::channel();
-        let mut stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            let _ = otx.send(s);
-        });
-        let (etx, err) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = etx.send(line);
-            }
-        });
-        Self {
-            child: KillOnDrop(child),
-            out,
-            err,
-        }
-    }
-
-    fn connected(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .err
-                .recv_timeout(left)
-                .unwrap_or_else(|e| panic!("client not connected within {timeout:?}: {e}"));
-            if serde_json::from_str::<Value>(&line).is_ok_and(|v| v["event"] == "connected") {
-                return;
-            }
-            eprintln!("client: {line}");
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.0.try_wait().unwrap().is_none()
-    }
-
-    fn finish(mut self, timeout: Duration) -> (i32, Value) {
-        let status = ferry_tests::wait_for("the client to exit", timeout, || {
-            self.child.0.try_wait().unwrap()
-        });
-        let stdout = self.out.recv_timeout(Duration::from_secs(5)).unwrap();
-        while let Ok(line) = self.err.try_recv() {
-            eprintln!("client: {line}");
-        }
-        let summary: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("client {status:?}, summary {stdout:?}: {e}"));
-        (status.code().unwrap_or(-1), summary)
-    }
-}
+use ferry_tests::workload::Workload as Client;
 
 fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64()

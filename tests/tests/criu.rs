@@ -7,19 +7,15 @@
 //! queues during the move, failed dumps and restores that roll back, and ten moves in a row.
 //! Timing figures are printed for the log, never asserted.
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use ferry_api::run::{PHASES, RunReport, RunState};
 use ferry_lab::{Lab, LabOptions};
-use ferry_tests::{
-    KillOnDrop, agents_lab, net, require_root_and_tools, wait_for, workspace_binary,
-};
+use ferry_tests::{agents_lab, net, require_root_and_tools, wait_for, workspace_binary};
 use serde_json::Value;
 
 const C: &str = "10.244.1.10";
@@ -117,78 +113,7 @@ fn wait_listening(lab: &Lab, ns: &Path, port: u16) {
     );
 }
 
-/// A `ferry-workload` client running in a namespace: its stdout (the summary) is collected,
-/// its stderr lines arrive on a channel; SIGKILLed (by PID) and reaped when dropped.
-struct Client {
-    child: KillOnDrop,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-    name: String,
-}
-
-impl Client {
-    fn start(ns: &Path, args: &[&str]) -> Self {
-        let mut cmd = Command::new(workspace_binary("ferry-workload"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        ferry_overlay::netns::command_in(&mut cmd, ns).unwrap();
-        let mut child = cmd.spawn().expect("spawning ferry-workload");
-        let (otx, out) = mpsc::channel();
-        let mut stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            let _ = otx.send(s);
-        });
-        let (etx, err) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = etx.send(line);
-            }
-        });
-        Self {
-            child: KillOnDrop(child),
-            out,
-            err,
-            name: format!("ferry-workload {}", args.first().unwrap_or(&"")),
-        }
-    }
-
-    /// Waits for the `{"event":"connected",..}` line.
-    fn connected(&self, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .err
-                .recv_timeout(left)
-                .unwrap_or_else(|e| panic!("{}: not connected within {timeout:?}: {e}", self.name));
-            match serde_json::from_str::<Value>(&line) {
-                Ok(v) if v["event"] == "connected" => return v,
-                _ => eprintln!("{}: {line}", self.name),
-            }
-        }
-    }
-
-    /// Waits for the end: exit code and summary.
-    fn finish(mut self, timeout: Duration) -> (i32, Value) {
-        let name = self.name.clone();
-        let status = ferry_tests::wait_for(&format!("{name} to exit"), timeout, || {
-            self.child.0.try_wait().unwrap()
-        });
-        let stdout = self.out.recv_timeout(Duration::from_secs(5)).unwrap();
-        while let Ok(line) = self.err.try_recv() {
-            eprintln!("{}: {line}", self.name);
-        }
-        let summary: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("{}: {status:?}, summary {stdout:?}: {e}", self.name));
-        eprintln!("{} ({status:?}): {summary}", self.name);
-        (status.code().unwrap_or(-1), summary)
-    }
-}
+use ferry_tests::workload::Workload as Client;
 
 fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64()
@@ -605,7 +530,7 @@ fn ten_migrations_in_a_row() {
             .collect::<Vec<_>>()
     );
     // End the client now: SIGTERM (it stops sending and drains what is owed).
-    let pid = client.child.0.id() as i32;
+    let pid = client.pid();
     // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let (code, s) = client.finish(Duration::from_secs(20));
@@ -771,7 +696,7 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     assert_eq!(loser.0, 1, "the other run is refused: {}", loser.1);
     running_on(&lab, "b1");
 
-    let pid = client.child.0.id() as i32;
+    let pid = client.pid();
     // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let (code, s) = client.finish(Duration::from_secs(20));

@@ -1,0 +1,97 @@
+//! A `ferry-workload` process (client or server) run in a namespace for a test: its stdout
+//! (the summary) is collected, its stderr lines arrive on a channel; SIGKILLed (by PID) and
+//! reaped when dropped.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{KillOnDrop, wait_for, workspace_binary};
+
+pub struct Workload {
+    child: KillOnDrop,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    name: String,
+}
+
+impl Workload {
+    /// `ferry-workload ARGS` inside `ns`.
+    pub fn start(ns: &Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new(workspace_binary("ferry-workload"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        ferry_overlay::netns::command_in(&mut cmd, ns).unwrap();
+        let mut child = cmd.spawn().expect("spawning ferry-workload");
+        let (otx, out) = mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            let _ = otx.send(s);
+        });
+        let (etx, err) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = etx.send(line);
+            }
+        });
+        Self {
+            child: KillOnDrop(child),
+            out,
+            err,
+            name: format!("ferry-workload {}", args.first().unwrap_or(&"")),
+        }
+    }
+
+    /// Waits for the `{"event":"connected",..}` line.
+    pub fn connected(&self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .err
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("{}: not connected within {timeout:?}: {e}", self.name));
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) if v["event"] == "connected" => return v,
+                _ => eprintln!("{}: {line}", self.name),
+            }
+        }
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> i32 {
+        self.child.0.id() as i32
+    }
+
+    /// Still running?
+    pub fn running(&mut self) -> bool {
+        self.child.0.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the end: exit code and summary.
+    pub fn finish(mut self, timeout: Duration) -> (i32, Value) {
+        let name = self.name.clone();
+        let status = wait_for(&format!("{name} to exit"), timeout, || {
+            self.child.0.try_wait().unwrap()
+        });
+        let stdout = self.out.recv_timeout(Duration::from_secs(5)).unwrap();
+        while let Ok(line) = self.err.try_recv() {
+            eprintln!("{}: {line}", self.name);
+        }
+        let summary: Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{}: {status:?}, summary {stdout:?}: {e}", self.name));
+        eprintln!("{} ({status:?}): {summary}", self.name);
+        (status.code().unwrap_or(-1), summary)
+    }
+}
