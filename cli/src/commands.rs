@@ -591,7 +591,7 @@ async fn migrate_status(
             })
             .collect(),
     };
-    let text = if list.is_empty() {
+    let mut text = if list.is_empty() {
         match (container, all) {
             (Some(ip), _) => format!("container {ip} has no migration"),
             (None, true) => "no migrations".to_string(),
@@ -600,6 +600,26 @@ async fn migrate_status(
     } else {
         migration_table(&list, now)
     };
+    // Where it runs: the registry's endpoint host is the one copy allowed to run (fencing
+    // keeps any other copy stopped until the registry decides).
+    if let Some(ip) = container {
+        let owner = c
+            .endpoints()
+            .await?
+            .into_iter()
+            .find(|e| e.ip == ip)
+            .map(|e| e.host);
+        let pending = list.iter().find(|m| m.phase.is_active());
+        let line = match (owner, pending) {
+            (Some(h), Some(m)) => format!(
+                "\n{ip} runs on {h}; migration {} to {} is {} (a copy on {} stays stopped until it is released)",
+                m.id, m.to, m.phase, m.to
+            ),
+            (Some(h), None) => format!("\n{ip} runs on {h}"),
+            (None, _) => format!("\n{ip} is not an endpoint"),
+        };
+        text.push_str(&line);
+    }
     Outcome::new(list, text)
 }
 

@@ -214,7 +214,8 @@ fn full_migration_prepare_freeze_release_with_agents() {
     let v = migrate_ok(&env, &["freeze", "--container", "10.244.1.5"]);
     assert_eq!(v["migration"]["phase"], "frozen", "{v}");
     assert_eq!(v["hosts"], json!(["a1", "b1", "gw"]), "{v}");
-    assert_eq!(v["version"], v0 + 2);
+    // Two versions: the destination holds, then everyone points at it.
+    assert_eq!(v["version"], v0 + 3);
     assert_eq!(endpoint_host(&env, "10.244.1.5"), "a1");
 
     let v = migrate_ok(&env, &["release", "--container", "10.244.1.5"]);
@@ -224,7 +225,7 @@ fn full_migration_prepare_freeze_release_with_agents() {
     let released = m["released_unix_ms"].as_u64().unwrap();
     assert_eq!(m["forward_until_unix_ms"].as_u64().unwrap(), released + 800);
     let release_version = v["version"].as_u64().unwrap();
-    assert_eq!(release_version, v0 + 3);
+    assert_eq!(release_version, v0 + 4);
     // The endpoint moved in the same change, and the source still forwards.
     assert_eq!(endpoint_host(&env, "10.244.1.5"), "b1");
     let s = snapshot(&env);
@@ -320,6 +321,10 @@ fn a_step_no_agent_applies_is_rolled_back_exit_3() {
     assert_eq!(endpoint_host(&env, "10.244.1.5"), "a1");
     let st = migrate_ok(&env, &["status", "--container", "10.244.1.5"]);
     assert_eq!(st[0]["phase"], "aborted", "{st}");
+    // Text mode says where it runs: the registry's endpoint host.
+    let out = env.ferry(&["migrate", "status", "--container", "10.244.1.5"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("10.244.1.5 runs on a1"), "{text}");
     // Text mode: message on stderr, exit 3.
     let out = env.ferry(&[
         "migrate",
@@ -552,11 +557,11 @@ fn out_of_order_and_repeated_steps() {
     let v = migrate_ok(&env, &["freeze", "--id", "m1"]);
     assert_eq!(
         (v["changed"].clone(), v["version"].clone()),
-        (json!(true), json!(version + 1))
+        (json!(true), json!(version + 2))
     );
     let v = migrate_ok(&env, &["freeze", "--container", "10.244.1.5"]);
     assert_eq!(v["changed"], false);
-    assert_eq!(v["version"], version + 1);
+    assert_eq!(v["version"], version + 2);
     assert_eq!(v["hosts"], json!(["a1", "b1", "gw"]));
     let (msg, _) = migrate_fails(
         &env,
