@@ -626,12 +626,28 @@ async fn auto_abort(
         .current()
         .live_migration(&m.id)
         .map(|l| l.prepared_version);
-    let why = format!(
-        "{step} of {} (registry version {step_version}) was not applied within {} ms by {}",
-        describe(m),
-        timeout.as_millis(),
-        lag_list(&lagging)
-    );
+    let dead: Vec<&str> = lagging
+        .iter()
+        .filter(|l| g.host_dead(&l.host))
+        .map(|l| l.host.as_str())
+        .collect();
+    let why = if dead.is_empty() {
+        format!(
+            "{step} of {} (registry version {step_version}) was not applied within {} ms by {}",
+            describe(m),
+            timeout.as_millis(),
+            lag_list(&lagging)
+        )
+    } else {
+        format!(
+            "{step} of {} (registry version {step_version}) was not applied by {}: {} not heard \
+             from for {DEAD_AFTER_MS} ms (taken for dead after {} ms)",
+            describe(m),
+            lag_list(&lagging),
+            dead.join(", "),
+            persisted_at.elapsed().as_millis()
+        )
+    };
     warn!(migration = %m.id, %step, lagging = %lag_list(&lagging), "migration step not applied in time: aborting it");
     let failure = |migration: Migration, rollback_lagging: Vec<HostLag>| MigrationFailure {
         step,
