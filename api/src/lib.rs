@@ -102,6 +102,7 @@ pub mod client;
 pub mod clock;
 pub mod faultpoint;
 pub mod run;
+pub mod serve;
 pub mod transport;
 pub mod types;
 pub mod validate;

@@ -169,16 +169,22 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
     );
     let app = router(g.clone());
     let g2 = g.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    ferry_api::serve::serve(
+        listener,
+        app,
+        ferry_api::serve::Limits::default(),
+        g.connections.clone(),
+        async move {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM: shutting down"),
                 _ = int.recv() => info!("SIGINT: shutting down"),
             }
             g2.begin_shutdown();
-        })
-        .await
-        .map_err(StartError::Serve)?;
+        },
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .map_err(StartError::Serve)?;
     g.begin_shutdown();
     let _ = expiry.await;
     info!(version = g.current().version(), "gateway stopped");

@@ -28,6 +28,11 @@ pub const RESULTS: [&str; 6] = [
 ];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabel {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -78,6 +83,7 @@ pub struct Metrics {
     steps: Family<StepResult, Counter>,
     apply: Family<StepLabel, Histogram, fn() -> Histogram>,
     requests: Family<RouteStatus, Counter>,
+    connections: Family<ConnectionLabel, Counter>,
 }
 
 fn apply_histogram() -> Histogram {
@@ -110,6 +116,7 @@ impl Metrics {
             steps: Family::default(),
             apply: Family::new_with_constructor(apply_histogram),
             requests: Family::default(),
+            connections: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -161,6 +168,12 @@ impl Metrics {
             "API requests answered, by route (method and path pattern) and HTTP status",
             m.requests.clone(),
         );
+        r.register(
+            "api_connections",
+            "API connections accepted, and refused (closed at once) because their peer had too \
+             many open (refused_per_peer) or the server had (refused_total)",
+            m.connections.clone(),
+        );
         // Every step's series exist from the start, at 0.
         for step in MigrationStepKind::ALL {
             for result in RESULTS {
@@ -200,6 +213,19 @@ impl Metrics {
         self.requests
             .get_or_create(&RouteStatus { route, status })
             .inc();
+    }
+
+    /// Brings the connection counters up to the server's `stats`.
+    pub fn count_connections(&self, stats: &ferry_api::serve::Stats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (result, n) in [
+            ("accepted", stats.accepted.load(Relaxed)),
+            ("refused_per_peer", stats.refused_per_peer.load(Relaxed)),
+            ("refused_total", stats.refused_total.load(Relaxed)),
+        ] {
+            let c = self.connections.get_or_create(&ConnectionLabel { result });
+            c.inc_by(n.saturating_sub(c.get()));
+        }
     }
 
     /// The exposition, with the registry's gauges set to `g`.

@@ -222,6 +222,8 @@ pub struct Gateway {
     snapshot_cache: Mutex<Option<CachedSnapshot>>,
     /// Whole-container migrations (`ferry migrate run`).
     pub(crate) runs: crate::migration::runs::Runs,
+    /// What the API's bounded server accepted and refused (exported as metrics).
+    pub connections: Arc<ferry_api::serve::Stats>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -253,6 +255,7 @@ impl Gateway {
             metrics: Metrics::new(),
             snapshot_cache: Mutex::new(None),
             runs: crate::migration::runs::Runs::default(),
+            connections: Arc::default(),
         })
     }
 
@@ -405,6 +408,7 @@ impl Gateway {
                     .count(),
             )
         };
+        self.metrics.count_connections(&self.connections);
         self.metrics.render(&RegistryGauges {
             hosts: reg.host_count(),
             endpoints: reg.endpoint_count(),

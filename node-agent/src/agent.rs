@@ -309,14 +309,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    ferry_api::serve::serve(
+        listener,
+        app,
+        ferry_api::serve::Limits::default(),
+        Arc::default(),
+        async move {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM"),
                 _ = int.recv() => info!("SIGINT"),
             }
-        })
-        .await?;
+        },
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
 
     if let Some(f) = follower {
         f.abort();

@@ -41,6 +41,8 @@ pub async fn bind(cfg: &AgentConfig, token: Option<&str>) -> anyhow::Result<Opti
 pub struct PeerApi {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// What its bounded server accepted and refused.
+    pub connections: Arc<ferry_api::serve::Stats>,
 }
 
 impl PeerApi {
@@ -73,19 +75,31 @@ impl PeerApi {
             app = app.merge(criu::router(criu));
         }
         let (stop, mut rx) = watch::channel(false);
+        let stats = Arc::new(ferry_api::serve::Stats::default());
+        let connections = stats.clone();
         let serving = async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
+            let served = ferry_api::serve::serve(
+                listener,
+                app,
+                ferry_api::serve::Limits::default(),
+                stats,
+                async move {
                     let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
+                },
+                std::time::Duration::from_secs(5),
+            )
+            .await;
             if let Err(e) = served {
                 warn!(error = %e, "the peer API stopped");
             }
         };
         let task = tokio::spawn(serving.in_current_span());
         info!(listen = %cfg.api_listen, "serving the peer API (hand-off packages, container processes)");
-        Self { stop, task }
+        Self {
+            stop,
+            task,
+            connections,
+        }
     }
 
     /// Stops serving (requests in progress are dropped).

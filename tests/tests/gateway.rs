@@ -456,3 +456,116 @@ for _ in range(5): s.sendto(pkt,('{gw_public}',0))
     );
     lab.down().unwrap();
 }
+
+/// Raises this process's open-file limit to its hard limit; returns it.
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    lim.rlim_max
+}
+
+/// Opens `n` TCP connections to `to` from inside `ns` and keeps them (idle).
+fn idle_flood(
+    ns: &std::path::Path,
+    to: std::net::SocketAddr,
+    n: usize,
+) -> Vec<std::net::TcpStream> {
+    ferry_overlay::netns::run_in(ns, move || {
+        (0..n)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
+            .collect::<Vec<_>>()
+    })
+    .unwrap()
+}
+
+/// Thousands of idle connections (as many as this process may open: 9,000 each with the
+/// machine's 20,000 files) from the internet side to the gateway's API and from a container to
+/// its host agent's peer API: the bounded servers close what is over the
+/// per-peer cap at once (counted) and the rest once idle past the header timeout, and
+/// meanwhile `ferry hosts`, the agents' watch (a registry change applied everywhere) and the
+/// agent's peer API keep serving.
+#[test]
+fn idle_connection_floods_do_not_stop_the_control_plane() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let each = usize::try_from((raise_nofile().saturating_sub(2_000)) / 2)
+        .unwrap()
+        .min(20_000);
+    let lab = lab();
+    let api = lab.control().unwrap().api;
+    let c = ip("10.244.1.10");
+    let container = lab.add_container("a1", c).unwrap();
+    let a1 = lab.host("a1").unwrap().address;
+
+    let from_internet = idle_flood(&lab.netns("inet"), api, each);
+    let from_container = idle_flood(&container, std::net::SocketAddr::new(a1.into(), 7401), each);
+    eprintln!(
+        "connected: {} from the internet, {} from the container",
+        from_internet.len(),
+        from_container.len()
+    );
+
+    // The control plane still serves: the CLI, a change applied by every agent (their
+    // watch), and the agent's peer API (a process started in another container).
+    let hosts = lab.ferry_json(&["hosts"]).unwrap();
+    assert_eq!(hosts["hosts"].as_array().map(Vec::len), Some(4), "{hosts}");
+    lab.add_container("a1", ip("10.244.1.11")).unwrap();
+    let p = lab
+        .start_process(ip("10.244.1.11"), &["/bin/sleep", "600"])
+        .expect("the peer API serves during the flood");
+    assert!(p.running, "{p:?}");
+
+    // What was over the cap was refused and counted.
+    let metrics = lab
+        .exec("gw", &["curl", "-sf", &format!("http://{api}/metrics")])
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    let refused: u64 = text
+        .lines()
+        .find(|l| l.starts_with("ferry_gateway_api_connections_total{result=\"refused_per_peer\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no refused_per_peer counter in:\n{text}"));
+    // (Accepted ones idle past the header timeout are closed during the flood, which frees
+    // their slots: somewhat fewer than all but the first 64 are refused.)
+    assert!(
+        refused as usize > each / 2,
+        "refused_per_peer {refused} of {each}"
+    );
+
+    // The idle ones that were accepted are closed once idle past the header timeout.
+    let open_idle = |conns: &[std::net::TcpStream]| {
+        conns
+            .iter()
+            .filter(|s| {
+                s.set_nonblocking(true).unwrap();
+                let mut b = [0u8; 1];
+                // WouldBlock: still open; Ok(0) or an error: closed by the server.
+                matches!(
+                    std::io::Read::read(&mut &**s, &mut b),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                )
+            })
+            .count()
+    };
+    ferry_tests::wait_for(
+        "the gateway closes the idle connections it accepted",
+        Duration::from_secs(30),
+        || (open_idle(&from_internet) == 0).then_some(()),
+    );
+    ferry_tests::wait_for(
+        "the agent closes the idle connections it accepted",
+        Duration::from_secs(30),
+        || (open_idle(&from_container) == 0).then_some(()),
+    );
+    lab.down().unwrap();
+}
