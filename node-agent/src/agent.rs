@@ -116,6 +116,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tunnel_ttl: plan::TUNNEL_TTL,
         overlay_net_be: ipv4_be(cfg.overlay_cidr.network().octets()),
         overlay_mask_be: ipv4_be(cfg.overlay_cidr.netmask().octets()),
+        // Neither containers nor the internet may address a host's underlay address.
+        self_vtep_be: ipv4_be(cfg.vtep.octets()),
         ..Config::default()
     };
     if cfg.role == HostRole::Gateway {

@@ -45,6 +45,8 @@ const HELD_IP: [u8; 4] = [10, 244, 1, 4];
 /// On another host.
 const REMOTE_IP: [u8; 4] = [10, 244, 2, 2];
 const REMOTE_VTEP: [u8; 4] = [192, 0, 2, 2];
+/// This host's own underlay address (`Config::self_vtep_be`).
+const SELF_VTEP: [u8; 4] = [192, 0, 2, 1];
 /// In the overlay, but no endpoint anywhere.
 const UNKNOWN_IP: [u8; 4] = [10, 244, 9, 9];
 /// Gateway: a public address and a client on the internet side.
@@ -171,6 +173,7 @@ impl Bench {
             public_mac: if gateway { PUBLIC_MAC } else { [0; 6] },
             vxlan_port_be: 4789u16.to_be(),
             hold_ifindex: hold,
+            self_vtep_be: ipv4_be(SELF_VTEP),
         };
         let mut dp = Datapath::attach("ferry_vx", config, None).expect("datapath attach");
         let local = |ifindex, mac| Endpoint {
@@ -585,6 +588,21 @@ fn from_public_translates_mapped_ports_with_correct_checksums() {
     let f = udp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (gw_own, 4790));
     b.run(program, b.public, &f)
         .expect(TC_ACT_OK, Reason::PublicPass, f.len());
+
+    // The control plane (on hosts' underlay addresses) is not served on the public side: the
+    // gateway's own underlay address and another host's are dropped from the internet, and a
+    // container may address neither.
+    for (vtep, port) in [(SELF_VTEP, 7400), (REMOTE_VTEP, 7401)] {
+        let f = tcp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (vtep, port));
+        b.run(program, b.public, &f)
+            .expect(TC_ACT_SHOT, Reason::DropUnderlayFromPublic, f.len());
+        let f = tcp(A_MAC, GATEWAY_MAC, (A_IP, 40000), (vtep, port));
+        b.run(programs::FROM_CONTAINER, b.veth_a, &f).expect(
+            TC_ACT_SHOT,
+            Reason::DropContainerToUnderlay,
+            f.len(),
+        );
+    }
 
     // ARP for the public address is answered with the public interface's MAC.
     let req = arp_request(CLIENT_MAC, CLIENT_IP, PUBLIC_IP);

@@ -486,14 +486,29 @@ fn idle_flood(
     .unwrap()
 }
 
-/// Thousands of idle connections (as many as this process may open: 9,000 each with the
-/// machine's 20,000 files) from the internet side to the gateway's API and from a container to
-/// its host agent's peer API: the bounded servers close what is over the
-/// per-peer cap at once (counted) and the rest once idle past the header timeout, and
-/// meanwhile `ferry hosts`, the agents' watch (a registry change applied everywhere) and the
-/// agent's peer API keep serving.
+/// How many of `n` TCP connections from `ns` to `to` get through (each given 100 ms).
+fn reachable(ns: &std::path::Path, to: std::net::SocketAddr, n: usize) -> usize {
+    ferry_overlay::netns::run_in(ns, move || {
+        (0..n)
+            .filter(|_| {
+                std::net::TcpStream::connect_timeout(&to, Duration::from_millis(100)).is_ok()
+            })
+            .count()
+    })
+    .unwrap()
+}
+
+/// The control plane is out of reach of containers and of the internet, by the datapath: a
+/// container cannot connect to its host agent's peer API or to the gateway's API
+/// (`container_to_underlay`), the internet cannot connect to the gateway's API or an agent's
+/// (`underlay_from_public`), every attempt dropped and counted. Against a peer on the
+/// underlay itself (a compromised host), the bounded servers hold: thousands of idle
+/// connections (as many as this process may open) to the gateway's API and to an agent's
+/// peer API are refused beyond the per-peer cap (counted) or closed once idle past the header
+/// timeout, and meanwhile `ferry hosts`, the agents' watch (a change applied everywhere) and
+/// the peer API keep serving.
 #[test]
-fn idle_connection_floods_do_not_stop_the_control_plane() {
+fn the_control_plane_is_out_of_reach_and_holds_against_idle_floods() {
     if !require_root_and_tools(TOOLS) {
         return;
     }
@@ -505,13 +520,41 @@ fn idle_connection_floods_do_not_stop_the_control_plane() {
     let c = ip("10.244.1.10");
     let container = lab.add_container("a1", c).unwrap();
     let a1 = lab.host("a1").unwrap().address;
+    let peer_api = std::net::SocketAddr::new(a1.into(), 7401);
 
-    let from_internet = idle_flood(&lab.netns("inet"), api, each);
-    let from_container = idle_flood(&container, std::net::SocketAddr::new(a1.into(), 7401), each);
+    let (a1_before, gw_before) = (counters(&lab, "a1"), counters(&lab, "gw"));
+    assert_eq!(
+        reachable(&container, peer_api, 20),
+        0,
+        "container → its agent's peer API"
+    );
+    assert_eq!(
+        reachable(&container, api, 20),
+        0,
+        "container → the gateway's API"
+    );
+    assert_eq!(
+        reachable(&lab.netns("inet"), api, 20),
+        0,
+        "internet → the gateway's API"
+    );
+    assert_eq!(
+        reachable(&lab.netns("inet"), peer_api, 20),
+        0,
+        "internet → an agent's API"
+    );
+    let (a1_after, gw_after) = (counters(&lab, "a1"), counters(&lab, "gw"));
+    assert!(delta(&a1_before, &a1_after, "container_to_underlay") >= 40);
+    assert!(delta(&gw_before, &gw_after, "underlay_from_public") >= 40);
+
+    // A flooding underlay peer (b1's namespace).
+    let b1 = lab.netns("b1");
+    let to_gateway = idle_flood(&b1, api, each);
+    let to_agent = idle_flood(&b1, peer_api, each);
     eprintln!(
-        "connected: {} from the internet, {} from the container",
-        from_internet.len(),
-        from_container.len()
+        "connected: {} to the gateway, {} to a1's agent",
+        to_gateway.len(),
+        to_agent.len()
     );
 
     // The control plane still serves: the CLI, a change applied by every agent (their
@@ -560,12 +603,12 @@ fn idle_connection_floods_do_not_stop_the_control_plane() {
     ferry_tests::wait_for(
         "the gateway closes the idle connections it accepted",
         Duration::from_secs(30),
-        || (open_idle(&from_internet) == 0).then_some(()),
+        || (open_idle(&to_gateway) == 0).then_some(()),
     );
     ferry_tests::wait_for(
         "the agent closes the idle connections it accepted",
         Duration::from_secs(30),
-        || (open_idle(&from_container) == 0).then_some(()),
+        || (open_idle(&to_agent) == 0).then_some(()),
     );
     lab.down().unwrap();
 }

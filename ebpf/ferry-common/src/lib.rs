@@ -128,6 +128,10 @@ pub struct Config {
     /// ifindex of the agent's hold device (a TAP): `HOLD` endpoints' packets go there.
     /// 0: no hold device (held packets are dropped as `no_hold_device`).
     pub hold_ifindex: u32,
+    /// This host's own underlay address (network order). With the other hosts' VTEPs (the
+    /// `FERRY_VTEPS` map) it is what containers and the internet may not address
+    /// (`container_to_underlay`, `underlay_from_public`). 0: unknown, no such check for it.
+    pub self_vtep_be: u32,
 }
 
 impl Config {
@@ -308,6 +312,12 @@ reasons! {
         "from-public: a datagram to the overlay's VXLAN port arrived from the internet (the \
         overlay is accepted only from the underlay; a forged outer source would pass the VTEP \
         allow-list).";
+    DropContainerToUnderlay = 37, drop, "container_to_underlay",
+        "from-container: a container addressed a host's underlay address (where the gateway's \
+        API and the agents' peer APIs listen): the control plane is out of containers' reach.";
+    DropUnderlayFromPublic = 38, drop, "underlay_from_public",
+        "from-public: a packet from the internet addressed a host's underlay address (the \
+        gateway's API, the agents' peer APIs): the control plane is not served on the public side.";
 }
 
 impl Reason {

@@ -297,6 +297,9 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
         _ => return Err(Reason::DropSpoofedSource),
     }
     let dst = ipv4_dst(ctx)?;
+    if is_underlay(&cfg, dst) {
+        return Err(Reason::DropContainerToUnderlay);
+    }
     if let Some(ep) = endpoint(dst) {
         if ep.kind == kind::HOST {
             return Ok(pass(Reason::ContainerToHost));
@@ -320,6 +323,13 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     // to-overlay encapsulates it to the gateway.
     redirect_to(cfg.vxlan_ifindex, Reason::ContainerEgress)
+}
+
+/// Is `ip_be` a host's underlay address (this host's own, or a known VTEP)? The control plane
+/// listens there; neither containers nor the internet may address it.
+#[inline(always)]
+fn is_underlay(cfg: &Config, ip_be: u32) -> bool {
+    (cfg.self_vtep_be != 0 && ip_be == cfg.self_vtep_be) || vtep(ip_be).is_some()
 }
 
 /// TC ingress of the gateway's internet-facing interface: ARP and traffic for public
@@ -355,6 +365,9 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
             l.is_udp() && cfg.vxlan_port_be != 0 && l.dport_be == cfg.vxlan_port_be
         }) {
             return Err(Reason::DropVxlanFromPublic);
+        }
+        if is_underlay(&cfg, dst) {
+            return Err(Reason::DropUnderlayFromPublic);
         }
         return Ok(pass(Reason::PublicPass));
     };
