@@ -11,6 +11,8 @@ pub const DATAPATH_PACKETS: &str = "ferry_datapath_packets_total";
 pub const DATAPATH_BYTES: &str = "ferry_datapath_bytes_total";
 /// Held packets by `event`.
 pub const HOLD_PACKETS: &str = "ferry_hold_packets_total";
+/// Connections to the agent's peer API, by result (accepted, refused_per_peer, refused_total).
+pub const PEER_API_CONNECTIONS: &str = "ferry_peer_api_connections_total";
 /// Entries in the endpoint map.
 pub const ENDPOINTS: &str = "ferry_endpoints";
 /// Entries in the VTEP allow-list.

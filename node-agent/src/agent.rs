@@ -81,6 +81,8 @@ struct AppState {
     datapath: Arc<Mutex<Datapath>>,
     node: Arc<tokio::sync::Mutex<Node>>,
     runtime: Runtime,
+    /// The peer API's bounded server's counts (none without a peer API).
+    peer_connections: Option<Arc<ferry_api::serve::Stats>>,
 }
 
 /// Runs the agent until SIGTERM / SIGINT. What an earlier agent left is adopted, not rebuilt:
@@ -300,6 +302,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         datapath,
         node: node.clone(),
         runtime: runtime.clone(),
+        peer_connections: peer_api.as_ref().map(|p| p.connections.clone()),
     };
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -666,6 +669,14 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                 held_endpoints: hold.map_or(0, |h| h.1),
                 held_packets: hold.map_or(0, |h| h.2),
                 hold_device_dropped,
+                peer_connections: s.peer_connections.as_ref().map_or([0; 3], |c| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    [
+                        c.accepted.load(Relaxed),
+                        c.refused_per_peer.load(Relaxed),
+                        c.refused_total.load(Relaxed),
+                    ]
+                }),
             };
             (
                 StatusCode::OK,

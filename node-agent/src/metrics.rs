@@ -27,6 +27,8 @@ pub struct Gauges {
     pub held_packets: usize,
     /// Frames the hold device's own queue dropped before the agent read them.
     pub hold_device_dropped: u64,
+    /// Peer API connections: accepted, refused over the per-peer cap, refused over the total.
+    pub peer_connections: [u64; 3],
 }
 
 /// The `Content-Type` of [`render`]'s text.
@@ -150,6 +152,22 @@ impl Collector for Scrape {
             ("device_dropped", g.hold_device_dropped),
         ] {
             ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
+        }
+        drop(m);
+        let mut m = enc.encode_descriptor(
+            counter_name(names::PEER_API_CONNECTIONS),
+            "Connections to the peer API: accepted, and closed at once because their peer had \
+             too many open (refused_per_peer) or the server had (refused_total).",
+            None,
+            MetricType::Counter,
+        )?;
+        let [accepted, per_peer, total] = g.peer_connections;
+        for (result, n) in [
+            ("accepted", accepted),
+            ("refused_per_peer", per_peer),
+            ("refused_total", total),
+        ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("result", result)])?)?;
         }
         Ok(())
     }

@@ -585,6 +585,20 @@ fn the_control_plane_is_out_of_reach_and_holds_against_idle_floods() {
         "refused_per_peer {refused} of {each}"
     );
 
+    let agent_refused: u64 = ferry_tests::metrics_text(&lab, "a1")
+        .lines()
+        .find(|l| {
+            l.starts_with("ferry_peer_api_connections_total{")
+                && l.contains("result=\"refused_per_peer\"")
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .expect("a1 exports ferry_peer_api_connections_total");
+    assert!(
+        agent_refused as usize > each / 2,
+        "a1's peer API refused_per_peer {agent_refused} of {each}"
+    );
+
     // The idle ones that were accepted are closed once idle past the header timeout.
     let open_idle = |conns: &[std::net::TcpStream]| {
         conns
