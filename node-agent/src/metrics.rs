@@ -153,7 +153,6 @@ impl Collector for Scrape {
         ] {
             ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
         }
-        drop(m);
         let mut m = enc.encode_descriptor(
             counter_name(names::PEER_API_CONNECTIONS),
             "Connections to the peer API: accepted, and closed at once because their peer had \
