@@ -365,7 +365,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 4 * 5 + 8);
         assert_eq!(size_of::<Vtep>(), 8);
-        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4);
+        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4);
         assert_eq!(size_of::<NatKey>(), 8);
         assert_eq!(size_of::<NatValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);
