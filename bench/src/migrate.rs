@@ -756,22 +756,11 @@ fn measure_mode(
         "--json",
     ];
     let inet = lab.netns("inet");
-    let mut tries = 0;
-    let client = loop {
-        tries += 1;
-        let mut client = Workload::start(bin, &inet, &client_args, false)?;
-        match client.event("connected", Duration::from_secs(10)) {
-            Ok(_) => break client,
-            Err(e) if tries < 30 => {
-                if tries % 10 == 1 {
-                    p.say(format!("{name}: client not connected yet ({e}); retrying"));
-                }
-                drop(client);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => return Err(e.into()),
+    let client = Workload::start_connected(bin, &inet, &client_args, |tries, e| {
+        if tries % 10 == 1 {
+            p.say(format!("{name}: client not connected yet ({e}); retrying"));
         }
-    };
+    })?;
     p.say(format!(
         "{name}: client connected ({} connections, a request every {} ms)",
         args.connections, args.interval_ms

@@ -211,6 +211,30 @@ impl Workload {
         }
     }
 
+    /// A client that connected: started again (up to 30 times, 100 ms apart) while its
+    /// server is not listening yet; `on_retry` hears why each attempt failed.
+    pub fn start_connected(
+        bin: &Path,
+        ns: &Path,
+        args: &[&str],
+        mut on_retry: impl FnMut(u32, &WorkloadError),
+    ) -> Result<Self, WorkloadError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut client = Self::start(bin, ns, args, false)?;
+            match client.event("connected", Duration::from_secs(10)) {
+                Ok(_) => return Ok(client),
+                Err(e) if tries < 30 => {
+                    on_retry(tries, &e);
+                    drop(client);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Writes `line` to its stdin.
     pub fn say(&mut self, line: &str) -> Result<(), WorkloadError> {
         let write = |stdin: Option<&mut ChildStdin>| {

@@ -70,6 +70,16 @@ impl Ctx {
         })
     }
 
+    /// The phase of migration `id` in this host's snapshot (`None`: not there — aborted, or
+    /// its grace over).
+    pub async fn phase_here(&self, id: &str) -> Option<ferry_api::MigrationPhase> {
+        let node = self.node.lock().await;
+        node.registry
+            .as_ref()
+            .and_then(|s| s.migrations.iter().find(|m| m.id == id))
+            .map(|m| m.phase)
+    }
+
     /// Records how far the restore of `migration` got (kept for the last 100).
     pub fn restore_status(&self, migration: &str, f: impl FnOnce(&mut RestoreStatus)) {
         let mut r = self.restores.lock().unwrap_or_else(|p| p.into_inner());

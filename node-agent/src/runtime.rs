@@ -911,18 +911,7 @@ impl Runtime {
     /// next agent to re-adopt.
     pub async fn detach(&self) {
         self.sweep();
-        let task = self
-            .inner
-            .reaper
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = task {
-            t.abort();
-            let _ = t.await;
-        }
-        self.save(&self.lock());
-        self.flush().await;
+        self.stop_reaper_and_save().await;
         let running = self.list().iter().filter(|p| p.running).count();
         info!(
             running,
@@ -968,6 +957,11 @@ impl Runtime {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.stop_reaper_and_save().await;
+    }
+
+    /// Stops the reaper task and brings the state file up to date.
+    async fn stop_reaper_and_save(&self) {
         let task = self
             .inner
             .reaper

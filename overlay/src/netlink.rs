@@ -450,21 +450,7 @@ impl Netlink {
         let inner_idx = inner.configure_container_end(spec, &peer_tmp).await?;
 
         self.set_up(host_idx, &spec.host_if).await?;
-        // The host's own traffic to the container (its /32 route) needs no ARP either.
-        self.add_permanent_neighbour(host_idx, spec.ip, spec.mac, &spec.host_if)
-            .await?;
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(spec.ip, 32)
-            .output_interface(host_idx)
-            .pref_source(spec.host_overlay_ip)
-            .scope(RouteScope::Link)
-            .build();
-        Self::op(
-            self.handle.route().add(route).replace().execute(),
-            "add route",
-            || format!("{}/32 dev {}", spec.ip, spec.host_if),
-        )
-        .await?;
+        self.host_side_reach(spec, host_idx).await?;
         // Reported built only once both ends can carry frames (see `wait_oper_up`).
         self.wait_oper_up(host_idx, &spec.host_if).await?;
         inner.wait_oper_up(inner_idx, CONTAINER_IF).await?;
@@ -496,6 +482,17 @@ impl Netlink {
         if self.link_oper_state(host_idx).await? != Some(State::Up) {
             return Ok(None);
         }
+        self.host_side_reach(spec, host_idx).await?;
+        Ok(Some(host_idx))
+    }
+
+    /// The host's way to the container: a permanent neighbour entry (its own traffic needs
+    /// no ARP either) and the /32 route by the host end. Both are replaces: harmless again.
+    async fn host_side_reach(
+        &self,
+        spec: &ContainerLink,
+        host_idx: u32,
+    ) -> Result<(), NetlinkError> {
         self.add_permanent_neighbour(host_idx, spec.ip, spec.mac, &spec.host_if)
             .await?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -510,7 +507,7 @@ impl Netlink {
             || format!("{}/32 dev {}", spec.ip, spec.host_if),
         )
         .await?;
-        Ok(Some(host_idx))
+        Ok(())
     }
 
     /// Inside the container's namespace: `lo` up, the veth end renamed `eth0` with the

@@ -95,3 +95,17 @@ impl Workload {
         (status.code().unwrap_or(-1), summary)
     }
 }
+
+/// Waits (10 s at most) until something listens on TCP `port` in `ns`.
+pub fn wait_listening(lab: &ferry_lab::Lab, ns: &Path, port: impl std::fmt::Display) {
+    wait_for(
+        &format!("something listens on :{port}"),
+        Duration::from_secs(10),
+        || {
+            let out = lab
+                .exec_in(ns, &["ss", "-Hltn", &format!("sport = :{port}")])
+                .unwrap();
+            (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
+        },
+    );
+}

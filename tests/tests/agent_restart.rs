@@ -57,19 +57,7 @@ fn n(v: &Value, k: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number {k} in {v}"))
 }
 
-/// Waits until something listens on TCP `port` in `ns`.
-fn wait_listening(lab: &Lab, ns: &Path, port: &str) {
-    ferry_tests::wait_for(
-        &format!("something listens on :{port}"),
-        Duration::from_secs(10),
-        || {
-            let out = lab
-                .exec_in(ns, &["ss", "-Hltn", &format!("sport = :{port}")])
-                .unwrap();
-            (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
-        },
-    );
-}
+use ferry_tests::workload::wait_listening;
 
 /// What must not change on a1 across an agent restart.
 #[derive(Debug, PartialEq, Eq)]

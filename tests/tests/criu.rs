@@ -99,19 +99,7 @@ fn migrate_ok(lab: &Lab, from: &str, to: &str) -> RunReport {
     r
 }
 
-/// Waits until something listens on TCP `port` in `ns`.
-fn wait_listening(lab: &Lab, ns: &Path, port: u16) {
-    ferry_tests::wait_for(
-        &format!("something listens on :{port}"),
-        Duration::from_secs(10),
-        || {
-            let out = lab
-                .exec_in(ns, &["ss", "-Hltn", &format!("sport = :{port}")])
-                .unwrap();
-            (!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(())
-        },
-    );
-}
+use ferry_tests::workload::wait_listening;
 
 use ferry_tests::workload::Workload as Client;
 

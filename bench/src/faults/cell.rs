@@ -656,19 +656,7 @@ impl FaultLab {
             "--json",
         ];
         let inet = self.lab.netns(ferry_lab::INET);
-        let mut tries = 0;
-        let client = loop {
-            tries += 1;
-            let mut client = Workload::start(&self.bin, &inet, &client_args, false)?;
-            match client.event("connected", Duration::from_secs(10)) {
-                Ok(_) => break client,
-                Err(_) if tries < 30 => {
-                    drop(client);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let client = Workload::start_connected(&self.bin, &inet, &client_args, |_, _| {})?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = client.next_json(

@@ -95,16 +95,6 @@ pub async fn status(
     })))
 }
 
-/// The phase of migration `id` in this host's snapshot (`None`: not there — aborted, or its
-/// grace over).
-async fn phase_here(ctx: &Ctx, id: &str) -> Option<MigrationPhase> {
-    let node = ctx.node.lock().await;
-    node.registry
-        .as_ref()
-        .and_then(|s| s.migrations.iter().find(|m| m.id == id))
-        .map(|m| m.phase)
-}
-
 /// `POST /v1/images/{migration}`.
 pub async fn receive(
     State(ctx): State<Arc<Ctx>>,
@@ -223,7 +213,7 @@ async fn restore(
 
     ferry_api::faultpoint::pause("restore", id).await;
     // Decided meanwhile (aborted: the source runs again)? Then nothing is restored.
-    match phase_here(ctx, id).await {
+    match ctx.phase_here(id).await {
         Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {}
         other => {
             return Err(Refusal::new(
@@ -401,7 +391,7 @@ async fn ask_release(
         if status.is_some_and(|s| (400..500).contains(&s)) {
             return Err(format!("{what} refused: {e}"));
         }
-        match phase_here(ctx, id).await {
+        match ctx.phase_here(id).await {
             Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {}
             Some(MigrationPhase::Released) => return Ok(()),
             other => {

@@ -428,28 +428,17 @@ async fn ask_abort(ctx: &Ctx, id: &str) -> String {
             }) if (400..500).contains(&status) => {
                 return format!("the gateway refused the abort: {message}");
             }
-            Err(e) => {
-                let phase = {
-                    let node = ctx.node.lock().await;
-                    node.registry
-                        .as_ref()
-                        .and_then(|s| s.migrations.iter().find(|m| m.id == id))
-                        .map(|m| m.phase)
-                };
-                match phase {
-                    Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {
-                        warn!(error = %e, "abort not answered yet: retrying");
-                    }
-                    Some(p) => {
-                        return format!("the migration is {p} (the abort was not answered: {e})");
-                    }
-                    None => {
-                        return format!(
-                            "the migration is over here (the abort was not answered: {e})"
-                        );
-                    }
+            Err(e) => match ctx.phase_here(id).await {
+                Some(MigrationPhase::Prepared | MigrationPhase::Frozen) => {
+                    warn!(error = %e, "abort not answered yet: retrying");
                 }
-            }
+                Some(p) => {
+                    return format!("the migration is {p} (the abort was not answered: {e})");
+                }
+                None => {
+                    return format!("the migration is over here (the abort was not answered: {e})");
+                }
+            },
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(ABORT_BACKOFF_MAX);
