@@ -5,6 +5,7 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -66,6 +67,13 @@ pub enum ApiError {
         #[source]
         source: serde_json::Error,
     },
+    /// The TLS handshake failed or the gateway refused this client's certificate.
+    #[error("gateway {addr}: TLS: {reason}{hint}")]
+    Tls {
+        addr: SocketAddr,
+        reason: String,
+        hint: &'static str,
+    },
     #[error("token file {}: {source}", path.display())]
     TokenFile {
         path: PathBuf,
@@ -104,6 +112,7 @@ impl From<HttpError> for ApiError {
     fn from(e: HttpError) -> Self {
         match e {
             HttpError::Connect { addr, source } => ApiError::Connect { addr, source },
+            HttpError::Tls { addr, reason, hint } => ApiError::Tls { addr, reason, hint },
             HttpError::Timeout {
                 addr,
                 what,
@@ -160,6 +169,7 @@ pub struct Client {
     addr: SocketAddr,
     token: Option<String>,
     timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -168,6 +178,7 @@ impl std::fmt::Debug for Client {
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -178,7 +189,20 @@ impl Client {
             addr,
             token,
             timeout: DEFAULT_TIMEOUT,
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with this client configuration (`ferry_tls::Tls::client_config`); `None`:
+    /// plain HTTP.
+    pub fn with_tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS configuration requests are made with.
+    pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// A client whose token is read from `path` (see [`read_token_file`]).
@@ -455,6 +479,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<T, ApiError> {
         let mut request = Request::new(method, path)
+            .tls(self.tls.clone())
             .header("Accept", "application/json")
             .timeout(timeout);
         if let Some(t) = &self.token {

@@ -5,11 +5,12 @@
 //! requests from inside network namespaces and the gateway counts watches, so no pool), has one
 //! deadline over connect, request and the whole answer, and bounds the answer's body. The
 //! connection is handed to hyper's `client::conn::http1` as a plain byte stream, so a TLS stream
-//! (tokio-rustls) can be put in the TCP stream's place in [`Request::send`] without touching
-//! the callers. [`block_on`] is the one blocking entry for synchronous callers (the lab,
-//! tests).
+//! (tokio-rustls) takes the TCP stream's place when the request has a TLS configuration
+//! ([`Request::tls`]): the server's certificate must come from the cluster's CA and name the
+//! address connected to, and the client presents its own (see `ferry-tls`). [`block_on`] is
+//! the one blocking entry for synchronous callers (the lab, tests).
 
-use std::{future::Future, io, net::SocketAddr, pin::pin, time::Duration};
+use std::{future::Future, io, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full, Limited, channel::Channel, combinators::BoxBody};
@@ -19,9 +20,22 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 use crate::client::{ApiError, DEFAULT_TIMEOUT, MAX_BODY, http_error};
+
+/// The TLS identity of a process that has exactly one (an agent): requests without their own
+/// [`Request::tls`] use it. Set once at start; later calls are ignored.
+static PROCESS_TLS: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+
+/// Makes `tls` the identity of every request of this process that names none (see
+/// [`Request::tls`]). For daemons with one identity, so that no call site can forget it.
+pub fn set_process_tls(tls: Arc<rustls::ClientConfig>) {
+    let _ = PROCESS_TLS.set(tls);
+}
 
 /// Why a request got no (acceptable) answer.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +52,14 @@ pub enum HttpError {
         addr: SocketAddr,
         #[source]
         source: io::Error,
+    },
+    /// The TLS handshake failed, or the server ended it with an alert (it refused this
+    /// client's certificate).
+    #[error("{addr}: TLS: {reason}{hint}")]
+    Tls {
+        addr: SocketAddr,
+        reason: String,
+        hint: &'static str,
     },
     #[error("{addr}: {what}: no complete answer within {timeout:?}")]
     Timeout {
@@ -88,6 +110,9 @@ pub struct Request {
     body: Body,
     timeout: Option<Duration>,
     max_answer: usize,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Plain TCP even in a process with a TLS identity (tests of the refusal).
+    plain: bool,
 }
 
 #[derive(Debug)]
@@ -110,7 +135,23 @@ impl Request {
             body: Body::None,
             timeout: Some(DEFAULT_TIMEOUT),
             max_answer: MAX_BODY,
+            tls: None,
+            plain: false,
         }
+    }
+
+    /// Plain HTTP, whatever this process's identity ([`set_process_tls`]): only to check that
+    /// a server refuses it.
+    pub fn plain(mut self) -> Self {
+        self.plain = true;
+        self
+    }
+
+    /// Over TLS with this client configuration (`ferry_tls::Tls::client_config`); `None`:
+    /// plain TCP.
+    pub fn tls(mut self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn get(path: impl Into<String>) -> Self {
@@ -227,7 +268,39 @@ impl Request {
         b.body(body)
     }
 
-    async fn exchange(self, addr: SocketAddr, what: &str) -> Result<Response, HttpError> {
+    async fn exchange(mut self, addr: SocketAddr, what: &str) -> Result<Response, HttpError> {
+        let tls = match self.plain {
+            true => None,
+            false => self.tls.take().or_else(|| PROCESS_TLS.get().cloned()),
+        };
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| HttpError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        match tls {
+            None => self.exchange_on(stream, addr, what).await,
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| {
+                        tls_error(addr, &e).unwrap_or(HttpError::Connect { addr, source: e })
+                    })?;
+                self.exchange_on(stream, addr, what).await
+            }
+        }
+    }
+
+    async fn exchange_on<S>(
+        self,
+        stream: S,
+        addr: SocketAddr,
+        what: &str,
+    ) -> Result<Response, HttpError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let max = self.max_answer;
         let request = self.build(addr).map_err(|source| HttpError::Request {
             addr,
@@ -235,10 +308,6 @@ impl Request {
             source,
         })?;
         let failed = |e: hyper::Error| classify(addr, what, e);
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| HttpError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(failed)?;
@@ -283,6 +352,9 @@ type ReqBody = BoxBody<Bytes, io::Error>;
 /// refuses (a malformed or truncated answer) is [`HttpError::Protocol`].
 fn classify(addr: SocketAddr, what: &str, e: hyper::Error) -> HttpError {
     let io = std::error::Error::source(&e).and_then(|c| c.downcast_ref::<io::Error>());
+    if let Some(tls) = io.and_then(|io| tls_error(addr, io)) {
+        return tls;
+    }
     if let Some(io) = io.filter(|io| io.kind() == io::ErrorKind::UnexpectedEof) {
         return HttpError::Protocol {
             addr,
@@ -305,6 +377,27 @@ fn classify(addr: SocketAddr, what: &str, e: hyper::Error) -> HttpError {
         what: what.to_owned(),
         source: ProtocolError::Http(e),
     }
+}
+
+/// A TLS failure behind an I/O error, with a hint at the usual cause.
+fn tls_error(addr: SocketAddr, io: &io::Error) -> Option<HttpError> {
+    let e = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let hint = match e {
+        rustls::Error::AlertReceived(_) => {
+            " (the server refused this client: is its certificate issued by the cluster's CA, \
+             still valid, and for the identity that may make this request?)"
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            " (the server's certificate: is it issued by the cluster's CA, still valid, and \
+             does it name the address connected to?)"
+        }
+        _ => "",
+    };
+    Some(HttpError::Tls {
+        addr,
+        reason: e.to_string(),
+        hint,
+    })
 }
 
 /// Writes a streamed request body (see [`Request::stream`]).

@@ -508,6 +508,9 @@ impl ErrorBody {
 pub enum ErrorCode {
     /// 401: missing or wrong bearer token.
     Unauthorized,
+    /// 403: the caller's identity (its certificate) may not make this request: a host acting
+    /// as another, or a host calling what only the operator or the gateway may.
+    Forbidden,
     /// 400 (413/415/405 for an oversized body, a wrong content type, a wrong method): the
     /// request is malformed (JSON, unknown field, bad host name, bad port, …).
     BadRequest,
@@ -547,8 +550,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::BadRequest,
         ErrorCode::InvalidAddress,
         ErrorCode::UnknownHost,
@@ -568,6 +572,7 @@ impl ErrorCode {
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::InvalidAddress => "invalid_address",
             ErrorCode::UnknownHost => "unknown_host",
@@ -589,6 +594,7 @@ impl ErrorCode {
     pub const fn http_status(self) -> u16 {
         match self {
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::BadRequest | ErrorCode::InvalidAddress => 400,
             ErrorCode::UnknownHost
             | ErrorCode::UnknownEndpoint

@@ -58,8 +58,41 @@ pub struct Cli {
         value_name = "PATH"
     )]
     pub token_file: PathBuf,
+    /// This client's TLS identity: `ca.pem`, `cert.pem` and `key.pem` (ferry certs issue).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_TLS_DIR",
+        default_value = "/etc/ferry/tls/operator",
+        value_name = "DIR"
+    )]
+    pub tls_dir: PathBuf,
+    /// The CA's certificate, instead of DIR/ca.pem.
+    #[arg(long, global = true, env = "FERRY_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate, instead of DIR/cert.pem.
+    #[arg(long, global = true, env = "FERRY_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (mode 0600), instead of DIR/key.pem.
+    #[arg(long, global = true, env = "FERRY_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// Speak plain HTTP to a gateway configured with insecure_plaintext = true.
+    #[arg(long, global = true, env = "FERRY_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The TLS files this client presents.
+    pub fn tls_files(&self) -> ferry_tls::TlsFiles {
+        let d = ferry_tls::TlsFiles::in_dir(&self.tls_dir);
+        ferry_tls::TlsFiles {
+            ca: self.tls_ca.clone().unwrap_or(d.ca),
+            cert: self.tls_cert.clone().unwrap_or(d.cert),
+            key: self.tls_key.clone().unwrap_or(d.key),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,11 +119,52 @@ pub enum Command {
     /// The migration: FERRY_MIGRATION (its id) or FERRY_CONTAINER (its container's active
     /// one); the side: FERRY_CRIU_SIDE=dump|restore, else the parent criu's command.
     ActionScript,
+    /// The cluster's TLS material: a CA, and a certificate per party (operator, gateway, each
+    /// host).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Wait until every registered host has applied the registry version current now.
     Sync {
         /// Give up (exit 1, naming the hosts behind) after this long.
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
         timeout_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make the cluster's CA: DIR/ca.pem and DIR/ca-key.pem (0600; keep it off the hosts).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue one party's certificate from the CA in --ca-dir into --out (ca.pem, cert.pem,
+    /// key.pem 0600, the directory 0700). Issue again and restart the party to rotate.
+    Issue {
+        /// The CA's directory (ferry certs init).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Where to write the party's files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The operator's (orchestrator's) CLI.
+        #[arg(long, group = "party")]
+        operator: bool,
+        /// The gateway (give --ip: the address its API listens on).
+        #[arg(long, group = "party")]
+        gateway: bool,
+        /// A host's agent (give --ip: its underlay address).
+        #[arg(long, group = "party", value_name = "NAME")]
+        host: Option<String>,
+        /// An address the party's server is reached at (repeatable).
+        #[arg(long, value_name = "IP")]
+        ip: Vec<std::net::IpAddr>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 

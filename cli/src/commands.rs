@@ -42,7 +42,7 @@ impl Outcome {
 
 /// A failure: `code` is the API's error code for an answer of the gateway, else one of
 /// `unreachable`, `timeout`, `io`, `protocol`, `bad_response`, `token_file`, `sync_timeout`,
-/// `invalid_config`, `gateway_failed`, `usage`, `internal`, `unknown_migration` (no migration
+/// `invalid_config`, `gateway_failed`, `usage`, `internal`, `tls`, `unknown_migration` (no migration
 /// of that container), `needs_attention` (a migration step whose answer was lost).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CliError {
@@ -107,6 +107,7 @@ impl From<ApiError> for CliError {
             ApiError::Protocol { .. } => "protocol",
             ApiError::Decode { .. } => "bad_response",
             ApiError::TokenFile { .. } => "token_file",
+            ApiError::Tls { .. } => "tls",
         };
         Self::new(code, e.to_string())
     }
@@ -169,10 +170,36 @@ fn report(json: bool, result: Result<Option<Outcome>, CliError>) -> ExitCode {
 
 /// `Ok(None)`: nothing to print (the daemon ran and stopped cleanly).
 pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
-    let client = || Client::with_token_file(cli.gateway, &cli.token_file).map_err(CliError::from);
+    let (files, plaintext) = (cli.tls_files(), cli.insecure_plaintext);
+    let (gateway_addr, token_file) = (cli.gateway, cli.token_file.clone());
+    let tls = || -> Result<_, CliError> {
+        if plaintext {
+            return Ok(None);
+        }
+        let tls = ferry_tls::Tls::load(&files).map_err(|e| {
+            CliError::new(
+                "tls",
+                format!(
+                    "TLS: {e} (this client's identity: --tls-dir, FERRY_TLS_DIR; ferry certs \
+                     issue --operator makes one)"
+                ),
+            )
+        })?;
+        Ok(Some(tls.client_config()))
+    };
+    let client = || {
+        Ok::<_, CliError>(
+            Client::with_token_file(gateway_addr, &token_file)
+                .map_err(CliError::from)?
+                .with_tls(tls()?),
+        )
+    };
     match cli.command {
         Command::Gateway(args) => gateway(args).await,
-        Command::Health => health(&Client::new(cli.gateway, None)).await.map(Some),
+        Command::Certs(cmd) => crate::certs::run(cmd).map(Some),
+        Command::Health => health(&Client::new(gateway_addr, None).with_tls(tls()?))
+            .await
+            .map(Some),
         Command::Hosts => hosts(&client()?).await.map(Some),
         Command::Endpoint(cmd) => endpoint(&client()?, cmd).await.map(Some),
         Command::Public(cmd) => public(&client()?, cmd).await.map(Some),

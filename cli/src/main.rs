@@ -1,8 +1,10 @@
 //! `ferry`: the orchestrators' command line ([`cli`]: the clap structures; [`commands`]: what
-//! each command does; [`runcmd`]: `ferry migrate run` and CRIU's action script), and
+//! each command does; [`runcmd`]: `ferry migrate run` and CRIU's action script; [`certs`]: the
+//! cluster's TLS material), and
 //! `ferry gateway`, which runs the daemon of the ferry-gateway library.
 use std::process::ExitCode;
 
+mod certs;
 mod cli;
 mod commands;
 mod runcmd;

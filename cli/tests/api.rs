@@ -96,6 +96,8 @@ fn wrong_or_missing_token_is_401_and_changes_nothing() {
         ])
         .args(["--gateway", &env.addr.to_string(), "--token-file"])
         .arg(&bad)
+        .arg("--tls-dir")
+        .arg(common::pki().operator())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

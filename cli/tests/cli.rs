@@ -16,6 +16,7 @@ fn health_answers_json_and_unreachable_gateway_is_a_clear_error() {
     let out = Command::new(FERRY)
         .args(["health", "--gateway", &env.addr.to_string()])
         .args(["--token-file", "/nonexistent"])
+        .env("FERRY_TLS_DIR", common::pki().operator())
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -28,6 +29,7 @@ fn health_answers_json_and_unreachable_gateway_is_a_clear_error() {
     let dead = format!("127.0.0.1:{}", free_port());
     let out = Command::new(FERRY)
         .args(["health", "--json", "--gateway", &dead])
+        .env("FERRY_TLS_DIR", common::pki().operator())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -26,6 +26,11 @@
 //! address = "198.18.0.10:7400"
 //! token_file = "/etc/ferry/token"
 //!
+//! [tls]                         # required with [gateway] (or insecure_plaintext = true):
+//! ca = "/etc/ferry/tls/a1/ca.pem"     # this host's certificate (ferry certs issue --host a1
+//! cert = "/etc/ferry/tls/a1/cert.pem" # --ip 198.18.1.10); the peer API and every call to
+//! key = "/etc/ferry/tls/a1/key.pem"   # the gateway and other agents use it
+//!
 //! [[peers]]
 //! name = "a2"
 //! vtep = "198.18.1.11"
@@ -143,6 +148,15 @@ pub struct AgentConfig {
     /// agent per directory). Default `/run/ferry/agent`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// This host's TLS identity: the peer API is served over TLS with it (client certificates
+    /// required) and every call to the gateway and to other agents presents it. Required with
+    /// `[gateway]` unless `insecure_plaintext`.
+    #[serde(default)]
+    pub tls: Option<ferry_tls::TlsFiles>,
+    /// Speak plain HTTP to the gateway and other agents (no `[tls]`): the token, checkpoint
+    /// requests and images then cross the underlay in clear. For benchmarks only.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 /// How the agent reaches the gateway's API.
@@ -351,6 +365,24 @@ impl AgentConfig {
         }
         if self.handoff_max_bytes == 0 {
             return err("handoff_max_bytes", "must not be 0".into());
+        }
+        match (&self.tls, self.insecure_plaintext, &self.gateway) {
+            (Some(_), true, _) => {
+                return err(
+                    "insecure_plaintext",
+                    "and [tls] both given: choose one".into(),
+                );
+            }
+            (None, false, Some(_)) => {
+                return err(
+                    "tls",
+                    "required with [gateway]: the peer API and the watch would be plain text on \
+                     the underlay; give [tls] ca, cert and key (ferry certs issue --host) or set \
+                     insecure_plaintext = true"
+                        .into(),
+                );
+            }
+            _ => {}
         }
         match (self.role, &self.public_interface) {
             (HostRole::Gateway, None) => {

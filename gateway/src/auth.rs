@@ -1,4 +1,5 @@
-//! The bearer token: loading it safely at start, checking it in constant time per request.
+//! Who may call what: the bearer token (loaded safely at start, checked in constant time per
+//! request) and, over TLS, the caller's identity ([`permit`]).
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -71,10 +72,165 @@ pub fn check_bearer(header: Option<&[u8]>, token: &str) -> Result<(), &'static s
     }
 }
 
+/// What a request asks for, as far as [`permit`] needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask<'a> {
+    pub method: &'a str,
+    /// The matched route (`/v1/hosts/{name}/heartbeat`).
+    pub route: &'a str,
+    /// `{name}` or `{id}` of the route, if it has one.
+    pub param: Option<&'a str>,
+    /// `?host=` of `/v1/watch`.
+    pub watch_host: Option<&'a str>,
+}
+
+/// Whether `caller` may make request `ask`. The operator and the gateway may make any; a host
+/// only what an agent does, and only as itself: register itself (checked on the body, by the
+/// handler), its heartbeat, its watch, the version; for a migration it takes part in (`side`
+/// names its source and destination), report run events and ask for an abort, the source the
+/// freeze (CRIU's action script) and the destination the release. `Err` is the 403's message.
+pub fn permit(
+    caller: &ferry_tls::Identity,
+    ask: Ask<'_>,
+    side: impl FnOnce(&str) -> Option<(String, String)>,
+) -> Result<(), String> {
+    use ferry_tls::Identity;
+    let host = match caller {
+        Identity::Operator | Identity::Gateway => return Ok(()),
+        Identity::Host(h) => h.as_str(),
+    };
+    let as_itself = |named: Option<&str>, what: &str| match named {
+        Some(n) if n == host => Ok(()),
+        Some(n) => Err(format!("host {host} may not {what} as host {n}")),
+        None => Err(format!("host {host} may not {what} without naming itself")),
+    };
+    match (ask.method, ask.route) {
+        ("GET", "/v1/version") | ("POST", "/v1/hosts") => Ok(()),
+        ("POST", "/v1/hosts/{name}/heartbeat") => as_itself(ask.param, "send a heartbeat"),
+        ("GET", "/v1/watch") => as_itself(ask.watch_host, "watch the registry"),
+        ("POST", "/v1/runs/{id}/events")
+        | ("POST", "/v1/migrations/{id}/abort")
+        | ("POST", "/v1/migrations/{id}/freeze")
+        | ("POST", "/v1/migrations/{id}/release") => {
+            let id = ask.param.unwrap_or_default();
+            let Some((from, to)) = side(id) else {
+                return Err(format!(
+                    "host {host} takes no part in a migration {id:?}: only the operator may \
+                     call {} {}",
+                    ask.method, ask.route
+                ));
+            };
+            // The source freezes (CRIU's network-lock), the destination releases (after its
+            // restore); either reports events and may ask for the abort.
+            let (may, only) = match ask.route.rsplit('/').next() {
+                Some("freeze") => (from == host, ("source", &from)),
+                Some("release") => (to == host, ("destination", &to)),
+                _ => (from == host || to == host, ("", &from)),
+            };
+            if may {
+                Ok(())
+            } else if from == host || to == host {
+                Err(format!(
+                    "host {host} may not call {} {} of {id}: only its {} ({}) may",
+                    ask.method, ask.route, only.0, only.1
+                ))
+            } else {
+                Err(format!(
+                    "host {host} takes no part in migration {id} ({from} → {to})"
+                ))
+            }
+        }
+        (m, r) => Err(format!(
+            "host {host} may not call {m} {r}: only the operator (or the gateway) may"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn a_host_acts_only_as_itself_and_only_as_an_agent() {
+        use ferry_tls::Identity;
+        let b1 = Identity::Host("b1".into());
+        let side = |id: &str| (id == "m1").then(|| ("a1".to_string(), "b1".to_string()));
+        let ask = |method, route, param, watch_host| Ask {
+            method,
+            route,
+            param,
+            watch_host,
+        };
+        let ok = [
+            ask("GET", "/v1/version", None, None),
+            ask("POST", "/v1/hosts", None, None),
+            ask("POST", "/v1/hosts/{name}/heartbeat", Some("b1"), None),
+            ask("GET", "/v1/watch", None, Some("b1")),
+            ask("POST", "/v1/runs/{id}/events", Some("m1"), None),
+            ask("POST", "/v1/migrations/{id}/abort", Some("m1"), None),
+            ask("POST", "/v1/migrations/{id}/release", Some("m1"), None),
+        ];
+        for a in ok {
+            assert_eq!(permit(&b1, a, side), Ok(()), "{a:?}");
+            assert_eq!(permit(&Identity::Operator, a, side), Ok(()), "{a:?}");
+        }
+        let refused = [
+            (
+                ask("POST", "/v1/hosts/{name}/heartbeat", Some("a1"), None),
+                "as host a1",
+            ),
+            (ask("GET", "/v1/watch", None, Some("a1")), "as host a1"),
+            (ask("GET", "/v1/watch", None, None), "without naming itself"),
+            (
+                ask("POST", "/v1/migrations/{id}/abort", Some("m2"), None),
+                "no part",
+            ),
+            (ask("POST", "/v1/public", None, None), "only the operator"),
+            (
+                ask("DELETE", "/v1/hosts/{name}", Some("b1"), None),
+                "only the operator",
+            ),
+            (
+                ask("POST", "/v1/endpoints", None, None),
+                "only the operator",
+            ),
+            (
+                ask("POST", "/v1/migrations", None, None),
+                "only the operator",
+            ),
+            (ask("POST", "/v1/runs", None, None), "only the operator"),
+            (ask("GET", "/v1/hosts", None, None), "only the operator"),
+        ];
+        for (a, why) in refused {
+            let e = permit(&b1, a, side).unwrap_err();
+            assert!(e.contains(why), "{a:?}: {e}");
+            assert_eq!(permit(&Identity::Gateway, a, side), Ok(()), "{a:?}");
+        }
+        // The source may abort and report, but not release.
+        let a1 = Identity::Host("a1".into());
+        let release = ask("POST", "/v1/migrations/{id}/release", Some("m1"), None);
+        assert!(
+            permit(&a1, release, side)
+                .unwrap_err()
+                .contains("only its destination (b1)")
+        );
+        let freeze = ask("POST", "/v1/migrations/{id}/freeze", Some("m1"), None);
+        assert_eq!(permit(&a1, freeze, side), Ok(()));
+        assert!(
+            permit(&b1, freeze, side)
+                .unwrap_err()
+                .contains("only its source (a1)")
+        );
+        let abort = ask("POST", "/v1/migrations/{id}/abort", Some("m1"), None);
+        assert_eq!(permit(&a1, abort, side), Ok(()));
+        let c1 = Identity::Host("c1".into());
+        assert!(
+            permit(&c1, abort, side)
+                .unwrap_err()
+                .contains("no part in migration m1")
+        );
+    }
 
     #[test]
     fn bearer_headers() {

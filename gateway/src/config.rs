@@ -13,6 +13,11 @@
 //!                                        # `?timeout_ms=`)
 //! forward_grace_ms = 2000                # how long a released migration's source keeps
 //!                                        # forwarding (default 2000)
+//!
+//! [tls]                                  # the API over TLS, client certificates required
+//! ca = "/etc/ferry/tls/gateway/ca.pem"   # (ferry certs issue --gateway --ip ...); without
+//! cert = "/etc/ferry/tls/gateway/cert.pem" # it the gateway refuses to start unless
+//! key = "/etc/ferry/tls/gateway/key.pem"   # insecure_plaintext = true
 //! ```
 
 use std::{
@@ -58,6 +63,14 @@ pub struct Config {
     /// source agent for a checkpoint. Default 7401.
     #[serde(default = "default_agent_api_port")]
     pub agent_api_port: u16,
+    /// The API over TLS with this certificate (it must name the gateway's identity and the
+    /// `listen` address); agents and the CLI must present certificates from the same CA.
+    #[serde(default)]
+    pub tls: Option<ferry_tls::TlsFiles>,
+    /// Serve plain HTTP without `[tls]`: the token, checkpoint requests and every registry
+    /// change then cross the underlay in clear. For benchmarks and old set-ups only.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 fn default_agent_api_port() -> u16 {
@@ -125,6 +138,13 @@ pub enum InvalidConfig {
         other_index: usize,
         other: Ipv4Net,
     },
+    #[error(
+        "no [tls] section: the API would be plain text on the underlay; give [tls] ca, cert \
+         and key (ferry certs issue --gateway) or set insecure_plaintext = true"
+    )]
+    NoTls,
+    #[error("both [tls] and insecure_plaintext = true: choose one")]
+    TlsAndPlaintext,
     #[error("{field} {value} is out of range: want {min}–{max}")]
     OutOfRange {
         field: &'static str,
@@ -220,7 +240,11 @@ impl Config {
             0,
             MAX_FORWARD_GRACE_MS,
         )?;
-        Ok(())
+        match (&self.tls, self.insecure_plaintext) {
+            (None, false) => Err(InvalidConfig::NoTls),
+            (Some(_), true) => Err(InvalidConfig::TlsAndPlaintext),
+            _ => Ok(()),
+        }
     }
 
     pub fn net(&self) -> NetConfig {
@@ -255,6 +279,11 @@ public_cidrs = ["203.0.113.128/25"]
 watch_timeout_ms = 25000
 step_timeout_ms = 7000
 forward_grace_ms = 1500
+
+[tls]
+ca = "/etc/ferry/tls/ca.pem"
+cert = "/etc/ferry/tls/cert.pem"
+key = "/etc/ferry/tls/key.pem"
 "#;
 
     #[test]
@@ -267,11 +296,28 @@ forward_grace_ms = 1500
         assert_eq!(c.watch_timeout(), Duration::from_secs(25));
         assert_eq!(c.step_timeout(), Duration::from_secs(7));
         assert_eq!(c.net().forward_grace_ms, 1500);
+        assert_eq!(c.tls.unwrap().key, PathBuf::from("/etc/ferry/tls/key.pem"));
+    }
+
+    #[test]
+    fn plain_text_is_refused_unless_asked_for() {
+        let base = "overlay_cidr = \"10.244.0.0/16\"\nvni = 1\n";
+        let e = Config::parse(base).unwrap_err().to_string();
+        assert!(
+            e.contains("no [tls] section") && e.contains("insecure_plaintext"),
+            "{e}"
+        );
+        let both = FULL.replace("[tls]", "insecure_plaintext = true\n\n[tls]");
+        let e = Config::parse(&both).unwrap_err().to_string();
+        assert!(e.contains("choose one"), "{e}");
+        assert!(Config::parse(&format!("{base}insecure_plaintext = true\n")).is_ok());
     }
 
     #[test]
     fn defaults() {
-        let c = Config::parse("overlay_cidr = \"10.244.0.0/16\"\nvni = 1\n").unwrap();
+        let c =
+            Config::parse("overlay_cidr = \"10.244.0.0/16\"\nvni = 1\ninsecure_plaintext = true\n")
+                .unwrap();
         assert_eq!(c.listen, default_listen());
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry/gateway"));
         assert_eq!(c.token_file, PathBuf::from("/etc/ferry/token"));

@@ -7,7 +7,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     auth::{self, TokenError},
@@ -27,6 +27,16 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("TLS: {0}")]
+    Tls(#[from] ferry_tls::TlsError),
+    #[error(
+        "TLS: {} names {found}, not the gateway (issue one with ferry certs issue --gateway)",
+        cert.display()
+    )]
+    NotTheGateway {
+        cert: PathBuf,
+        found: ferry_tls::Identity,
+    },
     #[error(
         "{}: the stored registry does not fit config {}: {source}; the file was left untouched",
         state_file.display(),
@@ -69,15 +79,34 @@ pub struct CheckReport {
     pub migrations: usize,
 }
 
-/// Loads what the daemon needs, in the daemon's order: config, token, stored state (checked
-/// against the config). `lock`: take the state directory (the daemon) or only read it
-/// (`--check`, which must not create anything).
-fn prepare(
-    config_path: &Path,
-    lock: bool,
-) -> Result<(Config, String, Option<Store>, Registry), StartError> {
+/// What the daemon starts from: config, token, TLS identity, store, registry.
+type Prepared = (
+    Config,
+    String,
+    Option<ferry_tls::Tls>,
+    Option<Store>,
+    Registry,
+);
+
+/// Loads what the daemon needs, in the daemon's order: config, token, TLS identity, stored
+/// state (checked against the config). `lock`: take the state directory (the daemon) or only
+/// read it (`--check`, which must not create anything).
+fn prepare(config_path: &Path, lock: bool) -> Result<Prepared, StartError> {
     let config = Config::load(config_path)?;
     let token = auth::load_server_token(&config.token_file)?;
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = ferry_tls::Tls::load(files)?;
+            if tls.identity() != &ferry_tls::Identity::Gateway {
+                return Err(StartError::NotTheGateway {
+                    cert: files.cert.clone(),
+                    found: tls.identity().clone(),
+                });
+            }
+            Some(tls)
+        }
+        None => None,
+    };
     let store = if lock {
         Some(Store::open(&config.state_dir)?)
     } else {
@@ -94,12 +123,12 @@ fn prepare(
             }
         })?,
     };
-    Ok((config, token, store, registry))
+    Ok((config, token, tls, store, registry))
 }
 
 /// `ferry gateway --config F --check`.
 pub fn check(config_path: &Path) -> Result<CheckReport, StartError> {
-    let (config, _, _, registry) = prepare(config_path, false)?;
+    let (config, _, _, _, registry) = prepare(config_path, false)?;
     let state_file = config.state_dir.join(store::STATE_FILE);
     Ok(CheckReport {
         config: config_path.to_path_buf(),
@@ -123,7 +152,13 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
     let mut term = handler("SIGTERM", SignalKind::terminate())?;
     let mut int = handler("SIGINT", SignalKind::interrupt())?;
 
-    let (config, token, store, registry) = prepare(config_path, true)?;
+    let (config, token, tls, store, registry) = prepare(config_path, true)?;
+    if tls.is_none() {
+        warn!(
+            listen = %config.listen,
+            "insecure_plaintext: the API is plain HTTP; the token and every request cross the network in clear"
+        );
+    }
     let store = store.expect("prepare(lock) opens the store");
     let (hosts, endpoints, public, version) = (
         registry.host_count(),
@@ -156,6 +191,7 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
         config.watch_timeout(),
         config.step_timeout(),
     );
+    g.set_client_tls(tls.as_ref().map(|t| t.client_config()));
     g.configure_runs(
         config.listen,
         config.agent_api_port,
@@ -173,6 +209,7 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
         listener,
         app,
         ferry_api::serve::Limits::default(),
+        tls.as_ref().map(|t| t.server_config()),
         g.connections.clone(),
         async move {
             tokio::select! {

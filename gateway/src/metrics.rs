@@ -171,7 +171,8 @@ impl Metrics {
         r.register(
             "api_connections",
             "API connections accepted, and refused (closed at once) because their peer had too \
-             many open (refused_per_peer) or the server had (refused_total)",
+             many open (refused_per_peer) or the server had (refused_total), plain HTTP on the TLS \
+             port (refused_plaintext), a failed TLS handshake (refused_tls)",
             m.connections.clone(),
         );
         // Every step's series exist from the start, at 0.
@@ -217,12 +218,7 @@ impl Metrics {
 
     /// Brings the connection counters up to the server's `stats`.
     pub fn count_connections(&self, stats: &ferry_api::serve::Stats) {
-        use std::sync::atomic::Ordering::Relaxed;
-        for (result, n) in [
-            ("accepted", stats.accepted.load(Relaxed)),
-            ("refused_per_peer", stats.refused_per_peer.load(Relaxed)),
-            ("refused_total", stats.refused_total.load(Relaxed)),
-        ] {
+        for (result, n) in stats.by_result() {
             let c = self.connections.get_or_create(&ConnectionLabel { result });
             c.inc_by(n.saturating_sub(c.get()));
         }

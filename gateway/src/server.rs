@@ -224,6 +224,9 @@ pub struct Gateway {
     pub(crate) runs: crate::migration::runs::Runs,
     /// What the API's bounded server accepted and refused (exported as metrics).
     pub connections: Arc<ferry_api::serve::Stats>,
+    /// The gateway's client identity (its calls to the agents' peer APIs and to itself);
+    /// `None`: plain HTTP.
+    client_tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -256,7 +259,24 @@ impl Gateway {
             snapshot_cache: Mutex::new(None),
             runs: crate::migration::runs::Runs::default(),
             connections: Arc::default(),
+            client_tls: RwLock::new(None),
         })
+    }
+
+    /// Makes the gateway's own requests (to agents, to itself) over TLS with this identity.
+    pub fn set_client_tls(&self, tls: Option<Arc<rustls::ClientConfig>>) {
+        *self
+            .client_tls
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = tls;
+    }
+
+    /// See [`Gateway::set_client_tls`].
+    pub(crate) fn client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.client_tls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The API's bearer token (the gateway's own client uses it).
@@ -567,8 +587,18 @@ pub(crate) fn created<T: Serialize>(yes: bool, body: T) -> Response {
 
 async fn register_host(
     State(g): Shared,
+    caller: Option<axum::Extension<ferry_api::serve::Caller>>,
     ApiJson(info): ApiJson<HostInfo>,
 ) -> Result<Response, ApiFailure> {
+    // A host registers itself only (the route is open to hosts: see `auth::permit`).
+    if let Some(ferry_tls::Identity::Host(me)) = caller.and_then(|c| c.0.identity)
+        && me != info.name
+    {
+        return Err(ApiFailure::new(
+            ErrorCode::Forbidden,
+            format!("host {me} may not register host {}", info.name),
+        ));
+    }
     let (change, _) = g.change(Request::RegisterHost(info)).await?;
     let (info, new) = match change {
         Change::HostAdded(h) => (h, true),
@@ -727,18 +757,54 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiFailure {
         .with_status(StatusCode::METHOD_NOT_ALLOWED)
 }
 
-async fn require_token(State(g): Shared, req: HttpRequest, next: Next) -> Response {
+/// The protected routes' gate: the bearer token, then (over TLS) whether the caller's
+/// identity may make this request ([`auth::permit`]).
+async fn require_token(
+    State(g): Shared,
+    params: axum::extract::RawPathParams,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match auth::check_bearer(header, &g.token) {
-        Ok(()) => next.run(req).await,
-        Err(why) => {
-            warn!(method = %req.method(), path = %req.uri().path(), reason = why, "unauthorized request");
-            ApiFailure::new(ErrorCode::Unauthorized, why).into_response()
+    if let Err(why) = auth::check_bearer(header, &g.token) {
+        warn!(method = %req.method(), path = %req.uri().path(), reason = why, "unauthorized request");
+        return ApiFailure::new(ErrorCode::Unauthorized, why).into_response();
+    }
+    let caller = req.extensions().get::<ferry_api::serve::Caller>();
+    if let Some(ferry_api::serve::Caller {
+        addr,
+        identity: Some(identity),
+    }) = caller
+    {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or("", |p| p.as_str());
+        let watch_host = (route == "/v1/watch")
+            .then(|| Query::<WatchQuery>::try_from_uri(req.uri()).ok())
+            .flatten()
+            .map(|q| q.0.host);
+        let ask = auth::Ask {
+            method: req.method().as_str(),
+            route,
+            param: params.iter().next().map(|(_, v)| v),
+            watch_host: watch_host.as_deref(),
+        };
+        let registry = g.current();
+        let side = |id: &str| {
+            registry
+                .migration(id)
+                .map(|m| (m.from.clone(), m.to.clone()))
+        };
+        if let Err(why) = auth::permit(identity, ask, side) {
+            warn!(caller = %identity, peer = %addr, method = %req.method(), %route, reason = %why, "forbidden request");
+            return ApiFailure::new(ErrorCode::Forbidden, why).into_response();
         }
     }
+    next.run(req).await
 }
 
 async fn count_requests(State(g): Shared, req: HttpRequest, next: Next) -> Response {

@@ -58,7 +58,8 @@ pub enum Cmd {
         json: bool,
     },
     /// Run a command inside a node's namespace (`ip netns exec`); exits with its status.
-    /// FERRY_GATEWAY and FERRY_TOKEN_FILE point at the lab's gateway, so `ferry` works there.
+    /// FERRY_GATEWAY, FERRY_TOKEN_FILE and FERRY_TLS_* (the operator's identity) point at the
+    /// lab's gateway, so `ferry` works there.
     Exec {
         #[arg(long)]
         lab: Option<String>,

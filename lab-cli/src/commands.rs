@@ -110,8 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             if let Some(st) = LabState::load(&prefix)?
                 && let Some(cp) = ferry_lab::control::ControlPlane::of(&prefix, &st.topology)
             {
-                c.env("FERRY_GATEWAY", cp.api.to_string())
-                    .env("FERRY_TOKEN_FILE", &cp.token_file);
+                c.envs(cp.cli_env());
             }
             let status = c
                 .status()

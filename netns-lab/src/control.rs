@@ -1,5 +1,7 @@
-//! The lab's control plane: the shared token, the gateway daemon (`ferry gateway`) on the
-//! gateway host, and ways for tests and benchmarks to talk to it from inside the lab.
+//! The lab's control plane: the shared token, the cluster's TLS material (a CA and a
+//! certificate per party, under `<state dir>/tls/`, keys 0600 in 0700 directories), the
+//! gateway daemon (`ferry gateway`) on the gateway host, and ways for tests and benchmarks to
+//! talk to it from inside the lab.
 
 use std::{
     fs::File,
@@ -31,6 +33,17 @@ pub struct ControlPlane {
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
+    /// The cluster's TLS material: `ca/` (the CA, kept by the lab), `operator/`, `gateway/`,
+    /// `host-<name>/`. Absent in a plain-HTTP lab.
+    pub tls_dir: PathBuf,
+}
+
+/// One party of the lab's cluster, for [`ControlPlane::tls_files`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Party<'a> {
+    Operator,
+    Gateway,
+    Host(&'a str),
 }
 
 impl ControlPlane {
@@ -46,11 +59,89 @@ impl ControlPlane {
             config: dir.join("gateway.toml"),
             state_dir: dir.join("state"),
             log: dir.join("gateway.log"),
+            tls_dir: state::state_dir(prefix).join("tls"),
         })
     }
 
-    /// Writes a fresh random token (mode 0600) and the gateway's configuration.
-    pub fn write_files(&self, t: &LabTopology) -> Result<(), LabError> {
+    /// Does this lab speak TLS (did it make a CA)?
+    pub fn is_tls(&self) -> bool {
+        self.tls_dir.join("ca").join("ca.pem").exists()
+    }
+
+    /// A party's files; `None` in a plain-HTTP lab.
+    pub fn tls_files(&self, party: Party<'_>) -> Option<ferry_tls::TlsFiles> {
+        let dir = match party {
+            Party::Operator => "operator".to_owned(),
+            Party::Gateway => "gateway".to_owned(),
+            Party::Host(h) => format!("host-{h}"),
+        };
+        self.is_tls()
+            .then(|| ferry_tls::TlsFiles::in_dir(&self.tls_dir.join(dir)))
+    }
+
+    /// A party's client configuration (`None`: plain HTTP).
+    pub fn client_tls(
+        &self,
+        party: Party<'_>,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, LabError> {
+        self.tls_files(party)
+            .map(|f| {
+                ferry_tls::Tls::load(&f)
+                    .map(|t| t.client_config())
+                    .map_err(|e| {
+                        LabError::io("loading the lab's TLS material", std::io::Error::other(e))
+                    })
+            })
+            .transpose()
+    }
+
+    /// The environment that points the `ferry` CLI at this gateway as the operator.
+    pub fn cli_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut env = vec![
+            ("FERRY_GATEWAY", self.api.to_string().into()),
+            ("FERRY_TOKEN_FILE", self.token_file.clone().into()),
+        ];
+        match self.tls_files(Party::Operator) {
+            Some(f) => {
+                env.push(("FERRY_TLS_CA", f.ca.into()));
+                env.push(("FERRY_TLS_CERT", f.cert.into()));
+                env.push(("FERRY_TLS_KEY", f.key.into()));
+            }
+            None => env.push(("FERRY_INSECURE_PLAINTEXT", "true".into())),
+        }
+        env
+    }
+
+    /// Makes the lab's CA and every party's certificate: the operator, the gateway (its API
+    /// address) and each host (its underlay address).
+    fn write_tls(&self, t: &LabTopology) -> Result<(), LabError> {
+        use ferry_tls::{Ca, Identity, Validity};
+        let err = |e: ferry_tls::TlsError| {
+            LabError::io("making the lab's TLS material", std::io::Error::other(e))
+        };
+        let ca = Ca::generate("ferry lab CA", Validity::days(30)).map_err(err)?;
+        ca.save(&self.tls_dir.join("ca")).map_err(err)?;
+        let mut parties = vec![
+            ("operator".to_owned(), Identity::Operator, vec![]),
+            ("gateway".to_owned(), Identity::Gateway, vec![self.api.ip()]),
+        ];
+        for h in &t.hosts {
+            parties.push((
+                format!("host-{}", h.name),
+                Identity::host(&h.name).map_err(err)?,
+                vec![h.address.into()],
+            ));
+        }
+        for (dir, id, ips) in parties {
+            let issued = ca.issue(&id, &ips, Validity::days(30)).map_err(err)?;
+            ferry_tls::write_party(&self.tls_dir.join(dir), &ca, &issued).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a fresh random token (mode 0600), the TLS material (unless `plaintext`) and the
+    /// gateway's configuration.
+    pub fn write_files(&self, t: &LabTopology, plaintext: bool) -> Result<(), LabError> {
         let dir = self.config.parent().expect("config has a parent");
         std::fs::create_dir_all(dir)
             .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
@@ -71,13 +162,26 @@ impl ControlPlane {
             .internet
             .as_ref()
             .expect("a control plane implies an internet");
+        let tls = if plaintext {
+            "insecure_plaintext = true\n".to_owned()
+        } else {
+            self.write_tls(t)?;
+            let f = self.tls_files(Party::Gateway).expect("just written");
+            format!(
+                "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display()
+            )
+        };
         let config = format!(
             "listen = \"{}\"\n\
              state_dir = \"{}\"\n\
              token_file = \"{}\"\n\
              overlay_cidr = \"{}\"\n\
              vni = {}\n\
-             public_cidrs = [\"{}\"]\n",
+             public_cidrs = [\"{}\"]\n\
+             {tls}",
             self.api,
             self.state_dir.display(),
             self.token_file.display(),
@@ -127,7 +231,12 @@ impl ControlPlane {
                     log: self.log.clone(),
                 });
             }
-            if http_ok(&ns, self.api, "/v1/health") {
+            if http_ok(
+                &ns,
+                self.api,
+                "/v1/health",
+                self.client_tls(Party::Operator)?,
+            ) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -147,10 +256,16 @@ impl ControlPlane {
 }
 
 /// Does `GET path` on `addr` from inside namespace `ns` answer 200?
-pub(crate) fn http_ok(ns: &Path, addr: SocketAddr, path: &str) -> bool {
+pub(crate) fn http_ok(
+    ns: &Path,
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> bool {
     let path = path.to_owned();
     run_in(ns, move || {
         ferry_api::transport::Request::get(path)
+            .tls(tls)
             .timeout(Duration::from_secs(2))
             .send_blocking(addr)
             .map(|r| r.status == 200)

@@ -44,6 +44,9 @@ pub struct LabOptions {
     pub start_agents: bool,
     /// The agents' hold-queue limits.
     pub hold_limits: ferry_config::HoldLimits,
+    /// The control plane in plain HTTP (no TLS material): for the with/without-TLS
+    /// benchmarks only.
+    pub insecure_plaintext: bool,
 }
 
 /// A running lab. Dropping it tears it down (best effort, errors logged); [`Lab::down`] tears
@@ -120,6 +123,7 @@ impl Lab {
                     .unwrap_or(0),
                 agents: opts.start_agents,
                 hold_limits: opts.hold_limits,
+                insecure_plaintext: opts.insecure_plaintext,
                 topology: topology.clone(),
                 namespaces: Vec::new(),
                 processes: Vec::new(),
@@ -299,8 +303,7 @@ impl Lab {
         let bin = find_binary("ferry", "ferry-cli")?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
-            .env("FERRY_GATEWAY", cp.api.to_string())
-            .env("FERRY_TOKEN_FILE", &cp.token_file)
+            .envs(cp.cli_env())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         command_in(&mut cmd, &self.netns(&cp.host))?;
@@ -339,12 +342,12 @@ impl Lab {
         T: Send + 'static,
     {
         let cp = self.control_or_err()?;
-        let client = ferry_api::Client::with_token_file(cp.api, &cp.token_file).map_err(|e| {
-            LabError::Ferry {
+        let client = ferry_api::Client::with_token_file(cp.api, &cp.token_file)
+            .map_err(|e| LabError::Ferry {
                 args: "(api)".into(),
                 message: e.to_string(),
-            }
-        })?;
+            })?
+            .with_tls(cp.client_tls(crate::control::Party::Operator)?);
         run_in(&self.netns(&cp.host), move || {
             ferry_api::transport::block_on(f(client))
         })?
@@ -536,7 +539,7 @@ impl Lab {
                     log: log.clone(),
                 });
             }
-            if crate::control::http_ok(&ns, listen, "/metrics") {
+            if crate::control::http_ok(&ns, listen, "/metrics", None) {
                 break Ok(());
             }
             if Instant::now() >= deadline {
@@ -640,6 +643,7 @@ impl Lab {
             })?;
         let mut request = ferry_api::transport::Request::new(method, path)
             .token(token)
+            .tls(cp.client_tls(crate::control::Party::Operator)?)
             .timeout(Duration::from_secs(30));
         if let Some(b) = body {
             // Any body goes as JSON (the agents' JSON routes need the type).
@@ -839,7 +843,7 @@ impl Builder {
         let Some(cp) = ControlPlane::of(self.prefix(), &t) else {
             return Ok(());
         };
-        cp.write_files(&t)?;
+        cp.write_files(&t, self.state.insecure_plaintext)?;
         let mut child = cp.spawn(self.prefix(), bin)?;
         tracing::info!(host = %cp.host, pid = child.id(), api = %cp.api, "gateway started");
         let r = self.record(&child, "gateway", Some(&cp.host));
@@ -1069,6 +1073,10 @@ impl Builder {
                     address: cp.api,
                     token_file: cp.token_file.clone(),
                 }),
+                tls: control
+                    .as_ref()
+                    .and_then(|cp| cp.tls_files(crate::control::Party::Host(&h.name))),
+                insecure_plaintext: control.as_ref().is_some_and(|cp| !cp.is_tls()),
                 hold_device: ferry_config::DEFAULT_HOLD_DEVICE.to_owned(),
                 hold: self.state.hold_limits,
                 announce: ferry_announce::Schedule::default(),
@@ -1125,7 +1133,7 @@ impl Builder {
                     });
                 }
                 let ns = netns_path(&self.ns(&host));
-                if crate::control::http_ok(&ns, listen, "/metrics") {
+                if crate::control::http_ok(&ns, listen, "/metrics", None) {
                     tracing::debug!(%host, elapsed_ms = t0.elapsed().as_millis() as u64, "agent ready");
                 } else if Instant::now() >= deadline {
                     return Err(LabError::AgentTimeout {

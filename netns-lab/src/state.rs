@@ -24,6 +24,9 @@ pub struct LabState {
     /// The agents' hold-queue limits.
     #[serde(default)]
     pub hold_limits: ferry_config::HoldLimits,
+    /// The control plane speaks plain HTTP (no TLS material).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
     pub topology: LabTopology,
     /// Namespace names (not paths), recorded *before* each is created.
     pub namespaces: Vec<String>,

@@ -91,7 +91,34 @@ struct AppState {
 /// before the device is read), the held packets a stopping agent saved, the runtime's process
 /// trees (its state file, then every container namespace scanned), and — as the registry's
 /// snapshot asks for them — the containers' namespaces and veths.
+/// Loads this host's TLS identity (`[tls]`), refusing a certificate for another party, and
+/// makes it the identity of every request this process sends.
+fn load_tls(cfg: &AgentConfig) -> anyhow::Result<Option<ferry_tls::Tls>> {
+    let Some(files) = &cfg.tls else {
+        if cfg.gateway.is_some() {
+            warn!(
+                "insecure_plaintext: the peer API and the watch are plain HTTP; the token and images cross the underlay in clear"
+            );
+        }
+        return Ok(None);
+    };
+    let tls = ferry_tls::Tls::load(files).context("TLS")?;
+    let me = ferry_tls::Identity::Host(cfg.host.clone());
+    if tls.identity() != &me {
+        anyhow::bail!(
+            "TLS: {} names {}, not host {} (issue one with ferry certs issue --host {})",
+            files.cert.display(),
+            tls.identity(),
+            cfg.host,
+            cfg.host
+        );
+    }
+    ferry_api::transport::set_process_tls(tls.client_config());
+    Ok(Some(tls))
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let tls = load_tls(&cfg)?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
     let clean_stop = cfg.state_dir.join(CLEAN_STOP_FILE);
     let previous_stopped_cleanly = clean_stop.exists();
@@ -263,7 +290,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // reparented to it) and reaps the processes it starts or adopts.
     let runtime = Runtime::new(&cfg.host, Some(&cfg.state_dir))?;
     adopt_unrecorded_processes(&cfg, &runtime).await;
-    let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime).await {
+    let server_tls = tls.as_ref().map(|t| t.server_config());
+    let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime, server_tls).await {
         Ok(h) => h,
         Err(e) => {
             runtime.shutdown().await;
@@ -318,6 +346,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         listener,
         app,
         ferry_api::serve::Limits::default(),
+        // Read-only metrics on loopback (out of containers' reach): plain, for scrapers.
+        None,
         Arc::default(),
         async move {
             tokio::select! {
@@ -506,6 +536,7 @@ async fn start_handoff(
     cfg: &AgentConfig,
     node: &Arc<tokio::sync::Mutex<Node>>,
     runtime: &Runtime,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<(Handoff, Option<PeerApi>)> {
     let token = peer_api::read_token(cfg)?;
     let listener = peer_api::bind(cfg, token.as_deref()).await?;
@@ -515,6 +546,7 @@ async fn start_handoff(
             l,
             cfg,
             token,
+            tls,
             node.clone(),
             runtime.clone(),
             &handoff,
@@ -669,14 +701,10 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                 held_endpoints: hold.map_or(0, |h| h.1),
                 held_packets: hold.map_or(0, |h| h.2),
                 hold_device_dropped,
-                peer_connections: s.peer_connections.as_ref().map_or([0; 3], |c| {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    [
-                        c.accepted.load(Relaxed),
-                        c.refused_per_peer.load(Relaxed),
-                        c.refused_total.load(Relaxed),
-                    ]
-                }),
+                peer_connections: s.peer_connections.as_ref().map_or_else(
+                    || ferry_api::serve::Stats::default().by_result(),
+                    |c| c.by_result(),
+                ),
             };
             (
                 StatusCode::OK,

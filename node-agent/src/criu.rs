@@ -48,6 +48,8 @@ pub struct Ctx {
     pub runtime: Runtime,
     pub token: String,
     pub token_file: PathBuf,
+    /// This host's TLS files, for CRIU's action script (`None`: plain HTTP).
+    pub tls: Option<ferry_tls::TlsFiles>,
     pub gateway: SocketAddr,
     pub criu: CriuConfig,
     /// Restores on this host, by migration: how far each got (`GET /v1/restores/{id}`).

@@ -27,8 +27,8 @@ pub struct Gauges {
     pub held_packets: usize,
     /// Frames the hold device's own queue dropped before the agent read them.
     pub hold_device_dropped: u64,
-    /// Peer API connections: accepted, refused over the per-peer cap, refused over the total.
-    pub peer_connections: [u64; 3],
+    /// Peer API connections by result (`ferry_api::serve::Stats::by_result`).
+    pub peer_connections: [(&'static str, u64); 5],
 }
 
 /// The `Content-Type` of [`render`]'s text.
@@ -156,16 +156,12 @@ impl Collector for Scrape {
         let mut m = enc.encode_descriptor(
             counter_name(names::PEER_API_CONNECTIONS),
             "Connections to the peer API: accepted, and closed at once because their peer had \
-             too many open (refused_per_peer) or the server had (refused_total).",
+             too many open (refused_per_peer) or the server had (refused_total), plain HTTP on \
+             the TLS port (refused_plaintext), a failed TLS handshake (refused_tls).",
             None,
             MetricType::Counter,
         )?;
-        let [accepted, per_peer, total] = g.peer_connections;
-        for (result, n) in [
-            ("accepted", accepted),
-            ("refused_per_peer", per_peer),
-            ("refused_total", total),
-        ] {
+        for &(result, n) in &g.peer_connections {
             ConstCounter::new(n).encode(m.encode_family(&[("result", result)])?)?;
         }
         Ok(())

@@ -51,10 +51,12 @@ impl PeerApi {
         listener: TcpListener,
         cfg: &AgentConfig,
         token: String,
+        tls: Option<Arc<rustls::ServerConfig>>,
         node: Arc<Mutex<Node>>,
         runtime: Runtime,
         handoff: &Handoff,
     ) -> Self {
+        let node_for_auth = node.clone();
         let mut app = handoff.routes().merge(crate::runtime::api::router(
             runtime.clone(),
             node.clone(),
@@ -68,12 +70,18 @@ impl PeerApi {
                 runtime,
                 token,
                 token_file: g.token_file.clone(),
+                tls: cfg.tls.clone(),
                 gateway: g.address,
                 criu: cfg.criu.clone(),
                 restores: std::sync::Mutex::new(Default::default()),
             });
             app = app.merge(criu::router(criu));
         }
+        // Over TLS: who may call what (the bearer token is each route's own check).
+        let app = app.route_layer(axum::middleware::from_fn_with_state(
+            (cfg.host.clone(), node_for_auth),
+            permit_caller,
+        ));
         let (stop, mut rx) = watch::channel(false);
         let stats = Arc::new(ferry_api::serve::Stats::default());
         let connections = stats.clone();
@@ -82,6 +90,7 @@ impl PeerApi {
                 listener,
                 app,
                 ferry_api::serve::Limits::default(),
+                tls,
                 stats,
                 async move {
                     let _ = rx.wait_for(|s| *s).await;
@@ -106,5 +115,49 @@ impl PeerApi {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// The peer API's gate over TLS: the caller's identity against [`crate::auth::permit`] and this
+/// host's registry snapshot (which migrations it takes part in). Plain HTTP (no identity): the
+/// routes' token check only.
+async fn permit_caller(
+    axum::extract::State((me, node)): axum::extract::State<(String, Arc<Mutex<Node>>)>,
+    params: axum::extract::RawPathParams,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let Some(ferry_api::serve::Caller {
+        addr,
+        identity: Some(identity),
+    }) = req.extensions().get::<ferry_api::serve::Caller>().cloned()
+    else {
+        return next.run(req).await;
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(String::new, |p| p.as_str().to_owned());
+    let ask = crate::auth::PeerAsk {
+        method: req.method().as_str(),
+        route: &route,
+        param: params.iter().next().map(|(_, v)| v),
+    };
+    let verdict = {
+        let node = node.lock().await;
+        let migrations = node
+            .registry
+            .as_ref()
+            .map_or(&[][..], |s| &s.migrations[..]);
+        crate::auth::permit(&me, &identity, ask, migrations)
+    };
+    match verdict {
+        Ok(()) => next.run(req).await,
+        Err(why) => {
+            warn!(caller = %identity, peer = %addr, method = %req.method(), %route, reason = %why, "forbidden peer request");
+            crate::auth::Refusal::new(axum::http::StatusCode::FORBIDDEN, "forbidden", why)
+                .into_response()
+        }
     }
 }

@@ -833,8 +833,7 @@ impl RunCli {
             "--to",
             to,
         ])
-        .env("FERRY_GATEWAY", cp.api.to_string())
-        .env("FERRY_TOKEN_FILE", &cp.token_file)
+        .envs(cp.cli_env())
         .env("RUST_LOG", "warn")
         .env_remove(ferry_api::faultpoint::ENV)
         .stdin(Stdio::null())

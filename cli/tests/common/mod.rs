@@ -1,6 +1,8 @@
 //! Harness of the gateway's integration tests: a temporary directory with a config, a token
 //! (mode 0600) and a state dir; the real `ferry` binary started on a free loopback port and
-//! killed on drop (only that process, by PID).
+//! killed on drop (only that process, by PID). The API is TLS: one CA per test process
+//! ([`pki`]), the gateway's certificate for 127.0.0.1, and the operator's identity made this
+//! process's default for every request.
 #![allow(dead_code)]
 
 use std::{
@@ -17,6 +19,54 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "t0ken-for-tests-0123456789abcdef";
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// The test process's cluster: a CA and the parties' directories, under the target's
+/// temporary directory.
+pub struct Pki {
+    pub root: PathBuf,
+    pub ca: ferry_tls::Ca,
+}
+
+impl Pki {
+    /// A party's directory (issued on first use).
+    pub fn party(&self, name: &str, id: ferry_tls::Identity, ips: &[std::net::IpAddr]) -> PathBuf {
+        let dir = self.root.join(name);
+        if !dir.join("key.pem").exists() {
+            let issued = self
+                .ca
+                .issue(&id, ips, ferry_tls::Validity::days(1))
+                .unwrap();
+            ferry_tls::write_party(&dir, &self.ca, &issued).unwrap();
+        }
+        dir
+    }
+
+    pub fn operator(&self) -> PathBuf {
+        self.root.join("operator")
+    }
+
+    /// A client configuration for the identity in `dir`.
+    pub fn client(&self, dir: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+        ferry_tls::Tls::load_dir(dir).unwrap().client_config()
+    }
+}
+
+/// See [`Pki`]; also makes the operator this process's identity.
+pub fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        let root =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pki-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let ca = ferry_tls::Ca::generate("test CA", ferry_tls::Validity::days(1)).unwrap();
+        let pki = Pki { root, ca };
+        let lo = std::net::IpAddr::from([127, 0, 0, 1]);
+        pki.party("gateway", ferry_tls::Identity::Gateway, &[lo]);
+        let op = pki.party("operator", ferry_tls::Identity::Operator, &[]);
+        ferry_api::transport::set_process_tls(pki.client(&op));
+        pki
+    })
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -54,15 +104,19 @@ impl Env {
         fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600)).unwrap();
         let state_dir = dir.path().join("state");
         let config = dir.path().join("gateway.toml");
+        let gw = ferry_tls::TlsFiles::in_dir(&pki().root.join("gateway"));
         fs::write(
             &config,
             format!(
                 "listen = \"{addr}\"\nstate_dir = \"{}\"\ntoken_file = \"{}\"\n\
                  overlay_cidr = \"10.244.0.0/16\"\nvni = 4242\n\
                  public_cidrs = [\"203.0.113.128/25\"]\nwatch_timeout_ms = {watch_timeout_ms}\n\
-                 {extra}",
+                 {extra}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 state_dir.display(),
-                token_file.display()
+                token_file.display(),
+                gw.ca.display(),
+                gw.cert.display(),
+                gw.key.display(),
             ),
         )
         .unwrap();
@@ -138,6 +192,7 @@ impl Env {
             .args(args)
             .env("FERRY_GATEWAY", self.addr.to_string())
             .env("FERRY_TOKEN_FILE", &self.token_file)
+            .env("FERRY_TLS_DIR", pki().operator())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .output()

@@ -187,7 +187,8 @@ impl Gateway {
         let (addr, port) = self.runs.endpoint.get().copied().ok_or_else(|| {
             ApiFailure::new(ErrorCode::Internal, "runs are not configured".to_string())
         })?;
-        Ok((Client::new(addr, Some(self.token().to_owned())), port))
+        let client = Client::new(addr, Some(self.token().to_owned())).with_tls(self.client_tls());
+        Ok((client, port))
     }
 }
 
@@ -298,7 +299,7 @@ async fn drive(
         .map(|m| m.from.clone())
         .unwrap_or_default();
     let to = req.to.clone();
-    let ck = checkpoint(source, g.token(), &id, &req);
+    let ck = checkpoint(&g, source, &id, &req);
     tokio::pin!(ck);
     let (answer, lost) = tokio::select! {
         a = &mut ck => (Some(a), None),
@@ -539,7 +540,7 @@ async fn resolve(
                 let status = if dest_dead {
                     None
                 } else {
-                    restore_status(to_api, g.token(), id).await
+                    restore_status(g, to_api, id).await
                 };
                 let wait = match &status {
                     Some(s) if s.state == "restoring" || s.state == "restored" => true,
@@ -586,9 +587,10 @@ async fn abort_once(g: &Arc<Gateway>, client: &Client, id: &str, why: Option<&st
 }
 
 /// `GET /v1/restores/{id}` on the destination agent (`None`: no answer within 1 s).
-async fn restore_status(agent: SocketAddr, token: &str, id: &str) -> Option<RestoreStatus> {
+async fn restore_status(g: &Gateway, agent: SocketAddr, id: &str) -> Option<RestoreStatus> {
     let r = Request::get(format!("/v1/restores/{id}"))
-        .token(token)
+        .token(g.token())
+        .tls(g.client_tls())
         .timeout(Duration::from_secs(1))
         .send(agent)
         .await
@@ -640,14 +642,15 @@ fn finish(g: &Gateway, id: &str, state: RunState, error: Option<String>) {
 
 /// `POST /v1/checkpoint/{id}` to the source agent.
 async fn checkpoint(
+    g: &Gateway,
     agent: SocketAddr,
-    token: &str,
     id: &str,
     req: &CheckpointRequest,
 ) -> Result<CheckpointAnswer, CheckpointError> {
     let body = serde_json::to_vec(req).map_err(CheckpointError::Encode)?;
     let r = Request::post(format!("/v1/checkpoint/{id}"))
-        .token(token)
+        .token(g.token())
+        .tls(g.client_tls())
         .json(body)
         .timeout(CHECKPOINT_TIMEOUT)
         .max_answer(16 << 20)

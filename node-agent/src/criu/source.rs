@@ -465,16 +465,27 @@ enum TransferError {
 impl Ctx {
     /// The environment CRIU passes to its action script (`ferry`).
     pub fn script_env(&self, id: &str, ip: Ipv4Addr, side: &str) -> Vec<(String, String)> {
-        vec![
-            ("FERRY_GATEWAY".into(), self.gateway.to_string()),
-            (
-                "FERRY_TOKEN_FILE".into(),
-                self.token_file.display().to_string(),
-            ),
-            ("FERRY_MIGRATION".into(), id.to_owned()),
-            ("FERRY_CONTAINER".into(), ip.to_string()),
-            ("FERRY_CRIU_SIDE".into(), side.to_owned()),
-            ("FERRY_HOST".into(), self.host.clone()),
-        ]
+        let path = |p: &std::path::Path| p.display().to_string();
+        let tls = match &self.tls {
+            Some(f) => vec![
+                ("FERRY_TLS_CA".into(), path(&f.ca)),
+                ("FERRY_TLS_CERT".into(), path(&f.cert)),
+                ("FERRY_TLS_KEY".into(), path(&f.key)),
+            ],
+            None => vec![("FERRY_INSECURE_PLAINTEXT".into(), "true".into())],
+        };
+        tls.into_iter()
+            .chain([
+                ("FERRY_GATEWAY".into(), self.gateway.to_string()),
+                (
+                    "FERRY_TOKEN_FILE".into(),
+                    self.token_file.display().to_string(),
+                ),
+                ("FERRY_MIGRATION".into(), id.to_owned()),
+                ("FERRY_CONTAINER".into(), ip.to_string()),
+                ("FERRY_CRIU_SIDE".into(), side.to_owned()),
+                ("FERRY_HOST".into(), self.host.clone()),
+            ])
+            .collect()
     }
 }
