@@ -114,6 +114,27 @@ fn wrong_or_missing_token_is_401_and_changes_nothing() {
 /// method, path, body, status, code, text the message must contain.
 type Case<'a> = (&'a str, &'a str, Option<String>, u16, &'a str, &'a str);
 
+/// Sends each case: its status, code and message, and the registry's version unchanged.
+fn refused_each(env: &Env, cases: &[Case<'_>]) {
+    let version = env.version();
+    for (method, path, body, status, code, want) in cases {
+        let (s, v) = api(env.addr, method, path, body.as_deref());
+        let shown = body.as_deref().map(|b| &b[..b.len().min(120)]);
+        assert_eq!(s, *status, "{method} {path} {shown:?}: {v}");
+        assert_eq!(v["error"]["code"], *code, "{method} {path} {shown:?}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(want),
+            "{method} {path} {shown:?}: {msg:?} lacks {want:?}"
+        );
+        assert_eq!(
+            env.version(),
+            version,
+            "{method} {path} changed the version"
+        );
+    }
+}
+
 #[test]
 fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
     let env = Env::new(25_000);
@@ -187,16 +208,7 @@ fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
         ("GET", "/v1/nope", None, 404, "not_found", "no route GET /v1/nope"),
         ("PUT", "/v1/hosts", Some("{}".into()), 405, "bad_request", "method PUT is not allowed on /v1/hosts"),
     ];
-    for (method, path, body, status, code, want) in &cases {
-        let (s, v) = api(env.addr, method, path, body.as_deref());
-        assert_eq!(s, *status, "{method} {path} {body:?}: {v}");
-        assert_eq!(v["error"]["code"], *code, "{method} {path} {body:?}: {v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(
-            msg.contains(want),
-            "{method} {path} {body:?}: {msg:?} lacks {want:?}"
-        );
-    }
+    refused_each(&env, &cases);
     // Without a JSON content type.
     let auth = common::bearer();
     let (s, v, _) = raw(
@@ -231,7 +243,6 @@ fn every_field_is_checked_and_a_refusal_changes_nothing() {
     env.register_hosts();
     let c = env.client();
     block(c.add_endpoints(&[ep("10.244.1.5", "a1"), ep("10.244.2.5", "b1")])).unwrap();
-    let version = env.version();
     let before = state(&env);
     let file_before = read(&env.state_file());
 
@@ -492,22 +503,7 @@ fn every_field_is_checked_and_a_refusal_changes_nothing() {
             "no run has id \"m1\"",
         ),
     ];
-    for (method, path, body, status, code, want) in &cases {
-        let (s, v) = api(env.addr, method, path, body.as_deref());
-        let shown = body.as_deref().map(|b| &b[..b.len().min(120)]);
-        assert_eq!(s, *status, "{method} {path} {shown:?}: {v}");
-        assert_eq!(v["error"]["code"], *code, "{method} {path} {shown:?}: {v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(
-            msg.contains(want),
-            "{method} {path} {shown:?}: {msg:?} lacks {want:?}"
-        );
-        assert_eq!(
-            env.version(),
-            version,
-            "{method} {path} changed the version"
-        );
-    }
+    refused_each(&env, &cases);
     assert_eq!(
         state(&env),
         before,
