@@ -160,8 +160,11 @@ impl RunReport {
     }
 }
 
-/// A progress event (also the lines an agent streams back from a checkpoint).
+/// A progress event (also the lines an agent streams back from a checkpoint). The body of
+/// `POST /v1/runs/{id}/events`: unknown fields are refused like every request's (the struct
+/// never lost a field, so persisted reports still load).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunEvent {
     pub unix_ms: f64,
     /// `phase` (a phase finished: `phase` has its timing), `progress` (bytes so far),

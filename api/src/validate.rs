@@ -6,7 +6,10 @@
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-use crate::types::{Proto, PublicSpec};
+use crate::{
+    run::{PHASES, RunEvent},
+    types::{Proto, PublicSpec, migration_seq},
+};
 
 /// Longest host name.
 pub const HOST_NAME_MAX: usize = 32;
@@ -127,6 +130,93 @@ pub fn non_unicast_reason(ip: Ipv4Addr) -> Option<&'static str> {
         Some("the broadcast address")
     } else {
         None
+    }
+}
+
+/// Why `ip` cannot be a host's underlay address (a VTEP), if it cannot: what
+/// [`non_unicast_reason`] refuses, "this network" (`0.0.0.0/8`) and link-local addresses
+/// (`169.254.0.0/16`, never routed between hosts).
+pub fn underlay_reason(ip: Ipv4Addr) -> Option<&'static str> {
+    if let Some(why) = non_unicast_reason(ip) {
+        Some(why)
+    } else if ip.octets()[0] == 0 {
+        Some("in 0.0.0.0/8 (\"this network\")")
+    } else if ip.is_link_local() {
+        Some("a link-local address")
+    } else {
+        None
+    }
+}
+
+/// Why a migration id (in a path) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("migration id {id:?} is not m<number> (like m12)")]
+pub struct MigrationIdError {
+    pub id: String,
+}
+
+/// A migration id as the gateway makes them: `m<n>`, n ≥ 1 without a leading zero. Checked
+/// before an id names anything (a registry entry, a CRIU work directory, a log field).
+pub fn validate_migration_id(id: &str) -> Result<u64, MigrationIdError> {
+    migration_seq(id).ok_or_else(|| MigrationIdError { id: id.into() })
+}
+
+/// Most endpoints in one `POST /v1/endpoints`.
+pub const MAX_ENDPOINTS_PER_REQUEST: usize = 65_536;
+/// Longest `message` of a run event (an agent's progress line, a CRIU error).
+pub const MAX_EVENT_MESSAGE: usize = 16 * 1024;
+/// The kinds of a run event.
+pub const EVENT_KINDS: [&str; 5] = ["phase", "progress", "info", "done", "failed"];
+
+/// Why a run event (`POST /v1/runs/{id}/events`) is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RunEventError {
+    #[error("kind {kind:?} is not one of {EVENT_KINDS:?}")]
+    Kind { kind: String },
+    #[error("message is {len} bytes long: at most {MAX_EVENT_MESSAGE}")]
+    MessageTooLong { len: usize },
+    #[error("phase.name {name:?} is not one of {PHASES:?}")]
+    Phase { name: String },
+    #[error("{field} {value} is not a finite number ≥ 0")]
+    Number { field: &'static str, value: f64 },
+}
+
+/// Checks a run event's fields (the numbers are times and durations in ms: finite, ≥ 0).
+pub fn validate_run_event(e: &RunEvent) -> Result<(), RunEventError> {
+    if !EVENT_KINDS.contains(&e.kind.as_str()) {
+        return Err(RunEventError::Kind {
+            kind: e.kind.clone(),
+        });
+    }
+    if e.message.len() > MAX_EVENT_MESSAGE {
+        return Err(RunEventError::MessageTooLong {
+            len: e.message.len(),
+        });
+    }
+    let mut numbers = vec![("unix_ms", e.unix_ms)];
+    if let Some(p) = &e.phase {
+        if !PHASES.contains(&p.name.as_str()) {
+            return Err(RunEventError::Phase {
+                name: p.name.clone(),
+            });
+        }
+        numbers.extend([("phase.start_unix_ms", p.start_unix_ms), ("phase.ms", p.ms)]);
+    }
+    if let Some(c) = &e.criu {
+        numbers.extend([
+            ("criu.frozen_ms", c.frozen_ms),
+            ("criu.freezing_ms", c.freezing_ms),
+            ("criu.memory_dump_ms", c.memory_dump_ms),
+            ("criu.memory_write_ms", c.memory_write_ms),
+            ("criu.restore_ms", c.restore_ms),
+        ]);
+    }
+    match numbers
+        .into_iter()
+        .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+    {
+        Some((field, value)) => Err(RunEventError::Number { field, value }),
+        None => Ok(()),
     }
 }
 
@@ -414,5 +504,118 @@ mod tests {
         );
         assert_eq!(percent_encode("a-1_b~c"), "a-1_b~c");
         assert_eq!(percent_encode("a b&c"), "a%20b%26c");
+    }
+
+    #[test]
+    fn underlay_addresses() {
+        for (ip, want) in [
+            ("0.0.0.0", Some("the unspecified address")),
+            ("0.1.2.3", Some("in 0.0.0.0/8")),
+            ("127.0.0.1", Some("a loopback address")),
+            ("169.254.1.1", Some("a link-local address")),
+            ("224.0.0.5", Some("a multicast address")),
+            ("255.255.255.255", Some("the broadcast address")),
+            ("198.18.1.10", None),
+            ("10.0.0.1", None),
+            ("203.0.113.5", None),
+        ] {
+            let got = underlay_reason(ip.parse().unwrap());
+            match want {
+                Some(w) => assert!(got.is_some_and(|g| g.contains(w)), "{ip}: {got:?}"),
+                None => assert_eq!(got, None, "{ip}"),
+            }
+        }
+    }
+
+    #[test]
+    fn migration_ids() {
+        assert_eq!(validate_migration_id("m12"), Ok(12));
+        for bad in [
+            "", "m", "m0", "m01", "../m1", "m1/../x", "m1%2F..", "M1", "m-1", "m1 ",
+        ] {
+            let e = validate_migration_id(bad).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("{bad:?} is not m<number>")),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn run_events() {
+        use crate::run::{CriuStats, PhaseTiming};
+        let ok = RunEvent {
+            unix_ms: 1.0,
+            kind: "phase".into(),
+            message: "dump: 3 ms".into(),
+            phase: Some(PhaseTiming {
+                name: "dump".into(),
+                start_unix_ms: 1.0,
+                ms: 3.0,
+                bytes: None,
+            }),
+            bytes: Some(5),
+            criu: Some(CriuStats::default()),
+        };
+        validate_run_event(&ok).unwrap();
+        let phase = |name: &str, ms: f64| {
+            Some(PhaseTiming {
+                name: name.into(),
+                start_unix_ms: 1.0,
+                ms,
+                bytes: None,
+            })
+        };
+        let cases: Vec<(RunEvent, &str)> = vec![
+            (
+                RunEvent {
+                    kind: "pwned".into(),
+                    ..ok.clone()
+                },
+                "kind \"pwned\" is not one of",
+            ),
+            (
+                RunEvent {
+                    message: "x".repeat(MAX_EVENT_MESSAGE + 1),
+                    ..ok.clone()
+                },
+                "message is 16385 bytes long",
+            ),
+            (
+                RunEvent {
+                    phase: phase("../dump", 1.0),
+                    ..ok.clone()
+                },
+                "phase.name \"../dump\" is not one of",
+            ),
+            (
+                RunEvent {
+                    phase: phase("dump", -1.0),
+                    ..ok.clone()
+                },
+                "phase.ms -1 is not a finite number",
+            ),
+            (
+                RunEvent {
+                    unix_ms: f64::INFINITY,
+                    ..ok.clone()
+                },
+                "unix_ms inf is not a finite number",
+            ),
+            (
+                RunEvent {
+                    criu: Some(CriuStats {
+                        restore_ms: -5.0,
+                        ..CriuStats::default()
+                    }),
+                    ..ok.clone()
+                },
+                "criu.restore_ms -5",
+            ),
+        ];
+        for (e, want) in cases {
+            let got = validate_run_event(&e).unwrap_err().to_string();
+            assert!(got.contains(want), "want {want:?}, got {got:?}");
+        }
     }
 }

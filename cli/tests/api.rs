@@ -116,6 +116,27 @@ fn wrong_or_missing_token_is_401_and_changes_nothing() {
 /// method, path, body, status, code, text the message must contain.
 type Case<'a> = (&'a str, &'a str, Option<String>, u16, &'a str, &'a str);
 
+/// Sends each case: its status, code and message, and the registry's version unchanged.
+fn refused_each(env: &Env, cases: &[Case<'_>]) {
+    let version = env.version();
+    for (method, path, body, status, code, want) in cases {
+        let (s, v) = api(env.addr, method, path, body.as_deref());
+        let shown = body.as_deref().map(|b| &b[..b.len().min(120)]);
+        assert_eq!(s, *status, "{method} {path} {shown:?}: {v}");
+        assert_eq!(v["error"]["code"], *code, "{method} {path} {shown:?}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(want),
+            "{method} {path} {shown:?}: {msg:?} lacks {want:?}"
+        );
+        assert_eq!(
+            env.version(),
+            version,
+            "{method} {path} changed the version"
+        );
+    }
+}
+
 #[test]
 fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
     let env = Env::new(25_000);
@@ -189,16 +210,7 @@ fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
         ("GET", "/v1/nope", None, 404, "not_found", "no route GET /v1/nope"),
         ("PUT", "/v1/hosts", Some("{}".into()), 405, "bad_request", "method PUT is not allowed on /v1/hosts"),
     ];
-    for (method, path, body, status, code, want) in &cases {
-        let (s, v) = api(env.addr, method, path, body.as_deref());
-        assert_eq!(s, *status, "{method} {path} {body:?}: {v}");
-        assert_eq!(v["error"]["code"], *code, "{method} {path} {body:?}: {v}");
-        let msg = v["error"]["message"].as_str().unwrap();
-        assert!(
-            msg.contains(want),
-            "{method} {path} {body:?}: {msg:?} lacks {want:?}"
-        );
-    }
+    refused_each(&env, &cases);
     // Without a JSON content type.
     let auth = common::bearer();
     let (s, v, _) = raw(
@@ -220,6 +232,292 @@ fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
         "a refused request changed the registry"
     );
     assert_eq!(read(&env.state_file()), file_before);
+}
+
+/// The review of every field (docs/security.md, "Validation"): what an attacker or a careless
+/// orchestrator would send — names with path separators, ids that are not ids, addresses that
+/// cannot be a host's, out-of-range numbers, oversized lists, free-form strings — each refused
+/// with its 4xx naming the field, and nothing changed (the version, the state file).
+#[test]
+fn every_field_is_checked_and_a_refusal_changes_nothing() {
+    let env = Env::new(25_000);
+    let _d = env.start();
+    env.register_hosts();
+    let c = env.client();
+    block(c.add_endpoints(&[ep("10.244.1.5", "a1"), ep("10.244.2.5", "b1")])).unwrap();
+    let before = state(&env);
+    let file_before = read(&env.state_file());
+
+    let host = |name: &str, vtep: &str| {
+        format!(r#"{{"name":"{name}","vtep":"{vtep}","overlay_ip":"10.244.255.9"}}"#)
+    };
+    let too_many: Vec<Value> = (0..65_537u32)
+        .map(|i| json!({"ip": std::net::Ipv4Addr::from(0x0af4_0000 + 256 + i).to_string(), "host": "a1"}))
+        .collect();
+    let event = |kind: &str, extra: &str| {
+        format!(r#"{{"unix_ms":1.0,"kind":"{kind}","message":"x"{extra}}}"#)
+    };
+    let cases: Vec<Case<'_>> = vec![
+        // host names: in bodies, paths and queries
+        (
+            "POST",
+            "/v1/hosts",
+            Some(host("../a1", "198.18.9.1")),
+            400,
+            "bad_request",
+            "name: host name \"../a1\" contains '.'",
+        ),
+        (
+            "POST",
+            "/v1/hosts",
+            Some(host("a/b", "198.18.9.1")),
+            400,
+            "bad_request",
+            "contains '/'",
+        ),
+        (
+            "DELETE",
+            "/v1/hosts/..%2Fa1",
+            None,
+            400,
+            "bad_request",
+            "host name in the path: host name \"../a1\" contains '.'",
+        ),
+        (
+            "POST",
+            "/v1/hosts/A1/heartbeat",
+            None,
+            400,
+            "bad_request",
+            "host name in the path: host name \"A1\" contains 'A'",
+        ),
+        (
+            "GET",
+            "/v1/watch?host=..%2Fa1&after=0",
+            None,
+            400,
+            "bad_request",
+            "host: host name \"../a1\"",
+        ),
+        (
+            "GET",
+            "/v1/watch?host=&after=0",
+            None,
+            400,
+            "bad_request",
+            "host: host name is empty",
+        ),
+        // underlay addresses
+        (
+            "POST",
+            "/v1/hosts",
+            Some(host("c1", "169.254.7.1")),
+            400,
+            "invalid_address",
+            "vtep 169.254.7.1 is a link-local address",
+        ),
+        (
+            "POST",
+            "/v1/hosts",
+            Some(host("c1", "0.1.2.3")),
+            400,
+            "invalid_address",
+            "vtep 0.1.2.3 is in 0.0.0.0/8",
+        ),
+        (
+            "POST",
+            "/v1/hosts",
+            Some(host("c1", "127.0.0.1")),
+            400,
+            "invalid_address",
+            "vtep 127.0.0.1 is a loopback address",
+        ),
+        (
+            "POST",
+            "/v1/hosts",
+            Some(host("c1", "203.0.113.140")),
+            400,
+            "invalid_address",
+            "vtep 203.0.113.140 is inside public_cidrs 203.0.113.128/25",
+        ),
+        // list lengths
+        (
+            "POST",
+            "/v1/endpoints",
+            Some(json!({"endpoints": too_many}).to_string()),
+            400,
+            "bad_request",
+            "endpoints: 65537 in one request: at most 65536",
+        ),
+        // migrations: the destination's name, ids in paths, timeouts
+        (
+            "POST",
+            "/v1/migrations",
+            Some(r#"{"container":"10.244.1.5","to":"../b1"}"#.into()),
+            400,
+            "bad_request",
+            "to: host name \"../b1\"",
+        ),
+        (
+            "GET",
+            "/v1/migrations/..%2Fm1",
+            None,
+            400,
+            "bad_request",
+            "path: migration id \"../m1\" is not m<number>",
+        ),
+        (
+            "POST",
+            "/v1/migrations/m01/freeze",
+            None,
+            400,
+            "bad_request",
+            "migration id \"m01\" is not m<number>",
+        ),
+        (
+            "POST",
+            "/v1/migrations/x/release",
+            None,
+            400,
+            "bad_request",
+            "migration id \"x\"",
+        ),
+        (
+            "POST",
+            "/v1/migrations/..%2F..%2Fm1/abort",
+            None,
+            400,
+            "bad_request",
+            "migration id \"../../m1\"",
+        ),
+        (
+            "POST",
+            "/v1/migrations?timeout_ms=18446744073709551615",
+            Some(r#"{"container":"10.244.1.5","to":"b1"}"#.into()),
+            400,
+            "bad_request",
+            "timeout_ms 18446744073709551615 is out of range",
+        ),
+        (
+            "POST",
+            "/v1/migrations?timeout_ms=99999999999999999999999",
+            Some(r#"{"container":"10.244.1.5","to":"b1"}"#.into()),
+            400,
+            "bad_request",
+            "invalid query",
+        ),
+        (
+            "POST",
+            "/v1/migrations",
+            Some(r#"{"container":"0.0.0.0","to":"b1"}"#.into()),
+            404,
+            "unknown_endpoint",
+            "container 0.0.0.0 is not a registered endpoint",
+        ),
+        // runs: ids, names, events
+        (
+            "POST",
+            "/v1/runs",
+            Some(r#"{"container":"10.244.1.5","to":"B1"}"#.into()),
+            400,
+            "bad_request",
+            "to: host name \"B1\" contains 'B'",
+        ),
+        (
+            "POST",
+            "/v1/runs",
+            Some(r#"{"container":"10.244.1.5","to":"b1","lock":"none"}"#.into()),
+            400,
+            "bad_request",
+            "unknown variant `none`",
+        ),
+        (
+            "GET",
+            "/v1/runs/..%2Fm1",
+            None,
+            400,
+            "bad_request",
+            "migration id \"../m1\"",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1%2F..%2Fx/events",
+            Some(event("info", "")),
+            400,
+            "bad_request",
+            "migration id \"m1/../x\"",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1/events",
+            Some(event("pwned", "")),
+            400,
+            "bad_request",
+            "run event: kind \"pwned\" is not one of",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1/events",
+            Some(event("info", r#","colour":1"#)),
+            400,
+            "bad_request",
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1/events",
+            Some(event(
+                "phase",
+                r#","phase":{"name":"../dump","start_unix_ms":1.0,"ms":1.0}"#,
+            )),
+            400,
+            "bad_request",
+            "phase.name \"../dump\"",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1/events",
+            Some(event(
+                "phase",
+                r#","phase":{"name":"dump","start_unix_ms":1.0,"ms":-3.0}"#,
+            )),
+            400,
+            "bad_request",
+            "phase.ms -3 is not a finite number",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1/events",
+            Some(
+                json!({"unix_ms": 1.0, "kind": "info", "message": "x".repeat(16 * 1024 + 1)})
+                    .to_string(),
+            ),
+            400,
+            "bad_request",
+            "message is 16385 bytes long",
+        ),
+        (
+            "POST",
+            "/v1/runs/m1/events",
+            Some(event("info", "")),
+            404,
+            "unknown_migration",
+            "no run has id \"m1\"",
+        ),
+    ];
+    refused_each(&env, &cases);
+    assert_eq!(
+        state(&env),
+        before,
+        "a refused request changed the registry"
+    );
+    assert_eq!(read(&env.state_file()), file_before);
+    let (s, v) = api(env.addr, "GET", "/v1/migrations", None);
+    assert_eq!(
+        (s, v),
+        (200, json!([])),
+        "a refused prepare left a migration"
+    );
 }
 
 #[test]

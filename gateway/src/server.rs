@@ -187,6 +187,19 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
     }
 }
 
+/// A host name from a path or a query (`field` names where), checked before it is looked up.
+pub(crate) fn host_name_param(field: &str, name: &str) -> Result<(), ApiFailure> {
+    ferry_api::validate::validate_host_name(name)
+        .map_err(|e| ApiFailure::bad_request(format!("{field}: {e}")))
+}
+
+/// A migration id from a path (`m<n>`), checked before it is looked up.
+pub(crate) fn migration_id_param(id: &str) -> Result<(), ApiFailure> {
+    ferry_api::validate::validate_migration_id(id)
+        .map(drop)
+        .map_err(|e| ApiFailure::bad_request(format!("path: {e}")))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared state
 
@@ -616,6 +629,7 @@ async fn heartbeat(
     State(g): Shared,
     PathParam(name): PathParam,
 ) -> Result<Json<HostStatus>, ApiFailure> {
+    host_name_param("host name in the path", &name)?;
     let info = g.current().host(&name).cloned().ok_or_else(|| {
         ApiFailure::new(
             ErrorCode::UnknownHost,
@@ -635,6 +649,7 @@ async fn remove_host(
     State(g): Shared,
     PathParam(name): PathParam,
 ) -> Result<Json<HostStatus>, ApiFailure> {
+    host_name_param("host name in the path", &name)?;
     let (change, _) = g.change(Request::RemoveHost(name)).await?;
     let Change::HostRemoved { host: h, .. } = change else {
         unreachable!("remove host answered {change:?}")
@@ -712,6 +727,7 @@ async fn watch_snapshot(
     State(g): Shared,
     ApiQuery(q): ApiQuery<WatchQuery>,
 ) -> Result<Response, ApiFailure> {
+    host_name_param("host", &q.host)?;
     // Subscribe before reading the version: a change in between is not missed.
     let mut versions = g.version_tx.subscribe();
     let mut shutdown = g.shutdown_tx.subscribe();

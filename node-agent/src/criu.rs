@@ -108,6 +108,14 @@ impl Ctx {
     }
 }
 
+/// The `{migration}` of a path: an id as the gateway makes them (`m<n>`), checked before it
+/// names anything — a work directory (`<work_dir>/<id>-dump`), a restore's status, a log field.
+pub fn migration_param(id: &str) -> Result<(), Refusal> {
+    ferry_api::validate::validate_migration_id(id)
+        .map(drop)
+        .map_err(|e| Refusal::bad_request(format!("path: {e}")))
+}
+
 /// The peer API's bearer-token check.
 pub fn authorize(token: &str, headers: &HeaderMap) -> Result<(), Refusal> {
     crate::auth::authorize(Some(token), headers)
@@ -121,4 +129,28 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/restores/{migration}", axum::routing::get(dest::status))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_ids_in_paths_are_checked_before_use() {
+        migration_param("m12").unwrap();
+        // What axum hands a handler for `/v1/checkpoint/..%2F..%2Fetc`, and friends.
+        for bad in ["../../etc", "..", "m1/../../x", "", "m0", "m1-dump"] {
+            let e = migration_param(bad).unwrap_err();
+            assert_eq!(
+                (e.0, e.1),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{bad:?}"
+            );
+            assert!(
+                e.2.contains(&format!("{bad:?} is not m<number>")),
+                "{bad:?}: {}",
+                e.2
+            );
+        }
+    }
 }

@@ -56,6 +56,9 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Largest argv / env, in elements.
 pub const MAX_ARGS: usize = 4096;
+/// Longest argument, variable name or value: the kernel's `MAX_ARG_STRLEN` (32 pages), past
+/// which execve fails with E2BIG.
+pub const MAX_ARG_LEN: usize = 128 * 1024;
 /// Stack of the cloned child before it execs (it only makes a handful of system calls).
 const CHILD_STACK: usize = 64 * 1024;
 
@@ -137,6 +140,24 @@ pub fn validate(req: &StartRequest) -> Result<Vec<(String, String)>, RuntimeErro
     }
     if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
         return bad(format!("argv[{i}] contains a NUL byte"));
+    }
+    if let Some(i) = req.argv.iter().position(|a| a.len() >= MAX_ARG_LEN) {
+        return bad(format!(
+            "argv[{i}] is {} bytes long: at most {} (the kernel's limit)",
+            req.argv[i].len(),
+            MAX_ARG_LEN - 1
+        ));
+    }
+    if let Some(i) = req
+        .env
+        .iter()
+        .position(|(k, v)| k.len() + 1 + v.len() >= MAX_ARG_LEN)
+    {
+        return bad(format!(
+            "env[{i}] ({}) is too long: NAME=value at most {} bytes (the kernel's limit)",
+            req.env[i].0.chars().take(32).collect::<String>(),
+            MAX_ARG_LEN - 1
+        ));
     }
     let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
     for (i, (k, v)) in req.env.iter().enumerate() {
@@ -1201,6 +1222,17 @@ mod tests {
         assert_eq!(code(&req(&["/bin/sleep", "", "x y"], &[])), None);
         let msg = validate(&req(&["sleep"], &[])).unwrap_err().to_string();
         assert!(msg.contains("absolute"), "{msg}");
+        let long = "x".repeat(MAX_ARG_LEN);
+        let msg = validate(&req(&["/bin/echo", &long], &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("argv[1] is 131072 bytes long"), "{msg}");
+        let msg = validate(&req(&["/bin/true"], &[("A", &long)]))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("env[0] (A) is too long"), "{msg}");
+        let fits = "x".repeat(MAX_ARG_LEN - 3);
+        assert_eq!(code(&req(&["/bin/echo", &fits], &[("A", &fits)])), None);
     }
 
     #[test]

@@ -661,6 +661,25 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("unknown_migration"), "{body}");
+    // A migration id that is not `m<n>` never names a work directory: refused as such.
+    for (host, method, path, body) in [
+        (
+            "a1",
+            "POST",
+            "/v1/checkpoint/..%2F..%2Ftmp%2Fx",
+            Some(req.as_bytes()),
+        ),
+        ("b1", "POST", "/v1/images/..%2Fx", Some(&b"FERRYIMG1\n"[..])),
+        ("b1", "GET", "/v1/restores/..", None),
+    ] {
+        let (status, answer) = lab.agent_request(host, method, path, body).unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert_eq!(status, 400, "{method} {path}: {answer}");
+        assert!(
+            answer.contains("is not m<number>"),
+            "{method} {path}: {answer}"
+        );
+    }
     // The server was never touched.
     let p = running_on(&lab, "a1");
     assert_eq!(p.pid, pid);

@@ -41,6 +41,7 @@ use crate::{
     registry::{Change, Registry, Request},
     server::{
         ApiFailure, ApiJson, ApiQuery, Gateway, HostRuntime, PathParam, Shared, created, lock,
+        migration_id_param,
     },
 };
 
@@ -327,6 +328,7 @@ async fn list(State(g): Shared, ApiQuery(q): ApiQuery<MigrationsQuery>) -> Json<
 }
 
 async fn one(State(g): Shared, PathParam(id): PathParam) -> Result<Json<Migration>, ApiFailure> {
+    migration_id_param(&id)?;
     g.current()
         .migration(&id)
         .cloned()
@@ -367,6 +369,7 @@ async fn freeze(
     ApiQuery(q): ApiQuery<StepQuery>,
 ) -> Result<Response, ApiFailure> {
     let step = MigrationStepKind::Freeze;
+    migration_id_param(&id).inspect_err(|_| g.count_step(step, "refused"))?;
     let timeout = step_timeout(&g, &q).inspect_err(|_| g.count_step(step, "refused"))?;
     let prepared_version = g.current().live_migration(&id).map(|l| l.prepared_version);
     let half = g
@@ -417,6 +420,7 @@ async fn step(
     step: MigrationStepKind,
     q: StepQuery,
 ) -> Result<Response, ApiFailure> {
+    migration_id_param(&id).inspect_err(|_| g.count_step(step, "refused"))?;
     let timeout = step_timeout(&g, &q).inspect_err(|_| g.count_step(step, "refused"))?;
     let prepared_version = g.current().live_migration(&id).map(|l| l.prepared_version);
     let r = g

@@ -40,7 +40,9 @@ use ferry_api::{
 };
 use tracing::{error, info, warn};
 
-use crate::server::{ApiFailure, ApiJson, Gateway, PathParam, lock};
+use crate::server::{
+    ApiFailure, ApiJson, Gateway, PathParam, host_name_param, lock, migration_id_param,
+};
 
 /// Default port of every agent's peer API.
 pub const DEFAULT_AGENT_API_PORT: u16 = 7401;
@@ -197,6 +199,7 @@ async fn start(
     State(g): State<Arc<Gateway>>,
     ApiJson(req): ApiJson<RunRequest>,
 ) -> Result<Response, ApiFailure> {
+    host_name_param("to", &req.to)?;
     let (client, agent_port) = g.self_client()?;
     // Refuse what cannot run before preparing anything.
     let reg = g.current();
@@ -692,6 +695,7 @@ async fn one(
     State(g): State<Arc<Gateway>>,
     PathParam(id): PathParam,
 ) -> Result<Json<RunReport>, ApiFailure> {
+    migration_id_param(&id)?;
     lock(&g.runs.reports)
         .get(&id)
         .cloned()
@@ -710,6 +714,9 @@ async fn add_event(
     PathParam(id): PathParam,
     ApiJson(e): ApiJson<RunEvent>,
 ) -> Result<Json<serde_json::Value>, ApiFailure> {
+    migration_id_param(&id)?;
+    ferry_api::validate::validate_run_event(&e)
+        .map_err(|e| ApiFailure::bad_request(format!("run event: {e}")))?;
     let mut reports = lock(&g.runs.reports);
     let r = reports.get_mut(&id).ok_or_else(|| {
         ApiFailure::new(ErrorCode::UnknownMigration, format!("no run has id {id:?}"))
@@ -720,16 +727,10 @@ async fn add_event(
             format!("run {id} is {}: no more events", r.state.as_str()),
         ));
     }
-    if let Some(p) = &e.phase {
-        if !PHASES.contains(&p.name.as_str()) {
-            return Err(ApiFailure::bad_request(format!(
-                "unknown phase {:?}: one of {PHASES:?}",
-                p.name
-            )));
-        }
-        if r.phase(&p.name).is_none() {
-            r.phases.push(p.clone());
-        }
+    if let Some(p) = &e.phase
+        && r.phase(&p.name).is_none()
+    {
+        r.phases.push(p.clone());
     }
     if r.events.len() < 10_000 {
         r.events.push(e);

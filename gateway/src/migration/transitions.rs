@@ -182,6 +182,10 @@ impl Registry {
         now_ms: u64,
         run: bool,
     ) -> Result<Change, RegistryError> {
+        ferry_api::validate::validate_host_name(&to).map_err(|e| RegistryError {
+            code: ErrorCode::BadRequest,
+            message: format!("to: {e}"),
+        })?;
         let Some(endpoint) = self.endpoints.get(&container) else {
             return fail(
                 ErrorCode::UnknownEndpoint,

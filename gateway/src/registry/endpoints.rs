@@ -2,7 +2,8 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use ferry_api::{Endpoint, EndpointSpec, ErrorCode, MacAddr};
+use ferry_api::{Endpoint, EndpointSpec, ErrorCode, MacAddr, validate::MAX_ENDPOINTS_PER_REQUEST};
+use ferry_common::MAX_ENDPOINTS;
 
 use super::{Change, Registry, RegistryError, fail};
 impl Registry {
@@ -16,6 +17,21 @@ impl Registry {
                 "endpoints: the list is empty: give at least one endpoint",
             );
         }
+        if specs.len() > MAX_ENDPOINTS_PER_REQUEST {
+            return fail(
+                ErrorCode::BadRequest,
+                format!(
+                    "endpoints: {} in one request: at most {MAX_ENDPOINTS_PER_REQUEST}",
+                    specs.len()
+                ),
+            );
+        }
+        Self::check_capacity(
+            "overlay addresses (hosts and endpoints)",
+            self.hosts.len() + self.endpoints.len(),
+            specs.len(),
+            MAX_ENDPOINTS,
+        )?;
         let batch = specs.len() > 1;
         let mut seen_ip: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
         let mut seen_mac: BTreeMap<MacAddr, usize> = BTreeMap::new();
@@ -234,6 +250,54 @@ mod tests {
         for (req, code, want) in cases {
             refused(&mut r, req, code, want);
         }
+    }
+
+    /// `n` endpoints on a1 from `first` on (consecutive addresses).
+    fn many(first: u32, n: usize) -> Vec<EndpointSpec> {
+        (0..n as u32)
+            .map(|i| ep(&std::net::Ipv4Addr::from(first + i).to_string(), "a1"))
+            .collect()
+    }
+
+    #[test]
+    fn requests_and_the_registry_are_bounded() {
+        use ferry_api::validate::MAX_ENDPOINTS_PER_REQUEST;
+        // A /14: room for more than the agents' map holds.
+        let mut r = crate::registry::Registry::new(crate::registry::NetConfig {
+            overlay_cidr: "10.244.0.0/14".parse().unwrap(),
+            ..net()
+        });
+        r.apply(Request::RegisterHost(host(
+            "a1",
+            "198.18.1.10",
+            "10.247.255.1",
+        )))
+        .unwrap();
+        let base = u32::from(std::net::Ipv4Addr::new(10, 244, 0, 1));
+        refused(
+            &mut r,
+            Request::AddEndpoints(many(base, MAX_ENDPOINTS_PER_REQUEST + 1)),
+            ErrorCode::BadRequest,
+            "endpoints: 65537 in one request: at most 65536",
+        );
+        r.apply(Request::AddEndpoints(many(base, MAX_ENDPOINTS_PER_REQUEST)))
+            .unwrap();
+        let room = ferry_common::MAX_ENDPOINTS as usize - MAX_ENDPOINTS_PER_REQUEST - 1;
+        let next = base + MAX_ENDPOINTS_PER_REQUEST as u32;
+        refused(
+            &mut r,
+            Request::AddEndpoints(many(next, room + 1)),
+            ErrorCode::Conflict,
+            "the registry holds 65537 overlay addresses (hosts and endpoints): 65536 more \
+             would exceed 131072",
+        );
+        r.apply(Request::AddEndpoints(many(next, room))).unwrap();
+        refused(
+            &mut r,
+            Request::RegisterHost(host("b1", "198.18.2.10", "10.247.255.2")),
+            ErrorCode::Conflict,
+            "1 more would exceed 131072",
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@ use std::net::Ipv4Addr;
 
 use ferry_api::{
     ErrorCode, HostInfo, HostRole,
-    validate::{non_unicast_reason, validate_host_name},
+    validate::{underlay_reason, validate_host_name},
 };
+use ferry_common::{MAX_ENDPOINTS, MAX_VTEPS};
 
 use super::{Change, Registry, RegistryError, fail};
 impl Registry {
@@ -14,7 +15,7 @@ impl Registry {
             code: ErrorCode::BadRequest,
             message: format!("name: {m}"),
         })?;
-        if let Some(why) = non_unicast_reason(h.vtep) {
+        if let Some(why) = underlay_reason(h.vtep) {
             return fail(
                 ErrorCode::InvalidAddress,
                 format!(
@@ -32,11 +33,31 @@ impl Registry {
                 ),
             );
         }
+        if let Some(c) = self.net.public_cidrs.iter().find(|c| c.contains(&h.vtep)) {
+            return fail(
+                ErrorCode::InvalidAddress,
+                format!(
+                    "vtep {} is inside public_cidrs {c}: the gateway translates those addresses \
+                     to containers; want the host's underlay address",
+                    h.vtep
+                ),
+            );
+        }
         self.check_overlay_ip("overlay_ip", h.overlay_ip)?;
 
         let old = self.hosts.get(&h.name).cloned();
         if old.as_ref() == Some(&h) {
             return Ok(Change::HostUnchanged(h));
+        }
+        if old.is_none() {
+            // A host is a VTEP and an overlay address in every agent's maps.
+            Self::check_capacity("hosts", self.hosts.len(), 1, MAX_VTEPS)?;
+            Self::check_capacity(
+                "overlay addresses (hosts and endpoints)",
+                self.hosts.len() + self.endpoints.len(),
+                1,
+                MAX_ENDPOINTS,
+            )?;
         }
         for other in self.hosts.values().filter(|o| o.name != h.name) {
             if other.vtep == h.vtep {
@@ -252,6 +273,21 @@ mod tests {
                 "the broadcast address",
             ),
             (
+                host("c1", "0.1.2.3", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 0.1.2.3 is in 0.0.0.0/8",
+            ),
+            (
+                host("c1", "169.254.10.1", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 169.254.10.1 is a link-local address",
+            ),
+            (
+                host("c1", "203.0.113.140", "10.244.255.9"),
+                InvalidAddress,
+                "vtep 203.0.113.140 is inside public_cidrs 203.0.113.128/25",
+            ),
+            (
                 host("c1", "10.244.7.7", "10.244.255.9"),
                 InvalidAddress,
                 "vtep 10.244.7.7 is inside overlay_cidr 10.244.0.0/16",
@@ -301,6 +337,33 @@ mod tests {
         for (h, code, want) in cases {
             refused(&mut r, Request::RegisterHost(h), code, want);
         }
+    }
+
+    #[test]
+    fn at_most_max_vteps_hosts() {
+        let mut r = populated();
+        let n = ferry_common::MAX_VTEPS as usize - r.host_count();
+        for i in 0..n {
+            let h = host(
+                &format!("h{i}"),
+                &format!("198.19.{}.{}", i / 250, 1 + i % 250),
+                &format!("10.244.{}.{}", 100 + i / 250, 1 + i % 250),
+            );
+            r.apply(Request::RegisterHost(h)).unwrap();
+        }
+        refused(
+            &mut r,
+            Request::RegisterHost(host("one-more", "198.20.0.1", "10.244.254.1")),
+            ErrorCode::Conflict,
+            "the registry holds 4096 hosts: 1 more would exceed 4096",
+        );
+        // Re-registering (or updating) a host that is there still works at the cap.
+        r.apply(Request::RegisterHost(host(
+            "a1",
+            "198.18.1.11",
+            "10.244.255.1",
+        )))
+        .unwrap();
     }
 
     #[test]

@@ -290,6 +290,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Refuses a change that would make `count + adding` entries of what an agent's (or the
+    /// gateway's) map holds at most `max` of: beyond that the agents could not apply the
+    /// snapshot at all.
+    pub(crate) fn check_capacity(
+        what: &str,
+        count: usize,
+        adding: usize,
+        max: u32,
+    ) -> Result<(), RegistryError> {
+        if count.saturating_add(adding) > max as usize {
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "the registry holds {count} {what}: {adding} more would exceed {max}, the \
+                     size of the agents' map"
+                ),
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn host_with_overlay_ip(&self, ip: Ipv4Addr) -> Option<&HostInfo> {
         self.hosts.values().find(|h| h.overlay_ip == ip)
     }

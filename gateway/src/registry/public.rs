@@ -1,6 +1,7 @@
 //! Public mappings (a public IP, or IP:PORT/PROTO, to a container).
 
-use ferry_api::{ErrorCode, PublicKey, PublicSpec};
+use ferry_api::{ErrorCode, PublicKey, PublicSpec, validate::non_unicast_reason};
+use ferry_common::MAX_PUBLIC;
 
 use super::{Change, Registry, RegistryError, fail};
 impl Registry {
@@ -31,6 +32,12 @@ impl Registry {
             return fail(
                 ErrorCode::InvalidAddress,
                 format!("public {} is outside public_cidrs ({allowed})", spec.public),
+            );
+        }
+        if let Some(why) = non_unicast_reason(spec.public) {
+            return fail(
+                ErrorCode::InvalidAddress,
+                format!("public {} is {why}: want a unicast address", spec.public),
             );
         }
         let opt = |v: Option<String>| v.unwrap_or_else(|| "absent".into());
@@ -135,6 +142,7 @@ impl Registry {
                 }
             }
         }
+        Self::check_capacity("public mappings", self.public.len(), 1, MAX_PUBLIC)?;
         self.public.insert(key, spec.clone());
         Ok(Change::PublicAdded(spec))
     }
@@ -262,6 +270,40 @@ mod tests {
             );
         }
         assert_eq!(r.version(), v + 4);
+    }
+
+    #[test]
+    fn public_addresses_are_unicast() {
+        // A configuration whose public_cidrs reach into multicast and broadcast space.
+        let mut r = crate::registry::Registry::new(crate::registry::NetConfig {
+            public_cidrs: vec![
+                "224.0.0.0/24".parse().unwrap(),
+                "255.255.255.255/32".parse().unwrap(),
+            ],
+            ..net()
+        });
+        r.apply(Request::RegisterHost(host(
+            "a1",
+            "198.18.1.10",
+            "10.244.255.1",
+        )))
+        .unwrap();
+        r.apply(Request::AddEndpoints(vec![ep("10.244.1.5", "a1")]))
+            .unwrap();
+        for (public, want) in [
+            ("224.0.0.9", "public 224.0.0.9 is a multicast address"),
+            (
+                "255.255.255.255",
+                "public 255.255.255.255 is the broadcast address",
+            ),
+        ] {
+            refused(
+                &mut r,
+                Request::AddPublic(whole(public, "10.244.1.5")),
+                ErrorCode::InvalidAddress,
+                want,
+            );
+        }
     }
 
     #[test]

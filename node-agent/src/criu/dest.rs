@@ -81,6 +81,7 @@ pub async fn status(
     headers: HeaderMap,
 ) -> Result<Json<RestoreStatus>, Refusal> {
     authorize(&ctx.token, &headers)?;
+    super::migration_param(&id)?;
     let known = ctx
         .restores
         .lock()
@@ -103,6 +104,7 @@ pub async fn receive(
     body: Body,
 ) -> Result<Json<RestoreAnswer>, Refusal> {
     authorize(&ctx.token, &headers)?;
+    super::migration_param(&id)?;
     let (ip, netns) = expect(&ctx, &id).await?;
     if ctx.runtime.pid(ip).is_some() {
         return Err(Refusal::new(

@@ -69,6 +69,9 @@ async fn validate(ctx: &Ctx, id: &str, req: &CheckpointRequest) -> Result<PathBu
             ),
         ));
     }
+    if let Some(snapshot) = node.registry.as_deref() {
+        check_to_api(snapshot, &req.to, req.to_api)?;
+    }
     if m.phase != MigrationPhase::Prepared {
         return Err(bad(
             StatusCode::CONFLICT,
@@ -89,6 +92,33 @@ async fn validate(ctx: &Ctx, id: &str, req: &CheckpointRequest) -> Result<PathBu
     Ok(netns)
 }
 
+/// The images (the container's memory) go only to the destination host's own address: its
+/// registered vtep, on a real port. A `to_api` pointing anywhere else is refused.
+fn check_to_api(
+    snapshot: &ferry_api::Snapshot,
+    to: &str,
+    to_api: std::net::SocketAddr,
+) -> Result<(), Refusal> {
+    let vtep = snapshot.hosts.iter().find(|h| h.name == to).map(|h| h.vtep);
+    let refuse = |why: String| {
+        Err(bad(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("to_api {to_api}: {why}"),
+        ))
+    };
+    match vtep {
+        None => refuse(format!(
+            "host {to:?} is not in this host's registry snapshot"
+        )),
+        Some(v) if std::net::IpAddr::V4(v) != to_api.ip() => refuse(format!(
+            "not host {to}'s address (its vtep is {v}): images go only to the destination"
+        )),
+        Some(_) if to_api.port() == 0 => refuse("port 0 is not a port: want 1–65535".into()),
+        Some(_) => Ok(()),
+    }
+}
+
 /// `POST /v1/checkpoint/{migration}`.
 pub async fn checkpoint(
     State(ctx): State<Arc<Ctx>>,
@@ -97,6 +127,7 @@ pub async fn checkpoint(
     body: axum::body::Bytes,
 ) -> Result<Json<CheckpointAnswer>, Refusal> {
     authorize(&ctx.token, &headers)?;
+    super::migration_param(&id)?;
     let req: CheckpointRequest = serde_json::from_slice(&body).map_err(|e| {
         bad(
             StatusCode::BAD_REQUEST,
@@ -487,5 +518,55 @@ impl Ctx {
                 ("FERRY_HOST".into(), self.host.clone()),
             ])
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_go_only_to_the_destination_hosts_address() {
+        let snapshot = ferry_api::Snapshot {
+            version: 3,
+            overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            vni: 4242,
+            hosts: vec![ferry_api::HostInfo {
+                name: "b1".into(),
+                vtep: "198.18.2.10".parse().unwrap(),
+                overlay_ip: "10.244.255.3".parse().unwrap(),
+                role: ferry_api::HostRole::Host,
+            }],
+            endpoints: vec![],
+            public: vec![],
+            migrations: vec![],
+        };
+        check_to_api(&snapshot, "b1", "198.18.2.10:7401".parse().unwrap()).unwrap();
+        for (to, to_api, want) in [
+            (
+                "b1",
+                "203.0.113.66:7401",
+                "not host b1's address (its vtep is 198.18.2.10)",
+            ),
+            ("b1", "127.0.0.1:7401", "not host b1's address"),
+            ("b1", "198.18.2.10:0", "port 0 is not a port"),
+            (
+                "zz",
+                "198.18.2.10:7401",
+                "host \"zz\" is not in this host's registry",
+            ),
+        ] {
+            let e = check_to_api(&snapshot, to, to_api.parse().unwrap()).unwrap_err();
+            assert_eq!(
+                (e.0, e.1),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{to_api}"
+            );
+            assert!(
+                e.2.contains(&format!("to_api {to_api}: {want}")),
+                "{to_api}: {}",
+                e.2
+            );
+        }
     }
 }

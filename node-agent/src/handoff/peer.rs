@@ -53,6 +53,8 @@ async fn receive(
             package.container
         )));
     }
+    ferry_api::validate::validate_host_name(&package.from)
+        .map_err(|e| Refusal::bad_request(format!("from: {e}")))?;
     for (i, s) in package.sockets.iter().enumerate() {
         s.validate()
             .map_err(|e| Refusal::bad_request(format!("sockets[{i}]: {e}")))?;

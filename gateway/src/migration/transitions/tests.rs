@@ -107,6 +107,16 @@ fn prepare_rules() {
             BadRequest,
             "container 10.244.1.5 is already on host a1: nothing to migrate",
         ),
+        (
+            prepare("10.244.1.5", "../b1", T0),
+            BadRequest,
+            "to: host name \"../b1\" contains '.'",
+        ),
+        (
+            prepare("10.244.1.5", "", T0),
+            BadRequest,
+            "to: host name is empty",
+        ),
     ] {
         refused(&mut r, req, code, want);
     }
