@@ -118,7 +118,8 @@ impl FromStr for MacAddr {
         }
         let mut m = [0u8; 6];
         for (i, p) in parts.iter().enumerate() {
-            if p.len() != 2 {
+            // `from_str_radix` alone would also take a sign ("+f").
+            if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(format!(
                     "invalid MAC address {s:?}: {p:?} is not a hex pair"
                 ));

@@ -113,31 +113,32 @@ impl HoldQueues {
             .map_or((0, 0), |q| (q.frames.len(), q.bytes))
     }
 
-    /// A frame read from the hold device.
+    /// A frame read from the hold device. Counters saturate (loaded ones may start at the top).
     pub fn push(&mut self, frame: Vec<u8>) -> (Verdict, Option<Vec<u8>>) {
         let Some(dst) = frame_dst(&frame) else {
-            self.counters.malformed += 1;
+            self.counters.malformed = self.counters.malformed.saturating_add(1);
             return (Verdict::Malformed, None);
         };
         let limits = self.limits;
         match self.queues.get_mut(&dst) {
             None => {
-                self.counters.stragglers += 1;
+                self.counters.stragglers = self.counters.stragglers.saturating_add(1);
                 (Verdict::PassOn, Some(frame))
             }
             Some(_) if limits.mode == HoldMode::Drop => {
-                self.counters.dropped += 1;
+                self.counters.dropped = self.counters.dropped.saturating_add(1);
                 (Verdict::Dropped, None)
             }
             Some(q) => {
                 if q.frames.len() >= limits.max_packets || q.bytes + frame.len() > limits.max_bytes
                 {
-                    self.counters.overflow += 1;
+                    self.counters.overflow = self.counters.overflow.saturating_add(1);
                     return (Verdict::Overflow, None);
                 }
                 q.bytes += frame.len();
-                self.counters.held += 1;
-                self.counters.bytes_held += frame.len() as u64;
+                self.counters.held = self.counters.held.saturating_add(1);
+                self.counters.bytes_held =
+                    self.counters.bytes_held.saturating_add(frame.len() as u64);
                 q.frames.push_back(frame);
                 (Verdict::Held, None)
             }
@@ -151,7 +152,7 @@ impl HoldQueues {
             .remove(&ip)
             .map(|q| q.frames)
             .unwrap_or_default();
-        self.counters.released += frames.len() as u64;
+        self.counters.released = self.counters.released.saturating_add(frames.len() as u64);
         frames
     }
 
@@ -224,15 +225,17 @@ impl HoldQueues {
             queued.push((ip, frames));
         }
         // Parsed whole: only now does anything change.
+        // Saturating: the saved counters are read from a file (u64::MAX must not panic).
+        let c = self.counters;
         self.counters = HoldCounters {
-            held: n[0] + self.counters.held,
-            released: n[1] + self.counters.released,
-            overflow: n[2] + self.counters.overflow,
-            dropped: n[3] + self.counters.dropped,
-            stragglers: n[4] + self.counters.stragglers,
-            malformed: n[5] + self.counters.malformed,
-            bytes_held: n[6] + self.counters.bytes_held,
-            kept_over_restart: n[7] + self.counters.kept_over_restart,
+            held: n[0].saturating_add(c.held),
+            released: n[1].saturating_add(c.released),
+            overflow: n[2].saturating_add(c.overflow),
+            dropped: n[3].saturating_add(c.dropped),
+            stragglers: n[4].saturating_add(c.stragglers),
+            malformed: n[5].saturating_add(c.malformed),
+            bytes_held: n[6].saturating_add(c.bytes_held),
+            kept_over_restart: n[7].saturating_add(c.kept_over_restart),
         };
         let mut total = 0;
         for (ip, frames) in queued {
@@ -242,12 +245,12 @@ impl HoldQueues {
                 if q.frames.len() >= self.limits.max_packets
                     || q.bytes + f.len() > self.limits.max_bytes
                 {
-                    self.counters.overflow += 1;
+                    self.counters.overflow = self.counters.overflow.saturating_add(1);
                     continue;
                 }
                 q.bytes += f.len();
                 q.frames.push_back(f);
-                self.counters.kept_over_restart += 1;
+                self.counters.kept_over_restart = self.counters.kept_over_restart.saturating_add(1);
                 total += 1;
             }
         }
@@ -261,7 +264,7 @@ impl HoldQueues {
         };
         q.bytes = 0;
         let frames = std::mem::take(&mut q.frames);
-        self.counters.released += frames.len() as u64;
+        self.counters.released = self.counters.released.saturating_add(frames.len() as u64);
         frames
     }
 }

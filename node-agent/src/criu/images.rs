@@ -255,7 +255,7 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<(String, u64)>> {
     Ok(files)
 }
 
-/// Encodes the fixed parts around the file bodies.
+/// Encodes the fixed parts around the file bodies: magic, header length, header.
 fn encode_header(h: &Header) -> Vec<u8> {
     let json = serde_json::to_vec(h).expect("a header encodes");
     let mut out = Vec::with_capacity(MAGIC.len() + 4 + json.len());
@@ -265,11 +265,24 @@ fn encode_header(h: &Header) -> Vec<u8> {
     out
 }
 
+/// Encodes what precedes a file's bytes: name length, name, size.
 fn encode_file_head(name: &str, size: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + name.len() + 8);
     out.extend_from_slice(&(name.len() as u16).to_be_bytes());
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(&size.to_be_bytes());
+    out
+}
+
+/// A whole stream in memory: `files` (name, bytes) in the given order. For tests and tools;
+/// [`send`] streams from disk instead.
+pub fn encode_stream(h: &Header, files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = encode_header(h);
+    for (n, b) in files {
+        out.extend(encode_file_head(n, b.len() as u64));
+        out.extend_from_slice(b);
+    }
+    out.extend_from_slice(&0u16.to_be_bytes());
     out
 }
 
@@ -446,16 +459,6 @@ const CHUNK: usize = 256 * 1024;
 mod tests {
     use super::*;
 
-    fn stream(h: &Header, files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = encode_header(h);
-        for (n, b) in files {
-            out.extend(encode_file_head(n, b.len() as u64));
-            out.extend_from_slice(b);
-        }
-        out.extend_from_slice(&0u16.to_be_bytes());
-        out
-    }
-
     fn header() -> Header {
         Header {
             migration: "m1".into(),
@@ -470,7 +473,7 @@ mod tests {
     #[test]
     fn a_stream_fed_byte_by_byte_or_whole_writes_the_same_files() {
         let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let s = stream(
+        let s = encode_stream(
             &header(),
             &[
                 ("core-1.img", b"core"),
@@ -524,7 +527,7 @@ mod tests {
             }
         }
 
-        let s = stream(&header(), &[("pages-1.img", &[0u8; 1000])]);
+        let s = encode_stream(&header(), &[("pages-1.img", &[0u8; 1000])]);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut r = Receiver::new(dir.path(), 500);
         assert_eq!(r.feed(&s), Err(ImageError::TooLarge { limit: 500 }));
@@ -542,7 +545,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let mut r = Receiver::new(dir.path(), 1 << 20);
-        let dup = stream(&header(), &[("a.img", b"1"), ("a.img", b"2")]);
+        let dup = encode_stream(&header(), &[("a.img", b"1"), ("a.img", b"2")]);
         assert!(matches!(r.feed(&dup), Err(ImageError::Io { .. })));
     }
 
