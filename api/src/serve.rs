@@ -287,7 +287,9 @@ async fn accept_tls(
     }
     let accepted = tokio::time::timeout(
         limits.header_read,
-        tokio_rustls::TlsAcceptor::from(tls).accept(stream),
+        tokio_rustls::TlsAcceptor::from(tls)
+            .accept(stream)
+            .into_fallible(),
     )
     .await;
     let refused = |reason: String| {
@@ -297,7 +299,13 @@ async fn accept_tls(
     };
     let stream = match accepted {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return refused(e.to_string()),
+        Ok(Err((e, io))) => {
+            // The alert is sent: close our side and read what the client already sent (its
+            // request, in TLS 1.3), so the kernel ends with a FIN, not a reset that could
+            // destroy the alert before the client reads why it was refused.
+            tokio::spawn(linger(io, limits.header_read));
+            return refused(e.to_string());
+        }
         Err(_) => return refused("no complete handshake within the header timeout".into()),
     };
     let identity = stream
@@ -311,4 +319,22 @@ async fn accept_tls(
         Some(Err(e)) => refused(e.to_string()),
         None => refused("no client certificate".into()),
     }
+}
+
+/// Shuts the write side and drains the read side until the peer closes (at most `within`, at
+/// most 1 MiB), then drops the connection.
+async fn linger(mut io: TcpStream, within: std::time::Duration) {
+    use tokio::io::AsyncReadExt as _;
+    let _ = io.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left = 1usize << 20;
+    let _ = tokio::time::timeout(within, async {
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }

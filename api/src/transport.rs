@@ -287,7 +287,21 @@ impl Request {
                     .map_err(|e| {
                         tls_error(addr, &e).unwrap_or(HttpError::Connect { addr, source: e })
                     })?;
-                self.exchange_on(stream, addr, what).await
+                // In TLS 1.3 the server judges the client's certificate after the client's
+                // handshake is over, so its alert may surface in hyper as any failure (a
+                // canceled request, a reset): the alert recorded on the stream says why.
+                let alert = Arc::new(std::sync::Mutex::new(None));
+                let stream = Recorded {
+                    inner: stream,
+                    error: alert.clone(),
+                };
+                let r = self.exchange_on(stream, addr, what).await;
+                let seen = alert.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match (r, seen) {
+                    (Err(_), Some(e)) => Err(tls_error(addr, &io::Error::other(e))
+                        .expect("a rustls error is a TLS error")),
+                    (r, _) => r,
+                }
             }
         }
     }
@@ -376,6 +390,62 @@ fn classify(addr: SocketAddr, what: &str, e: hyper::Error) -> HttpError {
         addr,
         what: what.to_owned(),
         source: ProtocolError::Http(e),
+    }
+}
+
+/// A TLS stream that keeps the first TLS error its reads and writes met.
+struct Recorded<S> {
+    inner: S,
+    error: Arc<std::sync::Mutex<Option<rustls::Error>>>,
+}
+
+impl<S> Recorded<S> {
+    fn note<T>(&self, r: std::task::Poll<io::Result<T>>) -> std::task::Poll<io::Result<T>> {
+        if let std::task::Poll::Ready(Err(e)) = &r
+            && let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            let mut seen = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            seen.get_or_insert_with(|| tls.clone());
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.note(r)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.note(r)
     }
 }
 
