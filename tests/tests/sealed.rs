@@ -48,6 +48,8 @@ fn capture(lab: &Lab, file: &std::path::Path) -> Child {
         }
         line.clear();
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("tcpdump did not start: {line}");
 }
 
