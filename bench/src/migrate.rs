@@ -117,6 +117,10 @@ pub struct MigrateArgs {
     /// back while it still forwards is allowed).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub pause_ms: u64,
+    /// The lab's control plane in plain HTTP (`insecure_plaintext`) instead of TLS: run once
+    /// with and once without to compare.
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
 /// The two modes, each in a lab of its own.
@@ -416,8 +420,56 @@ pub struct ModeSummary {
     pub migrations_failed: u64,
     pub client: Option<ClientFigures>,
     pub per_migration: Vec<Migration>,
+    /// A registry change (`POST /v1/endpoints`) until every agent reported it applied,
+    /// [`REGISTRY_CHANGES`] times before the client starts: the control plane's latency.
+    pub registry_applied_ms_p50: Option<f64>,
+    pub registry_applied_ms_p99: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// Registry changes timed per mode (see [`ModeSummary::registry_applied_ms_p50`]).
+pub const REGISTRY_CHANGES: u8 = 20;
+
+/// Times [`REGISTRY_CHANGES`] registry changes, each from the answer of the gateway until every
+/// host's agent reported the new version applied (polled every millisecond).
+fn registry_latency(lab: &Lab) -> Result<Vec<f64>, MigrateError> {
+    lab.api(|client| async move {
+        let mut ms = Vec::new();
+        for i in 0..REGISTRY_CHANGES {
+            let spec = ferry_api::EndpointSpec {
+                ip: Ipv4Addr::new(10, 244, 3, 100 + i),
+                host: HOST_B.into(),
+                mac: None,
+            };
+            let t = Instant::now();
+            let added = client.add_endpoints(&[spec]).await.map_err(|e| e.to_string())?;
+            let version = client.version().await.map_err(|e| e.to_string())?;
+            loop {
+                let hosts = client.hosts().await.map_err(|e| e.to_string())?;
+                if hosts.iter().all(|h| h.applied_version >= version) {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    return Err(format!("version {version} not applied by every agent in 10 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            for e in added {
+                client.remove_endpoint(e.ip).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(ms)
+    })
+    .map_err(|source| MigrateError::Lab {
+        what: "registry latency",
+        source: Box::new(source),
+    })?
+    .map_err(|e| MigrateError::Lab {
+        what: "registry latency",
+        source: Box::new(LabError::io("timing registry changes", std::io::Error::other(e))),
+    })
 }
 
 impl ModeSummary {
@@ -455,6 +507,8 @@ impl ModeSummary {
             migrations_failed: (per_migration.len() - ok.len()) as u64,
             client,
             per_migration,
+            registry_applied_ms_p50: None,
+            registry_applied_ms_p99: None,
             error,
         }
     }
@@ -487,6 +541,8 @@ pub struct Params {
     pub container: &'static str,
     pub public: &'static str,
     pub hosts: [&'static str; 2],
+    /// `tls` or `plaintext` (`--plaintext`).
+    pub control_plane: &'static str,
     pub notes: [&'static str; 5],
 }
 
@@ -535,6 +591,7 @@ impl Report {
                 container: CONTAINER,
                 public: PUBLIC,
                 hosts: [HOST_A, HOST_B],
+                control_plane: if args.plaintext { "plaintext" } else { "tls" },
                 notes: NOTES,
             },
         }
@@ -577,6 +634,15 @@ impl Report {
                 }
                 None => s.push('\n'),
             }
+        }
+        for (name, m) in self.modes() {
+            let _ = writeln!(
+                s,
+                "{name}: registry change -> applied by every agent p50/p99 {}/{} ms (control plane: {})",
+                num(m.registry_applied_ms_p50),
+                num(m.registry_applied_ms_p99),
+                self.params.control_plane
+            );
         }
         let _ = writeln!(
             s,
@@ -663,6 +729,7 @@ fn run_mode(
     p.say(format!("{name}: bringing up a lab with agents"));
     let lab = match Lab::up(LabOptions {
         start_agents: true,
+        insecure_plaintext: args.plaintext,
         ..LabOptions::default()
     }) {
         Ok(lab) => lab,
@@ -734,6 +801,13 @@ fn measure_mode(
         "{name}: lab {} up; {CONTAINER} on {HOST_A} as {PUBLIC}, server PID {}",
         lab.prefix(),
         proc_.pid
+    ));
+
+    let registry = registry_latency(lab)?;
+    p.say(format!(
+        "{name}: registry change -> applied by every agent: p50 {} ms over {} changes",
+        fmt(median(&registry)),
+        registry.len()
     ));
 
     // The client, for the whole mode (retried while the server opens its socket).
@@ -904,13 +978,16 @@ fn measure_mode(
             figures.alive, args.connections, figures.closed_by_server, figures.errors
         ));
     }
-    Ok(ModeSummary::build(
+    let mut summary = ModeSummary::build(
         mode,
         per_migration,
         Some(figures),
         args.connections,
         error,
-    ))
+    );
+    summary.registry_applied_ms_p50 = median(&registry);
+    summary.registry_applied_ms_p99 = percentile_of(&registry, 99.0);
+    Ok(summary)
 }
 
 fn fmt(x: Option<f64>) -> String {
