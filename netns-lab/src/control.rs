@@ -52,7 +52,7 @@ impl ControlPlane {
     /// Writes a fresh random token (mode 0600) and the gateway's configuration.
     pub fn write_files(&self, t: &LabTopology) -> Result<(), LabError> {
         let dir = self.config.parent().expect("config has a parent");
-        std::fs::create_dir_all(dir)
+        ferry_api::private::create_dir(dir)
             .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
         let mut raw = [0u8; 24];
         File::open("/dev/urandom")
