@@ -48,6 +48,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ferry_overlay::sys::Mount;
 use ipnet::Ipv4Net;
 
 /// File system types detached from a container's mount namespace (besides fuse.*): CRIU
@@ -100,9 +101,8 @@ impl Isolation {
 
     /// The mount plan for a tree started now, from the agent's own mount table.
     pub fn plan(&self) -> io::Result<MountPlan> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
         let hide = hidden_roots(&self.hide);
-        let detach = to_detach(&parse_mountinfo(&mountinfo), &hide);
+        let detach = to_detach(&ferry_overlay::sys::mountinfo()?, &hide);
         let mut plan = MountPlan::default();
         for p in detach {
             plan.detach.push(c_path(&p)?);
@@ -441,49 +441,6 @@ fn c_path(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// One line of /proc/self/mountinfo: where, and what type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-}
-
-/// Mount points and types of a mountinfo text (in its order: parents before children).
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let mount_point = fields.get(4)?;
-            let sep = fields.iter().position(|f| *f == "-")?;
-            Some(MountEntry {
-                mount_point: PathBuf::from(unescape(mount_point)),
-                fs_type: (*fields.get(sep + 1)?).to_owned(),
-            })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The hidden paths without the ones inside another (covering the outer one hides them).
 pub fn hidden_roots(hide: &[PathBuf]) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = Vec::new();
@@ -496,8 +453,8 @@ pub fn hidden_roots(hide: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// The mount points to detach, deepest first (see the module's doc).
-pub fn to_detach(mounts: &[MountEntry], hide: &[PathBuf]) -> Vec<PathBuf> {
-    let mut v: Vec<&MountEntry> = mounts
+pub fn to_detach(mounts: &[Mount], hide: &[PathBuf]) -> Vec<PathBuf> {
+    let mut v: Vec<&Mount> = mounts
         .iter()
         .filter(|m| {
             let p = &m.mount_point;
@@ -518,6 +475,8 @@ pub fn to_detach(mounts: &[MountEntry], hide: &[PathBuf]) -> Vec<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use ferry_overlay::sys::parse_mountinfo;
+
     use super::*;
 
     const MOUNTINFO: &str = "\
@@ -535,16 +494,6 @@ mod tests {
 35 24 254:0 /srv /srv/with\\040space rw - ext4 /dev/vda rw
 36 24 254:0 /x /etc/ferry/keys rw - ext4 /dev/vda rw
 ";
-
-    #[test]
-    fn parses_mountinfo_with_escapes() {
-        let m = parse_mountinfo(MOUNTINFO);
-        assert_eq!(m.len(), 13);
-        assert_eq!(m[0].mount_point, Path::new("/"));
-        assert_eq!(m[9].fs_type, "nsfs");
-        assert_eq!(m[11].mount_point, Path::new("/srv/with space"));
-        assert_eq!(unescape("a\\134b\\011"), "a\\b\t");
-    }
 
     #[test]
     fn detaches_what_criu_cannot_dump_and_what_is_hidden_deepest_first() {
