@@ -46,6 +46,14 @@ while :; do
 done
 "#;
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
@@ -172,6 +180,17 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
         .filter(|d| d.starts_with("/dev/"))
         .unwrap_or_else(|| "/dev/vda".into());
     let s = |p: &Path| p.display().to_string();
+    let host_file = PathBuf::from(format!("/etc/ferry-secrets-probe-{}", lab.prefix()));
+    // Written by the probe only if the host's files are writable: removed however the test
+    // ends.
+    let _remove = RemoveOnDrop(host_file.clone());
+    let not_written = || {
+        assert!(
+            !host_file.exists(),
+            "the container wrote {}",
+            host_file.display()
+        )
+    };
     // (kind, label, target, is a secret: must be denied; otherwise a control: must succeed)
     let mut targets: Vec<(char, &str, String, bool)> = vec![
         ('r', "token", s(&cp.token_file), true),
@@ -211,7 +230,7 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
             format!("/proc/{}/root/", other.pid),
             true,
         ),
-        ('w', "host_file", "/etc/ferry-secrets-probe".into(), true),
+        ('w', "host_file", s(&host_file), true),
         // What hides the lab's directory (`[runtime] hide` has /run/ferry-lab).
         (
             'x',
@@ -259,7 +278,7 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let p = lab.start_process(ip(C), &argv).unwrap();
     check(p.pid, "a1", &secrets, &controls);
-    assert!(!Path::new("/etc/ferry-secrets-probe").exists());
+    not_written();
 
     // Moved by CRIU to b1 (another cloud): the restored tree is as sealed.
     let out = lab
@@ -283,7 +302,7 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
     assert_eq!(lab.endpoint_host(ip(C)).unwrap(), "b1");
     assert_ne!(moved.pid, p.pid);
     check(moved.pid, "b1", &secrets, &controls);
-    assert!(!Path::new("/etc/ferry-secrets-probe").exists());
+    not_written();
 
     // Root only on disk: the lab's directory, the token and the key files, the gateway's
     // state and run reports, the agents' state.
