@@ -101,6 +101,7 @@
 pub mod client;
 pub mod clock;
 pub mod faultpoint;
+pub mod private;
 pub mod run;
 pub mod serve;
 pub mod transport;

@@ -443,7 +443,10 @@ fn registry_latency(lab: &Lab) -> Result<Vec<f64>, MigrateError> {
                 mac: None,
             };
             let t = Instant::now();
-            let added = client.add_endpoints(&[spec]).await.map_err(|e| e.to_string())?;
+            let added = client
+                .add_endpoints(&[spec])
+                .await
+                .map_err(|e| e.to_string())?;
             let version = client.version().await.map_err(|e| e.to_string())?;
             loop {
                 let hosts = client.hosts().await.map_err(|e| e.to_string())?;
@@ -451,13 +454,18 @@ fn registry_latency(lab: &Lab) -> Result<Vec<f64>, MigrateError> {
                     break;
                 }
                 if t.elapsed() > Duration::from_secs(10) {
-                    return Err(format!("version {version} not applied by every agent in 10 s"));
+                    return Err(format!(
+                        "version {version} not applied by every agent in 10 s"
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             ms.push(t.elapsed().as_secs_f64() * 1e3);
             for e in added {
-                client.remove_endpoint(e.ip).await.map_err(|e| e.to_string())?;
+                client
+                    .remove_endpoint(e.ip)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(ms)
@@ -468,7 +476,10 @@ fn registry_latency(lab: &Lab) -> Result<Vec<f64>, MigrateError> {
     })?
     .map_err(|e| MigrateError::Lab {
         what: "registry latency",
-        source: Box::new(LabError::io("timing registry changes", std::io::Error::other(e))),
+        source: Box::new(LabError::io(
+            "timing registry changes",
+            std::io::Error::other(e),
+        )),
     })
 }
 
@@ -978,13 +989,8 @@ fn measure_mode(
             figures.alive, args.connections, figures.closed_by_server, figures.errors
         ));
     }
-    let mut summary = ModeSummary::build(
-        mode,
-        per_migration,
-        Some(figures),
-        args.connections,
-        error,
-    );
+    let mut summary =
+        ModeSummary::build(mode, per_migration, Some(figures), args.connections, error);
     summary.registry_applied_ms_p50 = median(&registry);
     summary.registry_applied_ms_p99 = percentile_of(&registry, 99.0);
     Ok(summary)

@@ -22,6 +22,10 @@
 //! handoff_max_bytes = 268435456              # hand-off packages kept waiting for a claim
 //! state_dir = "/run/ferry/agent"             # what a restarted agent adopts (process trees, ...)
 //!
+//! [runtime]                     # the agent's own containers (optional)
+//! uid_base = 0                  # 0: uid 0 (no capabilities); else uid_base + offset in overlay_cidr
+//! hide = ["/etc/ferry", "/var/lib/ferry", "/run/ferry", "/run/ferry-lab"]
+//!
 //! [gateway]                     # the registry this agent follows (optional)
 //! address = "198.18.0.10:7400"
 //! token_file = "/etc/ferry/token"
@@ -49,9 +53,11 @@ use serde::{Deserialize, Serialize};
 mod criu;
 mod hold;
 pub mod metrics;
+mod runtime;
 
 pub use criu::CriuConfig;
 pub use hold::{HoldLimits, HoldMode};
+pub use runtime::RuntimeConfig;
 
 /// Default UDP port of VXLAN (IANA).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -157,6 +163,9 @@ pub struct AgentConfig {
     /// requests and images then cross the underlay in clear. For benchmarks only.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// The container runtime's isolation: the containers' uids, what they cannot see.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 /// How the agent reaches the gateway's API.
@@ -174,6 +183,17 @@ pub struct Peer {
     pub name: String,
     pub vtep: Ipv4Addr,
     pub overlay_ip: Ipv4Addr,
+}
+
+/// The uid (and gid) of container `ip`'s processes: 0 if `uid_base` is 0, else `uid_base` +
+/// the address's offset in `overlay` (see [`RuntimeConfig::uid_base`]).
+pub fn container_uid(uid_base: u32, overlay: Ipv4Net, ip: Ipv4Addr) -> u32 {
+    if uid_base == 0 {
+        return 0;
+    }
+    let offset =
+        u32::from(ip).wrapping_sub(u32::from(overlay.network())) & !u32::from(overlay.netmask());
+    uid_base.saturating_add(offset)
 }
 
 /// Default prefix of container network namespace names.
@@ -283,6 +303,27 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// The uid (and gid) of container `ip`'s processes: 0, or `[runtime] uid_base` + the
+    /// address's offset in `overlay_cidr` (the same on every host).
+    pub fn container_uid(&self, ip: Ipv4Addr) -> u32 {
+        container_uid(self.runtime.uid_base, self.overlay_cidr, ip)
+    }
+
+    /// What no container may see: `[runtime] hide` and every secret this configuration names
+    /// (the state directory, CRIU's images, the token file, the hand-off socket's directory).
+    pub fn container_hidden_paths(&self) -> Vec<PathBuf> {
+        let mut v = self.runtime.hide.clone();
+        v.push(self.state_dir.clone());
+        v.push(self.criu.work_dir.clone());
+        if let Some(g) = &self.gateway {
+            v.push(g.token_file.clone());
+        }
+        if let Some(dir) = self.handoff_socket.parent() {
+            v.push(dir.to_owned());
+        }
+        v
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("AgentConfig always serialises")
     }
@@ -384,6 +425,22 @@ impl AgentConfig {
             }
             _ => {}
         }
+        let span = 1u64 << (32 - self.overlay_cidr.prefix_len());
+        if u64::from(self.runtime.uid_base) + span > u64::from(u32::MAX) {
+            return err(
+                "runtime.uid_base",
+                format!(
+                    "{} must leave room for the {span} addresses of overlay_cidr below 2^32 - 1",
+                    self.runtime.uid_base
+                ),
+            );
+        }
+        if let Some(p) = self.runtime.hide.iter().find(|p| !p.is_absolute()) {
+            return err(
+                "runtime.hide",
+                format!("{} must be an absolute path", p.display()),
+            );
+        }
         match (self.role, &self.public_interface) {
             (HostRole::Gateway, None) => {
                 return err(
@@ -454,6 +511,40 @@ overlay_ip = "10.244.255.2"
         assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
         let again = AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn containers_get_one_uid_each_and_the_secrets_are_listed() {
+        let c = AgentConfig::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.runtime, RuntimeConfig::default());
+        assert_eq!(c.container_uid(Ipv4Addr::new(10, 244, 1, 10)), 0);
+        let mut c2 = c.clone();
+        c2.runtime.uid_base = 1_000_000;
+        assert_eq!(
+            c2.container_uid(Ipv4Addr::new(10, 244, 1, 10)),
+            1_000_000 + 266
+        );
+        assert_eq!(c2.container_uid(Ipv4Addr::new(10, 244, 0, 1)), 1_000_001);
+        let hidden = c.container_hidden_paths();
+        for p in [
+            "/etc/ferry",
+            "/run/ferry-lab",
+            DEFAULT_STATE_DIR,
+            "/run/ferry/criu",
+        ] {
+            assert!(hidden.iter().any(|h| h == Path::new(p)), "{p}: {hidden:?}");
+        }
+        let custom = format!("{GOOD}\n[runtime]\nuid_base = 5000\nhide = [\"/srv/keys\"]\n");
+        let c = AgentConfig::parse(Path::new("t.toml"), &custom).unwrap();
+        assert_eq!(c.container_uid(Ipv4Addr::new(10, 244, 0, 7)), 5007);
+        assert_eq!(c.container_hidden_paths()[0], Path::new("/srv/keys"));
+        for bad in ["uid_base = 4294967000", "hide = [\"relative\"]"] {
+            let text = format!("{GOOD}\n[runtime]\n{bad}\n");
+            let e = AgentConfig::parse(Path::new("t.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("runtime."), "{bad}: {e}");
+        }
     }
 
     #[test]

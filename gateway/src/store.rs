@@ -102,7 +102,7 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         };
-        fs::create_dir_all(dir).map_err(dir_err)?;
+        ferry_api::private::create_dir(dir).map_err(dir_err)?;
         let lock = OpenOptions::new()
             .write(true)
             .create(true)

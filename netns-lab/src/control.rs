@@ -119,6 +119,8 @@ impl ControlPlane {
         let err = |e: ferry_tls::TlsError| {
             LabError::io("making the lab's TLS material", std::io::Error::other(e))
         };
+        ferry_api::private::create_dir(&self.tls_dir)
+            .map_err(|e| LabError::io(format!("creating {}", self.tls_dir.display()), e))?;
         let ca = Ca::generate("ferry lab CA", Validity::days(30)).map_err(err)?;
         ca.save(&self.tls_dir.join("ca")).map_err(err)?;
         let mut parties = vec![
@@ -143,7 +145,7 @@ impl ControlPlane {
     /// gateway's configuration.
     pub fn write_files(&self, t: &LabTopology, plaintext: bool) -> Result<(), LabError> {
         let dir = self.config.parent().expect("config has a parent");
-        std::fs::create_dir_all(dir)
+        ferry_api::private::create_dir(dir)
             .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
         let mut raw = [0u8; 24];
         File::open("/dev/urandom")

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::process::CommandExt,
+    os::unix::{fs::DirBuilderExt as _, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant, SystemTime},
@@ -779,7 +779,11 @@ fn create_state_dir() -> Result<String, LabError> {
         if taken {
             continue;
         }
-        match std::fs::create_dir(state::state_dir(&prefix)) {
+        // Root only: the lab's token, keys, state and the agents' and gateway's files.
+        match std::fs::DirBuilder::new()
+            .mode(ferry_api::private::DIR_MODE)
+            .create(state::state_dir(&prefix))
+        {
             Ok(()) => return Ok(prefix),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => {
@@ -1039,7 +1043,7 @@ impl Builder {
         for h in &t.hosts {
             let gateway_role = h.role == Role::Gateway && h.public_address.is_some();
             let dir = self.dir().join(&h.name);
-            std::fs::create_dir_all(&dir)
+            ferry_api::private::create_dir(&dir)
                 .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
             let cfg = AgentConfig {
                 host: h.name.clone(),
@@ -1092,6 +1096,9 @@ impl Builder {
                 },
                 // What a restarted agent adopts, per host, in the lab's state directory.
                 state_dir: agent_state_dir(self.prefix(), &h.name),
+                // The default hides /run/ferry-lab (every lab's token, keys and state) and
+                // the agent's own directories from the containers.
+                runtime: Default::default(),
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())

@@ -72,7 +72,7 @@ impl LabState {
         let path = state_file(&self.prefix);
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(self).expect("state always serialises");
-        std::fs::write(&tmp, text)
+        ferry_api::private::write_file(&tmp, text.as_bytes())
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| LabError::io(format!("writing {}", path.display()), e))
     }

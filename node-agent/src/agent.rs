@@ -37,7 +37,7 @@ use crate::{
     node::{Announcements, Applied, Hold, Leftovers, Node},
     peer_api::{self, PeerApi},
     plan,
-    runtime::{Runtime, store::write_atomic},
+    runtime::{Isolation, Runtime, store::write_atomic},
     sync,
 };
 
@@ -52,7 +52,7 @@ pub const LOCK_FILE: &str = "agent.lock";
 /// exits): one agent per host, and no teardown under a running agent.
 fn lock_state_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd as _;
-    std::fs::create_dir_all(dir)
+    ferry_api::private::create_dir(dir)
         .with_context(|| format!("creating the state directory {}", dir.display()))?;
     let path = dir.join(LOCK_FILE);
     let f = std::fs::OpenOptions::new()
@@ -288,7 +288,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     // The container runtime: the agent becomes a child subreaper (CRIU-restored trees are
     // reparented to it) and reaps the processes it starts or adopts.
-    let runtime = Runtime::new(&cfg.host, Some(&cfg.state_dir))?;
+    let runtime = Runtime::new(
+        &cfg.host,
+        Some(&cfg.state_dir),
+        Isolation::from_config(&cfg),
+    )?;
     adopt_unrecorded_processes(&cfg, &runtime).await;
     let server_tls = tls.as_ref().map(|t| t.server_config());
     let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime, server_tls).await {
@@ -465,7 +469,11 @@ async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime) {
 pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
     let lock = lock_state_dir(&cfg.state_dir)?;
     let mut errors: Vec<String> = Vec::new();
-    let runtime = Runtime::new(&cfg.host, Some(&cfg.state_dir))?;
+    let runtime = Runtime::new(
+        &cfg.host,
+        Some(&cfg.state_dir),
+        Isolation::from_config(&cfg),
+    )?;
     runtime.shutdown().await;
     let nl = Netlink::open()?;
     let net = HostNetwork {

@@ -225,10 +225,14 @@ impl HostNetwork {
         host_if: &str,
     ) -> Result<u32, ContainerError> {
         let ip = c.ip;
-        // IPv4 only for now: no router solicitations or MLD from the container.
+        // IPv4 only for now: no router solicitations or MLD from the container. Its
+        // processes run unprivileged (runtime::isolation): they may still bind any port and
+        // ping, as in other container runtimes.
         netns::run_in_async(path, || -> std::io::Result<()> {
             sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
-            sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+            sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")?;
+            sys::write_sysctl("net/ipv4/ip_unprivileged_port_start", "0")?;
+            sys::write_sysctl("net/ipv4/ping_group_range", "0 2147483647")
         })
         .await
         .map_err(|source| ContainerError::NetNs { ip, source })?

@@ -302,7 +302,8 @@ impl Handoff {
 /// Binds the hand-off socket (mode 0600), replacing a stale one nobody serves.
 fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        ferry_api::private::create_dir(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {

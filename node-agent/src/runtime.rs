@@ -2,10 +2,10 @@
 //! and restore.
 //!
 //! A started process is PID 1 of a new PID namespace, inside the container's network namespace
-//! (entered with setns(2) on a dedicated thread, never across an `.await`), in the host's mount
-//! namespace (no private mount namespace: CRIU needs /proc and /sys/fs/bpf as the agent sees
-//! them), a session leader, with stdin/stdout/stderr on /dev/null, cwd `/`, and an environment
-//! of `PATH` plus what the request adds. The agent is its parent.
+//! (entered with setns(2) on a dedicated thread, never across an `.await`), in a private mount
+//! namespace that hides the host's secrets, without any privilege ([`isolation`]: CRIU dumps
+//! and restores that namespace), a session leader, with stdin/stdout/stderr on /dev/null, cwd
+//! `/`, and an environment of `PATH` plus what the request adds. The agent is its parent.
 //!
 //! The agent is also a child subreaper (`PR_SET_CHILD_SUBREAPER`): a tree CRIU restores with
 //! `--restore-detached`, CRIU run as the agent's child, is orphaned when CRIU exits and so
@@ -26,6 +26,7 @@
 //! explicit teardown kills them ([`Runtime::shutdown`]).
 
 pub mod api;
+pub mod isolation;
 pub mod store;
 
 use std::{
@@ -47,6 +48,8 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::{info, warn};
+
+pub use isolation::{Isolation, MountPlan};
 
 /// `PATH` of every started process (the request may add variables, or replace this one).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -347,6 +350,7 @@ struct Inner {
     reaper: Mutex<Option<JoinHandle<()>>>,
     /// Where the state is kept across restarts (`None`: in memory only).
     store: Option<store::Store>,
+    isolation: Isolation,
 }
 
 /// The agent's container runtime. Cheap to clone (an `Arc` inside).
@@ -445,7 +449,7 @@ impl Runtime {
     /// Makes the agent a child subreaper and starts the reaper task. With `state_dir`, the
     /// runtime's state is kept in `state_dir/runtime.json`, and the trees recorded there that
     /// still run are re-adopted now. Call inside the tokio runtime.
-    pub fn new(host: &str, state_dir: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn new(host: &str, state_dir: Option<&Path>, isolation: Isolation) -> anyhow::Result<Self> {
         // SAFETY: prctl with integer arguments; affects only this process.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
         if rc != 0 {
@@ -479,6 +483,7 @@ impl Runtime {
             state: Mutex::new(state),
             reaper: Mutex::new(None),
             store,
+            isolation,
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let task = tokio::spawn(async move {
@@ -690,7 +695,14 @@ impl Runtime {
         let argv = req.argv.clone();
         let path: PathBuf = netns.to_owned();
         let ns = path.clone();
-        let joined = netns::run_in_async(&ns, move || spawn_in_current_netns(&argv, &env)).await;
+        let plan = self
+            .inner
+            .isolation
+            .plan()
+            .map_err(|e| failed("reading /proc/self/mountinfo", e))?;
+        let uid = self.inner.isolation.uid(ip);
+        let joined =
+            netns::run_in_async(&ns, move || spawn_in_current_netns(&argv, &env, uid, &plan)).await;
         match joined {
             Ok(Ok(pid)) => Ok(pid),
             Ok(Err((what, e))) => Err(failed(what, e)),
@@ -1017,16 +1029,18 @@ struct ChildArgs {
     path: *const c_char,
     argv: *const *const c_char,
     envp: *const *const c_char,
-    devnull: c_int,
     status_fd: c_int,
     empty_mask: libc::sigset_t,
+    plan: isolation::ChildPlan,
 }
 
-/// Stages the child reports, with the errno, on the status pipe.
+/// Stages the child reports, with the errno, on the status pipe (the isolation's own are
+/// numbered from [`isolation::FIRST_STAGE`]).
 const STAGE_SETSID: i32 = 1;
 const STAGE_DUP2: i32 = 2;
 const STAGE_CHDIR: i32 = 3;
 const STAGE_EXEC: i32 = 4;
+const STAGE_DEVNULL: i32 = 5;
 
 fn stage_name(stage: i32) -> &'static str {
     match stage {
@@ -1034,7 +1048,8 @@ fn stage_name(stage: i32) -> &'static str {
         STAGE_DUP2 => "redirecting stdio to /dev/null",
         STAGE_CHDIR => "chdir /",
         STAGE_EXEC => "execve",
-        _ => "the child",
+        STAGE_DEVNULL => "opening /dev/null",
+        s => isolation::stage_name(s).unwrap_or("the child"),
     }
 }
 
@@ -1065,13 +1080,28 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         if libc::setsid() < 0 {
             fail(STAGE_SETSID);
         }
+        // The private mount namespace, then no privileges (see `isolation`).
+        if let Err(stage) = isolation::enter_mount_namespace(&a.plan) {
+            fail(stage);
+        }
+        // Opened in the new namespace: CRIU resolves an fd's mount in the tree's own.
+        let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if devnull < 0 {
+            fail(STAGE_DEVNULL);
+        }
         for fd in 0..3 {
-            if libc::dup2(a.devnull, fd) < 0 {
+            if libc::dup2(devnull, fd) < 0 {
                 fail(STAGE_DUP2);
             }
         }
+        if devnull > 2 {
+            libc::close(devnull);
+        }
         if libc::chdir(c"/".as_ptr()) < 0 {
             fail(STAGE_CHDIR);
+        }
+        if let Err(stage) = isolation::drop_privileges(&a.plan) {
+            fail(stage);
         }
         // No descriptor of the agent's leaks into the container (CRIU would have to dump it).
         libc::syscall(
@@ -1085,12 +1115,15 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     }
 }
 
-/// Clones a child in a new PID namespace (in the calling thread's network namespace) that
-/// execs `argv` with `env`; returns its PID once the exec succeeded. On failure: which step,
-/// and the error (the failed child is reaped).
+/// Clones a child in new PID and mount namespaces (in the calling thread's network
+/// namespace) that applies `plan`, becomes `uid`, and execs `argv` with `env`; returns its
+/// PID once the exec succeeded. On failure: which step, and the error (the failed child is
+/// reaped).
 fn spawn_in_current_netns(
     argv: &[String],
     env: &[(String, String)],
+    uid: u32,
+    plan: &MountPlan,
 ) -> Result<i32, (&'static str, io::Error)> {
     let invalid = |what| (what, io::Error::from(io::ErrorKind::InvalidInput));
     // Everything the child touches, prepared now.
@@ -1108,11 +1141,7 @@ fn spawn_in_current_netns(
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
-    let devnull = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .map_err(|e| ("opening /dev/null", e))?;
+    let lists = plan.pointers();
     let mut fds = [0 as c_int; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -1131,9 +1160,9 @@ fn spawn_in_current_netns(
         path: c_argv[0].as_ptr(),
         argv: argv_ptrs.as_ptr(),
         envp: env_ptrs.as_ptr(),
-        devnull: devnull.as_raw_fd(),
         status_fd: status_w.as_raw_fd(),
         empty_mask,
+        plan: lists.child_plan(uid),
     };
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down: its top, 16-byte aligned.
@@ -1144,16 +1173,18 @@ fn spawn_in_current_netns(
         libc::clone(
             child_main,
             top,
-            libc::CLONE_NEWPID | libc::SIGCHLD,
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD,
             &args as *const ChildArgs as *mut c_void,
         )
     };
     if pid < 0 {
-        return Err(("clone(CLONE_NEWPID)", io::Error::last_os_error()));
+        return Err((
+            "clone(CLONE_NEWPID | CLONE_NEWNS)",
+            io::Error::last_os_error(),
+        ));
     }
     drop(status_w);
     drop(stack);
-    drop(devnull);
     // Until EOF: nothing means the exec succeeded (the pipe closed on exec).
     let mut report = [0u8; 8];
     let mut got = 0;
@@ -1426,7 +1457,7 @@ mod tests {
         };
         std::fs::create_dir_all(&dir).unwrap();
         store::write_atomic(&dir.join(store::FILE), &serde_json::to_vec(&saved).unwrap()).unwrap();
-        let rt = Runtime::new("t", Some(&dir)).unwrap();
+        let rt = Runtime::new("t", Some(&dir), isolation(Vec::new())).unwrap();
         let p = rt.get(Ipv4Addr::new(10, 244, 1, 10)).unwrap();
         assert!(p.running, "{p:?}");
         let q = rt.get(Ipv4Addr::new(10, 244, 1, 11)).unwrap();
@@ -1441,6 +1472,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn isolation(hide: Vec<PathBuf>) -> Isolation {
+        Isolation {
+            uid_base: 1_000_000,
+            overlay: "10.244.0.0/16".parse().unwrap(),
+            hide,
+        }
+    }
+
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() == 0 }
@@ -1453,7 +1492,10 @@ mod tests {
             eprintln!("SKIP: needs root");
             return;
         }
-        let rt = Runtime::new("test", None).unwrap();
+        let secrets = std::env::temp_dir().join(format!("ferry-rt-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("token"), "s3cret").unwrap();
+        let rt = Runtime::new("test", None, isolation(vec![secrets.clone()])).unwrap();
         let ip = Ipv4Addr::new(10, 244, 9, 9);
         let ns = Path::new("/proc/self/ns/net");
         let missing = rt
@@ -1471,6 +1513,56 @@ mod tests {
         let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap();
         let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
         assert!(nspid.trim_end().ends_with("\t1"), "{nspid}");
+        // Isolated: its own uid (1000000 + 9 * 256 + 9) and mount namespace, no capability,
+        // no_new_privs, the hidden directory empty, its own /proc.
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap()
+        };
+        assert_eq!(field("Uid:"), "1002313 1002313 1002313 1002313");
+        assert_eq!(field("Gid:"), "1002313 1002313 1002313 1002313");
+        assert_eq!(field("Groups:"), "");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        assert_eq!(field("CapPrm:"), "0000000000000000");
+        assert_eq!(field("CapBnd:"), "0000000000000000");
+        assert_eq!(field("NoNewPrivs:"), "1");
+        let mnt = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(mnt(&p.pid.to_string()), mnt("self"));
+        let root = PathBuf::from(format!("/proc/{}/root", p.pid));
+        assert!(secrets.join("token").exists());
+        let inside = root.join(secrets.strip_prefix("/").unwrap());
+        assert_eq!(std::fs::read_dir(&inside).unwrap().count(), 0, "{inside:?}");
+        let procs: Vec<String> = std::fs::read_dir(root.join("proc"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.parse::<u32>().is_ok())
+            .collect();
+        assert_eq!(procs, ["1"], "its /proc shows only its own PID namespace");
+        let mut dev: Vec<String> = std::fs::read_dir(root.join("dev"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        dev.sort();
+        assert_eq!(
+            dev,
+            [
+                "fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "tty",
+                "urandom", "zero"
+            ]
+        );
+        let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", p.pid)).unwrap();
+        let root_mount = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .unwrap();
+        assert!(root_mount.contains(" ro,"), "{root_mount}");
+        assert!(
+            !mounts.contains(" nsfs ") && !mounts.contains(" bpf "),
+            "{mounts}"
+        );
         let again = rt
             .start(ip, ns, &req(&["/bin/sleep", "30"], &[]))
             .await
@@ -1492,5 +1584,6 @@ mod tests {
         assert_eq!(rt.get(ip).unwrap().ended.as_deref(), Some("exited 0"));
         assert_eq!(rt.get(ip).unwrap().pid, p.pid);
         rt.shutdown().await;
+        std::fs::remove_dir_all(&secrets).unwrap();
     }
 }

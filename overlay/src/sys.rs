@@ -5,7 +5,7 @@ use std::{
     fs::File,
     io,
     os::fd::{AsRawFd, BorrowedFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 /// `setns(fd, CLONE_NEWNET)` for the calling thread.
@@ -85,5 +85,76 @@ pub fn umount_detach(path: &Path) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// One line of /proc/self/mountinfo: where, and what file system type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+}
+
+/// The calling process's mounts, parents before their children.
+pub fn mountinfo() -> io::Result<Vec<Mount>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+/// Mount points and types of a mountinfo text, in its order. (Hand-written: two fields of one
+/// kernel table do not call for a procfs crate.)
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let mount_point = fields.get(4)?;
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(Mount {
+                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+                fs_type: (*fields.get(sep + 1)?).to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Some(c) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            out.push(c);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_is_parsed_and_unescaped() {
+        assert_eq!(unescape_mountinfo(r"/run/a\040b/c"), "/run/a b/c");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/odd\04"), r"/odd\04");
+        let m = parse_mountinfo(
+            "24 1 254:0 / / rw - ext4 /dev/vda rw\n\
+             33 32 0:4 net:[1] /run/netns/a\\040b rw shared:5 - nsfs nsfs rw\n",
+        );
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].mount_point, Path::new("/run/netns/a b"));
+        assert_eq!(m[1].fs_type, "nsfs");
     }
 }

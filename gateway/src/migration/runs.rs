@@ -78,7 +78,7 @@ impl Runs {
         let Some(dir) = self.dir.get() else {
             return vec![];
         };
-        if let Err(e) = std::fs::create_dir_all(dir) {
+        if let Err(e) = ferry_api::private::create_dir(dir) {
             error!(dir = %dir.display(), error = %e, "creating the runs directory");
             return vec![];
         }

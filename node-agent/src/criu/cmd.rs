@@ -83,12 +83,16 @@ impl Restore<'_> {
     /// The arguments after the binary. `--restore-sibling` makes the agent the parent of the
     /// restored tree; `--restore-detached` lets `criu` exit once the tasks exist;
     /// `--leave-stopped` keeps them stopped (fenced) until the registry's release reaches this
-    /// host (the fencing's SIGCONT), so a copy that is not the owner never runs.
+    /// host (the fencing's SIGCONT), so a copy that is not the owner never runs. `--root /`:
+    /// the tree's private mount namespace (see `runtime::isolation`) is rebuilt on this
+    /// host's root file system (the hosts share it).
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![
             "restore".into(),
             "--images-dir".into(),
             self.dir.into(),
+            "--root".into(),
+            "/".into(),
             "--log-file".into(),
             "restore.log".into(),
             "-v4".into(),
@@ -315,6 +319,7 @@ mod tests {
         };
         let a = strings(r.args()).join(" ");
         assert!(a.contains("--inherit-fd fd[10]:ferry-net"), "{a}");
+        assert!(a.starts_with("restore --images-dir /d --root / "), "{a}");
         assert!(a.contains("--pidfile /d/restored.pid"), "{a}");
         assert!(a.ends_with("--network-lock nftables"), "{a}");
     }

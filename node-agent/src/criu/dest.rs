@@ -164,7 +164,9 @@ async fn restore(
         Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, code, m)
     };
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)
+    // Images hold the container's memory: root only (the work directory too).
+    ferry_api::private::create_dir(&ctx.criu.work_dir)
+        .and_then(|()| ferry_api::private::create_dir(dir))
         .map_err(|e| failed("internal", format!("creating {}: {e}", dir.display())))?;
 
     // Receive.

@@ -224,7 +224,10 @@ async fn run_inner(
     };
     let dir = ctx.criu.work_dir.join(format!("{id}-dump"));
     let _ = std::fs::remove_dir_all(&dir);
-    if let Err(e) = std::fs::create_dir_all(&dir) {
+    // Images hold the container's memory: root only (the work directory too).
+    if let Err(e) = ferry_api::private::create_dir(&ctx.criu.work_dir)
+        .and_then(|()| ferry_api::private::create_dir(&dir))
+    {
         answer.error = Some(format!("creating {}: {e}", dir.display()));
         answer.resumed = true;
         return answer;

@@ -8,6 +8,7 @@
 
 use std::{
     io::{self, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::mpsc,
 };
@@ -44,7 +45,7 @@ pub struct Store {
 impl Store {
     /// Opens (creates) `dir` and starts the writer thread for `dir/runtime.json`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        ferry_api::private::create_dir(dir).map_err(|source| StoreError::Dir {
             path: dir.to_owned(),
             source,
         })?;
@@ -152,7 +153,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(ferry_api::private::FILE_MODE)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -181,6 +187,13 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, [FILE]);
+        // Root only: the directory 0700, the file 0600.
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(
+            std::fs::metadata(store.path()).unwrap().mode() & 0o7777,
+            0o600
+        );
         std::fs::write(store.path(), b"{ not json").unwrap();
         assert_eq!(store.load::<Vec<u32>>().unwrap(), None);
         assert!(dir.join("runtime.json.corrupt").exists());

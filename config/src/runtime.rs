@@ -1,0 +1,47 @@
+//! `[runtime]`: how the agent's own container runtime isolates a container's processes.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `[runtime]` in the agent's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Who a container's processes are (always without any capability, with `no_new_privs`,
+    /// in a private mount namespace). 0 (the default): uid and gid 0. Otherwise uid = gid =
+    /// `uid_base` + the container address's offset in `overlay_cidr` (one uid per container,
+    /// the same on every host, so a migrated tree keeps it), e.g. 1000000 (above login users
+    /// and the usual subordinate-uid ranges). CRIU can dump such a tree only with
+    /// CAP_SYS_RESOURCE (it reads the tree's rlimits with prlimit(2), which another uid's
+    /// process refuses without it): hosts (and sandboxes) without it need 0.
+    #[serde(default)]
+    pub uid_base: u32,
+    /// Directories (or files) hidden from every container (an empty read-only mount over
+    /// each), besides the ones the agent's own configuration names (`state_dir`,
+    /// `[criu] work_dir`, the token file, the hand-off socket's directory). Default
+    /// `/etc/ferry`, `/var/lib/ferry`, `/run/ferry`, `/run/ferry-lab`.
+    #[serde(default = "default_hide")]
+    pub hide: Vec<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            uid_base: 0,
+            hide: default_hide(),
+        }
+    }
+}
+
+fn default_hide() -> Vec<PathBuf> {
+    [
+        "/etc/ferry",
+        "/var/lib/ferry",
+        "/run/ferry",
+        "/run/ferry-lab",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .collect()
+}
