@@ -1199,8 +1199,10 @@ mod tests {
             connections: 2,
             interval_ms: 5,
             pause_ms: 300,
+            plaintext: false,
         };
         let r = Report::build(&args, m, crit);
+        assert_eq!(r.params.control_plane, "tls");
         assert_eq!(r.ratios.gap_p50_criu_lock_over_ferry, Some(2.0));
         assert_eq!(r.ratios.stall_overhead_p50_criu_lock_over_ferry, Some(3.0));
         let v = serde_json::to_value(&r).unwrap();

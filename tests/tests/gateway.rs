@@ -566,12 +566,25 @@ fn the_control_plane_is_out_of_reach_and_holds_against_idle_floods() {
         .start_process(ip("10.244.1.11"), &["/bin/sleep", "600"])
         .expect("the peer API serves during the flood");
     assert!(p.running, "{p:?}");
+    // And a whole migration (checkpoint, images, restore, release) goes through.
+    lab.start_process(c, &["/bin/sleep", "600"])
+        .expect("a process to migrate");
+    let run = lab
+        .ferry_json(&["migrate", "run", "--container", "10.244.1.10", "--to", "a2"])
+        .expect("a migration during the flood");
+    assert_eq!(run["state"], "released", "{run}");
 
     // What was over the cap was refused and counted.
-    let metrics = lab
-        .exec("gw", &["curl", "-sf", &format!("http://{api}/metrics")])
-        .unwrap();
-    let text = String::from_utf8_lossy(&metrics.stdout);
+    let cp = lab.control().unwrap();
+    let operator = cp.client_tls(ferry_lab::control::Party::Operator).unwrap();
+    let metrics = ferry_overlay::netns::run_in(&lab.netns("gw"), move || {
+        ferry_api::transport::Request::get("/metrics")
+            .tls(operator)
+            .send_blocking(api)
+    })
+    .unwrap()
+    .expect("the gateway's metrics");
+    let text = String::from_utf8_lossy(&metrics.body);
     let refused: u64 = text
         .lines()
         .find(|l| l.starts_with("ferry_gateway_api_connections_total{result=\"refused_per_peer\"}"))
