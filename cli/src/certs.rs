@@ -32,22 +32,22 @@ pub fn run(cmd: crate::cli::CertsCommand) -> Result<Outcome, CliError> {
         CertsCommand::Issue {
             ca_dir,
             out,
-            operator,
-            gateway,
-            host,
+            party,
             ip,
             days,
         } => {
-            let identity = match (operator, gateway, host) {
-                (true, _, _) => Identity::Operator,
-                (_, true, _) => Identity::Gateway,
-                (_, _, Some(h)) => Identity::host(&h).map_err(tls)?,
-                _ => {
-                    return Err(CliError::new(
-                        "usage",
-                        "name the party: --operator, --gateway or --host NAME",
-                    ));
-                }
+            let identity = match party.as_str() {
+                "operator" => Identity::Operator,
+                "gateway" => Identity::Gateway,
+                p => match p.strip_prefix("host:") {
+                    Some(h) => Identity::host(h).map_err(tls)?,
+                    None => {
+                        return Err(CliError::new(
+                            "usage",
+                            format!("{p:?}: name the party as operator, gateway or host:NAME"),
+                        ));
+                    }
+                },
             };
             if matches!(identity, Identity::Gateway | Identity::Host(_)) && ip.is_empty() {
                 return Err(CliError::new(

@@ -150,15 +150,10 @@ pub enum CertsCommand {
         /// Where to write the party's files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// The operator's (orchestrator's) CLI.
-        #[arg(long, group = "party")]
-        operator: bool,
-        /// The gateway (give --ip: the address its API listens on).
-        #[arg(long, group = "party")]
-        gateway: bool,
-        /// A host's agent (give --ip: its underlay address).
-        #[arg(long, group = "party", value_name = "NAME")]
-        host: Option<String>,
+        /// Who the certificate is for: `operator` (the orchestrators' CLI), `gateway`, or
+        /// `host:NAME` (a host's agent). The gateway and hosts serve: give --ip.
+        #[arg(value_name = "PARTY")]
+        party: String,
         /// An address the party's server is reached at (repeatable).
         #[arg(long, value_name = "IP")]
         ip: Vec<std::net::IpAddr>,

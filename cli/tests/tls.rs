@@ -248,3 +248,80 @@ fn a_host_acts_only_as_itself() {
     // a1's own re-registration changed nothing either (the same information).
     assert_eq!(version(&env), before);
 }
+
+#[test]
+fn ferry_certs_makes_a_ca_and_each_partys_files() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let certs = |args: &[&str]| {
+        let out = std::process::Command::new(common::FERRY)
+            .arg("--json")
+            .arg("certs")
+            .args(args)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ferry certs {args:?}: {e}: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code(), v)
+    };
+    let (code, v) = certs(&["init", "--dir", ca.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{v}");
+    // A second init would split the cluster's trust: refused.
+    let (code, v) = certs(&["init", "--dir", ca.to_str().unwrap()]);
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (Some(1), Some("conflict")),
+        "{v}"
+    );
+
+    let a1 = dir.path().join("a1");
+    let (code, v) = certs(&[
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--out",
+        a1.to_str().unwrap(),
+        "host:a1",
+        "--ip",
+        "198.18.1.10",
+    ]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["identity"], "spiffe://ferry/host/a1", "{v}");
+    let tls = ferry_tls::Tls::load_dir(&a1).unwrap();
+    assert_eq!(tls.identity(), &Identity::Host("a1".into()));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&a1.join("key.pem")), 0o600);
+    assert_eq!(mode(&a1), 0o700);
+    assert_eq!(mode(&ca.join("ca-key.pem")), 0o600);
+
+    // A server without an address, a bad host name, an unknown party: refused, nothing
+    // written.
+    for (args, want) in [
+        (vec!["gateway"], "--ip"),
+        (vec!["host:A/1", "--ip", "198.18.1.11"], "not a host name"),
+        (vec!["a1"], "name the party"),
+    ] {
+        let out = dir.path().join("x");
+        let mut all = vec![
+            "issue",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        all.extend(args);
+        let (code, v) = certs(&all);
+        assert_eq!(code, Some(1), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(want),
+            "{want}: {v}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -31,7 +31,7 @@
 //! token_file = "/etc/ferry/token"
 //!
 //! [tls]                         # required with [gateway] (or insecure_plaintext = true):
-//! ca = "/etc/ferry/tls/a1/ca.pem"     # this host's certificate (ferry certs issue --host a1
+//! ca = "/etc/ferry/tls/a1/ca.pem"     # this host's certificate (ferry certs issue host:a1
 //! cert = "/etc/ferry/tls/a1/cert.pem" # --ip 198.18.1.10); the peer API and every call to
 //! key = "/etc/ferry/tls/a1/key.pem"   # the gateway and other agents use it
 //!
@@ -418,7 +418,7 @@ impl AgentConfig {
                 return err(
                     "tls",
                     "required with [gateway]: the peer API and the watch would be plain text on \
-                     the underlay; give [tls] ca, cert and key (ferry certs issue --host) or set \
+                     the underlay; give [tls] ca, cert and key (ferry certs issue host:NAME) or set \
                      insecure_plaintext = true"
                         .into(),
                 );

@@ -15,7 +15,7 @@
 //!                                        # forwarding (default 2000)
 //!
 //! [tls]                                  # the API over TLS, client certificates required
-//! ca = "/etc/ferry/tls/gateway/ca.pem"   # (ferry certs issue --gateway --ip ...); without
+//! ca = "/etc/ferry/tls/gateway/ca.pem"   # (ferry certs issue gateway --ip ...); without
 //! cert = "/etc/ferry/tls/gateway/cert.pem" # it the gateway refuses to start unless
 //! key = "/etc/ferry/tls/gateway/key.pem"   # insecure_plaintext = true
 //! ```
@@ -140,7 +140,7 @@ pub enum InvalidConfig {
     },
     #[error(
         "no [tls] section: the API would be plain text on the underlay; give [tls] ca, cert \
-         and key (ferry certs issue --gateway) or set insecure_plaintext = true"
+         and key (ferry certs issue gateway) or set insecure_plaintext = true"
     )]
     NoTls,
     #[error("both [tls] and insecure_plaintext = true: choose one")]

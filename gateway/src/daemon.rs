@@ -30,7 +30,7 @@ pub enum StartError {
     #[error("TLS: {0}")]
     Tls(#[from] ferry_tls::TlsError),
     #[error(
-        "TLS: {} names {found}, not the gateway (issue one with ferry certs issue --gateway)",
+        "TLS: {} names {found}, not the gateway (issue one with ferry certs issue gateway --ip ADDR)",
         cert.display()
     )]
     NotTheGateway {

@@ -106,7 +106,7 @@ fn load_tls(cfg: &AgentConfig) -> anyhow::Result<Option<ferry_tls::Tls>> {
     let me = ferry_tls::Identity::Host(cfg.host.clone());
     if tls.identity() != &me {
         anyhow::bail!(
-            "TLS: {} names {}, not host {} (issue one with ferry certs issue --host {})",
+            "TLS: {} names {}, not host {} (issue one with ferry certs issue host:{})",
             files.cert.display(),
             tls.identity(),
             cfg.host,
