@@ -87,8 +87,8 @@ pub struct Ask<'a> {
 /// Whether `caller` may make request `ask`. The operator and the gateway may make any; a host
 /// only what an agent does, and only as itself: register itself (checked on the body, by the
 /// handler), its heartbeat, its watch, the version; for a migration it takes part in (`side`
-/// names its source and destination), report run events and ask for an abort, the source the
-/// freeze (CRIU's action script) and the destination the release. `Err` is the 403's message.
+/// names its source and destination), report run events, freeze and ask for an abort, and —
+/// the destination only — the release. `Err` is the 403's message.
 pub fn permit(
     caller: &ferry_tls::Identity,
     ask: Ask<'_>,
@@ -120,10 +120,10 @@ pub fn permit(
                     ask.method, ask.route
                 ));
             };
-            // The source freezes (CRIU's network-lock), the destination releases (after its
-            // restore); either reports events and may ask for the abort.
+            // The destination alone releases (after its restore); either side reports
+            // events, asks for the abort, and freezes (the source's CRIU at network-lock; the
+            // destination after its restore with CRIU's own lock).
             let (may, only) = match ask.route.rsplit('/').next() {
-                Some("freeze") => (from == host, ("source", &from)),
                 Some("release") => (to == host, ("destination", &to)),
                 _ => (from == host || to == host, ("", &from)),
             };
@@ -217,14 +217,11 @@ mod tests {
         );
         let freeze = ask("POST", "/v1/migrations/{id}/freeze", Some("m1"), None);
         assert_eq!(permit(&a1, freeze, side), Ok(()));
-        assert!(
-            permit(&b1, freeze, side)
-                .unwrap_err()
-                .contains("only its source (a1)")
-        );
+        assert_eq!(permit(&b1, freeze, side), Ok(()));
         let abort = ask("POST", "/v1/migrations/{id}/abort", Some("m1"), None);
         assert_eq!(permit(&a1, abort, side), Ok(()));
         let c1 = Identity::Host("c1".into());
+        assert!(permit(&c1, freeze, side).is_err());
         assert!(
             permit(&c1, abort, side)
                 .unwrap_err()
