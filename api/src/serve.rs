@@ -46,6 +46,46 @@ use tracing::warn;
 
 pub use ferry_tls::Identity;
 
+/// What [`serve`] serves: a service of hyper requests that never fails (an axum `Router`).
+pub trait HttpService<B>:
+    tower_service::Service<
+        hyper::Request<Incoming>,
+        Response = hyper::Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: tower_service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The body of its answers.
+pub trait ResponseBody:
+    hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
 /// Who made a request: put into every request's extensions by [`serve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -141,17 +181,8 @@ pub async fn serve<S, B>(
     drain: Duration,
 ) -> std::io::Result<()>
 where
-    S: tower_service::Service<
-            hyper::Request<Incoming>,
-            Response = hyper::Response<B>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let open = Arc::new(Mutex::new(Open::default()));
     let graceful = GracefulShutdown::new();
@@ -228,17 +259,8 @@ fn connection<S, B, I>(
 ) -> impl hyper_util::server::graceful::GracefulConnection + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower_service::Service<
-            hyper::Request<Incoming>,
-            Response = hyper::Response<B>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(caller.clone());

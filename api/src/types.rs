@@ -350,6 +350,30 @@ impl fmt::Display for MigrationPhase {
 }
 
 impl Migration {
+    /// A migration in `phase` with no timestamps yet (what the registry fills in).
+    pub fn new(
+        id: impl Into<String>,
+        container: Ipv4Addr,
+        from: impl Into<String>,
+        to: impl Into<String>,
+        phase: MigrationPhase,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            container,
+            from: from.into(),
+            to: to.into(),
+            phase,
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            frozen_unix_ms: 0,
+            released_unix_ms: 0,
+            forward_until_unix_ms: 0,
+            switch_pending: false,
+            run: false,
+        }
+    }
+
     /// The number in the id (`m12` → 12), by which migrations are ordered.
     pub fn seq(&self) -> Option<u64> {
         migration_seq(&self.id)

@@ -148,19 +148,8 @@ mod tests {
     #[test]
     fn a_peer_may_only_do_what_the_peer_of_a_migration_does() {
         use ferry_tls::Identity;
-        let m = |id: &str, c: [u8; 4], from: &str, to: &str| ferry_api::Migration {
-            id: id.into(),
-            container: c.into(),
-            from: from.into(),
-            to: to.into(),
-            phase: ferry_api::MigrationPhase::Frozen,
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            frozen_unix_ms: 0,
-            released_unix_ms: 0,
-            forward_until_unix_ms: 0,
-            switch_pending: false,
-            run: false,
+        let m = |id: &str, c: [u8; 4], from: &str, to: &str| {
+            ferry_api::Migration::new(id, c.into(), from, to, ferry_api::MigrationPhase::Frozen)
         };
         // On b1: m1 moves 10.244.1.10 from a1 to b1; m2 moves 10.244.2.10 from b1 to c1.
         let ms = [

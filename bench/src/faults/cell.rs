@@ -941,20 +941,7 @@ mod tests {
     }
 
     fn record(phase: MigrationPhase) -> Migration {
-        Migration {
-            id: "m1".into(),
-            container: container(),
-            from: "a1".into(),
-            to: "b1".into(),
-            phase,
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            frozen_unix_ms: 0,
-            released_unix_ms: 0,
-            forward_until_unix_ms: 0,
-            switch_pending: false,
-            run: false,
-        }
+        Migration::new("m1", container(), "a1", "b1", phase)
     }
 
     #[test]
