@@ -181,7 +181,7 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
                 "tls",
                 format!(
                     "TLS: {e} (this client's identity: --tls-dir, FERRY_TLS_DIR; ferry certs \
-                     issue --operator makes one)"
+                     issue operator makes one)"
                 ),
             )
         })?;

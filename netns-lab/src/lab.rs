@@ -621,9 +621,23 @@ impl Lab {
     }
 
     /// One request to a host's agent on its peer API (`<underlay address>:7401`, the lab's
-    /// token), made from inside that host's namespace. Returns the status and the body.
+    /// token), as the operator, made from inside that host's namespace. Returns the status and
+    /// the body.
     pub fn agent_request(
         &self,
+        host: &str,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), LabError> {
+        self.agent_request_as(crate::control::Party::Operator, host, method, path, body)
+    }
+
+    /// [`Lab::agent_request`] with the TLS identity of `party` (the gateway's, to reach the
+    /// routes only the gateway may call).
+    pub fn agent_request_as(
+        &self,
+        party: crate::control::Party<'_>,
         host: &str,
         method: &str,
         path: &str,
@@ -643,7 +657,7 @@ impl Lab {
             })?;
         let mut request = ferry_api::transport::Request::new(method, path)
             .token(token)
-            .tls(cp.client_tls(crate::control::Party::Operator)?)
+            .tls(cp.client_tls(party)?)
             .timeout(Duration::from_secs(30));
         if let Some(b) = body {
             // Any body goes as JSON (the agents' JSON routes need the type).

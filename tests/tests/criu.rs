@@ -634,10 +634,11 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     );
     assert_eq!(lab.endpoint_host(idle.parse().unwrap()).unwrap(), "a1");
 
-    // The agents' APIs: an unknown migration, a body that is not a request, a stream that is
-    // not an image stream.
+    // The agents' APIs (as the gateway, their only caller of these routes): an unknown
+    // migration, a body that is not a request, a stream that is not an image stream.
+    let gw = ferry_lab::control::Party::Gateway;
     let (status, body) = lab
-        .agent_request("a1", "POST", "/v1/checkpoint/m999", Some(b"{}"))
+        .agent_request_as(gw, "a1", "POST", "/v1/checkpoint/m999", Some(b"{}"))
         .unwrap();
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     let req = serde_json::json!({
@@ -645,13 +646,20 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     })
     .to_string();
     let (status, body) = lab
-        .agent_request("a1", "POST", "/v1/checkpoint/m999", Some(req.as_bytes()))
+        .agent_request_as(
+            gw,
+            "a1",
+            "POST",
+            "/v1/checkpoint/m999",
+            Some(req.as_bytes()),
+        )
         .unwrap();
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("unknown_migration"), "{body}");
     let (status, body) = lab
-        .agent_request(
+        .agent_request_as(
+            gw,
             "b1",
             "POST",
             "/v1/images/m999",
@@ -672,7 +680,7 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
         ("b1", "POST", "/v1/images/..%2Fx", Some(&b"FERRYIMG1\n"[..])),
         ("b1", "GET", "/v1/restores/..", None),
     ] {
-        let (status, answer) = lab.agent_request(host, method, path, body).unwrap();
+        let (status, answer) = lab.agent_request_as(gw, host, method, path, body).unwrap();
         let answer = String::from_utf8_lossy(&answer).into_owned();
         assert_eq!(status, 400, "{method} {path}: {answer}");
         assert!(

@@ -350,6 +350,8 @@ fn bad_api_input_is_rejected_clearly_and_changes_nothing() {
                 &cp.api.to_string(),
                 "--token-file",
                 bad_token.to_str().unwrap(),
+                "--tls-dir",
+                cp.tls_dir.join("operator").to_str().unwrap(),
                 "endpoint",
                 "add",
                 "--ip",

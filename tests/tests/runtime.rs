@@ -226,8 +226,23 @@ fn the_agent_runs_a_container_process_criu_can_move() {
         )
         .unwrap();
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
-    // No token, no service.
+    // No TLS, no service; TLS without the token, no service either.
     let b1 = lab.host("b1").unwrap().address;
+    let operator = lab
+        .control()
+        .unwrap()
+        .client_tls(ferry_lab::control::Party::Operator)
+        .unwrap();
+    let addr = std::net::SocketAddr::new(b1.into(), 7401);
+    let path = format!("/v1/containers/{PEER}");
+    let no_token = ferry_overlay::netns::run_in(&lab.netns("b1"), move || {
+        ferry_api::transport::Request::get(path)
+            .tls(operator)
+            .send_blocking(addr)
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(no_token.status, 401);
     let out = lab
         .exec(
             "b1",
@@ -242,7 +257,11 @@ fn the_agent_runs_a_container_process_criu_can_move() {
             ],
         )
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "400",
+        "plain HTTP: tls_required"
+    );
 
     // A program that does not exist: spawn_failed with the errno's text, nothing left.
     let e = lab
