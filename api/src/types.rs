@@ -763,18 +763,16 @@ mod tests {
             assert_eq!(migration_seq(bad), None, "{bad:?}");
         }
         let m = Migration {
-            id: "m3".into(),
-            container: "10.244.1.5".parse().unwrap(),
-            from: "a1".into(),
-            to: "b1".into(),
-            phase: MigrationPhase::Frozen,
             created_unix_ms: 1,
             updated_unix_ms: 2,
             frozen_unix_ms: 2,
-            released_unix_ms: 0,
-            forward_until_unix_ms: 0,
-            switch_pending: false,
-            run: false,
+            ..Migration::new(
+                "m3",
+                "10.244.1.5".parse().unwrap(),
+                "a1",
+                "b1",
+                MigrationPhase::Frozen,
+            )
         };
         assert_eq!(m.seq(), Some(3));
         let step = MigrationStep {

@@ -517,27 +517,14 @@ impl Ctx<'_> {
         let p = self.p;
         let name = self.mode.name();
         self.wait_gone(to)?;
-        let to_addr = format!("{PUBLIC}:{PORT}");
-        let n = self.args.connections.to_string();
-        let interval = self.args.interval_ms.to_string();
-        let payload = PAYLOAD_BYTES.to_string();
-        let client = Workload::start(
-            &self.bin,
-            &self.lab.netns("inet"),
-            &[
-                "client",
-                "--to",
-                &to_addr,
-                "--connections",
-                &n,
-                "--interval-ms",
-                &interval,
-                "--payload-bytes",
-                &payload,
-                "--json",
-            ],
-            false,
-        )?;
+        let client_args = crate::workload::client_args(
+            &format!("{PUBLIC}:{PORT}"),
+            self.args.connections,
+            self.args.interval_ms,
+            &[],
+        );
+        let client_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
+        let client = Workload::start(&self.bin, &self.lab.netns("inet"), &client_args, false)?;
         let connected = client.next_json(Stream::Stderr, Duration::from_secs(15))?;
         if u(&connected, "connections") != self.args.connections {
             return Err(HandoffError::Unexpected {

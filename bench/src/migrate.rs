@@ -824,22 +824,13 @@ fn measure_mode(
     // The client, for the whole mode (retried while the server opens its socket).
     let samples_path: PathBuf = lab.state_dir().join(format!("bench-migrate-{name}.csv"));
     let samples_arg = samples_path.to_string_lossy();
-    let (to, connections) = (format!("{PUBLIC}:{PORT}"), args.connections.to_string());
-    let (interval, payload) = (args.interval_ms.to_string(), PAYLOAD_BYTES.to_string());
-    let client_args = [
-        "client",
-        "--to",
-        &to,
-        "--connections",
-        &connections,
-        "--interval-ms",
-        &interval,
-        "--payload-bytes",
-        &payload,
-        "--samples",
-        &samples_arg,
-        "--json",
-    ];
+    let client_args = crate::workload::client_args(
+        &format!("{PUBLIC}:{PORT}"),
+        args.connections,
+        args.interval_ms,
+        &["--samples", &samples_arg],
+    );
+    let client_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
     let inet = lab.netns("inet");
     let client = Workload::start_connected(bin, &inet, &client_args, |tries, e| {
         if tries % 10 == 1 {

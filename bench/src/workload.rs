@@ -338,6 +338,28 @@ impl Drop for Workload {
     }
 }
 
+/// The arguments of the benches' `ferry-workload client`: `connections` connections to `to`,
+/// a numbered request of [`crate::handoff::PAYLOAD_BYTES`] every `interval_ms` on each, JSON
+/// events; then `extra`.
+pub fn client_args(to: &str, connections: u64, interval_ms: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "client",
+        "--to",
+        to,
+        "--connections",
+        &connections.to_string(),
+        "--interval-ms",
+        &interval_ms.to_string(),
+        "--payload-bytes",
+        &crate::handoff::PAYLOAD_BYTES.to_string(),
+        "--json",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

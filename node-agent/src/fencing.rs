@@ -297,18 +297,9 @@ mod tests {
             public: vec![],
             migrations: phase
                 .map(|phase| Migration {
-                    id: "m1".into(),
-                    container: IP,
-                    from: "a1".into(),
-                    to: "b1".into(),
-                    phase,
                     created_unix_ms: 1,
                     updated_unix_ms: 1,
-                    frozen_unix_ms: 0,
-                    released_unix_ms: 0,
-                    forward_until_unix_ms: 0,
-                    switch_pending: false,
-                    run: false,
+                    ..Migration::new("m1", IP, "a1", "b1", phase)
                 })
                 .into_iter()
                 .collect(),

@@ -460,18 +460,9 @@ overlay_cidr = "10.244.0.0/16"
 
     fn migration(phase: MigrationPhase) -> ferry_api::Migration {
         ferry_api::Migration {
-            id: "m1".into(),
-            container: "10.244.1.5".parse().unwrap(),
-            from: "a1".into(),
-            to: "a2".into(),
-            phase,
             created_unix_ms: 1,
             updated_unix_ms: 1,
-            frozen_unix_ms: 0,
-            released_unix_ms: 0,
-            forward_until_unix_ms: 0,
-            switch_pending: false,
-            run: false,
+            ..ferry_api::Migration::new("m1", "10.244.1.5".parse().unwrap(), "a1", "a2", phase)
         }
     }
 

@@ -249,6 +249,31 @@ pub struct Entry {
     pub stopping: bool,
 }
 
+impl Entry {
+    /// A running tree rooted at `pid` in container `ip`, known since `start_time`.
+    fn running(
+        ip: Ipv4Addr,
+        pid: i32,
+        argv: Vec<String>,
+        origin: &str,
+        start_time: Option<u64>,
+    ) -> Self {
+        Self {
+            proc: ContainerProcess {
+                container: ip,
+                pid,
+                argv,
+                origin: origin.into(),
+                running: true,
+                ended: None,
+                fenced: None,
+            },
+            start_time,
+            stopping: false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     procs: BTreeMap<Ipv4Addr, Entry>,
@@ -560,23 +585,9 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
-        let proc = ContainerProcess {
-            container: ip,
-            pid: root.pid,
-            argv,
-            origin: ORIGIN_ADOPTED.into(),
-            running: true,
-            ended: None,
-            fenced: None,
-        };
-        st.procs.insert(
-            ip,
-            Entry {
-                proc: proc.clone(),
-                start_time: Some(root.start_time),
-                stopping: false,
-            },
-        );
+        let entry = Entry::running(ip, root.pid, argv, ORIGIN_ADOPTED, Some(root.start_time));
+        let proc = entry.proc.clone();
+        st.procs.insert(ip, entry);
         self.save(&st);
         drop(st);
         warn!(container = %ip, pid = root.pid, argv = ?proc.argv, "unrecorded process tree found in the container's namespace: adopted");
@@ -653,23 +664,9 @@ impl Runtime {
         let mut st = self.lock();
         st.starting.remove(&ip);
         let pid = r?;
-        let proc = ContainerProcess {
-            container: ip,
-            pid,
-            argv: req.argv.clone(),
-            origin: ORIGIN_STARTED.into(),
-            running: true,
-            ended: None,
-            fenced: None,
-        };
-        st.procs.insert(
-            ip,
-            Entry {
-                proc: proc.clone(),
-                start_time: start_time(pid),
-                stopping: false,
-            },
-        );
+        let entry = Entry::running(ip, pid, req.argv.clone(), ORIGIN_STARTED, start_time(pid));
+        let proc = entry.proc.clone();
+        st.procs.insert(ip, entry);
         self.save(&st);
         drop(st);
         info!(container = %ip, pid, origin = ORIGIN_STARTED, argv = ?req.argv, "container process started");
@@ -842,22 +839,8 @@ impl Runtime {
                     host: self.inner.host.clone(),
                 });
             }
-            st.procs.insert(
-                ip,
-                Entry {
-                    proc: ContainerProcess {
-                        container: ip,
-                        pid,
-                        argv,
-                        origin: ORIGIN_RESTORED.into(),
-                        running: true,
-                        ended: None,
-                        fenced: None,
-                    },
-                    start_time: start,
-                    stopping: false,
-                },
-            );
+            st.procs
+                .insert(ip, Entry::running(ip, pid, argv, ORIGIN_RESTORED, start));
             self.save(&st);
         }
         info!(container = %ip, pid, origin = ORIGIN_RESTORED, "restored process tree adopted");

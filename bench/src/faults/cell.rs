@@ -636,25 +636,14 @@ impl FaultLab {
 
     /// The cell's client through the public address, answered at least once.
     fn start_client(&self, args: &FaultsArgs) -> Result<Workload, FaultError> {
-        let to = format!("{PUBLIC}:{PORT}");
-        let connections = args.connections.to_string();
-        let interval = args.interval_ms.to_string();
-        let payload = PAYLOAD_BYTES.to_string();
         let progress = PROGRESS_MS.to_string();
-        let client_args = [
-            "client",
-            "--to",
-            &to,
-            "--connections",
-            &connections,
-            "--interval-ms",
-            &interval,
-            "--payload-bytes",
-            &payload,
-            "--progress-ms",
-            &progress,
-            "--json",
-        ];
+        let client_args = crate::workload::client_args(
+            &format!("{PUBLIC}:{PORT}"),
+            args.connections,
+            args.interval_ms,
+            &["--progress-ms", &progress],
+        );
+        let client_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
         let inet = self.lab.netns(ferry_lab::INET);
         let client = Workload::start_connected(&self.bin, &inet, &client_args, |_, _| {})?;
         let deadline = Instant::now() + Duration::from_secs(10);

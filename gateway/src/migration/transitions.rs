@@ -226,18 +226,16 @@ impl Registry {
         }
         let seq = self.next_migration;
         let migration = Migration {
-            id: format!("m{seq}"),
-            container,
-            from: endpoint.host.clone(),
-            to,
-            phase: MigrationPhase::Prepared,
             created_unix_ms: now_ms,
             updated_unix_ms: now_ms,
-            frozen_unix_ms: 0,
-            released_unix_ms: 0,
-            forward_until_unix_ms: 0,
-            switch_pending: false,
             run,
+            ..Migration::new(
+                format!("m{seq}"),
+                container,
+                endpoint.host.clone(),
+                to,
+                MigrationPhase::Prepared,
+            )
         };
         let ended = self.end_live(|m| m.container == container).pop();
         self.next_migration += 1;

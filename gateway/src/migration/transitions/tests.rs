@@ -14,18 +14,9 @@ fn a_migration_goes_prepare_freeze_release_then_leaves_the_snapshot() {
     assert_eq!(
         m,
         Migration {
-            id: "m1".into(),
-            container: ip("10.244.1.5"),
-            from: "a1".into(),
-            to: "b1".into(),
-            phase: MigrationPhase::Prepared,
             created_unix_ms: T0,
             updated_unix_ms: T0,
-            frozen_unix_ms: 0,
-            released_unix_ms: 0,
-            forward_until_unix_ms: 0,
-            switch_pending: false,
-            run: false,
+            ..Migration::new("m1", ip("10.244.1.5"), "a1", "b1", MigrationPhase::Prepared)
         }
     );
     let l = r.live_migration("m1").unwrap();
