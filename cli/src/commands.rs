@@ -220,7 +220,7 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
         .await
         .map(Some),
         Command::Migrate(cmd) => migrate(client()?, cmd).await.map(Some),
-        Command::ActionScript => crate::runcmd::action_script(&client()?).await,
+        Command::ActionScript => crate::runcmd::action_script(client).await,
         Command::Sync { timeout_ms } => sync(&client()?, Duration::from_millis(timeout_ms))
             .await
             .map(Some),

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod certs;
 mod cli;
 mod commands;
+mod hook;
 mod runcmd;
 
 use clap::Parser as _;

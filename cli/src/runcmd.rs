@@ -193,9 +193,7 @@ fn side() -> Option<Side> {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            args.into_iter()
-                .find(|a| a == "dump" || a == "restore")
-                .unwrap_or_default()
+            side_word(&args).unwrap_or_default()
         }
     };
     match word.as_str() {
@@ -205,9 +203,23 @@ fn side() -> Option<Side> {
     }
 }
 
+/// The CRIU command among a process's arguments: `criu dump …` (ferry's runs), or the title
+/// CRIU gives itself under runc's RPC (`criu: dump --rpc -t PID`, one argument).
+fn side_word(args: &[String]) -> Option<String> {
+    args.iter()
+        .flat_map(|a| a.split_whitespace())
+        .find(|w| *w == "dump" || *w == "restore")
+        .map(str::to_owned)
+}
+
 /// `ferry action-script` (also `ferry` with no arguments and `CRTOOLS_SCRIPT_ACTION` set).
 /// Prints nothing on stdout (CRIU's stdout carries its statistics).
-pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
+///
+/// The gateway and the container come from `FERRY_*` (ferry's own runs set them), else from
+/// the hook configuration (under runc or Podman, see [`crate::hook`]).
+pub async fn action_script(
+    env_client: impl FnOnce() -> Result<Client, CliError>,
+) -> Result<Option<Outcome>, CliError> {
     let Ok(action) = std::env::var("CRTOOLS_SCRIPT_ACTION") else {
         return Err(CliError::new(
             "usage",
@@ -220,12 +232,44 @@ pub async fn action_script(c: &Client) -> Result<Option<Outcome>, CliError> {
     let Some(step) = hook_step(&action, side) else {
         return Ok(None);
     };
+    let from_env = std::env::var_os("FERRY_MIGRATION").is_some()
+        || std::env::var_os("FERRY_CONTAINER").is_some();
+    let configured = if from_env {
+        None
+    } else {
+        crate::hook::config_path()?
+    };
+    let (client, hooked) = match configured {
+        Some(path) => {
+            let cfg = crate::hook::HookConfig::load(&path)?;
+            let host = cfg.pick(crate::hook::own_netns(), |p| {
+                std::fs::metadata(p).ok().map(|m| {
+                    (
+                        std::os::unix::fs::MetadataExt::dev(&m),
+                        std::os::unix::fs::MetadataExt::ino(&m),
+                    )
+                })
+            })?;
+            let pid: i32 = std::env::var("CRTOOLS_INIT_PID")
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| {
+                    CliError::new("usage", format!("CRIU's {action}: no CRTOOLS_INIT_PID"))
+                })?;
+            (host.client()?, Some(host.container_of(pid)?))
+        }
+        None => (env_client()?, None),
+    };
+    let c = &client;
     let id = match std::env::var("FERRY_MIGRATION") {
         Ok(id) => id,
         Err(_) => {
-            let ip: std::net::Ipv4Addr = std::env::var("FERRY_CONTAINER")
-                .ok()
-                .and_then(|s| s.parse().ok())
+            let ip: std::net::Ipv4Addr = hooked
+                .or_else(|| {
+                    std::env::var("FERRY_CONTAINER")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                })
                 .ok_or_else(|| {
                     CliError::new(
                         "usage",
@@ -306,6 +350,25 @@ async fn find_run(c: &Client, container: std::net::Ipv4Addr, asked_ms: u64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_side_is_read_from_criu_s_command_line_or_its_title() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            side_word(&v(&["criu", "dump", "--tree", "5"])).as_deref(),
+            Some("dump")
+        );
+        assert_eq!(
+            side_word(&v(&["criu: restore --rpc "])).as_deref(),
+            Some("restore")
+        );
+        assert_eq!(
+            side_word(&v(&["criu: dump --rpc -t 12066 "])).as_deref(),
+            Some("dump")
+        );
+        assert_eq!(side_word(&v(&["criu", "swrk", "3"])), None);
+        assert_eq!(side_word(&v(&["/usr/bin/dumpster"])), None);
+    }
 
     #[test]
     fn hooks_map_to_steps() {
