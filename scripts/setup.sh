@@ -33,6 +33,8 @@ APT_PACKAGES=(
   iproute2 iputils-ping curl iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
   # the unmodified Debian server the CRIU tests migrate
   redis-server
+  # Podman (CNI backend with ferry-cni; runc is its runtime here: crun lacks CRIU support)
+  podman runc
   # bpf-linker
   "llvm-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   # CRIU build dependencies (bookworm versions)

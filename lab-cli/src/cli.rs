@@ -69,6 +69,20 @@ pub enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Run Podman on a lab host, as on that machine: the host's own storage and
+    /// containers.conf, its CNI network `ferry` (ferry-cni, talking to the host's agent);
+    /// exits with Podman's status. Containers started with
+    /// `--network ferry --annotation org.criu.config=<state>/criu-ferry.conf` run ferry's
+    /// hook under `podman container checkpoint|restore`.
+    Podman {
+        #[arg(long)]
+        lab: Option<String>,
+        /// A host name.
+        host: String,
+        /// Podman's arguments (after `--`).
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     /// Start a process tree in a container (PID 1 of a new PID namespace, in the container's
     /// network namespace), through the agent of the host the container lives on.
     Run {

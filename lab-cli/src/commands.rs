@@ -117,6 +117,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 .with_context(|| format!("running `ip netns exec {ns} ...`"))?;
             Ok(exit_code(status))
         }
+        Cmd::Podman { lab, host, args } => {
+            let lab = Lab::attach(&pick(lab)?)?;
+            lab.hook_files()?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let status = lab
+                .podman(&host)?
+                .command(&args)?
+                .stdin(std::process::Stdio::inherit())
+                .status()
+                .with_context(|| format!("running podman on {host}"))?;
+            Ok(exit_code(status))
+        }
         Cmd::Agent { lab, host, action } => {
             let mut lab = Lab::attach(&pick(lab)?)?;
             let sig = |hard: bool| if hard { libc::SIGKILL } else { libc::SIGTERM };

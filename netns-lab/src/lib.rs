@@ -32,6 +32,7 @@ pub mod clock;
 pub mod control;
 mod error;
 pub mod lab;
+pub mod podman;
 pub mod procs;
 pub mod state;
 pub mod teardown;

@@ -82,6 +82,13 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
         errors.extend(procs::stop_all(&targets, TERM_GRACE));
     }
 
+    // 1b. Podman's containers on the lab's hosts (Podman unmounts their storage and removes
+    //     the namespaces it made; what it leaves is found below).
+    if let Some(st) = &st {
+        let hosts: Vec<String> = st.topology.hosts.iter().map(|h| h.name.clone()).collect();
+        errors.extend(crate::podman::teardown_podman(prefix, &hosts));
+    }
+
     // 2. Whatever else still runs inside the lab's namespaces: containers' processes first
     //    (SIGKILL at once: a stopped agent leaves its containers running, and a container's
     //    PID 1 ignores SIGTERM without a handler), then anything else in the hosts' and other

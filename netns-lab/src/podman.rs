@@ -1,0 +1,271 @@
+//! Podman on the lab's hosts: one Podman per host, as on separate machines.
+//!
+//! Every host has its own storage (`--root`, `--runroot`), its own `containers.conf`
+//! (runc, cgroupfs, file events, rlimits this machine can grant, Podman's CNI backend with
+//! ferry's plugin) and its own CNI network `ferry` that talks to that host's agent. Podman runs
+//! in the host's network namespace (`nsenter --net`, the mount namespace stays the machine's,
+//! so the namespaces Podman makes under /run/netns are visible to the agent and the hook).
+//!
+//! CRIU under Podman runs ferry's hook through a CRIU configuration file
+//! ([`HookFiles::criu_conf`], given to `podman run --annotation org.criu.config=…`): it runs
+//! `<state>/ferry-hook`, which runs `ferry action-script` with the lab's hook configuration
+//! (`<state>/hook.toml`: one `[[host]]` per host, chosen by the namespace the hook runs in).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use ferry_overlay::netns::command_in;
+
+use crate::{Lab, LabError, bins::find_binary, control::Party, lab::container_netns_prefix, state};
+
+/// The CNI network every lab host's Podman has.
+pub const NETWORK: &str = "ferry";
+
+/// A host's Podman.
+pub struct Podman<'a> {
+    lab: &'a Lab,
+    host: String,
+}
+
+/// The files CRIU's hook needs under Podman or runc.
+pub struct HookFiles {
+    /// CRIU configuration: `action-script` + `network-lock skip` (annotation
+    /// `org.criu.config`).
+    pub criu_conf: PathBuf,
+    /// The hook configuration `ferry action-script` reads (`FERRY_HOOK_CONFIG`).
+    pub hook_config: PathBuf,
+}
+
+/// `<state>/podman/<host>`.
+pub fn podman_dir(prefix: &str, host: &str) -> PathBuf {
+    state::state_dir(prefix).join("podman").join(host)
+}
+
+/// The CNI socket of a lab host's agent.
+pub fn cni_socket(prefix: &str, host: &str) -> PathBuf {
+    state::state_dir(prefix).join(host).join("cni.sock")
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let what = what.into();
+    move |e| LabError::io(what, e)
+}
+
+impl Lab {
+    /// `host`'s Podman (its configuration written on first use).
+    pub fn podman(&self, host: &str) -> Result<Podman<'_>, LabError> {
+        if self.host(host).is_none() {
+            return Err(LabError::UnknownNode {
+                prefix: self.prefix().to_owned(),
+                name: host.to_owned(),
+                known: self
+                    .topology()
+                    .hosts
+                    .iter()
+                    .map(|h| h.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let p = Podman {
+            lab: self,
+            host: host.to_owned(),
+        };
+        p.write_config()?;
+        Ok(p)
+    }
+
+    /// Writes (once) the hook's files for CRIU under Podman and runc.
+    pub fn hook_files(&self) -> Result<HookFiles, LabError> {
+        let dir = self.state_dir();
+        let files = HookFiles {
+            criu_conf: dir.join("criu-ferry.conf"),
+            hook_config: dir.join("hook.toml"),
+        };
+        if files.criu_conf.exists() {
+            return Ok(files);
+        }
+        let cp = self.control().ok_or_else(|| LabError::Ferry {
+            args: String::new(),
+            message: "the hook needs a gateway (the topology has no [internet])".into(),
+        })?;
+        let mut toml = String::from("# written by ferry-lab: one [[host]] per lab host\n");
+        for h in &self.topology().hosts {
+            let tls = match cp.tls_files(Party::Host(&h.name)) {
+                Some(f) => format!(
+                    "tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}\n",
+                    f.ca.display(),
+                    f.cert.display(),
+                    f.key.display()
+                ),
+                None => "insecure_plaintext = true\n".into(),
+            };
+            toml.push_str(&format!(
+                "\n[[host]]\nname = \"{}\"\nnetns = \"{}\"\ngateway = \"{}\"\ntoken_file = \"{}\"\n\
+                 container_netns_prefix = \"{}\"\n{tls}",
+                h.name,
+                self.netns(&h.name).display(),
+                cp.api,
+                cp.token_file.display(),
+                container_netns_prefix(self.prefix(), &h.name),
+            ));
+        }
+        std::fs::write(&files.hook_config, toml).map_err(io("writing the hook configuration"))?;
+        let ferry = find_binary("ferry", "ferry-cli")?;
+        let script = dir.join("ferry-hook");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n# CRIU's action script under Podman/runc (written by ferry-lab)\n\
+                 FERRY_HOOK_CONFIG='{}' FERRY_FAULT_DIR='{}' exec '{}' action-script\n",
+                files.hook_config.display(),
+                self.fault_dir().display(),
+                ferry.display()
+            ),
+        )
+        .map_err(io("writing the hook script"))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod the hook script"))?;
+        std::fs::write(
+            &files.criu_conf,
+            format!("action-script {}\nnetwork-lock skip\n", script.display()),
+        )
+        .map_err(io("writing the CRIU configuration"))?;
+        Ok(files)
+    }
+}
+
+impl Podman<'_> {
+    /// `<state>/podman/<host>`.
+    pub fn dir(&self) -> PathBuf {
+        podman_dir(self.lab.prefix(), &self.host)
+    }
+
+    fn write_config(&self) -> Result<(), LabError> {
+        let dir = self.dir();
+        let conf = dir.join("containers.conf");
+        if conf.exists() {
+            return Ok(());
+        }
+        for d in ["root", "run", "tmp", "net"] {
+            std::fs::create_dir_all(dir.join(d))
+                .map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let cni = find_binary("ferry-cni", "ferry-cni")?;
+        let cni_dir = cni.parent().expect("a binary has a directory");
+        std::fs::write(
+            &conf,
+            format!(
+                "# {host}'s Podman (written by ferry-lab)\n\
+                 [containers]\n\
+                 # raising rlimits needs CAP_SYS_RESOURCE, which this machine lacks\n\
+                 default_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]\n\
+                 [engine]\n\
+                 runtime = \"runc\"\n\
+                 cgroup_manager = \"cgroupfs\"\n\
+                 events_logger = \"file\"\n\
+                 events_logfile_path = \"{d}/events.log\"\n\
+                 tmp_dir = \"{d}/tmp\"\n\
+                 [network]\n\
+                 network_backend = \"cni\"\n\
+                 cni_plugin_dirs = [\"{cni}\"]\n\
+                 network_config_dir = \"{d}/net\"\n",
+                host = self.host,
+                d = dir.display(),
+                cni = cni_dir.display(),
+            ),
+        )
+        .map_err(io("writing containers.conf"))?;
+        let net = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": NETWORK,
+            "plugins": [{
+                "type": "ferry-cni",
+                "agent": cni_socket(self.lab.prefix(), &self.host),
+                "capabilities": {"ips": true, "mac": true},
+            }],
+        });
+        std::fs::write(
+            dir.join("net").join(format!("{NETWORK}.conflist")),
+            serde_json::to_vec_pretty(&net).expect("json"),
+        )
+        .map_err(io("writing the CNI network"))
+    }
+
+    /// `podman ARGS` on this host, not yet run.
+    pub fn command(&self, args: &[&str]) -> Result<Command, LabError> {
+        let dir = self.dir();
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", dir.join("containers.conf"))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--runroot")
+            .arg(dir.join("run"))
+            .args(args)
+            .stdin(Stdio::null());
+        command_in(&mut cmd, &self.lab.netns(&self.host))?;
+        Ok(cmd)
+    }
+
+    /// Runs `podman ARGS` on this host; its stdout, or an error with its stderr.
+    pub fn run(&self, args: &[&str]) -> Result<String, LabError> {
+        let out: Output = self
+            .command(args)?
+            .output()
+            .map_err(io(format!("running podman {args:?} on {}", self.host)))?;
+        if !out.status.success() {
+            return Err(LabError::Ferry {
+                args: format!("podman {}", args.join(" ")),
+                message: format!(
+                    "on {}: {}",
+                    self.host,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Loads an image archive (`podman save`): every host loads the same archive, so an
+    /// image has the same ID everywhere, which `podman container restore --import` needs
+    /// (it names the image of a checkpoint by ID).
+    pub fn load(&self, archive: &Path) -> Result<(), LabError> {
+        self.run(&["load", "-q", "-i", &archive.to_string_lossy()])
+            .map(drop)
+    }
+}
+
+/// Removes every container of every host's Podman (best effort: teardown goes on and reports).
+pub fn teardown_podman(prefix: &str, hosts: &[String]) -> Vec<String> {
+    let mut errors = Vec::new();
+    for host in hosts {
+        let dir = podman_dir(prefix, host);
+        if !dir.join("containers.conf").exists() {
+            continue;
+        }
+        let netns = crate::netns_name(prefix, host);
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", dir.join("containers.conf"))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--runroot")
+            .arg(dir.join("run"))
+            .args(["rm", "-f", "-a", "-t", "0"])
+            .stdin(Stdio::null());
+        let r = command_in(&mut cmd, &ferry_overlay::netns::netns_path(&netns))
+            .map_err(|e| e.to_string())
+            .and_then(|()| cmd.output().map_err(|e| e.to_string()));
+        match r {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => errors.push(format!(
+                "podman rm on {host}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => errors.push(format!("podman rm on {host}: {e}")),
+        }
+    }
+    errors
+}
