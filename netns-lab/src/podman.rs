@@ -269,3 +269,75 @@ pub fn teardown_podman(prefix: &str, hosts: &[String]) -> Vec<String> {
     }
     errors
 }
+
+/// A Podman image archive (`podman save`) of the root file system `rootfs`, tagged `tag`:
+/// made once, cached beside the directory (`<rootfs>.podman.tar`, written to a temporary name
+/// and renamed, so an interrupted build leaves nothing half made). Every host loads this same
+/// archive ([`Podman::load`]), so the image has one ID everywhere.
+pub fn image_archive(rootfs: &Path, tag: &str) -> Result<PathBuf, LabError> {
+    let archive = PathBuf::from(format!("{}.podman.tar", rootfs.display()));
+    if archive.exists() {
+        return Ok(archive);
+    }
+    let scratch = PathBuf::from(format!(
+        "{}.podman-scratch-{}",
+        rootfs.display(),
+        std::process::id()
+    ));
+    let result = (|| {
+        std::fs::create_dir_all(&scratch).map_err(io("creating the image scratch directory"))?;
+        let tar = scratch.join("rootfs.tar");
+        run_tool(
+            Command::new("tar")
+                .arg("-C")
+                .arg(rootfs)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("."),
+            "tar of the root file system",
+        )?;
+        // vfs: no mounts to undo in the scratch storage.
+        let podman = |args: &[&str]| {
+            let mut c = Command::new("podman");
+            c.arg("--root")
+                .arg(scratch.join("root"))
+                .arg("--runroot")
+                .arg(scratch.join("run"))
+                .args([
+                    "--storage-driver",
+                    "vfs",
+                    "--cgroup-manager",
+                    "cgroupfs",
+                    "--events-backend",
+                    "none",
+                ])
+                .args(args)
+                .stdin(Stdio::null());
+            c
+        };
+        run_tool(
+            &mut podman(&["import", "-q", &tar.to_string_lossy(), tag]),
+            "podman import",
+        )?;
+        let tmp = scratch.join("image.tar");
+        run_tool(
+            &mut podman(&["save", "-q", "-o", &tmp.to_string_lossy(), tag]),
+            "podman save",
+        )?;
+        std::fs::rename(&tmp, &archive).map_err(io("moving the image archive in place"))
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result.map(|()| archive)
+}
+
+fn run_tool(cmd: &mut Command, what: &str) -> Result<(), LabError> {
+    let out = cmd.output().map_err(io(what.to_owned()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Ferry {
+            args: what.to_owned(),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
