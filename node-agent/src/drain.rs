@@ -463,7 +463,7 @@ pub fn outside_peers(
 #[derive(Debug, thiserror::Error)]
 pub enum UnixPeerError {
     #[error(
-        "container {ip}: UNIX socket {socket} (inode {inode}, pid {pid} fd {fd}) is connected to {peer} (inode {peer_inode}), {holder}; CRIU cannot move one end of a connection without the other, so the checkpoint is refused before anything is frozen"
+        "container {ip}: its UNIX socket inode {inode} ({socket}; pid {pid} fd {fd}) is connected to UNIX socket inode {peer_inode} ({peer}), {holder}; CRIU cannot move one end of a connection without the other, so the checkpoint is refused before anything is frozen"
     )]
     Outside {
         ip: Ipv4Addr,
@@ -507,8 +507,9 @@ fn socket_inodes(pids: &[i32]) -> BTreeMap<u64, Holder> {
     out
 }
 
-/// Who outside holds socket `ino`: "held by pid P (comm)", or that no process does.
-fn find_holder(ino: u64) -> String {
+/// Who outside holds socket `ino`: a process (PID, comm), or none (`None`: not yet
+/// accepted, or in flight).
+fn find_holder(ino: u64) -> Option<(i32, String)> {
     let me = std::process::id() as i32;
     let pids: Vec<i32> = std::fs::read_dir("/proc")
         .map(|d| {
@@ -518,13 +519,17 @@ fn find_holder(ino: u64) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    for pid in pids {
-        if socket_inodes(&[pid]).contains_key(&ino) {
+    pids.into_iter().find_map(|pid| {
+        socket_inodes(&[pid]).contains_key(&ino).then(|| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            return format!("held by pid {pid} ({}) outside the container", comm.trim());
-        }
-    }
-    "held by no process (not yet accepted, or in flight) outside the container".into()
+            (pid, comm.trim().to_owned())
+        })
+    })
+}
+
+/// A socket's name for a message: its path or abstract name, or "unnamed".
+fn shown(name: Option<&str>) -> String {
+    name.map_or_else(|| "unnamed".to_owned(), str::to_owned)
 }
 
 /// Refuses a checkpoint of container `ip` (its processes `pids`, its network namespace
@@ -554,16 +559,29 @@ pub async fn check_unix_peers(
         let Some(first) = bad.first().cloned() else {
             return Ok(None);
         };
-        let name = |ino: u64| {
-            unix.get(&ino)
-                .and_then(|s| s.name.clone())
-                .unwrap_or_else(|| "an unnamed socket".into())
+        let holder = find_holder(first.peer);
+        // The peer's name: from the namespace of the process that holds it, if it is in none
+        // of the two looked at.
+        if !unix.contains_key(&first.peer)
+            && let Some((pid, _)) = &holder
+        {
+            let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Ok(Ok(mut theirs)) = ferry_overlay::netns::run_in(&ns, SockDiag::open_here)
+                && let Ok(more) = theirs.unix_sockets()
+            {
+                unix.extend(more);
+            }
+        }
+        let name = |ino: u64| shown(unix.get(&ino).and_then(|s| s.name.as_deref()));
+        let holder = match holder {
+            Some((pid, comm)) => format!("held by pid {pid} ({comm}) outside the container"),
+            None => "held by no process (not yet accepted, or in flight)".to_owned(),
         };
         Ok(Some((
             first.clone(),
             name(first.socket),
             name(first.peer),
-            find_holder(first.peer),
+            holder,
             bad.len(),
         )))
     })
