@@ -86,6 +86,13 @@ fn migrate(lab: &Lab, to: &str) -> (i32, RunReport) {
             .map(|e| format!(", error: {e}"))
             .unwrap_or_default()
     );
+    for e in report
+        .events
+        .iter()
+        .filter(|e| e.message.starts_with("drain"))
+    {
+        eprintln!("  {}", e.message);
+    }
     (code, report)
 }
 
