@@ -7,6 +7,8 @@
 //!   CRIU refused the listener's queued connections and every run rolled back.
 //! - A listener that never accepts: the run fails before anything is frozen, naming the
 //!   listener; its waiting connections (and one made during the drain) are intact afterwards.
+//!   Then the drain alone through the peer API (`POST`/`DELETE /v1/containers/{ip}/drain`, the
+//!   entry point for a CRIU `pre-dump` hook).
 //! - A UNIX socket whose peer is outside the container: refused before anything is frozen,
 //!   naming both ends; the connection still works.
 use std::{
@@ -22,7 +24,7 @@ use std::{
 };
 
 use ferry_api::run::{PHASES, RunReport, RunState};
-use ferry_lab::{Lab, LabOptions};
+use ferry_lab::{Lab, LabOptions, control::Party};
 use ferry_overlay::netns::NetNsGuard;
 use ferry_tests::{
     CountersOnPanic, agents_lab, counters, delta, require_root_and_tools, wait_for,
@@ -340,6 +342,8 @@ while True:
 /// A listener whose queue never drains: the run fails within `[criu] drain_timeout_ms`
 /// (2 s), before anything is frozen, naming the listener; the container runs on at the source
 /// and its waiting connections, one of them made while the drain held new ones, are intact.
+/// Then the drain alone through the peer API: drained once the server accepts; a connection
+/// made meanwhile is held, and delivered when the drain is ended.
 #[test]
 fn a_listener_that_never_accepts_fails_the_run_before_anything_is_frozen() {
     if !require_root_and_tools(TOOLS) {
@@ -421,6 +425,50 @@ fn a_listener_that_never_accepts_fails_the_run_before_anything_is_frozen() {
         assert_eq!(got, format!("echo hello {i}\n"));
     }
     let _ = std::fs::remove_file(&go);
+
+    // The drain alone, as a CRIU `pre-dump` hook would ask for it: the operator may (as for
+    // the other container routes), another host may not. The server accepts now: drained.
+    let route = format!("/v1/containers/{C}/drain");
+    let (status, body) = lab
+        .agent_request_as(Party::Host("b1"), "a1", "POST", &route, None)
+        .unwrap();
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = lab
+        .agent_request_as(Party::Operator, "a1", "POST", &route, None)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["drained"]["looks"].as_u64() >= Some(1), "{v}");
+    // While it is on, a new connection waits in the hold device; ending the drain delivers it.
+    let before = counters(&lab, "a1");
+    let inet = lab.netns("inet");
+    let late = std::thread::spawn(move || {
+        let mut s = ferry_tests::net::tcp_connect(&inet, to, Duration::from_secs(10))?;
+        s.write_all(b"late\n")?;
+        let mut got = String::new();
+        s.read_to_string(&mut got).map(|_| got)
+    });
+    wait_for(
+        "the late connection's SYN held",
+        Duration::from_secs(10),
+        || (delta(&before, &counters(&lab, "a1"), "hold_syn") > 0).then_some(()),
+    );
+    let (status, body) = lab
+        .agent_request_as(Party::Operator, "a1", "DELETE", &route, None)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["delivered"].as_u64() >= Some(1), "{v}");
+    assert_eq!(
+        late.join().unwrap().expect("the late connection"),
+        "echo late\n"
+    );
+    // Ended: a second DELETE finds no drain.
+    let (status, body) = lab
+        .agent_request_as(Party::Operator, "a1", "DELETE", &route, None)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    assert_eq!((status, v.get("delivered")), (200, None), "{v}");
 }
 
 /// The container's process: connects to the UNIX socket at argv[1] and echoes what comes.
