@@ -24,6 +24,20 @@ pub struct CriuConfig {
     /// Keep the images and CRIU's logs of the last migration (for debugging).
     #[serde(default)]
     pub keep_images: bool,
+    /// The drain before a dump: how long (milliseconds) the source waits, new connections
+    /// held, for every listening TCP socket of the container to have an empty accept queue
+    /// and no half-open connection. Not drained by then: the checkpoint fails before
+    /// anything is frozen (the held SYNs are delivered, the container runs on). 0: no drain
+    /// (CRIU then refuses a listener with queued connections). Default 2000.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+impl CriuConfig {
+    /// [`CriuConfig::drain_timeout_ms`] as a duration.
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_timeout_ms)
+    }
 }
 
 impl Default for CriuConfig {
@@ -33,10 +47,14 @@ impl Default for CriuConfig {
             work_dir: default_work_dir(),
             action_script: default_action_script(),
             keep_images: false,
+            drain_timeout_ms: default_drain_timeout_ms(),
         }
     }
 }
 
+fn default_drain_timeout_ms() -> u64 {
+    2000
+}
 fn default_binary() -> PathBuf {
     PathBuf::from("/usr/local/sbin/criu")
 }

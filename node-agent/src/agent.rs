@@ -216,9 +216,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // What the kernel says about endpoints being held and old copies being silenced.
     let mut queues = HoldQueues::new(cfg.hold);
     let mut dumped = BTreeSet::new();
-    for (ip, e) in dp.endpoints() {
+    for (ip, mut e) in dp.endpoints() {
         if e.kind == kind::HOLD {
             queues.hold(ip);
+        }
+        // A drain dies with the agent that started it (and its checkpoint with it): the
+        // container takes new connections again at once. SYNs the earlier agent saved are
+        // loaded below and delivered by the first apply.
+        if e.kind == kind::LOCAL && e.flags & flags::HOLD_SYN != 0 {
+            e.flags &= !flags::HOLD_SYN;
+            match dp.set_endpoint(ip, e) {
+                Ok(()) => info!(%ip, "a drain the earlier agent left: ended"),
+                Err(err) => warn!(%ip, error = %err, "ending a drain the earlier agent left"),
+            }
         }
         if e.kind == kind::FORWARD && e.flags & flags::DROP_EGRESS != 0 {
             dumped.insert(ip);

@@ -8,8 +8,9 @@
 //! ```text
 //! main → cli, agent
 //! agent → peer_api, handoff, sync, metrics, runtime, node, plan, hold, config
-//! peer_api (serves the routes below on `api_listen`) → handoff, criu, runtime::api
-//! criu (CRIU driver)          → runtime, node, auth, config
+//! peer_api (serves the routes below on `api_listen`) → handoff, criu, drain, runtime::api
+//! criu (CRIU driver)          → drain, runtime, node, auth, config
+//! drain (before a dump)       → node, auth
 //! fencing (stopped copies)    → criu::resume, runtime, node
 //! handoff (socket hand-off)   → node, auth, config
 //! runtime::api                → runtime, node, auth
@@ -28,6 +29,7 @@ pub mod cli;
 pub use ferry_config as config;
 pub mod containers;
 pub mod criu;
+pub mod drain;
 pub mod fencing;
 pub mod handoff;
 pub mod hold;

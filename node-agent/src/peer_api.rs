@@ -64,6 +64,17 @@ impl PeerApi {
         ));
         // Whole-container migration with CRIU (checkpoint, images, restore).
         if let Some(g) = &cfg.gateway {
+            // The drain before a dump, for a dump someone else runs (see `crate::drain`).
+            app = app.merge(crate::drain::router(crate::drain::DrainApi {
+                host: cfg.host.clone(),
+                token: token.clone(),
+                node: node.clone(),
+                bound: if cfg.criu.drain_timeout_ms == 0 {
+                    crate::config::CriuConfig::default().drain_timeout()
+                } else {
+                    cfg.criu.drain_timeout()
+                },
+            }));
             let criu = Arc::new(criu::Ctx {
                 host: cfg.host.clone(),
                 node,

@@ -620,3 +620,149 @@ fn from_public_translates_mapped_ports_with_correct_checksums() {
         ((PUBLIC_IP, 80), (CLIENT_IP, 40000))
     );
 }
+
+/// A TCP segment with the SYN and/or ACK flags as asked (no payload).
+fn tcp_segment(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool, ack: bool) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(A_MAC, GATEWAY_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1000, 65535);
+    if syn {
+        builder = builder.syn();
+    }
+    if ack {
+        builder = builder.ack(1);
+    }
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[]).expect("building a frame");
+    frame
+}
+
+/// `HOLD_SYN` on a `LOCAL` entry (a container drained before a checkpoint): a new connection's
+/// SYN goes to the hold device, counted as `hold_syn`, in from-container and in from-hold (the
+/// re-injection path); everything else of the container's traffic is delivered as before; and
+/// without the flag the same SYN is delivered again.
+#[test]
+fn a_draining_endpoint_holds_new_connections_and_delivers_the_rest() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(false);
+    let mut drained = Endpoint {
+        kind: kind::LOCAL,
+        flags: flags::HOLD_SYN,
+        ifindex: b.veth_b,
+        mac: B_MAC,
+        ..Endpoint::default()
+    };
+    b.dp.set_endpoint(B_IP.into(), drained).expect("set B");
+    let syn = tcp_segment((A_IP, 40000), (B_IP, 80), true, false);
+    let ack = tcp_segment((A_IP, 40000), (B_IP, 80), false, true);
+    let syn_ack = tcp_segment((A_IP, 80), (B_IP, 40000), true, true);
+
+    // from-container: A opens a connection to B: held, the frame untouched (it is delivered
+    // as it is later).
+    let run = b.run(programs::FROM_CONTAINER, b.veth_a, &syn);
+    run.expect(TC_ACT_REDIRECT, Reason::HoldSyn, syn.len());
+    assert_eq!(run.frame, syn, "a held SYN is not rewritten");
+    // A segment of an established connection, and the answer to a connection B opened: to B.
+    for f in [&ack, &syn_ack] {
+        let run = b.run(programs::FROM_CONTAINER, b.veth_a, f);
+        run.expect(TC_ACT_REDIRECT, Reason::ContainerToLocal, f.len());
+        assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, B_MAC));
+    }
+    // Not TCP at all: to B.
+    let dgram = udp(A_MAC, GATEWAY_MAC, (A_IP, 5353), (B_IP, 53));
+    b.run(programs::FROM_CONTAINER, b.veth_a, &dgram).expect(
+        TC_ACT_REDIRECT,
+        Reason::ContainerToLocal,
+        dgram.len(),
+    );
+
+    // from-hold (a frame the agent writes back) while the flag is on: the SYN waits again;
+    // other segments reach the container.
+    b.run(programs::FROM_HOLD, b.hold, &syn)
+        .expect(TC_ACT_REDIRECT, Reason::HoldSyn, syn.len());
+    b.run(programs::FROM_HOLD, b.hold, &ack).expect(
+        TC_ACT_REDIRECT,
+        Reason::HoldReleased,
+        ack.len(),
+    );
+
+    // The drain over (flag cleared): the same SYN goes to B, from either program.
+    drained.flags = 0;
+    b.dp.set_endpoint(B_IP.into(), drained).expect("set B");
+    b.run(programs::FROM_CONTAINER, b.veth_a, &syn).expect(
+        TC_ACT_REDIRECT,
+        Reason::ContainerToLocal,
+        syn.len(),
+    );
+    b.run(programs::FROM_HOLD, b.hold, &syn).expect(
+        TC_ACT_REDIRECT,
+        Reason::HoldReleased,
+        syn.len(),
+    );
+
+    // Draining without a hold device: dropped as such (never delivered to the listener).
+    drained.flags = flags::HOLD_SYN;
+    b.dp.set_endpoint(B_IP.into(), drained).expect("set B");
+    let mut config = b.dp.config().expect("config");
+    config.hold_ifindex = 0;
+    b.dp.set_config(config).expect("set config");
+    b.run(programs::FROM_CONTAINER, b.veth_a, &syn).expect(
+        TC_ACT_SHOT,
+        Reason::DropNoHoldDevice,
+        syn.len(),
+    );
+}
+
+/// On the gateway: a client's SYN through the public address to a drained container on the
+/// gateway host is held too; its next segments are translated and delivered.
+#[test]
+fn from_public_holds_a_new_connection_to_a_draining_container() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(true);
+    let public = ipv4_be(PUBLIC_IP);
+    b.dp.set_public(
+        NatKey::presence(public),
+        NatValue {
+            addr_be: public,
+            ..NatValue::default()
+        },
+    )
+    .expect("set presence");
+    // The whole address: PUBLIC_IP → A.
+    b.dp.set_public(
+        NatKey {
+            addr_be: public,
+            ..NatKey::default()
+        },
+        NatValue {
+            addr_be: ipv4_be(A_IP),
+            ..NatValue::default()
+        },
+    )
+    .expect("set mapping");
+    b.dp.set_endpoint(
+        A_IP.into(),
+        Endpoint {
+            kind: kind::LOCAL,
+            flags: flags::HOLD_SYN,
+            ifindex: b.veth_a,
+            mac: A_MAC,
+            ..Endpoint::default()
+        },
+    )
+    .expect("set A");
+    let syn = tcp(CLIENT_MAC, PUBLIC_MAC, (CLIENT_IP, 40000), (PUBLIC_IP, 80));
+    let run = b.run(programs::FROM_PUBLIC, b.public, &syn);
+    run.expect(TC_ACT_REDIRECT, Reason::HoldSyn, syn.len());
+    // Translated before it was held: written back later, it goes to the container as is.
+    assert_eq!(tcp_endpoints(&run.frame), ((CLIENT_IP, 40000), (A_IP, 80)));
+    let mut ack = tcp_segment((CLIENT_IP, 40000), (PUBLIC_IP, 80), false, true);
+    ack[..6].copy_from_slice(&PUBLIC_MAC);
+    let run = b.run(programs::FROM_PUBLIC, b.public, &ack);
+    run.expect(TC_ACT_REDIRECT, Reason::PublicDnat, ack.len());
+    assert_eq!(tcp_endpoints(&run.frame), ((CLIENT_IP, 40000), (A_IP, 80)));
+}

@@ -61,6 +61,12 @@ pub mod kind {
 pub mod flags {
     /// Drop what the (frozen) source copy of this endpoint still emits.
     pub const DROP_EGRESS: u32 = 1 << 0;
+    /// `LOCAL` only: the container is being drained before a checkpoint. A new connection's
+    /// first segment (TCP SYN without ACK) for it goes to the hold device instead of the
+    /// container (counted as `hold_syn`); everything else is delivered as usual. The agent
+    /// writes the held SYNs back once the entry says where the container is (the destination
+    /// after the freeze, or here again if the checkpoint does not happen).
+    pub const HOLD_SYN: u32 = 1 << 1;
 }
 
 /// Value of the endpoint map, keyed by the endpoint's IPv4 address (`u32`, network order).
@@ -318,6 +324,10 @@ reasons! {
     DropUnderlayFromPublic = 38, drop, "underlay_from_public",
         "from-public: a packet from the internet addressed a host's underlay address (the \
         gateway's API, the agents' peer APIs): the control plane is not served on the public side.";
+    HoldSyn = 39, pass, "hold_syn",
+        "to a `LOCAL` endpoint being drained before a checkpoint (`HOLD_SYN`): a new connection's \
+        SYN queued by the agent (redirected to its hold device) instead of reaching the \
+        container's listener; delivered where the container runs once the checkpoint is over.";
 }
 
 impl Reason {

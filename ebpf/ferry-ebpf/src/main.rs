@@ -90,6 +90,7 @@ fn deliver(
     encap: Reason,
 ) -> Result<Verdict, Reason> {
     match ep.kind {
+        kind::LOCAL if draining(ctx, ep) => hold_as(cfg, Reason::HoldSyn),
         kind::LOCAL => {
             set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
             // Straight into the container's end of the veth (its namespace's ingress), as if
@@ -110,10 +111,24 @@ fn deliver(
 /// device, where the agent queues it until release (bounded, overflow counted there).
 #[inline(always)]
 fn hold(cfg: &Config) -> Result<Verdict, Reason> {
+    hold_as(cfg, Reason::HoldQueued)
+}
+
+/// To the agent's hold device, counted as `reason`.
+#[inline(always)]
+fn hold_as(cfg: &Config, reason: Reason) -> Result<Verdict, Reason> {
     if cfg.hold_ifindex == 0 {
         return Err(Reason::DropNoHoldDevice);
     }
-    redirect_to(cfg.hold_ifindex, Reason::HoldQueued)
+    redirect_to(cfg.hold_ifindex, reason)
+}
+
+/// A `LOCAL` endpoint being drained before a checkpoint (`HOLD_SYN`), and this packet opens a
+/// new connection (SYN without ACK): it waits in the hold device instead of reaching the
+/// container's listener, so the listener's queues can empty before CRIU dumps it.
+#[inline(always)]
+fn draining(ctx: &TcContext, ep: &Endpoint) -> bool {
+    ep.flags & flags::HOLD_SYN != 0 && packet::is_new_connection(ctx)
 }
 
 /// Sending a packet that arrived from the overlay back into it (a forwarding pointer, or a
@@ -399,7 +414,10 @@ fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
         // Draining towards another host (an abort: back to the source) while new packets
         // still queue behind: to-overlay encapsulates by the entry's VTEP.
         kind::HOLD if ep.vtep_be != 0 => redirect_to(cfg.vxlan_ifindex, Reason::HoldForwarded),
-        // Straight to the container (never back into the hold device).
+        // A container being drained: a new connection waits (the agent clears the flag
+        // before it writes the held SYNs back to this container).
+        kind::LOCAL if draining(ctx, &ep) => hold_as(&cfg, Reason::HoldSyn),
+        // Straight to the container (otherwise never back into the hold device).
         kind::LOCAL | kind::HOLD => {
             set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
             ctx.change_type(PACKET_HOST)

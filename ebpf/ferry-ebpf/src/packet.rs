@@ -65,6 +65,27 @@ impl L4 {
     }
 }
 
+/// TCP flags (offset in the TCP header) and the two `is_new_connection` looks at.
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Is this IPv4 packet a new connection's first segment: TCP, SYN without ACK? (Anything
+/// unparseable is not: it goes where it went before.)
+#[inline(always)]
+pub fn is_new_connection(ctx: &TcContext) -> bool {
+    let Ok(Some(l4)) = l4(ctx) else {
+        return false;
+    };
+    if l4.proto != IPPROTO_TCP {
+        return false;
+    }
+    match ctx.load::<u8>(l4.off + TCP_FLAGS_OFF) {
+        Ok(f) => f & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        Err(_) => false,
+    }
+}
+
 /// The IPv4 packet's TCP or UDP header, if it has one in this packet (not for other protocols,
 /// and not for non-first fragments, which carry no transport header).
 #[inline(always)]

@@ -148,6 +148,8 @@ pub async fn checkpoint(
         ));
     };
     let busy = ctx.claim(ip)?;
+    // Before anything is frozen: no UNIX socket of the container may lead out of it.
+    refuse_unix_peers_outside(ip, pid, &netns).await?;
     let span =
         info_span!("checkpoint", migration = %id, container = %ip, host = %ctx.host, to = %req.to);
     // In a task of its own: if the caller goes away mid-way (a gateway restart), the
@@ -199,8 +201,46 @@ async fn run(
 ) -> CheckpointAnswer {
     let ip = req.container;
     let answer = run_inner(ctx.clone(), id, req, netns, pid, claim).await;
-    ctx.node.lock().await.silence_on_freeze(ip, false);
+    let mut node = ctx.node.lock().await;
+    node.silence_on_freeze(ip, false);
+    // A drain the freeze's switch did not end (no freeze came): its SYNs go to the container
+    // here, which still owns the address.
+    node.end_drain(ip);
     answer
+}
+
+/// The checkpoint's refusal when a UNIX socket of the container has its peer outside it
+/// (`crate::drain::check_unix_peers`).
+async fn refuse_unix_peers_outside(
+    ip: Ipv4Addr,
+    pid: i32,
+    netns: &std::path::Path,
+) -> Result<(), Refusal> {
+    let pids = tokio::task::spawn_blocking(move || super::resume::tree(pid))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| {
+            bad(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("container {ip}: listing its processes: {e}"),
+            )
+        })?;
+    crate::drain::check_unix_peers(ip, pids, netns)
+        .await
+        .map_err(|e| {
+            let code = match e {
+                crate::drain::UnixPeerError::Outside { .. } => "unix_peer_outside",
+                crate::drain::UnixPeerError::Read { .. } => "internal",
+            };
+            let status = if code == "internal" {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::CONFLICT
+            };
+            bad(status, code, e.to_string())
+        })
 }
 
 async fn run_inner(
@@ -246,6 +286,22 @@ async fn run_inner(
             return answer;
         }
     };
+
+    // Drain (`crate::drain`): new connections wait in the hold, the listeners' queues empty.
+    match crate::drain::before_dump(&ctx.node, ip, &netns, ctx.criu.drain_timeout()).await {
+        Ok(d) => {
+            if let Some((_, d)) = d {
+                let m = format!("drain: {:.1} ms, {} listener(s)", d.waited_ms, d.listeners);
+                push(&ctx, &id, "info", m, None);
+            }
+        }
+        Err(e) => {
+            answer.error = Some(e.to_string());
+            answer.resumed = true;
+            cleanup(&dir);
+            return answer;
+        }
+    }
 
     // Dump. In hold mode CRIU calls `ferry` (its action script) at network-lock, which asks
     // the gateway to freeze: from then on the destination holds every packet.

@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, kind};
+use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, flags, kind};
 
 use super::seams::{Announcer, ContainerNet, Datapath, HoldDevice, Installed};
 use crate::{
@@ -29,6 +29,9 @@ pub enum Delivery {
     Vtep(u32),
     Host,
     Dropped,
+    /// Back into the hold device: the entry is `LOCAL` with `HOLD_SYN` (every fake frame
+    /// counts as a SYN here), so writing it back would only queue it again.
+    Diverted,
 }
 
 /// A call that reached the fake kernel.
@@ -117,6 +120,9 @@ impl World {
     fn route(&self, dst: Ipv4Addr) -> Delivery {
         match self.endpoints.get(&dst) {
             Some(e) if e.kind == kind::HOLD && e.vtep_be != 0 => Delivery::Vtep(e.vtep_be),
+            Some(e) if e.kind == kind::LOCAL && e.flags & flags::HOLD_SYN != 0 => {
+                Delivery::Diverted
+            }
             Some(e) if e.kind == kind::LOCAL || e.kind == kind::HOLD => {
                 Delivery::Container(e.ifindex)
             }
@@ -224,6 +230,12 @@ impl Fake {
     }
 }
 
+/// Whether an entry sends (the fake's) frames to the hold device: `HOLD`, or `LOCAL` with
+/// `HOLD_SYN` (every fake frame counts as a new connection's SYN).
+fn holds(e: &Endpoint) -> bool {
+    e.kind == kind::HOLD || (e.kind == kind::LOCAL && e.flags & flags::HOLD_SYN != 0)
+}
+
 /// An IPv4 frame for `dst` whose last byte is `tag`.
 pub fn frame(dst: Ipv4Addr, tag: u8) -> Vec<u8> {
     let mut f = vec![0u8; 60];
@@ -244,9 +256,9 @@ impl Datapath for Fake {
             flags: ep.flags,
             vtep_be: ep.vtep_be,
         })?;
-        let was_hold = w.endpoints.get(&ip).is_some_and(|e| e.kind == kind::HOLD);
+        let was_holding = w.endpoints.get(&ip).is_some_and(holds);
         w.endpoints.insert(ip, ep);
-        if was_hold && ep.kind != kind::HOLD {
+        if was_holding && !holds(&ep) {
             for f in w.in_flight_at_switch.remove(&ip).unwrap_or_default() {
                 w.queues.push(f);
             }
@@ -349,9 +361,8 @@ impl HoldDevice for Fake {
         .map_err(std::io::Error::other)?;
         let next = w.arriving.get_mut(&dst).and_then(VecDeque::pop_front);
         if let Some(next) = next {
-            // By the entry as it stands: queued behind while it says HOLD, else delivered.
-            let holding = w.endpoints.get(&dst).is_some_and(|e| e.kind == kind::HOLD)
-                && w.queues.is_held(dst);
+            // By the entry as it stands: queued behind while it holds, else delivered.
+            let holding = w.endpoints.get(&dst).is_some_and(holds) && w.queues.is_held(dst);
             if holding {
                 w.queues.push(next);
             } else {

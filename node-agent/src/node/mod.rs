@@ -16,6 +16,14 @@
 //! | gone (grace over) | `LOCAL` | container removed (entry, then from-container, then veth) | `REMOTE` → destination |
 //! | gone (aborted) | held packets drained back to the source, then container removed | `LOCAL` again | `REMOTE` → source |
 //!
+//! Before its checkpoint the source *drains* the container ([`Node::start_drain`], from
+//! `crate::drain`): its `LOCAL` entry carries `HOLD_SYN`, so new connections' SYNs wait in
+//! this host's hold device while the listener's queues empty. The drain ends either with the
+//! freeze's switch (the entry becomes `FORWARD`: the apply writes the held SYNs back through
+//! the same steps as a release, so they follow the entry to the destination, which holds
+//! them until its release) or without a checkpoint ([`Node::end_drain`]: the flag goes, then
+//! the SYNs are delivered here).
+//!
 //! The kernel-facing pieces are behind the traits in [`seams`], so the order of the steps is
 //! pinned by unit tests with recording fakes (`node/tests.rs`).
 //!
@@ -45,7 +53,7 @@ use std::{
 
 use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, flags, kind};
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 pub use seams::{Announcements, Hold, Installed, SharedDatapath};
 use seams::{Announcer, ContainerNet, Datapath, HoldDevice};
@@ -82,17 +90,49 @@ pub struct Applied {
     /// `HOLD` entry drops whatever the stopped copy's kernel emits (a retransmission timer
     /// firing) until the release makes it `LOCAL`.
     pub fenced: BTreeSet<Ipv4Addr>,
+    /// Local containers being drained before a checkpoint: their `LOCAL` entry carries
+    /// `HOLD_SYN` (new connections wait in the hold device, whose queue for them is open).
+    /// Agent-local: the registry knows nothing of it. Ends at the freeze's switch (the entry
+    /// is no longer `LOCAL`) or with [`Node::end_drain`].
+    pub draining: BTreeMap<Ipv4Addr, u64>,
+    /// The last drain's number: each drain gets the next one ([`Node::start_drain`]), so
+    /// whoever started a drain ends that drain and not a later one.
+    pub drains: u64,
 }
 
-/// A FORWARD entry drops the old copy's output once its connections are dumped, or from the
-/// start while CRIU checkpoints it; a HOLD entry drops a fenced restored copy's.
-fn egress_flags(applied: &Applied, ip: Ipv4Addr, entry_kind: u32) -> u32 {
-    let drop = match entry_kind {
-        kind::FORWARD => applied.dumped.contains(&ip) || applied.silenced.contains(&ip),
-        kind::HOLD => applied.fenced.contains(&ip),
-        _ => false,
-    };
-    if drop { flags::DROP_EGRESS } else { 0 }
+/// The flags the agent adds to a local container's entry: a FORWARD entry drops the old
+/// copy's output once its connections are dumped, or from the start while CRIU checkpoints
+/// it; a HOLD entry drops a fenced restored copy's; a LOCAL entry of a container being
+/// drained holds new connections' SYNs.
+fn entry_flags(applied: &Applied, ip: Ipv4Addr, entry_kind: u32) -> u32 {
+    match entry_kind {
+        kind::FORWARD if applied.dumped.contains(&ip) || applied.silenced.contains(&ip) => {
+            flags::DROP_EGRESS
+        }
+        kind::HOLD if applied.fenced.contains(&ip) => flags::DROP_EGRESS,
+        kind::LOCAL if applied.draining.contains_key(&ip) => flags::HOLD_SYN,
+        _ => 0,
+    }
+}
+
+/// The flags [`entry_flags`] decides (the rest come from the plan).
+const AGENT_FLAGS: u32 = flags::DROP_EGRESS | flags::HOLD_SYN;
+
+/// Why a drain cannot start.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DrainStartError {
+    #[error("container {0} has no endpoint entry on this host")]
+    NoEntry(Ipv4Addr),
+    #[error(
+        "container {ip}'s entry is not LOCAL here (kind {kind}): it is not running here, or already migrating"
+    )]
+    NotLocal { ip: Ipv4Addr, kind: u32 },
+    #[error("this agent has no hold device: new connections could not wait")]
+    NoHoldDevice,
+    #[error("container {0} is already being drained")]
+    AlreadyDraining(Ipv4Addr),
+    #[error("writing container {ip}'s entry: {error}")]
+    Datapath { ip: Ipv4Addr, error: String },
 }
 
 fn mark(set: &mut BTreeSet<Ipv4Addr>, ip: Ipv4Addr, on: bool) {
@@ -239,24 +279,94 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// A FORWARD entry drops the old copy's output while it is dumped or silenced, a HOLD
     /// entry a fenced copy's.
     fn refresh_drop_egress(&mut self, ip: Ipv4Addr) {
+        if let Err(err) = self.refresh_flags(ip) {
+            warn!(%ip, error = %err, "marking the old copy's output as stale");
+        }
+    }
+
+    /// Rewrites `ip`'s entry if the flags the agent decides ([`entry_flags`]) changed.
+    fn refresh_flags(&mut self, ip: Ipv4Addr) -> Result<(), D::Error> {
         let Some(mut e) = self.applied.endpoints.get(&ip).copied() else {
-            return;
+            return Ok(());
         };
-        if e.kind != kind::FORWARD && e.kind != kind::HOLD {
-            return;
+        if !matches!(e.kind, kind::FORWARD | kind::HOLD | kind::LOCAL) {
+            return Ok(());
         }
         let before = e.flags;
-        e.flags &= !flags::DROP_EGRESS;
-        e.flags |= egress_flags(&self.applied, ip, e.kind);
+        e.flags &= !AGENT_FLAGS;
+        e.flags |= entry_flags(&self.applied, ip, e.kind);
         if e.flags == before {
-            return;
+            return Ok(());
         }
-        match self.datapath.set_endpoint(ip, e) {
-            Ok(()) => {
-                self.applied.endpoints.insert(ip, e);
-            }
-            Err(err) => warn!(%ip, error = %err, "marking the old copy's output as stale"),
+        self.datapath.set_endpoint(ip, e)?;
+        self.applied.endpoints.insert(ip, e);
+        Ok(())
+    }
+
+    /// Starts draining local container `ip` before its checkpoint: its hold queue opens,
+    /// then its `LOCAL` entry gets `HOLD_SYN` (in that order, so the first held SYN finds
+    /// its queue). Everything else keeps flowing: the server runs and accepts what is queued.
+    /// Returns the drain's number (for [`Node::end_drain_of`]).
+    pub fn start_drain(&mut self, ip: Ipv4Addr) -> Result<u64, DrainStartError> {
+        let e = *self
+            .applied
+            .endpoints
+            .get(&ip)
+            .ok_or(DrainStartError::NoEntry(ip))?;
+        if e.kind != kind::LOCAL {
+            return Err(DrainStartError::NotLocal { ip, kind: e.kind });
         }
+        let hold = self.hold.clone().ok_or(DrainStartError::NoHoldDevice)?;
+        if self.applied.draining.contains_key(&ip) {
+            return Err(DrainStartError::AlreadyDraining(ip));
+        }
+        hold.hold(ip);
+        self.applied.drains += 1;
+        let number = self.applied.drains;
+        self.applied.draining.insert(ip, number);
+        if let Err(err) = self.refresh_flags(ip) {
+            self.applied.draining.remove(&ip);
+            // Nothing can have been held: the entry never said so.
+            hold.release(ip);
+            return Err(DrainStartError::Datapath {
+                ip,
+                error: err.to_string(),
+            });
+        }
+        info!(%ip, drain = number, "draining: new connections wait in the hold device");
+        Ok(number)
+    }
+
+    /// [`Node::end_drain`], if the drain on `ip` is still drain `number`.
+    pub fn end_drain_of(&mut self, ip: Ipv4Addr, number: u64) -> Option<usize> {
+        if self.applied.draining.get(&ip) != Some(&number) {
+            return None;
+        }
+        self.end_drain(ip)
+    }
+
+    /// Ends the drain of `ip` if it is still on (no checkpoint took the container away: the
+    /// run failed, or the freeze never came): `HOLD_SYN` goes first, then the held SYNs are
+    /// written back, in order, to the container here (from-hold delivers by the entry, now
+    /// plain `LOCAL`; stragglers in flight to the device are passed on by its reader).
+    /// A drain the freeze's switch ended already (see `steps::endpoint_entries`) is left
+    /// alone. Returns the frames written back (`None`: no drain was on).
+    pub fn end_drain(&mut self, ip: Ipv4Addr) -> Option<usize> {
+        self.applied.draining.remove(&ip)?;
+        if let Err(err) = self.refresh_flags(ip) {
+            // The entry keeps diverting SYNs: keep them queued rather than loop them through
+            // the device; the next apply rewrites the entry without the flag and releases.
+            warn!(%ip, error = %err, "ending the drain: the entry still holds SYNs");
+            return Some(0);
+        }
+        let Some(h) = self.hold.clone() else {
+            return Some(0);
+        };
+        let frames = h.release(ip);
+        let n = frames.len();
+        let failed = steps::reinject(&*h, frames);
+        info!(%ip, packets = n, failed, "drain ended here: held SYNs delivered to the container");
+        Some(n)
     }
 
     /// Removes every container this agent built (at shutdown). Keeps going on errors.

@@ -9,11 +9,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ferry_common::{Endpoint, ipv4_be, kind};
+use ferry_common::{Endpoint, flags, ipv4_be, kind};
 use tracing::{info, warn};
 
 use super::{
-    Node, egress_flags,
+    Node, entry_flags,
     seams::{Announcer, ContainerNet, Datapath, HoldDevice},
 };
 use crate::{
@@ -129,13 +129,18 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         for (ip, (c, built)) in &self.applied.containers {
             if want.containers.contains_key(ip) && !want.staged.contains(ip) {
                 let mut e = plan::local_entry(want, c, built.ifindex);
-                e.flags |= egress_flags(&self.applied, *ip, e.kind);
+                e.flags |= entry_flags(&self.applied, *ip, e.kind);
                 endpoints.insert(*ip, e);
             }
         }
         self.applied
             .dumped
             .retain(|ip| endpoints.get(ip).is_some_and(|e| e.kind == kind::FORWARD));
+        // A drain ends when the entry stops being LOCAL (the freeze's switch): the new entry
+        // has no HOLD_SYN, and the held SYNs are released (`releasing`) to follow it.
+        self.applied
+            .draining
+            .retain(|ip, _| endpoints.get(ip).is_some_and(|e| e.kind == kind::LOCAL));
         endpoints
     }
 
@@ -150,12 +155,14 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     }
 
     /// The endpoints held until now that `want` holds no more: released (their entry becomes
-    /// `LOCAL`) or aborted (it points at another host).
+    /// `LOCAL`) or aborted (it points at another host); and containers drained here whose
+    /// entry the freeze's switch makes `FORWARD` (their held SYNs follow it). A container
+    /// still being drained keeps its queue.
     pub(super) fn releasing(&self, want: &Desired) -> Vec<Ipv4Addr> {
         self.hold.as_ref().map_or_else(Vec::new, |h| {
             h.held()
                 .into_iter()
-                .filter(|ip| !want.hold.contains(ip))
+                .filter(|ip| !want.hold.contains(ip) && !self.applied.draining.contains_key(ip))
                 .collect()
         })
     }
@@ -164,8 +171,11 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// back, in order, round after round until it is empty (from-hold delivers by a `HOLD`
     /// entry to the container; packets arriving meanwhile queue behind and go in the next
     /// round); only then may the entry change ([`Self::write_endpoints`]). Towards another
-    /// host (an abort), the entry first stays `HOLD` but carries the target's VTEP, so what
-    /// is drained goes there, still ahead of what queues behind it.
+    /// host (an abort; or a drained source at the freeze's switch), the entry first says
+    /// `HOLD` with the target's VTEP (and its `DROP_EGRESS`: a frozen source stays silent),
+    /// so what is drained goes there, still ahead of what queues behind it. A release to
+    /// `LOCAL` lifts a fenced copy's `DROP_EGRESS` first: the registry made it the owner, and
+    /// its kernel's answers to what is written back (ACKs, a SYN's SYN-ACK) must go out.
     pub(super) fn drain_held(
         &mut self,
         releasing: &[Ipv4Addr],
@@ -184,11 +194,27 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
                 draining.kind = kind::HOLD;
                 draining.vtep_be = t.vtep_be;
                 draining.vni = t.vni;
+                draining.flags =
+                    (draining.flags & !flags::HOLD_SYN) | (t.flags & flags::DROP_EGRESS);
                 match self.datapath.set_endpoint(*ip, draining) {
                     Ok(()) => {
                         self.applied.endpoints.insert(*ip, draining);
                     }
                     Err(e) => errors.push(format!("draining {ip}: {e}")),
+                }
+            }
+            if let Some(t) = target
+                && t.kind == kind::LOCAL
+                && let Some(mut held) = self.applied.endpoints.get(ip).copied()
+                && held.kind == kind::HOLD
+                && held.flags & flags::DROP_EGRESS != 0
+            {
+                held.flags &= !flags::DROP_EGRESS;
+                match self.datapath.set_endpoint(*ip, held) {
+                    Ok(()) => {
+                        self.applied.endpoints.insert(*ip, held);
+                    }
+                    Err(e) => errors.push(format!("releasing {ip}: {e}")),
                 }
             }
             if !matches!(
@@ -428,7 +454,10 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
 }
 
 /// Writes frames back through the hold device, in order. Returns how many failed.
-fn reinject<H: HoldDevice + ?Sized>(hold: &H, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+pub(super) fn reinject<H: HoldDevice + ?Sized>(
+    hold: &H,
+    frames: impl IntoIterator<Item = Vec<u8>>,
+) -> usize {
     let mut failed = 0;
     for f in frames {
         if let Err(e) = hold.write_frame(&f) {

@@ -445,3 +445,152 @@ async fn a_container_left_with_another_mac_is_rebuilt_not_adopted() {
     assert!(del < create, "{log:#?}");
     assert_ne!(ifindex(&n, A), 7);
 }
+
+/// A drain (before a checkpoint): the queue opens before the entry holds SYNs; an apply
+/// meanwhile keeps both; the freeze's switch (FORWARD, the frozen copy silenced) writes the
+/// held SYNs back through a HOLD entry carrying the destination's VTEP, in order and before
+/// the FORWARD entry, and what was in flight at the switch after it: all to the destination.
+#[tokio::test]
+async fn a_drained_sources_held_syns_follow_the_switch_to_the_destination() {
+    let (mut n, f) = node();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    f.clear_log();
+    assert_eq!(n.start_drain(A), Ok(1));
+    let log = f.log();
+    let held = at(&log, |c| *c == Call::Hold(A));
+    let entry = at(
+        &log,
+        |c| matches!(c, Call::SetEndpoint { ip, kind: kind::LOCAL, flags: fl, .. } if *ip == A && *fl == flags::HOLD_SYN),
+    );
+    assert!(held < entry, "{log:#?}");
+    assert_eq!(
+        n.start_drain(A),
+        Err(super::DrainStartError::AlreadyDraining(A))
+    );
+    f.held_frames(A, 1..=2);
+
+    // An unrelated apply (B arrives): A still drains, its queue kept.
+    f.clear_log();
+    assert!(n.apply(&want(2, &[A, B])).await.is_empty());
+    assert_eq!(f.endpoint(A).map(|e| e.flags), Some(flags::HOLD_SYN));
+    assert!(writes(&f.log(), A).is_empty(), "{:#?}", f.log());
+    f.held_frames(A, [3]);
+    f.in_flight_at_switch(A, 4);
+
+    // The freeze: CRIU checkpoints A (silenced), the switch makes it FORWARD.
+    n.silence_on_freeze(A, true);
+    f.clear_log();
+    let mut w = want(3, &[A, B]);
+    w.forward.insert(A, PEER);
+    assert!(n.apply(&w).await.is_empty());
+    let log = f.log();
+    let dest = ipv4_be(PEER.octets());
+    let via_hold = at(
+        &log,
+        |c| matches!(c, Call::SetEndpoint { ip, kind: kind::HOLD, flags: fl, vtep_be } if *ip == A && *vtep_be == dest && *fl == flags::DROP_EGRESS),
+    );
+    let forward = at(
+        &log,
+        |c| matches!(c, Call::SetEndpoint { ip, kind: kind::FORWARD, flags: fl, .. } if *ip == A && *fl == flags::DROP_EGRESS),
+    );
+    let w = writes(&log, A);
+    assert_eq!(
+        w.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4],
+        "{log:#?}"
+    );
+    assert!(
+        w.iter().all(|(_, to, _)| *to == Delivery::Vtep(dest)),
+        "{log:#?}"
+    );
+    assert!(w[..3].iter().all(|(_, _, i)| via_hold < *i && *i < forward));
+    assert!(w[3].2 > forward);
+    assert!(n.applied.draining.is_empty());
+    assert!(!log.contains(&Call::Announce(A)));
+    // Ended by the switch: ending it again is nothing.
+    f.clear_log();
+    assert_eq!(n.end_drain(A), None);
+    assert!(f.log().is_empty());
+}
+
+/// A drain that ends without a checkpoint (the run failed, or the queues never emptied): the
+/// entry stops holding SYNs first, then the held ones go to the container here, in order
+/// (never back into the hold device), and later applies leave the entry plain LOCAL.
+#[tokio::test]
+async fn a_drain_without_a_checkpoint_delivers_the_held_syns_here() {
+    let (mut n, f) = node();
+    assert!(n.apply(&want(1, &[A])).await.is_empty());
+    let drain = n.start_drain(A).unwrap();
+    f.held_frames(A, 1..=3);
+    f.in_flight_at_switch(A, 4);
+    f.clear_log();
+    // Not this drain (an earlier one's owner, late): nothing.
+    assert_eq!(n.end_drain_of(A, drain + 1), None);
+    assert!(f.log().is_empty());
+    assert_eq!(n.end_drain_of(A, drain), Some(4));
+    let log = f.log();
+    let plain = at(
+        &log,
+        |c| matches!(c, Call::SetEndpoint { ip, kind: kind::LOCAL, flags: 0, .. } if *ip == A),
+    );
+    let w = writes(&log, A);
+    assert_eq!(
+        w.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4],
+        "{log:#?}"
+    );
+    let veth = Delivery::Container(ifindex(&n, A));
+    assert!(
+        w.iter().all(|(_, to, i)| *to == veth && *i > plain),
+        "{log:#?}"
+    );
+    assert!(!super::seams::HoldDevice::held(&f).contains(&A));
+    f.clear_log();
+    assert!(n.apply(&want(2, &[A])).await.is_empty());
+    assert_eq!(
+        f.endpoint(A).map(|e| (e.kind, e.flags)),
+        Some((kind::LOCAL, 0))
+    );
+    assert!(writes(&f.log(), A).is_empty());
+}
+
+#[tokio::test]
+async fn only_a_local_entry_can_be_drained() {
+    let (mut n, _f) = holding_a().await;
+    assert_eq!(
+        n.start_drain(A),
+        Err(super::DrainStartError::NotLocal {
+            ip: A,
+            kind: kind::HOLD
+        })
+    );
+    assert_eq!(n.start_drain(B), Err(super::DrainStartError::NoEntry(B)));
+    assert!(n.applied.draining.is_empty());
+}
+
+/// A fenced restored copy released here: its HOLD entry loses `DROP_EGRESS` before the held
+/// frames are written back, so what its kernel answers (ACKs, SYN-ACKs) goes out.
+#[tokio::test]
+async fn a_release_lets_the_fenced_copy_answer_what_is_written_back() {
+    let (mut n, f) = holding_a().await;
+    n.fence_egress(A, true);
+    assert_eq!(
+        f.endpoint(A).map(|e| (e.kind, e.flags)),
+        Some((kind::HOLD, flags::DROP_EGRESS))
+    );
+    f.held_frames(A, 1..=2);
+    f.clear_log();
+    assert!(n.apply(&want(2, &[A])).await.is_empty());
+    let log = f.log();
+    let unfenced = at(
+        &log,
+        |c| matches!(c, Call::SetEndpoint { ip, kind: kind::HOLD, flags: 0, .. } if *ip == A),
+    );
+    let w = writes(&log, A);
+    assert_eq!(w.len(), 2, "{log:#?}");
+    assert!(w.iter().all(|(_, _, i)| *i > unfenced), "{log:#?}");
+    assert_eq!(
+        f.endpoint(A).map(|e| (e.kind, e.flags)),
+        Some((kind::LOCAL, 0))
+    );
+}
