@@ -39,6 +39,7 @@ fn net() -> NetConfig {
         vni: 4242,
         public_cidrs: vec!["203.0.113.128/25".parse().unwrap()],
         forward_grace_ms: 2000,
+        ipam: ferry_gateway::registry::IpamPool::whole("10.244.0.0/16".parse().unwrap()),
     }
 }
 
