@@ -28,8 +28,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{Instrument as _, info, warn};
 
 use crate::{
+    cni::Cni,
     config::AgentConfig,
-    containers::{self, HostNetwork},
+    containers::{self, ATTACHMENTS_FILE, Attachments, HostNetwork},
     fencing::Fencing,
     handoff::Handoff,
     hold::HoldQueues,
@@ -240,6 +241,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         queues: Mutex::new(queues),
     });
     let datapath = Arc::new(Mutex::new(dp));
+    // Containers living in a CNI runtime's namespace (before any apply builds them).
+    let attached = Attachments::load(cfg.state_dir.join(ATTACHMENTS_FILE));
     let mut node = Node {
         host: cfg.host.clone(),
         datapath: datapath.clone(),
@@ -248,6 +251,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             netns_prefix: cfg.container_netns_prefix.clone(),
             mtu: OVERLAY_MTU,
             host_overlay_ip: cfg.overlay_ip,
+            attached: attached.clone(),
         },
         base_config: base,
         applied: Applied {
@@ -310,10 +314,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         token: peer_api::read_token(&cfg).ok().flatten(),
     });
     let mut background = vec![tokio::spawn(fencing.clone().run().in_current_span())];
-    let follower = match &cfg.gateway {
-        Some(g) => {
-            let client = Client::with_token_file(g.address, &g.token_file)
-                .with_context(|| format!("gateway token {}", g.token_file.display()))?;
+    let client = match &cfg.gateway {
+        Some(g) => Some(
+            Client::with_token_file(g.address, &g.token_file)
+                .with_context(|| format!("gateway token {}", g.token_file.display()))?,
+        ),
+        None => None,
+    };
+    // ferry-cni's way in (it needs the gateway's IPAM: the configuration insists on one).
+    let cni = match &client {
+        Some(c) => Cni::start(&cfg, node.clone(), c.clone(), attached.clone())?,
+        None => None,
+    };
+    let follower = match (&cfg.gateway, client) {
+        (Some(g), Some(client)) => {
             let span = tracing::info_span!("sync", gateway = %g.address);
             background.push(tokio::spawn(
                 sync::heartbeat(cfg.host.clone(), client.clone()).instrument(span.clone()),
@@ -323,7 +337,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     .instrument(span),
             ))
         }
-        None => None,
+        _ => None,
     };
     let orphans = tokio::spawn(
         stop_orphans(node.clone(), runtime.clone(), cfg.gateway.is_some()).in_current_span(),
@@ -363,6 +377,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     )
     .await?;
 
+    if let Some(c) = cni {
+        c.shutdown().await;
+    }
     if let Some(f) = follower {
         f.abort();
         let _ = f.await;
@@ -481,6 +498,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         netns_prefix: cfg.container_netns_prefix.clone(),
         mtu: OVERLAY_MTU,
         host_overlay_ip: cfg.overlay_ip,
+        attached: Attachments::load(cfg.state_dir.join(ATTACHMENTS_FILE)),
     };
     for ip in containers::existing_containers(&cfg.container_netns_prefix) {
         use crate::node::seams::ContainerNet as _;
@@ -489,6 +507,8 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
             Err(e) => errors.push(e.to_string()),
         }
     }
+    // A CNI container's namespace is its runtime's: only the agent's name for it goes.
+    errors.extend(net.detach_all().await.into_iter().map(|e| e.to_string()));
     if let Some(dir) = &cfg.bpffs_dir {
         match ferry_overlay::datapath::remove_pins(dir) {
             Ok(()) => info!(dir = %dir.display(), "datapath unpinned (programs detached)"),
@@ -516,6 +536,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         crate::runtime::store::FILE,
         HOLD_QUEUE_FILE,
         CLEAN_STOP_FILE,
+        ATTACHMENTS_FILE,
         LOCK_FILE,
     ]
     .iter()
