@@ -297,7 +297,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(&cfg.state_dir),
         Isolation::from_config(&cfg),
     )?;
-    adopt_unrecorded_processes(&cfg, &runtime).await;
+    adopt_unrecorded_processes(&cfg, &runtime, &attached).await;
     let server_tls = tls.as_ref().map(|t| t.server_config());
     let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime, server_tls).await {
         Ok(h) => h,
@@ -455,12 +455,15 @@ fn save_held(dir: &Path, hold: &Hold) {
 }
 
 /// Processes inside this agent's container namespaces that the runtime has no record of
-/// (the agent died between a spawn and the state's write) are adopted.
-async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime) {
+/// (the agent died between a spawn and the state's write) are adopted. A CNI container's
+/// namespace is its runtime's, and so are its processes: they are left alone.
+async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime, attached: &Attachments) {
     let prefix = cfg.container_netns_prefix.clone();
+    let cni: BTreeSet<std::net::Ipv4Addr> = attached.all().iter().map(|a| a.ip).collect();
     let found = tokio::task::spawn_blocking(move || {
         containers::existing_containers(&prefix)
             .into_iter()
+            .filter(|ip| !cni.contains(ip))
             .filter_map(|ip| {
                 let path =
                     ferry_overlay::netns::netns_path(&plan::container_netns_name(&prefix, ip));
