@@ -406,6 +406,19 @@ fn add_check_del_against_real_namespaces_and_every_refusal_leaves_nothing() {
     nothing_left(&lab, &n4, &before2, "a2");
 
     t.mark("agent down");
+    // CHECK notices what changed since ADD (and needs CNI 0.4.0 or newer).
+    let out = lab
+        .exec_in(&n2.path, &["ip", "route", "del", "default"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (code, msg) = refused(cni(&lab, "b1", "CHECK", "c2", Some(&n2.path), "net1", &c2));
+    assert_eq!(code, 103, "{msg}");
+    assert!(
+        msg.contains("no default route via 169.254.1.1 dev net1"),
+        "{msg}"
+    );
+    let (code, msg) = refused(cni(&lab, "b1", "CHECK", "c3", Some(&n3.path), "eth0", &c3));
+    assert_eq!(code, 1, "0.3.1 has no CHECK: {msg}");
     // DEL: the address and the endpoint go, the name is unmounted, the namespace bare; twice
     // is fine; CHECK of what is gone is a CNI error.
     let name1 = lab.container_netns("a1", ip1);

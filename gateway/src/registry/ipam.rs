@@ -11,7 +11,10 @@
 //! - A requested address is honoured if it is usable and free, or if it is the address of a
 //!   container whose migration to the asking host is prepared or frozen: that container is
 //!   arriving there (a runtime restoring a checkpoint asks for its old address), so the answer
-//!   names the migration and nothing is allocated.
+//!   names the migration and nothing is allocated. A request without an address from the
+//!   container id (and interface) that holds such a migrating container's lease is answered
+//!   the same way: a runtime that restores without asking for the address (Podman's
+//!   `--ignore-static-ip`) keeps the container's id.
 //! - Releasing frees the lease and removes the container's endpoint in the same change — if
 //!   the endpoint lives on the asking host and does not migrate. An endpoint that lives
 //!   elsewhere (its container migrated away) or is migrating is refused: the registry entry of
@@ -216,6 +219,25 @@ impl Registry {
                 ip
             }
             None => {
+                // A runtime restoring a checkpoint without asking for its address (Podman's
+                // `--ignore-static-ip`) keeps its container id: the lease it held on the
+                // source names it, and its migration comes here.
+                let arriving = self.leases.values().find_map(|l| {
+                    let m = &self.active_migration(l.ip)?.migration;
+                    (l.container_id == req.container_id
+                        && l.ifname == req.ifname
+                        && m.to == req.host)
+                        .then_some((l.ip, m.id.clone()))
+                });
+                if let Some((ip, id)) = arriving {
+                    return Ok(Change::Allocated(IpamAllocation {
+                        ip,
+                        lease: None,
+                        migration: Some(id),
+                        endpoint: self.endpoints.get(&ip).cloned(),
+                        changed: false,
+                    }));
+                }
                 // A repeated request (its answer was lost) gets the same address.
                 if let Some(l) = self.leases.values().find(|l| same_owner(l)) {
                     return unchanged(l);
@@ -615,6 +637,25 @@ mod tests {
         );
         assert_eq!(a.endpoint.unwrap().host, "a1");
         assert_eq!(r.version(), v);
+        // The same container id without an address (a restore that does not ask for it):
+        // the same answer.
+        let c = r
+            .apply(Request::Allocate(IpamAllocateRequest {
+                host: "b1".into(),
+                container_id: "src".into(),
+                ifname: "eth0".into(),
+                ip: None,
+            }))
+            .unwrap();
+        assert!(
+            matches!(&c, Change::Allocated(a) if a.ip == ip && a.migration.as_deref() == Some("m1")),
+            "{c:?}"
+        );
+        assert_eq!(r.version(), v);
+        // Another container id without an address: a new one.
+        let other = allocated(&mut r, alloc("b1", "dst2", None));
+        assert_ne!(other, ip);
+        r.apply(release("b1", "dst2", other)).unwrap();
         // Anyone else: refused, naming the migration.
         refused(
             &mut r,
