@@ -420,18 +420,23 @@ async fn add(ctx: &Ctx, req: &Request, fd: BorrowedFd<'_>) -> Result<Attached, C
     }
     let ip = alloc.ip;
     info!(%ip, new = alloc.changed, "address allocated");
-    match add_new(ctx, req, fd, ip, mac).await {
+    let mut registered = false;
+    match add_new(ctx, req, fd, ip, mac, &mut registered).await {
         Ok(a) => Ok(a),
-        Err(e) => Err(undo_add(ctx, req, ip, e).await),
+        // Only what this ADD made is undone: a lease it did not create (a repeated request)
+        // and an endpoint it did not register stay as they were.
+        Err(e) => Err(undo_add(ctx, req, ip, alloc.changed || registered, e).await),
     }
 }
 
+/// Attaches, registers, waits; `registered` says whether the endpoint is this ADD's.
 async fn add_new(
     ctx: &Ctx,
     req: &Request,
     fd: BorrowedFd<'_>,
     ip: Ipv4Addr,
     mac: Option<MacAddr>,
+    registered: &mut bool,
 ) -> Result<Attached, CniError> {
     let a = Attachment {
         ip,
@@ -463,6 +468,7 @@ async fn add_new(
         }])
         .await
         .map_err(|e| gateway_error("registering the endpoint", e))?;
+    *registered = true;
     // The registry's version now is at least the registration's.
     let version = ctx
         .client
@@ -532,20 +538,29 @@ async fn wait_removed(ctx: &Ctx, ip: Ipv4Addr, version: u64) -> Result<(), CniEr
     }
 }
 
-/// A failed ADD leaves nothing: the lease and the endpoint (if registered) are released in
-/// one change, the agent applies the removal (the veth goes), the name is unmounted. What
-/// could not be undone is added to the error's details.
-async fn undo_add(ctx: &Ctx, req: &Request, ip: Ipv4Addr, e: CniError) -> CniError {
+/// A failed ADD leaves nothing: the lease and the endpoint (`release`: if this ADD made
+/// either) are released in one change, the agent applies the removal (the veth goes), the
+/// name is unmounted. What could not be undone is added to the error's details.
+async fn undo_add(ctx: &Ctx, req: &Request, ip: Ipv4Addr, release: bool, e: CniError) -> CniError {
     let mut left = Vec::new();
-    match ctx
-        .client
-        .ipam_release(&IpamReleaseRequest {
-            host: ctx.host.clone(),
-            container_id: req.container_id.clone(),
+    let released = if release {
+        ctx.client
+            .ipam_release(&IpamReleaseRequest {
+                host: ctx.host.clone(),
+                container_id: req.container_id.clone(),
+                ip,
+            })
+            .await
+    } else {
+        Ok(ferry_api::IpamRelease {
             ip,
+            lease: None,
+            endpoint: None,
+            changed: false,
+            version: 0,
         })
-        .await
-    {
+    };
+    match released {
         Ok(r) => {
             if r.endpoint.is_some()
                 && let Err(w) = wait_removed(ctx, ip, r.version).await
@@ -677,6 +692,7 @@ async fn attach_to_migration(
 }
 
 /// Where the registry (as this agent last saw it) puts an attached container.
+#[derive(Debug, PartialEq, Eq)]
 enum Owner {
     /// On this host, no migration involves it: the DEL releases it.
     Here,
@@ -686,7 +702,7 @@ enum Owner {
     Nowhere,
 }
 
-fn owner(ctx: &Ctx, snap: Option<&ferry_api::Snapshot>, ip: Ipv4Addr) -> Owner {
+fn owner(host: &str, snap: Option<&ferry_api::Snapshot>, ip: Ipv4Addr) -> Owner {
     let Some(s) = snap else {
         return Owner::Nowhere;
     };
@@ -701,7 +717,7 @@ fn owner(ctx: &Ctx, snap: Option<&ferry_api::Snapshot>, ip: Ipv4Addr) -> Owner {
         ));
     }
     match s.endpoints.iter().find(|e| e.ip == ip) {
-        Some(e) if e.host == ctx.host => Owner::Here,
+        Some(e) if e.host == host => Owner::Here,
         Some(e) => Owner::Elsewhere(format!("it lives on host {} now", e.host)),
         None => Owner::Nowhere,
     }
@@ -714,7 +730,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     };
     let ip = a.ip;
     let snap = ctx.node.lock().await.registry.clone();
-    let release = match owner(ctx, snap.as_deref(), ip) {
+    let release = match owner(&ctx.host, snap.as_deref(), ip) {
         Owner::Elsewhere(why) => {
             info!(%ip, %why, "detaching locally only: the registry entry stays");
             false
@@ -780,5 +796,125 @@ async fn check(ctx: &Ctx, req: &Request, fd: BorrowedFd<'_>) -> Result<(), CniEr
             ErrorCode::NotAsAdded,
             format!("{} of {}: {}", req.ifname, a.ip, problems.join("; ")),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_api::{Endpoint, Migration, MigrationPhase, Snapshot};
+
+    use super::*;
+
+    fn req(mac: Option<&str>) -> Request {
+        Request {
+            op: Op::Add,
+            cni_version: "1.0.0".into(),
+            network: "ferry".into(),
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: None,
+            ip: None,
+            mac: mac.map(str::to_owned),
+            fds: 1,
+        }
+    }
+
+    #[test]
+    fn a_requested_mac_is_checked_as_the_registry_would() {
+        assert_eq!(requested_mac(&req(None)), Ok(None));
+        assert_eq!(
+            requested_mac(&req(Some("02:00:00:00:00:01")))
+                .unwrap()
+                .map(|m| m.to_string()),
+            Some("02:00:00:00:00:01".into())
+        );
+        for (mac, code, want) in [
+            (
+                "00:00:00:00:00:00",
+                ErrorCode::AddressNotUsable,
+                "all zeros",
+            ),
+            (
+                "01:00:5e:00:00:01",
+                ErrorCode::AddressNotUsable,
+                "multicast",
+            ),
+            ("0e:fe:00:00:00:01", ErrorCode::AddressNotUsable, "reserved"),
+            ("0e:fe", ErrorCode::InvalidConfig, "invalid MAC"),
+        ] {
+            let e = requested_mac(&req(Some(mac))).unwrap_err();
+            assert_eq!(e.code, code, "{mac}: {e}");
+            assert!(e.msg.contains(want), "{mac}: {e}");
+        }
+    }
+
+    #[test]
+    fn gateway_answers_become_cni_codes() {
+        let http = |code: &str| ApiError::Http {
+            status: 409,
+            code: Some(code.into()),
+            message: "m".into(),
+            migration: None,
+        };
+        for (code, want) in [
+            ("conflict", ErrorCode::AddressInUse),
+            ("duplicate_endpoint", ErrorCode::AddressInUse),
+            ("invalid_address", ErrorCode::AddressNotUsable),
+            ("unknown_host", ErrorCode::TryAgainLater),
+            ("forbidden", ErrorCode::Refused),
+        ] {
+            assert_eq!(gateway_error("x", http(code)).code, want, "{code}");
+        }
+        let down = ApiError::Connect {
+            addr: "198.18.0.10:7400".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let e = gateway_error("the gateway's IPAM", down);
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert!(e.msg.starts_with("the gateway's IPAM: "), "{e}");
+    }
+
+    /// DEL releases only a container this host owns and no migration involves.
+    #[test]
+    fn del_releases_only_what_lives_here_and_does_not_migrate() {
+        let ip: Ipv4Addr = "10.244.0.5".parse().unwrap();
+        let ep = |host: &str| Endpoint {
+            ip,
+            host: host.into(),
+            mac: MacAddr::for_container(ip),
+        };
+        let snap = |host: &str, phase: Option<MigrationPhase>| Snapshot {
+            version: 3,
+            overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            vni: 4242,
+            hosts: vec![],
+            endpoints: vec![ep(host)],
+            public: vec![],
+            migrations: phase
+                .map(|p| Migration::new("m1", ip, "a1", "b1", p))
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(owner("a1", Some(&snap("a1", None)), ip), Owner::Here);
+        assert_eq!(owner("a1", None, ip), Owner::Nowhere);
+        let other: Ipv4Addr = "10.244.0.6".parse().unwrap();
+        assert_eq!(owner("a1", Some(&snap("a1", None)), other), Owner::Nowhere);
+        for (host, on, phase, why) in [
+            ("a1", "b1", None, "lives on host b1"),
+            ("a1", "a1", Some(MigrationPhase::Frozen), "migration m1"),
+            ("b1", "a1", Some(MigrationPhase::Prepared), "migration m1"),
+        ] {
+            match owner(host, Some(&snap(on, phase)), ip) {
+                Owner::Elsewhere(w) => assert!(w.contains(why), "{w}"),
+                o => panic!("{host}: {o:?}"),
+            }
+        }
+        // Released (forwarding grace): the destination owns it, the source does not.
+        let released = snap("b1", Some(MigrationPhase::Released));
+        assert_eq!(owner("b1", Some(&released), ip), Owner::Here);
+        assert!(matches!(
+            owner("a1", Some(&released), ip),
+            Owner::Elsewhere(_)
+        ));
     }
 }

@@ -666,6 +666,47 @@ impl HostNetwork {
 mod tests {
     use super::*;
 
+    /// Attachments are written on every change and read back by the next agent; an
+    /// unreadable file is moved aside, never trusted.
+    #[test]
+    fn attachments_survive_a_restart_and_a_corrupt_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(ATTACHMENTS_FILE);
+        let a = |ip: &str, id: &str| Attachment {
+            ip: ip.parse().unwrap(),
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            network: "ferry".into(),
+            netns_dev: 3,
+            netns_ino: 4026532000,
+            runtime_netns: Some("/run/netns/x".into()),
+        };
+        let at = Attachments::load(file.clone());
+        assert!(at.all().is_empty());
+        at.insert(a("10.244.0.5", "c1")).unwrap();
+        at.insert(a("10.244.0.6", "c2")).unwrap();
+        let again = Attachments::load(file.clone());
+        assert_eq!(again.all(), at.all());
+        assert_eq!(
+            again.find("c2", "eth0").unwrap().ip.to_string(),
+            "10.244.0.6"
+        );
+        assert_eq!(again.find("c2", "eth1"), None);
+        again.remove("10.244.0.5".parse().unwrap()).unwrap();
+        again.remove("10.244.0.6".parse().unwrap()).unwrap();
+        assert!(!file.exists(), "no attachments, no file");
+        at.set_error("10.244.0.5".parse().unwrap(), "boom".into());
+        assert_eq!(
+            at.take_error("10.244.0.5".parse().unwrap()).as_deref(),
+            Some("boom")
+        );
+        assert_eq!(at.take_error("10.244.0.5".parse().unwrap()), None);
+
+        std::fs::write(&file, b"[{not json").unwrap();
+        assert!(Attachments::load(file.clone()).all().is_empty());
+        assert!(dir.path().join("cni.json.corrupt").exists());
+    }
+
     /// The registry refuses endpoint MACs in ferry's reserved prefix; every MAC ferry gives its
     /// own interfaces must be in it (else a container could be given one).
     #[test]
