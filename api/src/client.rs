@@ -269,6 +269,27 @@ impl Client {
             .await
     }
 
+    /// An address from the gateway's IPAM pool (see [`IpamAllocateRequest`]).
+    pub async fn ipam_allocate(
+        &self,
+        req: &IpamAllocateRequest,
+    ) -> Result<IpamAllocation, ApiError> {
+        self.send("POST", "/v1/ipam/allocate", Some(req), self.timeout)
+            .await
+    }
+
+    /// Frees a container's address, and its endpoint on that host (see
+    /// [`IpamReleaseRequest`]).
+    pub async fn ipam_release(&self, req: &IpamReleaseRequest) -> Result<IpamRelease, ApiError> {
+        self.send("POST", "/v1/ipam/release", Some(req), self.timeout)
+            .await
+    }
+
+    /// The pool and its leases.
+    pub async fn ipam(&self) -> Result<IpamStatus, ApiError> {
+        self.get("/v1/ipam").await
+    }
+
     pub async fn add_public(&self, spec: &PublicSpec) -> Result<PublicMapping, ApiError> {
         self.send("POST", "/v1/public", Some(spec), self.timeout)
             .await

@@ -27,6 +27,9 @@
 //! | POST | /v1/migrations/{id}/abort[?timeout_ms=N] | → [`MigrationStep`] |
 //! | GET | /v1/migrations[?container=IP][&active=true] | → `Vec<Migration>` (live and history, oldest first) |
 //! | GET | /v1/migrations/{id} | → [`Migration`] |
+//! | POST | /v1/ipam/allocate | [`IpamAllocateRequest`] → [`IpamAllocation`] (201 new lease, 200 repeated or a migration's address) |
+//! | POST | /v1/ipam/release | [`IpamReleaseRequest`] → [`IpamRelease`] (the lease and the host's endpoint, in one change) |
+//! | GET | /v1/ipam | → [`IpamStatus`] |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]) with a 4xx/5xx
 //! status ([`ErrorCode`] lists the codes); a rejected request changes nothing.
@@ -46,6 +49,20 @@
 //!   moved by removing it and adding it again on another host.
 //! - `DELETE /v1/public/{key}`: the key's `/` may be sent as is or as `%2F`.
 //! - `GET /metrics` (no token): Prometheus text.
+//!
+//! IPAM (the CNI plugin's addresses; see docs/architecture.md, "CNI"):
+//! - The pool is the gateway's `[ipam] pool` (default: `overlay_cidr`) minus `[ipam] reserved`,
+//!   the pool's and the overlay's network and broadcast addresses and every host's overlay
+//!   address; an address is free unless a lease, an endpoint or a public mapping holds it. A
+//!   new address is the next free one after the last given (round robin, so a freed address is
+//!   not handed out again at once). Leases are persisted with the registry.
+//! - allocate refuses: an address outside the pool or reserved (400 `invalid_address`), one
+//!   held by another container or endpoint or migrating to another host (409 `conflict`,
+//!   naming the holder), an exhausted pool (409 `conflict`), an unknown host (404
+//!   `unknown_host`).
+//! - A host's identity may allocate, register endpoints (`POST /v1/endpoints`), remove them
+//!   (`DELETE /v1/endpoints/{ip}`) and release only on itself (403 `forbidden` otherwise); the
+//!   operator anything. `GET /v1/ipam` is the operator's.
 //!
 //! Migrations (the coordinator; the agents learn everything from [`Snapshot::migrations`]):
 //! - A migration moves one container endpoint from its host (`from`) to another registered

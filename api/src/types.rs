@@ -695,6 +695,98 @@ pub struct WatchQuery {
     pub after: u64,
 }
 
+/// Body of `POST /v1/ipam/allocate`: an address from the gateway's pool for interface
+/// `ifname` of container `container_id` on `host` (a CNI `ADD`). `ip`: this address, if it is
+/// free — or if it is the address of a container with a prepared (or frozen) migration to
+/// `host`, which then arrives there (answered with [`IpamAllocation::migration`], nothing
+/// allocated). Repeating a request for the same container, interface and host answers the
+/// same lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamAllocateRequest {
+    pub host: String,
+    /// The runtime's container id (`CNI_CONTAINERID`'s rules).
+    pub container_id: String,
+    /// The container's interface (`CNI_IFNAME`'s rules).
+    pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// An address of the pool held for a container (`GET /v1/ipam`). It outlives the container's
+/// endpoint (an endpoint removed by the operator does not free it); it is freed by
+/// `POST /v1/ipam/release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamLease {
+    pub ip: Ipv4Addr,
+    /// The host that asked for it (the endpoint, once registered, may move: it decides).
+    pub host: String,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// Answer of `POST /v1/ipam/allocate` (201: a new lease; 200: repeated, or a migration's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamAllocation {
+    pub ip: Ipv4Addr,
+    /// The new (or repeated) lease; `None` when the address is a migrating container's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<IpamLease>,
+    /// The prepared or frozen migration that brings this address to the asking host: its
+    /// endpoint exists already (see `endpoint`), the host attaches the new namespace to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    /// With `migration`: the migrating endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+    /// Whether the registry changed (a new lease).
+    pub changed: bool,
+}
+
+/// Body of `POST /v1/ipam/release`: the address of container `container_id` on `host` is
+/// free again (a CNI `DEL`). Its endpoint, if it lives on `host` and does not migrate, is
+/// removed in the same change; one that lives elsewhere (it migrated away) or is migrating
+/// is refused (409 `conflict`): nothing changes. Nothing to release answers 200 unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamReleaseRequest {
+    pub host: String,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+}
+
+/// Answer of `POST /v1/ipam/release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamRelease {
+    pub ip: Ipv4Addr,
+    /// The lease freed, if there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<IpamLease>,
+    /// The endpoint removed with it, if there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+    /// Whether the registry changed (and its version with it).
+    pub changed: bool,
+    /// The registry's version after the request (the agent waits until it applied it).
+    pub version: u64,
+}
+
+/// `GET /v1/ipam`: the pool and what is held in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamStatus {
+    pub pool: Ipv4Net,
+    /// Ranges of the pool never given out (besides the pool's and the overlay's network and
+    /// broadcast addresses and the hosts' overlay addresses).
+    pub reserved: Vec<Ipv4Net>,
+    pub leases: Vec<IpamLease>,
+    /// Addresses of the pool that could be given out now.
+    pub free: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,13 +228,28 @@ fn a_host_acts_only_as_itself() {
         "as host b1",
     );
     forbidden(json(block(a1.remove_host("b1"))), "only the operator");
+    // The CNI plugin's work only on itself: endpoints and addresses of another host are not.
     forbidden(
         block(a1.add_endpoints(&[ferry_api::EndpointSpec {
             ip: [10, 244, 1, 5].into(),
-            host: "a1".into(),
+            host: "b1".into(),
             mac: None,
         }]))
         .map(|s| serde_json::to_value(s).unwrap()),
+        "may not register an endpoint on host b1",
+    );
+    forbidden(
+        block(a1.ipam_allocate(&ferry_api::IpamAllocateRequest {
+            host: "b1".into(),
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            ip: None,
+        }))
+        .map(|s| serde_json::to_value(s).unwrap()),
+        "may not allocate an address on host b1",
+    );
+    forbidden(
+        block(a1.ipam()).map(|s| serde_json::to_value(s).unwrap()),
         "only the operator",
     );
     forbidden(

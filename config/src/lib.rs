@@ -20,6 +20,8 @@
 //! handoff_socket = "/run/ferry/handoff.sock"  # the socket hand-off API (local processes)
 //! api_listen = "198.18.1.10:7401"            # the peer API (other agents); same port everywhere
 //! handoff_max_bytes = 268435456              # hand-off packages kept waiting for a claim
+//! cni_socket = "/run/ferry/cni.sock"         # ferry-cni's way in (optional; needs [gateway])
+//! cni_network = "ferry"                      # the CNI network name served (default "ferry")
 //! state_dir = "/run/ferry/agent"             # what a restarted agent adopts (process trees, ...)
 //!
 //! [runtime]                     # the agent's own containers (optional)
@@ -166,6 +168,22 @@ pub struct AgentConfig {
     /// The container runtime's isolation: the containers' uids, what they cannot see.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// The CNI plugin's Unix socket (mode 0600, root only): a runtime's `ferry-cni` (its
+    /// network configuration's `"agent"`) asks this agent over it to wire containers. Needs
+    /// `[gateway]` (addresses come from the gateway's IPAM). None: no CNI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_socket: Option<PathBuf>,
+    /// The CNI network this agent serves: a network configuration with another `name` is
+    /// refused (CNI error 7). Default `ferry`.
+    #[serde(default = "default_cni_network")]
+    pub cni_network: String,
+}
+
+/// Default name of the CNI network an agent serves.
+pub const DEFAULT_CNI_NETWORK: &str = "ferry";
+
+fn default_cni_network() -> String {
+    DEFAULT_CNI_NETWORK.to_owned()
 }
 
 /// How the agent reaches the gateway's API.
@@ -321,6 +339,9 @@ impl AgentConfig {
         if let Some(dir) = self.handoff_socket.parent() {
             v.push(dir.to_owned());
         }
+        if let Some(dir) = self.cni_socket.as_deref().and_then(Path::parent) {
+            v.push(dir.to_owned());
+        }
         v
     }
 
@@ -391,6 +412,28 @@ impl AgentConfig {
                     self.handoff_socket.display()
                 ),
             );
+        }
+        if let Some(c) = &self.cni_socket {
+            if !c.is_absolute() || c.as_os_str().len() >= 108 {
+                return err(
+                    "cni_socket",
+                    format!(
+                        "{} must be an absolute path shorter than 108 bytes (a Unix socket \
+                         address)",
+                        c.display()
+                    ),
+                );
+            }
+            if self.gateway.is_none() {
+                return err(
+                    "cni_socket",
+                    "needs [gateway]: the CNI plugin's addresses come from the gateway's IPAM"
+                        .into(),
+                );
+            }
+        }
+        if let Err(e) = ferry_cni::spec::validate_network_name(&self.cni_network) {
+            return err("cni_network", e);
         }
         if self.api_listen.port() == 0 {
             return err(
@@ -509,6 +552,10 @@ overlay_ip = "10.244.255.2"
         assert_eq!(c.api_listen.port(), DEFAULT_API_PORT);
         assert_eq!(c.handoff_max_bytes, DEFAULT_HANDOFF_MAX_BYTES);
         assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(
+            (c.cni_socket.as_deref(), c.cni_network.as_str()),
+            (None, "ferry")
+        );
         let again = AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap();
         assert_eq!(c, again);
     }
@@ -599,6 +646,19 @@ overlay_ip = "10.244.255.2"
             .unwrap_err()
             .to_string();
         assert!(e.contains("handoff_socket"), "{e}");
+        let bad = format!("cni_socket = \"/run/ferry/cni.sock\"\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cni_socket") && e.contains("needs [gateway]"),
+            "{e}"
+        );
+        let bad = format!("cni_network = \"a b\"\n{GOOD}");
+        let e = AgentConfig::parse(Path::new("t.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cni_network"), "{e}");
         let bad = format!("api_listen = \"0.0.0.0:0\"\n{GOOD}");
         let e = AgentConfig::parse(Path::new("t.toml"), &bad)
             .unwrap_err()

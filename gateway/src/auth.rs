@@ -84,15 +84,38 @@ pub struct Ask<'a> {
     pub watch_host: Option<&'a str>,
 }
 
+/// What [`permit`] may need to know of the registry.
+pub trait Lookup {
+    /// The source and destination of migration `id`.
+    fn sides(&self, id: &str) -> Option<(String, String)>;
+    /// The host endpoint `ip` (as written in the path) lives on.
+    fn endpoint_host(&self, ip: &str) -> Option<String>;
+}
+
+impl Lookup for crate::registry::Registry {
+    fn sides(&self, id: &str) -> Option<(String, String)> {
+        self.migration(id).map(|m| (m.from.clone(), m.to.clone()))
+    }
+    fn endpoint_host(&self, ip: &str) -> Option<String> {
+        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+        self.endpoints()
+            .find(|e| e.ip == ip)
+            .map(|e| e.host.clone())
+    }
+}
+
 /// Whether `caller` may make request `ask`. The operator and the gateway may make any; a host
-/// only what an agent does, and only as itself: register itself (checked on the body, by the
-/// handler), its heartbeat, its watch, the version; for a migration it takes part in (`side`
+/// only what an agent does, and only as itself: register itself, its heartbeat, its watch, the
+/// version; the CNI plugin's work on itself — allocate and release addresses, register
+/// endpoints, remove an endpoint that lives on it; for a migration it takes part in (`lookup`
 /// names its source and destination), report run events, freeze and ask for an abort, and —
-/// the destination only — the release. `Err` is the 403's message.
+/// the destination only — the release. Routes whose body names the host (registration,
+/// endpoints, IPAM) pass here and are checked by their handler with [`permit_body`]. `Err` is
+/// the 403's message.
 pub fn permit(
     caller: &ferry_tls::Identity,
     ask: Ask<'_>,
-    side: impl FnOnce(&str) -> Option<(String, String)>,
+    lookup: &impl Lookup,
 ) -> Result<(), String> {
     use ferry_tls::Identity;
     let host = match caller {
@@ -105,15 +128,30 @@ pub fn permit(
         None => Err(format!("host {host} may not {what} without naming itself")),
     };
     match (ask.method, ask.route) {
-        ("GET", "/v1/version") | ("POST", "/v1/hosts") => Ok(()),
+        ("GET", "/v1/version")
+        | ("POST", "/v1/hosts")
+        | ("POST", "/v1/endpoints")
+        | ("POST", "/v1/ipam/allocate")
+        | ("POST", "/v1/ipam/release") => Ok(()),
         ("POST", "/v1/hosts/{name}/heartbeat") => as_itself(ask.param, "send a heartbeat"),
         ("GET", "/v1/watch") => as_itself(ask.watch_host, "watch the registry"),
+        ("DELETE", "/v1/endpoints/{ip}") => {
+            let ip = ask.param.unwrap_or_default();
+            match lookup.endpoint_host(ip) {
+                // Unknown: the handler answers 404.
+                None => Ok(()),
+                Some(h) if h == host => Ok(()),
+                Some(h) => Err(format!(
+                    "host {host} may not remove endpoint {ip}: it lives on host {h}"
+                )),
+            }
+        }
         ("POST", "/v1/runs/{id}/events")
         | ("POST", "/v1/migrations/{id}/abort")
         | ("POST", "/v1/migrations/{id}/freeze")
         | ("POST", "/v1/migrations/{id}/release") => {
             let id = ask.param.unwrap_or_default();
-            let Some((from, to)) = side(id) else {
+            let Some((from, to)) = lookup.sides(id) else {
                 return Err(format!(
                     "host {host} takes no part in a migration {id:?}: only the operator may \
                      call {} {}",
@@ -146,6 +184,23 @@ pub fn permit(
     }
 }
 
+/// The body's part of [`permit`]: a host may `what` (`"register host"`) only for itself, so
+/// every host the body names (`named`) must be the caller. The operator, the gateway and a caller without a TLS
+/// identity (plain HTTP: the token alone decides) may name any. `Err` is the 403's message.
+pub fn permit_body<'a>(
+    caller: Option<&ferry_tls::Identity>,
+    what: &str,
+    named: impl IntoIterator<Item = &'a str>,
+) -> Result<(), String> {
+    let Some(ferry_tls::Identity::Host(me)) = caller else {
+        return Ok(());
+    };
+    match named.into_iter().find(|n| *n != me.as_str()) {
+        None => Ok(()),
+        Some(other) => Err(format!("host {me} may not {what} {other}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,7 +210,7 @@ mod tests {
     fn a_host_acts_only_as_itself_and_only_as_an_agent() {
         use ferry_tls::Identity;
         let b1 = Identity::Host("b1".into());
-        let side = |id: &str| (id == "m1").then(|| ("a1".to_string(), "b1".to_string()));
+        let side = &Fake;
         let ask = |method, route, param, watch_host| Ask {
             method,
             route,
@@ -170,6 +225,13 @@ mod tests {
             ask("POST", "/v1/runs/{id}/events", Some("m1"), None),
             ask("POST", "/v1/migrations/{id}/abort", Some("m1"), None),
             ask("POST", "/v1/migrations/{id}/release", Some("m1"), None),
+            // The CNI plugin's work: the handlers check the body (permit_body).
+            ask("POST", "/v1/endpoints", None, None),
+            ask("POST", "/v1/ipam/allocate", None, None),
+            ask("POST", "/v1/ipam/release", None, None),
+            ask("DELETE", "/v1/endpoints/{ip}", Some("10.244.2.5"), None),
+            // Unknown: the handler answers 404.
+            ask("DELETE", "/v1/endpoints/{ip}", Some("10.244.9.9"), None),
         ];
         for a in ok {
             assert_eq!(permit(&b1, a, side), Ok(()), "{a:?}");
@@ -192,9 +254,11 @@ mod tests {
                 "only the operator",
             ),
             (
-                ask("POST", "/v1/endpoints", None, None),
-                "only the operator",
+                ask("DELETE", "/v1/endpoints/{ip}", Some("10.244.1.5"), None),
+                "may not remove endpoint 10.244.1.5: it lives on host a1",
             ),
+            (ask("GET", "/v1/ipam", None, None), "only the operator"),
+            (ask("GET", "/v1/endpoints", None, None), "only the operator"),
             (
                 ask("POST", "/v1/migrations", None, None),
                 "only the operator",
@@ -227,6 +291,46 @@ mod tests {
                 .unwrap_err()
                 .contains("no part in migration m1")
         );
+    }
+
+    /// Migration m1 (a1 → b1); endpoints .1.5 on a1 and .2.5 on b1.
+    struct Fake;
+
+    impl Lookup for Fake {
+        fn sides(&self, id: &str) -> Option<(String, String)> {
+            (id == "m1").then(|| ("a1".to_string(), "b1".to_string()))
+        }
+        fn endpoint_host(&self, ip: &str) -> Option<String> {
+            match ip {
+                "10.244.1.5" => Some("a1".into()),
+                "10.244.2.5" => Some("b1".into()),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_host_names_only_itself_in_a_body() {
+        use ferry_tls::Identity;
+        let b1 = Identity::Host("b1".into());
+        let cases: [(Option<&Identity>, &[&str], Option<&str>); 7] = [
+            (Some(&b1), &["b1"], None),
+            (Some(&b1), &["b1", "b1"], None),
+            (Some(&b1), &[], None),
+            (
+                Some(&b1),
+                &["b1", "a1"],
+                Some("host b1 may not do it on host a1"),
+            ),
+            (Some(&Identity::Operator), &["a1", "b1"], None),
+            (Some(&Identity::Gateway), &["a1"], None),
+            // Plain HTTP: no identity, the token alone decides.
+            (None, &["a1"], None),
+        ];
+        for (caller, named, want) in cases {
+            let got = permit_body(caller, "do it on host", named.iter().copied());
+            assert_eq!(got.err().as_deref(), want, "{caller:?} {named:?}");
+        }
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! forward_grace_ms = 2000                # how long a released migration's source keeps
 //!                                        # forwarding (default 2000)
 //!
+//! [ipam]                                 # the CNI plugin's addresses (optional)
+//! pool = "10.244.0.0/17"                 # where they come from (default: overlay_cidr)
+//! reserved = ["10.244.0.0/24"]           # never given out (default none; the pool's and
+//!                                        # the overlay's network and broadcast addresses
+//!                                        # and the hosts' overlay addresses never are)
+//!
 //! [tls]                                  # the API over TLS, client certificates required
 //! ca = "/etc/ferry/tls/gateway/ca.pem"   # (ferry certs issue gateway --ip ...); without
 //! cert = "/etc/ferry/tls/gateway/cert.pem" # it the gateway refuses to start unless
@@ -29,7 +35,7 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::NetConfig;
+use crate::registry::{IpamPool, NetConfig};
 
 pub const DEFAULT_WATCH_TIMEOUT_MS: u64 = 25_000;
 const MAX_WATCH_TIMEOUT_MS: u64 = 3_600_000;
@@ -71,6 +77,21 @@ pub struct Config {
     /// change then cross the underlay in clear. For benchmarks and old set-ups only.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// The cluster-wide IPAM of the CNI plugin.
+    #[serde(default)]
+    pub ipam: IpamConfig,
+}
+
+/// `[ipam]`: where the CNI plugin's addresses come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamConfig {
+    /// Inside `overlay_cidr`; default: all of it.
+    #[serde(default)]
+    pub pool: Option<Ipv4Net>,
+    /// Ranges of the pool never given out.
+    #[serde(default)]
+    pub reserved: Vec<Ipv4Net>,
 }
 
 fn default_agent_api_port() -> u16 {
@@ -145,6 +166,20 @@ pub enum InvalidConfig {
     NoTls,
     #[error("both [tls] and insecure_plaintext = true: choose one")]
     TlsAndPlaintext,
+    #[error("ipam.pool {pool} has host bits set: did you mean {}?", pool.trunc())]
+    PoolHostBits { pool: Ipv4Net },
+    #[error("ipam.pool {pool} is not inside overlay_cidr {overlay}")]
+    PoolOutsideOverlay { pool: Ipv4Net, overlay: Ipv4Net },
+    #[error("ipam.pool {pool} is too small: want a prefix of /30 or shorter")]
+    PoolTooSmall { pool: Ipv4Net },
+    #[error("ipam.reserved[{index}] {cidr} has host bits set: did you mean {}?", cidr.trunc())]
+    ReservedHostBits { index: usize, cidr: Ipv4Net },
+    #[error("ipam.reserved[{index}] {cidr} is not inside ipam.pool {pool}")]
+    ReservedOutsidePool {
+        index: usize,
+        cidr: Ipv4Net,
+        pool: Ipv4Net,
+    },
     #[error("{field} {value} is out of range: want {min}–{max}")]
     OutOfRange {
         field: &'static str,
@@ -240,6 +275,28 @@ impl Config {
             0,
             MAX_FORWARD_GRACE_MS,
         )?;
+        let pool = self.ipam.pool.unwrap_or(o);
+        if pool.trunc() != pool {
+            return Err(InvalidConfig::PoolHostBits { pool });
+        }
+        if !o.contains(&pool) {
+            return Err(InvalidConfig::PoolOutsideOverlay { pool, overlay: o });
+        }
+        if pool.prefix_len() > 30 {
+            return Err(InvalidConfig::PoolTooSmall { pool });
+        }
+        for (index, r) in self.ipam.reserved.iter().enumerate() {
+            if r.trunc() != *r {
+                return Err(InvalidConfig::ReservedHostBits { index, cidr: *r });
+            }
+            if !pool.contains(r) {
+                return Err(InvalidConfig::ReservedOutsidePool {
+                    index,
+                    cidr: *r,
+                    pool,
+                });
+            }
+        }
         match (&self.tls, self.insecure_plaintext) {
             (None, false) => Err(InvalidConfig::NoTls),
             (Some(_), true) => Err(InvalidConfig::TlsAndPlaintext),
@@ -253,6 +310,10 @@ impl Config {
             vni: self.vni,
             public_cidrs: self.public_cidrs.clone(),
             forward_grace_ms: self.forward_grace_ms,
+            ipam: IpamPool {
+                pool: self.ipam.pool.unwrap_or(self.overlay_cidr),
+                reserved: self.ipam.reserved.clone(),
+            },
         }
     }
 
@@ -284,6 +345,10 @@ forward_grace_ms = 1500
 ca = "/etc/ferry/tls/ca.pem"
 cert = "/etc/ferry/tls/cert.pem"
 key = "/etc/ferry/tls/key.pem"
+
+[ipam]
+pool = "10.244.0.0/17"
+reserved = ["10.244.0.0/24"]
 "#;
 
     #[test]
@@ -296,6 +361,11 @@ key = "/etc/ferry/tls/key.pem"
         assert_eq!(c.watch_timeout(), Duration::from_secs(25));
         assert_eq!(c.step_timeout(), Duration::from_secs(7));
         assert_eq!(c.net().forward_grace_ms, 1500);
+        assert_eq!(c.net().ipam.pool, "10.244.0.0/17".parse().unwrap());
+        assert_eq!(
+            c.net().ipam.reserved,
+            vec!["10.244.0.0/24".parse().unwrap()]
+        );
         assert_eq!(c.tls.unwrap().key, PathBuf::from("/etc/ferry/tls/key.pem"));
     }
 
@@ -325,6 +395,9 @@ key = "/etc/ferry/tls/key.pem"
         assert_eq!(c.watch_timeout_ms, DEFAULT_WATCH_TIMEOUT_MS);
         assert_eq!(c.step_timeout_ms, 5000);
         assert_eq!(c.forward_grace_ms, 2000);
+        // The pool is the whole overlay, nothing reserved.
+        assert_eq!(c.net().ipam.pool, c.overlay_cidr);
+        assert!(c.net().ipam.reserved.is_empty());
     }
 
     #[test]
@@ -379,6 +452,27 @@ key = "/etc/ferry/tls/key.pem"
                 format!("{base}forward_grace_ms = 3600001\n"),
                 "forward_grace_ms 3600001",
             ),
+            (
+                format!("{base}[ipam]\npool = \"10.244.1.0/16\"\n"),
+                "ipam.pool 10.244.1.0/16 has host bits set",
+            ),
+            (
+                format!("{base}[ipam]\npool = \"10.245.0.0/24\"\n"),
+                "ipam.pool 10.245.0.0/24 is not inside overlay_cidr 10.244.0.0/16",
+            ),
+            (
+                format!("{base}[ipam]\npool = \"10.244.0.0/31\"\n"),
+                "ipam.pool 10.244.0.0/31 is too small",
+            ),
+            (
+                format!("{base}[ipam]\npool = \"10.244.0.0/24\"\nreserved = [\"10.244.1.0/28\"]\n"),
+                "ipam.reserved[0] 10.244.1.0/28 is not inside ipam.pool 10.244.0.0/24",
+            ),
+            (
+                format!("{base}[ipam]\nreserved = [\"10.244.1.1/28\"]\n"),
+                "ipam.reserved[0] 10.244.1.1/28 has host bits set",
+            ),
+            (format!("{base}[ipam]\nsize = 3\n"), "unknown field `size`"),
         ] {
             let e = Config::parse(&extra_or_replacement)
                 .unwrap_err()

@@ -31,7 +31,8 @@ use axum::{
 };
 use ferry_api::{
     API_VERSION, EndpointsRequest, ErrorBody, ErrorCode, Health, HostInfo, HostRole, HostStatus,
-    MigrationFailure, PublicKey, PublicSpec, RegistryVersion, WatchQuery,
+    IpamAllocateRequest, IpamRelease, IpamReleaseRequest, IpamStatus, MigrationFailure, PublicKey,
+    PublicSpec, RegistryVersion, WatchQuery,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
@@ -553,6 +554,31 @@ fn log_change(change: &Change, version: u64) {
         Change::PublicRemoved(p) => {
             info!(public = %p.key(), container = %target(p), version, "public mapping removed")
         }
+        Change::Allocated(a) => match (&a.lease, &a.migration) {
+            (Some(l), _) if a.changed => info!(
+                ip = %a.ip, host = %l.host, container = %l.container_id, ifname = %l.ifname,
+                version, "address allocated"
+            ),
+            (_, Some(m)) => info!(
+                ip = %a.ip, migration = %m, version,
+                "address asked for by the destination of its migration"
+            ),
+            _ => debug!(ip = %a.ip, version, "address allocation repeated"),
+        },
+        Change::Released(r) => {
+            if r.lease.is_none() && r.endpoint.is_none() {
+                debug!(ip = %r.ip, version, "release: nothing held");
+            } else {
+                info!(
+                    ip = %r.ip,
+                    container = r.lease.as_ref().map(|l| l.container_id.as_str()),
+                    endpoint_host = r.endpoint.as_ref().map(|e| e.host.as_str()),
+                    version,
+                    "address released"
+                );
+            }
+            coordinator::log_ended(&r.ended_migrations, version);
+        }
         Change::MigrationPrepared { .. }
         | Change::MigrationStepped { .. }
         | Change::MigrationUnchanged(_)
@@ -604,14 +630,7 @@ async fn register_host(
     ApiJson(info): ApiJson<HostInfo>,
 ) -> Result<Response, ApiFailure> {
     // A host registers itself only (the route is open to hosts: see `auth::permit`).
-    if let Some(ferry_tls::Identity::Host(me)) = caller.and_then(|c| c.0.identity)
-        && me != info.name
-    {
-        return Err(ApiFailure::new(
-            ErrorCode::Forbidden,
-            format!("host {me} may not register host {}", info.name),
-        ));
-    }
+    body_permit(&caller, "register host", [info.name.as_str()])?;
     let (change, _) = g.change(Request::RegisterHost(info)).await?;
     let (info, new) = match change {
         Change::HostAdded(h) => (h, true),
@@ -659,10 +678,32 @@ async fn remove_host(
     Ok(Json(status))
 }
 
+/// The caller's TLS identity, if the request came over TLS.
+pub(crate) type CallerExt = Option<axum::Extension<ferry_api::serve::Caller>>;
+
+/// [`auth::permit_body`] as a 403.
+fn body_permit<'a>(
+    caller: &CallerExt,
+    what: &str,
+    named: impl IntoIterator<Item = &'a str>,
+) -> Result<(), ApiFailure> {
+    let identity = caller.as_ref().and_then(|c| c.0.identity.as_ref());
+    auth::permit_body(identity, what, named).map_err(|why| {
+        warn!(caller = ?identity, reason = %why, "forbidden request");
+        ApiFailure::new(ErrorCode::Forbidden, why)
+    })
+}
+
 async fn add_endpoints(
     State(g): Shared,
+    caller: CallerExt,
     ApiJson(req): ApiJson<EndpointsRequest>,
 ) -> Result<Response, ApiFailure> {
+    body_permit(
+        &caller,
+        "register an endpoint on host",
+        req.endpoints.iter().map(|e| e.host.as_str()),
+    )?;
     let (change, _) = g.change(Request::AddEndpoints(req.endpoints)).await?;
     let Change::EndpointsAdded(added) = change else {
         unreachable!("add endpoints answered {change:?}")
@@ -689,6 +730,45 @@ async fn remove_endpoint(
         unreachable!("remove endpoint answered {change:?}")
     };
     Ok(Json(endpoint).into_response())
+}
+
+/// `POST /v1/ipam/allocate`.
+async fn ipam_allocate(
+    State(g): Shared,
+    caller: CallerExt,
+    ApiJson(req): ApiJson<IpamAllocateRequest>,
+) -> Result<Response, ApiFailure> {
+    body_permit(&caller, "allocate an address on host", [req.host.as_str()])?;
+    let (change, _) = g.change(Request::Allocate(req)).await?;
+    let Change::Allocated(a) = change else {
+        unreachable!("allocate answered {change:?}")
+    };
+    Ok(created(a.changed, a))
+}
+
+/// `POST /v1/ipam/release`.
+async fn ipam_release(
+    State(g): Shared,
+    caller: CallerExt,
+    ApiJson(req): ApiJson<IpamReleaseRequest>,
+) -> Result<Json<IpamRelease>, ApiFailure> {
+    body_permit(&caller, "release an address on host", [req.host.as_str()])?;
+    let (change, version) = g.change(Request::Release(req)).await?;
+    let Change::Released(r) = change else {
+        unreachable!("release answered {change:?}")
+    };
+    let changed = r.lease.is_some() || r.endpoint.is_some();
+    Ok(Json(IpamRelease {
+        ip: r.ip,
+        lease: r.lease,
+        endpoint: r.endpoint,
+        changed,
+        version,
+    }))
+}
+
+async fn ipam_status(State(g): Shared) -> Json<IpamStatus> {
+    Json(g.current().ipam_status())
 }
 
 async fn add_public(
@@ -810,12 +890,7 @@ async fn require_token(
             watch_host: watch_host.as_deref(),
         };
         let registry = g.current();
-        let side = |id: &str| {
-            registry
-                .migration(id)
-                .map(|m| (m.from.clone(), m.to.clone()))
-        };
-        if let Err(why) = auth::permit(identity, ask, side) {
+        if let Err(why) = auth::permit(identity, ask, &*registry) {
             warn!(caller = %identity, peer = %addr, method = %req.method(), %route, reason = %why, "forbidden request");
             return ApiFailure::new(ErrorCode::Forbidden, why).into_response();
         }
@@ -844,6 +919,9 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/hosts/{name}/heartbeat", axum::routing::post(heartbeat))
         .route("/v1/endpoints", get(list_endpoints).post(add_endpoints))
         .route("/v1/endpoints/{ip}", delete(remove_endpoint))
+        .route("/v1/ipam", get(ipam_status))
+        .route("/v1/ipam/allocate", axum::routing::post(ipam_allocate))
+        .route("/v1/ipam/release", axum::routing::post(ipam_release))
         .route("/v1/public", get(list_public).post(add_public))
         .route("/v1/public/{*key}", delete(remove_public))
         .route("/v1/watch", get(watch_snapshot))

@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ferry_api::{Endpoint, HostInfo, Migration, PublicMapping};
+use ferry_api::{Endpoint, HostInfo, IpamLease, Migration, PublicMapping};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::LiveMigration;
@@ -40,6 +40,12 @@ pub struct PersistedState {
     /// The number of the next migration id.
     #[serde(default = "first_migration")]
     pub next_migration: u64,
+    /// IPAM leases (absent in files written before the CNI plugin).
+    #[serde(default)]
+    pub ipam: Vec<IpamLease>,
+    /// Where the next address search starts (an offset in the pool).
+    #[serde(default)]
+    pub ipam_next: u64,
 }
 
 fn first_migration() -> u64 {
@@ -221,6 +227,8 @@ mod tests {
             migrations: vec![],
             migration_history: vec![],
             next_migration: 1,
+            ipam: vec![],
+            ipam_next: 0,
         }
     }
 
@@ -232,6 +240,7 @@ mod tests {
         let s = read_state(dir.path()).unwrap().unwrap();
         assert!(s.migrations.is_empty() && s.migration_history.is_empty());
         assert_eq!(s.next_migration, 1);
+        assert!(s.ipam.is_empty() && s.ipam_next == 0);
     }
 
     #[test]

@@ -204,6 +204,11 @@ impl Lab {
         nodes(&self.topology)
     }
 
+    /// The CNI socket of a host's agent (`/run/ferry-lab/<prefix>/<host>/cni.sock`).
+    pub fn cni_socket(&self, host: &str) -> PathBuf {
+        cni_socket(&self.prefix, host)
+    }
+
     /// Namespace name of a node (a host name, `router` or `inet`).
     pub fn netns_name(&self, node: &str) -> String {
         netns_name(&self.prefix, node)
@@ -1113,6 +1118,9 @@ impl Builder {
                 // The default hides /run/ferry-lab (every lab's token, keys and state) and
                 // the agent's own directories from the containers.
                 runtime: Default::default(),
+                // ferry-cni's way to this host's agent (a lab with a gateway has IPAM).
+                cni_socket: control.as_ref().map(|_| cni_socket(self.prefix(), &h.name)),
+                cni_network: ferry_config::DEFAULT_CNI_NETWORK.to_owned(),
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())
@@ -1236,6 +1244,12 @@ pub fn agent_state_dir(prefix: &str, host: &str) -> PathBuf {
 /// The hand-off socket of a lab host's agent, in the host's state directory.
 pub fn handoff_socket(prefix: &str, host: &str) -> PathBuf {
     state::state_dir(prefix).join(host).join("handoff.sock")
+}
+
+/// The CNI socket of a lab host's agent, in the host's state directory (what a network
+/// configuration's `"agent"` names for that host).
+pub fn cni_socket(prefix: &str, host: &str) -> PathBuf {
+    state::state_dir(prefix).join(host).join("cni.sock")
 }
 
 /// Prefix of the container namespaces a lab host's agent creates: `<prefix>-<host>-c-`, so

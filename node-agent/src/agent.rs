@@ -28,8 +28,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{Instrument as _, info, warn};
 
 use crate::{
+    cni::Cni,
     config::AgentConfig,
-    containers::{self, HostNetwork},
+    containers::{self, ATTACHMENTS_FILE, Attachments, HostNetwork},
     fencing::Fencing,
     handoff::Handoff,
     hold::HoldQueues,
@@ -250,6 +251,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         queues: Mutex::new(queues),
     });
     let datapath = Arc::new(Mutex::new(dp));
+    // Containers living in a CNI runtime's namespace (before any apply builds them).
+    let attached = Attachments::load(cfg.state_dir.join(ATTACHMENTS_FILE));
     let mut node = Node {
         host: cfg.host.clone(),
         datapath: datapath.clone(),
@@ -258,6 +261,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             netns_prefix: cfg.container_netns_prefix.clone(),
             mtu: OVERLAY_MTU,
             host_overlay_ip: cfg.overlay_ip,
+            attached: attached.clone(),
         },
         base_config: base,
         applied: Applied {
@@ -303,7 +307,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(&cfg.state_dir),
         Isolation::from_config(&cfg),
     )?;
-    adopt_unrecorded_processes(&cfg, &runtime).await;
+    adopt_unrecorded_processes(&cfg, &runtime, &attached).await;
     let server_tls = tls.as_ref().map(|t| t.server_config());
     let (handoff, peer_api) = match start_handoff(&cfg, &node, &runtime, server_tls).await {
         Ok(h) => h,
@@ -320,10 +324,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         token: peer_api::read_token(&cfg).ok().flatten(),
     });
     let mut background = vec![tokio::spawn(fencing.clone().run().in_current_span())];
-    let follower = match &cfg.gateway {
-        Some(g) => {
-            let client = Client::with_token_file(g.address, &g.token_file)
-                .with_context(|| format!("gateway token {}", g.token_file.display()))?;
+    let client = match &cfg.gateway {
+        Some(g) => Some(
+            Client::with_token_file(g.address, &g.token_file)
+                .with_context(|| format!("gateway token {}", g.token_file.display()))?,
+        ),
+        None => None,
+    };
+    // ferry-cni's way in (it needs the gateway's IPAM: the configuration insists on one).
+    let cni = match &client {
+        Some(c) => Cni::start(&cfg, node.clone(), c.clone(), attached.clone())?,
+        None => None,
+    };
+    let follower = match (&cfg.gateway, client) {
+        (Some(g), Some(client)) => {
             let span = tracing::info_span!("sync", gateway = %g.address);
             background.push(tokio::spawn(
                 sync::heartbeat(cfg.host.clone(), client.clone()).instrument(span.clone()),
@@ -333,7 +347,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     .instrument(span),
             ))
         }
-        None => None,
+        _ => None,
     };
     let orphans = tokio::spawn(
         stop_orphans(node.clone(), runtime.clone(), cfg.gateway.is_some()).in_current_span(),
@@ -373,6 +387,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     )
     .await?;
 
+    if let Some(c) = cni {
+        c.shutdown().await;
+    }
     if let Some(f) = follower {
         f.abort();
         let _ = f.await;
@@ -448,12 +465,15 @@ fn save_held(dir: &Path, hold: &Hold) {
 }
 
 /// Processes inside this agent's container namespaces that the runtime has no record of
-/// (the agent died between a spawn and the state's write) are adopted.
-async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime) {
+/// (the agent died between a spawn and the state's write) are adopted. A CNI container's
+/// namespace is its runtime's, and so are its processes: they are left alone.
+async fn adopt_unrecorded_processes(cfg: &AgentConfig, runtime: &Runtime, attached: &Attachments) {
     let prefix = cfg.container_netns_prefix.clone();
+    let cni: BTreeSet<std::net::Ipv4Addr> = attached.all().iter().map(|a| a.ip).collect();
     let found = tokio::task::spawn_blocking(move || {
         containers::existing_containers(&prefix)
             .into_iter()
+            .filter(|ip| !cni.contains(ip))
             .filter_map(|ip| {
                 let path =
                     ferry_overlay::netns::netns_path(&plan::container_netns_name(&prefix, ip));
@@ -491,6 +511,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         netns_prefix: cfg.container_netns_prefix.clone(),
         mtu: OVERLAY_MTU,
         host_overlay_ip: cfg.overlay_ip,
+        attached: Attachments::load(cfg.state_dir.join(ATTACHMENTS_FILE)),
     };
     for ip in containers::existing_containers(&cfg.container_netns_prefix) {
         use crate::node::seams::ContainerNet as _;
@@ -499,6 +520,8 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
             Err(e) => errors.push(e.to_string()),
         }
     }
+    // A CNI container's namespace is its runtime's: only the agent's name for it goes.
+    errors.extend(net.detach_all().await.into_iter().map(|e| e.to_string()));
     if let Some(dir) = &cfg.bpffs_dir {
         match ferry_overlay::datapath::remove_pins(dir) {
             Ok(()) => info!(dir = %dir.display(), "datapath unpinned (programs detached)"),
@@ -526,6 +549,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         crate::runtime::store::FILE,
         HOLD_QUEUE_FILE,
         CLEAN_STOP_FILE,
+        ATTACHMENTS_FILE,
         LOCK_FILE,
     ]
     .iter()

@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! main → cli, agent
-//! agent → peer_api, handoff, sync, metrics, runtime, node, plan, hold, config
+//! agent → peer_api, handoff, cni, sync, metrics, runtime, node, plan, hold, config
+//! cni (the CNI plugin's socket) → node, containers, handoff::wire, config
 //! peer_api (serves the routes below on `api_listen`) → handoff, criu, drain, runtime::api
 //! criu (CRIU driver)          → drain, runtime, node, auth, config
 //! drain (before a dump)       → node, auth
@@ -25,6 +26,7 @@
 pub mod agent;
 pub mod auth;
 pub mod cli;
+pub mod cni;
 /// The agent's configuration: its own crate, so that tools can write it without the agent.
 pub use ferry_config as config;
 pub mod containers;

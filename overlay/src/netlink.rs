@@ -11,15 +11,17 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
+    address::AddressAttribute,
     link::{InfoKind, LinkAttribute, LinkInfo, State},
     neighbour::NeighbourState,
-    route::RouteScope,
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteScope},
 };
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::netns::{self, NetNsError};
 
-/// Name of the container's end of its veth.
+/// Name of the container's end of its veth, unless the container asks for another one (a CNI
+/// runtime's `CNI_IFNAME`: [`ContainerLink::ifname`]).
 pub const CONTAINER_IF: &str = "eth0";
 /// The container's default gateway: link-local, never on any wire. Every host's side of every
 /// container veth answers ARP for it with the same MAC, so it is valid on any host.
@@ -30,12 +32,15 @@ pub const CONTAINER_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const LINK_UP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A container's link: a veth pair, one end in the host's namespace (`host_if`, the
-/// well-known gateway MAC), the other `eth0` in the container's namespace.
+/// well-known gateway MAC), the other `ifname` (normally [`CONTAINER_IF`]) in the container's
+/// namespace.
 #[derive(Debug, Clone)]
 pub struct ContainerLink {
     /// The container's network namespace (a file such as /run/netns/NAME).
     pub netns: PathBuf,
     pub host_if: String,
+    /// The container's end, inside its namespace.
+    pub ifname: String,
     pub ip: Ipv4Addr,
     pub mac: [u8; 6],
     pub gateway_mac: [u8; 6],
@@ -52,6 +57,13 @@ pub struct ContainerLink {
 pub fn vxlan_mac(overlay_ip: Ipv4Addr) -> [u8; 6] {
     let o = overlay_ip.octets();
     [0x0e, 0xfe, o[0], o[1], o[2], o[3]]
+}
+
+fn fmt_mac(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -348,6 +360,11 @@ impl Netlink {
         .await
     }
 
+    /// Whether a link is operationally up.
+    pub async fn is_oper_up(&self, index: u32) -> Result<bool, NetlinkError> {
+        Ok(self.link_oper_state(index).await? == Some(State::Up))
+    }
+
     /// Waits until a link is operationally up. A veth sends nothing before that: until the
     /// kernel's linkwatch has seen the carrier and attached the real qdisc, the device's
     /// qdisc is `noop`, which drops every frame — a container's first ARP or first packet
@@ -453,8 +470,124 @@ impl Netlink {
         self.host_side_reach(spec, host_idx).await?;
         // Reported built only once both ends can carry frames (see `wait_oper_up`).
         self.wait_oper_up(host_idx, &spec.host_if).await?;
-        inner.wait_oper_up(inner_idx, CONTAINER_IF).await?;
+        inner.wait_oper_up(inner_idx, &spec.ifname).await?;
         Ok(host_idx)
+    }
+
+    /// Moves the container's end of an existing container link (self: the host's namespace)
+    /// from the namespace at `from`, where it is called `current`, into the namespace at
+    /// `spec.netns`, and configures it there as [`Self::create_container_link`] does (name
+    /// `spec.ifname`, MAC, MTU, address, routes, the gateway's neighbour entry: a move loses
+    /// all but the MAC). The host end stays (same ifindex: the datapath's entries keep
+    /// pointing at it). Returns once both ends are operationally up again.
+    pub async fn move_container_end(
+        &self,
+        spec: &ContainerLink,
+        from: &Path,
+        current: &str,
+    ) -> Result<(), NetlinkError> {
+        let old = Netlink::open_in(from).await?;
+        let idx = old
+            .link_index(current)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(format!("{current} in {}", from.display())))?;
+        let target = netns::open(&spec.netns)?;
+        Self::op(
+            old.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .setns_by_fd(target.as_raw_fd())
+                        .build(),
+                )
+                .execute(),
+            "move veth",
+            || format!("{current} to {}", spec.netns.display()),
+        )
+        .await?;
+        drop(target);
+        let inner = Netlink::open_in(&spec.netns).await?;
+        let inner_idx = inner.configure_container_end(spec, current).await?;
+        let host_idx = self
+            .link_index(&spec.host_if)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchLink(spec.host_if.clone()))?;
+        self.host_side_reach(spec, host_idx).await?;
+        self.wait_oper_up(host_idx, &spec.host_if).await?;
+        inner.wait_oper_up(inner_idx, &spec.ifname).await?;
+        Ok(())
+    }
+
+    /// What differs, inside the container's namespace (self), from what
+    /// [`Self::create_container_link`] made: `spec.ifname` exists and is up with the container's
+    /// MAC, has the address as a /32, and the default route goes via [`CONTAINER_GATEWAY`] on
+    /// it. Empty: all as built.
+    pub async fn container_end_problems(
+        &self,
+        spec: &ContainerLink,
+    ) -> Result<Vec<String>, NetlinkError> {
+        let name = &spec.ifname;
+        let Some(idx) = self.link_index(name).await? else {
+            return Ok(vec![format!("no interface {name}")]);
+        };
+        let mut problems = Vec::new();
+        let mac = self.link_mac(idx).await?;
+        if mac.as_deref() != Some(&spec.mac[..]) {
+            problems.push(format!(
+                "{name} has MAC {}, not {}",
+                mac.as_deref().map_or_else(|| "none".into(), fmt_mac),
+                fmt_mac(&spec.mac)
+            ));
+        }
+        let state = self.link_oper_state(idx).await?;
+        if state != Some(State::Up) {
+            problems.push(format!("{name} is not up (operstate {state:?})"));
+        }
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(idx)
+            .execute();
+        let mut has_ip = false;
+        while let Some(a) = addrs.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get addresses",
+            what: name.clone(),
+            source,
+        })? {
+            has_ip |= a.header.prefix_len == 32
+                && a.attributes.iter().any(|at| {
+                    matches!(at, AddressAttribute::Local(ip) | AddressAttribute::Address(ip) if *ip == std::net::IpAddr::V4(spec.ip))
+                });
+        }
+        if !has_ip {
+            problems.push(format!("{name} lacks {}/32", spec.ip));
+        }
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut default_ok = false;
+        while let Some(r) = routes.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get routes",
+            what: name.clone(),
+            source,
+        })? {
+            let default = r.header.destination_prefix_length == 0
+                && r.header.table == RouteHeader::RT_TABLE_MAIN;
+            let via_gw = r.attributes.iter().any(|a| {
+                matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == CONTAINER_GATEWAY)
+            });
+            let on_it = r.attributes.contains(&RouteAttribute::Oif(idx));
+            default_ok |= default && via_gw && on_it;
+        }
+        if !default_ok {
+            problems.push(format!(
+                "no default route via {CONTAINER_GATEWAY} dev {name}"
+            ));
+        }
+        Ok(problems)
     }
 
     /// An existing container link that matches `spec` (an earlier agent's): the host end
@@ -473,7 +606,7 @@ impl Netlink {
             return Ok(None);
         }
         let inner = Netlink::open_in(&spec.netns).await?;
-        let Some(inner_idx) = inner.link_index(CONTAINER_IF).await? else {
+        let Some(inner_idx) = inner.link_index(&spec.ifname).await? else {
             return Ok(None);
         };
         if inner.link_mac(inner_idx).await?.as_deref() != Some(&spec.mac[..]) {
@@ -510,45 +643,58 @@ impl Netlink {
         Ok(())
     }
 
-    /// Inside the container's namespace: `lo` up, the veth end renamed `eth0` with the
-    /// container's MAC, address and routes, and a permanent neighbour entry for the gateway
-    /// (its MAC is the same on every host by design, so the container never has to ARP for
-    /// it: no first packet waits on an ARP, and a restored container's entry is valid on any
-    /// host). Returns `eth0`'s ifindex.
+    /// Inside the container's namespace: `lo` up, the veth end (now called `current`) renamed
+    /// `spec.ifname` with the container's MAC, address and routes, and a permanent neighbour
+    /// entry for the gateway (its MAC is the same on every host by design, so the container
+    /// never has to ARP for it: no first packet waits on an ARP, and a restored container's
+    /// entry is valid on any host). Every step may be repeated. Returns the interface's
+    /// ifindex.
     async fn configure_container_end(
         &self,
         spec: &ContainerLink,
-        peer_tmp: &str,
+        current: &str,
     ) -> Result<u32, NetlinkError> {
+        let name = spec.ifname.as_str();
         if let Some(lo) = self.link_index("lo").await? {
             self.set_up(lo, "lo").await?;
         }
         let idx = self
-            .link_index(peer_tmp)
+            .link_index(current)
             .await?
-            .ok_or_else(|| NetlinkError::NoSuchLink(peer_tmp.to_owned()))?;
+            .ok_or_else(|| NetlinkError::NoSuchLink(current.to_owned()))?;
         Self::op(
             self.handle
                 .link()
                 .set(
                     LinkUnspec::new_with_index(idx)
-                        .name(CONTAINER_IF.to_owned())
+                        .name(name.to_owned())
                         .address(spec.mac.to_vec())
                         .mtu(spec.mtu)
                         .build(),
                 )
                 .execute(),
             "rename veth",
-            || format!("{peer_tmp} to {CONTAINER_IF}"),
+            || format!("{current} to {name}"),
         )
         .await?;
-        self.set_up(idx, CONTAINER_IF).await?;
-        Self::op(
-            self.handle.address().add(idx, spec.ip.into(), 32).execute(),
-            "add address",
-            || format!("{}/32 on {CONTAINER_IF}", spec.ip),
-        )
-        .await?;
+        self.set_up(idx, name).await?;
+        match self
+            .handle
+            .address()
+            .add(idx, spec.ip.into(), 32)
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(source) => {
+                return Err(NetlinkError::Op {
+                    op: "add address",
+                    what: format!("{}/32 on {name}", spec.ip),
+                    source,
+                });
+            }
+        }
         let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(CONTAINER_GATEWAY, 32)
             .output_interface(idx)
@@ -557,10 +703,10 @@ impl Netlink {
         Self::op(
             self.handle.route().add(gw_route).replace().execute(),
             "add route",
-            || format!("{CONTAINER_GATEWAY} dev {CONTAINER_IF}"),
+            || format!("{CONTAINER_GATEWAY} dev {name}"),
         )
         .await?;
-        self.add_permanent_neighbour(idx, CONTAINER_GATEWAY, spec.gateway_mac, CONTAINER_IF)
+        self.add_permanent_neighbour(idx, CONTAINER_GATEWAY, spec.gateway_mac, name)
             .await?;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .output_interface(idx)

@@ -6,7 +6,7 @@ use std::{
     fs::File,
     io,
     marker::PhantomData,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -206,6 +206,81 @@ pub fn delete_named(name: &str) -> Result<bool, NetNsError> {
     Ok(true)
 }
 
+/// `NS_GET_NSTYPE` (linux/nsfs.h: `_IO(0xb7, 0x3)`): the type of namespace an nsfs file is.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Whether `fd` is a network namespace (an nsfs file of type `CLONE_NEWNET`).
+pub fn is_netns(fd: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: an ioctl without argument on a descriptor we borrow; the kernel checks it.
+    let t = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+    t == libc::CLONE_NEWNET
+}
+
+/// (device, inode) of the namespace `fd` refers to.
+pub fn fd_ns_id(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = File::from(fd.try_clone_to_owned()?).metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Gives the network namespace `fd` (e.g. a container runtime's, received over a socket) the
+/// name `NAME` (`/run/netns/NAME`, a bind mount of it, as `ip netns attach` does). Fails if
+/// the name exists or `fd` is not a network namespace; leaves nothing behind on failure.
+pub fn attach_named(name: &str, fd: BorrowedFd<'_>) -> Result<PathBuf, NetNsError> {
+    let path = netns_path(name);
+    let err = |source| NetNsError::Create {
+        path: path.clone(),
+        source,
+    };
+    if !is_netns(fd) {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the descriptor is not a network namespace",
+        )));
+    }
+    std::fs::create_dir_all(NETNS_RUN_DIR).map_err(err)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(err)?;
+    if let Err(e) = sys::bind_mount(&fd_path(fd), &path) {
+        let _ = std::fs::remove_file(&path);
+        return Err(err(e));
+    }
+    Ok(path)
+}
+
+/// Re-points the name `NAME` at the network namespace `fd` (unmount, then bind): what was
+/// named before goes away unless something else keeps it.
+pub fn rebind_named(name: &str, fd: BorrowedFd<'_>) -> Result<PathBuf, NetNsError> {
+    let path = netns_path(name);
+    let err = |source| NetNsError::Create {
+        path: path.clone(),
+        source,
+    };
+    if !is_netns(fd) {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the descriptor is not a network namespace",
+        )));
+    }
+    match sys::umount_detach(&path) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(err(e)),
+    }
+    sys::bind_mount(&fd_path(fd), &path).map_err(err)?;
+    Ok(path)
+}
+
+/// A path that opens what `fd` refers to, from any thread of this process.
+pub fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    use std::os::fd::AsRawFd as _;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// (device, inode) of a namespace file: what identifies a namespace.
 pub fn ns_id(path: &Path) -> io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
@@ -318,5 +393,23 @@ mod tests {
             matches!(missing, Err(NetNsError::Open { .. })),
             "{missing:?}"
         );
+    }
+
+    /// A namespace file is told from any other file (no root needed: our own namespace).
+    #[test]
+    fn network_namespaces_are_recognised() {
+        let ns = File::open("/proc/self/ns/net").unwrap();
+        assert!(is_netns(ns.as_fd()));
+        assert_eq!(
+            fd_ns_id(ns.as_fd()).unwrap(),
+            ns_id(Path::new("/proc/self/ns/net")).unwrap()
+        );
+        let uts = File::open("/proc/self/ns/uts").unwrap();
+        assert!(!is_netns(uts.as_fd()));
+        let plain = File::open("/proc/self/status").unwrap();
+        assert!(!is_netns(plain.as_fd()));
+        let e = attach_named("ferry-test-never-created", plain.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("not a network namespace"), "{e}");
+        assert!(!netns_path("ferry-test-never-created").exists());
     }
 }

@@ -6,8 +6,8 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use ferry_api::{
-    ContainerAddr, EndpointsRequest, HostInfo, HostRole, MacAddr, MigrationRequest, PublicKey,
-    PublicSpec, Snapshot,
+    ContainerAddr, EndpointsRequest, HostInfo, HostRole, IpamAllocateRequest, IpamReleaseRequest,
+    MacAddr, MigrationRequest, PublicKey, PublicSpec, Snapshot,
     run::{CheckpointRequest, RunRequest, StartRequest},
     validate::validate_host_name,
 };
@@ -39,6 +39,7 @@ fn net() -> NetConfig {
         vni: 4242,
         public_cidrs: vec!["203.0.113.128/25".parse().unwrap()],
         forward_grace_ms: 2000,
+        ipam: ferry_gateway::registry::IpamPool::whole("10.244.0.0/16".parse().unwrap()),
     }
 }
 
@@ -114,6 +115,20 @@ fn check_invariants(r: &Registry) {
         );
         assert!(macs.insert(e.mac), "MAC {} twice", e.mac);
     }
+    for l in r.leases() {
+        assert!(
+            net.ipam.pool.contains(&l.ip) && !host_ips.contains(&l.ip),
+            "lease outside the pool or on a host's address: {l:?}"
+        );
+        if let Some(e) = r.endpoints().find(|e| e.ip == l.ip) {
+            assert_eq!(
+                e.host, l.host,
+                "a new lease on another host's endpoint: {l:?}"
+            );
+        }
+        ferry_cni::spec::validate_container_id(&l.container_id).expect("a leased id is valid");
+        ferry_cni::spec::validate_ifname(&l.ifname).expect("a leased ifname is valid");
+    }
     for p in r.public() {
         assert!(
             net.public_cidrs.iter().any(|c| c.contains(&p.public)),
@@ -150,6 +165,8 @@ fn apply(kind: &str, body: &[u8]) -> Result<(), String> {
                 decode::<EndpointsRequest>(body)?.endpoints,
             )),
             "public" => Some(Request::AddPublic(decode::<PublicSpec>(body)?)),
+            "allocate" => Some(Request::Allocate(decode::<IpamAllocateRequest>(body)?)),
+            "release" => Some(Request::Release(decode::<IpamReleaseRequest>(body)?)),
             "migrations" => {
                 let m = decode::<MigrationRequest>(body)?;
                 Some(Request::PrepareMigration {
@@ -202,6 +219,8 @@ const KINDS: &[&str] = &[
     "hosts",
     "endpoints",
     "public",
+    "allocate",
+    "release",
     "migrations",
     "runs",
     "checkpoint",
@@ -321,6 +340,27 @@ fn body(kind: &'static str) -> BoxedStrategy<Vec<u8>> {
         ["/bin/sh", "-c", "echo"],
         "x"
     ];
+    let ids = values![
+        "c1",
+        "3f2a9c",
+        "a.b_c-d",
+        "",
+        "-x",
+        "a/b",
+        "x".repeat(257),
+        7,
+        Value::Null
+    ];
+    let ifnames = values![
+        "eth0",
+        "net1",
+        "",
+        "..",
+        "a b",
+        "a:b",
+        "x".repeat(16),
+        Value::Null
+    ];
     let extra = proptest::option::weighted(0.1, Just(("x".to_owned(), json!(1))));
     let object = |fields: Vec<(&'static str, Option<Value>)>, extra: Option<(String, Value)>| {
         let mut m: Map<String, Value> = fields
@@ -367,6 +407,19 @@ fn body(kind: &'static str) -> BoxedStrategy<Vec<u8>> {
                     ],
                     x,
                 )
+            })
+            .boxed(),
+        "allocate" => (pool(names), pool(ids), pool(ifnames), pool(ips), extra)
+            .prop_map(move |(h, c, i, ip, x)| {
+                object(
+                    vec![("host", h), ("container_id", c), ("ifname", i), ("ip", ip)],
+                    x,
+                )
+            })
+            .boxed(),
+        "release" => (pool(names), pool(ids), pool(ips), extra)
+            .prop_map(move |(h, c, ip, x)| {
+                object(vec![("host", h), ("container_id", c), ("ip", ip)], x)
             })
             .boxed(),
         "migrations" => (pool(ips), pool(names), pool(bools), extra)

@@ -6,6 +6,7 @@
 static ALLOC: ferry_fuzz::CountingAlloc = ferry_fuzz::CountingAlloc;
 
 mod api_bodies;
+mod cni_conf;
 mod config_toml;
 mod handoff_wire;
 mod hold_frames;

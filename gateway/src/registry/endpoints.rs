@@ -73,6 +73,17 @@ impl Registry {
                     )),
                 );
             }
+            if let Some(l) = self.leases.get(&s.ip)
+                && l.host != s.host
+            {
+                return fail(
+                    ErrorCode::Conflict,
+                    at(format!(
+                        "ip {} is allocated to container {} ({}) on host {}",
+                        s.ip, l.container_id, l.ifname, l.host
+                    )),
+                );
+            }
             if let Some(j) = seen_ip.insert(s.ip, i) {
                 return fail(
                     ErrorCode::DuplicateEndpoint,

@@ -94,6 +94,15 @@ impl Registry {
                 ),
             );
         }
+        if let Some(l) = self.leases.get(&h.overlay_ip) {
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "overlay_ip {} is allocated to container {} ({}) on host {}",
+                    h.overlay_ip, l.container_id, l.ifname, l.host
+                ),
+            );
+        }
         if let Some(p) = self.public.values().find(|p| p.container == h.overlay_ip) {
             return fail(
                 ErrorCode::Conflict,
@@ -152,6 +161,26 @@ impl Registry {
                 format!(
                     "host {name} still has {} endpoint(s) ({}): remove or move them first",
                     on_it.len(),
+                    list.join(", ")
+                ),
+            );
+        }
+        // Leases whose endpoint was never registered (or was removed) name the host they
+        // were given on: its containers still hold them until their CNI DEL.
+        let pending: Vec<Ipv4Addr> = self
+            .leases
+            .values()
+            .filter(|l| l.host == name && !self.endpoints.contains_key(&l.ip))
+            .map(|l| l.ip)
+            .collect();
+        if !pending.is_empty() {
+            let list: Vec<String> = pending.iter().take(5).map(|ip| ip.to_string()).collect();
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "host {name} still holds {} IPAM lease(s) ({}): release them first \
+                     (POST /v1/ipam/release)",
+                    pending.len(),
                     list.join(", ")
                 ),
             );

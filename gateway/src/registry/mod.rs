@@ -16,8 +16,9 @@ use std::{
 };
 
 use ferry_api::{
-    Endpoint, EndpointSpec, ErrorCode, HostInfo, MacAddr, Migration, MigrationPhase,
-    MigrationStepKind, PublicKey, PublicMapping, PublicSpec, Snapshot,
+    Endpoint, EndpointSpec, ErrorCode, HostInfo, IpamAllocateRequest, IpamAllocation, IpamLease,
+    IpamReleaseRequest, MacAddr, Migration, MigrationPhase, MigrationStepKind, PublicKey,
+    PublicMapping, PublicSpec, Snapshot,
 };
 use ipnet::Ipv4Net;
 
@@ -26,11 +27,13 @@ pub use crate::migration::transitions::{LiveMigration, MIGRATION_HISTORY};
 
 mod endpoints;
 mod hosts;
+mod ipam;
 mod persist;
 mod public;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+pub use ipam::{IpamPool, Released};
 pub use persist::LoadError;
 
 /// What the registry is checked against (from the config).
@@ -41,6 +44,8 @@ pub struct NetConfig {
     pub public_cidrs: Vec<Ipv4Net>,
     /// How long a released migration's source keeps forwarding (ms).
     pub forward_grace_ms: u64,
+    /// The CNI plugin's addresses.
+    pub ipam: IpamPool,
 }
 
 /// Why a request was refused. Nothing changed.
@@ -93,6 +98,10 @@ pub enum Request {
         id: String,
         now_ms: u64,
     },
+    /// `POST /v1/ipam/allocate` (see `ipam`).
+    Allocate(IpamAllocateRequest),
+    /// `POST /v1/ipam/release`.
+    Release(IpamReleaseRequest),
 }
 
 /// What a successful request did.
@@ -136,6 +145,10 @@ pub enum Change {
     MigrationUnchanged(Migration),
     /// Released migrations whose grace ended (may be empty: then nothing changed).
     MigrationsExpired(Vec<Migration>),
+    /// An address given (`changed`: a new lease), repeated, or a migrating container's.
+    Allocated(IpamAllocation),
+    /// A lease freed and the host's endpoint removed (both `None`: nothing to do).
+    Released(Released),
 }
 
 impl Change {
@@ -144,6 +157,8 @@ impl Change {
         match self {
             Change::HostUnchanged(_) | Change::MigrationUnchanged(_) => false,
             Change::MigrationsExpired(v) => !v.is_empty(),
+            Change::Allocated(a) => a.changed,
+            Change::Released(r) => r.lease.is_some() || r.endpoint.is_some(),
             _ => true,
         }
     }
@@ -164,6 +179,10 @@ pub struct Registry {
     pub(crate) history: VecDeque<Migration>,
     /// The number of the next migration id (ids are never reused).
     pub(crate) next_migration: u64,
+    /// IPAM leases, by address.
+    pub(crate) leases: BTreeMap<Ipv4Addr, IpamLease>,
+    /// Where the next address search starts (an offset in the pool: round robin).
+    pub(crate) ipam_next: u64,
 }
 
 impl Registry {
@@ -179,6 +198,8 @@ impl Registry {
             migrations: BTreeMap::new(),
             history: VecDeque::new(),
             next_migration: 1,
+            leases: BTreeMap::new(),
+            ipam_next: 0,
         }
     }
 
@@ -258,6 +279,8 @@ impl Registry {
             } => self.step_migration(&id, step, now_ms, expect)?,
             Request::ExpireMigrations { now_ms } => self.expire_migrations(now_ms),
             Request::SwitchMigration { id, now_ms } => self.switch_migration(&id, now_ms)?,
+            Request::Allocate(req) => self.allocate(req)?,
+            Request::Release(req) => self.release(req)?,
         };
         if change.changes_state() {
             self.version += 1;

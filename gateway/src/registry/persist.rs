@@ -43,6 +43,8 @@ pub enum LoadError {
     ActiveInHistory { id: String, phase: MigrationPhase },
     #[error("next_migration {next} is not above the largest migration id m{max_seq}")]
     NextMigration { next: u64, max_seq: u64 },
+    #[error("{}", .0.message)]
+    Lease(#[source] RegistryError),
 }
 
 impl Registry {
@@ -57,6 +59,8 @@ impl Registry {
             migrations: self.migrations.values().cloned().collect(),
             migration_history: self.history.iter().cloned().collect(),
             next_migration: self.next_migration,
+            ipam: self.leases.values().cloned().collect(),
+            ipam_next: self.ipam_next,
         }
     }
 
@@ -95,7 +99,13 @@ impl Registry {
             s.migration_history,
             s.next_migration,
         )?;
-        let entries = r.hosts.len() + r.endpoints.len() + r.public.len() + r.migrations.len();
+        r.load_leases(s.ipam, s.ipam_next)
+            .map_err(LoadError::Lease)?;
+        let entries = r.hosts.len()
+            + r.endpoints.len()
+            + r.public.len()
+            + r.migrations.len()
+            + r.leases.len();
         if s.version == 0 && entries > 0 {
             // Agents start from version 0: they would never be sent these entries.
             return Err(LoadError::VersionZero { entries });

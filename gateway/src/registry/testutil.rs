@@ -7,7 +7,7 @@ use ferry_api::{
     EndpointSpec, ErrorCode, HostInfo, HostRole, Migration, MigrationStepKind, Proto, PublicSpec,
 };
 
-use super::{Change, NetConfig, Registry, Request};
+use super::{Change, IpamPool, NetConfig, Registry, Request};
 
 pub(crate) fn net() -> NetConfig {
     NetConfig {
@@ -15,6 +15,7 @@ pub(crate) fn net() -> NetConfig {
         vni: 4242,
         public_cidrs: vec!["203.0.113.128/25".parse().unwrap()],
         forward_grace_ms: 2000,
+        ipam: IpamPool::whole("10.244.0.0/16".parse().unwrap()),
     }
 }
 

@@ -392,6 +392,7 @@ impl ContainerNet for Fake {
             netns: PathBuf::from(format!("/run/netns/fake-{}", c.ip)),
             host_if: container_host_if(c.ip),
             ifindex,
+            ifname: ferry_overlay::netlink::CONTAINER_IF.into(),
         })
     }
     async fn adopt(&self, c: &LocalContainer) -> Result<Option<Built>, Injected> {
@@ -409,6 +410,7 @@ impl ContainerNet for Fake {
             netns: PathBuf::from(format!("/run/netns/fake-{}", c.ip)),
             host_if: container_host_if(c.ip),
             ifindex,
+            ifname: ferry_overlay::netlink::CONTAINER_IF.into(),
         }))
     }
     async fn existing(&self) -> Vec<Ipv4Addr> {

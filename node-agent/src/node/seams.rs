@@ -191,7 +191,7 @@ pub struct Announcements {
 impl Announcer for Announcements {
     fn announce(&self, c: &LocalContainer, built: &Built) {
         let ann = ferry_announce::Announcement {
-            interface: ferry_overlay::netlink::CONTAINER_IF.to_owned(),
+            interface: built.ifname.clone(),
             mac: c.mac.0,
             ipv4: vec![c.ip],
             ipv6: Vec::new(),
