@@ -17,7 +17,7 @@
 //!   "cniVersion": "1.0.0",
 //!   "name": "ferry",
 //!   "plugins": [{
-//!     "type": "ferry",
+//!     "type": "ferry-cni",
 //!     "agent": "/run/ferry/cni.sock",
 //!     "capabilities": {"ips": true, "mac": true}
 //!   }]

@@ -289,7 +289,7 @@ mod tests {
         }
     }
 
-    const CONF: &str = r#"{"cniVersion":"0.4.0","name":"ferry","type":"ferry",
+    const CONF: &str = r#"{"cniVersion":"0.4.0","name":"ferry","type":"ferry-cni",
         "agent":"/run/ferry/cni.sock","runtimeConfig":{"mac":"02:00:00:00:00:05"}}"#;
 
     #[test]

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// The plugin's `type` in a network configuration.
-pub const PLUGIN_TYPE: &str = "ferry";
+pub const PLUGIN_TYPE: &str = "ferry-cni";
 /// The newest version spoken (used when the configuration names none that can be read).
 pub const LATEST: Version = Version::V1_0_0;
 /// Longest container id accepted (runtimes use 64 hex digits).
@@ -739,7 +739,7 @@ mod tests {
         assert_eq!(inv.args.mac.as_deref(), Some("02:00:00:00:00:09"));
     }
 
-    const CONF: &str = r#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry",
+    const CONF: &str = r#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry-cni",
         "agent":"/run/ferry/cni.sock","capabilities":{"ips":true,"mac":true},
         "prevResult":{"cniVersion":"1.0.0"}, "somethingElse": [1, 2]}"#;
 
@@ -799,7 +799,7 @@ mod tests {
                 "missing field `name`",
             ),
             (
-                CONF.replace("\"type\":\"ferry\"", "\"type\":\"bridge\""),
+                CONF.replace("\"type\":\"ferry-cni\"", "\"type\":\"bridge\""),
                 InvalidConfig,
                 "type is \"bridge\"",
             ),

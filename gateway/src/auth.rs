@@ -109,7 +109,7 @@ impl Lookup for crate::registry::Registry {
 /// version; the CNI plugin's work on itself — allocate and release addresses, register
 /// endpoints, remove an endpoint that lives on it; for a migration it takes part in (`lookup`
 /// names its source and destination), report run events, freeze and ask for an abort, and —
-/// the destination only — the release. Routes whose body names the host (registration,
+/// the destination only — the release; list migrations (its watch has them all). Routes whose body names the host (registration,
 /// endpoints, IPAM) pass here and are checked by their handler with [`permit_body`]. `Err` is
 /// the 403's message.
 pub fn permit(
@@ -132,7 +132,10 @@ pub fn permit(
         | ("POST", "/v1/hosts")
         | ("POST", "/v1/endpoints")
         | ("POST", "/v1/ipam/allocate")
-        | ("POST", "/v1/ipam/release") => Ok(()),
+        | ("POST", "/v1/ipam/release")
+        // The migrations list (CRIU's hook under runc/Podman finds its container's active
+        // migration): every host already has every migration in its watch snapshot.
+        | ("GET", "/v1/migrations") => Ok(()),
         ("POST", "/v1/hosts/{name}/heartbeat") => as_itself(ask.param, "send a heartbeat"),
         ("GET", "/v1/watch") => as_itself(ask.watch_host, "watch the registry"),
         ("DELETE", "/v1/endpoints/{ip}") => {
@@ -230,6 +233,7 @@ mod tests {
             ask("POST", "/v1/ipam/allocate", None, None),
             ask("POST", "/v1/ipam/release", None, None),
             ask("DELETE", "/v1/endpoints/{ip}", Some("10.244.2.5"), None),
+            ask("GET", "/v1/migrations", None, None),
             // Unknown: the handler answers 404.
             ask("DELETE", "/v1/endpoints/{ip}", Some("10.244.9.9"), None),
         ];

@@ -43,11 +43,6 @@ pub fn podman_dir(prefix: &str, host: &str) -> PathBuf {
     state::state_dir(prefix).join("podman").join(host)
 }
 
-/// The CNI socket of a lab host's agent.
-pub fn cni_socket(prefix: &str, host: &str) -> PathBuf {
-    state::state_dir(prefix).join(host).join("cni.sock")
-}
-
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
     let what = what.into();
     move |e| LabError::io(what, e)
@@ -184,7 +179,7 @@ impl Podman<'_> {
             "name": NETWORK,
             "plugins": [{
                 "type": "ferry-cni",
-                "agent": cni_socket(self.lab.prefix(), &self.host),
+                "agent": self.lab.cni_socket(&self.host),
                 "capabilities": {"ips": true, "mac": true},
             }],
         });

@@ -95,7 +95,13 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     cmd.args(["build", "--quiet", "--bin", name, "--manifest-path"])
         .arg(&manifest)
         .arg("--target-dir")
-        .arg(&target_dir);
+        .arg(&target_dir)
+        // Cargo's own variables for this test would reach build scripts (ring's reads
+        // CARGO_MANIFEST_DIR's change as a reason to rebuild, and everything above it).
+        .env_remove("CARGO_MANIFEST_DIR")
+        .env_remove("CARGO_PKG_NAME")
+        .env_remove("CARGO_CRATE_NAME")
+        .env_remove("CARGO_PRIMARY_PACKAGE");
     match profile.as_str() {
         "debug" => {}
         "release" => {

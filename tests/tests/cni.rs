@@ -70,7 +70,7 @@ fn conf(lab: &Lab, host: &str, version: &str, extra: Value) -> Value {
     let mut c = json!({
         "cniVersion": version,
         "name": "ferry",
-        "type": "ferry",
+        "type": "ferry-cni",
         "agent": lab.cni_socket(host),
         "capabilities": {"ips": true, "mac": true},
     });
