@@ -33,6 +33,9 @@ APT_PACKAGES=(
   iproute2 iputils-ping curl iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
   # the unmodified Debian server the CRIU tests migrate
   redis-server
+  # OCI containers: runc (1.1.5 works with CRIU 4.2.1, see docs/migration.md) and the
+  # busybox of the lab's root file systems (ferry-lab image build redis)
+  runc busybox-static
   # bpf-linker
   "llvm-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   # CRIU build dependencies (bookworm versions)
