@@ -37,7 +37,7 @@ use crate::{
     node::{Announcements, Applied, Hold, Leftovers, Node},
     peer_api::{self, PeerApi},
     plan,
-    runtime::{Isolation, Runtime, store::write_atomic},
+    runtime::{Isolation, RuncOptions, Runtime, store::write_atomic},
     sync,
 };
 
@@ -292,6 +292,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         &cfg.host,
         Some(&cfg.state_dir),
         Isolation::from_config(&cfg),
+        Some(RuncOptions::from_config(&cfg)),
     )?;
     adopt_unrecorded_processes(&cfg, &runtime).await;
     let server_tls = tls.as_ref().map(|t| t.server_config());
@@ -473,6 +474,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         &cfg.host,
         Some(&cfg.state_dir),
         Isolation::from_config(&cfg),
+        Some(RuncOptions::from_config(&cfg)),
     )?;
     runtime.shutdown().await;
     let nl = Netlink::open()?;

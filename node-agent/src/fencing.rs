@@ -152,20 +152,12 @@ impl Fencing {
                         node.silence_on_freeze(ip, false);
                     }
                 }
-                let r = tokio::task::spawn_blocking(move || {
-                    if source {
-                        // Its sockets are still in repair mode (the dump).
-                        resume::resume(pid)
-                    } else {
-                        resume::cont(pid).map(|n| (n, 0))
-                    }
-                })
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                match r {
+                // Through its runtime: the source's sockets are still in repair mode (the
+                // dump), the destination's tree only waits for SIGCONT.
+                match self.runtime.resume_fenced(ip).await {
                     Ok((tasks, conns)) => {
                         self.runtime.unfence(ip);
-                        info!(container = %ip, pid, migration, side, tasks, connections = conns, "fenced copy resumed: it owns the container");
+                        info!(container = %ip, pid, migration, side, runtime = %p.runtime, tasks, connections = conns, "fenced copy resumed: it owns the container");
                     }
                     Err(e) => {
                         warn!(container = %ip, pid, migration, side, error = %e, "resuming the fenced copy failed")
@@ -174,11 +166,13 @@ impl Fencing {
             }
             Verdict::KillWhenRunsOn { host, vtep } => {
                 if self.runs_on(ip, &host, vtep).await {
-                    self.kill(ip, pid, migration, side, &format!("it runs on {host}"));
+                    self.kill(ip, pid, migration, side, &format!("it runs on {host}"))
+                        .await;
                 }
             }
             Verdict::Kill => {
-                self.kill(ip, pid, migration, side, "another host owns the container");
+                self.kill(ip, pid, migration, side, "another host owns the container")
+                    .await;
                 if fence.side == FenceSide::Destination {
                     self.node.lock().await.fence_egress(ip, false);
                 }
@@ -227,8 +221,8 @@ impl Fencing {
         }
     }
 
-    fn kill(&self, ip: Ipv4Addr, pid: i32, migration: &str, side: &str, why: &str) {
-        match self.runtime.kill_fenced(ip) {
+    async fn kill(&self, ip: Ipv4Addr, pid: i32, migration: &str, side: &str, why: &str) {
+        match self.runtime.kill_fenced(ip).await {
             Ok(()) => {
                 info!(container = %ip, pid, migration, side, why, "fenced copy killed")
             }
@@ -318,6 +312,8 @@ mod tests {
                 migration: "m1".into(),
                 side,
             }),
+            runtime: Default::default(),
+            image: None,
         }
     }
 
