@@ -616,7 +616,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(leftovers, [again.image.clone()]);
+        assert_eq!(leftovers, [again.image.as_str()]);
         std::fs::remove_dir_all(&cache).unwrap();
     }
 }

@@ -530,6 +530,13 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
             errors.push(format!("removing {}: {e}", f.display()));
         }
     }
+    // runc's state and the bundles of its containers (deleted by the runtime's shutdown).
+    let runc_dir = cfg.state_dir.join("runc");
+    if let Err(e) = std::fs::remove_dir_all(&runc_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        errors.push(format!("removing {}: {e}", runc_dir.display()));
+    }
     drop(lock);
     // The directory itself, if nothing else lives in it.
     let _ = std::fs::remove_dir(&cfg.state_dir);

@@ -1639,6 +1639,118 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The runtime a request names picks its driver (netavark's driver by name): runc is
+    /// refused as unavailable without its binary or a state directory; each driver checks
+    /// what it needs before anything is reserved. No root needed (nothing is started).
+    #[tokio::test]
+    async fn the_request_chooses_the_runtime() {
+        let dir = std::env::temp_dir().join(format!("ferry-rt-choice-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let images = dir.join("images");
+        std::fs::create_dir_all(images.join("redis-00aa")).unwrap();
+        let ip = Ipv4Addr::new(10, 244, 1, 10);
+        let runc_req = |image: Option<&str>, argv: &[&str]| StartRequest {
+            runtime: RuntimeKind::Runc,
+            image: image.map(str::to_owned),
+            ..req(argv, &[])
+        };
+
+        let rt = Runtime::new("h1", None, isolation(Vec::new()), None).unwrap();
+        assert_eq!(
+            rt.driver(RuntimeKind::Agent).unwrap().kind(),
+            RuntimeKind::Agent
+        );
+        let e = rt.driver(RuntimeKind::Runc).unwrap_err();
+        assert_eq!((e.code(), e.http_status()), ("runtime_unavailable", 501));
+        assert!(
+            e.to_string()
+                .contains("runtime runc is not available on host h1"),
+            "{e}"
+        );
+        let e = rt
+            .start(
+                ip,
+                Path::new("/nonexistent"),
+                &runc_req(Some("redis-00aa"), &["/x"]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "runtime_unavailable");
+        assert!(rt.get(ip).is_none());
+        rt.detach().await;
+
+        let missing = RuncOptions {
+            binary: dir.join("no-runc"),
+            images_dir: images.clone(),
+        };
+        let rt = Runtime::new(
+            "h1",
+            Some(&dir.join("s1")),
+            isolation(Vec::new()),
+            Some(missing),
+        )
+        .unwrap();
+        let e = rt.driver(RuntimeKind::Runc).unwrap_err();
+        assert!(e.to_string().contains("no-runc is missing"), "{e}");
+        rt.detach().await;
+
+        let present = RuncOptions {
+            binary: PathBuf::from("/bin/true"),
+            images_dir: images.clone(),
+        };
+        let rt = Runtime::new(
+            "h1",
+            Some(&dir.join("s2")),
+            isolation(Vec::new()),
+            Some(present),
+        )
+        .unwrap();
+        let runc = rt.driver(RuntimeKind::Runc).unwrap();
+        assert_eq!(runc.kind(), RuntimeKind::Runc);
+        let code = |d: &dyn Driver, r: &StartRequest| d.validate(ip, r).err().map(|e| e.code());
+        assert_eq!(
+            code(
+                runc,
+                &runc_req(Some("redis-00aa"), &["/usr/bin/redis-server"])
+            ),
+            None
+        );
+        assert_eq!(code(runc, &runc_req(None, &["/x"])), Some("bad_request"));
+        assert_eq!(
+            code(runc, &runc_req(Some("redis-ffff"), &["/x"])),
+            Some("no_image")
+        );
+        assert_eq!(
+            code(runc, &runc_req(Some("../images"), &["/x"])),
+            Some("bad_request")
+        );
+        assert_eq!(
+            code(runc, &runc_req(Some("redis-00aa"), &["x"])),
+            Some("bad_request")
+        );
+        let e = runc.validate(ip, &runc_req(None, &["/x"])).unwrap_err();
+        assert!(e.to_string().contains("runtime runc needs an image"), "{e}");
+        let e = runc
+            .validate(ip, &runc_req(Some("redis-ffff"), &["/x"]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("image redis-ffff is not on host h1"),
+            "{e}"
+        );
+        assert_eq!(e.http_status(), 404);
+        let agent = rt.driver(RuntimeKind::Agent).unwrap();
+        let with_image = StartRequest {
+            image: Some("redis-00aa".into()),
+            ..req(&["/x"], &[])
+        };
+        assert_eq!(code(agent, &with_image), Some("bad_request"));
+        assert_eq!(code(agent, &req(&["/x"], &[])), None);
+        assert!(rt.has_image("redis-00aa").unwrap().ends_with("redis-00aa"));
+        assert_eq!(rt.has_image("nope").unwrap_err().code(), "no_image");
+        rt.detach().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn isolation(hide: Vec<PathBuf>) -> Isolation {
         Isolation {
             uid_base: 1_000_000,

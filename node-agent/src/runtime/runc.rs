@@ -31,7 +31,7 @@
 //! agent runtime's; and a restored tree stays stopped, fenced, until the release),
 //! `network-lock skip` (the hold is the lock) and, at dump in hold mode, `action-script` =
 //! `ferry` (network-lock → freeze, network-unlock on a failed dump → abort). Verified with
-//! runc 1.1.5 and CRIU 4.2.1; see docs/migration.md, "OCI containers under runc".
+//! runc 1.1.5 and CRIU 4.2.1; see docs/migration.md, "Migrating a runc container".
 //! `runc checkpoint` is called with `--leave-running` (else runc destroys the container after
 //! CRIU returns, whatever CRIU did).
 
