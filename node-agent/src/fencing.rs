@@ -31,7 +31,7 @@ use ferry_api::{
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::{criu::resume, node::Node, runtime::Runtime};
+use crate::{node::Node, runtime::Runtime};
 
 /// How often fenced copies are looked at without a new snapshot.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -198,7 +198,11 @@ impl Fencing {
                 .migrations
                 .iter()
                 .any(|m| m.container == ip && m.phase.is_active());
-            if !owner || migrating || !stopped(p.pid) {
+            // Stopped by a signal, or (a runc container) frozen by the pre-dump hook of a
+            // dump whose agent was not there to thaw it.
+            let frozen = p.runtime == ferry_api::run::RuntimeKind::Runc
+                && crate::runtime::runc::frozen(p.pid);
+            if !owner || migrating || !(stopped(p.pid) || frozen) {
                 continue;
             }
             let pid = p.pid;
@@ -207,10 +211,8 @@ impl Fencing {
                 node.mark_dumped(ip, false);
                 node.silence_on_freeze(ip, false);
             }
-            match tokio::task::spawn_blocking(move || resume::resume(pid))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            {
+            // Through its runtime (repair off, SIGCONT, and a runc container's cgroup thawed).
+            match self.runtime.resume_fenced(ip).await {
                 Ok((tasks, conns)) => {
                     warn!(container = %ip, pid, tasks, connections = conns, "a stopped tree of a container this host owns, left by an interrupted dump, resumed")
                 }

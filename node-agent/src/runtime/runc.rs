@@ -117,6 +117,17 @@ fn freezer_of(pid: i32) -> Option<PathBuf> {
     freezer_dir(&cg, &mi).filter(|d| d.is_dir())
 }
 
+/// Is `pid`'s freezer cgroup frozen (or freezing)?
+pub fn frozen(pid: i32) -> bool {
+    let Some(dir) = freezer_of(pid) else {
+        return false;
+    };
+    match std::fs::read_to_string(dir.join("freezer.state")) {
+        Ok(state) => state.trim() != "THAWED",
+        Err(_) => std::fs::read_to_string(dir.join("cgroup.freeze")).is_ok_and(|v| v.trim() == "1"),
+    }
+}
+
 /// Thaws a freezer cgroup if it is frozen.
 fn thaw(dir: &Path) -> io::Result<()> {
     if dir.join("freezer.state").exists() {
@@ -733,11 +744,17 @@ impl Driver for RuncDriver {
 
     fn resume(&self, entry: &Entry, side: FenceSide) -> io::Result<(usize, usize)> {
         let pid = entry.proc.pid;
-        match side {
+        let r = match side {
             // Stopped by CRIU's leave-stopped, its sockets still in repair mode.
             FenceSide::Source => resume::resume(pid),
             FenceSide::Destination => resume::cont(pid).map(|n| (n, 0)),
+        }?;
+        // A cgroup the pre-dump hook froze and no agent thawed (it died during the dump):
+        // thawed last, the SIGCONT already pending.
+        if let Some(dir) = freezer_of(pid) {
+            thaw(&dir)?;
         }
+        Ok(r)
     }
 
     fn kill(&self, entry: &Entry) -> io::Result<()> {
