@@ -33,8 +33,10 @@ APT_PACKAGES=(
   iproute2 iputils-ping curl iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
   # the unmodified Debian server the CRIU tests migrate
   redis-server
-  # Podman (CNI backend with ferry-cni; runc is its runtime here: crun lacks CRIU support)
-  podman runc
+  # OCI containers: runc (1.1.5 works with CRIU 4.2.1, see docs/migration.md), Podman (its
+  # CNI backend with ferry-cni; runc its runtime: crun lacks CRIU support here) and the
+  # busybox of the lab's root file systems (ferry-lab image build redis)
+  podman runc busybox-static
   # bpf-linker
   "llvm-${LLVM_MAJOR}-dev" libzstd-dev zlib1g-dev
   # CRIU build dependencies (bookworm versions)

@@ -43,6 +43,60 @@ pub struct RunRequest {
     /// the container was frozen), so the rollback can be watched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail: Option<FailAt>,
+    /// The runtime the caller expects the container to run under (`agent`, `runc`): the
+    /// source refuses the checkpoint, before freezing anything, if the container runs under
+    /// another one. Absent: whichever runs it (the agent records each container's runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
+}
+
+/// Which runtime runs a container's process tree on its agent (see the agent's
+/// `runtime::driver`): `agent` (the agent's own: a process tree in the host's file system)
+/// or `runc` (an OCI container with its own root file system, started and checkpointed
+/// through runc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeKind {
+    #[default]
+    Agent,
+    Runc,
+}
+
+impl RuntimeKind {
+    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Agent, RuntimeKind::Runc];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Agent => "agent",
+            RuntimeKind::Runc => "runc",
+        }
+    }
+
+    pub fn is_agent(&self) -> bool {
+        *self == RuntimeKind::Agent
+    }
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A runtime name that is not one of [`RuntimeKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown runtime {0:?}: want agent or runc")]
+pub struct UnknownRuntime(pub String);
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = UnknownRuntime;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RuntimeKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownRuntime(s.to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -190,6 +244,9 @@ pub struct CheckpointRequest {
     pub lock: LockMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail: Option<FailAt>,
+    /// The runtime the run expects (see [`RunRequest::runtime`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
 }
 
 /// A destination agent's answer to an image stream: the container was restored.
@@ -220,6 +277,15 @@ pub struct StartRequest {
     /// Extra environment (the process otherwise gets only `PATH`).
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// Which runtime starts it (default `agent`).
+    #[serde(default, skip_serializing_if = "RuntimeKind::is_agent")]
+    pub runtime: RuntimeKind,
+    /// `runc` only (and required there): the container's root file system, the name of an
+    /// image in the agent's images directory (`[runtime] images_dir`, default
+    /// /var/cache/ferry/rootfs), e.g. `redis-1a2b3c4d5e6f7a8b` as `ferry-lab image build redis`
+    /// makes it. The same image must exist on every host the container may move to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A container's process tree, as its agent knows it.
@@ -240,6 +306,12 @@ pub struct ContainerProcess {
     /// it may neither run nor emit until the registry decides (see docs/migration.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<Fence>,
+    /// The runtime that runs it (`agent` if absent).
+    #[serde(default, skip_serializing_if = "RuntimeKind::is_agent")]
+    pub runtime: RuntimeKind,
+    /// Its root file system (an image name), for `runc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A stopped copy of a migrating container, kept until the registry's decision reaches its

@@ -7,10 +7,15 @@
 //! | `criu-lock` (`criu_lock`) | `criu-lock` | CRIU's own nftables network lock at the source (dropped), the endpoint switched after the restore |
 //!
 //! Per mode, a lab of its own (default topology, agents), container 10.244.1.10 on `a1`
-//! published as 203.0.113.130 (whole IP), `ferry-workload serve --port 7000` started in it as
-//! its process tree through the agent, and one `ferry-workload client` in the `inet` namespace
-//! for the whole mode (N connections, a numbered request every interval on each, every reply
-//! checked, `--samples` CSV of every request). After a 500 ms warm-up, `--runs` migrations
+//! published as 203.0.113.130 (whole IP), its server started in it through the agent, and one
+//! client in the `inet` namespace for the whole mode (N connections, a request every interval
+//! on each, every reply checked, `--samples` CSV of every request). The server is
+//! `--workload serve` (`ferry-workload serve --port 7000`, checked by `ferry-workload client`:
+//! numbered requests) or `--workload redis` (an unmodified `redis-server` on 6379, checked by
+//! `ferry-workload redis-client`: INCR counters that must go on by exactly one, SET/GET/APPEND
+//! whose values must come back). It runs under `--runtime agent` (the agent's own runtime) or
+//! `--runtime runc` (an OCI container on the `redis` image of `ferry-lab image build`, which
+//! implies `--workload redis`); the migrations then pass `--runtime` to `ferry migrate run`. After a 500 ms warm-up, `--runs` migrations
 //! alternate a1 → b1, b1 → a1, … (`ferry migrate run --lock MODE`), 300 ms apart; then the
 //! client is stopped (SIGTERM) and its samples are read.
 //!
@@ -89,6 +94,8 @@ pub enum MigrateError {
         command: String,
         source: Box<LabError>,
     },
+    #[error("{0}")]
+    Setup(String),
     #[error("{command}: {status} without a run report ({source}): {stdout} {stderr}")]
     NoReport {
         command: String,
@@ -121,6 +128,81 @@ pub struct MigrateArgs {
     /// with and once without to compare.
     #[arg(long)]
     pub plaintext: bool,
+    /// The runtime the container runs under: `agent` or `runc` (an OCI container on the
+    /// `redis` image built from this machine's Debian packages).
+    #[arg(long, value_enum, default_value = "agent")]
+    pub runtime: RuntimeArg,
+    /// The server and its client: `serve` (ferry-workload's line protocol) or `redis`
+    /// (redis-server, ferry-workload's redis client). Default: `serve` under the agent runtime,
+    /// `redis` under runc (its image has no ferry-workload).
+    #[arg(long, value_enum)]
+    pub workload: Option<WorkloadArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeArg {
+    Agent,
+    Runc,
+}
+
+impl RuntimeArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeArg::Agent => "agent",
+            RuntimeArg::Runc => "runc",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadArg {
+    Serve,
+    Redis,
+}
+
+/// redis-server's port.
+pub const REDIS_PORT: u16 = 6379;
+
+impl MigrateArgs {
+    /// The workload, given the runtime: runc runs the redis image only.
+    pub fn workload(&self) -> Result<WorkloadArg, String> {
+        match (self.runtime, self.workload) {
+            (RuntimeArg::Runc, Some(WorkloadArg::Serve)) => Err(
+                "--runtime runc runs the redis image (no ferry-workload in it): use --workload \
+                 redis"
+                    .into(),
+            ),
+            (RuntimeArg::Runc, _) => Ok(WorkloadArg::Redis),
+            (RuntimeArg::Agent, w) => Ok(w.unwrap_or(WorkloadArg::Serve)),
+        }
+    }
+}
+
+/// redis-server's arguments (its data directory on the container's tmpfs under runc).
+pub fn redis_args(binary: &str, dir: &str) -> Vec<String> {
+    [
+        binary,
+        "--port",
+        "6379",
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir,
+        "--logfile",
+        "",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// The two modes, each in a lab of its own.
@@ -554,6 +636,10 @@ pub struct Params {
     pub hosts: [&'static str; 2],
     /// `tls` or `plaintext` (`--plaintext`).
     pub control_plane: &'static str,
+    /// `agent` or `runc`.
+    pub runtime: &'static str,
+    /// `serve` or `redis`.
+    pub workload: &'static str,
     pub notes: [&'static str; 5],
 }
 
@@ -603,6 +689,11 @@ impl Report {
                 public: PUBLIC,
                 hosts: [HOST_A, HOST_B],
                 control_plane: if args.plaintext { "plaintext" } else { "tls" },
+                runtime: args.runtime.as_str(),
+                workload: match args.workload() {
+                    Ok(WorkloadArg::Redis) => "redis",
+                    _ => "serve",
+                },
                 notes: NOTES,
             },
         }
@@ -801,17 +892,42 @@ fn measure_mode(
         source: Box::new(source),
     })?;
     let bin_s = bin.to_string_lossy().into_owned();
-    let port = PORT.to_string();
-    let proc_ = lab
-        .start_process(c, &[&bin_s, "serve", "--port", &port])
-        .map_err(|source| MigrateError::Lab {
-            what: "starting the server",
-            source: Box::new(source),
-        })?;
+    let workload = args.workload().map_err(MigrateError::Setup)?;
+    let port = match workload {
+        WorkloadArg::Serve => PORT,
+        WorkloadArg::Redis => REDIS_PORT,
+    };
+    let started = match (args.runtime, workload) {
+        (RuntimeArg::Agent, WorkloadArg::Serve) => {
+            lab.start_process(c, &[&bin_s, "serve", "--port", &port.to_string()])
+        }
+        (RuntimeArg::Agent, WorkloadArg::Redis) => {
+            let argv = redis_args("/usr/bin/redis-server", "/tmp");
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            lab.start_process(c, &argv)
+        }
+        (RuntimeArg::Runc, _) => {
+            let image = ferry_lab::image::build("redis")
+                .map_err(|e| MigrateError::Setup(format!("the redis image: {e}")))?;
+            p.say(format!("{name}: image {}", image.path.display()));
+            let argv = redis_args("/usr/bin/redis-server", "/tmp");
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            lab.start_runc(c, &image.image, &argv)
+        }
+    };
+    let proc_ = started.map_err(|source| MigrateError::Lab {
+        what: "starting the server",
+        source: Box::new(source),
+    })?;
     p.say(format!(
-        "{name}: lab {} up; {CONTAINER} on {HOST_A} as {PUBLIC}, server PID {}",
+        "{name}: lab {} up; {CONTAINER} on {HOST_A} as {PUBLIC}, server PID {} ({} runtime, {})",
         lab.prefix(),
-        proc_.pid
+        proc_.pid,
+        args.runtime.as_str(),
+        match workload {
+            WorkloadArg::Serve => "ferry-workload serve",
+            WorkloadArg::Redis => "redis-server",
+        }
     ));
 
     let registry = registry_latency(lab)?;
@@ -824,12 +940,28 @@ fn measure_mode(
     // The client, for the whole mode (retried while the server opens its socket).
     let samples_path: PathBuf = lab.state_dir().join(format!("bench-migrate-{name}.csv"));
     let samples_arg = samples_path.to_string_lossy();
-    let client_args = crate::workload::client_args(
-        &format!("{PUBLIC}:{PORT}"),
-        args.connections,
-        args.interval_ms,
-        &["--samples", &samples_arg],
-    );
+    let client_args = match workload {
+        WorkloadArg::Serve => crate::workload::client_args(
+            &format!("{PUBLIC}:{PORT}"),
+            args.connections,
+            args.interval_ms,
+            &["--samples", &samples_arg],
+        ),
+        WorkloadArg::Redis => [
+            "redis-client",
+            "--to",
+            &format!("{PUBLIC}:{REDIS_PORT}"),
+            "--connections",
+            &args.connections.to_string(),
+            "--interval-ms",
+            &args.interval_ms.to_string(),
+            "--samples",
+            &samples_arg,
+            "--json",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    };
     let client_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
     let inet = lab.netns("inet");
     let client = Workload::start_connected(bin, &inet, &client_args, |tries, e| {
@@ -862,6 +994,8 @@ fn measure_mode(
             to,
             "--lock",
             mode.lock(),
+            "--runtime",
+            args.runtime.as_str(),
         ];
         match migrate_run(lab, &run_args) {
             Ok(r) => {
@@ -1013,6 +1147,39 @@ pub fn run(args: &MigrateArgs) -> Result<i32, BenchError> {
 mod tests {
     use super::*;
     use ferry_api::run::{CriuStats, LockMode, PhaseTiming};
+
+    /// `--runtime` picks the workload it can run; runc with `serve` is refused, naming why.
+    #[test]
+    fn the_runtime_chooses_the_workload() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: MigrateArgs,
+        }
+        let parse = |a: &[&str]| {
+            Cli::try_parse_from(std::iter::once("bench").chain(a.iter().copied())).map(|c| c.args)
+        };
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            (a.runtime, a.workload()),
+            (RuntimeArg::Agent, Ok(WorkloadArg::Serve))
+        );
+        let a = parse(&["--runtime", "agent", "--workload", "redis"]).unwrap();
+        assert_eq!(a.workload(), Ok(WorkloadArg::Redis));
+        let a = parse(&["--runtime", "runc"]).unwrap();
+        assert_eq!(
+            (a.runtime, a.workload()),
+            (RuntimeArg::Runc, Ok(WorkloadArg::Redis))
+        );
+        let e = parse(&["--runtime", "runc", "--workload", "serve"])
+            .unwrap()
+            .workload()
+            .unwrap_err();
+        assert!(e.contains("use --workload redis"), "{e}");
+        assert!(parse(&["--runtime", "podman"]).is_err());
+        assert_eq!(redis_args("/r", "/tmp")[..2], ["/r", "--port"]);
+    }
 
     /// Samples of one connection answering every `every` ms with latency 1 ms, from `t0` to
     /// `t1`, except requests sent in `[s0, s1)`, answered only at `s1` (a stall).
@@ -1191,9 +1358,12 @@ mod tests {
             interval_ms: 5,
             pause_ms: 300,
             plaintext: false,
+            runtime: RuntimeArg::Agent,
+            workload: None,
         };
         let r = Report::build(&args, m, crit);
         assert_eq!(r.params.control_plane, "tls");
+        assert_eq!((r.params.runtime, r.params.workload), ("agent", "serve"));
         assert_eq!(r.ratios.gap_p50_criu_lock_over_ferry, Some(2.0));
         assert_eq!(r.ratios.stall_overhead_p50_criu_lock_over_ferry, Some(3.0));
         let v = serde_json::to_value(&r).unwrap();

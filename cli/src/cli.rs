@@ -260,6 +260,11 @@ pub enum MigrateCommand {
         /// Fault injection (tests, drills): CRIU fails the dump or the restore on purpose.
         #[arg(long, value_enum, hide = true)]
         fail: Option<FailArg>,
+        /// The runtime the container is expected to run under (`agent` or `runc`); the run
+        /// is refused before anything is frozen if it runs under another. Default: whichever
+        /// runs it (its agent knows).
+        #[arg(long, value_enum)]
+        runtime: Option<RuntimeArg>,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -290,6 +295,21 @@ impl From<LockArg> for ferry_api::run::LockMode {
         match l {
             LockArg::Hold => Self::Hold,
             LockArg::CriuLock => Self::CriuLock,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RuntimeArg {
+    Agent,
+    Runc,
+}
+
+impl From<RuntimeArg> for ferry_api::run::RuntimeKind {
+    fn from(r: RuntimeArg) -> Self {
+        match r {
+            RuntimeArg::Agent => Self::Agent,
+            RuntimeArg::Runc => Self::Runc,
         }
     }
 }

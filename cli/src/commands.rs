@@ -208,6 +208,7 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
             to,
             lock,
             fail,
+            runtime,
             quiet,
         }) => crate::runcmd::run(
             &client()?,
@@ -215,6 +216,7 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
             to,
             lock.into(),
             fail.map(Into::into),
+            runtime.map(Into::into),
             quiet,
         )
         .await

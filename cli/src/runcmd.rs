@@ -5,7 +5,10 @@ use std::{fmt::Write as _, time::Duration};
 
 use ferry_api::{
     Client, MigrationStepKind,
-    run::{FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState},
+    run::{
+        FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState,
+        RuntimeKind,
+    },
 };
 
 use crate::commands::{CliError, Outcome};
@@ -17,6 +20,7 @@ pub async fn run(
     to: String,
     lock: LockMode,
     fail: Option<FailAt>,
+    runtime: Option<RuntimeKind>,
     quiet: bool,
 ) -> Result<Outcome, CliError> {
     let req = RunRequest {
@@ -24,6 +28,7 @@ pub async fn run(
         to,
         lock,
         fail,
+        runtime,
     };
     let asked = ferry_api::unix_ms();
     let mut report = match c.start_run(&req).await {
@@ -212,6 +217,56 @@ fn side_word(args: &[String]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// With this variable (a cgroup directory), CRIU's `pre-dump` hook freezes the cgroup.
+pub const FREEZER_ENV: &str = "FERRY_FREEZER";
+/// How long `pre-dump` waits for the cgroup to be frozen.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Freezes cgroup `dir` (v1: `freezer.state` = FROZEN; v2: `cgroup.freeze` = 1) and waits,
+/// polling every 0.5 ms, until it is (v1 `freezer.state` reads FROZEN, v2 `cgroup.events`
+/// says `frozen 1`). On a timeout it thaws the cgroup again and fails.
+///
+/// Why: CRIU freezes a container through the cgroup runc names (`freeze_cgroup` over RPC),
+/// and checks whether the freezer is done right after writing FROZEN, then every 100 ms; the
+/// first check comes too early, so every dump of a runc container stood 100 ms longer with
+/// its tasks frozen (this machine's hybrid hierarchy, cgroup v1 freezer). A cgroup already
+/// frozen when CRIU looks is taken as it is (and left frozen: the agent thaws it after the
+/// dump, when the tasks stop on the SIGSTOP `leave-stopped` sent them).
+pub fn freeze_cgroup(dir: &std::path::Path, timeout: Duration) -> Result<(), String> {
+    let v2 = dir.join("cgroup.freeze").exists() && !dir.join("freezer.state").exists();
+    let (file, frozen, thawed) = if v2 {
+        ("cgroup.freeze", "1", "0")
+    } else {
+        ("freezer.state", "FROZEN", "THAWED")
+    };
+    let write = |v: &str| {
+        std::fs::write(dir.join(file), v)
+            .map_err(|e| format!("writing {v} to {}: {e}", dir.join(file).display()))
+    };
+    let done = || -> bool {
+        if v2 {
+            std::fs::read_to_string(dir.join("cgroup.events"))
+                .is_ok_and(|t| t.lines().any(|l| l.trim() == "frozen 1"))
+        } else {
+            std::fs::read_to_string(dir.join("freezer.state")).is_ok_and(|t| t.trim() == "FROZEN")
+        }
+    };
+    write(frozen)?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        if std::time::Instant::now() >= deadline {
+            let _ = write(thawed);
+            return Err(format!(
+                "cgroup {} not frozen after {} ms (thawed again)",
+                dir.display(),
+                timeout.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}
+
 /// `ferry action-script` (also `ferry` with no arguments and `CRTOOLS_SCRIPT_ACTION` set).
 /// Prints nothing on stdout (CRIU's stdout carries its statistics).
 ///
@@ -226,6 +281,18 @@ pub async fn action_script(
             "action-script runs under CRIU (--action-script), which sets CRTOOLS_SCRIPT_ACTION",
         ));
     };
+    if action == "pre-dump"
+        && let Some(dir) = std::env::var_os(FREEZER_ENV)
+    {
+        // The runtime's container is frozen through its cgroup now, so CRIU finds it frozen
+        // (see `freeze_cgroup`).
+        let dir = std::path::PathBuf::from(dir);
+        tokio::task::spawn_blocking(move || freeze_cgroup(&dir, FREEZE_TIMEOUT))
+            .await
+            .map_err(|e| CliError::new("internal", e.to_string()))?
+            .map_err(|e| CliError::new("freeze_failed", e))?;
+        return Ok(None);
+    }
     let Some(side) = side() else {
         return Ok(None);
     };
@@ -395,6 +462,42 @@ mod tests {
         ] {
             assert_eq!(hook_step(a, s), None, "{a} {s:?}");
         }
+    }
+
+    /// A cgroup stand-in (plain files): v1 reads FROZEN at once; v2 waits for
+    /// `cgroup.events`; one that never freezes is thawed again and reported.
+    #[test]
+    fn freezing_a_cgroup_waits_until_it_is_frozen() {
+        let dir = std::env::temp_dir().join(format!("ferry-freeze-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("freezer.state"), "THAWED\n").unwrap();
+        freeze_cgroup(&dir, Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("freezer.state")).unwrap(),
+            "FROZEN"
+        );
+        std::fs::remove_file(dir.join("freezer.state")).unwrap();
+        std::fs::write(dir.join("cgroup.freeze"), "0").unwrap();
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let e = freeze_cgroup(&dir, Duration::from_millis(20)).unwrap_err();
+        assert!(e.contains("not frozen after 20 ms (thawed again)"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.freeze")).unwrap(),
+            "0"
+        );
+        let events = dir.join("cgroup.events");
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            std::fs::write(events, "populated 1\nfrozen 1\n").unwrap();
+        });
+        freeze_cgroup(&dir, Duration::from_secs(5)).unwrap();
+        t.join().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.freeze")).unwrap(),
+            "1"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

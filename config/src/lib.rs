@@ -27,6 +27,8 @@
 //! [runtime]                     # the agent's own containers (optional)
 //! uid_base = 0                  # 0: uid 0 (no capabilities); else uid_base + offset in overlay_cidr
 //! hide = ["/etc/ferry", "/var/lib/ferry", "/run/ferry", "/run/ferry-lab"]
+//! runc = "/usr/sbin/runc"       # runtime = runc containers (OCI, own root file system)
+//! images_dir = "/var/cache/ferry/rootfs"   # their root file systems, by image name
 //!
 //! [gateway]                     # the registry this agent follows (optional)
 //! address = "198.18.0.10:7400"
@@ -59,7 +61,7 @@ mod runtime;
 
 pub use criu::CriuConfig;
 pub use hold::{HoldLimits, HoldMode};
-pub use runtime::RuntimeConfig;
+pub use runtime::{DEFAULT_IMAGES_DIR, RuntimeConfig};
 
 /// Default UDP port of VXLAN (IANA).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;

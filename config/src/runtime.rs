@@ -23,6 +23,16 @@ pub struct RuntimeConfig {
     /// `/etc/ferry`, `/var/lib/ferry`, `/run/ferry`, `/run/ferry-lab`.
     #[serde(default = "default_hide")]
     pub hide: Vec<PathBuf>,
+    /// The `runc` binary, for containers started with `runtime = runc` (an OCI container with
+    /// its own root file system). Default `/usr/sbin/runc` (Debian's package; 1.1.5 is known
+    /// to work, see docs/migration.md).
+    #[serde(default = "default_runc")]
+    pub runc: PathBuf,
+    /// Where the root file systems of runc containers are (one directory per image, named
+    /// by the start request's `image`; `ferry-lab image build` makes them). The same image
+    /// must be on every host a container may move to. Default `/var/cache/ferry/rootfs`.
+    #[serde(default = "default_images_dir")]
+    pub images_dir: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -30,8 +40,21 @@ impl Default for RuntimeConfig {
         Self {
             uid_base: 0,
             hide: default_hide(),
+            runc: default_runc(),
+            images_dir: default_images_dir(),
         }
     }
+}
+
+/// Default [`RuntimeConfig::images_dir`].
+pub const DEFAULT_IMAGES_DIR: &str = "/var/cache/ferry/rootfs";
+
+fn default_runc() -> PathBuf {
+    PathBuf::from("/usr/sbin/runc")
+}
+
+fn default_images_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_IMAGES_DIR)
 }
 
 fn default_hide() -> Vec<PathBuf> {

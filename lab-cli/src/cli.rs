@@ -84,7 +84,8 @@ pub enum Cmd {
         args: Vec<String>,
     },
     /// Start a process tree in a container (PID 1 of a new PID namespace, in the container's
-    /// network namespace), through the agent of the host the container lives on.
+    /// network namespace), through the agent of the host the container lives on: the agent's
+    /// own runtime, or an OCI container under runc (`--runtime runc --image NAME`).
     Run {
         #[arg(long)]
         lab: Option<String>,
@@ -94,9 +95,23 @@ pub enum Cmd {
         /// Print the process as JSON.
         #[arg(long)]
         json: bool,
+        /// `agent` (the agent's own runtime) or `runc` (an OCI container with its own root
+        /// file system).
+        #[arg(long, default_value = "agent", value_parser = parse_runtime)]
+        runtime: ferry_api::run::RuntimeKind,
+        /// runc: the root file system, an image name in the agents' images directory (see
+        /// `ferry-lab image build`).
+        #[arg(long)]
+        image: Option<String>,
         /// The program (absolute path) and its arguments (after `--`).
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// Root file systems for runc containers, built from this machine's Debian packages
+    /// (no registry) and cached in /var/cache/ferry/rootfs.
+    Image {
+        #[command(subcommand)]
+        action: ImageAction,
     },
     /// Stop, start or restart one host's agent (as an upgrade or a crash would): its
     /// containers, namespaces and datapath stay as the agent leaves them.
@@ -145,6 +160,24 @@ pub enum Cmd {
         topology: Option<PathBuf>,
         #[arg(long)]
         agents: bool,
+    },
+}
+
+fn parse_runtime(s: &str) -> Result<ferry_api::run::RuntimeKind, String> {
+    s.parse()
+        .map_err(|e: ferry_api::run::UnknownRuntime| e.to_string())
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageAction {
+    /// Build an image (or find it in the cache: the name carries a key of the packages'
+    /// versions); prints its name and directory.
+    Build {
+        /// The recipe: `redis` (redis-server, busybox and their libraries).
+        name: String,
+        /// Print the image as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -213,7 +246,11 @@ mod tests {
                 container,
                 json,
                 argv,
+                runtime,
+                image,
             } => {
+                assert_eq!(runtime, ferry_api::run::RuntimeKind::Agent);
+                assert_eq!(image, None);
                 assert_eq!(lab, None);
                 assert_eq!(container, std::net::Ipv4Addr::new(10, 244, 1, 10));
                 assert!(json);
@@ -222,6 +259,44 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["ferry-lab", "run", "--container", "10.244.1.10"]).is_err());
+        let c = Cli::try_parse_from([
+            "ferry-lab",
+            "run",
+            "--container",
+            "10.244.1.10",
+            "--runtime",
+            "runc",
+            "--image",
+            "redis-00",
+            "--",
+            "/usr/bin/redis-server",
+        ])
+        .unwrap();
+        assert!(matches!(
+            c.command,
+            Cmd::Run { runtime: ferry_api::run::RuntimeKind::Runc, image: Some(ref i), .. } if i == "redis-00"
+        ));
+        let e = Cli::try_parse_from([
+            "ferry-lab",
+            "run",
+            "--container",
+            "10.244.1.10",
+            "--runtime",
+            "podman",
+            "--",
+            "/x",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("unknown runtime \"podman\": want agent or runc"),
+            "{e}"
+        );
+        let c = Cli::try_parse_from(["ferry-lab", "image", "build", "redis", "--json"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Cmd::Image { action: ImageAction::Build { ref name, json: true } } if name == "redis"
+        ));
         let c =
             Cli::try_parse_from(["ferry-lab", "up", "t.toml", "--no-agents", "--json"]).unwrap();
         assert!(matches!(

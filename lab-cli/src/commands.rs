@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::cli::{AgentAction, Cli, Cmd};
+use crate::cli::{AgentAction, Cli, Cmd, ImageAction};
 use ferry_lab::{
     INET, Lab, LabOptions, LabStatus, ROUTER, Topology, list_labs, netns_name, reap,
     state::{self, LabState},
@@ -149,10 +149,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             container,
             json,
             argv,
+            runtime,
+            image,
         } => {
             let lab = Lab::attach(&pick(lab)?)?;
-            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            let p = lab.start_process(container, &argv)?;
+            let host = lab.endpoint_host(container)?;
+            let req = ferry_api::run::StartRequest {
+                argv,
+                env: Vec::new(),
+                runtime,
+                image,
+            };
+            let p = lab.start_request(&host, container, &req)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&p)?);
             } else {
@@ -167,6 +175,26 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 if let Some(e) = &p.ended {
                     println!("  ended: {e}");
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Image {
+            action: ImageAction::Build { name, json },
+        } => {
+            let t0 = std::time::Instant::now();
+            let image = ferry_lab::image::build(&name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&image)?);
+            } else {
+                eprintln!(
+                    "{} {} in {:.0} ms ({} packages, {} files)",
+                    if image.built { "built" } else { "cached:" },
+                    image.path.display(),
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    image.packages.len(),
+                    image.files.len()
+                );
+                println!("{}", image.image);
             }
             Ok(0)
         }

@@ -733,8 +733,39 @@ impl Lab {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            runtime: ferry_api::run::RuntimeKind::Agent,
+            image: None,
         };
-        let body = serde_json::to_vec(&req).expect("a start request serializes");
+        self.start_request(host, ip, &req)
+    }
+
+    /// Starts `argv` in container `ip` as an OCI container under runc, on the root file
+    /// system `image` (a name in the agents' images directory, as [`crate::image::build`]
+    /// returns it), through the agent of the host the container lives on.
+    pub fn start_runc(
+        &self,
+        ip: std::net::Ipv4Addr,
+        image: &str,
+        argv: &[&str],
+    ) -> Result<ferry_api::run::ContainerProcess, LabError> {
+        let host = self.endpoint_host(ip)?;
+        let req = ferry_api::run::StartRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            runtime: ferry_api::run::RuntimeKind::Runc,
+            image: Some(image.to_owned()),
+        };
+        self.start_request(&host, ip, &req)
+    }
+
+    /// `POST /v1/containers/{ip}/start` with `req` on the agent of `host`.
+    pub fn start_request(
+        &self,
+        host: &str,
+        ip: std::net::Ipv4Addr,
+        req: &ferry_api::run::StartRequest,
+    ) -> Result<ferry_api::run::ContainerProcess, LabError> {
+        let body = serde_json::to_vec(req).expect("a start request serializes");
         let path = format!("/v1/containers/{ip}/start");
         let answer = self.agent_request(host, "POST", &path, Some(&body))?;
         Self::agent_json(host, &format!("POST {path}"), answer)

@@ -14,6 +14,7 @@
 //!   of package `ferry-lab-cli`) that tears a lab down when its owner dies;
 //! - [`procs`]: process identity (PID + start time), stopping processes through pidfds;
 //! - [`state`]: what a lab recorded under `/run/ferry-lab/<prefix>/`;
+//! - [`image`]: root file systems for runc containers from the host's Debian packages, cached;
 //! - [`bins`]: finding the workspace's binaries;
 //! - [`clock`]: the wall clock in ms, and waiting on a condition with a deadline.
 //!
@@ -31,6 +32,7 @@ pub mod bins;
 pub mod clock;
 pub mod control;
 mod error;
+pub mod image;
 pub mod lab;
 pub mod podman;
 pub mod procs;

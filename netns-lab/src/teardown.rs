@@ -144,6 +144,11 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
         }
     }
 
+    // 2b. The cgroups of the lab's runc containers (`ferry/<container namespace>` under the
+    //     agents' own cgroups: runc leaves them if its `delete` never ran, e.g. an agent
+    //     killed with its containers), now that their processes are gone.
+    errors.extend(remove_runc_cgroups(prefix));
+
     // 3. The namespaces (what `ip netns del` does: detach the bind mount, remove the file).
     for name in &names {
         let path = netns_path(name);
@@ -276,6 +281,9 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
             found.push(format!("process {pid} ({})", procs::comm(pid)));
         }
     }
+    for c in runc_cgroups(prefix) {
+        found.push(format!("cgroup {}", c.display()));
+    }
     let dir = state::state_dir(prefix);
     for m in mounts_under(&dir) {
         found.push(format!("mount {}", m.display()));
@@ -284,6 +292,106 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
         found.push(format!("state directory {}", dir.display()));
     }
     found
+}
+
+/// The directories the lab's runc containers may have cgroups in: `<mount>/<our own cgroup in
+/// that hierarchy>/ferry` for every cgroup mount (runc makes a container's relative
+/// `cgroupsPath` relative to its own cgroups, which are the agent's, which are the lab's), and
+/// `<mount>/ferry`. Pure: from /proc/self/cgroup and /proc/self/mountinfo.
+pub fn runc_cgroup_parents(proc_cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
+    let own: Vec<(Vec<&str>, &str)> = proc_cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
+            Some((ctrl.split(',').filter(|c| !c.is_empty()).collect(), path))
+        })
+        .collect();
+    let mut v = Vec::new();
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (Some(mp), Some(fs), Some(opts)) = (f.get(4), f.get(sep + 1), f.get(sep + 3)) else {
+            continue;
+        };
+        let path = match *fs {
+            "cgroup2" => own.iter().find(|(c, _)| c.is_empty()).map(|(_, p)| *p),
+            "cgroup" => {
+                let opts: Vec<&str> = opts.split(',').collect();
+                own.iter()
+                    .find(|(c, _)| !c.is_empty() && c.iter().all(|c| opts.contains(c)))
+                    .map(|(_, p)| *p)
+            }
+            _ => continue,
+        };
+        let mount = Path::new(mp);
+        v.push(mount.join("ferry"));
+        if let Some(p) = path.filter(|p| *p != "/") {
+            v.push(mount.join(p.trim_start_matches('/')).join("ferry"));
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Cgroup directories of lab `prefix`'s runc containers still present.
+fn runc_cgroups(prefix: &str) -> Vec<PathBuf> {
+    let (Ok(cg), Ok(mi)) = (
+        std::fs::read_to_string("/proc/self/cgroup"),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
+        return Vec::new();
+    };
+    let want = format!("{prefix}-");
+    let mut v = Vec::new();
+    for parent in runc_cgroup_parents(&cg, &mi) {
+        let Ok(dir) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        v.extend(
+            dir.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&want))
+                .map(|e| e.path()),
+        );
+    }
+    v.sort();
+    v
+}
+
+/// Removes them (rmdir; a cgroup whose last task is still exiting is busy for a moment: tried
+/// again for up to 2 s), and each `ferry` parent left empty.
+fn remove_runc_cgroups(prefix: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut left = runc_cgroups(prefix);
+    let mut last = Vec::new();
+    while !left.is_empty() {
+        last.clear();
+        for d in &left {
+            if let Err(e) = std::fs::remove_dir(d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                last.push(format!("removing cgroup {}: {e}", d.display()));
+            }
+        }
+        left = runc_cgroups(prefix);
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let (Ok(cg), Ok(mi)) = (
+        std::fs::read_to_string("/proc/self/cgroup"),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) {
+        for parent in runc_cgroup_parents(&cg, &mi) {
+            // Only if empty (other labs' containers may be in it).
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+    if left.is_empty() { Vec::new() } else { last }
 }
 
 /// Interface names in the root network namespace: that of PID 1 if we may enter it, else our
@@ -447,4 +555,36 @@ pub fn reap(prefix: &str, owner: i32, owner_start: Option<u64>) -> Result<(), La
         teardown(prefix)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_cgroups_are_looked_for_under_our_own_cgroups() {
+        let cgroup = "9:name=systemd:/\n6:freezer:/\n4:memory:/sandbox/x\n1:cpu,cpuacct:/\n0::/\n";
+        let mountinfo = "30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+            31 30 0:27 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n\
+            36 30 0:32 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer\n\
+            37 30 0:33 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+            38 30 0:34 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+            40 30 0:36 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+            41 30 0:37 / /proc rw - proc proc rw\n";
+        let got: Vec<String> = runc_cgroup_parents(cgroup, mountinfo)
+            .into_iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "/sys/fs/cgroup/cpu,cpuacct/ferry",
+                "/sys/fs/cgroup/freezer/ferry",
+                "/sys/fs/cgroup/memory/ferry",
+                "/sys/fs/cgroup/memory/sandbox/x/ferry",
+                "/sys/fs/cgroup/systemd/ferry",
+                "/sys/fs/cgroup/unified/ferry",
+            ]
+        );
+    }
 }

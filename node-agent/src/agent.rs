@@ -38,7 +38,7 @@ use crate::{
     node::{Announcements, Applied, Hold, Leftovers, Node},
     peer_api::{self, PeerApi},
     plan,
-    runtime::{Isolation, Runtime, store::write_atomic},
+    runtime::{Isolation, RuncOptions, Runtime, store::write_atomic},
     sync,
 };
 
@@ -306,6 +306,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         &cfg.host,
         Some(&cfg.state_dir),
         Isolation::from_config(&cfg),
+        Some(RuncOptions::from_config(&cfg)),
     )?;
     adopt_unrecorded_processes(&cfg, &runtime, &attached).await;
     let server_tls = tls.as_ref().map(|t| t.server_config());
@@ -503,6 +504,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         &cfg.host,
         Some(&cfg.state_dir),
         Isolation::from_config(&cfg),
+        Some(RuncOptions::from_config(&cfg)),
     )?;
     runtime.shutdown().await;
     let nl = Netlink::open()?;
@@ -561,6 +563,13 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         {
             errors.push(format!("removing {}: {e}", f.display()));
         }
+    }
+    // runc's state and the bundles of its containers (deleted by the runtime's shutdown).
+    let runc_dir = cfg.state_dir.join("runc");
+    if let Err(e) = std::fs::remove_dir_all(&runc_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        errors.push(format!("removing {}: {e}", runc_dir.display()));
     }
     drop(lock);
     // The directory itself, if nothing else lives in it.

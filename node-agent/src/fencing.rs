@@ -31,7 +31,7 @@ use ferry_api::{
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::{criu::resume, node::Node, runtime::Runtime};
+use crate::{node::Node, runtime::Runtime};
 
 /// How often fenced copies are looked at without a new snapshot.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -152,20 +152,12 @@ impl Fencing {
                         node.silence_on_freeze(ip, false);
                     }
                 }
-                let r = tokio::task::spawn_blocking(move || {
-                    if source {
-                        // Its sockets are still in repair mode (the dump).
-                        resume::resume(pid)
-                    } else {
-                        resume::cont(pid).map(|n| (n, 0))
-                    }
-                })
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                match r {
+                // Through its runtime: the source's sockets are still in repair mode (the
+                // dump), the destination's tree only waits for SIGCONT.
+                match self.runtime.resume_fenced(ip).await {
                     Ok((tasks, conns)) => {
                         self.runtime.unfence(ip);
-                        info!(container = %ip, pid, migration, side, tasks, connections = conns, "fenced copy resumed: it owns the container");
+                        info!(container = %ip, pid, migration, side, runtime = %p.runtime, tasks, connections = conns, "fenced copy resumed: it owns the container");
                     }
                     Err(e) => {
                         warn!(container = %ip, pid, migration, side, error = %e, "resuming the fenced copy failed")
@@ -174,11 +166,13 @@ impl Fencing {
             }
             Verdict::KillWhenRunsOn { host, vtep } => {
                 if self.runs_on(ip, &host, vtep).await {
-                    self.kill(ip, pid, migration, side, &format!("it runs on {host}"));
+                    self.kill(ip, pid, migration, side, &format!("it runs on {host}"))
+                        .await;
                 }
             }
             Verdict::Kill => {
-                self.kill(ip, pid, migration, side, "another host owns the container");
+                self.kill(ip, pid, migration, side, "another host owns the container")
+                    .await;
                 if fence.side == FenceSide::Destination {
                     self.node.lock().await.fence_egress(ip, false);
                 }
@@ -204,7 +198,11 @@ impl Fencing {
                 .migrations
                 .iter()
                 .any(|m| m.container == ip && m.phase.is_active());
-            if !owner || migrating || !stopped(p.pid) {
+            // Stopped by a signal, or (a runc container) frozen by the pre-dump hook of a
+            // dump whose agent was not there to thaw it.
+            let frozen = p.runtime == ferry_api::run::RuntimeKind::Runc
+                && crate::runtime::runc::frozen(p.pid);
+            if !owner || migrating || !(stopped(p.pid) || frozen) {
                 continue;
             }
             let pid = p.pid;
@@ -213,10 +211,8 @@ impl Fencing {
                 node.mark_dumped(ip, false);
                 node.silence_on_freeze(ip, false);
             }
-            match tokio::task::spawn_blocking(move || resume::resume(pid))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            {
+            // Through its runtime (repair off, SIGCONT, and a runc container's cgroup thawed).
+            match self.runtime.resume_fenced(ip).await {
                 Ok((tasks, conns)) => {
                     warn!(container = %ip, pid, tasks, connections = conns, "a stopped tree of a container this host owns, left by an interrupted dump, resumed")
                 }
@@ -227,8 +223,8 @@ impl Fencing {
         }
     }
 
-    fn kill(&self, ip: Ipv4Addr, pid: i32, migration: &str, side: &str, why: &str) {
-        match self.runtime.kill_fenced(ip) {
+    async fn kill(&self, ip: Ipv4Addr, pid: i32, migration: &str, side: &str, why: &str) {
+        match self.runtime.kill_fenced(ip).await {
             Ok(()) => {
                 info!(container = %ip, pid, migration, side, why, "fenced copy killed")
             }
@@ -318,6 +314,8 @@ mod tests {
                 migration: "m1".into(),
                 side,
             }),
+            runtime: Default::default(),
+            image: None,
         }
     }
 

@@ -26,7 +26,9 @@
 //! explicit teardown kills them ([`Runtime::shutdown`]).
 
 pub mod api;
+pub mod driver;
 pub mod isolation;
+pub mod runc;
 pub mod store;
 
 use std::{
@@ -40,8 +42,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_api::run::{ContainerProcess, Fence, StartRequest};
-use ferry_overlay::netns::{self, NetNsError};
+use ferry_api::run::{ContainerProcess, Fence, FenceSide, RuntimeKind, StartRequest};
 use serde::{Deserialize, Serialize};
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -49,6 +50,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+pub use driver::{Driver, RuncRecord};
 pub use isolation::{Isolation, MountPlan};
 
 /// `PATH` of every started process (the request may add variables, or replace this one).
@@ -97,6 +99,22 @@ pub enum RuntimeError {
         what: &'static str,
         source: io::Error,
     },
+    #[error(
+        "image {image} is not on host {host} (no directory {image} in {}): build it there \
+         (`ferry-lab image build`)",
+        dir.display()
+    )]
+    NoImage {
+        image: String,
+        dir: PathBuf,
+        host: String,
+    },
+    #[error("runtime {runtime} is not available on host {host}: {why}")]
+    Unavailable {
+        runtime: RuntimeKind,
+        host: String,
+        why: String,
+    },
 }
 
 impl RuntimeError {
@@ -108,16 +126,21 @@ impl RuntimeError {
             RuntimeError::BadRequest(_) => "bad_request",
             RuntimeError::NoProcess { .. } => "no_process",
             RuntimeError::SpawnFailed { .. } => "spawn_failed",
+            RuntimeError::NoImage { .. } => "no_image",
+            RuntimeError::Unavailable { .. } => "runtime_unavailable",
         }
     }
 
     /// The HTTP status the API answers this error with.
     pub fn http_status(&self) -> u16 {
         match self {
-            RuntimeError::NotLocal { .. } | RuntimeError::NoProcess { .. } => 404,
+            RuntimeError::NotLocal { .. }
+            | RuntimeError::NoProcess { .. }
+            | RuntimeError::NoImage { .. } => 404,
             RuntimeError::Conflict { .. } | RuntimeError::Starting { .. } => 409,
             RuntimeError::BadRequest(_) => 400,
             RuntimeError::SpawnFailed { .. } => 500,
+            RuntimeError::Unavailable { .. } => 501,
         }
     }
 }
@@ -247,6 +270,17 @@ pub struct Entry {
     /// A stop was asked for: its exit is expected.
     #[serde(default)]
     pub stopping: bool,
+    /// A runc container: its id and bundle (`proc.runtime` says runc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runc: Option<RuncRecord>,
+}
+
+/// Which runtime runs a tree, and on what.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Kind {
+    pub runtime: RuntimeKind,
+    pub image: Option<String>,
+    pub runc: Option<RuncRecord>,
 }
 
 impl Entry {
@@ -257,6 +291,7 @@ impl Entry {
         argv: Vec<String>,
         origin: &str,
         start_time: Option<u64>,
+        kind: Kind,
     ) -> Self {
         Self {
             proc: ContainerProcess {
@@ -267,9 +302,21 @@ impl Entry {
                 running: true,
                 ended: None,
                 fenced: None,
+                runtime: kind.runtime,
+                image: kind.image,
             },
             start_time,
             stopping: false,
+            runc: kind.runc,
+        }
+    }
+
+    /// Which runtime runs it.
+    pub fn kind(&self) -> Kind {
+        Kind {
+            runtime: self.proc.runtime,
+            image: self.proc.image.clone(),
+            runc: self.runc.clone(),
         }
     }
 }
@@ -375,7 +422,25 @@ struct Inner {
     reaper: Mutex<Option<JoinHandle<()>>>,
     /// Where the state is kept across restarts (`None`: in memory only).
     store: Option<store::Store>,
-    isolation: Isolation,
+    agent: driver::AgentDriver,
+    /// The runc runtime, or why it is not available.
+    runc: Result<runc::RuncDriver, String>,
+}
+
+/// Where runc is and what it runs (the agent's `[runtime]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuncOptions {
+    pub binary: PathBuf,
+    pub images_dir: PathBuf,
+}
+
+impl RuncOptions {
+    pub fn from_config(cfg: &ferry_config::AgentConfig) -> Self {
+        Self {
+            binary: cfg.runtime.runc.clone(),
+            images_dir: cfg.runtime.images_dir.clone(),
+        }
+    }
 }
 
 /// The agent's container runtime. Cheap to clone (an `Arc` inside).
@@ -474,7 +539,12 @@ impl Runtime {
     /// Makes the agent a child subreaper and starts the reaper task. With `state_dir`, the
     /// runtime's state is kept in `state_dir/runtime.json`, and the trees recorded there that
     /// still run are re-adopted now. Call inside the tokio runtime.
-    pub fn new(host: &str, state_dir: Option<&Path>, isolation: Isolation) -> anyhow::Result<Self> {
+    pub fn new(
+        host: &str,
+        state_dir: Option<&Path>,
+        isolation: Isolation,
+        runc: Option<RuncOptions>,
+    ) -> anyhow::Result<Self> {
         // SAFETY: prctl with integer arguments; affects only this process.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
         if rc != 0 {
@@ -503,12 +573,33 @@ impl Runtime {
             state.procs = procs;
             state.checkpointed = checkpointed;
         }
+        let runc = match (runc, state_dir) {
+            (None, _) => Err("not configured".to_owned()),
+            (Some(_), None) => Err("the runtime has no state directory".to_owned()),
+            (Some(o), Some(_)) if !o.binary.exists() => Err(format!(
+                "{} is missing (install Debian's runc)",
+                o.binary.display()
+            )),
+            (Some(o), Some(dir)) => Ok(runc::RuncDriver {
+                host: host.to_owned(),
+                settings: runc::Settings {
+                    binary: o.binary,
+                    images_dir: o.images_dir,
+                    dir: dir.join("runc"),
+                },
+                isolation: isolation.clone(),
+            }),
+        };
         let inner = Arc::new(Inner {
             host: host.to_owned(),
             state: Mutex::new(state),
             reaper: Mutex::new(None),
             store,
-            isolation,
+            agent: driver::AgentDriver {
+                host: host.to_owned(),
+                isolation,
+            },
+            runc,
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let task = tokio::spawn(async move {
@@ -585,7 +676,14 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
-        let entry = Entry::running(ip, root.pid, argv, ORIGIN_ADOPTED, Some(root.start_time));
+        let entry = Entry::running(
+            ip,
+            root.pid,
+            argv,
+            ORIGIN_ADOPTED,
+            Some(root.start_time),
+            Kind::default(),
+        );
         let proc = entry.proc.clone();
         st.procs.insert(ip, entry);
         self.save(&st);
@@ -634,15 +732,32 @@ impl Runtime {
         }
     }
 
-    /// Starts `req.argv` as PID 1 of a new PID namespace inside the network namespace
-    /// `netns` (the container `ip`'s).
+    /// The driver of runtime `kind` (netavark's `get_network_driver`): refused with why if
+    /// this agent cannot run it.
+    pub fn driver(&self, kind: RuntimeKind) -> Result<&dyn Driver, RuntimeError> {
+        match kind {
+            RuntimeKind::Agent => Ok(&self.inner.agent),
+            RuntimeKind::Runc => match &self.inner.runc {
+                Ok(d) => Ok(d),
+                Err(why) => Err(RuntimeError::Unavailable {
+                    runtime: kind,
+                    host: self.inner.host.clone(),
+                    why: why.clone(),
+                }),
+            },
+        }
+    }
+
+    /// Starts `req.argv` in container `ip`, inside its network namespace `netns`, under the
+    /// runtime the request names: the agent's own (PID 1 of a new PID namespace, see the
+    /// module's doc) or runc (an OCI container on an image).
     pub async fn start(
         &self,
         ip: Ipv4Addr,
         netns: &Path,
         req: &StartRequest,
     ) -> Result<ContainerProcess, RuntimeError> {
-        let env = validate(req)?;
+        let env = self.driver(req.runtime)?.validate(ip, req)?;
         {
             let mut st = self.lock();
             if let Some(e) = st.procs.get(&ip).filter(|e| e.proc.running) {
@@ -660,60 +775,62 @@ impl Runtime {
                 });
             }
         }
-        let r = self.spawn(ip, netns, req, env).await;
+        let rt = self.clone();
+        let (ns, r) = (netns.to_owned(), req.clone());
+        let started =
+            tokio::task::spawn_blocking(move || rt.driver(r.runtime)?.start(ip, &ns, &r, env))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(RuntimeError::SpawnFailed {
+                        ip,
+                        program: req.argv[0].clone(),
+                        what: "the start task",
+                        source: io::Error::other(e),
+                    })
+                });
         let mut st = self.lock();
         st.starting.remove(&ip);
-        let pid = r?;
-        let entry = Entry::running(ip, pid, req.argv.clone(), ORIGIN_STARTED, start_time(pid));
+        let started = started?;
+        let pid = started.pid;
+        let kind = Kind {
+            runtime: req.runtime,
+            image: req.image.clone(),
+            runc: started.runc,
+        };
+        let entry = Entry::running(
+            ip,
+            pid,
+            req.argv.clone(),
+            ORIGIN_STARTED,
+            start_time(pid),
+            kind,
+        );
         let proc = entry.proc.clone();
         st.procs.insert(ip, entry);
         self.save(&st);
         drop(st);
-        info!(container = %ip, pid, origin = ORIGIN_STARTED, argv = ?req.argv, "container process started");
+        info!(container = %ip, pid, origin = ORIGIN_STARTED, runtime = %req.runtime, argv = ?req.argv, "container process started");
         // A SIGCHLD that came before the PID was known found nothing to reap.
         self.sweep();
         Ok(self.get(ip).unwrap_or(proc))
     }
 
-    async fn spawn(
-        &self,
-        ip: Ipv4Addr,
-        netns: &Path,
-        req: &StartRequest,
-        env: Vec<(String, String)>,
-    ) -> Result<i32, RuntimeError> {
-        let program = req.argv[0].clone();
-        let failed = |what, source| RuntimeError::SpawnFailed {
-            ip,
-            program: program.clone(),
-            what,
-            source,
-        };
-        let argv = req.argv.clone();
-        let path: PathBuf = netns.to_owned();
-        let ns = path.clone();
-        let plan = self
-            .inner
-            .isolation
-            .plan()
-            .map_err(|e| failed("reading /proc/self/mountinfo", e))?;
-        let uid = self.inner.isolation.uid(ip);
-        let joined =
-            netns::run_in_async(&ns, move || spawn_in_current_netns(&argv, &env, uid, &plan)).await;
-        match joined {
-            Ok(Ok(pid)) => Ok(pid),
-            Ok(Err((what, e))) => Err(failed(what, e)),
-            Err(NetNsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Err(RuntimeError::NotLocal {
-                    ip,
-                    host: self.inner.host.clone(),
-                })
-            }
-            Err(e) => Err(failed(
-                "entering the network namespace",
-                io::Error::other(e),
-            )),
+    /// The directory of runc image `name` on this host (refused if runc is not available or
+    /// the image is not there).
+    pub fn has_image(&self, name: &str) -> Result<PathBuf, RuntimeError> {
+        match &self.inner.runc {
+            Ok(d) => d.image(name),
+            Err(why) => Err(RuntimeError::Unavailable {
+                runtime: RuntimeKind::Runc,
+                host: self.inner.host.clone(),
+                why: why.clone(),
+            }),
         }
+    }
+
+    /// The whole entry of container `ip` (for the CRIU path: which runtime, which tree).
+    pub fn entry(&self, ip: Ipv4Addr) -> Option<Entry> {
+        self.lock().procs.get(&ip).cloned()
     }
 
     /// The container's process (running or ended), if the runtime knows one.
@@ -771,28 +888,67 @@ impl Runtime {
             .collect()
     }
 
-    /// A fenced copy that will never own the container: SIGKILL to its root (which kills its
-    /// PID namespace; a socket closed in repair mode sends nothing), then forgotten like a
-    /// checkpointed tree (its exit is still reaped).
-    pub fn kill_fenced(&self, ip: Ipv4Addr) -> io::Result<()> {
-        let (pid, start) = {
-            let st = self.lock();
-            let Some(e) = st
-                .procs
-                .get(&ip)
-                .filter(|e| e.proc.running && e.proc.fenced.is_some())
-            else {
-                return Ok(());
-            };
-            (e.proc.pid, e.start_time)
+    /// A fenced copy that will never own the container: killed by its runtime (SIGKILL to
+    /// its root, which kills its PID namespace; a socket closed in repair mode sends
+    /// nothing; runc's state and cgroups go too), then forgotten like a checkpointed tree
+    /// (its exit is still reaped).
+    pub async fn kill_fenced(&self, ip: Ipv4Addr) -> io::Result<()> {
+        let Some(entry) = self
+            .entry(ip)
+            .filter(|e| e.proc.running && e.proc.fenced.is_some())
+        else {
+            return Ok(());
         };
-        match signal_pid(pid, start, libc::SIGKILL) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(e) => return Err(e),
-        }
+        let rt = self.clone();
+        tokio::task::spawn_blocking(move || {
+            rt.driver(entry.proc.runtime)
+                .map_err(io::Error::other)?
+                .kill(&entry)
+        })
+        .await
+        .map_err(io::Error::other)??;
         self.checkpointed(ip);
         Ok(())
+    }
+
+    /// A fenced copy that owns the container runs again, through its runtime (the source's:
+    /// repair mode off on every connection, then SIGCONT; the destination's: SIGCONT).
+    /// Returns (tasks, connections). The caller unfences it once it runs.
+    pub async fn resume_fenced(&self, ip: Ipv4Addr) -> io::Result<(usize, usize)> {
+        let Some(entry) = self.entry(ip).filter(|e| e.proc.running) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("container {ip} has no live tree here"),
+            ));
+        };
+        let side = entry
+            .proc
+            .fenced
+            .as_ref()
+            .map_or(FenceSide::Source, |f| f.side);
+        let rt = self.clone();
+        tokio::task::spawn_blocking(move || {
+            rt.driver(entry.proc.runtime)
+                .map_err(io::Error::other)?
+                .resume(&entry, side)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// What the runtime kept of `entry`'s tree, which ended (runc: state, cgroups, bundle),
+    /// removed off the tokio workers.
+    async fn remove(&self, entry: Entry) {
+        if entry.proc.runtime == RuntimeKind::Agent {
+            return;
+        }
+        let rt = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(d) = rt.driver(entry.proc.runtime) {
+                d.remove(&entry);
+            }
+        })
+        .await;
     }
 
     /// Claims `ip` for one CRIU operation (checkpoint or restore); released when the guard
@@ -809,8 +965,15 @@ impl Runtime {
         self.lock().busy.contains(&ip)
     }
 
-    /// A tree CRIU restored on this host (origin `restored`): reaped from now on.
-    pub fn adopt(&self, ip: Ipv4Addr, pid: i32, argv: Vec<String>) -> Result<(), RuntimeError> {
+    /// A tree CRIU restored on this host (origin `restored`) under the runtime `kind`
+    /// says: reaped from now on.
+    pub fn adopt(
+        &self,
+        ip: Ipv4Addr,
+        pid: i32,
+        argv: Vec<String>,
+        kind: Kind,
+    ) -> Result<(), RuntimeError> {
         if pid <= 1 {
             return Err(RuntimeError::BadRequest(format!(
                 "PID {pid} cannot be a container's root"
@@ -839,11 +1002,14 @@ impl Runtime {
                     host: self.inner.host.clone(),
                 });
             }
-            st.procs
-                .insert(ip, Entry::running(ip, pid, argv, ORIGIN_RESTORED, start));
+            let runtime = kind.runtime;
+            st.procs.insert(
+                ip,
+                Entry::running(ip, pid, argv, ORIGIN_RESTORED, start, kind),
+            );
             self.save(&st);
+            info!(container = %ip, pid, origin = ORIGIN_RESTORED, %runtime, "restored process tree adopted");
         }
-        info!(container = %ip, pid, origin = ORIGIN_RESTORED, "restored process tree adopted");
         self.sweep();
         Ok(())
     }
@@ -895,6 +1061,9 @@ impl Runtime {
             if !self.wait_ended(ip, pid, KILL_WAIT).await {
                 warn!(container = %ip, pid, "not reaped {} s after SIGKILL", KILL_WAIT.as_secs());
             }
+        }
+        if let Some(e) = self.entry(ip).filter(|e| !e.proc.running) {
+            self.remove(e).await;
         }
         self.get(ip).ok_or(RuntimeError::NoProcess {
             ip,
@@ -972,6 +1141,16 @@ impl Runtime {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let others: Vec<Entry> = self
+            .lock()
+            .procs
+            .values()
+            .filter(|e| e.proc.runtime != RuntimeKind::Agent)
+            .cloned()
+            .collect();
+        for e in others {
+            self.remove(e).await;
         }
         self.stop_reaper_and_save().await;
     }
@@ -1222,6 +1401,8 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            runtime: RuntimeKind::Agent,
+            image: None,
         }
     }
 
@@ -1336,9 +1517,12 @@ mod tests {
                     running,
                     ended: (!running).then(|| "exited 0".into()),
                     fenced: None,
+                    runtime: RuntimeKind::Agent,
+                    image: None,
                 },
                 start_time: Some(start),
                 stopping: false,
+                runc: None,
             },
         )
     }
@@ -1440,7 +1624,7 @@ mod tests {
         };
         std::fs::create_dir_all(&dir).unwrap();
         store::write_atomic(&dir.join(store::FILE), &serde_json::to_vec(&saved).unwrap()).unwrap();
-        let rt = Runtime::new("t", Some(&dir), isolation(Vec::new())).unwrap();
+        let rt = Runtime::new("t", Some(&dir), isolation(Vec::new()), None).unwrap();
         let p = rt.get(Ipv4Addr::new(10, 244, 1, 10)).unwrap();
         assert!(p.running, "{p:?}");
         let q = rt.get(Ipv4Addr::new(10, 244, 1, 11)).unwrap();
@@ -1452,6 +1636,118 @@ mod tests {
         let back: Saved = store::load(&dir.join(store::FILE)).unwrap().unwrap();
         assert!(back.procs[&Ipv4Addr::new(10, 244, 1, 10)].proc.running);
         assert!(!back.procs[&Ipv4Addr::new(10, 244, 1, 11)].proc.running);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The runtime a request names picks its driver (netavark's driver by name): runc is
+    /// refused as unavailable without its binary or a state directory; each driver checks
+    /// what it needs before anything is reserved. No root needed (nothing is started).
+    #[tokio::test]
+    async fn the_request_chooses_the_runtime() {
+        let dir = std::env::temp_dir().join(format!("ferry-rt-choice-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let images = dir.join("images");
+        std::fs::create_dir_all(images.join("redis-00aa")).unwrap();
+        let ip = Ipv4Addr::new(10, 244, 1, 10);
+        let runc_req = |image: Option<&str>, argv: &[&str]| StartRequest {
+            runtime: RuntimeKind::Runc,
+            image: image.map(str::to_owned),
+            ..req(argv, &[])
+        };
+
+        let rt = Runtime::new("h1", None, isolation(Vec::new()), None).unwrap();
+        assert_eq!(
+            rt.driver(RuntimeKind::Agent).unwrap().kind(),
+            RuntimeKind::Agent
+        );
+        let e = rt.driver(RuntimeKind::Runc).unwrap_err();
+        assert_eq!((e.code(), e.http_status()), ("runtime_unavailable", 501));
+        assert!(
+            e.to_string()
+                .contains("runtime runc is not available on host h1"),
+            "{e}"
+        );
+        let e = rt
+            .start(
+                ip,
+                Path::new("/nonexistent"),
+                &runc_req(Some("redis-00aa"), &["/x"]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "runtime_unavailable");
+        assert!(rt.get(ip).is_none());
+        rt.detach().await;
+
+        let missing = RuncOptions {
+            binary: dir.join("no-runc"),
+            images_dir: images.clone(),
+        };
+        let rt = Runtime::new(
+            "h1",
+            Some(&dir.join("s1")),
+            isolation(Vec::new()),
+            Some(missing),
+        )
+        .unwrap();
+        let e = rt.driver(RuntimeKind::Runc).unwrap_err();
+        assert!(e.to_string().contains("no-runc is missing"), "{e}");
+        rt.detach().await;
+
+        let present = RuncOptions {
+            binary: PathBuf::from("/bin/true"),
+            images_dir: images.clone(),
+        };
+        let rt = Runtime::new(
+            "h1",
+            Some(&dir.join("s2")),
+            isolation(Vec::new()),
+            Some(present),
+        )
+        .unwrap();
+        let runc = rt.driver(RuntimeKind::Runc).unwrap();
+        assert_eq!(runc.kind(), RuntimeKind::Runc);
+        let code = |d: &dyn Driver, r: &StartRequest| d.validate(ip, r).err().map(|e| e.code());
+        assert_eq!(
+            code(
+                runc,
+                &runc_req(Some("redis-00aa"), &["/usr/bin/redis-server"])
+            ),
+            None
+        );
+        assert_eq!(code(runc, &runc_req(None, &["/x"])), Some("bad_request"));
+        assert_eq!(
+            code(runc, &runc_req(Some("redis-ffff"), &["/x"])),
+            Some("no_image")
+        );
+        assert_eq!(
+            code(runc, &runc_req(Some("../images"), &["/x"])),
+            Some("bad_request")
+        );
+        assert_eq!(
+            code(runc, &runc_req(Some("redis-00aa"), &["x"])),
+            Some("bad_request")
+        );
+        let e = runc.validate(ip, &runc_req(None, &["/x"])).unwrap_err();
+        assert!(e.to_string().contains("runtime runc needs an image"), "{e}");
+        let e = runc
+            .validate(ip, &runc_req(Some("redis-ffff"), &["/x"]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("image redis-ffff is not on host h1"),
+            "{e}"
+        );
+        assert_eq!(e.http_status(), 404);
+        let agent = rt.driver(RuntimeKind::Agent).unwrap();
+        let with_image = StartRequest {
+            image: Some("redis-00aa".into()),
+            ..req(&["/x"], &[])
+        };
+        assert_eq!(code(agent, &with_image), Some("bad_request"));
+        assert_eq!(code(agent, &req(&["/x"], &[])), None);
+        assert!(rt.has_image("redis-00aa").unwrap().ends_with("redis-00aa"));
+        assert_eq!(rt.has_image("nope").unwrap_err().code(), "no_image");
+        rt.detach().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1478,7 +1774,7 @@ mod tests {
         let secrets = std::env::temp_dir().join(format!("ferry-rt-secrets-{}", std::process::id()));
         std::fs::create_dir_all(&secrets).unwrap();
         std::fs::write(secrets.join("token"), "s3cret").unwrap();
-        let rt = Runtime::new("test", None, isolation(vec![secrets.clone()])).unwrap();
+        let rt = Runtime::new("test", None, isolation(vec![secrets.clone()]), None).unwrap();
         let ip = Ipv4Addr::new(10, 244, 9, 9);
         let ns = Path::new("/proc/self/ns/net");
         let missing = rt

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use ferry_agent::criu::images::{Header, ImageError, Receiver, encode_stream, valid_name};
-use ferry_api::run::LockMode;
+use ferry_api::run::{LockMode, RuntimeKind};
 use ferry_fuzz::{config, largest_allocation, mutated, replay};
 use proptest::prelude::*;
 
@@ -86,15 +86,24 @@ fn header() -> impl Strategy<Value = Header> {
         prop_oneof![Just(LockMode::Hold), Just(LockMode::CriuLock)],
         proptest::collection::vec(".{0,12}", 0..4),
         any::<bool>(),
+        proptest::option::of("[a-z0-9-]{1,24}"),
     )
-        .prop_map(|(migration, ip, from, lock, argv, fail_restore)| Header {
-            migration,
-            container: Ipv4Addr::from(ip),
-            from,
-            lock,
-            argv,
-            fail_restore,
-        })
+        .prop_map(
+            |(migration, ip, from, lock, argv, fail_restore, image)| Header {
+                migration,
+                container: Ipv4Addr::from(ip),
+                from,
+                lock,
+                argv,
+                fail_restore,
+                runtime: if image.is_some() {
+                    RuntimeKind::Runc
+                } else {
+                    RuntimeKind::Agent
+                },
+                image,
+            },
+        )
 }
 
 fn files() -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {

@@ -281,6 +281,7 @@ async fn start(
         to_api: SocketAddr::new(to_vtep.into(), agent_port),
         lock: req.lock,
         fail: req.fail,
+        runtime: req.runtime,
     };
     let source = SocketAddr::new(from_vtep.into(), agent_port);
     tokio::spawn(drive(g.clone(), client, m.id.clone(), source, checkpoint));

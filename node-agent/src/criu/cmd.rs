@@ -197,30 +197,42 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// `<what> failed (<status>): <errors>`, `what` naming the command (`criu dump`, `runc
+    /// checkpoint`, …).
     pub fn failure(&self, what: &str) -> String {
         let why = if self.errors.is_empty() {
             String::new()
         } else {
             format!(": {}", self.errors.join(" | "))
         };
-        format!("criu {what} failed ({}){why}", self.status)
+        format!("{what} failed ({}){why}", self.status)
     }
 }
 
-/// Runs `criu` with `args` and `env`; `netns` (restore) is handed over on [`NETNS_FD`].
-/// `log` is the log file CRIU writes (read back for errors on failure).
+/// Runs `criu` (or the runtime that runs it: runc) with `args` and `env`; `netns` (criu
+/// restore) is handed over on [`NETNS_FD`]. `log` is the log file CRIU writes (read back
+/// for errors on failure). `capture`: stdout and stderr are read (else /dev/null, for a
+/// process whose stdio a detached container would inherit).
 pub async fn run(
     binary: &Path,
     args: &[OsString],
     env: &[(String, String)],
     netns: Option<&OwnedFd>,
     log: &Path,
+    capture: bool,
 ) -> std::io::Result<Outcome> {
     let mut cmd = tokio::process::Command::new(binary);
+    let out = || {
+        if capture {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        }
+    };
     cmd.args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(out())
+        .stderr(out())
         .kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);

@@ -19,11 +19,8 @@ use ferry_api::{
 use futures::StreamExt as _;
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{
-    Ctx, Refusal, authorize,
-    cmd::{self, Restore},
-    images::Receiver,
-};
+use super::{Ctx, Refusal, authorize, cmd, images::Receiver};
+use crate::runtime::{Kind, RuntimeError, driver::Restore};
 
 /// Largest image stream accepted.
 pub const MAX_IMAGE_BYTES: u64 = 16 << 30;
@@ -174,7 +171,14 @@ async fn restore(
     let t = Instant::now();
     let mut rx = Receiver::new(dir, MAX_IMAGE_BYTES);
     let mut stream = body.into_data_stream();
+    let mut checked = false;
     while let Some(chunk) = stream.next().await {
+        // The header comes first: a runtime or an image this host lacks is refused before
+        // the images are received.
+        if !checked && let Some(h) = &rx.header {
+            checked = true;
+            check_runtime(ctx, h)?;
+        }
         let chunk = chunk.map_err(|e| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -192,6 +196,9 @@ async fn restore(
         .finish()
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_image_stream", e.to_string()))?
         .clone();
+    if !checked {
+        check_runtime(ctx, &header)?;
+    }
     if header.migration != id || header.container != ip {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -243,20 +250,53 @@ async fn restore(
     {
         return Err(failed("restore_failed", e.to_string()));
     }
-    let ns: OwnedFd = std::fs::File::open(&netns)
-        .map_err(|e| failed("internal", format!("{}: {e}", netns.display())))?
-        .into();
-    let restore = Restore {
-        dir,
-        lock: header.lock,
-        action_script: &ctx.criu.action_script,
+    let runtime = header.runtime;
+    let prepared = {
+        let (rt, netns, dir) = (ctx.runtime.clone(), netns.clone(), dir.to_owned());
+        let (lock, criu, image, argv) = (
+            header.lock,
+            ctx.criu.binary.clone(),
+            header.image.clone(),
+            header.argv.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            rt.driver(runtime)?.restore(&Restore {
+                ip,
+                dir: &dir,
+                netns: &netns,
+                lock,
+                criu: &criu,
+                image: image.as_deref(),
+                argv: &argv,
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(RuntimeError::BadRequest(format!(
+                "the restore's preparation failed: {e}"
+            )))
+        })
     };
-    let mut args = restore.args();
-    // The release is asked for below, once CRIU returned (its network-unlock hook runs
-    // while the sockets are still in repair mode): no action script on this side.
-    if let Some(i) = args.iter().position(|a| a == "--action-script") {
-        args.drain(i..i + 2);
-    }
+    let (restore, record) =
+        prepared.map_err(|e| failed("restore_failed", format!("{runtime} restore: {e}")))?;
+    // Whatever the runtime prepared goes if the restore does not get through.
+    let undo = |ctx: &Arc<Ctx>| {
+        let (rt, rec) = (ctx.runtime.clone(), record.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Ok(d) = rt.driver(runtime) {
+                d.restore_failed(rec.as_ref());
+            }
+        })
+    };
+    let ns: Option<OwnedFd> = if restore.netns_fd {
+        Some(
+            std::fs::File::open(&netns)
+                .map_err(|e| failed("internal", format!("{}: {e}", netns.display())))?
+                .into(),
+        )
+    } else {
+        None
+    };
     let mut env = ctx.script_env(id, ip, "restore");
     if header.fail_restore {
         env.push(("CRIU_FAULT".into(), cmd::FAULT_POST_RESTORE.into()));
@@ -266,51 +306,66 @@ async fn restore(
     ctx.node.lock().await.fence_egress(ip, true);
     let start = ferry_api::unix_ms_f64();
     let out = cmd::run(
-        &ctx.criu.binary,
-        &args,
+        &restore.program,
+        &restore.args,
         &env,
-        Some(&ns),
-        &dir.join("restore.log"),
+        ns.as_ref(),
+        &restore.log,
+        restore.capture,
     )
     .await;
     let out = match out {
         Ok(o) if o.ok => o,
         Ok(o) => {
             ctx.node.lock().await.fence_egress(ip, false);
-            return Err(failed("restore_failed", o.failure("restore")));
+            let _ = undo(ctx).await;
+            return Err(failed("restore_failed", o.failure(restore.name)));
         }
         Err(e) => {
             ctx.node.lock().await.fence_egress(ip, false);
+            let _ = undo(ctx).await;
             return Err(failed(
                 "restore_failed",
-                format!("starting {}: {e}", ctx.criu.binary.display()),
+                format!("starting {}: {e}", restore.program.display()),
             ));
         }
     };
-    let pid: Option<i32> = std::fs::read_to_string(restore.pidfile())
-        .ok()
+    let pid: Option<i32> = restore
+        .pidfile
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
         .and_then(|s| s.trim().parse().ok());
     let Some(pid) = pid else {
         ctx.node.lock().await.fence_egress(ip, false);
-        return Err(failed("restore_failed", "CRIU wrote no PID file".into()));
+        let _ = undo(ctx).await;
+        return Err(failed(
+            "restore_failed",
+            format!("{runtime} restore wrote no PID file"),
+        ));
     };
     let fence = Fence {
         migration: id.to_owned(),
         side: FenceSide::Destination,
     };
-    if let Err(e) = ctx.runtime.adopt(ip, pid, header.argv.clone()) {
+    let kind = Kind {
+        runtime,
+        image: header.image.clone(),
+        runc: record.clone(),
+    };
+    if let Err(e) = ctx.runtime.adopt(ip, pid, header.argv.clone(), kind) {
         // Not ours to run: a copy the runtime cannot track must not live.
         warn!(pid, error = %e, "adopting the restored tree failed: killing it");
         let _ = super::resume::kill(pid);
+        let _ = undo(ctx).await;
         ctx.node.lock().await.fence_egress(ip, false);
         return Err(failed("restore_failed", format!("adopting PID {pid}: {e}")));
     }
     ctx.runtime.fence(ip, fence);
     ctx.restore_status(id, |s| s.state = "restored".into());
-    let log = std::fs::read_to_string(dir.join("restore.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(&restore.log).unwrap_or_default();
     let resumed = start + cmd::log_offset_ms(&log, cmd::LOG_RESUMED).unwrap_or(out.ms);
     let mut stats = ferry_api::run::CriuStats::default();
-    cmd::parse_stats(&out.stdout, &mut stats);
+    super::source::read_stats(&restore.stats, &out.stdout, &mut stats);
     let restore_phase = PhaseTiming {
         name: "restore".into(),
         start_unix_ms: start,
@@ -350,6 +405,27 @@ async fn restore(
         criu_restore_ms: stats.restore_ms,
         pages_restored: stats.pages_restored,
     })
+}
+
+/// The stream's runtime must be available here, and (runc) its image too: refused, naming
+/// what is missing, before anything is restored.
+fn check_runtime(ctx: &Ctx, h: &super::images::Header) -> Result<(), Refusal> {
+    let refuse = |e: RuntimeError| {
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        warn!(error = %e, "restore refused");
+        Refusal::new(status, e.code(), e.to_string())
+    };
+    ctx.runtime.driver(h.runtime).map_err(refuse)?;
+    if h.runtime == ferry_api::run::RuntimeKind::Runc {
+        let Some(image) = &h.image else {
+            return Err(refuse(RuntimeError::BadRequest(
+                "a runc container's images came without its image name".into(),
+            )));
+        };
+        ctx.runtime.has_image(image).map_err(refuse)?;
+    }
+    Ok(())
 }
 
 /// Longest pause between two release requests.

@@ -20,7 +20,7 @@ use std::{
 };
 
 use ferry_api::{
-    run::LockMode,
+    run::{LockMode, RuntimeKind},
     transport::{BodyClosed, BodyWriter, Request},
 };
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,12 @@ pub struct Header {
     /// Fault injection: the restore fails on purpose.
     #[serde(default)]
     pub fail_restore: bool,
+    /// The runtime that ran it at the source, and restores it here.
+    #[serde(default, skip_serializing_if = "RuntimeKind::is_agent")]
+    pub runtime: RuntimeKind,
+    /// Its root file system (runc): the destination must have the same image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -467,6 +473,8 @@ mod tests {
             lock: LockMode::Hold,
             argv: vec!["/bin/srv".into()],
             fail_restore: false,
+            runtime: RuntimeKind::Agent,
+            image: None,
         }
     }
 

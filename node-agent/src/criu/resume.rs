@@ -155,3 +155,32 @@ pub fn kill(init: i32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Waits until every task in the PID namespace of `init` is stopped by a signal (`T` in
+/// /proc/PID/stat: CRIU's `leave-stopped` sends SIGSTOP as it detaches), up to `timeout`.
+pub fn wait_stopped(init: i32, timeout: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let pids = tree(init)?;
+        let running: Vec<i32> = pids.iter().copied().filter(|p| !stopped(*p)).collect();
+        if !pids.is_empty() && running.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "tasks {running:?} of {init}'s tree are not stopped"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Is `pid` stopped by a signal (`T`; a vanished task counts as stopped)?
+fn stopped(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(t) => t
+            .rfind(')')
+            .is_some_and(|i| t[i + 1..].trim_start().starts_with('T')),
+        Err(_) => true,
+    }
+}

@@ -19,10 +19,10 @@ use ferry_api::{
 };
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{
-    Ctx, Refusal, authorize,
-    cmd::{self, Dump},
-    images,
+use super::{Ctx, Refusal, authorize, cmd, images};
+use crate::runtime::{
+    Entry,
+    driver::{Checkpoint, Stats},
 };
 
 fn bad(status: StatusCode, code: &'static str, m: String) -> Refusal {
@@ -137,7 +137,11 @@ pub async fn checkpoint(
     })?;
     let netns = validate(&ctx, &id, &req).await?;
     let ip = req.container;
-    let Some(pid) = ctx.runtime.pid(ip) else {
+    let Some(entry) = ctx
+        .runtime
+        .entry(ip)
+        .filter(|e| e.proc.running && e.proc.fenced.is_none())
+    else {
         return Err(bad(
             StatusCode::CONFLICT,
             "no_process",
@@ -147,16 +151,28 @@ pub async fn checkpoint(
             ),
         ));
     };
+    if let Some(want) = req.runtime
+        && want != entry.proc.runtime
+    {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            "wrong_runtime",
+            format!(
+                "container {ip} runs under the {} runtime on {}, not {want}",
+                entry.proc.runtime, ctx.host
+            ),
+        ));
+    }
     let busy = ctx.claim(ip)?;
     // Before anything is frozen: no UNIX socket of the container may lead out of it.
-    refuse_unix_peers_outside(ip, pid, &netns).await?;
+    refuse_unix_peers_outside(ip, entry.proc.pid, &netns).await?;
     let span =
         info_span!("checkpoint", migration = %id, container = %ip, host = %ctx.host, to = %req.to);
     // In a task of its own: if the caller goes away mid-way (a gateway restart), the
     // checkpoint still ends in a consistent state (moved, or the source resumed) instead of
     // being dropped with the request, which could leave the source tree stopped.
     let task =
-        tokio::spawn(async move { run(ctx, id, req, netns, pid, busy).await }.instrument(span));
+        tokio::spawn(async move { run(ctx, id, req, netns, entry, busy).await }.instrument(span));
     let answer = task.await.map_err(|e| {
         Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -196,11 +212,11 @@ async fn run(
     id: String,
     req: CheckpointRequest,
     netns: PathBuf,
-    pid: i32,
+    entry: Entry,
     claim: crate::runtime::Claim,
 ) -> CheckpointAnswer {
     let ip = req.container;
-    let answer = run_inner(ctx.clone(), id, req, netns, pid, claim).await;
+    let answer = run_inner(ctx.clone(), id, req, netns, entry, claim).await;
     let mut node = ctx.node.lock().await;
     node.silence_on_freeze(ip, false);
     // A drain the freeze's switch did not end (no freeze came): its SYNs go to the container
@@ -248,10 +264,12 @@ async fn run_inner(
     id: String,
     req: CheckpointRequest,
     netns: PathBuf,
-    pid: i32,
+    entry: Entry,
     claim: crate::runtime::Claim,
 ) -> CheckpointAnswer {
     let ip = req.container;
+    let pid = entry.proc.pid;
+    let runtime = entry.proc.runtime;
     let mut answer = CheckpointAnswer {
         ok: false,
         error: None,
@@ -304,15 +322,29 @@ async fn run_inner(
     }
 
     // Dump. In hold mode CRIU calls `ferry` (its action script) at network-lock, which asks
-    // the gateway to freeze: from then on the destination holds every packet.
-    let dump = Dump {
-        pid,
-        dir: &dir,
-        netns_inode: inode,
-        lock: req.lock,
-        action_script: &ctx.criu.action_script,
+    // the gateway to freeze: from then on the destination holds every packet. The runtime
+    // says how (criu dump, or runc checkpoint with CRIU's options in its config file).
+    let dump = ctx.runtime.driver(runtime).and_then(|d| {
+        d.checkpoint(&Checkpoint {
+            entry: &entry,
+            dir: &dir,
+            netns_inode: inode,
+            lock: req.lock,
+            action_script: &ctx.criu.action_script,
+            criu: &ctx.criu.binary,
+        })
+    });
+    let dump = match dump {
+        Ok(d) => d,
+        Err(e) => {
+            answer.error = Some(format!("checkpoint under {runtime}: {e}"));
+            answer.resumed = true;
+            cleanup(&dir);
+            return answer;
+        }
     };
     let mut env = ctx.script_env(&id, ip, "dump");
+    env.extend(dump.env.iter().cloned());
     if req.fail == Some(FailAt::Dump) {
         env.push(("CRIU_FAULT".into(), cmd::FAULT_DUMP_PAGES.into()));
     }
@@ -321,37 +353,70 @@ async fn run_inner(
     if req.lock == LockMode::Hold {
         ctx.node.lock().await.silence_on_freeze(ip, true);
     }
-    info!(pid, lock = req.lock.as_str(), "dumping");
+    info!(pid, lock = req.lock.as_str(), %runtime, "dumping");
     let start = ferry_api::unix_ms_f64();
     let out = cmd::run(
-        &ctx.criu.binary,
-        &dump.args(),
+        &dump.program,
+        &dump.args,
         &env,
         None,
-        &dir.join("dump.log"),
+        &dump.log,
+        dump.capture,
     )
     .await;
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            answer.error = Some(format!("starting {}: {e}", ctx.criu.binary.display()));
+            answer.error = Some(format!("starting {}: {e}", dump.program.display()));
             answer.resumed = true;
             cleanup(&dir);
             return answer;
         }
     };
+    // The tree as the fencing expects it: stopped after a dump, running after a failed one
+    // (the runtime checks; under runc CRIU's options came through a file runc hands it).
+    let checked = {
+        let (rt, e, ok) = (ctx.runtime.clone(), entry.clone(), out.ok);
+        tokio::task::spawn_blocking(move || {
+            rt.driver(e.proc.runtime)
+                .map_err(|e| e.to_string())?
+                .checkpointed(&e, ok)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    };
     if !out.ok {
         // CRIU resumed the tree itself (and, in hold mode, ran network-unlock: abort).
-        let e = out.failure("dump");
+        let mut e = out.failure(dump.name);
+        if let Err(c) = checked {
+            e = format!("{e}; {c}");
+        }
         warn!(error = %e, "dump failed; the container runs on here");
         answer.error = Some(e);
         answer.resumed = true;
         cleanup(&dir);
         return answer;
     }
-    let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+    if let Err(e) = checked {
+        // A tree that runs on would be a second copy: the dump's images must not be used.
+        let e = format!("{runtime} checkpoint: {e}; the source asked the gateway to abort");
+        warn!(error = %e, "checkpoint did not stop the tree");
+        let (c, mid) = (ctx.clone(), id.clone());
+        tokio::spawn(
+            async move {
+                let decided = ask_abort(&c, &mid).await;
+                info!(decided, "abort asked for");
+            }
+            .in_current_span(),
+        );
+        answer.error = Some(e);
+        answer.resumed = true;
+        cleanup(&dir);
+        return answer;
+    }
+    let log = std::fs::read_to_string(&dump.log).unwrap_or_default();
     let mut stats = CriuStats::default();
-    cmd::parse_stats(&out.stdout, &mut stats);
+    read_stats(&dump.stats, &out.stdout, &mut stats);
     answer.stopped_from_unix_ms = start + cmd::log_offset_ms(&log, cmd::LOG_SEIZED).unwrap_or(0.0);
     let dump_phase = PhaseTiming {
         name: "dump".into(),
@@ -401,6 +466,8 @@ async fn run_inner(
         lock: req.lock,
         argv,
         fail_restore: req.fail == Some(FailAt::Restore),
+        runtime,
+        image: entry.proc.image.clone(),
     };
     ferry_api::faultpoint::pause("transfer", &id).await;
     let transfer_start = ferry_api::unix_ms_f64();
@@ -500,6 +567,21 @@ async fn run_inner(
         "container moved"
     );
     answer
+}
+
+/// CRIU's figures, from where the runtime says they are (its stdout, or a stats image).
+pub fn read_stats(from: &Stats, stdout: &str, stats: &mut CriuStats) {
+    match from {
+        Stats::Stdout => cmd::parse_stats(stdout, stats),
+        Stats::Image(path) => {
+            let ok = std::fs::read(path)
+                .map(|b| crate::runtime::runc::parse_stats_image(&b, stats))
+                .unwrap_or(false);
+            if !ok {
+                warn!(path = %path.display(), "CRIU's statistics image is missing or unreadable");
+            }
+        }
+    }
 }
 
 /// Longest pause between two abort requests.

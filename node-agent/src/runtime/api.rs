@@ -6,10 +6,15 @@
 //! | GET | /v1/containers/{ip} | → `ContainerProcess` |
 //! | DELETE | /v1/containers/{ip}/process | → `ContainerProcess` (stopped: SIGTERM, SIGKILL after 2 s) |
 //!
+//! A start request names its runtime (`"runtime": "agent"`, the default, or `"runc"`, which
+//! needs `"image"`: a root file system in the agent's images directory); see
+//! [`super::driver`].
+//!
 //! Errors are `{"error":{"code","message"}}`: 404 `not_local` (the container's network
 //! namespace is not built on this host), 409 `conflict` (it already has a running process),
-//! 400 `bad_request`, 404 `no_process`, 500 `spawn_failed` (with the errno's text), 401
-//! `unauthorized`.
+//! 400 `bad_request` (an unknown runtime among them), 404 `no_process`, 404 `no_image` (runc:
+//! the image is not on this host), 501 `runtime_unavailable` (runc not installed here), 500
+//! `spawn_failed` (with the errno's or runc's text), 401 `unauthorized`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -76,7 +81,8 @@ async fn start(
     let ip = container_ip(&ip)?;
     let req: StartRequest = serde_json::from_slice(&body).map_err(|e| {
         Refusal::bad_request(format!(
-            "the body is not a start request ({{\"argv\":[...],\"env\":[[k,v],...]}}): {e}"
+            "the body is not a start request ({{\"argv\":[...],\"env\":[[k,v],...],\
+             \"runtime\":\"agent|runc\",\"image\":NAME}}): {e}"
         ))
     })?;
     let netns = {
