@@ -274,11 +274,8 @@ pub fn image_archive(rootfs: &Path, tag: &str) -> Result<PathBuf, LabError> {
     if archive.exists() {
         return Ok(archive);
     }
-    let scratch = PathBuf::from(format!(
-        "{}.podman-scratch-{}",
-        rootfs.display(),
-        std::process::id()
-    ));
+    // Short: Podman refuses a runroot longer than 50 characters.
+    let scratch = PathBuf::from(format!("/run/ferry-img-{}", std::process::id()));
     let result = (|| {
         std::fs::create_dir_all(&scratch).map_err(io("creating the image scratch directory"))?;
         let tar = scratch.join("rootfs.tar");

@@ -351,6 +351,10 @@ impl ContainerNet for HostNetwork {
     }
 
     /// Container namespaces of this agent's prefix that exist on the host.
+    fn vanished(&self, built: &Built) -> bool {
+        !built.netns.exists()
+    }
+
     async fn existing(&self) -> Vec<Ipv4Addr> {
         let prefix = self.netns_prefix.clone();
         tokio::task::spawn_blocking(move || existing_containers(&prefix))

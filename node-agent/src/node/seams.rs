@@ -91,6 +91,12 @@ pub trait ContainerNet {
     /// Kills every process inside container `ip`'s namespace, then deletes the veth (both
     /// ends) and the namespace's name; keeps going past errors and returns the first.
     fn delete(&self, ip: Ipv4Addr) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Whether a built container's namespace is gone from under it (a runtime deleted the
+    /// namespace it attached through CNI, e.g. Podman after a checkpoint): the apply then
+    /// builds the container again if it is still wanted here.
+    fn vanished(&self, _built: &Built) -> bool {
+        false
+    }
 }
 
 /// Announcements of a container that has just arrived on this host.

@@ -49,6 +49,20 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         want: &Desired,
         errors: &mut Vec<String>,
     ) -> Vec<Ipv4Addr> {
+        // A namespace that vanished under a container still wanted here (a runtime's
+        // namespace, deleted with its copy after a checkpoint, and the container migrates
+        // back within the forwarding grace): built again below.
+        let vanished: Vec<Ipv4Addr> = self
+            .applied
+            .containers
+            .iter()
+            .filter(|(ip, (_, b))| want.containers.contains_key(ip) && self.net.vanished(b))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in vanished {
+            info!(%ip, "its namespace is gone: building the container again");
+            self.remove_container(ip, errors).await;
+        }
         let have: BTreeMap<Ipv4Addr, LocalContainer> = self
             .applied
             .containers

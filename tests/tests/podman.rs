@@ -1,0 +1,231 @@
+//! Podman containers with ferry as their network (ferry-cni, Podman's CNI backend) and as
+//! CRIU's hook, moved by an orchestrator's script (`scripts/podman-migrate.sh`): `ferry migrate
+//! prepare`, `podman container checkpoint --export --tcp-established` on the source (CRIU's
+//! network-lock hook freezes), the archive to the destination, `podman container restore
+//! --import --tcp-established` there (its CNI ADD attaches to the prepared, held endpoint; the
+//! post-resume hook releases). Each host has its own Podman storage; the image comes from the
+//! host's Debian packages (no registry). A live redis client on the internet side, through the
+//! container's public address, checks every reply.
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use ferry_lab::{Lab, LabOptions};
+use ferry_tests::{agents_lab, require_root_and_tools, wait_for, workspace_binary};
+use serde_json::Value;
+
+const PUBLIC: &str = "203.0.113.131";
+const TOOLS: &[&str] = &[
+    "ip",
+    "ss",
+    "criu",
+    "runc",
+    "podman",
+    "redis-server",
+    "busybox",
+];
+
+const REDIS: &[&str] = &[
+    "/usr/bin/redis-server",
+    "--port",
+    "6379",
+    "--bind",
+    "0.0.0.0",
+    "--protected-mode",
+    "no",
+    "--daemonize",
+    "no",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/tmp",
+    "--logfile",
+    "",
+];
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("no number {k} in {v}"))
+}
+
+/// The script, run as an orchestrator would on the gateway host (where `ferry` reaches the
+/// gateway), with each side's Podman through `ferry-lab podman`.
+fn podman_migrate(lab: &Lab, name: &str, from: &str, to: &str) {
+    let lab_bin = workspace_binary("ferry-lab");
+    let ferry = workspace_binary("ferry");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/podman-migrate.sh");
+    let cp = lab.control().expect("control plane");
+    let podman_on = |h: &str| format!("{} podman --lab {} {h} --", lab_bin.display(), lab.prefix());
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .args([name, to])
+        .envs(cp.cli_env())
+        .env("SRC_PODMAN", podman_on(from))
+        .env("DST_PODMAN", podman_on(to))
+        // One machine: the destination reads the archive where the source wrote it.
+        .env("COPY", "true")
+        .env("FERRY", &ferry)
+        .env("WORK_DIR", lab.state_dir())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    ferry_overlay::netns::command_in(&mut cmd, &lab.netns(&cp.host)).expect("netns");
+    let out = cmd.output().expect("running podman-migrate.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("podman-migrate.sh {name} {from} -> {to}:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "podman-migrate.sh {name} {from} -> {to} failed ({}); agent logs: {} {}",
+        out.status,
+        lab.agent_log(from).display(),
+        lab.agent_log(to).display()
+    );
+}
+
+/// The container's state on `host` (`podman inspect`), if it exists there.
+fn inspect(lab: &Lab, host: &str, name: &str) -> Option<Value> {
+    let out = lab
+        .podman(host)
+        .unwrap()
+        .command(&["container", "inspect", name])
+        .unwrap()
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    v.as_array().and_then(|a| a.first().cloned())
+}
+
+fn running_on(lab: &Lab, host: &str, name: &str, ip: Ipv4Addr) -> i64 {
+    assert_eq!(lab.endpoint_host(ip).unwrap(), host);
+    let c = inspect(lab, host, name).unwrap_or_else(|| panic!("no container {name} on {host}"));
+    assert_eq!(c["State"]["Running"], true, "{c}");
+    let pid = c["State"]["Pid"].as_i64().expect("pid");
+    // In its own mount namespace, on its own root file system.
+    let mnt = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(mnt(&pid.to_string()), mnt("self"), "{c}");
+    pid
+}
+
+#[test]
+fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    workspace_binary("ferry-workload");
+    workspace_binary("ferry-cni");
+    let image = ferry_lab::image::build("redis").expect("building the redis image");
+    let tag = format!("localhost/ferry-{}", image.image);
+    let archive = ferry_lab::podman::image_archive(&image.path, &tag).expect("image archive");
+    let lab = agents_lab(LabOptions::default());
+    let hook = lab.hook_files().expect("hook files");
+    for h in ["a1", "b1"] {
+        lab.podman(h).unwrap().load(&archive).expect("podman load");
+    }
+    let annotation = format!("org.criu.config={}", hook.criu_conf.display());
+    let mut run = vec![
+        "run",
+        "-d",
+        "--name",
+        "redis",
+        "--network",
+        ferry_lab::podman::NETWORK,
+        "--annotation",
+        &annotation,
+        &tag,
+    ];
+    run.extend_from_slice(REDIS);
+    let id = lab.podman("a1").unwrap().run(&run).expect("podman run");
+    let c = inspect(&lab, "a1", "redis").expect("the container");
+    let ip: Ipv4Addr = c["NetworkSettings"]["Networks"][ferry_lab::podman::NETWORK]["IPAddress"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no ferry address in {c}"));
+    let mac = c["NetworkSettings"]["Networks"][ferry_lab::podman::NETWORK]["MacAddress"].clone();
+    eprintln!("podman container {id} on a1: {ip} {mac}");
+    let ns = lab.container_netns("a1", ip);
+    ferry_tests::workload::wait_listening(&lab, &ns, 6379);
+    lab.ferry_json(&[
+        "public",
+        "add",
+        "--public",
+        PUBLIC,
+        "--container",
+        &ip.to_string(),
+    ])
+    .expect("public add");
+    lab.sync().unwrap();
+
+    // The gateway's token is nowhere in the container's file system.
+    let cp = lab.control().unwrap();
+    let token = cp.token_file.to_string_lossy().into_owned();
+    let out = lab
+        .podman("a1")
+        .unwrap()
+        .command(&["exec", "redis", "cat", &token])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the container read {token}");
+
+    let client = ferry_tests::workload::Workload::start(
+        &lab.netns("inet"),
+        &[
+            "redis-client",
+            "--to",
+            &format!("{PUBLIC}:6379"),
+            "--connections",
+            "2",
+            "--interval-ms",
+            "5",
+            "--duration-ms",
+            "600000",
+            "--json",
+        ],
+    );
+    client.connected(Duration::from_secs(10));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+
+    podman_migrate(&lab, "redis", "a1", "b1");
+    running_on(&lab, "b1", "redis", ip);
+    let moved = inspect(&lab, "b1", "redis").unwrap();
+    assert_eq!(
+        moved["NetworkSettings"]["Networks"][ferry_lab::podman::NETWORK]["MacAddress"],
+        mac,
+        "{moved}"
+    );
+    assert!(
+        inspect(&lab, "a1", "redis").is_none(),
+        "the source's copy is gone"
+    );
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+
+    podman_migrate(&lab, "redis", "b1", "a1");
+    running_on(&lab, "a1", "redis", ip);
+    assert!(inspect(&lab, "b1", "redis").is_none(), "b1's copy is gone");
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+
+    // The client: every command answered, counters exact (the client checks each INCR),
+    // nothing reset, both connections alive through both moves.
+    // SAFETY: kill(2) on the client's own PID.
+    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
+    let (code, s) = client.finish(Duration::from_secs(20));
+    assert_eq!(u(&s, "resets"), 0, "{s}");
+    assert_eq!(u(&s, "reconnects"), 0, "{s}");
+    assert_eq!(u(&s, "errors"), 0, "{s}");
+    assert_eq!(u(&s, "mismatches"), 0, "{s}");
+    assert_eq!(u(&s, "alive"), 2, "{s}");
+    assert_eq!(code, 0, "{s}");
+    eprintln!("client max_gap_ms {}", s["max_gap_ms"]);
+    wait_for("the public address answers", Duration::from_secs(5), || {
+        lab.exec("inet", &["redis-cli", "-h", PUBLIC, "-p", "6379", "ping"])
+            .ok()
+            .filter(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
+    });
+}
