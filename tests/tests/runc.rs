@@ -296,12 +296,20 @@ fn runc_redis_moves_across_clouds_and_back_with_a_live_client() {
     let on_a1 = running_on(&lab, "a1");
     assert_eq!(on_a1.origin, "restored");
     assert_contained(&lab, "a1", on_a1.pid, &image);
-    // The source copies are gone: nothing of C runs on b1 any more.
-    let b1 = ferry_lab::procs::ns_id(&lab.container_netns("b1", c()));
-    if let Ok(id) = b1 {
-        let left = ferry_lab::procs::pids_in_netns(&std::collections::HashSet::from([id]));
-        assert!(left.is_empty(), "processes left in b1's copy: {left:?}");
-    }
+    // The source's copy goes once the destination runs (the fencing kills it, silently:
+    // its sockets are in repair mode): nothing of C stays on b1.
+    ferry_tests::wait_for(
+        "b1's stopped copy killed once a1 runs the container",
+        Duration::from_secs(10),
+        || {
+            let Ok(id) = ferry_lab::procs::ns_id(&lab.container_netns("b1", c())) else {
+                return Some(());
+            };
+            ferry_lab::procs::pids_in_netns(&std::collections::HashSet::from([id]))
+                .is_empty()
+                .then_some(())
+        },
+    );
 
     let (code, s) = client.finish(Duration::from_secs(20));
     let (before, after) = answered_around(
@@ -379,11 +387,19 @@ fn runc_failed_dump_and_failed_restore_roll_back() {
         assert_eq!(p.pid, started.pid, "--fail {fail}: the same tree resumed");
         assert_eq!(p.origin, "started");
         assert_eq!(lab.endpoint_host(c()).unwrap(), "a1");
-        // b1 kept nothing: no process in its copy of the namespace, no runc container.
-        if let Ok(id) = ferry_lab::procs::ns_id(&lab.container_netns("b1", c())) {
-            let left = ferry_lab::procs::pids_in_netns(&std::collections::HashSet::from([id]));
-            assert!(left.is_empty(), "--fail {fail}: left on b1: {left:?}");
-        }
+        // b1 keeps nothing: no process in its copy of the namespace.
+        ferry_tests::wait_for(
+            &format!("--fail {fail}: nothing of the container left on b1"),
+            Duration::from_secs(10),
+            || {
+                let Ok(id) = ferry_lab::procs::ns_id(&lab.container_netns("b1", c())) else {
+                    return Some(());
+                };
+                ferry_lab::procs::pids_in_netns(&std::collections::HashSet::from([id]))
+                    .is_empty()
+                    .then_some(())
+            },
+        );
         ferry_tests::keep_load_for(Duration::from_millis(500));
     }
     let r = migrate_ok(&lab, "a1", "b1");
