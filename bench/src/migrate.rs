@@ -180,30 +180,7 @@ impl MigrateArgs {
     }
 }
 
-/// redis-server's arguments (its data directory on the container's tmpfs under runc).
-pub fn redis_args(binary: &str, dir: &str) -> Vec<String> {
-    [
-        binary,
-        "--port",
-        "6379",
-        "--bind",
-        "0.0.0.0",
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        dir,
-        "--logfile",
-        "",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
+pub use ferry_lab::image::redis_args;
 
 /// The two modes, each in a lab of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

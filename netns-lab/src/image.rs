@@ -443,6 +443,31 @@ fn populate(
     Ok(())
 }
 
+/// redis-server's arguments (its data directory on the container's tmpfs under runc), for the benches and tests.
+pub fn redis_args(binary: &str, dir: &str) -> Vec<String> {
+    [
+        binary,
+        "--port",
+        "6379",
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir,
+        "--logfile",
+        "",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

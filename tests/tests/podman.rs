@@ -28,25 +28,11 @@ const TOOLS: &[&str] = &[
     "busybox",
 ];
 
-const REDIS: &[&str] = &[
-    "/usr/bin/redis-server",
-    "--port",
-    "6379",
-    "--bind",
-    "0.0.0.0",
-    "--protected-mode",
-    "no",
-    "--daemonize",
-    "no",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/tmp",
-    "--logfile",
-    "",
-];
+/// redis-server as the image has it, its data directory on the container's own tmpfs
+/// (`/tmp`).
+fn redis() -> Vec<String> {
+    ferry_lab::image::redis_args("/usr/bin/redis-server", "/tmp")
+}
 
 fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64()
@@ -140,7 +126,8 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
         &annotation,
         &tag,
     ];
-    run.extend_from_slice(REDIS);
+    let argv = redis();
+    run.extend(argv.iter().map(String::as_str));
     let id = lab.podman("a1").unwrap().run(&run).expect("podman run");
     let c = inspect(&lab, "a1", "redis").expect("the container");
     let ip: Ipv4Addr = c["NetworkSettings"]["Networks"][ferry_lab::podman::NETWORK]["IPAddress"]

@@ -25,25 +25,9 @@ fn c() -> Ipv4Addr {
 
 /// redis-server as the image has it, its data directory on the container's own tmpfs
 /// (`/tmp`).
-const REDIS: &[&str] = &[
-    "/usr/bin/redis-server",
-    "--port",
-    "6379",
-    "--bind",
-    "0.0.0.0",
-    "--protected-mode",
-    "no",
-    "--daemonize",
-    "no",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/tmp",
-    "--logfile",
-    "",
-];
+fn redis() -> Vec<String> {
+    ferry_lab::image::redis_args("/usr/bin/redis-server", "/tmp")
+}
 
 /// A lab with container C on a1 and its public address, the redis image built (or found in
 /// the cache), and redis-server started in C under runc.
@@ -63,7 +47,11 @@ fn lab_with_runc_redis() -> (Lab, PathBuf, ferry_lab::image::Image, ContainerPro
         .expect("public add");
     lab.sync().unwrap();
     let p = lab
-        .start_runc(c(), &image.image, REDIS)
+        .start_runc(
+            c(),
+            &image.image,
+            &redis().iter().map(String::as_str).collect::<Vec<_>>(),
+        )
         .expect("start redis-server under runc");
     eprintln!("redis under runc: {p:?}");
     assert_eq!(p.runtime, RuntimeKind::Runc);
@@ -435,7 +423,7 @@ fn runc_bad_input_is_refused_clearly() {
             v["error"]["message"].as_str().unwrap_or("").to_owned(),
         )
     };
-    let redis: Vec<&str> = REDIS.to_vec();
+    let redis = redis();
     for (body, want_status, want_code, want_msg) in [
         (
             serde_json::json!({"argv": redis, "runtime": "podman"}),
