@@ -252,10 +252,9 @@ fn a_host_acts_only_as_itself() {
         block(a1.ipam()).map(|s| serde_json::to_value(s).unwrap()),
         "only the operator",
     );
-    forbidden(
-        block(a1.migrations()).map(|s| serde_json::to_value(s).unwrap()),
-        "only the operator",
-    );
+    // Listing migrations is allowed (CRIU's hook under Podman finds its container's; every
+    // host's watch has them all anyway).
+    block(a1.migrations()).unwrap();
     forbidden(
         block(a1.abort_migration("m1", None)).map(|s| serde_json::to_value(s).unwrap()),
         "takes no part",
