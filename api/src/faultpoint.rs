@@ -19,6 +19,11 @@
 //! | `switched` | gateway | the second half of a freeze (everyone to the destination) is persisted |
 //! | `released` | gateway | the release is persisted, before the agents are waited for |
 //! | `aborted` | gateway | an abort is persisted, before the agents are waited for |
+//!
+//! One-shot faults ([`arm_once`], [`take`]): `fail-post-restore`, armed by the destination
+//! agent for `--fail restore` under Podman (which passes CRIU no environment, so CRIU's own
+//! `CRIU_FAULT` cannot reach it), taken by CRIU's hook at post-restore, which then fails: CRIU
+//! kills the restored tasks and the restore fails, as `CRIU_FAULT=6` makes it.
 
 use std::{
     path::PathBuf,
@@ -62,4 +67,23 @@ pub fn pause_blocking(point: &str, migration: &str) {
     while f.exists() && t.elapsed() < MAX_PAUSE {
         std::thread::sleep(POLL);
     }
+}
+
+/// The one-shot fault that makes CRIU's post-restore hook fail (see the module's doc).
+pub const FAIL_POST_RESTORE: &str = "fail-post-restore";
+
+/// Arms one-shot fault `name` (`$FERRY_FAULT_DIR/<name>`). Err if fault points are off.
+pub fn arm_once(name: &str) -> std::io::Result<()> {
+    let dir = std::env::var_os(ENV).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("{ENV} is not set: fault points are off"),
+        )
+    })?;
+    std::fs::write(PathBuf::from(dir).join(name), b"")
+}
+
+/// Takes one-shot fault `name` if it is armed (the file is removed): true when it was.
+pub fn take(name: &str) -> bool {
+    armed(name).is_some_and(|f| std::fs::remove_file(f).is_ok())
 }

@@ -60,15 +60,20 @@ pub enum RuntimeKind {
     #[default]
     Agent,
     Runc,
+    /// A Podman container (started with `podman run --network <a ferry-cni network>`),
+    /// checkpointed and restored through Podman (`podman container checkpoint --export` /
+    /// `restore --import`).
+    Podman,
 }
 
 impl RuntimeKind {
-    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Agent, RuntimeKind::Runc];
+    pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Agent, RuntimeKind::Runc, RuntimeKind::Podman];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Agent => "agent",
             RuntimeKind::Runc => "runc",
+            RuntimeKind::Podman => "podman",
         }
     }
 
@@ -85,7 +90,7 @@ impl std::fmt::Display for RuntimeKind {
 
 /// A runtime name that is not one of [`RuntimeKind::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown runtime {0:?}: want agent or runc")]
+#[error("unknown runtime {0:?}: want agent, runc or podman")]
 pub struct UnknownRuntime(pub String);
 
 impl std::str::FromStr for RuntimeKind {

@@ -260,9 +260,10 @@ pub enum MigrateCommand {
         /// Fault injection (tests, drills): CRIU fails the dump or the restore on purpose.
         #[arg(long, value_enum, hide = true)]
         fail: Option<FailArg>,
-        /// The runtime the container is expected to run under (`agent` or `runc`); the run
-        /// is refused before anything is frozen if it runs under another. Default: whichever
-        /// runs it (its agent knows).
+        /// The runtime the container is expected to run under (`agent`, `runc`, or `podman`:
+        /// a Podman container on a ferry-cni network, moved with Podman's own checkpoint and
+        /// restore); the run is refused before anything is frozen if it runs under another.
+        /// Default: whichever runs it (its agent knows).
         #[arg(long, value_enum)]
         runtime: Option<RuntimeArg>,
         /// No progress lines on stderr.
@@ -303,6 +304,7 @@ impl From<LockArg> for ferry_api::run::LockMode {
 pub enum RuntimeArg {
     Agent,
     Runc,
+    Podman,
 }
 
 impl From<RuntimeArg> for ferry_api::run::RuntimeKind {
@@ -310,6 +312,7 @@ impl From<RuntimeArg> for ferry_api::run::RuntimeKind {
         match r {
             RuntimeArg::Agent => Self::Agent,
             RuntimeArg::Runc => Self::Runc,
+            RuntimeArg::Podman => Self::Podman,
         }
     }
 }

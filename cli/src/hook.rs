@@ -233,6 +233,26 @@ pub fn own_netns() -> Option<NsId> {
     ns_id(Path::new("/proc/self/ns/net"))
 }
 
+/// Sends SIGCONT to every task in the PID namespace whose init is `init` (host PIDs): the
+/// tree CRIU restored stopped (`leave-stopped`). Returns how many. Written here rather than
+/// shared with the agent's copy (`ferry_node_agent::criu::resume::cont`): the CLI does not
+/// link the agent.
+pub fn continue_tree(init: i32) -> std::io::Result<usize> {
+    let ns = std::fs::metadata(format!("/proc/{init}/ns/pid"))?.ino();
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::metadata(format!("/proc/{pid}/ns/pid")).is_ok_and(|m| m.ino() == ns) {
+            // SAFETY: plain kill(2) on a task of the tree CRIU just restored.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,6 +293,14 @@ pub async fn action_script(
             .map_err(|e| CliError::new("freeze_failed", e))?;
         return Ok(None);
     }
+    if action == "post-restore"
+        && ferry_api::faultpoint::take(ferry_api::faultpoint::FAIL_POST_RESTORE)
+    {
+        return Err(CliError::new(
+            "injected",
+            "CRIU's post-restore: fault injected (--fail restore)",
+        ));
+    }
     let Some(side) = side() else {
         return Ok(None);
     };
@@ -306,7 +314,7 @@ pub async fn action_script(
     } else {
         crate::hook::config_path()?
     };
-    let (client, hooked) = match configured {
+    let (client, hooked, init_pid) = match configured {
         Some(path) => {
             let cfg = crate::hook::HookConfig::load(&path)?;
             let host = cfg.pick(crate::hook::own_netns(), |p| {
@@ -323,9 +331,9 @@ pub async fn action_script(
                 .ok_or_else(|| {
                     CliError::new("usage", format!("CRIU's {action}: no CRTOOLS_INIT_PID"))
                 })?;
-            (host.client()?, Some(host.container_of(pid)?))
+            (host.client()?, Some(host.container_of(pid)?), Some(pid))
         }
-        None => (env_client()?, None),
+        None => (env_client()?, None, None),
     };
     let c = &client;
     let id = match std::env::var("FERRY_MIGRATION") {
@@ -346,7 +354,39 @@ pub async fn action_script(
                         ),
                     )
                 })?;
-            match c.active_migration(ip).await? {
+            let active = c.active_migration(ip).await?;
+            if step == MigrationStepKind::Release
+                && let Some(pid) = hooked.and(init_pid)
+            {
+                // Under an orchestrator CRIU restored the tree stopped (`leave-stopped` in
+                // its configuration file): it runs once the migration is decided. A run of
+                // ferry's own (`ferry migrate run --runtime podman`) is the agent's to release
+                // and resume; otherwise the hook releases (if a migration is still active:
+                // none is when an orchestrator restores a container on its source after an
+                // abort) and resumes the tree itself.
+                if active.as_ref().is_some_and(|m| m.run) {
+                    return Ok(None);
+                }
+                if let Some(m) = &active {
+                    c.migration_step(&m.id, step, None).await?;
+                }
+                let n = crate::hook::continue_tree(pid).map_err(|e| {
+                    CliError::new(
+                        "resume_failed",
+                        format!("CRIU's {action}: continuing the tree of PID {pid}: {e}"),
+                    )
+                })?;
+                eprintln!(
+                    "ferry: {} container {ip}: {n} task(s) continued",
+                    if active.is_some() {
+                        "released"
+                    } else {
+                        "no migration is active for"
+                    }
+                );
+                return Ok(None);
+            }
+            match active {
                 Some(m) => m.id,
                 None => {
                     return Err(CliError::new(

@@ -195,7 +195,16 @@ fn invoke(
         }),
         fds: usize::from(ns.is_some()),
     };
-    let reply = agent.call(&conf.agent, &req, ns.as_ref().map(|f| f.as_fd()))?;
+    let id_of = |p: &Path| {
+        std::fs::metadata(p).ok().map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::dev(&m),
+                std::os::unix::fs::MetadataExt::ino(&m),
+            )
+        })
+    };
+    let socket = conf.socket(id_of(Path::new("/proc/self/ns/net")), id_of)?;
+    let reply = agent.call(socket, &req, ns.as_ref().map(|f| f.as_fd()))?;
     match (op, reply.into_result()?) {
         (Op::Add, Some(attached)) => {
             let sandbox = inv

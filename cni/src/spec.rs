@@ -451,9 +451,19 @@ struct RawNetConf {
     #[serde(default)]
     agent: Option<PathBuf>,
     #[serde(default)]
+    agents: Option<Vec<RawAgentByNetns>>,
+    #[serde(default)]
     runtime_config: Option<RawRuntimeConfig>,
     #[serde(default)]
     args: Option<RawArgs>,
+}
+
+/// One entry of `"agents"`: the agent of the host whose network namespace is `netns`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentByNetns {
+    netns: PathBuf,
+    socket: PathBuf,
 }
 
 /// A ferry network configuration, checked.
@@ -461,8 +471,16 @@ struct RawNetConf {
 pub struct NetConf {
     pub version: Version,
     pub name: String,
-    /// The local agent's CNI socket (`"agent"`).
+    /// The local agent's CNI socket (`"agent"`; empty when `"agents"` names them by
+    /// namespace).
     pub agent: PathBuf,
+    /// `"agents"`: on a machine that carries several hosts, each in its own network namespace
+    /// (a lab), the agent of each: (the host's namespace, its socket). The plugin talks to
+    /// the one whose namespace it runs in ([`NetConf::socket`]). One configuration for every
+    /// host, so a runtime's cached configuration (Podman keeps one per container ID and
+    /// interface in /var/lib/cni, shared by the machine) reaches the right agent whichever
+    /// host cached it.
+    pub agents: Vec<(PathBuf, PathBuf)>,
     /// The address asked for: `runtimeConfig.ips` (the `ips` capability), else
     /// `args.cni.ips`.
     pub ip: Option<Ipv4Addr>,
@@ -546,23 +564,44 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         );
     }
     validate_network_name(&raw.name).map_err(|e| CniError::new(ErrorCode::InvalidConfig, e))?;
-    let Some(agent) = raw.agent else {
-        return err(
-            ErrorCode::InvalidConfig,
-            format!(
-                "network {:?} has no \"agent\": want the path of the local ferry agent's CNI \
-                 socket (its cni_socket, e.g. /run/ferry/cni.sock)",
-                raw.name
-            ),
-        );
+    let agents: Vec<(PathBuf, PathBuf)> = raw
+        .agents
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| (a.netns, a.socket))
+        .collect();
+    let agent = match (raw.agent, agents.is_empty()) {
+        (Some(a), _) => a,
+        (None, false) => PathBuf::new(),
+        (None, true) => {
+            return err(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "network {:?} has no \"agent\": want the path of the local ferry agent's \
+                     CNI socket (its cni_socket, e.g. /run/ferry/cni.sock)",
+                    raw.name
+                ),
+            );
+        }
     };
-    if !agent.is_absolute() || agent.as_os_str().len() >= 108 {
+    let sockets = std::iter::once(&agent)
+        .filter(|a| !a.as_os_str().is_empty())
+        .chain(agents.iter().map(|(_, s)| s));
+    for socket in sockets {
+        if !socket.is_absolute() || socket.as_os_str().len() >= 108 {
+            return err(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "agent {} must be an absolute path shorter than 108 bytes (a Unix socket)",
+                    socket.display()
+                ),
+            );
+        }
+    }
+    if let Some((netns, _)) = agents.iter().find(|(n, _)| !n.is_absolute()) {
         return err(
             ErrorCode::InvalidConfig,
-            format!(
-                "agent {} must be an absolute path shorter than 108 bytes (a Unix socket)",
-                agent.display()
-            ),
+            format!("agents: netns {} must be an absolute path", netns.display()),
         );
     }
     let rc = raw.runtime_config.unwrap_or_default();
@@ -599,9 +638,40 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         version,
         name: raw.name,
         agent,
+        agents,
         ip,
         mac,
     })
+}
+
+/// A namespace's identity: (device, inode) of its nsfs file.
+pub type NsId = (u64, u64);
+
+impl NetConf {
+    /// The agent's socket for a plugin running in the network namespace `own`: the `"agents"`
+    /// entry whose namespace is `own` (`id_of` reads a path's identity), else `"agent"`.
+    pub fn socket(
+        &self,
+        own: Option<NsId>,
+        id_of: impl Fn(&std::path::Path) -> Option<NsId>,
+    ) -> Result<&std::path::Path, CniError> {
+        if let Some(own) = own
+            && let Some((_, s)) = self.agents.iter().find(|(n, _)| id_of(n) == Some(own))
+        {
+            return Ok(s);
+        }
+        if self.agent.as_os_str().is_empty() {
+            return err(
+                ErrorCode::InvalidConfig,
+                format!(
+                    "network {:?}: none of its \"agents\" runs in this network namespace, and \
+                     it has no \"agent\"",
+                    self.name
+                ),
+            );
+        }
+        Ok(&self.agent)
+    }
 }
 
 /// What `ADD` configured, as the agent reports it (see [`crate::proto`]).
@@ -885,6 +955,37 @@ mod tests {
             host_mac: "0e:fe:00:00:00:01".into(),
             migration: None,
         }
+    }
+
+    #[test]
+    fn one_configuration_for_several_hosts_names_each_agent_by_namespace() {
+        let conf = br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry-cni",
+            "agents":[{"netns":"/run/netns/l-a1","socket":"/run/l/a1/cni.sock"},
+                      {"netns":"/run/netns/l-b1","socket":"/run/l/b1/cni.sock"}]}"#;
+        let c = parse_netconf(conf).unwrap();
+        let id_of = |p: &std::path::Path| match p.to_str() {
+            Some("/run/netns/l-a1") => Some((1, 10)),
+            Some("/run/netns/l-b1") => Some((1, 11)),
+            _ => None,
+        };
+        let sock = |own| c.socket(own, id_of).map(|p| p.display().to_string());
+        assert_eq!(sock(Some((1, 11))).unwrap(), "/run/l/b1/cni.sock");
+        assert_eq!(sock(Some((1, 10))).unwrap(), "/run/l/a1/cni.sock");
+        let e = sock(Some((1, 99))).unwrap_err();
+        assert!(e.msg.contains("none of its \"agents\""), "{e:?}");
+        // With "agent" too, a namespace not listed talks to it.
+        let conf = br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry-cni",
+            "agent":"/run/ferry/cni.sock",
+            "agents":[{"netns":"/run/netns/l-a1","socket":"/run/l/a1/cni.sock"}]}"#;
+        let c = parse_netconf(conf).unwrap();
+        assert_eq!(
+            c.socket(Some((1, 99)), id_of).unwrap(),
+            std::path::Path::new("/run/ferry/cni.sock")
+        );
+        let bad = br#"{"cniVersion":"1.0.0","name":"ferry","type":"ferry-cni",
+            "agents":[{"netns":"l-a1","socket":"/run/l/a1/cni.sock"}]}"#;
+        let e = parse_netconf(bad).unwrap_err();
+        assert!(e.msg.contains("must be an absolute path"), "{e:?}");
     }
 
     #[test]

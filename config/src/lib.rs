@@ -61,7 +61,7 @@ mod runtime;
 
 pub use criu::CriuConfig;
 pub use hold::{HoldLimits, HoldMode};
-pub use runtime::{DEFAULT_IMAGES_DIR, RuntimeConfig};
+pub use runtime::{DEFAULT_IMAGES_DIR, PodmanConfig, RuntimeConfig};
 
 /// Default UDP port of VXLAN (IANA).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;

@@ -33,6 +33,44 @@ pub struct RuntimeConfig {
     /// must be on every host a container may move to. Default `/var/cache/ferry/rootfs`.
     #[serde(default = "default_images_dir")]
     pub images_dir: PathBuf,
+    /// `[runtime.podman]`: the host's Podman, for containers Podman runs on a ferry-cni
+    /// network (`ferry migrate run --runtime podman`).
+    #[serde(default)]
+    pub podman: PodmanConfig,
+}
+
+/// `[runtime.podman]`: how the agent runs the host's Podman.
+///
+/// The containers it moves must have been created with `--network <a ferry-cni network>` and
+/// `--annotation org.criu.config=<file>` holding `action-script <ferry>`, `network-lock skip`
+/// and `leave-stopped` (docs/migration.md, "Podman").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodmanConfig {
+    /// Default `/usr/bin/podman` (Debian's package; 4.3.1 is known to work).
+    #[serde(default = "default_podman")]
+    pub binary: PathBuf,
+    /// Podman's global options on this host, before the command (e.g. `--root`,
+    /// `--runroot`, `--runtime-flag`), as the host's own `podman` is run. Default: none.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `CONTAINERS_CONF` for Podman, if the host's is not the default one.
+    #[serde(default)]
+    pub containers_conf: Option<PathBuf>,
+}
+
+impl Default for PodmanConfig {
+    fn default() -> Self {
+        Self {
+            binary: default_podman(),
+            args: Vec::new(),
+            containers_conf: None,
+        }
+    }
+}
+
+fn default_podman() -> PathBuf {
+    PathBuf::from("/usr/bin/podman")
 }
 
 impl Default for RuntimeConfig {
@@ -42,6 +80,7 @@ impl Default for RuntimeConfig {
             hide: default_hide(),
             runc: default_runc(),
             images_dir: default_images_dir(),
+            podman: PodmanConfig::default(),
         }
     }
 }

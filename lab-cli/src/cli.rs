@@ -282,14 +282,14 @@ mod tests {
             "--container",
             "10.244.1.10",
             "--runtime",
-            "podman",
+            "crun",
             "--",
             "/x",
         ])
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("unknown runtime \"podman\": want agent or runc"),
+            e.contains("unknown runtime \"crun\": want agent, runc or podman"),
             "{e}"
         );
         let c = Cli::try_parse_from(["ferry-lab", "image", "build", "redis", "--json"]).unwrap();

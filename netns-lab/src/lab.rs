@@ -1147,8 +1147,12 @@ impl Builder {
                 // What a restarted agent adopts, per host, in the lab's state directory.
                 state_dir: agent_state_dir(self.prefix(), &h.name),
                 // The default hides /run/ferry-lab (every lab's token, keys and state) and
-                // the agent's own directories from the containers.
-                runtime: Default::default(),
+                // the agent's own directories from the containers. Podman: the host's own
+                // (`crate::podman`).
+                runtime: ferry_config::RuntimeConfig {
+                    podman: crate::podman::agent_config(self.prefix(), &h.name),
+                    ..Default::default()
+                },
                 // ferry-cni's way to this host's agent (a lab with a gateway has IPAM).
                 cni_socket: control.as_ref().map(|_| cni_socket(self.prefix(), &h.name)),
                 cni_network: ferry_config::DEFAULT_CNI_NETWORK.to_owned(),

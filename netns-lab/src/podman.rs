@@ -31,8 +31,8 @@ pub struct Podman<'a> {
 
 /// The files CRIU's hook needs under Podman or runc.
 pub struct HookFiles {
-    /// CRIU configuration: `action-script` + `network-lock skip` (annotation
-    /// `org.criu.config`).
+    /// CRIU configuration: `action-script` + `network-lock skip` + `leave-stopped`
+    /// (annotation `org.criu.config`).
     pub criu_conf: PathBuf,
     /// The hook configuration `ferry action-script` reads (`FERRY_HOOK_CONFIG`).
     pub hook_config: PathBuf,
@@ -41,6 +41,43 @@ pub struct HookFiles {
 /// `<state>/podman/<host>`.
 pub fn podman_dir(prefix: &str, host: &str) -> PathBuf {
     state::state_dir(prefix).join("podman").join(host)
+}
+
+/// Podman's global options on a lab host: its own storage (`--root`, `--runroot`) and its own
+/// runc state (`--runtime-flag root=…`: Podman's default, /run/runc, is one per machine, and
+/// a container kept stopped on its source while it is restored on its destination has the
+/// same ID on both).
+pub fn global_args(prefix: &str, host: &str) -> Vec<String> {
+    let dir = podman_dir(prefix, host);
+    vec![
+        "--root".into(),
+        dir.join("root").display().to_string(),
+        "--runroot".into(),
+        dir.join("run").display().to_string(),
+        "--runtime-flag".into(),
+        format!("root={}", dir.join("runc").display()),
+    ]
+}
+
+/// The agent's `[runtime.podman]` on a lab host: the same Podman as [`Lab::podman`].
+pub fn agent_config(prefix: &str, host: &str) -> ferry_config::PodmanConfig {
+    ferry_config::PodmanConfig {
+        args: global_args(prefix, host),
+        containers_conf: Some(podman_dir(prefix, host).join("containers.conf")),
+        ..Default::default()
+    }
+}
+
+/// `podman` with a lab host's configuration and global options, in no namespace yet.
+fn base_command(prefix: &str, host: &str) -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.env(
+        "CONTAINERS_CONF",
+        podman_dir(prefix, host).join("containers.conf"),
+    )
+    .args(global_args(prefix, host))
+    .stdin(Stdio::null());
+    cmd
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
@@ -126,7 +163,12 @@ impl Lab {
             .map_err(io("chmod the hook script"))?;
         std::fs::write(
             &files.criu_conf,
-            format!("action-script {}\nnetwork-lock skip\n", script.display()),
+            format!(
+                "# ferry's hook (written by ferry-lab): CRIU holds no lock of its own, and a\n\
+                 # dumped or restored tree stays stopped until the migration is decided\n\
+                 action-script {}\nnetwork-lock skip\nleave-stopped\n",
+                script.display()
+            ),
         )
         .map_err(io("writing the CRIU configuration"))?;
         Ok(files)
@@ -145,7 +187,7 @@ impl Podman<'_> {
         if conf.exists() {
             return Ok(());
         }
-        for d in ["root", "run", "tmp", "net"] {
+        for d in ["root", "run", "runc", "tmp", "net"] {
             std::fs::create_dir_all(dir.join(d))
                 .map_err(io(format!("creating {}", dir.display())))?;
         }
@@ -174,12 +216,28 @@ impl Podman<'_> {
             ),
         )
         .map_err(io("writing containers.conf"))?;
+        // One configuration for every host of the lab, each agent named by its host's
+        // namespace: Podman caches a container's configuration in /var/lib/cni, one per
+        // machine, by network, container ID and interface, and a container keeps its ID on
+        // every host it moves to.
+        let agents: Vec<serde_json::Value> = self
+            .lab
+            .topology()
+            .hosts
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "netns": self.lab.netns(&h.name),
+                    "socket": self.lab.cni_socket(&h.name),
+                })
+            })
+            .collect();
         let net = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": NETWORK,
             "plugins": [{
                 "type": "ferry-cni",
-                "agent": self.lab.cni_socket(&self.host),
+                "agents": agents,
                 "capabilities": {"ips": true, "mac": true},
             }],
         });
@@ -192,15 +250,8 @@ impl Podman<'_> {
 
     /// `podman ARGS` on this host, not yet run.
     pub fn command(&self, args: &[&str]) -> Result<Command, LabError> {
-        let dir = self.dir();
-        let mut cmd = Command::new("podman");
-        cmd.env("CONTAINERS_CONF", dir.join("containers.conf"))
-            .arg("--root")
-            .arg(dir.join("root"))
-            .arg("--runroot")
-            .arg(dir.join("run"))
-            .args(args)
-            .stdin(Stdio::null());
+        let mut cmd = base_command(self.lab.prefix(), &self.host);
+        cmd.args(args);
         command_in(&mut cmd, &self.lab.netns(&self.host))?;
         Ok(cmd)
     }
@@ -242,14 +293,8 @@ pub fn teardown_podman(prefix: &str, hosts: &[String]) -> Vec<String> {
             continue;
         }
         let netns = crate::netns_name(prefix, host);
-        let mut cmd = Command::new("podman");
-        cmd.env("CONTAINERS_CONF", dir.join("containers.conf"))
-            .arg("--root")
-            .arg(dir.join("root"))
-            .arg("--runroot")
-            .arg(dir.join("run"))
-            .args(["rm", "-f", "-a", "-t", "0"])
-            .stdin(Stdio::null());
+        let mut cmd = base_command(prefix, host);
+        cmd.args(["rm", "-f", "-a", "-t", "0"]);
         let r = command_in(&mut cmd, &ferry_overlay::netns::netns_path(&netns))
             .map_err(|e| e.to_string())
             .and_then(|()| cmd.output().map_err(|e| e.to_string()));

@@ -180,6 +180,7 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
             errors.push(format!("unmounting {}: {e}", m.display()));
         }
     }
+    keep_logs(prefix, &dir);
     if let Err(e) = std::fs::remove_dir_all(&dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {
@@ -555,6 +556,34 @@ pub fn reap(prefix: &str, owner: i32, owner_start: Option<u64>) -> Result<(), La
         teardown(prefix)?;
     }
     Ok(())
+}
+
+/// With `FERRY_LAB_KEEP_LOGS=DIR`, the lab's daemon logs (every `*.log` under its state
+/// directory) are copied to `DIR/<prefix>/` before the state goes, for a post-mortem of a
+/// failed test. Best effort.
+const KEEP_LOGS_ENV: &str = "FERRY_LAB_KEEP_LOGS";
+
+fn keep_logs(prefix: &str, state: &Path) {
+    let Some(to) = std::env::var_os(KEEP_LOGS_ENV).map(|d| PathBuf::from(d).join(prefix)) else {
+        return;
+    };
+    fn walk(dir: &Path, rel: &Path, to: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let (path, name) = (e.path(), e.file_name());
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&path, &rel.join(&name), to),
+                Ok(t) if t.is_file() && path.extension().is_some_and(|x| x == "log") => {
+                    let _ = std::fs::create_dir_all(to.join(rel));
+                    let _ = std::fs::copy(&path, to.join(rel).join(&name));
+                }
+                _ => {}
+            }
+        }
+    }
+    walk(state, Path::new(""), &to);
 }
 
 #[cfg(test)]

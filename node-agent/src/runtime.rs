@@ -28,6 +28,7 @@
 pub mod api;
 pub mod driver;
 pub mod isolation;
+pub mod podman;
 pub mod runc;
 pub mod store;
 
@@ -69,6 +70,8 @@ const CHILD_STACK: usize = 64 * 1024;
 
 pub const ORIGIN_STARTED: &str = "started";
 pub const ORIGIN_RESTORED: &str = "restored";
+/// A Podman container's tree, found by its address when it was first moved.
+pub const ORIGIN_PODMAN: &str = "podman";
 /// Found running inside a container's namespace at start, with no record of it.
 pub const ORIGIN_ADOPTED: &str = "adopted";
 /// What an entry's `ended` says when its tree ended while no agent watched it.
@@ -425,20 +428,30 @@ struct Inner {
     agent: driver::AgentDriver,
     /// The runc runtime, or why it is not available.
     runc: Result<runc::RuncDriver, String>,
+    /// The Podman runtime, or why it is not available.
+    podman: Result<podman::PodmanDriver, String>,
 }
 
-/// Where runc is and what it runs (the agent's `[runtime]`).
+/// Where runc is and what it runs, and the host's Podman (the agent's `[runtime]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuncOptions {
     pub binary: PathBuf,
     pub images_dir: PathBuf,
+    /// `[runtime.podman]` (`None`: no Podman runtime).
+    pub podman: Option<podman::Settings>,
 }
 
 impl RuncOptions {
     pub fn from_config(cfg: &ferry_config::AgentConfig) -> Self {
+        let p = &cfg.runtime.podman;
         Self {
             binary: cfg.runtime.runc.clone(),
             images_dir: cfg.runtime.images_dir.clone(),
+            podman: Some(podman::Settings {
+                binary: p.binary.clone(),
+                args: p.args.clone(),
+                containers_conf: p.containers_conf.clone(),
+            }),
         }
     }
 }
@@ -573,6 +586,17 @@ impl Runtime {
             state.procs = procs;
             state.checkpointed = checkpointed;
         }
+        let podman = match runc.as_ref().and_then(|o| o.podman.clone()) {
+            None => Err("not configured".to_owned()),
+            Some(p) if !p.binary.exists() => Err(format!(
+                "{} is missing (install Debian's podman)",
+                p.binary.display()
+            )),
+            Some(settings) => Ok(podman::PodmanDriver {
+                host: host.to_owned(),
+                settings,
+            }),
+        };
         let runc = match (runc, state_dir) {
             (None, _) => Err("not configured".to_owned()),
             (Some(_), None) => Err("the runtime has no state directory".to_owned()),
@@ -600,6 +624,7 @@ impl Runtime {
                 isolation,
             },
             runc,
+            podman,
         });
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let task = tokio::spawn(async move {
@@ -745,7 +770,55 @@ impl Runtime {
                     why: why.clone(),
                 }),
             },
+            RuntimeKind::Podman => match &self.inner.podman {
+                Ok(d) => Ok(d),
+                Err(why) => Err(RuntimeError::Unavailable {
+                    runtime: kind,
+                    host: self.inner.host.clone(),
+                    why: why.clone(),
+                }),
+            },
         }
+    }
+
+    /// A container Podman runs on this host (on a ferry-cni network, address `ip`) that the
+    /// runtime does not know yet: adopted (origin `podman`), so the CRIU path can move it.
+    /// `Ok(None)`: Podman is not configured here, or runs no container with that address.
+    /// Blocking (runs Podman).
+    pub fn adopt_podman(&self, ip: Ipv4Addr) -> Result<Option<Entry>, RuntimeError> {
+        let Ok(driver) = &self.inner.podman else {
+            return Ok(None);
+        };
+        if let Some(e) = self.entry(ip).filter(|e| e.proc.running) {
+            return Ok(Some(e));
+        }
+        let found = driver.find(ip).map_err(|e| RuntimeError::SpawnFailed {
+            ip,
+            program: "podman".into(),
+            what: "listing Podman's containers",
+            source: e,
+        })?;
+        let Some(f) = found.filter(|f| f.running && f.pid > 1) else {
+            return Ok(None);
+        };
+        let start = start_time(f.pid);
+        let kind = Kind {
+            runtime: RuntimeKind::Podman,
+            image: f.image,
+            runc: Some(RuncRecord {
+                id: f.id,
+                bundle: f.static_dir,
+            }),
+        };
+        let mut st = self.lock();
+        if st.starting.contains(&ip) || st.procs.get(&ip).is_some_and(|e| e.proc.running) {
+            return Ok(st.procs.get(&ip).cloned());
+        }
+        let entry = Entry::running(ip, f.pid, f.argv, ORIGIN_PODMAN, start, kind);
+        st.procs.insert(ip, entry.clone());
+        self.save(&st);
+        info!(container = %ip, pid = f.pid, origin = ORIGIN_PODMAN, "Podman container adopted");
+        Ok(Some(entry))
     }
 
     /// Starts `req.argv` in container `ip`, inside its network namespace `netns`, under the
@@ -1682,6 +1755,7 @@ mod tests {
         let missing = RuncOptions {
             binary: dir.join("no-runc"),
             images_dir: images.clone(),
+            podman: None,
         };
         let rt = Runtime::new(
             "h1",
@@ -1697,6 +1771,7 @@ mod tests {
         let present = RuncOptions {
             binary: PathBuf::from("/bin/true"),
             images_dir: images.clone(),
+            podman: None,
         };
         let rt = Runtime::new(
             "h1",

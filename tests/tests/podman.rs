@@ -1,11 +1,16 @@
 //! Podman containers with ferry as their network (ferry-cni, Podman's CNI backend) and as
-//! CRIU's hook, moved by an orchestrator's script (`scripts/podman-migrate.sh`): `ferry migrate
-//! prepare`, `podman container checkpoint --export --tcp-established` on the source (CRIU's
-//! network-lock hook freezes), the archive to the destination, `podman container restore
-//! --import --tcp-established` there (its CNI ADD attaches to the prepared, held endpoint; the
-//! post-resume hook releases). Each host has its own Podman storage; the image comes from the
-//! host's Debian packages (no registry). A live redis client on the internet side, through the
-//! container's public address, checks every reply.
+//! CRIU's hook, moved two ways under one live redis client on the internet side (through the
+//! container's public address, checking every reply):
+//! - by an orchestrator's script (`scripts/podman-migrate.sh`): `ferry migrate prepare`,
+//!   `podman container checkpoint --export --tcp-established` on the source (CRIU's
+//!   network-lock hook freezes), the archive to the destination, `podman container restore
+//!   --import --tcp-established` there (its CNI ADD attaches to the prepared, held endpoint; the
+//!   post-resume hook releases and continues the tree CRIU left stopped);
+//! - by `ferry migrate run --runtime podman` (the agents run Podman's checkpoint and restore,
+//!   the gateway decides), including a restore that fails and rolls back to the source's copy.
+//!
+//! Each host has its own Podman storage; the image comes from the host's Debian packages (no
+//! registry).
 use std::{
     net::Ipv4Addr,
     path::Path,
@@ -13,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use ferry_api::run::{PHASES, RunReport, RunState, RuntimeKind};
 use ferry_lab::{Lab, LabOptions};
 use ferry_tests::{agents_lab, require_root_and_tools, wait_for, workspace_binary};
 use serde_json::Value;
@@ -70,6 +76,53 @@ fn podman_migrate(lab: &Lab, name: &str, from: &str, to: &str) {
         lab.agent_log(from).display(),
         lab.agent_log(to).display()
     );
+}
+
+/// `ferry --json migrate run --runtime podman --container IP --to HOST [extra]`: exit code and
+/// report.
+fn migrate_run(lab: &Lab, ip: Ipv4Addr, to: &str, extra: &[&str]) -> (i32, RunReport) {
+    let ip = ip.to_string();
+    let mut args = vec![
+        "--json",
+        "migrate",
+        "run",
+        "--runtime",
+        "podman",
+        "--container",
+        &ip,
+        "--to",
+        to,
+    ];
+    args.extend_from_slice(extra);
+    let out = lab.ferry(&args).expect("running ferry");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let code = out.status.code().unwrap_or(-1);
+    let r: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "ferry {args:?} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!(
+        "migrate run {} {} -> {} {extra:?}: exit {code}, {}, total {:.1} ms, stopped {:.1} ms, \
+         phases [{}]{}",
+        r.id,
+        r.from,
+        r.to,
+        r.state.as_str(),
+        r.total_ms,
+        r.stopped_ms,
+        r.phases
+            .iter()
+            .map(|p| format!("{} {:.1}", p.name, p.ms))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.error
+            .as_ref()
+            .map(|e| format!(", error: {e}"))
+            .unwrap_or_default()
+    );
+    (code, r)
 }
 
 /// The container's state on `host` (`podman inspect`), if it exists there.
@@ -193,10 +246,57 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
     );
     ferry_tests::keep_load_for(Duration::from_millis(500));
 
-    podman_migrate(&lab, "redis", "b1", "a1");
-    running_on(&lab, "a1", "redis", ip);
-    assert!(inspect(&lab, "b1", "redis").is_none(), "b1's copy is gone");
+    // Back with `ferry migrate run --runtime podman`: the agents run Podman.
+    let (code, r) = migrate_run(&lab, ip, "a1", &[]);
+    assert_eq!(
+        (code, r.state),
+        (0, RunState::Released),
+        "{r:?}\nagent logs: {} {}",
+        lab.agent_log("b1").display(),
+        lab.agent_log("a1").display()
+    );
+    let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, PHASES, "{r:?}");
+    assert!(r.image_bytes > 0, "{r:?}");
+    assert!(
+        r.criu.as_ref().is_some_and(|s| s.frozen_ms > 0.0),
+        "CRIU's figures from Podman's --print-stats: {r:?}"
+    );
+    let pid = running_on(&lab, "a1", "redis", ip);
+    let p = lab.process(ip).unwrap().expect("the agent knows the tree");
+    assert_eq!(
+        (p.runtime, p.pid as i64),
+        (RuntimeKind::Podman, pid),
+        "{p:?}"
+    );
+    wait_for("b1's copy is gone", Duration::from_secs(10), || {
+        inspect(&lab, "b1", "redis").is_none().then_some(())
+    });
     ferry_tests::keep_load_for(Duration::from_millis(500));
+
+    // A restore that fails at the destination rolls back: the source's stopped copy runs
+    // again, the same tree; nothing of it is left in b1's Podman.
+    let (code, r) = migrate_run(&lab, ip, "b1", &["--fail", "restore"]);
+    assert_eq!((code, r.state), (3, RunState::RolledBack), "{r:?}");
+    assert_eq!(
+        running_on(&lab, "a1", "redis", ip),
+        pid,
+        "the same tree resumed"
+    );
+    wait_for("nothing left on b1", Duration::from_secs(10), || {
+        inspect(&lab, "b1", "redis").is_none().then_some(())
+    });
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+
+    // Refused before anything is frozen: criu-lock (a Podman container's lock is its CRIU
+    // configuration's), and an address no container has.
+    let (code, r) = migrate_run(&lab, ip, "b1", &["--lock", "criu-lock"]);
+    assert_eq!((code, r.state), (3, RunState::RolledBack), "{r:?}");
+    assert!(
+        r.error.as_deref().is_some_and(|e| e.contains("hold mode")),
+        "{r:?}"
+    );
+    running_on(&lab, "a1", "redis", ip);
 
     // The client: every command answered, counters exact (the client checks each INCR),
     // nothing reset, both connections alive through both moves.

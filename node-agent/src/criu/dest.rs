@@ -20,7 +20,10 @@ use futures::StreamExt as _;
 use tracing::{Instrument as _, info, info_span, warn};
 
 use super::{Ctx, Refusal, authorize, cmd, images::Receiver};
-use crate::runtime::{Kind, RuntimeError, driver::Restore};
+use crate::runtime::{
+    Kind, RuntimeError,
+    driver::{Restore, RuncRecord},
+};
 
 /// Largest image stream accepted.
 pub const MAX_IMAGE_BYTES: u64 = 16 << 30;
@@ -280,8 +283,8 @@ async fn restore(
     let (restore, record) =
         prepared.map_err(|e| failed("restore_failed", format!("{runtime} restore: {e}")))?;
     // Whatever the runtime prepared goes if the restore does not get through.
-    let undo = |ctx: &Arc<Ctx>| {
-        let (rt, rec) = (ctx.runtime.clone(), record.clone());
+    let undo = |ctx: &Arc<Ctx>, rec: Option<RuncRecord>| {
+        let rt = ctx.runtime.clone();
         tokio::task::spawn_blocking(move || {
             if let Ok(d) = rt.driver(runtime) {
                 d.restore_failed(rec.as_ref());
@@ -298,8 +301,15 @@ async fn restore(
         None
     };
     let mut env = ctx.script_env(id, ip, "restore");
+    env.extend(restore.env.iter().cloned());
     if header.fail_restore {
-        env.push(("CRIU_FAULT".into(), cmd::FAULT_POST_RESTORE.into()));
+        if runtime == ferry_api::run::RuntimeKind::Podman {
+            // Podman passes CRIU no environment: the hook fails at post-restore instead.
+            ferry_api::faultpoint::arm_once(ferry_api::faultpoint::FAIL_POST_RESTORE)
+                .map_err(|e| failed("bad_request", format!("--fail restore under Podman: {e}")))?;
+        } else {
+            env.push(("CRIU_FAULT".into(), cmd::FAULT_POST_RESTORE.into()));
+        }
     }
     // The restored tree is fenced: stopped (`--leave-stopped`), and whatever its kernel
     // emits is dropped, until the release reaches this host.
@@ -318,30 +328,41 @@ async fn restore(
         Ok(o) if o.ok => o,
         Ok(o) => {
             ctx.node.lock().await.fence_egress(ip, false);
-            let _ = undo(ctx).await;
+            let _ = undo(ctx, record.clone()).await;
             return Err(failed("restore_failed", o.failure(restore.name)));
         }
         Err(e) => {
             ctx.node.lock().await.fence_egress(ip, false);
-            let _ = undo(ctx).await;
+            let _ = undo(ctx, record.clone()).await;
             return Err(failed(
                 "restore_failed",
                 format!("starting {}: {e}", restore.program.display()),
             ));
         }
     };
-    let pid: Option<i32> = restore
-        .pidfile
-        .as_ref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .and_then(|s| s.trim().parse().ok());
-    let Some(pid) = pid else {
-        ctx.node.lock().await.fence_egress(ip, false);
-        let _ = undo(ctx).await;
-        return Err(failed(
-            "restore_failed",
-            format!("{runtime} restore wrote no PID file"),
-        ));
+    // The restored tree's root, as the runtime knows it (a PID file; Podman's inspect).
+    let restored = {
+        let (rt, inv, stdout, rec) = (
+            ctx.runtime.clone(),
+            restore.clone(),
+            out.stdout.clone(),
+            record.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            rt.driver(runtime)
+                .map_err(|e| e.to_string())?
+                .restored(&inv, &stdout, rec)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let (pid, record) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.node.lock().await.fence_egress(ip, false);
+            let _ = undo(ctx, record.clone()).await;
+            return Err(failed("restore_failed", format!("{runtime} restore: {e}")));
+        }
     };
     let fence = Fence {
         migration: id.to_owned(),
@@ -356,7 +377,7 @@ async fn restore(
         // Not ours to run: a copy the runtime cannot track must not live.
         warn!(pid, error = %e, "adopting the restored tree failed: killing it");
         let _ = super::resume::kill(pid);
-        let _ = undo(ctx).await;
+        let _ = undo(ctx, record.clone()).await;
         ctx.node.lock().await.fence_egress(ip, false);
         return Err(failed("restore_failed", format!("adopting PID {pid}: {e}")));
     }

@@ -14,7 +14,7 @@ use ferry_api::{
     Client, MigrationPhase,
     run::{
         CheckpointAnswer, CheckpointRequest, CriuStats, FailAt, Fence, FenceSide, LockMode,
-        PhaseTiming, RestoreAnswer, RunEvent,
+        PhaseTiming, RestoreAnswer, RunEvent, RuntimeKind,
     },
 };
 use tracing::{Instrument as _, info, info_span, warn};
@@ -137,11 +137,32 @@ pub async fn checkpoint(
     })?;
     let netns = validate(&ctx, &id, &req).await?;
     let ip = req.container;
-    let Some(entry) = ctx
-        .runtime
-        .entry(ip)
-        .filter(|e| e.proc.running && e.proc.fenced.is_none())
-    else {
+    // A container Podman runs (ferry-cni attached it) is adopted at its first move.
+    let known = ctx.runtime.entry(ip).filter(|e| e.proc.running);
+    let known = match known {
+        Some(e) => Some(e),
+        None if matches!(req.runtime, None | Some(RuntimeKind::Podman)) => {
+            let rt = ctx.runtime.clone();
+            tokio::task::spawn_blocking(move || rt.adopt_podman(ip))
+                .await
+                .map_err(|e| {
+                    bad(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("the Podman lookup failed: {e}"),
+                    )
+                })?
+                .map_err(|e| {
+                    bad(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("container {ip}: {e}"),
+                    )
+                })?
+        }
+        None => None,
+    };
+    let Some(entry) = known.filter(|e| e.proc.running && e.proc.fenced.is_none()) else {
         return Err(bad(
             StatusCode::CONFLICT,
             "no_process",
@@ -573,6 +594,11 @@ async fn run_inner(
 pub fn read_stats(from: &Stats, stdout: &str, stats: &mut CriuStats) {
     match from {
         Stats::Stdout => cmd::parse_stats(stdout, stats),
+        Stats::PodmanJson => {
+            if crate::runtime::podman::parse_print_stats(stdout, stats).is_none() {
+                warn!("Podman printed no statistics");
+            }
+        }
         Stats::Image(path) => {
             let ok = std::fs::read(path)
                 .map(|b| crate::runtime::runc::parse_stats_image(&b, stats))

@@ -1,8 +1,10 @@
 //! One interface over the runtimes that run a container's process tree, in the style of
 //! netavark's network drivers (`validate` / `setup` / `teardown` behind one trait, the driver
 //! chosen by name): [`Driver`], with [`AgentDriver`] (the agent's own runtime: a process
-//! tree in the host's file system, [`super::isolation`]) and [`super::runc::RuncDriver`] (OCI
-//! containers with their own root file system, through runc).
+//! tree in the host's file system, [`super::isolation`]), [`super::runc::RuncDriver`] (OCI
+//! containers with their own root file system, through runc) and
+//! [`super::podman::PodmanDriver`] (containers Podman runs, moved with Podman's own
+//! checkpoint and restore).
 //!
 //! The trait is shaped by what the CRIU path needs: **validate** a start request before
 //! anything is reserved, **start** the tree in the container's network namespace,
@@ -38,6 +40,8 @@ pub enum Stats {
     Stdout,
     /// In a stats image (`stats-dump`, `stats-restore`): CRIU under runc (RPC) prints none.
     Image(PathBuf),
+    /// In Podman's `--print-stats` JSON on its standard output.
+    PodmanJson,
 }
 
 /// A command the CRIU path runs for one checkpoint or restore.
@@ -62,13 +66,14 @@ pub struct Invocation {
     pub env: Vec<(String, String)>,
 }
 
-/// What a runc container is known by (kept with its entry, persisted).
+/// What a runc or Podman container is known by (kept with its entry, persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuncRecord {
-    /// The container id under this agent's runc root (the container namespace's name: derived
-    /// from the address, unique per agent).
+    /// runc: the container id under this agent's runc root (the container namespace's name:
+    /// derived from the address, unique per agent). Podman: Podman's container ID.
     pub id: String,
-    /// Its bundle directory (config.json, the CRIU configuration file).
+    /// runc: its bundle directory (config.json, the CRIU configuration file). Podman: the
+    /// container's own directory (`StaticDir`).
     pub bundle: PathBuf,
 }
 
@@ -138,6 +143,23 @@ pub trait Driver: Send + Sync + std::fmt::Debug {
     /// Prepares and returns the command that restores a tree, stopped, into the prepared
     /// namespace, and what to record of it.
     fn restore(&self, r: &Restore<'_>) -> Result<(Invocation, Option<RuncRecord>), RuntimeError>;
+    /// After a restore command succeeded: the restored tree's root PID and what to record of
+    /// it. By default the PID file the command wrote (`pidfile`), and the record
+    /// [`Driver::restore`] returned.
+    fn restored(
+        &self,
+        inv: &Invocation,
+        stdout: &str,
+        record: Option<RuncRecord>,
+    ) -> Result<(i32, Option<RuncRecord>), String> {
+        let _ = stdout;
+        inv.pidfile
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .map(|pid| (pid, record))
+            .ok_or_else(|| format!("{} wrote no PID file", inv.name))
+    }
     /// The CRIU configuration written, a restore that failed: what it prepared goes.
     fn restore_failed(&self, record: Option<&RuncRecord>);
     /// Runs a stopped copy that owns the container: the source's dumped tree (sockets in
