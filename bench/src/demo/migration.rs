@@ -15,11 +15,11 @@ use ferry_api::run::{RunReport, RunState};
 use serde_json::Value;
 
 use super::{
-    containers::{PORT, WEB, WEB_HOST, WEB_PUBLIC},
+    containers::{WEB, WEB_HOST, WEB_PUBLIC},
     plot, step, timeline,
 };
 use crate::{
-    migrate::{MigrateError, migrate_run},
+    migrate::{MigrateError, REDIS_PORT, migrate_run},
     samples::{Sample, client_gap_ms, read_samples},
     workload::{Stream, Workload, WorkloadError},
 };
@@ -58,6 +58,8 @@ pub enum MigrationError {
     },
     #[error("run {run} did not release: {why}")]
     NotReleased { run: usize, why: String },
+    #[error("the redis image: {0}")]
+    Image(#[from] ferry_lab::image::ImageError),
 }
 
 /// What the live migration showed.
@@ -69,7 +71,7 @@ pub struct MigrationReport {
     pub runs: Vec<RunReport>,
     /// Per run: the longest silence a client connection saw around it (ms).
     pub client_gap_ms: Vec<f64>,
-    /// `ferry-workload client --json`'s summary.
+    /// `ferry-workload redis-client --json`'s summary.
     pub client: Option<Value>,
     /// Every connection alive, every reply right and in order, nothing unanswered.
     pub client_ok: bool,
@@ -87,7 +89,7 @@ impl Default for MigrationReport {
     fn default() -> Self {
         Self {
             container: WEB,
-            public: SocketAddrV4::new(WEB_PUBLIC, PORT).to_string(),
+            public: SocketAddrV4::new(WEB_PUBLIC, REDIS_PORT).to_string(),
             runs: Vec::new(),
             client_gap_ms: Vec::new(),
             client: None,
@@ -218,30 +220,39 @@ fn moves(
             source: Box::new(source),
         })?;
     let bin = std::path::absolute(&bin).unwrap_or(bin);
-    let bin_s = bin.to_string_lossy().into_owned();
-    let port = PORT.to_string();
+    step(
+        json,
+        t0,
+        "the OCI image `redis` (redis-server and its libraries from this machine's Debian packages, no registry; cached)",
+    );
+    let image = ferry_lab::image::build("redis")?;
+    if !json {
+        eprintln!("  {} ({})", image.image, image.path.display());
+    }
     step(
         json,
         t0,
         &format!(
-            "web runs `ferry-workload serve` (a stateful server: a counter per connection), started through {WEB_HOST}'s agent"
+            "web runs redis-server in an OCI container under runc (its own root file system, mount, PID, IPC and UTS namespaces, cgroup), started through {WEB_HOST}'s agent"
         ),
     );
+    let argv = ferry_lab::image::redis_args("/usr/bin/redis-server", "/tmp");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let p = lab
-        .start_process(WEB, &[&bin_s, "serve", "--port", &port])
+        .start_runc(WEB, &image.image, &argv)
         .map_err(|source| MigrationError::Lab {
-            what: "starting the workload in web",
+            what: "starting redis-server in web under runc",
             source: Box::new(source),
         })?;
     if !json {
-        eprintln!("  {WEB}: PID {} on {WEB_HOST} ({})", p.pid, p.origin);
+        eprintln!("  {WEB}: PID {} on {WEB_HOST} ({}, runc)", p.pid, p.origin);
     }
     let inet = lab.netns(ferry_lab::INET);
-    let public = SocketAddrV4::new(WEB_PUBLIC, PORT);
+    let public = SocketAddrV4::new(WEB_PUBLIC, REDIS_PORT);
     wait_listening(
         lab,
         &lab.container_netns(WEB_HOST, WEB),
-        PORT,
+        REDIS_PORT,
         Duration::from_secs(10),
     )?;
 
@@ -249,7 +260,7 @@ fn moves(
         json,
         t0,
         &format!(
-            "the internet client opens {CONNECTIONS} connections to {public} and sends a request every {INTERVAL_MS} ms on each, checking every reply"
+            "the internet client opens {CONNECTIONS} redis connections to {public} and sends INCR + a payload SET/GET every {INTERVAL_MS} ms on each, checking every reply"
         ),
     );
     let to = public.to_string();
@@ -259,7 +270,7 @@ fn moves(
         &bin,
         &inet,
         &[
-            "client",
+            "redis-client",
             "--to",
             &to,
             "--connections",
@@ -290,7 +301,7 @@ fn moves(
             );
             let t = Instant::now();
             let c = WEB.to_string();
-            let args = ["--container", &c, "--to", to];
+            let args = ["--container", &c, "--to", to, "--runtime", "runc"];
             if !json {
                 eprintln!("  $ ferry migrate run {}", args.join(" "));
             }
@@ -462,6 +473,6 @@ mod tests {
         let json = serde_json::to_value(&ok).unwrap();
         assert_eq!(json["runs"][0]["from"], "a1");
         assert_eq!(json["container"], "10.244.1.10");
-        assert_eq!(json["public"], "203.0.113.130:7000");
+        assert_eq!(json["public"], "203.0.113.130:6379");
     }
 }
