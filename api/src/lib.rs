@@ -115,6 +115,7 @@
 //! `rolled_back`; 4 `needs_attention` (also when a step's answer was lost after it was sent:
 //! its outcome is unknown).
 
+pub mod cgroup;
 pub mod client;
 pub mod clock;
 pub mod faultpoint;

@@ -281,12 +281,30 @@ pub async fn action_script(
             "action-script runs under CRIU (--action-script), which sets CRTOOLS_SCRIPT_ACTION",
         ));
     };
+    // Under an orchestrator (no `FERRY_*`: the hook configuration says where the gateway is),
+    // the container's cgroup is the one of CRIU's `CRTOOLS_INIT_PID`.
+    let orchestrated = std::env::var_os("FERRY_MIGRATION").is_none()
+        && std::env::var_os("FERRY_CONTAINER").is_none()
+        && std::env::var_os(FREEZER_ENV).is_none()
+        && crate::hook::config_path().ok().flatten().is_some();
+    let init_freezer = || {
+        std::env::var("CRTOOLS_INIT_PID")
+            .ok()
+            .and_then(|p| p.parse::<i32>().ok())
+            .and_then(ferry_api::cgroup::freezer_of)
+    };
+    let freezer = match std::env::var_os(FREEZER_ENV) {
+        Some(dir) => Some(std::path::PathBuf::from(dir)),
+        None if orchestrated => init_freezer(),
+        None => None,
+    };
     if action == "pre-dump"
-        && let Some(dir) = std::env::var_os(FREEZER_ENV)
+        && let Some(dir) = freezer
     {
         // The runtime's container is frozen through its cgroup now, so CRIU finds it frozen
-        // (see `freeze_cgroup`).
-        let dir = std::path::PathBuf::from(dir);
+        // (see `freeze_cgroup`). Who thaws it: the agent after the dump (its runs), runc as it
+        // destroys a dumped container (an orchestrator's checkpoint), or this hook at
+        // network-unlock when the dump failed (below).
         tokio::task::spawn_blocking(move || freeze_cgroup(&dir, FREEZE_TIMEOUT))
             .await
             .map_err(|e| CliError::new("internal", e.to_string()))?
@@ -307,6 +325,16 @@ pub async fn action_script(
     let Some(step) = hook_step(&action, side) else {
         return Ok(None);
     };
+    if step == MigrationStepKind::Abort
+        && orchestrated
+        && let Some(dir) = init_freezer()
+    {
+        // The dump failed and CRIU lets the tasks run again: a cgroup the pre-dump hook froze
+        // stays frozen unless thawed here (no agent follows an orchestrator's checkpoint).
+        if let Err(e) = ferry_api::cgroup::thaw(&dir) {
+            eprintln!("ferry: thawing {}: {e}", dir.display());
+        }
+    }
     let from_env = std::env::var_os("FERRY_MIGRATION").is_some()
         || std::env::var_os("FERRY_CONTAINER").is_some();
     let configured = if from_env {

@@ -284,6 +284,37 @@ impl Podman<'_> {
     }
 }
 
+/// Forgets runc's state of container `id` on `host` if Podman no longer has the container
+/// there (lab only). Two lab hosts share one machine's cgroupfs hierarchy, and a container
+/// keeps its ID (so its cgroup path `libpod_parent/libpod-<ID>`) on every host: when the
+/// source's stopped copy is removed after the release, runc cannot remove that cgroup (the
+/// destination's tree is in it), fails its `delete`, and keeps the container's state in the
+/// host's runc root, which a later restore of the same container on that host then trips on
+/// ("container with given ID already exists"). Separate machines share no cgroup. Returns
+/// whether a stale state was removed.
+pub fn forget_stale_runc_state(lab: &Lab, host: &str, id: &str) -> Result<bool, LabError> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(LabError::Ferry {
+            args: format!("forget runc state {id:?}"),
+            message: "not a container ID".into(),
+        });
+    }
+    let state = podman_dir(lab.prefix(), host).join("runc").join(id);
+    if !state.exists() {
+        return Ok(false);
+    }
+    let known = lab
+        .podman(host)?
+        .command(&["container", "exists", id])?
+        .status()
+        .map_err(io("podman container exists"))?;
+    if known.success() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&state).map_err(io(format!("removing {}", state.display())))?;
+    Ok(true)
+}
+
 /// Removes every container of every host's Podman (best effort: teardown goes on and reports).
 pub fn teardown_podman(prefix: &str, hosts: &[String]) -> Vec<String> {
     let mut errors = Vec::new();

@@ -402,6 +402,12 @@ impl Driver for PodmanDriver {
     }
 
     fn checkpointed(&self, entry: &Entry, dumped: bool) -> Result<(), String> {
+        // ferry's pre-dump hook froze the container's cgroup (CRIU's own v1 freezer poll costs
+        // 100 ms) and CRIU left it frozen: thawed now, after a dump (the tasks then stop on
+        // `leave-stopped`'s SIGSTOP) and after a failed one (they run on).
+        if let Some(dir) = ferry_api::cgroup::freezer_of(entry.proc.pid) {
+            ferry_api::cgroup::thaw(&dir).map_err(|e| format!("thawing {}: {e}", dir.display()))?;
+        }
         if dumped {
             resume::wait_stopped(entry.proc.pid, std::time::Duration::from_secs(1)).map_err(
                 |e| {
@@ -491,11 +497,18 @@ impl Driver for PodmanDriver {
     }
 
     fn resume(&self, entry: &Entry, side: FenceSide) -> io::Result<(usize, usize)> {
-        match side {
+        let pid = entry.proc.pid;
+        let r = match side {
             // Stopped by CRIU's leave-stopped, its sockets still in repair mode.
-            FenceSide::Source => resume::resume(entry.proc.pid),
-            FenceSide::Destination => resume::cont(entry.proc.pid).map(|n| (n, 0)),
+            FenceSide::Source => resume::resume(pid),
+            FenceSide::Destination => resume::cont(pid).map(|n| (n, 0)),
+        }?;
+        // A cgroup the pre-dump hook froze and no agent thawed (it died during the dump):
+        // thawed last, the SIGCONT already pending.
+        if let Some(dir) = ferry_api::cgroup::freezer_of(pid) {
+            ferry_api::cgroup::thaw(&dir)?;
         }
+        Ok(r)
     }
 
     fn kill(&self, entry: &Entry) -> io::Result<()> {
