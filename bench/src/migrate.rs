@@ -53,7 +53,7 @@ use crate::{
     stats::{median, percentile_of, ratio},
     workload::{Workload, WorkloadError},
 };
-use ferry_lab::{Lab, LabError, LabOptions, bins::find_binary, clock::wait_until, leftovers};
+use ferry_lab::{Lab, LabError, LabOptions, bins::find_binary, leftovers};
 
 /// The migrating container.
 pub const CONTAINER: &str = "10.244.1.10";
@@ -1085,7 +1085,7 @@ fn measure_mode(
                             && let Some(id) = &podman_id
                         {
                             // Lab only: see `ferry_lab::podman::forget_stale_runc_state`.
-                            forget_stale(lab, &r.from, id);
+                            let _ = ferry_lab::podman::settle_source(lab, &r.from, id);
                         }
                         here = r.to.clone();
                         failures_in_a_row = 0;
@@ -1245,24 +1245,6 @@ fn start_podman(p: &Progress, lab: &Lab, name: &str, mode: Mode) -> Result<i32, 
     pid.trim()
         .parse()
         .map_err(|e| MigrateError::Setup(format!("podman inspect: PID {pid:?}: {e}")))
-}
-
-/// The source's stopped copy is removed by its agent once the destination runs; in a lab the
-/// source's runc may keep the container's state (`ferry_lab::podman::forget_stale_runc_state`),
-/// waited for here (the agent removes the copy as the release reaches it).
-fn forget_stale(lab: &Lab, host: &str, id: &str) {
-    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
-        let exists = lab
-            .podman(host)
-            .and_then(|pm| pm.command(&["container", "exists", id]))
-            .ok()
-            .and_then(|mut c| c.status().ok())
-            .is_some_and(|s| s.success());
-        Ok::<_, LabError>((!exists).then_some(()))
-    });
-    if matches!(gone, Ok(Some(()))) {
-        let _ = ferry_lab::podman::forget_stale_runc_state(lab, host, id);
-    }
 }
 
 /// Where `podman_own`'s client runs (a host namespace of cloud a, neither source nor

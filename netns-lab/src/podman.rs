@@ -315,6 +315,28 @@ pub fn forget_stale_runc_state(lab: &Lab, host: &str, id: &str) -> Result<bool, 
     Ok(true)
 }
 
+/// After a run released container `id` away from `host` (lab only): waits (up to 5 s) until
+/// `host`'s Podman no longer has it (its agent removes the source's copy as the release
+/// reaches it), then [`forget_stale_runc_state`]. Returns whether a stale state was removed.
+pub fn settle_source(lab: &Lab, host: &str, id: &str) -> Result<bool, LabError> {
+    let gone = crate::clock::wait_until(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(20),
+        || {
+            let exists = lab
+                .podman(host)?
+                .command(&["container", "exists", id])?
+                .status()
+                .map_err(io("podman container exists"))?;
+            Ok::<_, LabError>((!exists.success()).then_some(()))
+        },
+    )?;
+    match gone {
+        Some(()) => forget_stale_runc_state(lab, host, id),
+        None => Ok(false),
+    }
+}
+
 /// Removes every container of every host's Podman (best effort: teardown goes on and reports).
 pub fn teardown_podman(prefix: &str, hosts: &[String]) -> Vec<String> {
     let mut errors = Vec::new();

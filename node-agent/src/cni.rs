@@ -419,6 +419,11 @@ async fn add(ctx: &Ctx, req: &Request, fd: BorrowedFd<'_>) -> Result<Attached, C
         return attach_to_migration(ctx, req, fd, mac, alloc).await;
     }
     let ip = alloc.ip;
+    if !alloc.changed
+        && let Some(node) = left_by_its_runtime(ctx, ip).await
+    {
+        return reattach(ctx, req, fd, mac, ip, node).await;
+    }
     info!(%ip, new = alloc.changed, "address allocated");
     let mut registered = false;
     match add_new(ctx, req, fd, ip, mac, &mut registered).await {
@@ -646,12 +651,78 @@ async fn attach_to_migration(
         }
         tokio::time::sleep(POLL).await;
     };
+    let what = format!("migration {id}");
+    let built = attach_built(ctx, req, fd, &mut node, ip, &what).await?;
+    info!(%ip, migration = %id, "attached to the prepared container; its packets stay held until the release");
+    Ok(attached_result(ip, &built, Some(id)))
+}
+
+/// The agent's lock if container `ip` is an endpoint of this host that no runtime has
+/// attached and whose (agent-made) namespace runs nothing: a container whose runtime let go
+/// of it while a migration held its endpoint here (Podman's DEL after its checkpoint; a
+/// destination's restore that gave up), and that the migration left here (aborted). Its
+/// runtime, restoring it here, takes it back as it was: same endpoint, veth, MAC and
+/// public mappings; nothing is registered or removed.
+async fn left_by_its_runtime(ctx: &Ctx, ip: Ipv4Addr) -> Option<tokio::sync::MutexGuard<'_, Node>> {
+    let node = ctx.node.lock().await;
+    let snap = node.registry.as_ref()?;
+    let here = snap
+        .endpoints
+        .iter()
+        .any(|e| e.ip == ip && e.host == ctx.host);
+    let migrating = snap
+        .migrations
+        .iter()
+        .any(|m| m.container == ip && m.phase.is_active());
+    let (_, built) = node.applied.containers.get(&ip)?;
+    let idle = netns::pids_in(&built.netns).is_ok_and(|p| p.is_empty());
+    (here && !migrating && idle && ctx.attached.get(ip).is_none()).then_some(node)
+}
+
+/// ADD of a container that its runtime restores on the host it left (see
+/// [`left_by_its_runtime`]): the runtime's namespace replaces the agent's.
+async fn reattach(
+    ctx: &Ctx,
+    req: &Request,
+    fd: BorrowedFd<'_>,
+    mac: Option<MacAddr>,
+    ip: Ipv4Addr,
+    mut node: tokio::sync::MutexGuard<'_, Node>,
+) -> Result<Attached, CniError> {
+    let ep_mac = node
+        .registry
+        .as_ref()
+        .and_then(|s| s.endpoints.iter().find(|e| e.ip == ip).map(|e| e.mac));
+    if let (Some(want), Some(have)) = (mac, ep_mac)
+        && want != have
+    {
+        return Err(err(
+            ErrorCode::Refused,
+            format!("{ip} lives on this host with MAC {have}, not {want}"),
+        ));
+    }
+    let built = attach_built(ctx, req, fd, &mut node, ip, "its endpoint on this host").await?;
+    info!(%ip, container = %req.container_id, "the runtime took its container back on this host");
+    Ok(attached_result(ip, &built, None))
+}
+
+/// Moves the veth of the built container `ip` (its agent-made or prepared namespace) into
+/// the runtime's namespace `fd` and records the attachment; `what` names the container's
+/// situation in errors.
+async fn attach_built(
+    ctx: &Ctx,
+    req: &Request,
+    fd: BorrowedFd<'_>,
+    node: &mut tokio::sync::MutexGuard<'_, Node>,
+    ip: Ipv4Addr,
+    what: &str,
+) -> Result<Built, CniError> {
     let (c, built): (LocalContainer, Built) = node.applied.containers[&ip].clone();
     if let Some(a) = ctx.attached.get(ip) {
         return Err(err(
             ErrorCode::AddressInUse,
             format!(
-                "{ip} (migration {id}) is attached already, to container {} ({})",
+                "{ip} ({what}) is attached already, to container {} ({})",
                 a.container_id, a.ifname
             ),
         ));
@@ -661,8 +732,8 @@ async fn attach_to_migration(
         return Err(err(
             ErrorCode::Refused,
             format!(
-                "the prepared namespace of {ip} (migration {id}) already runs processes \
-                 {pids:?}: it was restored by another runtime"
+                "the namespace of {ip} ({what}) already runs processes {pids:?}: it was \
+                 restored by another runtime"
             ),
         ));
     }
@@ -679,16 +750,14 @@ async fn attach_to_migration(
         .net
         .attach_prepared(&c, &built, a, fd)
         .await
-        .map_err(|e| err(ErrorCode::Io, format!("attaching to migration {id}: {e}")))?;
+        .map_err(|e| err(ErrorCode::Io, format!("attaching to {what}: {e}")))?;
     let entry = node
         .applied
         .containers
         .get_mut(&ip)
         .expect("held under the lock");
     entry.1.ifname = a.ifname.clone();
-    let built = entry.1.clone();
-    info!(%ip, migration = %id, "attached to the prepared container; its packets stay held until the release");
-    Ok(attached_result(ip, &built, Some(id)))
+    Ok(entry.1.clone())
 }
 
 /// Where the registry (as this agent last saw it) puts an attached container.

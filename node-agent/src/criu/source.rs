@@ -139,11 +139,15 @@ pub async fn checkpoint(
     let ip = req.container;
     // A container Podman runs (ferry-cni attached it) is adopted at its first move.
     let known = ctx.runtime.entry(ip).filter(|e| e.proc.running);
+    // When the caller named no runtime, a Podman that cannot be asked (not installed, no
+    // configuration on this host) only means "not a Podman container": the answer is
+    // `no_process`, naming what Podman said. Asked for Podman by name, it is an error.
+    let mut podman_said = None;
     let known = match known {
         Some(e) => Some(e),
         None if matches!(req.runtime, None | Some(RuntimeKind::Podman)) => {
             let rt = ctx.runtime.clone();
-            tokio::task::spawn_blocking(move || rt.adopt_podman(ip))
+            let found = tokio::task::spawn_blocking(move || rt.adopt_podman(ip))
                 .await
                 .map_err(|e| {
                     bad(
@@ -151,23 +155,34 @@ pub async fn checkpoint(
                         "internal",
                         format!("the Podman lookup failed: {e}"),
                     )
-                })?
-                .map_err(|e| {
-                    bad(
+                })?;
+            match found {
+                Ok(found) => found,
+                Err(e) if req.runtime.is_none() => {
+                    tracing::debug!(container = %ip, error = %e, "no Podman container here");
+                    podman_said = Some(e.to_string());
+                    None
+                }
+                Err(e) => {
+                    return Err(bad(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "internal",
                         format!("container {ip}: {e}"),
-                    )
-                })?
+                    ));
+                }
+            }
         }
         None => None,
     };
     let Some(entry) = known.filter(|e| e.proc.running && e.proc.fenced.is_none()) else {
+        let podman = podman_said
+            .map(|e| format!(" (nor could Podman be asked: {e})"))
+            .unwrap_or_default();
         return Err(bad(
             StatusCode::CONFLICT,
             "no_process",
             format!(
-                "container {ip} has no running process on {} to checkpoint",
+                "container {ip} has no running process on {} to checkpoint{podman}",
                 ctx.host
             ),
         ));
