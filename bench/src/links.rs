@@ -197,7 +197,8 @@ pub struct RateFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct LossFigures {
     pub configured: f64,
-    /// Packets the forwarder read and lost by the draw (direction from → to, over the UDP run).
+    /// Packets that reached the loss draw (read by the forwarder and not dropped at the
+    /// bottleneck's buffer), and those it lost (direction from → to, over the UDP run).
     pub packets: u64,
     pub lost: u64,
     pub measured: f64,
@@ -228,9 +229,13 @@ pub struct Drops {
     pub write_errors: u64,
 }
 
-/// How late the forwarder wrote packets back after their due time.
+/// How late the forwarder wrote packets back after their due time, and what it cost.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timing {
+    /// CPU the forwarder used over the throughput runs, in % of one core (the kernel's work
+    /// for the packets it writes back — routing, the bridge, the receiver's stack — runs in
+    /// its context and is included).
+    pub cpu_percent: f64,
     pub packets: u64,
     pub mean_late_us: f64,
     /// The most since the lab came up.
@@ -491,6 +496,14 @@ fn measure_link(
 
     // UDP above the rate: what arrives, and the loss draws on the way.
     let tun = tun_name(k, 0);
+    let forwarder_pid = lab
+        .forwarder_pid()?
+        .ok_or_else(|| BenchError::failed("the lab has no links' forwarder"))?;
+    let cpu = || {
+        ferry_lab::procs::cpu_seconds(forwarder_pid)
+            .map_err(|e| BenchError::io("reading the forwarder's CPU time", e))
+    };
+    let (cpu0, t0) = (cpu()?, Instant::now());
     let before = direction_stats(lab, &tun)?;
     let seconds = Duration::from_secs(args.seconds);
     let port = 5301 + 2 * k as u16;
@@ -554,10 +567,16 @@ fn measure_link(
         )?;
     }
     let after = direction_stats(lab, &tun)?;
-    let packets = after.forwarder.rx_packets - before.forwarder.rx_packets;
-    let lost = after.forwarder.lost_packets - before.forwarder.lost_packets;
-    r.loss = Some(loss_figures(link.loss, packets, lost));
     let (a, b) = (&after.forwarder, &before.forwarder);
+    // The loss draw comes after the buffer: packets the buffer dropped never reached it.
+    let drawn = (a.rx_packets - b.rx_packets)
+        - (a.queue_drops - b.queue_drops)
+        - (a.overflow_packets - b.overflow_packets);
+    r.loss = Some(loss_figures(
+        link.loss,
+        drawn,
+        a.lost_packets - b.lost_packets,
+    ));
     r.drops = Some(Drops {
         queue: a.queue_drops - b.queue_drops,
         ring: a.ring_drops - b.ring_drops,
@@ -572,9 +591,11 @@ fn measure_link(
     ));
     let json = iperf3(lab, from, to, &to_ip, port + 1, &[], seconds)?;
     let end = direction_stats(lab, &tun)?;
+    let cpu_percent = (cpu()? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let (e, b) = (&end.forwarder, &before.forwarder);
     let packets = e.tx_packets - b.tx_packets;
     r.timing = Some(Timing {
+        cpu_percent: round_to(cpu_percent, 1),
         packets,
         mean_late_us: if packets == 0 {
             0.0
@@ -979,8 +1000,8 @@ impl LinksReport {
             if let Some(t) = &l.timing {
                 let _ = writeln!(
                     s,
-                    "  forwarder timing: packets written back {:.1} µs late on average, at most {:.1} µs; {} of {} more than 1 ms late",
-                    t.mean_late_us, t.max_late_us, t.late_over_1ms, t.packets
+                    "  forwarder: packets written back {:.1} µs late on average, at most {:.1} µs; {} of {} more than 1 ms late; CPU {:.0} % of a core",
+                    t.mean_late_us, t.max_late_us, t.late_over_1ms, t.packets, t.cpu_percent
                 );
             }
             if let Some(e) = &l.error {

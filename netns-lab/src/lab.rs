@@ -236,6 +236,16 @@ impl Lab {
         self.topology.host(name)
     }
 
+    /// PID of the links' forwarder, if the lab has links (from its state).
+    pub fn forwarder_pid(&self) -> Result<Option<i32>, LabError> {
+        Ok(self
+            .load_state()?
+            .processes
+            .iter()
+            .find(|p| p.kind == WAN_FORWARDER)
+            .map(|p| p.pid))
+    }
+
     /// The lab's shaped links between clouds.
     pub fn links(&self) -> &[crate::topology::Link] {
         &self.topology.links
