@@ -4,6 +4,7 @@
 //! - [`datapath`]: throughput and request/response latency, ferry vs two baselines;
 //! - [`handoff`]: a stateful server handed off between clouds, hold vs drop;
 //! - [`migrate`]: whole-container live migration with CRIU, hold vs CRIU's network lock;
+//! - [`links`]: the lab's shaped links between clouds measured against their configuration;
 //! - [`faults`]: the fault matrix: agents and the gateway killed, links cut, a full disk, at
 //!   each phase of a CRIU migration, and whether exactly one copy runs afterwards.
 //!
@@ -14,6 +15,7 @@ pub mod datapath;
 pub mod demo;
 pub mod faults;
 pub mod handoff;
+pub mod links;
 pub mod migrate;
 pub mod samples;
 pub mod stats;
@@ -46,6 +48,10 @@ pub enum BenchCmd {
     /// run`, with a live client: the outcome, the copies running afterwards (must be 1),
     /// resets, bytes lost, the client's longest gap and the time to converge.
     Faults(faults::FaultsArgs),
+    /// Shaped links between clouds (delay, jitter, loss, rate) in a lab of their own: ping RTT
+    /// and its spread, iperf3 throughput and the loss counted, configured vs measured with
+    /// the relative error.
+    Links(links::LinksArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,5 +133,6 @@ pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Handoff(args) => handoff::run(&args),
         BenchCmd::Migrate(args) => migrate::run(&args),
         BenchCmd::Faults(args) => faults::run(&args),
+        BenchCmd::Links(args) => links::run(&args),
     }
 }

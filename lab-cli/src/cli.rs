@@ -142,6 +142,18 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The lab's shaped links between clouds (delay, jitter, loss, rate): what they are,
+    /// their counters, and a measurement against what they should deliver.
+    Links {
+        #[command(subcommand)]
+        action: LinksAction,
+    },
+    /// The links' forwarder (started by the lab in its router namespace).
+    #[command(hide = true)]
+    WanForward {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Wait for the owner process to exit, then tear its lab down if it is still there.
     #[command(hide = true)]
     Reap {
@@ -178,6 +190,29 @@ pub enum ImageAction {
         /// Print the image as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum LinksAction {
+    /// Each direction of each link: its properties and counters (packets forwarded, lost by
+    /// the loss draw, dropped at the rate limit).
+    Show {
+        #[arg(long)]
+        lab: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure each link (ping RTT and its spread, iperf3 throughput, loss from the
+    /// counters) from a host of one cloud to a host of the other, and print configured vs
+    /// measured with the relative error. Exits 1 if a figure is outside its tolerance.
+    Check {
+        #[arg(long)]
+        lab: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        opts: ferry_bench::links::CheckArgs,
     },
 }
 
@@ -297,6 +332,63 @@ mod tests {
             c.command,
             Cmd::Image { action: ImageAction::Build { ref name, json: true } } if name == "redis"
         ));
+        let c = Cli::try_parse_from([
+            "ferry-lab",
+            "links",
+            "check",
+            "--lab",
+            "fl000000",
+            "--pings",
+            "10",
+            "--seconds",
+            "0",
+            "--link",
+            "a,b",
+            "--json",
+        ])
+        .unwrap();
+        match c.command {
+            Cmd::Links {
+                action:
+                    LinksAction::Check {
+                        lab,
+                        json: true,
+                        opts,
+                    },
+            } => {
+                assert_eq!(lab.as_deref(), Some("fl000000"));
+                assert_eq!((opts.pings, opts.seconds), (10, 0));
+                assert_eq!(opts.link.as_deref(), Some("a,b"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = Cli::try_parse_from(["ferry-lab", "links", "check", "--seconds", "2"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("want 0 (no throughput runs) or 3 to 600"), "{e}");
+        assert!(Cli::try_parse_from(["ferry-lab", "links", "check", "--pings", "1"]).is_err());
+        let c = Cli::try_parse_from(["ferry-lab", "links", "show"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Cmd::Links {
+                action: LinksAction::Show {
+                    lab: None,
+                    json: false
+                }
+            }
+        ));
+        let c = Cli::try_parse_from(["ferry-lab", "bench", "links", "--profile", "lan", "--json"])
+            .unwrap();
+        match c.command {
+            Cmd::Bench {
+                what: ferry_bench::BenchCmd::Links(a),
+            } => {
+                assert_eq!(a.profile, "lan");
+                assert!(a.json && a.topology.is_none());
+                assert_eq!((a.check.pings, a.check.seconds), (100, 5));
+            }
+            other => panic!("{other:?}"),
+        }
         let c =
             Cli::try_parse_from(["ferry-lab", "up", "t.toml", "--no-agents", "--json"]).unwrap();
         assert!(matches!(

@@ -210,6 +210,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::WanForward { config } => {
+            ferry_lab::wan::run_forwarder(&config)?;
+            Ok(0)
+        }
+        Cmd::Links { action } => crate::links::run(action),
         Cmd::Reap {
             lab,
             owner,
@@ -332,6 +337,22 @@ fn print_status(s: &LabStatus) {
             INET,
             netns_name(&s.prefix, INET)
         );
+    }
+    if !s.links.is_empty() {
+        println!("links (shaped by the router's forwarder; `ferry-lab links show`):");
+        for l in &s.links {
+            println!(
+                "  {:<24} {:<16} delay {} ms ± {} ms, loss {}, rate {}",
+                l.name(),
+                l.profile.as_deref().unwrap_or("custom"),
+                l.delay_ms,
+                l.jitter_ms,
+                l.loss,
+                l.rate_mbit
+                    .map(|r| format!("{r} Mbit/s, buffer {} ms", l.queue_ms.unwrap_or(0.0)))
+                    .unwrap_or_else(|| "unlimited".into())
+            );
+        }
     }
     if !s.processes.is_empty() {
         println!("processes:");

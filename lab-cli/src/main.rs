@@ -3,6 +3,7 @@ use clap::Parser as _;
 
 mod cli;
 mod commands;
+mod links;
 
 fn main() {
     use std::io::IsTerminal as _;

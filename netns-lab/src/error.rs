@@ -38,6 +38,12 @@ pub enum LabError {
         log: PathBuf,
         tail: String,
     },
+    #[error("the WAN links' forwarder {problem}; tail of {log}:\n{tail}")]
+    WanForwarder {
+        problem: String,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("`ferry {args}` failed: {message}")]
     Ferry { args: String, message: String },
     #[error(

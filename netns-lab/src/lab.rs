@@ -21,6 +21,7 @@ use crate::{
     state::{self, BPFFS_ROOT, LabState},
     teardown::teardown,
     topology::{Host, LabTopology, Role, Topology},
+    wan,
 };
 
 /// Name of the router node (and of its namespace suffix).
@@ -35,6 +36,10 @@ pub const PUBLIC_IF: &str = "pub0";
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Port of the agents' peer API (hand-off packages), on each host's underlay address.
 pub const AGENT_API_PORT: u16 = ferry_config::DEFAULT_API_PORT;
+/// The recorded kind of the links' forwarder process (`ferry-lab wan-forward`).
+pub const WAN_FORWARDER: &str = "wan-forwarder";
+/// How long the links' forwarder gets to open its TUN devices and answer.
+pub const WAN_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What to bring up (default: the built-in topology, no agents).
 #[derive(Debug, Clone, Default)]
@@ -110,6 +115,12 @@ impl Lab {
         } else {
             None
         };
+        // Shaped links: the forwarder is `ferry-lab wan-forward`.
+        let wan_bin = if topology.links.is_empty() {
+            None
+        } else {
+            Some(find_binary("ferry-lab", "ferry-lab-cli")?)
+        };
 
         let prefix = create_state_dir()?;
         let mut b = Builder {
@@ -133,6 +144,7 @@ impl Lab {
         let _span = tracing::info_span!("lab", %prefix).entered();
         let result = b.build(
             reaper_bin.as_deref(),
+            wan_bin.as_deref(),
             agent_bin.as_deref(),
             ferry_bin.as_deref(),
         );
@@ -222,6 +234,49 @@ impl Lab {
     /// A host's addresses.
     pub fn host(&self, name: &str) -> Option<&Host> {
         self.topology.host(name)
+    }
+
+    /// PID of the links' forwarder, if the lab has links (from its state).
+    pub fn forwarder_pid(&self) -> Result<Option<i32>, LabError> {
+        Ok(self
+            .load_state()?
+            .processes
+            .iter()
+            .find(|p| p.kind == WAN_FORWARDER)
+            .map(|p| p.pid))
+    }
+
+    /// The lab's shaped links between clouds.
+    pub fn links(&self) -> &[crate::topology::Link] {
+        &self.topology.links
+    }
+
+    /// Every direction of every shaped link with its forwarder's counters (read, dropped at
+    /// the bottleneck, lost, held, written back, dropped by the kernel before it read them).
+    pub fn link_stats(&self) -> Result<Vec<wan::DirectionStats>, LabError> {
+        let plan = wan::plan(&self.topology);
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let socket = wan::stats_socket(&self.state_dir());
+        let fwd = wan::query_stats(&socket).map_err(|e| LabError::WanForwarder {
+            problem: format!("does not answer on {}: {e}", socket.display()),
+            tail: tail(&wan::log_path(&self.state_dir()), 20),
+            log: wan::log_path(&self.state_dir()),
+        })?;
+        let v = plan
+            .into_iter()
+            .map(|d| wan::DirectionStats {
+                forwarder: fwd
+                    .directions
+                    .iter()
+                    .find(|c| c.tun == d.tun)
+                    .cloned()
+                    .unwrap_or_default(),
+                plan: d,
+            })
+            .collect();
+        Ok(v)
     }
 
     fn check_node(&self, node: &str) -> Result<(), LabError> {
@@ -871,6 +926,7 @@ impl Builder {
     fn build(
         &mut self,
         reaper: Option<&Path>,
+        wan: Option<&Path>,
         agent: Option<&Path>,
         ferry: Option<&Path>,
     ) -> Result<(), LabError> {
@@ -883,6 +939,9 @@ impl Builder {
         }
         self.create_namespaces()?;
         self.wire()?;
+        if let Some(bin) = wan {
+            self.start_wan(bin)?;
+        }
         if let Some(bin) = ferry {
             self.start_gateway(bin)?;
         }
@@ -1084,6 +1143,94 @@ impl Builder {
             .spawn()
             .map_err(|e| LabError::io(format!("running {shown}"), e))?;
         Ok((shown, child))
+    }
+
+    /// The shaped links (see [`crate::wan`]): TUN devices and policy rules in the router,
+    /// then the forwarder, recorded before anything waits on it; returns once it answers on
+    /// its socket.
+    fn start_wan(&mut self, bin: &Path) -> Result<(), LabError> {
+        let plan = wan::plan(&self.state.topology);
+        if plan.is_empty() {
+            return Ok(());
+        }
+        self.run_batch(Some(ROUTER), "wan", &wan::ip_batch(&plan))?;
+        // Packets written back into a TUN device come in on it with a source address that
+        // routes via a bridge: reverse-path filtering must not drop them. No IPv6 on the TUN
+        // devices (the lab is IPv4; the kernel's own router solicitations would only cross
+        // the link as noise).
+        let tuns: Vec<String> = plan.iter().map(|d| d.tun.clone()).collect();
+        run_in(&netns_path(&self.ns(ROUTER)), move || {
+            use ferry_overlay::sys::write_sysctl;
+            write_sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+            for t in &tuns {
+                write_sysctl(&format!("net/ipv4/conf/{t}/rp_filter"), "0")?;
+                let v6 = format!("net/ipv6/conf/{t}/disable_ipv6");
+                if Path::new("/proc/sys").join(&v6).exists() {
+                    write_sysctl(&v6, "1")?;
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        })?
+        .map_err(|e| LabError::io("setting the WAN links' sysctls in the router", e))?;
+        let dir = self.dir();
+        let config = wan::config_path(&dir);
+        let socket = wan::stats_socket(&dir);
+        let cfg = wan::forwarder_config(&plan, socket.clone());
+        let text = serde_json::to_string_pretty(&cfg).expect("a forwarder config serialises");
+        std::fs::write(&config, text)
+            .map_err(|e| LabError::io(format!("writing {}", config.display()), e))?;
+        let log_path = wan::log_path(&dir);
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| LabError::io(format!("creating {}", log_path.display()), e))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("wan-forward")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        command_in(&mut cmd, &netns_path(&self.ns(ROUTER)))?;
+        detach_session(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LabError::io(format!("spawning {} wan-forward", bin.display()), e))?;
+        tracing::info!(
+            pid = child.id(),
+            links = self.state.topology.links.len(),
+            "wan forwarder started"
+        );
+        let recorded = self.record(&child, WAN_FORWARDER, None);
+        let ready = recorded.and_then(|()| {
+            let deadline = Instant::now() + WAN_READY_TIMEOUT;
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(LabError::WanForwarder {
+                        problem: format!("exited ({status}) before it was ready"),
+                        tail: tail(&log_path, 20),
+                        log: log_path.clone(),
+                    });
+                }
+                if wan::query_stats(&socket).is_ok() {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(LabError::WanForwarder {
+                        problem: format!(
+                            "did not answer on {} within {} s",
+                            socket.display(),
+                            WAN_READY_TIMEOUT.as_secs()
+                        ),
+                        tail: tail(&log_path, 20),
+                        log: log_path.clone(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        self.children.push(child);
+        ready
     }
 
     fn start_agents(&mut self, bin: &Path) -> Result<(), LabError> {

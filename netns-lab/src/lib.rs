@@ -15,6 +15,8 @@
 //! - [`procs`]: process identity (PID + start time), stopping processes through pidfds;
 //! - [`state`]: what a lab recorded under `/run/ferry-lab/<prefix>/`;
 //! - [`image`]: root file systems for runc containers from the host's Debian packages, cached;
+//! - [`wan`]: shaped links between clouds (delay, jitter, loss, rate) without netem: TUN
+//!   devices and a forwarder process in the router namespace;
 //! - [`bins`]: finding the workspace's binaries;
 //! - [`clock`]: the wall clock in ms, and waiting on a condition with a deadline.
 //!
@@ -39,8 +41,9 @@ pub mod procs;
 pub mod state;
 pub mod teardown;
 pub mod topology;
+pub mod wan;
 
 pub use error::{LabError, TeardownError};
 pub use lab::{INET, Lab, LabOptions, ROUTER, netns_name};
 pub use teardown::{LabStatus, leftovers, list_labs, reap, status, teardown};
-pub use topology::{Host, LabTopology, Role, Topology, TopologyError};
+pub use topology::{Host, LabTopology, Link, LinkProps, LinkSpec, Role, Topology, TopologyError};

@@ -56,6 +56,30 @@ fn parse_stat(text: &str) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// CPU time a process has used (user + system, fields 14 and 15 of /proc/PID/stat), in
+/// seconds.
+pub fn cpu_seconds(pid: i32) -> io::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let ticks = parse_cpu_ticks(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat: unexpected format"),
+        )
+    })?;
+    // SAFETY: sysconf(3) with a valid name has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+fn parse_cpu_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) are at indexes 11 and 12 of `rest`.
+    let u: u64 = fields.get(11)?.parse().ok()?;
+    let s: u64 = fields.get(12)?.parse().ok()?;
+    Some(u + s)
+}
+
 /// Start time of a process (field 22 of /proc/PID/stat).
 pub fn start_time(pid: i32) -> io::Result<u64> {
     stat(pid).map(|(_, s)| s)
@@ -318,6 +342,8 @@ mod tests {
     fn parses_stat_with_awkward_comm() {
         let text = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10 18446744073709551615";
         assert_eq!(parse_stat(text), Some(('S', 98765)));
+        assert_eq!(parse_cpu_ticks(text), Some(3));
+        assert!(cpu_seconds(std::process::id() as i32).unwrap() >= 0.0);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub const STATE_ROOT: &str = "/run/ferry-lab";
 /// Where agents pin their eBPF objects: `<BPFFS_ROOT>/<prefix>-<host>`.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/ferry";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabState {
     pub prefix: String,
     /// `ferry-lab up` labs outlive their creator; library labs are reaped with their owner.

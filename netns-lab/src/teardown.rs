@@ -458,6 +458,9 @@ pub struct LabStatus {
     pub namespaces: Vec<NamespaceStatus>,
     pub hosts: Vec<HostStatus>,
     pub internet_client: Option<String>,
+    /// Shaped links between clouds (see `ferry-lab links show` for their counters).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::topology::Link>,
     pub processes: Vec<ProcessStatus>,
 }
 
@@ -532,6 +535,10 @@ pub fn status(prefix: &str) -> Result<LabStatus, LabError> {
             .as_ref()
             .and_then(|s| s.topology.internet.as_ref())
             .map(|i| format!("{}/{}", i.client, i.subnet.prefix_len())),
+        links: st
+            .as_ref()
+            .map(|s| s.topology.links.clone())
+            .unwrap_or_default(),
         processes: st
             .map(|s| {
                 s.processes

@@ -23,7 +23,20 @@
 //! subnet = "203.0.113.0/24"        # default
 //! gateway = "gw"                   # default; a host with role "gateway"; it gets .1
 //! client = "203.0.113.10"          # optional: default .10
+//!
+//! [[links]]                        # optional: a shaped link between two clouds
+//! between = ["a", "b"]
+//! profile = "wan"                  # optional: lan, wan or intercontinental (see [`PROFILES`])
+//! delay_ms = 30                    # one-way, each direction; overrides the profile's
+//! jitter_ms = 2                    # the one-way delay varies within delay ± jitter
+//! loss = 0.0001                    # probability that a packet is lost, each direction
+//! rate_mbit = 200                  # each direction; absent: not rate-limited
+//! queue_ms = 60                    # the bottleneck's buffer, in time at the rate
 //! ```
+//!
+//! Traffic between two clouds without a `[[links]]` entry, and between hosts of one cloud, is
+//! not shaped (a bridge and the router's forwarding: well under a millisecond). How a link is
+//! built without netem: [`crate::wan`] and docs/lab.md, "WAN links".
 
 use std::{
     collections::HashMap,
@@ -123,7 +136,7 @@ impl std::fmt::Display for Role {
 }
 
 /// A topology as written in TOML.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
     #[serde(default = "default_overlay_cidr")]
@@ -136,6 +149,9 @@ pub struct Topology {
     pub hosts: Vec<HostSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internet: Option<InternetSpec>,
+    /// Shaped links between clouds (delay, jitter, loss, rate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +208,7 @@ fn default_internet_gateway() -> String {
 }
 
 /// A resolved topology: what the lab builds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabTopology {
     pub overlay_cidr: Ipv4Net,
     pub vni: u32,
@@ -200,6 +216,10 @@ pub struct LabTopology {
     pub clouds: Vec<Cloud>,
     pub hosts: Vec<Host>,
     pub internet: Option<Internet>,
+    /// Shaped links between clouds, in the file's order (absent in the state of labs made
+    /// before links existed).
+    #[serde(default)]
+    pub links: Vec<Link>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +266,10 @@ impl LabTopology {
     }
     pub fn cloud(&self, name: &str) -> Option<&Cloud> {
         self.clouds.iter().find(|c| c.name == name)
+    }
+    /// The shaped link between clouds `a` and `b` (either order), if any.
+    pub fn link(&self, a: &str, b: &str) -> Option<&Link> {
+        self.links.iter().find(|l| l.joins(a, b))
     }
 }
 
@@ -606,6 +630,13 @@ impl Topology {
             })
             .collect();
 
+        let links = self
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| resolve_link(i, l, &self.links[..i], &clouds))
+            .collect::<Result<Vec<_>, _>>()?;
+
         Ok(LabTopology {
             overlay_cidr: self.overlay_cidr,
             vni: self.vni,
@@ -613,8 +644,291 @@ impl Topology {
             clouds,
             hosts,
             internet,
+            links,
         })
     }
+}
+
+/// A shaped link between two clouds as written in TOML: a profile, numbers, or a profile
+/// with some of its numbers overridden. Every property applies to each direction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// The two clouds (distinct, in any order).
+    pub between: Vec<String>,
+    /// A named profile ([`PROFILES`]): `lan`, `wan` or `intercontinental`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// One-way delay, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<f64>,
+    /// The one-way delay varies within `delay_ms ± jitter_ms` (never reordering packets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter_ms: Option<f64>,
+    /// Probability that a packet is lost (0 to 1), independently per packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Rate limit, Mbit/s (10^6 bit/s); absent (and no profile): not rate-limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<f64>,
+    /// The bottleneck's buffer, as the time it takes to drain at the rate (needs a rate);
+    /// default: one round trip (2 × delay_ms), at least [`MIN_DEFAULT_QUEUE_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+}
+
+/// What a link does to each direction's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkProps {
+    pub delay_ms: f64,
+    pub jitter_ms: f64,
+    pub loss: f64,
+    /// `None`: not rate-limited.
+    pub rate_mbit: Option<f64>,
+}
+
+/// The named link profiles. Rates are modest on purpose: a lab's links are emulated by one
+/// process on a small machine, and a profile must be delivered faithfully there (measured
+/// figures: docs/benchmarks.md, "WAN links").
+pub const PROFILES: [(&str, LinkProps); 3] = [
+    // Two clouds in one metro area (e.g. availability zones): 1 ms RTT.
+    (
+        "lan",
+        LinkProps {
+            delay_ms: 0.5,
+            jitter_ms: 0.05,
+            loss: 0.0,
+            rate_mbit: Some(300.0),
+        },
+    ),
+    // Two regions of one continent: 60 ms RTT.
+    (
+        "wan",
+        LinkProps {
+            delay_ms: 30.0,
+            jitter_ms: 2.0,
+            loss: 0.0001,
+            rate_mbit: Some(200.0),
+        },
+    ),
+    // Across an ocean: 150 ms RTT.
+    (
+        "intercontinental",
+        LinkProps {
+            delay_ms: 75.0,
+            jitter_ms: 5.0,
+            loss: 0.0002,
+            rate_mbit: Some(100.0),
+        },
+    ),
+];
+
+/// The profile named `name`.
+pub fn profile(name: &str) -> Option<LinkProps> {
+    PROFILES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+}
+
+/// Longest one-way delay a link may have (10 s).
+pub const MAX_DELAY_MS: f64 = 10_000.0;
+/// Lowest and highest rate, Mbit/s (100 kbit/s to 100 Gbit/s).
+pub const MIN_RATE_MBIT: f64 = 0.1;
+pub const MAX_RATE_MBIT: f64 = 100_000.0;
+/// The shortest default bottleneck buffer, ms at the rate: a short link still needs some
+/// buffer for TCP's bursts, and for a UDP sender's on a busy machine (measured: a 10 ms
+/// buffer at 500 Mbit/s lost 13 % of the rate to a bursty iperf3, 30 ms lost 4 %).
+pub const MIN_DEFAULT_QUEUE_MS: f64 = 20.0;
+
+/// A resolved link: every property known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// The two clouds, as the topology names them.
+    pub between: [String; 2],
+    /// The profile it started from, if any.
+    pub profile: Option<String>,
+    pub delay_ms: f64,
+    pub jitter_ms: f64,
+    pub loss: f64,
+    pub rate_mbit: Option<f64>,
+    /// The bottleneck's buffer (ms at the rate); `Some` exactly when `rate_mbit` is.
+    pub queue_ms: Option<f64>,
+}
+
+impl Link {
+    /// Does this link join clouds `a` and `b` (either order)?
+    pub fn joins(&self, a: &str, b: &str) -> bool {
+        (self.between[0] == a && self.between[1] == b)
+            || (self.between[0] == b && self.between[1] == a)
+    }
+
+    /// `a–b`: how messages name the link.
+    pub fn name(&self) -> String {
+        format!("{}–{}", self.between[0], self.between[1])
+    }
+
+    pub fn props(&self) -> LinkProps {
+        LinkProps {
+            delay_ms: self.delay_ms,
+            jitter_ms: self.jitter_ms,
+            loss: self.loss,
+            rate_mbit: self.rate_mbit,
+        }
+    }
+}
+
+/// Checks links[i] (`earlier` are the links before it) and fills in its properties.
+fn resolve_link(
+    i: usize,
+    l: &LinkSpec,
+    earlier: &[LinkSpec],
+    clouds: &[Cloud],
+) -> Result<Link, TopologyError> {
+    use TopologyError as E;
+    let f = |name: &str| format!("links[{i}].{name}");
+    let [a, b] = match l.between.as_slice() {
+        [a, b] => [a.clone(), b.clone()],
+        other => {
+            return Err(E::invalid(
+                f("between"),
+                format!(
+                    "names {} cloud(s): a link joins exactly two, e.g. between = [\"a\", \"b\"]",
+                    other.len()
+                ),
+            ));
+        }
+    };
+    for name in [&a, &b] {
+        if !clouds.iter().any(|c| &c.name == name) {
+            return Err(E::invalid(
+                f("between"),
+                format!(
+                    "unknown cloud {name:?} (clouds: {})",
+                    clouds
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    if a == b {
+        return Err(E::invalid(
+            f("between"),
+            format!(
+                "joins cloud {a:?} to itself: hosts of one cloud share its bridge, their traffic is not shaped"
+            ),
+        ));
+    }
+    if let Some(j) = earlier.iter().position(|o| {
+        o.between.len() == 2
+            && ((o.between[0] == a && o.between[1] == b)
+                || (o.between[0] == b && o.between[1] == a))
+    }) {
+        return Err(E::invalid(
+            f("between"),
+            format!("clouds {a:?} and {b:?} already have a link (links[{j}])"),
+        ));
+    }
+    let base = match &l.profile {
+        Some(p) => profile(p).ok_or_else(|| {
+            E::invalid(
+                f("profile"),
+                format!(
+                    "unknown profile {p:?} (profiles: {})",
+                    PROFILES.map(|(n, _)| n).join(", ")
+                ),
+            )
+        })?,
+        None => {
+            if l.delay_ms.is_none()
+                && l.jitter_ms.is_none()
+                && l.loss.is_none()
+                && l.rate_mbit.is_none()
+            {
+                return Err(E::invalid(
+                    format!("links[{i}]"),
+                    "sets nothing: give a profile (lan, wan, intercontinental) or at least one of delay_ms, jitter_ms, loss, rate_mbit",
+                ));
+            }
+            LinkProps {
+                delay_ms: 0.0,
+                jitter_ms: 0.0,
+                loss: 0.0,
+                rate_mbit: None,
+            }
+        }
+    };
+    let number = |name: &str, v: f64, lo: f64, hi: f64, unit: &str| {
+        if v.is_finite() && v >= lo && v <= hi {
+            Ok(v)
+        } else {
+            Err(E::invalid(
+                f(name),
+                format!("{v} is out of range ({lo} to {hi}{unit})"),
+            ))
+        }
+    };
+    let delay_ms = number(
+        "delay_ms",
+        l.delay_ms.unwrap_or(base.delay_ms),
+        0.0,
+        MAX_DELAY_MS,
+        " ms",
+    )?;
+    let jitter_ms = number(
+        "jitter_ms",
+        l.jitter_ms.unwrap_or(base.jitter_ms),
+        0.0,
+        MAX_DELAY_MS,
+        " ms",
+    )?;
+    if jitter_ms > delay_ms {
+        return Err(E::invalid(
+            f("jitter_ms"),
+            format!(
+                "{jitter_ms} ms is more than the link's delay ({delay_ms} ms): a packet cannot arrive before it was sent"
+            ),
+        ));
+    }
+    let loss = number("loss", l.loss.unwrap_or(base.loss), 0.0, 1.0, "")?;
+    let rate_mbit = match l.rate_mbit.or(base.rate_mbit) {
+        Some(r) => Some(number(
+            "rate_mbit",
+            r,
+            MIN_RATE_MBIT,
+            MAX_RATE_MBIT,
+            " Mbit/s",
+        )?),
+        None => None,
+    };
+    let queue_ms = match (l.queue_ms, rate_mbit) {
+        (Some(_), None) => {
+            return Err(E::invalid(
+                f("queue_ms"),
+                "is the buffer in front of a rate limit: set rate_mbit too (or a profile)",
+            ));
+        }
+        (Some(q), Some(_)) => {
+            if !(q.is_finite() && q > 0.0 && q <= MAX_DELAY_MS) {
+                return Err(E::invalid(
+                    f("queue_ms"),
+                    format!("{q} is out of range (more than 0, at most {MAX_DELAY_MS} ms)"),
+                ));
+            }
+            Some(q)
+        }
+        (None, Some(_)) => Some((2.0 * delay_ms).max(MIN_DEFAULT_QUEUE_MS)),
+        (None, None) => None,
+    };
+    Ok(Link {
+        between: [a, b],
+        profile: l.profile.clone(),
+        delay_ms,
+        jitter_ms,
+        loss,
+        rate_mbit,
+        queue_ms,
+    })
 }
 
 /// Address number `n` of `net` (0 = network address).
@@ -986,6 +1300,208 @@ cloud = "a"
             );
             assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
         }
+    }
+
+    fn with_links(links: &str) -> String {
+        format!("{SMALL}[[clouds]]\nname = \"c\"\nsubnet = \"198.18.3.0/24\"\n{links}")
+    }
+
+    #[test]
+    fn links_take_a_profile_numbers_or_both() {
+        let text = with_links(
+            "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"wan\"\n\
+             [[links]]\nbetween = [\"c\", \"a\"]\ndelay_ms = 5\nloss = 0.01\n\
+             [[links]]\nbetween = [\"b\", \"c\"]\nprofile = \"intercontinental\"\nrate_mbit = 20\nqueue_ms = 40.5\n",
+        );
+        let t = Topology::parse(&text).unwrap();
+        assert_eq!(Topology::parse(&t.to_toml()).unwrap(), t, "{}", t.to_toml());
+        let r = t.resolve().unwrap();
+        let wan = r.link("b", "a").unwrap();
+        assert_eq!(wan.profile.as_deref(), Some("wan"));
+        assert_eq!(wan.props(), profile("wan").unwrap());
+        assert_eq!(wan.queue_ms, Some(60.0), "one round trip by default");
+        let ca = r.link("a", "c").unwrap();
+        assert_eq!(ca.between, ["c".to_owned(), "a".to_owned()]);
+        assert_eq!(
+            (
+                ca.delay_ms,
+                ca.jitter_ms,
+                ca.loss,
+                ca.rate_mbit,
+                ca.queue_ms
+            ),
+            (5.0, 0.0, 0.01, None, None)
+        );
+        let bc = r.link("c", "b").unwrap();
+        let ic = profile("intercontinental").unwrap();
+        assert_eq!(
+            (
+                bc.delay_ms,
+                bc.jitter_ms,
+                bc.loss,
+                bc.rate_mbit,
+                bc.queue_ms
+            ),
+            (ic.delay_ms, ic.jitter_ms, ic.loss, Some(20.0), Some(40.5))
+        );
+        assert_eq!(bc.name(), "b–c");
+        // Without links nothing is shaped, and the file round-trips without a `links` key.
+        let small = Topology::parse(SMALL).unwrap();
+        assert!(small.resolve().unwrap().links.is_empty());
+        assert!(!small.to_toml().contains("links"));
+        // A short link gets the minimum default buffer.
+        let r = Topology::parse(&with_links(
+            "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"lan\"\n",
+        ))
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(r.links[0].queue_ms, Some(MIN_DEFAULT_QUEUE_MS));
+    }
+
+    #[test]
+    fn every_profile_is_valid_and_documented_rates_are_modest() {
+        for (name, p) in PROFILES {
+            let text = with_links(&format!(
+                "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"{name}\"\n"
+            ));
+            let r = Topology::parse(&text).unwrap().resolve().unwrap();
+            assert_eq!(r.links[0].props(), p, "{name}");
+            assert!(p.jitter_ms <= p.delay_ms, "{name}");
+            assert!(p.rate_mbit.is_some_and(|r| r <= 300.0), "{name}");
+        }
+        assert_eq!(PROFILES.map(|(n, _)| n), ["lan", "wan", "intercontinental"]);
+    }
+
+    /// Each malformed link is rejected, naming the field.
+    #[test]
+    fn link_errors_name_the_field() {
+        let cases: Vec<(&str, &str, &str)> = vec![
+            (
+                "[[links]]\nbetween = [\"a\"]\nprofile = \"wan\"\n",
+                "links[0].between",
+                "names 1 cloud(s)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\", \"c\"]\nprofile = \"wan\"\n",
+                "links[0].between",
+                "exactly two",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"x\"]\nprofile = \"wan\"\n",
+                "links[0].between",
+                "unknown cloud \"x\" (clouds: a, b, c)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"a\"]\nprofile = \"wan\"\n",
+                "links[0].between",
+                "to itself",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"wan\"\n\
+                 [[links]]\nbetween = [\"b\", \"a\"]\nprofile = \"lan\"\n",
+                "links[1].between",
+                "already have a link (links[0])",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"satellite\"\n",
+                "links[0].profile",
+                "unknown profile \"satellite\" (profiles: lan, wan, intercontinental)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\n",
+                "links[0]",
+                "sets nothing",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\ndelay_ms = -1\n",
+                "links[0].delay_ms",
+                "-1 is out of range (0 to 10000 ms)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 20000\n",
+                "links[0].delay_ms",
+                "out of range",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\ndelay_ms = nan\n",
+                "links[0].delay_ms",
+                "NaN is out of range",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 5\njitter_ms = 6\n",
+                "links[0].jitter_ms",
+                "more than the link's delay (5 ms)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"lan\"\njitter_ms = 1\n",
+                "links[0].jitter_ms",
+                "more than the link's delay (0.5 ms)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\njitter_ms = -0.5\n",
+                "links[0].jitter_ms",
+                "out of range",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nloss = 1.5\n",
+                "links[0].loss",
+                "1.5 is out of range (0 to 1)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nloss = -0.1\n",
+                "links[0].loss",
+                "out of range",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nrate_mbit = 0\n",
+                "links[0].rate_mbit",
+                "0 is out of range (0.1 to 100000 Mbit/s)",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nrate_mbit = inf\n",
+                "links[0].rate_mbit",
+                "out of range",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\ndelay_ms = 3\nqueue_ms = 10\n",
+                "links[0].queue_ms",
+                "set rate_mbit too",
+            ),
+            (
+                "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"wan\"\nqueue_ms = 0\n",
+                "links[0].queue_ms",
+                "out of range",
+            ),
+        ];
+        for (links, field, needle) in cases {
+            let text = with_links(links);
+            let e = Topology::parse(&text).unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(
+                e.field(),
+                Some(field),
+                "wrong field in {msg:?} for:\n{links}"
+            );
+            assert!(
+                msg.starts_with(&format!("{field}: ")),
+                "message does not lead with the field: {msg:?}"
+            );
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+        // Shape errors come from serde with the line: an unknown key, a wrong type.
+        let e = err(&with_links(
+            "[[links]]\nbetween = [\"a\", \"b\"]\nprofile = \"wan\"\nbandwidth = 3\n",
+        ));
+        assert!(e.contains("bandwidth") && e.contains("line"), "{e}");
+        let e = err(&with_links(
+            "[[links]]\nbetween = \"a,b\"\nprofile = \"wan\"\n",
+        ));
+        assert!(e.contains("between") || e.contains("sequence"), "{e}");
+        let e = err(&with_links(
+            "[[links]]\nbetween = [\"a\", \"b\"]\ndelay_ms = \"30ms\"\n",
+        ));
+        assert!(e.contains("line"), "{e}");
     }
 
     #[test]

@@ -159,7 +159,7 @@ pub fn is_listening(proc_net_tcp: &str, port: u16) -> bool {
 }
 
 /// Does something listen on TCP `port` inside namespace `ns`?
-fn listening_in(ns: &Path, port: u16) -> Result<bool, BenchError> {
+pub fn listening_in(ns: &Path, port: u16) -> Result<bool, BenchError> {
     Ok(run_in(ns, move || {
         ["tcp", "tcp6"].iter().any(|f| {
             std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
