@@ -30,6 +30,7 @@
 #                                                                (default: scp FILE DEST:FILE)
 #   FERRY        the ferry CLI, with its gateway and operator identity (default: ferry)
 #   WORK_DIR     where the archive is written                    (default: /var/tmp)
+#   RESTORE_TRIES  restores tried at the destination before rolling back (default: 2)
 set -euo pipefail
 
 container=${1:?usage: podman-migrate.sh CONTAINER DESTINATION_HOST}
@@ -38,6 +39,7 @@ SRC_PODMAN=${SRC_PODMAN:-podman}
 DST_PODMAN=${DST_PODMAN:-ssh $to podman}
 FERRY=${FERRY:-ferry}
 WORK_DIR=${WORK_DIR:-/var/tmp}
+RESTORE_TRIES=${RESTORE_TRIES:-2}
 copy() { if [[ -n "${COPY:-}" ]]; then $COPY "$1" "$to"; else scp -q "$1" "$to:$1"; fi; }
 log() { printf '[podman-migrate] %s %s\n' "$(date +%T.%3N)" "$*" >&2; }
 
@@ -66,7 +68,15 @@ $SRC_PODMAN container checkpoint --export "$archive" --tcp-established "$contain
 log "copy $(stat -c %s "$archive") bytes"
 copy "$archive" || rollback "copy failed"
 log "restore on $to (released at CRIU's post-resume)"
-$DST_PODMAN container restore --import "$archive" --tcp-established >/dev/null || rollback "restore failed"
+# A restore that fails (CRIU, the runtime) leaves the migration prepared and the network held:
+# the destination's half-made copy is removed (its CNI DEL leaves the prepared endpoint) and
+# the restore is tried again, up to RESTORE_TRIES times, before rolling back.
+for ((try = 1; ; try++)); do
+  $DST_PODMAN container restore --import "$archive" --tcp-established >/dev/null && break
+  ((try < RESTORE_TRIES)) || rollback "restore failed ($try of $RESTORE_TRIES tries)"
+  log "restore failed (try $try of $RESTORE_TRIES): removing the destination's copy, trying again"
+  $DST_PODMAN rm -f "$container" >/dev/null 2>&1 || true
+done
 $FERRY migrate status --container "$ip" >&2 || true
 $SRC_PODMAN rm -f "$container" >/dev/null || log "removing the source's stopped container failed"
 rm -f "$archive"

@@ -80,7 +80,12 @@ pub fn arm_once(name: &str) -> std::io::Result<()> {
             format!("{ENV} is not set: fault points are off"),
         )
     })?;
-    std::fs::write(PathBuf::from(dir).join(name), b"")
+    arm_once_in(std::path::Path::new(&dir), name)
+}
+
+/// Arms one-shot fault `name` in fault directory `dir` (a harness's side of [`arm_once`]).
+pub fn arm_once_in(dir: &std::path::Path, name: &str) -> std::io::Result<()> {
+    std::fs::write(dir.join(name), b"")
 }
 
 /// Takes one-shot fault `name` if it is armed (the file is removed): true when it was.

@@ -73,7 +73,7 @@ use crate::{
     containers::{Attachment, Attachments, Built, GATEWAY_MAC},
     handoff::wire,
     node::Node,
-    plan::LocalContainer,
+    plan::{self, LocalContainer},
 };
 
 /// How long an ADD or DEL waits for this agent to apply its registry change.
@@ -88,6 +88,8 @@ struct Ctx {
     host: String,
     network: String,
     overlay: Ipv4Net,
+    /// For re-applying the registry after a DEL (see [`del`]).
+    cfg: AgentConfig,
     node: Arc<Mutex<Node>>,
     client: Client,
     attached: Attachments,
@@ -118,6 +120,7 @@ impl Cni {
             host: cfg.host.clone(),
             network: cfg.cni_network.clone(),
             overlay: cfg.overlay_cidr,
+            cfg: cfg.clone(),
             node,
             client,
             attached,
@@ -825,11 +828,24 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
             Err(e) => return Err(gateway_error("releasing the address", e)),
         }
     }
-    let node = ctx.node.lock().await;
+    let mut node = ctx.node.lock().await;
     node.net
         .detach(ip)
         .await
         .map_err(|e| err(ErrorCode::Io, format!("detaching {ip}: {e}")))?;
+    // A container the registry still wants here (a migration's destination whose restore
+    // gave up; a source whose runtime deleted its copy after the checkpoint) gets an
+    // agent-made namespace again now, held as before, so a runtime's next ADD (a restore
+    // tried again; a rollback restoring on the source) attaches to it.
+    if node.applied.containers.contains_key(&ip) {
+        let want = plan::desired(&ctx.cfg, node.registry.as_deref());
+        let errors = node.apply(&want).await;
+        if errors.is_empty() {
+            info!(%ip, "still wanted here: rebuilt in a namespace of the agent's");
+        } else {
+            warn!(%ip, ?errors, "rebuilding a container its runtime let go of");
+        }
+    }
     Ok(())
 }
 

@@ -313,6 +313,22 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
     });
     ferry_tests::keep_load_for(Duration::from_millis(500));
 
+    // The orchestrator's first restore fails at the destination after Podman's CNI ADD
+    // attached it (CRIU's post-restore hook fails once): Podman's DEL leaves the prepared,
+    // held endpoint, and the second try attaches to it again and releases. Nothing reset.
+    ferry_api::faultpoint::arm_once_in(&lab.fault_dir(), ferry_api::faultpoint::FAIL_POST_RESTORE)
+        .expect("arming the fault");
+    let out = run_script(&lab, "redis", "a1", "b1", None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the retry must succeed: {stderr}");
+    assert!(stderr.contains("restore failed (try 1 of 2)"), "{stderr}");
+    running_on(&lab, "b1", "redis", ip);
+    assert!(inspect(&lab, "a1", "redis").is_none());
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    let (code, r) = migrate_run(&lab, ip, "a1", &[]);
+    assert_eq!((code, r.state), (0, RunState::Released), "{r:?}");
+    running_on(&lab, "a1", "redis", ip);
+
     // The orchestrator's restore fails at the destination (its Podman is gone): the script
     // aborts and restores the archive on the source, whose network is still there; the
     // container runs on a1 again, with the same address, and nothing is reset.
