@@ -359,16 +359,25 @@ impl Lab {
     /// Runs the `ferry` CLI inside the gateway host's namespace, pointed at the lab's gateway
     /// (FERRY_GATEWAY, FERRY_TOKEN_FILE), and captures its output.
     pub fn ferry(&self, args: &[&str]) -> Result<Output, LabError> {
+        self.ferry_command(args)?
+            .output()
+            .map_err(|e| LabError::io(format!("running ferry {args:?}"), e))
+    }
+
+    /// The command [`Self::ferry`] runs, for a caller that spawns it and does something
+    /// while it runs (stdout and stderr piped).
+    pub fn ferry_command(&self, args: &[&str]) -> Result<Command, LabError> {
         let cp = self.control_or_err()?;
         let bin = find_binary("ferry", "ferry-cli")?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .envs(cp.cli_env())
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         command_in(&mut cmd, &self.netns(&cp.host))?;
-        cmd.output()
-            .map_err(|e| LabError::io(format!("running ferry {args:?}"), e))
+        Ok(cmd)
     }
 
     /// Runs `ferry --json ARGS`; an error (with the CLI's message) unless it exits 0.

@@ -111,6 +111,70 @@ fn migrate_run(lab: &Lab, ip: Ipv4Addr, to: &str, extra: &[&str]) -> (i32, RunRe
     ];
     args.extend_from_slice(extra);
     let out = lab.ferry(&args).expect("running ferry");
+    report(lab, &from, to, extra, &out)
+}
+
+/// `ferry migrate run --runtime podman` with fault point `point` armed: once a process
+/// reaches it, `victim`'s agent is killed (SIGKILL) and started again, and the point is
+/// disarmed; the run goes on with the restarted agent.
+fn migrate_run_killing(
+    lab: &mut Lab,
+    ip: Ipv4Addr,
+    to: &str,
+    point: &str,
+    victim: &str,
+) -> (i32, RunReport) {
+    let from = lab.endpoint_host(ip).unwrap();
+    let dir = lab.fault_dir();
+    let armed = dir.join(point);
+    let reached = dir.join(format!("{point}.reached"));
+    let _ = std::fs::remove_file(&reached);
+    std::fs::write(&armed, b"").expect("arming the fault point");
+    let ip_s = ip.to_string();
+    let child = lab
+        .ferry_command(&[
+            "--json",
+            "migrate",
+            "run",
+            "--runtime",
+            "podman",
+            "--container",
+            &ip_s,
+            "--to",
+            to,
+        ])
+        .expect("the ferry command")
+        .spawn()
+        .expect("starting ferry");
+    let hit =
+        ferry_lab::clock::wait_until(Duration::from_secs(60), Duration::from_millis(10), || {
+            Ok::<_, std::io::Error>(reached.exists().then_some(()))
+        });
+    if !matches!(hit, Ok(Some(()))) {
+        let _ = std::fs::remove_file(&armed);
+        panic!(
+            "fault point {point} not reached: {:?}",
+            child.wait_with_output()
+        );
+    }
+    eprintln!("{point} reached: killing {victim}'s agent");
+    lab.restart_agent(victim, libc::SIGKILL)
+        .expect("restarting the agent");
+    std::fs::remove_file(&armed).expect("disarming");
+    let out = child.wait_with_output().expect("ferry");
+    let what = format!("{victim}'s agent killed at {point}");
+    report(lab, &from, to, &[&what], &out)
+}
+
+/// The run report `ferry --json migrate run` printed; a released run settles the source.
+fn report(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    extra: &[&str],
+    out: &std::process::Output,
+) -> (i32, RunReport) {
+    let args = extra;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let code = out.status.code().unwrap_or(-1);
     let r: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
@@ -144,7 +208,7 @@ fn migrate_run(lab: &Lab, ip: Ipv4Addr, to: &str, extra: &[&str]) -> (i32, RunRe
     {
         // Two lab hosts share one machine's cgroups (see the function's doc); not needed
         // between separate machines.
-        let stale = ferry_lab::podman::settle_source(lab, &from, &id).expect("settling the source");
+        let stale = ferry_lab::podman::settle_source(lab, from, &id).expect("settling the source");
         eprintln!("the source's stale runc state removed: {stale}");
     }
     (code, r)
@@ -187,7 +251,7 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
     let image = ferry_lab::image::build("redis").expect("building the redis image");
     let tag = format!("localhost/ferry-{}", image.image);
     let archive = ferry_lab::podman::image_archive(&image.path, &tag).expect("image archive");
-    let lab = agents_lab(LabOptions::default());
+    let mut lab = agents_lab(LabOptions::default());
     let hook = lab.hook_files().expect("hook files");
     for h in ["a1", "b1"] {
         lab.podman(h).unwrap().load(&archive).expect("podman load");
@@ -344,6 +408,28 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
     let (code, r) = migrate_run(&lab, ip, "a1", &[]);
     assert_eq!((code, r.state), (0, RunState::Released), "{r:?}");
     running_on(&lab, "a1", "redis", ip);
+
+    // An agent killed mid-run and started again: the source's after Podman's checkpoint
+    // (the tree stopped, its images on disk), the destination's before Podman's restore.
+    // Either way the run rolls back and the source's same tree runs again; one copy.
+    for (point, victim) in [("transfer", "a1"), ("restore", "b1")] {
+        let pid = running_on(&lab, "a1", "redis", ip);
+        let (code, r) = migrate_run_killing(&mut lab, ip, "b1", point, victim);
+        assert_eq!((code, r.state), (3, RunState::RolledBack), "{r:?}");
+        assert_eq!(
+            running_on(&lab, "a1", "redis", ip),
+            pid,
+            "the same tree resumed"
+        );
+        wait_for("nothing left on b1", Duration::from_secs(20), || {
+            inspect(&lab, "b1", "redis").is_none().then_some(())
+        });
+        ferry_tests::keep_load_for(Duration::from_millis(500));
+    }
+    let (code, r) = migrate_run(&lab, ip, "b1", &[]);
+    assert_eq!((code, r.state), (0, RunState::Released), "{r:?}");
+    let (code, r) = migrate_run(&lab, ip, "a1", &[]);
+    assert_eq!((code, r.state), (0, RunState::Released), "{r:?}");
 
     // Refused before anything is frozen: criu-lock (a Podman container's lock is its CRIU
     // configuration's), and an address no container has.
