@@ -336,3 +336,39 @@ pub fn agents_lab(opts: ferry_lab::LabOptions) -> ferry_lab::Lab {
     })
     .expect("lab up")
 }
+
+/// The report `ferry --json migrate run …` printed (stdout is the report whatever the exit
+/// code: a rolled-back run exits 3), with its exit code; one summary line goes to stderr
+/// (`what` names the call in it). Panics, quoting both streams, if stdout is not a report.
+pub fn run_report(what: &str, out: &std::process::Output) -> (i32, ferry_api::run::RunReport) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let code = out.status.code().unwrap_or(-1);
+    let r: ferry_api::run::RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{what} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!(
+        "migrate {} {} -> {} ({what}): exit {code}, {}, total {:.1} ms, stopped {:.1} ms, \
+         frozen(criu) {:?} ms, image {} B, phases [{}]{}",
+        r.id,
+        r.from,
+        r.to,
+        r.state.as_str(),
+        r.total_ms,
+        r.stopped_ms,
+        r.criu.as_ref().map(|s| s.frozen_ms),
+        r.image_bytes,
+        r.phases
+            .iter()
+            .map(|p| format!("{} {:.1}", p.name, p.ms))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.error
+            .as_ref()
+            .map(|e| format!(", error: {e}"))
+            .unwrap_or_default()
+    );
+    (code, r)
+}

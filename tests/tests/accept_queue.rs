@@ -60,34 +60,7 @@ fn lab_with_container() -> (Lab, PathBuf) {
 fn migrate(lab: &Lab, to: &str) -> (i32, RunReport) {
     let args = ["--json", "migrate", "run", "--container", C, "--to", to];
     let out = lab.ferry(&args).expect("running ferry");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let code = out.status.code().unwrap_or(-1);
-    let report: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "ferry {args:?} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    eprintln!(
-        "migrate {} {} -> {}: exit {code}, state {}, total {:.1} ms, stopped {:.1} ms, phases [{}]{}",
-        report.id,
-        report.from,
-        report.to,
-        report.state.as_str(),
-        report.total_ms,
-        report.stopped_ms,
-        report
-            .phases
-            .iter()
-            .map(|p| format!("{} {:.1}", p.name, p.ms))
-            .collect::<Vec<_>>()
-            .join(", "),
-        report
-            .error
-            .as_ref()
-            .map(|e| format!(", error: {e}"))
-            .unwrap_or_default()
-    );
+    let (code, report) = ferry_tests::run_report(&format!("ferry {args:?}"), &out);
     for e in report
         .events
         .iter()

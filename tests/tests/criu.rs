@@ -44,39 +44,8 @@ fn migrate(lab: &Lab, to: &str, extra: &[&str]) -> (i32, RunReport) {
     args.extend_from_slice(extra);
     let t0 = Instant::now();
     let out = lab.ferry(&args).expect("running ferry");
-    let wall = t0.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let code = out.status.code().unwrap_or(-1);
-    let report: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "ferry {args:?} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    eprintln!(
-        "migrate {} {} -> {} {extra:?}: exit {code}, state {}, total {:.1} ms, stopped {:.1} ms, \
-         image {} B, frozen(criu) {:?} ms, phases [{}], wall {wall:?}{}",
-        report.id,
-        report.from,
-        report.to,
-        report.state.as_str(),
-        report.total_ms,
-        report.stopped_ms,
-        report.image_bytes,
-        report.criu.as_ref().map(|s| s.frozen_ms),
-        report
-            .phases
-            .iter()
-            .map(|p| format!("{} {:.1}", p.name, p.ms))
-            .collect::<Vec<_>>()
-            .join(", "),
-        report
-            .error
-            .as_ref()
-            .map(|e| format!(", error: {e}"))
-            .unwrap_or_default()
-    );
-    (code, report)
+    eprintln!("wall {:?}", t0.elapsed());
+    ferry_tests::run_report(&format!("ferry {args:?}"), &out)
 }
 
 /// A migration that must be released, with all six phases and some image bytes.

@@ -174,34 +174,8 @@ fn report(
     extra: &[&str],
     out: &std::process::Output,
 ) -> (i32, RunReport) {
-    let args = extra;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let code = out.status.code().unwrap_or(-1);
-    let r: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "ferry {args:?} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    eprintln!(
-        "migrate run {} {} -> {} {extra:?}: exit {code}, {}, total {:.1} ms, stopped {:.1} ms, \
-         phases [{}]{}",
-        r.id,
-        r.from,
-        r.to,
-        r.state.as_str(),
-        r.total_ms,
-        r.stopped_ms,
-        r.phases
-            .iter()
-            .map(|p| format!("{} {:.1}", p.name, p.ms))
-            .collect::<Vec<_>>()
-            .join(", "),
-        r.error
-            .as_ref()
-            .map(|e| format!(", error: {e}"))
-            .unwrap_or_default()
-    );
+    let (code, r) =
+        ferry_tests::run_report(&format!("migrate run --runtime podman {extra:?}"), out);
     if r.state == RunState::Released
         && let Some(id) =
             inspect(lab, to, "redis").and_then(|c| c["Id"].as_str().map(str::to_owned))

@@ -66,37 +66,8 @@ fn migrate(lab: &Lab, to: &str, extra: &[&str]) -> (i32, RunReport) {
     args.extend_from_slice(extra);
     let t0 = Instant::now();
     let out = lab.ferry(&args).expect("running ferry");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let code = out.status.code().unwrap_or(-1);
-    let r: RunReport = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "ferry {args:?} exited {code}: unparseable report ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    eprintln!(
-        "migrate {} {} -> {} {extra:?}: exit {code}, {}, total {:.1} ms, stopped {:.1} ms, \
-         frozen(criu) {:?} ms, image {} B, phases [{}], wall {:?}{}",
-        r.id,
-        r.from,
-        r.to,
-        r.state.as_str(),
-        r.total_ms,
-        r.stopped_ms,
-        r.criu.as_ref().map(|s| s.frozen_ms),
-        r.image_bytes,
-        r.phases
-            .iter()
-            .map(|p| format!("{} {:.1}", p.name, p.ms))
-            .collect::<Vec<_>>()
-            .join(", "),
-        t0.elapsed(),
-        r.error
-            .as_ref()
-            .map(|e| format!(", error: {e}"))
-            .unwrap_or_default()
-    );
-    (code, r)
+    eprintln!("wall {:?}", t0.elapsed());
+    ferry_tests::run_report(&format!("ferry {args:?}"), &out)
 }
 
 fn migrate_ok(lab: &Lab, from: &str, to: &str) -> RunReport {

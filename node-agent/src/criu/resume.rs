@@ -147,6 +147,21 @@ pub fn cont(init: i32) -> io::Result<usize> {
     Ok(pids.len())
 }
 
+/// Resumes a container's tree after a move under an OCI runtime (runc, Podman): on the
+/// `Source`, stopped by CRIU's leave-stopped with its sockets in repair mode ([`resume`]); on
+/// the `Destination`, restored stopped ([`cont`]). A cgroup that ferry's pre-dump hook froze
+/// and no agent thawed (it died during the dump) is thawed last, the SIGCONT already pending.
+pub fn resume_container(init: i32, side: ferry_api::run::FenceSide) -> io::Result<(usize, usize)> {
+    let r = match side {
+        ferry_api::run::FenceSide::Source => resume(init),
+        ferry_api::run::FenceSide::Destination => cont(init).map(|n| (n, 0)),
+    }?;
+    if let Some(dir) = ferry_api::cgroup::freezer_of(init) {
+        ferry_api::cgroup::thaw(&dir)?;
+    }
+    Ok(r)
+}
+
 /// Kills a tree (SIGKILL to the namespace's init kills every task in it).
 pub fn kill(init: i32) -> io::Result<()> {
     // SAFETY: plain kill(2).

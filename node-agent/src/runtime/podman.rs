@@ -256,12 +256,19 @@ pub struct PodmanDriver {
 }
 
 impl PodmanDriver {
+    /// The environment every Podman command gets: its configuration file, if one is set.
+    fn env(&self) -> Vec<(String, String)> {
+        self.settings
+            .containers_conf
+            .iter()
+            .map(|p| ("CONTAINERS_CONF".to_owned(), p.display().to_string()))
+            .collect()
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.settings.binary);
-        if let Some(conf) = &self.settings.containers_conf {
-            c.env("CONTAINERS_CONF", conf);
-        }
-        c.args(&self.settings.args)
+        c.envs(self.env())
+            .args(&self.settings.args)
             .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
@@ -392,12 +399,7 @@ impl Driver for PodmanDriver {
             stats: Stats::PodmanJson,
             pidfile: None,
             capture: true,
-            env: self
-                .settings
-                .containers_conf
-                .iter()
-                .map(|p| ("CONTAINERS_CONF".to_owned(), p.display().to_string()))
-                .collect(),
+            env: self.env(),
         })
     }
 
@@ -443,12 +445,7 @@ impl Driver for PodmanDriver {
                 stats: Stats::PodmanJson,
                 pidfile: None,
                 capture: true,
-                env: self
-                    .settings
-                    .containers_conf
-                    .iter()
-                    .map(|p| ("CONTAINERS_CONF".to_owned(), p.display().to_string()))
-                    .collect(),
+                env: self.env(),
             },
             Some(RuncRecord {
                 id,
@@ -497,18 +494,7 @@ impl Driver for PodmanDriver {
     }
 
     fn resume(&self, entry: &Entry, side: FenceSide) -> io::Result<(usize, usize)> {
-        let pid = entry.proc.pid;
-        let r = match side {
-            // Stopped by CRIU's leave-stopped, its sockets still in repair mode.
-            FenceSide::Source => resume::resume(pid),
-            FenceSide::Destination => resume::cont(pid).map(|n| (n, 0)),
-        }?;
-        // A cgroup the pre-dump hook froze and no agent thawed (it died during the dump):
-        // thawed last, the SIGCONT already pending.
-        if let Some(dir) = ferry_api::cgroup::freezer_of(pid) {
-            ferry_api::cgroup::thaw(&dir)?;
-        }
-        Ok(r)
+        resume::resume_container(entry.proc.pid, side)
     }
 
     fn kill(&self, entry: &Entry) -> io::Result<()> {

@@ -676,18 +676,7 @@ impl Driver for RuncDriver {
     }
 
     fn resume(&self, entry: &Entry, side: FenceSide) -> io::Result<(usize, usize)> {
-        let pid = entry.proc.pid;
-        let r = match side {
-            // Stopped by CRIU's leave-stopped, its sockets still in repair mode.
-            FenceSide::Source => resume::resume(pid),
-            FenceSide::Destination => resume::cont(pid).map(|n| (n, 0)),
-        }?;
-        // A cgroup the pre-dump hook froze and no agent thawed (it died during the dump):
-        // thawed last, the SIGCONT already pending.
-        if let Some(dir) = freezer_of(pid) {
-            thaw(&dir)?;
-        }
-        Ok(r)
+        resume::resume_container(entry.proc.pid, side)
     }
 
     fn kill(&self, entry: &Entry) -> io::Result<()> {
