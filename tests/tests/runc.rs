@@ -243,7 +243,8 @@ fn runc_redis_moves_across_clouds_and_back_with_a_live_client() {
     let (lab, _ns, image, started) = lab_with_runc_redis();
     assert_contained(&lab, "a1", started.pid, &image);
     let samples = std::env::temp_dir().join(format!("ferry-runc-redis-{}.csv", lab.prefix()));
-    let client = redis_client(&lab, 4000, &samples);
+    // Runs until stopped (below): how long two moves take is not this test's business.
+    let client = redis_client(&lab, 600_000, &samples);
     ferry_tests::keep_load_for(Duration::from_millis(700));
 
     let there = migrate_ok(&lab, "a1", "b1");
@@ -270,6 +271,9 @@ fn runc_redis_moves_across_clouds_and_back_with_a_live_client() {
         },
     );
 
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    // SAFETY: kill(2) on the client's own PID; it stops, drains and reports.
+    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
     let (code, s) = client.finish(Duration::from_secs(20));
     let (before, after) = answered_around(
         &samples,
@@ -320,7 +324,7 @@ fn runc_failed_dump_and_failed_restore_roll_back() {
     }
     let (lab, _ns, image, started) = lab_with_runc_redis();
     let samples = std::env::temp_dir().join(format!("ferry-runc-fail-{}.csv", lab.prefix()));
-    let client = redis_client(&lab, 6000, &samples);
+    let client = redis_client(&lab, 600_000, &samples);
     ferry_tests::keep_load_for(Duration::from_millis(500));
     for fail in ["dump", "restore"] {
         let (code, r) = migrate(&lab, "b1", &["--fail", fail]);
@@ -365,6 +369,9 @@ fn runc_failed_dump_and_failed_restore_roll_back() {
     eprintln!("then released, stopped_ms {:.1}", r.stopped_ms);
     let on_b1 = running_on(&lab, "b1");
     assert_contained(&lab, "b1", on_b1.pid, &image);
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    // SAFETY: kill(2) on the client's own PID; it stops, drains and reports.
+    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
     let (code, s) = client.finish(Duration::from_secs(20));
     let _ = std::fs::remove_file(&samples);
     eprintln!("max_gap_ms {}", s["max_gap_ms"]);
@@ -397,10 +404,16 @@ fn runc_bad_input_is_refused_clearly() {
     let redis = redis();
     for (body, want_status, want_code, want_msg) in [
         (
+            serde_json::json!({"argv": redis, "runtime": "lxc"}),
+            400,
+            "bad_request",
+            "unknown variant `lxc`",
+        ),
+        (
             serde_json::json!({"argv": redis, "runtime": "podman"}),
             400,
             "bad_request",
-            "unknown variant `podman`, expected `agent` or `runc`",
+            "Podman starts its containers itself",
         ),
         (
             serde_json::json!({"argv": redis, "runtime": "runc"}),
