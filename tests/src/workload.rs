@@ -79,6 +79,16 @@ impl Workload {
         self.child.0.try_wait().unwrap().is_none()
     }
 
+    /// Ends it now (SIGTERM: it stops sending, drains what is owed and reports), then
+    /// [`Self::finish`]. A test whose workload must outlast what it measures starts it with a
+    /// duration far beyond that and stops it here, rather than guessing how long things take.
+    pub fn stop(self, timeout: Duration) -> (i32, Value) {
+        // SAFETY: kill(2) on the PID of the child this value owns (not yet reaped).
+        let r = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        assert_eq!(r, 0, "SIGTERM to {}", self.name);
+        self.finish(timeout)
+    }
+
     /// Waits for the end: exit code and summary.
     pub fn finish(mut self, timeout: Duration) -> (i32, Value) {
         let name = self.name.clone();

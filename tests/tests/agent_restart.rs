@@ -119,8 +119,9 @@ fn agent_restarts_are_hitless_for_live_connections() {
             "4",
             "--interval-ms",
             "5",
+            // Until stopped below, however long the restarts take.
             "--duration-ms",
-            "12000",
+            "600000",
             "--json",
         ],
     );
@@ -156,7 +157,7 @@ fn agent_restarts_are_hitless_for_live_connections() {
     assert!(text.contains("container network adopted"), "{text}");
     assert!(text.contains("re-adopted from the state file"), "{text}");
 
-    let (code, s) = client.finish(Duration::from_secs(30));
+    let (code, s) = client.stop(Duration::from_secs(30));
     eprintln!(
         "client: {s}\nfigures: max_gap_ms {} retransmits {}",
         s["max_gap_ms"], s["retransmits"]

@@ -89,8 +89,8 @@ fn assert_client_clean(code: i32, s: &Value, connections: u64) {
 }
 
 /// `ferry-workload serve --port PORT` in container C, and a client from the internet through
-/// the public address for `duration_ms`, connected.
-fn serve_and_client(lab: &Lab, ns: &Path, duration_ms: u64) -> (i32, Client) {
+/// the public address until the test stops it, connected.
+fn serve_and_client(lab: &Lab, ns: &Path) -> (i32, Client) {
     let workload = workspace_binary("ferry-workload");
     let p = lab
         .start_process(
@@ -101,7 +101,6 @@ fn serve_and_client(lab: &Lab, ns: &Path, duration_ms: u64) -> (i32, Client) {
     eprintln!("server: {p:?}");
     wait_listening(lab, ns, 7000);
     let to = format!("{PUBLIC}:7000");
-    let duration = duration_ms.to_string();
     let client = Client::start(
         &lab.netns("inet"),
         &[
@@ -112,8 +111,9 @@ fn serve_and_client(lab: &Lab, ns: &Path, duration_ms: u64) -> (i32, Client) {
             "4",
             "--interval-ms",
             "5",
+            // Until the test stops it (`Client::stop`), however long the moves take.
             "--duration-ms",
-            &duration,
+            "600000",
             "--json",
         ],
     );
@@ -141,7 +141,7 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
         return;
     }
     let (lab, ns) = lab_with_container();
-    let (pid, client) = serve_and_client(&lab, &ns, 4000);
+    let (pid, client) = serve_and_client(&lab, &ns);
     ferry_tests::keep_load_for(Duration::from_millis(700));
 
     let there = migrate_ok(&lab, "a1", "b1");
@@ -163,7 +163,9 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
         .collect();
     assert_eq!(nspid.last(), Some(&"1"), "NSpid: {nspid:?}");
 
-    let (code, s) = client.finish(Duration::from_secs(20));
+    // Load on the restored server, then the client ends.
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    let (code, s) = client.stop(Duration::from_secs(20));
     eprintln!(
         "figures: max_gap_ms {} retransmits {}, stopped_ms {:.1} / {:.1}",
         s["max_gap_ms"], s["retransmits"], there.stopped_ms, back.stopped_ms
@@ -216,8 +218,9 @@ fn redis_server_moves_with_a_live_client() {
             "2",
             "--interval-ms",
             "5",
+            // Runs until stopped below: how long the move takes is not this test's business.
             "--duration-ms",
-            "2500",
+            "600000",
             "--samples",
             samples.to_str().unwrap(),
             "--json",
@@ -228,7 +231,8 @@ fn redis_server_moves_with_a_live_client() {
     let r = migrate_ok(&lab, "a1", "b1");
     let on_b1 = running_on(&lab, "b1");
     assert_eq!(on_b1.origin, "restored");
-    let (code, s) = client.finish(Duration::from_secs(20));
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    let (code, s) = client.stop(Duration::from_secs(20));
 
     // Requests sent after the run ended were answered (by the restored server, whose
     // counters the client checks to go on by exactly one).
@@ -426,7 +430,7 @@ fn failed_dump_and_failed_restore_roll_back() {
         return;
     }
     let (lab, ns) = lab_with_container();
-    let (pid, client) = serve_and_client(&lab, &ns, 6000);
+    let (pid, client) = serve_and_client(&lab, &ns);
     ferry_tests::keep_load_for(Duration::from_millis(500));
 
     for (fail, wait) in [("dump", 500), ("restore", 500)] {
@@ -450,7 +454,9 @@ fn failed_dump_and_failed_restore_roll_back() {
     eprintln!("then released, stopped_ms {:.1}", r.stopped_ms);
     assert_eq!(running_on(&lab, "b1").origin, "restored");
 
-    let (code, s) = client.finish(Duration::from_secs(20));
+    // Load on the restored server, then the client ends.
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    let (code, s) = client.stop(Duration::from_secs(20));
     eprintln!("max_gap_ms {}", s["max_gap_ms"]);
     assert_client_clean(code, &s, 4);
 }
@@ -462,7 +468,7 @@ fn ten_migrations_in_a_row() {
     }
     let (lab, ns) = lab_with_container();
     // Long enough for ten runs on a slow machine; SIGTERM ends it early (it then drains).
-    let (_pid, client) = serve_and_client(&lab, &ns, 30_000);
+    let (_pid, client) = serve_and_client(&lab, &ns);
     ferry_tests::keep_load_for(Duration::from_millis(500));
     let paws_before = client_tcp_stat(&lab, "PAWSEstab");
     let mut stopped = Vec::new();
@@ -487,10 +493,7 @@ fn ten_migrations_in_a_row() {
             .collect::<Vec<_>>()
     );
     // End the client now: SIGTERM (it stops sending and drains what is owed).
-    let pid = client.pid();
-    // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let (code, s) = client.finish(Duration::from_secs(20));
+    let (code, s) = client.stop(Duration::from_secs(20));
     eprintln!("max_gap_ms {}", s["max_gap_ms"]);
     assert_client_clean(code, &s, 4);
     // Not one segment of a restored connection was discarded by the client as older than
@@ -545,7 +548,7 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
         return;
     }
     let (lab, ns) = lab_with_container();
-    let (pid, client) = serve_and_client(&lab, &ns, 60_000);
+    let (pid, client) = serve_and_client(&lab, &ns);
     let code_of = |v: &Value| v["error"]["code"].as_str().unwrap_or("").to_owned();
 
     // Unknown container, unknown host, the host it is on: refused before anything is prepared.
@@ -680,10 +683,9 @@ fn migrate_run_refuses_bad_input_and_leaves_connections_intact() {
     assert_eq!(loser.0, 1, "the other run is refused: {}", loser.1);
     running_on(&lab, "b1");
 
-    let pid = client.pid();
-    // SAFETY: kill(2) on the PID of the client this test spawned (not yet reaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let (code, s) = client.finish(Duration::from_secs(20));
+    // Load on the restored server, then the client ends.
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+    let (code, s) = client.stop(Duration::from_secs(20));
     assert_client_clean(code, &s, 4);
 }
 
@@ -713,7 +715,7 @@ fn a_gateway_killed_after_each_persisted_transition_resumes_the_run() {
         return;
     }
     let (mut lab, ns) = lab_with_container();
-    let (_pid, client) = serve_and_client(&lab, &ns, 30_000);
+    let (_pid, client) = serve_and_client(&lab, &ns);
     let mut here = "a1";
     for (point, extra) in [
         ("prepare", &[][..]),
@@ -769,6 +771,6 @@ fn a_gateway_killed_after_each_persisted_transition_resumes_the_run() {
             here = to;
         }
     }
-    let (code, s) = client.finish(Duration::from_secs(90));
+    let (code, s) = client.stop(Duration::from_secs(90));
     assert_client_clean(code, &s, 4);
 }

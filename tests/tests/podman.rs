@@ -417,9 +417,7 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
 
     // The client: every command answered, counters exact (the client checks each INCR),
     // nothing reset, both connections alive through both moves.
-    // SAFETY: kill(2) on the client's own PID.
-    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
-    let (code, s) = client.finish(Duration::from_secs(20));
+    let (code, s) = client.stop(Duration::from_secs(20));
     assert_eq!(u(&s, "resets"), 0, "{s}");
     assert_eq!(u(&s, "reconnects"), 0, "{s}");
     assert_eq!(u(&s, "errors"), 0, "{s}");

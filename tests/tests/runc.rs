@@ -175,9 +175,9 @@ fn assert_contained(lab: &Lab, host: &str, pid: i32, image: &ferry_lab::image::I
 }
 
 /// The redis client through the public address, with its per-request samples.
-fn redis_client(lab: &Lab, duration_ms: u64, samples: &Path) -> Workload {
+/// A redis client through the public address, running until the test stops it.
+fn redis_client(lab: &Lab, samples: &Path) -> Workload {
     let to = format!("{PUBLIC}:6379");
-    let duration = duration_ms.to_string();
     let client = Workload::start(
         &lab.netns("inet"),
         &[
@@ -189,7 +189,7 @@ fn redis_client(lab: &Lab, duration_ms: u64, samples: &Path) -> Workload {
             "--interval-ms",
             "5",
             "--duration-ms",
-            &duration,
+            "600000",
             "--samples",
             samples.to_str().unwrap(),
             "--json",
@@ -243,8 +243,7 @@ fn runc_redis_moves_across_clouds_and_back_with_a_live_client() {
     let (lab, _ns, image, started) = lab_with_runc_redis();
     assert_contained(&lab, "a1", started.pid, &image);
     let samples = std::env::temp_dir().join(format!("ferry-runc-redis-{}.csv", lab.prefix()));
-    // Runs until stopped (below): how long two moves take is not this test's business.
-    let client = redis_client(&lab, 600_000, &samples);
+    let client = redis_client(&lab, &samples);
     ferry_tests::keep_load_for(Duration::from_millis(700));
 
     let there = migrate_ok(&lab, "a1", "b1");
@@ -272,9 +271,7 @@ fn runc_redis_moves_across_clouds_and_back_with_a_live_client() {
     );
 
     ferry_tests::keep_load_for(Duration::from_millis(500));
-    // SAFETY: kill(2) on the client's own PID; it stops, drains and reports.
-    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
-    let (code, s) = client.finish(Duration::from_secs(20));
+    let (code, s) = client.stop(Duration::from_secs(20));
     let (before, after) = answered_around(
         &samples,
         there.started_unix_ms,
@@ -324,7 +321,7 @@ fn runc_failed_dump_and_failed_restore_roll_back() {
     }
     let (lab, _ns, image, started) = lab_with_runc_redis();
     let samples = std::env::temp_dir().join(format!("ferry-runc-fail-{}.csv", lab.prefix()));
-    let client = redis_client(&lab, 600_000, &samples);
+    let client = redis_client(&lab, &samples);
     ferry_tests::keep_load_for(Duration::from_millis(500));
     for fail in ["dump", "restore"] {
         let (code, r) = migrate(&lab, "b1", &["--fail", fail]);
@@ -370,9 +367,7 @@ fn runc_failed_dump_and_failed_restore_roll_back() {
     let on_b1 = running_on(&lab, "b1");
     assert_contained(&lab, "b1", on_b1.pid, &image);
     ferry_tests::keep_load_for(Duration::from_millis(500));
-    // SAFETY: kill(2) on the client's own PID; it stops, drains and reports.
-    unsafe { libc::kill(client.pid(), libc::SIGTERM) };
-    let (code, s) = client.finish(Duration::from_secs(20));
+    let (code, s) = client.stop(Duration::from_secs(20));
     let _ = std::fs::remove_file(&samples);
     eprintln!("max_gap_ms {}", s["max_gap_ms"]);
     assert_redis_clean(code, &s);
