@@ -534,7 +534,11 @@ fn add_on_a_migrations_destination_attaches_to_the_held_endpoint() {
     t.mark("prepare, freeze");
 
     // The source's runtime deletes its copy after its checkpoint: it detaches locally, the
-    // endpoint (still on a1, frozen) and its lease stay.
+    // endpoint (still on a1, frozen) and its lease stay, and a1's agent, whose registry still
+    // wants the container there until the release, rebuilds it in a namespace of its own
+    // (where an aborted migration's restore on the source would attach again).
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let runtime_ns = ino(&src.path);
     let (status, v) = cni(
         &lab,
         "a1",
@@ -545,9 +549,10 @@ fn add_on_a_migrations_destination_attaches_to_the_held_endpoint() {
         &on("a1", json!({})),
     );
     assert_eq!(status, 0, "{v}");
+    let a1_name = lab.container_netns("a1", ip);
     assert!(
-        !lab.container_netns("a1", ip).exists(),
-        "a1's name unmounted"
+        !a1_name.exists() || ino(&a1_name) != runtime_ns,
+        "a1's name no longer the runtime's namespace"
     );
     assert_eq!(
         lab.endpoint_host(ip).unwrap(),
@@ -571,7 +576,6 @@ fn add_on_a_migrations_destination_attaches_to_the_held_endpoint() {
     t.mark("ADD on the destination (attach)");
     assert_eq!(result_ip(&r), ip);
     assert_wired(&lab, &dst.path, "eth0", ip, &mac);
-    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     assert_eq!(
         ino(&lab.container_netns("b1", ip)),
         ino(&dst.path),
