@@ -339,6 +339,44 @@ pub fn settle_source(lab: &Lab, host: &str, id: &str) -> Result<bool, LabError> 
 
 /// Removes every container of every host's Podman (best effort: teardown goes on and reports).
 pub fn teardown_podman(prefix: &str, hosts: &[String]) -> Vec<String> {
+    let mut errors = teardown_podman_hosts(prefix, hosts);
+    errors.extend(forget_cni_cache(Path::new(CNI_CACHE), prefix));
+    errors
+}
+
+/// Where Podman's CNI backend caches each attachment (one directory per machine).
+pub const CNI_CACHE: &str = "/var/lib/cni/results";
+
+/// Removes the entries of Podman's CNI cache (`dir`) whose network configuration names this
+/// lab's state directory (`/run/ferry-lab/<prefix>/`: its agents' sockets), and only those.
+/// Normally a container's removal takes its entry with it; a lab whose containers went without
+/// Podman (a killed test, a failed restore) would otherwise leave them behind for good. Keeps
+/// going past errors and reports each.
+pub fn forget_cni_cache(dir: &Path, prefix: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let mut errors = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return errors;
+    };
+    let mark = format!("{}/", state::state_dir(prefix).display());
+    for e in entries.flatten() {
+        let path = e.path();
+        let ours = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                let conf = v["config"].as_str()?;
+                base64::engine::general_purpose::STANDARD.decode(conf).ok()
+            })
+            .is_some_and(|conf| String::from_utf8_lossy(&conf).contains(&mark));
+        if ours && let Err(err) = std::fs::remove_file(&path) {
+            errors.push(format!("removing {}: {err}", path.display()));
+        }
+    }
+    errors
+}
+
+fn teardown_podman_hosts(prefix: &str, hosts: &[String]) -> Vec<String> {
     let mut errors = Vec::new();
     for host in hosts {
         let dir = podman_dir(prefix, host);
@@ -429,5 +467,50 @@ fn run_tool(cmd: &mut Command, what: &str) -> Result<(), LabError> {
             args: what.to_owned(),
             message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    use super::*;
+
+    fn entry(dir: &Path, name: &str, conf: &str) -> PathBuf {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(conf);
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            serde_json::json!({"kind": "cniCacheV1", "config": b64}).to_string(),
+        )
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn only_this_labs_cni_cache_entries_go() {
+        let dir = std::env::temp_dir().join(format!("ferry-cni-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = |p: &str| {
+            format!(
+                r#"{{"agent": "{}/a1/cni.sock"}}"#,
+                state::state_dir(p).display()
+            )
+        };
+        let ours = entry(&dir, "ferry-aa-eth0", &sock("flaaaaaa"));
+        let other_lab = entry(&dir, "ferry-bb-eth0", &sock("flbbbbbb"));
+        // A prefix of ours is not ours.
+        let longer = entry(&dir, "ferry-cc-eth0", &sock("flaaaaaab"));
+        let not_json = dir.join("garbage");
+        std::fs::write(&not_json, "{").unwrap();
+        let errors = forget_cni_cache(&dir, "flaaaaaa");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(!ours.exists());
+        assert!(other_lab.exists() && longer.exists() && not_json.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            forget_cni_cache(&dir, "flaaaaaa").is_empty(),
+            "no cache: nothing to do"
+        );
     }
 }
