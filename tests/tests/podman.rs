@@ -204,6 +204,21 @@ fn inspect(lab: &Lab, host: &str, name: &str) -> Option<Value> {
     v.as_array().and_then(|a| a.first().cloned())
 }
 
+/// A run from a1 to b1 that rolled back: the source's same tree (`pid`) runs again on a1,
+/// nothing of the container is left in b1's Podman; then some load on it.
+fn assert_rolled_back_to(lab: &Lab, ip: Ipv4Addr, pid: i64, (code, r): (i32, RunReport)) {
+    assert_eq!((code, r.state), (3, RunState::RolledBack), "{r:?}");
+    assert_eq!(
+        running_on(lab, "a1", "redis", ip),
+        pid,
+        "the same tree resumed"
+    );
+    wait_for("nothing left on b1", Duration::from_secs(20), || {
+        inspect(lab, "b1", "redis").is_none().then_some(())
+    });
+    ferry_tests::keep_load_for(Duration::from_millis(500));
+}
+
 fn running_on(lab: &Lab, host: &str, name: &str, ip: Ipv4Addr) -> i64 {
     assert_eq!(lab.endpoint_host(ip).unwrap(), host);
     let c = inspect(lab, host, name).unwrap_or_else(|| panic!("no container {name} on {host}"));
@@ -339,17 +354,8 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
 
     // A restore that fails at the destination rolls back: the source's stopped copy runs
     // again, the same tree; nothing of it is left in b1's Podman.
-    let (code, r) = migrate_run(&lab, ip, "b1", &["--fail", "restore"]);
-    assert_eq!((code, r.state), (3, RunState::RolledBack), "{r:?}");
-    assert_eq!(
-        running_on(&lab, "a1", "redis", ip),
-        pid,
-        "the same tree resumed"
-    );
-    wait_for("nothing left on b1", Duration::from_secs(10), || {
-        inspect(&lab, "b1", "redis").is_none().then_some(())
-    });
-    ferry_tests::keep_load_for(Duration::from_millis(500));
+    let run = migrate_run(&lab, ip, "b1", &["--fail", "restore"]);
+    assert_rolled_back_to(&lab, ip, pid, run);
 
     // The orchestrator's first restore fails at the destination after Podman's CNI ADD
     // attached it (CRIU's post-restore hook fails once): Podman's DEL leaves the prepared,
@@ -388,17 +394,8 @@ fn a_podman_container_moves_across_clouds_and_back_with_the_orchestrator_script(
     // Either way the run rolls back and the source's same tree runs again; one copy.
     for (point, victim) in [("transfer", "a1"), ("restore", "b1")] {
         let pid = running_on(&lab, "a1", "redis", ip);
-        let (code, r) = migrate_run_killing(&mut lab, ip, "b1", point, victim);
-        assert_eq!((code, r.state), (3, RunState::RolledBack), "{r:?}");
-        assert_eq!(
-            running_on(&lab, "a1", "redis", ip),
-            pid,
-            "the same tree resumed"
-        );
-        wait_for("nothing left on b1", Duration::from_secs(20), || {
-            inspect(&lab, "b1", "redis").is_none().then_some(())
-        });
-        ferry_tests::keep_load_for(Duration::from_millis(500));
+        let run = migrate_run_killing(&mut lab, ip, "b1", point, victim);
+        assert_rolled_back_to(&lab, ip, pid, run);
     }
     let (code, r) = migrate_run(&lab, ip, "b1", &[]);
     assert_eq!((code, r.state), (0, RunState::Released), "{r:?}");
