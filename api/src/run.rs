@@ -28,6 +28,11 @@ pub const PHASES: [&str; 6] = [
     "prepare", "freeze", "dump", "transfer", "restore", "release",
 ];
 
+/// The phase after the release of a lazy-memory run ([`MemoryMode::Lazy`]): from the
+/// destination's restore to the last page of the container's memory arriving there (the
+/// container ran there meanwhile); `bytes` are the pages' bytes.
+pub const PAGES_PHASE: &str = "pages";
+
 /// Body of `POST /v1/runs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +53,43 @@ pub struct RunRequest {
     /// another one. Absent: whichever runs it (the agent records each container's runtime).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeKind>,
+    /// How the container's memory moves: `copy` (all of it in the frozen window, the
+    /// default) or `lazy` (post-copy: the container runs at the destination once everything
+    /// but its memory moved; the pages follow on demand and in the background).
+    #[serde(default, skip_serializing_if = "MemoryMode::is_copy")]
+    pub memory: MemoryMode,
+}
+
+/// How a container's memory moves (see docs/migration.md, "Memory: copy or lazy").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryMode {
+    /// Stop-and-copy: every page is dumped, moved and restored while the container is stopped.
+    #[default]
+    Copy,
+    /// Post-copy: CRIU's lazy pages. The source's `criu dump --lazy-pages` serves the pages
+    /// (TLS when the hosts have certificates) until the destination's `criu lazy-pages` has
+    /// pulled every one; the restored tasks fault the missing ones in through userfaultfd.
+    Lazy,
+}
+
+impl MemoryMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MemoryMode::Copy => "copy",
+            MemoryMode::Lazy => "lazy",
+        }
+    }
+
+    pub fn is_copy(&self) -> bool {
+        *self == MemoryMode::Copy
+    }
+}
+
+impl std::fmt::Display for MemoryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Which runtime runs a container's process tree on its agent (see the agent's
@@ -192,6 +234,9 @@ pub struct RunReport {
     pub from: String,
     pub to: String,
     pub lock: LockMode,
+    /// How the memory moved (absent: `copy`).
+    #[serde(default, skip_serializing_if = "MemoryMode::is_copy")]
+    pub memory: MemoryMode,
     pub state: RunState,
     pub started_unix_ms: f64,
     /// From the start of prepare to the end of release (or of the rollback).
@@ -252,6 +297,9 @@ pub struct CheckpointRequest {
     /// The runtime the run expects (see [`RunRequest::runtime`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeKind>,
+    /// See [`RunRequest::memory`].
+    #[serde(default, skip_serializing_if = "MemoryMode::is_copy")]
+    pub memory: MemoryMode,
 }
 
 /// A destination agent's answer to an image stream: the container was restored.

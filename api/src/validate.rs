@@ -7,7 +7,7 @@
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use crate::{
-    run::{PHASES, RunEvent},
+    run::{PAGES_PHASE, PHASES, RunEvent},
     types::{Proto, PublicSpec, migration_seq},
 };
 
@@ -175,7 +175,7 @@ pub enum RunEventError {
     Kind { kind: String },
     #[error("message is {len} bytes long: at most {MAX_EVENT_MESSAGE}")]
     MessageTooLong { len: usize },
-    #[error("phase.name {name:?} is not one of {PHASES:?}")]
+    #[error("phase.name {name:?} is not one of {PHASES:?} or {PAGES_PHASE:?}")]
     Phase { name: String },
     #[error("{field} {value} is not a finite number ≥ 0")]
     Number { field: &'static str, value: f64 },
@@ -195,7 +195,7 @@ pub fn validate_run_event(e: &RunEvent) -> Result<(), RunEventError> {
     }
     let mut numbers = vec![("unix_ms", e.unix_ms)];
     if let Some(p) = &e.phase {
-        if !PHASES.contains(&p.name.as_str()) {
+        if !PHASES.contains(&p.name.as_str()) && p.name != PAGES_PHASE {
             return Err(RunEventError::Phase {
                 name: p.name.clone(),
             });

@@ -266,6 +266,12 @@ pub enum MigrateCommand {
         /// Default: whichever runs it (its agent knows).
         #[arg(long, value_enum)]
         runtime: Option<RuntimeArg>,
+        /// How the memory moves: `copy` (all of it while the container is stopped) or `lazy`
+        /// (post-copy: the container runs at the destination as soon as everything but its
+        /// memory moved; the pages follow on demand and in the background, and the run ends
+        /// when the last one arrived). `lazy` needs the agent runtime.
+        #[arg(long, value_enum, default_value = "copy")]
+        memory: MemoryArg,
         /// No progress lines on stderr.
         #[arg(long, short)]
         quiet: bool,
@@ -296,6 +302,21 @@ impl From<LockArg> for ferry_api::run::LockMode {
         match l {
             LockArg::Hold => Self::Hold,
             LockArg::CriuLock => Self::CriuLock,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MemoryArg {
+    Copy,
+    Lazy,
+}
+
+impl From<MemoryArg> for ferry_api::run::MemoryMode {
+    fn from(m: MemoryArg) -> Self {
+        match m {
+            MemoryArg::Copy => Self::Copy,
+            MemoryArg::Lazy => Self::Lazy,
         }
     }
 }

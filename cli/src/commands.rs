@@ -10,7 +10,7 @@ use std::{
 
 use ferry_api::{
     ApiError, Client, EndpointSpec, ErrorBody, HostRole, HostStatus, Migration, MigrationFailure,
-    MigrationPhase, MigrationStep, MigrationStepKind, validate::public_spec,
+    MigrationPhase, MigrationStep, MigrationStepKind, run::RunRequest, validate::public_spec,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -209,14 +209,18 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
             lock,
             fail,
             runtime,
+            memory,
             quiet,
         }) => crate::runcmd::run(
             &client()?,
-            container,
-            to,
-            lock.into(),
-            fail.map(Into::into),
-            runtime.map(Into::into),
+            RunRequest {
+                container,
+                to,
+                lock: lock.into(),
+                fail: fail.map(Into::into),
+                runtime: runtime.map(Into::into),
+                memory: memory.into(),
+            },
             quiet,
         )
         .await

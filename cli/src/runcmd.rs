@@ -5,31 +5,14 @@ use std::{fmt::Write as _, time::Duration};
 
 use ferry_api::{
     Client, MigrationStepKind,
-    run::{
-        FailAt, LockMode, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState,
-        RuntimeKind,
-    },
+    run::{PAGES_PHASE, PHASES, PhaseTiming, RunEvent, RunReport, RunRequest, RunState},
 };
 
 use crate::commands::{CliError, Outcome};
 
 /// Runs a migration and follows it until it ends. Progress goes to stderr (unless `quiet`).
-pub async fn run(
-    c: &Client,
-    container: std::net::Ipv4Addr,
-    to: String,
-    lock: LockMode,
-    fail: Option<FailAt>,
-    runtime: Option<RuntimeKind>,
-    quiet: bool,
-) -> Result<Outcome, CliError> {
-    let req = RunRequest {
-        container,
-        to,
-        lock,
-        fail,
-        runtime,
-    };
+pub async fn run(c: &Client, req: RunRequest, quiet: bool) -> Result<Outcome, CliError> {
+    let container = req.container;
     let asked = ferry_api::unix_ms();
     let mut report = match c.start_run(&req).await {
         Ok(r) => r,
@@ -55,11 +38,12 @@ pub async fn run(
     let id = report.id.clone();
     if !quiet {
         eprintln!(
-            "[ferry] migration {id}: {} {} → {} ({} mode)",
+            "[ferry] migration {id}: {} {} → {} ({} mode, memory {})",
             report.container,
             report.from,
             report.to,
-            lock.as_str()
+            req.lock.as_str(),
+            req.memory.as_str()
         );
     }
     let mut shown = 0;
@@ -127,7 +111,9 @@ pub fn phase_table(r: &RunReport) -> String {
         "  {:<9} {:>9} {:>10}  bytes",
         "phase", "at ms", "took ms"
     );
-    for name in PHASES {
+    // The lazy-memory run's last phase (the pages, after the release) only when it has one.
+    let pages = r.phase(PAGES_PHASE).map(|_| PAGES_PHASE);
+    for name in PHASES.into_iter().chain(pages) {
         match r.phase(name) {
             Some(PhaseTiming {
                 start_unix_ms,
@@ -575,7 +561,8 @@ mod tests {
             container: "10.244.1.10".parse().expect("ip"),
             from: "a1".into(),
             to: "b1".into(),
-            lock: LockMode::Hold,
+            lock: ferry_api::run::LockMode::Hold,
+            memory: Default::default(),
             state: RunState::Released,
             started_unix_ms: 1000.0,
             total_ms: 150.0,

@@ -7,6 +7,7 @@
 //! - [`source`]: `POST /v1/checkpoint/{migration}` — dump, send, then kill or resume the source.
 //! - [`dest`]: `POST /v1/images/{migration}` — receive, restore into the prepared namespace.
 //! - [`resume`]: a source tree CRIU left stopped, running again (repair off, SIGCONT).
+//! - [`lazy`]: post-copy memory (CRIU's lazy pages between the two agents).
 //!
 //! Neither side resumes or kills a stopped copy itself: each marks its tree fenced in the
 //! runtime, and [`crate::fencing`] acts on the registry's decision (released or aborted).
@@ -21,6 +22,7 @@
 pub mod cmd;
 pub mod dest;
 pub mod images;
+pub mod lazy;
 pub mod resume;
 pub mod source;
 

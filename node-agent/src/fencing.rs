@@ -127,6 +127,12 @@ impl Fencing {
         // so a claim still held (the source still streaming images to a destination that is
         // cut off) does not delay the decision.
         for p in fenced {
+            // A dumped tree whose memory CRIU still serves (lazy memory) is CRIU's until the
+            // last page went: killing it or resuming it now would take pages from the copy
+            // that runs.
+            if self.runtime.is_serving_pages(p.container) {
+                continue;
+            }
             let v = verdict(&self.host, &p, &snap);
             if v != Verdict::Wait {
                 self.act(&p, v).await;

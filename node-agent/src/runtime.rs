@@ -333,6 +333,9 @@ struct State {
     checkpointed: CheckpointedTrees,
     /// Containers with a CRIU operation (checkpoint or restore) in progress.
     busy: std::collections::BTreeSet<Ipv4Addr>,
+    /// Dumped trees whose memory CRIU still serves to a destination (lazy memory): seized by
+    /// CRIU, neither resumed nor killed until it is done (see `crate::fencing`).
+    serving_pages: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 /// PID → (container, start time) of trees CRIU dumped and killed.
@@ -1036,6 +1039,21 @@ impl Runtime {
     /// Is a CRIU operation on `ip` in progress?
     pub fn busy(&self, ip: Ipv4Addr) -> bool {
         self.lock().busy.contains(&ip)
+    }
+
+    /// CRIU serves (or stopped serving) the dumped tree's memory of `ip` (lazy memory).
+    pub fn serving_pages(&self, ip: Ipv4Addr, serving: bool) {
+        let mut st = self.lock();
+        if serving {
+            st.serving_pages.insert(ip);
+        } else {
+            st.serving_pages.remove(&ip);
+        }
+    }
+
+    /// Is CRIU still serving the memory of `ip`'s dumped tree?
+    pub fn is_serving_pages(&self, ip: Ipv4Addr) -> bool {
+        self.lock().serving_pages.contains(&ip)
     }
 
     /// A tree CRIU restored on this host (origin `restored`) under the runtime `kind`

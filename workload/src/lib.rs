@@ -15,6 +15,7 @@
 pub mod client;
 pub mod handoff;
 pub mod measure;
+pub mod memory;
 pub mod redis;
 pub mod server;
 pub mod sys;

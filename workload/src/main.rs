@@ -3,7 +3,7 @@
 use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Duration};
 
 use ferry_workload::{
-    client, redis,
+    client, memory, redis,
     server::{self, HandoffTarget, Options, Outcome, Server},
 };
 use serde_json::json;
@@ -11,6 +11,7 @@ use serde_json::json;
 const USAGE: &str = "\
 usage:
   ferry-workload serve  --port PORT [--handoff-socket PATH --container IP] [--export-to HOST]
+                        [--memory-mb N [--memory-mb-per-s R]]
   ferry-workload claim  --port PORT --handoff-socket PATH --container IP [--timeout-ms MS] [--export-to HOST]
   ferry-workload client --to IP:PORT [--connections N] [--interval-ms MS] [--duration-ms MS]
                         [--payload-bytes N] [--samples FILE] [--progress-ms MS] [--json]
@@ -20,6 +21,9 @@ usage:
 serve: answers `REQ <seq> <payload>` with `RES <seq> <n>` (n: the connection's request count).
   SIGUSR1 (to --export-to) or `export HOST` on stdin hands every connection and the counters
   to the node agent and exits 0; a refused export is printed and serving goes on.
+  --memory-mb N: also N MiB of memory that a thread checks and rewrites without end (R MiB/s,
+  default 64); a `MEM` line is answered `MEM <json>` after checking every page there and then
+  (bad_now) with the walk's figures (passes, pages_checked, bad_pages, first_bad).
 claim: claims what was exported for the container on this host and serves on.
 client: checks every reply (in order, exactly once, counters continuous); prints a summary;
   exit status 2 if a connection was reset or a reply was wrong. --samples FILE: one CSV line
@@ -118,10 +122,28 @@ fn main() -> ExitCode {
         "timeout-ms",
     ];
     let result = match cmd.as_str() {
-        "serve" => Args::parse(rest, &[], &server_flags[..4])
-            .and_then(|a| server_options(&a))
-            .and_then(|o| Server::start(o).map_err(|e| format!("listening: {e}")))
-            .map(serve),
+        "serve" => Args::parse(
+            rest,
+            &[],
+            &[
+                "port",
+                "handoff-socket",
+                "container",
+                "export-to",
+                "memory-mb",
+                "memory-mb-per-s",
+            ],
+        )
+        .and_then(|a| {
+            let opts = server_options(&a)?;
+            // The working set first: its report exists once the server listens.
+            if let Some(mb) = a.get::<usize>("memory-mb")? {
+                let rate = a.get("memory-mb-per-s")?.unwrap_or(64);
+                memory::start(mb, rate).map_err(|e| format!("--memory-mb: {e}"))?;
+            }
+            Server::start(opts).map_err(|e| format!("listening: {e}"))
+        })
+        .map(serve),
         "claim" => Args::parse(rest, &[], &server_flags).and_then(|a| {
             let timeout_ms = a.get("timeout-ms")?.unwrap_or(5000);
             let opts = server_options(&a)?;

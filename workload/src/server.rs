@@ -98,6 +98,10 @@ impl Conn {
                     self.output
                         .extend_from_slice(format!("RES {seq} {}\n", self.counter).as_bytes());
                 }
+                // The working set's figures (`crate::memory`); not a request: no count.
+                (Some("MEM"), None) => self.output.extend_from_slice(
+                    format!("MEM {}\n", crate::memory::last_report()).as_bytes(),
+                ),
                 _ => self
                     .output
                     .extend_from_slice(b"ERR want `REQ <seq> <payload>`\n"),

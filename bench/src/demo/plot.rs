@@ -309,6 +309,7 @@ pub(crate) mod tests {
             from: from.into(),
             to: to.into(),
             lock: LockMode::Hold,
+            memory: Default::default(),
             state: RunState::Released,
             started_unix_ms: start,
             total_ms: t - start,

@@ -917,6 +917,7 @@ mod tests {
             from: "a1".into(),
             to: "b1".into(),
             lock: LockMode::Hold,
+            memory: Default::default(),
             state,
             started_unix_ms: 0.0,
             total_ms: 0.0,

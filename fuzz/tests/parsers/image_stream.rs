@@ -102,6 +102,7 @@ fn header() -> impl Strategy<Value = Header> {
                     RuntimeKind::Agent
                 },
                 image,
+                lazy: None,
             },
         )
 }

@@ -33,8 +33,8 @@ use axum::{
 use ferry_api::{
     ApiError, Client, ErrorCode, MigrationPhase,
     run::{
-        CheckpointAnswer, CheckpointRequest, PHASES, PhaseTiming, RestoreStatus, RunEvent,
-        RunReport, RunRequest, RunState,
+        CheckpointAnswer, CheckpointRequest, MemoryMode, PHASES, PhaseTiming, RestoreStatus,
+        RunEvent, RunReport, RunRequest, RunState,
     },
     transport::{HttpError, Request},
 };
@@ -257,6 +257,7 @@ async fn start(
         from: m.from.clone(),
         to: m.to.clone(),
         lock: req.lock,
+        memory: req.memory,
         state: RunState::Running,
         started_unix_ms: started,
         total_ms: 0.0,
@@ -274,7 +275,7 @@ async fn start(
         error: None,
     };
     g.runs.insert(report.clone());
-    info!(migration = %m.id, container = %m.container, from = %m.from, to = %m.to, lock = req.lock.as_str(), "run started");
+    info!(migration = %m.id, container = %m.container, from = %m.from, to = %m.to, lock = req.lock.as_str(), memory = req.memory.as_str(), "run started");
     let checkpoint = CheckpointRequest {
         container: m.container,
         to: m.to.clone(),
@@ -282,6 +283,7 @@ async fn start(
         lock: req.lock,
         fail: req.fail,
         runtime: req.runtime,
+        memory: req.memory,
     };
     let source = SocketAddr::new(from_vtep.into(), agent_port);
     tokio::spawn(drive(g.clone(), client, m.id.clone(), source, checkpoint));
@@ -312,7 +314,14 @@ async fn drive(
             g.runs.update(&id, |r| r.events.push(event("info", format!("{why}: resolving the run from the registry"))));
             // Decided elsewhere (the destination's release): the answer, with its figures,
             // is normally a moment behind.
-            if why == DECIDED {
+            if why == DECIDED && req.memory == MemoryMode::Lazy {
+                // Released, but the pages still come from the source: the run ends when the
+                // last one arrived (the source's answer), or when the source is lost.
+                tokio::select! {
+                    a = &mut ck => (Some(a), Some(why)),
+                    () = end_dead(&g, &from) => (None, Some(PAGES_SOURCE_LOST)),
+                }
+            } else if why == DECIDED {
                 (tokio::time::timeout(ANSWER_GRACE, &mut ck).await.ok(), Some(why))
             } else {
                 (None, Some(why))
@@ -360,6 +369,7 @@ pub(crate) fn unreported(g: &Gateway) -> Vec<String> {
             from: m.from.clone(),
             to: m.to.clone(),
             lock: ferry_api::run::LockMode::Hold,
+            memory: Default::default(),
             state: RunState::Running,
             started_unix_ms: m.created_unix_ms as f64,
             total_ms: 0.0,
@@ -427,11 +437,20 @@ pub(crate) fn resume(g: &Arc<Gateway>, id: String) {
 const DECIDED: &str = "the migration was decided";
 const SOURCE_LOST: &str = "the source agent is not answering";
 const DESTINATION_LOST: &str = "the destination agent is not answering";
+/// A lazy-memory run whose source was lost after the release, before the last page.
+const PAGES_SOURCE_LOST: &str = "the source agent is not answering, and the destination may lack pages of the container's memory";
 /// How long the source's answer is still awaited once the migration was decided.
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 /// Returns when migration `id` is no longer active (decided by someone else) or when the
 /// source or the destination agent is taken for dead.
+/// Returns when `host` is dead (its agent not answering).
+async fn end_dead(g: &Gateway, host: &str) {
+    while !g.host_dead(host) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn decided_or_end_dead(g: &Gateway, id: &str, from: &str, to: &str) -> &'static str {
     loop {
         let active = g

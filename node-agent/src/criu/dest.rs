@@ -19,7 +19,7 @@ use ferry_api::{
 use futures::StreamExt as _;
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Ctx, Refusal, authorize, cmd, images::Receiver};
+use super::{Ctx, Refusal, authorize, cmd, images::Receiver, lazy};
 use crate::runtime::{
     Kind, RuntimeError,
     driver::{Restore, RuncRecord},
@@ -133,10 +133,39 @@ pub async fn receive(
                     s.error = Some(e.2.clone());
                 });
             }
-            if !ctx.criu.keep_images {
-                let _ = std::fs::remove_dir_all(&dir);
+            let (answer, lazy_daemon) = match r {
+                Ok((a, l)) => (Ok(a), l),
+                Err(e) => (Err(e), None),
+            };
+            match lazy_daemon {
+                // The pages still come: the images go once the daemon is done with them.
+                Some(daemon) => {
+                    let keep = ctx.criu.keep_images;
+                    tokio::spawn(
+                        async move {
+                            match daemon.finish().await {
+                                Ok(e) if e.ok => {
+                                    info!(after_restore_ms = e.after_ready_ms, "lazy pages: the last page arrived")
+                                }
+                                Ok(e) => {
+                                    warn!(status = %e.status, "lazy pages: the daemon failed before the last page")
+                                }
+                                Err(e) => warn!(error = %e, "lazy pages: waiting for the daemon"),
+                            }
+                            if !keep {
+                                let _ = std::fs::remove_dir_all(&dir);
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+                None => {
+                    if !ctx.criu.keep_images {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
             }
-            r
+            answer
         }
         .instrument(span),
     );
@@ -158,7 +187,7 @@ async fn restore(
     netns: PathBuf,
     dir: &std::path::Path,
     body: Body,
-) -> Result<RestoreAnswer, Refusal> {
+) -> Result<(RestoreAnswer, Option<lazy::Serving>), Refusal> {
     let failed = |code: &'static str, m: String| {
         warn!(error = %m, "restore refused");
         Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, code, m)
@@ -211,6 +240,10 @@ async fn restore(
                 header.migration, header.container
             ),
         ));
+    }
+    // Lazy memory: the pages come from the source host's own page server, nowhere else.
+    if let Some(l) = &header.lazy {
+        check_page_server(ctx, &header.from, l.page_server).await?;
     }
     let transfer = PhaseTiming {
         name: "transfer".into(),
@@ -280,8 +313,33 @@ async fn restore(
             )))
         })
     };
-    let (restore, record) =
+    let (mut restore, record) =
         prepared.map_err(|e| failed("restore_failed", format!("{runtime} restore: {e}")))?;
+    // Lazy memory: CRIU's lazy-pages daemon connects to the source's page server first; the
+    // restore then faults the pages in through it (dropped: killed, on any failure below).
+    let mut lazy_daemon = None;
+    if let Some(l) = &header.lazy {
+        let args = lazy::lazy_pages_args(dir, l.page_server, ctx.tls.as_ref());
+        let log = dir.join("lazy-pages.log");
+        match lazy::spawn_ready(&ctx.criu.binary, &args, &[], &log).await {
+            Ok(Ok(s)) => {
+                info!(page_server = %l.page_server, ms = s.ready_ms, "lazy-pages daemon connected");
+                lazy_daemon = Some(s);
+            }
+            Ok(Err(o)) => {
+                let _ = undo_prepared(ctx, runtime, record.clone()).await;
+                return Err(failed("restore_failed", o.failure("criu lazy-pages")));
+            }
+            Err(e) => {
+                let _ = undo_prepared(ctx, runtime, record.clone()).await;
+                return Err(failed(
+                    "restore_failed",
+                    format!("starting criu lazy-pages: {e}"),
+                ));
+            }
+        }
+        restore.args.push("--lazy-pages".into());
+    }
     // Whatever the runtime prepared goes if the restore does not get through.
     let undo = |ctx: &Arc<Ctx>, rec: Option<RuncRecord>| {
         let rt = ctx.runtime.clone();
@@ -414,18 +472,61 @@ async fn restore(
         None => info!(ms = release.ms, "released"),
         Some(e) => warn!(error = %e, "restored but not released"),
     }
-    Ok(RestoreAnswer {
-        pid,
-        resumed_unix_ms: resumed,
-        release: Some(release),
-        release_error,
-        bytes: rx.bytes,
-        files: rx.files,
-        transfer,
-        restore: restore_phase,
-        criu_restore_ms: stats.restore_ms,
-        pages_restored: stats.pages_restored,
+    Ok((
+        RestoreAnswer {
+            pid,
+            resumed_unix_ms: resumed,
+            release: Some(release),
+            release_error,
+            bytes: rx.bytes,
+            files: rx.files,
+            transfer,
+            restore: restore_phase,
+            criu_restore_ms: stats.restore_ms,
+            pages_restored: stats.pages_restored,
+        },
+        lazy_daemon,
+    ))
+}
+
+/// What a runtime prepared for a restore that will not happen goes.
+fn undo_prepared(
+    ctx: &Arc<Ctx>,
+    runtime: ferry_api::run::RuntimeKind,
+    rec: Option<RuncRecord>,
+) -> tokio::task::JoinHandle<()> {
+    let rt = ctx.runtime.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Ok(d) = rt.driver(runtime) {
+            d.restore_failed(rec.as_ref());
+        }
     })
+}
+
+/// A lazy stream's page server must be the source host's registered vtep (what its agent
+/// picked); anything else is refused before anything is restored.
+async fn check_page_server(
+    ctx: &Ctx,
+    from: &str,
+    page_server: std::net::SocketAddr,
+) -> Result<(), Refusal> {
+    let vtep = {
+        let node = ctx.node.lock().await;
+        node.registry
+            .as_ref()
+            .and_then(|s| s.hosts.iter().find(|h| h.name == from).map(|h| h.vtep))
+    };
+    match vtep {
+        Some(v) if std::net::IpAddr::V4(v) == page_server.ip() && page_server.port() != 0 => Ok(()),
+        _ => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad_image_stream",
+            format!(
+                "page server {page_server}: not host {from}'s registered address \
+                 (lazy pages come only from the source host)"
+            ),
+        )),
+    }
 }
 
 /// The stream's runtime must be available here, and (runc) its image too: refused, naming

@@ -49,6 +49,10 @@ pub struct Header {
     /// Its root file system (runc): the destination must have the same image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Lazy memory: the images hold no page content; the destination pulls the pages from
+    /// this page server (see `super::lazy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<super::lazy::LazySource>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -475,6 +479,7 @@ mod tests {
             fail_restore: false,
             runtime: RuntimeKind::Agent,
             image: None,
+            lazy: None,
         }
     }
 

@@ -14,12 +14,12 @@ use ferry_api::{
     Client, MigrationPhase,
     run::{
         CheckpointAnswer, CheckpointRequest, CriuStats, FailAt, Fence, FenceSide, LockMode,
-        PhaseTiming, RestoreAnswer, RunEvent, RuntimeKind,
+        MemoryMode, PAGES_PHASE, PhaseTiming, RestoreAnswer, RunEvent, RuntimeKind,
     },
 };
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::{Ctx, Refusal, authorize, cmd, images};
+use super::{Ctx, Refusal, authorize, cmd, images, lazy};
 use crate::runtime::{
     Entry,
     driver::{Checkpoint, Stats},
@@ -195,6 +195,17 @@ pub async fn checkpoint(
             "wrong_runtime",
             format!(
                 "container {ip} runs under the {} runtime on {}, not {want}",
+                entry.proc.runtime, ctx.host
+            ),
+        ));
+    }
+    if req.memory == MemoryMode::Lazy && entry.proc.runtime != RuntimeKind::Agent {
+        return Err(bad(
+            StatusCode::CONFLICT,
+            "lazy_unsupported",
+            format!(
+                "container {ip} runs under the {} runtime on {}: lazy memory (CRIU's lazy \
+                 pages) needs the agent runtime; move it with --memory copy",
                 entry.proc.runtime, ctx.host
             ),
         ));
@@ -379,6 +390,24 @@ async fn run_inner(
             return answer;
         }
     };
+    let mut dump = dump;
+    // Lazy memory: the dump serves the pages from a page server on this host's vtep.
+    let lazy = match req.memory {
+        MemoryMode::Copy => None,
+        MemoryMode::Lazy => match lazy_source(&ctx).await {
+            Ok(l) => {
+                dump.args
+                    .extend(lazy::dump_args(l.page_server, ctx.tls.as_ref()));
+                Some(l)
+            }
+            Err(e) => {
+                answer.error = Some(format!("lazy memory: {e}"));
+                answer.resumed = true;
+                cleanup(&dir);
+                return answer;
+            }
+        },
+    };
     let mut env = ctx.script_env(&id, ip, "dump");
     env.extend(dump.env.iter().cloned());
     if req.fail == Some(FailAt::Dump) {
@@ -391,15 +420,38 @@ async fn run_inner(
     }
     info!(pid, lock = req.lock.as_str(), %runtime, "dumping");
     let start = ferry_api::unix_ms_f64();
-    let out = cmd::run(
-        &dump.program,
-        &dump.args,
-        &env,
-        None,
-        &dump.log,
-        dump.capture,
-    )
-    .await;
+    // Lazy: the dump is done (all but the pages) when CRIU says it is ready; it goes on
+    // serving the pages, the tasks seized, until the destination pulled the last one.
+    let mut serving = None;
+    let out = match &lazy {
+        None => {
+            cmd::run(
+                &dump.program,
+                &dump.args,
+                &env,
+                None,
+                &dump.log,
+                dump.capture,
+            )
+            .await
+        }
+        Some(_) => lazy::spawn_ready(&dump.program, &dump.args, &env, &dump.log)
+            .await
+            .map(|r| match r {
+                Ok(s) => {
+                    let ms = s.ready_ms;
+                    serving = Some(s);
+                    cmd::Outcome {
+                        ok: true,
+                        status: "serving pages".into(),
+                        stdout: String::new(),
+                        ms,
+                        errors: Vec::new(),
+                    }
+                }
+                Err(failed) => failed,
+            }),
+    };
     let out = match out {
         Ok(o) => o,
         Err(e) => {
@@ -481,6 +533,9 @@ async fn run_inner(
     ctx.node.lock().await.mark_dumped(ip, true);
     // From here the stopped tree is a fenced copy: it runs again only if the registry aborts
     // the migration, and is killed once the destination runs it (see `crate::fencing`).
+    if serving.is_some() {
+        ctx.runtime.serving_pages(ip, true);
+    }
     ctx.runtime.fence(
         ip,
         Fence {
@@ -504,6 +559,7 @@ async fn run_inner(
         fail_restore: req.fail == Some(FailAt::Restore),
         runtime,
         image: entry.proc.image.clone(),
+        lazy,
     };
     ferry_api::faultpoint::pause("transfer", &id).await;
     let transfer_start = ferry_api::unix_ms_f64();
@@ -522,7 +578,10 @@ async fn run_inner(
         }
     })
     .await;
-    cleanup(&dir);
+    if serving.is_none() {
+        // (Lazy: CRIU still writes its log and stats there; removed once it ended.)
+        cleanup(&dir);
+    }
     if let Ok(s) = &sent {
         // Even if the restore fails, the images did travel: report them.
         answer.image_bytes = s.bytes;
@@ -559,6 +618,19 @@ async fn run_inner(
             // In a task of its own: this checkpoint ends now (its claim on the container
             // goes), so the fencing can resume the tree the moment the abort arrives, without
             // waiting for the gateway to hear back from every agent.
+            if let Some(s) = serving.take() {
+                // The destination will not pull the pages: the tree stays stopped (SIGSTOP
+                // pending while CRIU still traces it) and the page server goes; the abort
+                // resumes the tree like any dumped one.
+                let stopped = lazy::stop_tree(pid);
+                s.kill().await;
+                ctx.runtime.serving_pages(ip, false);
+                cleanup(&dir);
+                info!(
+                    ?stopped,
+                    "page server ended: the tree stays stopped for the decision"
+                );
+            }
             warn!(error = %e, "transfer or restore failed: asking the gateway to abort");
             let (c, mid) = (ctx.clone(), id.clone());
             tokio::spawn(
@@ -597,12 +669,93 @@ async fn run_inner(
         }
         None => answer.ok = true,
     }
+    if let Some(s) = serving.take() {
+        let restored_at = restored.restore.start_unix_ms + restored.restore.ms;
+        push(
+            &ctx,
+            &id,
+            "info",
+            "pages: the destination pulls the memory; the source serves it".into(),
+            None,
+        );
+        match s.finish().await {
+            Ok(end) => {
+                let last = ferry_api::unix_ms_f64();
+                // What the page server had to serve: the lazy pages CRIU's log counted.
+                let log = std::fs::read_to_string(&dump.log).unwrap_or_default();
+                let served = lazy::lazy_pages_in_log(&log);
+                let pages = PhaseTiming {
+                    name: PAGES_PHASE.into(),
+                    start_unix_ms: restored_at,
+                    ms: (last - restored_at).max(0.0),
+                    bytes: Some(served * lazy::PAGE_SIZE),
+                };
+                info!(
+                    ok = end.ok,
+                    pages = served,
+                    after_ready_ms = end.after_ready_ms,
+                    "page server ended"
+                );
+                if end.ok {
+                    answer.phases.push(pages);
+                } else {
+                    // CRIU resumed the tree (its failure path): stop it again at once; the
+                    // fencing decides (the destination owns the container now).
+                    let stopped = lazy::stop_tree(pid);
+                    let e = format!(
+                        "the page server failed ({}) before the destination had every page: {}",
+                        end.status,
+                        cmd::log_errors(&log, 3).join(" | ")
+                    );
+                    warn!(error = %e, ?stopped, "lazy pages incomplete");
+                    answer.ok = false;
+                    answer.error = Some(e);
+                }
+            }
+            Err(e) => {
+                answer.ok = false;
+                answer.error = Some(format!("waiting for the page server: {e}"));
+            }
+        }
+        cleanup(&dir);
+        ctx.runtime.serving_pages(ip, false);
+    }
     info!(
         bytes = sent.bytes,
         restored_pid = restored.pid,
         "container moved"
     );
     answer
+}
+
+/// Where this host serves a lazy dump's pages: its registered vtep (the underlay, where the
+/// destination's agent reaches it), a free port. Raises `fs.pipe-max-size` for CRIU's page
+/// server when it is too low (host-wide; logged).
+async fn lazy_source(ctx: &Ctx) -> Result<lazy::LazySource, String> {
+    let vtep = {
+        let node = ctx.node.lock().await;
+        node.registry
+            .as_ref()
+            .and_then(|s| s.hosts.iter().find(|h| h.name == ctx.host).map(|h| h.vtep))
+    }
+    .ok_or_else(|| format!("host {} is not in its own registry snapshot", ctx.host))?;
+    tokio::task::spawn_blocking(move || {
+        if let Some(was) = lazy::ensure_pipe_max_size()
+            .map_err(|e| format!("raising fs.pipe-max-size for CRIU's page server: {e}"))?
+        {
+            warn!(
+                was,
+                now = lazy::PIPE_MAX_SIZE,
+                "fs.pipe-max-size raised (host-wide) for CRIU's page server"
+            );
+        }
+        let port = lazy::pick_port(vtep).map_err(|e| format!("a port on {vtep}: {e}"))?;
+        Ok(lazy::LazySource {
+            page_server: std::net::SocketAddr::new(vtep.into(), port),
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// CRIU's figures, from where the runtime says they are (its stdout, or a stats image).

@@ -1,0 +1,198 @@
+//! The container's memory across a WAN link (the `wan` profile between clouds a and b: 60 ms
+//! RTT, 200 Mbit/s): a server holding 256 MiB that checks and rewrites its own memory without
+//! end (`ferry-workload serve --memory-mb`), under a live client through its public address,
+//! moved a1 → b1 with `--memory lazy` (post-copy: CRIU's lazy pages between the agents, over
+//! TLS) and back with `--memory copy`. Each move: released, zero resets, every reply right,
+//! and the workload's own check of every page clean after the last page arrived. The lazy run's
+//! report carries the page transfer (the `pages` phase, its bytes).
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use ferry_api::run::{MemoryMode, PAGES_PHASE, PHASES, RunReport, RunState};
+use ferry_lab::{Lab, LabOptions, Topology};
+use ferry_tests::{agents_lab, require_root_and_tools, wait_for, workspace_binary};
+use serde_json::Value;
+
+const C: &str = "10.244.1.10";
+const PUBLIC: &str = "203.0.113.131";
+const TOOLS: &[&str] = &["ip", "ss", "criu"];
+const MEMORY_MB: u64 = 256;
+
+fn c() -> Ipv4Addr {
+    C.parse().unwrap()
+}
+
+/// The workload's figures for its memory (its answer to `MEM`, asked from the internet side
+/// through the public address on a connection of its own).
+fn memory_report(lab: &Lab) -> Option<Value> {
+    let script = format!("exec 3<>/dev/tcp/{PUBLIC}/7000 && echo MEM >&3 && timeout 5 head -1 <&3");
+    let out = lab
+        .exec("inet", &["timeout", "10", "bash", "-c", &script])
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim().strip_prefix("MEM ")?).ok()
+}
+
+/// Every page checked by the workload itself, now (after the last page arrived): none wrong,
+/// none ever found wrong by its walk, and the walk went on since `since` (its figures then).
+fn assert_memory_clean(lab: &Lab, what: &str, since: Option<&Value>) -> Value {
+    let r = wait_for(
+        &format!("{what}: the workload's memory figures"),
+        Duration::from_secs(60),
+        || {
+            memory_report(lab).filter(|r| {
+                r["pages_checked"].as_u64().unwrap_or(0)
+                    > since.map_or(0, |s| s["pages_checked"].as_u64().unwrap_or(0))
+            })
+        },
+    );
+    eprintln!("{what}: memory {r}");
+    assert_eq!(r["mb"].as_u64(), Some(MEMORY_MB), "{r}");
+    assert_eq!(r["bad_now"].as_u64(), Some(0), "{what}: {r}");
+    assert_eq!(r["bad_pages"].as_u64(), Some(0), "{what}: {r}");
+    r
+}
+
+fn migrate(lab: &Lab, from: &str, to: &str, memory: MemoryMode) -> RunReport {
+    let args = [
+        "--json",
+        "migrate",
+        "run",
+        "--container",
+        C,
+        "--to",
+        to,
+        "--memory",
+        memory.as_str(),
+    ];
+    let t0 = Instant::now();
+    let out = lab.ferry(&args).expect("running ferry");
+    let (code, r) = ferry_tests::run_report(&format!("ferry {args:?}"), &out);
+    eprintln!("{from} -> {to} ({memory}): wall {:?}", t0.elapsed());
+    assert_eq!(
+        r.state,
+        RunState::Released,
+        "{from} -> {to}: {r:?}\nagent logs: {} {}",
+        lab.agent_log(from).display(),
+        lab.agent_log(to).display()
+    );
+    assert_eq!(code, 0, "{r:?}");
+    assert_eq!(r.memory, memory, "{r:?}");
+    assert!(r.error.is_none(), "{r:?}");
+    r
+}
+
+fn lab_with_memory_server() -> (Lab, ferry_tests::workload::Workload) {
+    let workload = workspace_binary("ferry-workload");
+    let topology = ferry_bench::links::with_link(Topology::default_lab(), "a", "b", "wan")
+        .expect("wan between a and b");
+    let lab = agents_lab(LabOptions {
+        topology,
+        ..LabOptions::default()
+    });
+    let ns = lab.add_container("a1", c()).expect("container on a1");
+    lab.ferry_json(&["public", "add", "--public", PUBLIC, "--container", C])
+        .expect("public add");
+    lab.sync().unwrap();
+    let mb = MEMORY_MB.to_string();
+    lab.start_process(
+        c(),
+        &[
+            workload.to_str().unwrap(),
+            "serve",
+            "--port",
+            "7000",
+            "--memory-mb",
+            &mb,
+            // Its pages change while they move, more slowly than the link carries them (a
+            // walk faster than the link faults on every page: see docs/migration.md).
+            "--memory-mb-per-s",
+            "4",
+        ],
+    )
+    .expect("start the server");
+    ferry_tests::workload::wait_listening(&lab, &ns, 7000);
+    let to = format!("{PUBLIC}:7000");
+    let client = ferry_tests::workload::Workload::start(
+        &lab.netns("inet"),
+        &[
+            "client",
+            "--to",
+            &to,
+            "--connections",
+            "2",
+            "--interval-ms",
+            "10",
+            "--duration-ms",
+            "600000",
+            "--json",
+        ],
+    );
+    client.connected(Duration::from_secs(10));
+    (lab, client)
+}
+
+#[test]
+fn a_256_mib_container_moves_lazily_across_the_wan_and_back_by_copy() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, client) = lab_with_memory_server();
+    let before = assert_memory_clean(&lab, "before the moves", None);
+
+    // Post-copy: running at b1 once everything but the pages moved; the pages follow.
+    let lazy = migrate(&lab, "a1", "b1", MemoryMode::Lazy);
+    let names: Vec<&str> = lazy.phases.iter().map(|p| p.name.as_str()).collect();
+    let mut want: Vec<&str> = PHASES.to_vec();
+    want.push(PAGES_PHASE);
+    assert_eq!(names, want, "{lazy:?}");
+    let pages = lazy.phase(PAGES_PHASE).unwrap();
+    let page_bytes = pages.bytes.unwrap_or(0);
+    assert!(
+        page_bytes >= MEMORY_MB << 20,
+        "the pages phase moved {page_bytes} bytes of a {MEMORY_MB} MiB working set: {lazy:?}"
+    );
+    // The images themselves carried (almost) no memory.
+    assert!(
+        lazy.image_bytes < page_bytes / 8,
+        "lazy images {} B vs pages {page_bytes} B",
+        lazy.image_bytes
+    );
+    assert_eq!(lab.endpoint_host(c()).unwrap(), "b1");
+    let after_lazy = assert_memory_clean(&lab, "after the lazy move", Some(&before));
+
+    // Stop-and-copy back: every page in the images.
+    let copy = migrate(&lab, "b1", "a1", MemoryMode::Copy);
+    let names: Vec<&str> = copy.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, PHASES, "{copy:?}");
+    assert!(
+        copy.image_bytes >= MEMORY_MB << 20,
+        "copy images {} B",
+        copy.image_bytes
+    );
+    assert_eq!(lab.endpoint_host(c()).unwrap(), "a1");
+    assert_memory_clean(&lab, "after the copy move", Some(&after_lazy));
+
+    let (code, s) = client.stop(Duration::from_secs(20));
+    eprintln!(
+        "figures: lazy stopped {:.1} ms, pages {:.1} ms ({} B), total {:.1} ms; copy stopped \
+         {:.1} ms, images {} B, total {:.1} ms; client max_gap_ms {} retransmits {}",
+        lazy.stopped_ms,
+        pages.ms,
+        page_bytes,
+        lazy.total_ms,
+        copy.stopped_ms,
+        copy.image_bytes,
+        copy.total_ms,
+        s["max_gap_ms"],
+        s["retransmits"]
+    );
+    assert_eq!(s["resets"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["mismatches"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["unanswered"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["replies"], s["requests"], "{s}");
+    assert_eq!(s["alive"].as_u64(), Some(2), "{s}");
+    assert_eq!(code, 0, "{s}");
+}
