@@ -5,6 +5,7 @@
 //! - [`handoff`]: a stateful server handed off between clouds, hold vs drop;
 //! - [`migrate`]: whole-container live migration with CRIU, hold vs CRIU's network lock;
 //! - [`links`]: the lab's shaped links between clouds measured against their configuration;
+//! - [`scale`]: the gap against the container's memory, per link profile and memory mode;
 //! - [`faults`]: the fault matrix: agents and the gateway killed, links cut, a full disk, at
 //!   each phase of a CRIU migration, and whether exactly one copy runs afterwards.
 //!
@@ -18,6 +19,7 @@ pub mod handoff;
 pub mod links;
 pub mod migrate;
 pub mod samples;
+pub mod scale;
 pub mod stats;
 pub mod workload;
 
@@ -52,6 +54,10 @@ pub enum BenchCmd {
     /// and its spread, iperf3 throughput and the loss counted, configured vs measured with
     /// the relative error.
     Links(links::LinksArgs),
+    /// The client's gap against the container's memory: memory size × link profile × memory
+    /// mode (copy, lazy) × lock (hold, criu-lock), with the time until the last page arrived
+    /// and the bytes over the link; a table, an SVG plot, `--json`; `--quick` for CI.
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,5 +140,6 @@ pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Migrate(args) => migrate::run(&args),
         BenchCmd::Faults(args) => faults::run(&args),
         BenchCmd::Links(args) => links::run(&args),
+        BenchCmd::Scale(args) => scale::run(&args),
     }
 }

@@ -143,3 +143,52 @@ fn the_migration_benchmark_measures_both_modes() {
         assert!(m["gap_ms_p50"].as_f64().unwrap_or(0.0) > 0.0, "{mode}: {m}");
     }
 }
+
+/// `bench scale --quick`: 1 and 64 MiB, copy and lazy, on the lan profile; every cell moved its
+/// container with a live client, nothing reset or lost, the workload's memory checked clean,
+/// the pages counted over the link; a plot written.
+#[test]
+fn the_scale_benchmark_measures_every_quick_cell() {
+    if !require_root_and_tools(&["ip", "criu", "bash"]) {
+        return;
+    }
+    workspace_binary("ferry-agent");
+    workspace_binary("ferry");
+    workspace_binary("ferry-workload");
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("scale.svg");
+    let out = Command::new(workspace_binary("ferry-lab"))
+        .args(["bench", "scale", "--quick", "--json", "--svg"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let rows = r["rows"].as_array().expect("rows");
+    let cells: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|c| (c["memory_mb"].as_u64().unwrap(), c["memory_mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(cells, [(1, "copy"), (1, "lazy"), (64, "copy"), (64, "lazy")], "{r}");
+    for c in rows {
+        assert_eq!(c["link"], "lan", "{c}");
+        assert_eq!(c["lock"], "hold", "{c}");
+        assert_eq!(c["released"], c["runs"], "{c}");
+        assert_eq!(c["resets"], 0, "{c}");
+        assert_eq!(c["bytes_lost"], 0, "{c}");
+        assert_eq!(c["memory_ok"], true, "{c}");
+        for key in ["gap_ms_p50", "gap_ms_p99", "frozen_ms_p50", "last_page_ms"] {
+            assert!(c[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {c}");
+        }
+        // The working set crossed the link, in the images (copy) or as pages (lazy).
+        let mb = c["memory_mb"].as_u64().unwrap();
+        assert!(c["link_bytes"].as_u64().unwrap() >= mb << 20, "{c}");
+    }
+    let plot = std::fs::read_to_string(&svg).expect("the plot");
+    assert!(plot.starts_with("<svg") && plot.contains("lan lazy hold"), "{plot}");
+}
