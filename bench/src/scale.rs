@@ -474,14 +474,15 @@ fn run_cell(p: &Progress, args: &ScaleArgs, runs: u32, lab: &Lab, cell: &Cell, b
         match migrate_run(lab, &run_args) {
             Ok(r) => {
                 p.say(format!(
-                    "{name}: {}/{runs}: {}->{}: {} in {:.0} ms (stopped {:.0} ms, last page {} ms)",
+                    "{name}: {}/{runs}: {}->{}: {} in {:.0} ms (stopped {:.0} ms, last page {} ms){}",
                     i + 1,
                     r.from,
                     r.to,
                     r.state.as_str(),
                     r.total_ms,
                     r.stopped_ms,
-                    fmt(last_page_ms(&r))
+                    fmt(last_page_ms(&r)),
+                    r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
                 ));
                 if r.state == RunState::Released {
                     row.released += 1;

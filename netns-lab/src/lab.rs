@@ -206,6 +206,11 @@ impl Lab {
         self.state_dir().join(host).join("agent.log")
     }
 
+    /// A host's CRIU work directory (images, CRIU's logs): [`state::criu_work_dir`].
+    pub fn criu_work_dir(&self, host: &str) -> PathBuf {
+        state::criu_work_dir(self.prefix(), host)
+    }
+
     /// The hand-off socket of a host's agent (`/run/ferry-lab/<prefix>/<host>/handoff.sock`).
     pub fn handoff_socket(&self, host: &str) -> PathBuf {
         handoff_socket(&self.prefix, host)
@@ -1294,9 +1299,9 @@ impl Builder {
                 api_listen: SocketAddr::new(h.address.into(), AGENT_API_PORT),
                 handoff_max_bytes: ferry_config::DEFAULT_HANDOFF_MAX_BYTES,
                 criu: ferry_config::CriuConfig {
-                    // Images on the lab's tmpfs, one directory per host: no directory is
-                    // shared between the hosts.
-                    work_dir: dir.join("criu"),
+                    // Images in RAM, one directory per host: no directory is shared
+                    // between the hosts (see `state::SHM_ROOT`).
+                    work_dir: state::criu_work_dir(self.prefix(), &h.name),
                     action_script: crate::bins::find_binary("ferry", "ferry-cli")?,
                     ..Default::default()
                 },

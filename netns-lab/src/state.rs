@@ -38,6 +38,22 @@ pub fn state_dir(prefix: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(prefix)
 }
 
+/// Where the lab's agents write CRIU's images: RAM (/dev/shm is tmpfs), not the state
+/// directory, which is on disk on this machine kind (/run is ext4 here): hundreds of MB of
+/// images written to disk stall in writeback.
+pub const SHM_ROOT: &str = "/dev/shm/ferry-lab";
+
+/// The lab's directory under [`SHM_ROOT`] (removed by the teardown).
+pub fn shm_dir(prefix: &str) -> PathBuf {
+    Path::new(SHM_ROOT).join(prefix)
+}
+
+/// A host's CRIU work directory in the lab (`/dev/shm/ferry-lab/<prefix>/<host>/criu`, made
+/// 0700 by its agent, as every directory above it that it creates).
+pub fn criu_work_dir(prefix: &str, host: &str) -> PathBuf {
+    shm_dir(prefix).join(host).join("criu")
+}
+
 /// The lab's fault-point directory (`<state>/faults`): the gateway and every agent the lab
 /// starts get it as `FERRY_FAULT_DIR` (see `ferry_api::faultpoint`); CRIU and its hook inherit
 /// it from the agent. Nothing stops anywhere unless a file is created in it.

@@ -186,6 +186,18 @@ pub fn teardown(prefix: &str) -> Result<(), TeardownError> {
     {
         errors.push(format!("removing {}: {e}", dir.display()));
     }
+    // 6. The images in RAM (`state::SHM_ROOT`), after whatever was mounted under them.
+    let shm = state::shm_dir(prefix);
+    for m in mounts_under(&shm) {
+        if let Err(e) = detach_mount(&m) {
+            errors.push(format!("unmounting {}: {e}", m.display()));
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(&shm)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        errors.push(format!("removing {}: {e}", shm.display()));
+    }
 
     tracing::info!(
         elapsed_ms = t0.elapsed().as_millis() as u64,
@@ -291,6 +303,13 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
     }
     if dir.exists() {
         found.push(format!("state directory {}", dir.display()));
+    }
+    let shm = state::shm_dir(prefix);
+    for m in mounts_under(&shm) {
+        found.push(format!("mount {}", m.display()));
+    }
+    if shm.exists() {
+        found.push(format!("images directory {}", shm.display()));
     }
     found
 }

@@ -172,9 +172,18 @@ fn the_scale_benchmark_measures_every_quick_cell() {
     let rows = r["rows"].as_array().expect("rows");
     let cells: Vec<(u64, &str)> = rows
         .iter()
-        .map(|c| (c["memory_mb"].as_u64().unwrap(), c["memory_mode"].as_str().unwrap()))
+        .map(|c| {
+            (
+                c["memory_mb"].as_u64().unwrap(),
+                c["memory_mode"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(cells, [(1, "copy"), (1, "lazy"), (64, "copy"), (64, "lazy")], "{r}");
+    assert_eq!(
+        cells,
+        [(1, "copy"), (1, "lazy"), (64, "copy"), (64, "lazy")],
+        "{r}"
+    );
     for c in rows {
         assert_eq!(c["link"], "lan", "{c}");
         assert_eq!(c["lock"], "hold", "{c}");
@@ -190,5 +199,8 @@ fn the_scale_benchmark_measures_every_quick_cell() {
         assert!(c["link_bytes"].as_u64().unwrap() >= mb << 20, "{c}");
     }
     let plot = std::fs::read_to_string(&svg).expect("the plot");
-    assert!(plot.starts_with("<svg") && plot.contains("lan lazy hold"), "{plot}");
+    assert!(
+        plot.starts_with("<svg") && plot.contains("lan lazy hold"),
+        "{plot}"
+    );
 }

@@ -317,8 +317,8 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
         cp.state_dir.join("runs"),
         ferry_lab::lab::agent_state_dir(lab.prefix(), "a1"),
         ferry_lab::lab::agent_state_dir(lab.prefix(), "b1"),
-        state.join("a1").join("criu"),
-        state.join("b1").join("criu"),
+        lab.criu_work_dir("a1"),
+        lab.criu_work_dir("b1"),
     ] {
         assert_eq!(mode(&dir), 0o700, "{}", dir.display());
         assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 0);

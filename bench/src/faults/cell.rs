@@ -284,7 +284,7 @@ impl FaultLab {
 
     /// The CRIU work directory of `host`'s agent (as the lab configures it).
     fn work_dir(&self, host: &str) -> PathBuf {
-        self.lab.state_dir().join(host).join("criu")
+        self.lab.criu_work_dir(host)
     }
 
     fn copies(&self) -> Copies {
