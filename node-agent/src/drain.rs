@@ -411,6 +411,7 @@ impl SockDiag {
                     InetNla::MemInfo(m) => Some(RcvBuf {
                         used: m.receive_queue,
                         size: m.receive_queue_max,
+                        drops: m.drops,
                     }),
                     _ => None,
                 }) else {

@@ -774,3 +774,152 @@ fn a_gateway_killed_after_each_persisted_transition_resumes_the_run() {
     let (code, s) = client.stop(Duration::from_secs(90));
     assert_client_clean(code, &s, 4);
 }
+
+/// `Udp: RcvbufErrors` in the network namespace of process `pid`: datagrams its sockets
+/// dropped for want of room.
+fn udp_rcvbuf_errors(pid: i32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).expect("snmp");
+    ferry_bench::links::parse_rcvbuf_errors(&snmp).expect("Udp RcvbufErrors")
+}
+
+/// `Udp: InDatagrams` in the network namespace of process `pid`.
+fn udp_in_datagrams(pid: i32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).expect("snmp");
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InDatagrams")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// A child process killed (and reaped) if the test ends before it exits.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A UDP receiver (iperf3's server in the container, default 208 KiB socket buffer) migrated
+/// under 100 Mbit/s from the internet: the hold queues the datagrams of the freeze (hundreds,
+/// several socket buffers' worth), and the release writes them back only as the restored
+/// socket has room — it is read only once the restored copy runs — so the restored socket
+/// drops none (`UdpRcvbufErrors` in the container's namespace on the destination stays 0).
+#[test]
+fn a_udp_receiver_keeps_the_released_datagrams() {
+    if !require_root_and_tools(&["ip", "ss", "criu", "iperf3"]) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let iperf3 = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("iperf3"))
+        .find(|p| p.is_file())
+        .expect("iperf3 in PATH");
+    // iperf3 makes a temporary file per stream: in the container only /dev/shm is writable.
+    let server = lab
+        .start_process(
+            c(),
+            &[
+                "/usr/bin/env",
+                "TMPDIR=/dev/shm",
+                iperf3.to_str().unwrap(),
+                "-s",
+                "-p",
+                "5201",
+            ],
+        )
+        .expect("start iperf3 -s");
+    wait_listening(&lab, &ns, 5201);
+    let mut cmd = std::process::Command::new("iperf3");
+    cmd.args([
+        "-c",
+        PUBLIC,
+        "-p",
+        "5201",
+        "-u",
+        "-b",
+        "100M",
+        "-l",
+        "1380",
+        "-t",
+        "6",
+        "-J",
+        "--get-server-output",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    ferry_overlay::netns::command_in(&mut cmd, &lab.netns("inet")).unwrap();
+    let mut client = Child(cmd.spawn().expect("iperf3 client"));
+    let mut stdout = client.0.stdout.take().unwrap();
+    let (tx, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    // Traffic flows into the container (a second's worth at 100 Mbit/s).
+    let flowing = ferry_tests::poll_until(Duration::from_secs(10), || {
+        (udp_in_datagrams(server.pid) > 8_000).then_some(())
+    });
+    if flowing.is_none() {
+        let _ = client.0.kill();
+        let _ = client.0.wait();
+        let mut err = String::new();
+        let _ = client.0.stderr.take().unwrap().read_to_string(&mut err);
+        panic!(
+            "no datagrams reach the container ({} so far); iperf3 client: {} {err}",
+            udp_in_datagrams(server.pid),
+            output
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_default()
+        );
+    }
+    let steady = udp_rcvbuf_errors(server.pid);
+    let r = migrate_ok(&lab, "a1", "b1");
+    let restored = running_on(&lab, "b1");
+    let json = output
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the iperf3 client ends within 30 s");
+    let status = client.0.wait().expect("iperf3 client");
+    let v: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("iperf3's output is not JSON ({e}): {json}"));
+    assert!(status.success(), "iperf3 client: {status}: {json}");
+    // The receiver's figures, as iperf3's client reports them.
+    let sum = &v["end"]["sum"];
+    let dropped = udp_rcvbuf_errors(restored.pid);
+    let paced = ferry_tests::hold_counter(&lab, "b1", "paced");
+    let late = ferry_tests::hold_counter(&lab, "b1", "pace_late");
+    eprintln!(
+        "figures: held {} paced {paced} pace_late {late}; UdpRcvbufErrors on the source before \
+         the move {steady}, on the destination {dropped}; the server counted {} of {} \
+         datagrams lost, {} out of order; stopped_ms {:.1}",
+        ferry_tests::hold_counter(&lab, "b1", "held"),
+        sum["lost_packets"],
+        sum["packets"],
+        sum["out_of_order"],
+        r.stopped_ms
+    );
+    let log = std::fs::read_to_string(lab.agent_log("b1")).unwrap_or_default();
+    for l in log.lines().filter(|l| {
+        l.contains("paced")
+            || l.contains("hold ended")
+            || l.contains("resumed")
+            || l.contains("released held")
+    }) {
+        eprintln!("b1: {l}");
+    }
+    // The freeze held datagrams for the receiver, and the release paced them all.
+    assert!(paced >= 100, "{paced} datagrams paced: {json}");
+    assert_eq!(late, 0, "datagrams released at the deadline without room");
+    assert_eq!(
+        dropped, 0,
+        "the restored socket dropped {dropped} datagrams (UdpRcvbufErrors)"
+    );
+}

@@ -512,6 +512,7 @@ impl UdpBuffers for Fake {
                     RcvBuf {
                         used: s.used,
                         size: s.size,
+                        drops: u32::try_from(s.drops).unwrap_or(u32::MAX),
                     },
                 );
             }

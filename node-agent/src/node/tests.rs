@@ -609,7 +609,7 @@ async fn a_release_writes_tcp_at_once_and_paces_udp_to_the_socket() {
     };
     let (mut n, f) = holding_a().await;
     let one = charge(udp_frame(A, 5201, 0).len());
-    f.udp_socket(5201, 4 * one, one, std::time::Duration::from_millis(30));
+    f.udp_socket(5201, 16 * one, one, std::time::Duration::from_millis(30));
     f.held_raw([tcp_frame(A, 1), udp_frame(A, 5201, 2), tcp_frame(A, 3)]);
     f.held_raw((10..30).map(|t| udp_frame(A, 5201, t)));
     // One of each still in flight to the device when the entry switches.
