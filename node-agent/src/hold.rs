@@ -57,6 +57,9 @@ pub struct HoldCounters {
     /// Held UDP datagrams for a port no socket of the container is bound to, written back at
     /// once (the container's kernel counts them as `NoPorts`).
     pub pace_unbound: u64,
+    /// Datagrams the container's UDP sockets dropped (their `sk_drops`) while a paced release
+    /// wrote to them: live ones included, the kernel does not tell them apart.
+    pub pace_socket_drops: u64,
 }
 
 /// Why saved hold queues could not be read.

@@ -136,7 +136,8 @@ impl Collector for Scrape {
             counter_name(names::HOLD_PACKETS),
             "Held packets by event (held, released, overflow drops, drop-mode drops, stragglers \
              passed on, malformed drops, carried over an agent restart, drops in the hold device's \
-             own queue; UDP datagrams of the paced release: paced, pace_late, pace_unbound).",
+             own queue; UDP datagrams of the paced release: paced, pace_late, pace_unbound, and \
+             pace_socket_dropped: what the sockets dropped meanwhile, live datagrams included).",
             None,
             MetricType::Counter,
         )?;
@@ -153,6 +154,7 @@ impl Collector for Scrape {
             ("paced", h.paced),
             ("pace_late", h.pace_late),
             ("pace_unbound", h.pace_unbound),
+            ("pace_socket_dropped", h.pace_socket_drops),
         ] {
             ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
         }

@@ -894,32 +894,42 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
     // The receiver's figures, as iperf3's client reports them.
     let sum = &v["end"]["sum"];
     let dropped = udp_rcvbuf_errors(restored.pid);
+    let held = ferry_tests::hold_counter(&lab, "b1", "held");
     let paced = ferry_tests::hold_counter(&lab, "b1", "paced");
     let late = ferry_tests::hold_counter(&lab, "b1", "pace_late");
+    let while_paced = ferry_tests::hold_counter(&lab, "b1", "pace_socket_dropped");
     eprintln!(
-        "figures: held {} paced {paced} pace_late {late}; UdpRcvbufErrors on the source before \
-         the move {steady}, on the destination {dropped}; the server counted {} of {} \
-         datagrams lost, {} out of order; stopped_ms {:.1}",
-        ferry_tests::hold_counter(&lab, "b1", "held"),
-        sum["lost_packets"],
-        sum["packets"],
-        sum["out_of_order"],
-        r.stopped_ms
+        "figures: held {held} paced {paced} pace_late {late}; UdpRcvbufErrors on the source \
+         before the move {steady}, on the destination {dropped} ({while_paced} while the \
+         release wrote); iperf3: {} of {} datagrams lost; stopped_ms {:.1}",
+        sum["lost_packets"], sum["packets"], r.stopped_ms
     );
     let log = std::fs::read_to_string(lab.agent_log("b1")).unwrap_or_default();
-    for l in log.lines().filter(|l| {
-        l.contains("paced")
-            || l.contains("hold ended")
-            || l.contains("resumed")
-            || l.contains("released held")
-    }) {
+    for l in log
+        .lines()
+        .filter(|l| l.contains("paced") || l.contains("resumed"))
+    {
         eprintln!("b1: {l}");
     }
-    // The freeze held datagrams for the receiver, and the release paced them all.
-    assert!(paced >= 100, "{paced} datagrams paced: {json}");
-    assert_eq!(late, 0, "datagrams released at the deadline without room");
+    // The freeze held the datagrams of a few socket buffers, and the release paced them all,
+    // none at the deadline.
+    assert!(held >= 200, "{held} datagrams held: {json}");
     assert_eq!(
-        dropped, 0,
-        "the restored socket dropped {dropped} datagrams (UdpRcvbufErrors)"
+        paced, held,
+        "every held datagram goes through the paced release"
+    );
+    assert_eq!(late, 0, "datagrams released at the deadline without room");
+    // While it wrote, the socket dropped nothing (its own drop count, sk_drops).
+    assert_eq!(
+        while_paced, 0,
+        "the socket dropped datagrams while the release wrote"
+    );
+    // Nor did it drop the held datagrams at all: released at once, about as many as were held
+    // were dropped (859 of 896, 1,298 of 1,277 in two runs). A few drops of live datagrams by
+    // a receiver descheduled for 8 ms on a loaded machine are not the release's (the kernel's
+    // counter does not tell them apart), hence a bound rather than zero.
+    assert!(
+        dropped * 10 < held,
+        "the restored socket dropped {dropped} datagrams (UdpRcvbufErrors) of {held} held"
     );
 }

@@ -490,6 +490,7 @@ impl HoldDevice for Fake {
         c.paced += r.paced;
         c.pace_late += r.late;
         c.pace_unbound += r.unbound;
+        c.pace_socket_drops += r.socket_drops;
     }
 }
 

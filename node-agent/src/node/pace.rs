@@ -142,8 +142,8 @@ pub struct PaceReport {
     pub looks: u32,
     /// From the start to the last datagram written.
     pub waited_ms: f64,
-    /// Datagrams the sockets dropped between the first look and the last (live ones
-    /// included: the kernel does not tell them apart).
+    /// Datagrams the sockets dropped from the first look to a poll after the last write
+    /// (live ones included: the kernel does not tell them apart).
     pub socket_drops: u64,
 }
 
@@ -222,6 +222,16 @@ pub async fn release_udp<H: HoldDevice + ?Sized, B: UdpBuffers>(
         tokio::time::sleep_until((now + poll).min(end)).await;
     }
     r.waited_ms = start.elapsed().as_secs_f64() * 1e3;
+    // One more look, a poll after the last write: what the last datagrams met is counted too.
+    if !last_drops.is_empty() {
+        tokio::time::sleep(poll).await;
+        let ports: Vec<u16> = last_drops.keys().copied().collect();
+        if let Ok(bufs) = buffers.look(ip, &ports).await {
+            for (p, b) in bufs {
+                last_drops.insert(p, b.drops);
+            }
+        }
+    }
     r.socket_drops = last_drops
         .iter()
         .map(|(p, d)| u64::from(d.wrapping_sub(first_drops[p])))
@@ -362,7 +372,8 @@ mod tests {
             Duration::from_millis(1),
         )
         .await;
-        assert_eq!(t0.elapsed(), Duration::from_millis(50));
+        // The deadline, then one last look a poll later.
+        assert_eq!(t0.elapsed(), Duration::from_millis(51));
         assert_eq!((r.paced, r.late, r.unbound), (10, 20, 0), "{r:?}");
         let socket = f.udp_socket_state(5201);
         assert_eq!(

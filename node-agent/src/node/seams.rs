@@ -200,6 +200,7 @@ impl HoldDevice for Hold {
         c.paced = c.paced.saturating_add(r.paced);
         c.pace_late = c.pace_late.saturating_add(r.late);
         c.pace_unbound = c.pace_unbound.saturating_add(r.unbound);
+        c.pace_socket_drops = c.pace_socket_drops.saturating_add(r.socket_drops);
     }
 }
 
