@@ -816,12 +816,7 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
         return;
     }
     let (lab, ns) = lab_with_container();
-    let iperf3 = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join("iperf3"))
-        .find(|p| p.is_file())
-        .expect("iperf3 in PATH");
+    let iperf3 = iperf3_path();
     // iperf3 makes a temporary file per stream: in the container only /dev/shm is writable.
     let server = lab
         .start_process(
@@ -931,5 +926,109 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
     assert!(
         dropped * 10 < held,
         "the restored socket dropped {dropped} datagrams (UdpRcvbufErrors) of {held} held"
+    );
+}
+
+/// The path of `iperf3`, which the runtime wants absolute.
+fn iperf3_path() -> PathBuf {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join("iperf3"))
+        .find(|p| p.is_file())
+        .expect("iperf3 in PATH")
+}
+
+/// A bulk sender (iperf3's server in the container, sending to the client: `iperf3 -R`)
+/// migrated four times under its load: the client discards no segment of a restored
+/// connection as older than one it has seen (`TcpExtPAWSEstab` does not move).
+///
+/// Ignored: issue 14 item 4, cause not found yet. It failed once in eight runs here
+/// (`PAWSEstab +6`, on a loaded machine: stopped_ms ~225 against ~120), and never with
+/// tcpdump capturing the client's side. Run it with `-- --ignored`.
+#[test]
+#[ignore = "issue 14 item 4: PAWS discards in about one run in eight, cause not found yet"]
+fn a_bulk_sender_migrated_repeatedly_draws_no_paws_discard() {
+    if !require_root_and_tools(&["ip", "ss", "criu", "iperf3"]) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let iperf3 = iperf3_path();
+    lab.start_process(
+        c(),
+        &[
+            "/usr/bin/env",
+            "TMPDIR=/dev/shm",
+            iperf3.to_str().unwrap(),
+            "-s",
+            "-p",
+            "5201",
+        ],
+    )
+    .expect("start iperf3 -s");
+    wait_listening(&lab, &ns, 5201);
+    let paws_before = client_tcp_stat(&lab, "PAWSEstab");
+    let mut cmd = std::process::Command::new("iperf3");
+    cmd.args(["-c", PUBLIC, "-p", "5201", "-R", "-t", "8", "-J"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    ferry_overlay::netns::command_in(&mut cmd, &lab.netns("inet")).unwrap();
+    let mut client = Child(cmd.spawn().expect("iperf3 client"));
+    let mut stdout = client.0.stdout.take().unwrap();
+    let (tx, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    // The data connection is established and sending.
+    wait_for("iperf3's data connection", Duration::from_secs(10), || {
+        let out = lab
+            .exec_in(
+                &ns,
+                &["ss", "-Htn", "state", "established", "sport = :5201"],
+            )
+            .unwrap();
+        (String::from_utf8_lossy(&out.stdout).lines().count() >= 2).then_some(())
+    });
+    let mut stopped = Vec::new();
+    for i in 0..4 {
+        let (from, to) = if i % 2 == 0 {
+            ("a1", "b1")
+        } else {
+            ("b1", "a1")
+        };
+        let r = migrate_ok(&lab, from, to);
+        stopped.push(r.stopped_ms);
+        running_on(&lab, to);
+    }
+    let json = output
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the iperf3 client ends within 30 s");
+    let status = client.0.wait().expect("iperf3 client");
+    assert!(status.success(), "iperf3 client: {status}: {json}");
+    let v: Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("iperf3's output is not JSON ({e}): {json}"));
+    let paws = client_tcp_stat(&lab, "PAWSEstab") - paws_before;
+    let intervals: Vec<String> = v["intervals"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    format!(
+                        "{:.0}",
+                        i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "figures: PAWSEstab +{paws}; stopped_ms {stopped:?}; Mbit/s per second {intervals:?}; received {} bytes",
+        v["end"]["sum_received"]["bytes"]
+    );
+    assert_eq!(
+        paws, 0,
+        "the client discarded {paws} segments of restored connections (PAWS)"
     );
 }
