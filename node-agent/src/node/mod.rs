@@ -237,7 +237,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         let endpoints = self.endpoint_entries(want);
         self.start_holding(want);
         let releasing = self.releasing(want);
-        let udp = self.drain_held(&releasing, &endpoints, &mut errors);
+        let udp = self.drain_held(&releasing, &endpoints, &mut errors).await;
         self.write_endpoints(&endpoints, &mut errors);
         let arrived = self.end_holds(&releasing, &endpoints, udp);
         self.announce_arrivals(&arrived);

@@ -100,6 +100,8 @@ pub fn udp_dst_port(frame: &[u8]) -> Option<u16> {
 #[derive(Debug, Default)]
 pub struct UdpHeld {
     queues: BTreeMap<u16, VecDeque<Vec<u8>>>,
+    /// The sockets' drop counts (`sk_drops`) at the first look, before the switch.
+    first_drops: BTreeMap<u16, u32>,
 }
 
 impl UdpHeld {
@@ -126,6 +128,76 @@ impl UdpHeld {
     }
 }
 
+/// Writes, while the entry still holds (no live datagram reaches the sockets), what fits in
+/// each socket's whole room, per port and in order; sets the rest aside for [`release_udp`]
+/// (after the switch). Datagrams for a port without a socket go at once. If the buffers
+/// cannot be read, everything stays set aside. Counts what it wrote.
+pub async fn write_fitting<H: HoldDevice + ?Sized, B: UdpBuffers>(
+    hold: &H,
+    buffers: &mut B,
+    ip: Ipv4Addr,
+    held: &mut UdpHeld,
+) {
+    if held.is_empty() {
+        return;
+    }
+    let ports: Vec<u16> = held.queues.keys().copied().collect();
+    let bufs = match buffers.look(ip, &ports).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(container = %ip, error = %e, "reading the container's UDP receive buffers before the release");
+            return;
+        }
+    };
+    let mut r = PaceReport {
+        looks: 1,
+        ..PaceReport::default()
+    };
+    for (port, q) in &mut held.queues {
+        if let Some(b) = bufs.get(port) {
+            held.first_drops.entry(*port).or_insert(b.drops);
+        }
+        let room = bufs.get(port).map(RcvBuf::room);
+        write_queue(hold, ip, q, room, &mut r);
+    }
+    held.queues.retain(|_, q| !q.is_empty());
+    hold.count_paced(&r);
+}
+
+/// Writes from the front of `q` what fits in `room` bytes (`None`: no socket, all of it).
+fn write_queue<H: HoldDevice + ?Sized>(
+    hold: &H,
+    ip: Ipv4Addr,
+    q: &mut VecDeque<Vec<u8>>,
+    room: Option<u32>,
+    r: &mut PaceReport,
+) {
+    let Some(mut room) = room else {
+        for f in q.drain(..) {
+            write_one(hold, ip, &f, r);
+            r.unbound += 1;
+        }
+        return;
+    };
+    while let Some(f) = q.front() {
+        let c = charge(f.len());
+        if c > room {
+            break;
+        }
+        room -= c;
+        let f = q.pop_front().expect("front");
+        write_one(hold, ip, &f, r);
+        r.paced += 1;
+    }
+}
+
+fn write_one<H: HoldDevice + ?Sized>(hold: &H, ip: Ipv4Addr, f: &[u8], r: &mut PaceReport) {
+    if let Err(e) = hold.write_frame(f) {
+        r.failed += 1;
+        warn!(container = %ip, error = %e, "re-injecting a held datagram");
+    }
+}
+
 /// How a paced release went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct PaceReport {
@@ -142,8 +214,9 @@ pub struct PaceReport {
     pub looks: u32,
     /// From the start to the last datagram written.
     pub waited_ms: f64,
-    /// Datagrams the sockets dropped from the first look to a poll after the last write
-    /// (live ones included: the kernel does not tell them apart).
+    /// Datagrams the sockets dropped from the first look (before the switch, if the release
+    /// wrote there) to a poll after the last write (live ones included: the kernel does not
+    /// tell them apart).
     pub socket_drops: u64,
 }
 
@@ -161,14 +234,9 @@ pub async fn release_udp<H: HoldDevice + ?Sized, B: UdpBuffers>(
     let start = Instant::now();
     let end = start + deadline;
     let mut r = PaceReport::default();
-    let mut first_drops: BTreeMap<u16, u32> = BTreeMap::new();
-    let mut last_drops: BTreeMap<u16, u32> = BTreeMap::new();
-    let write = |f: &[u8], r: &mut PaceReport| {
-        if let Err(e) = hold.write_frame(f) {
-            r.failed += 1;
-            warn!(container = %ip, error = %e, "re-injecting a held datagram");
-        }
-    };
+    let mut first_drops = std::mem::take(&mut held.first_drops);
+    let mut last_drops: BTreeMap<u16, u32> = first_drops.clone();
+    let write = |f: &[u8], r: &mut PaceReport| write_one(hold, ip, f, r);
     while !held.is_empty() {
         let ports: Vec<u16> = held.queues.keys().copied().collect();
         let bufs = match buffers.look(ip, &ports).await {
@@ -184,26 +252,11 @@ pub async fn release_udp<H: HoldDevice + ?Sized, B: UdpBuffers>(
         };
         r.looks += 1;
         for (port, q) in &mut held.queues {
-            let Some(buf) = bufs.get(port) else {
-                for f in q.drain(..) {
-                    write(&f, &mut r);
-                    r.unbound += 1;
-                }
-                continue;
-            };
-            first_drops.entry(*port).or_insert(buf.drops);
-            last_drops.insert(*port, buf.drops);
-            let mut room = buf.share();
-            while let Some(f) = q.front() {
-                let c = charge(f.len());
-                if c > room {
-                    break;
-                }
-                room -= c;
-                let f = q.pop_front().expect("front");
-                write(&f, &mut r);
-                r.paced += 1;
+            if let Some(buf) = bufs.get(port) {
+                first_drops.entry(*port).or_insert(buf.drops);
+                last_drops.insert(*port, buf.drops);
             }
+            write_queue(hold, ip, q, bufs.get(port).map(RcvBuf::share), &mut r);
         }
         held.queues.retain(|_, q| !q.is_empty());
         if held.is_empty() {

@@ -22,6 +22,10 @@ use crate::{
     plan::{self, Desired, LocalContainer},
 };
 
+/// The UDP datagrams of a release set aside for the paced release, and their sockets'
+/// buffers (opened while the entry still held).
+pub(super) type Paced<B> = (UdpHeld, B);
+
 /// Most rounds of writing a held queue back before its entry changes: a queue that keeps
 /// refilling (a flood) must not stall the apply; what is left follows the new entry.
 const MAX_DRAIN_ROUNDS: usize = 65;
@@ -194,12 +198,12 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     ///
     /// A release to `LOCAL` of a container built here sets its UDP datagrams aside for the
     /// paced release ([`Self::end_holds`], [`pace`]); the rest is written at once, in order.
-    pub(super) fn drain_held(
+    pub(super) async fn drain_held(
         &mut self,
         releasing: &[Ipv4Addr],
         endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
         errors: &mut Vec<String>,
-    ) -> BTreeMap<Ipv4Addr, UdpHeld> {
+    ) -> BTreeMap<Ipv4Addr, Paced<N::Buffers>> {
         let mut udp = BTreeMap::new();
         let Some(h) = self.hold.clone() else {
             return udp;
@@ -242,22 +246,31 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
             ) {
                 continue;
             }
-            let paced = self.paces(*ip, target);
+            let mut paced = self
+                .paces(*ip, target)
+                .then(|| self.applied.containers.get(ip))
+                .flatten()
+                .map(|(_, built)| (UdpHeld::default(), self.net.udp_buffers(built)));
             for _ in 0..MAX_DRAIN_ROUNDS {
                 let frames = h.drain(*ip);
                 if frames.is_empty() {
                     break;
                 }
                 let n = frames.len();
-                let frames = if paced {
-                    udp.entry(*ip)
-                        .or_insert_with(UdpHeld::default)
-                        .split(frames)
-                } else {
-                    frames.into()
+                let frames = match &mut paced {
+                    Some((held, _)) => held.split(frames),
+                    None => frames.into(),
                 };
                 let failed = reinject(&*h, frames);
+                // While the entry holds, the sockets get what fits in them, in order; the
+                // rest waits for the paced release after the switch.
+                if let Some((held, buffers)) = &mut paced {
+                    pace::write_fitting(&*h, buffers, *ip, held).await;
+                }
                 info!(%ip, packets = n, failed, "released held packets");
+            }
+            if let Some(p) = paced {
+                udp.insert(*ip, p);
             }
         }
         udp
@@ -301,7 +314,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         &mut self,
         releasing: &[Ipv4Addr],
         endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
-        mut udp: BTreeMap<Ipv4Addr, UdpHeld>,
+        mut udp: BTreeMap<Ipv4Addr, Paced<N::Buffers>>,
     ) -> Vec<Ipv4Addr> {
         let Some(h) = self.hold.clone() else {
             return Vec::new();
@@ -312,10 +325,9 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
             let frames = h.release(*ip);
             let n = frames.len();
             let target = endpoints.get(ip).copied();
-            let frames = if self.paces(*ip, target) {
-                udp.entry(*ip).or_default().split(frames)
-            } else {
-                frames.into()
+            let frames = match udp.get_mut(ip) {
+                Some((held, _)) if self.paces(*ip, target) => held.split(frames),
+                _ => frames.into(),
             };
             let failed = reinject(&*h, frames);
             let to = target.map(|e| e.kind);
@@ -323,12 +335,9 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
             if to == Some(kind::LOCAL) && self.applied.containers.contains_key(ip) {
                 arrived.push(*ip);
             }
-            if let Some(held) = udp.remove(ip).filter(|u| !u.is_empty())
-                && let Some((_, built)) = self.applied.containers.get(ip)
-            {
+            if let Some((held, mut buffers)) = udp.remove(ip).filter(|(u, _)| !u.is_empty()) {
                 info!(%ip, datagrams = held.len(), pace_ms = self.udp_pace.as_millis() as u64, "releasing held UDP datagrams as their sockets have room");
-                let (hold, mut buffers, ip, deadline) =
-                    (h.clone(), self.net.udp_buffers(built), *ip, self.udp_pace);
+                let (hold, ip, deadline) = (h.clone(), *ip, self.udp_pace);
                 self.pacers.push(tokio::spawn(async move {
                     pace::release_udp(&*hold, &mut buffers, ip, held, deadline, pace::POLL).await
                 }));
