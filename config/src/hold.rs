@@ -26,6 +26,12 @@ pub struct HoldLimits {
     /// Most bytes (whole frames) queued per endpoint.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: usize,
+    /// Longest a release to this host waits for room in a container's UDP receive buffers
+    /// before it writes the rest of the held datagrams anyway (milliseconds; 0: no pacing,
+    /// every held datagram is written back at once). See docs/migration.md, "The paced
+    /// release".
+    #[serde(default = "default_udp_pace_ms")]
+    pub udp_pace_ms: u64,
 }
 
 fn default_max_packets() -> usize {
@@ -34,6 +40,9 @@ fn default_max_packets() -> usize {
 fn default_max_bytes() -> usize {
     32 << 20
 }
+fn default_udp_pace_ms() -> u64 {
+    1_000
+}
 
 impl Default for HoldLimits {
     fn default() -> Self {
@@ -41,6 +50,7 @@ impl Default for HoldLimits {
             mode: HoldMode::Hold,
             max_packets: default_max_packets(),
             max_bytes: default_max_bytes(),
+            udp_pace_ms: default_udp_pace_ms(),
         }
     }
 }

@@ -274,6 +274,11 @@ pub struct HostNetwork {
 
 impl ContainerNet for HostNetwork {
     type Error = ContainerError;
+    type Buffers = crate::drain::NetnsUdpBuffers;
+
+    fn udp_buffers(&self, built: &Built) -> Self::Buffers {
+        crate::drain::NetnsUdpBuffers::new(built.netns.clone())
+    }
 
     /// Creates the named namespace — or, for a CNI container, checks that the name is still
     /// its runtime's namespace — then the veth pair (see [`Netlink::create_container_link`]).

@@ -42,8 +42,8 @@ use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
-    AF_INET, AF_INET6, IPPROTO_TCP, SockDiagMessage,
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla as InetNla},
     unix::{ShowFlags, StateFlags as UnixStates, UnixRequest, nlas::UnixDiagName},
 };
 use serde::Serialize;
@@ -52,7 +52,10 @@ use tracing::{info, warn};
 
 use crate::{
     auth::{Refusal, authorize, container_ip},
-    node::{DrainStartError, Node},
+    node::{
+        DrainStartError, Node,
+        pace::{RcvBuf, UdpBuffers},
+    },
 };
 
 /// How often the queues are looked at while draining.
@@ -369,6 +372,97 @@ impl SockDiag {
                 _ => None,
             })
             .collect())
+    }
+}
+
+impl SockDiag {
+    /// The receive buffers of the UDP sockets (IPv4, and IPv6 ones that take IPv4 too) bound
+    /// to one of `ports` on `ip` or on any address; several on one port: the one with the
+    /// least room.
+    pub fn udp_buffers(
+        &mut self,
+        ip: Ipv4Addr,
+        ports: &[u16],
+    ) -> std::io::Result<BTreeMap<u16, RcvBuf>> {
+        let mut out: BTreeMap<u16, RcvBuf> = BTreeMap::new();
+        for (family, id) in [
+            (AF_INET, SocketId::new_v4()),
+            (AF_INET6, SocketId::new_v6()),
+        ] {
+            let answers = self.dump(SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_UDP,
+                extensions: ExtensionFlags::SKMEMINFO,
+                states: StateFlags::all(),
+                socket_id: id,
+            }))?;
+            for m in answers {
+                let SockDiagMessage::InetResponse(r) = m else {
+                    continue;
+                };
+                let id = &r.header.socket_id;
+                let local = id.source_address;
+                if !ports.contains(&id.source_port)
+                    || !(local.is_unspecified() || same_ip(local, IpAddr::V4(ip)))
+                {
+                    continue;
+                }
+                let Some(mem) = r.nlas.iter().find_map(|n| match n {
+                    InetNla::MemInfo(m) => Some(RcvBuf {
+                        used: m.receive_queue,
+                        size: m.receive_queue_max,
+                        drops: m.drops,
+                    }),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                out.entry(id.source_port)
+                    .and_modify(|b| {
+                        if mem.room() < b.room() {
+                            *b = mem;
+                        }
+                    })
+                    .or_insert(mem);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A container's UDP receive buffers over `sock_diag` in its namespace (the paced release's
+/// seam, [`UdpBuffers`]): the socket is opened at the first look, each look runs on the
+/// blocking pool.
+pub struct NetnsUdpBuffers {
+    pub netns: PathBuf,
+    diag: Option<SockDiag>,
+}
+
+impl NetnsUdpBuffers {
+    pub fn new(netns: PathBuf) -> Self {
+        Self { netns, diag: None }
+    }
+}
+
+impl UdpBuffers for NetnsUdpBuffers {
+    async fn look(
+        &mut self,
+        ip: Ipv4Addr,
+        ports: &[u16],
+    ) -> std::io::Result<BTreeMap<u16, RcvBuf>> {
+        let mut diag = match self.diag.take() {
+            Some(d) => d,
+            None => SockDiag::open_in(&self.netns).await?,
+        };
+        let ports = ports.to_vec();
+        let (diag, found) = tokio::task::spawn_blocking(move || {
+            let found = diag.udp_buffers(ip, &ports);
+            (diag, found)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        self.diag = Some(diag);
+        found
     }
 }
 

@@ -98,6 +98,18 @@ pub fn verdict(me: &str, p: &ContainerProcess, snap: &Snapshot) -> Verdict {
     }
 }
 
+/// Whether a fenced copy resumes before this host applies `snap` ([`Fencing::resume_before_release`]):
+/// a destination's copy that `snap` makes the owner (its migration released here). Its entry
+/// still says `HOLD` for the moment until the apply releases it; an aborted source's copy
+/// waits for its apply as before (its sockets are in repair mode until its entry is `LOCAL`
+/// again).
+pub fn resumes_before_release(me: &str, p: &ContainerProcess, snap: &Snapshot) -> bool {
+    p.fenced
+        .as_ref()
+        .is_some_and(|f| f.side == FenceSide::Destination)
+        && verdict(me, p, snap) == Verdict::Resume
+}
+
 /// What [`reconcile`] needs.
 pub struct Fencing {
     pub host: String,
@@ -136,6 +148,22 @@ impl Fencing {
             let v = verdict(&self.host, &p, &snap);
             if v != Verdict::Wait {
                 self.act(&p, v).await;
+            }
+        }
+    }
+
+    /// Resumes the destination copies that `snap` releases here, before the apply that
+    /// releases them (called without the node lock): the held packets are then written back
+    /// to a copy that runs and reads its sockets. Released the other way round, the copy
+    /// stayed stopped for the rest of the apply and the reconcile (about 10 ms), while its
+    /// `LOCAL` entry already let live datagrams in: at 100 Mbit/s, enough to overrun a UDP
+    /// socket's default buffer before the first read (docs/migration.md, "The paced
+    /// release"). Its entry says `HOLD` until the apply, without `DROP_EGRESS` (lifted
+    /// here): what it sends goes out, what is sent to it waits in the hold, in order.
+    pub async fn resume_before_release(&self, snap: &Snapshot) {
+        for p in self.runtime.fenced() {
+            if resumes_before_release(&self.host, &p, snap) {
+                self.act(&p, Verdict::Resume).await;
             }
         }
     }
@@ -323,6 +351,38 @@ mod tests {
             runtime: Default::default(),
             image: None,
         }
+    }
+
+    #[test]
+    fn only_a_released_destination_resumes_before_its_apply() {
+        let released = snap("b1", Some(MigrationPhase::Released));
+        assert!(resumes_before_release(
+            "b1",
+            &copy(FenceSide::Destination),
+            &released
+        ));
+        // Undecided: nobody.
+        let frozen = snap("a1", Some(MigrationPhase::Frozen));
+        assert!(!resumes_before_release(
+            "b1",
+            &copy(FenceSide::Destination),
+            &frozen
+        ));
+        // Aborted: the source resumes, but only after its apply; the destination is killed.
+        let aborted = snap("a1", None);
+        assert!(!resumes_before_release(
+            "a1",
+            &copy(FenceSide::Source),
+            &aborted
+        ));
+        assert!(!resumes_before_release(
+            "b1",
+            &copy(FenceSide::Destination),
+            &aborted
+        ));
+        let mut unfenced = copy(FenceSide::Destination);
+        unfenced.fenced = None;
+        assert!(!resumes_before_release("b1", &unfenced, &released));
     }
 
     #[test]

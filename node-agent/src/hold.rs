@@ -48,6 +48,18 @@ pub struct HoldCounters {
     pub bytes_held: u64,
     /// Packets saved by a stopping agent and queued again by the next one.
     pub kept_over_restart: u64,
+    /// Held UDP datagrams written back by the paced release when their socket had room
+    /// (not carried over an agent restart, nor are the next two).
+    pub paced: u64,
+    /// Held UDP datagrams written back at the paced release's deadline without room in their
+    /// socket (it may have dropped them: `UdpRcvbufErrors` in the container's namespace).
+    pub pace_late: u64,
+    /// Held UDP datagrams for a port no socket of the container is bound to, written back at
+    /// once (the container's kernel counts them as `NoPorts`).
+    pub pace_unbound: u64,
+    /// Datagrams the container's UDP sockets dropped (their `sk_drops`) while a paced release
+    /// wrote to them: live ones included, the kernel does not tell them apart.
+    pub pace_socket_drops: u64,
 }
 
 /// Why saved hold queues could not be read.
@@ -236,6 +248,7 @@ impl HoldQueues {
             malformed: n[5].saturating_add(c.malformed),
             bytes_held: n[6].saturating_add(c.bytes_held),
             kept_over_restart: n[7].saturating_add(c.kept_over_restart),
+            ..c
         };
         let mut total = 0;
         for (ip, frames) in queued {

@@ -136,7 +136,8 @@ impl Collector for Scrape {
             counter_name(names::HOLD_PACKETS),
             "Held packets by event (held, released, overflow drops, drop-mode drops, stragglers \
              passed on, malformed drops, carried over an agent restart, drops in the hold device's \
-             own queue).",
+             own queue; UDP datagrams of the paced release: paced, pace_late, pace_unbound, and \
+             pace_socket_dropped: what the sockets dropped meanwhile, live datagrams included).",
             None,
             MetricType::Counter,
         )?;
@@ -150,6 +151,10 @@ impl Collector for Scrape {
             ("malformed", h.malformed),
             ("kept_over_restart", h.kept_over_restart),
             ("device_dropped", g.hold_device_dropped),
+            ("paced", h.paced),
+            ("pace_late", h.pace_late),
+            ("pace_unbound", h.pace_unbound),
+            ("pace_socket_dropped", h.pace_socket_drops),
         ] {
             ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
         }

@@ -99,6 +99,12 @@ pub async fn follow(
             seen = Some(snap.version);
             n.registry = Some(Arc::new(snap.clone()));
             let want = plan::desired(&cfg, Some(&snap));
+            if let Some(f) = &fencing {
+                // A copy released here runs before its held packets are written back.
+                drop(n);
+                f.resume_before_release(&snap).await;
+                n = node.lock().await;
+            }
             let errors = n.apply(&want).await;
             drop(n);
             if let Some(f) = &fencing {

@@ -20,6 +20,7 @@ fn limits() -> HoldLimits {
         mode: HoldMode::Hold,
         max_packets: 64,
         max_bytes: 64 * 1024,
+        ..HoldLimits::default()
     }
 }
 

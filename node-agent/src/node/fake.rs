@@ -13,10 +13,13 @@ use std::{
 
 use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep, flags, kind};
 
-use super::seams::{Announcer, ContainerNet, Datapath, HoldDevice, Installed};
+use super::{
+    pace::{PaceReport, RcvBuf, UdpBuffers, charge, udp_dst_port},
+    seams::{Announcer, ContainerNet, Datapath, HoldDevice, Installed},
+};
 use crate::{
     containers::Built,
-    hold::{HoldLimits, HoldQueues, frame_dst},
+    hold::{HoldCounters, HoldLimits, HoldQueues, frame_dst},
     plan::{LocalContainer, container_host_if},
 };
 
@@ -102,6 +105,40 @@ struct World {
     /// Frames that arrive for an endpoint while the agent writes one back, routed by the entry
     /// at that moment (HOLD: queued behind).
     arriving: BTreeMap<Ipv4Addr, VecDeque<Vec<u8>>>,
+    /// UDP sockets of the containers, by port: what a datagram delivered to a container meets.
+    udp: BTreeMap<u16, UdpSocket>,
+    /// Looks at the UDP buffers fail.
+    udp_fail: bool,
+}
+
+/// A UDP socket and its reader: `per_ms` bytes read a millisecond from `starts` on (the
+/// reader may still be stopped before).
+#[derive(Debug, Clone)]
+pub struct UdpSocket {
+    pub size: u32,
+    pub used: u32,
+    pub per_ms: u32,
+    pub starts: tokio::time::Instant,
+    pub last: tokio::time::Instant,
+    /// Datagrams dropped because the buffer was full.
+    pub drops: u64,
+    /// Tags of the datagrams queued, in order.
+    pub got: Vec<u8>,
+}
+
+impl UdpSocket {
+    /// The reader's progress until now.
+    fn advance(&mut self) {
+        let now = tokio::time::Instant::now();
+        let from = self.last.max(self.starts);
+        if now > from {
+            let read = u128::from(self.per_ms) * (now - from).as_micros() / 1000;
+            self.used = self
+                .used
+                .saturating_sub(u32::try_from(read).unwrap_or(u32::MAX));
+        }
+        self.last = now.max(self.last);
+    }
 }
 
 impl World {
@@ -211,6 +248,14 @@ impl Fake {
         }
     }
 
+    /// Whole frames that reached the hold device (for held endpoints).
+    pub fn held_raw(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        let mut w = self.world();
+        for f in frames {
+            w.queues.push(f);
+        }
+    }
+
     /// A frame that arrives for `ip` while the agent writes the next frame back.
     pub fn arrives_while_writing(&self, ip: Ipv4Addr, tag: u8) {
         self.world()
@@ -218,6 +263,37 @@ impl Fake {
             .entry(ip)
             .or_default()
             .push_back(frame(ip, tag));
+    }
+
+    /// A UDP socket on `port` in the containers, of `size` bytes, whose reader takes
+    /// `per_ms` bytes a millisecond once `stopped_for` has passed.
+    pub fn udp_socket(&self, port: u16, size: u32, per_ms: u32, stopped_for: std::time::Duration) {
+        let now = tokio::time::Instant::now();
+        self.world().udp.insert(
+            port,
+            UdpSocket {
+                size,
+                used: 0,
+                per_ms,
+                starts: now + stopped_for,
+                last: now,
+                drops: 0,
+                got: Vec::new(),
+            },
+        );
+    }
+
+    pub fn udp_socket_state(&self, port: u16) -> UdpSocket {
+        self.world().udp[&port].clone()
+    }
+
+    /// Every later look at the UDP buffers fails.
+    pub fn udp_buffers_fail(&self) {
+        self.world().udp_fail = true;
+    }
+
+    pub fn hold_counters(&self) -> HoldCounters {
+        self.world().queues.counters
     }
 
     /// A frame in flight to the hold device when `ip`'s entry stops saying HOLD.
@@ -234,6 +310,26 @@ impl Fake {
 /// `HOLD_SYN` (every fake frame counts as a new connection's SYN).
 fn holds(e: &Endpoint) -> bool {
     e.kind == kind::HOLD || (e.kind == kind::LOCAL && e.flags & flags::HOLD_SYN != 0)
+}
+
+/// A TCP segment for `dst` whose last byte is `tag`.
+pub fn tcp_frame(dst: Ipv4Addr, tag: u8) -> Vec<u8> {
+    let mut f = frame(dst, tag);
+    f[23] = 6;
+    f
+}
+
+/// A full-sized UDP datagram (1,400 bytes of payload) for `dst:port` whose last byte is `tag`.
+pub fn udp_frame(dst: Ipv4Addr, port: u16, tag: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 8 + 1400];
+    f[12] = 0x08;
+    f[14] = 0x45;
+    f[23] = 17;
+    f[30..34].copy_from_slice(&dst.octets());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
+    let n = f.len();
+    f[n - 1] = tag;
+    f
 }
 
 /// An IPv4 frame for `dst` whose last byte is `tag`.
@@ -359,6 +455,19 @@ impl HoldDevice for Fake {
             to,
         })
         .map_err(std::io::Error::other)?;
+        if matches!(to, Delivery::Container(_))
+            && let Some(port) = udp_dst_port(f)
+            && let Some(s) = w.udp.get_mut(&port)
+        {
+            s.advance();
+            let c = charge(f.len());
+            if s.used + c > s.size {
+                s.drops += 1;
+            } else {
+                s.used += c;
+                s.got.push(f[f.len() - 1]);
+            }
+        }
         let next = w.arriving.get_mut(&dst).and_then(VecDeque::pop_front);
         if let Some(next) = next {
             // By the entry as it stands: queued behind while it holds, else delivered.
@@ -376,10 +485,49 @@ impl HoldDevice for Fake {
         }
         Ok(())
     }
+    fn count_paced(&self, r: &PaceReport) {
+        let c = &mut self.world().queues.counters;
+        c.paced += r.paced;
+        c.pace_late += r.late;
+        c.pace_unbound += r.unbound;
+        c.pace_socket_drops += r.socket_drops;
+    }
+}
+
+impl UdpBuffers for Fake {
+    async fn look(
+        &mut self,
+        _ip: Ipv4Addr,
+        ports: &[u16],
+    ) -> std::io::Result<BTreeMap<u16, RcvBuf>> {
+        let mut w = self.world();
+        if w.udp_fail {
+            return Err(std::io::Error::other("injected: sock_diag"));
+        }
+        let mut out = BTreeMap::new();
+        for p in ports {
+            if let Some(s) = w.udp.get_mut(p) {
+                s.advance();
+                out.insert(
+                    *p,
+                    RcvBuf {
+                        used: s.used,
+                        size: s.size,
+                        drops: u32::try_from(s.drops).unwrap_or(u32::MAX),
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl ContainerNet for Fake {
     type Error = Injected;
+    type Buffers = Fake;
+    fn udp_buffers(&self, _: &Built) -> Fake {
+        self.clone()
+    }
     async fn create(&self, c: &LocalContainer) -> Result<Built, Injected> {
         let mut w = self.world();
         w.call(Call::CreateNet(c.ip))?;

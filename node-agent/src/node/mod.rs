@@ -37,6 +37,7 @@
 //! snapshot has been applied in full ([`Leftovers`]): containers (their processes killed
 //! first) and map entries nobody wrote.
 
+pub mod pace;
 pub mod seams;
 mod steps;
 
@@ -200,6 +201,10 @@ pub struct Node<D = SharedDatapath, H = Hold, N = HostNetwork, A = Announcements
     pub registry: Option<Arc<ferry_api::Snapshot>>,
     /// Whether an apply still has to sweep what an earlier agent left.
     pub leftovers: Leftovers,
+    /// Longest a paced release of held UDP datagrams waits for room (zero: no pacing).
+    pub udp_pace: std::time::Duration,
+    /// Paced releases under way.
+    pub pacers: Vec<tokio::task::JoinHandle<pace::PaceReport>>,
 }
 
 impl<D, H, N, A> Node<D, H, N, A> {
@@ -232,9 +237,9 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         let endpoints = self.endpoint_entries(want);
         self.start_holding(want);
         let releasing = self.releasing(want);
-        self.drain_held(&releasing, &endpoints, &mut errors);
+        let udp = self.drain_held(&releasing, &endpoints, &mut errors).await;
         self.write_endpoints(&endpoints, &mut errors);
-        let arrived = self.end_holds(&releasing, &endpoints);
+        let arrived = self.end_holds(&releasing, &endpoints, udp);
         self.announce_arrivals(&arrived);
         self.remove_departed(departing, &mut errors).await;
         self.write_translations(want, &mut errors);
@@ -367,6 +372,18 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         let failed = steps::reinject(&*h, frames);
         info!(%ip, packets = n, failed, "drain ended here: held SYNs delivered to the container");
         Some(n)
+    }
+
+    /// Waits for the paced releases under way; their reports.
+    pub async fn paced(&mut self) -> Vec<pace::PaceReport> {
+        let mut out = Vec::new();
+        for p in std::mem::take(&mut self.pacers) {
+            match p.await {
+                Ok(r) => out.push(r),
+                Err(e) => warn!(error = %e, "a paced release"),
+            }
+        }
+        out
     }
 
     /// Removes every container this agent built (at shutdown). Keeps going on errors.

@@ -22,6 +22,7 @@ use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep};
 use ferry_overlay::{datapath::DatapathError, tap::Tap};
 use tracing::{info, warn};
 
+use super::pace::{PaceReport, UdpBuffers};
 use crate::{containers::Built, hold::HoldQueues, plan::LocalContainer};
 
 /// The eBPF datapath as the apply changes it: map entries, the configuration, and
@@ -57,8 +58,9 @@ pub struct Installed {
 }
 
 /// The hold device: the datapath redirects packets for `HOLD` endpoints to it, the agent
-/// queues them (per endpoint, in arrival order) and writes them back at release.
-pub trait HoldDevice {
+/// queues them (per endpoint, in arrival order) and writes them back at release. Shared with
+/// the paced release's task (`pace::release_udp`), hence `Send + Sync + 'static`.
+pub trait HoldDevice: Send + Sync + 'static {
     /// Starts queueing packets for `ip` (idempotent).
     fn hold(&self, ip: Ipv4Addr);
     /// The endpoints being held.
@@ -71,6 +73,8 @@ pub trait HoldDevice {
     /// Writes one frame back into the kernel: from-hold delivers it by its endpoint's entry
     /// as it stands at that moment.
     fn write_frame(&self, frame: &[u8]) -> std::io::Result<()>;
+    /// Counts a paced release's outcome in the hold counters.
+    fn count_paced(&self, report: &PaceReport);
 }
 
 /// The network side of local containers: a network namespace and a veth pair, one end in it.
@@ -97,6 +101,10 @@ pub trait ContainerNet {
     fn vanished(&self, _built: &Built) -> bool {
         false
     }
+    /// The receive buffers of the UDP sockets in built container's namespace.
+    type Buffers: UdpBuffers;
+    /// For the paced release; no I/O until the first look.
+    fn udp_buffers(&self, built: &Built) -> Self::Buffers;
 }
 
 /// Announcements of a container that has just arrived on this host.
@@ -186,6 +194,13 @@ impl HoldDevice for Hold {
     }
     fn write_frame(&self, frame: &[u8]) -> std::io::Result<()> {
         self.tap.write_frame(frame)
+    }
+    fn count_paced(&self, r: &PaceReport) {
+        let c = &mut lock(&self.queues).counters;
+        c.paced = c.paced.saturating_add(r.paced);
+        c.pace_late = c.pace_late.saturating_add(r.late);
+        c.pace_unbound = c.pace_unbound.saturating_add(r.unbound);
+        c.pace_socket_drops = c.pace_socket_drops.saturating_add(r.socket_drops);
     }
 }
 

@@ -14,12 +14,17 @@ use tracing::{info, warn};
 
 use super::{
     Node, entry_flags,
+    pace::{self, UdpHeld},
     seams::{Announcer, ContainerNet, Datapath, HoldDevice},
 };
 use crate::{
     containers::Built,
     plan::{self, Desired, LocalContainer},
 };
+
+/// The UDP datagrams of a release set aside for the paced release, and their sockets'
+/// buffers (opened while the entry still held).
+pub(super) type Paced<B> = (UdpHeld, B);
 
 /// Most rounds of writing a held queue back before its entry changes: a queue that keeps
 /// refilling (a flood) must not stall the apply; what is left follows the new entry.
@@ -190,14 +195,18 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// so what is drained goes there, still ahead of what queues behind it. A release to
     /// `LOCAL` lifts a fenced copy's `DROP_EGRESS` first: the registry made it the owner, and
     /// its kernel's answers to what is written back (ACKs, a SYN's SYN-ACK) must go out.
-    pub(super) fn drain_held(
+    ///
+    /// A release to `LOCAL` of a container built here sets its UDP datagrams aside for the
+    /// paced release ([`Self::end_holds`], [`pace`]); the rest is written at once, in order.
+    pub(super) async fn drain_held(
         &mut self,
         releasing: &[Ipv4Addr],
         endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
         errors: &mut Vec<String>,
-    ) {
+    ) -> BTreeMap<Ipv4Addr, Paced<N::Buffers>> {
+        let mut udp = BTreeMap::new();
         let Some(h) = self.hold.clone() else {
-            return;
+            return udp;
         };
         for ip in releasing {
             let target = endpoints.get(ip).copied();
@@ -237,16 +246,42 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
             ) {
                 continue;
             }
+            let mut paced = self
+                .paces(*ip, target)
+                .then(|| self.applied.containers.get(ip))
+                .flatten()
+                .map(|(_, built)| (UdpHeld::default(), self.net.udp_buffers(built)));
             for _ in 0..MAX_DRAIN_ROUNDS {
                 let frames = h.drain(*ip);
                 if frames.is_empty() {
                     break;
                 }
                 let n = frames.len();
+                let frames = match &mut paced {
+                    Some((held, _)) => held.split(frames),
+                    None => frames.into(),
+                };
                 let failed = reinject(&*h, frames);
+                // While the entry holds, the sockets get what fits in them, in order; the
+                // rest waits for the paced release after the switch.
+                if let Some((held, buffers)) = &mut paced {
+                    pace::write_fitting(&*h, buffers, *ip, held).await;
+                }
                 info!(%ip, packets = n, failed, "released held packets");
             }
+            if let Some(p) = paced {
+                udp.insert(*ip, p);
+            }
         }
+        udp
+    }
+
+    /// Whether a release of `ip` towards `target` paces its UDP datagrams: to `LOCAL`, of a
+    /// container built here, with pacing on.
+    fn paces(&self, ip: Ipv4Addr, target: Option<Endpoint>) -> bool {
+        !self.udp_pace.is_zero()
+            && target.is_some_and(|t| t.kind == kind::LOCAL)
+            && self.applied.containers.contains_key(&ip)
     }
 
     /// Entries, make-before-break: every new or changed entry is written before any stale one
@@ -271,30 +306,49 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// the new entry: to the container (release), or to the source host (abort). Later
     /// stragglers are passed on by the hold device's reader. Returns the containers released
     /// to a `LOCAL` entry here.
+    ///
+    /// The UDP datagrams set aside ([`Self::drain_held`]) and those among the last frames go
+    /// to a paced release of their own ([`pace::release_udp`], in a task: the restored copy
+    /// runs, and reads its sockets, only once this apply is done), bounded by `udp_pace`.
     pub(super) fn end_holds(
-        &self,
+        &mut self,
         releasing: &[Ipv4Addr],
         endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
+        mut udp: BTreeMap<Ipv4Addr, Paced<N::Buffers>>,
     ) -> Vec<Ipv4Addr> {
-        let Some(h) = &self.hold else {
+        let Some(h) = self.hold.clone() else {
             return Vec::new();
         };
+        self.pacers.retain(|p| !p.is_finished());
         let mut arrived = Vec::new();
         for ip in releasing {
             let frames = h.release(*ip);
             let n = frames.len();
-            let failed = reinject(&**h, frames);
-            let to = endpoints.get(ip).map(|e| e.kind);
+            let target = endpoints.get(ip).copied();
+            let frames = match udp.get_mut(ip) {
+                Some((held, _)) if self.paces(*ip, target) => held.split(frames),
+                _ => frames.into(),
+            };
+            let failed = reinject(&*h, frames);
+            let to = target.map(|e| e.kind);
             info!(%ip, packets = n, failed, ?to, "hold ended");
             if to == Some(kind::LOCAL) && self.applied.containers.contains_key(ip) {
                 arrived.push(*ip);
+            }
+            if let Some((held, mut buffers)) = udp.remove(ip).filter(|(u, _)| !u.is_empty()) {
+                info!(%ip, datagrams = held.len(), pace_ms = self.udp_pace.as_millis() as u64, "releasing held UDP datagrams as their sockets have room");
+                let (hold, ip, deadline) = (h.clone(), *ip, self.udp_pace);
+                self.pacers.push(tokio::spawn(async move {
+                    pace::release_udp(&*hold, &mut buffers, ip, held, deadline, pace::POLL).await
+                }));
             }
         }
         arrived
     }
 
     /// Announcements: "I am here now" for the containers released here, only once their
-    /// entry is `LOCAL` and every held packet has been written back ([`Self::end_holds`]).
+    /// entry is `LOCAL` and every held packet has been written back or handed to the paced
+    /// release ([`Self::end_holds`]).
     pub(super) fn announce_arrivals(&self, arrived: &[Ipv4Addr]) {
         for ip in arrived {
             if let Some((c, built)) = self.applied.containers.get(ip) {

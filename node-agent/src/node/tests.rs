@@ -32,6 +32,8 @@ fn node() -> (FakeNode, Fake) {
         announcer: f.clone(),
         registry: None,
         leftovers: Default::default(),
+        udp_pace: std::time::Duration::from_secs(1),
+        pacers: Vec::new(),
     };
     (n, f)
 }
@@ -593,4 +595,59 @@ async fn a_release_lets_the_fenced_copy_answer_what_is_written_back() {
         f.endpoint(A).map(|e| (e.kind, e.flags)),
         Some((kind::LOCAL, 0))
     );
+}
+
+/// A release to `LOCAL`: while the entry still holds, TCP segments are written at once, in
+/// order, and the UDP datagrams as far as the socket has room (16), in order; the rest (5)
+/// after the switch by the paced release, as the socket gets room again — its reader (the
+/// copy) runs only 30 ms later — so none is dropped; the apply does not wait for them.
+#[tokio::test(start_paused = true)]
+async fn a_release_writes_tcp_at_once_and_paces_udp_to_the_socket() {
+    use super::{
+        fake::{tcp_frame, udp_frame},
+        pace::charge,
+    };
+    let (mut n, f) = holding_a().await;
+    let one = charge(udp_frame(A, 5201, 0).len());
+    f.udp_socket(5201, 16 * one, one, std::time::Duration::from_millis(30));
+    f.held_raw([tcp_frame(A, 1), udp_frame(A, 5201, 2), tcp_frame(A, 3)]);
+    f.held_raw((10..30).map(|t| udp_frame(A, 5201, t)));
+    // A frame still in flight to the device when the entry switches.
+    f.in_flight_at_switch(A, 4);
+    f.clear_log();
+    let t0 = tokio::time::Instant::now();
+    assert!(n.apply(&want(2, &[A])).await.is_empty());
+    assert_eq!(
+        t0.elapsed(),
+        std::time::Duration::ZERO,
+        "the apply does not wait"
+    );
+    let reports = n.paced().await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!((reports[0].paced, reports[0].late), (5, 0), "{reports:?}");
+
+    let log = f.log();
+    let local = at(&log, set(A, kind::LOCAL));
+    let w = writes(&log, A);
+    let tags: Vec<u8> = w.iter().map(|(t, _, _)| *t).collect();
+    let mut udp_tags = vec![2];
+    udp_tags.extend(10..30);
+    assert_eq!(&tags[..2], [1, 3], "TCP first, in order: {log:#?}");
+    assert_eq!(&tags[2..18], &udp_tags[..16], "what fits, in order");
+    assert!(
+        w[..18].iter().all(|(_, _, i)| *i < local),
+        "before the switch"
+    );
+    assert_eq!(tags[18], 4, "the straggler at the switch, at once");
+    assert_eq!(
+        &tags[19..],
+        &udp_tags[16..],
+        "the rest in order, after the switch"
+    );
+    assert!(w[18..].iter().all(|(_, _, i)| *i > local));
+    let socket = f.udp_socket_state(5201);
+    assert_eq!(socket.drops, 0, "{socket:?}");
+    assert_eq!(socket.got, udp_tags);
+    assert_eq!(f.hold_counters().paced, 21);
+    assert!(log.contains(&Call::Announce(A)));
 }
