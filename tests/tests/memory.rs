@@ -55,8 +55,8 @@ fn assert_memory_clean(lab: &Lab, what: &str, since: Option<&Value>) -> Value {
     r
 }
 
-fn migrate(lab: &Lab, from: &str, to: &str, memory: MemoryMode) -> RunReport {
-    let args = [
+fn run_args(to: &str, memory: MemoryMode) -> [&str; 9] {
+    [
         "--json",
         "migrate",
         "run",
@@ -66,10 +66,26 @@ fn migrate(lab: &Lab, from: &str, to: &str, memory: MemoryMode) -> RunReport {
         to,
         "--memory",
         memory.as_str(),
-    ];
+    ]
+}
+
+fn migrate(lab: &Lab, from: &str, to: &str, memory: MemoryMode) -> RunReport {
     let t0 = Instant::now();
-    let out = lab.ferry(&args).expect("running ferry");
-    let (code, r) = ferry_tests::run_report(&format!("ferry {args:?}"), &out);
+    let out = lab.ferry(&run_args(to, memory)).expect("running ferry");
+    released(lab, from, to, memory, t0, &out)
+}
+
+/// The run's report from `ferry`'s output: released, as asked, without error.
+fn released(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    memory: MemoryMode,
+    t0: Instant,
+    out: &std::process::Output,
+) -> RunReport {
+    let args = run_args(to, memory);
+    let (code, r) = ferry_tests::run_report(&format!("ferry {args:?}"), out);
     eprintln!("{from} -> {to} ({memory}): wall {:?}", t0.elapsed());
     assert_eq!(
         r.state,
@@ -142,8 +158,35 @@ fn a_256_mib_container_moves_lazily_across_the_wan_and_back_by_copy() {
     let (lab, client) = lab_with_memory_server();
     let before = assert_memory_clean(&lab, "before the moves", None);
 
-    // Post-copy: running at b1 once everything but the pages moved; the pages follow.
-    let lazy = migrate(&lab, "a1", "b1", MemoryMode::Lazy);
+    // Post-copy: running at b1 once everything but the pages moved; the pages follow. The run
+    // goes on until the last page arrived, and meanwhile the container cannot move again.
+    let t0 = Instant::now();
+    let mut run = lab
+        .ferry_command(&run_args("b1", MemoryMode::Lazy))
+        .unwrap()
+        .spawn()
+        .expect("ferry migrate run");
+    wait_for(
+        "the lazy run's release (b1 owns the container)",
+        Duration::from_secs(60),
+        || (lab.endpoint_host(c()).ok()? == "b1").then_some(()),
+    );
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "the lazy run ended with its release: the pages of 256 MiB across the wan take longer"
+    );
+    let again = lab
+        .ferry(&["migrate", "run", "--container", C, "--to", "a1"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success(),
+        "a second run was accepted: {again:?}"
+    );
+    assert!(err.contains("is still going"), "{err}");
+    let out = run.wait_with_output().expect("ferry migrate run");
+    let lazy = released(&lab, "a1", "b1", MemoryMode::Lazy, t0, &out);
+    assert_eq!(lab.endpoint_host(c()).unwrap(), "b1");
     let names: Vec<&str> = lazy.phases.iter().map(|p| p.name.as_str()).collect();
     let mut want: Vec<&str> = PHASES.to_vec();
     want.push(PAGES_PHASE);

@@ -221,6 +221,22 @@ async fn start(
         ));
     };
     drop(reg);
+    // One run of a container at a time. A lazy run goes on after its release until the last
+    // page arrived: the memory is still split between two hosts, it cannot move again yet.
+    if let Some(id) = lock(&g.runs.reports)
+        .values()
+        .find(|r| r.container == req.container && r.state == RunState::Running)
+        .map(|r| r.id.clone())
+    {
+        return Err(ApiFailure::new(
+            ErrorCode::Conflict,
+            format!(
+                "container {}'s run {id} is still going (a lazy run moves the memory after \
+                 the release): wait for it to end",
+                req.container
+            ),
+        ));
+    }
     let started = ferry_api::unix_ms_f64();
     let step = client
         .prepare_run_migration(req.container, &req.to)
