@@ -100,10 +100,8 @@ fn released(
     r
 }
 
-fn lab_with_memory_server() -> (Lab, ferry_tests::workload::Workload) {
+fn lab_with_memory_server(topology: Topology) -> (Lab, ferry_tests::workload::Workload) {
     let workload = workspace_binary("ferry-workload");
-    let topology = ferry_bench::links::with_link(Topology::default_lab(), "a", "b", "wan")
-        .expect("wan between a and b");
     let lab = agents_lab(LabOptions {
         topology,
         ..LabOptions::default()
@@ -155,7 +153,9 @@ fn a_256_mib_container_moves_lazily_across_the_wan_and_back_by_copy() {
     if !require_root_and_tools(TOOLS) {
         return;
     }
-    let (lab, client) = lab_with_memory_server();
+    let topology = ferry_bench::links::with_link(Topology::default_lab(), "a", "b", "wan")
+        .expect("wan between a and b");
+    let (lab, client) = lab_with_memory_server(topology);
     let before = assert_memory_clean(&lab, "before the moves", None);
 
     // Post-copy: running at b1 once everything but the pages moved; the pages follow. The run
@@ -236,6 +236,61 @@ fn a_256_mib_container_moves_lazily_across_the_wan_and_back_by_copy() {
     assert_eq!(s["mismatches"].as_u64(), Some(0), "{s}");
     assert_eq!(s["unanswered"].as_u64(), Some(0), "{s}");
     assert_eq!(s["replies"], s["requests"], "{s}");
+    assert_eq!(s["alive"].as_u64(), Some(2), "{s}");
+    assert_eq!(code, 0, "{s}");
+}
+
+/// A lazy run whose restore fails after the destination's lazy-pages daemon connected (CRIU's
+/// own fault injection, `--fail restore`): rolled back before the release, so the source's
+/// tree, seized by its page server, is stopped, the page server ended, and the tree resumed
+/// by the abort: the same process on a1, its memory intact, the client untouched. Then the
+/// same container moves lazily for real.
+#[test]
+fn a_lazy_run_that_fails_before_the_release_rolls_back_to_the_same_tree() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let (lab, client) = lab_with_memory_server(Topology::default_lab());
+    let before = assert_memory_clean(&lab, "before", None);
+    let pid = lab.process(c()).unwrap().expect("the server").pid;
+    let mut args = run_args("b1", MemoryMode::Lazy).to_vec();
+    args.extend(["--fail", "restore"]);
+    let out = lab.ferry(&args).expect("running ferry");
+    let (code, r) = ferry_tests::run_report(&format!("ferry {args:?}"), &out);
+    assert_eq!(
+        r.state,
+        RunState::RolledBack,
+        "{r:?}\nagent logs: {} {}",
+        lab.agent_log("a1").display(),
+        lab.agent_log("b1").display()
+    );
+    assert_eq!(code, 3, "{r:?}");
+    assert!(r.phase(PAGES_PHASE).is_none(), "{r:?}");
+    assert_eq!(lab.endpoint_host(c()).unwrap(), "a1");
+    let p = wait_for(
+        "the source's tree running again",
+        Duration::from_secs(30),
+        || {
+            lab.process(c())
+                .ok()
+                .flatten()
+                .filter(|p| p.running && p.fenced.is_none())
+        },
+    );
+    assert_eq!(p.pid, pid, "the source's own tree resumed: {p:?}");
+    let after = assert_memory_clean(&lab, "after the rollback", Some(&before));
+
+    let t0 = Instant::now();
+    let out = lab.ferry(&run_args("b1", MemoryMode::Lazy)).unwrap();
+    let r = released(&lab, "a1", "b1", MemoryMode::Lazy, t0, &out);
+    assert!(r.phase(PAGES_PHASE).is_some(), "{r:?}");
+    assert_memory_clean(&lab, "after the lazy move", Some(&after));
+
+    let (code, s) = client.stop(Duration::from_secs(20));
+    eprintln!("client: {s}");
+    assert_eq!(s["resets"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["mismatches"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["unanswered"].as_u64(), Some(0), "{s}");
     assert_eq!(s["alive"].as_u64(), Some(2), "{s}");
     assert_eq!(code, 0, "{s}");
 }
