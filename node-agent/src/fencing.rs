@@ -9,6 +9,7 @@
 //! | side | the registry says | action |
 //! |---|---|---|
 //! | both | the migration is still `prepared`/`frozen` | wait |
+//! | source | anything, while CRIU still serves the dumped tree's pages (lazy memory) | wait |
 //! | destination | the endpoint is here (released) | SIGCONT: it owns the container |
 //! | destination | the endpoint is elsewhere (aborted) | SIGKILL |
 //! | source | the endpoint is here (aborted) | repair off, SIGCONT: it owns the container again |
