@@ -97,7 +97,6 @@ pub async fn follow(
                 continue;
             }
             seen = Some(snap.version);
-            n.registry = Some(Arc::new(snap.clone()));
             let want = plan::desired(&cfg, Some(&snap));
             if let Some(f) = &fencing {
                 // A copy released here runs before its held packets are written back.
@@ -105,6 +104,9 @@ pub async fn follow(
                 f.resume_before_release(&snap).await;
                 n = node.lock().await;
             }
+            // Recorded under the same lock as its apply: whoever sees this version as
+            // received (the CNI plugin's wait for its container) sees it applied too.
+            n.registry = Some(Arc::new(snap.clone()));
             let errors = n.apply(&want).await;
             drop(n);
             if let Some(f) = &fencing {
