@@ -952,6 +952,7 @@ impl Builder {
             self.spawn_reaper(bin)?;
         }
         self.create_namespaces()?;
+        self.steer_flows()?;
         self.wire()?;
         if let Some(bin) = wan {
             self.start_wan(bin)?;
@@ -1025,6 +1026,28 @@ impl Builder {
         self.state.save()?;
         let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
         self.run_batch(None, "netns", &batch)
+    }
+
+    /// Every device created in the lab's namespaces from now on (the lab's veths, and the
+    /// containers' veths the agents create in the hosts' namespaces) steers each flow to one
+    /// CPU (RPS over all online CPUs: `net.core.rps_default_mask`, per namespace), as a NIC's
+    /// RSS does. Without it a veth queues a packet on the backlog of whichever CPU sent it,
+    /// and on a busy 2-core machine one backlog can wait milliseconds for `ksoftirqd` while
+    /// the other forwards the same flow's later packets: the lab then reorders TCP segments
+    /// by several milliseconds, senders retransmit spuriously and receivers count the late
+    /// originals as PAWS discards (`TcpExtPAWSEstab`) without any migration (see
+    /// docs/lab.md, "Flows stay in order").
+    fn steer_flows(&mut self) -> Result<(), LabError> {
+        let mask = rps_mask(online_cpus());
+        for node in nodes(&self.state.topology) {
+            let path = netns_path(&self.ns(&node));
+            let m = mask.clone();
+            run_in(&path, move || {
+                ferry_overlay::sys::write_sysctl("net/core/rps_default_mask", &m)
+            })?
+            .map_err(|e| LabError::io(format!("steering flows in {node} (RPS mask {mask})"), e))?;
+        }
+        Ok(())
     }
 
     /// Links, addresses, routes and sysctls of every node.
@@ -1484,5 +1507,55 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
             }
         }
         Err(e) => format!("(cannot read: {e})"),
+    }
+}
+
+/// The number of online CPUs (at least 1).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf reads a system value and has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// A CPU mask of CPUs `0..n` as the kernel's bitmap files take it: hex, in 32-bit groups
+/// separated by commas, most significant first (`3`, `ffffffff,ffffffff,f`).
+fn rps_mask(n: usize) -> String {
+    let n = n.max(1);
+    let mut groups = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let bits = left.min(32);
+        let g: u64 = (1u64 << bits) - 1;
+        groups.push(g);
+        left -= bits;
+    }
+    groups
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, g)| {
+            if i == 0 {
+                format!("{g:x}")
+            } else {
+                format!("{g:08x}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rps_mask;
+
+    #[test]
+    fn the_mask_covers_every_cpu_in_32_bit_groups() {
+        assert_eq!(rps_mask(0), "1");
+        assert_eq!(rps_mask(1), "1");
+        assert_eq!(rps_mask(2), "3");
+        assert_eq!(rps_mask(12), "fff");
+        assert_eq!(rps_mask(32), "ffffffff");
+        assert_eq!(rps_mask(33), "1,ffffffff");
+        assert_eq!(rps_mask(68), "f,ffffffff,ffffffff");
     }
 }
