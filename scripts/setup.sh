@@ -13,7 +13,8 @@
 #   - CRIU >= 4.2 built from Debian's own sid source package, installed as /usr/local/sbin/criu.
 #     bookworm's 3.17 fails on kernels >= 6.13 (vDSO); 4.1 cannot dump any TCP socket on
 #     kernels >= 6.16 (SO_PASSCRED is refused on inet sockets, fixed in 4.2). Only a deb-src
-#     line is added.
+#     line is added. ferry's patches (scripts/criu-patches/*.patch) are applied before the
+#     build; a CRIU built without the current set is rebuilt.
 set -euo pipefail
 
 CHECK_ONLY=0
@@ -26,6 +27,9 @@ CRIU_SUITE=sid
 CRIU_MIN=4.2
 CRIU_BIN=/usr/local/sbin/criu
 CACHE_DIR=/var/cache/ferry
+CRIU_PATCHES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
+# Which patch set the installed CRIU was built with.
+CRIU_PATCHES_STAMP=/usr/local/share/ferry/criu-patches
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 APT_PACKAGES=(
@@ -97,8 +101,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
 fi
 
 # --- CRIU >= 4.2 ----------------------------------------------------------------------------------
+criu_patches_id() {
+  cat "$CRIU_PATCHES_DIR"/*.patch 2>/dev/null | sha256sum | cut -c1-16
+}
 criu_ok() {
   [[ -x "$CRIU_BIN" ]] || return 1
+  [[ "$(cat "$CRIU_PATCHES_STAMP" 2>/dev/null)" == "$(criu_patches_id)" ]] || return 1
   local v
   v=$("$CRIU_BIN" --version 2>/dev/null | awk '/^Version:/{print $2}')
   [[ -n "$v" ]] || return 1
@@ -131,9 +139,16 @@ SRC
     [[ -n "$orig" ]] || { log "CRIU source tarball did not arrive"; exit 1; }
     rm -rf build && mkdir build
     tar -xf "$orig" -C build --strip-components=1
+    for p in "$CRIU_PATCHES_DIR"/*.patch; do
+      [[ -e "$p" ]] || continue
+      log "patching CRIU: $(basename "$p")"
+      (cd build && git apply "$p") || { log "CRIU patch $p does not apply to $orig"; exit 1; }
+    done
     log "building CRIU from $orig (about 20 s)"
     make -C build -j"$(nproc)" criu >build.log 2>&1 || { tail -30 build.log; log "CRIU build failed (log: $CACHE_DIR/criu/build.log)"; exit 1; }
     install -m 0755 build/criu/criu "$CRIU_BIN"
+    mkdir -p "$(dirname "$CRIU_PATCHES_STAMP")"
+    criu_patches_id >"$CRIU_PATCHES_STAMP"
     criu_ok || { "$CRIU_BIN" check || true; log "installed CRIU fails 'criu check'"; exit 1; }
     log "installed $("$CRIU_BIN" --version | head -1) at $CRIU_BIN"
   fi
