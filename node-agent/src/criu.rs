@@ -25,6 +25,7 @@ pub mod images;
 pub mod lazy;
 pub mod resume;
 pub mod source;
+pub mod udpq;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},

@@ -259,6 +259,7 @@ impl Fencing {
     }
 
     async fn kill(&self, ip: Ipv4Addr, pid: i32, migration: &str, side: &str, why: &str) {
+        self.runtime.remember_udp_widened(ip, Vec::new());
         match self.runtime.kill_fenced(ip).await {
             Ok(()) => {
                 info!(container = %ip, pid, migration, side, why, "fenced copy killed")

@@ -336,6 +336,9 @@ struct State {
     /// Dumped trees whose memory CRIU still serves to a destination (lazy memory): seized by
     /// CRIU, neither resumed nor killed until it is done (see `crate::fencing`).
     serving_pages: std::collections::BTreeSet<Ipv4Addr>,
+    /// Dumped trees whose UDP sockets the checkpoint widened (`crate::criu::udpq`): given
+    /// their sizes back if the tree runs again here (a rollback), forgotten otherwise.
+    udp_widened: BTreeMap<Ipv4Addr, Vec<crate::criu::udpq::Widened>>,
 }
 
 /// PID → (container, start time) of trees CRIU dumped and killed.
@@ -1002,8 +1005,19 @@ impl Runtime {
             .fenced
             .as_ref()
             .map_or(FenceSide::Source, |f| f.side);
+        let widened = self.lock().udp_widened.remove(&ip).unwrap_or_default();
         let rt = self.clone();
         tokio::task::spawn_blocking(move || {
+            // A source that runs again: its UDP sockets get their own sizes back (their
+            // queues, which the widened buffers let grow meanwhile, stay to be read).
+            if side == FenceSide::Source && !widened.is_empty() {
+                let (n, errors) =
+                    crate::criu::udpq::narrow_tree(entry.proc.pid, ip, &widened, false);
+                for e in &errors {
+                    warn!(container = %ip, error = %e, "giving a UDP socket its receive buffer back");
+                }
+                info!(container = %ip, sockets = n, "UDP receive buffers given back");
+            }
             rt.driver(entry.proc.runtime)
                 .map_err(io::Error::other)?
                 .resume(&entry, side)
@@ -1042,6 +1056,16 @@ impl Runtime {
     }
 
     /// CRIU serves (or stopped serving) the dumped tree's memory of `ip` (lazy memory).
+    /// The UDP sockets the checkpoint of `ip` widened (see [`State::udp_widened`]).
+    pub fn remember_udp_widened(&self, ip: Ipv4Addr, widened: Vec<crate::criu::udpq::Widened>) {
+        let mut st = self.lock();
+        if widened.is_empty() {
+            st.udp_widened.remove(&ip);
+        } else {
+            st.udp_widened.insert(ip, widened);
+        }
+    }
+
     pub fn serving_pages(&self, ip: Ipv4Addr, serving: bool) {
         let mut st = self.lock();
         if serving {

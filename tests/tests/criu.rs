@@ -835,12 +835,19 @@ impl Drop for Child {
 /// several socket buffers' worth), and the release writes them back only as the restored
 /// socket has room — it is read only once the restored copy runs — so the restored socket
 /// drops none (`UdpRcvbufErrors` in the container's namespace on the destination stays 0).
-#[test]
-fn a_udp_receiver_keeps_the_released_datagrams() {
-    if !require_root_and_tools(&["ip", "ss", "criu", "iperf3"]) {
-        return;
-    }
-    let (lab, ns) = lab_with_container();
+/// What waited in the socket at the checkpoint (CRIU saves no UDP queue) travels with the
+/// images and is written back before the release: iperf3 counts no datagram lost beyond
+/// what the kernel counted as dropped by the socket (it lost 150–314 per move before).
+/// iperf3's UDP server in the container on a1, and a client sending 100 Mbit/s to it for
+/// 6 s from the internet, flowing: the server, the client, its JSON output to come.
+fn udp_stream(
+    lab: &Lab,
+    ns: &Path,
+) -> (
+    ferry_api::run::ContainerProcess,
+    Child,
+    std::sync::mpsc::Receiver<String>,
+) {
     let iperf3 = iperf3_path();
     // iperf3 makes a temporary file per stream: in the container only /dev/shm is writable.
     let server = lab
@@ -856,7 +863,7 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
             ],
         )
         .expect("start iperf3 -s");
-    wait_listening(&lab, &ns, 5201);
+    wait_listening(lab, ns, 5201);
     let mut cmd = std::process::Command::new("iperf3");
     cmd.args([
         "-c",
@@ -901,9 +908,65 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
                 .unwrap_or_default()
         );
     }
+    (server, client, output)
+}
+
+/// The receive buffer (`ss -m`: `rb`) of the container's UDP socket on port 5201, on `host`.
+fn udp_socket_rb(lab: &Lab, host: &str) -> u64 {
+    let ns = lab.container_netns(host, c());
+    let out = lab
+        .exec_in(&ns, &["ss", "-Huanm", "sport = :5201"])
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split(|ch: char| ch == ',' || ch == '(' || ch.is_whitespace())
+        .find_map(|w| w.strip_prefix("rb").and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no UDP socket on port 5201 on {host}: {text}"))
+}
+
+/// How many datagrams a1's agent carried over with the images (its log), if it did.
+fn udp_carried(lab: &Lab) -> Option<u64> {
+    let log = std::fs::read_to_string(lab.agent_log("a1")).unwrap_or_default();
+    log.lines()
+        .find(|l| l.contains("UDP queues carried over"))
+        .and_then(|l| l.split("datagrams=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_udp_receiver_keeps_the_released_datagrams() {
+    if !require_root_and_tools(&["ip", "ss", "criu", "iperf3"]) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let (server, mut client, output) = udp_stream(&lab, &ns);
+    let rb = udp_socket_rb(&lab, "a1");
     let steady = udp_rcvbuf_errors(server.pid);
+    // The source's socket drops, sampled until its namespace is gone (after the hold began
+    // nothing reaches it: the last sample is its total).
+    let source_drops = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(steady));
+    let sampler = {
+        let (drops, pid) = (source_drops.clone(), server.pid);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        std::thread::spawn(move || {
+            while Instant::now() < deadline
+                && let Ok(snmp) = std::fs::read_to_string(format!("/proc/{pid}/net/snmp"))
+            {
+                if let Some(n) = ferry_bench::links::parse_rcvbuf_errors(&snmp) {
+                    drops.store(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
     let r = migrate_ok(&lab, "a1", "b1");
     let restored = running_on(&lab, "b1");
+    // The checkpoint widened the socket's buffer; the restored one has its own size back.
+    assert_eq!(
+        udp_socket_rb(&lab, "b1"),
+        rb,
+        "the restored socket's receive buffer"
+    );
     let json = output
         .recv_timeout(Duration::from_secs(30))
         .expect("the iperf3 client ends within 30 s");
@@ -952,6 +1015,82 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
     assert!(
         dropped * 4 < held,
         "the restored socket dropped {dropped} datagrams (UdpRcvbufErrors) of {held} held"
+    );
+    // The datagrams waiting in the source's socket went along (the source agent's log says
+    // how many), and nothing was lost that the kernel did not count as a socket drop.
+    let carried = udp_carried(&lab).unwrap_or_else(|| {
+        panic!(
+            "a1's agent did not carry the UDP queues over: {}",
+            lab.agent_log("a1").display()
+        )
+    });
+
+    let lost = sum["lost_packets"].as_u64().expect("iperf3's lost_packets");
+    // The source's tree is killed once the destination runs it: its sampler ends.
+    sampler.join().expect("sampler");
+    let source = source_drops.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "figures: {carried} datagrams carried over with the images; iperf3 lost {lost}; the \
+         source's socket dropped {source} (on a loaded machine), the restored one {dropped}"
+    );
+    assert!(
+        carried > 0,
+        "no datagram waited in the socket at the checkpoint"
+    );
+    assert!(
+        lost <= source + dropped,
+        "iperf3 lost {lost} datagrams; the sockets dropped {source} (source) and {dropped} \
+         (destination): {json}"
+    );
+}
+
+/// The same UDP receiver, and the restore fails: the source's tree runs on with its queue
+/// (read, not taken, by the checkpoint) and its own receive buffer size.
+///
+/// What it loses is printed, not asserted: the datagrams held meanwhile go back to the
+/// source unpaced (the destination cannot see the source's socket) while the resumed tree
+/// still reads its queue, and the socket drops part of them — 452 to 2,040 in nine runs,
+/// mostly counted by the socket, up to 652 not (left for a later change, as is iperf3's
+/// server exiting 1 at the end of one run in three after a rollback, with or without the
+/// UDP carry-over).
+#[test]
+fn a_udp_receiver_rolled_back_keeps_its_queue_and_its_buffer() {
+    if !require_root_and_tools(&["ip", "ss", "criu", "iperf3"]) {
+        return;
+    }
+    let (lab, ns) = lab_with_container();
+    let (server, mut client, output) = udp_stream(&lab, &ns);
+    let rb = udp_socket_rb(&lab, "a1");
+    let steady = udp_rcvbuf_errors(server.pid);
+    let (code, r) = migrate(&lab, "b1", &["--fail", "restore"]);
+    assert_eq!(r.state, RunState::RolledBack, "{r:?}");
+    assert_eq!(code, 3, "{r:?}");
+    assert_eq!(
+        running_on(&lab, "a1").pid,
+        server.pid,
+        "the source's tree runs on"
+    );
+    // CRIU's dump saw the widened buffer; the tree that runs on has its own.
+    assert_eq!(udp_socket_rb(&lab, "a1"), rb, "the socket's receive buffer");
+    assert!(
+        udp_carried(&lab).is_some(),
+        "a1's agent read the UDP queues"
+    );
+    let json = output
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the iperf3 client ends within 30 s");
+    let _ = client.0.wait();
+    let v: Value = serde_json::from_str(&json).unwrap_or_default();
+    // The namespace's counter (the server may have ended).
+    let snmp = lab
+        .exec_in(&lab.container_netns("a1", c()), &["cat", "/proc/net/snmp"])
+        .expect("snmp");
+    let dropped = ferry_bench::links::parse_rcvbuf_errors(&String::from_utf8_lossy(&snmp.stdout))
+        .unwrap_or(0)
+        .saturating_sub(steady);
+    eprintln!(
+        "figures: rolled back; iperf3 lost {} of {}; the socket dropped {dropped}",
+        v["end"]["sum"]["lost_packets"], v["end"]["sum"]["packets"]
     );
 }
 

@@ -452,6 +452,9 @@ async fn restore(
         bytes: None,
     };
     info!(pid, ms = out.ms, "restored");
+    // The datagrams that waited in the source's UDP sockets, back in the restored ones
+    // before the release delivers the held ones (`super::udpq`).
+    requeue_udp(dir, &netns, pid, ip).await;
 
     ferry_api::faultpoint::pause("release", id).await;
     // Release: the gateway's decision. Asked for until it is decided either way (a gateway
@@ -505,6 +508,70 @@ fn undo_prepared(
 
 /// A lazy stream's page server must be the source host's registered vtep (what its agent
 /// picked); anything else is refused before anything is restored.
+/// Writes back the datagrams the source found waiting in the container's UDP sockets (the
+/// image stream's [`super::udpq::FILE`], if any). Failures are logged with their counts:
+/// what is not written back is lost, and said so.
+async fn requeue_udp(dir: &std::path::Path, netns: &std::path::Path, pid: i32, ip: Ipv4Addr) {
+    let file = dir.join(super::udpq::FILE);
+    let bytes = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            warn!(error = %e, "reading the carried UDP datagrams: they are lost");
+            return;
+        }
+    };
+    let carried = match super::udpq::decode(&bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "the carried UDP datagrams are unreadable: they are lost");
+            return;
+        }
+    };
+    let n = carried.datagrams.len();
+    let netns = netns.to_owned();
+    let r = tokio::task::spawn_blocking(move || {
+        let sent = if carried.datagrams.is_empty() {
+            Ok(0)
+        } else {
+            super::udpq::inject(&netns, carried.datagrams)
+        };
+        // CRIU recreated the sockets with the size the checkpoint widened them to: theirs
+        // again, once the datagrams are in (the queue may stay above it until read).
+        let widened: Vec<super::udpq::Widened> = carried
+            .sockets
+            .iter()
+            .map(|&(local, rcvbuf)| super::udpq::Widened {
+                ino: 0,
+                local,
+                rcvbuf,
+            })
+            .collect();
+        let narrowed = super::udpq::narrow_tree(pid, ip, &widened, true);
+        (sent, widened.len(), narrowed)
+    })
+    .await;
+    match r {
+        Err(e) => warn!(datagrams = n, error = %e, "writing back the carried UDP datagrams"),
+        Ok((sent, wide, (narrowed, errors))) => {
+            match sent {
+                Ok(sent) => {
+                    info!(
+                        datagrams = sent,
+                        "UDP datagrams written back into the restored sockets"
+                    )
+                }
+                Err(e) => {
+                    warn!(datagrams = n, error = %e, "writing back the carried UDP datagrams")
+                }
+            }
+            if narrowed < wide || !errors.is_empty() {
+                warn!(widened = wide, narrowed, errors = ?errors, "giving the restored UDP sockets their receive buffers back");
+            }
+        }
+    }
+}
+
 async fn check_page_server(
     ctx: &Ctx,
     from: &str,

@@ -272,6 +272,78 @@ async fn run(
     answer
 }
 
+/// The datagrams waiting in the stopped tree's UDP sockets (CRIU does not save them) go
+/// with the images, for the destination to write back before the release
+/// ([`super::udpq`]). Read without consuming them: a rolled-back tree still has them. What
+/// cannot be read is reported (the run's events, the log), never dropped silently.
+async fn carry_udp_queues(
+    ctx: &Arc<Ctx>,
+    id: &str,
+    ip: Ipv4Addr,
+    pid: i32,
+    dir: &std::path::Path,
+    widened: &[super::udpq::Widened],
+) {
+    let peeked = tokio::task::spawn_blocking(move || super::udpq::peek_tree(pid, ip))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    let msg = match peeked {
+        Err(e) => {
+            warn!(error = %e, "reading the UDP receive queues");
+            format!("udp: the receive queues could not be read ({e}): what they held is lost")
+        }
+        Ok(p) => {
+            let (n, bytes) = (p.datagrams.len(), p.bytes());
+            // Also with no datagram: the restored sockets get their sizes back from it.
+            let write = if n > 0 || !widened.is_empty() {
+                let carried = super::udpq::Carried {
+                    sockets: widened.iter().map(|w| (w.local, w.rcvbuf)).collect(),
+                    datagrams: p.datagrams,
+                };
+                std::fs::write(dir.join(super::udpq::FILE), super::udpq::encode(&carried)).err()
+            } else {
+                None
+            };
+            let mut msg = format!(
+                "udp: {n} datagrams ({bytes} bytes) waiting in {} sockets carried over",
+                p.sockets
+            );
+            if let Some(e) = write {
+                msg = format!("udp: writing {n} waiting datagrams failed ({e}): they are lost");
+            }
+            if p.over_limit > 0 {
+                msg.push_str(&format!(
+                    "; {} over the {} MiB limit lost",
+                    p.over_limit,
+                    super::udpq::MAX_BYTES >> 20
+                ));
+            }
+            if p.not_ipv4 > 0 {
+                msg.push_str(&format!("; {} IPv6 datagrams not carried", p.not_ipv4));
+            }
+            for e in &p.errors {
+                msg.push_str(&format!("; unread: {e}"));
+            }
+            if p.errors.is_empty() && p.over_limit == 0 && p.not_ipv4 == 0 {
+                info!(
+                    datagrams = n,
+                    bytes,
+                    sockets = p.sockets,
+                    "UDP queues carried over"
+                );
+            } else {
+                warn!(datagrams = n, bytes, over_limit = p.over_limit, not_ipv4 = p.not_ipv4, errors = ?p.errors, "UDP queues partly carried over");
+            }
+            if n == 0 && p.errors.is_empty() && p.not_ipv4 == 0 {
+                return;
+            }
+            msg
+        }
+    };
+    push(ctx, id, "info", msg, None);
+}
+
 /// The checkpoint's refusal when a UNIX socket of the container has its peer outside it
 /// (`crate::drain::check_unix_peers`).
 async fn refuse_unix_peers_outside(
@@ -418,7 +490,16 @@ async fn run_inner(
     if req.lock == LockMode::Hold {
         ctx.node.lock().await.silence_on_freeze(ip, true);
     }
-    info!(pid, lock = req.lock.as_str(), %runtime, "dumping");
+    // Room in the UDP sockets for what arrives between CRIU's seize and the hold (see
+    // `super::udpq`); given back as soon as CRIU is done with the tree, whatever happened.
+    let (widened, widen_errors) =
+        tokio::task::spawn_blocking(move || super::udpq::widen_tree(pid, ip))
+            .await
+            .unwrap_or_else(|e| (Vec::new(), vec![e.to_string()]));
+    for e in &widen_errors {
+        warn!(error = %e, "widening a UDP socket's receive buffer");
+    }
+    info!(pid, lock = req.lock.as_str(), %runtime, udp_widened = widened.len(), "dumping");
     let start = ferry_api::unix_ms_f64();
     // Lazy: the dump is done (all but the pages) when CRIU says it is ready; it goes on
     // serving the pages, the tasks seized, until the destination pulled the last one.
@@ -452,6 +533,21 @@ async fn run_inner(
                 Err(failed) => failed,
             }),
     };
+    // A failed dump: CRIU resumed the tree, whose sockets get their sizes back at once. A
+    // stopped tree keeps the widened ones until it runs again (a rollback: the datagrams
+    // held meanwhile come back unpaced) or is killed.
+    let dump_ok = out.as_ref().is_ok_and(|o| o.ok);
+    if !widened.is_empty() && !dump_ok {
+        let w = widened.clone();
+        let (n, errors) =
+            tokio::task::spawn_blocking(move || super::udpq::narrow_tree(pid, ip, &w, false))
+                .await
+                .unwrap_or_else(|e| (0, vec![e.to_string()]));
+        for e in &errors {
+            warn!(error = %e, "giving a UDP socket its receive buffer back");
+        }
+        info!(sockets = n, "UDP receive buffers given back");
+    }
     let out = match out {
         Ok(o) => o,
         Err(e) => {
@@ -489,6 +585,12 @@ async fn run_inner(
         // A tree that runs on would be a second copy: the dump's images must not be used.
         let e = format!("{runtime} checkpoint: {e}; the source asked the gateway to abort");
         warn!(error = %e, "checkpoint did not stop the tree");
+        if !widened.is_empty() {
+            let w = widened.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || super::udpq::narrow_tree(pid, ip, &w, false))
+                    .await;
+        }
         let (c, mid) = (ctx.clone(), id.clone());
         tokio::spawn(
             async move {
@@ -531,6 +633,8 @@ async fn run_inner(
     answer.phases.push(dump_phase);
     answer.criu = Some(stats.clone());
     ctx.node.lock().await.mark_dumped(ip, true);
+    carry_udp_queues(&ctx, &id, ip, pid, &dir, &widened).await;
+    ctx.runtime.remember_udp_widened(ip, widened.clone());
     // From here the stopped tree is a fenced copy: it runs again only if the registry aborts
     // the migration, and is killed once the destination runs it (see `crate::fencing`).
     if serving.is_some() {
