@@ -13,6 +13,11 @@ pub const DATAPATH_BYTES: &str = "ferry_datapath_bytes_total";
 pub const HOLD_PACKETS: &str = "ferry_hold_packets_total";
 /// Connections to the agent's peer API, by result (accepted, refused_per_peer, refused_total).
 pub const PEER_API_CONNECTIONS: &str = "ferry_peer_api_connections_total";
+/// UDP datagrams waiting in a container's sockets at a checkpoint, by event: `carried`
+/// (read at the source, sent with the images), `not_carried` (left out: over the size
+/// limit, or IPv6), `written_back` (into the restored sockets), `lost` (the destination
+/// could not read or write them back).
+pub const UDP_CARRY_DATAGRAMS: &str = "ferry_udp_carry_datagrams_total";
 /// Entries in the endpoint map.
 pub const ENDPOINTS: &str = "ferry_endpoints";
 /// Entries in the VTEP allow-list.

@@ -758,6 +758,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                     || ferry_api::serve::Stats::default().by_result(),
                     |c| c.by_result(),
                 ),
+                udp_carry: crate::criu::udpq::counters(),
             };
             (
                 StatusCode::OK,

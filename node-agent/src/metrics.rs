@@ -29,6 +29,8 @@ pub struct Gauges {
     pub hold_device_dropped: u64,
     /// Peer API connections by result (`ferry_api::serve::Stats::by_result`).
     pub peer_connections: [(&'static str, u64); 5],
+    /// UDP datagrams of checkpointed queues by event (`crate::criu::udpq::counters`).
+    pub udp_carry: [(&'static str, u64); 4],
 }
 
 /// The `Content-Type` of [`render`]'s text.
@@ -168,6 +170,17 @@ impl Collector for Scrape {
         )?;
         for &(result, n) in &g.peer_connections {
             ConstCounter::new(n).encode(m.encode_family(&[("result", result)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            counter_name(names::UDP_CARRY_DATAGRAMS),
+            "UDP datagrams waiting in a container's sockets at a checkpoint: carried with the \
+             images, not_carried (over the size limit, or IPv6), written_back into the restored \
+             sockets, lost (the destination could not read or write them back).",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(event, n) in &g.udp_carry {
+            ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
         }
         Ok(())
     }

@@ -923,14 +923,19 @@ fn udp_socket_rb(lab: &Lab, host: &str) -> u64 {
         .unwrap_or_else(|| panic!("no UDP socket on port 5201 on {host}: {text}"))
 }
 
-/// How many datagrams a1's agent carried over with the images (its log), if it did.
-fn udp_carried(lab: &Lab) -> Option<u64> {
-    let log = std::fs::read_to_string(lab.agent_log("a1")).unwrap_or_default();
-    log.lines()
-        .find(|l| l.contains("UDP queues carried over"))
-        .and_then(|l| l.split("datagrams=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
+/// `ferry_udp_carry_datagrams_total{event}` of `host`'s agent.
+fn udp_carry_counter(lab: &Lab, host: &str, event: &str) -> u64 {
+    ferry_tests::metrics_text(lab, host)
+        .lines()
+        .find(|l| {
+            l.starts_with("ferry_udp_carry_datagrams_total{")
+                && l.contains(&format!("event=\"{event}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!("{host} exports no ferry_udp_carry_datagrams_total{{event={event}}}")
+        })
 }
 
 #[test]
@@ -1016,14 +1021,17 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
         dropped * 4 < held,
         "the restored socket dropped {dropped} datagrams (UdpRcvbufErrors) of {held} held"
     );
-    // The datagrams waiting in the source's socket went along (the source agent's log says
-    // how many), and nothing was lost that the kernel did not count as a socket drop.
-    let carried = udp_carried(&lab).unwrap_or_else(|| {
-        panic!(
-            "a1's agent did not carry the UDP queues over: {}",
-            lab.agent_log("a1").display()
-        )
-    });
+    // The datagrams waiting in the source's socket went along and were all written back
+    // (the agents' counters), and nothing was lost that the kernel did not count as a
+    // socket drop.
+    let carried = udp_carry_counter(&lab, "a1", "carried");
+    assert_eq!(
+        udp_carry_counter(&lab, "b1", "written_back"),
+        carried,
+        "b1 wrote back every datagram a1 carried"
+    );
+    assert_eq!(udp_carry_counter(&lab, "a1", "not_carried"), 0);
+    assert_eq!(udp_carry_counter(&lab, "b1", "lost"), 0);
 
     let lost = sum["lost_packets"].as_u64().expect("iperf3's lost_packets");
     // The source's tree is killed once the destination runs it: its sampler ends.
@@ -1073,7 +1081,7 @@ fn a_udp_receiver_rolled_back_keeps_its_queue_and_its_buffer() {
     // CRIU's dump saw the widened buffer; the tree that runs on has its own.
     assert_eq!(udp_socket_rb(&lab, "a1"), rb, "the socket's receive buffer");
     assert!(
-        udp_carried(&lab).is_some(),
+        udp_carry_counter(&lab, "a1", "carried") > 0,
         "a1's agent read the UDP queues"
     );
     let json = output

@@ -532,7 +532,7 @@ async fn requeue_udp(dir: &std::path::Path, netns: &std::path::Path, pid: i32, i
     let netns = netns.to_owned();
     let r = tokio::task::spawn_blocking(move || {
         let sent = if carried.datagrams.is_empty() {
-            Ok(0)
+            (0, None)
         } else {
             super::udpq::inject(&netns, carried.datagrams)
         };
@@ -551,18 +551,22 @@ async fn requeue_udp(dir: &std::path::Path, netns: &std::path::Path, pid: i32, i
         (sent, widened.len(), narrowed)
     })
     .await;
+    use super::udpq::{Event, count};
     match r {
-        Err(e) => warn!(datagrams = n, error = %e, "writing back the carried UDP datagrams"),
-        Ok((sent, wide, (narrowed, errors))) => {
-            match sent {
-                Ok(sent) => {
-                    info!(
-                        datagrams = sent,
-                        "UDP datagrams written back into the restored sockets"
-                    )
-                }
-                Err(e) => {
-                    warn!(datagrams = n, error = %e, "writing back the carried UDP datagrams")
+        Err(e) => {
+            count(Event::Lost, n);
+            warn!(datagrams = n, error = %e, "writing back the carried UDP datagrams");
+        }
+        Ok(((sent, failed), wide, (narrowed, errors))) => {
+            count(Event::WrittenBack, sent);
+            match failed {
+                None => info!(
+                    datagrams = sent,
+                    "UDP datagrams written back into the restored sockets"
+                ),
+                Some(e) => {
+                    count(Event::Lost, n - sent);
+                    warn!(datagrams = n, sent, error = %e, "writing back the carried UDP datagrams");
                 }
             }
             if narrowed < wide || !errors.is_empty() {

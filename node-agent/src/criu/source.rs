@@ -305,12 +305,18 @@ async fn carry_udp_queues(
             } else {
                 None
             };
+            use super::udpq::{Event, count};
+            count(Event::NotCarried, p.over_limit + p.not_ipv4);
             let mut msg = format!(
                 "udp: {n} datagrams ({bytes} bytes) waiting in {} sockets carried over",
                 p.sockets
             );
-            if let Some(e) = write {
-                msg = format!("udp: writing {n} waiting datagrams failed ({e}): they are lost");
+            match write {
+                None => count(Event::Carried, n),
+                Some(e) => {
+                    count(Event::NotCarried, n);
+                    msg = format!("udp: writing {n} waiting datagrams failed ({e}): they are lost");
+                }
             }
             if p.over_limit > 0 {
                 msg.push_str(&format!(

@@ -24,6 +24,7 @@ use std::{
     os::fd::{AsRawFd as _, OwnedFd},
     os::unix::fs::MetadataExt as _,
     path::Path,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 /// The file in the image directory that carries the datagrams.
@@ -34,6 +35,43 @@ const MAGIC: &[u8; 8] = b"FUDPQ\0\0\x02";
 /// bounds a file that could be forged or damaged).
 pub const MAX_BYTES: usize = 64 << 20;
 const SO_PEEK_OFF: libc::c_int = 42;
+
+/// This agent's datagram counts since it started (`ferry_udp_carry_datagrams_total`): a
+/// process-wide tally, as the events come from the checkpoint and restore tasks.
+static CARRIED: AtomicU64 = AtomicU64::new(0);
+static NOT_CARRIED: AtomicU64 = AtomicU64::new(0);
+static WRITTEN_BACK: AtomicU64 = AtomicU64::new(0);
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Counts `n` datagrams under `event` (see [`counters`]).
+pub fn count(event: Event, n: usize) {
+    let c = match event {
+        Event::Carried => &CARRIED,
+        Event::NotCarried => &NOT_CARRIED,
+        Event::WrittenBack => &WRITTEN_BACK,
+        Event::Lost => &LOST,
+    };
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// What happened to a datagram of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Carried,
+    NotCarried,
+    WrittenBack,
+    Lost,
+}
+
+/// The counts by event label, for the metrics.
+pub fn counters() -> [(&'static str, u64); 4] {
+    [
+        ("carried", CARRIED.load(Ordering::Relaxed)),
+        ("not_carried", NOT_CARRIED.load(Ordering::Relaxed)),
+        ("written_back", WRITTEN_BACK.load(Ordering::Relaxed)),
+        ("lost", LOST.load(Ordering::Relaxed)),
+    ]
+}
 
 /// One datagram as it arrived: who sent it, to which address of the container, what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -488,18 +526,18 @@ pub fn peek_tree(init: i32, container: Ipv4Addr) -> io::Result<Peeked> {
 
 /// Writes `datagrams` into the sockets of the namespace `netns` (each from its sender, to
 /// its address, over `lo`), in order. Blocks (a thread in the namespace): call it off the
-/// tokio workers. Returns how many were sent; the first failure ends it.
-pub fn inject(netns: &Path, datagrams: Vec<Datagram>) -> io::Result<usize> {
-    ferry_overlay::netns::run_in(netns, move || -> io::Result<usize> {
+/// tokio workers. Returns how many were sent, and the failure that ended it early, if one
+/// did.
+pub fn inject(netns: &Path, datagrams: Vec<Datagram>) -> (usize, Option<io::Error>) {
+    let r = ferry_overlay::netns::run_in(netns, move || -> (usize, Option<io::Error>) {
         // SAFETY: plain socket(2); the result is checked and owned below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            return (0, Some(io::Error::last_os_error()));
         }
         // SAFETY: the kernel just returned this descriptor to us.
         let raw: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-        let mut sent = 0;
-        for d in &datagrams {
+        for (sent, d) in datagrams.iter().enumerate() {
             let p = packet(d);
             // SAFETY: zeroed sockaddr_in is valid; family and address are set.
             let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
@@ -517,17 +555,19 @@ pub fn inject(netns: &Path, datagrams: Vec<Datagram>) -> io::Result<usize> {
                 )
             };
             if n < 0 {
-                return Err(io::Error::other(format!(
-                    "after {sent} of {} datagrams: {}",
-                    datagrams.len(),
-                    io::Error::last_os_error()
-                )));
+                let e = io::Error::last_os_error();
+                return (
+                    sent,
+                    Some(io::Error::other(format!(
+                        "after {sent} of {} datagrams: {e}",
+                        datagrams.len()
+                    ))),
+                );
             }
-            sent += 1;
         }
-        Ok(sent)
-    })
-    .map_err(io::Error::other)?
+        (datagrams.len(), None)
+    });
+    r.unwrap_or_else(|e| (0, Some(io::Error::other(e))))
 }
 
 #[cfg(test)]
