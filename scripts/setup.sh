@@ -35,6 +35,8 @@ export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 APT_PACKAGES=(
   # lab and tests
   iproute2 iputils-ping curl iperf3 socat tcpdump nftables iptables procps psmisc ethtool kmod python3
+  # git: its `git apply` applies ferry's CRIU patches (scripts/criu-patches) before the build
+  git
   # the unmodified Debian server the CRIU tests migrate
   redis-server
   # OCI containers: runc (1.1.5 works with CRIU 4.2.1, see docs/migration.md), Podman (its
