@@ -838,16 +838,8 @@ impl Drop for Child {
 /// What waited in the socket at the checkpoint (CRIU saves no UDP queue) travels with the
 /// images and is written back before the release: iperf3 counts no datagram lost beyond
 /// what the kernel counted as dropped by the socket (it lost 150–314 per move before).
-/// iperf3's UDP server in the container on a1, and a client sending 100 Mbit/s to it for
-/// 6 s from the internet, flowing: the server, the client, its JSON output to come.
-fn udp_stream(
-    lab: &Lab,
-    ns: &Path,
-) -> (
-    ferry_api::run::ContainerProcess,
-    Child,
-    std::sync::mpsc::Receiver<String>,
-) {
+/// iperf3's server in the container, listening on port 5201.
+fn start_iperf3_server(lab: &Lab, ns: &Path) -> ferry_api::run::ContainerProcess {
     let iperf3 = iperf3_path();
     // iperf3 makes a temporary file per stream: in the container only /dev/shm is writable.
     let server = lab
@@ -864,6 +856,20 @@ fn udp_stream(
         )
         .expect("start iperf3 -s");
     wait_listening(lab, ns, 5201);
+    server
+}
+
+/// iperf3's UDP server in the container on a1, and a client sending 100 Mbit/s to it for
+/// 6 s from the internet, flowing: the server, the client, its JSON output to come.
+fn udp_stream(
+    lab: &Lab,
+    ns: &Path,
+) -> (
+    ferry_api::run::ContainerProcess,
+    Child,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let server = start_iperf3_server(lab, ns);
     let mut cmd = std::process::Command::new("iperf3");
     cmd.args([
         "-c",
@@ -952,16 +958,17 @@ fn a_udp_receiver_keeps_the_released_datagrams() {
     let source_drops = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(steady));
     let sampler = {
         let (drops, pid) = (source_drops.clone(), server.pid);
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Until the source's tree is gone (killed once the destination runs it).
         std::thread::spawn(move || {
-            while Instant::now() < deadline
-                && let Ok(snmp) = std::fs::read_to_string(format!("/proc/{pid}/net/snmp"))
-            {
+            ferry_tests::poll_until(Duration::from_secs(60), || {
+                let Ok(snmp) = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")) else {
+                    return Some(());
+                };
                 if let Some(n) = ferry_bench::links::parse_rcvbuf_errors(&snmp) {
                     drops.store(n, std::sync::atomic::Ordering::Relaxed);
                 }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+                None
+            })
         })
     };
     let r = migrate_ok(&lab, "a1", "b1");
@@ -1126,20 +1133,7 @@ fn a_bulk_sender_migrated_repeatedly_draws_no_paws_discard() {
         return;
     }
     let (lab, ns) = lab_with_container();
-    let iperf3 = iperf3_path();
-    lab.start_process(
-        c(),
-        &[
-            "/usr/bin/env",
-            "TMPDIR=/dev/shm",
-            iperf3.to_str().unwrap(),
-            "-s",
-            "-p",
-            "5201",
-        ],
-    )
-    .expect("start iperf3 -s");
-    wait_listening(&lab, &ns, 5201);
+    start_iperf3_server(&lab, &ns);
     // The lab's premise: the client's interface steers flows (RPS).
     // (`ip netns exec` mounts the namespace's own sysfs.)
     let rps = std::process::Command::new("ip")

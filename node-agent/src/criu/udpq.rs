@@ -385,7 +385,14 @@ fn udp_sockets(
             let Ok(sock) = super::resume::pidfd_getfd(&pidfd, fd) else {
                 continue;
             };
-            let ino = std::fs::File::from(sock.try_clone()?).metadata()?.ino();
+            // fstat through a duplicate (File closes it); one unreadable socket skips itself.
+            let Ok(ino) = sock
+                .try_clone()
+                .and_then(|d| std::fs::File::from(d).metadata())
+                .map(|m| m.ino())
+            else {
+                continue;
+            };
             if !seen.insert(ino) {
                 continue; // the same socket through another descriptor or process
             }
