@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
+    sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 /// Is the effective user root? (From /proc/self/status: `Uid: real effective saved fs`.)
@@ -58,6 +58,51 @@ pub fn require_root_and_tools(tools: &[&str]) -> bool {
     }
     eprintln!("SKIP: {why}");
     false
+}
+
+/// Tests in one binary run side by side (`--test-threads=2`). Most of them share the
+/// machine; a test that measures loss or reordering to the datagram needs it to itself: on a
+/// 2-core machine a neighbour's gigabit stream starves the receiver and the backlogs, and the
+/// losses that follow say nothing about the code under test.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// Held for a test that tolerates neighbours (every lab test of a binary that has a
+/// [`machine_to_itself`] test takes it first).
+pub fn machine_shared() -> RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held for a test that counts every lost datagram: no other test of its binary runs meanwhile.
+pub fn machine_to_itself() -> RwLockWriteGuard<'static, ()> {
+    MACHINE.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Packets the kernel dropped for a full per-CPU backlog (`/proc/net/softnet_stat`, second
+/// column, summed over CPUs). Machine-wide: a delta is an upper bound for one test's drops.
+pub fn softnet_dropped() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
+}
+
+/// Packets dropped by the devices of the lab's nodes (`ip -s -j link`: rx and tx `dropped`
+/// of every device in every node's namespace: veths whose peer's backlog was full, VXLAN).
+pub fn lab_link_drops(lab: &ferry_lab::Lab) -> u64 {
+    lab.nodes()
+        .iter()
+        .filter_map(|n| lab.exec(n, &["ip", "-s", "-j", "link", "show"]).ok())
+        .filter_map(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+        .map(|dev| {
+            ["rx", "tx"]
+                .iter()
+                .filter_map(|d| dev["stats64"][d]["dropped"].as_u64())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
