@@ -30,6 +30,10 @@ CACHE_DIR=/var/cache/ferry
 CRIU_PATCHES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches"
 # Which patch set the installed CRIU was built with.
 CRIU_PATCHES_STAMP=/usr/local/share/ferry/criu-patches
+# CRIU's kernel-feature cache (criu.kdat) lives in a directory of its own, which must be a tmpfs:
+# CRIU refuses to cache on disk, and where /run is on disk every CRIU would probe the kernel
+# (tens of ms, a restore's inside the frozen window). See docs/migration.md.
+CRIU_RUNDIR=/run/criu
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 APT_PACKAGES=(
@@ -104,7 +108,7 @@ fi
 
 # --- CRIU >= 4.2 ----------------------------------------------------------------------------------
 criu_patches_id() {
-  cat "$CRIU_PATCHES_DIR"/*.patch 2>/dev/null | sha256sum | cut -c1-16
+  { cat "$CRIU_PATCHES_DIR"/*.patch 2>/dev/null; echo "RUNDIR=$CRIU_RUNDIR"; } | sha256sum | cut -c1-16
 }
 criu_ok() {
   [[ -x "$CRIU_BIN" ]] || return 1
@@ -147,7 +151,7 @@ SRC
       (cd build && git apply "$p") || { log "CRIU patch $p does not apply to $orig"; exit 1; }
     done
     log "building CRIU from $orig (about 20 s)"
-    make -C build -j"$(nproc)" criu >build.log 2>&1 || { tail -30 build.log; log "CRIU build failed (log: $CACHE_DIR/criu/build.log)"; exit 1; }
+    make -C build -j"$(nproc)" RUNDIR="$CRIU_RUNDIR" criu >build.log 2>&1 || { tail -30 build.log; log "CRIU build failed (log: $CACHE_DIR/criu/build.log)"; exit 1; }
     install -m 0755 build/criu/criu "$CRIU_BIN"
     mkdir -p "$(dirname "$CRIU_PATCHES_STAMP")"
     criu_patches_id >"$CRIU_PATCHES_STAMP"
@@ -161,6 +165,13 @@ if ! mountpoint -q /sys/fs/bpf; then
   if ((CHECK_ONLY)); then missing+=("bpffs at /sys/fs/bpf"); else mount -t bpf bpf /sys/fs/bpf; fi
 fi
 mkdir -p /run/netns
+# CRIU's kernel-feature cache on a tmpfs (the agent does the same at start, e.g. after a reboot).
+if [[ "$(stat -f -c %T "$CRIU_RUNDIR" 2>/dev/null)" != tmpfs ]]; then
+  if ((CHECK_ONLY)); then missing+=("tmpfs at $CRIU_RUNDIR"); else
+    mkdir -p -m 0700 "$CRIU_RUNDIR"
+    [[ "$(stat -f -c %T "$CRIU_RUNDIR")" == tmpfs ]] || mount -t tmpfs -o size=1m,mode=0700,nosuid,nodev,noexec tmpfs "$CRIU_RUNDIR"
+  fi
+fi
 
 t1=$(date +%s.%N)
 if ((CHECK_ONLY)) && ((${#missing[@]})); then

@@ -118,9 +118,37 @@ fn load_tls(cfg: &AgentConfig) -> anyhow::Result<Option<ferry_tls::Tls>> {
     Ok(Some(tls))
 }
 
+/// CRIU's kernel-feature cache on a tmpfs (`crate::criu::kdat`): without it every restore
+/// probes the kernel inside the container's frozen window.
+async fn prepare_criu_cache(binary: std::path::PathBuf) {
+    use crate::criu::kdat::KdatCache;
+    let shown = binary.display().to_string();
+    match tokio::task::spawn_blocking(move || crate::criu::kdat::prepare_for(&binary)).await {
+        Ok(KdatCache::Ready { file }) => {
+            info!(criu = shown, cache = %file.display(), "CRIU's kernel-feature cache is on a tmpfs")
+        }
+        Ok(KdatCache::Mounted { file }) => info!(
+            criu = shown,
+            cache = %file.display(),
+            "mounted a tmpfs for CRIU's kernel-feature cache (its directory was on disk)"
+        ),
+        Ok(KdatCache::Unusable { file, why }) => warn!(
+            criu = shown,
+            cache = ?file,
+            why,
+            "CRIU cannot cache its kernel probes: every dump and restore probes the kernel \
+             (tens of ms; the restore's inside the container's frozen window)"
+        ),
+        Err(e) => warn!(error = %e, "preparing CRIU's kernel-feature cache"),
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let tls = load_tls(&cfg)?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
+    if cfg.gateway.is_some() && cfg.criu.binary.exists() {
+        prepare_criu_cache(cfg.criu.binary.clone()).await;
+    }
     let clean_stop = cfg.state_dir.join(CLEAN_STOP_FILE);
     let previous_stopped_cleanly = clean_stop.exists();
     let _ = std::fs::remove_file(&clean_stop);

@@ -8,6 +8,7 @@
 //! - [`dest`]: `POST /v1/images/{migration}` — receive, restore into the prepared namespace.
 //! - [`resume`]: a source tree CRIU left stopped, running again (repair off, SIGCONT).
 //! - [`lazy`]: post-copy memory (CRIU's lazy pages between the two agents).
+//! - [`kdat`]: CRIU's kernel-feature cache on a tmpfs, so no restore probes the kernel.
 //!
 //! Neither side resumes or kills a stopped copy itself: each marks its tree fenced in the
 //! runtime, and [`crate::fencing`] acts on the registry's decision (released or aborted).
@@ -15,13 +16,14 @@
 //! Why the CLI and not CRIU's RPC (`criu swrk`): both start a `criu` process per dump and per
 //! restore (swrk is a process too), so RPC would save only the argument parsing while adding
 //! a protobuf schema to keep in step with CRIU; the CLI's stats (`--display-stats`) and log
-//! file give everything the report needs. What costs time is CRIU's own start-up (its kernel
-//! probes, ~20–35 ms before it seizes the tasks), which neither interface avoids; a resident
-//! CRIU service that probed once would (see docs/migration.md).
+//! file give everything the report needs. CRIU's own start-up (its kernel probes, 50–70 ms
+//! on a loaded machine) is avoided by neither interface; its cache on a tmpfs does
+//! ([`kdat`], docs/migration.md).
 
 pub mod cmd;
 pub mod dest;
 pub mod images;
+pub mod kdat;
 pub mod lazy;
 pub mod resume;
 pub mod source;

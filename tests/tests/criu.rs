@@ -164,6 +164,23 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
         .collect();
     assert_eq!(nspid.last(), Some(&"1"), "NSpid: {nspid:?}");
 
+    // CRIU cached its kernel probes: set-up builds it to keep the cache in /run/criu, the
+    // agents put that directory on a tmpfs, and the dumps and restores wrote the cache there
+    // (no restore probes the kernel inside the frozen window).
+    let criu = std::fs::read(ferry_tests::which("criu").unwrap()).unwrap();
+    assert!(
+        criu.windows(20).any(|w| w == b"/run/criu/criu.kdat\0"),
+        "the installed CRIU does not keep its cache in /run/criu (built without \
+         RUNDIR=/run/criu: run scripts/setup.sh)"
+    );
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T", "/run/criu"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&fs.stdout).trim(), "tmpfs");
+    let kdat = std::fs::metadata("/run/criu/criu.kdat").expect("CRIU's cache after two moves");
+    assert!(kdat.len() > 0);
+
     // Load on the restored server, then the client ends.
     ferry_tests::keep_load_for(Duration::from_millis(500));
     let (code, s) = client.stop(Duration::from_secs(20));
