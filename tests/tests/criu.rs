@@ -149,6 +149,19 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
     let on_b1 = running_on(&lab, "b1");
     eprintln!("on b1: {on_b1:?}");
     assert_eq!(on_b1.origin, "restored");
+    // The container's empty /dev/shm came through CRIU's empty-tmpfs record (no tar,
+    // scripts/criu-patches/0003): same mode, still empty. Something in it for the way back,
+    // which goes through tar.
+    use std::os::unix::fs::PermissionsExt;
+    let shm = |pid: i32| PathBuf::from(format!("/proc/{pid}/root/dev/shm"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode(&shm(on_b1.pid)),
+        0o1777,
+        "the restored /dev/shm's mode"
+    );
+    assert_eq!(std::fs::read_dir(shm(on_b1.pid)).unwrap().count(), 0);
+    std::fs::write(shm(on_b1.pid).join("kept"), b"moved with the tmpfs").unwrap();
     ferry_tests::keep_load_for(Duration::from_millis(500));
     let back = migrate_ok(&lab, "b1", "a1");
     let on_a1 = running_on(&lab, "a1");
@@ -163,6 +176,11 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
         .split_whitespace()
         .collect();
     assert_eq!(nspid.last(), Some(&"1"), "NSpid: {nspid:?}");
+    assert_eq!(mode(&shm(on_a1.pid)), 0o1777);
+    assert_eq!(
+        std::fs::read(shm(on_a1.pid).join("kept")).unwrap(),
+        b"moved with the tmpfs"
+    );
 
     // CRIU cached its kernel probes: set-up builds it to keep the cache in /run/criu, the
     // agents put that directory on a tmpfs, and the dumps and restores wrote the cache there
