@@ -143,6 +143,11 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
     let _machine = ferry_tests::machine_shared();
     let (lab, ns) = lab_with_container();
     let (pid, client) = serve_and_client(&lab, &ns);
+    let dev = dev_listing(pid);
+    assert!(
+        dev.iter().any(|l| l.starts_with("null c 666 0:0 1:3 ")),
+        "{dev:#?}"
+    );
     ferry_tests::keep_load_for(Duration::from_millis(700));
 
     let there = migrate_ok(&lab, "a1", "b1");
@@ -155,6 +160,9 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
     use std::os::unix::fs::PermissionsExt;
     let shm = |pid: i32| PathBuf::from(format!("/proc/{pid}/root/dev/shm"));
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // Its /dev (device nodes, symlinks) came through CRIU's tmpfs record too, entry for
+    // entry as tar kept it.
+    assert_eq!(dev_listing(on_b1.pid), dev, "the restored /dev");
     assert_eq!(
         mode(&shm(on_b1.pid)),
         0o1777,
@@ -176,6 +184,7 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
         .split_whitespace()
         .collect();
     assert_eq!(nspid.last(), Some(&"1"), "NSpid: {nspid:?}");
+    assert_eq!(dev_listing(on_a1.pid), dev, "/dev after the way back");
     assert_eq!(mode(&shm(on_a1.pid)), 0o1777);
     assert_eq!(
         std::fs::read(shm(on_a1.pid).join("kept")).unwrap(),
@@ -207,6 +216,58 @@ fn workload_moves_across_clouds_and_back_with_live_clients() {
         s["max_gap_ms"], s["retransmits"], there.stopped_ms, back.stopped_ms
     );
     assert_client_clean(code, &s, 4);
+}
+
+/// Every entry of a process's /dev (not into /dev/shm, a tmpfs of its own): name, type,
+/// mode, owner, device number, link target and mtime (not /dev/shm's).
+fn dev_listing(pid: i32) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let root = PathBuf::from(format!("/proc/{pid}/root/dev"));
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let name = rel.join(e.file_name());
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let t = m.file_type();
+            let kind = if t.is_dir() {
+                "d"
+            } else if t.is_symlink() {
+                "l"
+            } else if t.is_char_device() {
+                "c"
+            } else if t.is_block_device() {
+                "b"
+            } else {
+                "f"
+            };
+            let target = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let rdev = m.rdev();
+            out.push(format!(
+                "{} {kind} {:o} {}:{} {}:{} {target} {}",
+                name.display(),
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid(),
+                libc::major(rdev),
+                libc::minor(rdev),
+                // /dev/shm's root is a tmpfs of its own, written to by the test.
+                if name == Path::new("shm") {
+                    0
+                } else {
+                    m.mtime()
+                }
+            ));
+            if t.is_dir() && name != Path::new("shm") {
+                todo.push(name);
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]
