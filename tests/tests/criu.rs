@@ -832,6 +832,95 @@ fn running_copies(lab: &Lab) -> Vec<String> {
         .collect()
 }
 
+/// A tmpfs record (CRIU patch 0003) forged between the transfer and the restore, so that an
+/// entry would be created through a symlink pointing out of the container: the restore refuses
+/// it, the run rolls back, the source's copy runs on, and nothing is written where the symlink
+/// points.
+#[test]
+fn a_forged_tmpfs_record_fails_the_restore_and_writes_nothing_outside() {
+    if !require_root_and_tools(TOOLS) {
+        return;
+    }
+    let _machine = ferry_tests::machine_shared();
+    let (lab, ns) = lab_with_container();
+    let (pid, client) = serve_and_client(&lab, &ns);
+    let outside = tempfile::tempdir().unwrap();
+    let armed = lab.fault_dir().join("restore");
+    let reached = lab.fault_dir().join("restore.reached");
+    std::fs::write(&armed, b"").unwrap();
+    let handle = Lab::attach(lab.prefix()).unwrap();
+    let run = std::thread::spawn(move || migrate(&handle, "b1", &[]));
+    wait_for(
+        "the destination holds the images before criu restore",
+        Duration::from_secs(30),
+        || reached.exists().then_some(()),
+    );
+    // Every tmpfs record of the images becomes: the root, a symlink `l` to a directory
+    // outside, and `l/planted` (a file through the symlink).
+    let mut forged = 0;
+    for e in walk(&lab.criu_work_dir("b1")) {
+        let bytes = std::fs::read(&e).unwrap_or_default();
+        if bytes.starts_with(b"ferry-tmpfs-tree-v1\0") {
+            std::fs::write(&e, forged_record(outside.path())).unwrap();
+            forged += 1;
+        }
+    }
+    std::fs::remove_file(&armed).unwrap();
+    let (code, r) = run.join().unwrap();
+    assert!(forged > 0, "no tmpfs record among the images");
+    assert_eq!(r.state, RunState::RolledBack, "{r:?}");
+    assert_eq!(code, 3);
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "the forged record wrote outside the container"
+    );
+    assert_eq!(running_on(&lab, "a1").pid, pid, "the source's copy runs on");
+    let (code, s) = client.stop(Duration::from_secs(20));
+    assert_client_clean(code, &s, 4);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A tmpfs record (`struct tree_hdr`, then `struct tree_ent`s with their path and target, as
+/// in scripts/criu-patches/0003) with a file created through a symlink to `outside`.
+fn forged_record(outside: &Path) -> Vec<u8> {
+    let entry = |mode: u32, path: &str, target: &str| {
+        let mut e = Vec::new();
+        for v in [mode, 0, 0, 0] {
+            e.extend_from_slice(&v.to_ne_bytes());
+        }
+        e.extend_from_slice(&0u64.to_ne_bytes()); // rdev
+        e.extend_from_slice(&0i64.to_ne_bytes()); // mtime
+        e.extend_from_slice(&(path.len() as u16).to_ne_bytes());
+        e.extend_from_slice(&(target.len() as u16).to_ne_bytes());
+        e.extend_from_slice(&0u32.to_ne_bytes());
+        e.extend_from_slice(path.as_bytes());
+        e.extend_from_slice(target.as_bytes());
+        e
+    };
+    let mut r = b"ferry-tmpfs-tree-v1\0".to_vec();
+    r.extend_from_slice(&3u32.to_ne_bytes());
+    r.extend(entry(libc::S_IFDIR | 0o1777, "", ""));
+    r.extend(entry(
+        libc::S_IFLNK | 0o777,
+        "l",
+        &outside.display().to_string(),
+    ));
+    r.extend(entry(libc::S_IFREG | 0o644, "l/planted", ""));
+    r
+}
+
 /// The gateway SIGKILLed right after each transition it persists (prepare, each half of the
 /// freeze, release, abort) and started again: the run resumes on its own to a terminal state
 /// (`released` or `rolled_back`, never lost), exactly one copy runs, on the registry's
