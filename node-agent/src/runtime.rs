@@ -1010,13 +1010,8 @@ impl Runtime {
         tokio::task::spawn_blocking(move || {
             // A source that runs again: its UDP sockets get their own sizes back (their
             // queues, which the widened buffers let grow meanwhile, stay to be read).
-            if side == FenceSide::Source && !widened.is_empty() {
-                let (n, errors) =
-                    crate::criu::udpq::narrow_tree(entry.proc.pid, ip, &widened, false);
-                for e in &errors {
-                    warn!(container = %ip, error = %e, "giving a UDP socket its receive buffer back");
-                }
-                info!(container = %ip, sockets = n, "UDP receive buffers given back");
+            if side == FenceSide::Source {
+                crate::criu::udpq::give_back(entry.proc.pid, ip, &widened);
             }
             rt.driver(entry.proc.runtime)
                 .map_err(io::Error::other)?
@@ -1055,7 +1050,6 @@ impl Runtime {
         self.lock().busy.contains(&ip)
     }
 
-    /// CRIU serves (or stopped serving) the dumped tree's memory of `ip` (lazy memory).
     /// The UDP sockets the checkpoint of `ip` widened (see [`State::udp_widened`]).
     pub fn remember_udp_widened(&self, ip: Ipv4Addr, widened: Vec<crate::criu::udpq::Widened>) {
         let mut st = self.lock();
@@ -1066,6 +1060,7 @@ impl Runtime {
         }
     }
 
+    /// CRIU serves (or stopped serving) the dumped tree's memory of `ip` (lazy memory).
     pub fn serving_pages(&self, ip: Ipv4Addr, serving: bool) {
         let mut st = self.lock();
         if serving {

@@ -506,8 +506,6 @@ fn undo_prepared(
     })
 }
 
-/// A lazy stream's page server must be the source host's registered vtep (what its agent
-/// picked); anything else is refused before anything is restored.
 /// Writes back the datagrams the source found waiting in the container's UDP sockets (the
 /// image stream's [`super::udpq::FILE`], if any). Failures are logged with their counts:
 /// what is not written back is lost, and said so.
@@ -576,6 +574,8 @@ async fn requeue_udp(dir: &std::path::Path, netns: &std::path::Path, pid: i32, i
     }
 }
 
+/// A lazy stream's page server must be the source host's registered vtep (what its agent
+/// picked); anything else is refused before anything is restored.
 async fn check_page_server(
     ctx: &Ctx,
     from: &str,

@@ -545,14 +545,7 @@ async fn run_inner(
     let dump_ok = out.as_ref().is_ok_and(|o| o.ok);
     if !widened.is_empty() && !dump_ok {
         let w = widened.clone();
-        let (n, errors) =
-            tokio::task::spawn_blocking(move || super::udpq::narrow_tree(pid, ip, &w, false))
-                .await
-                .unwrap_or_else(|e| (0, vec![e.to_string()]));
-        for e in &errors {
-            warn!(error = %e, "giving a UDP socket its receive buffer back");
-        }
-        info!(sockets = n, "UDP receive buffers given back");
+        let _ = tokio::task::spawn_blocking(move || super::udpq::give_back(pid, ip, &w)).await;
     }
     let out = match out {
         Ok(o) => o,
@@ -593,9 +586,7 @@ async fn run_inner(
         warn!(error = %e, "checkpoint did not stop the tree");
         if !widened.is_empty() {
             let w = widened.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || super::udpq::narrow_tree(pid, ip, &w, false))
-                    .await;
+            let _ = tokio::task::spawn_blocking(move || super::udpq::give_back(pid, ip, &w)).await;
         }
         let (c, mid) = (ctx.clone(), id.clone());
         tokio::spawn(

@@ -478,6 +478,19 @@ pub fn widen_tree(init: i32, container: Ipv4Addr) -> (Vec<Widened>, Vec<String>)
     (widened, errors)
 }
 
+/// [`narrow_tree`] for a tree that runs on here (a failed dump, a rollback), with what it did
+/// logged. Blocks: call it off the tokio workers.
+pub fn give_back(init: i32, container: Ipv4Addr, widened: &[Widened]) {
+    if widened.is_empty() {
+        return;
+    }
+    let (n, errors) = narrow_tree(init, container, widened, false);
+    for e in &errors {
+        tracing::warn!(container = %container, error = %e, "giving a UDP socket its receive buffer back");
+    }
+    tracing::info!(container = %container, sockets = n, "UDP receive buffers given back");
+}
+
 /// Gives the widened sockets of the tree whose init is `init` their sizes back, found by
 /// inode (the source, after the dump) or, with `by_address`, by local address (the restored
 /// copy, whose sockets CRIU recreated with the widened size). A socket's queue above its
