@@ -100,6 +100,27 @@ pub enum ProtocolError {
     Truncated { reason: String },
 }
 
+/// An open connection (TCP, or TLS over it) for one request: [`Request::connect`].
+pub struct Connection {
+    addr: SocketAddr,
+    stream: Box<dyn Stream>,
+    /// The first TLS error the stream met (TLS only).
+    alert: Option<Arc<std::sync::Mutex<Option<rustls::Error>>>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("addr", &self.addr)
+            .field("tls", &self.alert.is_some())
+            .finish()
+    }
+}
+
+/// A byte stream hyper can speak HTTP/1.1 over.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
 /// A request to send to one address.
 #[derive(Debug)]
 pub struct Request {
@@ -121,6 +142,8 @@ enum Body {
     Full(Bytes),
     /// Written through a [`BodyWriter`] while the request is under way; exact length.
     Stream(Channel<Bytes, io::Error>, u64),
+    /// The same, length unknown: chunked transfer encoding.
+    Chunked(Channel<Bytes, io::Error>),
 }
 
 impl Request {
@@ -195,6 +218,16 @@ impl Request {
         (self, BodyWriter { tx })
     }
 
+    /// A body of a length not known yet (sent chunked), written through the returned
+    /// [`BodyWriter`] whenever it is ready: the connection, its TLS handshake and the request's
+    /// head go out as soon as [`Request::send`] runs (e.g. spawned ahead of a long job). The
+    /// peer takes the body as complete only if the writer is dropped, not aborted.
+    pub fn stream_chunked(mut self) -> (Self, BodyWriter) {
+        let (tx, body) = Channel::new(2);
+        self.body = Body::Chunked(body);
+        (self, BodyWriter { tx })
+    }
+
     /// The deadline of the whole exchange (connect, request, complete answer).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
@@ -264,21 +297,36 @@ impl Request {
                 b = b.header(CONTENT_LENGTH, len);
                 channel.boxed()
             }
+            // No length and no size hint: hyper sends it chunked.
+            Body::Chunked(channel) => channel.boxed(),
         };
         b.body(body)
     }
 
-    async fn exchange(mut self, addr: SocketAddr, what: &str) -> Result<Response, HttpError> {
+    async fn exchange(self, addr: SocketAddr, what: &str) -> Result<Response, HttpError> {
+        let conn = self.connect(addr).await?;
+        self.exchange_over(conn, what).await
+    }
+
+    /// Opens this request's connection to `addr` (TCP, then TLS if the request or the process
+    /// has a TLS identity) without sending anything: [`Request::send_over`] sends on it. For a
+    /// caller that wants to know the peer is reachable, and to have the handshakes behind it,
+    /// before it starts the work whose result the request carries.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Connection, HttpError> {
         let tls = match self.plain {
             true => None,
-            false => self.tls.take().or_else(|| PROCESS_TLS.get().cloned()),
+            false => self.tls.clone().or_else(|| PROCESS_TLS.get().cloned()),
         };
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| HttpError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         match tls {
-            None => self.exchange_on(stream, addr, what).await,
+            None => Ok(Connection {
+                addr,
+                stream: Box::new(stream),
+                alert: None,
+            }),
             Some(config) => {
                 let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
                 let stream = tokio_rustls::TlsConnector::from(config)
@@ -291,18 +339,47 @@ impl Request {
                 // handshake is over, so its alert may surface in hyper as any failure (a
                 // canceled request, a reset): the alert recorded on the stream says why.
                 let alert = Arc::new(std::sync::Mutex::new(None));
-                let stream = Recorded {
-                    inner: stream,
-                    error: alert.clone(),
-                };
-                let r = self.exchange_on(stream, addr, what).await;
-                let seen = alert.lock().unwrap_or_else(|p| p.into_inner()).take();
-                match (r, seen) {
-                    (Err(_), Some(e)) => Err(tls_error(addr, &io::Error::other(e))
-                        .expect("a rustls error is a TLS error")),
-                    (r, _) => r,
-                }
+                Ok(Connection {
+                    addr,
+                    stream: Box::new(Recorded {
+                        inner: stream,
+                        error: alert.clone(),
+                    }),
+                    alert: Some(alert),
+                })
             }
+        }
+    }
+
+    /// Sends the request on `conn` (from [`Request::connect`]) and reads the whole answer,
+    /// within the request's deadline (counted from now).
+    pub async fn send_over(self, conn: Connection) -> Result<Response, HttpError> {
+        let (what, addr) = (self.what(), conn.addr);
+        match self.timeout {
+            None => self.exchange_over(conn, &what).await,
+            Some(timeout) => tokio::time::timeout(timeout, self.exchange_over(conn, &what))
+                .await
+                .map_err(|_| HttpError::Timeout {
+                    addr,
+                    what: what.clone(),
+                    timeout,
+                })?,
+        }
+    }
+
+    async fn exchange_over(self, conn: Connection, what: &str) -> Result<Response, HttpError> {
+        let Connection {
+            addr,
+            stream,
+            alert,
+        } = conn;
+        let r = self.exchange_on(stream, addr, what).await;
+        let seen = alert.and_then(|a| a.lock().unwrap_or_else(|p| p.into_inner()).take());
+        match (r, seen) {
+            (Err(_), Some(e)) => {
+                Err(tls_error(addr, &io::Error::other(e)).expect("a rustls error is a TLS error"))
+            }
+            (r, _) => r,
         }
     }
 
@@ -698,6 +775,76 @@ pub(crate) mod tests {
             .position(|w| w == b"\r\n\r\n")
             .map_or(0, |h| got.len() - h - 4);
         assert!(body < 100, "{body}");
+    }
+
+    /// The request's head reaches the server before a byte of the body is written; the body
+    /// then arrives chunked and whole.
+    #[tokio::test]
+    async fn a_chunked_body_follows_a_head_sent_ahead() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut b = vec![0u8; 64 * 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                got.extend_from_slice(&b[..n]);
+            }
+            let _ = head_tx.send(String::from_utf8_lossy(&got).to_lowercase());
+            while !got.ends_with(b"0\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0, "the client closed before the last chunk");
+                got.extend_from_slice(&b[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            got
+        });
+        let (req, mut w) = Request::post("/up").stream_chunked();
+        let answer = tokio::spawn(req.send(addr));
+        // Nothing written yet: the head alone is already there.
+        let head = head_rx.await.unwrap();
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        w.write(&b"hello "[..]).await.unwrap();
+        w.write(&b"world"[..]).await.unwrap();
+        drop(w);
+        let r = answer.await.unwrap().unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]));
+        let got = server.await.unwrap();
+        let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        assert_eq!(body, b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n");
+    }
+
+    /// An aborted chunked body never gets its last chunk: the peer cannot take it as whole.
+    #[tokio::test]
+    async fn an_aborted_chunked_stream_has_no_last_chunk() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let (req, mut w) = Request::post("/up").stream_chunked();
+        let write = async move {
+            w.write(&b"0123456789"[..]).await.unwrap();
+            w.abort(io::Error::other("the dump failed"));
+        };
+        let (r, ()) = tokio::join!(req.send(addr), write);
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("the dump failed"), "{e}");
+        let got = server.await.unwrap();
+        assert!(
+            !got.ends_with(b"0\r\n\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
 
     #[test]

@@ -474,7 +474,7 @@ fn run_cell(p: &Progress, args: &ScaleArgs, runs: u32, lab: &Lab, cell: &Cell, b
         match migrate_run(lab, &run_args) {
             Ok(r) => {
                 p.say(format!(
-                    "{name}: {}/{runs}: {}->{}: {} in {:.0} ms (stopped {:.0} ms, last page {} ms){}",
+                    "{name}: {}/{runs}: {}->{}: {} in {:.0} ms (stopped {:.0} ms, last page {} ms; {}){}",
                     i + 1,
                     r.from,
                     r.to,
@@ -482,6 +482,7 @@ fn run_cell(p: &Progress, args: &ScaleArgs, runs: u32, lab: &Lab, cell: &Cell, b
                     r.total_ms,
                     r.stopped_ms,
                     fmt(last_page_ms(&r)),
+                    phases_line(&r),
                     r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
                 ));
                 if r.state == RunState::Released {
@@ -540,6 +541,27 @@ fn run_cell(p: &Progress, args: &ScaleArgs, runs: u32, lab: &Lab, cell: &Cell, b
         ));
     }
     row
+}
+
+/// The run's phases for the progress line: `prepare 7, freeze 11, ...` (ms).
+fn phases_line(r: &RunReport) -> String {
+    let mut line = r
+        .phases
+        .iter()
+        .map(|ph| {
+            format!(
+                "{} {:.0}@{:.0}",
+                ph.name,
+                ph.ms,
+                ph.start_unix_ms - r.started_unix_ms
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Some(c) = &r.criu {
+        let _ = write!(line, ", criu frozen {:.0}", c.frozen_ms);
+    }
+    line
 }
 
 fn fmt(v: Option<f64>) -> String {

@@ -561,6 +561,54 @@ fn failed_dump_and_failed_restore_roll_back() {
     assert_client_clean(code, &s, 4);
 }
 
+/// The source opens the images' connection to the destination's agent before it drains or
+/// dumps: a destination it cannot reach (here: its agent's port refuses the source host, while
+/// the gateway still reaches both) is found while the container still runs. Nothing is frozen,
+/// the run rolls back, the client sees nothing; once the port is open again the same move works.
+#[test]
+fn an_unreachable_destination_agent_is_found_before_anything_freezes() {
+    if !require_root_and_tools(&["ip", "ss", "criu", "nft"]) {
+        return;
+    }
+    let _machine = ferry_tests::machine_shared();
+    let (lab, ns) = lab_with_container();
+    let (pid, client) = serve_and_client(&lab, &ns);
+    ferry_tests::keep_load_for(Duration::from_millis(300));
+    let a1 = lab.topology().host("a1").unwrap().address.to_string();
+    let nft = |args: &str| {
+        let out = lab.exec("b1", &["nft", args]).expect("nft");
+        assert!(out.status.success(), "nft {args}: {out:?}");
+    };
+    nft("add table inet ferry_test");
+    nft("add chain inet ferry_test input { type filter hook input priority -10 ; }");
+    nft(&format!(
+        "add rule inet ferry_test input ip saddr {a1} tcp dport {} reject with tcp reset",
+        ferry_lab::lab::AGENT_API_PORT
+    ));
+
+    let (code, r) = migrate(&lab, "b1", &[]);
+    assert_eq!(r.state, RunState::RolledBack, "{r:?}");
+    assert_eq!(code, 3, "{r:?}");
+    let e = r.error.clone().unwrap_or_default();
+    assert!(
+        e.contains("cannot be reached") && e.contains("nothing was frozen"),
+        "{e}"
+    );
+    let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+    assert!(!names.contains(&"dump"), "CRIU ran: {names:?}");
+    assert_eq!(r.stopped_ms, 0.0, "{r:?}");
+    let p = running_on(&lab, "a1");
+    assert_eq!((p.pid, p.origin.as_str()), (pid, "started"), "{p:?}");
+
+    nft("delete table inet ferry_test");
+    ferry_tests::keep_load_for(Duration::from_millis(300));
+    let r = migrate_ok(&lab, "a1", "b1");
+    eprintln!("then released, stopped_ms {:.1}", r.stopped_ms);
+    ferry_tests::keep_load_for(Duration::from_millis(300));
+    let (code, s) = client.stop(Duration::from_secs(20));
+    assert_client_clean(code, &s, 4);
+}
+
 #[test]
 fn ten_migrations_in_a_row() {
     if !require_root_and_tools(TOOLS) {

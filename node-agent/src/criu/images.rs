@@ -21,10 +21,11 @@ use std::{
 
 use ferry_api::{
     run::{LockMode, RuntimeKind},
-    transport::{BodyClosed, BodyWriter, Request},
+    transport::{BodyClosed, BodyWriter, HttpError, Request, Response},
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
+use tracing::Instrument as _;
 
 pub const MAGIC: &[u8] = b"FERRYIMG1\n";
 pub const MAX_FILES: u32 = 100_000;
@@ -318,6 +319,8 @@ pub enum SendError {
     Shrank { name: String },
     #[error("sending the images: {0}")]
     Http(#[from] ferry_api::transport::HttpError),
+    #[error("the image request's task ended: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// What a send achieved.
@@ -330,36 +333,72 @@ pub struct Sent {
     pub body: Vec<u8>,
 }
 
-/// Streams `dir` to `addr` (`POST /v1/images/{migration}`) and waits for the destination's
-/// answer (it answers once it restored). `progress(sent, total)` is called every 4 MiB and at
-/// the end.
-pub async fn send(
-    addr: SocketAddr,
-    token: &str,
-    header: &Header,
-    dir: &Path,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<Sent, SendError> {
-    let files = list(dir).map_err(|source| SendError::List {
-        dir: dir.to_owned(),
-        source,
-    })?;
-    let head = encode_header(header);
-    let total: u64 = head.len() as u64
-        + files
-            .iter()
-            .map(|(n, s)| 2 + n.len() as u64 + 8 + s)
-            .sum::<u64>()
-        + 2;
-    let t = Instant::now();
-    // No deadline: the destination answers once it restored the container.
-    let (request, mut body) = Request::post(format!("/v1/images/{}", header.migration))
+/// An image stream's request, opened before the dump: the TCP connection, its TLS handshake
+/// and the request's head cross the link while the source drains and dumps, so the frozen
+/// container does not wait for them (across a WAN they are two to three round trips). The
+/// body (length unknown until the dump is done: chunked) is written by [`Opened::send`].
+/// Dropped unsent (the dump failed, the run ended early), the body is aborted: the
+/// destination sees an incomplete stream and restores nothing.
+pub struct Opened {
+    answer: tokio::task::JoinHandle<Result<Response, HttpError>>,
+    body: Option<BodyWriter>,
+}
+
+/// How long opening the images' connection (TCP and TLS) may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens `POST /v1/images/{migration}` to `addr` (see [`Opened`]): returns once the
+/// connection and its TLS handshake are done and the request's head is on its way, or with
+/// why the destination could not be reached (within [`CONNECT_TIMEOUT`]).
+pub async fn open(addr: SocketAddr, token: &str, migration: &str) -> Result<Opened, HttpError> {
+    // No deadline on the exchange: the destination answers once it restored the container.
+    let (request, body) = Request::post(format!("/v1/images/{migration}"))
         .token(token)
         .header("Content-Type", "application/octet-stream")
         .without_timeout()
         .max_answer(1 << 20)
-        .stream(total);
-    let write = async {
+        .stream_chunked();
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, request.connect(addr))
+        .await
+        .map_err(|_| HttpError::Timeout {
+            addr,
+            what: request.what(),
+            timeout: CONNECT_TIMEOUT,
+        })??;
+    Ok(Opened {
+        answer: tokio::spawn(request.send_over(conn).in_current_span()),
+        body: Some(body),
+    })
+}
+
+impl Opened {
+    /// Streams `dir` (after `header`) and waits for the destination's answer (it answers once
+    /// it restored). `progress(sent, total)` is called every 4 MiB and at the end.
+    pub async fn send(
+        mut self,
+        header: &Header,
+        dir: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Sent, SendError> {
+        let mut body = self.body.take().expect("an opened stream is sent once");
+        let files = match list(dir) {
+            Ok(f) => f,
+            Err(source) => {
+                body.abort(std::io::Error::other("the images could not be listed"));
+                return Err(SendError::List {
+                    dir: dir.to_owned(),
+                    source,
+                });
+            }
+        };
+        let head = encode_header(header);
+        let total: u64 = head.len() as u64
+            + files
+                .iter()
+                .map(|(n, s)| 2 + n.len() as u64 + 8 + s)
+                .sum::<u64>()
+            + 2;
+        let t = Instant::now();
         let mut sent = 0u64;
         let written = write_files(
             &mut body,
@@ -371,31 +410,55 @@ pub async fn send(
             &mut progress,
         )
         .await;
-        match written {
+        let send_ms = match written {
             Ok(()) => {
-                // Dropping the writer ends the body.
+                // Dropping the writer ends the body (its last chunk).
                 drop(body);
-                let send_ms = t.elapsed().as_secs_f64() * 1e3;
                 progress(sent, total);
-                Ok((sent, send_ms))
+                t.elapsed().as_secs_f64() * 1e3
             }
-            Err(Stop::Closed) => Ok((sent, t.elapsed().as_secs_f64() * 1e3)),
+            // The request is over (answered early, or failed): its outcome says why.
+            Err(Stop::Closed) => t.elapsed().as_secs_f64() * 1e3,
             Err(Stop::Failed(e)) => {
                 body.abort(std::io::Error::other(e.to_string()));
-                Err(e)
+                return Err(e);
             }
+        };
+        let r = (&mut self.answer).await??;
+        Ok(Sent {
+            bytes: sent,
+            files: files.len() as u32,
+            send_ms,
+            status: r.status,
+            body: r.body.to_vec(),
+        })
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some(body) = self.body.take() {
+            body.abort(std::io::Error::other(
+                "the checkpoint ended before its images were sent",
+            ));
         }
-    };
-    let (answer, written) = tokio::join!(request.send(addr), write);
-    let (sent, send_ms) = written?;
-    let r = answer?;
-    Ok(Sent {
-        bytes: sent,
-        files: files.len() as u32,
-        send_ms,
-        status: r.status,
-        body: r.body.to_vec(),
-    })
+        self.answer.abort();
+    }
+}
+
+/// Streams `dir` to `addr` (`POST /v1/images/{migration}`) on a connection opened now: see
+/// [`open`] and [`Opened::send`].
+pub async fn send(
+    addr: SocketAddr,
+    token: &str,
+    header: &Header,
+    dir: &Path,
+    progress: impl FnMut(u64, u64),
+) -> Result<Sent, SendError> {
+    open(addr, token, &header.migration)
+        .await?
+        .send(header, dir, progress)
+        .await
 }
 
 /// Why the image writer stopped early.

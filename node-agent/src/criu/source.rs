@@ -420,6 +420,22 @@ async fn run_inner(
             let _ = std::fs::remove_dir_all(dir);
         }
     };
+    // The images' connection opens first, while the container still runs: its TCP and TLS
+    // handshakes (two to three round trips across a WAN) are not in the frozen time, and a
+    // destination that cannot be reached is found before anything is frozen. Dropped on any
+    // early return below (the destination then restores nothing).
+    let stream = match images::open(req.to_api, &ctx.token, &id).await {
+        Ok(s) => s,
+        Err(e) => {
+            answer.error = Some(format!(
+                "the destination's agent ({}, {}) cannot be reached: {e}; nothing was frozen",
+                req.to, req.to_api
+            ));
+            answer.resumed = true;
+            cleanup(&dir);
+            return answer;
+        }
+    };
     let inode = match std::fs::metadata(&netns) {
         Ok(m) => m.ino(),
         Err(e) => {
@@ -666,19 +682,20 @@ async fn run_inner(
     let transfer_start = ferry_api::unix_ms_f64();
     let progress_ctx = ctx.clone();
     let progress_id = id.clone();
-    let sent = images::send(req.to_api, &ctx.token, &header, &dir, move |sent, total| {
-        info!(sent, total, "sending images");
-        if sent < total {
-            push(
-                &progress_ctx,
-                &progress_id,
-                "progress",
-                format!("transfer: {sent} of {total} bytes"),
-                None,
-            );
-        }
-    })
-    .await;
+    let sent = stream
+        .send(&header, &dir, move |sent, total| {
+            info!(sent, total, "sending images");
+            if sent < total {
+                push(
+                    &progress_ctx,
+                    &progress_id,
+                    "progress",
+                    format!("transfer: {sent} of {total} bytes"),
+                    None,
+                );
+            }
+        })
+        .await;
     if serving.is_none() {
         // (Lazy: CRIU still writes its log and stats there; removed once it ended.)
         cleanup(&dir);
