@@ -561,6 +561,7 @@ fn phases_line(r: &RunReport) -> String {
     if let Some(c) = &r.criu {
         let _ = write!(line, ", criu frozen {:.0}", c.frozen_ms);
     }
+    let _ = write!(line, "; images {} B", r.image_bytes);
     line
 }
 

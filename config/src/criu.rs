@@ -31,6 +31,13 @@ pub struct CriuConfig {
     /// (CRIU then refuses a listener with queued connections). Default 2000.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// The initial congestion and receive windows, in segments, of the agents' own TCP
+    /// connections (those to or from the agents' API port: the images of a frozen container
+    /// cross one), set by a sock_ops program on the agent's cgroup. The kernel's are 10: across
+    /// a WAN a fresh connection spends round trips growing them while the container waits.
+    /// 0: the kernel's (nothing attached). At most 1024. Default 64.
+    #[serde(default = "default_peer_initial_window")]
+    pub peer_initial_window: u32,
 }
 
 impl CriuConfig {
@@ -48,12 +55,16 @@ impl Default for CriuConfig {
             action_script: default_action_script(),
             keep_images: false,
             drain_timeout_ms: default_drain_timeout_ms(),
+            peer_initial_window: default_peer_initial_window(),
         }
     }
 }
 
 fn default_drain_timeout_ms() -> u64 {
     2000
+}
+fn default_peer_initial_window() -> u32 {
+    64
 }
 fn default_binary() -> PathBuf {
     PathBuf::from("/usr/local/sbin/criu")

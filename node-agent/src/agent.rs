@@ -143,12 +143,46 @@ async fn prepare_criu_cache(binary: std::path::PathBuf) {
     }
 }
 
+/// Larger initial TCP windows on the agents' own connections (`ferry_overlay::peer_window`);
+/// kept attached while the agent runs. A failure only costs speed across a WAN: logged.
+fn attach_peer_window(cfg: &AgentConfig) -> Option<ferry_overlay::peer_window::PeerWindow> {
+    let window = cfg.criu.peer_initial_window;
+    if window == 0 {
+        return None;
+    }
+    match ferry_overlay::peer_window::PeerWindow::attach_own(cfg.api_listen.port(), window) {
+        Ok(p) => {
+            info!(cgroup = %p.cgroup().display(), port = cfg.api_listen.port(), window, "the agents' connections start with larger TCP windows");
+            Some(p)
+        }
+        Err(e) => {
+            let mut error = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                error = format!("{error}: {c}");
+                cause = c.source();
+            }
+            warn!(
+                error,
+                window,
+                "the agents' connections keep the kernel's initial TCP windows (slower image transfers across a WAN)"
+            );
+            None
+        }
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let tls = load_tls(&cfg)?;
     let _lock = lock_state_dir(&cfg.state_dir)?;
     if cfg.gateway.is_some() && cfg.criu.binary.exists() {
         prepare_criu_cache(cfg.criu.binary.clone()).await;
     }
+    let _peer_window = if cfg.gateway.is_some() {
+        attach_peer_window(&cfg)
+    } else {
+        None
+    };
     let clean_stop = cfg.state_dir.join(CLEAN_STOP_FILE);
     let previous_stopped_cleanly = clean_stop.exists();
     let _ = std::fs::remove_file(&clean_stop);

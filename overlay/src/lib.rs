@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod peer_window;
 pub mod sys;
 pub mod tap;
 

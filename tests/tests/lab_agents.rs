@@ -200,3 +200,55 @@ http.server.HTTPServer(("127.0.0.1", 9464), H).serve_forever()
     let left = leftovers(&prefix);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// The congestion window a new TCP connection from `netns` to `to` starts with (`TCP_INFO`
+/// right after the handshake, before any data).
+fn initial_cwnd(netns: &Path, to: std::net::SocketAddr) -> u32 {
+    ferry_overlay::netns::run_in(netns, move || {
+        let s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+        // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: a live socket, a buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_snd_cwnd
+    })
+    .expect("entering the host's namespace")
+}
+
+/// Each agent attaches `ferry_peer_window` (sock_ops) to its cgroup, which the lab's agents
+/// share with this test: a connection to an agent's API port starts with the configured window
+/// (`[criu] peer_initial_window`, 64), one to any other port (the gateway's API) with the
+/// kernel's 10.
+#[test]
+fn the_agents_connections_start_with_the_configured_tcp_window() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let lab = ferry_tests::agents_lab(LabOptions::default());
+    let cfg = AgentConfig::load(&lab.state_dir().join("a1").join("agent.toml")).unwrap();
+    assert_eq!(cfg.criu.peer_initial_window, 64);
+    let b1 = std::net::SocketAddr::new(
+        lab.host("b1").unwrap().address.into(),
+        ferry_lab::lab::AGENT_API_PORT,
+    );
+    let gateway = lab.control().expect("a gateway").api;
+    let a1 = lab.netns("a1");
+    assert_eq!(initial_cwnd(&a1, b1), 64, "to b1's agent");
+    assert_eq!(initial_cwnd(&a1, gateway), 10, "to the gateway's API");
+    let log = std::fs::read_to_string(lab.agent_log("a1")).unwrap_or_default();
+    assert!(log.contains("start with larger TCP windows"), "{log}");
+    let prefix = lab.prefix().to_owned();
+    lab.down().expect("clean teardown");
+    assert!(leftovers(&prefix).is_empty());
+}
