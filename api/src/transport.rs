@@ -254,17 +254,8 @@ impl Request {
     /// Sends the request to `addr` on a new connection and reads the whole answer, whatever
     /// its status.
     pub async fn send(self, addr: SocketAddr) -> Result<Response, HttpError> {
-        let what = self.what();
-        match self.timeout {
-            None => self.exchange(addr, &what).await,
-            Some(timeout) => tokio::time::timeout(timeout, self.exchange(addr, &what))
-                .await
-                .map_err(|_| HttpError::Timeout {
-                    addr,
-                    what: what.clone(),
-                    timeout,
-                })?,
-        }
+        let (what, timeout) = (self.what(), self.timeout);
+        within(timeout, addr, &what, self.exchange(addr, &what)).await
     }
 
     /// [`Request::send`] from synchronous code (see [`block_on`]).
@@ -354,17 +345,8 @@ impl Request {
     /// Sends the request on `conn` (from [`Request::connect`]) and reads the whole answer,
     /// within the request's deadline (counted from now).
     pub async fn send_over(self, conn: Connection) -> Result<Response, HttpError> {
-        let (what, addr) = (self.what(), conn.addr);
-        match self.timeout {
-            None => self.exchange_over(conn, &what).await,
-            Some(timeout) => tokio::time::timeout(timeout, self.exchange_over(conn, &what))
-                .await
-                .map_err(|_| HttpError::Timeout {
-                    addr,
-                    what: what.clone(),
-                    timeout,
-                })?,
-        }
+        let (what, addr, timeout) = (self.what(), conn.addr, self.timeout);
+        within(timeout, addr, &what, self.exchange_over(conn, &what)).await
     }
 
     async fn exchange_over(self, conn: Connection, what: &str) -> Result<Response, HttpError> {
@@ -433,6 +415,27 @@ impl Request {
                 c.map_err(failed)?;
                 answer.await
             }
+        }
+    }
+}
+
+/// `exchange` within `timeout` (none: as long as it takes).
+async fn within(
+    timeout: Option<Duration>,
+    addr: SocketAddr,
+    what: &str,
+    exchange: impl Future<Output = Result<Response, HttpError>>,
+) -> Result<Response, HttpError> {
+    match timeout {
+        None => exchange.await,
+        Some(timeout) => {
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| HttpError::Timeout {
+                    addr,
+                    what: what.to_owned(),
+                    timeout,
+                })?
         }
     }
 }

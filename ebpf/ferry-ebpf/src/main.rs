@@ -6,6 +6,7 @@
 mod arp;
 mod maps;
 mod nat;
+mod object;
 mod packet;
 mod tunnel;
 
@@ -433,13 +434,3 @@ fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
         _ => Err(Reason::DropBadKind),
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
