@@ -749,8 +749,8 @@ pub(crate) mod tests {
         assert_eq!(&got[head..], &data[..]);
     }
 
-    #[tokio::test]
-    async fn an_aborted_stream_fails_the_request() {
+    /// A server that reads one connection to its end and returns what it got.
+    async fn read_all_server() -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(async move {
@@ -759,6 +759,12 @@ pub(crate) mod tests {
             s.read_to_end(&mut all).await.unwrap();
             all
         });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn an_aborted_stream_fails_the_request() {
+        let (addr, server) = read_all_server().await;
         let (req, mut w) = Request::post("/up").stream(100);
         let write = async move {
             w.write(&b"0123456789"[..]).await.unwrap();
@@ -826,14 +832,7 @@ pub(crate) mod tests {
     /// An aborted chunked body never gets its last chunk: the peer cannot take it as whole.
     #[tokio::test]
     async fn an_aborted_chunked_stream_has_no_last_chunk() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut all = Vec::new();
-            s.read_to_end(&mut all).await.unwrap();
-            all
-        });
+        let (addr, server) = read_all_server().await;
         let (req, mut w) = Request::post("/up").stream_chunked();
         let write = async move {
             w.write(&b"0123456789"[..]).await.unwrap();

@@ -156,12 +156,8 @@ fn attach_peer_window(cfg: &AgentConfig) -> Option<ferry_overlay::peer_window::P
             Some(p)
         }
         Err(e) => {
-            let mut error = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                error = format!("{error}: {c}");
-                cause = c.source();
-            }
+            // With its causes (aya keeps the errno there).
+            let error = format!("{:#}", anyhow::Error::new(e));
             warn!(
                 error,
                 window,

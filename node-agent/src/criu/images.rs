@@ -446,21 +446,6 @@ impl Drop for Opened {
     }
 }
 
-/// Streams `dir` to `addr` (`POST /v1/images/{migration}`) on a connection opened now: see
-/// [`open`] and [`Opened::send`].
-pub async fn send(
-    addr: SocketAddr,
-    token: &str,
-    header: &Header,
-    dir: &Path,
-    progress: impl FnMut(u64, u64),
-) -> Result<Sent, SendError> {
-    open(addr, token, &header.migration)
-        .await?
-        .send(header, dir, progress)
-        .await
-}
-
 /// Why the image writer stopped early.
 enum Stop {
     /// The request is over (answered early or failed): its outcome says why.
