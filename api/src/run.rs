@@ -253,6 +253,10 @@ pub struct RunReport {
     pub criu: Option<CriuStats>,
     /// Bytes of CRIU images moved from source to destination.
     pub image_bytes: u64,
+    /// Of those, the bytes of memory (page files) that crossed while the dump was still
+    /// writing them (the rest crossed after the dump, with the container stopped).
+    #[serde(default)]
+    pub image_bytes_during_dump: u64,
     /// Why it failed (state rolled_back / needs_attention).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -422,6 +426,9 @@ pub struct CheckpointAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub criu: Option<CriuStats>,
     pub image_bytes: u64,
+    /// See [`RunReport::image_bytes_during_dump`].
+    #[serde(default)]
+    pub image_bytes_during_dump: u64,
     /// From the source's tasks being seized to the destination's tasks running again (CRIU's
     /// logs), Unix ms: the time the container ran nowhere.
     #[serde(default)]

@@ -1295,6 +1295,7 @@ fn podman_own_migrate(
         events: Vec::new(),
         criu: None,
         image_bytes: 0,
+        image_bytes_during_dump: 0,
         error: None,
     };
     let checkpoint = on(
@@ -1477,6 +1478,7 @@ mod tests {
                 ..CriuStats::default()
             }),
             image_bytes: 1_000_000,
+            image_bytes_during_dump: 0,
             error: None,
         }
     }

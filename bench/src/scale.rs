@@ -562,6 +562,9 @@ fn phases_line(r: &RunReport) -> String {
         let _ = write!(line, ", criu frozen {:.0}", c.frozen_ms);
     }
     let _ = write!(line, "; images {} B", r.image_bytes);
+    if r.image_bytes_during_dump > 0 {
+        let _ = write!(line, " ({} B during the dump)", r.image_bytes_during_dump);
+    }
     line
 }
 
@@ -738,6 +741,7 @@ mod tests {
             events: vec![],
             criu: None,
             image_bytes,
+            image_bytes_during_dump: 0,
             error: None,
         }
     }

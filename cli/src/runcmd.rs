@@ -140,10 +140,15 @@ pub fn phase_table(r: &RunReport) -> String {
             s.frozen_ms, s.restore_ms, s.pages_written
         );
     }
+    let overlap = if r.image_bytes_during_dump > 0 {
+        format!(" ({} while the dump ran)", r.image_bytes_during_dump)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
         "  container stopped {:.1} ms (seized at the source → running at the destination); \
-         images {} bytes; total {:.1} ms",
+         images {} bytes{overlap}; total {:.1} ms",
         r.stopped_ms, r.image_bytes, r.total_ms
     );
     out
@@ -576,6 +581,7 @@ mod tests {
             events: vec![],
             criu: None,
             image_bytes: 4096,
+            image_bytes_during_dump: 0,
             error: None,
         };
         let t = phase_table(&r);

@@ -215,19 +215,29 @@ fn a_256_mib_container_moves_lazily_across_the_wan_and_back_by_copy() {
         "copy images {} B",
         copy.image_bytes
     );
+    // The page files streamed while CRIU wrote them: part of the memory crossed during the
+    // dump, the rest after it.
+    assert!(
+        copy.image_bytes_during_dump > 0 && copy.image_bytes_during_dump < copy.image_bytes,
+        "{} of {} image bytes crossed during the dump",
+        copy.image_bytes_during_dump,
+        copy.image_bytes
+    );
     assert_eq!(lab.endpoint_host(c()).unwrap(), "a1");
     assert_memory_clean(&lab, "after the copy move", Some(&after_lazy));
 
     let (code, s) = client.stop(Duration::from_secs(20));
     eprintln!(
         "figures: lazy stopped {:.1} ms, pages {:.1} ms ({} B), total {:.1} ms; copy stopped \
-         {:.1} ms, images {} B, total {:.1} ms; client max_gap_ms {} retransmits {}",
+         {:.1} ms, images {} B ({} B during the dump), total {:.1} ms; client max_gap_ms {} \
+         retransmits {}",
         lazy.stopped_ms,
         pages.ms,
         page_bytes,
         lazy.total_ms,
         copy.stopped_ms,
         copy.image_bytes,
+        copy.image_bytes_during_dump,
         copy.total_ms,
         s["max_gap_ms"],
         s["retransmits"]

@@ -318,6 +318,7 @@ pub(crate) mod tests {
             events: Vec::new(),
             criu: None,
             image_bytes: 5 << 20,
+            image_bytes_during_dump: 0,
             error: None,
         }
     }

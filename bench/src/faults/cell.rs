@@ -926,6 +926,7 @@ mod tests {
             events: Vec::new(),
             criu: None,
             image_bytes: 0,
+            image_bytes_during_dump: 0,
             error: None,
         }
     }

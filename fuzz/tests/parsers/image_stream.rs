@@ -12,7 +12,10 @@ const TARGET: &str = "image_stream";
 /// The receiver's byte limit in these tests (the agent's is `MAX_IMAGE_BYTES`).
 const LIMIT: u64 = 1 << 20;
 const TOKENS: &[&[u8]] = &[
-    b"FERRYIMG1\n",
+    b"FERRYIMG2\n",
+    b"\x01\0\x0bpages-1.img",
+    b"\x02\0\x05a.img",
+    b"\0\0\0\0\0\0\0\0",
     b"\0\0",
     b"\0\x0a",
     b"../",

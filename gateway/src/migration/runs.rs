@@ -288,6 +288,7 @@ async fn start(
         )],
         criu: None,
         image_bytes: 0,
+        image_bytes_during_dump: 0,
         error: None,
     };
     g.runs.insert(report.clone());
@@ -354,6 +355,7 @@ async fn drive(
                 }
                 r.criu = a.criu.clone();
                 r.image_bytes = a.image_bytes;
+                r.image_bytes_during_dump = a.image_bytes_during_dump;
                 if a.stopped_until_unix_ms > a.stopped_from_unix_ms && a.stopped_from_unix_ms > 0.0
                 {
                     r.stopped_ms = a.stopped_until_unix_ms - a.stopped_from_unix_ms;
@@ -400,6 +402,7 @@ pub(crate) fn unreported(g: &Gateway) -> Vec<String> {
             )],
             criu: None,
             image_bytes: 0,
+            image_bytes_during_dump: 0,
             error: None,
         });
         ids.push(m.id.clone());

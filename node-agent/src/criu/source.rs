@@ -402,6 +402,7 @@ async fn run_inner(
         phases: Vec::new(),
         criu: None,
         image_bytes: 0,
+        image_bytes_during_dump: 0,
         stopped_from_unix_ms: 0.0,
         stopped_until_unix_ms: 0.0,
     };
@@ -521,6 +522,33 @@ async fn run_inner(
     for e in &widen_errors {
         warn!(error = %e, "widening a UDP socket's receive buffer");
     }
+    // The images stream from now on: each page file crosses the link while CRIU writes it,
+    // the rest once the dump is done (`images::Opened::stream`). Dropped on any early return
+    // below: the destination then gets an incomplete stream and restores nothing.
+    let header = images::Header {
+        migration: id.clone(),
+        container: ip,
+        from: ctx.host.clone(),
+        lock: req.lock,
+        argv: ctx.runtime.get(ip).map(|p| p.argv).unwrap_or_default(),
+        fail_restore: req.fail == Some(FailAt::Restore),
+        runtime,
+        image: entry.proc.image.clone(),
+        lazy,
+    };
+    let progress: images::Progress = {
+        let (ctx, id) = (ctx.clone(), id.clone());
+        Box::new(move |sent, total| {
+            info!(sent, total, "sending images");
+            let m = match total {
+                Some(t) if sent >= t => return,
+                Some(t) => format!("transfer: {sent} of {t} bytes"),
+                None => format!("transfer: {sent} bytes while the dump runs"),
+            };
+            push(&ctx, &id, "progress", m, None);
+        })
+    };
+    let stream = stream.stream(header, dir.clone(), progress);
     info!(pid, lock = req.lock.as_str(), %runtime, udp_widened = widened.len(), "dumping");
     let start = ferry_api::unix_ms_f64();
     // Lazy: the dump is done (all but the pages) when CRIU says it is ready; it goes on
@@ -665,37 +693,10 @@ async fn run_inner(
     // migration back here would be refused meanwhile.
     drop(claim);
 
-    // Transfer; the destination restores and releases before it answers.
-    let argv = ctx.runtime.get(ip).map(|p| p.argv).unwrap_or_default();
-    let header = images::Header {
-        migration: id.clone(),
-        container: ip,
-        from: ctx.host.clone(),
-        lock: req.lock,
-        argv,
-        fail_restore: req.fail == Some(FailAt::Restore),
-        runtime,
-        image: entry.proc.image.clone(),
-        lazy,
-    };
+    // The rest of the images; the destination restores and releases before it answers.
     ferry_api::faultpoint::pause("transfer", &id).await;
     let transfer_start = ferry_api::unix_ms_f64();
-    let progress_ctx = ctx.clone();
-    let progress_id = id.clone();
-    let sent = stream
-        .send(&header, &dir, move |sent, total| {
-            info!(sent, total, "sending images");
-            if sent < total {
-                push(
-                    &progress_ctx,
-                    &progress_id,
-                    "progress",
-                    format!("transfer: {sent} of {total} bytes"),
-                    None,
-                );
-            }
-        })
-        .await;
+    let sent = stream.finish().await;
     if serving.is_none() {
         // (Lazy: CRIU still writes its log and stats there; removed once it ended.)
         cleanup(&dir);
@@ -703,6 +704,25 @@ async fn run_inner(
     if let Ok(s) = &sent {
         // Even if the restore fails, the images did travel: report them.
         answer.image_bytes = s.bytes;
+        answer.image_bytes_during_dump = s.during_dump;
+        info!(
+            bytes = s.bytes,
+            during_dump = s.during_dump,
+            after_dump_ms = s.send_ms,
+            "images sent"
+        );
+        if s.during_dump > 0 {
+            push(
+                &ctx,
+                &id,
+                "info",
+                format!(
+                    "transfer: {} of {} bytes crossed while the dump ran",
+                    s.during_dump, s.bytes
+                ),
+                None,
+            );
+        }
         answer.phases.push(PhaseTiming {
             name: "transfer".into(),
             start_unix_ms: transfer_start,
@@ -764,9 +784,12 @@ async fn run_inner(
     };
     answer.phases.retain(|p| p.name != "transfer");
     let mut transfer = restored.transfer.clone();
-    // The sender's clock: from its first byte to the destination's last.
+    // What was left to send once the dump was done: from then (the sender's clock) to the
+    // destination's last byte (its clock; the same one in the lab, NTP's apart elsewhere).
+    // The destination's own phase starts when the request arrived, before the drain.
+    let received = transfer.start_unix_ms + transfer.ms;
     transfer.start_unix_ms = transfer_start;
-    transfer.ms = transfer.ms.max(sent.send_ms);
+    transfer.ms = (received - transfer_start).max(sent.send_ms);
     transfer.bytes = Some(sent.bytes);
     answer.phases.push(transfer);
     answer.phases.push(restored.restore.clone());
