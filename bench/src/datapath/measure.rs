@@ -201,15 +201,24 @@ pub fn parse_iperf3(json: &str) -> Result<f64, Iperf3Error> {
 }
 
 /// Single-stream TCP throughput from A to B (bits per second, as received by B): `iperf3 -s
-/// -1` in B, `iperf3 -c` in A for `duration`.
-pub fn throughput(pair: &Pair, port: u16, duration: Duration) -> Result<f64, BenchError> {
+/// -1` in B, `iperf3 -c` in A for `duration`, each pinned where `placement` says (`-A`).
+pub fn throughput(
+    pair: &Pair,
+    port: u16,
+    duration: Duration,
+    placement: RrPlacement,
+) -> Result<f64, BenchError> {
     let ip = pair.b.ip.to_string();
     let port_s = port.to_string();
+    let (client_cpu, server_cpu) = placement.cpus()?;
     let mut cmd = Command::new("iperf3");
     cmd.args(["-s", "-1", "-B", &ip, "-p", &port_s])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if let Some(c) = server_cpu {
+        cmd.arg("-A").arg(c.to_string());
+    }
     command_in(&mut cmd, &pair.b.netns)?;
     let mut server = ProcGuard::spawn(cmd, format!("iperf3 server on {ip}:{port}"))?;
     let ready = wait_until(SERVER_READY_TIMEOUT, Duration::from_millis(10), || {
@@ -235,6 +244,12 @@ pub fn throughput(pair: &Pair, port: u16, duration: Duration) -> Result<f64, Ben
     cmd.args(["-c", &ip, "-p", &port_s, "-J", "--connect-timeout", "3000"])
         .arg("-t")
         .arg(duration.as_secs().max(1).to_string())
+        .args(
+            client_cpu
+                .map(|c| ["-A".to_owned(), c.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -423,7 +438,8 @@ fn allowed_cpus() -> io::Result<Vec<usize>> {
     }
 }
 
-/// Where the request/response client and server threads run.
+/// Where the two ends of a measurement run: the request/response client and server threads,
+/// or iperf3's client and server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum RrPlacement {
     /// Both on one CPU (the first this process may use): every round trip is handled

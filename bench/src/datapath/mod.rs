@@ -59,6 +59,9 @@ pub struct DatapathArgs {
     /// Where the request/response client and server threads run.
     #[arg(long, value_enum, default_value_t = measure::RrPlacement::SameCpu)]
     pub rr_placement: measure::RrPlacement,
+    /// Where iperf3's client and server run (`iperf3 -A`).
+    #[arg(long, value_enum, default_value_t = measure::RrPlacement::Any)]
+    pub iperf_placement: measure::RrPlacement,
 }
 
 /// One end of a measurement: a container's network namespace and its address.
@@ -186,7 +189,7 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
                 args.rounds,
                 args.duration_secs
             ));
-            match measure::throughput(&pair, ports.take(), duration) {
+            match measure::throughput(&pair, ports.take(), duration, args.iperf_placement) {
                 Ok(bps) => {
                     p.say(format!("  {name}: {:.2} Gbit/s", bps / 1e9));
                     run.samples.gbps.push(bps / 1e9);
@@ -249,7 +252,12 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
                             args.rounds,
                             args.duration_secs
                         ));
-                        match measure::throughput(&pair, ports.take(), duration) {
+                        match measure::throughput(
+                            &pair,
+                            ports.take(),
+                            duration,
+                            args.iperf_placement,
+                        ) {
                             Ok(bps) => {
                                 p.say(format!("  ferry_full_map: {:.2} Gbit/s", bps / 1e9));
                                 full.gbps.push(bps / 1e9);
@@ -280,6 +288,7 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
             rr_count: args.rr_count,
             rr_size: args.rr_size,
             rr_placement: args.rr_placement.name(),
+            iperf_placement: args.iperf_placement.name(),
         },
         &by_mode(Mode::Ferry),
         &by_mode(Mode::KernelVxlan),
@@ -338,6 +347,7 @@ mod tests {
             (5, 3, 20_000, 64)
         );
         assert_eq!(a.rr_placement, measure::RrPlacement::SameCpu);
+        assert_eq!(a.iperf_placement, measure::RrPlacement::Any);
         let a = parse(&[
             "--json",
             "--duration-secs",
@@ -350,6 +360,8 @@ mod tests {
             "1",
             "--rr-placement",
             "split",
+            "--iperf-placement",
+            "same-cpu",
         ])
         .unwrap();
         assert!(a.json);
@@ -358,6 +370,7 @@ mod tests {
             (2, 1, 100, 1)
         );
         assert_eq!(a.rr_placement, measure::RrPlacement::Split);
+        assert_eq!(a.iperf_placement, measure::RrPlacement::SameCpu);
         assert!(parse(&["--rounds", "0"]).is_err());
         assert!(parse(&["--rr-size", "0"]).is_err());
         assert!(parse(&["--duration-secs", "0"]).is_err());

@@ -27,6 +27,8 @@ pub struct Params {
     pub rr_size: u64,
     /// Where the request/response threads ran (`same-cpu`, `split`, `any`).
     pub rr_placement: &'static str,
+    /// Where iperf3's client and server ran (same names).
+    pub iperf_placement: &'static str,
 }
 
 /// Medians over the rounds; `None` (JSON `null`) when the mode was not measured.
@@ -86,6 +88,7 @@ pub struct Report {
     pub rr_count: u64,
     pub rr_size: u64,
     pub rr_placement: &'static str,
+    pub iperf_placement: &'static str,
     pub samples: Samples,
 }
 
@@ -153,6 +156,7 @@ impl Report {
             rr_count: params.rr_count,
             rr_size: params.rr_size,
             rr_placement: params.rr_placement,
+            iperf_placement: params.iperf_placement,
             samples: Samples {
                 ferry: rounded_samples(ferry),
                 kernel_vxlan: rounded_samples(kernel_vxlan),
@@ -233,9 +237,14 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "medians of {} round(s): single-stream iperf3 for {} s; {} TCP round trips of {} B \
-             (client and server threads: {})",
-            self.rounds, self.duration_secs, self.rr_count, self.rr_size, self.rr_placement
+            "medians of {} round(s): single-stream iperf3 for {} s (client and server: {}); {} \
+             TCP round trips of {} B (client and server threads: {})",
+            self.rounds,
+            self.duration_secs,
+            self.iperf_placement,
+            self.rr_count,
+            self.rr_size,
+            self.rr_placement
         );
         s
     }
@@ -252,6 +261,7 @@ mod tests {
             rr_count: 20_000,
             rr_size: 64,
             rr_placement: "same-cpu",
+            iperf_placement: "any",
         }
     }
 
@@ -286,6 +296,7 @@ mod tests {
                 "duration_secs",
                 "ferry",
                 "ferry_full_map",
+                "iperf_placement",
                 "kernel_vxlan",
                 "ratios",
                 "rounds",
