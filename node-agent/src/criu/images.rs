@@ -408,6 +408,16 @@ fn encode_header(h: &Header) -> Vec<u8> {
     out
 }
 
+/// A data frame's head for `name`: kind, name length, name, offset, length.
+fn data_head_len(name: &str) -> u64 {
+    1 + 2 + name.len() as u64 + 8 + 4
+}
+
+/// A close frame for `name`: kind, name length, name, size.
+fn close_len(name: &str) -> u64 {
+    1 + 2 + name.len() as u64 + 8
+}
+
 /// Encodes a data frame's head; its `len` bytes follow.
 fn encode_data_head(out: &mut Vec<u8>, name: &str, offset: u64, len: u32) {
     out.push(FRAME_DATA);
@@ -419,7 +429,7 @@ fn encode_data_head(out: &mut Vec<u8>, name: &str, offset: u64, len: u32) {
 
 /// Encodes the frame that completes `name` at `size` bytes.
 fn encode_close(name: &str, size: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 2 + name.len() + 8);
+    let mut out = Vec::with_capacity(close_len(name) as usize);
     out.push(FRAME_CLOSE);
     out.extend_from_slice(&(name.len() as u16).to_be_bytes());
     out.extend_from_slice(name.as_bytes());
@@ -428,12 +438,12 @@ fn encode_close(name: &str, size: u64) -> Vec<u8> {
 }
 
 /// A whole stream in memory: `files` (name, bytes) one after the other, in data frames of at
-/// most `frame` bytes. For tests and tools; [`Opened::stream`] streams from disk instead.
-pub fn encode_stream_framed(h: &Header, files: &[(&str, &[u8])], frame: usize) -> Vec<u8> {
+/// most [`CHUNK`] bytes. For tests and tools; [`Opened::stream`] streams from disk instead.
+pub fn encode_stream(h: &Header, files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = encode_header(h);
     for (n, b) in files {
         let mut at = 0usize;
-        for piece in b.chunks(frame.clamp(1, MAX_FRAME)) {
+        for piece in b.chunks(CHUNK) {
             encode_data_head(&mut out, n, at as u64, piece.len() as u32);
             out.extend_from_slice(piece);
             at += piece.len();
@@ -442,11 +452,6 @@ pub fn encode_stream_framed(h: &Header, files: &[(&str, &[u8])], frame: usize) -
     }
     out.push(FRAME_END);
     out
-}
-
-/// [`encode_stream_framed`] with the sender's frame size.
-pub fn encode_stream(h: &Header, files: &[(&str, &[u8])]) -> Vec<u8> {
-    encode_stream_framed(h, files, CHUNK)
 }
 
 /// Why the images did not reach the destination (or its answer did not come back).
@@ -545,7 +550,6 @@ impl Opened {
             async move {
                 let mut out = Out {
                     opened: self,
-                    sent: 0,
                     handed: counter,
                     next_report: 4 << 20,
                     progress,
@@ -632,8 +636,7 @@ impl From<SendError> for Stop {
 /// The writing side of a stream.
 struct Out {
     opened: Opened,
-    sent: u64,
-    /// `sent`, for [`Streaming::finish`] to read.
+    /// Bytes handed to the connection (shared with [`Streaming::finish`]).
     handed: Arc<AtomicU64>,
     next_report: u64,
     progress: Progress,
@@ -649,13 +652,16 @@ impl Out {
             .expect("the body is open until the stream ends")
             .write(bytes)
             .await?;
-        self.sent += n;
-        self.handed.store(self.sent, Ordering::SeqCst);
-        if self.sent >= self.next_report {
-            (self.progress)(self.sent, self.total);
-            self.next_report = self.sent + (4 << 20);
+        let sent = self.handed.fetch_add(n, Ordering::SeqCst) + n;
+        if sent >= self.next_report {
+            (self.progress)(sent, self.total);
+            self.next_report = sent + (4 << 20);
         }
         Ok(())
+    }
+
+    fn sent(&self) -> u64 {
+        self.handed.load(Ordering::SeqCst)
     }
 
     /// Sends bytes `from..to` of `dir/name` as data frames.
@@ -679,7 +685,7 @@ impl Out {
         let mut at = from;
         while at < to {
             let want = CHUNK.min((to - at) as usize);
-            let mut frame = Vec::with_capacity(1 + 2 + name.len() + 12 + want);
+            let mut frame = Vec::with_capacity(data_head_len(name) as usize + want);
             encode_data_head(&mut frame, name, at, want as u32);
             let head = frame.len();
             frame.resize(head + want, 0);
@@ -849,12 +855,11 @@ impl Out {
             let left: u64 = listed
                 .iter()
                 .map(|(n, s)| {
-                    let from = sent_files.get(n).copied().unwrap_or(0);
-                    let frames = (s.saturating_sub(from)).div_ceil(CHUNK as u64);
-                    s.saturating_sub(from) + frames * (15 + n.len() as u64) + 11 + n.len() as u64
+                    let left = s.saturating_sub(sent_files.get(n).copied().unwrap_or(0));
+                    left + left.div_ceil(CHUNK as u64) * data_head_len(n) + close_len(n)
                 })
                 .sum();
-            self.total = Some(self.sent + left + 1);
+            self.total = Some(self.sent() + left + 1);
             for (name, size) in &listed {
                 let from = sent_files.get(name).copied().unwrap_or(0);
                 if *size < from {
@@ -872,7 +877,8 @@ impl Out {
             Ok(()) => {
                 // Dropping the writer ends the body (its last chunk).
                 drop(self.opened.body.take());
-                (self.progress)(self.sent, self.total);
+                let sent = self.sent();
+                (self.progress)(sent, self.total);
                 dump_end.elapsed().as_secs_f64() * 1e3
             }
             // The request is over (answered early, or failed): its outcome says why.
@@ -886,7 +892,7 @@ impl Out {
         };
         let r = (&mut self.opened.answer).await??;
         Ok(Sent {
-            bytes: self.sent,
+            bytes: self.sent(),
             files,
             // Set by `Streaming::finish`.
             during_dump: 0,
