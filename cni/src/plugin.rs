@@ -271,6 +271,8 @@ mod tests {
 
     fn attached() -> Attached {
         Attached {
+            ip6: None,
+            gateway6: None,
             ip: Ipv4Addr::new(10, 244, 0, 5),
             prefix_len: 32,
             gateway: Ipv4Addr::new(169, 254, 1, 1),

@@ -692,6 +692,11 @@ pub struct Attached {
     /// The prepared migration this ADD attached to (the address arrives from another host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
+    /// Dual-stack overlay: the container's IPv6 address (a /128) and its gateway (link-local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<std::net::Ipv6Addr>,
 }
 
 /// The spec's result for `ADD`, in `version`'s format: the host end and the container's
@@ -706,14 +711,28 @@ pub fn result_json(version: Version, a: &Attached, sandbox: &str) -> Value {
     if version.ip_version_field() {
         ip["version"] = json!("4");
     }
+    let mut ips = vec![ip];
+    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": a.gateway.to_string()})];
+    if let (Some(ip6), Some(gw6)) = (a.ip6, a.gateway6) {
+        let mut v6 = json!({
+            "address": format!("{ip6}/128"),
+            "gateway": gw6.to_string(),
+            "interface": 1,
+        });
+        if version.ip_version_field() {
+            v6["version"] = json!("6");
+        }
+        ips.push(v6);
+        routes.push(json!({"dst": "::/0", "gw": gw6.to_string()}));
+    }
     json!({
         "cniVersion": version.as_str(),
         "interfaces": [
             {"name": a.host_if, "mac": a.host_mac},
             {"name": a.ifname, "mac": a.mac, "sandbox": sandbox},
         ],
-        "ips": [ip],
-        "routes": [{"dst": "0.0.0.0/0", "gw": a.gateway.to_string()}],
+        "ips": ips,
+        "routes": routes,
         "dns": {},
     })
 }
@@ -946,6 +965,8 @@ mod tests {
 
     fn attached() -> Attached {
         Attached {
+            ip6: None,
+            gateway6: None,
             ip: Ipv4Addr::new(10, 244, 0, 5),
             prefix_len: 32,
             gateway: Ipv4Addr::new(169, 254, 1, 1),
@@ -986,6 +1007,22 @@ mod tests {
             "agents":[{"netns":"l-a1","socket":"/run/l/a1/cni.sock"}]}"#;
         let e = parse_netconf(bad).unwrap_err();
         assert!(e.msg.contains("must be an absolute path"), "{e:?}");
+    }
+
+    #[test]
+    fn a_dual_stack_result_has_both_addresses_and_default_routes() {
+        let mut a = attached();
+        a.ip6 = Some("2001:db8:f::af4:5".parse().unwrap());
+        a.gateway6 = Some("fe80::1".parse().unwrap());
+        let r = result_json(Version::V1_0_0, &a, "/run/netns/x");
+        assert_eq!(
+            r["ips"][1],
+            json!({"address": "2001:db8:f::af4:5/128", "gateway": "fe80::1", "interface": 1})
+        );
+        assert_eq!(r["routes"][1], json!({"dst": "::/0", "gw": "fe80::1"}));
+        let r = result_json(Version::V0_4_0, &a, "/run/netns/x");
+        assert_eq!(r["ips"][1]["version"], "6");
+        assert_eq!(r["ips"][0]["version"], "4");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! vtep = "198.18.1.10"          # this host's underlay address (outer source of VXLAN)
 //! overlay_ip = "10.244.255.1"   # this host's own address inside the overlay
 //! overlay_cidr = "10.244.0.0/16"
+//! # overlay6_cidr = "2001:db8:f::/96" # dual-stack: each endpoint's IPv6 address is this /96
+//! #                                   # followed by its IPv4 address (the same on every host)
 //! vni = 4242
 //! vxlan_port = 4789
 //! vxlan_device = "ferry_vx"
@@ -16,6 +18,9 @@
 //! # public_interface = "pub"   # gateway only: the internet-facing interface
 //! # masquerade = true          # gateway only: containers without a public address leave as
 //! #                            # the gateway's own address (nftables masquerade)
+//! # public6 = false            # gateway only, with overlay6_cidr: route the overlay's IPv6
+//! #                            # prefix from the internet (containers' IPv6 addresses are
+//! #                            # public); false: IPv6 egress masqueraded, inbound dropped
 //!
 //! handoff_socket = "/run/ferry/handoff.sock"  # the socket hand-off API (local processes)
 //! api_listen = "198.18.1.10:7401"            # the peer API (other agents); same port everywhere
@@ -46,12 +51,12 @@
 //! ```
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use ferry_api::HostRole;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 mod criu;
@@ -92,6 +97,10 @@ pub struct AgentConfig {
     pub overlay_ip: Ipv4Addr,
     /// The overlay CIDR every container and host overlay address lives in.
     pub overlay_cidr: Ipv4Net,
+    /// Dual-stack overlay: a /96 IPv6 prefix; an endpoint's IPv6 address is the prefix followed
+    /// by its IPv4 address. `None`: IPv4 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay6_cidr: Option<Ipv6Net>,
     #[serde(default = "default_vni")]
     pub vni: u32,
     #[serde(default = "default_vxlan_port")]
@@ -120,6 +129,12 @@ pub struct AgentConfig {
     /// Gateway role: masquerade containers that have no public address.
     #[serde(default = "default_true")]
     pub masquerade: bool,
+    /// Gateway role, with `overlay6_cidr`: the overlay's IPv6 prefix is routed from the
+    /// internet side (containers' IPv6 addresses are public, never translated). Off: IPv6 from
+    /// the internet to the overlay is dropped (`no_public6`) and containers' IPv6 egress is
+    /// masqueraded (with `masquerade`).
+    #[serde(default)]
+    pub public6: bool,
     /// The gateway (registry) this agent registers with and follows.
     #[serde(default)]
     pub gateway: Option<GatewayLink>,
@@ -207,6 +222,14 @@ pub struct Peer {
 
 /// The uid (and gid) of container `ip`'s processes: 0 if `uid_base` is 0, else `uid_base` +
 /// the address's offset in `overlay` (see [`RuntimeConfig::uid_base`]).
+/// The IPv6 address of endpoint `ip` under the overlay's /96 prefix: the prefix followed by the
+/// IPv4 address (what the datapath keys both families by; see `ferry_common::ipv6_of`).
+pub fn overlay_ipv6(prefix: Ipv6Net, ip: Ipv4Addr) -> Ipv6Addr {
+    let mut o = prefix.network().octets();
+    o[12..].copy_from_slice(&ip.octets());
+    Ipv6Addr::from(o)
+}
+
 pub fn container_uid(uid_base: u32, overlay: Ipv4Net, ip: Ipv4Addr) -> u32 {
     if uid_base == 0 {
         return 0;
@@ -323,6 +346,11 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// Endpoint `ip`'s IPv6 address on a dual-stack overlay.
+    pub fn ipv6_of(&self, ip: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.overlay6_cidr.map(|p| overlay_ipv6(p, ip))
+    }
+
     /// The uid (and gid) of container `ip`'s processes: 0, or `[runtime] uid_base` + the
     /// address's offset in `overlay_cidr` (the same on every host).
     pub fn container_uid(&self, ip: Ipv4Addr) -> u32 {
@@ -374,6 +402,25 @@ impl AgentConfig {
                     self.vxlan_device
                 ),
             );
+        }
+        if let Some(p) = self.overlay6_cidr {
+            if p.prefix_len() != 96 {
+                return err(
+                    "overlay6_cidr",
+                    format!(
+                        "{p} is not a /96: an endpoint's IPv6 address is the prefix followed by its IPv4 address"
+                    ),
+                );
+            }
+            if p.network() != p.addr() {
+                return err(
+                    "overlay6_cidr",
+                    format!("{p} has host bits set: did you mean {}?", p.trunc()),
+                );
+            }
+        }
+        if self.public6 && self.overlay6_cidr.is_none() {
+            return err("public6", "needs overlay6_cidr".into());
         }
         if !self.overlay_cidr.contains(&self.overlay_ip) {
             return err(

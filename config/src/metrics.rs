@@ -18,6 +18,10 @@ pub const PEER_API_CONNECTIONS: &str = "ferry_peer_api_connections_total";
 /// limit, or IPv6), `written_back` (into the restored sockets), `lost` (the destination
 /// could not read or write them back).
 pub const UDP_CARRY_DATAGRAMS: &str = "ferry_udp_carry_datagrams_total";
+/// Announcement frames sent from arrived containers' interfaces, by `kind`: `garp_request`,
+/// `garp_reply`, `neighbour_advert` (IPv6 unsolicited NA), and `failed` (frames of rounds that
+/// did not go out whole).
+pub const ANNOUNCE_FRAMES: &str = "ferry_announce_frames_total";
 /// Entries in the endpoint map.
 pub const ENDPOINTS: &str = "ferry_endpoints";
 /// Entries in the VTEP allow-list.

@@ -1102,6 +1102,13 @@ impl Builder {
                     "addr add {public}/{} dev {PUBLIC_IF}\nlink set {PUBLIC_IF} up\n",
                     inet.subnet.prefix_len()
                 ));
+                if let Some(v6) = &inet.ipv6 {
+                    b.push_str(&format!(
+                        "addr add {}/{} dev {PUBLIC_IF} nodad\n",
+                        v6.gateway_address,
+                        v6.subnet.prefix_len()
+                    ));
+                }
             }
             batches.push((h.name.clone(), b));
         }
@@ -1116,7 +1123,17 @@ impl Builder {
                     inet.client,
                     inet.subnet.prefix_len(),
                     inet.gateway_address
-                ),
+                ) + &inet.ipv6.as_ref().map_or_else(String::new, |v6| {
+                    // The client reaches the overlay's IPv6 through the gateway (routed or
+                    // masqueraded: the gateway decides).
+                    format!(
+                        "addr add {}/{} dev {HOST_IF} nodad\n\
+                         route add ::/0 via {}\n",
+                        v6.client,
+                        v6.subnet.prefix_len(),
+                        v6.gateway_address
+                    )
+                }),
             ));
         }
         let mut running = Vec::new();
@@ -1284,6 +1301,8 @@ impl Builder {
                 vtep: h.address,
                 overlay_ip: h.overlay_ip,
                 overlay_cidr: t.overlay_cidr,
+                overlay6_cidr: t.overlay6_cidr,
+                public6: gateway_role && t.internet.as_ref().is_some_and(|i| i.public6),
                 vni: t.vni,
                 vxlan_port: t.vxlan_port,
                 vxlan_device: DEFAULT_VXLAN_DEVICE.to_owned(),

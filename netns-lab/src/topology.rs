@@ -5,6 +5,8 @@
 //!
 //! ```toml
 //! overlay_cidr = "10.244.0.0/16"   # default
+//! overlay6_cidr = "2001:db8:f::/96" # optional: dual-stack containers (a /96; each endpoint's
+//!                                   # IPv6 address is it followed by the IPv4 address)
 //! vni = 4242                       # default
 //! vxlan_port = 4789                # default
 //!
@@ -23,6 +25,10 @@
 //! subnet = "203.0.113.0/24"        # default
 //! gateway = "gw"                   # default; a host with role "gateway"; it gets .1
 //! client = "203.0.113.10"          # optional: default .10
+//! subnet6 = "2001:db8:ffff::/64"   # optional: the internet side speaks IPv6 too (gateway ::1,
+//!                                  # client ::10, the client routes overlay6_cidr via ::1)
+//! public6 = false                  # with overlay6_cidr and subnet6: the gateway routes the
+//!                                  # overlay's IPv6 prefix from the internet (else masquerades)
 //!
 //! [[links]]                        # optional: a shaped link between two clouds
 //! between = ["a", "b"]
@@ -44,7 +50,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 /// The built-in default topology (also shipped as `netns-lab/topologies/default.toml`).
@@ -141,6 +147,9 @@ impl std::fmt::Display for Role {
 pub struct Topology {
     #[serde(default = "default_overlay_cidr")]
     pub overlay_cidr: Ipv4Net,
+    /// Dual-stack overlay: a /96 IPv6 prefix (see the agent's `overlay6_cidr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay6_cidr: Option<Ipv6Net>,
     #[serde(default = "default_vni")]
     pub vni: u32,
     #[serde(default = "default_vxlan_port")]
@@ -189,6 +198,14 @@ pub struct InternetSpec {
     /// address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_pool: Option<Ipv4Net>,
+    /// The internet side's IPv6 subnet (a /64 or shorter): the gateway's public interface
+    /// gets its first address, the client its tenth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Ipv6Net>,
+    /// The gateway routes the overlay's IPv6 prefix from the internet side (needs
+    /// `overlay6_cidr` and `subnet6`); otherwise it masquerades containers' IPv6.
+    #[serde(default)]
+    pub public6: bool,
 }
 
 fn default_overlay_cidr() -> Ipv4Net {
@@ -211,6 +228,8 @@ fn default_internet_gateway() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabTopology {
     pub overlay_cidr: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay6_cidr: Option<Ipv6Net>,
     pub vni: u32,
     pub vxlan_port: u16,
     pub clouds: Vec<Cloud>,
@@ -258,6 +277,21 @@ pub struct Internet {
     pub client: Ipv4Addr,
     /// Public endpoint addresses.
     pub public_pool: Ipv4Net,
+    /// The internet side's IPv6, if any: (subnet, gateway's address, client's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<InternetV6>,
+    /// The gateway routes the overlay's IPv6 prefix from the internet side.
+    #[serde(default)]
+    pub public6: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InternetV6 {
+    pub subnet: Ipv6Net,
+    /// The gateway's address on its public interface (first of the subnet).
+    pub gateway_address: std::net::Ipv6Addr,
+    /// The client's address (tenth of the subnet).
+    pub client: std::net::Ipv6Addr,
 }
 
 impl LabTopology {
@@ -598,12 +632,46 @@ impl Topology {
                         ));
                     }
                 }
+                let ipv6 = match inet.subnet6 {
+                    None => None,
+                    Some(s6) => {
+                        if s6.prefix_len() > 64 || s6.network() != s6.addr() {
+                            return Err(E::invalid(
+                                "internet.subnet6",
+                                format!("{s6} is not an aligned /64 or shorter"),
+                            ));
+                        }
+                        if self
+                            .overlay6_cidr
+                            .is_some_and(|o| s6.contains(&o) || o.contains(&s6))
+                        {
+                            return Err(E::invalid(
+                                "internet.subnet6",
+                                format!("{s6} overlaps overlay6_cidr"),
+                            ));
+                        }
+                        let at = |n: u128| std::net::Ipv6Addr::from(u128::from(s6.network()) + n);
+                        Some(InternetV6 {
+                            subnet: s6,
+                            gateway_address: at(1),
+                            client: at(10),
+                        })
+                    }
+                };
+                if inet.public6 && (ipv6.is_none() || self.overlay6_cidr.is_none()) {
+                    return Err(E::invalid(
+                        "internet.public6",
+                        "needs overlay6_cidr and internet.subnet6".to_owned(),
+                    ));
+                }
                 Some(Internet {
                     subnet: inet.subnet,
                     gateway: inet.gateway.clone(),
                     gateway_address,
                     client,
                     public_pool,
+                    ipv6,
+                    public6: inet.public6,
                 })
             }
         };
@@ -637,8 +705,17 @@ impl Topology {
             .map(|(i, l)| resolve_link(i, l, &self.links[..i], &clouds))
             .collect::<Result<Vec<_>, _>>()?;
 
+        if let Some(o) = self.overlay6_cidr
+            && (o.prefix_len() != 96 || o.network() != o.addr())
+        {
+            return Err(E::invalid(
+                "overlay6_cidr",
+                format!("{o} is not an aligned /96"),
+            ));
+        }
         Ok(LabTopology {
             overlay_cidr: self.overlay_cidr,
+            overlay6_cidr: self.overlay6_cidr,
             vni: self.vni,
             vxlan_port: self.vxlan_port,
             clouds,

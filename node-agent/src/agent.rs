@@ -191,11 +191,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         overlay_cidr: cfg.overlay_cidr,
     };
     let (ifindex, vxlan_kept) = nl.ensure_vxlan(&spec).await?;
-    // The overlay is IPv4; IPv6 on the device would only emit ND/MLD noise into the datapath.
-    sys::write_sysctl(
-        &format!("net/ipv6/conf/{}/disable_ipv6", cfg.vxlan_device),
-        "1",
-    )?;
+    // IPv6 on the device would only emit ND/MLD noise into the datapath: off, except on a
+    // dual-stack gateway, whose stack forwards containers' IPv6 to and from the internet
+    // through it (no addresses, no router advertisements: see `gateway_ipv6`).
+    let gateway6 = cfg.role == HostRole::Gateway && cfg.overlay6_cidr.is_some();
+    if !gateway6 {
+        sys::write_sysctl(
+            &format!("net/ipv6/conf/{}/disable_ipv6", cfg.vxlan_device),
+            "1",
+        )?;
+    }
     info!(device = %cfg.vxlan_device, ifindex, port = cfg.vxlan_port, kept = vxlan_kept, "vxlan device ready");
 
     let mut base = Config {
@@ -208,6 +213,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         self_vtep_be: ipv4_be(cfg.vtep.octets()),
         ..Config::default()
     };
+    if let Some(p) = cfg.overlay6_cidr {
+        base.flags |= config_flags::IPV6;
+        base.overlay6_prefix
+            .copy_from_slice(&p.network().octets()[..12]);
+    }
     if cfg.role == HostRole::Gateway {
         let public = cfg
             .public_interface
@@ -240,8 +250,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             );
             sys::write_sysctl("net/ipv4/conf/all/rp_filter", "2")?;
         }
+        if let Some(p) = cfg.overlay6_cidr {
+            gateway_ipv6(&nl, &cfg, ifindex, p).await?;
+            if cfg.public6 {
+                base.flags |= config_flags::PUBLIC6;
+            }
+        }
         if cfg.masquerade {
-            nft::ensure_masquerade(cfg.overlay_cidr, public)?;
+            let masq6 = cfg.overlay6_cidr.filter(|_| !cfg.public6);
+            nft::ensure_masquerade(cfg.overlay_cidr, masq6, public)?;
         }
     }
 
@@ -319,6 +336,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             netns_prefix: cfg.container_netns_prefix.clone(),
             mtu: OVERLAY_MTU,
             host_overlay_ip: cfg.overlay_ip,
+            overlay6: cfg.overlay6_cidr,
             attached: attached.clone(),
         },
         base_config: base,
@@ -331,6 +349,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         hold_ifindex: base.hold_ifindex,
         announcer: Announcements {
             schedule: cfg.announce.clone(),
+            overlay6: cfg.overlay6_cidr,
         },
         registry: None,
         leftovers: if cfg.gateway.is_some() {
@@ -573,6 +592,7 @@ pub async fn teardown(cfg: AgentConfig) -> anyhow::Result<()> {
         netns_prefix: cfg.container_netns_prefix.clone(),
         mtu: OVERLAY_MTU,
         host_overlay_ip: cfg.overlay_ip,
+        overlay6: cfg.overlay6_cidr,
         attached: Attachments::load(cfg.state_dir.join(ATTACHMENTS_FILE)),
     };
     for ip in containers::existing_containers(&cfg.container_netns_prefix) {
@@ -817,6 +837,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                     |c| c.by_result(),
                 ),
                 udp_carry: crate::criu::udpq::counters(),
+                announce: crate::node::seams::announce_counters(),
             };
             (
                 StatusCode::OK,
@@ -830,4 +851,32 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
             format!("reading counters: {e}\n"),
         ),
     }
+}
+
+/// A dual-stack gateway's IPv6: forwarding on, IPv6 on the VXLAN device without addresses,
+/// duplicate address detection or router advertisements, and the overlay's prefix routed to
+/// it (the stack forwards containers' IPv6 out of the public interface, and masqueraded
+/// replies back into the overlay, where to-overlay finds each container's host).
+async fn gateway_ipv6(
+    nl: &Netlink,
+    cfg: &AgentConfig,
+    vxlan_ifindex: u32,
+    prefix: ipnet::Ipv6Net,
+) -> anyhow::Result<()> {
+    let dev = &cfg.vxlan_device;
+    for (key, value) in [
+        ("addr_gen_mode", "1"),
+        ("accept_dad", "0"),
+        ("accept_ra", "0"),
+        ("router_solicitations", "0"),
+        ("disable_ipv6", "0"),
+    ] {
+        sys::write_sysctl(&format!("net/ipv6/conf/{dev}/{key}"), value)?;
+    }
+    // `all` turns forwarding on for every interface (and off router solicitations there).
+    sys::write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    nl.set_up(vxlan_ifindex, dev).await?;
+    nl.replace_route6(prefix, vxlan_ifindex, dev).await?;
+    info!(device = %dev, %prefix, public6 = cfg.public6, "gateway carries the overlay's IPv6");
+    Ok(())
 }

@@ -88,6 +88,8 @@ struct Ctx {
     host: String,
     network: String,
     overlay: Ipv4Net,
+    /// Dual-stack: the overlay's IPv6 prefix (results carry the container's IPv6 address).
+    overlay6: Option<ipnet::Ipv6Net>,
     /// For re-applying the registry after a DEL (see [`del`]).
     cfg: AgentConfig,
     node: Arc<Mutex<Node>>,
@@ -120,6 +122,7 @@ impl Cni {
             host: cfg.host.clone(),
             network: cfg.cni_network.clone(),
             overlay: cfg.overlay_cidr,
+            overlay6: cfg.overlay6_cidr,
             cfg: cfg.clone(),
             node,
             client,
@@ -375,8 +378,15 @@ fn gateway_error(what: &str, e: ApiError) -> CniError {
     err(code, format!("{what}: {e}"))
 }
 
-fn attached_result(ip: Ipv4Addr, built: &Built, migration: Option<String>) -> Attached {
+fn attached_result(
+    ip: Ipv4Addr,
+    overlay6: Option<ipnet::Ipv6Net>,
+    built: &Built,
+    migration: Option<String>,
+) -> Attached {
     Attached {
+        ip6: overlay6.map(|p| ferry_config::overlay_ipv6(p, ip)),
+        gateway6: overlay6.map(|_| ferry_overlay::netlink::CONTAINER_GATEWAY6),
         ip,
         prefix_len: 32,
         gateway: CONTAINER_GATEWAY,
@@ -484,7 +494,7 @@ async fn add_new(
         .await
         .map_err(|e| gateway_error("the registry's version", e))?;
     let built = wait_built(ctx, ip, version).await?;
-    Ok(attached_result(ip, &built, None))
+    Ok(attached_result(ip, ctx.overlay6, &built, None))
 }
 
 /// Waits until this agent's apply has built container `ip` into its attached namespace.
@@ -657,7 +667,7 @@ async fn attach_to_migration(
     let what = format!("migration {id}");
     let built = attach_built(ctx, req, fd, &mut node, ip, &what).await?;
     info!(%ip, migration = %id, "attached to the prepared container; its packets stay held until the release");
-    Ok(attached_result(ip, &built, Some(id)))
+    Ok(attached_result(ip, ctx.overlay6, &built, Some(id)))
 }
 
 /// The agent's lock if container `ip` is an endpoint of this host that no runtime has
@@ -706,7 +716,7 @@ async fn reattach(
     }
     let built = attach_built(ctx, req, fd, &mut node, ip, "its endpoint on this host").await?;
     info!(%ip, container = %req.container_id, "the runtime took its container back on this host");
-    Ok(attached_result(ip, &built, None))
+    Ok(attached_result(ip, ctx.overlay6, &built, None))
 }
 
 /// Moves the veth of the built container `ip` (its agent-made or prepared namespace) into

@@ -268,6 +268,9 @@ pub struct HostNetwork {
     pub netns_prefix: String,
     pub mtu: u32,
     pub host_overlay_ip: Ipv4Addr,
+    /// Dual-stack overlay: its /96 IPv6 prefix (a container's IPv6 address is the prefix
+    /// followed by its IPv4 address).
+    pub overlay6: Option<ipnet::Ipv6Net>,
     /// Containers that live in a CNI runtime's namespace.
     pub attached: Attachments,
 }
@@ -628,6 +631,7 @@ impl HostNetwork {
             host_if: host_if.to_owned(),
             ifname: ifname.to_owned(),
             ip: c.ip,
+            ip6: self.overlay6.map(|p| ferry_config::overlay_ipv6(p, c.ip)),
             mac: c.mac.0,
             gateway_mac: GATEWAY_MAC,
             mtu: self.mtu,
@@ -635,13 +639,31 @@ impl HostNetwork {
         }
     }
 
-    /// The container namespace's sysctls. IPv4 only for now: no router solicitations or MLD
-    /// from the container. Its processes run unprivileged (runtime::isolation): they may
-    /// still bind any port and ping, as in other container runtimes.
+    /// The container namespace's sysctls. IPv4-only overlay: IPv6 off (no router
+    /// solicitations or MLD from the container). Dual-stack: IPv6 on, but no link-local
+    /// address, no duplicate address detection and no router advertisements or solicitations
+    /// (the addresses and the gateway are static; the veth's end arrives after these are set,
+    /// so it takes them from `default`). Its processes run unprivileged (runtime::isolation):
+    /// they may still bind any port and ping, as in other container runtimes.
     async fn container_sysctls(&self, ip: Ipv4Addr, path: &Path) -> Result<(), ContainerError> {
-        netns::run_in_async(path, || -> std::io::Result<()> {
-            sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
-            sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")?;
+        let dual = self.overlay6.is_some();
+        netns::run_in_async(path, move || -> std::io::Result<()> {
+            if dual {
+                for scope in ["all", "default"] {
+                    for (key, value) in [
+                        ("addr_gen_mode", "1"),
+                        ("accept_dad", "0"),
+                        ("accept_ra", "0"),
+                        ("router_solicitations", "0"),
+                        ("disable_ipv6", "0"),
+                    ] {
+                        sys::write_sysctl(&format!("net/ipv6/conf/{scope}/{key}"), value)?;
+                    }
+                }
+            } else {
+                sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
+                sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")?;
+            }
             sys::write_sysctl("net/ipv4/ip_unprivileged_port_start", "0")?;
             sys::write_sysctl("net/ipv4/ping_group_range", "0 2147483647")
         })

@@ -145,6 +145,8 @@ pub(crate) struct Ctx {
     /// Our `api_listen` port, assumed to be every agent's.
     api_port: u16,
     peers: Vec<Peer>,
+    /// Dual-stack overlay: its IPv6 prefix (a container's connections may use either address).
+    overlay6: Option<ipnet::Ipv6Net>,
 }
 
 impl Ctx {
@@ -270,6 +272,7 @@ impl Handoff {
             token,
             api_port: cfg.api_listen.port(),
             peers: cfg.peers.clone(),
+            overlay6: cfg.overlay6_cidr,
         });
         let unix = bind_unix(&cfg.handoff_socket)?;
         let (stop, stop_rx) = watch::channel(false);

@@ -84,12 +84,19 @@ pub struct HoldQueues {
     pub counters: HoldCounters,
 }
 
-/// The IPv4 destination of an Ethernet frame, if it is IPv4.
+/// The endpoint an Ethernet frame is for: its IPv4 destination or, for IPv6, the last 32 bits
+/// of its destination (the datapath sends the hold device IPv6 only for addresses in the
+/// overlay's /96 prefix, which end in the endpoint's IPv4 address). `None`: neither.
 pub fn frame_dst(frame: &[u8]) -> Option<Ipv4Addr> {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
-        return None;
+    match frame.get(12..15)? {
+        [0x08, 0x00, v] if v >> 4 == 4 && frame.len() >= 34 => {
+            Some(Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]))
+        }
+        [0x86, 0xdd, v] if v >> 4 == 6 && frame.len() >= 54 => {
+            Some(Ipv4Addr::new(frame[50], frame[51], frame[52], frame[53]))
+        }
+        _ => None,
     }
-    Some(Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]))
 }
 
 impl HoldQueues {
@@ -429,5 +436,26 @@ mod tests {
         arp[13] = 0x06;
         assert_eq!(h.push(arp).0, Verdict::Malformed);
         assert_eq!(h.counters.malformed, 1);
+    }
+
+    /// A dual-stack endpoint's IPv6 frames queue with its IPv4 ones, in one order.
+    #[test]
+    fn ipv6_frames_queue_with_their_endpoint() {
+        let a = Ipv4Addr::new(10, 244, 1, 10);
+        let mut v6 = vec![0u8; 80];
+        v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+        v6[14] = 0x60;
+        v6[38..50].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0xf, 0, 0, 0, 0, 0, 0]);
+        v6[50..54].copy_from_slice(&a.octets());
+        assert_eq!(frame_dst(&v6), Some(a));
+        assert_eq!(frame_dst(&v6[..53]), None, "truncated");
+        let mut h = HoldQueues::new(HoldLimits::default());
+        h.hold(a);
+        h.push(frame(a.octets(), 60, 1));
+        h.push(v6.clone());
+        h.push(frame(a.octets(), 60, 3));
+        let out: Vec<_> = h.release(a).into_iter().collect();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1], v6, "IPv6 keeps its place between the IPv4 frames");
     }
 }

@@ -31,6 +31,8 @@ pub struct Gauges {
     pub peer_connections: [(&'static str, u64); 5],
     /// UDP datagrams of checkpointed queues by event (`crate::criu::udpq::counters`).
     pub udp_carry: [(&'static str, u64); 4],
+    /// Announcement frames by kind (`crate::node::seams::announce_counters`).
+    pub announce: [(&'static str, u64); 4],
 }
 
 /// The `Content-Type` of [`render`]'s text.
@@ -181,6 +183,16 @@ impl Collector for Scrape {
         )?;
         for &(event, n) in &g.udp_carry {
             ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            counter_name(names::ANNOUNCE_FRAMES),
+            "Announcements sent from arrived containers' interfaces: gratuitous ARP requests and \
+             replies, IPv6 unsolicited neighbour advertisements, and rounds that failed.",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(kind, n) in &g.announce {
+            ConstCounter::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! that is in the namespace (the socket stays bound to it afterwards).
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -26,6 +26,9 @@ pub const CONTAINER_IF: &str = "eth0";
 /// The container's default gateway: link-local, never on any wire. Every host's side of every
 /// container veth answers ARP for it with the same MAC, so it is valid on any host.
 pub const CONTAINER_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The container's IPv6 default gateway (dual-stack overlay): link-local too, with a permanent
+/// neighbour entry for the same gateway MAC, so no neighbour solicitation is ever needed.
+pub const CONTAINER_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// How long a new container veth may take to become operationally up (carrier on and the
 /// qdisc attached by the kernel's linkwatch, which can lag up to a second behind `set up`).
@@ -42,6 +45,9 @@ pub struct ContainerLink {
     /// The container's end, inside its namespace.
     pub ifname: String,
     pub ip: Ipv4Addr,
+    /// Dual-stack: the container's IPv6 address (a /128 on `ifname`, no duplicate address
+    /// detection: it is usable at once, which a restored socket bound to it needs).
+    pub ip6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     pub gateway_mac: [u8; 6],
     pub mtu: u32,
@@ -312,6 +318,25 @@ impl Netlink {
         Ok(())
     }
 
+    /// `ip -6 route replace PREFIX dev DEV` (a dual-stack gateway's way back into the overlay).
+    pub async fn replace_route6(
+        &self,
+        prefix: ipnet::Ipv6Net,
+        index: u32,
+        dev: &str,
+    ) -> Result<(), NetlinkError> {
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(prefix.network(), prefix.prefix_len())
+            .output_interface(index)
+            .build();
+        Self::op(
+            self.handle.route().add(route).replace().execute(),
+            "add route",
+            || format!("{prefix} dev {dev}"),
+        )
+        .await
+    }
+
     /// Brings the hold device (a TAP the caller opened) up with the largest MTU and a long
     /// transmit queue (it buffers between the agent's reads). Returns its ifindex.
     pub async fn configure_hold_device(&self, name: &str, mtu: u32) -> Result<u32, NetlinkError> {
@@ -392,14 +417,14 @@ impl Netlink {
     pub async fn add_permanent_neighbour(
         &self,
         index: u32,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         mac: [u8; 6],
         dev: &str,
     ) -> Result<(), NetlinkError> {
         Self::op(
             self.handle
                 .neighbours()
-                .add(index, ip.into())
+                .add(index, ip)
                 .link_layer_address(&mac)
                 .state(NeighbourState::Permanent)
                 .replace()
@@ -626,7 +651,7 @@ impl Netlink {
         spec: &ContainerLink,
         host_idx: u32,
     ) -> Result<(), NetlinkError> {
-        self.add_permanent_neighbour(host_idx, spec.ip, spec.mac, &spec.host_if)
+        self.add_permanent_neighbour(host_idx, spec.ip.into(), spec.mac, &spec.host_if)
             .await?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(spec.ip, 32)
@@ -706,7 +731,7 @@ impl Netlink {
             || format!("{CONTAINER_GATEWAY} dev {name}"),
         )
         .await?;
-        self.add_permanent_neighbour(idx, CONTAINER_GATEWAY, spec.gateway_mac, name)
+        self.add_permanent_neighbour(idx, CONTAINER_GATEWAY.into(), spec.gateway_mac, name)
             .await?;
         let default = RouteMessageBuilder::<Ipv4Addr>::new()
             .output_interface(idx)
@@ -718,6 +743,47 @@ impl Netlink {
             || format!("default via {CONTAINER_GATEWAY}"),
         )
         .await?;
+        if let Some(ip6) = spec.ip6 {
+            self.configure_container_ipv6(spec, idx, ip6).await?;
+        }
         Ok(idx)
+    }
+
+    /// The IPv6 side of a dual-stack container's end: its address as a /128 without duplicate
+    /// address detection, the gateway's permanent neighbour entry and the default route via
+    /// [`CONTAINER_GATEWAY6`]. (The namespace's IPv6 sysctls are the caller's: enabled, no
+    /// router advertisements, no link-local address.)
+    async fn configure_container_ipv6(
+        &self,
+        spec: &ContainerLink,
+        idx: u32,
+        ip6: Ipv6Addr,
+    ) -> Result<(), NetlinkError> {
+        let name = spec.ifname.as_str();
+        let mut add = self.handle.address().add(idx, ip6.into(), 128);
+        add.message_mut().header.flags |= netlink_packet_route::address::AddressHeaderFlags::Nodad;
+        match add.execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            Err(source) => {
+                return Err(NetlinkError::Op {
+                    op: "add address",
+                    what: format!("{ip6}/128 on {name}"),
+                    source,
+                });
+            }
+        }
+        self.add_permanent_neighbour(idx, CONTAINER_GATEWAY6.into(), spec.gateway_mac, name)
+            .await?;
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .output_interface(idx)
+            .gateway(CONTAINER_GATEWAY6)
+            .build();
+        Self::op(
+            self.handle.route().add(default).replace().execute(),
+            "add route",
+            || format!("default via {CONTAINER_GATEWAY6} dev {name}"),
+        )
+        .await
     }
 }

@@ -1,6 +1,7 @@
 //! The one nftables rule ferry needs: on the gateway, masquerade containers that have no
 //! public address (those with one are translated statelessly by the datapath before the stack
-//! sees them). Applied with `nft -f -` in the calling process's network namespace, in a table
+//! sees them), and on a dual-stack overlay whose IPv6 prefix is not routed publicly, their
+//! IPv6 too. Applied with `nft -f -` in the calling process's network namespace, in a table
 //! of ferry's own that is replaced whole and removed on exit.
 
 use std::{
@@ -8,9 +9,9 @@ use std::{
     process::{Command, Stdio},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-/// ferry's nftables table (family `ip`).
+/// ferry's nftables table (family `inet`; before dual-stack it was `ip`, which is removed too).
 pub const TABLE: &str = "ferry";
 
 #[derive(Debug, thiserror::Error)]
@@ -46,31 +47,54 @@ fn nft(script: &str, what: &'static str) -> Result<(), NftError> {
     }
 }
 
-/// The ruleset text (pure, for tests).
-pub fn masquerade_ruleset(overlay: Ipv4Net, out_interface: &str) -> String {
+/// Removes both families' tables (declaring first: deleting an absent table is an error).
+fn reset() -> String {
     format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {overlay} oifname \"{out_interface}\" counter masquerade\n\
-         \t}}\n\
-         }}\n"
+         table inet {TABLE}\n\
+         delete table inet {TABLE}\n"
     )
 }
 
-/// Installs (or replaces) the masquerade rule.
-pub fn ensure_masquerade(overlay: Ipv4Net, out_interface: &str) -> Result<(), NftError> {
-    nft(&masquerade_ruleset(overlay, out_interface), "masquerade")
+/// The ruleset text (pure, for tests): IPv4 from `overlay` and, if given, IPv6 from `overlay6`
+/// leaving by `out_interface` are masqueraded.
+pub fn masquerade_ruleset(
+    overlay: Ipv4Net,
+    overlay6: Option<Ipv6Net>,
+    out_interface: &str,
+) -> String {
+    let v6 = overlay6.map_or_else(String::new, |p| {
+        format!("\t\tip6 saddr {p} oifname \"{out_interface}\" counter masquerade\n")
+    });
+    format!(
+        "{}\
+         table inet {TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {overlay} oifname \"{out_interface}\" counter masquerade\n\
+         {v6}\
+         \t}}\n\
+         }}\n",
+        reset()
+    )
+}
+
+/// Installs (or replaces) the masquerade rules.
+pub fn ensure_masquerade(
+    overlay: Ipv4Net,
+    overlay6: Option<Ipv6Net>,
+    out_interface: &str,
+) -> Result<(), NftError> {
+    nft(
+        &masquerade_ruleset(overlay, overlay6, out_interface),
+        "masquerade",
+    )
 }
 
 /// Removes ferry's table (no error if absent).
 pub fn remove() -> Result<(), NftError> {
-    nft(
-        &format!("table ip {TABLE}\ndelete table ip {TABLE}\n"),
-        "delete table",
-    )
+    nft(&reset(), "delete table")
 }
 
 #[cfg(test)]
@@ -79,8 +103,16 @@ mod tests {
 
     #[test]
     fn ruleset_replaces_the_table_and_names_the_interface() {
-        let r = masquerade_ruleset("10.244.0.0/16".parse().unwrap(), "pub");
+        let r = masquerade_ruleset("10.244.0.0/16".parse().unwrap(), None, "pub");
         assert!(r.starts_with("table ip ferry\ndelete table ip ferry\n"));
+        assert!(r.contains("table inet ferry\ndelete table inet ferry\ntable inet ferry {"));
         assert!(r.contains("ip saddr 10.244.0.0/16 oifname \"pub\" counter masquerade"));
+        assert!(!r.contains("ip6"));
+        let r = masquerade_ruleset(
+            "10.244.0.0/16".parse().unwrap(),
+            Some("2001:db8:f::/96".parse().unwrap()),
+            "pub",
+        );
+        assert!(r.contains("ip6 saddr 2001:db8:f::/96 oifname \"pub\" counter masquerade"));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -33,9 +33,16 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
-    /// Listens on 0.0.0.0:`port` in `ns`.
+    /// Listens on [::]:`port` in `ns` (both families), or 0.0.0.0:`port` where the namespace
+    /// has no IPv6.
     pub fn start(ns: &Path, port: u16) -> io::Result<Self> {
         let (tcp, udp) = in_ns(ns, move || {
+            if let (Ok(tcp), Ok(udp)) = (
+                TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)),
+                UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)),
+            ) {
+                return Ok((tcp, udp));
+            }
             let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
             let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
             Ok((tcp, udp))
@@ -103,9 +110,14 @@ impl EchoServer {
         })
     }
 
-    /// Addresses of the peers served so far.
+    /// Addresses of the peers served so far (IPv4 peers as IPv4, not v4-mapped).
     pub fn peers(&self) -> Vec<SocketAddr> {
-        self.peers.lock().unwrap().clone()
+        self.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| SocketAddr::new(p.ip().to_canonical(), p.port()))
+            .collect()
     }
 }
 
@@ -119,8 +131,13 @@ impl Drop for EchoServer {
 }
 
 /// A TCP connection made from inside `ns`.
-pub fn tcp_connect(ns: &Path, to: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
-    let s = in_ns(ns, move || TcpStream::connect_timeout(&to.into(), timeout))?;
+pub fn tcp_connect(
+    ns: &Path,
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let to = to.into();
+    let s = in_ns(ns, move || TcpStream::connect_timeout(&to, timeout))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     Ok(s)
@@ -152,7 +169,7 @@ pub fn echo_roundtrip(s: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
 }
 
 /// Connects, echoes `len` bytes, returns the connection's local address.
-pub fn tcp_echo(ns: &Path, to: SocketAddrV4, len: usize) -> io::Result<SocketAddr> {
+pub fn tcp_echo(ns: &Path, to: impl Into<SocketAddr>, len: usize) -> io::Result<SocketAddr> {
     let mut s = tcp_connect(ns, to, Duration::from_secs(3))?;
     echo_roundtrip(&mut s, &pattern(len, 7))?;
     s.local_addr()
@@ -161,9 +178,14 @@ pub fn tcp_echo(ns: &Path, to: SocketAddrV4, len: usize) -> io::Result<SocketAdd
 /// One UDP datagram of `len` bytes to an echo server from inside `ns`, on a *connected*
 /// socket: the kernel only delivers replies whose source is exactly `to`, so a reply proves
 /// the answer came back from the address the client sent to. Retries up to 3 times.
-pub fn udp_echo(ns: &Path, to: SocketAddrV4, len: usize) -> io::Result<()> {
+pub fn udp_echo(ns: &Path, to: impl Into<SocketAddr>, len: usize) -> io::Result<()> {
+    let to = to.into();
     let s = in_ns(ns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let s = if to.is_ipv6() {
+            UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?
+        } else {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?
+        };
         s.connect(to)?;
         Ok(s)
     })?;

@@ -55,6 +55,31 @@ const PUBLIC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 1];
 const CLIENT_IP: [u8; 4] = [198, 51, 100, 7];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xcc, 1];
 
+/// The overlay's IPv6 /96 (first 96 bits) and an internet client's IPv6 address.
+const OVERLAY6: [u8; 12] = [0x20, 0x01, 0x0d, 0xb8, 0, 0xf, 0, 0, 0, 0, 0, 0];
+const CLIENT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// Endpoint `ip`'s IPv6 address.
+fn v6(ip: [u8; 4]) -> [u8; 16] {
+    ferry_overlay::common::ipv6_of(OVERLAY6, ipv4_be(ip))
+}
+
+/// An Ethernet + IPv6 + TCP (SYN) frame with a correct checksum.
+fn tcp6(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let payload = b"ferry6";
+    let builder = PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src, dst, 64)
+        .tcp(40000, 80, 1, 65535)
+        .syn();
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("building a frame");
+    frame
+}
+
 /// A network namespace of the test's own, deleted on drop.
 struct Netns(String);
 
@@ -174,6 +199,8 @@ impl Bench {
             vxlan_port_be: 4789u16.to_be(),
             hold_ifindex: hold,
             self_vtep_be: ipv4_be(SELF_VTEP),
+            // The IPv6 prefix is set but off (no `IPV6` flag) until a test turns it on.
+            overlay6_prefix: OVERLAY6,
         };
         let mut dp = Datapath::attach("ferry_vx", config, None).expect("datapath attach");
         let local = |ifindex, mac| Endpoint {
@@ -765,4 +792,173 @@ fn from_public_holds_a_new_connection_to_a_draining_container() {
     let run = b.run(programs::FROM_PUBLIC, b.public, &ack);
     run.expect(TC_ACT_REDIRECT, Reason::PublicDnat, ack.len());
     assert_eq!(tcp_endpoints(&run.frame), ((CLIENT_IP, 40000), (A_IP, 80)));
+}
+
+impl Bench {
+    /// Turns the overlay dual-stack (and, on a gateway, IPv6 routed from the internet side
+    /// when `public6`).
+    fn dual_stack(&mut self, public6: bool) {
+        let mut config = self.dp.config().expect("config");
+        config.flags |= config_flags::IPV6;
+        if public6 {
+            config.flags |= config_flags::PUBLIC6;
+        }
+        self.dp.set_config(config).expect("set config");
+    }
+
+    /// Container A sends IPv6 from `src` to `dst`.
+    fn a_sends6(&self, src: [u8; 16], dst: [u8; 16], action: i32, reason: Reason) -> Run {
+        let frame = tcp6(A_MAC, GATEWAY_MAC, src, dst);
+        let run = self.run(programs::FROM_CONTAINER, self.veth_a, &frame);
+        run.expect(action, reason, frame.len());
+        run
+    }
+}
+
+/// Dual-stack: an endpoint's IPv6 address (the overlay's /96 and its IPv4 address) shares its
+/// IPv4 entry, so IPv6 is delivered, encapsulated, held, spoof-checked and dropped after a
+/// freeze exactly as IPv4 is; link-scoped IPv6 (MLD, DAD, router solicitations) is dropped for
+/// its own reason.
+#[test]
+fn ipv6_shares_the_endpoint_entry_of_its_ipv4_address() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(false);
+    let program = programs::FROM_CONTAINER;
+
+    // IPv4-only overlay: IPv6 is not carried.
+    let f = tcp6(A_MAC, GATEWAY_MAC, v6(A_IP), v6(B_IP));
+    b.run(program, b.veth_a, &f)
+        .expect(TC_ACT_SHOT, Reason::DropNotIpv4, f.len());
+
+    b.dual_stack(false);
+    let run = b.a_sends6(
+        v6(A_IP),
+        v6(B_IP),
+        TC_ACT_REDIRECT,
+        Reason::ContainerToLocal,
+    );
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, B_MAC));
+    assert_eq!(run.frame[14..], f[14..], "only the Ethernet header changes");
+    let run = b.a_sends6(
+        v6(A_IP),
+        v6(REMOTE_IP),
+        TC_ACT_REDIRECT,
+        Reason::ContainerEncap,
+    );
+    assert_eq!(run.frame, tcp6(A_MAC, GATEWAY_MAC, v6(A_IP), v6(REMOTE_IP)));
+    b.a_sends6(v6(A_IP), v6(HELD_IP), TC_ACT_REDIRECT, Reason::HoldQueued);
+    b.a_sends6(
+        v6(A_IP),
+        v6(UNKNOWN_IP),
+        TC_ACT_SHOT,
+        Reason::DropNoEndpoint,
+    );
+    b.a_sends6(v6(A_IP), v6(HOST_IP), TC_ACT_SHOT, Reason::DropIpv6ToHost);
+    // Outside the overlay and no gateway known.
+    b.a_sends6(v6(A_IP), CLIENT6, TC_ACT_SHOT, Reason::DropNoEgress);
+
+    // Spoofing: B's IPv6 address, an address outside the prefix, an IPv4 key in IPv6 form
+    // of nobody.
+    let mut outside = v6(A_IP);
+    outside[4] = 0xee;
+    for src in [v6(B_IP), outside, v6(UNKNOWN_IP)] {
+        b.a_sends6(src, v6(B_IP), TC_ACT_SHOT, Reason::DropSpoofedSource);
+    }
+    // Link-scoped: from a link-local or the unspecified address, or to multicast (MLD).
+    let mut link_local = [0u8; 16];
+    link_local[..2].copy_from_slice(&[0xfe, 0x80]);
+    link_local[15] = 0x42;
+    let mut mld = [0u8; 16];
+    mld[..2].copy_from_slice(&[0xff, 0x02]);
+    mld[15] = 0x16;
+    b.a_sends6(link_local, v6(B_IP), TC_ACT_SHOT, Reason::DropIpv6LinkLocal);
+    b.a_sends6([0; 16], v6(B_IP), TC_ACT_SHOT, Reason::DropIpv6LinkLocal);
+    b.a_sends6(v6(A_IP), mld, TC_ACT_SHOT, Reason::DropIpv6LinkLocal);
+
+    // A freeze marks the one entry: IPv6 from the frozen copy is dropped too.
+    let a = Endpoint {
+        kind: kind::FORWARD,
+        flags: flags::DROP_EGRESS,
+        ifindex: b.veth_a,
+        vtep_be: ipv4_be(REMOTE_VTEP),
+        vni: VNI,
+        mac: A_MAC,
+        _pad: [0; 2],
+    };
+    b.dp.set_endpoint(A_IP.into(), a).expect("set A");
+    b.a_sends6(v6(A_IP), v6(B_IP), TC_ACT_SHOT, Reason::DropFrozenSource);
+    b.a_sends(A_IP, B_IP, TC_ACT_SHOT, Reason::DropFrozenSource);
+
+    // A's packets for the internet go to the gateway's VTEP once it is known.
+    b.dp.set_endpoint(
+        A_IP.into(),
+        Endpoint {
+            kind: kind::LOCAL,
+            ifindex: b.veth_a,
+            mac: A_MAC,
+            ..Endpoint::default()
+        },
+    )
+    .expect("set A");
+    let mut config = b.dp.config().expect("config");
+    config.egress_vtep_be = ipv4_be([192, 0, 2, 1]);
+    b.dp.set_config(config).expect("set config");
+    b.a_sends6(v6(A_IP), CLIENT6, TC_ACT_REDIRECT, Reason::ContainerEgress);
+
+    // The hold device writes a held IPv6 packet back to its (now running) container.
+    let f = tcp6(A_MAC, GATEWAY_MAC, v6(B_IP), v6(A_IP));
+    let run = b.run(programs::FROM_HOLD, b.hold, &f);
+    run.expect(TC_ACT_REDIRECT, Reason::HoldReleased, f.len());
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, A_MAC));
+}
+
+/// The gateway and IPv6: the overlay's prefix is routed from the internet only with
+/// `PUBLIC6`; the internet cannot pose as a container; containers' IPv6 for the internet goes
+/// to the gateway's stack (forwarded, masqueraded unless routed).
+#[test]
+fn the_gateway_routes_the_overlays_ipv6_only_when_told_to() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(true);
+    b.dual_stack(false);
+    let from_client = |dst: [u8; 16]| tcp6(CLIENT_MAC, PUBLIC_MAC, CLIENT6, dst);
+
+    let f = from_client(v6(A_IP));
+    b.run(programs::FROM_PUBLIC, b.public, &f)
+        .expect(TC_ACT_SHOT, Reason::DropNoPublic6, f.len());
+    // The gateway's own IPv6 (its public address, neighbour discovery): to its stack.
+    let mut own = CLIENT6;
+    own[15] = 1;
+    let f = from_client(own);
+    b.run(programs::FROM_PUBLIC, b.public, &f)
+        .expect(TC_ACT_OK, Reason::PublicPass, f.len());
+
+    b.dual_stack(true);
+    let f = from_client(v6(A_IP));
+    let run = b.run(programs::FROM_PUBLIC, b.public, &f);
+    run.expect(TC_ACT_REDIRECT, Reason::Public6Routed, f.len());
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, A_MAC));
+    assert_eq!(run.frame[14..], f[14..], "routed, not translated");
+    let f = from_client(v6(REMOTE_IP));
+    b.run(programs::FROM_PUBLIC, b.public, &f).expect(
+        TC_ACT_REDIRECT,
+        Reason::Public6Routed,
+        f.len(),
+    );
+    let f = from_client(v6(UNKNOWN_IP));
+    b.run(programs::FROM_PUBLIC, b.public, &f)
+        .expect(TC_ACT_SHOT, Reason::DropNoEndpoint, f.len());
+    // A forged container source from the internet.
+    let f = tcp6(CLIENT_MAC, PUBLIC_MAC, v6(B_IP), v6(A_IP));
+    b.run(programs::FROM_PUBLIC, b.public, &f).expect(
+        TC_ACT_SHOT,
+        Reason::DropSpoofedSource,
+        f.len(),
+    );
+
+    // A container on the gateway host talking to the internet: to the gateway's stack.
+    b.a_sends6(v6(A_IP), CLIENT6, TC_ACT_OK, Reason::GatewayToStack);
 }

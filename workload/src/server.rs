@@ -214,10 +214,12 @@ pub fn emit(v: &Value) {
 
 impl Server {
     /// Blocks the signals it handles (call before any other thread starts) and listens on
-    /// 0.0.0.0:`port`.
+    /// [::]:`port` (both families), or 0.0.0.0:`port` where IPv6 is off.
     pub fn start(opts: Options) -> io::Result<Self> {
         let signals = SignalFd::new(&[libc::SIGUSR1, libc::SIGTERM, libc::SIGINT])?;
-        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, opts.port))?;
+        // Dual-stack where the namespace has IPv6 (IPv4 clients arrive v4-mapped), else IPv4.
+        let listener = TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, opts.port))
+            .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, opts.port)))?;
         listener.set_nonblocking(true)?;
         let stdin = io::stdin()
             .as_fd()

@@ -103,6 +103,13 @@ pub mod config_flags {
     /// This host is the gateway: it translates public addresses and carries the containers'
     /// traffic to and from the internet side.
     pub const GATEWAY: u32 = 1 << 0;
+    /// The overlay is dual-stack: [`super::Config::overlay6_prefix`] is set, IPv6 packets
+    /// whose addresses lie in it are carried like IPv4 ones.
+    pub const IPV6: u32 = 1 << 1;
+    /// Gateway only: the overlay's IPv6 prefix is routed from the internet side (containers'
+    /// IPv6 addresses are public, not translated). Without it, IPv6 from the internet to the
+    /// overlay is dropped (`no_public6`) and containers reach the internet masqueraded.
+    pub const PUBLIC6: u32 = 1 << 2;
 }
 
 /// Single-entry array: the host's datapath configuration.
@@ -138,6 +145,10 @@ pub struct Config {
     /// `FERRY_VTEPS` map) it is what containers and the internet may not address
     /// (`container_to_underlay`, `underlay_from_public`). 0: unknown, no such check for it.
     pub self_vtep_be: u32,
+    /// With [`config_flags::IPV6`]: the first 96 bits of the overlay's IPv6 prefix. An
+    /// endpoint's IPv6 address is this prefix followed by its IPv4 address, so both families
+    /// share one endpoint entry (keyed by the IPv4 address): a move switches both at once.
+    pub overlay6_prefix: [u8; 12],
 }
 
 impl Config {
@@ -146,6 +157,39 @@ impl Config {
     pub const fn in_overlay(&self, ip_be: u32) -> bool {
         ip_be & self.overlay_mask_be == self.overlay_net_be
     }
+
+    /// The endpoint key (IPv4, network order) of an IPv6 address inside the overlay's IPv6
+    /// prefix; `None` outside it or when the overlay is IPv4-only.
+    #[inline(always)]
+    pub fn overlay6_key(&self, addr: &[u8; 16]) -> Option<u32> {
+        if self.flags & config_flags::IPV6 == 0 {
+            return None;
+        }
+        let mut i = 0;
+        while i < 12 {
+            if addr[i] != self.overlay6_prefix[i] {
+                return None;
+            }
+            i += 1;
+        }
+        Some(u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]))
+    }
+}
+
+/// The IPv6 address of the endpoint `ip_be` (network order) under a /96 overlay prefix.
+pub const fn ipv6_of(prefix: [u8; 12], ip_be: u32) -> [u8; 16] {
+    let v4 = ip_be.to_ne_bytes();
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 12 {
+        out[i] = prefix[i];
+        i += 1;
+    }
+    out[12] = v4[0];
+    out[13] = v4[1];
+    out[14] = v4[2];
+    out[15] = v4[3];
+    out
 }
 
 /// Key of the public-address maps: an address, and for port mappings a port and protocol
@@ -263,7 +307,9 @@ reasons! {
     DropUnknownVtep = 5, drop, "unknown_vtep", "outer source is not in the VTEP allow-list.";
     DropBadVni = 6, drop, "bad_vni", "VNI differs from the host's (or the VTEP's) VNI.";
     DropNoEndpoint = 7, drop, "no_endpoint", "no endpoint entry for the inner destination.";
-    DropNotIpv4 = 8, drop, "not_ipv4", "not IPv4 (the overlay is IPv4-only for now).";
+    DropNotIpv4 = 8, drop, "not_ipv4",
+        "neither IPv4 nor, on a dual-stack overlay, IPv6 (or an IPv6 header the datapath does \
+        not parse).";
     DropMalformed = 9, drop, "malformed", "truncated or malformed header.";
     DropTunnelKeyFailed = 10, drop, "tunnel_key_failed", "setting the tunnel key failed.";
     DropBadKind = 11, drop, "bad_kind", "the endpoint kind is not valid at this attach point.";
@@ -328,6 +374,22 @@ reasons! {
         "to a `LOCAL` endpoint being drained before a checkpoint (`HOLD_SYN`): a new connection's \
         SYN queued by the agent (redirected to its hold device) instead of reaching the \
         container's listener; delivered where the container runs once the checkpoint is over.";
+    DropIpv6LinkLocal = 40, drop, "ipv6_link_local",
+        "from-container: IPv6 from a link-local or unspecified source, or to a multicast \
+        address (MLD reports, router solicitations, duplicate address detection): the \
+        container's only neighbour is its gateway, whose entry is permanent, and the overlay \
+        routes no multicast.";
+    DropIpv6Outside = 41, drop, "ipv6_outside",
+        "IPv6 whose overlay side (a container's source, or the destination arriving from the \
+        overlay on a host that is not the gateway) is outside the overlay's IPv6 prefix.";
+    Public6Routed = 42, pass, "public6_routed",
+        "from-public: IPv6 for a container's address (the overlay's IPv6 prefix is routed, not \
+        translated), sent on to it.";
+    DropNoPublic6 = 43, drop, "no_public6",
+        "from-public: IPv6 for the overlay's prefix, but the gateway does not route it from the \
+        internet (`public6` off): containers are reached over IPv6 only from inside.";
+    DropIpv6ToHost = 44, drop, "ipv6_to_host",
+        "IPv6 for a host's own overlay address: hosts have IPv4 overlay addresses only.";
 }
 
 impl Reason {
@@ -375,7 +437,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 4 * 5 + 8);
         assert_eq!(size_of::<Vtep>(), 8);
-        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4 + 12);
         assert_eq!(size_of::<NatKey>(), 8);
         assert_eq!(size_of::<NatValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);
@@ -421,6 +483,24 @@ mod tests {
         assert_eq!(Reason::DropSpoofedSource as u32, 23);
         assert_eq!(Reason::DropTtlExceeded as u32, 35);
         assert_eq!(Reason::DropNoEndpoint.name(), "no_endpoint");
+    }
+
+    #[test]
+    fn an_ipv6_address_in_the_prefix_keys_its_ipv4_endpoint() {
+        let prefix = [0x20, 0x01, 0x0d, 0xb8, 0, 0xf, 0, 0, 0, 0, 0, 0];
+        let ip = ipv4_be([10, 244, 1, 10]);
+        let v6 = ipv6_of(prefix, ip);
+        assert_eq!(&v6[12..], &[10, 244, 1, 10]);
+        let mut cfg = Config {
+            overlay6_prefix: prefix,
+            ..Config::default()
+        };
+        assert_eq!(cfg.overlay6_key(&v6), None, "IPv4-only overlay");
+        cfg.flags |= config_flags::IPV6;
+        assert_eq!(cfg.overlay6_key(&v6), Some(ip));
+        let mut outside = v6;
+        outside[5] ^= 1;
+        assert_eq!(cfg.overlay6_key(&outside), None);
     }
 
     #[test]

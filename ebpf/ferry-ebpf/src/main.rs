@@ -20,11 +20,55 @@ use ferry_common::{Config, Endpoint, GATEWAY_MAC, NatKey, Reason, config_flags, 
 
 use crate::{
     maps::{config, count, endpoint, vtep},
-    packet::{ETH_P_ARP, ETH_P_IP, ethertype, ipv4_dst, ipv4_src, set_eth_addrs},
+    packet::{
+        ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ethertype, ipv4_dst, ipv4_src, ipv6_dst,
+        ipv6_is_link_scoped, ipv6_src, set_eth_addrs,
+    },
 };
 
 /// `skb->pkt_type` for frames addressed to this host.
 const PACKET_HOST: u32 = 0;
+
+/// A packet's addresses as the endpoint map knows them. IPv4 addresses are their own keys;
+/// an IPv6 address has one when it lies in the overlay's IPv6 prefix (the endpoint's IPv4
+/// address is its last 32 bits), so one entry serves both families.
+struct Addrs {
+    v6: bool,
+    /// Source: the IPv4 address, or an overlay IPv6 address's key.
+    src: Option<u32>,
+    /// Destination, likewise.
+    dst: Option<u32>,
+    /// Whether the destination is an overlay address (IPv4 in the overlay CIDR, IPv6 in the
+    /// overlay prefix): what no endpoint has is then dropped, not sent to the internet.
+    dst_in_overlay: bool,
+}
+
+/// The IP packet's addresses (after the Ethernet header). Not IP, or IPv6 on an IPv4-only
+/// overlay: `not_ipv4`.
+#[inline(always)]
+fn addrs(ctx: &TcContext, cfg: &Config) -> Result<Addrs, Reason> {
+    match ethertype(ctx)? {
+        ETH_P_IP => {
+            let dst = ipv4_dst(ctx)?;
+            Ok(Addrs {
+                v6: false,
+                src: Some(ipv4_src(ctx)?),
+                dst: Some(dst),
+                dst_in_overlay: cfg.in_overlay(dst),
+            })
+        }
+        ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => {
+            let dst = cfg.overlay6_key(&ipv6_dst(ctx)?);
+            Ok(Addrs {
+                v6: true,
+                src: cfg.overlay6_key(&ipv6_src(ctx)?),
+                dst,
+                dst_in_overlay: dst.is_some(),
+            })
+        }
+        _ => Err(Reason::DropNotIpv4),
+    }
+}
 
 /// A verdict and why.
 struct Verdict {
@@ -136,7 +180,19 @@ fn draining(ctx: &TcContext, ep: &Endpoint) -> bool {
 /// host that no longer has the endpoint): decrement the inner TTL so that hosts with stale,
 /// mutually pointing entries cannot bounce a packet forever.
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext) -> Result<(), Reason> {
+fn decrement_ttl(ctx: &TcContext, v6: bool) -> Result<(), Reason> {
+    if v6 {
+        // IPv6 has no header checksum.
+        let hops = ctx
+            .load::<u8>(packet::IPV6_HOP_OFF)
+            .map_err(|_| Reason::DropMalformed)?;
+        if hops <= 1 {
+            return Err(Reason::DropTtlExceeded);
+        }
+        return ctx
+            .store(packet::IPV6_HOP_OFF, &(hops - 1), 0)
+            .map_err(|_| Reason::DropRewriteFailed);
+    }
     let ttl_proto = ctx
         .load::<u16>(packet::IPV4_TTL_OFF)
         .map_err(|_| Reason::DropMalformed)?;
@@ -165,10 +221,17 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), Reason> {
 /// distrusts the packet's (correct) checksum; the stack's forwarding path clears that state
 /// (skb_forward_csum). Measured in the lab: redirected UDP replies were dropped as checksum
 /// errors by the client.
+///
+/// IPv6 is not translated: the overlay's prefix is either routed publicly or masqueraded by
+/// the gateway's stack (see `config_flags::PUBLIC6`).
 #[inline(always)]
-fn to_internet(ctx: &TcContext, src_be: u32) -> Result<Verdict, Reason> {
+fn to_internet(ctx: &TcContext, a: &Addrs) -> Result<Verdict, Reason> {
     let l4 = packet::l4(ctx)?;
-    let reason = if nat::snat(ctx, src_be, &l4)? {
+    let translated = match a.src {
+        Some(src_be) if !a.v6 => nat::snat(ctx, src_be, &l4)?,
+        _ => false,
+    };
+    let reason = if translated {
         Reason::PublicSnat
     } else {
         Reason::GatewayToStack
@@ -195,17 +258,18 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     if peer.vni != key.tunnel_id {
         return Err(Reason::DropBadVni);
     }
-    if ethertype(ctx)? != ETH_P_IP {
-        return Err(Reason::DropNotIpv4);
-    }
-    let dst = ipv4_dst(ctx)?;
-    let Some(ep) = endpoint(dst) else {
-        if !cfg.in_overlay(dst) && cfg.flags & config_flags::GATEWAY != 0 {
-            return to_internet(ctx, ipv4_src(ctx)?);
+    let a = addrs(ctx, &cfg)?;
+    let Some(ep) = a.dst.and_then(endpoint) else {
+        if !a.dst_in_overlay && cfg.flags & config_flags::GATEWAY != 0 {
+            return to_internet(ctx, &a);
+        }
+        if a.v6 && !a.dst_in_overlay {
+            return Err(Reason::DropIpv6Outside);
         }
         return Err(Reason::DropNoEndpoint);
     };
     match ep.kind {
+        kind::HOST if a.v6 => Err(Reason::DropIpv6ToHost),
         kind::HOST => {
             // The sender addressed the frame to its own device MAC (NOARP): accept it as ours.
             ctx.change_type(PACKET_HOST)
@@ -232,7 +296,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
         }
         // Back out through the VXLAN device to the endpoint's (new) host.
         kind::FORWARD | kind::REMOTE => {
-            decrement_ttl(ctx)?;
+            decrement_ttl(ctx, a.v6)?;
             let reason = if ep.kind == kind::FORWARD {
                 Reason::OverlayForward
             } else {
@@ -253,12 +317,9 @@ pub fn to_overlay(ctx: TcContext) -> i32 {
 
 fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
-    if ethertype(ctx)? != ETH_P_IP {
-        return Err(Reason::DropNotIpv4);
-    }
-    let dst = ipv4_dst(ctx)?;
-    let Some(ep) = endpoint(dst) else {
-        if !cfg.in_overlay(dst) && cfg.egress_vtep_be != 0 {
+    let a = addrs(ctx, &cfg)?;
+    let Some(ep) = a.dst.and_then(endpoint) else {
+        if !a.dst_in_overlay && cfg.egress_vtep_be != 0 {
             tunnel::set(ctx, cfg.vni, cfg.egress_vtep_be, cfg.tunnel_ttl)?;
             return Ok(pass(Reason::OverlayEgress));
         }
@@ -269,6 +330,14 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
         kind::FORWARD => Reason::OverlayForward,
         // A hold being drained towards another host (see from-hold).
         kind::HOLD if ep.vtep_be != 0 => Reason::HoldForwarded,
+        // The host's stack routed IPv6 for a container on this very host into the overlay
+        // (the gateway's masqueraded replies: IPv6 has no per-container routes, the prefix
+        // goes to this device): to the container's veth (egress: its peer receives it).
+        kind::LOCAL if a.v6 => {
+            set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
+            return redirect_to(ep.ifindex, Reason::OverlayToLocal);
+        }
+        kind::HOLD if a.v6 => return hold(&cfg),
         _ => return Err(Reason::DropBadKind),
     };
     tunnel::set(ctx, ep.vni, ep.vtep_be, cfg.tunnel_ttl)?;
@@ -286,6 +355,13 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
     match ethertype(ctx)? {
         ETH_P_IP => {}
+        ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => {
+            // Neighbour discovery, MLD and router solicitations: link-scoped, nothing to route.
+            let (src, dst) = (ipv6_src(ctx)?, ipv6_dst(ctx)?);
+            if ipv6_is_link_scoped(&src) || dst[0] == 0xff {
+                return Err(Reason::DropIpv6LinkLocal);
+            }
+        }
         ETH_P_ARP => {
             // The container's only neighbour is its default gateway: every host answers with
             // the same MAC, so the container's neighbour cache stays valid wherever it runs.
@@ -299,8 +375,9 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
         }
         _ => return Err(Reason::DropNotIpv4),
     }
-    let src = ipv4_src(ctx)?;
-    match endpoint(src) {
+    let a = addrs(ctx, &cfg)?;
+    // An IPv6 source outside the overlay prefix is nobody's endpoint: spoofed.
+    match a.src.and_then(endpoint) {
         Some(me) if me.ifindex == ifindex(ctx) && me.flags & flags::DROP_EGRESS != 0 => {
             return Err(Reason::DropFrozenSource);
         }
@@ -312,12 +389,18 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
                 && me.ifindex == ifindex(ctx) => {}
         _ => return Err(Reason::DropSpoofedSource),
     }
-    let dst = ipv4_dst(ctx)?;
-    if is_underlay(&cfg, dst) {
+    // The underlay is IPv4.
+    if let Some(dst) = a.dst
+        && !a.v6
+        && is_underlay(&cfg, dst)
+    {
         return Err(Reason::DropContainerToUnderlay);
     }
-    if let Some(ep) = endpoint(dst) {
+    if let Some(ep) = a.dst.and_then(endpoint) {
         if ep.kind == kind::HOST {
+            if a.v6 {
+                return Err(Reason::DropIpv6ToHost);
+            }
             return Ok(pass(Reason::ContainerToHost));
         }
         return deliver(
@@ -328,11 +411,11 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
             Reason::ContainerEncap,
         );
     }
-    if cfg.in_overlay(dst) {
+    if a.dst_in_overlay {
         return Err(Reason::DropNoEndpoint);
     }
     if cfg.flags & config_flags::GATEWAY != 0 {
-        return to_internet(ctx, src);
+        return to_internet(ctx, &a);
     }
     if cfg.egress_vtep_be == 0 {
         return Err(Reason::DropNoEgress);
@@ -370,6 +453,7 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
             arp::reply(ctx, &req, &cfg.public_mac)?;
             return redirect_to(ifindex(ctx), Reason::ArpReply);
         }
+        ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => return from_public_v6(ctx, &cfg),
         _ => return Ok(pass(Reason::PublicPass)),
     }
     let dst = ipv4_dst(ctx)?;
@@ -394,6 +478,27 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
     deliver(ctx, &cfg, &ep, Reason::PublicDnat, Reason::PublicDnat)
 }
 
+/// from-public, IPv6: the overlay's prefix is routed (when `PUBLIC6`), not translated. What is
+/// not for it is the gateway's own (its neighbour discovery, masqueraded replies).
+#[inline(always)]
+fn from_public_v6(ctx: &TcContext, cfg: &Config) -> Result<Verdict, Reason> {
+    let Some(container) = cfg.overlay6_key(&ipv6_dst(ctx)?) else {
+        return Ok(pass(Reason::PublicPass));
+    };
+    if cfg.flags & config_flags::PUBLIC6 == 0 {
+        return Err(Reason::DropNoPublic6);
+    }
+    // The internet cannot speak for a container.
+    if cfg.overlay6_key(&ipv6_src(ctx)?).is_some() {
+        return Err(Reason::DropSpoofedSource);
+    }
+    let ep = endpoint(container).ok_or(Reason::DropNoEndpoint)?;
+    if ep.kind == kind::HOST {
+        return Err(Reason::DropIpv6ToHost);
+    }
+    deliver(ctx, cfg, &ep, Reason::Public6Routed, Reason::Public6Routed)
+}
+
 /// TC ingress of the agent's hold device: the held packets the agent writes back, in order.
 /// Delivered by the endpoint's entry as it stands: still `HOLD` at release (the agent switches
 /// the entry to `LOCAL` only after the queue is written, so nothing overtakes it), or `REMOTE`
@@ -406,11 +511,8 @@ pub fn from_hold(ctx: TcContext) -> i32 {
 
 fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
-    if ethertype(ctx)? != ETH_P_IP {
-        return Err(Reason::DropNotIpv4);
-    }
-    let dst = ipv4_dst(ctx)?;
-    let ep = endpoint(dst).ok_or(Reason::DropNoEndpoint)?;
+    let a = addrs(ctx, &cfg)?;
+    let ep = a.dst.and_then(endpoint).ok_or(Reason::DropNoEndpoint)?;
     match ep.kind {
         // Draining towards another host (an abort: back to the source) while new packets
         // still queue behind: to-overlay encapsulates by the entry's VTEP.
@@ -430,6 +532,7 @@ fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
             )
         }
         kind::REMOTE | kind::FORWARD => redirect_to(cfg.vxlan_ifindex, Reason::HoldForwarded),
+        kind::HOST if a.v6 => Err(Reason::DropIpv6ToHost),
         kind::HOST => Ok(pass(Reason::OverlayToHost)),
         _ => Err(Reason::DropBadKind),
     }

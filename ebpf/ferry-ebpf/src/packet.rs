@@ -7,6 +7,7 @@ use ferry_common::Reason;
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 const ETHERTYPE_OFF: usize = 12;
@@ -18,6 +19,12 @@ pub const IPV4_PROTO_OFF: usize = ETH_HLEN + 9;
 pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IPV4_SRC_OFF: usize = ETH_HLEN + 12;
 pub const IPV4_DST_OFF: usize = ETH_HLEN + 16;
+/// Offsets of IPv6 header fields from the start of the frame.
+const IPV6_NEXT_OFF: usize = ETH_HLEN + 6;
+pub const IPV6_HOP_OFF: usize = ETH_HLEN + 7;
+const IPV6_SRC_OFF: usize = ETH_HLEN + 8;
+const IPV6_DST_OFF: usize = ETH_HLEN + 24;
+const IPV6_HLEN: usize = 40;
 
 #[inline(always)]
 pub fn ethertype(ctx: &TcContext) -> Result<u16, Reason> {
@@ -38,6 +45,26 @@ pub fn ipv4_dst(ctx: &TcContext) -> Result<u32, Reason> {
 pub fn ipv4_src(ctx: &TcContext) -> Result<u32, Reason> {
     ctx.load::<u32>(IPV4_SRC_OFF)
         .map_err(|_| Reason::DropMalformed)
+}
+
+/// IPv6 source address.
+#[inline(always)]
+pub fn ipv6_src(ctx: &TcContext) -> Result<[u8; 16], Reason> {
+    ctx.load::<[u8; 16]>(IPV6_SRC_OFF)
+        .map_err(|_| Reason::DropMalformed)
+}
+
+/// IPv6 destination address.
+#[inline(always)]
+pub fn ipv6_dst(ctx: &TcContext) -> Result<[u8; 16], Reason> {
+    ctx.load::<[u8; 16]>(IPV6_DST_OFF)
+        .map_err(|_| Reason::DropMalformed)
+}
+
+/// Link-local (fe80::/10) or unspecified (::): an address that only means something on one link.
+#[inline(always)]
+pub fn ipv6_is_link_scoped(a: &[u8; 16]) -> bool {
+    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || u128::from_ne_bytes(*a) == 0
 }
 
 #[inline(always)]
@@ -70,7 +97,7 @@ const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// Is this IPv4 packet a new connection's first segment: TCP, SYN without ACK? (Anything
+/// Is this IP packet a new connection's first segment: TCP, SYN without ACK? (Anything
 /// unparseable is not: it goes where it went before.)
 #[inline(always)]
 pub fn is_new_connection(ctx: &TcContext) -> bool {
@@ -86,13 +113,17 @@ pub fn is_new_connection(ctx: &TcContext) -> bool {
     }
 }
 
-/// The IPv4 packet's TCP or UDP header, if it has one in this packet (not for other protocols,
-/// and not for non-first fragments, which carry no transport header).
+/// The IP packet's TCP or UDP header, if it has one in this packet (not for other protocols,
+/// not for non-first fragments, which carry no transport header, and not behind IPv6
+/// extension headers).
 #[inline(always)]
 pub fn l4(ctx: &TcContext) -> Result<Option<L4>, Reason> {
     let vihl = ctx
         .load::<u8>(ETH_HLEN)
         .map_err(|_| Reason::DropMalformed)?;
+    if vihl >> 4 == 6 {
+        return l4_v6(ctx);
+    }
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
         return Err(Reason::DropMalformed);
@@ -113,6 +144,30 @@ pub fn l4(ctx: &TcContext) -> Result<Option<L4>, Reason> {
         _ => return Ok(None),
     };
     let off = ETH_HLEN + ihl;
+    let ports = ctx
+        .load::<[u16; 2]>(off)
+        .map_err(|_| Reason::DropMalformed)?;
+    Ok(Some(L4 {
+        proto,
+        off,
+        csum_off: off + csum_rel,
+        sport_be: ports[0],
+        dport_be: ports[1],
+    }))
+}
+
+/// [`l4`] of an IPv6 packet: the transport header right after the fixed header.
+#[inline(always)]
+fn l4_v6(ctx: &TcContext) -> Result<Option<L4>, Reason> {
+    let proto = ctx
+        .load::<u8>(IPV6_NEXT_OFF)
+        .map_err(|_| Reason::DropMalformed)?;
+    let csum_rel = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => return Ok(None),
+    };
+    let off = ETH_HLEN + IPV6_HLEN;
     let ports = ctx
         .load::<[u16; 2]>(off)
         .map_err(|_| Reason::DropMalformed)?;

@@ -51,7 +51,8 @@ pub async fn export(ctx: &Ctx, msg: wire::Message) -> Result<Value, HandoffError
         ));
     }
     ctx.local_netns(c).await?;
-    let fds = check_all(c, fds)?;
+    let c6 = ctx.overlay6.map(|p| ferry_config::overlay_ipv6(p, c));
+    let fds = check_all(c, c6, fds)?;
     let token = ctx.token()?.to_owned();
     let dest = ctx.destination(&req.to).await?;
     ctx.require_frozen(c, &req.to).await?;
@@ -109,9 +110,14 @@ pub async fn export(ctx: &Ctx, msg: wire::Message) -> Result<Value, HandoffError
     }))
 }
 
-/// Every socket must be a movable TCP connection of the container's own address; nothing is
-/// changed. The first offender is named.
-fn check_all(container: Ipv4Addr, fds: Vec<OwnedFd>) -> Result<Vec<OwnedFd>, HandoffError> {
+/// Every socket must be a movable TCP connection of the container's own address (IPv4, or its
+/// IPv6 address `container6` on a dual-stack overlay); nothing is changed. The first offender
+/// is named.
+fn check_all(
+    container: Ipv4Addr,
+    container6: Option<std::net::Ipv6Addr>,
+    fds: Vec<OwnedFd>,
+) -> Result<Vec<OwnedFd>, HandoffError> {
     let n = fds.len();
     for (i, fd) in fds.iter().enumerate() {
         if let Err(e) = ferry_tcp_repair::check(fd) {
@@ -128,11 +134,11 @@ fn check_all(container: Ipv4Addr, fds: Vec<OwnedFd>) -> Result<Vec<OwnedFd>, Han
         let local = s.local_addr().map_err(|e| {
             HandoffError::new("not_movable", format!("socket {i}: getsockname: {e}")).at_socket(i)
         })?;
-        let ip = match local.ip() {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        let own = match local.ip() {
+            IpAddr::V4(v4) => v4 == container,
+            IpAddr::V6(v6) => v6.to_ipv4_mapped() == Some(container) || Some(v6) == container6,
         };
-        if ip != Some(container) {
+        if !own {
             return Err(HandoffError::new(
                 "not_movable",
                 format!(

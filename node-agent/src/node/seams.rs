@@ -15,7 +15,10 @@ use std::{
     collections::VecDeque,
     future::Future,
     net::Ipv4Addr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use ferry_common::{Config, Endpoint, NatKey, NatValue, Vtep};
@@ -207,6 +210,9 @@ impl HoldDevice for Hold {
 /// Announcements sent with `ferry-announce` on the configured schedule (first round at once).
 pub struct Announcements {
     pub schedule: ferry_announce::Schedule,
+    /// Dual-stack overlay: the IPv6 prefix (the container's IPv6 address is announced with an
+    /// unsolicited neighbour advertisement on the same schedule as the gratuitous ARP).
+    pub overlay6: Option<ipnet::Ipv6Net>,
 }
 
 impl Announcer for Announcements {
@@ -215,14 +221,43 @@ impl Announcer for Announcements {
             interface: built.ifname.clone(),
             mac: c.mac.0,
             ipv4: vec![c.ip],
-            ipv6: Vec::new(),
+            ipv6: self
+                .overlay6
+                .map(|p| ferry_config::overlay_ipv6(p, c.ip))
+                .into_iter()
+                .collect(),
         };
         let (netns, schedule, ip) = (built.netns.clone(), self.schedule.clone(), c.ip);
         tokio::task::spawn_blocking(move || {
             match ferry_announce::announce_in_netns(&netns, &ann, &schedule, None) {
-                Ok(r) => info!(%ip, sent = ?r.sent, rounds = r.rounds_ok, "announced"),
-                Err(e) => warn!(%ip, error = %e, "announcing"),
+                Ok(r) => {
+                    info!(container = %ip, sent = ?r.sent, rounds = r.rounds_ok, "announced");
+                    ANNOUNCED[0].fetch_add(u64::from(r.sent.arp_requests), Ordering::Relaxed);
+                    ANNOUNCED[1].fetch_add(u64::from(r.sent.arp_replies), Ordering::Relaxed);
+                    ANNOUNCED[2].fetch_add(u64::from(r.sent.neighbour_adverts), Ordering::Relaxed);
+                    let failed = r.rounds_planned.saturating_sub(r.rounds_ok);
+                    ANNOUNCED[3].fetch_add(u64::from(failed), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    warn!(container = %ip, error = %e, "announcing");
+                    ANNOUNCED[3].fetch_add(1, Ordering::Relaxed);
+                }
             }
         });
     }
+}
+
+/// This agent's announcement frames since it started, by kind (a process-wide tally: the
+/// announcements run on blocking threads of their own). The last is failed rounds.
+static ANNOUNCED: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// `ferry_announce_frames_total` by `kind`.
+pub fn announce_counters() -> [(&'static str, u64); 4] {
+    let n = |i: usize| ANNOUNCED[i].load(Ordering::Relaxed);
+    [
+        ("garp_request", n(0)),
+        ("garp_reply", n(1)),
+        ("neighbour_advert", n(2)),
+        ("failed", n(3)),
+    ]
 }
