@@ -187,6 +187,7 @@ fn invoke(
         ifname: inv.ifname.clone(),
         netns: inv.netns.clone(),
         ip,
+        ip6: conf.ip6,
         mac: mac.map(|m| {
             m.iter()
                 .map(|b| format!("{b:02x}"))
@@ -424,6 +425,7 @@ mod tests {
             ifname: "eth0".into(),
             netns: None,
             ip: None,
+            ip6: None,
             mac: None,
             fds: 1,
         };

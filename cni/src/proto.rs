@@ -44,6 +44,9 @@ pub struct Request {
     /// The address asked for (`ips` capability, `args.cni.ips` or `CNI_ARGS` `IP`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address asked for with it (a runtime restoring a dual-stack container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The MAC asked for, `aa:bb:cc:dd:ee:ff`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -117,6 +120,7 @@ mod tests {
             ifname: "eth0".into(),
             netns: Some("/run/netns/x".into()),
             ip: Some(Ipv4Addr::new(10, 244, 0, 5)),
+            ip6: None,
             mac: None,
             fds: 1,
         };

@@ -406,7 +406,7 @@ pub fn parse_requested_ip(field: &str, s: &str) -> Result<Ipv4Addr, CniError> {
     if addr.contains(':') {
         return err(
             ErrorCode::UnsupportedField,
-            format!("{field}: {s:?} is IPv6: ferry's overlay is IPv4 only"),
+            format!("{field}: {s:?} is IPv6: want the IPv4 address (the IPv6 one follows from it)"),
         );
     }
     let ip: Ipv4Addr = addr.parse().map_err(|_| {
@@ -421,6 +421,29 @@ pub fn parse_requested_ip(field: &str, s: &str) -> Result<Ipv4Addr, CniError> {
         return err(
             ErrorCode::InvalidConfig,
             format!("{field}: {s:?} has a prefix length that is not 0–32"),
+        );
+    }
+    Ok(ip)
+}
+
+/// An IPv6 address asked for (`addr` or `addr/len`, any prefix length).
+pub fn parse_requested_ip6(field: &str, s: &str) -> Result<std::net::Ipv6Addr, CniError> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    let ip: std::net::Ipv6Addr = addr.parse().map_err(|_| {
+        CniError::new(
+            ErrorCode::InvalidConfig,
+            format!("{field}: {s:?} is not an IPv6 address"),
+        )
+    })?;
+    if let Some(p) = prefix
+        && !p.parse::<u8>().is_ok_and(|p| p <= 128)
+    {
+        return err(
+            ErrorCode::InvalidConfig,
+            format!("{field}: {s:?} has a prefix length that is not 0–128"),
         );
     }
     Ok(ip)
@@ -484,6 +507,9 @@ pub struct NetConf {
     /// The address asked for: `runtimeConfig.ips` (the `ips` capability), else
     /// `args.cni.ips`.
     pub ip: Option<Ipv4Addr>,
+    /// The IPv6 address asked for with it (dual-stack overlays: it must be the IPv4 address's
+    /// IPv6 one, which the agent checks).
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The MAC asked for: `runtimeConfig.mac` (the `mac` capability), else `args.cni.mac`.
     pub mac: Option<[u8; 6]>,
 }
@@ -611,20 +637,27 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         (None, Some(v)) => (v, "args.cni.ips"),
         (None, None) => (Vec::new(), ""),
     };
-    let ip = match ips.as_slice() {
-        [] => None,
-        [one] => Some(parse_requested_ip(ips_field, one)?),
-        many => {
-            return err(
-                ErrorCode::UnsupportedField,
-                format!(
-                    "{ips_field}: {} addresses asked for: ferry gives an interface one IPv4 \
-                     address",
-                    many.len()
-                ),
-            );
-        }
-    };
+    // One IPv4 address and, on a dual-stack overlay, its IPv6 one (a runtime restoring a
+    // checkpoint asks for both addresses the first ADD gave).
+    let (v6s, v4s): (Vec<&String>, Vec<&String>) = ips.iter().partition(|s| s.contains(':'));
+    if v4s.len() > 1 || v6s.len() > 1 {
+        return err(
+            ErrorCode::UnsupportedField,
+            format!(
+                "{ips_field}: {} addresses asked for: ferry gives an interface one IPv4 address \
+                 and, on a dual-stack overlay, its IPv6 address",
+                ips.len()
+            ),
+        );
+    }
+    let ip = v4s
+        .first()
+        .map(|s| parse_requested_ip(ips_field, s))
+        .transpose()?;
+    let ip6 = v6s
+        .first()
+        .map(|s| parse_requested_ip6(ips_field, s))
+        .transpose()?;
     let (mac, mac_field) = match (rc.mac, from_args.mac) {
         (Some(m), _) => (Some(m), "runtimeConfig.mac"),
         (None, Some(m)) => (Some(m), "args.cni.mac"),
@@ -640,6 +673,7 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         agent,
         agents,
         ip,
+        ip6,
         mac,
     })
 }
@@ -858,6 +892,15 @@ mod tests {
         );
         let c = parse_netconf(args_only.as_bytes()).unwrap();
         assert_eq!(c.ip, Some(Ipv4Addr::new(10, 244, 9, 9)));
+        assert_eq!(c.ip6, None);
+        // A runtime restoring a dual-stack container asks for both of its addresses.
+        let both = CONF.replace(
+            "\"somethingElse\"",
+            r#""runtimeConfig":{"ips":["10.244.0.1/32","2001:db8:f::af4:1/128"]},"x""#,
+        );
+        let d = parse_netconf(both.as_bytes()).unwrap();
+        assert_eq!(d.ip, Some(Ipv4Addr::new(10, 244, 0, 1)));
+        assert_eq!(d.ip6, Some("2001:db8:f::af4:1".parse().unwrap()));
         assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 1]));
         for v in ["0.3.0", "0.3.1", "0.4.0"] {
             let old = CONF.replace("1.0.0", v);
@@ -918,10 +961,18 @@ mod tests {
             (
                 CONF.replace(
                     "\"somethingElse\"",
-                    r#""runtimeConfig":{"ips":["fd00::1/64"]},"x""#,
+                    r#""runtimeConfig":{"ips":["fd00::1/64","fd00::2"]},"x""#,
                 ),
                 UnsupportedField,
-                "IPv6",
+                "2 addresses",
+            ),
+            (
+                CONF.replace(
+                    "\"somethingElse\"",
+                    r#""runtimeConfig":{"ips":["fd00::zz"]},"x""#,
+                ),
+                InvalidConfig,
+                "is not an IPv6 address",
             ),
             (
                 CONF.replace(

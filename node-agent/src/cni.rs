@@ -398,9 +398,45 @@ fn attached_result(
     }
 }
 
+/// The IPv4 address an ADD asks for: `ip`, or the one an IPv6 address asked for carries (its
+/// last 32 bits, on a dual-stack overlay). Both given: they must be one endpoint's.
+fn requested_ip(
+    overlay6: Option<ipnet::Ipv6Net>,
+    req: &Request,
+) -> Result<Option<Ipv4Addr>, CniError> {
+    let Some(ip6) = req.ip6 else {
+        return Ok(req.ip);
+    };
+    let Some(prefix) = overlay6 else {
+        return Err(err(
+            ErrorCode::AddressNotUsable,
+            format!("ip {ip6}: the overlay is IPv4 only (no overlay6_cidr)"),
+        ));
+    };
+    if !prefix.contains(&ip6) {
+        return Err(err(
+            ErrorCode::AddressNotUsable,
+            format!("ip {ip6} is outside the overlay's IPv6 prefix {prefix}"),
+        ));
+    }
+    let o = ip6.octets();
+    let v4 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    match req.ip {
+        Some(ip) if ip != v4 => Err(err(
+            ErrorCode::AddressNotUsable,
+            format!(
+                "ips {ip} and {ip6} are not one endpoint's (its IPv6 address would be {})",
+                ferry_config::overlay_ipv6(prefix, ip)
+            ),
+        )),
+        _ => Ok(Some(v4)),
+    }
+}
+
 async fn add(ctx: &Ctx, req: &Request, fd: BorrowedFd<'_>) -> Result<Attached, CniError> {
     let mac = requested_mac(req)?;
-    if let Some(ip) = req.ip
+    let requested = requested_ip(ctx.overlay6, req)?;
+    if let Some(ip) = requested
         && !ctx.overlay.contains(&ip)
     {
         return Err(err(
@@ -424,7 +460,7 @@ async fn add(ctx: &Ctx, req: &Request, fd: BorrowedFd<'_>) -> Result<Attached, C
             host: ctx.host.clone(),
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
-            ip: req.ip,
+            ip: requested,
         })
         .await
         .map_err(|e| gateway_error("the gateway's IPAM", e))?;
@@ -900,6 +936,36 @@ mod tests {
 
     use super::*;
 
+    /// An IPv6 address asked for names its IPv4 endpoint; both given must agree.
+    #[test]
+    fn an_ipv6_address_asked_for_is_its_ipv4_endpoints() {
+        let p: ipnet::Ipv6Net = "2001:db8:f::/96".parse().unwrap();
+        let mut r = req(None);
+        assert_eq!(requested_ip(Some(p), &r).unwrap(), None);
+        r.ip6 = Some("2001:db8:f::af4:105".parse().unwrap());
+        let v4 = Some(Ipv4Addr::new(10, 244, 1, 5));
+        assert_eq!(requested_ip(Some(p), &r).unwrap(), v4);
+        r.ip = v4;
+        assert_eq!(requested_ip(Some(p), &r).unwrap(), v4);
+        r.ip = Some(Ipv4Addr::new(10, 244, 1, 6));
+        let e = requested_ip(Some(p), &r).unwrap_err();
+        assert!(e.msg.contains("not one endpoint's"), "{e}");
+        assert!(
+            requested_ip(None, &r)
+                .unwrap_err()
+                .msg
+                .contains("IPv4 only")
+        );
+        r.ip6 = Some("2001:db8:9::af4:106".parse().unwrap());
+        r.ip = None;
+        assert!(
+            requested_ip(Some(p), &r)
+                .unwrap_err()
+                .msg
+                .contains("outside")
+        );
+    }
+
     fn req(mac: Option<&str>) -> Request {
         Request {
             op: Op::Add,
@@ -909,6 +975,7 @@ mod tests {
             ifname: "eth0".into(),
             netns: None,
             ip: None,
+            ip6: None,
             mac: mac.map(str::to_owned),
             fds: 1,
         }

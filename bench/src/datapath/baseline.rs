@@ -206,11 +206,11 @@ pub fn kernel_vxlan(lab: &Lab, a: &str, b: &str) -> Result<Pair, BenchError> {
     Ok(Pair {
         a: Endpoint {
             netns: netns_path(&cns[0]),
-            ip: kv_addr(1, 2),
+            ip: kv_addr(1, 2).into(),
         },
         b: Endpoint {
             netns: netns_path(&cns[1]),
-            ip: kv_addr(2, 2),
+            ip: kv_addr(2, 2).into(),
         },
     })
 }
@@ -251,11 +251,11 @@ pub fn routed(lab: &Lab, a: &str, b: &str) -> Result<Pair, BenchError> {
     Ok(Pair {
         a: Endpoint {
             netns: netns_path(&cns[0]),
-            ip: rt_addr(1, 2),
+            ip: rt_addr(1, 2).into(),
         },
         b: Endpoint {
             netns: netns_path(&cns[1]),
-            ip: rt_addr(2, 2),
+            ip: rt_addr(2, 2).into(),
         },
     })
 }

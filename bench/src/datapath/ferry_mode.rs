@@ -28,8 +28,35 @@ pub fn setup(lab: &Lab) -> Result<Pair, BenchError> {
     let a = lab.add_container(HOST_A, a_ip)?;
     let b = lab.add_container(HOST_B, b_ip)?;
     Ok(Pair {
-        a: Endpoint { netns: a, ip: a_ip },
-        b: Endpoint { netns: b, ip: b_ip },
+        a: Endpoint {
+            netns: a,
+            ip: a_ip.into(),
+        },
+        b: Endpoint {
+            netns: b,
+            ip: b_ip.into(),
+        },
+    })
+}
+
+/// The same two containers over their IPv6 addresses (the lab's overlay is dual-stack).
+pub fn ipv6_pair(lab: &Lab, pair: &Pair) -> Result<Pair, BenchError> {
+    let prefix = lab
+        .topology()
+        .overlay6_cidr
+        .ok_or_else(|| BenchError::failed("the lab's overlay has no IPv6 prefix"))?;
+    let v6 = |e: &Endpoint| -> Result<Endpoint, BenchError> {
+        let std::net::IpAddr::V4(v4) = e.ip else {
+            return Err(BenchError::failed(format!("{} is not IPv4", e.ip)));
+        };
+        Ok(Endpoint {
+            netns: e.netns.clone(),
+            ip: ferry_config::overlay_ipv6(prefix, v4).into(),
+        })
+    };
+    Ok(Pair {
+        a: v6(&pair.a)?,
+        b: v6(&pair.b)?,
     })
 }
 

@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     thread::JoinHandle,
@@ -332,7 +332,7 @@ pub fn check_connectivity(pair: &Pair, port: u16) -> Result<(), BenchError> {
     .map_err(|e| BenchError::failed(format!("{from} pings {to} but TCP fails: {e}")))
 }
 
-fn ping(ns: &Path, to: Ipv4Addr) -> Result<bool, BenchError> {
+fn ping(ns: &Path, to: std::net::IpAddr) -> Result<bool, BenchError> {
     for _ in 0..3 {
         let mut cmd = Command::new("ping");
         cmd.args(["-n", "-q", "-c", "1", "-W", "1", &to.to_string()])
@@ -617,8 +617,8 @@ mod tests {
             ip,
         };
         let pair = Pair {
-            a: ep(Ipv4Addr::LOCALHOST),
-            b: ep(Ipv4Addr::LOCALHOST),
+            a: ep(std::net::Ipv4Addr::LOCALHOST.into()),
+            b: ep(std::net::Ipv4Addr::LOCALHOST.into()),
         };
         let port = 20_000 + (std::process::id() % 20_000) as u16;
         let r = request_response(&pair, port, 500, 64, RrPlacement::Any).unwrap();

@@ -6,7 +6,9 @@
 //! All modes are measured in one run, interleaved round by round (the order rotates every
 //! round), and each mode reports the median of its rounds: the machine is noisy, the ratios
 //! between modes are what matters. `ferry_full_map` is ferry's throughput again after its
-//! endpoint map was filled with 65 536 entries, measured after the ferry rounds.
+//! endpoint map was filled with 65 536 entries, measured after the ferry rounds. `ferry_ipv6`
+//! is ferry between the same two containers over their IPv6 addresses (the lab is dual-stack),
+//! interleaved with the rest.
 //!
 //! Progress goes to stderr; stdout carries the table, or exactly one JSON object (`--json`).
 //! The lab is always torn down (the [`Lab`] handle does it on drop, and its reaper if we die).
@@ -17,7 +19,7 @@ pub mod measure;
 pub mod report;
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -69,7 +71,7 @@ pub struct DatapathArgs {
 pub struct Endpoint {
     /// Path of the namespace (e.g. `/run/netns/<prefix>-a1-kv`).
     pub netns: PathBuf,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
 /// Two containers on different hosts: `a` (on [`HOST_A`]) runs the clients, `b` (on
@@ -84,16 +86,24 @@ pub struct Pair {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Ferry,
+    /// ferry's containers over their IPv6 addresses (set up after `Ferry`, whose pair it uses).
+    FerryIpv6,
     KernelVxlan,
     Routed,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Ferry, Mode::KernelVxlan, Mode::Routed];
+    pub const ALL: [Mode; 4] = [
+        Mode::Ferry,
+        Mode::FerryIpv6,
+        Mode::KernelVxlan,
+        Mode::Routed,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Ferry => "ferry",
+            Mode::FerryIpv6 => "ferry_ipv6",
             Mode::KernelVxlan => "kernel_vxlan",
             Mode::Routed => "routed",
         }
@@ -153,6 +163,12 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
         };
         let set_up = match mode {
             Mode::Ferry => ferry_mode::setup(&lab),
+            Mode::FerryIpv6 => runs
+                .iter()
+                .find(|r| r.mode == Mode::Ferry)
+                .and_then(|r| r.pair.clone())
+                .ok_or_else(|| BenchError::failed("ferry's containers were not set up"))
+                .and_then(|pair| ferry_mode::ipv6_pair(&lab, &pair)),
             Mode::KernelVxlan => baseline::kernel_vxlan(&lab, HOST_A, HOST_B),
             Mode::Routed => baseline::routed(&lab, HOST_A, HOST_B),
         };
@@ -291,6 +307,7 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
             iperf_placement: args.iperf_placement.name(),
         },
         &by_mode(Mode::Ferry),
+        &by_mode(Mode::FerryIpv6),
         &by_mode(Mode::KernelVxlan),
         &by_mode(Mode::Routed),
         &full,

@@ -59,6 +59,10 @@ pub struct Ratios {
     pub ferry_vs_routed_gbps: Option<f64>,
     /// ferry_full_map Gbps / ferry Gbps (the cost of a full endpoint map).
     pub ferry_full_vs_small_gbps: Option<f64>,
+    /// ferry_ipv6 Gbps / ferry Gbps (IPv6 against IPv4 through the same datapath).
+    pub ferry_ipv6_vs_ipv4_gbps: Option<f64>,
+    /// ferry_ipv6 rr p50 / ferry rr p50.
+    pub ferry_ipv6_vs_ipv4_rr_p50: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -70,6 +74,7 @@ pub struct ThroughputSamples {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Samples {
     pub ferry: ModeSamples,
+    pub ferry_ipv6: ModeSamples,
     pub kernel_vxlan: ModeSamples,
     pub routed: ModeSamples,
     pub ferry_full_map: ThroughputSamples,
@@ -79,6 +84,8 @@ pub struct Samples {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     pub ferry: ModeSummary,
+    /// ferry between the same containers over IPv6.
+    pub ferry_ipv6: ModeSummary,
     pub kernel_vxlan: ModeSummary,
     pub routed: ModeSummary,
     pub ferry_full_map: ThroughputSummary,
@@ -129,11 +136,13 @@ impl Report {
     pub fn build(
         params: Params,
         ferry: &ModeSamples,
+        ferry_ipv6: &ModeSamples,
         kernel_vxlan: &ModeSamples,
         routed: &ModeSamples,
         ferry_full_map: &ModeSamples,
     ) -> Self {
         let (f, k, r) = (summary(ferry), summary(kernel_vxlan), summary(routed));
+        let f6 = summary(ferry_ipv6);
         let full = median(&ferry_full_map.gbps);
         let r3 = |x: Option<f64>| x.map(|v| round_to(v, 3));
         let ratios = Ratios {
@@ -141,9 +150,12 @@ impl Report {
             ferry_vs_kernel_vxlan_rr_p50: r3(ratio(f.rr_p50_us, k.rr_p50_us)),
             ferry_vs_routed_gbps: r3(ratio(f.gbps, r.gbps)),
             ferry_full_vs_small_gbps: r3(ratio(full, f.gbps)),
+            ferry_ipv6_vs_ipv4_gbps: r3(ratio(f6.gbps, f.gbps)),
+            ferry_ipv6_vs_ipv4_rr_p50: r3(ratio(f6.rr_p50_us, f.rr_p50_us)),
         };
         Self {
             ferry: rounded_summary(&f),
+            ferry_ipv6: rounded_summary(&f6),
             kernel_vxlan: rounded_summary(&k),
             routed: rounded_summary(&r),
             ferry_full_map: ThroughputSummary {
@@ -159,6 +171,7 @@ impl Report {
             iperf_placement: params.iperf_placement,
             samples: Samples {
                 ferry: rounded_samples(ferry),
+                ferry_ipv6: rounded_samples(ferry_ipv6),
                 kernel_vxlan: rounded_samples(kernel_vxlan),
                 routed: rounded_samples(routed),
                 ferry_full_map: ThroughputSamples {
@@ -172,6 +185,7 @@ impl Report {
     pub fn errors(&self) -> Vec<(&'static str, &str)> {
         [
             ("ferry", &self.ferry.error),
+            ("ferry_ipv6", &self.ferry_ipv6.error),
             ("kernel_vxlan", &self.kernel_vxlan.error),
             ("routed", &self.routed.error),
             ("ferry_full_map", &self.ferry_full_map.error),
@@ -202,8 +216,9 @@ impl Report {
             error: self.ferry_full_map.error.clone(),
             ..ModeSummary::default()
         };
-        let rows: [(&str, &ModeSummary); 4] = [
+        let rows: [(&str, &ModeSummary); 5] = [
             ("ferry", &self.ferry),
+            ("ferry_ipv6", &self.ferry_ipv6),
             ("kernel_vxlan", &self.kernel_vxlan),
             ("routed", &self.routed),
             ("ferry_full_map", &full),
@@ -231,9 +246,12 @@ impl Report {
         let times = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{v:.2}x"));
         let _ = writeln!(
             s,
-            "rr p50 ferry vs kernel_vxlan: {}; full map vs small map (Gbps): {}",
+            "rr p50 ferry vs kernel_vxlan: {}; full map vs small map (Gbps): {}; IPv6 vs IPv4 \
+             (Gbps, rr p50): {}, {}",
             times(self.ratios.ferry_vs_kernel_vxlan_rr_p50),
             times(self.ratios.ferry_full_vs_small_gbps),
+            times(self.ratios.ferry_ipv6_vs_ipv4_gbps),
+            times(self.ratios.ferry_ipv6_vs_ipv4_rr_p50),
         );
         let _ = writeln!(
             s,
@@ -284,7 +302,8 @@ mod tests {
             &[45.0, 46.0, 44.0],
         );
         let full = samples(&[8.0, 8.5, 9.5], &[], &[]);
-        let r = Report::build(params(), &ferry, &kv, &routed, &full);
+        let ferry6 = samples(&[8.5, 9.0, 8.0], &[41.0, 43.0, 42.0], &[60.0, 61.0, 62.0]);
+        let r = Report::build(params(), &ferry, &ferry6, &kv, &routed, &full);
         assert!(r.ok());
         let j = serde_json::to_value(&r).unwrap();
         let obj = j.as_object().unwrap();
@@ -296,6 +315,7 @@ mod tests {
                 "duration_secs",
                 "ferry",
                 "ferry_full_map",
+                "ferry_ipv6",
                 "iperf_placement",
                 "kernel_vxlan",
                 "ratios",
@@ -324,6 +344,8 @@ mod tests {
                 "ferry_vs_kernel_vxlan_rr_p50": 0.82,
                 "ferry_vs_routed_gbps": 0.75,
                 "ferry_full_vs_small_gbps": 0.944,
+                "ferry_ipv6_vs_ipv4_gbps": 0.944,
+                "ferry_ipv6_vs_ipv4_rr_p50": 1.024,
             })
         );
         assert_eq!(j["rounds"], 3);
@@ -342,7 +364,8 @@ mod tests {
             serde_json::json!({"gbps": [8.0, 8.5, 9.5]})
         );
         let t = r.table();
-        assert_eq!(t.lines().count(), 7, "{t}");
+        assert_eq!(t.lines().count(), 8, "{t}");
+        assert!(t.contains("ferry_ipv6"), "{t}");
         assert!(t.contains("kernel_vxlan"));
         assert!(!t.contains("FAILED"));
     }
@@ -359,12 +382,17 @@ mod tests {
             error: Some("skipped: ferry failed".into()),
             ..ModeSamples::default()
         };
-        let r = Report::build(params(), &ferry, &kv, &routed, &full);
+        let ferry6 = ModeSamples {
+            error: Some("setup: ferry's containers were not set up".into()),
+            ..ModeSamples::default()
+        };
+        let r = Report::build(params(), &ferry, &ferry6, &kv, &routed, &full);
         assert!(!r.ok());
         assert_eq!(
             r.errors(),
             [
                 ("ferry", "setup: ferry mode not wired yet"),
+                ("ferry_ipv6", "setup: ferry's containers were not set up"),
                 ("ferry_full_map", "skipped: ferry failed")
             ]
         );
