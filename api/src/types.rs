@@ -253,6 +253,10 @@ pub struct Snapshot {
     /// Increases by one with every change; persisted with the state.
     pub version: u64,
     pub overlay_cidr: Ipv4Net,
+    /// Dual-stack overlay: the /96 each endpoint's IPv6 address lives in (the prefix followed
+    /// by its IPv4 address). Every agent must be configured with the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay6_cidr: Option<ipnet::Ipv6Net>,
     pub vni: u32,
     pub hosts: Vec<HostInfo>,
     pub endpoints: Vec<Endpoint>,

@@ -5,6 +5,7 @@
 //! state_dir = "/var/lib/ferry/gateway"   # registry.json lives here (this is the default)
 //! token_file = "/etc/ferry/token"        # bearer token, mode 0600 (this is the default)
 //! overlay_cidr = "10.244.0.0/16"         # container and host overlay addresses (required)
+//! overlay6_cidr = "2001:db8:f::/96"       # dual-stack (optional): every agent's must match
 //! vni = 4242                             # VXLAN network identifier, 1–16777215 (required)
 //! public_cidrs = ["203.0.113.128/25"]    # where public addresses come from (default none)
 //! watch_timeout_ms = 25000               # long-poll timeout of /v1/watch (default 25000)
@@ -56,6 +57,9 @@ pub struct Config {
     #[serde(default = "default_token_file")]
     pub token_file: PathBuf,
     pub overlay_cidr: Ipv4Net,
+    /// Dual-stack overlay: a /96 (an endpoint's IPv6 address is it followed by its IPv4 one).
+    #[serde(default)]
+    pub overlay6_cidr: Option<ipnet::Ipv6Net>,
     pub vni: u32,
     #[serde(default)]
     pub public_cidrs: Vec<Ipv4Net>,
@@ -142,6 +146,11 @@ pub enum InvalidConfig {
     OverlayHostBits { cidr: Ipv4Net },
     #[error("overlay_cidr {cidr} is too small: want a prefix of /30 or shorter")]
     OverlayTooSmall { cidr: Ipv4Net },
+    #[error(
+        "overlay6_cidr {cidr} is not an aligned /96: an endpoint's IPv6 address is the prefix \
+         followed by its IPv4 address"
+    )]
+    Overlay6 { cidr: ipnet::Ipv6Net },
     #[error("vni {vni} is out of range: want 1–{max}", max = MAX_VNI)]
     Vni { vni: u32 },
     #[error("public_cidrs[{index}] {cidr} has host bits set: did you mean {}?", cidr.trunc())]
@@ -215,6 +224,11 @@ impl Config {
         }
         if o.prefix_len() > 30 {
             return Err(InvalidConfig::OverlayTooSmall { cidr: o });
+        }
+        if let Some(p) = self.overlay6_cidr
+            && (p.prefix_len() != 96 || p.trunc() != p)
+        {
+            return Err(InvalidConfig::Overlay6 { cidr: p });
         }
         if self.vni == 0 || self.vni > MAX_VNI {
             return Err(InvalidConfig::Vni { vni: self.vni });
@@ -307,6 +321,7 @@ impl Config {
     pub fn net(&self) -> NetConfig {
         NetConfig {
             overlay_cidr: self.overlay_cidr,
+            overlay6_cidr: self.overlay6_cidr,
             vni: self.vni,
             public_cidrs: self.public_cidrs.clone(),
             forward_grace_ms: self.forward_grace_ms,
@@ -392,6 +407,7 @@ reserved = ["10.244.0.0/24"]
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry/gateway"));
         assert_eq!(c.token_file, PathBuf::from("/etc/ferry/token"));
         assert!(c.public_cidrs.is_empty());
+        assert_eq!(c.overlay6_cidr, None, "IPv4 only unless told");
         assert_eq!(c.watch_timeout_ms, DEFAULT_WATCH_TIMEOUT_MS);
         assert_eq!(c.step_timeout_ms, 5000);
         assert_eq!(c.forward_grace_ms, 2000);
@@ -417,6 +433,14 @@ reserved = ["10.244.0.0/24"]
             (
                 "overlay_cidr = \"10.244.0.0/31\"\nvni = 1\n".into(),
                 "too small",
+            ),
+            (
+                format!("{base}overlay6_cidr = \"2001:db8:f::/64\"\n"),
+                "overlay6_cidr 2001:db8:f::/64 is not an aligned /96",
+            ),
+            (
+                format!("{base}overlay6_cidr = \"2001:db8:f::1/96\"\n"),
+                "not an aligned /96",
             ),
             (
                 "overlay_cidr = \"10.244.0.0/16\"\nvni = 0\n".into(),

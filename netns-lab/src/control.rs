@@ -181,6 +181,7 @@ impl ControlPlane {
              state_dir = \"{}\"\n\
              token_file = \"{}\"\n\
              overlay_cidr = \"{}\"\n\
+             {}\
              vni = {}\n\
              public_cidrs = [\"{}\"]\n\
              {tls}",
@@ -188,6 +189,8 @@ impl ControlPlane {
             self.state_dir.display(),
             self.token_file.display(),
             t.overlay_cidr,
+            t.overlay6_cidr
+                .map_or_else(String::new, |p| format!("overlay6_cidr = \"{p}\"\n")),
             t.vni,
             inet.public_pool,
         );

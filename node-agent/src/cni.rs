@@ -1048,6 +1048,7 @@ mod tests {
         let snap = |host: &str, phase: Option<MigrationPhase>| Snapshot {
             version: 3,
             overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            overlay6_cidr: None,
             vni: 4242,
             hosts: vec![],
             endpoints: vec![ep(host)],

@@ -319,6 +319,7 @@ mod tests {
         Snapshot {
             version: 7,
             overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            overlay6_cidr: None,
             vni: 42,
             hosts: vec![host("a1", 1), host("b1", 2)],
             endpoints: vec![Endpoint {

@@ -358,6 +358,7 @@ overlay_cidr = "10.244.0.0/16"
         Snapshot {
             version: 7,
             overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            overlay6_cidr: None,
             vni: 4242,
             hosts: vec![
                 host("a1", 10, HostRole::Host),

@@ -78,10 +78,14 @@ pub async fn follow(
                 }
             };
             backoff = BACKOFF_MIN;
-            if snap.vni != cfg.vni || snap.overlay_cidr != cfg.overlay_cidr {
+            if snap.vni != cfg.vni
+                || snap.overlay_cidr != cfg.overlay_cidr
+                || snap.overlay6_cidr != cfg.overlay6_cidr
+            {
                 warn!(
                     registry_vni = snap.vni,
                     registry_cidr = %snap.overlay_cidr,
+                    registry_cidr6 = ?snap.overlay6_cidr,
                     "the registry's overlay differs from this agent's configuration; ignoring it"
                 );
                 tokio::time::sleep(BACKOFF_MAX).await;

@@ -97,6 +97,20 @@ fn dual_stack_containers_talk_over_both_families_on_one_host_across_hosts_and_cl
         );
     }
 
+    // c3 loses its gateway's permanent neighbour entry (a process inside flushed it): its
+    // solicitation is answered by the datapath, as ARP is, and IPv6 goes on.
+    let ndp_before = counters(&lab, "a2");
+    lab.exec_in(&n3, &["ip", "-6", "neigh", "del", "fe80::1", "dev", "eth0"])
+        .unwrap();
+    udp_echo(&n3, SocketAddr::new(IpAddr::V6(v6(&lab, c4)), PORT), 300)
+        .expect("IPv6 after the gateway's neighbour entry was deleted");
+    assert!(delta(&ndp_before, &counters(&lab, "a2"), "ndp_reply") >= 1);
+    let neigh = lab
+        .exec_in(&n3, &["ip", "-6", "neigh", "show", "fe80::1"])
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(neigh.contains("0e:fe:00:00:00:01"), "{neigh}");
+
     // Forged IPv6 sources from c1: another container's IPv6 address (c2's, on the same host),
     // and one outside the overlay's prefix. Each datagram is dropped at c1's veth and
     // counted; c4 sees nothing.

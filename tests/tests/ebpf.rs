@@ -962,3 +962,98 @@ fn the_gateway_routes_the_overlays_ipv6_only_when_told_to() {
     // A container on the gateway host talking to the internet: to the gateway's stack.
     b.a_sends6(v6(A_IP), CLIENT6, TC_ACT_OK, Reason::GatewayToStack);
 }
+
+/// A neighbour solicitation from `src` for `target` (with a source link-layer option when
+/// `option`), checksum not filled in (the datapath does not check it).
+fn ns(src_mac: [u8; 6], src: [u8; 16], target: [u8; 16], option: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x33, 0x33, 0xff, target[13], target[14], target[15]]);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    let len: u16 = if option { 32 } else { 24 };
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src);
+    let mut dst = [0u8; 16];
+    dst[..2].copy_from_slice(&[0xff, 0x02]);
+    dst[11..13].copy_from_slice(&[1, 0xff]);
+    dst[13..].copy_from_slice(&target[13..]);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&target);
+    if option {
+        f.extend_from_slice(&[1, 1]);
+        f.extend_from_slice(&src_mac);
+    }
+    f
+}
+
+/// The ICMPv6 checksum of an Ethernet/IPv6/ICMPv6 frame, computed here independently: zero
+/// when the frame's checksum is right.
+fn icmpv6_residue(f: &[u8]) -> u16 {
+    let ip = &f[14..54];
+    let msg = &f[54..];
+    let mut words: Vec<u16> = Vec::new();
+    let mut push = |b: &[u8]| {
+        for c in b.chunks(2) {
+            words.push(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    push(&ip[8..40]);
+    push(&(msg.len() as u32).to_be_bytes());
+    push(&[0, 0, 0, 58]);
+    push(msg);
+    let mut sum: u32 = words.iter().map(|&w| u32::from(w)).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A container's neighbour solicitation is answered like its ARP: a neighbour advertisement
+/// "target is at the gateway MAC", with a correct checksum, back to the container; never for
+/// duplicate address detection (unspecified source).
+#[test]
+fn from_container_answers_ipv6_neighbour_solicitations() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(false);
+    b.dual_stack(false);
+    let mut gw6 = [0u8; 16];
+    gw6[..2].copy_from_slice(&[0xfe, 0x80]);
+    gw6[15] = 1;
+    for option in [true, false] {
+        let req = ns(A_MAC, v6(A_IP), gw6, option);
+        let run = b.run(programs::FROM_CONTAINER, b.veth_a, &req);
+        // Counted at the length it leaves with (an NS without its option grows by 8 bytes).
+        run.expect(TC_ACT_REDIRECT, Reason::NdpReply, 86);
+        let f = &run.frame;
+        assert_eq!(f.len(), 86, "an NA with a target link-layer option");
+        assert_eq!(eth_addrs(f), (GATEWAY_MAC, A_MAC));
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!(
+            (f[18], f[19], f[20], f[21]),
+            (0, 32, 58, 255),
+            "length, ICMPv6, hops"
+        );
+        assert_eq!(&f[22..38], &gw6, "from the address asked for");
+        assert_eq!(&f[38..54], &v6(A_IP), "to the asker");
+        assert_eq!(
+            (f[54], f[55], f[58]),
+            (136, 0, 0xe0),
+            "NA, router|solicited|override"
+        );
+        assert_eq!(&f[62..78], &gw6, "target");
+        assert_eq!(&f[78..80], &[2, 1], "target link-layer address option");
+        assert_eq!(&f[80..86], &GATEWAY_MAC);
+        assert_eq!(icmpv6_residue(f), 0, "ICMPv6 checksum");
+    }
+    // Duplicate address detection: not answered, dropped as link-scoped.
+    let dad = ns(A_MAC, [0; 16], v6(A_IP), false);
+    b.run(programs::FROM_CONTAINER, b.veth_a, &dad).expect(
+        TC_ACT_SHOT,
+        Reason::DropIpv6LinkLocal,
+        dad.len(),
+    );
+}

@@ -64,6 +64,11 @@ pub struct DatapathArgs {
     /// Where iperf3's client and server run (`iperf3 -A`).
     #[arg(long, value_enum, default_value_t = measure::RrPlacement::Any)]
     pub iperf_placement: measure::RrPlacement,
+    /// Turn the kernel's eBPF run-time statistics on for the run and report ferry's time per
+    /// program run during its throughput rounds (costs ferry two clock reads per run: off by
+    /// default, so that the ratios compare like with like).
+    #[arg(long)]
+    pub ebpf_stats: bool,
 }
 
 /// One end of a measurement: a container's network namespace and its address.
@@ -149,6 +154,14 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
         lab.up_duration().as_millis()
     ));
 
+    let _stats = if args.ebpf_stats {
+        Some(
+            ferry_overlay::datapath::enable_run_time_stats()
+                .map_err(|e| BenchError::io("enabling eBPF run-time statistics", e))?,
+        )
+    } else {
+        None
+    };
     let mut ports = measure::Ports::default();
     let mut runs: Vec<ModeRun> = Vec::new();
     for mode in Mode::ALL {
@@ -205,10 +218,15 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
                 args.rounds,
                 args.duration_secs
             ));
+            let before = args.ebpf_stats.then(ferry_overlay::datapath::program_stats);
             match measure::throughput(&pair, ports.take(), duration, args.iperf_placement) {
                 Ok(bps) => {
                     p.say(format!("  {name}: {:.2} Gbit/s", bps / 1e9));
                     run.samples.gbps.push(bps / 1e9);
+                    if let Some(before) = before {
+                        run.samples
+                            .add_ebpf(&before, &ferry_overlay::datapath::program_stats());
+                    }
                 }
                 Err(e) => {
                     run.fail(&p, format!("round {}: throughput: {e}", round + 1));

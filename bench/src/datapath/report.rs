@@ -16,6 +16,53 @@ pub struct ModeSamples {
     /// Reported in the mode's summary, not among the samples.
     #[serde(skip)]
     pub error: Option<String>,
+    /// With `--ebpf-stats`: ferry's programs' (name, run time, runs) summed over the
+    /// throughput rounds (zero for the baselines, which run none).
+    #[serde(skip)]
+    pub ebpf: Vec<(&'static str, u64, u64)>,
+}
+
+impl ModeSamples {
+    /// Adds what each program ran between two readings of the statistics.
+    pub fn add_ebpf(
+        &mut self,
+        before: &[ferry_overlay::datapath::ProgramStats],
+        after: &[ferry_overlay::datapath::ProgramStats],
+    ) {
+        for (b, a) in before.iter().zip(after) {
+            let (ns, runs) = (
+                a.run_ns.saturating_sub(b.run_ns),
+                a.runs.saturating_sub(b.runs),
+            );
+            match self.ebpf.iter_mut().find(|e| e.0 == a.name) {
+                Some(e) => (e.1, e.2) = (e.1 + ns, e.2 + runs),
+                None => self.ebpf.push((a.name, ns, runs)),
+            }
+        }
+    }
+}
+
+/// One program's cost during a mode's throughput rounds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EbpfCost {
+    pub program: &'static str,
+    /// Mean time per run, ns.
+    pub ns_per_run: Option<f64>,
+    /// Runs per round (each run is one skb: with GSO/GRO, many MTU-sized packets).
+    pub runs_per_round: f64,
+}
+
+fn ebpf_costs(s: &ModeSamples) -> Vec<EbpfCost> {
+    let rounds = s.gbps.len().max(1) as f64;
+    s.ebpf
+        .iter()
+        .filter(|e| e.2 > 0)
+        .map(|&(program, ns, runs)| EbpfCost {
+            program,
+            ns_per_run: Some(round_to(ns as f64 / runs as f64, 1)),
+            runs_per_round: round_to(runs as f64 / rounds, 0),
+        })
+        .collect()
 }
 
 /// The run's parameters, echoed in the report.
@@ -97,6 +144,15 @@ pub struct Report {
     pub rr_placement: &'static str,
     pub iperf_placement: &'static str,
     pub samples: Samples,
+    /// With `--ebpf-stats`: ferry's programs during its throughput rounds, per mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ebpf: Option<EbpfReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EbpfReport {
+    pub ferry: Vec<EbpfCost>,
+    pub ferry_ipv6: Vec<EbpfCost>,
 }
 
 fn rounded(v: &[f64], decimals: i32) -> Vec<f64> {
@@ -127,6 +183,7 @@ fn rounded_samples(s: &ModeSamples) -> ModeSamples {
         rr_p50_us: rounded(&s.rr_p50_us, 1),
         rr_p99_us: rounded(&s.rr_p99_us, 1),
         error: s.error.clone(),
+        ebpf: Vec::new(),
     }
 }
 
@@ -169,6 +226,10 @@ impl Report {
             rr_size: params.rr_size,
             rr_placement: params.rr_placement,
             iperf_placement: params.iperf_placement,
+            ebpf: (!ferry.ebpf.is_empty() || !ferry_ipv6.ebpf.is_empty()).then(|| EbpfReport {
+                ferry: ebpf_costs(ferry),
+                ferry_ipv6: ebpf_costs(ferry_ipv6),
+            }),
             samples: Samples {
                 ferry: rounded_samples(ferry),
                 ferry_ipv6: rounded_samples(ferry_ipv6),
@@ -264,6 +325,22 @@ impl Report {
             self.rr_size,
             self.rr_placement
         );
+        if let Some(e) = &self.ebpf {
+            for (mode, costs) in [("ferry", &e.ferry), ("ferry_ipv6", &e.ferry_ipv6)] {
+                let line: Vec<String> = costs
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {} ns x {}",
+                            c.program,
+                            c.ns_per_run.map_or("-".into(), |v| format!("{v:.0}")),
+                            c.runs_per_round
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(s, "eBPF per run ({mode}, per round): {}", line.join(", "));
+            }
+        }
         s
     }
 }
@@ -289,7 +366,40 @@ mod tests {
             rr_p50_us: p50.to_vec(),
             rr_p99_us: p99.to_vec(),
             error: None,
+            ebpf: Vec::new(),
         }
+    }
+
+    #[test]
+    fn ebpf_costs_are_per_run_and_per_round() {
+        use ferry_overlay::datapath::ProgramStats;
+        let st = |name, run_ns, runs| ProgramStats { name, run_ns, runs };
+        let mut f = samples(&[9.0, 8.0], &[40.0, 42.0], &[60.0, 70.0]);
+        f.add_ebpf(&[st("to_overlay", 100, 10)], &[st("to_overlay", 1_100, 20)]);
+        f.add_ebpf(
+            &[st("to_overlay", 1_100, 20)],
+            &[st("to_overlay", 4_100, 40)],
+        );
+        let none = samples(&[1.0], &[1.0], &[1.0]);
+        let r = Report::build(params(), &f, &none, &none, &none, &none);
+        let e = r.ebpf.clone().expect("costs reported");
+        assert_eq!(
+            e.ferry,
+            [EbpfCost {
+                program: "to_overlay",
+                ns_per_run: Some(133.3),
+                runs_per_round: 15.0
+            }]
+        );
+        assert!(e.ferry_ipv6.is_empty());
+        assert!(
+            r.table().contains("to_overlay 133 ns x 15"),
+            "{}",
+            r.table()
+        );
+        // Without statistics the report has no `ebpf` key.
+        let plain = Report::build(params(), &none, &none, &none, &none, &none);
+        assert!(serde_json::to_value(&plain).unwrap().get("ebpf").is_none());
     }
 
     #[test]

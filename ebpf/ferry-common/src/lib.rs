@@ -390,6 +390,9 @@ reasons! {
         internet (`public6` off): containers are reached over IPv6 only from inside.";
     DropIpv6ToHost = 44, drop, "ipv6_to_host",
         "IPv6 for a host's own overlay address: hosts have IPv4 overlay addresses only.";
+    NdpReply = 45, pass, "ndp_reply",
+        "from-container: IPv6 neighbour solicitation answered by the datapath with the gateway \
+        MAC (the IPv6 twin of arp_reply).";
 }
 
 impl Reason {

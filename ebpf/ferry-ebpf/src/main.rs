@@ -6,6 +6,7 @@
 mod arp;
 mod maps;
 mod nat;
+mod ndp;
 mod object;
 mod packet;
 mod tunnel;
@@ -356,7 +357,14 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     match ethertype(ctx)? {
         ETH_P_IP => {}
         ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => {
-            // Neighbour discovery, MLD and router solicitations: link-scoped, nothing to route.
+            // As for ARP: the container's only neighbour is its gateway, the same MAC on
+            // every host (the agent also makes its entry permanent).
+            if let Some(ns) = ndp::solicitation(ctx) {
+                ndp::advertise(ctx, &ns, &GATEWAY_MAC)?;
+                return redirect_to(ifindex(ctx), Reason::NdpReply);
+            }
+            // MLD, router solicitations, duplicate address detection: link-scoped, nothing
+            // to route.
             let (src, dst) = (ipv6_src(ctx)?, ipv6_dst(ctx)?);
             if ipv6_is_link_scoped(&src) || dst[0] == 0xff {
                 return Err(Reason::DropIpv6LinkLocal);

@@ -276,6 +276,7 @@ mod tests {
         // A /14: room for more than the agents' map holds.
         let mut r = crate::registry::Registry::new(crate::registry::NetConfig {
             overlay_cidr: "10.244.0.0/14".parse().unwrap(),
+            overlay6_cidr: None,
             ..net()
         });
         r.apply(Request::RegisterHost(host(

@@ -40,6 +40,8 @@ pub use persist::LoadError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub overlay_cidr: Ipv4Net,
+    /// Dual-stack: the overlay's IPv6 /96 (handed to the agents in every snapshot).
+    pub overlay6_cidr: Option<ipnet::Ipv6Net>,
     pub vni: u32,
     pub public_cidrs: Vec<Ipv4Net>,
     /// How long a released migration's source keeps forwarding (ms).
@@ -242,6 +244,7 @@ impl Registry {
         Snapshot {
             version: self.version,
             overlay_cidr: self.net.overlay_cidr,
+            overlay6_cidr: self.net.overlay6_cidr,
             vni: self.net.vni,
             hosts: self.hosts.values().cloned().collect(),
             endpoints: self.endpoints.values().cloned().collect(),

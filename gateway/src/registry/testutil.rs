@@ -12,6 +12,7 @@ use super::{Change, IpamPool, NetConfig, Registry, Request};
 pub(crate) fn net() -> NetConfig {
     NetConfig {
         overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+        overlay6_cidr: None,
         vni: 4242,
         public_cidrs: vec!["203.0.113.128/25".parse().unwrap()],
         forward_grace_ms: 2000,

@@ -1006,6 +1006,7 @@ mod tests {
         let snapshot = ferry_api::Snapshot {
             version: 3,
             overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+            overlay6_cidr: None,
             vni: 4242,
             hosts: vec![ferry_api::HostInfo {
                 name: "b1".into(),
