@@ -18,6 +18,7 @@
 //! # public_interface = "pub"   # gateway only: the internet-facing interface
 //! # masquerade = true          # gateway only: containers without a public address leave as
 //! #                            # the gateway's own address (nftables masquerade)
+//! # direct_routing = false     # no tunnel to hosts of this host's own underlay subnet
 //! # public6 = false            # gateway only, with overlay6_cidr: route the overlay's IPv6
 //! #                            # prefix from the internet (containers' IPv6 addresses are
 //! #                            # public); false: IPv6 egress masqueraded, inbound dropped
@@ -135,6 +136,11 @@ pub struct AgentConfig {
     /// masqueraded (with `masquerade`).
     #[serde(default)]
     pub public6: bool,
+    /// No-tunnel mode: packets for endpoints on hosts of this host's own underlay subnet go
+    /// there untunnelled (the underlay must carry overlay addresses between those hosts: one
+    /// L2 segment); the VXLAN tunnel stays for every other host.
+    #[serde(default)]
+    pub direct_routing: bool,
     /// The gateway (registry) this agent registers with and follows.
     #[serde(default)]
     pub gateway: Option<GatewayLink>,

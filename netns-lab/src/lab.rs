@@ -1303,6 +1303,7 @@ impl Builder {
                 overlay_cidr: t.overlay_cidr,
                 overlay6_cidr: t.overlay6_cidr,
                 public6: gateway_role && t.internet.as_ref().is_some_and(|i| i.public6),
+                direct_routing: t.direct_routing,
                 vni: t.vni,
                 vxlan_port: t.vxlan_port,
                 vxlan_device: DEFAULT_VXLAN_DEVICE.to_owned(),

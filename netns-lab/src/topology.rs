@@ -154,6 +154,9 @@ pub struct Topology {
     pub vni: u32,
     #[serde(default = "default_vxlan_port")]
     pub vxlan_port: u16,
+    /// No-tunnel mode between hosts of one cloud (the agents' `direct_routing`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct_routing: bool,
     pub clouds: Vec<CloudSpec>,
     pub hosts: Vec<HostSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -227,6 +230,8 @@ fn default_internet_gateway() -> String {
 /// A resolved topology: what the lab builds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabTopology {
+    #[serde(default)]
+    pub direct_routing: bool,
     pub overlay_cidr: Ipv4Net,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay6_cidr: Option<Ipv6Net>,
@@ -714,6 +719,7 @@ impl Topology {
             ));
         }
         Ok(LabTopology {
+            direct_routing: self.direct_routing,
             overlay_cidr: self.overlay_cidr,
             overlay6_cidr: self.overlay6_cidr,
             vni: self.vni,

@@ -213,6 +213,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         self_vtep_be: ipv4_be(cfg.vtep.octets()),
         ..Config::default()
     };
+    // No-tunnel mode: the underlay interface (the one holding the VTEP address) and its
+    // subnet; hosts inside it get packets untunnelled.
+    let underlay = if cfg.direct_routing {
+        let (index, prefix_len, name) = nl
+            .address_owner(cfg.vtep)
+            .await?
+            .with_context(|| format!("direct_routing: no interface holds vtep {}", cfg.vtep))?;
+        let net = ipnet::Ipv4Net::new(cfg.vtep, prefix_len)
+            .with_context(|| format!("vtep {} has prefix length {prefix_len}", cfg.vtep))?
+            .trunc();
+        base.flags |= config_flags::DIRECT;
+        base.underlay_ifindex = index;
+        base.underlay_net_be = ipv4_be(net.network().octets());
+        base.underlay_mask_be = ipv4_be(net.netmask().octets());
+        info!(interface = %name, subnet = %net, "no-tunnel mode towards hosts of this subnet");
+        Some(name)
+    } else {
+        None
+    };
     if let Some(p) = cfg.overlay6_cidr {
         base.flags |= config_flags::IPV6;
         base.overlay6_prefix
@@ -274,6 +293,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut dp = Datapath::attach(&cfg.vxlan_device, base, cfg.bpffs_dir.as_deref())?;
     dp.attach_hold(&cfg.hold_device)?;
+    if let Some(u) = &underlay {
+        dp.attach_underlay(u)?;
+    }
     if let Some(public) = cfg.public_interface.as_deref() {
         dp.attach_public(public)?;
         info!(interface = public, "from-public attached");

@@ -45,13 +45,7 @@ pub fn enable_run_time_stats() -> std::io::Result<OwnedFd> {
 
 /// [`ProgramStats`] of every ferry program, by name (all copies on the machine summed).
 pub fn program_stats() -> Vec<ProgramStats> {
-    let names = [
-        programs::FROM_CONTAINER,
-        programs::FROM_OVERLAY,
-        programs::TO_OVERLAY,
-        programs::FROM_PUBLIC,
-        programs::FROM_HOLD,
-    ];
+    let names = PROGRAMS;
     let mut out: Vec<ProgramStats> = names
         .iter()
         .map(|&name| ProgramStats {
@@ -166,12 +160,13 @@ const MAPS: [&str; 6] = [
     maps::SNAT,
 ];
 /// The programs, all loaded at start.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     programs::FROM_OVERLAY,
     programs::TO_OVERLAY,
     programs::FROM_CONTAINER,
     programs::FROM_PUBLIC,
     programs::FROM_HOLD,
+    programs::FROM_UNDERLAY,
 ];
 
 /// Where program `name` attaches (every program but to-overlay on ingress).
@@ -386,6 +381,11 @@ impl Datapath {
     /// Gateway: attaches from-public to the ingress of the internet-facing interface.
     pub fn attach_public(&mut self, interface: &str) -> Result<(), DatapathError> {
         self.attach_to(programs::FROM_PUBLIC, interface)
+    }
+
+    /// No-tunnel mode: attaches from-underlay to the ingress of the host's underlay interface.
+    pub fn attach_underlay(&mut self, interface: &str) -> Result<(), DatapathError> {
+        self.attach_to(programs::FROM_UNDERLAY, interface)
     }
 
     /// Attaches from-hold to the ingress of the agent's hold device.

@@ -318,6 +318,46 @@ impl Netlink {
         Ok(())
     }
 
+    /// The interface that holds `ip` and the prefix length it has there: (ifindex, prefix
+    /// length, interface name).
+    pub async fn address_owner(
+        &self,
+        ip: Ipv4Addr,
+    ) -> Result<Option<(u32, u8, String)>, NetlinkError> {
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(a) = addrs.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get addresses",
+            what: ip.to_string(),
+            source,
+        })? {
+            let holds = a.attributes.iter().any(|at| {
+                matches!(at, AddressAttribute::Local(x) | AddressAttribute::Address(x) if *x == IpAddr::V4(ip))
+            });
+            if holds {
+                let index = a.header.index;
+                let name = self.link_name(index).await?.unwrap_or_default();
+                return Ok(Some((index, a.header.prefix_len, name)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The name of link `index`.
+    pub async fn link_name(&self, index: u32) -> Result<Option<String>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get link",
+            what: index.to_string(),
+            source,
+        })?;
+        Ok(msg.and_then(|m| {
+            m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            })
+        }))
+    }
+
     /// `ip -6 route replace PREFIX dev DEV` (a dual-stack gateway's way back into the overlay).
     pub async fn replace_route6(
         &self,

@@ -86,7 +86,13 @@ fn the_datapath_benchmark_measures_every_mode() {
         String::from_utf8_lossy(&out.stderr)
     );
     let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
-    for mode in ["ferry", "ferry_ipv6", "kernel_vxlan", "routed"] {
+    for mode in [
+        "ferry",
+        "ferry_ipv6",
+        "ferry_direct",
+        "kernel_vxlan",
+        "routed",
+    ] {
         for key in ["gbps", "rr_p50_us", "rr_p99_us"] {
             let v = r[mode][key].as_f64().unwrap_or(0.0);
             assert!(v > 0.0, "{mode}.{key} = {v}: {r}");
@@ -103,6 +109,12 @@ fn the_datapath_benchmark_measures_every_mode() {
     );
     assert!(
         r["ratios"]["ferry_ipv6_vs_ipv4_gbps"].as_f64().is_some(),
+        "{r}"
+    );
+    assert!(
+        r["ratios_best"]["ferry_vs_kernel_vxlan_gbps"]
+            .as_f64()
+            .is_some(),
         "{r}"
     );
 }

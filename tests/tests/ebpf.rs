@@ -201,6 +201,10 @@ impl Bench {
             self_vtep_be: ipv4_be(SELF_VTEP),
             // The IPv6 prefix is set but off (no `IPV6` flag) until a test turns it on.
             overlay6_prefix: OVERLAY6,
+            // No-tunnel mode off unless a test turns it on.
+            underlay_ifindex: 0,
+            underlay_net_be: 0,
+            underlay_mask_be: 0,
         };
         let mut dp = Datapath::attach("ferry_vx", config, None).expect("datapath attach");
         let local = |ifindex, mac| Endpoint {
@@ -1056,4 +1060,71 @@ fn from_container_answers_ipv6_neighbour_solicitations() {
         Reason::DropIpv6LinkLocal,
         dad.len(),
     );
+}
+
+/// No-tunnel mode: from-container sends IPv4 for an endpoint of a same-subnet host to the
+/// underlay neighbour (IPv6, and hosts of other subnets, keep the tunnel); from-underlay
+/// delivers such packets when their source is an endpoint of a same-subnet host and passes
+/// everything else to the stack.
+#[test]
+fn the_no_tunnel_mode_sends_and_accepts_untunnelled_packets_between_same_subnet_hosts() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(false);
+    b.dual_stack(false);
+    // Without the mode: tunnelled, and from-underlay passes everything.
+    b.a_sends(A_IP, REMOTE_IP, TC_ACT_REDIRECT, Reason::ContainerEncap);
+    let f = tcp(CLIENT_MAC, B_MAC, (REMOTE_IP, 5000), (A_IP, 80));
+    b.run(programs::FROM_UNDERLAY, b.public, &f)
+        .expect(TC_ACT_OK, Reason::UnderlayPass, f.len());
+
+    let mut config = b.dp.config().expect("config");
+    config.flags |= config_flags::DIRECT;
+    config.underlay_ifindex = b.public;
+    config.underlay_net_be = ipv4_be([192, 0, 2, 0]);
+    config.underlay_mask_be = ipv4_be([255, 255, 255, 0]);
+    b.dp.set_config(config).expect("set config");
+
+    b.a_sends(A_IP, REMOTE_IP, TC_ACT_REDIRECT, Reason::ContainerDirect);
+    b.a_sends6(
+        v6(A_IP),
+        v6(REMOTE_IP),
+        TC_ACT_REDIRECT,
+        Reason::ContainerEncap,
+    );
+    // From the remote container to A, untunnelled: delivered, addressed to A.
+    let run = b.run(programs::FROM_UNDERLAY, b.public, &f);
+    run.expect(TC_ACT_REDIRECT, Reason::UnderlayToLocal, f.len());
+    assert_eq!(eth_addrs(&run.frame), (GATEWAY_MAC, A_MAC));
+    // From an overlay address no same-subnet host has (nobody's, or a local container's).
+    for src in [UNKNOWN_IP, B_IP] {
+        let forged = tcp(CLIENT_MAC, B_MAC, (src, 5000), (A_IP, 80));
+        b.run(programs::FROM_UNDERLAY, b.public, &forged).expect(
+            TC_ACT_SHOT,
+            Reason::DropUnderlaySource,
+            forged.len(),
+        );
+    }
+    // The host's own traffic and VXLAN: to the stack.
+    for frame in [
+        tcp(CLIENT_MAC, B_MAC, (REMOTE_VTEP, 5000), (SELF_VTEP, 7400)),
+        udp(CLIENT_MAC, B_MAC, (REMOTE_VTEP, 5000), (SELF_VTEP, 4789)),
+        arp_request(CLIENT_MAC, REMOTE_VTEP, SELF_VTEP),
+    ] {
+        b.run(programs::FROM_UNDERLAY, b.public, &frame).expect(
+            TC_ACT_OK,
+            Reason::UnderlayPass,
+            frame.len(),
+        );
+    }
+    // A host of another subnet keeps the tunnel.
+    let far = Endpoint {
+        kind: kind::REMOTE,
+        vtep_be: ipv4_be([198, 51, 100, 9]),
+        vni: VNI,
+        ..Endpoint::default()
+    };
+    b.dp.set_endpoint(UNKNOWN_IP.into(), far).expect("set far");
+    b.a_sends(A_IP, UNKNOWN_IP, TC_ACT_REDIRECT, Reason::ContainerEncap);
 }

@@ -3,7 +3,9 @@
 //! counters, driven by `ferry migrate prepare|freeze|release` around the workload's own
 //! export (source) and claim (destination). A client on the internet side, through the
 //! container's public address, checks every reply: none lost, none twice, in order, counters
-//! continuing, no connection reset. And every refusal changes nothing.
+//! continuing, no connection reset; a second one does the same over the container's own IPv6
+//! address (the lab is dual-stack), so IPv4-mapped and IPv6 connections move together. And
+//! every refusal changes nothing.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
@@ -23,6 +25,8 @@ const C: &str = "10.244.1.10";
 const PUBLIC: &str = "203.0.113.130";
 const PORT: u16 = 7000;
 const CONNECTIONS: usize = 50;
+/// Connections of the IPv6 client (beside the IPv4 client's).
+const CONNECTIONS6: usize = 10;
 
 fn lab() -> Lab {
     workspace_binary("ferry-lab");
@@ -191,6 +195,28 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     );
     let connected = client.next_err(Duration::from_secs(15));
     assert_eq!(connected["connections"], CONNECTIONS, "{connected}");
+    let prefix6 = lab
+        .topology()
+        .overlay6_cidr
+        .expect("the default lab is dual-stack");
+    let to6 = format!("[{}]:{PORT}", ferry_config::overlay_ipv6(prefix6, c()));
+    let n6 = CONNECTIONS6.to_string();
+    let client6 = Proc::start(
+        &lab.netns("inet"),
+        &[
+            "client",
+            "--to",
+            &to6,
+            "--connections",
+            &n6,
+            "--interval-ms",
+            "5",
+            "--json",
+        ],
+    );
+    let connected6 = client6.next_err(Duration::from_secs(15));
+    assert_eq!(connected6["connections"], CONNECTIONS6, "{connected6}");
+    let total = (CONNECTIONS + CONNECTIONS6) as u64;
     ferry_tests::keep_load_for(Duration::from_millis(1000));
 
     // Without a frozen migration the agent refuses before touching a socket; the server
@@ -216,7 +242,7 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     server.say("export b1");
     let exported = server.next(Duration::from_secs(30));
     assert_eq!(exported["ok"], true, "{exported}");
-    assert_eq!(u(&exported, "sockets"), CONNECTIONS as u64, "{exported}");
+    assert_eq!(u(&exported, "sockets"), total, "{exported}");
     assert!(
         server.wait(Duration::from_secs(5)).success(),
         "the source exits 0"
@@ -237,7 +263,7 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     );
     let claimed = dest.next(Duration::from_secs(15));
     assert_eq!(claimed["ok"], true, "{claimed}");
-    assert_eq!(u(&claimed, "sockets"), CONNECTIONS as u64, "{claimed}");
+    assert_eq!(u(&claimed, "sockets"), total, "{claimed}");
     let t_release = Instant::now();
     step(&lab, &["migrate", "release", "--container", C]);
     let release_ms = t_release.elapsed().as_secs_f64() * 1e3;
@@ -252,7 +278,26 @@ fn a_server_moves_across_clouds_with_its_connections_and_state() {
     // Let the client run on at the destination, then stop it and read its summary.
     ferry_tests::keep_load_for(Duration::from_secs(2));
     client.signal("-TERM");
+    client6.signal("-TERM");
     let summary = client.next(Duration::from_secs(15));
+    let summary6 = client6.next(Duration::from_secs(15));
+    eprintln!("IPv6 client: {summary6}");
+    for (k, want) in [
+        ("connections", CONNECTIONS6 as u64),
+        ("alive", CONNECTIONS6 as u64),
+        ("resets", 0),
+        ("closed_by_server", 0),
+        ("errors", 0),
+        ("mismatches", 0),
+        ("unanswered", 0),
+    ] {
+        assert_eq!(u(&summary6, k), want, "IPv6 client {k}: {summary6}");
+    }
+    assert_eq!(
+        u(&summary6, "requests"),
+        u(&summary6, "replies"),
+        "{summary6}"
+    );
     let processes_frozen_ms =
         (u(&claimed, "serving_unix_ms") - u(&exported, "stopped_unix_ms")) as f64;
     let mut shown = summary.clone();

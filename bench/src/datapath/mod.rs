@@ -91,6 +91,8 @@ pub struct Pair {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Ferry,
+    /// ferry's no-tunnel mode (`direct_routing`) between the same hosts, in a second lab.
+    FerryDirect,
     /// ferry's containers over their IPv6 addresses (set up after `Ferry`, whose pair it uses).
     FerryIpv6,
     KernelVxlan,
@@ -98,9 +100,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [
+    pub const ALL: [Mode; 5] = [
         Mode::Ferry,
         Mode::FerryIpv6,
+        Mode::FerryDirect,
         Mode::KernelVxlan,
         Mode::Routed,
     ];
@@ -109,6 +112,7 @@ impl Mode {
         match self {
             Mode::Ferry => "ferry",
             Mode::FerryIpv6 => "ferry_ipv6",
+            Mode::FerryDirect => "ferry_direct",
             Mode::KernelVxlan => "kernel_vxlan",
             Mode::Routed => "routed",
         }
@@ -153,6 +157,18 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
         "lab {prefix} up in {} ms",
         lab.up_duration().as_millis()
     ));
+    // The no-tunnel mode needs its agents configured so: a second lab, measured interleaved.
+    p.say("bringing up a second lab in no-tunnel mode (direct_routing)");
+    let lab_direct = Lab::up(LabOptions {
+        topology: Topology {
+            overlay_cidr: BENCH_OVERLAY.parse().expect("valid CIDR"),
+            direct_routing: true,
+            ..Topology::default_lab()
+        },
+        start_agents: true,
+        ..LabOptions::default()
+    });
+    let prefix_direct = lab_direct.as_ref().map(|l| l.prefix().to_owned()).ok();
 
     let _stats = if args.ebpf_stats {
         Some(
@@ -176,6 +192,10 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
         };
         let set_up = match mode {
             Mode::Ferry => ferry_mode::setup(&lab),
+            Mode::FerryDirect => match &lab_direct {
+                Ok(l) => ferry_mode::setup(l),
+                Err(e) => Err(BenchError::failed(format!("the no-tunnel lab: {e}"))),
+            },
             Mode::FerryIpv6 => runs
                 .iter()
                 .find(|r| r.mode == Mode::Ferry)
@@ -326,21 +346,30 @@ pub fn run(args: &DatapathArgs) -> Result<i32, BenchError> {
         },
         &by_mode(Mode::Ferry),
         &by_mode(Mode::FerryIpv6),
+        &by_mode(Mode::FerryDirect),
         &by_mode(Mode::KernelVxlan),
         &by_mode(Mode::Routed),
         &full,
     );
 
-    p.say("tearing the lab down");
+    p.say("tearing the labs down");
     let mut code = if report.ok() { 0 } else { 1 };
     if let Err(e) = lab.down() {
         p.say(format!("teardown: {e}"));
         code = 1;
     }
-    let left = leftovers(&prefix);
-    if !left.is_empty() {
-        p.say(format!("left behind: {}", left.join(", ")));
+    if let Ok(l) = lab_direct
+        && let Err(e) = l.down()
+    {
+        p.say(format!("teardown of the no-tunnel lab: {e}"));
         code = 1;
+    }
+    for pre in std::iter::once(&prefix).chain(prefix_direct.as_ref()) {
+        let left = leftovers(pre);
+        if !left.is_empty() {
+            p.say(format!("left behind: {}", left.join(", ")));
+            code = 1;
+        }
     }
 
     print_report(args.json, &report, || report.table())?;

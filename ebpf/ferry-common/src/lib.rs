@@ -41,6 +41,9 @@ pub mod programs {
     pub const FROM_PUBLIC: &str = "from_public";
     /// TC ingress of the agent's hold device (a TAP): held packets the agent re-injects.
     pub const FROM_HOLD: &str = "from_hold";
+    /// TC ingress of the host's underlay interface (no-tunnel mode only): untunnelled packets
+    /// from hosts of the same underlay subnet.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
 }
 
 /// What an endpoint entry tells the datapath to do with a packet for that address.
@@ -110,6 +113,11 @@ pub mod config_flags {
     /// IPv6 addresses are public, not translated). Without it, IPv6 from the internet to the
     /// overlay is dropped (`no_public6`) and containers reach the internet masqueraded.
     pub const PUBLIC6: u32 = 1 << 2;
+    /// No-tunnel mode: packets for endpoints on hosts of this host's own underlay subnet
+    /// ([`super::Config::underlay_net_be`]) are sent to that host as they are (the underlay
+    /// neighbour's MAC, `bpf_redirect_neigh`), not encapsulated; the tunnel stays for every
+    /// other host, and for holds and forwarding pointers.
+    pub const DIRECT: u32 = 1 << 3;
 }
 
 /// Single-entry array: the host's datapath configuration.
@@ -149,6 +157,10 @@ pub struct Config {
     /// endpoint's IPv6 address is this prefix followed by its IPv4 address, so both families
     /// share one endpoint entry (keyed by the IPv4 address): a move switches both at once.
     pub overlay6_prefix: [u8; 12],
+    /// With [`config_flags::DIRECT`]: the underlay interface and its subnet (network order).
+    pub underlay_ifindex: u32,
+    pub underlay_net_be: u32,
+    pub underlay_mask_be: u32,
 }
 
 impl Config {
@@ -393,6 +405,17 @@ reasons! {
     NdpReply = 45, pass, "ndp_reply",
         "from-container: IPv6 neighbour solicitation answered by the datapath with the gateway \
         MAC (the IPv6 twin of arp_reply).";
+    ContainerDirect = 46, pass, "container_direct",
+        "from-container: to an endpoint on a host of the same underlay subnet, sent there as it \
+        is (no-tunnel mode).";
+    UnderlayToLocal = 47, pass, "underlay_to_local",
+        "from-underlay: an untunnelled packet from a same-subnet host, delivered to a local \
+        container (or held, or sent on where the endpoint now lives).";
+    UnderlayPass = 48, pass, "underlay_pass",
+        "from-underlay: not untunnelled overlay traffic (the host's own, VXLAN): to the stack.";
+    DropUnderlaySource = 49, drop, "underlay_source",
+        "from-underlay: an untunnelled overlay packet whose source is not an endpoint of a \
+        same-subnet host.";
 }
 
 impl Reason {
@@ -440,7 +463,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 4 * 5 + 8);
         assert_eq!(size_of::<Vtep>(), 8);
-        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4 + 12);
+        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4 + 12 + 12);
         assert_eq!(size_of::<NatKey>(), 8);
         assert_eq!(size_of::<NatValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);

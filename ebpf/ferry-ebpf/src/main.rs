@@ -12,8 +12,8 @@ mod packet;
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_redirect_peer},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
 };
@@ -259,7 +259,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     if peer.vni != key.tunnel_id {
         return Err(Reason::DropBadVni);
     }
-    let a = addrs(ctx, &cfg)?;
+    let a = addrs(ctx, cfg)?;
     let Some(ep) = a.dst.and_then(endpoint) else {
         if !a.dst_in_overlay && cfg.flags & config_flags::GATEWAY != 0 {
             return to_internet(ctx, &a);
@@ -278,7 +278,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
             Ok(pass(Reason::OverlayToHost))
         }
         kind::LOCAL | kind::HOLD => {
-            deliver(ctx, &cfg, &ep, Reason::OverlayToLocal, Reason::DropBadKind)
+            deliver(ctx, cfg, &ep, Reason::OverlayToLocal, Reason::DropBadKind)
         }
         // A forwarding pointer never sends a packet back to the host it came from: that host
         // only sends us this endpoint's packets when the move was aborted and it drains what
@@ -289,7 +289,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
             local.kind = kind::LOCAL;
             deliver(
                 ctx,
-                &cfg,
+                cfg,
                 &local,
                 Reason::OverlayToLocal,
                 Reason::DropBadKind,
@@ -303,7 +303,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
             } else {
                 Reason::HoldForwarded
             };
-            deliver(ctx, &cfg, &ep, Reason::DropBadKind, reason)
+            deliver(ctx, cfg, &ep, Reason::DropBadKind, reason)
         }
         _ => Err(Reason::DropBadKind),
     }
@@ -318,7 +318,7 @@ pub fn to_overlay(ctx: TcContext) -> i32 {
 
 fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
-    let a = addrs(ctx, &cfg)?;
+    let a = addrs(ctx, cfg)?;
     let Some(ep) = a.dst.and_then(endpoint) else {
         if !a.dst_in_overlay && cfg.egress_vtep_be != 0 {
             tunnel::set(ctx, cfg.vni, cfg.egress_vtep_be, cfg.tunnel_ttl)?;
@@ -338,7 +338,7 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
             set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;
             return redirect_to(ep.ifindex, Reason::OverlayToLocal);
         }
-        kind::HOLD if a.v6 => return hold(&cfg),
+        kind::HOLD if a.v6 => return hold(cfg),
         _ => return Err(Reason::DropBadKind),
     };
     tunnel::set(ctx, ep.vni, ep.vtep_be, cfg.tunnel_ttl)?;
@@ -359,9 +359,8 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
         ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => {
             // As for ARP: the container's only neighbour is its gateway, the same MAC on
             // every host (the agent also makes its entry permanent).
-            if let Some(ns) = ndp::solicitation(ctx) {
-                ndp::advertise(ctx, &ns, &GATEWAY_MAC)?;
-                return redirect_to(ifindex(ctx), Reason::NdpReply);
+            if let Some(answered) = ndp::answer(ctx) {
+                return answered;
             }
             // MLD, router solicitations, duplicate address detection: link-scoped, nothing
             // to route.
@@ -370,20 +369,10 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
                 return Err(Reason::DropIpv6LinkLocal);
             }
         }
-        ETH_P_ARP => {
-            // The container's only neighbour is its default gateway: every host answers with
-            // the same MAC, so the container's neighbour cache stays valid wherever it runs.
-            return match arp::parse(ctx)? {
-                arp::Arp::Request(req) => {
-                    arp::reply(ctx, &req, &GATEWAY_MAC)?;
-                    redirect_to(ifindex(ctx), Reason::ArpReply)
-                }
-                arp::Arp::Reply => Ok(pass(Reason::ArpToHost)),
-            };
-        }
+        ETH_P_ARP => return answer_arp(ctx),
         _ => return Err(Reason::DropNotIpv4),
     }
-    let a = addrs(ctx, &cfg)?;
+    let a = addrs(ctx, cfg)?;
     // An IPv6 source outside the overlay prefix is nobody's endpoint: spoofed.
     match a.src.and_then(endpoint) {
         Some(me) if me.ifindex == ifindex(ctx) && me.flags & flags::DROP_EGRESS != 0 => {
@@ -400,7 +389,7 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     // The underlay is IPv4.
     if let Some(dst) = a.dst
         && !a.v6
-        && is_underlay(&cfg, dst)
+        && is_underlay(cfg, dst)
     {
         return Err(Reason::DropContainerToUnderlay);
     }
@@ -411,9 +400,15 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
             }
             return Ok(pass(Reason::ContainerToHost));
         }
+        // IPv4 only: the neighbour is resolved by its IPv4 address, and the kernel does not
+        // send an IPv6 packet to an IPv4 next hop (tried: the packets never arrived), so
+        // IPv6 keeps the tunnel.
+        if ep.kind == kind::REMOTE && !a.v6 && direct(cfg, ep.vtep_be) {
+            return to_neighbour(cfg, ep.vtep_be);
+        }
         return deliver(
             ctx,
-            &cfg,
+            cfg,
             &ep,
             Reason::ContainerToLocal,
             Reason::ContainerEncap,
@@ -430,6 +425,94 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     }
     // to-overlay encapsulates it to the gateway.
     redirect_to(cfg.vxlan_ifindex, Reason::ContainerEgress)
+}
+
+/// A container's ARP. Its only neighbour is its default gateway: every host answers with the
+/// same MAC, so the container's neighbour cache stays valid wherever it runs. Not inlined: its
+/// buffers get a stack frame of their own, which keeps from-container's under the limit.
+#[inline(never)]
+fn answer_arp(ctx: &TcContext) -> Result<Verdict, Reason> {
+    match arp::parse(ctx)? {
+        arp::Arp::Request(req) => {
+            arp::reply(ctx, &req, &GATEWAY_MAC)?;
+            redirect_to(ifindex(ctx), Reason::ArpReply)
+        }
+        arp::Arp::Reply => Ok(pass(Reason::ArpToHost)),
+    }
+}
+
+/// No-tunnel mode: is the host at underlay address `vtep_be` on this host's own subnet?
+#[inline(always)]
+fn direct(cfg: &Config, vtep_be: u32) -> bool {
+    cfg.flags & config_flags::DIRECT != 0
+        && cfg.underlay_ifindex != 0
+        && vtep_be & cfg.underlay_mask_be == cfg.underlay_net_be
+}
+
+/// Sends the packet as it is to the same-subnet host at `vtep_be`: out of the underlay
+/// interface to that host's MAC (the kernel resolves the neighbour and writes the Ethernet
+/// header).
+#[inline(always)]
+fn to_neighbour(cfg: &Config, vtep_be: u32) -> Result<Verdict, Reason> {
+    let mut nh = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: vtep_be },
+    };
+    // SAFETY: nh is a valid bpf_redir_neigh of the size passed; the kernel checks the ifindex.
+    let rc = unsafe {
+        bpf_redirect_neigh(
+            cfg.underlay_ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    redirected(rc, Reason::ContainerDirect)
+}
+
+const AF_INET: u32 = 2;
+
+/// TC ingress of the host's underlay interface, attached in no-tunnel mode only: packets a
+/// same-subnet host sent without a tunnel go to the endpoint they are for; everything else
+/// (the host's own traffic, VXLAN) goes on to the stack.
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    let r = try_from_underlay(&ctx);
+    finish(&ctx, r)
+}
+
+fn try_from_underlay(ctx: &TcContext) -> Result<Verdict, Reason> {
+    let cfg = config()?;
+    if cfg.flags & config_flags::DIRECT == 0 {
+        return Ok(pass(Reason::UnderlayPass));
+    }
+    let Ok(a) = addrs(ctx, cfg) else {
+        return Ok(pass(Reason::UnderlayPass));
+    };
+    if !a.dst_in_overlay {
+        return Ok(pass(Reason::UnderlayPass));
+    }
+    // The source must be an endpoint living on a same-subnet host (the one that sent it
+    // without a tunnel). An L2 neighbour could forge it, as it could forge a VXLAN packet's
+    // outer source: the underlay is trusted alike in both modes.
+    match a.src.and_then(endpoint) {
+        Some(src) if src.kind == kind::REMOTE && direct(cfg, src.vtep_be) => {}
+        _ => return Err(Reason::DropUnderlaySource),
+    }
+    let ep = a.dst.and_then(endpoint).ok_or(Reason::DropNoEndpoint)?;
+    match ep.kind {
+        kind::HOST if a.v6 => Err(Reason::DropIpv6ToHost),
+        kind::HOST => Ok(pass(Reason::OverlayToHost)),
+        kind::LOCAL | kind::HOLD => {
+            deliver(ctx, cfg, &ep, Reason::UnderlayToLocal, Reason::DropBadKind)
+        }
+        // Not here (any more): on through the tunnel, as from-overlay does.
+        kind::FORWARD | kind::REMOTE => {
+            decrement_ttl(ctx, a.v6)?;
+            deliver(ctx, cfg, &ep, Reason::DropBadKind, Reason::HoldForwarded)
+        }
+        _ => Err(Reason::DropBadKind),
+    }
 }
 
 /// Is `ip_be` a host's underlay address (this host's own, or a known VTEP)? The control plane
@@ -461,7 +544,7 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
             arp::reply(ctx, &req, &cfg.public_mac)?;
             return redirect_to(ifindex(ctx), Reason::ArpReply);
         }
-        ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => return from_public_v6(ctx, &cfg),
+        ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => return from_public_v6(ctx, cfg),
         _ => return Ok(pass(Reason::PublicPass)),
     }
     let dst = ipv4_dst(ctx)?;
@@ -474,7 +557,7 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
         }) {
             return Err(Reason::DropVxlanFromPublic);
         }
-        if is_underlay(&cfg, dst) {
+        if is_underlay(cfg, dst) {
             return Err(Reason::DropUnderlayFromPublic);
         }
         return Ok(pass(Reason::PublicPass));
@@ -483,7 +566,7 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
     if ep.kind == kind::HOST {
         return Err(Reason::DropBadKind);
     }
-    deliver(ctx, &cfg, &ep, Reason::PublicDnat, Reason::PublicDnat)
+    deliver(ctx, cfg, &ep, Reason::PublicDnat, Reason::PublicDnat)
 }
 
 /// from-public, IPv6: the overlay's prefix is routed (when `PUBLIC6`), not translated. What is
@@ -519,7 +602,7 @@ pub fn from_hold(ctx: TcContext) -> i32 {
 
 fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
-    let a = addrs(ctx, &cfg)?;
+    let a = addrs(ctx, cfg)?;
     let ep = a.dst.and_then(endpoint).ok_or(Reason::DropNoEndpoint)?;
     match ep.kind {
         // Draining towards another host (an abort: back to the source) while new packets
@@ -527,7 +610,7 @@ fn try_from_hold(ctx: &TcContext) -> Result<Verdict, Reason> {
         kind::HOLD if ep.vtep_be != 0 => redirect_to(cfg.vxlan_ifindex, Reason::HoldForwarded),
         // A container being drained: a new connection waits (the agent clears the flag
         // before it writes the held SYNs back to this container).
-        kind::LOCAL if draining(ctx, &ep) => hold_as(&cfg, Reason::HoldSyn),
+        kind::LOCAL if draining(ctx, &ep) => hold_as(cfg, Reason::HoldSyn),
         // Straight to the container (otherwise never back into the hold device).
         kind::LOCAL | kind::HOLD => {
             set_eth_addrs(ctx, &ep.mac, &GATEWAY_MAC)?;

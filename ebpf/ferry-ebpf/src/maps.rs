@@ -40,10 +40,11 @@ pub fn count(reason: Reason, len: u32) {
     }
 }
 
+/// The configuration, read in place (not copied: the programs' stack is 512 bytes).
 #[inline(always)]
-pub fn config() -> Result<Config, Reason> {
+pub fn config() -> Result<&'static Config, Reason> {
     match CONFIG.get(0) {
-        Some(c) if c.vni != 0 => Ok(*c),
+        Some(c) if c.vni != 0 => Ok(c),
         _ => Err(Reason::DropNoConfig),
     }
 }
