@@ -886,15 +886,7 @@ async fn gateway_ipv6(
     prefix: ipnet::Ipv6Net,
 ) -> anyhow::Result<()> {
     let dev = &cfg.vxlan_device;
-    for (key, value) in [
-        ("addr_gen_mode", "1"),
-        ("accept_dad", "0"),
-        ("accept_ra", "0"),
-        ("router_solicitations", "0"),
-        ("disable_ipv6", "0"),
-    ] {
-        sys::write_sysctl(&format!("net/ipv6/conf/{dev}/{key}"), value)?;
-    }
+    sys::ipv6_static(dev)?;
     // `all` turns forwarding on for every interface (and off router solicitations there).
     sys::write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
     nl.set_up(vxlan_ifindex, dev).await?;

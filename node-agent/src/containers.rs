@@ -649,17 +649,8 @@ impl HostNetwork {
         let dual = self.overlay6.is_some();
         netns::run_in_async(path, move || -> std::io::Result<()> {
             if dual {
-                for scope in ["all", "default"] {
-                    for (key, value) in [
-                        ("addr_gen_mode", "1"),
-                        ("accept_dad", "0"),
-                        ("accept_ra", "0"),
-                        ("router_solicitations", "0"),
-                        ("disable_ipv6", "0"),
-                    ] {
-                        sys::write_sysctl(&format!("net/ipv6/conf/{scope}/{key}"), value)?;
-                    }
-                }
+                sys::ipv6_static("all")?;
+                sys::ipv6_static("default")?;
             } else {
                 sys::write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
                 sys::write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")?;

@@ -140,6 +140,23 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// IPv6 on for `scope` (an interface, or `all` / `default`) with static addresses only: no
+/// link-local address, no duplicate address detection, no router advertisements or
+/// solicitations. What ferry's dual-stack interfaces need (their addresses and gateway are
+/// configured, and a restored socket must never meet a tentative address).
+pub fn ipv6_static(scope: &str) -> std::io::Result<()> {
+    for (key, value) in [
+        ("addr_gen_mode", "1"),
+        ("accept_dad", "0"),
+        ("accept_ra", "0"),
+        ("router_solicitations", "0"),
+        ("disable_ipv6", "0"),
+    ] {
+        write_sysctl(&format!("net/ipv6/conf/{scope}/{key}"), value)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,3 +119,21 @@ pub fn wait_listening(lab: &ferry_lab::Lab, ns: &Path, port: impl std::fmt::Disp
         },
     );
 }
+
+/// A number of a `ferry-workload client` summary.
+pub fn num(s: &Value, k: &str) -> u64 {
+    s[k].as_u64()
+        .unwrap_or_else(|| panic!("no number {k} in {s}"))
+}
+
+/// The `ferry-workload client` checks after a move: exit 0, nothing reset, lost or wrong, some
+/// requests, every reply, `connections` alive. `what` names the client in the messages.
+pub fn assert_client_clean(what: &str, code: i32, s: &Value, connections: u64) {
+    assert_eq!(num(s, "resets"), 0, "{what}: {s}");
+    assert_eq!(num(s, "mismatches"), 0, "{what}: {s}");
+    assert_eq!(num(s, "unanswered"), 0, "{what}: {s}");
+    assert_eq!(num(s, "replies"), num(s, "requests"), "{what}: {s}");
+    assert!(num(s, "requests") > 0, "{what}: {s}");
+    assert_eq!(num(s, "alive"), connections, "{what}: {s}");
+    assert_eq!(code, 0, "{what}: {s}");
+}

@@ -79,13 +79,7 @@ fn u(v: &Value, k: &str) -> u64 {
 
 /// The `ferry-workload serve` client checks: nothing reset, lost or wrong, all alive.
 fn assert_client_clean(code: i32, s: &Value, connections: u64) {
-    assert_eq!(u(s, "resets"), 0, "{s}");
-    assert_eq!(u(s, "mismatches"), 0, "{s}");
-    assert_eq!(u(s, "unanswered"), 0, "{s}");
-    assert_eq!(u(s, "replies"), u(s, "requests"), "{s}");
-    assert!(u(s, "requests") > 0, "{s}");
-    assert_eq!(u(s, "alive"), connections, "{s}");
-    assert_eq!(code, 0, "{s}");
+    ferry_tests::workload::assert_client_clean("client", code, s, connections);
 }
 
 /// `ferry-workload serve --port PORT` in container C, and a client from the internet through

@@ -283,11 +283,6 @@ fn without_public6_containers_ipv6_is_masqueraded_and_unreachable_from_the_inter
     lab.down().unwrap();
 }
 
-fn u(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("no number {k} in {v}"))
-}
-
 /// A dual-stack container moved with CRIU (`ferry migrate run`) across clouds and back while
 /// one client talks to it over IPv4 (through its public IPv4 address, translated) and one over
 /// IPv6 (its own address, routed): both see every reply, no reset; the destination announced
@@ -368,13 +363,7 @@ fn a_dual_stack_container_moves_with_criu_under_ipv4_and_ipv6_clients() {
     for (name, w) in [("IPv4", c4), ("IPv6", c6)] {
         let (code, s) = w.stop(Duration::from_secs(20));
         eprintln!("{name} client: {s}");
-        assert_eq!(u(&s, "resets"), 0, "{name}: {s}");
-        assert_eq!(u(&s, "mismatches"), 0, "{name}: {s}");
-        assert_eq!(u(&s, "unanswered"), 0, "{name}: {s}");
-        assert_eq!(u(&s, "replies"), u(&s, "requests"), "{name}: {s}");
-        assert!(u(&s, "requests") > 0, "{name}: {s}");
-        assert_eq!(u(&s, "alive"), 3, "{name}: {s}");
-        assert_eq!(code, 0, "{name}: {s}");
+        ferry_tests::workload::assert_client_clean(name, code, &s, 3);
     }
     lab.down().unwrap();
 }

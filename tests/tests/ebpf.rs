@@ -965,6 +965,23 @@ fn the_gateway_routes_the_overlays_ipv6_only_when_told_to() {
 
     // A container on the gateway host talking to the internet: to the gateway's stack.
     b.a_sends6(v6(A_IP), CLIENT6, TC_ACT_OK, Reason::GatewayToStack);
+
+    // The gateway's own MLD report on the VXLAN device (IPv6 is on there): its own reason,
+    // not `no_endpoint`.
+    let mut mld = [0u8; 16];
+    mld[..2].copy_from_slice(&[0xff, 0x02]);
+    mld[15] = 0x16;
+    let f = tcp6(
+        [0x0e, 0xfe, 0, 0, 0, 9],
+        [0x33, 0x33, 0, 0, 0, 0x16],
+        [0; 16],
+        mld,
+    );
+    b.run(programs::TO_OVERLAY, b.vxlan, &f).expect(
+        TC_ACT_SHOT,
+        Reason::DropIpv6LinkLocal,
+        f.len(),
+    );
 }
 
 /// A neighbour solicitation from `src` for `target` (with a source link-layer option when

@@ -390,7 +390,8 @@ reasons! {
         "from-container: IPv6 from a link-local or unspecified source, or to a multicast \
         address (MLD reports, router solicitations, duplicate address detection): the \
         container's only neighbour is its gateway, whose entry is permanent, and the overlay \
-        routes no multicast.";
+        routes no multicast. to-overlay: the host's own link-scoped IPv6 on the VXLAN device \
+        (a dual-stack gateway's MLD reports).";
     DropIpv6Outside = 41, drop, "ipv6_outside",
         "IPv6 whose overlay side (a container's source, or the destination arriving from the \
         overlay on a host that is not the gateway) is outside the overlay's IPv6 prefix.";

@@ -320,6 +320,14 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
     let a = addrs(ctx, cfg)?;
     let Some(ep) = a.dst.and_then(endpoint) else {
+        // The host's own link-scoped IPv6 on the device (a dual-stack gateway's MLD reports
+        // once forwarding is on): nothing to carry.
+        if a.v6 && !a.dst_in_overlay {
+            let dst = ipv6_dst(ctx)?;
+            if dst[0] == 0xff || ipv6_is_link_scoped(&dst) {
+                return Err(Reason::DropIpv6LinkLocal);
+            }
+        }
         if !a.dst_in_overlay && cfg.egress_vtep_be != 0 {
             tunnel::set(ctx, cfg.vni, cfg.egress_vtep_be, cfg.tunnel_ttl)?;
             return Ok(pass(Reason::OverlayEgress));

@@ -138,22 +138,7 @@ pub fn l4(ctx: &TcContext) -> Result<Option<L4>, Reason> {
     let proto = ctx
         .load::<u8>(IPV4_PROTO_OFF)
         .map_err(|_| Reason::DropMalformed)?;
-    let csum_rel = match proto {
-        IPPROTO_TCP => 16,
-        IPPROTO_UDP => 6,
-        _ => return Ok(None),
-    };
-    let off = ETH_HLEN + ihl;
-    let ports = ctx
-        .load::<[u16; 2]>(off)
-        .map_err(|_| Reason::DropMalformed)?;
-    Ok(Some(L4 {
-        proto,
-        off,
-        csum_off: off + csum_rel,
-        sport_be: ports[0],
-        dport_be: ports[1],
-    }))
+    l4_at(ctx, proto, ETH_HLEN + ihl)
 }
 
 /// [`l4`] of an IPv6 packet: the transport header right after the fixed header.
@@ -162,12 +147,17 @@ fn l4_v6(ctx: &TcContext) -> Result<Option<L4>, Reason> {
     let proto = ctx
         .load::<u8>(IPV6_NEXT_OFF)
         .map_err(|_| Reason::DropMalformed)?;
+    l4_at(ctx, proto, ETH_HLEN + IPV6_HLEN)
+}
+
+/// The TCP or UDP header of protocol `proto` at `off` (either family); `None` for others.
+#[inline(always)]
+fn l4_at(ctx: &TcContext, proto: u8, off: usize) -> Result<Option<L4>, Reason> {
     let csum_rel = match proto {
         IPPROTO_TCP => 16,
         IPPROTO_UDP => 6,
         _ => return Ok(None),
     };
-    let off = ETH_HLEN + IPV6_HLEN;
     let ports = ctx
         .load::<[u16; 2]>(off)
         .map_err(|_| Reason::DropMalformed)?;
