@@ -432,3 +432,18 @@ pub fn run_report(what: &str, out: &std::process::Output) -> (i32, ferry_api::ru
     );
     (code, r)
 }
+
+/// `ferry --json migrate run --container IP --to HOST`, which must end released (exit 0).
+pub fn migrate_run_ok(
+    lab: &ferry_lab::Lab,
+    container: std::net::Ipv4Addr,
+    to: &str,
+) -> ferry_api::run::RunReport {
+    let ip = container.to_string();
+    let out = lab
+        .ferry(&["--json", "migrate", "run", "--container", &ip, "--to", to])
+        .expect("running ferry");
+    let (code, r) = run_report(&format!("{ip} -> {to}"), &out);
+    assert_eq!(code, 0, "{ip} -> {to}: {r:?}");
+    r
+}

@@ -53,6 +53,29 @@ impl Workload {
         }
     }
 
+    /// `ferry-workload client` in `ns`: `connections` connections to `to`, a request every
+    /// 5 ms each, until the test stops it ([`Self::stop`]); returns once all are connected.
+    pub fn client(ns: &Path, to: &str, connections: usize) -> Self {
+        let n = connections.to_string();
+        let w = Self::start(
+            ns,
+            &[
+                "client",
+                "--to",
+                to,
+                "--connections",
+                &n,
+                "--interval-ms",
+                "5",
+                "--duration-ms",
+                "600000",
+                "--json",
+            ],
+        );
+        w.connected(Duration::from_secs(10));
+        w
+    }
+
     /// Waits for the `{"event":"connected",..}` line.
     pub fn connected(&self, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;

@@ -117,37 +117,10 @@ fn a_container_moves_between_a_direct_and_a_tunnelled_path_with_its_connections(
     lab.start_process(c, &[workload.to_str().unwrap(), "serve", "--port", "7000"])
         .expect("start the server");
     ferry_tests::workload::wait_listening(&lab, &ns, 7000);
-    let client = ferry_tests::workload::Workload::start(
-        &client_ns,
-        &[
-            "client",
-            "--to",
-            "10.244.1.10:7000",
-            "--connections",
-            "3",
-            "--interval-ms",
-            "5",
-            "--duration-ms",
-            "600000",
-            "--json",
-        ],
-    );
-    client.connected(Duration::from_secs(10));
+    let client = ferry_tests::workload::Workload::client(&client_ns, "10.244.1.10:7000", 3);
     ferry_tests::keep_load_for(Duration::from_millis(500));
-    for (from, to) in [("a1", "b1"), ("b1", "a1")] {
-        let out = lab
-            .ferry(&[
-                "--json",
-                "migrate",
-                "run",
-                "--container",
-                "10.244.1.10",
-                "--to",
-                to,
-            ])
-            .unwrap();
-        let (code, r) = ferry_tests::run_report(&format!("{from} -> {to}"), &out);
-        assert_eq!(code, 0, "{from} -> {to}: {r:?}");
+    for to in ["b1", "a1"] {
+        ferry_tests::migrate_run_ok(&lab, c, to);
         let before = counters(&lab, "a2");
         ferry_tests::keep_load_for(Duration::from_millis(500));
         let after = counters(&lab, "a2");

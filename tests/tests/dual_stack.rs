@@ -310,45 +310,15 @@ fn a_dual_stack_container_moves_with_criu_under_ipv4_and_ipv6_clients() {
     lab.start_process(c, &[workload.to_str().unwrap(), "serve", "--port", "7000"])
         .expect("start the server");
     ferry_tests::workload::wait_listening(&lab, &ns, 7000);
-    let client = |to: String| {
-        let w = ferry_tests::workload::Workload::start(
-            &lab.netns("inet"),
-            &[
-                "client",
-                "--to",
-                &to,
-                "--connections",
-                "3",
-                "--interval-ms",
-                "5",
-                "--duration-ms",
-                "600000",
-                "--json",
-            ],
-        );
-        w.connected(Duration::from_secs(10));
-        w
-    };
+    let client = |to: String| ferry_tests::workload::Workload::client(&lab.netns("inet"), &to, 3);
     let c4 = client("203.0.113.130:7000".to_owned());
     let c6 = client(format!("[{}]:7000", v6(&lab, c)));
     ferry_tests::keep_load_for(Duration::from_millis(500));
 
     let announced = |host: &str| announce_count(&lab, host, "neighbour_advert");
-    for (from, to) in [("a1", "b1"), ("b1", "a1")] {
+    for to in ["b1", "a1"] {
         let na_before = announced(to);
-        let out = lab
-            .ferry(&[
-                "--json",
-                "migrate",
-                "run",
-                "--container",
-                "10.244.1.10",
-                "--to",
-                to,
-            ])
-            .unwrap();
-        let (code, r) = ferry_tests::run_report(&format!("{from} -> {to}"), &out);
-        assert_eq!(code, 0, "{from} -> {to}: {r:?}");
+        ferry_tests::migrate_run_ok(&lab, c, to);
         assert_eq!(lab.endpoint_host(c).unwrap(), to);
         // The destination announced the IPv6 address from the container's interface, on the
         // same schedule as the gratuitous ARP.

@@ -49,25 +49,34 @@ struct Addrs {
 #[inline(always)]
 fn addrs(ctx: &TcContext, cfg: &Config) -> Result<Addrs, Reason> {
     match ethertype(ctx)? {
-        ETH_P_IP => {
-            let dst = ipv4_dst(ctx)?;
-            Ok(Addrs {
-                v6: false,
-                src: Some(ipv4_src(ctx)?),
-                dst: Some(dst),
-                dst_in_overlay: cfg.in_overlay(dst),
-            })
-        }
+        ETH_P_IP => addrs_v4(ctx, cfg),
         ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => {
-            let dst = cfg.overlay6_key(&ipv6_dst(ctx)?);
-            Ok(Addrs {
-                v6: true,
-                src: cfg.overlay6_key(&ipv6_src(ctx)?),
-                dst,
-                dst_in_overlay: dst.is_some(),
-            })
+            Ok(addrs_v6(cfg, &ipv6_src(ctx)?, &ipv6_dst(ctx)?))
         }
         _ => Err(Reason::DropNotIpv4),
+    }
+}
+
+#[inline(always)]
+fn addrs_v4(ctx: &TcContext, cfg: &Config) -> Result<Addrs, Reason> {
+    let dst = ipv4_dst(ctx)?;
+    Ok(Addrs {
+        v6: false,
+        src: Some(ipv4_src(ctx)?),
+        dst: Some(dst),
+        dst_in_overlay: cfg.in_overlay(dst),
+    })
+}
+
+/// [`addrs`] of IPv6 addresses already read.
+#[inline(always)]
+fn addrs_v6(cfg: &Config, src: &[u8; 16], dst: &[u8; 16]) -> Addrs {
+    let dst = cfg.overlay6_key(dst);
+    Addrs {
+        v6: true,
+        src: cfg.overlay6_key(src),
+        dst,
+        dst_in_overlay: dst.is_some(),
     }
 }
 
@@ -362,8 +371,8 @@ pub fn from_container(ctx: TcContext) -> i32 {
 
 fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
     let cfg = config()?;
-    match ethertype(ctx)? {
-        ETH_P_IP => {}
+    let a = match ethertype(ctx)? {
+        ETH_P_IP => addrs_v4(ctx, cfg)?,
         ETH_P_IPV6 if cfg.flags & config_flags::IPV6 != 0 => {
             // As for ARP: the container's only neighbour is its gateway, the same MAC on
             // every host (the agent also makes its entry permanent).
@@ -376,11 +385,11 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
             if ipv6_is_link_scoped(&src) || dst[0] == 0xff {
                 return Err(Reason::DropIpv6LinkLocal);
             }
+            addrs_v6(cfg, &src, &dst)
         }
         ETH_P_ARP => return answer_arp(ctx),
         _ => return Err(Reason::DropNotIpv4),
-    }
-    let a = addrs(ctx, cfg)?;
+    };
     // An IPv6 source outside the overlay prefix is nobody's endpoint: spoofed.
     match a.src.and_then(endpoint) {
         Some(me) if me.ifindex == ifindex(ctx) && me.flags & flags::DROP_EGRESS != 0 => {
