@@ -19,6 +19,8 @@
 //! # masquerade = true          # gateway only: containers without a public address leave as
 //! #                            # the gateway's own address (nftables masquerade)
 //! # direct_routing = false     # no tunnel to hosts of this host's own underlay subnet
+//! # announce_relay = "eth0"    # copy containers' own announcements (gratuitous ARP,
+//! #                            # unsolicited NA) out of this interface, for L2 peers there
 //! # public6 = false            # gateway only, with overlay6_cidr: route the overlay's IPv6
 //! #                            # prefix from the internet (containers' IPv6 addresses are
 //! #                            # public); false: IPv6 egress masqueraded, inbound dropped
@@ -155,6 +157,14 @@ pub struct AgentConfig {
     /// (default: at once, then 50, 200, 450 ms).
     #[serde(default)]
     pub announce: ferry_announce::Schedule,
+    /// A host interface on an L2 segment whose stations (switches, routers, other machines)
+    /// may cache a container's addresses: a container's own announcements (the ones above,
+    /// and any it sends itself) are copied out of it, so those stations relearn where the
+    /// container is. The datapath relays only an address and MAC of the container's own,
+    /// from its own veth, while it runs here. None (default): announcements stay on the host
+    /// (`announce_no_relay`); ferry's L3 overlay does not need them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_relay: Option<String>,
     /// The socket hand-off API (`ferry_agent::handoff`): the Unix socket (mode 0600) through
     /// which a process exports its established TCP sockets and state, and the new process on the
     /// destination claims them. Processes in containers reach it through the shared mount
@@ -560,6 +570,14 @@ impl AgentConfig {
             }
             _ => {}
         }
+        if let Some(i) = &self.announce_relay
+            && (i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) || i == "." || i == "..")
+        {
+            return err(
+                "announce_relay",
+                format!("{i:?} is not a valid interface name (1..=15 bytes, no '/' or space)"),
+            );
+        }
         for (i, p) in self.peers.iter().enumerate() {
             if !self.overlay_cidr.contains(&p.overlay_ip) {
                 return err(
@@ -613,6 +631,29 @@ overlay_ip = "10.244.255.2"
         );
         let again = AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn announce_relay_names_an_interface() {
+        let c = AgentConfig::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.announce_relay, None, "off by default");
+        let with = GOOD.replace("host = \"a1\"", "host = \"a1\"\nannounce_relay = \"eth0\"");
+        let c = AgentConfig::parse(Path::new("t.toml"), &with).unwrap();
+        assert_eq!(c.announce_relay.as_deref(), Some("eth0"));
+        assert_eq!(
+            AgentConfig::parse(Path::new("t.toml"), &c.to_toml()).unwrap(),
+            c
+        );
+        for bad in ["", "a-name-longer-than-15", "a/b", ".."] {
+            let text = GOOD.replace(
+                "host = \"a1\"",
+                &format!("host = \"a1\"\nannounce_relay = {bad:?}"),
+            );
+            let e = AgentConfig::parse(Path::new("t.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("announce_relay"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

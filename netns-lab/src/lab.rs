@@ -1338,6 +1338,7 @@ impl Builder {
                 hold_device: ferry_config::DEFAULT_HOLD_DEVICE.to_owned(),
                 hold: self.state.hold_limits,
                 announce: ferry_announce::Schedule::default(),
+                announce_relay: t.announce_relay.then(|| HOST_IF.to_owned()),
                 handoff_socket: handoff_socket(self.prefix(), &h.name),
                 api_listen: SocketAddr::new(h.address.into(), AGENT_API_PORT),
                 handoff_max_bytes: ferry_config::DEFAULT_HANDOFF_MAX_BYTES,

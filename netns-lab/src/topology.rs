@@ -157,6 +157,11 @@ pub struct Topology {
     /// No-tunnel mode between hosts of one cloud (the agents' `direct_routing`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub direct_routing: bool,
+    /// The agents copy containers' own announcements out of the hosts' underlay interface
+    /// (the agents' `announce_relay`): the cloud's bridge and router are the L2 peers that
+    /// relearn where a container is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub announce_relay: bool,
     pub clouds: Vec<CloudSpec>,
     pub hosts: Vec<HostSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +237,8 @@ fn default_internet_gateway() -> String {
 pub struct LabTopology {
     #[serde(default)]
     pub direct_routing: bool,
+    #[serde(default)]
+    pub announce_relay: bool,
     pub overlay_cidr: Ipv4Net,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay6_cidr: Option<Ipv6Net>,
@@ -720,6 +727,7 @@ impl Topology {
         }
         Ok(LabTopology {
             direct_routing: self.direct_routing,
+            announce_relay: self.announce_relay,
             overlay_cidr: self.overlay_cidr,
             overlay6_cidr: self.overlay6_cidr,
             vni: self.vni,

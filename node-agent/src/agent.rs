@@ -281,6 +281,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
 
+    // Containers' own announcements are copied out of this interface (for L2 peers there).
+    if let Some(relay) = cfg.announce_relay.as_deref() {
+        base.announce_ifindex = nl
+            .link_index(relay)
+            .await?
+            .with_context(|| format!("announce_relay: interface {relay} does not exist"))?;
+        info!(interface = relay, "containers' announcements relayed");
+    }
+
     // The hold device: packets for HOLD endpoints wait behind it, in this agent. Persistent:
     // it stays (same ifindex, from-hold attached) when this agent stops.
     let tap = Tap::open_persistent(&cfg.hold_device)

@@ -286,10 +286,15 @@ fn without_public6_containers_ipv6_is_masqueraded_and_unreachable_from_the_inter
 /// A dual-stack container moved with CRIU (`ferry migrate run`) across clouds and back while
 /// one client talks to it over IPv4 (through its public IPv4 address, translated) and one over
 /// IPv6 (its own address, routed): both see every reply, no reset; the destination announced
-/// the container's IPv6 address with unsolicited neighbour advertisements from its interface.
+/// the container's IPv6 address with unsolicited neighbour advertisements from its interface,
+/// and a peer on the destination's L2 segment relearned it. That peer is the cloud's router
+/// (its bridge `br-<cloud>` is the segment the hosts' underlay interfaces share; the lab's
+/// agents relay containers' own announcements out of them, `announce_relay`): before each
+/// move it caches the container's addresses at a stale MAC, and after it has them at the
+/// container's MAC, the bridge's FDB at the destination's port.
 #[test]
 fn a_dual_stack_container_moves_with_criu_under_ipv4_and_ipv6_clients() {
-    if !require_root_and_tools(&["ip", "ss", "criu", "nft"]) {
+    if !require_root_and_tools(&["ip", "ss", "criu", "nft", "bridge"]) {
         return;
     }
     let _machine = ferry_tests::machine_shared();
@@ -316,7 +321,13 @@ fn a_dual_stack_container_moves_with_criu_under_ipv4_and_ipv6_clients() {
     ferry_tests::keep_load_for(Duration::from_millis(500));
 
     let announced = |host: &str| announce_count(&lab, host, "neighbour_advert");
+    let addr6 = v6(&lab, c);
     for to in ["b1", "a1"] {
+        let segment = format!("br-{}", lab.host(to).unwrap().cloud);
+        // The peer cached both addresses at a MAC nobody has.
+        for addr in [IpAddr::V4(c), IpAddr::V6(addr6)] {
+            router_neigh_replace(&lab, &segment, addr, STALE_MAC);
+        }
         let na_before = announced(to);
         ferry_tests::migrate_run_ok(&lab, c, to);
         assert_eq!(lab.endpoint_host(c).unwrap(), to);
@@ -327,6 +338,22 @@ fn a_dual_stack_container_moves_with_criu_under_ipv4_and_ipv6_clients() {
             Duration::from_secs(10),
             || (announced(to) > na_before).then_some(()),
         );
+        let mac = container_mac(&lab, to, c);
+        for addr in [IpAddr::V6(addr6), IpAddr::V4(c)] {
+            ferry_tests::wait_for(
+                &format!("the router relearns {addr} on {segment} at {mac}"),
+                Duration::from_secs(10),
+                || {
+                    (router_neigh(&lab, &segment, addr).as_deref() == Some(mac.as_str()))
+                        .then_some(())
+                },
+            );
+        }
+        assert_eq!(
+            fdb_port(&lab, &segment, &mac).as_deref(),
+            Some(format!("v-{to}").as_str()),
+            "the segment's bridge forwards {mac} to {to}'s port"
+        );
         ferry_tests::keep_load_for(Duration::from_millis(500));
     }
 
@@ -336,6 +363,60 @@ fn a_dual_stack_container_moves_with_criu_under_ipv4_and_ipv6_clients() {
         ferry_tests::workload::assert_client_clean(name, code, &s, 3);
     }
     lab.down().unwrap();
+}
+
+/// What the router caches before a move: a MAC no station has.
+const STALE_MAC: &str = "02:00:5e:00:53:99";
+
+fn router(lab: &Lab, args: &[&str]) -> String {
+    let out = lab.exec("router", args).expect("running in the router");
+    assert!(
+        out.status.success(),
+        "{args:?} in the router: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes the router's neighbour entry for `addr` on `dev` a stale one at `mac`.
+fn router_neigh_replace(lab: &Lab, dev: &str, addr: IpAddr, mac: &str) {
+    let a = addr.to_string();
+    router(
+        lab,
+        &[
+            "ip", "neigh", "replace", &a, "lladdr", mac, "dev", dev, "nud", "stale",
+        ],
+    );
+}
+
+/// The MAC of the router's neighbour entry for `addr` on `dev`.
+fn router_neigh(lab: &Lab, dev: &str, addr: IpAddr) -> Option<String> {
+    let a = addr.to_string();
+    let out = router(lab, &["ip", "-j", "neigh", "show", &a, "dev", dev]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j neigh");
+    v.get(0)?.get("lladdr")?.as_str().map(str::to_owned)
+}
+
+/// The port of bridge `br` whose FDB holds `mac`.
+fn fdb_port(lab: &Lab, br: &str, mac: &str) -> Option<String> {
+    let out = router(lab, &["bridge", "-j", "fdb", "show", "br", br]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bridge -j fdb");
+    v.as_array()?
+        .iter()
+        .find(|e| e.get("mac").and_then(|m| m.as_str()) == Some(mac))
+        .and_then(|e| e.get("ifname")?.as_str().map(str::to_owned))
+}
+
+/// The MAC of container `c`'s `eth0` on `host`.
+fn container_mac(lab: &Lab, host: &str, c: Ipv4Addr) -> String {
+    let out = lab
+        .exec_in(
+            &lab.container_netns(host, c),
+            &["ip", "-j", "link", "show", "eth0"],
+        )
+        .expect("ip link in the container");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+    v[0]["address"].as_str().expect("a MAC").to_owned()
 }
 
 /// `ferry_announce_frames_total{kind=KIND}` of a host's agent.

@@ -205,6 +205,8 @@ impl Bench {
             underlay_ifindex: 0,
             underlay_net_be: 0,
             underlay_mask_be: 0,
+            // No relay interface for announcements unless a test sets one.
+            announce_ifindex: 0,
         };
         let mut dp = Datapath::attach("ferry_vx", config, None).expect("datapath attach");
         let local = |ifindex, mac| Endpoint {
@@ -417,10 +419,11 @@ fn from_container_answers_arp_delivers_and_drops_by_reason() {
     run.expect(TC_ACT_REDIRECT, Reason::ArpReply, req.len());
     assert_arp_reply(&run.frame, GATEWAY_MAC, HOST_IP, A_MAC, A_IP);
 
-    // A gratuitous ARP (sender asks for its own address) is not answered.
+    // A gratuitous ARP (sender asks for its own address) is not answered: it is an
+    // announcement, which stays on the host when no relay interface is set.
     let grat = arp_request(A_MAC, A_IP, A_IP);
     b.run(program, b.veth_a, &grat)
-        .expect(TC_ACT_SHOT, Reason::DropArpIgnored, grat.len());
+        .expect(TC_ACT_SHOT, Reason::DropAnnounceNoRelay, grat.len());
 
     // A sending as B (B lives on another veth), or from an address nobody has: spoofed.
     for src in [B_IP, UNKNOWN_IP] {
@@ -1144,4 +1147,125 @@ fn the_no_tunnel_mode_sends_and_accepts_untunnelled_packets_between_same_subnet_
     };
     b.dp.set_endpoint(UNKNOWN_IP.into(), far).expect("set far");
     b.a_sends(A_IP, UNKNOWN_IP, TC_ACT_REDIRECT, Reason::ContainerEncap);
+}
+
+/// A container's own announcements — the gratuitous ARPs and unsolicited NA the agent sends
+/// (ferry-announce's frames) — are copied out of the relay interface, as they are, and go no
+/// further; without a relay interface they are dropped by reason. Only an address and MAC of
+/// the container's own, from its own veth, while its entry is LOCAL: forged and early ones
+/// are dropped by reason and never relayed.
+#[test]
+fn from_container_relays_only_a_containers_own_announcements() {
+    use ferry_announce::frames::{garp_reply, garp_request, unsolicited_na};
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    let mut b = Bench::new(false);
+    b.dual_stack(false);
+    let a6 = std::net::Ipv6Addr::from(v6(A_IP));
+    let own = [
+        garp_request(A_MAC, A_IP.into()),
+        garp_reply(A_MAC, A_IP.into()),
+        unsolicited_na(A_MAC, a6),
+    ];
+    let program = programs::FROM_CONTAINER;
+    for f in &own {
+        b.run(program, b.veth_a, f)
+            .expect(TC_ACT_SHOT, Reason::DropAnnounceNoRelay, f.len());
+    }
+
+    // The relay interface: one end of a veth pair; what leaves through it is counted there
+    // (IPv6 off on it, so the kernel sends nothing of its own; this thread is in the
+    // namespace, whose sysctls /proc/sys/net shows).
+    std::fs::write("/proc/sys/net/ipv6/conf/pub0/disable_ipv6", "1").expect("IPv6 off");
+    b.ns.ip(&["link", "set", "pub0-p", "up"]);
+    b.ns.ip(&["link", "set", "pub0", "up"]);
+    let mut config = b.dp.config().expect("config");
+    config.announce_ifindex = b.public;
+    b.dp.set_config(config).expect("set config");
+    let relayed = |b: &Bench| -> u64 {
+        let out = b.ns.ip(&["-s", "-j", "link", "show", "dev", "pub0"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+        v[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .expect("tx packets")
+    };
+    for f in &own {
+        let before = relayed(&b);
+        let run = b.run(program, b.veth_a, f);
+        run.expect(TC_ACT_SHOT, Reason::AnnounceRelayed, f.len());
+        assert_eq!(
+            relayed(&b),
+            before + 1,
+            "one copy left through the relay interface"
+        );
+    }
+
+    let before = relayed(&b);
+    let b6 = std::net::Ipv6Addr::from(v6(B_IP));
+    let mut other_mac = garp_request([0x02, 0, 0, 0, 9, 9], A_IP.into());
+    // From A's MAC, but naming another MAC in the ARP body.
+    other_mac[6..12].copy_from_slice(&A_MAC);
+    let mut na_other_mac = unsolicited_na(A_MAC, a6);
+    // The NA's target link-layer option names another MAC (checksum left as it is: the
+    // datapath does not check it, it refuses the claim).
+    na_other_mac[80..86].copy_from_slice(&B_MAC);
+    for (what, f, reason) in [
+        // A announcing B's addresses (B lives on another veth).
+        (
+            "B's IPv4",
+            garp_request(A_MAC, B_IP.into()),
+            Reason::DropSpoofedSource,
+        ),
+        (
+            "B's IPv6",
+            unsolicited_na(A_MAC, b6),
+            Reason::DropSpoofedSource,
+        ),
+        // An address nobody has.
+        (
+            "unknown IPv4",
+            garp_request(A_MAC, UNKNOWN_IP.into()),
+            Reason::DropSpoofedSource,
+        ),
+        // Its own address at another MAC.
+        ("IPv4 at another MAC", other_mac, Reason::DropSpoofedSource),
+        (
+            "IPv6 at another MAC",
+            na_other_mac,
+            Reason::DropSpoofedSource,
+        ),
+    ] {
+        let run = b.run(program, b.veth_a, &f);
+        assert_eq!(
+            (run.action, run.moved.as_slice()),
+            (TC_ACT_SHOT, [(reason, 1, f.len() as u64)].as_slice()),
+            "{what}"
+        );
+    }
+
+    // A's entry is HOLD (restored here, not yet released), then LOCAL but frozen (a source
+    // whose dump started): its announcements would draw peers to the wrong copy.
+    let local =
+        b.dp.endpoints()
+            .into_iter()
+            .find(|(ip, _)| *ip == std::net::Ipv4Addr::from(A_IP));
+    let (_, local) = local.expect("A's entry");
+    for ep in [
+        Endpoint {
+            kind: kind::HOLD,
+            ..local
+        },
+        Endpoint {
+            flags: flags::DROP_EGRESS,
+            ..local
+        },
+    ] {
+        b.dp.set_endpoint(A_IP.into(), ep).expect("set endpoint");
+        for f in &own {
+            b.run(program, b.veth_a, f)
+                .expect(TC_ACT_SHOT, Reason::DropAnnounceNotLocal, f.len());
+        }
+    }
+    assert_eq!(relayed(&b), before, "nothing forged or early was relayed");
 }

@@ -161,6 +161,10 @@ pub struct Config {
     pub underlay_ifindex: u32,
     pub underlay_net_be: u32,
     pub underlay_mask_be: u32,
+    /// ifindex of the interface a container's own announcements (gratuitous ARP, unsolicited
+    /// NA) are copied out of, for peers on that L2 segment (the agent's `announce_relay`).
+    /// 0: none; they stay on the host (`announce_no_relay`).
+    pub announce_ifindex: u32,
 }
 
 impl Config {
@@ -417,6 +421,18 @@ reasons! {
     DropUnderlaySource = 49, drop, "underlay_source",
         "from-underlay: an untunnelled overlay packet whose source is not an endpoint of a \
         same-subnet host.";
+    AnnounceRelayed = 50, pass, "announce_relayed",
+        "from-container: the container's announcement of its own address and MAC (gratuitous \
+        ARP, unsolicited NA) while it runs here, copied out of the relay interface for peers \
+        on that L2 segment (the original goes no further).";
+    DropAnnounceNoRelay = 51, drop, "announce_no_relay",
+        "from-container: the container's announcement of its own address, with no relay \
+        interface configured (ferry's L3 overlay does not need it: every host answers for the \
+        gateway with the same MAC).";
+    DropAnnounceNotLocal = 52, drop, "announce_not_local",
+        "from-container: an announcement from a copy that is not the one serving the address \
+        (restored but not yet released, frozen, or being moved away): relaying it would draw \
+        peers to the wrong copy.";
 }
 
 impl Reason {
@@ -464,7 +480,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 4 * 5 + 8);
         assert_eq!(size_of::<Vtep>(), 8);
-        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4 + 12 + 12);
+        assert_eq!(size_of::<Config>(), 4 * 8 + 8 + 4 + 4 + 12 + 12 + 4);
         assert_eq!(size_of::<NatKey>(), 8);
         assert_eq!(size_of::<NatValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);

@@ -30,8 +30,28 @@ pub enum Arp {
     Reply,
 }
 
-/// Parses ARP; anything but a request or a reply (gratuitous announcements, other hardware or
-/// protocol types) is `DropArpIgnored`.
+/// A gratuitous ARP (request or reply, sender address = target address): the sender announces
+/// its own address. `Some((address, MAC))` (address in network order in memory).
+#[inline(always)]
+pub fn gratuitous(ctx: &TcContext) -> Option<(u32, [u8; 6])> {
+    let raw = ctx.load::<[u8; ARP_LEN]>(ETH_HLEN).ok()?;
+    let op = u16::from_be_bytes([raw[6], raw[7]]);
+    if raw[0..6] != [0, 1, 8, 0, 6, 4]
+        || !matches!(op, ARPOP_REQUEST | ARPOP_REPLY)
+        || raw[14..18] != raw[24..28]
+    {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&raw[8..14]);
+    Some((
+        u32::from_ne_bytes([raw[14], raw[15], raw[16], raw[17]]),
+        mac,
+    ))
+}
+
+/// Parses ARP; anything but a request or a reply (gratuitous announcements, which
+/// `gratuitous` sees first, other hardware or protocol types) is `DropArpIgnored`.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Result<Arp, Reason> {
     let raw = ctx

@@ -13,7 +13,7 @@ mod tunnel;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_clone_redirect, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
 };
@@ -379,6 +379,9 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
             if let Some(answered) = ndp::answer(ctx) {
                 return answered;
             }
+            if let Some(announced) = announcement6(ctx, cfg) {
+                return announced;
+            }
             // MLD, router solicitations, duplicate address detection: link-scoped, nothing
             // to route.
             let (src, dst) = (ipv6_src(ctx)?, ipv6_dst(ctx)?);
@@ -387,7 +390,12 @@ fn try_from_container(ctx: &TcContext) -> Result<Verdict, Reason> {
             }
             addrs_v6(cfg, &src, &dst)
         }
-        ETH_P_ARP => return answer_arp(ctx),
+        ETH_P_ARP => {
+            if let Some(announced) = announcement4(ctx, cfg) {
+                return announced;
+            }
+            return answer_arp(ctx);
+        }
         _ => return Err(Reason::DropNotIpv4),
     };
     // An IPv6 source outside the overlay prefix is nobody's endpoint: spoofed.
@@ -456,6 +464,67 @@ fn answer_arp(ctx: &TcContext) -> Result<Verdict, Reason> {
         }
         arp::Arp::Reply => Ok(pass(Reason::ArpToHost)),
     }
+}
+
+/// A container's gratuitous ARP (see `announcement`); `None` if the frame is not one. Not
+/// inlined: a call of its own next to `answer_arp`'s (the stack limit counts the frames along
+/// a chain of calls).
+#[inline(never)]
+fn announcement4(ctx: &TcContext, cfg: &Config) -> Option<Result<Verdict, Reason>> {
+    let (key, mac) = arp::gratuitous(ctx)?;
+    Some(announcement(ctx, cfg, Some(key), mac))
+}
+
+/// A container's unsolicited NA (see `announcement`); `None` if the frame is not one. Not
+/// inlined, like `answer_arp`: its own stack frame.
+#[inline(never)]
+fn announcement6(ctx: &TcContext, cfg: &Config) -> Option<Result<Verdict, Reason>> {
+    let (key, mac) = ndp::unsolicited_advert(ctx, cfg)?;
+    Some(announcement(ctx, cfg, key, mac))
+}
+
+/// A container announcing an address (gratuitous ARP, unsolicited NA; `key` is the endpoint
+/// it names, `mac` the MAC it names). Only the endpoint's own address and MAC, from its own
+/// veth, while the entry says it runs here; then copied out of the relay interface, if any,
+/// for peers on that segment that cache the address (the announcement itself ends here: the
+/// container's only neighbour on its veth is the datapath).
+#[inline(always)]
+fn announcement(
+    ctx: &TcContext,
+    cfg: &Config,
+    key: Option<u32>,
+    mac: [u8; 6],
+) -> Result<Verdict, Reason> {
+    let src_mac = ctx.load::<[u8; 6]>(6).map_err(|_| Reason::DropMalformed)?;
+    let me = match key.and_then(endpoint) {
+        Some(me) if me.ifindex == ifindex(ctx) => me,
+        _ => return Err(Reason::DropSpoofedSource),
+    };
+    if me.kind != kind::LOCAL || me.flags & flags::DROP_EGRESS != 0 {
+        return Err(Reason::DropAnnounceNotLocal);
+    }
+    let m = mac48(&me.mac);
+    if m != mac48(&mac) || m != mac48(&src_mac) {
+        return Err(Reason::DropSpoofedSource);
+    }
+    if cfg.announce_ifindex == 0 {
+        return Err(Reason::DropAnnounceNoRelay);
+    }
+    // SAFETY: plain helper call on this program's skb; the kernel checks the ifindex.
+    let rc = unsafe { bpf_clone_redirect(ctx.skb.skb, cfg.announce_ifindex, 0) };
+    if rc != 0 {
+        return Err(Reason::DropRedirectFailed);
+    }
+    Ok(Verdict {
+        action: TC_ACT_SHOT,
+        reason: Reason::AnnounceRelayed,
+    })
+}
+
+/// A MAC as one number (compared without a byte loop).
+#[inline(always)]
+fn mac48(m: &[u8; 6]) -> u64 {
+    u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
 }
 
 /// No-tunnel mode: is the host at underlay address `vtep_be` on this host's own subnet?

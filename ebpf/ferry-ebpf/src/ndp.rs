@@ -72,6 +72,48 @@ pub fn answer(ctx: &TcContext) -> Option<Result<crate::Verdict, Reason>> {
     Some(write(ctx, &mut buf))
 }
 
+/// An unsolicited neighbour advertisement (to all nodes, Solicited clear, hop limit 255) sent
+/// from the address it announces, with a target link-layer address option: `Some((endpoint
+/// key of the address, or None outside the overlay's prefix; the MAC announced))`. `None`
+/// for anything else (which the caller treats as link-scoped). Reads in 8-byte pieces: it
+/// runs in a frame of its own that must stay small.
+#[inline(always)]
+pub fn unsolicited_advert(
+    ctx: &TcContext,
+    cfg: &ferry_common::Config,
+) -> Option<(Option<u32>, [u8; 6])> {
+    let fixed = ctx.load::<[u8; 8]>(IP).ok()?;
+    let head = ctx.load::<[u8; 8]>(ICMP).ok()?;
+    if fixed[6] != IPPROTO_ICMPV6
+        || fixed[7] != 255
+        || head[0] != ND_NEIGHBOR_ADVERT
+        || head[1] != 0
+        || head[4] & 0x40 != 0
+        || u16::from_be_bytes([fixed[4], fixed[5]]) < NA_LEN as u16
+    {
+        return None;
+    }
+    let word = |off: usize| ctx.load::<u64>(off).ok();
+    // To ff02::1, from the target.
+    if word(IP + 24)? != u64::from_ne_bytes([0xff, 2, 0, 0, 0, 0, 0, 0])
+        || word(IP + 32)? != u64::from_ne_bytes([0, 0, 0, 0, 0, 0, 0, 1])
+        || word(IP + 8)? != word(ICMP + 8)?
+        || word(IP + 16)? != word(ICMP + 16)?
+    {
+        return None;
+    }
+    // The option right after the target: type 2, one unit of 8 bytes.
+    let opt = ctx.load::<[u8; 8]>(ICMP + 24).ok()?;
+    if opt[0] != 2 || opt[1] != 1 {
+        return None;
+    }
+    let target = ctx.load::<[u8; 16]>(ICMP + 8).ok()?;
+    Some((
+        cfg.overlay6_key(&target),
+        [opt[2], opt[3], opt[4], opt[5], opt[6], opt[7]],
+    ))
+}
+
 /// Writes the advertisement whose pseudo-header and message are in `buf` (checksum field
 /// zero) over the solicitation, addressed to the asker, and sends it back.
 #[inline(always)]
