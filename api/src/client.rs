@@ -488,6 +488,21 @@ impl Client {
         self.send::<(), _>("GET", &path, None, timeout).await
     }
 
+    /// [`Client::watch`], answered as a delta from `after` when the gateway can (the caller
+    /// must hold the snapshot of version `after` to apply it).
+    pub async fn watch_update(
+        &self,
+        host: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<crate::WatchUpdate, ApiError> {
+        let path = format!(
+            "/v1/watch?host={}&after={after}&delta=true",
+            percent_encode(host)
+        );
+        self.send::<(), _>("GET", &path, None, timeout).await
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         self.send::<(), _>("GET", path, None, self.timeout).await
     }

@@ -20,6 +20,7 @@
 //! | GET | /v1/public | → `Vec<PublicMapping>` |
 //! | DELETE | /v1/public/{key} | → [`PublicMapping`] (`key` as [`PublicMapping::key`]) |
 //! | GET | /v1/watch?host=NAME&after=N | → [`Snapshot`] as soon as its version ≠ N (or after the long-poll timeout, the current one) |
+//! | GET | /v1/watch?host=NAME&after=N&delta=true | → [`WatchUpdate`]: the same, as a [`SnapshotDelta`] from N when the gateway still has what changed since N |
 //! | GET | /v1/version | → [`RegistryVersion`] (the registry's current version) |
 //! | POST | /v1/migrations[?timeout_ms=N] | [`MigrationRequest`] → [`MigrationStep`] (prepare: 201 new, 200 repeated) |
 //! | POST | /v1/migrations/{id}/freeze[?timeout_ms=N] | → [`MigrationStep`] |

@@ -268,6 +268,112 @@ pub struct Snapshot {
     pub migrations: Vec<Migration>,
 }
 
+/// What changed in the registry between two versions (`GET /v1/watch?…&delta=true`): the
+/// hosts, endpoints and public mappings added or changed (whole) and the keys of those removed,
+/// plus the whole list of migrations (live ones only: a handful). Its size follows the change,
+/// not the registry. Applied to the snapshot of version `from` it gives the snapshot of
+/// `version` ([`SnapshotDelta::apply_to`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDelta {
+    /// The version of the snapshot this applies to (the agent's).
+    pub from: u64,
+    /// The version it gives.
+    pub version: u64,
+    pub overlay_cidr: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay6_cidr: Option<ipnet::Ipv6Net>,
+    pub vni: u32,
+    /// Added or changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostInfo>,
+    /// Names of hosts removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts_removed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_removed: Vec<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public: Vec<PublicMapping>,
+    /// Keys ([`PublicMapping::key`]) of mappings removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_removed: Vec<String>,
+    /// Every migration of the new snapshot (as [`Snapshot::migrations`]).
+    #[serde(default)]
+    pub migrations: Vec<Migration>,
+}
+
+/// Why a [`SnapshotDelta`] does not apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a delta from version {from} does not apply to a snapshot of version {have}")]
+pub struct DeltaMismatch {
+    pub from: u64,
+    pub have: u64,
+}
+
+impl SnapshotDelta {
+    /// The snapshot of `self.version`, from `base` (the snapshot of `self.from`), in the
+    /// gateway's order (hosts by name, endpoints by address, mappings by key).
+    pub fn apply_to(&self, base: &Snapshot) -> Result<Snapshot, DeltaMismatch> {
+        use std::collections::BTreeMap;
+        if base.version != self.from {
+            return Err(DeltaMismatch {
+                from: self.from,
+                have: base.version,
+            });
+        }
+        let mut hosts: BTreeMap<&str, &HostInfo> =
+            base.hosts.iter().map(|h| (h.name.as_str(), h)).collect();
+        for name in &self.hosts_removed {
+            hosts.remove(name.as_str());
+        }
+        hosts.extend(self.hosts.iter().map(|h| (h.name.as_str(), h)));
+        let mut endpoints: BTreeMap<Ipv4Addr, &Endpoint> =
+            base.endpoints.iter().map(|e| (e.ip, e)).collect();
+        for ip in &self.endpoints_removed {
+            endpoints.remove(ip);
+        }
+        endpoints.extend(self.endpoints.iter().map(|e| (e.ip, e)));
+        let mut public: BTreeMap<crate::PublicKey, &PublicMapping> =
+            base.public.iter().map(|p| (p.public_key(), p)).collect();
+        for key in &self.public_removed {
+            public.retain(|_, p| p.key() != *key);
+        }
+        public.extend(self.public.iter().map(|p| (p.public_key(), p)));
+        Ok(Snapshot {
+            version: self.version,
+            overlay_cidr: self.overlay_cidr,
+            overlay6_cidr: self.overlay6_cidr,
+            vni: self.vni,
+            hosts: hosts.into_values().cloned().collect(),
+            endpoints: endpoints.into_values().cloned().collect(),
+            public: public.into_values().cloned().collect(),
+            migrations: self.migrations.clone(),
+        })
+    }
+}
+
+/// The answer of `GET /v1/watch?…&delta=true`: a delta from the agent's version when the
+/// gateway still knows what changed since, else the whole snapshot (first contact, a
+/// restarted gateway, an agent too far behind).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum WatchUpdate {
+    Snapshot(Snapshot),
+    Delta(SnapshotDelta),
+}
+
+impl WatchUpdate {
+    /// The version the update brings.
+    pub fn version(&self) -> u64 {
+        match self {
+            WatchUpdate::Snapshot(s) => s.version,
+            WatchUpdate::Delta(d) => d.version,
+        }
+    }
+}
+
 /// Where a migration stands. Steps go prepare → freeze → release; abort is possible from
 /// `prepared` and `frozen`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -697,6 +803,10 @@ pub struct WatchQuery {
     pub host: String,
     /// The snapshot version the agent has applied (0: none).
     pub after: u64,
+    /// Answer a [`WatchUpdate`]: a delta from `after` when possible (the caller holds the
+    /// snapshot of `after`). Without it: the whole [`Snapshot`].
+    #[serde(default)]
+    pub delta: bool,
 }
 
 /// Body of `POST /v1/ipam/allocate`: an address from the gateway's pool for interface

@@ -1,6 +1,8 @@
 //! ferry's demo and benchmarks, each in a lab of its own (built with [`ferry_lab`] and torn
 //! down at the end):
 //! - [`demo`]: ferry's main job end to end, with a live migration and a latency plot;
+//! - [`control`]: how fast a registry change reaches the agents, against the registry's size
+//!   and the number of watchers;
 //! - [`datapath`]: throughput and request/response latency, ferry vs two baselines;
 //! - [`handoff`]: a stateful server handed off between clouds, hold vs drop;
 //! - [`migrate`]: whole-container live migration with CRIU, hold vs CRIU's network lock;
@@ -12,6 +14,7 @@
 //! `ferry-lab demo` and `ferry-lab bench ...` (package `ferry-lab-cli`) call into this crate;
 //! [`BenchCmd`] is the `bench` subcommand as the binary parses it.
 
+pub mod control;
 pub mod datapath;
 pub mod demo;
 pub mod faults;
@@ -58,6 +61,10 @@ pub enum BenchCmd {
     /// mode (copy, lazy) × lock (hold, criu-lock), with the time until the last page arrived
     /// and the bytes over the link; a table, an SVG plot, `--json`; `--quick` for CI.
     Scale(scale::ScaleArgs),
+    /// The control plane: change-to-applied latency (p50/p99 over the real agents and
+    /// simulated watchers) against the registry's size and the number of watchers, and the
+    /// bytes per watch answer against a whole snapshot; a table, `--json`.
+    Control(control::ControlArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,5 +148,6 @@ pub fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Faults(args) => faults::run(&args),
         BenchCmd::Links(args) => links::run(&args),
         BenchCmd::Scale(args) => scale::run(&args),
+        BenchCmd::Control(args) => control::run(&args),
     }
 }

@@ -959,3 +959,72 @@ fn ipam_allocates_releases_and_survives_a_restart() {
     let (s, v) = alloc(r#"{"host":"a1","container_id":"c4","ifname":"eth0"}"#);
     assert_eq!((s, &v["ip"]), (201, &json!("10.244.8.17")), "{v}");
 }
+
+/// `&delta=true`: from a version the gateway logged, the answer is a delta holding only the
+/// change (applied to the old snapshot it gives the new one); from 0, and after a restart of
+/// the gateway (its log is in memory), the whole snapshot; at the current version the long
+/// poll ends with an empty delta.
+#[test]
+fn watch_answers_deltas_from_logged_versions_and_snapshots_otherwise() {
+    use ferry_api::WatchUpdate;
+    let env = Env::new(800);
+    let d = env.start();
+    env.register_hosts();
+    let c = env.client();
+    block(c.add_endpoints(&[ep("10.244.1.5", "a1"), ep("10.244.1.6", "b1")])).unwrap();
+    let old = block(c.watch("a1", 0, Duration::from_secs(30))).unwrap();
+    let WatchUpdate::Snapshot(first) =
+        block(c.watch_update("a1", 0, Duration::from_secs(30))).unwrap()
+    else {
+        panic!("from 0: the whole snapshot");
+    };
+    assert_eq!(first, old);
+
+    block(c.add_endpoints(&[ep("10.244.1.7", "b1")])).unwrap();
+    block(c.remove_endpoint("10.244.1.5".parse().unwrap())).unwrap();
+    let now = block(c.watch("a1", 0, Duration::from_secs(30))).unwrap();
+    let WatchUpdate::Delta(delta) =
+        block(c.watch_update("a1", old.version, Duration::from_secs(30))).unwrap()
+    else {
+        panic!("from a logged version: a delta");
+    };
+    assert_eq!((delta.from, delta.version), (old.version, old.version + 2));
+    assert_eq!(
+        delta.endpoints.len(),
+        1,
+        "only the added endpoint: {delta:?}"
+    );
+    assert_eq!(
+        delta.endpoints_removed,
+        ["10.244.1.5".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    assert!(
+        delta.hosts.is_empty() && delta.public.is_empty(),
+        "{delta:?}"
+    );
+    assert_eq!(delta.apply_to(&old).unwrap(), now);
+    assert!(
+        delta.apply_to(&now).is_err(),
+        "a delta applies only to its own base"
+    );
+
+    // Nothing new: the long poll (800 ms) ends with an empty delta.
+    let WatchUpdate::Delta(empty) =
+        block(c.watch_update("a1", now.version, Duration::from_secs(30))).unwrap()
+    else {
+        panic!("at the current version: an empty delta");
+    };
+    assert_eq!((empty.from, empty.version), (now.version, now.version));
+    assert!(empty.endpoints.is_empty() && empty.endpoints_removed.is_empty());
+
+    // A restarted gateway has no log: the whole snapshot, the same registry.
+    drop(d);
+    let _d = env.start();
+    let WatchUpdate::Snapshot(after_restart) =
+        block(c.watch_update("a1", old.version, Duration::from_secs(30))).unwrap()
+    else {
+        panic!("after a restart: the whole snapshot");
+    };
+    assert_eq!(after_restart.endpoints, now.endpoints);
+    assert_eq!(after_restart.version, now.version);
+}

@@ -5,6 +5,7 @@
 //! - [`registry`]: the registry as a pure state machine (validation, versions), one module per
 //!   concern;
 //! - [`store`]: its atomic persistence;
+//! - [`watch`]: what changed between versions, so agents get deltas, not whole snapshots;
 //! - [`auth`]: the bearer token;
 //! - [`server`]: the HTTP API (axum);
 //! - [`migration`]: the gateway's side of a migration: the pure transitions, the coordinator
@@ -21,5 +22,6 @@ pub mod migration;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod watch;
 
 pub use daemon::{CheckReport, StartError, check, serve};

@@ -33,6 +33,11 @@ struct ConnectionLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: String,
 }
@@ -84,7 +89,12 @@ pub struct Metrics {
     apply: Family<StepLabel, Histogram, fn() -> Histogram>,
     requests: Family<RouteStatus, Counter>,
     connections: Family<ConnectionLabel, Counter>,
+    watch_answers: Family<KindLabel, Counter>,
+    watch_bytes: Family<KindLabel, Counter>,
 }
+
+/// The kinds of watch answers (`ferry_gateway_watch_answers_total{kind}`).
+pub const WATCH_KINDS: [&str; 2] = ["snapshot", "delta"];
 
 fn apply_histogram() -> Histogram {
     Histogram::new(APPLY_BUCKETS)
@@ -117,6 +127,8 @@ impl Metrics {
             apply: Family::new_with_constructor(apply_histogram),
             requests: Family::default(),
             connections: Family::default(),
+            watch_answers: Family::default(),
+            watch_bytes: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -175,6 +187,21 @@ impl Metrics {
              port (refused_plaintext), a failed TLS handshake (refused_tls)",
             m.connections.clone(),
         );
+        r.register(
+            "watch_answers",
+            "Watch answers sent to agents, by kind (snapshot: the whole registry; delta: what \
+             changed since the agent's version)",
+            m.watch_answers.clone(),
+        );
+        r.register(
+            "watch_bytes",
+            "Bytes of watch answers (JSON bodies) sent to agents, by kind",
+            m.watch_bytes.clone(),
+        );
+        for kind in WATCH_KINDS {
+            drop(m.watch_answers.get_or_create(&KindLabel { kind }));
+            drop(m.watch_bytes.get_or_create(&KindLabel { kind }));
+        }
         // Every step's series exist from the start, at 0.
         for step in MigrationStepKind::ALL {
             for result in RESULTS {
@@ -207,6 +234,14 @@ impl Metrics {
                 step: step.as_str(),
             })
             .observe(seconds);
+    }
+
+    /// A watch answered with `bytes` of kind `kind` (one of [`WATCH_KINDS`]).
+    pub fn count_watch(&self, kind: &'static str, bytes: usize) {
+        self.watch_answers.get_or_create(&KindLabel { kind }).inc();
+        self.watch_bytes
+            .get_or_create(&KindLabel { kind })
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
     }
 
     /// An API request answered.

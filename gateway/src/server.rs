@@ -234,6 +234,11 @@ pub struct Gateway {
     pub(crate) metrics: Metrics,
     /// The newest snapshot, serialised once for every watch that answers it.
     snapshot_cache: Mutex<Option<CachedSnapshot>>,
+    /// What each recent version touched (the delta watch).
+    changelog: Mutex<crate::watch::ChangeLog>,
+    /// The newest delta, serialised once for every watch from the same version: (from,
+    /// version, valid until, bytes).
+    delta_cache: Mutex<Option<(u64, CachedSnapshot)>>,
     /// Whole-container migrations (`ferry migrate run`).
     pub(crate) runs: crate::migration::runs::Runs,
     /// What the API's bounded server accepted and refused (exported as metrics).
@@ -271,6 +276,8 @@ impl Gateway {
             step_timeout,
             metrics: Metrics::new(),
             snapshot_cache: Mutex::new(None),
+            changelog: Mutex::default(),
+            delta_cache: Mutex::new(None),
             runs: crate::migration::runs::Runs::default(),
             connections: Arc::default(),
             client_tls: RwLock::new(None),
@@ -344,7 +351,8 @@ impl Gateway {
 
     fn change_blocking(&self, req: Request) -> Result<(Change, u64), ApiFailure> {
         let _writer = lock(&self.writer);
-        let mut next = (*self.current()).clone();
+        let old = self.current();
+        let mut next = (*old).clone();
         let change = match next.apply(req) {
             Ok(c) => c,
             Err(e) => {
@@ -361,6 +369,8 @@ impl Gateway {
                     format!("{e}; the change was not applied"),
                 ));
             }
+            // Logged before it is published: a watch that sees the version finds its keys.
+            lock(&self.changelog).record(version, crate::watch::touched(&old, &next));
             *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
             self.version_tx.send_replace(version);
         }
@@ -389,34 +399,70 @@ impl Gateway {
     }
 
     /// The current snapshot as JSON, serialised once per version (on a blocking thread: with
-    /// 65,536 endpoints it is megabytes, and many watches wake at once).
-    async fn snapshot_response(self: &Arc<Self>) -> Response {
+    /// 65,536 endpoints it is megabytes, and many watches wake at once). With `delta_from`
+    /// (the watch asked for a delta from that version): a [`ferry_api::WatchUpdate`], the
+    /// delta when the change log still covers that version (never from 0), else the whole
+    /// snapshot.
+    async fn snapshot_response(self: &Arc<Self>, delta_from: Option<u64>) -> Response {
         let g = self.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             let reg = g.current();
             let now = ferry_api::unix_ms();
-            let mut cache = lock(&g.snapshot_cache);
-            if let Some((v, valid_until, b)) = &*cache
-                && *v == reg.version()
-                && now < *valid_until
-            {
-                return Ok(b.clone());
-            }
-            let b = Bytes::from(serde_json::to_vec(&reg.snapshot(now))?);
             let valid_until = reg.next_expiry_after(now).unwrap_or(u64::MAX);
-            *cache = Some((reg.version(), valid_until, b.clone()));
-            Ok::<_, serde_json::Error>(b)
+            if let Some(from) = delta_from.filter(|f| *f > 0) {
+                let mut cache = lock(&g.delta_cache);
+                if let Some((f, (v, until, b))) = &*cache
+                    && *f == from
+                    && *v == reg.version()
+                    && now < *until
+                {
+                    return Ok(("delta", b.clone()));
+                }
+                // Nothing new (the long poll timed out): an empty delta, not the registry.
+                let touched = if from == reg.version() {
+                    Some(crate::watch::Touched::default())
+                } else {
+                    lock(&g.changelog).since(from, reg.version())
+                };
+                if let Some(t) = touched {
+                    let d = ferry_api::WatchUpdate::Delta(crate::watch::delta(&reg, from, &t, now));
+                    let b = Bytes::from(serde_json::to_vec(&d)?);
+                    *cache = Some((from, (reg.version(), valid_until, b.clone())));
+                    return Ok(("delta", b));
+                }
+            }
+            let mut cache = lock(&g.snapshot_cache);
+            let b = match &*cache {
+                Some((v, until, b)) if *v == reg.version() && now < *until => b.clone(),
+                _ => {
+                    let b = Bytes::from(serde_json::to_vec(&reg.snapshot(now))?);
+                    *cache = Some((reg.version(), valid_until, b.clone()));
+                    b
+                }
+            };
+            if delta_from.is_some() {
+                // {"snapshot": …} around the cached bytes, without serialising them again.
+                let mut wrapped = Vec::with_capacity(b.len() + 14);
+                wrapped.extend_from_slice(b"{\"snapshot\":");
+                wrapped.extend_from_slice(&b);
+                wrapped.push(b'}');
+                return Ok(("snapshot", Bytes::from(wrapped)));
+            }
+            Ok::<_, serde_json::Error>(("snapshot", b))
         })
         .await;
         match bytes {
-            Ok(Ok(b)) => (
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                b,
-            )
-                .into_response(),
+            Ok(Ok((kind, b))) => {
+                self.metrics.count_watch(kind, b.len());
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    b,
+                )
+                    .into_response()
+            }
             Ok(Err(e)) => ApiFailure::new(
                 ErrorCode::Internal,
                 format!("serialising the snapshot: {e}"),
@@ -838,7 +884,10 @@ async fn watch_snapshot(
             _ = shutdown.wait_for(|s| *s) => {}
         }
     }
-    Ok(g.snapshot_response().await)
+    // A delta needs a version the agent holds (0: none; newer than ours: a reset registry,
+    // `applied` is 0 then): otherwise the whole snapshot, in a `WatchUpdate` all the same.
+    let delta_from = q.delta.then_some(applied);
+    Ok(g.snapshot_response(delta_from).await)
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiFailure {

@@ -1,11 +1,14 @@
 //! Following the registry: the agent registers its host with the gateway, then holds a watch
-//! (long poll) open. The gateway answers with a whole snapshot as soon as its version moves
-//! past the one the agent has applied, so every change reaches every agent at once, and an
-//! agent that missed changes (restart, network cut, gateway restart) converges from any state.
+//! (long poll) open. The gateway answers as soon as its version moves past the one the agent
+//! has applied: with a delta from that version (the entries that changed, applied to the
+//! snapshot the agent holds), or the whole snapshot on first contact and whenever the gateway
+//! cannot vouch for a delta (restarted, the agent too far behind). Every change reaches every
+//! agent at once, and an agent that missed changes (restart, network cut, gateway restart)
+//! converges from any state.
 
 use std::{sync::Arc, time::Duration};
 
-use ferry_api::{Client, HostInfo, Snapshot};
+use ferry_api::{Client, HostInfo, Snapshot, WatchUpdate};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
@@ -63,9 +66,39 @@ pub async fn follow(
         // The version last seen from the registry (applied or not).
         let mut seen: Option<u64> = None;
         loop {
-            let after = node.lock().await.applied.version;
-            let snap: Snapshot = match client.watch(&cfg.host, after, WATCH_TIMEOUT).await {
-                Ok(s) => s,
+            // A delta needs the snapshot it applies to: the one last applied.
+            let (after, base) = {
+                let n = node.lock().await;
+                let base = n
+                    .registry
+                    .clone()
+                    .filter(|r| r.version == n.applied.version && n.applied.version > 0);
+                (n.applied.version, base)
+            };
+            let update = match &base {
+                Some(_) => client.watch_update(&cfg.host, after, WATCH_TIMEOUT).await,
+                None => client
+                    .watch(&cfg.host, after, WATCH_TIMEOUT)
+                    .await
+                    .map(WatchUpdate::Snapshot),
+            };
+            let update = update.map(|u| match (u, &base) {
+                (WatchUpdate::Snapshot(s), _) => Ok(s),
+                (WatchUpdate::Delta(d), Some(b)) => d.apply_to(b),
+                (WatchUpdate::Delta(d), None) => Err(ferry_api::DeltaMismatch {
+                    from: d.from,
+                    have: 0,
+                }),
+            });
+            let snap: Snapshot = match update {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // Not expected (the gateway answers deltas from the version asked for):
+                    // the next watch asks for the whole snapshot.
+                    warn!(error = %e, "a registry delta that does not apply; asking for the whole snapshot");
+                    node.lock().await.registry = None;
+                    continue;
+                }
                 Err(e) if e.code() == Some("unknown_host") => {
                     warn!("the gateway does not know this host (any more); registering again");
                     continue 'register;

@@ -254,6 +254,33 @@ pub fn metrics_text(lab: &ferry_lab::Lab, host: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A series of the lab's gateway (`series` as written in its `/metrics`, labels included,
+/// e.g. `ferry_gateway_watch_answers_total{kind="delta"}`), read as the operator over TLS
+/// from the gateway host's namespace. `None` if the gateway does not expose it.
+pub fn gateway_metric(lab: &ferry_lab::Lab, series: &str) -> Option<u64> {
+    let cp = lab.control().expect("the lab has a control plane");
+    let operator = cp
+        .client_tls(ferry_lab::control::Party::Operator)
+        .expect("the operator's TLS identity");
+    let api = cp.api;
+    let resp = ferry_overlay::netns::run_in(&lab.netns(&cp.host), move || {
+        ferry_api::transport::Request::get("/metrics")
+            .tls(operator)
+            .send_blocking(api)
+    })
+    .expect("entering the gateway's namespace")
+    .expect("the gateway's metrics");
+    let text = String::from_utf8_lossy(&resp.body);
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
 /// A host agent's datapath packet counters by reason, read from its Prometheus endpoint.
 pub fn counters(lab: &ferry_lab::Lab, host: &str) -> HashMap<String, u64> {
     ferry_config::metrics::parse_packets(&metrics_text(lab, host))

@@ -312,6 +312,63 @@ fn the_endpoint_map_holds_65536_endpoints_and_traffic_still_flows() {
         );
     }
     eprintln!("4 agents applied 65,536 endpoints in {:?}", t0.elapsed());
+
+    // One more endpoint reaches every agent as a delta: a few hundred bytes each, where the
+    // whole registry is megabytes.
+    let series = |what: &str, kind: &str| {
+        let name = format!("ferry_gateway_watch_{what}_total{{kind=\"{kind}\"}}");
+        ferry_tests::gateway_metric(&lab, &name).unwrap_or_else(|| panic!("no {name}"))
+    };
+    let snapshot_bytes = lab
+        .api(|c| async move { c.watch("phantom", 0, Duration::from_secs(60)).await })
+        .unwrap()
+        .map(|s| serde_json::to_vec(&s).unwrap().len())
+        .expect("a whole snapshot");
+    let hosts = ["a1", "a2", "b1", "gw"];
+    let held: Vec<u64> = hosts
+        .iter()
+        .map(|h| gauge(&lab, h, "ferry_endpoints").unwrap())
+        .collect();
+    let before = [
+        series("answers", "delta"),
+        series("bytes", "delta"),
+        series("answers", "snapshot"),
+    ];
+    lab.api(|c| async move {
+        c.add_endpoints(&[ferry_api::EndpointSpec {
+            ip: "10.242.0.1".parse().unwrap(),
+            host: "phantom".into(),
+            mac: None,
+        }])
+        .await
+    })
+    .unwrap()
+    .expect("one more endpoint");
+    for (host, n) in hosts.iter().zip(held) {
+        ferry_tests::wait_for(
+            &format!("{host} to hold the new endpoint"),
+            Duration::from_secs(60),
+            || gauge(&lab, host, "ferry_endpoints").filter(|&m| m == n + 1),
+        );
+    }
+    let (answers, bytes) = (
+        series("answers", "delta") - before[0],
+        series("bytes", "delta") - before[1],
+    );
+    eprintln!(
+        "delta watch: {answers} answers, {bytes} bytes in all; a whole snapshot: {snapshot_bytes} bytes"
+    );
+    assert!(answers >= 4, "each of the 4 agents got a delta ({answers})");
+    assert!(
+        bytes / answers * 1000 < snapshot_bytes as u64,
+        "a delta ({} bytes) is under 0.1 % of the snapshot ({snapshot_bytes} bytes)",
+        bytes / answers
+    );
+    assert_eq!(
+        series("answers", "snapshot") - before[2],
+        0,
+        "no agent needed the whole snapshot"
+    );
     let _srv = EchoServer::start(&n2, 7001).unwrap();
     check_pair(&n1, ip("10.240.2.10"), 7001, "with a full endpoint map");
     echo_roundtrip(&mut conn, &pattern(100_000, 2)).expect("the earlier connection survives");
