@@ -351,8 +351,10 @@ impl Gateway {
 
     fn change_blocking(&self, req: Request) -> Result<(Change, u64), ApiFailure> {
         let _writer = lock(&self.writer);
+        let t0 = std::time::Instant::now();
         let old = self.current();
         let mut next = (*old).clone();
+        let cloned = t0.elapsed();
         let change = match next.apply(req) {
             Ok(c) => c,
             Err(e) => {
@@ -362,6 +364,7 @@ impl Gateway {
         };
         let version = next.version();
         if change.changes_state() {
+            let applied = t0.elapsed();
             if let Err(e) = self.store.save(&next.to_persisted()) {
                 error!(error = %e, "persisting the registry failed; the change was not applied");
                 return Err(ApiFailure::new(
@@ -369,10 +372,23 @@ impl Gateway {
                     format!("{e}; the change was not applied"),
                 ));
             }
+            let persisted = t0.elapsed();
             // Logged before it is published: a watch that sees the version finds its keys.
-            lock(&self.changelog).record(version, crate::watch::touched(&old, &next));
+            let touched = crate::watch::touched(&old, &next);
+            let keys = touched.len();
+            lock(&self.changelog).record(version, touched);
             *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
             self.version_tx.send_replace(version);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            info!(
+                version,
+                keys,
+                clone_ms = ms(cloned),
+                apply_ms = ms(applied - cloned),
+                persist_ms = ms(persisted - applied),
+                diff_ms = ms(t0.elapsed() - persisted),
+                "change published"
+            );
         }
         log_change(&change, version);
         Ok((change, version))

@@ -82,6 +82,11 @@ pub async fn follow(
                     .await
                     .map(WatchUpdate::Snapshot),
             };
+            let kind = match &update {
+                Ok(WatchUpdate::Delta(_)) => "delta",
+                _ => "snapshot",
+            };
+            let t0 = std::time::Instant::now();
             let update = update.map(|u| match (u, &base) {
                 (WatchUpdate::Snapshot(s), _) => Ok(s),
                 (WatchUpdate::Delta(d), Some(b)) => d.apply_to(b),
@@ -90,6 +95,7 @@ pub async fn follow(
                     have: 0,
                 }),
             });
+            let merged = t0.elapsed();
             let snap: Snapshot = match update {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -134,7 +140,11 @@ pub async fn follow(
                 continue;
             }
             seen = Some(snap.version);
-            let want = plan::desired(&cfg, Some(&snap));
+            // Shared from here on (kept as the base of the next delta): never copied.
+            let snap = Arc::new(snap);
+            let t1 = std::time::Instant::now();
+            let want = plan::desired(&cfg, Some(&*snap));
+            let planned = t1.elapsed();
             if let Some(f) = &fencing {
                 // A copy released here runs before its held packets are written back.
                 drop(n);
@@ -143,12 +153,24 @@ pub async fn follow(
             }
             // Recorded under the same lock as its apply: whoever sees this version as
             // received (the CNI plugin's wait for its container) sees it applied too.
-            n.registry = Some(Arc::new(snap.clone()));
+            n.registry = Some(snap.clone());
+            let t2 = std::time::Instant::now();
             let errors = n.apply(&want).await;
+            let applied = t2.elapsed();
             drop(n);
             if let Some(f) = &fencing {
                 f.reconcile().await;
             }
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            info!(
+                version = snap.version,
+                kind,
+                merge_ms = ms(merged),
+                plan_ms = ms(planned),
+                apply_ms = ms(applied),
+                total_ms = ms(t0.elapsed()),
+                "registry update handled"
+            );
             if !errors.is_empty() {
                 for e in &errors {
                     warn!(version = snap.version, error = %e, "applying the registry");
