@@ -600,9 +600,19 @@ fn concurrent_changes_each_take_one_version() {
     }
     assert_eq!(env.version(), v0 + 24);
     assert_eq!(block(env.client().endpoints()).unwrap().len(), 24);
-    let on_disk: Value = serde_json::from_slice(&read(&env.state_file())).unwrap();
-    assert_eq!(on_disk["version"], v0 + 24);
-    assert_eq!(on_disk["endpoints"].as_array().unwrap().len(), 24);
+    // On disk: registry.json and the journal of changes since, as a restart reads them.
+    let on_disk = ferry_gateway::store::read_state(&env.state_dir)
+        .unwrap()
+        .unwrap();
+    assert_eq!(on_disk.version, v0 + 24);
+    assert_eq!(on_disk.endpoints.len(), 24);
+    let journal = std::fs::read_to_string(env.state_dir.join("registry.journal")).unwrap();
+    // Version 1 (the first host) was written whole; every change since is one record.
+    assert_eq!(
+        journal.lines().count() as u64,
+        v0 + 24 - 1,
+        "each change is one journal record"
+    );
 }
 
 #[test]

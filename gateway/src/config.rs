@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! listen = "198.18.0.10:7400"            # API address (default 127.0.0.1:7400)
-//! state_dir = "/var/lib/ferry/gateway"   # registry.json lives here (this is the default)
+//! state_dir = "/var/lib/ferry/gateway"   # registry.json and registry.journal (default)
 //! token_file = "/etc/ferry/token"        # bearer token, mode 0600 (this is the default)
 //! overlay_cidr = "10.244.0.0/16"         # container and host overlay addresses (required)
 //! overlay6_cidr = "2001:db8:f::/96"       # dual-stack (optional): every agent's must match

@@ -365,7 +365,10 @@ impl Gateway {
         let version = next.version();
         if change.changes_state() {
             let applied = t0.elapsed();
-            if let Err(e) = self.store.save(&next.to_persisted()) {
+            let touched = crate::watch::touched(&old, &next);
+            let record = next.journal_record(&old, &touched);
+            let diffed = t0.elapsed();
+            if let Err(e) = self.store.append(record.as_ref(), || next.to_persisted()) {
                 error!(error = %e, "persisting the registry failed; the change was not applied");
                 return Err(ApiFailure::new(
                     ErrorCode::Internal,
@@ -374,7 +377,6 @@ impl Gateway {
             }
             let persisted = t0.elapsed();
             // Logged before it is published: a watch that sees the version finds its keys.
-            let touched = crate::watch::touched(&old, &next);
             let keys = touched.len();
             lock(&self.changelog).record(version, touched);
             *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
@@ -385,8 +387,9 @@ impl Gateway {
                 keys,
                 clone_ms = ms(cloned),
                 apply_ms = ms(applied - cloned),
-                persist_ms = ms(persisted - applied),
-                diff_ms = ms(t0.elapsed() - persisted),
+                diff_ms = ms(diffed - applied),
+                persist_ms = ms(persisted - diffed),
+                journaled = record.is_some(),
                 "change published"
             );
         }

@@ -1,16 +1,30 @@
-//! Persistence of the registry: `STATE_DIR/registry.json`, replaced atomically after every
-//! change (write a temporary file, fsync it, rename it over the old one, fsync the directory),
-//! so a crash at any point leaves either the old or the new state, never a mix.
+//! Persistence of the registry: `STATE_DIR/registry.json`, a whole state replaced atomically
+//! (write a temporary file, fsync it, rename it over the old one, fsync the directory), and
+//! `STATE_DIR/registry.journal`, the changes since, one JSON line each ([`JournalRecord`]:
+//! the entries a change touched, not the registry), appended and fsynced before the change
+//! is answered. A change costs what it touched, not the registry's size; every
+//! [`COMPACT_RECORDS`] changes (or [`COMPACT_BYTES`] of journal) the state is written whole
+//! and the journal emptied.
+//!
+//! Crashes: a rename leaves the old or the new `registry.json`, never a mix; a journal line
+//! cut short by a crash (no newline: its change was never answered) is ignored when read and
+//! cut off when the gateway starts; records at or below `registry.json`'s version (a crash
+//! between writing it and emptying the journal) are skipped. A journal that does not follow
+//! on (a gap, a line that does not parse) is corruption: the gateway refuses to start and
+//! names the file and line.
 //!
 //! A state file that does not parse is never overwritten: the gateway refuses to start and
 //! names it. `STATE_DIR/lock` (an advisory lock held while the daemon runs) keeps two gateways
 //! from sharing one state directory.
 
 use std::{
+    collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::{self, Write as _},
+    net::Ipv4Addr,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use ferry_api::{Endpoint, HostInfo, IpamLease, Migration, PublicMapping};
@@ -19,6 +33,11 @@ use serde::{Deserialize, Serialize};
 use crate::registry::LiveMigration;
 
 pub const STATE_FILE: &str = "registry.json";
+pub const JOURNAL_FILE: &str = "registry.journal";
+/// Changes kept in the journal before the state is written whole.
+pub const COMPACT_RECORDS: usize = 1024;
+/// Bytes of journal before the state is written whole.
+pub const COMPACT_BYTES: u64 = 16 << 20;
 const LOCK_FILE: &str = "lock";
 
 /// What is on disk. Runtime facts (applied versions, connections) are not persisted.
@@ -54,6 +73,98 @@ fn first_migration() -> u64 {
 
 impl PersistedState {
     pub const FORMAT: u32 = 1;
+
+    /// Applies the change of version `self.version + 1`.
+    pub fn apply(&mut self, r: JournalRecord) -> Result<(), String> {
+        if Some(r.version) != self.version.checked_add(1) {
+            return Err(format!(
+                "record of version {} does not follow version {}",
+                r.version, self.version
+            ));
+        }
+        fn merge<K: Ord, V>(
+            have: &mut Vec<V>,
+            key: impl Fn(&V) -> K,
+            removed: impl IntoIterator<Item = K>,
+            set: Vec<V>,
+        ) {
+            let mut m: BTreeMap<K, V> = std::mem::take(have)
+                .into_iter()
+                .map(|v| (key(&v), v))
+                .collect();
+            for k in removed {
+                m.remove(&k);
+            }
+            m.extend(set.into_iter().map(|v| (key(&v), v)));
+            *have = m.into_values().collect();
+        }
+        merge(
+            &mut self.hosts,
+            |h: &HostInfo| h.name.clone(),
+            r.hosts_removed,
+            r.hosts,
+        );
+        merge(
+            &mut self.endpoints,
+            |e: &Endpoint| e.ip,
+            r.endpoints_removed,
+            r.endpoints,
+        );
+        let removed: Vec<ferry_api::PublicKey> = r
+            .public_removed
+            .iter()
+            .map(|k| k.parse().map_err(|e| format!("public key {k:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+        merge(
+            &mut self.public,
+            PublicMapping::public_key,
+            removed,
+            r.public,
+        );
+        merge(&mut self.ipam, |l: &IpamLease| l.ip, r.ipam_removed, r.ipam);
+        self.migrations = r.migrations;
+        self.migration_history.extend(r.history_push);
+        let extra = self.migration_history.len().saturating_sub(r.history_len);
+        self.migration_history.drain(..extra);
+        self.next_migration = r.next_migration;
+        self.ipam_next = r.ipam_next;
+        self.version = r.version;
+        Ok(())
+    }
+}
+
+/// One change in the journal: what it touched, as it is after the change (hosts, endpoints,
+/// public mappings and leases set or removed), the live migrations (a handful) whole, the
+/// migrations it moved to the history, and the counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalRecord {
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts_removed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_removed: Vec<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public: Vec<PublicMapping>,
+    /// Keys ([`PublicMapping::key`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_removed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipam: Vec<IpamLease>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipam_removed: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub migrations: Vec<LiveMigration>,
+    /// Appended to the history, whose length is then `history_len` (the oldest dropped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history_push: Vec<Migration>,
+    pub history_len: usize,
+    pub next_migration: u64,
+    pub ipam_next: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +203,26 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{} line {line}: {problem}; the journal was left untouched: repair or move it (and \
+         {STATE_FILE}) away",
+        path.display()
+    )]
+    Journal {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+}
+
+/// What the journal holds now (for when to write the state whole).
+#[derive(Debug, Default)]
+struct JournalLen {
+    records: usize,
+    bytes: u64,
+    /// A failed append may have left part of a line: the next change writes the state whole
+    /// (which empties the journal).
+    dirty: bool,
 }
 
 /// The state directory, locked for this process.
@@ -99,6 +230,8 @@ pub enum StoreError {
 pub struct Store {
     dir: PathBuf,
     _lock: File,
+    journal: Mutex<JournalLen>,
+    compact_records: usize,
 }
 
 impl Store {
@@ -125,10 +258,105 @@ impl Store {
             }
             Err(fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
-        Ok(Self {
+        let store = Self {
             dir: dir.to_path_buf(),
             _lock: lock,
-        })
+            journal: Mutex::default(),
+            compact_records: COMPACT_RECORDS,
+        };
+        store.cut_torn_tail()?;
+        Ok(store)
+    }
+
+    /// The same, writing the state whole every `n` changes (tests).
+    pub fn with_compaction(mut self, n: usize) -> Self {
+        self.compact_records = n.max(1);
+        self
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL_FILE)
+    }
+
+    /// Cuts a last journal line that a crash left without its newline (its change was never
+    /// answered), and counts what the journal holds.
+    fn cut_torn_tail(&self) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
+        let good = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if good < bytes.len() {
+            tracing::warn!(
+                journal = %path.display(), cut = bytes.len() - good,
+                "cutting a journal line a crash left unfinished (its change was never answered)"
+            );
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|source| StoreError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            f.set_len(good as u64)
+                .and_then(|()| f.sync_all())
+                .map_err(|source| StoreError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        j.records = bytes[..good].iter().filter(|b| **b == b'\n').count();
+        j.bytes = good as u64;
+        Ok(())
+    }
+
+    /// Persists one change: appended to the journal (and fsynced), or, when the journal is
+    /// due (or has no base yet), the whole state `full()` written and the journal emptied.
+    pub fn append(
+        &self,
+        record: Option<&JournalRecord>,
+        full: impl FnOnce() -> PersistedState,
+    ) -> Result<(), StoreError> {
+        let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let due = j.dirty
+            || j.records >= self.compact_records
+            || j.bytes >= COMPACT_BYTES
+            || !self.path().exists();
+        let Some(record) = record.filter(|_| !due) else {
+            drop(j);
+            return self.save(&full());
+        };
+        let path = self.journal_path();
+        let mut line = serde_json::to_vec(record).map_err(|e| StoreError::Write {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(&line)?;
+            f.sync_data()
+        })();
+        if let Err(source) = written {
+            // Take back what may have been written; if even that fails, the next change
+            // writes the state whole (and empties the journal).
+            let back = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(j.bytes).and_then(|()| f.sync_all()));
+            j.dirty = back.is_err();
+            return Err(StoreError::Write { path, source });
+        }
+        j.records += 1;
+        j.bytes += line.len() as u64;
+        Ok(())
     }
 
     pub fn path(&self) -> PathBuf {
@@ -139,6 +367,8 @@ impl Store {
         read_state(&self.dir)
     }
 
+    /// Writes the state whole, then empties the journal (a crash in between leaves records
+    /// at or below the state's version, which reading skips).
     pub fn save(&self, state: &PersistedState) -> Result<(), StoreError> {
         let path = self.path();
         let mut bytes = serde_json::to_vec(state).map_err(|e| StoreError::Write {
@@ -146,21 +376,78 @@ impl Store {
             source: io::Error::other(e),
         })?;
         bytes.push(b'\n');
-        write_atomic(&path, &bytes).map_err(|source| StoreError::Write { path, source })
+        write_atomic(&path, &bytes).map_err(|source| StoreError::Write { path, source })?;
+        let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let journal = self.journal_path();
+        let emptied = match OpenOptions::new().write(true).open(&journal) {
+            Ok(f) => f.set_len(0).and_then(|()| f.sync_all()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        match emptied {
+            Ok(()) => *j = JournalLen::default(),
+            // The state on disk is the new one; the journal's records are all at or below
+            // it (skipped when read): harmless, emptied by the next whole write.
+            Err(e) => {
+                tracing::error!(journal = %journal.display(), error = %e, "emptying the journal");
+                j.dirty = true;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Reads `dir/registry.json` without locking (also for `--check`). `None`: no state yet.
+/// Reads `dir/registry.json` and the journal's changes since, without locking (also for
+/// `--check`; a last line without its newline is ignored). `None`: no state yet.
 pub fn read_state(dir: &Path) -> Result<Option<PersistedState>, StoreError> {
     let path = dir.join(STATE_FILE);
+    let journal_path = dir.join(JOURNAL_FILE);
+    let journal = match fs::read(&journal_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: journal_path,
+                source,
+            });
+        }
+    };
     let bytes = match fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if journal.contains(&b'\n') {
+                return Err(StoreError::Journal {
+                    path: journal_path,
+                    line: 1,
+                    problem: format!("changes without their base {STATE_FILE}"),
+                });
+            }
+            return Ok(None);
+        }
         Err(source) => return Err(StoreError::Read { path, source }),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| StoreError::Corrupt { path, source })
+    let mut state: PersistedState =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source })?;
+    let good = journal
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    for (i, line) in journal[..good].split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |problem: String| StoreError::Journal {
+            path: journal_path.clone(),
+            line: i + 1,
+            problem,
+        };
+        let record: JournalRecord = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+        if record.version <= state.version {
+            continue;
+        }
+        state.apply(record).map_err(bad)?;
+    }
+    Ok(Some(state))
 }
 
 /// Replaces `path` with `bytes` atomically and durably. On error the old file is untouched.
@@ -296,6 +583,145 @@ mod tests {
             assert!(msg.contains("line 1 column"), "{msg}");
             assert_eq!(fs::read(&path).unwrap(), garbage);
         }
+    }
+
+    use crate::registry::{
+        Registry,
+        testutil::{Dice, net, random_request},
+    };
+
+    /// The state as the gateway would load it: the file and the journal, checked by the
+    /// registry's own rules.
+    fn loaded(dir: &Path) -> PersistedState {
+        let s = read_state(dir).unwrap().expect("a state");
+        Registry::from_persisted(net(), s)
+            .expect("a state the registry accepts")
+            .to_persisted()
+    }
+
+    /// Random changes (hosts, endpoints, mappings, leases, migrations into the history),
+    /// persisted as a gateway persists them (journal, whole every 7 changes): after each,
+    /// what a restart would load is exactly the registry in memory.
+    #[test]
+    fn the_journal_replays_to_the_registry_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap().with_compaction(7);
+        let mut d = Dice(0x2545_f491_4f6c_dd1d);
+        let mut r = Registry::new(net());
+        let (mut journaled, mut whole) = (0, 0);
+        for i in 0..1200u64 {
+            let now = 1_000 + i * 500;
+            let mut next = r.clone();
+            let Ok(change) = next.apply(random_request(&r, &mut d, now)) else {
+                continue;
+            };
+            if !change.changes_state() {
+                continue;
+            }
+            let t = crate::watch::touched(&r, &next);
+            let rec = next.journal_record(&r, &t);
+            let records_before = store.journal.lock().unwrap().records;
+            store.append(rec.as_ref(), || next.to_persisted()).unwrap();
+            if store.journal.lock().unwrap().records > records_before {
+                journaled += 1;
+            } else {
+                whole += 1;
+            }
+            r = next;
+            assert_eq!(
+                loaded(dir.path()),
+                r.to_persisted(),
+                "after version {}",
+                r.version
+            );
+        }
+        assert!(r.version > 250, "changes: {}", r.version);
+        assert!(
+            journaled > 150 && whole > 20,
+            "journaled {journaled}, whole {whole}"
+        );
+        assert!(r.history_len() > 0, "migrations reached the history");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_then_cut_and_a_gap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::new(net());
+        let store = Store::open(dir.path()).unwrap();
+        let mut d = Dice(7);
+        let mut versions = 0;
+        while versions < 5 {
+            let mut next = r.clone();
+            match next.apply(random_request(&r, &mut d, 1_000)) {
+                Ok(c) if c.changes_state() => {}
+                _ => continue,
+            }
+            let t = crate::watch::touched(&r, &next);
+            store
+                .append(next.journal_record(&r, &t).as_ref(), || next.to_persisted())
+                .unwrap();
+            r = next;
+            versions += 1;
+        }
+        let journal = dir.path().join(JOURNAL_FILE);
+        let good = fs::read(&journal).unwrap();
+        assert_eq!(
+            good.iter().filter(|b| **b == b'\n').count(),
+            4,
+            "the first change is whole"
+        );
+        // A crash in the middle of an append: half a record, no newline.
+        let mut torn = good.clone();
+        torn.extend_from_slice(br#"{"version":99,"hosts":[{"na"#);
+        fs::write(&journal, &torn).unwrap();
+        assert_eq!(
+            loaded(dir.path()),
+            r.to_persisted(),
+            "the torn line is ignored"
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            fs::read(&journal).unwrap(),
+            good,
+            "and cut when the gateway starts"
+        );
+        drop(store);
+
+        // A crash after the whole state was written but before the journal was emptied:
+        // the records at or below its version are skipped.
+        fs::write(
+            dir.path().join(STATE_FILE),
+            serde_json::to_vec(&r.to_persisted()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(loaded(dir.path()), r.to_persisted());
+
+        // A record that does not follow on is corruption, named with its line.
+        let mut lines: Vec<&[u8]> = good
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        lines.remove(1);
+        let mut gap = lines.join(&b'\n');
+        gap.push(b'\n');
+        fs::write(&journal, &gap).unwrap();
+        let base: PersistedState = {
+            let mut s = r.to_persisted();
+            s.version -= 4;
+            s
+        };
+        fs::write(
+            dir.path().join(STATE_FILE),
+            serde_json::to_vec(&base).unwrap(),
+        )
+        .unwrap();
+        let e = read_state(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Journal { line: 2, .. })
+                && e.to_string().contains("registry.journal"),
+            "{e}"
+        );
     }
 
     #[test]

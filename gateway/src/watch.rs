@@ -54,7 +54,7 @@ impl Touched {
 
 /// Keys whose entries differ between `old` and `new` (added, changed or removed), by one
 /// ordered walk of both.
-fn diff_keys<K: Ord + Clone, V: PartialEq>(
+pub(crate) fn diff_keys<K: Ord + Clone, V: PartialEq>(
     old: &BTreeMap<K, V>,
     new: &BTreeMap<K, V>,
     out: &mut BTreeSet<K>,
@@ -202,84 +202,13 @@ pub fn delta(reg: &Registry, from: u64, t: &Touched, now_ms: u64) -> SnapshotDel
 
 #[cfg(test)]
 mod tests {
-    use ferry_api::{MigrationStepKind, Proto, PublicSpec, Snapshot};
+    use ferry_api::{PublicSpec, Snapshot};
 
     use super::*;
     use crate::registry::{
         Request,
-        testutil::{ep, host, net, port, whole},
+        testutil::{Dice, ep, host, net, random_request, whole},
     };
-
-    /// A deterministic pseudo-random sequence (xorshift; no crate needed for a test's dice).
-    struct Dice(u64);
-    impl Dice {
-        fn roll(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
-
-    fn random_request(r: &Registry, d: &mut Dice, now: u64) -> Request {
-        let hosts = ["a1", "a2", "b1"];
-        let h = hosts[d.roll(3) as usize];
-        let ip = format!("10.244.1.{}", 10 + d.roll(12));
-        match d.roll(9) {
-            0 => Request::RegisterHost(host(
-                h,
-                &format!("198.18.1.{}", 10 + d.roll(3)),
-                &format!("10.244.255.{}", 1 + d.roll(3)),
-            )),
-            1 => Request::RemoveHost(h.to_owned()),
-            2 | 3 => Request::AddEndpoints(vec![ep(&ip, h)]),
-            4 => Request::RemoveEndpoint(ip.parse().unwrap()),
-            5 => Request::AddPublic(if d.roll(2) == 0 {
-                whole(&format!("203.0.113.{}", 130 + d.roll(4)), &ip)
-            } else {
-                port(
-                    &format!("203.0.113.{}", 130 + d.roll(4)),
-                    80,
-                    &ip,
-                    80,
-                    Proto::Tcp,
-                )
-            }),
-            6 => {
-                let keys: Vec<_> = r.public.keys().copied().collect();
-                match keys.get(d.roll(keys.len().max(1) as u64) as usize) {
-                    Some(k) => Request::RemovePublic(*k),
-                    None => Request::RemoveEndpoint(ip.parse().unwrap()),
-                }
-            }
-            7 => Request::PrepareMigration {
-                container: ip.parse().unwrap(),
-                to: h.to_owned(),
-                now_ms: now,
-                run: false,
-            },
-            _ => {
-                let ids: Vec<String> = r
-                    .migrations
-                    .values()
-                    .map(|l| l.migration.id.clone())
-                    .collect();
-                match ids.get(d.roll(ids.len().max(1) as u64) as usize) {
-                    Some(id) => Request::StepMigration {
-                        id: id.clone(),
-                        step: [
-                            MigrationStepKind::Freeze,
-                            MigrationStepKind::Release,
-                            MigrationStepKind::Abort,
-                        ][d.roll(3) as usize],
-                        now_ms: now,
-                        expect: None,
-                    },
-                    None => Request::ExpireMigrations { now_ms: now },
-                }
-            }
-        }
-    }
 
     /// Over random changes (hosts, endpoints, mappings, migrations moving endpoints), the
     /// delta from every earlier version the log covers, applied to that version's snapshot,

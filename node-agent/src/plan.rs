@@ -155,6 +155,7 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
     let Some(s) = snap else {
         return d;
     };
+    let mut remotes: Vec<(Ipv4Addr, Endpoint)> = Vec::with_capacity(s.endpoints.len());
     for ep in &s.endpoints {
         if ep.host == cfg.host {
             d.containers.insert(
@@ -165,11 +166,12 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
                 },
             );
         } else if let Some((vtep, _, _)) = hosts.get(&ep.host) {
-            d.endpoints.insert(ep.ip, remote(*vtep, vni));
+            remotes.push((ep.ip, remote(*vtep, vni)));
         } else {
             d.orphans.push(ep.ip);
         }
     }
+    add_sorted(&mut d.endpoints, remotes);
     // Migrations: the destination builds the container and holds it until release; from
     // freeze on everyone else points at the destination and the source forwards to it.
     for m in &s.migrations {
@@ -258,6 +260,34 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
     d
 }
 
+/// Inserts `entries` into `map`, overriding what it holds (as inserting them one by one
+/// would). With `entries` in increasing key order (a snapshot's endpoints are), the map is
+/// built in one pass from the merged sequence instead of tens of thousands of inserts.
+fn add_sorted<V>(map: &mut BTreeMap<Ipv4Addr, V>, entries: Vec<(Ipv4Addr, V)>) {
+    if !entries.windows(2).all(|w| w[0].0 < w[1].0) {
+        map.extend(entries);
+        return;
+    }
+    let old = std::mem::take(map);
+    let mut merged = Vec::with_capacity(old.len() + entries.len());
+    let mut old = old.into_iter().peekable();
+    for (k, v) in entries {
+        while let Some((ok, _)) = old.peek() {
+            if *ok > k {
+                break;
+            }
+            let (ok, ov) = old.next().expect("peeked");
+            if ok < k {
+                merged.push((ok, ov));
+            }
+        }
+        merged.push((k, v));
+    }
+    merged.extend(old);
+    // Sorted and without duplicates: `collect` builds the tree in bulk.
+    *map = merged.into_iter().collect();
+}
+
 /// What to change to go from `have` to `want`: entries to insert or replace, keys to remove.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diff<K, V> {
@@ -271,20 +301,45 @@ impl<K, V> Diff<K, V> {
     }
 }
 
+/// One ordered walk of both maps (a lookup per entry instead cost a third of an agent's time
+/// per change at 65,536 endpoints): upserts and removals, each in key order.
 pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     have: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
 ) -> Diff<K, V> {
-    let upsert = want
-        .iter()
-        .filter(|(k, v)| have.get(k) != Some(v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let remove = have
-        .keys()
-        .filter(|k| !want.contains_key(k))
-        .cloned()
-        .collect();
+    use std::cmp::Ordering;
+    let (mut upsert, mut remove) = (Vec::new(), Vec::new());
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some((hk, _)), None) => {
+                remove.push((*hk).clone());
+                h.next();
+            }
+            (None, Some((wk, wv))) => {
+                upsert.push(((*wk).clone(), (*wv).clone()));
+                w.next();
+            }
+            (Some((hk, hv)), Some((wk, wv))) => match hk.cmp(wk) {
+                Ordering::Less => {
+                    remove.push((*hk).clone());
+                    h.next();
+                }
+                Ordering::Greater => {
+                    upsert.push(((*wk).clone(), (*wv).clone()));
+                    w.next();
+                }
+                Ordering::Equal => {
+                    if hv != wv {
+                        upsert.push(((*wk).clone(), (*wv).clone()));
+                    }
+                    h.next();
+                    w.next();
+                }
+            },
+        }
+    }
     Diff { upsert, remove }
 }
 
@@ -547,6 +602,65 @@ overlay_cidr = "10.244.0.0/16"
         s.endpoints[0].host = "a1".into();
         assert!(!desired(&a2, Some(&s)).containers.contains_key(&ip));
         assert!(desired(&a1, Some(&s)).forward.is_empty());
+    }
+
+    #[test]
+    fn sorted_entries_override_as_single_inserts_would() {
+        let ip = |n: u8| Ipv4Addr::new(10, 0, 0, n);
+        for (have, add) in [
+            (vec![1, 5, 9], vec![2, 5, 10]),
+            (vec![], vec![1, 2]),
+            (vec![3], vec![]),
+            (vec![1, 2, 3], vec![1, 2, 3]),
+            (vec![7, 8], vec![1, 2]),
+            (vec![1, 2], vec![3, 2]), // not sorted: inserted one by one
+        ] {
+            let start: BTreeMap<Ipv4Addr, &str> = have.iter().map(|n| (ip(*n), "old")).collect();
+            let entries: Vec<(Ipv4Addr, &str)> = add.iter().map(|n| (ip(*n), "new")).collect();
+            let mut want = start.clone();
+            for (k, v) in entries.clone() {
+                want.insert(k, v);
+            }
+            let mut got = start;
+            add_sorted(&mut got, entries);
+            assert_eq!(got, want, "{have:?} + {add:?}");
+        }
+    }
+
+    /// The ordered walk gives what a lookup per entry gives, on maps of every overlap.
+    #[test]
+    fn diff_by_walk_matches_diff_by_lookup() {
+        let mut x = 0x9e37_79b9u64;
+        let mut roll = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..300 {
+            let map = |roll: &mut dyn FnMut(u64) -> u64| -> BTreeMap<u8, u8> {
+                (0..roll(40))
+                    .map(|_| (roll(60) as u8, roll(3) as u8))
+                    .collect()
+            };
+            let (have, want) = (map(&mut roll), map(&mut roll));
+            let d = diff(&have, &want);
+            let upsert: Vec<(u8, u8)> = want
+                .iter()
+                .filter(|(k, v)| have.get(k) != Some(v))
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            let remove: Vec<u8> = have
+                .keys()
+                .filter(|k| !want.contains_key(k))
+                .copied()
+                .collect();
+            assert_eq!(
+                (d.upsert, d.remove),
+                (upsert, remove),
+                "{have:?} → {want:?}"
+            );
+        }
     }
 
     #[test]

@@ -202,3 +202,95 @@ pub(crate) fn every_phase() -> Registry {
     changed(&mut r, freeze("m4", T0 + 7));
     r
 }
+
+/// A deterministic pseudo-random sequence (xorshift; no crate needed for a test's dice).
+pub(crate) struct Dice(pub(crate) u64);
+impl Dice {
+    pub(crate) fn roll(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// A random request over three hosts, twelve addresses, four public addresses and the
+/// migrations it made (many are refused: the caller skips those).
+pub(crate) fn random_request(r: &Registry, d: &mut Dice, now: u64) -> Request {
+    let hosts = ["a1", "a2", "b1"];
+    let h = hosts[d.roll(3) as usize];
+    let ip = format!("10.244.1.{}", 10 + d.roll(12));
+    let container = format!("c{}", d.roll(6));
+    match d.roll(11) {
+        9 => {
+            return Request::Allocate(ferry_api::IpamAllocateRequest {
+                host: h.to_owned(),
+                container_id: container,
+                ifname: "eth0".into(),
+                ip: (d.roll(2) == 0).then(|| ip.parse().unwrap()),
+            });
+        }
+        10 => {
+            return Request::Release(ferry_api::IpamReleaseRequest {
+                host: h.to_owned(),
+                container_id: container,
+                ip: ip.parse().unwrap(),
+            });
+        }
+        _ => {}
+    }
+    match d.roll(9) {
+        0 => Request::RegisterHost(host(
+            h,
+            &format!("198.18.1.{}", 10 + d.roll(3)),
+            &format!("10.244.255.{}", 1 + d.roll(3)),
+        )),
+        1 => Request::RemoveHost(h.to_owned()),
+        2 | 3 => Request::AddEndpoints(vec![ep(&ip, h)]),
+        4 => Request::RemoveEndpoint(ip.parse().unwrap()),
+        5 => Request::AddPublic(if d.roll(2) == 0 {
+            whole(&format!("203.0.113.{}", 130 + d.roll(4)), &ip)
+        } else {
+            port(
+                &format!("203.0.113.{}", 130 + d.roll(4)),
+                80,
+                &ip,
+                80,
+                Proto::Tcp,
+            )
+        }),
+        6 => {
+            let keys: Vec<_> = r.public.keys().copied().collect();
+            match keys.get(d.roll(keys.len().max(1) as u64) as usize) {
+                Some(k) => Request::RemovePublic(*k),
+                None => Request::RemoveEndpoint(ip.parse().unwrap()),
+            }
+        }
+        7 => Request::PrepareMigration {
+            container: ip.parse().unwrap(),
+            to: h.to_owned(),
+            now_ms: now,
+            run: false,
+        },
+        _ => {
+            let ids: Vec<String> = r
+                .migrations
+                .values()
+                .map(|l| l.migration.id.clone())
+                .collect();
+            match ids.get(d.roll(ids.len().max(1) as u64) as usize) {
+                Some(id) => Request::StepMigration {
+                    id: id.clone(),
+                    step: [
+                        MigrationStepKind::Freeze,
+                        MigrationStepKind::Release,
+                        MigrationStepKind::Abort,
+                    ][d.roll(3) as usize],
+                    now_ms: now,
+                    expect: None,
+                },
+                None => Request::ExpireMigrations { now_ms: now },
+            }
+        }
+    }
+}
