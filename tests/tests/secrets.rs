@@ -175,6 +175,8 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
     let runtime_json =
         |host: &str| ferry_lab::lab::agent_state_dir(lab.prefix(), host).join("runtime.json");
     let registry = cp.state_dir.join("registry.json");
+    // The changes since registry.json was written whole (the lab's start made several).
+    let journal = cp.state_dir.join("registry.journal");
     let root_device = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
@@ -200,6 +202,7 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
         ('r', "tls_key", s(&key), true),
         ('r', "ca_key", s(&ca_key), true),
         ('r', "gateway_state", s(&registry), true),
+        ('r', "gateway_journal", s(&journal), true),
         ('r', "a1_runtime", s(&runtime_json("a1")), true),
         ('r', "b1_runtime", s(&runtime_json("b1")), true),
         ('l', "lab_dir", s(&state), true),
@@ -332,6 +335,7 @@ fn a_containers_process_cannot_read_secrets_before_or_after_a_migration() {
         cp.token_file.clone(),
         key,
         registry,
+        journal,
         runtime_json("a1"),
         runtime_json("b1"),
         state.join("state.json"),
