@@ -160,44 +160,45 @@ impl ChangeLog {
 /// The delta from version `from` to `reg`'s, given what changed since (`t`), at `now_ms` (the
 /// migrations are those of `reg.snapshot(now_ms)`).
 pub fn delta(reg: &Registry, from: u64, t: &Touched, now_ms: u64) -> SnapshotDelta {
-    let mut d = SnapshotDelta {
+    let (hosts, hosts_removed) = split(&reg.hosts, &t.hosts, String::clone);
+    let (endpoints, endpoints_removed) = split(&reg.endpoints, &t.endpoints, |ip| *ip);
+    let (public, public_removed) = split(&reg.public, &t.public, PublicKey::to_string);
+    SnapshotDelta {
         from,
         version: reg.version,
         overlay_cidr: reg.net.overlay_cidr,
         overlay6_cidr: reg.net.overlay6_cidr,
         vni: reg.net.vni,
-        hosts: Vec::new(),
-        hosts_removed: Vec::new(),
-        endpoints: Vec::new(),
-        endpoints_removed: Vec::new(),
-        public: Vec::new(),
-        public_removed: Vec::new(),
+        hosts,
+        hosts_removed,
+        endpoints,
+        endpoints_removed,
+        public,
+        public_removed,
         migrations: reg
             .migrations
             .values()
             .filter(|l| in_snapshot(&l.migration, now_ms))
             .map(|l| l.migration.clone())
             .collect(),
-    };
-    for name in &t.hosts {
-        match reg.hosts.get(name) {
-            Some(h) => d.hosts.push(h.clone()),
-            None => d.hosts_removed.push(name.clone()),
+    }
+}
+
+/// The entries of `map` at `keys` as they are now, and (written by `removed`) the keys it no
+/// longer holds: what a delta or a journal record carries for one map.
+pub(crate) fn split<K: Ord, V: Clone, R>(
+    map: &BTreeMap<K, V>,
+    keys: &BTreeSet<K>,
+    removed: impl Fn(&K) -> R,
+) -> (Vec<V>, Vec<R>) {
+    let (mut set, mut gone) = (Vec::new(), Vec::new());
+    for k in keys {
+        match map.get(k) {
+            Some(v) => set.push(v.clone()),
+            None => gone.push(removed(k)),
         }
     }
-    for ip in &t.endpoints {
-        match reg.endpoints.get(ip) {
-            Some(e) => d.endpoints.push(e.clone()),
-            None => d.endpoints_removed.push(*ip),
-        }
-    }
-    for key in &t.public {
-        match reg.public.get(key) {
-            Some(p) => d.public.push(p.clone()),
-            None => d.public_removed.push(key.to_string()),
-        }
-    }
-    d
+    (set, gone)
 }
 
 #[cfg(test)]

@@ -56,48 +56,33 @@ impl Registry {
         old: &Registry,
         touched: &crate::watch::Touched,
     ) -> Option<crate::store::JournalRecord> {
+        use crate::watch::split;
+        let (hosts, hosts_removed) = split(&self.hosts, &touched.hosts, String::clone);
+        let (endpoints, endpoints_removed) = split(&self.endpoints, &touched.endpoints, |ip| *ip);
+        let (public, public_removed) = split(
+            &self.public,
+            &touched.public,
+            ferry_api::PublicKey::to_string,
+        );
+        let mut leases = BTreeSet::new();
+        crate::watch::diff_keys(&old.leases, &self.leases, &mut leases);
+        let (ipam, ipam_removed) = split(&self.leases, &leases, |ip| *ip);
         let mut r = crate::store::JournalRecord {
             version: self.version,
-            hosts: Vec::new(),
-            hosts_removed: Vec::new(),
-            endpoints: Vec::new(),
-            endpoints_removed: Vec::new(),
-            public: Vec::new(),
-            public_removed: Vec::new(),
-            ipam: Vec::new(),
-            ipam_removed: Vec::new(),
+            hosts,
+            hosts_removed,
+            endpoints,
+            endpoints_removed,
+            public,
+            public_removed,
+            ipam,
+            ipam_removed,
             migrations: self.migrations.values().cloned().collect(),
             history_push: Vec::new(),
             history_len: self.history.len(),
             next_migration: self.next_migration,
             ipam_next: self.ipam_next,
         };
-        for name in &touched.hosts {
-            match self.hosts.get(name) {
-                Some(h) => r.hosts.push(h.clone()),
-                None => r.hosts_removed.push(name.clone()),
-            }
-        }
-        for ip in &touched.endpoints {
-            match self.endpoints.get(ip) {
-                Some(e) => r.endpoints.push(e.clone()),
-                None => r.endpoints_removed.push(*ip),
-            }
-        }
-        for key in &touched.public {
-            match self.public.get(key) {
-                Some(p) => r.public.push(p.clone()),
-                None => r.public_removed.push(key.to_string()),
-            }
-        }
-        let mut leases = BTreeSet::new();
-        crate::watch::diff_keys(&old.leases, &self.leases, &mut leases);
-        for ip in leases {
-            match self.leases.get(&ip) {
-                Some(l) => r.ipam.push(l.clone()),
-                None => r.ipam_removed.push(ip),
-            }
-        }
         // The history only grows at the back and drops at the front (ids are unique).
         let old_ids: BTreeSet<&str> = old.history.iter().map(|m| m.id.as_str()).collect();
         r.history_push = self
