@@ -160,9 +160,14 @@ impl ChangeLog {
 /// The delta from version `from` to `reg`'s, given what changed since (`t`), at `now_ms` (the
 /// migrations are those of `reg.snapshot(now_ms)`).
 pub fn delta(reg: &Registry, from: u64, t: &Touched, now_ms: u64) -> SnapshotDelta {
-    let (hosts, hosts_removed) = split(&reg.hosts, &t.hosts, String::clone);
-    let (endpoints, endpoints_removed) = split(&reg.endpoints, &t.endpoints, |ip| *ip);
-    let (public, public_removed) = split(&reg.public, &t.public, PublicKey::to_string);
+    let Changed {
+        hosts,
+        hosts_removed,
+        endpoints,
+        endpoints_removed,
+        public,
+        public_removed,
+    } = t.entries(reg);
     SnapshotDelta {
         from,
         version: reg.version,
@@ -184,8 +189,37 @@ pub fn delta(reg: &Registry, from: u64, t: &Touched, now_ms: u64) -> SnapshotDel
     }
 }
 
+/// What touched keys stand for in a registry: the entries as they are now, and the keys it
+/// no longer holds (what a delta and a journal record both carry).
+pub(crate) struct Changed {
+    pub hosts: Vec<ferry_api::HostInfo>,
+    pub hosts_removed: Vec<String>,
+    pub endpoints: Vec<ferry_api::Endpoint>,
+    pub endpoints_removed: Vec<Ipv4Addr>,
+    pub public: Vec<ferry_api::PublicMapping>,
+    /// Keys as text ([`ferry_api::PublicMapping::key`]).
+    pub public_removed: Vec<String>,
+}
+
+impl Touched {
+    /// These keys' entries in `reg`.
+    pub(crate) fn entries(&self, reg: &Registry) -> Changed {
+        let (hosts, hosts_removed) = split(&reg.hosts, &self.hosts, String::clone);
+        let (endpoints, endpoints_removed) = split(&reg.endpoints, &self.endpoints, |ip| *ip);
+        let (public, public_removed) = split(&reg.public, &self.public, PublicKey::to_string);
+        Changed {
+            hosts,
+            hosts_removed,
+            endpoints,
+            endpoints_removed,
+            public,
+            public_removed,
+        }
+    }
+}
+
 /// The entries of `map` at `keys` as they are now, and (written by `removed`) the keys it no
-/// longer holds: what a delta or a journal record carries for one map.
+/// longer holds.
 pub(crate) fn split<K: Ord, V: Clone, R>(
     map: &BTreeMap<K, V>,
     keys: &BTreeSet<K>,

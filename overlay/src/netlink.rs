@@ -344,18 +344,11 @@ impl Netlink {
 
     /// The name of link `index`.
     pub async fn link_name(&self, index: u32) -> Result<Option<String>, NetlinkError> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let msg = links.try_next().await.map_err(|source| NetlinkError::Op {
-            op: "get link",
-            what: index.to_string(),
-            source,
-        })?;
-        Ok(msg.and_then(|m| {
-            m.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some(n),
-                _ => None,
-            })
-        }))
+        self.link_attr(index, |a| match a {
+            LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        })
+        .await
     }
 
     /// `ip -6 route replace PREFIX dev DEV` (a dual-stack gateway's way back into the overlay).

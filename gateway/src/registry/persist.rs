@@ -56,17 +56,17 @@ impl Registry {
         old: &Registry,
         touched: &crate::watch::Touched,
     ) -> Option<crate::store::JournalRecord> {
-        use crate::watch::split;
-        let (hosts, hosts_removed) = split(&self.hosts, &touched.hosts, String::clone);
-        let (endpoints, endpoints_removed) = split(&self.endpoints, &touched.endpoints, |ip| *ip);
-        let (public, public_removed) = split(
-            &self.public,
-            &touched.public,
-            ferry_api::PublicKey::to_string,
-        );
+        let crate::watch::Changed {
+            hosts,
+            hosts_removed,
+            endpoints,
+            endpoints_removed,
+            public,
+            public_removed,
+        } = touched.entries(self);
         let mut leases = BTreeSet::new();
         crate::watch::diff_keys(&old.leases, &self.leases, &mut leases);
-        let (ipam, ipam_removed) = split(&self.leases, &leases, |ip| *ip);
+        let (ipam, ipam_removed) = crate::watch::split(&self.leases, &leases, |ip| *ip);
         let mut r = crate::store::JournalRecord {
             version: self.version,
             hosts,
