@@ -6,8 +6,8 @@
 #   scripts/setup.sh --check    report what is missing, change nothing (exit 1 if anything is)
 #
 # What it installs, and why (see docs/setup.md):
-#   - Debian packages: iproute2/iperf3/socat/... for the lab, llvm-22-dev for bpf-linker,
-#     CRIU's build dependencies;
+#   - Debian packages: iproute2/iperf3/socat/... for the lab, etcd-server for gateways that
+#     share a registry, llvm-22-dev for bpf-linker, CRIU's build dependencies;
 #   - rust-src for the pinned toolchain (the eBPF crate is built with -Z build-std=core);
 #   - bpf-linker 0.13.0 linked against LLVM 22 (the LLVM of rustc 1.95);
 #   - CRIU >= 4.2 built from Debian's own sid source package, installed as /usr/local/sbin/criu.
@@ -43,6 +43,8 @@ APT_PACKAGES=(
   git
   # the unmodified Debian server the CRIU tests migrate
   redis-server
+  # etcd, the registry's store shared by several gateways (gateway --store etcd:...)
+  etcd-server
   # OCI containers: runc (1.1.5 works with CRIU 4.2.1, see docs/migration.md), Podman (its
   # CNI backend with ferry-cni; runc its runtime: crun lacks CRIU support here) and the
   # busybox of the lab's root file systems (ferry-lab image build redis)

@@ -682,10 +682,14 @@ pub enum ErrorCode {
     /// automatic) not applied in time, a gateway shutting down during the wait. Look at
     /// `ferry migrate status` and the lagging hosts.
     NeedsAttention,
+    /// 503: the registry's store (etcd) could not be reached or did not confirm the change:
+    /// it was not applied (or, when the message says so, its outcome is unknown: it shows in
+    /// the registry once this gateway reads it back). Reads are still served.
+    StoreUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::BadRequest,
@@ -702,6 +706,7 @@ impl ErrorCode {
         ErrorCode::BadPhase,
         ErrorCode::RolledBack,
         ErrorCode::NeedsAttention,
+        ErrorCode::StoreUnavailable,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -722,6 +727,7 @@ impl ErrorCode {
             ErrorCode::BadPhase => "bad_phase",
             ErrorCode::RolledBack => "rolled_back",
             ErrorCode::NeedsAttention => "needs_attention",
+            ErrorCode::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -742,6 +748,7 @@ impl ErrorCode {
             | ErrorCode::BadPhase => 409,
             ErrorCode::Internal => 500,
             ErrorCode::RolledBack | ErrorCode::NeedsAttention => 504,
+            ErrorCode::StoreUnavailable => 503,
         }
     }
 }

@@ -171,6 +171,14 @@ pub struct GatewayArgs {
     /// Only validate the configuration, the token file and the stored state, then exit.
     #[arg(long)]
     pub check: bool,
+    /// Where the registry is kept, overriding the config's `store`: `file:DIR` (one gateway)
+    /// or `etcd:http://IP:PORT[,...]` (any number of gateways share it).
+    #[arg(long, value_name = "file:PATH|etcd:URLS")]
+    pub store: Option<String>,
+    /// Copy the file store in DIR (registry.json and its journal) into the etcd store, then
+    /// exit; refused if etcd already holds a registry.
+    #[arg(long, value_name = "DIR", conflicts_with = "check")]
+    pub import: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -234,22 +234,40 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
 }
 
 async fn gateway(args: GatewayArgs) -> Result<Option<Outcome>, CliError> {
-    if args.check {
-        let r = ferry_gateway::check(&args.config)
-            .map_err(|e| CliError::new("invalid_config", e.to_string()))?;
-        let state = if r.state_exists {
-            format!(
-                "registry version {} ({} hosts, {} endpoints, {} public mappings, {} migrations \
-                 in progress) in {}",
+    if args.check || args.import.is_some() {
+        // Reading (and importing into) etcd blocks: not on a runtime worker.
+        let (config, store, import) =
+            (args.config.clone(), args.store.clone(), args.import.clone());
+        let r = tokio::task::spawn_blocking(move || match &import {
+            Some(dir) => ferry_gateway::daemon::import(&config, store.as_deref(), dir)
+                .map_err(|e| CliError::new("import_failed", e.to_string())),
+            None => ferry_gateway::check(&config, store.as_deref())
+                .map_err(|e| CliError::new("invalid_config", e.to_string())),
+        })
+        .await
+        .map_err(|e| CliError::new("internal", e.to_string()))??;
+        if args.import.is_some() {
+            let text = format!(
+                "imported registry version {} ({} hosts, {} endpoints, {} public mappings, {} \
+                 migrations in progress) from {} into {}",
                 r.version,
                 r.hosts,
                 r.endpoints,
                 r.public,
                 r.migrations,
-                r.state_file.display()
+                r.state_file.display(),
+                r.store
+            );
+            return Outcome::new(r, text).map(Some);
+        }
+        let state = if r.state_exists {
+            format!(
+                "registry version {} ({} hosts, {} endpoints, {} public mappings, {} migrations \
+                 in progress) in {}",
+                r.version, r.hosts, r.endpoints, r.public, r.migrations, r.store
             )
         } else {
-            format!("no state yet ({} will be created)", r.state_file.display())
+            format!("no state yet ({} will be created)", r.store)
         };
         let text = format!(
             "config {} is valid: listen {}, {state}",
@@ -258,7 +276,7 @@ async fn gateway(args: GatewayArgs) -> Result<Option<Outcome>, CliError> {
         );
         return Outcome::new(r, text).map(Some);
     }
-    ferry_gateway::serve(&args.config)
+    ferry_gateway::serve(&args.config, args.store.as_deref())
         .await
         .map_err(|e| CliError::new("gateway_failed", e.to_string()))?;
     Ok(None)

@@ -2,7 +2,12 @@
 //!
 //! ```toml
 //! listen = "198.18.0.10:7400"            # API address (default 127.0.0.1:7400)
-//! state_dir = "/var/lib/ferry/gateway"   # registry.json and registry.journal (default)
+//! state_dir = "/var/lib/ferry/gateway"   # registry.json and registry.journal (default);
+//!                                        # run reports
+//! store = "file"                         # the registry in state_dir (default), or
+//!                                        # "etcd:http://IP:2379,http://IP:2379,..." shared by
+//!                                        # every gateway of the cluster
+//! etcd_prefix = "/ferry/registry/"       # where in etcd (default)
 //! token_file = "/etc/ferry/token"        # bearer token, mode 0600 (this is the default)
 //! overlay_cidr = "10.244.0.0/16"         # container and host overlay addresses (required)
 //! overlay6_cidr = "2001:db8:f::/96"       # dual-stack (optional): every agent's must match
@@ -56,6 +61,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "default_token_file")]
     pub token_file: PathBuf,
+    /// Where the registry is kept: `file` (in `state_dir`) or `etcd:URLS`.
+    #[serde(default = "default_store")]
+    pub store: String,
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
     pub overlay_cidr: Ipv4Net,
     /// Dual-stack overlay: a /96 (an endpoint's IPv6 address is it followed by its IPv4 one).
     #[serde(default)]
@@ -108,6 +118,51 @@ fn default_listen() -> SocketAddr {
 fn default_state_dir() -> PathBuf {
     "/var/lib/ferry/gateway".into()
 }
+fn default_store() -> String {
+    "file".into()
+}
+fn default_etcd_prefix() -> String {
+    crate::etcd_store::PREFIX.into()
+}
+
+/// Where the registry is kept ([`Config::store`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// In this directory (`file` alone: `state_dir`).
+    File(Option<PathBuf>),
+    Etcd(crate::etcd::Members),
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "file" {
+            return Ok(StoreSpec::File(None));
+        }
+        if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("file: wants a directory (file:PATH)".into());
+            }
+            return Ok(StoreSpec::File(Some(path.into())));
+        }
+        if let Some(urls) = s.strip_prefix("etcd:") {
+            return urls.parse().map(StoreSpec::Etcd);
+        }
+        Err(format!(
+            "store {s:?}: want \"file\", \"file:PATH\" or \"etcd:http://IP:PORT[,...]\""
+        ))
+    }
+}
+
+impl Config {
+    /// The parsed [`Config::store`] (validated at load).
+    pub fn store_spec(&self) -> StoreSpec {
+        self.store
+            .parse()
+            .expect("validated when the config was loaded")
+    }
+}
+
 fn default_token_file() -> PathBuf {
     "/etc/ferry/token".into()
 }
@@ -189,6 +244,10 @@ pub enum InvalidConfig {
         cidr: Ipv4Net,
         pool: Ipv4Net,
     },
+    #[error("store: {0}")]
+    Store(String),
+    #[error("etcd_prefix {0:?}: want an absolute key prefix ending in '/' (e.g. /ferry/registry/)")]
+    EtcdPrefix(String),
     #[error("{field} {value} is out of range: want {min}–{max}")]
     OutOfRange {
         field: &'static str,
@@ -218,6 +277,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.store
+            .parse::<StoreSpec>()
+            .map_err(InvalidConfig::Store)?;
+        if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
+            return Err(InvalidConfig::EtcdPrefix(self.etcd_prefix.clone()));
+        }
         let o = self.overlay_cidr;
         if o.trunc() != o {
             return Err(InvalidConfig::OverlayHostBits { cidr: o });

@@ -11,11 +11,11 @@ use tracing::{info, warn};
 
 use crate::{
     auth::{self, TokenError},
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, StoreSpec},
     migration::coordinator::expire_released,
     registry::{LoadError, Registry},
     server::{Gateway, router},
-    store::{self, Store, StoreError},
+    store::{self, Backend, Store, StoreError},
 };
 
 /// Why the daemon did not start (or stopped serving).
@@ -62,6 +62,10 @@ pub enum StartError {
     },
     #[error("serving: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("--store {0}")]
+    StoreSpec(String),
+    #[error("--import: {0}")]
+    Import(String),
 }
 
 /// What `--check` found.
@@ -69,6 +73,8 @@ pub enum StartError {
 pub struct CheckReport {
     pub config: PathBuf,
     pub listen: SocketAddr,
+    /// Where the registry is kept (a file, or etcd's members and prefix).
+    pub store: String,
     pub state_file: PathBuf,
     pub state_exists: bool,
     pub version: u64,
@@ -79,20 +85,44 @@ pub struct CheckReport {
     pub migrations: usize,
 }
 
-/// What the daemon starts from: config, token, TLS identity, store, registry.
-type Prepared = (
-    Config,
-    String,
-    Option<ferry_tls::Tls>,
-    Option<Store>,
-    Registry,
-);
+/// What the daemon starts from: config, token, TLS identity, store (with the etcd revision
+/// the registry was read at), registry.
+struct Prepared {
+    config: Config,
+    token: String,
+    tls: Option<ferry_tls::Tls>,
+    store: Option<Backend>,
+    revision: i64,
+    registry: Registry,
+    /// Where the registry was read from (errors, `--check`).
+    source: String,
+}
+
+/// The config with `--store` applied (`file:PATH` also moves `state_dir`).
+fn load_config(config_path: &Path, store: Option<&str>) -> Result<Config, StartError> {
+    let mut config = Config::load(config_path)?;
+    if let Some(spec) = store {
+        match spec.parse::<StoreSpec>().map_err(StartError::StoreSpec)? {
+            StoreSpec::File(Some(dir)) => {
+                config.state_dir = dir;
+                config.store = "file".into();
+            }
+            _ => config.store = spec.to_owned(),
+        }
+    }
+    Ok(config)
+}
+
+fn etcd_store(config: &Config, members: crate::etcd::Members) -> crate::etcd_store::EtcdStore {
+    let kv = std::sync::Arc::new(crate::etcd::HttpKv::new(members));
+    crate::etcd_store::EtcdStore::new(kv, &config.etcd_prefix)
+}
 
 /// Loads what the daemon needs, in the daemon's order: config, token, TLS identity, stored
 /// state (checked against the config). `lock`: take the state directory (the daemon) or only
 /// read it (`--check`, which must not create anything).
-fn prepare(config_path: &Path, lock: bool) -> Result<Prepared, StartError> {
-    let config = Config::load(config_path)?;
+fn prepare(config_path: &Path, store: Option<&str>, lock: bool) -> Result<Prepared, StartError> {
+    let config = load_config(config_path, store)?;
     let token = auth::load_server_token(&config.token_file)?;
     let tls = match &config.tls {
         Some(files) => {
@@ -107,33 +137,63 @@ fn prepare(config_path: &Path, lock: bool) -> Result<Prepared, StartError> {
         }
         None => None,
     };
-    let store = if lock {
-        Some(Store::open(&config.state_dir)?)
-    } else {
-        None
+    let (store, state, revision, source) = match config.store_spec() {
+        StoreSpec::File(_) => {
+            let store = if lock {
+                Some(Backend::File(Store::open(&config.state_dir)?))
+            } else {
+                None
+            };
+            let state = store::read_state(&config.state_dir)?;
+            let source = config
+                .state_dir
+                .join(store::STATE_FILE)
+                .display()
+                .to_string();
+            (store, state, 0, source)
+        }
+        StoreSpec::Etcd(members) => {
+            let s = etcd_store(&config, members);
+            let (state, revision) = s.load()?;
+            let source = s.describe();
+            (Some(Backend::Etcd(s)), state, revision, source)
+        }
     };
-    let state = store::read_state(&config.state_dir)?;
     let registry = match state {
         None => Registry::new(config.net()),
-        Some(s) => Registry::from_persisted(config.net(), s).map_err(|source| {
+        Some(s) => Registry::from_persisted(config.net(), s).map_err(|source_err| {
             StartError::StateMismatch {
-                state_file: config.state_dir.join(store::STATE_FILE),
+                state_file: PathBuf::from(&source),
                 config: config_path.to_path_buf(),
-                source,
+                source: source_err,
             }
         })?,
     };
-    Ok((config, token, tls, store, registry))
+    Ok(Prepared {
+        config,
+        token,
+        tls,
+        store,
+        revision,
+        registry,
+        source,
+    })
 }
 
 /// `ferry gateway --config F --check`.
-pub fn check(config_path: &Path) -> Result<CheckReport, StartError> {
-    let (config, _, _, _, registry) = prepare(config_path, false)?;
+pub fn check(config_path: &Path, store: Option<&str>) -> Result<CheckReport, StartError> {
+    let p = prepare(config_path, store, false)?;
+    let (config, registry) = (p.config, p.registry);
     let state_file = config.state_dir.join(store::STATE_FILE);
+    let state_exists = match config.store_spec() {
+        StoreSpec::File(_) => state_file.exists(),
+        StoreSpec::Etcd(_) => registry.version() > 0,
+    };
     Ok(CheckReport {
         config: config_path.to_path_buf(),
         listen: config.listen,
-        state_exists: state_file.exists(),
+        store: p.source,
+        state_exists,
         state_file,
         version: registry.version(),
         hosts: registry.host_count(),
@@ -143,8 +203,149 @@ pub fn check(config_path: &Path) -> Result<CheckReport, StartError> {
     })
 }
 
+/// `ferry gateway --config F --store etcd:URLS --import DIR`: copies the file store in DIR
+/// into etcd (refused if etcd already holds a registry).
+pub fn import(
+    config_path: &Path,
+    store: Option<&str>,
+    dir: &Path,
+) -> Result<CheckReport, StartError> {
+    let config = load_config(config_path, store)?;
+    let StoreSpec::Etcd(members) = config.store_spec() else {
+        return Err(StartError::Import(
+            "the store to import into must be etcd (--store etcd:URLS or store = \"etcd:...\")"
+                .into(),
+        ));
+    };
+    let Some(state) = store::read_state(dir)? else {
+        return Err(StartError::Import(format!(
+            "{} holds no registry",
+            dir.join(store::STATE_FILE).display()
+        )));
+    };
+    let registry = Registry::from_persisted(config.net(), state.clone()).map_err(|source| {
+        StartError::StateMismatch {
+            state_file: dir.join(store::STATE_FILE),
+            config: config_path.to_path_buf(),
+            source,
+        }
+    })?;
+    let s = etcd_store(&config, members);
+    let absent = crate::etcd::Compare::Absent(format!("{}head", config.etcd_prefix).into_bytes());
+    match s.checkpoint(&state, absent) {
+        Ok(()) => {}
+        Err(StoreError::Conflict { .. }) => {
+            let have = s.load()?.0.map_or(0, |s| s.version);
+            return Err(StartError::Import(format!(
+                "{} already holds a registry (version {have}); nothing was written",
+                s.describe()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    info!(from = %dir.display(), to = %s.describe(), version = state.version, "registry imported");
+    Ok(CheckReport {
+        config: config_path.to_path_buf(),
+        listen: config.listen,
+        store: s.describe(),
+        state_file: dir.join(store::STATE_FILE),
+        state_exists: true,
+        version: registry.version(),
+        hosts: registry.host_count(),
+        endpoints: registry.endpoint_count(),
+        public: registry.public_count(),
+        migrations: registry.live_migrations().count(),
+    })
+}
+
+/// Applies other gateways' changes as etcd reports them (a watch of the log from `revision`),
+/// on a thread of its own with its own runtime (each change is applied under the writer
+/// lock). A failed watch moves to the next member; a compacted revision reads the registry
+/// whole.
+fn spawn_follower(g: std::sync::Arc<Gateway>, members: Vec<SocketAddr>, mut revision: i64) {
+    let Some(store) = g.store.etcd() else { return };
+    let prefix = store.log_prefix();
+    let spawned = std::thread::Builder::new()
+        .name("etcd-follower".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "etcd follower: no runtime; other gateways' changes are applied only when this one conflicts");
+                    return;
+                }
+            };
+            let mut shutdown = g.shutdown_tx.subscribe();
+            let mut at = 0usize;
+            while !*shutdown.borrow() {
+                let member = members[at % members.len()];
+                let mut reload = false;
+                let from = revision + 1;
+                let watched = rt.block_on(async {
+                    let on = |events: Vec<crate::etcd::Event>| {
+                        for e in events {
+                            match e {
+                                crate::etcd::Event::Put(kv) => {
+                                    let Some(store) = g.store.etcd() else { return false };
+                                    let entry = store.log_version(&kv.key).and_then(|v| {
+                                        serde_json::from_slice(&kv.value).ok().map(|e| (v, e))
+                                    });
+                                    let Some((v, entry)) = entry else {
+                                        warn!(key = %String::from_utf8_lossy(&kv.key), "etcd follower: not a log entry; reading the registry whole");
+                                        reload = true;
+                                        return false;
+                                    };
+                                    if let Err(e) = g.follow(v, entry, kv.mod_revision) {
+                                        warn!(error = %e, version = v, "etcd follower: applying a change failed; reading the registry whole");
+                                        reload = true;
+                                        return false;
+                                    }
+                                    revision = revision.max(kv.mod_revision);
+                                }
+                                crate::etcd::Event::Delete { mod_revision, .. } => {
+                                    revision = revision.max(mod_revision);
+                                }
+                            }
+                        }
+                        true
+                    };
+                    tokio::select! {
+                        r = crate::etcd::watch(member, &prefix, from, on) => r,
+                        _ = shutdown.wait_for(|s| *s) => Ok(()),
+                    }
+                });
+                match watched {
+                    Ok(()) => {}
+                    Err(crate::etcd::WatchEnd::Compacted(c)) => {
+                        warn!(compacted = c, "etcd follower: the revision it watched from was compacted; reading the registry whole");
+                        reload = true;
+                    }
+                    Err(crate::etcd::WatchEnd::Failed(e)) => {
+                        warn!(error = %e, "etcd follower: watch failed; trying the next member");
+                        at += 1;
+                        rt.block_on(async {
+                            tokio::select! {
+                                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                                _ = shutdown.wait_for(|s| *s) => {}
+                            }
+                        });
+                    }
+                }
+                if reload {
+                    match g.reload() {
+                        Ok(r) => revision = r,
+                        Err(e) => warn!(error = %e, "etcd follower: reading the registry failed; trying again"),
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "etcd follower: no thread; other gateways' changes are applied only when this one conflicts");
+    }
+}
+
 /// `ferry gateway --config F`: serves until SIGTERM or SIGINT.
-pub async fn serve(config_path: &Path) -> Result<(), StartError> {
+pub async fn serve(config_path: &Path, store: Option<&str>) -> Result<(), StartError> {
     use tokio::signal::unix::{SignalKind, signal};
     let handler = |name: &'static str, kind| {
         signal(kind).map_err(|source| StartError::Signal { name, source })
@@ -152,7 +353,21 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
     let mut term = handler("SIGTERM", SignalKind::terminate())?;
     let mut int = handler("SIGINT", SignalKind::interrupt())?;
 
-    let (config, token, tls, store, registry) = prepare(config_path, true)?;
+    let Prepared {
+        config,
+        token,
+        tls,
+        store,
+        revision,
+        registry,
+        ..
+    } = {
+        // Reading etcd blocks: not on a runtime worker.
+        let (path, store) = (config_path.to_path_buf(), store.map(str::to_owned));
+        tokio::task::spawn_blocking(move || prepare(&path, store.as_deref(), true))
+            .await
+            .map_err(|e| StartError::Serve(std::io::Error::other(e)))??
+    };
     if tls.is_none() {
         warn!(
             listen = %config.listen,
@@ -192,6 +407,9 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
         config.step_timeout(),
     );
     g.set_client_tls(tls.as_ref().map(|t| t.client_config()));
+    if let StoreSpec::Etcd(members) = config.store_spec() {
+        spawn_follower(g.clone(), members.0, revision);
+    }
     g.configure_runs(
         config.listen,
         config.agent_api_port,
@@ -199,7 +417,7 @@ pub async fn serve(config_path: &Path) -> Result<(), StartError> {
     );
     let expiry = tokio::spawn(expire_released(g.clone()));
     info!(
-        listen = %config.listen, state = %g.store.path().display(), version, hosts, endpoints,
+        listen = %config.listen, store = %g.store.describe(), version, hosts, endpoints,
         public, overlay_cidr = %config.overlay_cidr, vni = config.vni,
         "gateway listening"
     );

@@ -4,7 +4,8 @@
 //! - [`config`]: the daemon's TOML configuration;
 //! - [`registry`]: the registry as a pure state machine (validation, versions), one module per
 //!   concern;
-//! - [`store`]: its atomic persistence;
+//! - [`store`]: its atomic persistence (a file store, or [`etcd_store`] on etcd through
+//!   [`etcd`] for several gateways);
 //! - [`watch`]: what changed between versions, so agents get deltas, not whole snapshots;
 //! - [`auth`]: the bearer token;
 //! - [`server`]: the HTTP API (axum);
@@ -17,6 +18,8 @@
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod etcd;
+pub mod etcd_store;
 pub mod metrics;
 pub mod migration;
 pub mod registry;

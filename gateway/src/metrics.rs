@@ -91,7 +91,13 @@ pub struct Metrics {
     connections: Family<ConnectionLabel, Counter>,
     watch_answers: Family<KindLabel, Counter>,
     watch_bytes: Family<KindLabel, Counter>,
+    /// Store outcomes of changes: conflict (another gateway won the version), unavailable,
+    /// remote (another gateway's change applied here).
+    store_events: Family<KindLabel, Counter>,
 }
+
+/// `ferry_gateway_store_events_total{kind}`.
+pub const STORE_EVENTS: [&str; 3] = ["conflict", "unavailable", "remote"];
 
 /// The kinds of watch answers (`ferry_gateway_watch_answers_total{kind}`).
 pub const WATCH_KINDS: [&str; 2] = ["snapshot", "delta"];
@@ -129,6 +135,7 @@ impl Metrics {
             connections: Family::default(),
             watch_answers: Family::default(),
             watch_bytes: Family::default(),
+            store_events: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -194,6 +201,16 @@ impl Metrics {
             m.watch_answers.clone(),
         );
         r.register(
+            "store_events",
+            "The registry's store (etcd): changes another gateway made first (conflict: this \
+             one caught up and tried again), changes refused because the store was unavailable, \
+             changes of other gateways applied here (remote)",
+            m.store_events.clone(),
+        );
+        for kind in STORE_EVENTS {
+            drop(m.store_events.get_or_create(&KindLabel { kind }));
+        }
+        r.register(
             "watch_bytes",
             "Bytes of watch answers (JSON bodies) sent to agents, by kind",
             m.watch_bytes.clone(),
@@ -237,6 +254,10 @@ impl Metrics {
     }
 
     /// A watch answered with `bytes` of kind `kind` (one of [`WATCH_KINDS`]).
+    pub fn count_store(&self, kind: &'static str) {
+        self.store_events.get_or_create(&KindLabel { kind }).inc();
+    }
+
     pub fn count_watch(&self, kind: &'static str, bytes: usize) {
         self.watch_answers.get_or_create(&KindLabel { kind }).inc();
         self.watch_bytes

@@ -43,7 +43,7 @@ use crate::{
     metrics::{Metrics, RegistryGauges},
     migration::coordinator,
     registry::{Change, Registry, RegistryError, Request},
-    store::Store,
+    store::{Backend, StoreError},
 };
 
 /// Largest request body: a batch of 65,536 endpoints is about 5 MB.
@@ -221,7 +221,7 @@ pub struct Gateway {
     current: RwLock<Arc<Registry>>,
     /// Serialises changes (held on a blocking thread across the fsyncs).
     writer: Mutex<()>,
-    pub(crate) store: Store,
+    pub(crate) store: Backend,
     pub(crate) runtime: Mutex<HashMap<String, HostRuntime>>,
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) shutdown_tx: watch::Sender<bool>,
@@ -248,6 +248,36 @@ pub struct Gateway {
     client_tls: RwLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
+/// Why one attempt at a change did not go through.
+enum Retry {
+    /// Another gateway made this version first: catch up and try again.
+    Conflict(u64),
+    Failed(ApiFailure),
+}
+
+/// A store's failure as the API answers it.
+fn store_failure(e: &StoreError) -> ApiFailure {
+    if e.outcome_unknown() {
+        ApiFailure::new(
+            ErrorCode::StoreUnavailable,
+            format!(
+                "{e}; the change's outcome is unknown: this gateway shows it once it reads it \
+                 back from the store"
+            ),
+        )
+    } else if e.unavailable() {
+        ApiFailure::new(
+            ErrorCode::StoreUnavailable,
+            format!("{e}; the change was not applied (reads are still served)"),
+        )
+    } else {
+        ApiFailure::new(
+            ErrorCode::Internal,
+            format!("{e}; the change was not applied"),
+        )
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -255,7 +285,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Gateway {
     pub fn new(
         registry: Registry,
-        store: Store,
+        store: Backend,
         token: String,
         watch_timeout: Duration,
         step_timeout: Duration,
@@ -350,7 +380,43 @@ impl Gateway {
     }
 
     fn change_blocking(&self, req: Request) -> Result<(Change, u64), ApiFailure> {
-        let _writer = lock(&self.writer);
+        let writer = lock(&self.writer);
+        // Another gateway may win the version this change was made on (etcd): read what won,
+        // apply it, and make the change again on the newer registry (which may refuse it).
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.change_once(&writer, req.clone()) {
+                Err(Retry::Conflict(version)) if attempts < 16 => {
+                    self.metrics.count_store("conflict");
+                    info!(
+                        version,
+                        attempts, "another gateway changed the registry first; catching up"
+                    );
+                    if let Err(e) = self.catch_up(&writer) {
+                        return Err(store_failure(&e));
+                    }
+                }
+                Err(Retry::Conflict(version)) => {
+                    return Err(ApiFailure::new(
+                        ErrorCode::StoreUnavailable,
+                        format!(
+                            "other gateways kept changing the registry (version {version}) \
+                             faster than this one could catch up; the change was not applied"
+                        ),
+                    ));
+                }
+                Err(Retry::Failed(f)) => return Err(f),
+                Ok(done) => return Ok(done),
+            }
+        }
+    }
+
+    fn change_once(
+        &self,
+        _writer: &MutexGuard<'_, ()>,
+        req: Request,
+    ) -> Result<(Change, u64), Retry> {
         let t0 = std::time::Instant::now();
         let old = self.current();
         let mut next = (*old).clone();
@@ -359,7 +425,7 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => {
                 info!(code = %e.code, message = %e.message, "request refused");
-                return Err(e.into());
+                return Err(Retry::Failed(e.into()));
             }
         };
         let version = next.version();
@@ -368,19 +434,23 @@ impl Gateway {
             let touched = crate::watch::touched(&old, &next);
             let record = next.journal_record(&old, &touched);
             let diffed = t0.elapsed();
-            if let Err(e) = self.store.append(record.as_ref(), || next.to_persisted()) {
-                error!(error = %e, "persisting the registry failed; the change was not applied");
-                return Err(ApiFailure::new(
-                    ErrorCode::Internal,
-                    format!("{e}; the change was not applied"),
-                ));
+            match self
+                .store
+                .append(version, record.as_ref(), || next.to_persisted())
+            {
+                Ok(()) => {}
+                Err(StoreError::Conflict { version }) => return Err(Retry::Conflict(version)),
+                Err(e) => {
+                    if e.unavailable() {
+                        self.metrics.count_store("unavailable");
+                    }
+                    error!(error = %e, "persisting the registry failed");
+                    return Err(Retry::Failed(store_failure(&e)));
+                }
             }
             let persisted = t0.elapsed();
-            // Logged before it is published: a watch that sees the version finds its keys.
             let keys = touched.len();
-            lock(&self.changelog).record(version, touched);
-            *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
-            self.version_tx.send_replace(version);
+            self.publish(next, touched);
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             info!(
                 version,
@@ -395,6 +465,100 @@ impl Gateway {
         }
         log_change(&change, version);
         Ok((change, version))
+    }
+
+    /// Makes `next` current: its keys logged (before it is published: a watch that sees the
+    /// version finds its keys), then the registry and its version.
+    fn publish(&self, next: Registry, touched: crate::watch::Touched) {
+        let version = next.version();
+        lock(&self.changelog).record(version, touched);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        self.version_tx.send_replace(version);
+    }
+
+    /// Applies what other gateways logged after the current version (etcd).
+    fn catch_up(&self, _writer: &MutexGuard<'_, ()>) -> Result<(), StoreError> {
+        let Some(store) = self.store.etcd() else {
+            return Ok(());
+        };
+        let (entries, revision) = store.entries_after(self.current().version(), 0)?;
+        for (v, e) in entries {
+            self.adopt_entry(store, v, e, revision)?;
+        }
+        Ok(())
+    }
+
+    fn adopt_entry(
+        &self,
+        store: &crate::etcd_store::EtcdStore,
+        version: u64,
+        entry: crate::etcd_store::LogEntry,
+        revision: i64,
+    ) -> Result<(), StoreError> {
+        let old = self.current();
+        if version <= old.version() {
+            return Ok(());
+        }
+        let next = if version == old.version() + 1 {
+            store.apply_entry(&old, version, entry, revision)?
+        } else {
+            // A gap (this gateway missed versions): read the registry whole.
+            match store.load()? {
+                (Some(s), _) => Registry::from_persisted(old.net().clone(), s).map_err(|e| {
+                    StoreError::EtcdCorrupt {
+                        at: store.describe(),
+                        problem: e.to_string(),
+                    }
+                })?,
+                (None, _) => return Ok(()),
+            }
+        };
+        let touched = crate::watch::touched(&old, &next);
+        info!(
+            version = next.version(),
+            keys = touched.len(),
+            "change of another gateway applied"
+        );
+        self.metrics.count_store("remote");
+        self.publish(next, touched);
+        Ok(())
+    }
+
+    /// The follower's step: the entry of `version` that another gateway (or this one) logged
+    /// at etcd `revision`, applied if it is new here.
+    pub(crate) fn follow(
+        &self,
+        version: u64,
+        entry: crate::etcd_store::LogEntry,
+        revision: i64,
+    ) -> Result<(), StoreError> {
+        let Some(store) = self.store.etcd() else {
+            return Ok(());
+        };
+        let _writer = lock(&self.writer);
+        self.adopt_entry(store, version, entry, revision)
+    }
+
+    /// Reads the registry whole from etcd and makes it current if it is newer (the
+    /// follower, after its watch's revision was compacted away).
+    pub(crate) fn reload(&self) -> Result<i64, StoreError> {
+        let Some(store) = self.store.etcd() else {
+            return Ok(0);
+        };
+        let _writer = lock(&self.writer);
+        let (state, revision) = store.load()?;
+        let old = self.current();
+        if let Some(s) = state.filter(|s| s.version > old.version()) {
+            let next = Registry::from_persisted(old.net().clone(), s).map_err(|e| {
+                StoreError::EtcdCorrupt {
+                    at: store.describe(),
+                    problem: e.to_string(),
+                }
+            })?;
+            let touched = crate::watch::touched(&old, &next);
+            self.publish(next, touched);
+        }
+        Ok(revision)
     }
 
     fn host_status(&self, info: HostInfo) -> HostStatus {

@@ -74,6 +74,22 @@ fn first_migration() -> u64 {
 impl PersistedState {
     pub const FORMAT: u32 = 1;
 
+    /// The registry at version 0.
+    pub fn empty() -> Self {
+        Self {
+            format: Self::FORMAT,
+            version: 0,
+            hosts: Vec::new(),
+            endpoints: Vec::new(),
+            public: Vec::new(),
+            migrations: Vec::new(),
+            migration_history: Vec::new(),
+            next_migration: first_migration(),
+            ipam: Vec::new(),
+            ipam_next: 0,
+        }
+    }
+
     /// Applies the change of version `self.version + 1`.
     pub fn apply(&mut self, r: JournalRecord) -> Result<(), String> {
         if Some(r.version) != self.version.checked_add(1) {
@@ -213,6 +229,67 @@ pub enum StoreError {
         line: usize,
         problem: String,
     },
+    #[error("the registry's store: {0}")]
+    Etcd(#[source] crate::etcd::EtcdError),
+    #[error(
+        "the registry in {at} is not valid: {problem}; it was left untouched: repair it or \
+         import a good state (ferry gateway --import)"
+    )]
+    EtcdCorrupt { at: String, problem: String },
+    /// Another gateway made version `version` first (nothing was written).
+    #[error("another gateway changed the registry to version {version} first")]
+    Conflict { version: u64 },
+}
+
+impl StoreError {
+    /// The change may have been persisted (the store's answer was lost).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Etcd(crate::etcd::EtcdError::Unknown { .. })
+        )
+    }
+    /// The store could not be reached or refused (not a local disk or corruption problem).
+    pub fn unavailable(&self) -> bool {
+        matches!(self, StoreError::Etcd(_))
+    }
+}
+
+/// Where the registry is kept: the file store (one gateway), or etcd (any number).
+#[derive(Debug)]
+pub enum Backend {
+    File(Store),
+    Etcd(crate::etcd_store::EtcdStore),
+}
+
+impl Backend {
+    /// Persists the change to `version` (see [`Store::append`], [`crate::etcd_store::EtcdStore::append`]).
+    pub fn append(
+        &self,
+        version: u64,
+        record: Option<&JournalRecord>,
+        full: impl FnOnce() -> PersistedState,
+    ) -> Result<(), StoreError> {
+        match self {
+            Backend::File(s) => s.append(record, full),
+            Backend::Etcd(s) => s.append(version, record, full),
+        }
+    }
+
+    /// Where it is (logs).
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::File(s) => s.path().display().to_string(),
+            Backend::Etcd(s) => s.describe(),
+        }
+    }
+
+    pub fn etcd(&self) -> Option<&crate::etcd_store::EtcdStore> {
+        match self {
+            Backend::Etcd(s) => Some(s),
+            Backend::File(_) => None,
+        }
+    }
 }
 
 /// What the journal holds now (for when to write the state whole).

@@ -15,6 +15,8 @@ use std::{
 };
 
 use ferry_api::{Client, HostInfo, HostRole};
+
+pub mod etcd;
 use serde_json::Value;
 
 pub const TOKEN: &str = "t0ken-for-tests-0123456789abcdef";
@@ -341,6 +343,14 @@ pub fn metrics(addr: SocketAddr) -> String {
         .unwrap();
     assert_eq!(r.status, 200);
     String::from_utf8(r.body.to_vec()).unwrap()
+}
+
+/// One series' value in `env`'s metrics (0 if absent).
+pub fn metric(env: &Env, series: &str) -> f64 {
+    metrics(env.addr)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn bearer() -> String {

@@ -1,0 +1,811 @@
+//! etcd v3 as the registry's store: the few calls ferry makes ([`Kv`]: a range at a revision,
+//! a transaction with compares; [`watch`]: a stream of changes under a prefix), spoken to
+//! etcd's JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/watch`, keys and values in
+//! base64) over ferry's own HTTP client. Hand-written on purpose: the etcd-client crate needs
+//! protoc and tonic at build time, a cold-build cost CI cannot afford, for five calls.
+//!
+//! [`Kv`] is the seam: [`HttpKv`] talks to real members (it tries each until one answers, and
+//! starts from the one that answered last); the unit tests' fake (`fake`) keeps revisions and
+//! compares as etcd does.
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// `etcd:http://HOST:PORT[,http://HOST:PORT...]`: the members' client URLs (IP addresses:
+/// the gateway resolves nothing; plain HTTP: etcd's TLS is not supported yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Members(pub Vec<SocketAddr>);
+
+impl std::str::FromStr for Members {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for url in s.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let Some(rest) = url.strip_prefix("http://") else {
+                return Err(format!(
+                    "etcd member {url:?}: want http://IP:PORT (https is not supported yet)"
+                ));
+            };
+            let addr = rest.trim_end_matches('/');
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|e| format!("etcd member {url:?}: want http://IP:PORT: {e}"))?;
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        if out.is_empty() {
+            return Err("no etcd member given (want http://IP:PORT[,...])".into());
+        }
+        Ok(Members(out))
+    }
+}
+
+impl std::fmt::Display for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.0.iter().map(|a| format!("http://{a}")).collect();
+        f.write_str(&urls.join(","))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No member took the request: it was not applied.
+    #[error("etcd unreachable: no member took {what} ({tried})")]
+    Unreachable { what: String, tried: String },
+    /// The request reached a member but its answer was lost: it may or may not be applied.
+    #[error(
+        "etcd {member}: {what}: the answer was lost ({problem}): it may or may not have been applied"
+    )]
+    Unknown {
+        member: SocketAddr,
+        what: String,
+        problem: String,
+    },
+    /// etcd refused the request (too large, compacted revision, ...): not applied.
+    #[error("etcd {member}: {what}: refused: {message}")]
+    Refused {
+        member: SocketAddr,
+        what: String,
+        message: String,
+        /// The asked revision was compacted away.
+        compacted: bool,
+    },
+    #[error("etcd {member}: {what}: invalid answer: {problem}")]
+    Decode {
+        member: SocketAddr,
+        what: String,
+        problem: String,
+    },
+}
+
+/// One key and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// A range's answer: the store's revision it was read at and the keys, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Range {
+    pub revision: i64,
+    pub kvs: Vec<KeyValue>,
+    /// More keys than `limit` matched.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key holds exactly this value.
+    Value(Vec<u8>, Vec<u8>),
+    /// The key does not exist.
+    Absent(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    /// Keys in `[from, to)`.
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+/// If every compare holds, every op, atomically (one revision).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compare: Vec<Compare>,
+    pub success: Vec<Op>,
+}
+
+impl Txn {
+    pub fn describe(&self) -> String {
+        format!(
+            "a transaction of {} compares, {} ops ({} bytes)",
+            self.compare.len(),
+            self.success.len(),
+            self.bytes()
+        )
+    }
+    pub fn bytes(&self) -> usize {
+        self.success
+            .iter()
+            .map(|o| match o {
+                Op::Put(k, v) => k.len() + v.len(),
+                Op::DeleteRange(a, b) => a.len() + b.len(),
+            })
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnResult {
+    pub succeeded: bool,
+    pub revision: i64,
+}
+
+/// The end of the range of keys that start with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// What the registry's store needs of etcd (blocking calls: the gateway makes them on its
+/// blocking change thread or on the follower's own thread).
+pub trait Kv: Send + Sync + 'static {
+    /// Keys in `[key, end)` (just `key` without `end`), at `revision` (0: the newest),
+    /// at most `limit` (0: all).
+    fn range(
+        &self,
+        key: &[u8],
+        end: Option<&[u8]>,
+        revision: i64,
+        limit: i64,
+    ) -> Result<Range, EtcdError>;
+    fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError>;
+    /// Where it is (logs, errors).
+    fn describe(&self) -> String;
+}
+
+/// The real members, through etcd's JSON gateway.
+#[derive(Debug)]
+pub struct HttpKv {
+    members: Members,
+    /// The member that answered last (tried first).
+    preferred: AtomicUsize,
+    timeout: Duration,
+}
+
+/// Raw bytes in a member's answer (base64 in the JSON).
+fn b64(v: &Value) -> Result<Vec<u8>, String> {
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => B64.decode(s).map_err(|e| format!("base64: {e}")),
+        other => Err(format!("want base64, found {other}")),
+    }
+}
+
+/// An int64 in a member's answer (a string in etcd's JSON, absent when 0).
+fn int(v: &Value) -> Result<i64, String> {
+    match v {
+        Value::Null => Ok(0),
+        Value::String(s) => s.parse().map_err(|e| format!("int64 {s:?}: {e}")),
+        Value::Number(n) => n.as_i64().ok_or_else(|| format!("int64 {n}")),
+        other => Err(format!("want int64, found {other}")),
+    }
+}
+
+fn kv_of(v: &Value) -> Result<KeyValue, String> {
+    Ok(KeyValue {
+        key: b64(&v["key"])?,
+        value: b64(&v["value"])?,
+        mod_revision: int(&v["mod_revision"])?,
+    })
+}
+
+/// An error answer of the JSON gateway: `{"error": ..., "message": ..., "code": N}`.
+#[derive(Debug, Deserialize, Serialize, Default)]
+struct ErrorAnswer {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    code: i64,
+}
+
+/// gRPC code of an answer that another member may serve (unavailable, deadline exceeded,
+/// no leader, ...).
+fn retry_elsewhere(code: i64, message: &str) -> bool {
+    matches!(code, 4 | 14) || message.contains("no leader") || message.contains("not capable")
+}
+
+impl HttpKv {
+    pub fn new(members: Members) -> Self {
+        Self {
+            members,
+            preferred: AtomicUsize::new(0),
+            timeout: Duration::from_secs(3),
+        }
+    }
+
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    /// POSTs `body` to `path` at each member in turn until one answers. `idempotent`: an
+    /// answer lost after sending may be retried elsewhere (reads); else it is
+    /// [`EtcdError::Unknown`].
+    fn call(
+        &self,
+        path: &str,
+        what: &str,
+        body: Value,
+        idempotent: bool,
+    ) -> Result<Value, EtcdError> {
+        use ferry_api::transport::{HttpError, Request};
+        let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("JSON values serialise"));
+        let n = self.members.0.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut tried = Vec::new();
+        for i in 0..n {
+            let at = (first + i) % n;
+            let member = self.members.0[at];
+            let request = Request::post(path)
+                .plain()
+                .json(body.clone())
+                .timeout(self.timeout)
+                .max_answer(256 << 20);
+            // send_blocking starts a runtime of its own, which tokio refuses inside a running
+            // one (the follower applies changes from its watch's future): there, on a thread
+            // of its own.
+            let answer = if tokio::runtime::Handle::try_current().is_ok() {
+                std::thread::scope(|s| {
+                    s.spawn(|| request.send_blocking(member))
+                        .join()
+                        .unwrap_or_else(|_| {
+                            Err(HttpError::Runtime {
+                                addr: member,
+                                source: std::io::Error::other("request thread panicked"),
+                            })
+                        })
+                })
+            } else {
+                request.send_blocking(member)
+            };
+            let answer = match answer {
+                Ok(a) => a,
+                Err(
+                    e @ (HttpError::Connect { .. }
+                    | HttpError::Request { .. }
+                    | HttpError::Runtime { .. }),
+                ) => {
+                    tried.push(format!("{member}: {e}"));
+                    continue;
+                }
+                Err(e) if idempotent => {
+                    tried.push(format!("{member}: {e}"));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(EtcdError::Unknown {
+                        member,
+                        what: what.to_owned(),
+                        problem: e.to_string(),
+                    });
+                }
+            };
+            if !answer.is_success() {
+                let e: ErrorAnswer = serde_json::from_slice(&answer.body).unwrap_or_default();
+                let message = if e.message.is_empty() {
+                    format!(
+                        "HTTP {} {}",
+                        answer.status,
+                        String::from_utf8_lossy(&answer.body)
+                    )
+                } else {
+                    e.message
+                };
+                if retry_elsewhere(e.code, &message) {
+                    tried.push(format!("{member}: {message}"));
+                    continue;
+                }
+                return Err(EtcdError::Refused {
+                    member,
+                    what: what.to_owned(),
+                    compacted: message.contains("compacted"),
+                    message,
+                });
+            }
+            self.preferred.store(at, Ordering::Relaxed);
+            return serde_json::from_slice(&answer.body).map_err(|e| EtcdError::Decode {
+                member,
+                what: what.to_owned(),
+                problem: e.to_string(),
+            });
+        }
+        Err(EtcdError::Unreachable {
+            what: what.to_owned(),
+            tried: tried.join("; "),
+        })
+    }
+}
+
+impl Kv for HttpKv {
+    fn range(
+        &self,
+        key: &[u8],
+        end: Option<&[u8]>,
+        revision: i64,
+        limit: i64,
+    ) -> Result<Range, EtcdError> {
+        let mut body = json!({ "key": B64.encode(key) });
+        if let Some(end) = end {
+            body["range_end"] = json!(B64.encode(end));
+        }
+        if revision > 0 {
+            body["revision"] = json!(revision.to_string());
+        }
+        if limit > 0 {
+            body["limit"] = json!(limit.to_string());
+        }
+        let what = format!("range {}", String::from_utf8_lossy(key));
+        let v = self.call("/v3/kv/range", &what, body, true)?;
+        let decode = || -> Result<Range, String> {
+            let kvs = match &v["kvs"] {
+                Value::Null => Vec::new(),
+                Value::Array(a) => a.iter().map(kv_of).collect::<Result<_, _>>()?,
+                other => return Err(format!("kvs: {other}")),
+            };
+            Ok(Range {
+                revision: int(&v["header"]["revision"])?,
+                kvs,
+                more: v["more"].as_bool().unwrap_or(false),
+            })
+        };
+        decode().map_err(|problem| EtcdError::Decode {
+            member: self.members.0[self.preferred.load(Ordering::Relaxed) % self.members.0.len()],
+            what,
+            problem,
+        })
+    }
+
+    fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError> {
+        let compare: Vec<Value> = txn
+            .compare
+            .iter()
+            .map(|c| match c {
+                Compare::Value(k, v) => json!({
+                    "key": B64.encode(k), "result": "EQUAL", "target": "VALUE",
+                    "value": B64.encode(v),
+                }),
+                Compare::Absent(k) => json!({
+                    "key": B64.encode(k), "result": "EQUAL", "target": "CREATE",
+                    "create_revision": "0",
+                }),
+            })
+            .collect();
+        let success: Vec<Value> = txn
+            .success
+            .iter()
+            .map(|o| match o {
+                Op::Put(k, v) => {
+                    json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}})
+                }
+                Op::DeleteRange(a, b) => json!({"request_delete_range": {
+                    "key": B64.encode(a), "range_end": B64.encode(b),
+                }}),
+            })
+            .collect();
+        let what = txn.describe();
+        let v = self.call(
+            "/v3/kv/txn",
+            &what,
+            json!({ "compare": compare, "success": success }),
+            false,
+        )?;
+        let revision = int(&v["header"]["revision"]).map_err(|problem| EtcdError::Decode {
+            member: self.members.0[self.preferred.load(Ordering::Relaxed) % self.members.0.len()],
+            what,
+            problem,
+        })?;
+        Ok(TxnResult {
+            succeeded: v["succeeded"].as_bool().unwrap_or(false),
+            revision,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd:{}", self.members)
+    }
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    Delete { key: Vec<u8>, mod_revision: i64 },
+}
+
+/// Why a watch ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchEnd {
+    /// The revision asked for was compacted away (read everything again).
+    #[error("etcd compacted revision {0} away")]
+    Compacted(i64),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Watches keys with `prefix` from `start_revision` at `member`, calling `on` with each
+/// answer's events (in revision order) until `on` says stop (`false`) or the watch ends.
+pub async fn watch(
+    member: SocketAddr,
+    prefix: &[u8],
+    start_revision: i64,
+    mut on: impl FnMut(Vec<Event>) -> bool,
+) -> Result<(), WatchEnd> {
+    use http_body_util::BodyExt as _;
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        WatchEnd::Failed(format!("etcd {member}: watch: {what}: {e}"))
+    };
+    let stream = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(member),
+    )
+    .await
+    .map_err(|e| failed("connect", &e))?
+    .map_err(|e| failed("connect", &e))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| failed("handshake", &e))?;
+    let conn = tokio::spawn(conn);
+    let body = json!({"create_request": {
+        "key": B64.encode(prefix),
+        "range_end": B64.encode(prefix_end(prefix)),
+        "start_revision": start_revision.to_string(),
+    }});
+    let req = hyper::Request::post("/v3/watch")
+        .header(hyper::header::HOST, member.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .map_err(|e| failed("request", &e))?;
+    let answer = sender
+        .send_request(req)
+        .await
+        .map_err(|e| failed("send", &e))?;
+    if !answer.status().is_success() {
+        conn.abort();
+        return Err(failed("answer", &answer.status()));
+    }
+    let mut body = answer.into_body();
+    let mut buf: Vec<u8> = Vec::new();
+    let result = loop {
+        let frame = match body.frame().await {
+            None => break Err(failed("stream", &"ended")),
+            Some(Err(e)) => break Err(failed("stream", &e)),
+            Some(Ok(f)) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        let mut stop = None;
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            match decode_watch(&line) {
+                Ok(None) => {}
+                Ok(Some(events)) => {
+                    if !events.is_empty() && !on(events) {
+                        stop = Some(Ok(()));
+                        break;
+                    }
+                }
+                Err(end) => {
+                    stop = Some(Err(end));
+                    break;
+                }
+            }
+        }
+        if let Some(s) = stop {
+            break s;
+        }
+    };
+    conn.abort();
+    result
+}
+
+/// One line of the watch stream: its events (`None`: nothing, e.g. the created answer).
+fn decode_watch(line: &[u8]) -> Result<Option<Vec<Event>>, WatchEnd> {
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| WatchEnd::Failed(format!("watch answer: {e}")))?;
+    if !v["error"].is_null() {
+        return Err(WatchEnd::Failed(format!("watch: {}", v["error"])));
+    }
+    let r = &v["result"];
+    let bad = |p: String| WatchEnd::Failed(format!("watch answer: {p}"));
+    let compact = int(&r["compact_revision"]).map_err(bad)?;
+    if compact > 0 {
+        return Err(WatchEnd::Compacted(compact));
+    }
+    if r["canceled"].as_bool() == Some(true) {
+        return Err(WatchEnd::Failed(format!(
+            "watch canceled: {}",
+            r["cancel_reason"].as_str().unwrap_or("")
+        )));
+    }
+    let Value::Array(events) = &r["events"] else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let kv = kv_of(&e["kv"]).map_err(bad)?;
+        if e["type"].as_str() == Some("DELETE") {
+            out.push(Event::Delete {
+                key: kv.key,
+                mod_revision: kv.mod_revision,
+            });
+        } else {
+            out.push(Event::Put(kv));
+        }
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! etcd's semantics in memory: one revision per write (a transaction is one), compares,
+    //! ranges at past revisions, a switch to make it unreachable.
+    use std::{
+        collections::BTreeMap,
+        sync::{
+            Mutex,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+
+    use super::*;
+
+    /// A key's values by revision (`None`: deleted then).
+    type Versions = BTreeMap<i64, Option<Vec<u8>>>;
+
+    #[derive(Debug, Default)]
+    pub struct FakeKv {
+        /// key → (revision → value; `None`: deleted then).
+        history: Mutex<(i64, BTreeMap<Vec<u8>, Versions>)>,
+        pub down: AtomicBool,
+        /// Bytes a transaction may carry (etcd's --max-request-bytes).
+        pub max_request: Mutex<Option<usize>>,
+    }
+
+    impl FakeKv {
+        fn at(map: &BTreeMap<i64, Option<Vec<u8>>>, rev: i64) -> Option<(i64, &Vec<u8>)> {
+            let (r, v) = map.range(..=rev).next_back()?;
+            v.as_ref().map(|v| (*r, v))
+        }
+        pub fn revision(&self) -> i64 {
+            self.history.lock().unwrap().0
+        }
+    }
+
+    impl Kv for FakeKv {
+        fn range(
+            &self,
+            key: &[u8],
+            end: Option<&[u8]>,
+            revision: i64,
+            limit: i64,
+        ) -> Result<Range, EtcdError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(EtcdError::Unreachable {
+                    what: "range".into(),
+                    tried: "fake: down".into(),
+                });
+            }
+            let h = self.history.lock().unwrap();
+            let rev = if revision > 0 { revision } else { h.0 };
+            let mut kvs = Vec::new();
+            let mut more = false;
+            let keys: Vec<&Vec<u8>> = match end {
+                None => h.1.get_key_value(key).map(|(k, _)| k).into_iter().collect(),
+                Some(end) => {
+                    h.1.range(key.to_vec()..end.to_vec())
+                        .map(|(k, _)| k)
+                        .collect()
+                }
+            };
+            for k in keys {
+                if let Some((mod_revision, v)) = Self::at(&h.1[k], rev) {
+                    if limit > 0 && kvs.len() as i64 == limit {
+                        more = true;
+                        break;
+                    }
+                    kvs.push(KeyValue {
+                        key: k.clone(),
+                        value: v.clone(),
+                        mod_revision,
+                    });
+                }
+            }
+            Ok(Range {
+                revision: h.0,
+                kvs,
+                more,
+            })
+        }
+
+        fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(EtcdError::Unreachable {
+                    what: txn.describe(),
+                    tried: "fake: down".into(),
+                });
+            }
+            if let Some(max) = *self.max_request.lock().unwrap()
+                && txn.bytes() > max
+            {
+                return Err(EtcdError::Refused {
+                    member: "127.0.0.1:2379".parse().unwrap(),
+                    what: txn.describe(),
+                    message: "etcdserver: request is too large".into(),
+                    compacted: false,
+                });
+            }
+            let mut h = self.history.lock().unwrap();
+            let rev = h.0;
+            let holds = txn.compare.iter().all(|c| match c {
+                Compare::Value(k, want) => {
+                    h.1.get(k)
+                        .and_then(|m| Self::at(m, rev))
+                        .is_some_and(|(_, v)| v == want)
+                }
+                Compare::Absent(k) => h.1.get(k).and_then(|m| Self::at(m, rev)).is_none(),
+            });
+            if !holds {
+                return Ok(TxnResult {
+                    succeeded: false,
+                    revision: rev,
+                });
+            }
+            let next = rev + 1;
+            for op in &txn.success {
+                match op {
+                    Op::Put(k, v) => {
+                        h.1.entry(k.clone())
+                            .or_default()
+                            .insert(next, Some(v.clone()));
+                    }
+                    Op::DeleteRange(a, b) => {
+                        let keys: Vec<Vec<u8>> =
+                            h.1.range(a.clone()..b.clone())
+                                .map(|(k, _)| k.clone())
+                                .collect();
+                        for k in keys {
+                            let m = h.1.get_mut(&k).expect("listed");
+                            if Self::at(m, rev).is_some() {
+                                m.insert(next, None);
+                            }
+                        }
+                    }
+                }
+            }
+            h.0 = next;
+            Ok(TxnResult {
+                succeeded: true,
+                revision: next,
+            })
+        }
+
+        fn describe(&self) -> String {
+            "etcd:fake".into()
+        }
+    }
+
+    #[test]
+    fn the_fake_keeps_etcds_revisions_and_compares() {
+        let kv = FakeKv::default();
+        let put = |k: &str, v: &str| Op::Put(k.as_bytes().to_vec(), v.as_bytes().to_vec());
+        let r = kv
+            .txn(&Txn {
+                compare: vec![Compare::Absent(b"a".to_vec())],
+                success: vec![put("a", "1"), put("b", "1")],
+            })
+            .unwrap();
+        assert!(r.succeeded);
+        assert_eq!(r.revision, 1);
+        let lost = kv
+            .txn(&Txn {
+                compare: vec![Compare::Absent(b"a".to_vec())],
+                success: vec![put("a", "2")],
+            })
+            .unwrap();
+        assert!(!lost.succeeded);
+        let r = kv
+            .txn(&Txn {
+                compare: vec![Compare::Value(b"a".to_vec(), b"1".to_vec())],
+                success: vec![put("a", "2"), Op::DeleteRange(b"b".to_vec(), b"c".to_vec())],
+            })
+            .unwrap();
+        assert!(r.succeeded);
+        let now = kv.range(b"a", Some(b"z"), 0, 0).unwrap();
+        assert_eq!(now.kvs.len(), 1);
+        assert_eq!(now.kvs[0].value, b"2");
+        let then = kv.range(b"a", Some(b"z"), 1, 0).unwrap();
+        assert_eq!(then.kvs.len(), 2);
+        assert_eq!(then.kvs[0].value, b"1");
+        assert!(kv.range(b"a", Some(b"z"), 1, 1).unwrap().more);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_parse_and_refuse_what_is_not_http_ip_port() {
+        let m: Members = "http://127.0.0.1:2379, http://10.0.0.2:2379/"
+            .parse()
+            .unwrap();
+        assert_eq!(m.0.len(), 2);
+        assert_eq!(m.to_string(), "http://127.0.0.1:2379,http://10.0.0.2:2379");
+        for bad in [
+            "",
+            "https://127.0.0.1:2379",
+            "http://etcd:2379",
+            "127.0.0.1:2379",
+        ] {
+            assert!(bad.parse::<Members>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/ferry/"), b"/ferry0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    #[test]
+    fn watch_answers_decode_events_compaction_and_errors() {
+        let created = br#"{"result":{"header":{"revision":"2"},"created":true}}"#;
+        assert_eq!(decode_watch(created).unwrap(), None);
+        let ev = br#"{"result":{"header":{"revision":"3"},"events":[{"kv":{"key":"YQ==","mod_revision":"3","value":"MQ=="}},{"type":"DELETE","kv":{"key":"Yg==","mod_revision":"3"}}]}}"#;
+        let events = decode_watch(ev).unwrap().unwrap();
+        assert_eq!(
+            events,
+            vec![
+                Event::Put(KeyValue {
+                    key: b"a".to_vec(),
+                    value: b"1".to_vec(),
+                    mod_revision: 3
+                }),
+                Event::Delete {
+                    key: b"b".to_vec(),
+                    mod_revision: 3
+                }
+            ]
+        );
+        let compacted = br#"{"result":{"header":{},"compact_revision":"7","canceled":true}}"#;
+        assert!(matches!(
+            decode_watch(compacted),
+            Err(WatchEnd::Compacted(7))
+        ));
+        assert!(decode_watch(br#"{"error":{"message":"x"}}"#).is_err());
+    }
+}
