@@ -163,10 +163,17 @@ pub fn read_token_file(path: &Path) -> Result<String, ApiError> {
     Ok(token.to_string())
 }
 
-/// A client of one gateway.
+/// A client of a gateway, or of several serving one registry (etcd): requests go to the one
+/// that answered last; one that cannot be reached is passed over for the next (a request
+/// that reached none is never half-sent: only connection failures, and for reads any
+/// transport failure, move on).
 #[derive(Clone)]
 pub struct Client {
     addr: SocketAddr,
+    /// Every gateway, `addr` first (empty: `addr` alone).
+    all: Arc<[SocketAddr]>,
+    /// Index in `all` of the gateway that answered last.
+    current: Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
     timeout: Duration,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -187,6 +194,8 @@ impl Client {
     pub fn new(addr: SocketAddr, token: Option<String>) -> Self {
         Self {
             addr,
+            all: Arc::from(Vec::new()),
+            current: Arc::default(),
             token,
             timeout: DEFAULT_TIMEOUT,
             tls: None,
@@ -216,8 +225,31 @@ impl Client {
         self
     }
 
+    /// Also these gateways (serving the same registry), tried in order when the one that
+    /// answered last cannot be reached.
+    pub fn with_fallbacks(mut self, others: &[SocketAddr]) -> Self {
+        let mut all = vec![self.addr];
+        all.extend(others.iter().filter(|a| **a != self.addr));
+        self.all = Arc::from(all);
+        self.current = Arc::default();
+        self
+    }
+
+    /// The gateway requests go to now (the one that answered last).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        if self.all.is_empty() {
+            return self.addr;
+        }
+        self.all[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.all.len()]
+    }
+
+    /// Every gateway this client knows, the first configured first.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        if self.all.is_empty() {
+            vec![self.addr]
+        } else {
+            self.all.to_vec()
+        }
     }
 
     pub async fn health(&self) -> Result<Health, ApiError> {
@@ -529,7 +561,33 @@ impl Client {
             request = request.json(body);
         }
         let what = request.what();
-        request.send(self.addr).await?.json(&what)
+        if self.all.len() < 2 {
+            return request.send(self.addr).await?.json(&what);
+        }
+        // Several gateways: from the one that answered last, each in turn while the failure
+        // says the request did not reach a gateway (or, for a read, whatever it says).
+        let n = self.all.len();
+        let first = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let read = method == "GET";
+        let mut last = None;
+        for i in 0..n {
+            let at = (first + i) % n;
+            let copy = request.try_clone().expect("the client's bodies are whole");
+            match copy.send(self.all[at]).await {
+                Ok(r) => {
+                    self.current.store(at, std::sync::atomic::Ordering::Relaxed);
+                    return r.json(&what);
+                }
+                Err(e) => {
+                    let unsent = matches!(e, crate::transport::HttpError::Connect { .. });
+                    if !(unsent || read) {
+                        return Err(e.into());
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least two gateways tried").into())
     }
 }
 

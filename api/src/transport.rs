@@ -147,6 +147,26 @@ enum Body {
 }
 
 impl Request {
+    /// A copy to send again elsewhere; `None` for a streamed body (written once).
+    pub fn try_clone(&self) -> Option<Self> {
+        let body = match &self.body {
+            Body::None => Body::None,
+            Body::Full(b) => Body::Full(b.clone()),
+            Body::Stream(..) | Body::Chunked(..) => return None,
+        };
+        Some(Self {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            token: self.token.clone(),
+            headers: self.headers.clone(),
+            body,
+            timeout: self.timeout,
+            max_answer: self.max_answer,
+            tls: self.tls.clone(),
+            plain: self.plain,
+        })
+    }
+
     /// `method path` (the path with its query, already percent-encoded). Deadline
     /// [`DEFAULT_TIMEOUT`], answers up to [`MAX_BODY`] bytes.
     pub fn new(method: &str, path: impl Into<String>) -> Self {

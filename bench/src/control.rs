@@ -16,8 +16,10 @@
 //! Also per row: the bytes the gateway sent per watch answer during the changes (its
 //! `ferry_gateway_watch_bytes_total`), next to the size of a whole snapshot.
 //!
-//! The registry's store is the file store (`"store": "file"`); etcd rows and the gateway
-//! failover figures (`"failover"`) come with several gateways (not built yet: `null`).
+//! `--stores file,etcd`: each store in a lab of its own, side by side in one run (etcd: the
+//! topology's `etcd`, a member in the first host of each cloud, so every change commits
+//! across clouds). The gateway failover figures (`"failover"`) need several gateways in the
+//! lab (not built yet: `null`).
 
 use std::{
     collections::HashMap,
@@ -61,9 +63,29 @@ pub struct ControlArgs {
     /// Changes measured per row.
     #[arg(long, default_value_t = 20)]
     pub changes: u32,
+    /// The registry's stores to measure, each in a lab of its own (comma-separated: file,
+    /// etcd).
+    #[arg(long, value_delimiter = ',', default_value = "file,etcd")]
+    pub stores: Vec<Store>,
     /// Print exactly one JSON object on stdout instead of the table (progress on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the gateway keeps the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    File,
+    Etcd,
+}
+
+impl Store {
+    fn name(self) -> &'static str {
+        match self {
+            Store::File => "file",
+            Store::Etcd => "etcd",
+        }
+    }
 }
 
 /// One row: a registry size and a number of watchers.
@@ -108,20 +130,32 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
     if args.changes == 0 {
         return Err(BenchError::failed("--changes must be at least 1"));
     }
-    // 131,000 endpoints do not fit a /16 next to the hosts: a /12.
-    let lab = Lab::up(LabOptions {
-        topology: Topology {
-            overlay_cidr: "10.240.0.0/12".parse().expect("valid"),
-            ..Topology::default()
-        },
-        start_agents: true,
-        ..LabOptions::default()
-    })?;
-    p.say(format!("lab {} up", lab.prefix()));
-    let r = measure(&p, args, &lab);
-    let down = lab.down();
-    let report = r?;
-    down?;
+    if args.stores.is_empty() {
+        return Err(BenchError::failed("--stores: at least one of file, etcd"));
+    }
+    let mut rows = Vec::new();
+    for &store in &args.stores {
+        // 131,000 endpoints do not fit a /16 next to the hosts: a /12.
+        let lab = Lab::up(LabOptions {
+            topology: Topology {
+                overlay_cidr: "10.240.0.0/12".parse().expect("valid"),
+                etcd: store == Store::Etcd,
+                ..Topology::default()
+            },
+            start_agents: true,
+            ..LabOptions::default()
+        })?;
+        p.say(format!("lab {} up (store: {})", lab.prefix(), store.name()));
+        let r = measure(&p, args, &lab, store);
+        let down = lab.down();
+        rows.extend(r?);
+        down?;
+    }
+    let report = Report {
+        rows,
+        failover: None,
+        changes_per_row: args.changes,
+    };
     print_report(args.json, &report, || table(&report))?;
     Ok(0)
 }
@@ -135,7 +169,12 @@ where
         .map_err(|e| BenchError::failed(format!("gateway API: {e}")))
 }
 
-fn measure(p: &Progress, args: &ControlArgs, lab: &Lab) -> Result<Report, BenchError> {
+fn measure(
+    p: &Progress,
+    args: &ControlArgs,
+    lab: &Lab,
+    store: Store,
+) -> Result<Vec<Row>, BenchError> {
     api(lab, |c| async move {
         c.register_host(&HostInfo {
             name: PHANTOM.into(),
@@ -163,14 +202,12 @@ fn measure(p: &Progress, args: &ControlArgs, lab: &Lab) -> Result<Report, BenchE
         .map(|s| serde_json::to_vec(&s).map_or(0, |b| b.len() as u64))?;
         for &w in &watchers {
             p.say(format!("{n} endpoints, {w} simulated watchers + 4 agents"));
-            rows.push(row(lab, args.changes, n, w, snapshot_bytes)?);
+            let mut r = row(lab, args.changes, n, w, snapshot_bytes)?;
+            r.store = store.name();
+            rows.push(r);
         }
     }
-    Ok(Report {
-        rows,
-        failover: None,
-        changes_per_row: args.changes,
-    })
+    Ok(rows)
 }
 
 /// Adds endpoints `from..to` (as offsets from 10.241.0.0) on the phantom host.
@@ -492,7 +529,7 @@ fn table(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "{} changes per row; etcd rows and gateway failover: not built yet",
+        "{} changes per row; gateway failover: not built yet (one gateway per lab)",
         r.changes_per_row
     );
     s

@@ -78,6 +78,21 @@ fn two_gateways_share_one_registry_and_a_conflicting_change_wins_once() {
     assert_eq!((d.from, d.version), (v, v + 1));
     assert_eq!(d.endpoints.len(), 1, "{d:?}");
     assert_eq!(d.endpoints[0].ip.to_string(), "10.244.1.5");
+    // What B knows of the agents it serves reaches A (a migration step A drives waits for
+    // agents that watch B): a1 reported version v applied to B.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hosts = block(a.client().hosts()).unwrap();
+        let a1 = hosts.iter().find(|h| h.info.name == "a1").unwrap();
+        if a1.applied_version == v {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never learnt that a1 applied {v} through B: {a1:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The same address for two containers, sent to both at the same instant: exactly one
     // wins, the other is refused by the registry's own rule, and both end the same.

@@ -226,6 +226,11 @@ pub struct GatewayLink {
     pub address: SocketAddr,
     /// File holding the shared bearer token.
     pub token_file: PathBuf,
+    /// Other gateways serving the same registry (gateways on one etcd): the agent's watch,
+    /// registration and heartbeats move to the next when the one it uses cannot be reached,
+    /// and keep their place (a delta from the version applied, not the whole registry).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -258,92 +258,6 @@ pub fn import(
     })
 }
 
-/// Applies other gateways' changes as etcd reports them (a watch of the log from `revision`),
-/// on a thread of its own with its own runtime (each change is applied under the writer
-/// lock). A failed watch moves to the next member; a compacted revision reads the registry
-/// whole.
-fn spawn_follower(g: std::sync::Arc<Gateway>, members: Vec<SocketAddr>, mut revision: i64) {
-    let Some(store) = g.store.etcd() else { return };
-    let prefix = store.log_prefix();
-    let spawned = std::thread::Builder::new()
-        .name("etcd-follower".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "etcd follower: no runtime; other gateways' changes are applied only when this one conflicts");
-                    return;
-                }
-            };
-            let mut shutdown = g.shutdown_tx.subscribe();
-            let mut at = 0usize;
-            while !*shutdown.borrow() {
-                let member = members[at % members.len()];
-                let mut reload = false;
-                let from = revision + 1;
-                let watched = rt.block_on(async {
-                    let on = |events: Vec<crate::etcd::Event>| {
-                        for e in events {
-                            match e {
-                                crate::etcd::Event::Put(kv) => {
-                                    let Some(store) = g.store.etcd() else { return false };
-                                    let entry = store.log_version(&kv.key).and_then(|v| {
-                                        serde_json::from_slice(&kv.value).ok().map(|e| (v, e))
-                                    });
-                                    let Some((v, entry)) = entry else {
-                                        warn!(key = %String::from_utf8_lossy(&kv.key), "etcd follower: not a log entry; reading the registry whole");
-                                        reload = true;
-                                        return false;
-                                    };
-                                    if let Err(e) = g.follow(v, entry, kv.mod_revision) {
-                                        warn!(error = %e, version = v, "etcd follower: applying a change failed; reading the registry whole");
-                                        reload = true;
-                                        return false;
-                                    }
-                                    revision = revision.max(kv.mod_revision);
-                                }
-                                crate::etcd::Event::Delete { mod_revision, .. } => {
-                                    revision = revision.max(mod_revision);
-                                }
-                            }
-                        }
-                        true
-                    };
-                    tokio::select! {
-                        r = crate::etcd::watch(member, &prefix, from, on) => r,
-                        _ = shutdown.wait_for(|s| *s) => Ok(()),
-                    }
-                });
-                match watched {
-                    Ok(()) => {}
-                    Err(crate::etcd::WatchEnd::Compacted(c)) => {
-                        warn!(compacted = c, "etcd follower: the revision it watched from was compacted; reading the registry whole");
-                        reload = true;
-                    }
-                    Err(crate::etcd::WatchEnd::Failed(e)) => {
-                        warn!(error = %e, "etcd follower: watch failed; trying the next member");
-                        at += 1;
-                        rt.block_on(async {
-                            tokio::select! {
-                                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-                                _ = shutdown.wait_for(|s| *s) => {}
-                            }
-                        });
-                    }
-                }
-                if reload {
-                    match g.reload() {
-                        Ok(r) => revision = r,
-                        Err(e) => warn!(error = %e, "etcd follower: reading the registry failed; trying again"),
-                    }
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "etcd follower: no thread; other gateways' changes are applied only when this one conflicts");
-    }
-}
-
 /// `ferry gateway --config F`: serves until SIGTERM or SIGINT.
 pub async fn serve(config_path: &Path, store: Option<&str>) -> Result<(), StartError> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -408,7 +322,7 @@ pub async fn serve(config_path: &Path, store: Option<&str>) -> Result<(), StartE
     );
     g.set_client_tls(tls.as_ref().map(|t| t.client_config()));
     if let StoreSpec::Etcd(members) = config.store_spec() {
-        spawn_follower(g.clone(), members.0, revision);
+        crate::cluster::spawn(g.clone(), members.0, revision, config.listen.to_string());
     }
     g.configure_runs(
         config.listen,

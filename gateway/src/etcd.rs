@@ -114,6 +114,8 @@ pub enum Compare {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Put(Vec<u8>, Vec<u8>),
+    /// A put whose key goes when the lease does.
+    PutLeased(Vec<u8>, Vec<u8>, i64),
     /// Keys in `[from, to)`.
     DeleteRange(Vec<u8>, Vec<u8>),
 }
@@ -138,7 +140,7 @@ impl Txn {
         self.success
             .iter()
             .map(|o| match o {
-                Op::Put(k, v) => k.len() + v.len(),
+                Op::Put(k, v) | Op::PutLeased(k, v, _) => k.len() + v.len(),
                 Op::DeleteRange(a, b) => a.len() + b.len(),
             })
             .sum()
@@ -176,6 +178,10 @@ pub trait Kv: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Range, EtcdError>;
     fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError>;
+    /// A lease of `ttl_secs`: its id.
+    fn grant(&self, ttl_secs: i64) -> Result<i64, EtcdError>;
+    /// Renews lease `id`: the seconds it has left (0: it expired, its keys are gone).
+    fn keepalive(&self, id: i64) -> Result<i64, EtcdError>;
     /// Where it is (logs, errors).
     fn describe(&self) -> String;
 }
@@ -405,6 +411,9 @@ impl Kv for HttpKv {
                 Op::Put(k, v) => {
                     json!({"request_put": {"key": B64.encode(k), "value": B64.encode(v)}})
                 }
+                Op::PutLeased(k, v, lease) => json!({"request_put": {
+                    "key": B64.encode(k), "value": B64.encode(v), "lease": lease.to_string(),
+                }}),
                 Op::DeleteRange(a, b) => json!({"request_delete_range": {
                     "key": B64.encode(a), "range_end": B64.encode(b),
                 }}),
@@ -428,8 +437,44 @@ impl Kv for HttpKv {
         })
     }
 
+    fn grant(&self, ttl_secs: i64) -> Result<i64, EtcdError> {
+        let what = format!("lease grant {ttl_secs} s");
+        let v = self.call(
+            "/v3/lease/grant",
+            &what,
+            json!({"TTL": ttl_secs.to_string()}),
+            false,
+        )?;
+        let id = int(&v["ID"]).map_err(|problem| self.decode(&what, problem))?;
+        if id == 0 {
+            return Err(self.decode(&what, format!("no lease id in {v}")));
+        }
+        Ok(id)
+    }
+
+    fn keepalive(&self, id: i64) -> Result<i64, EtcdError> {
+        let what = format!("lease keepalive {id:x}");
+        let v = self.call(
+            "/v3/lease/keepalive",
+            &what,
+            json!({"ID": id.to_string()}),
+            true,
+        )?;
+        int(&v["result"]["TTL"]).map_err(|problem| self.decode(&what, problem))
+    }
+
     fn describe(&self) -> String {
         format!("etcd:{}", self.members)
+    }
+}
+
+impl HttpKv {
+    fn decode(&self, what: &str, problem: String) -> EtcdError {
+        EtcdError::Decode {
+            member: self.members.0[self.preferred.load(Ordering::Relaxed) % self.members.0.len()],
+            what: what.to_owned(),
+            problem,
+        }
     }
 }
 
@@ -591,6 +636,8 @@ pub(crate) mod fake {
         /// key → (revision → value; `None`: deleted then).
         history: Mutex<(i64, BTreeMap<Vec<u8>, Versions>)>,
         pub down: AtomicBool,
+        /// Live leases and their keys.
+        leases: Mutex<BTreeMap<i64, Vec<Vec<u8>>>>,
         /// Bytes a transaction may carry (etcd's --max-request-bytes).
         pub max_request: Mutex<Option<usize>>,
     }
@@ -602,6 +649,19 @@ pub(crate) mod fake {
         }
         pub fn revision(&self) -> i64 {
             self.history.lock().unwrap().0
+        }
+
+        /// Lease `id` expires: its keys are deleted (one revision).
+        pub fn expire(&self, id: i64) {
+            let keys = self.leases.lock().unwrap().remove(&id).unwrap_or_default();
+            let mut h = self.history.lock().unwrap();
+            let next = h.0 + 1;
+            for k in keys {
+                if let Some(m) = h.1.get_mut(&k) {
+                    m.insert(next, None);
+                }
+            }
+            h.0 = next;
         }
     }
 
@@ -692,6 +752,21 @@ pub(crate) mod fake {
                             .or_default()
                             .insert(next, Some(v.clone()));
                     }
+                    Op::PutLeased(k, v, lease) => {
+                        let mut leases = self.leases.lock().unwrap();
+                        let Some(keys) = leases.get_mut(lease) else {
+                            return Err(EtcdError::Refused {
+                                member: "127.0.0.1:2379".parse().unwrap(),
+                                what: txn.describe(),
+                                message: "etcdserver: requested lease not found".into(),
+                                compacted: false,
+                            });
+                        };
+                        keys.push(k.clone());
+                        h.1.entry(k.clone())
+                            .or_default()
+                            .insert(next, Some(v.clone()));
+                    }
                     Op::DeleteRange(a, b) => {
                         let keys: Vec<Vec<u8>> =
                             h.1.range(a.clone()..b.clone())
@@ -713,9 +788,45 @@ pub(crate) mod fake {
             })
         }
 
+        fn grant(&self, _ttl: i64) -> Result<i64, EtcdError> {
+            let mut l = self.leases.lock().unwrap();
+            let id = l.keys().next_back().map_or(1, |k| k + 1);
+            l.insert(id, Vec::new());
+            Ok(id)
+        }
+
+        fn keepalive(&self, id: i64) -> Result<i64, EtcdError> {
+            Ok(if self.leases.lock().unwrap().contains_key(&id) {
+                3
+            } else {
+                0
+            })
+        }
+
         fn describe(&self) -> String {
             "etcd:fake".into()
         }
+    }
+
+    #[test]
+    fn the_fakes_leases_take_their_keys_with_them() {
+        let kv = FakeKv::default();
+        let id = kv.grant(3).unwrap();
+        assert_eq!(kv.keepalive(id).unwrap(), 3);
+        kv.txn(&Txn {
+            compare: vec![],
+            success: vec![Op::PutLeased(b"k".to_vec(), b"v".to_vec(), id)],
+        })
+        .unwrap();
+        assert_eq!(kv.range(b"k", None, 0, 0).unwrap().kvs.len(), 1);
+        kv.expire(id);
+        assert!(kv.range(b"k", None, 0, 0).unwrap().kvs.is_empty());
+        assert_eq!(kv.keepalive(id).unwrap(), 0);
+        let refused = kv.txn(&Txn {
+            compare: vec![],
+            success: vec![Op::PutLeased(b"k".to_vec(), b"v".to_vec(), id)],
+        });
+        assert!(refused.is_err(), "a put on an expired lease is refused");
     }
 
     #[test]

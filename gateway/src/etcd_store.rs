@@ -110,6 +110,10 @@ impl EtcdStore {
     fn head_key(&self) -> Vec<u8> {
         self.key("head")
     }
+    /// Where gateways publish what they know of their agents ([`crate::cluster`]).
+    pub fn agents_prefix(&self) -> Vec<u8> {
+        self.key("agents/")
+    }
     pub fn log_prefix(&self) -> Vec<u8> {
         self.key("log/")
     }

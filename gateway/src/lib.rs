@@ -16,6 +16,7 @@
 //!
 //! The `ferry` command line (ferry-cli) runs the daemon with [`serve`].
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod etcd;

@@ -204,13 +204,25 @@ pub(crate) fn migration_id_param(id: &str) -> Result<(), ApiFailure> {
 // ---------------------------------------------------------------------------------------------
 // Shared state
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct HostRuntime {
     pub(crate) applied_version: u64,
     pub(crate) last_seen_unix_ms: u64,
     pub(crate) open_watches: u32,
     /// When a watch of this host last opened or ended (0: never since the gateway started).
     pub(crate) last_watch_unix_ms: u64,
+}
+
+impl HostRuntime {
+    /// The newest of each fact of two reports of one agent.
+    pub(crate) fn merge(&self, other: &HostRuntime) -> HostRuntime {
+        HostRuntime {
+            applied_version: self.applied_version.max(other.applied_version),
+            last_seen_unix_ms: self.last_seen_unix_ms.max(other.last_seen_unix_ms),
+            open_watches: self.open_watches + other.open_watches,
+            last_watch_unix_ms: self.last_watch_unix_ms.max(other.last_watch_unix_ms),
+        }
+    }
 }
 
 /// A serialised snapshot: its version, and until when (unix ms) it stays exact (the next end
@@ -223,6 +235,9 @@ pub struct Gateway {
     writer: Mutex<()>,
     pub(crate) store: Backend,
     pub(crate) runtime: Mutex<HashMap<String, HostRuntime>>,
+    /// What other gateways on the same etcd report of the agents they serve, by (host,
+    /// gateway) (see [`crate::cluster`]).
+    pub(crate) remote_runtime: Mutex<HashMap<(String, String), HostRuntime>>,
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) shutdown_tx: watch::Sender<bool>,
     /// Ticks whenever an agent reports an applied version (wakes the coordinator's waits).
@@ -298,6 +313,7 @@ impl Gateway {
             writer: Mutex::new(()),
             store,
             runtime: Mutex::new(HashMap::new()),
+            remote_runtime: Mutex::new(HashMap::new()),
             version_tx,
             shutdown_tx,
             applied_tx,
@@ -562,7 +578,8 @@ impl Gateway {
     }
 
     fn host_status(&self, info: HostInfo) -> HostStatus {
-        let rt = lock(&self.runtime)
+        let rt = self
+            .runtime_view()
             .get(&info.name)
             .copied()
             .unwrap_or_default();
@@ -572,6 +589,18 @@ impl Gateway {
             last_seen_unix_ms: rt.last_seen_unix_ms,
             connected: rt.open_watches > 0,
         }
+    }
+
+    /// What this gateway knows of each host's agent: its own watches and heartbeats merged
+    /// with what other gateways on the same etcd report (the newest of each fact; an agent
+    /// connected anywhere is connected).
+    pub(crate) fn runtime_view(&self) -> HashMap<String, HostRuntime> {
+        let mut all = lock(&self.runtime).clone();
+        for ((host, _), r) in lock(&self.remote_runtime).iter() {
+            let e = all.entry(host.clone()).or_default();
+            *e = e.merge(r);
+        }
+        all
     }
 
     fn touch(&self, host: &str) {
@@ -660,7 +689,7 @@ impl Gateway {
         let reg = self.current();
         let version = reg.version();
         let (in_sync, connected) = {
-            let rt = lock(&self.runtime);
+            let rt = self.runtime_view();
             let get = |n: &str| rt.get(n).copied().unwrap_or_default();
             (
                 reg.hosts()

@@ -19,6 +19,26 @@ use crate::{LabError, lab::netns_name, state, topology::LabTopology};
 
 /// Port of the gateway's API on the gateway host's underlay address.
 pub const GATEWAY_API_PORT: u16 = 7400;
+/// etcd's client and peer ports on a member host's underlay address (topology `etcd`).
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+pub const ETCD_PEER_PORT: u16 = 2380;
+/// How long the etcd members get to elect a leader and answer `/health`.
+pub const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The etcd members of topology `t`: (host, client address).
+pub fn etcd_members(t: &LabTopology) -> Vec<(String, SocketAddr)> {
+    t.etcd
+        .iter()
+        .filter_map(|name| t.host(name))
+        .map(|h| {
+            (
+                h.name.clone(),
+                SocketAddr::new(h.address.into(), ETCD_CLIENT_PORT),
+            )
+        })
+        .collect()
+}
+
 /// How long the gateway gets to answer `/v1/health`.
 pub const GATEWAY_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +80,63 @@ impl ControlPlane {
             state_dir: dir.join("state"),
             log: dir.join("gateway.log"),
             tls_dir: state::state_dir(prefix).join("tls"),
+        })
+    }
+
+    /// The extra gateway daemon on `host` (topology `extra_gateways`): same token and TLS
+    /// material, a state directory of its own.
+    pub fn extra(prefix: &str, t: &LabTopology, host: &str) -> Option<Self> {
+        if !t.extra_gateways.iter().any(|g| g == host) {
+            return None;
+        }
+        let main = Self::of(prefix, t)?;
+        let h = t.host(host)?;
+        let dir = state::state_dir(prefix).join(format!("gateway-{host}"));
+        Some(Self {
+            host: h.name.clone(),
+            api: SocketAddr::new(h.address.into(), GATEWAY_API_PORT),
+            config: dir.join("gateway.toml"),
+            state_dir: dir.join("state"),
+            log: dir.join("gateway.log"),
+            ..main
+        })
+    }
+
+    /// Every gateway of the lab, the main one first.
+    pub fn all(prefix: &str, t: &LabTopology) -> Vec<Self> {
+        let mut all: Vec<Self> = Self::of(prefix, t).into_iter().collect();
+        all.extend(
+            t.extra_gateways
+                .iter()
+                .filter_map(|g| Self::extra(prefix, t, g)),
+        );
+        all
+    }
+
+    /// How `host`'s agent reaches the gateways: the one in its own cloud first (else the
+    /// main one), the others as fallbacks.
+    pub fn agent_link(
+        prefix: &str,
+        t: &LabTopology,
+        host: &str,
+    ) -> Option<ferry_config::GatewayLink> {
+        let all = Self::all(prefix, t);
+        let cloud = |h: &str| t.host(h).map(|h| h.cloud.clone());
+        let mine = cloud(host);
+        let first = all
+            .iter()
+            .position(|g| g.host != all[0].host && cloud(&g.host) == mine)
+            .unwrap_or(0);
+        let primary = all.get(first)?;
+        Some(ferry_config::GatewayLink {
+            address: primary.api,
+            token_file: primary.token_file.clone(),
+            fallbacks: all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != first)
+                .map(|(_, g)| g.api)
+                .collect(),
         })
     }
 
@@ -125,7 +202,17 @@ impl ControlPlane {
         ca.save(&self.tls_dir.join("ca")).map_err(err)?;
         let mut parties = vec![
             ("operator".to_owned(), Identity::Operator, vec![]),
-            ("gateway".to_owned(), Identity::Gateway, vec![self.api.ip()]),
+            // One identity for every gateway of the lab: each one's address in it.
+            ("gateway".to_owned(), Identity::Gateway, {
+                let mut ips = vec![self.api.ip()];
+                ips.extend(
+                    t.extra_gateways
+                        .iter()
+                        .filter_map(|g| t.host(g))
+                        .map(|h| std::net::IpAddr::from(h.address)),
+                );
+                ips
+            }),
         ];
         for h in &t.hosts {
             parties.push((
@@ -160,6 +247,17 @@ impl ControlPlane {
             .open(&self.token_file)
             .and_then(|mut f| f.write_all(token.as_bytes()))
             .map_err(|e| LabError::io(format!("writing {}", self.token_file.display()), e))?;
+        if !plaintext {
+            self.write_tls(t)?;
+        }
+        self.write_config(t, plaintext)
+    }
+
+    /// Writes this gateway's configuration (the token and TLS material are the lab's).
+    pub fn write_config(&self, t: &LabTopology, plaintext: bool) -> Result<(), LabError> {
+        let dir = self.config.parent().expect("config has a parent");
+        ferry_api::private::create_dir(dir)
+            .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
         let inet = t
             .internet
             .as_ref()
@@ -167,7 +265,6 @@ impl ControlPlane {
         let tls = if plaintext {
             "insecure_plaintext = true\n".to_owned()
         } else {
-            self.write_tls(t)?;
             let f = self.tls_files(Party::Gateway).expect("just written");
             format!(
                 "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -175,6 +272,13 @@ impl ControlPlane {
                 f.cert.display(),
                 f.key.display()
             )
+        };
+        let members = etcd_members(t);
+        let store = if members.is_empty() {
+            String::new()
+        } else {
+            let urls: Vec<String> = members.iter().map(|(_, a)| format!("http://{a}")).collect();
+            format!("store = \"etcd:{}\"\n", urls.join(","))
         };
         let config = format!(
             "listen = \"{}\"\n\
@@ -184,6 +288,7 @@ impl ControlPlane {
              {}\
              vni = {}\n\
              public_cidrs = [\"{}\"]\n\
+             {store}\
              {tls}",
             self.api,
             self.state_dir.display(),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use ferry_api::HostRole;
-use ferry_config::{AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, GatewayLink, Peer};
+use ferry_config::{AgentConfig, DEFAULT_METRICS_LISTEN, DEFAULT_VXLAN_DEVICE, Peer};
 use ferry_overlay::netns::{command_in, netns_path, run_in};
 
 use crate::{
@@ -554,6 +554,66 @@ impl Lab {
         ready
     }
 
+    /// The extra gateway on `host` (topology `extra_gateways`).
+    pub fn extra_gateway(&self, host: &str) -> Result<ControlPlane, LabError> {
+        ControlPlane::extra(&self.prefix, &self.topology, host).ok_or_else(|| LabError::Ferry {
+            args: String::new(),
+            message: format!("this lab runs no extra gateway on {host:?}"),
+        })
+    }
+
+    /// Sends `signal` to the extra gateway on `host` and waits until it exited.
+    pub fn kill_extra_gateway(&mut self, host: &str, signal: i32) -> Result<(), LabError> {
+        self.extra_gateway(host)?;
+        self.stop_recorded("gateway-extra", Some(host), signal, Duration::from_secs(5))
+            .map_err(|e| {
+                LabError::io(
+                    format!("stopping the gateway on {host}"),
+                    std::io::Error::other(e),
+                )
+            })
+    }
+
+    /// Starts the extra gateway on `host` again; waits until it answers.
+    pub fn start_extra_gateway(&mut self, host: &str) -> Result<(), LabError> {
+        let cp = self.extra_gateway(host)?;
+        let bin = find_binary("ferry", "ferry-cli")?;
+        let mut st = self.load_state()?;
+        let mut child = cp.spawn(&self.prefix, &bin)?;
+        let pid = child.id() as i32;
+        let start_time = procs::start_time(pid)
+            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
+        st.processes.push(ProcRecord {
+            pid,
+            start_time,
+            kind: "gateway-extra".into(),
+            host: Some(cp.host.clone()),
+        });
+        st.save()?;
+        let ready = cp.wait_ready(&self.prefix, &mut child);
+        self.children.push(child);
+        ready
+    }
+
+    /// [`Lab::api`] against the gateway `cp` (one of [`ControlPlane::all`]), from its host.
+    pub fn api_at<T, F, Fut>(&self, cp: &ControlPlane, f: F) -> Result<T, LabError>
+    where
+        F: FnOnce(ferry_api::Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let client = ferry_api::Client::with_token_file(cp.api, &cp.token_file)
+            .map_err(|e| LabError::Ferry {
+                args: "(api)".into(),
+                message: e.to_string(),
+            })?
+            .with_tls(cp.client_tls(crate::control::Party::Operator)?);
+        run_in(&self.netns(&cp.host), move || {
+            ferry_api::transport::block_on(f(client))
+        })?
+        .map_err(|e| LabError::io("starting a runtime for the API client", e))
+    }
+
     fn load_state(&self) -> Result<LabState, LabError> {
         state::LabState::load(&self.prefix)?.ok_or_else(|| LabError::State {
             prefix: self.prefix.clone(),
@@ -958,10 +1018,103 @@ impl Builder {
             self.start_wan(bin)?;
         }
         if let Some(bin) = ferry {
+            self.start_etcd()?;
             self.start_gateway(bin)?;
         }
         if let Some(bin) = agent {
             self.start_agents(bin)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the topology's etcd members (one per cloud, in its first host) and waits until
+    /// each answers healthy (a leader elected).
+    fn start_etcd(&mut self) -> Result<(), LabError> {
+        let t = self.state.topology.clone();
+        let members = crate::control::etcd_members(&t);
+        if members.is_empty() {
+            return Ok(());
+        }
+        let peer = |name: &str| {
+            let h = t.host(name).expect("members are hosts");
+            format!("http://{}:{}", h.address, crate::control::ETCD_PEER_PORT)
+        };
+        let initial = members
+            .iter()
+            .map(|(n, _)| format!("{n}={}", peer(n)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dir = state::state_dir(self.prefix()).join("etcd");
+        ferry_api::private::create_dir(&dir)
+            .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
+        for (name, client) in &members {
+            let log_path = dir.join(format!("{name}.log"));
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| LabError::io(format!("opening {}", log_path.display()), e))?;
+            let mut cmd = Command::new("etcd");
+            cmd.args(["--name", name, "--data-dir"])
+                .arg(dir.join(name))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://{client}"),
+                    "--advertise-client-urls",
+                    &format!("http://{client}"),
+                    "--listen-peer-urls",
+                    &peer(name),
+                    "--initial-advertise-peer-urls",
+                    &peer(name),
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-token",
+                    &format!("ferry-lab-{}", self.prefix()),
+                    "--initial-cluster-state",
+                    "new",
+                    // Elect within a second of losing a leader (links between the lab's clouds
+                    // are fast unless shaped).
+                    "--heartbeat-interval",
+                    "100",
+                    "--election-timeout",
+                    "1000",
+                    // Old revisions go after 5 minutes (the gateways' log is compacted by
+                    // checkpoints; this bounds etcd's own history).
+                    "--auto-compaction-retention",
+                    "5m",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            command_in(&mut cmd, &netns_path(&netns_name(self.prefix(), name)))?;
+            detach_session(&mut cmd);
+            let child = cmd.spawn().map_err(|e| {
+                LabError::io(
+                    "spawning etcd (not installed? scripts/setup.sh installs etcd-server)",
+                    e,
+                )
+            })?;
+            tracing::info!(host = %name, pid = child.id(), client = %client, "etcd member started");
+            let r = self.record(&child, "etcd", Some(name));
+            self.children.push(child);
+            r?;
+        }
+        let deadline = Instant::now() + crate::control::ETCD_READY_TIMEOUT;
+        for (name, client) in &members {
+            let ns = netns_path(&netns_name(self.prefix(), name));
+            while !crate::control::http_ok(&ns, *client, "/health", None) {
+                if Instant::now() >= deadline {
+                    return Err(LabError::io(
+                        format!(
+                            "etcd member {name} not healthy within {} s: {}",
+                            crate::control::ETCD_READY_TIMEOUT.as_secs(),
+                            tail(&dir.join(format!("{name}.log")), 20)
+                        ),
+                        std::io::Error::other("etcd not ready"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         Ok(())
     }
@@ -977,7 +1130,20 @@ impl Builder {
         let r = self.record(&child, "gateway", Some(&cp.host));
         let ready = r.and_then(|()| cp.wait_ready(self.prefix(), &mut child));
         self.children.push(child);
-        ready
+        ready?;
+        for g in t.extra_gateways.clone() {
+            let Some(cp) = ControlPlane::extra(self.prefix(), &t, &g) else {
+                continue;
+            };
+            cp.write_config(&t, self.state.insecure_plaintext)?;
+            let mut child = cp.spawn(self.prefix(), bin)?;
+            tracing::info!(host = %cp.host, pid = child.id(), api = %cp.api, "extra gateway started");
+            let r = self.record(&child, "gateway-extra", Some(&cp.host));
+            let ready = r.and_then(|()| cp.wait_ready(self.prefix(), &mut child));
+            self.children.push(child);
+            ready?;
+        }
+        Ok(())
     }
 
     fn record(&mut self, child: &Child, kind: &str, host: Option<&str>) -> Result<(), LabError> {
@@ -1327,10 +1493,9 @@ impl Builder {
                 container_netns_prefix: container_netns_prefix(self.prefix(), &h.name),
                 public_interface: gateway_role.then(|| PUBLIC_IF.to_owned()),
                 masquerade: true,
-                gateway: control.as_ref().map(|cp| GatewayLink {
-                    address: cp.api,
-                    token_file: cp.token_file.clone(),
-                }),
+                gateway: control
+                    .as_ref()
+                    .and_then(|_| ControlPlane::agent_link(self.prefix(), &t, &h.name)),
                 tls: control
                     .as_ref()
                     .and_then(|cp| cp.tls_files(crate::control::Party::Host(&h.name))),

@@ -162,6 +162,15 @@ pub struct Topology {
     /// relearn where a container is.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub announce_relay: bool,
+    /// The gateway keeps the registry in etcd: the lab starts a member in the first host of
+    /// every cloud (on its underlay address, ports 2379/2380) and the gateway uses them all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub etcd: bool,
+    /// Hosts that also run a gateway daemon serving the same registry (needs `etcd`), on
+    /// their underlay address: agents use the gateway of their own cloud, the others as
+    /// fallbacks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_gateways: Vec<String>,
     pub clouds: Vec<CloudSpec>,
     pub hosts: Vec<HostSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -239,6 +248,12 @@ pub struct LabTopology {
     pub direct_routing: bool,
     #[serde(default)]
     pub announce_relay: bool,
+    /// The etcd members: the first host of each cloud (empty: the gateway's file store).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<String>,
+    /// Hosts that also run a gateway daemon (on etcd).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_gateways: Vec<String>,
     pub overlay_cidr: Ipv4Net,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay6_cidr: Option<Ipv6Net>,
@@ -688,7 +703,7 @@ impl Topology {
             }
         };
 
-        let hosts = self
+        let hosts: Vec<Host> = self
             .hosts
             .iter()
             .enumerate()
@@ -725,9 +740,45 @@ impl Topology {
                 format!("{o} is not an aligned /96"),
             ));
         }
+        let etcd = if self.etcd {
+            if internet.is_none() {
+                return Err(E::invalid(
+                    "etcd",
+                    "etcd is the gateway's store: the topology needs an [internet] side with a gateway"
+                        .to_owned(),
+                ));
+            }
+            clouds
+                .iter()
+                .filter_map(|c: &Cloud| hosts.iter().find(|h: &&Host| h.cloud == c.name))
+                .map(|h| h.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (i, g) in self.extra_gateways.iter().enumerate() {
+            let field = format!("extra_gateways[{i}]");
+            if !self.etcd {
+                return Err(E::invalid(
+                    field,
+                    "several gateways share the registry through etcd: set etcd = true",
+                ));
+            }
+            if !hosts.iter().any(|h| h.name == *g) {
+                return Err(E::invalid(field, format!("unknown host {g:?}")));
+            }
+            if internet.as_ref().is_some_and(|i| i.gateway == *g) {
+                return Err(E::invalid(field, format!("{g:?} already runs the gateway")));
+            }
+            if self.extra_gateways[..i].contains(g) {
+                return Err(E::invalid(field, format!("{g:?} twice")));
+            }
+        }
         Ok(LabTopology {
             direct_routing: self.direct_routing,
             announce_relay: self.announce_relay,
+            etcd,
+            extra_gateways: self.extra_gateways.clone(),
             overlay_cidr: self.overlay_cidr,
             overlay6_cidr: self.overlay6_cidr,
             vni: self.vni,

@@ -438,7 +438,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let client = match &cfg.gateway {
         Some(g) => Some(
             Client::with_token_file(g.address, &g.token_file)
-                .with_context(|| format!("gateway token {}", g.token_file.display()))?,
+                .with_context(|| format!("gateway token {}", g.token_file.display()))?
+                .with_fallbacks(&g.fallbacks),
         ),
         None => None,
     };

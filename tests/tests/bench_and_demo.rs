@@ -222,11 +222,12 @@ fn the_scale_benchmark_measures_every_quick_cell() {
 }
 
 /// `ferry-lab bench control`, CI-sized: one registry size, a few simulated watchers, a few
-/// changes; every figure measured, and a watch answer during the changes (a delta) is a
-/// fraction of a whole snapshot.
+/// changes, for the file store and for etcd (three members, one per cloud); every figure
+/// measured, and a watch answer during the changes (a delta) is a fraction of a whole
+/// snapshot.
 #[test]
 fn the_control_benchmark_measures_change_to_applied() {
-    if !require_root_and_tools(&["ip", "curl", "nft"]) {
+    if !require_root_and_tools(&["ip", "curl", "nft", "etcd"]) {
         return;
     }
     workspace_binary("ferry-agent");
@@ -241,6 +242,8 @@ fn the_control_benchmark_measures_change_to_applied() {
             "8",
             "--changes",
             "4",
+            "--stores",
+            "file,etcd",
             "--json",
         ])
         .output()
@@ -253,26 +256,27 @@ fn the_control_benchmark_measures_change_to_applied() {
     );
     let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON document");
     let rows = r["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 1, "{r}");
-    let row = &rows[0];
-    assert_eq!(
-        (
-            row["store"].as_str(),
-            row["endpoints"].as_u64(),
-            row["watchers"].as_u64()
-        ),
-        (Some("file"), Some(5000), Some(12)),
-        "{r}"
-    );
-    for k in ["applied_ms_p50", "applied_ms_p99", "agents_applied_ms_p50"] {
-        assert!(row[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+    assert_eq!(rows.len(), 2, "{r}");
+    for (row, store) in rows.iter().zip(["file", "etcd"]) {
+        assert_eq!(
+            (
+                row["store"].as_str(),
+                row["endpoints"].as_u64(),
+                row["watchers"].as_u64()
+            ),
+            (Some(store), Some(5000), Some(12)),
+            "{r}"
+        );
+        for k in ["applied_ms_p50", "applied_ms_p99", "agents_applied_ms_p50"] {
+            assert!(row[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+        }
+        let (answer, snapshot) = (
+            row["bytes_per_answer"].as_u64().unwrap(),
+            row["snapshot_bytes"].as_u64().unwrap(),
+        );
+        assert!(
+            answer > 0 && answer * 20 < snapshot,
+            "a watch answer ({answer} B) is a delta, not the snapshot ({snapshot} B): {r}"
+        );
     }
-    let (answer, snapshot) = (
-        row["bytes_per_answer"].as_u64().unwrap(),
-        row["snapshot_bytes"].as_u64().unwrap(),
-    );
-    assert!(
-        answer > 0 && answer * 20 < snapshot,
-        "a watch answer ({answer} B) is a delta, not the snapshot ({snapshot} B): {r}"
-    );
 }

@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     registry::{Change, Registry, Request},
     server::{
-        ApiFailure, ApiJson, ApiQuery, Gateway, HostRuntime, PathParam, Shared, created, lock,
+        ApiFailure, ApiJson, ApiQuery, Gateway, HostRuntime, PathParam, Shared, created,
         migration_id_param,
     },
 };
@@ -167,7 +167,7 @@ impl Gateway {
     /// The hosts among `hosts` (still registered) whose agents have not reported `target`.
     fn lagging(&self, hosts: &[String], target: u64) -> Vec<HostLag> {
         let reg = self.current();
-        let rt = lock(&self.runtime);
+        let rt = self.runtime_view();
         hosts
             .iter()
             .filter(|h| reg.host(h).is_some())
@@ -185,12 +185,12 @@ impl Gateway {
 
     /// Is `host`'s agent taken for dead ([`DEAD_AFTER_MS`])?
     pub(crate) fn host_dead(&self, host: &str) -> bool {
-        is_dead(lock(&self.runtime).get(host), ferry_api::unix_ms())
+        is_dead(self.runtime_view().get(host), ferry_api::unix_ms())
     }
 
     /// The version `host`'s agent last reported as applied.
     pub(crate) fn host_applied(&self, host: &str) -> u64 {
-        lock(&self.runtime)
+        self.runtime_view()
             .get(host)
             .map_or(0, |r| r.applied_version)
     }
@@ -249,7 +249,7 @@ impl Gateway {
         let mut set = BTreeSet::from([m.from.clone(), m.to.clone()]);
         if all {
             let now = ferry_api::unix_ms();
-            let rt = lock(&self.runtime);
+            let rt = self.runtime_view();
             set.extend(
                 reg.hosts()
                     .filter(|h| is_live(rt.get(&h.name), now))
@@ -269,7 +269,7 @@ impl Gateway {
         live_ends: bool,
     ) -> Vec<String> {
         let now = ferry_api::unix_ms();
-        let rt = lock(&self.runtime);
+        let rt = self.runtime_view();
         let mut set: BTreeSet<String> = reg
             .hosts()
             .filter(|h| {
