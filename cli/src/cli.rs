@@ -40,15 +40,16 @@ pub struct Cli {
     /// Print one JSON document on stdout (errors as {"error":{"code","message"}}).
     #[arg(long, global = true)]
     pub json: bool,
-    /// The gateway's API address.
+    /// The gateway's API address; several gateways serving one registry (etcd),
+    /// comma-separated: a request that cannot reach one goes to the next.
     #[arg(
         long,
         global = true,
         env = "FERRY_GATEWAY",
         default_value = "127.0.0.1:7400",
-        value_name = "ADDR"
+        value_name = "ADDR[,ADDR...]"
     )]
-    pub gateway: SocketAddr,
+    pub gateway: Gateways,
     /// File holding the API's bearer token.
     #[arg(
         long,
@@ -458,5 +459,37 @@ mod tests {
             .render_help()
             .to_string();
         assert!(help.contains("3  failed, rolled back"), "{help}");
+    }
+}
+
+/// `--gateway ADDR[,ADDR...]`: the first is asked first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateways(pub Vec<SocketAddr>);
+
+impl std::str::FromStr for Gateways {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let addrs = s
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| format!("{a:?}: want IP:PORT ({e})"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if addrs.is_empty() {
+            return Err("no gateway address".into());
+        }
+        Ok(Gateways(addrs))
+    }
+}
+
+impl Gateways {
+    pub fn first(&self) -> SocketAddr {
+        self.0[0]
+    }
+    pub fn rest(&self) -> &[SocketAddr] {
+        &self.0[1..]
     }
 }

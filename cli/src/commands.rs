@@ -171,7 +171,8 @@ fn report(json: bool, result: Result<Option<Outcome>, CliError>) -> ExitCode {
 /// `Ok(None)`: nothing to print (the daemon ran and stopped cleanly).
 pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
     let (files, plaintext) = (cli.tls_files(), cli.insecure_plaintext);
-    let (gateway_addr, token_file) = (cli.gateway, cli.token_file.clone());
+    let (gateways, token_file) = (cli.gateway.clone(), cli.token_file.clone());
+    let gateway_addr = gateways.first();
     let tls = || -> Result<_, CliError> {
         if plaintext {
             return Ok(None);
@@ -191,15 +192,20 @@ pub async fn execute(cli: Cli) -> Result<Option<Outcome>, CliError> {
         Ok::<_, CliError>(
             Client::with_token_file(gateway_addr, &token_file)
                 .map_err(CliError::from)?
+                .with_fallbacks(gateways.rest())
                 .with_tls(tls()?),
         )
     };
     match cli.command {
         Command::Gateway(args) => gateway(args).await,
         Command::Certs(cmd) => crate::certs::run(cmd).map(Some),
-        Command::Health => health(&Client::new(gateway_addr, None).with_tls(tls()?))
-            .await
-            .map(Some),
+        Command::Health => health(
+            &Client::new(gateway_addr, None)
+                .with_fallbacks(gateways.rest())
+                .with_tls(tls()?),
+        )
+        .await
+        .map(Some),
         Command::Hosts => hosts(&client()?).await.map(Some),
         Command::Endpoint(cmd) => endpoint(&client()?, cmd).await.map(Some),
         Command::Public(cmd) => public(&client()?, cmd).await.map(Some),

@@ -265,15 +265,19 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
         let result = (|| {
             if lease != 0 && renewed.elapsed() >= TICK {
                 if kv.keepalive(lease)? == 0 {
+                    // Whatever hung on it (presence, the runs this gateway drives) is gone.
+                    g.lease.store(0, std::sync::atomic::Ordering::Relaxed);
                     warn!(lease = %format!("{lease:x}"), "etcd: this gateway's lease expired; publishing presence again");
                     lease = 0;
                 }
                 renewed = std::time::Instant::now();
             }
             if lease == 0 {
+                g.lease.store(0, std::sync::atomic::Ordering::Relaxed);
                 lease = kv.grant(LEASE_TTL_SECS)?;
                 renewed = std::time::Instant::now();
                 published.clear();
+                g.lease.store(lease, std::sync::atomic::Ordering::Relaxed);
             }
             let now = lock(&g.runtime).clone();
             let changed: Vec<(&String, &HostRuntime)> = now

@@ -114,6 +114,18 @@ impl EtcdStore {
     pub fn agents_prefix(&self) -> Vec<u8> {
         self.key("agents/")
     }
+    /// Who drives container `c`'s run (a key on the driving gateway's lease).
+    pub fn driver_key(&self, c: std::net::Ipv4Addr) -> Vec<u8> {
+        self.key(&format!("drivers/{c}"))
+    }
+    /// The runs whose report says running: `running/<id>` → the container.
+    pub fn running_prefix(&self) -> Vec<u8> {
+        self.key("running/")
+    }
+    /// Run `id`'s report.
+    pub fn report_key(&self, id: &str) -> Vec<u8> {
+        self.key(&format!("runs/{id}"))
+    }
     pub fn log_prefix(&self) -> Vec<u8> {
         self.key("log/")
     }

@@ -238,6 +238,9 @@ pub struct Gateway {
     /// What other gateways on the same etcd report of the agents they serve, by (host,
     /// gateway) (see [`crate::cluster`]).
     pub(crate) remote_runtime: Mutex<HashMap<(String, String), HostRuntime>>,
+    /// This gateway's etcd lease (0: none yet), kept alive by [`crate::cluster`]: its
+    /// presence reports and the runs it drives ([`crate::migration::takeover`]) hang on it.
+    pub(crate) lease: std::sync::atomic::AtomicI64,
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) shutdown_tx: watch::Sender<bool>,
     /// Ticks whenever an agent reports an applied version (wakes the coordinator's waits).
@@ -314,6 +317,7 @@ impl Gateway {
             store,
             runtime: Mutex::new(HashMap::new()),
             remote_runtime: Mutex::new(HashMap::new()),
+            lease: std::sync::atomic::AtomicI64::new(0),
             version_tx,
             shutdown_tx,
             applied_tx,
@@ -361,12 +365,25 @@ impl Gateway {
         dir: Option<std::path::PathBuf>,
     ) {
         self.runs.configure(listen, agent_api_port, dir);
+        if self.store.etcd().is_some() {
+            // Gateways sharing a registry: reports in etcd, and runs whose driver is gone
+            // (this gateway before a restart included) taken over by whichever gateway
+            // claims them first.
+            if let Some(w) = crate::migration::takeover::ReportWriter::start(self) {
+                self.runs.configure_etcd(w);
+            }
+            tokio::spawn(crate::migration::takeover::watch_orphans(
+                self.clone(),
+                self.runs.me(),
+            ));
+            return;
+        }
         let mut running = self.runs.load();
         // A run whose report was never written (the gateway died during its prepare) is
         // still marked in the registry: resume it too.
         running.extend(crate::migration::runs::unreported(self));
         for id in running {
-            crate::migration::runs::resume(self, id);
+            crate::migration::runs::resume(self, id, "the gateway restarted during the run");
         }
     }
 

@@ -53,6 +53,8 @@ pub struct ControlPlane {
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
+    /// The lab's other gateways (topology `extra_gateways`), which clients fall back to.
+    pub fallbacks: Vec<SocketAddr>,
     /// The cluster's TLS material: `ca/` (the CA, kept by the lab), `operator/`, `gateway/`,
     /// `host-<name>/`. Absent in a plain-HTTP lab.
     pub tls_dir: PathBuf,
@@ -75,6 +77,12 @@ impl ControlPlane {
         Some(Self {
             host: gw.name.clone(),
             api: SocketAddr::new(gw.address.into(), GATEWAY_API_PORT),
+            fallbacks: t
+                .extra_gateways
+                .iter()
+                .filter_map(|g| t.host(g))
+                .map(|h| SocketAddr::new(h.address.into(), GATEWAY_API_PORT))
+                .collect(),
             token_file: state::state_dir(prefix).join("token"),
             config: dir.join("gateway.toml"),
             state_dir: dir.join("state"),
@@ -92,9 +100,13 @@ impl ControlPlane {
         let main = Self::of(prefix, t)?;
         let h = t.host(host)?;
         let dir = state::state_dir(prefix).join(format!("gateway-{host}"));
+        let api = SocketAddr::new(h.address.into(), GATEWAY_API_PORT);
+        let mut fallbacks = vec![main.api];
+        fallbacks.extend(main.fallbacks.iter().filter(|a| **a != api));
         Some(Self {
             host: h.name.clone(),
-            api: SocketAddr::new(h.address.into(), GATEWAY_API_PORT),
+            api,
+            fallbacks,
             config: dir.join("gateway.toml"),
             state_dir: dir.join("state"),
             log: dir.join("gateway.log"),
@@ -174,8 +186,12 @@ impl ControlPlane {
 
     /// The environment that points the `ferry` CLI at this gateway as the operator.
     pub fn cli_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let all: Vec<String> = std::iter::once(self.api)
+            .chain(self.fallbacks.iter().copied())
+            .map(|a| a.to_string())
+            .collect();
         let mut env = vec![
-            ("FERRY_GATEWAY", self.api.to_string().into()),
+            ("FERRY_GATEWAY", all.join(",").into()),
             ("FERRY_TOKEN_FILE", self.token_file.clone().into()),
         ];
         match self.tls_files(Party::Operator) {

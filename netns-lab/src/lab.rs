@@ -421,6 +421,7 @@ impl Lab {
                 args: "(api)".into(),
                 message: e.to_string(),
             })?
+            .with_fallbacks(&cp.fallbacks)
             .with_tls(cp.client_tls(crate::control::Party::Operator)?);
         run_in(&self.netns(&cp.host), move || {
             ferry_api::transport::block_on(f(client))

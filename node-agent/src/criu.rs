@@ -56,6 +56,8 @@ pub struct Ctx {
     /// This host's TLS files, for CRIU's action script (`None`: plain HTTP).
     pub tls: Option<ferry_tls::TlsFiles>,
     pub gateway: SocketAddr,
+    /// Other gateways serving the same registry (`[gateway] fallbacks`).
+    pub fallbacks: Vec<SocketAddr>,
     pub criu: CriuConfig,
     /// Restores on this host, by migration: how far each got (`GET /v1/restores/{id}`).
     pub restores: std::sync::Mutex<std::collections::BTreeMap<String, RestoreStatus>>,

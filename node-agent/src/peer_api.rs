@@ -83,6 +83,7 @@ impl PeerApi {
                 token_file: g.token_file.clone(),
                 tls: cfg.tls.clone(),
                 gateway: g.address,
+                fallbacks: g.fallbacks.clone(),
                 criu: cfg.criu.clone(),
                 restores: std::sync::Mutex::new(Default::default()),
             });

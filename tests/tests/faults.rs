@@ -103,6 +103,9 @@ fn assert_invariant(r: &Value, faults: &[&str]) {
         if c["fault_landed"] != true {
             why.push("the fault did not land".to_owned());
         }
+        if c["fault"] == "kill-gateway-takeover" && c["taken_over"] != true {
+            why.push("no other gateway took the run over".to_owned());
+        }
         for k in ["outcome", "gap_ms", "converge_ms"] {
             if c.get(k).is_none() {
                 why.push(format!("no {k} in the report"));
@@ -159,6 +162,17 @@ fn an_agent_killed_and_restarted_at_any_phase_leaves_one_copy_and_no_client_harm
 #[test]
 fn the_gateway_killed_and_restarted_at_any_phase_leaves_one_copy_and_no_client_harm() {
     run(&["kill-gateway"]);
+}
+
+/// Two gateways on etcd (three members, one per cloud): the one driving the run is killed
+/// at each phase and stays dead; the other takes the run over once the dead one's lease
+/// ended (the report says so: `taken_over`), the CLI and the agents fall back to it.
+#[test]
+fn the_gateway_driving_a_run_killed_for_good_at_any_phase_another_one_finishes_it() {
+    if !require_root_and_tools(&["etcd"]) {
+        return;
+    }
+    run(&["kill-gateway-takeover"]);
 }
 
 #[test]

@@ -31,6 +31,8 @@ use crate::{
 const REACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a lab gets, between cells, to settle (the previous move's forwarding grace, 2 s).
 const QUIET_TIMEOUT: Duration = Duration::from_secs(20);
+/// The host of the second gateway in `kill-gateway-takeover`'s labs.
+const TAKEOVER_GATEWAY: &str = "a2";
 /// How often the harness looks while it waits for convergence.
 const TICK: Duration = Duration::from_millis(100);
 /// The client's progress lines, this often.
@@ -191,7 +193,17 @@ struct FaultLab {
 impl FaultLab {
     fn up(p: &Progress, fault: Fault, bin: &Path) -> Result<Self, Box<LabRecord>> {
         p.say(format!("{}: bringing up a lab with agents", fault.name()));
+        let topology = if fault == Fault::KillGatewayTakeover {
+            ferry_lab::Topology {
+                etcd: true,
+                extra_gateways: vec![TAKEOVER_GATEWAY.into()],
+                ..ferry_lab::Topology::default()
+            }
+        } else {
+            ferry_lab::Topology::default()
+        };
         let lab = Lab::up(LabOptions {
+            topology,
             start_agents: true,
             ..LabOptions::default()
         })
@@ -383,6 +395,13 @@ impl FaultLab {
                 None => e.to_string(),
             });
         }
+        if self.fault == Fault::KillGatewayTakeover
+            && let Err(e) = self.lab.start_gateway()
+        {
+            // The next cell would run without it: this lab is done.
+            cell.error
+                .get_or_insert(format!("starting the main gateway again: {e}"));
+        }
         if self.fault == Fault::DiskFullDest {
             for d in &self.disks {
                 let _ = std::fs::remove_file(d.join(FILLER));
@@ -544,6 +563,13 @@ impl FaultLab {
         let record = id
             .as_ref()
             .and_then(|id| seen.migrations.iter().find(|m| &m.id == id));
+        if self.fault == Fault::KillGatewayTakeover {
+            cell.taken_over = Some(report.as_ref().is_some_and(|r| {
+                r.events
+                    .iter()
+                    .any(|e| e.message.contains("takes the run over"))
+            }));
+        }
         if let Some(r) = &report {
             cell.outcome = r.state.as_str().into();
             cell.stopped_ms = (r.stopped_ms > 0.0).then_some(r.stopped_ms);
@@ -597,6 +623,12 @@ impl FaultLab {
                 armed.disarm();
                 killed?;
                 self.lab.start_gateway()?;
+            }
+            Fault::KillGatewayTakeover => {
+                // Dead until the cell converged (see `run_cell`).
+                let killed = self.lab.kill_gateway(libc::SIGKILL);
+                armed.disarm();
+                killed?;
             }
             Fault::DiskFullDest => {
                 let filled = fill(&self.work_dir(&cell.to).join(FILLER));

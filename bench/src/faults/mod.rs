@@ -22,6 +22,7 @@
 //! |---|---|
 //! | `kill-source-agent` / `kill-dest-agent` | SIGKILL to that host's agent, disarm, start it again at once (a supervisor's `Restart=always`) |
 //! | `kill-gateway` | SIGKILL to the gateway daemon, disarm, start it again at once (same configuration and state directory) |
+//! | `kill-gateway-takeover` | in a lab whose registry is on etcd (three members, one per cloud) with a second gateway on a2: SIGKILL to the main gateway, disarm, and leave it dead until the cell converged: the second gateway takes the run over once the dead one's lease ends, the CLI and the agents fall back to it |
 //! | `cut-source-3s` … `cut-dest-20s` | the host's underlay link down (its port on the cloud's bridge, in the router namespace: the host loses carrier, as with a cut cable or a dead switch port), disarm, keep it down 3 s / 20 s, up again |
 //! | `disk-full-dest` | the destination's CRIU work directory (a 16 MiB tmpfs the harness mounted there for this lab) filled to the last byte, disarm; it stays full until the cell ends |
 //!
@@ -97,6 +98,8 @@ pub enum Fault {
     KillDestAgent,
     /// SIGKILL the gateway daemon, then start it again.
     KillGateway,
+    /// SIGKILL the main gateway of two on etcd; the other takes the run over.
+    KillGatewayTakeover,
     /// The source host's underlay link down for 3 s.
     #[value(name = "cut-source-3s")]
     #[serde(rename = "cut-source-3s")]
@@ -118,10 +121,11 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillSourceAgent,
         Fault::KillDestAgent,
         Fault::KillGateway,
+        Fault::KillGatewayTakeover,
         Fault::CutSource3s,
         Fault::CutSource20s,
         Fault::CutDest3s,
@@ -134,6 +138,7 @@ impl Fault {
             Fault::KillSourceAgent => "kill-source-agent",
             Fault::KillDestAgent => "kill-dest-agent",
             Fault::KillGateway => "kill-gateway",
+            Fault::KillGatewayTakeover => "kill-gateway-takeover",
             Fault::CutSource3s => "cut-source-3s",
             Fault::CutSource20s => "cut-source-20s",
             Fault::CutDest3s => "cut-dest-3s",
@@ -242,6 +247,9 @@ pub struct Cell {
     pub endpoint_host: Option<String>,
     /// Where the run report (else the migration's record) says the container is.
     pub status_host: Option<String>,
+    /// `kill-gateway-takeover`: the run's report says another gateway took it over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub taken_over: Option<bool>,
     /// A fresh client through the public address got its replies.
     pub public_reachable: bool,
     /// The fault point was reached and the fault injected.
@@ -292,6 +300,9 @@ impl Cell {
         }
         if !self.public_reachable {
             v.push("the public address does not answer".into());
+        }
+        if self.taken_over == Some(false) {
+            v.push("no other gateway took the run over".into());
         }
         if self.resets > 0 {
             v.push(format!("{} connections reset", self.resets));
@@ -483,7 +494,7 @@ mod tests {
         assert_eq!(c.args.faults(), [Fault::CutSource3s, Fault::DiskFullDest]);
         assert_eq!(c.args.phases(), [Phase::Prepare, Phase::Release]);
         let all = Cli::parse_from(["x"]);
-        assert_eq!(all.args.faults().len(), 8);
+        assert_eq!(all.args.faults().len(), 9);
         assert_eq!(all.args.phases().len(), 5);
         assert!(Cli::try_parse_from(["x", "--fault", "nope"]).is_err());
         for f in Fault::ALL {

@@ -14,4 +14,5 @@
 //! in ferry-cli.
 pub mod coordinator;
 pub mod runs;
+pub mod takeover;
 pub mod transitions;

@@ -53,7 +53,7 @@ const KEEP: usize = 200;
 
 #[derive(Default)]
 pub struct Runs {
-    reports: Mutex<HashMap<String, RunReport>>,
+    pub(crate) reports: Mutex<HashMap<String, RunReport>>,
     order: Mutex<Vec<String>>,
     /// The gateway's own API address and the agents' port, set at start.
     endpoint: OnceLock<(SocketAddr, u16)>,
@@ -63,9 +63,35 @@ pub struct Runs {
     /// migration phase, persisted with the registry before anyone acts on it; the report
     /// only tells the story.)
     dir: OnceLock<PathBuf>,
+    /// With the registry on etcd: reports go there instead ([`super::takeover`]).
+    etcd: OnceLock<super::takeover::ReportWriter>,
 }
 
 impl Runs {
+    /// Reports go to etcd (gateways sharing a registry).
+    pub(crate) fn configure_etcd(&self, w: super::takeover::ReportWriter) {
+        let _ = self.etcd.set(w);
+    }
+
+    /// Gives container `c`'s claim up after the reports already queued (`false`: reports are
+    /// not in etcd).
+    pub(crate) fn release_after_reports(&self, c: std::net::Ipv4Addr, me: &str) -> bool {
+        match self.etcd.get() {
+            Some(w) => {
+                w.release(c, me);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// This gateway's name among gateways sharing a registry: its API address.
+    pub(crate) fn me(&self) -> String {
+        self.endpoint
+            .get()
+            .map_or_else(String::new, |(a, _)| a.to_string())
+    }
+
     pub fn configure(&self, listen: SocketAddr, agent_api_port: u16, dir: Option<PathBuf>) {
         let _ = self.endpoint.set((listen, agent_api_port));
         if let Some(d) = dir {
@@ -111,6 +137,10 @@ impl Runs {
     }
 
     fn save(&self, r: &RunReport) {
+        if let Some(w) = self.etcd.get() {
+            w.save(r);
+            return;
+        }
         let Some(dir) = self.dir.get() else { return };
         let path = dir.join(format!("{}.json", r.id));
         let written = serde_json::to_vec(r)
@@ -237,22 +267,42 @@ async fn start(
             ),
         ));
     }
+    // Gateways sharing a registry: this one drives the container's run, or none.
+    let me = g.runs.me();
+    match super::takeover::claim(&g, req.container, &me).await? {
+        super::takeover::Claimed::Theirs(who) => {
+            return Err(ApiFailure::new(
+                ErrorCode::Conflict,
+                format!(
+                    "container {}'s run is driven by gateway {who}: wait for it to end",
+                    req.container
+                ),
+            ));
+        }
+        super::takeover::Claimed::Ours | super::takeover::Claimed::NotShared => {}
+    }
+    let unclaim = |g: &Arc<Gateway>| super::takeover::release(g, req.container, &me);
     let started = ferry_api::unix_ms_f64();
-    let step = client
-        .prepare_run_migration(req.container, &req.to)
-        .await
-        .map_err(relay)?;
+    let step = match client.prepare_run_migration(req.container, &req.to).await {
+        Ok(s) => s,
+        Err(e) => {
+            unclaim(&g);
+            return Err(relay(e));
+        }
+    };
     let m = step.migration;
     if lock(&g.runs.reports)
         .get(&m.id)
         .is_some_and(|r| r.state == RunState::Running)
     {
+        unclaim(&g);
         return Err(ApiFailure::new(
             ErrorCode::Conflict,
             format!("migration {} is already being run", m.id),
         ));
     }
     if m.from != from || !step.changed {
+        unclaim(&g);
         return Err(ApiFailure::new(
             ErrorCode::Conflict,
             format!(
@@ -371,6 +421,28 @@ async fn drive(
     finish(&g, &id, state, error);
 }
 
+/// A report for run `m` made from the registry alone (its own report was never written).
+fn stub(m: &ferry_api::Migration, note: String) -> RunReport {
+    RunReport {
+        id: m.id.clone(),
+        container: m.container,
+        from: m.from.clone(),
+        to: m.to.clone(),
+        lock: ferry_api::run::LockMode::Hold,
+        memory: Default::default(),
+        state: RunState::Running,
+        started_unix_ms: m.created_unix_ms as f64,
+        total_ms: 0.0,
+        stopped_ms: 0.0,
+        phases: vec![],
+        events: vec![event("info", note)],
+        criu: None,
+        image_bytes: 0,
+        image_bytes_during_dump: 0,
+        error: None,
+    }
+}
+
 /// Active migrations the gateway runs (`Migration::run`) that have no report: one is made for
 /// each (so `GET /v1/runs/{id}` answers), and their ids returned.
 pub(crate) fn unreported(g: &Gateway) -> Vec<String> {
@@ -381,38 +453,50 @@ pub(crate) fn unreported(g: &Gateway) -> Vec<String> {
         if !m.run || !m.phase.is_active() || lock(&g.runs.reports).contains_key(&m.id) {
             continue;
         }
-        g.runs.insert(RunReport {
-            id: m.id.clone(),
-            container: m.container,
-            from: m.from.clone(),
-            to: m.to.clone(),
-            lock: ferry_api::run::LockMode::Hold,
-            memory: Default::default(),
-            state: RunState::Running,
-            started_unix_ms: m.created_unix_ms as f64,
-            total_ms: 0.0,
-            stopped_ms: 0.0,
-            phases: vec![],
-            events: vec![event(
-                "info",
-                format!(
-                    "found {} in the registry without a report (the gateway stopped during its start)",
-                    m.phase
-                ),
-            )],
-            criu: None,
-            image_bytes: 0,
-            image_bytes_during_dump: 0,
-            error: None,
-        });
+        g.runs.insert(stub(
+            m,
+            format!(
+                "found {} in the registry without a report (the gateway stopped during its start)",
+                m.phase
+            ),
+        ));
         ids.push(m.id.clone());
     }
     ids
 }
 
-/// Resumes a run a restarted gateway found running: the checkpoint request died with the
-/// old gateway, so the run is resolved from the registry (and the destination's word).
-pub(crate) fn resume(g: &Arc<Gateway>, id: String) {
+/// Makes run `id` this gateway's (taken over from a gateway that is gone): its report as
+/// etcd holds it (or a new one, as [`unreported`] makes), running.
+pub(crate) fn adopt(g: &Gateway, id: &str, report: Option<RunReport>) {
+    let taken = event(
+        "info",
+        format!("gateway {} takes the run over", g.runs.me()),
+    );
+    match report {
+        Some(mut r) => {
+            r.state = RunState::Running;
+            r.events.push(taken);
+            lock(&g.runs.reports).remove(id);
+            g.runs.insert(r);
+        }
+        None => {
+            let reg = g.current();
+            let Some(m) = reg.migration(id) else { return };
+            let mut r = stub(
+                m,
+                format!("found {} in the registry without a report", m.phase),
+            );
+            r.events.push(taken);
+            lock(&g.runs.reports).remove(id);
+            g.runs.insert(r);
+        }
+    }
+}
+
+/// Resumes a run a restarted gateway found running (or one taken over from a gateway that is
+/// gone, `why`): the checkpoint request died with the old gateway, so the run is resolved
+/// from the registry (and the destination's word).
+pub(crate) fn resume(g: &Arc<Gateway>, id: String, why: &'static str) {
     let Ok((client, agent_port)) = g.self_client() else {
         return;
     };
@@ -422,26 +506,17 @@ pub(crate) fn resume(g: &Arc<Gateway>, id: String) {
         .and_then(|m| reg.host(&m.to))
         .map(|h| SocketAddr::new(h.vtep.into(), agent_port));
     drop(reg);
-    info!(migration = %id, "resuming a run after a gateway restart");
+    info!(migration = %id, why, "resuming a run");
     g.runs.update(&id, |r| {
         r.events.push(event(
             "info",
-            "the gateway restarted: resuming the run from the registry".into(),
+            format!("{why}: resuming the run from the registry"),
         ))
     });
     let g = g.clone();
     tokio::spawn(async move {
         let (state, error) = match to_api {
-            Some(to_api) => {
-                resolve(
-                    &g,
-                    &client,
-                    &id,
-                    to_api,
-                    Some("the gateway restarted during the run".into()),
-                )
-                .await
-            }
+            Some(to_api) => resolve(&g, &client, &id, to_api, Some(why.into())).await,
             None => (
                 RunState::NeedsAttention,
                 Some(format!(
@@ -644,7 +719,7 @@ async fn restore_status(g: &Gateway, agent: SocketAddr, id: &str) -> Option<Rest
 }
 
 /// Writes the run's end into its report.
-fn finish(g: &Gateway, id: &str, state: RunState, error: Option<String>) {
+fn finish(g: &Arc<Gateway>, id: &str, state: RunState, error: Option<String>) {
     let done = ferry_api::unix_ms_f64();
     g.runs.update(id, |r| {
         r.phases.sort_by_key(|p| {
@@ -676,6 +751,11 @@ fn finish(g: &Gateway, id: &str, state: RunState, error: Option<String>) {
         r.events.push(event(kind, summary));
         r.error = error.clone();
     });
+    // Gateways sharing a registry: the container's run is no longer ours to drive.
+    let container = lock(&g.runs.reports).get(id).map(|r| r.container);
+    if let Some(c) = container {
+        super::takeover::release(g, c, &g.runs.me());
+    }
     match state {
         RunState::Released => info!(migration = %id, "run done"),
         _ => warn!(migration = %id, state = state.as_str(), error = ?error, "run failed"),
@@ -735,16 +815,18 @@ async fn one(
     PathParam(id): PathParam,
 ) -> Result<Json<RunReport>, ApiFailure> {
     migration_id_param(&id)?;
-    lock(&g.runs.reports)
-        .get(&id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| {
-            ApiFailure::new(
-                ErrorCode::UnknownMigration,
-                format!("no run has id {id:?} (the last {KEEP} runs are kept)"),
-            )
-        })
+    let local = lock(&g.runs.reports).get(&id).cloned();
+    let report = match local {
+        Some(r) => Some(r),
+        // Gateways sharing a registry: another may drive it.
+        None => super::takeover::read_report(&g, &id).await,
+    };
+    report.map(Json).ok_or_else(|| {
+        ApiFailure::new(
+            ErrorCode::UnknownMigration,
+            format!("no run has id {id:?} (the last {KEEP} runs are kept)"),
+        )
+    })
 }
 
 /// `POST /v1/runs/{id}/events`: progress from agents and from CRIU's action script.

@@ -250,7 +250,7 @@ fn push(ctx: &Arc<Ctx>, id: &str, kind: &str, message: String, phase: Option<Pha
 
 impl Ctx {
     pub fn gateway_client(&self) -> Client {
-        Client::new(self.gateway, Some(self.token.clone()))
+        Client::new(self.gateway, Some(self.token.clone())).with_fallbacks(&self.fallbacks)
     }
 }
 
@@ -983,7 +983,13 @@ impl Ctx {
         };
         tls.into_iter()
             .chain([
-                ("FERRY_GATEWAY".into(), self.gateway.to_string()),
+                ("FERRY_GATEWAY".into(), {
+                    let all: Vec<String> = std::iter::once(self.gateway)
+                        .chain(self.fallbacks.iter().copied())
+                        .map(|a| a.to_string())
+                        .collect();
+                    all.join(",")
+                }),
                 (
                     "FERRY_TOKEN_FILE".into(),
                     self.token_file.display().to_string(),
