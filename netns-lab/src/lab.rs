@@ -555,6 +555,37 @@ impl Lab {
         ready
     }
 
+    /// SIGKILLs the etcd member on `host` (topology `etcd`) and waits until it exited.
+    pub fn kill_etcd_member(&mut self, host: &str) -> Result<(), LabError> {
+        self.stop_recorded("etcd", Some(host), libc::SIGKILL, Duration::from_secs(5))
+            .map_err(|e| {
+                LabError::io(
+                    format!("stopping the etcd member on {host}"),
+                    std::io::Error::other(e),
+                )
+            })
+    }
+
+    /// Starts the etcd member on `host` again from its data; waits until it is healthy.
+    pub fn start_etcd_member(&mut self, host: &str) -> Result<(), LabError> {
+        let mut st = self.load_state()?;
+        let child = etcd_member_command(&self.prefix, &self.topology, host)?
+            .spawn()
+            .map_err(|e| LabError::io("spawning etcd", e))?;
+        let pid = child.id() as i32;
+        let start_time = procs::start_time(pid)
+            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
+        st.processes.push(ProcRecord {
+            pid,
+            start_time,
+            kind: "etcd".into(),
+            host: Some(host.to_owned()),
+        });
+        st.save()?;
+        self.children.push(child);
+        wait_etcd_member(&self.prefix, &self.topology, host)
+    }
+
     /// The extra gateway on `host` (topology `extra_gateways`).
     pub fn extra_gateway(&self, host: &str) -> Result<ControlPlane, LabError> {
         ControlPlane::extra(&self.prefix, &self.topology, host).ok_or_else(|| LabError::Ferry {
@@ -1033,89 +1064,22 @@ impl Builder {
     fn start_etcd(&mut self) -> Result<(), LabError> {
         let t = self.state.topology.clone();
         let members = crate::control::etcd_members(&t);
-        if members.is_empty() {
-            return Ok(());
-        }
-        let peer = |name: &str| {
-            let h = t.host(name).expect("members are hosts");
-            format!("http://{}:{}", h.address, crate::control::ETCD_PEER_PORT)
-        };
-        let initial = members
-            .iter()
-            .map(|(n, _)| format!("{n}={}", peer(n)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let dir = state::state_dir(self.prefix()).join("etcd");
-        ferry_api::private::create_dir(&dir)
-            .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
-        for (name, client) in &members {
-            let log_path = dir.join(format!("{name}.log"));
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .map_err(|e| LabError::io(format!("opening {}", log_path.display()), e))?;
-            let mut cmd = Command::new("etcd");
-            cmd.args(["--name", name, "--data-dir"])
-                .arg(dir.join(name))
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://{client}"),
-                    "--advertise-client-urls",
-                    &format!("http://{client}"),
-                    "--listen-peer-urls",
-                    &peer(name),
-                    "--initial-advertise-peer-urls",
-                    &peer(name),
-                    "--initial-cluster",
-                    &initial,
-                    "--initial-cluster-token",
-                    &format!("ferry-lab-{}", self.prefix()),
-                    "--initial-cluster-state",
-                    "new",
-                    // Elect within a second of losing a leader (links between the lab's clouds
-                    // are fast unless shaped).
-                    "--heartbeat-interval",
-                    "100",
-                    "--election-timeout",
-                    "1000",
-                    // Old revisions go after 5 minutes (the gateways' log is compacted by
-                    // checkpoints; this bounds etcd's own history).
-                    "--auto-compaction-retention",
-                    "5m",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            command_in(&mut cmd, &netns_path(&netns_name(self.prefix(), name)))?;
-            detach_session(&mut cmd);
-            let child = cmd.spawn().map_err(|e| {
-                LabError::io(
-                    "spawning etcd (not installed? scripts/setup.sh installs etcd-server)",
-                    e,
-                )
-            })?;
-            tracing::info!(host = %name, pid = child.id(), client = %client, "etcd member started");
+        for (name, _) in &members {
+            let child = etcd_member_command(self.prefix(), &t, name)?
+                .spawn()
+                .map_err(|e| {
+                    LabError::io(
+                        "spawning etcd (not installed? scripts/setup.sh installs etcd-server)",
+                        e,
+                    )
+                })?;
+            tracing::info!(host = %name, pid = child.id(), "etcd member started");
             let r = self.record(&child, "etcd", Some(name));
             self.children.push(child);
             r?;
         }
-        let deadline = Instant::now() + crate::control::ETCD_READY_TIMEOUT;
-        for (name, client) in &members {
-            let ns = netns_path(&netns_name(self.prefix(), name));
-            while !crate::control::http_ok(&ns, *client, "/health", None) {
-                if Instant::now() >= deadline {
-                    return Err(LabError::io(
-                        format!(
-                            "etcd member {name} not healthy within {} s: {}",
-                            crate::control::ETCD_READY_TIMEOUT.as_secs(),
-                            tail(&dir.join(format!("{name}.log")), 20)
-                        ),
-                        std::io::Error::other("etcd not ready"),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        for (name, _) in &members {
+            wait_etcd_member(self.prefix(), &t, name)?;
         }
         Ok(())
     }
@@ -1729,6 +1693,99 @@ fn rps_mask(n: usize) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn etcd_dir(prefix: &str) -> PathBuf {
+    state::state_dir(prefix).join("etcd")
+}
+
+/// The command that runs etcd member `name` (a host of topology `etcd`) in its namespace,
+/// from its data if it has some (log appended under the lab's state).
+fn etcd_member_command(prefix: &str, t: &LabTopology, name: &str) -> Result<Command, LabError> {
+    let members = crate::control::etcd_members(t);
+    let Some((_, client)) = members.iter().find(|(n, _)| n == name) else {
+        return Err(LabError::io(
+            format!("starting etcd on {name}"),
+            std::io::Error::other("not an etcd member of this lab"),
+        ));
+    };
+    let peer = |name: &str| {
+        let h = t.host(name).expect("members are hosts");
+        format!("http://{}:{}", h.address, crate::control::ETCD_PEER_PORT)
+    };
+    let initial = members
+        .iter()
+        .map(|(n, _)| format!("{n}={}", peer(n)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let dir = etcd_dir(prefix);
+    ferry_api::private::create_dir(&dir)
+        .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| LabError::io(format!("opening {}", log_path.display()), e))?;
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(dir.join(name))
+        .args([
+            "--listen-client-urls",
+            &format!("http://{client}"),
+            "--advertise-client-urls",
+            &format!("http://{client}"),
+            "--listen-peer-urls",
+            &peer(name),
+            "--initial-advertise-peer-urls",
+            &peer(name),
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            &format!("ferry-lab-{prefix}"),
+            "--initial-cluster-state",
+            "new",
+            // Elect within a second of losing a leader (links between the lab's clouds are
+            // fast unless shaped).
+            "--heartbeat-interval",
+            "100",
+            "--election-timeout",
+            "1000",
+            // Old revisions go after 5 minutes (the gateways' log is compacted by
+            // checkpoints; this bounds etcd's own history).
+            "--auto-compaction-retention",
+            "5m",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    command_in(&mut cmd, &netns_path(&netns_name(prefix, name)))?;
+    detach_session(&mut cmd);
+    Ok(cmd)
+}
+
+/// Waits until etcd member `name` answers healthy (at most [`crate::control::ETCD_READY_TIMEOUT`]).
+fn wait_etcd_member(prefix: &str, t: &LabTopology, name: &str) -> Result<(), LabError> {
+    let members = crate::control::etcd_members(t);
+    let Some((_, client)) = members.iter().find(|(n, _)| n == name) else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + crate::control::ETCD_READY_TIMEOUT;
+    let ns = netns_path(&netns_name(prefix, name));
+    while !crate::control::http_ok(&ns, *client, "/health", None) {
+        if Instant::now() >= deadline {
+            return Err(LabError::io(
+                format!(
+                    "etcd member {name} not healthy within {} s: {}",
+                    crate::control::ETCD_READY_TIMEOUT.as_secs(),
+                    tail(&etcd_dir(prefix).join(format!("{name}.log")), 20)
+                ),
+                std::io::Error::other("etcd not ready"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

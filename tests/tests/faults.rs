@@ -175,6 +175,20 @@ fn the_gateway_driving_a_run_killed_for_good_at_any_phase_another_one_finishes_i
     run(&["kill-gateway-takeover"]);
 }
 
+/// The registry on a three-member etcd (one per cloud): the member on the source host is
+/// killed at each phase and stays dead until the cell converged; the run goes on (released).
+#[test]
+fn one_etcd_member_of_three_killed_at_any_phase_stops_nothing() {
+    if !require_root_and_tools(&["etcd"]) {
+        return;
+    }
+    let r = matrix(&["kill-etcd-member"]);
+    assert_invariant(&r, &["kill-etcd-member"]);
+    for c in r["cells"].as_array().expect("cells") {
+        assert_eq!(c["outcome"], "released", "nothing stops: {c}");
+    }
+}
+
 #[test]
 fn a_3s_link_cut_at_any_phase_leaves_one_copy_and_no_client_harm() {
     run(&["cut-source-3s", "cut-dest-3s"]);

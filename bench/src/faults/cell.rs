@@ -193,14 +193,17 @@ struct FaultLab {
 impl FaultLab {
     fn up(p: &Progress, fault: Fault, bin: &Path) -> Result<Self, Box<LabRecord>> {
         p.say(format!("{}: bringing up a lab with agents", fault.name()));
-        let topology = if fault == Fault::KillGatewayTakeover {
-            ferry_lab::Topology {
+        let topology = match fault {
+            Fault::KillGatewayTakeover => ferry_lab::Topology {
                 etcd: true,
                 extra_gateways: vec![TAKEOVER_GATEWAY.into()],
                 ..ferry_lab::Topology::default()
-            }
-        } else {
-            ferry_lab::Topology::default()
+            },
+            Fault::KillEtcdMember => ferry_lab::Topology {
+                etcd: true,
+                ..ferry_lab::Topology::default()
+            },
+            _ => ferry_lab::Topology::default(),
         };
         let lab = Lab::up(LabOptions {
             topology,
@@ -395,12 +398,15 @@ impl FaultLab {
                 None => e.to_string(),
             });
         }
-        if self.fault == Fault::KillGatewayTakeover
-            && let Err(e) = self.lab.start_gateway()
-        {
+        let restarted = match self.fault {
+            Fault::KillGatewayTakeover => self.lab.start_gateway(),
+            Fault::KillEtcdMember => self.lab.start_etcd_member(&cell.from),
+            _ => Ok(()),
+        };
+        if let Err(e) = restarted {
             // The next cell would run without it: this lab is done.
             cell.error
-                .get_or_insert(format!("starting the main gateway again: {e}"));
+                .get_or_insert(format!("starting what the fault killed again: {e}"));
         }
         if self.fault == Fault::DiskFullDest {
             for d in &self.disks {
@@ -627,6 +633,12 @@ impl FaultLab {
             Fault::KillGatewayTakeover => {
                 // Dead until the cell converged (see `run_cell`).
                 let killed = self.lab.kill_gateway(libc::SIGKILL);
+                armed.disarm();
+                killed?;
+            }
+            Fault::KillEtcdMember => {
+                // Dead until the cell converged (see `run_cell`).
+                let killed = self.lab.kill_etcd_member(&cell.from);
                 armed.disarm();
                 killed?;
             }

@@ -22,6 +22,7 @@
 //! |---|---|
 //! | `kill-source-agent` / `kill-dest-agent` | SIGKILL to that host's agent, disarm, start it again at once (a supervisor's `Restart=always`) |
 //! | `kill-gateway` | SIGKILL to the gateway daemon, disarm, start it again at once (same configuration and state directory) |
+//! | `kill-etcd-member` | in a lab whose registry is on etcd (three members, one per cloud): SIGKILL to the member on the run's source host, disarm, and leave it dead until the cell converged (then it starts again from its data) |
 //! | `kill-gateway-takeover` | in a lab whose registry is on etcd (three members, one per cloud) with a second gateway on a2: SIGKILL to the main gateway, disarm, and leave it dead until the cell converged: the second gateway takes the run over once the dead one's lease ends, the CLI and the agents fall back to it |
 //! | `cut-source-3s` … `cut-dest-20s` | the host's underlay link down (its port on the cloud's bridge, in the router namespace: the host loses carrier, as with a cut cable or a dead switch port), disarm, keep it down 3 s / 20 s, up again |
 //! | `disk-full-dest` | the destination's CRIU work directory (a 16 MiB tmpfs the harness mounted there for this lab) filled to the last byte, disarm; it stays full until the cell ends |
@@ -100,6 +101,8 @@ pub enum Fault {
     KillGateway,
     /// SIGKILL the main gateway of two on etcd; the other takes the run over.
     KillGatewayTakeover,
+    /// SIGKILL one etcd member of three (the one on the source host).
+    KillEtcdMember,
     /// The source host's underlay link down for 3 s.
     #[value(name = "cut-source-3s")]
     #[serde(rename = "cut-source-3s")]
@@ -121,11 +124,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillSourceAgent,
         Fault::KillDestAgent,
         Fault::KillGateway,
         Fault::KillGatewayTakeover,
+        Fault::KillEtcdMember,
         Fault::CutSource3s,
         Fault::CutSource20s,
         Fault::CutDest3s,
@@ -139,6 +143,7 @@ impl Fault {
             Fault::KillDestAgent => "kill-dest-agent",
             Fault::KillGateway => "kill-gateway",
             Fault::KillGatewayTakeover => "kill-gateway-takeover",
+            Fault::KillEtcdMember => "kill-etcd-member",
             Fault::CutSource3s => "cut-source-3s",
             Fault::CutSource20s => "cut-source-20s",
             Fault::CutDest3s => "cut-dest-3s",
@@ -494,7 +499,7 @@ mod tests {
         assert_eq!(c.args.faults(), [Fault::CutSource3s, Fault::DiskFullDest]);
         assert_eq!(c.args.phases(), [Phase::Prepare, Phase::Release]);
         let all = Cli::parse_from(["x"]);
-        assert_eq!(all.args.faults().len(), 9);
+        assert_eq!(all.args.faults().len(), 10);
         assert_eq!(all.args.phases().len(), 5);
         assert!(Cli::try_parse_from(["x", "--fault", "nope"]).is_err());
         for f in Fault::ALL {
