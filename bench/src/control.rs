@@ -5,8 +5,9 @@
 //! simulated watchers besides them hold the same long poll open (`GET /v1/watch?…&delta=true`
 //! as host `phantom`, a registered host without an agent that also carries the registry's
 //! endpoints). They run in the hosts' namespaces (one thread per namespace, entered before its
-//! runtime starts), spread evenly: the gateway allows 64 connections per peer address, so the
-//! bench takes at most [`MAX_WATCHERS`]. Per row (`--endpoints` × `--watchers`), `--changes`
+//! runtime starts), spread evenly: the bench's labs let the gateway take [`PER_PEER`]
+//! connections per peer address (`max_connections_per_peer`; the default is 64), so the bench
+//! takes at most [`MAX_WATCHERS`]. Per row (`--endpoints` × `--watchers`), `--changes`
 //! changes (one endpoint added or removed on `phantom`), each measured from just before its
 //! request to:
 //! - a simulated watcher's receipt of the answer carrying its version (parsed JSON);
@@ -18,8 +19,8 @@
 //!
 //! `--stores file,etcd`: each store in a lab of its own, side by side in one run (etcd: the
 //! topology's `etcd`, a member in the first host of each cloud, so every change commits
-//! across clouds). The gateway failover figures (`"failover"`) need several gateways in the
-//! lab (not built yet: `null`).
+//! across clouds). With etcd, `"failover"`: what a gateway daemon's death costs, in a lab of
+//! its own with two gateways ([`failover`]).
 
 use std::{
     collections::HashMap,
@@ -36,9 +37,13 @@ use serde::Serialize;
 
 use crate::{BenchError, Progress, print_report, stats::percentile_of};
 
-/// Watchers the bench can hold open: 4 namespaces × (64 connections per peer, less the real
+pub mod failover;
+
+/// The gateway's `max_connections_per_peer` in the bench's labs.
+pub const PER_PEER: usize = 320;
+/// Watchers the bench can hold open: 4 namespaces × (the connections per peer, less the real
 /// agent's own and the polling's).
-pub const MAX_WATCHERS: u32 = 4 * 56;
+pub const MAX_WATCHERS: u32 = 4 * 250;
 /// The namespaces the simulated watchers run in.
 const WATCHER_HOSTS: [&str; 4] = ["a1", "a2", "b1", "gw"];
 /// The lab's real agents.
@@ -57,7 +62,7 @@ pub struct ControlArgs {
     /// map holds 131,072).
     #[arg(long, value_delimiter = ',', default_value = "1000,65536")]
     pub endpoints: Vec<u32>,
-    /// Simulated watchers besides the 4 real agents (comma-separated; at most 224).
+    /// Simulated watchers besides the 4 real agents (comma-separated; at most 1000).
     #[arg(long, value_delimiter = ',', default_value = "0,50,200")]
     pub watchers: Vec<u32>,
     /// Changes measured per row.
@@ -67,6 +72,9 @@ pub struct ControlArgs {
     /// etcd).
     #[arg(long, value_delimiter = ',', default_value = "file,etcd")]
     pub stores: Vec<Store>,
+    /// Skip the gateway failover measurement (made when `etcd` is among `--stores`).
+    #[arg(long)]
+    pub no_failover: bool,
     /// Print exactly one JSON object on stdout instead of the table (progress on stderr).
     #[arg(long)]
     pub json: bool,
@@ -110,8 +118,9 @@ pub struct Row {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub rows: Vec<Row>,
-    /// Gateway failover (several gateways): not built yet.
-    pub failover: Option<serde_json::Value>,
+    /// What a gateway daemon's death costs ([`failover`]); measured with `etcd` in
+    /// `--stores` unless `--no-failover`.
+    pub failover: Option<failover::Failover>,
     pub changes_per_row: u32,
 }
 
@@ -119,7 +128,7 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
     let p = Progress(Instant::now());
     if let Some(w) = args.watchers.iter().find(|w| **w > MAX_WATCHERS) {
         return Err(BenchError::failed(format!(
-            "--watchers {w}: at most {MAX_WATCHERS} (the gateway allows 64 connections per peer)"
+            "--watchers {w}: at most {MAX_WATCHERS} (the lab's gateway allows {PER_PEER} connections per peer)"
         )));
     }
     if let Some(n) = args.endpoints.iter().find(|n| **n > 131_000 || **n == 0) {
@@ -130,6 +139,7 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
     if args.changes == 0 {
         return Err(BenchError::failed("--changes must be at least 1"));
     }
+    raise_nofile();
     if args.stores.is_empty() {
         return Err(BenchError::failed("--stores: at least one of file, etcd"));
     }
@@ -140,6 +150,7 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
             topology: Topology {
                 overlay_cidr: "10.240.0.0/12".parse().expect("valid"),
                 etcd: store == Store::Etcd,
+                gateway_connections_per_peer: Some(PER_PEER),
                 ..Topology::default()
             },
             start_agents: true,
@@ -151,9 +162,14 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
         rows.extend(r?);
         down?;
     }
+    let failover = if args.stores.contains(&Store::Etcd) && !args.no_failover {
+        Some(failover::measure(&p)?)
+    } else {
+        None
+    };
     let report = Report {
         rows,
-        failover: None,
+        failover,
         changes_per_row: args.changes,
     };
     print_report(args.json, &report, || table(&report))?;
@@ -527,10 +543,36 @@ fn table(r: &Report) -> String {
             row.snapshot_bytes
         );
     }
-    let _ = writeln!(
-        s,
-        "{} changes per row; gateway failover: not built yet (one gateway per lab)",
-        r.changes_per_row
-    );
+    let _ = writeln!(s, "{} changes per row", r.changes_per_row);
+    if let Some(f) = &r.failover {
+        let _ = writeln!(
+            s,
+            "gateway failover (the main gateway daemon of two on etcd SIGKILLed): public address \
+             longest wait {:.0} ms, {} resets; an agent of the dead gateway applied a change \
+             through the other {:.0} ms after the kill; a migration with it dead: {} ({:.0} ms)",
+            f.public_ms,
+            f.resets,
+            f.agent_ms,
+            if f.migration_ok { "ok" } else { "FAILED" },
+            f.migration_ms
+        );
+    }
     s
+}
+
+/// Raises this process's open-file limit to its hard limit: a thousand watches are a thousand
+/// sockets here and in the lab's gateway (which inherits the limit).
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into `lim`, a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads `lim`, a valid rlimit; raising the soft limit to the hard one
+    // needs no privilege.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
 }

@@ -24,6 +24,10 @@ use crate::{
 pub const LEASE_TTL_SECS: i64 = 3;
 /// How often the lease is renewed, and presence published without a change to wake it.
 const TICK: Duration = Duration::from_millis(500);
+/// How often an agent's timestamps alone (last seen, last watch) are published: well inside
+/// the coordinator's `DEAD_AFTER_MS` (1.5 s), so another gateway never takes a live agent for
+/// dead.
+const REFRESH: Duration = Duration::from_millis(250);
 
 /// Starts the follower (log and presence watches) and the presence publisher of gateway
 /// `me` (its API address), from etcd `revision` (where the registry was read).
@@ -249,7 +253,7 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
     let mut shutdown = g.shutdown_tx.subscribe();
     let mut lease = 0i64;
     let mut renewed = std::time::Instant::now();
-    let mut published: HashMap<String, HostRuntime> = HashMap::new();
+    let mut published: HashMap<String, (HostRuntime, std::time::Instant)> = HashMap::new();
     let mut failing = false;
     loop {
         let stop = rt.block_on(async {
@@ -279,10 +283,19 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
                 published.clear();
                 g.lease.store(lease, std::sync::atomic::Ordering::Relaxed);
             }
+            // At once when what a step waits for moved (applied version, connected); the
+            // timestamps alone at most every REFRESH (many watches re-open per change).
             let now = lock(&g.runtime).clone();
             let changed: Vec<(&String, &HostRuntime)> = now
                 .iter()
-                .filter(|(h, r)| published.get(*h) != Some(*r))
+                .filter(|(h, r)| match published.get(*h) {
+                    None => true,
+                    Some((p, at)) => {
+                        p.applied_version != r.applied_version
+                            || (p.open_watches > 0) != (r.open_watches > 0)
+                            || (p != *r && at.elapsed() >= REFRESH)
+                    }
+                })
                 .collect();
             for batch in changed.chunks(64) {
                 let ops = batch
@@ -298,7 +311,7 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
                     success: ops,
                 })?;
                 for (h, r) in batch {
-                    published.insert((*h).clone(), **r);
+                    published.insert((*h).clone(), (**r, std::time::Instant::now()));
                 }
             }
             Ok::<(), crate::etcd::EtcdError>(())

@@ -8,6 +8,9 @@
 //!                                        # "etcd:http://IP:2379,http://IP:2379,..." shared by
 //!                                        # every gateway of the cluster
 //! etcd_prefix = "/ferry/registry/"       # where in etcd (default)
+//! max_connections_per_peer = 64          # open API connections one address may hold (every
+//!                                        # agent holds one long poll; default 64, at most 65536)
+//! max_connections = 4096                 # open API connections in all (default 4096)
 //! token_file = "/etc/ferry/token"        # bearer token, mode 0600 (this is the default)
 //! overlay_cidr = "10.244.0.0/16"         # container and host overlay addresses (required)
 //! overlay6_cidr = "2001:db8:f::/96"       # dual-stack (optional): every agent's must match
@@ -66,6 +69,10 @@ pub struct Config {
     pub store: String,
     #[serde(default = "default_etcd_prefix")]
     pub etcd_prefix: String,
+    #[serde(default = "default_per_peer")]
+    pub max_connections_per_peer: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     pub overlay_cidr: Ipv4Net,
     /// Dual-stack overlay: a /96 (an endpoint's IPv6 address is it followed by its IPv4 one).
     #[serde(default)]
@@ -117,6 +124,12 @@ fn default_listen() -> SocketAddr {
 }
 fn default_state_dir() -> PathBuf {
     "/var/lib/ferry/gateway".into()
+}
+fn default_per_peer() -> usize {
+    ferry_api::serve::Limits::default().per_peer
+}
+fn default_max_connections() -> usize {
+    ferry_api::serve::Limits::default().total
 }
 fn default_store() -> String {
     "file".into()
@@ -282,6 +295,19 @@ impl Config {
             .map_err(InvalidConfig::Store)?;
         if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
             return Err(InvalidConfig::EtcdPrefix(self.etcd_prefix.clone()));
+        }
+        for (field, value) in [
+            ("max_connections_per_peer", self.max_connections_per_peer),
+            ("max_connections", self.max_connections),
+        ] {
+            if !(1..=65_536).contains(&value) {
+                return Err(InvalidConfig::OutOfRange {
+                    field,
+                    value: value as u64,
+                    min: 1,
+                    max: 65_536,
+                });
+            }
         }
         let o = self.overlay_cidr;
         if o.trunc() != o {

@@ -340,7 +340,11 @@ pub async fn serve(config_path: &Path, store: Option<&str>) -> Result<(), StartE
     ferry_api::serve::serve(
         listener,
         app,
-        ferry_api::serve::Limits::default(),
+        ferry_api::serve::Limits {
+            per_peer: config.max_connections_per_peer,
+            total: config.max_connections,
+            ..ferry_api::serve::Limits::default()
+        },
         tls.as_ref().map(|t| t.server_config()),
         g.connections.clone(),
         async move {

@@ -296,6 +296,10 @@ impl ControlPlane {
             let urls: Vec<String> = members.iter().map(|(_, a)| format!("http://{a}")).collect();
             format!("store = \"etcd:{}\"\n", urls.join(","))
         };
+        let store = match t.gateway_connections_per_peer {
+            Some(n) => format!("{store}max_connections_per_peer = {n}\n"),
+            None => store,
+        };
         let config = format!(
             "listen = \"{}\"\n\
              state_dir = \"{}\"\n\

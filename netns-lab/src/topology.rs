@@ -171,6 +171,10 @@ pub struct Topology {
     /// fallbacks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_gateways: Vec<String>,
+    /// The gateways' `max_connections_per_peer` (default: the gateway's own, 64): the
+    /// control-plane benchmark holds hundreds of watches from one namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_connections_per_peer: Option<usize>,
     pub clouds: Vec<CloudSpec>,
     pub hosts: Vec<HostSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +258,8 @@ pub struct LabTopology {
     /// Hosts that also run a gateway daemon (on etcd).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_gateways: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_connections_per_peer: Option<usize>,
     pub overlay_cidr: Ipv4Net,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay6_cidr: Option<Ipv6Net>,
@@ -779,6 +785,7 @@ impl Topology {
             announce_relay: self.announce_relay,
             etcd,
             extra_gateways: self.extra_gateways.clone(),
+            gateway_connections_per_peer: self.gateway_connections_per_peer,
             overlay_cidr: self.overlay_cidr,
             overlay6_cidr: self.overlay6_cidr,
             vni: self.vni,

@@ -227,11 +227,12 @@ fn the_scale_benchmark_measures_every_quick_cell() {
 /// snapshot.
 #[test]
 fn the_control_benchmark_measures_change_to_applied() {
-    if !require_root_and_tools(&["ip", "curl", "nft", "etcd"]) {
+    if !require_root_and_tools(&["ip", "curl", "nft", "etcd", "criu"]) {
         return;
     }
     workspace_binary("ferry-agent");
     workspace_binary("ferry");
+    workspace_binary("ferry-workload");
     let out = Command::new(workspace_binary("ferry-lab"))
         .args([
             "bench",
@@ -257,6 +258,20 @@ fn the_control_benchmark_measures_change_to_applied() {
     let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON document");
     let rows = r["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 2, "{r}");
+    // With etcd: a gateway daemon's death, measured (its figures are reported, not judged
+    // here; what must hold does).
+    let f = &r["failover"];
+    assert_eq!(
+        f["resets"], 0,
+        "no client connection reset by the gateway's death: {r}"
+    );
+    assert_eq!(
+        f["migration_ok"], true,
+        "a migration with the main gateway dead: {r}"
+    );
+    for k in ["public_ms", "agent_ms", "migration_ms"] {
+        assert!(f[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+    }
     for (row, store) in rows.iter().zip(["file", "etcd"]) {
         assert_eq!(
             (
