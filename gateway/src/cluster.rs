@@ -255,14 +255,17 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
     let mut renewed = std::time::Instant::now();
     let mut published: HashMap<String, (HostRuntime, std::time::Instant)> = HashMap::new();
     let mut failing = false;
+    // The first round at once: the lease is what a run's claim needs.
+    let mut first = true;
     loop {
-        let stop = rt.block_on(async {
-            tokio::select! {
-                _ = applied.changed() => false,
-                _ = tokio::time::sleep(TICK) => false,
-                _ = shutdown.wait_for(|s| *s) => true,
-            }
-        });
+        let stop = !std::mem::take(&mut first)
+            && rt.block_on(async {
+                tokio::select! {
+                    _ = applied.changed() => false,
+                    _ = tokio::time::sleep(TICK) => false,
+                    _ = shutdown.wait_for(|s| *s) => true,
+                }
+            });
         if stop {
             return;
         }
