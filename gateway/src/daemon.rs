@@ -189,18 +189,38 @@ pub fn check(config_path: &Path, store: Option<&str>) -> Result<CheckReport, Sta
         StoreSpec::File(_) => state_file.exists(),
         StoreSpec::Etcd(_) => registry.version() > 0,
     };
-    Ok(CheckReport {
-        config: config_path.to_path_buf(),
-        listen: config.listen,
-        store: p.source,
-        state_exists,
+    Ok(CheckReport::of(
+        config_path,
+        &config,
+        p.source,
         state_file,
-        version: registry.version(),
-        hosts: registry.host_count(),
-        endpoints: registry.endpoint_count(),
-        public: registry.public_count(),
-        migrations: registry.live_migrations().count(),
-    })
+        state_exists,
+        &registry,
+    ))
+}
+
+impl CheckReport {
+    fn of(
+        config_path: &Path,
+        config: &Config,
+        store: String,
+        state_file: PathBuf,
+        state_exists: bool,
+        registry: &Registry,
+    ) -> Self {
+        Self {
+            config: config_path.to_path_buf(),
+            listen: config.listen,
+            store,
+            state_file,
+            state_exists,
+            version: registry.version(),
+            hosts: registry.host_count(),
+            endpoints: registry.endpoint_count(),
+            public: registry.public_count(),
+            migrations: registry.live_migrations().count(),
+        }
+    }
 }
 
 /// `ferry gateway --config F --store etcd:URLS --import DIR`: copies the file store in DIR
@@ -244,18 +264,14 @@ pub fn import(
         Err(e) => return Err(e.into()),
     }
     info!(from = %dir.display(), to = %s.describe(), version = state.version, "registry imported");
-    Ok(CheckReport {
-        config: config_path.to_path_buf(),
-        listen: config.listen,
-        store: s.describe(),
-        state_file: dir.join(store::STATE_FILE),
-        state_exists: true,
-        version: registry.version(),
-        hosts: registry.host_count(),
-        endpoints: registry.endpoint_count(),
-        public: registry.public_count(),
-        migrations: registry.live_migrations().count(),
-    })
+    Ok(CheckReport::of(
+        config_path,
+        &config,
+        s.describe(),
+        dir.join(store::STATE_FILE),
+        true,
+        &registry,
+    ))
 }
 
 /// `ferry gateway --config F`: serves until SIGTERM or SIGINT.

@@ -382,11 +382,7 @@ impl Kv for HttpKv {
                 more: v["more"].as_bool().unwrap_or(false),
             })
         };
-        decode().map_err(|problem| EtcdError::Decode {
-            member: self.members.0[self.preferred.load(Ordering::Relaxed) % self.members.0.len()],
-            what,
-            problem,
-        })
+        decode().map_err(|problem| self.decode(&what, problem))
     }
 
     fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError> {
@@ -426,11 +422,8 @@ impl Kv for HttpKv {
             json!({ "compare": compare, "success": success }),
             false,
         )?;
-        let revision = int(&v["header"]["revision"]).map_err(|problem| EtcdError::Decode {
-            member: self.members.0[self.preferred.load(Ordering::Relaxed) % self.members.0.len()],
-            what,
-            problem,
-        })?;
+        let revision =
+            int(&v["header"]["revision"]).map_err(|problem| self.decode(&what, problem))?;
         Ok(TxnResult {
             succeeded: v["succeeded"].as_bool().unwrap_or(false),
             revision,

@@ -426,7 +426,17 @@ impl EtcdStore {
         revision: i64,
     ) -> Result<Registry, StoreError> {
         let state = self.apply_state(reg.to_persisted(), version, entry, revision)?;
-        Registry::from_persisted(reg.net().clone(), state)
+        self.registry(reg.net(), state)
+    }
+
+    /// `state` as a registry under `net` (one that does not load is corruption of the store).
+    pub fn registry(
+        &self,
+        net: &crate::registry::NetConfig,
+        state: PersistedState,
+    ) -> Result<Registry, StoreError> {
+        let version = state.version;
+        Registry::from_persisted(net.clone(), state)
             .map_err(|e| self.corrupt(format!("version {version} does not load: {e}")))
     }
 }

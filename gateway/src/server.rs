@@ -532,20 +532,11 @@ impl Gateway {
         if version <= old.version() {
             return Ok(());
         }
-        let next = if version == old.version() + 1 {
-            store.apply_entry(&old, version, entry, revision)?
-        } else {
+        if version != old.version() + 1 {
             // A gap (this gateway missed versions): read the registry whole.
-            match store.load()? {
-                (Some(s), _) => Registry::from_persisted(old.net().clone(), s).map_err(|e| {
-                    StoreError::EtcdCorrupt {
-                        at: store.describe(),
-                        problem: e.to_string(),
-                    }
-                })?,
-                (None, _) => return Ok(()),
-            }
-        };
+            return self.reload_locked(store).map(|_| ());
+        }
+        let next = store.apply_entry(&old, version, entry, revision)?;
         let touched = crate::watch::touched(&old, &next);
         info!(
             version = next.version(),
@@ -579,16 +570,22 @@ impl Gateway {
             return Ok(0);
         };
         let _writer = lock(&self.writer);
+        self.reload_locked(store)
+    }
+
+    /// [`Gateway::reload`] with the writer lock held: the etcd revision it read at.
+    fn reload_locked(&self, store: &crate::etcd_store::EtcdStore) -> Result<i64, StoreError> {
         let (state, revision) = store.load()?;
         let old = self.current();
         if let Some(s) = state.filter(|s| s.version > old.version()) {
-            let next = Registry::from_persisted(old.net().clone(), s).map_err(|e| {
-                StoreError::EtcdCorrupt {
-                    at: store.describe(),
-                    problem: e.to_string(),
-                }
-            })?;
+            let next = store.registry(old.net(), s)?;
             let touched = crate::watch::touched(&old, &next);
+            info!(
+                version = next.version(),
+                keys = touched.len(),
+                "registry read whole from etcd"
+            );
+            self.metrics.count_store("remote");
             self.publish(next, touched);
         }
         Ok(revision)

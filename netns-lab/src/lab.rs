@@ -538,18 +538,8 @@ impl Lab {
     pub fn start_gateway(&mut self) -> Result<(), LabError> {
         let cp = self.control_or_err()?;
         let bin = find_binary("ferry", "ferry-cli")?;
-        let mut st = self.load_state()?;
         let mut child = cp.spawn(&self.prefix, &bin)?;
-        let pid = child.id() as i32;
-        let start_time = procs::start_time(pid)
-            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
-        st.processes.push(ProcRecord {
-            pid,
-            start_time,
-            kind: "gateway".into(),
-            host: Some(cp.host.clone()),
-        });
-        st.save()?;
+        self.record_started(&child, "gateway", &cp.host)?;
         let ready = cp.wait_ready(&self.prefix, &mut child);
         self.children.push(child);
         ready
@@ -568,21 +558,12 @@ impl Lab {
 
     /// Starts the etcd member on `host` again from its data; waits until it is healthy.
     pub fn start_etcd_member(&mut self, host: &str) -> Result<(), LabError> {
-        let mut st = self.load_state()?;
         let child = etcd_member_command(&self.prefix, &self.topology, host)?
             .spawn()
             .map_err(|e| LabError::io("spawning etcd", e))?;
-        let pid = child.id() as i32;
-        let start_time = procs::start_time(pid)
-            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
-        st.processes.push(ProcRecord {
-            pid,
-            start_time,
-            kind: "etcd".into(),
-            host: Some(host.to_owned()),
-        });
-        st.save()?;
+        let recorded = self.record_started(&child, "etcd", host);
         self.children.push(child);
+        recorded?;
         wait_etcd_member(&self.prefix, &self.topology, host)
     }
 
@@ -610,18 +591,8 @@ impl Lab {
     pub fn start_extra_gateway(&mut self, host: &str) -> Result<(), LabError> {
         let cp = self.extra_gateway(host)?;
         let bin = find_binary("ferry", "ferry-cli")?;
-        let mut st = self.load_state()?;
         let mut child = cp.spawn(&self.prefix, &bin)?;
-        let pid = child.id() as i32;
-        let start_time = procs::start_time(pid)
-            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
-        st.processes.push(ProcRecord {
-            pid,
-            start_time,
-            kind: "gateway-extra".into(),
-            host: Some(cp.host.clone()),
-        });
-        st.save()?;
+        self.record_started(&child, "gateway-extra", &cp.host)?;
         let ready = cp.wait_ready(&self.prefix, &mut child);
         self.children.push(child);
         ready
@@ -644,6 +615,22 @@ impl Lab {
             ferry_api::transport::block_on(f(client))
         })?
         .map_err(|e| LabError::io("starting a runtime for the API client", e))
+    }
+
+    /// Records a process this lab started after it came up (its PID and start time, so
+    /// teardown and the `kill_*` calls end that process and no other).
+    fn record_started(&self, child: &Child, kind: &str, host: &str) -> Result<(), LabError> {
+        let mut st = self.load_state()?;
+        let pid = child.id() as i32;
+        let start_time = procs::start_time(pid)
+            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
+        st.processes.push(ProcRecord {
+            pid,
+            start_time,
+            kind: kind.to_owned(),
+            host: Some(host.to_owned()),
+        });
+        st.save()
     }
 
     fn load_state(&self) -> Result<LabState, LabError> {
@@ -680,18 +667,8 @@ impl Lab {
     /// waits until it serves its metrics.
     pub fn start_agent(&mut self, host: &str) -> Result<(), LabError> {
         let bin = find_binary("ferry-agent", "ferry-agent")?;
-        let mut st = self.load_state()?;
         let mut child = spawn_agent(&self.prefix, host, &bin)?;
-        let pid = child.id() as i32;
-        let start_time = procs::start_time(pid)
-            .map_err(|e| LabError::io(format!("reading the start time of PID {pid}"), e))?;
-        st.processes.push(ProcRecord {
-            pid,
-            start_time,
-            kind: "agent".into(),
-            host: Some(host.to_owned()),
-        });
-        st.save()?;
+        self.record_started(&child, "agent", host)?;
         let listen: SocketAddr = DEFAULT_METRICS_LISTEN.parse().expect("valid default");
         let ns = netns_path(&netns_name(&self.prefix, host));
         let log = self.agent_log(host);
