@@ -19,7 +19,8 @@ use crate::{
 
 /// Default deadline of one request (connect and complete answer).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest answer body accepted: a snapshot of 65,536 endpoints is about 6 MB.
+/// Largest answer body accepted: a snapshot of 65,536 endpoints is about 6 MB, of 262,144
+/// (the agents' endpoint map) about 24 MB.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// Everything that can go wrong talking to the gateway.
@@ -243,6 +244,28 @@ impl Client {
         self.all[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.all.len()]
     }
 
+    /// Moves this client (and its clones) off `addr` to the next gateway if `addr` is still
+    /// the one in use: for a caller that saw it fail to answer in time (a host that died
+    /// answers nothing, not even a refusal). Returns whether it moved.
+    pub fn move_on_from(&self, addr: SocketAddr) -> bool {
+        let n = self.all.len();
+        if n < 2 {
+            return false;
+        }
+        let now = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        if self.all[now] != addr {
+            return false;
+        }
+        self.current
+            .compare_exchange(
+                self.current.load(std::sync::atomic::Ordering::Relaxed),
+                (now + 1) % n,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
     /// Every gateway this client knows, the first configured first.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         if self.all.is_empty() {
@@ -314,6 +337,21 @@ impl Client {
     /// [`IpamReleaseRequest`]).
     pub async fn ipam_release(&self, req: &IpamReleaseRequest) -> Result<IpamRelease, ApiError> {
         self.send("POST", "/v1/ipam/release", Some(req), self.timeout)
+            .await
+    }
+
+    /// `host` (role gateway) takes the internet side over from `from` (see
+    /// [`crate::PublicTakeoverRequest`]).
+    pub async fn public_takeover(
+        &self,
+        host: &str,
+        from: &str,
+    ) -> Result<crate::PublicTakeover, ApiError> {
+        let req = crate::PublicTakeoverRequest {
+            host: host.to_owned(),
+            from: from.to_owned(),
+        };
+        self.send("POST", "/v1/public/takeover", Some(&req), self.timeout)
             .await
     }
 
@@ -564,6 +602,9 @@ impl Client {
         if self.all.len() < 2 {
             return request.send(self.addr).await?.json(&what);
         }
+        // A gateway whose host died answers nothing: the next one is tried after a second
+        // rather than after the whole request's timeout.
+        let request = request.connect_timeout(FALLBACK_CONNECT_TIMEOUT);
         // Several gateways: from the one that answered last, each in turn while the failure
         // says the request did not reach a gateway (or, for a read, whatever it says).
         let n = self.all.len();
@@ -590,6 +631,11 @@ impl Client {
         Err(last.expect("at least two gateways tried").into())
     }
 }
+
+/// With fallback gateways: how long a gateway may take to accept a connection before the next
+/// is tried (a lost SYN is retransmitted after 1 s: a slower answer is a dead or partitioned
+/// host as often as not, and another gateway serves the same registry).
+pub const FALLBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Largest `step_timeout_ms` in a gateway's configuration.
 pub const MAX_CONFIG_STEP_TIMEOUT_MS: u64 = 60_000;

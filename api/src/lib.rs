@@ -31,6 +31,7 @@
 //! | POST | /v1/ipam/allocate | [`IpamAllocateRequest`] → [`IpamAllocation`] (201 new lease, 200 repeated or a migration's address) |
 //! | POST | /v1/ipam/release | [`IpamReleaseRequest`] → [`IpamRelease`] (the lease and the host's endpoint, in one change) |
 //! | GET | /v1/ipam | → [`IpamStatus`] |
+//! | POST | /v1/public/takeover | [`PublicTakeoverRequest`] → [`PublicTakeover`] (another gateway-role host faces the internet; 200 also when it already does) |
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]) with a 4xx/5xx
 //! status ([`ErrorCode`] lists the codes); a rejected request changes nothing.

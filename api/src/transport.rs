@@ -130,6 +130,9 @@ pub struct Request {
     headers: Vec<(String, String)>,
     body: Body,
     timeout: Option<Duration>,
+    /// Deadline of the TCP connect alone (a peer that died answers nothing, not even a
+    /// refusal): past it, [`HttpError::Connect`], so a caller with several peers moves on.
+    connect_timeout: Option<Duration>,
     max_answer: usize,
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Plain TCP even in a process with a TLS identity (tests of the refusal).
@@ -161,6 +164,7 @@ impl Request {
             headers: self.headers.clone(),
             body,
             timeout: self.timeout,
+            connect_timeout: self.connect_timeout,
             max_answer: self.max_answer,
             tls: self.tls.clone(),
             plain: self.plain,
@@ -177,6 +181,7 @@ impl Request {
             headers: Vec::new(),
             body: Body::None,
             timeout: Some(DEFAULT_TIMEOUT),
+            connect_timeout: None,
             max_answer: MAX_BODY,
             tls: None,
             plain: false,
@@ -254,6 +259,12 @@ impl Request {
         self
     }
 
+    /// The deadline of the TCP connect alone (see the field).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
     /// No deadline (an answer that comes when the peer has finished a long job).
     pub fn without_timeout(mut self) -> Self {
         self.timeout = None;
@@ -328,9 +339,18 @@ impl Request {
             true => None,
             false => self.tls.clone().or_else(|| PROCESS_TLS.get().cloned()),
         };
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| HttpError::Connect { addr, source })?;
+        let stream = match self.connect_timeout {
+            None => TcpStream::connect(addr).await,
+            Some(t) => tokio::time::timeout(t, TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer to the connection within {t:?}"),
+                    ))
+                }),
+        }
+        .map_err(|source| HttpError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         match tls {
             None => Ok(Connection {

@@ -28,6 +28,8 @@ pub enum HostRole {
     #[default]
     Host,
     /// Faces the internet: public addresses are translated here, containers leave through it.
+    /// Several hosts may have this role: one faces the internet at a time, the others stand
+    /// by ([`public_gateway`]).
     Gateway,
 }
 
@@ -43,6 +45,47 @@ pub struct HostInfo {
     pub overlay_ip: Ipv4Addr,
     #[serde(default)]
     pub role: HostRole,
+    /// Role `gateway` only, and the registry's to set (a registration's value is ignored, the
+    /// stored one kept): the registry version at which this host took over the internet side
+    /// (`POST /v1/public/takeover`). See [`public_gateway`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_since: Option<u64>,
+}
+
+/// Of several hosts with role `gateway`, the one facing the internet now: it answers ARP for
+/// the public addresses and containers leave through it (the others translate what still
+/// reaches them, but stay silent). The latest to take over (`active_since`); before any
+/// takeover, the first by name. Agents and the registry decide it the same way.
+pub fn public_gateway<'a>(hosts: impl IntoIterator<Item = &'a HostInfo>) -> Option<&'a HostInfo> {
+    hosts
+        .into_iter()
+        .filter(|h| h.role == HostRole::Gateway)
+        .max_by(|a, b| {
+            a.active_since
+                .unwrap_or(0)
+                .cmp(&b.active_since.unwrap_or(0))
+                .then_with(|| b.name.cmp(&a.name))
+        })
+}
+
+/// Body of `POST /v1/public/takeover`: `host` (role `gateway`) takes the internet side over
+/// from `from`, the gateway host facing it now (refused with `conflict` if that is another:
+/// of two standbys taking over from the same dead host, one wins).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicTakeoverRequest {
+    pub host: String,
+    pub from: String,
+}
+
+/// Answer of `POST /v1/public/takeover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicTakeover {
+    /// The host facing the internet now.
+    pub host: HostInfo,
+    /// The registry version that says so.
+    pub version: u64,
 }
 
 /// A registered host as the gateway sees it (`GET /v1/hosts`).
@@ -920,6 +963,7 @@ mod tests {
                 vtep: "198.18.1.10".parse().unwrap(),
                 overlay_ip: "10.244.255.1".parse().unwrap(),
                 role: HostRole::Gateway,
+                active_since: None,
             },
             applied_version: 3,
             last_seen_unix_ms: 5,

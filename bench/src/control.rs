@@ -19,8 +19,8 @@
 //!
 //! `--stores file,etcd`: each store in a lab of its own, side by side in one run (etcd: the
 //! topology's `etcd`, a member in the first host of each cloud, so every change commits
-//! across clouds). With etcd, `"failover"`: what a gateway daemon's death costs, in a lab of
-//! its own with two gateways ([`failover`]).
+//! across clouds). With etcd, `"failover"`: what losing a gateway host costs, in a lab of its
+//! own with two hosts facing the internet ([`failover`]).
 
 use std::{
     collections::HashMap,
@@ -118,7 +118,7 @@ pub struct Row {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub rows: Vec<Row>,
-    /// What a gateway daemon's death costs ([`failover`]); measured with `etcd` in
+    /// What losing a gateway host costs ([`failover`]); measured with `etcd` in
     /// `--stores` unless `--no-failover`.
     pub failover: Option<failover::Failover>,
     pub changes_per_row: u32,
@@ -197,6 +197,7 @@ fn measure(
             vtep: "198.18.2.99".parse().expect("valid"),
             overlay_ip: "10.255.255.99".parse().expect("valid"),
             role: HostRole::Host,
+            active_since: None,
         })
         .await
     })?;
@@ -547,9 +548,13 @@ fn table(r: &Report) -> String {
     if let Some(f) = &r.failover {
         let _ = writeln!(
             s,
-            "gateway failover (the main gateway daemon of two on etcd SIGKILLed): public address \
-             longest wait {:.0} ms, {} resets; an agent of the dead gateway applied a change \
-             through the other {:.0} ms after the kill; a migration with it dead: {} ({:.0} ms)",
+            "gateway host failover (gw powered off, gw2 standing by, registry on etcd): gw2 \
+             faces the internet after {:.0} ms (etcd leader lost with gw: {}); the public \
+             address's longest wait {:.0} ms, {} resets; an agent of the dead gateway applied a \
+             change through the other {:.0} ms after the power-off; a migration with it dead: \
+             {} ({:.0} ms)",
+            f.takeover_ms,
+            if f.etcd_leader_lost { "yes" } else { "no" },
             f.public_ms,
             f.resets,
             f.agent_ms,

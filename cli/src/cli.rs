@@ -222,6 +222,17 @@ pub enum PublicCommand {
     },
     /// List public mappings.
     List,
+    /// Hand the internet side to another gateway-role host (maintenance of the one facing it
+    /// now): it answers ARP for the public addresses and containers leave through it. A
+    /// standby does this by itself when the host facing the internet falls silent.
+    Takeover {
+        /// The gateway-role host to face the internet.
+        #[arg(long, value_name = "HOST")]
+        host: String,
+        /// The host facing it now (refused if another does: nothing changes behind your back).
+        #[arg(long, value_name = "HOST")]
+        from: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

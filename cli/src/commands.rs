@@ -310,6 +310,7 @@ async fn hosts(c: &Client) -> Result<Outcome, CliError> {
     let version = c.version().await?;
     let hosts = c.hosts().await?;
     let now = ferry_api::unix_ms();
+    let facing = ferry_api::public_gateway(hosts.iter().map(|h| &h.info)).map(|h| h.name.clone());
     let rows = hosts
         .iter()
         .map(|h| {
@@ -317,7 +318,11 @@ async fn hosts(c: &Client) -> Result<Outcome, CliError> {
                 h.info.name.clone(),
                 match h.info.role {
                     HostRole::Host => "host".into(),
-                    HostRole::Gateway => "gateway".into(),
+                    // Several gateway-role hosts: one faces the internet, the others stand by.
+                    HostRole::Gateway if facing.as_deref() == Some(h.info.name.as_str()) => {
+                        "gateway".into()
+                    }
+                    HostRole::Gateway => "gateway (standby)".into(),
                 },
                 h.info.vtep.to_string(),
                 h.info.overlay_ip.to_string(),
@@ -439,6 +444,14 @@ async fn public(c: &Client, cmd: PublicCommand) -> Result<Outcome, CliError> {
                 )
             };
             Outcome::new(list, text)
+        }
+        PublicCommand::Takeover { host, from } => {
+            let t = c.public_takeover(&host, &from).await?;
+            let text = format!(
+                "{} faces the internet (registry version {})",
+                t.host.name, t.version
+            );
+            Outcome::new(t, text)
         }
     }
 }

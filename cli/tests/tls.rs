@@ -21,6 +21,7 @@ fn host(name: &str, vtep: [u8; 4]) -> HostInfo {
         vtep: vtep.into(),
         overlay_ip: [10, 244, 255, vtep[3]].into(),
         role: HostRole::Host,
+        active_since: None,
     }
 }
 

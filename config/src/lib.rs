@@ -210,6 +210,40 @@ pub struct AgentConfig {
     /// refused (CNI error 7). Default `ferry`.
     #[serde(default = "default_cni_network")]
     pub cni_network: String,
+    /// Role gateway, with other gateway-role hosts: how this agent watches the host facing the
+    /// internet and when it takes over (`ferry_agent::public_ha`).
+    #[serde(default)]
+    pub public_failover: PublicFailover,
+}
+
+/// `[public_failover]`: heartbeats between gateway-role hosts (UDP on the underlay, to each
+/// one's VTEP at `api_listen`'s port number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicFailover {
+    /// Interval between heartbeats. Default 100 ms.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Silence after which a standby asks the registry to take the internet side over (at
+    /// least two heartbeats). Default 500 ms.
+    #[serde(default = "default_dead_after_ms")]
+    pub dead_after_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    100
+}
+fn default_dead_after_ms() -> u64 {
+    500
+}
+
+impl Default for PublicFailover {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: default_heartbeat_ms(),
+            dead_after_ms: default_dead_after_ms(),
+        }
+    }
 }
 
 /// Default name of the CNI network an agent serves.

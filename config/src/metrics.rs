@@ -22,6 +22,8 @@ pub const UDP_CARRY_DATAGRAMS: &str = "ferry_udp_carry_datagrams_total";
 /// `garp_reply`, `neighbour_advert` (IPv6 unsolicited NA), and `failed` (frames of rounds that
 /// did not go out whole).
 pub const ANNOUNCE_FRAMES: &str = "ferry_announce_frames_total";
+/// Agent (gateway role): heartbeats and takeovers of the internet side, by `event`.
+pub const PUBLIC_FAILOVER: &str = "ferry_public_failover_total";
 /// Entries in the endpoint map.
 pub const ENDPOINTS: &str = "ferry_endpoints";
 /// Entries in the VTEP allow-list.

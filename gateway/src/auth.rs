@@ -133,6 +133,8 @@ pub fn permit(
         | ("POST", "/v1/endpoints")
         | ("POST", "/v1/ipam/allocate")
         | ("POST", "/v1/ipam/release")
+        // Checked by its handler: a host takes the internet side over only for itself.
+        | ("POST", "/v1/public/takeover")
         // The migrations list (CRIU's hook under runc/Podman finds its container's active
         // migration): every host already has every migration in its watch snapshot.
         | ("GET", "/v1/migrations") => Ok(()),
@@ -232,6 +234,7 @@ mod tests {
             ask("POST", "/v1/endpoints", None, None),
             ask("POST", "/v1/ipam/allocate", None, None),
             ask("POST", "/v1/ipam/release", None, None),
+            ask("POST", "/v1/public/takeover", None, None),
             ask("DELETE", "/v1/endpoints/{ip}", Some("10.244.2.5"), None),
             ask("GET", "/v1/migrations", None, None),
             // Unknown: the handler answers 404.

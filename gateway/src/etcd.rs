@@ -186,6 +186,11 @@ pub trait Kv: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// How long a member may take to accept a connection before the next is tried: a member
+/// whose host died answers nothing, and every change would otherwise wait out the whole
+/// request's timeout on it first.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The real members, through etcd's JSON gateway.
 #[derive(Debug)]
 pub struct HttpKv {
@@ -274,6 +279,7 @@ impl HttpKv {
                 .plain()
                 .json(body.clone())
                 .timeout(self.timeout)
+                .connect_timeout(CONNECT_TIMEOUT)
                 .max_answer(256 << 20);
             // send_blocking starts a runtime of its own, which tokio refuses inside a running
             // one (the follower applies changes from its watch's future): there, on a thread

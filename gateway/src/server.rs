@@ -1039,6 +1039,32 @@ async fn ipam_release(
     }))
 }
 
+/// `POST /v1/public/takeover`: a host may ask only for itself (its agent saw the host facing
+/// the internet fall silent).
+async fn public_takeover(
+    State(g): Shared,
+    caller: CallerExt,
+    ApiJson(req): ApiJson<ferry_api::PublicTakeoverRequest>,
+) -> Result<Json<ferry_api::PublicTakeover>, ApiFailure> {
+    body_permit(
+        &caller,
+        "take the internet side over as host",
+        [req.host.as_str()],
+    )?;
+    let (change, version) = g
+        .change(Request::TakeOverPublic {
+            host: req.host,
+            from: req.from,
+        })
+        .await?;
+    let host = match change {
+        Change::HostUpdated { new, .. } | Change::HostUnchanged(new) => new,
+        other => unreachable!("a takeover answered {other:?}"),
+    };
+    tracing::info!(host = %host.name, version, "the internet side is this host's now");
+    Ok(Json(ferry_api::PublicTakeover { host, version }))
+}
+
 async fn ipam_status(State(g): Shared) -> Json<IpamStatus> {
     Json(g.current().ipam_status())
 }
@@ -1197,6 +1223,7 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/v1/ipam", get(ipam_status))
         .route("/v1/ipam/allocate", axum::routing::post(ipam_allocate))
         .route("/v1/ipam/release", axum::routing::post(ipam_release))
+        .route("/v1/public/takeover", axum::routing::post(public_takeover))
         .route("/v1/public", get(list_public).post(add_public))
         .route("/v1/public/{*key}", delete(remove_public))
         .route("/v1/watch", get(watch_snapshot))

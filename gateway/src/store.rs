@@ -581,6 +581,7 @@ mod tests {
                 vtep: "198.18.1.10".parse().unwrap(),
                 overlay_ip: "10.244.255.1".parse().unwrap(),
                 role: HostRole::Host,
+                active_since: None,
             }],
             endpoints: vec![Endpoint {
                 ip: "10.244.1.5".parse().unwrap(),

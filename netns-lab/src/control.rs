@@ -289,7 +289,17 @@ impl ControlPlane {
                 f.key.display()
             )
         };
-        let members = etcd_members(t);
+        // The member of this gateway's own cloud first (the one it reaches fastest; the others
+        // are tried when it does not answer).
+        let cloud_of = |h: &str| {
+            t.hosts
+                .iter()
+                .find(|x| x.name == h)
+                .map(|x| x.cloud.clone())
+        };
+        let mut members = etcd_members(t);
+        let own = cloud_of(&self.host);
+        members.sort_by_key(|(h, _)| cloud_of(h) != own);
         let store = if members.is_empty() {
             String::new()
         } else {

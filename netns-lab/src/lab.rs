@@ -32,6 +32,8 @@ pub const INET: &str = "inet";
 pub const HOST_IF: &str = "eth0";
 /// The gateway's interface facing the internet.
 pub const PUBLIC_IF: &str = "pub0";
+/// The internet's segment when several hosts face it: a bridge in the client's namespace.
+pub const INET_BRIDGE: &str = "br-inet";
 /// How long agents get to serve their metrics endpoint.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Port of the agents' peer API (hand-off packages), on each host's underlay address.
@@ -373,6 +375,19 @@ impl Lab {
     /// while it runs (stdout and stderr piped).
     pub fn ferry_command(&self, args: &[&str]) -> Result<Command, LabError> {
         let cp = self.control_or_err()?;
+        self.ferry_command_from(&cp.host, args)
+    }
+
+    /// [`Self::ferry`] from `host`'s namespace (the gateway host may be down).
+    pub fn ferry_from(&self, host: &str, args: &[&str]) -> Result<Output, LabError> {
+        self.ferry_command_from(host, args)?
+            .output()
+            .map_err(|e| LabError::io(format!("running ferry {args:?} on {host}"), e))
+    }
+
+    /// [`Self::ferry_command`] from `host`'s namespace.
+    pub fn ferry_command_from(&self, host: &str, args: &[&str]) -> Result<Command, LabError> {
+        let cp = self.control_or_err()?;
         let bin = find_binary("ferry", "ferry-cli")?;
         let mut cmd = Command::new(bin);
         cmd.args(args)
@@ -381,7 +396,7 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        command_in(&mut cmd, &self.netns(&cp.host))?;
+        command_in(&mut cmd, &self.netns(host))?;
         Ok(cmd)
     }
 
@@ -661,6 +676,47 @@ impl Lab {
         }
         self.stop_recorded("agent", Some(host), signal, Duration::from_secs(10))
             .map_err(failed)
+    }
+
+    /// `host` dies at once, as at a power cut: every process the lab runs there (its agent, a
+    /// gateway daemon, an etcd member) is SIGKILLed by PID, and every interface of its
+    /// namespace is set down, so nothing reaches it and nothing leaves it (its eBPF programs
+    /// stay attached to interfaces that carry nothing). The namespace stays, for the teardown.
+    /// Returns the kinds of process killed.
+    pub fn power_off(&mut self, host: &str) -> Result<Vec<String>, LabError> {
+        if self.host(host).is_none() {
+            return Err(LabError::io(
+                format!("powering {host} off"),
+                std::io::Error::other("no such host in this lab"),
+            ));
+        }
+        let mut kinds: Vec<String> = self
+            .load_state()?
+            .processes
+            .iter()
+            .filter(|p| p.host.as_deref() == Some(host))
+            .map(|p| p.kind.clone())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in &kinds {
+            self.stop_recorded(kind, Some(host), libc::SIGKILL, Duration::from_secs(5))
+                .map_err(|e| {
+                    LabError::io(
+                        format!("killing {kind} on {host}"),
+                        std::io::Error::other(e),
+                    )
+                })?;
+        }
+        let links = self.exec(host, &["ip", "-o", "link", "show"])?;
+        let text = String::from_utf8_lossy(&links.stdout);
+        for name in text.lines().filter_map(|l| {
+            let name = l.split(": ").nth(1)?.split('@').next()?;
+            (name != "lo").then(|| name.to_owned())
+        }) {
+            self.exec(host, &["ip", "link", "set", &name, "down"])?;
+        }
+        Ok(kinds)
     }
 
     /// Starts `host`'s agent again (after [`Lab::kill_agent`]) with the same configuration and
@@ -1187,11 +1243,23 @@ impl Builder {
             ));
         }
         if let Some(inet) = &t.internet {
-            router.push_str(&format!(
-                "link add {PUBLIC_IF} netns {} type veth peer name {HOST_IF} netns {}\n",
-                netns_name(&p, &inet.gateway),
-                netns_name(&p, INET)
-            ));
+            if inet.standby.is_empty() {
+                router.push_str(&format!(
+                    "link add {PUBLIC_IF} netns {} type veth peer name {HOST_IF} netns {}\n",
+                    netns_name(&p, &inet.gateway),
+                    netns_name(&p, INET)
+                ));
+            } else {
+                // Several hosts facing the internet: one segment, a bridge in the client's
+                // namespace (see the client's batch).
+                for g in inet.facing() {
+                    router.push_str(&format!(
+                        "link add {PUBLIC_IF} netns {} type veth peer name p-{g} netns {}\n",
+                        netns_name(&p, g),
+                        netns_name(&p, INET)
+                    ));
+                }
+            }
         }
         self.run_batch(Some(ROUTER), ROUTER, &router)?;
 
@@ -1211,9 +1279,15 @@ impl Builder {
                     inet.subnet.prefix_len()
                 ));
                 if let Some(v6) = &inet.ipv6 {
+                    // A standby's: the next ones after the gateway's.
+                    let nth = inet
+                        .standby
+                        .iter()
+                        .position(|(g, _)| *g == h.name)
+                        .map_or(0, |i| i as u128 + 1);
                     b.push_str(&format!(
                         "addr add {}/{} dev {PUBLIC_IF} nodad\n",
-                        v6.gateway_address,
+                        std::net::Ipv6Addr::from(u128::from(v6.gateway_address) + nth),
                         v6.subnet.prefix_len()
                     ));
                 }
@@ -1221,27 +1295,44 @@ impl Builder {
             batches.push((h.name.clone(), b));
         }
         if let Some(inet) = &t.internet {
+            let mut segment = String::new();
+            if !inet.standby.is_empty() {
+                segment.push_str(&format!(
+                    "link add {INET_BRIDGE} type bridge\n\
+                     link set {INET_BRIDGE} up\n\
+                     link add {HOST_IF} type veth peer name p-client\n\
+                     link set p-client master {INET_BRIDGE}\n\
+                     link set p-client up\n"
+                ));
+                for g in inet.facing() {
+                    segment.push_str(&format!(
+                        "link set p-{g} master {INET_BRIDGE}\nlink set p-{g} up\n"
+                    ));
+                }
+            }
             batches.push((
                 INET.to_owned(),
-                format!(
-                    "link set lo up\n\
+                segment
+                    + &format!(
+                        "link set lo up\n\
                      addr add {}/{} dev {HOST_IF}\n\
                      link set {HOST_IF} up\n\
                      route add default via {}\n",
-                    inet.client,
-                    inet.subnet.prefix_len(),
-                    inet.gateway_address
-                ) + &inet.ipv6.as_ref().map_or_else(String::new, |v6| {
-                    // The client reaches the overlay's IPv6 through the gateway (routed or
-                    // masqueraded: the gateway decides).
-                    format!(
-                        "addr add {}/{} dev {HOST_IF} nodad\n\
-                         route add ::/0 via {}\n",
-                        v6.client,
-                        v6.subnet.prefix_len(),
-                        v6.gateway_address
+                        inet.client,
+                        inet.subnet.prefix_len(),
+                        inet.gateway_address
                     )
-                }),
+                    + &inet.ipv6.as_ref().map_or_else(String::new, |v6| {
+                        // The client reaches the overlay's IPv6 through the gateway (routed or
+                        // masqueraded: the gateway decides).
+                        format!(
+                            "addr add {}/{} dev {HOST_IF} nodad\n\
+                         route add ::/0 via {}\n",
+                            v6.client,
+                            v6.subnet.prefix_len(),
+                            v6.gateway_address
+                        )
+                    }),
             ));
         }
         let mut running = Vec::new();
@@ -1263,7 +1354,7 @@ impl Builder {
         // Forwarding on the router and on gateways.
         let mut forwarders = vec![ROUTER.to_owned()];
         if let Some(inet) = &t.internet {
-            forwarders.push(inet.gateway.clone());
+            forwarders.extend(inet.facing().map(str::to_owned));
         }
         for node in forwarders {
             let path = netns_path(&self.ns(&node));
@@ -1468,6 +1559,7 @@ impl Builder {
                 // ferry-cni's way to this host's agent (a lab with a gateway has IPAM).
                 cni_socket: control.as_ref().map(|_| cni_socket(self.prefix(), &h.name)),
                 cni_network: ferry_config::DEFAULT_CNI_NETWORK.to_owned(),
+                public_failover: ferry_config::PublicFailover::default(),
             };
             let config = dir.join("agent.toml");
             std::fs::write(&config, cfg.to_toml())

@@ -212,6 +212,12 @@ pub struct InternetSpec {
     pub subnet: Ipv4Net,
     #[serde(default = "default_internet_gateway")]
     pub gateway: String,
+    /// More hosts facing the internet (role gateway), standing by: each gets a public
+    /// interface on the internet's segment (the subnet's 2nd, 3rd… address; the segment is then
+    /// a bridge in the client's namespace) and takes the internet side over when the host
+    /// facing it falls silent (the registry decides which one faces it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standby_gateways: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<Ipv4Addr>,
     /// Addresses the gateway may hand out as public endpoints (default: the upper half of
@@ -306,6 +312,9 @@ pub struct Internet {
     pub gateway: String,
     /// The gateway's public address (first address of the subnet).
     pub gateway_address: Ipv4Addr,
+    /// Further hosts facing the internet, standing by, and their public addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub standby: Vec<(String, Ipv4Addr)>,
     /// The client's address (in the `inet` namespace).
     pub client: Ipv4Addr,
     /// Public endpoint addresses.
@@ -316,6 +325,24 @@ pub struct Internet {
     /// The gateway routes the overlay's IPv6 prefix from the internet side.
     #[serde(default)]
     pub public6: bool,
+}
+
+impl Internet {
+    /// The public address of host `name` if it faces the internet (the gateway or a standby).
+    pub fn public_address(&self, name: &str) -> Option<Ipv4Addr> {
+        if self.gateway == name {
+            return Some(self.gateway_address);
+        }
+        self.standby
+            .iter()
+            .find(|(h, _)| h == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// Every host facing the internet: the gateway first, then the standbys.
+    pub fn facing(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.gateway.as_str()).chain(self.standby.iter().map(|(h, _)| h.as_str()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,6 +377,26 @@ impl Topology {
     /// The built-in default topology.
     pub fn default_lab() -> Self {
         Self::parse(DEFAULT_TOPOLOGY_TOML).expect("the built-in default topology is valid")
+    }
+
+    /// The default topology with two hosts facing the internet: the registry on etcd, a
+    /// second gateway-role host `gw2` in cloud b standing by on the internet's segment, and a
+    /// gateway daemon on it too (so the control plane outlives gw).
+    pub fn two_public_gateways() -> Self {
+        let mut t = Self::default_lab();
+        t.etcd = true;
+        t.hosts.push(HostSpec {
+            name: "gw2".into(),
+            cloud: "b".into(),
+            address: None,
+            role: Role::Gateway,
+            overlay_ip: None,
+        });
+        t.extra_gateways = vec!["gw2".into()];
+        if let Some(inet) = &mut t.internet {
+            inet.standby_gateways = vec!["gw2".into()];
+        }
+        t
     }
 
     /// Parses and validates a topology.
@@ -619,13 +666,43 @@ impl Topology {
                     ));
                 }
                 let gateway_address = nth(inet.subnet, 1);
+                let mut standby = Vec::new();
+                for (i, g) in inet.standby_gateways.iter().enumerate() {
+                    let field = format!("internet.standby_gateways[{i}]");
+                    let Some(hi) = self.hosts.iter().position(|h| h.name == *g) else {
+                        return Err(E::invalid(field, format!("unknown host {g:?}")));
+                    };
+                    if self.hosts[hi].role != Role::Gateway {
+                        return Err(E::invalid(
+                            field,
+                            format!(
+                                "host {g:?} (hosts[{hi}]) has role \"{}\", not \"gateway\"",
+                                self.hosts[hi].role
+                            ),
+                        ));
+                    }
+                    if *g == inet.gateway || inet.standby_gateways[..i].contains(g) {
+                        return Err(E::invalid(
+                            field,
+                            format!("{g:?} faces the internet already"),
+                        ));
+                    }
+                    let n = u32::try_from(i).unwrap_or(u32::MAX).saturating_add(2);
+                    if n >= host_count(inet.subnet) {
+                        return Err(E::invalid(
+                            field,
+                            format!("no address left in {}", inet.subnet),
+                        ));
+                    }
+                    standby.push((g.clone(), nth(inet.subnet, n)));
+                }
                 let client = match inet.client {
                     Some(c) => {
                         check_host_address("internet.client", c, inet.subnet, "internet.subnet")?;
-                        if c == gateway_address {
+                        if c == gateway_address || standby.iter().any(|(_, a)| *a == c) {
                             return Err(E::invalid(
                                 "internet.client",
-                                format!("{c} is the gateway's public address"),
+                                format!("{c} is a gateway's public address"),
                             ));
                         }
                         c
@@ -657,7 +734,17 @@ impl Topology {
                         ),
                     ));
                 }
-                for (what, a) in [("gateway's", gateway_address), ("client's", client)] {
+                if standby.iter().any(|(_, a)| *a == client) {
+                    return Err(E::invalid(
+                        "internet.standby_gateways",
+                        format!("a standby's public address is the client's ({client})"),
+                    ));
+                }
+                let standby_addresses = standby.iter().map(|(_, a)| ("gateway's", *a));
+                for (what, a) in [("gateway's", gateway_address), ("client's", client)]
+                    .into_iter()
+                    .chain(standby_addresses)
+                {
                     if public_pool.contains(&a) {
                         return Err(E::invalid(
                             "internet.public_pool",
@@ -701,6 +788,7 @@ impl Topology {
                     subnet: inet.subnet,
                     gateway: inet.gateway.clone(),
                     gateway_address,
+                    standby,
                     client,
                     public_pool,
                     ipv6,
@@ -725,8 +813,7 @@ impl Topology {
                     overlay_ip: overlay_ips[i],
                     public_address: internet
                         .as_ref()
-                        .filter(|inet| inet.gateway == h.name)
-                        .map(|inet| inet.gateway_address),
+                        .and_then(|inet| inet.public_address(&h.name)),
                 }
             })
             .collect();
@@ -1202,6 +1289,38 @@ cloud = "b"
         assert_eq!(inet.gateway, "gw");
         assert_eq!(inet.client, Ipv4Addr::new(203, 0, 113, 10));
         assert_eq!(inet.gateway_address, Ipv4Addr::new(203, 0, 113, 1));
+    }
+
+    #[test]
+    fn a_standby_gateway_faces_the_internet_too() {
+        let t = Topology::two_public_gateways();
+        assert_eq!(Topology::parse(&t.to_toml()).unwrap(), t);
+        let r = t.resolve().unwrap();
+        let inet = r.internet.clone().unwrap();
+        assert_eq!(
+            inet.standby,
+            vec![("gw2".to_owned(), Ipv4Addr::new(203, 0, 113, 2))]
+        );
+        assert_eq!(inet.facing().collect::<Vec<_>>(), ["gw", "gw2"]);
+        assert_eq!(
+            r.host("gw2").unwrap().public_address,
+            Some(Ipv4Addr::new(203, 0, 113, 2))
+        );
+        assert_eq!(r.host("b1").unwrap().public_address, None);
+        // A standby must be a gateway-role host, known, and not twice.
+        for (standby, want) in [
+            ("b1", "internet.standby_gateways[0]: host \"b1\""),
+            ("zz", "internet.standby_gateways[0]: unknown host \"zz\""),
+            (
+                "gw",
+                "internet.standby_gateways[0]: \"gw\" faces the internet already",
+            ),
+        ] {
+            let mut t = Topology::two_public_gateways();
+            t.internet.as_mut().unwrap().standby_gateways = vec![standby.into()];
+            let e = t.resolve().unwrap_err().to_string();
+            assert!(e.contains(want), "{standby}: {e}");
+        }
     }
 
     #[test]

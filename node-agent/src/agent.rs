@@ -352,6 +352,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .map(|c| c.egress_vtep_be)
         .filter(|v| *v != 0)
         .map(|v| std::net::Ipv4Addr::from(u32::from_be(v)));
+    // A gateway-role host that stood by keeps standing by until the registry says otherwise.
+    let public_standby = adoption
+        .previous_config
+        .is_some_and(|c| c.flags & ferry_common::config_flags::PUBLIC_STANDBY != 0);
     let hold = Arc::new(Hold {
         tap,
         queues: Mutex::new(queues),
@@ -374,6 +378,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         applied: Applied {
             dumped,
             egress_vtep,
+            public_standby,
             ..Applied::default()
         },
         hold: Some(hold.clone()),
@@ -381,6 +386,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         announcer: Announcements {
             schedule: cfg.announce.clone(),
             overlay6: cfg.overlay6_cidr,
+            public_interface: cfg
+                .public_interface
+                .clone()
+                .filter(|_| cfg.role == HostRole::Gateway),
         },
         registry: None,
         leftovers: if cfg.gateway.is_some() {
@@ -390,6 +399,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         },
         udp_pace: std::time::Duration::from_millis(cfg.hold.udp_pace_ms),
         pacers: Vec::new(),
+        facing_override: None,
     };
     let hold_reader = tokio::spawn(read_hold_device(hold.clone()));
     // The static configuration alone does not know the containers: on an adopted datapath
@@ -453,6 +463,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let span = tracing::info_span!("sync", gateway = %g.address);
             background.push(tokio::spawn(
                 sync::heartbeat(cfg.host.clone(), client.clone()).instrument(span.clone()),
+            ));
+            // Every agent listens for the gateway-role hosts (gateway-role agents also send).
+            background.push(tokio::spawn(
+                crate::public_ha::run(cfg.clone(), client.clone(), node.clone())
+                    .instrument(span.clone()),
             ));
             Some(tokio::spawn(
                 sync::follow(cfg.clone(), client, node.clone(), Some(fencing.clone()))
@@ -870,6 +885,7 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
                 ),
                 udp_carry: crate::criu::udpq::counters(),
                 announce: crate::node::seams::announce_counters(),
+                public_failover: crate::public_ha::counters(),
             };
             (
                 StatusCode::OK,

@@ -73,7 +73,7 @@ use crate::{
     containers::{Attachment, Attachments, Built, GATEWAY_MAC},
     handoff::wire,
     node::Node,
-    plan::{self, LocalContainer},
+    plan::LocalContainer,
 };
 
 /// How long an ADD or DEL waits for this agent to apply its registry change.
@@ -884,7 +884,7 @@ async fn del(ctx: &Ctx, req: &Request) -> Result<(), CniError> {
     // agent-made namespace again now, held as before, so a runtime's next ADD (a restore
     // tried again; a rollback restoring on the source) attaches to it.
     if node.applied.containers.contains_key(&ip) {
-        let want = plan::desired(&ctx.cfg, node.registry.as_deref());
+        let want = node.desired(&ctx.cfg, node.registry.as_deref());
         let errors = node.apply(&want).await;
         if errors.is_empty() {
             info!(%ip, "still wanted here: rebuilt in a namespace of the agent's");

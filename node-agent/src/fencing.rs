@@ -312,6 +312,7 @@ mod tests {
             vtep: Ipv4Addr::new(192, 168, 0, last),
             overlay_ip: Ipv4Addr::new(10, 244, 0, last),
             role: HostRole::Host,
+            active_since: None,
         }
     }
 

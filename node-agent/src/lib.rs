@@ -39,5 +39,6 @@ pub mod metrics;
 pub mod node;
 pub mod peer_api;
 pub mod plan;
+pub mod public_ha;
 pub mod runtime;
 pub mod sync;

@@ -33,6 +33,8 @@ pub struct Gauges {
     pub udp_carry: [(&'static str, u64); 4],
     /// Announcement frames by kind (`crate::node::seams::announce_counters`).
     pub announce: [(&'static str, u64); 4],
+    /// Heartbeats and takeovers between gateway-role hosts (`crate::public_ha::counters`).
+    pub public_failover: [(&'static str, u64); 6],
 }
 
 /// The `Content-Type` of [`render`]'s text.
@@ -193,6 +195,17 @@ impl Collector for Scrape {
         )?;
         for &(kind, n) in &g.announce {
             ConstCounter::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            counter_name(names::PUBLIC_FAILOVER),
+            "Gateway-role hosts watching the one facing the internet: heartbeats sent, heard and \
+             ignored (not from a gateway-role host's VTEP); takeovers won, lost to another \
+             standby, and failed (registry unreachable).",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(event, n) in &g.public_failover {
+            ConstCounter::new(n).encode(m.encode_family(&[("event", event)])?)?;
         }
         Ok(())
     }

@@ -40,9 +40,13 @@ pub struct Desired {
     pub public: BTreeMap<NatKey, NatValue>,
     /// Gateway only: container → public.
     pub snat: BTreeMap<NatKey, NatValue>,
-    /// Where containers' packets for outside the overlay go (the gateway's VTEP); `None` on
-    /// the gateway itself or while no gateway is registered.
+    /// Where containers' packets for outside the overlay go (the VTEP of the gateway-role host
+    /// facing the internet, [`ferry_api::public_gateway`]); `None` on a gateway-role host or
+    /// while no gateway is registered.
     pub egress_vtep: Option<Ipv4Addr>,
+    /// Gateway role only: another gateway-role host faces the internet; this one translates
+    /// what still reaches it but answers no ARP for the public addresses.
+    pub public_standby: bool,
     /// Local containers whose entry is `HOLD` (a migration's destination before release):
     /// their packets are queued.
     pub hold: BTreeSet<Ipv4Addr>,
@@ -129,17 +133,17 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
         },
     );
     // Hosts: static peers first, then the registry's (which wins on conflicts).
-    let mut hosts: BTreeMap<String, (Ipv4Addr, Ipv4Addr, HostRole)> = cfg
+    let mut hosts: BTreeMap<String, (Ipv4Addr, Ipv4Addr)> = cfg
         .peers
         .iter()
-        .map(|p| (p.name.clone(), (p.vtep, p.overlay_ip, HostRole::Host)))
+        .map(|p| (p.name.clone(), (p.vtep, p.overlay_ip)))
         .collect();
     if let Some(s) = snap {
         for h in &s.hosts {
-            hosts.insert(h.name.clone(), (h.vtep, h.overlay_ip, h.role));
+            hosts.insert(h.name.clone(), (h.vtep, h.overlay_ip));
         }
     }
-    for (i, (name, (vtep, overlay_ip, role))) in hosts.iter().enumerate() {
+    for (i, (name, (vtep, overlay_ip))) in hosts.iter().enumerate() {
         let host_id = u32::try_from(i + 1).unwrap_or(u32::MAX);
         if *name == cfg.host || *vtep == cfg.vtep {
             continue;
@@ -148,13 +152,16 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
         if *overlay_ip != cfg.overlay_ip {
             d.endpoints.insert(*overlay_ip, remote(*vtep, vni));
         }
-        if *role == HostRole::Gateway && cfg.role != HostRole::Gateway {
-            d.egress_vtep = Some(*vtep);
-        }
     }
     let Some(s) = snap else {
         return d;
     };
+    set_facing(
+        &mut d,
+        cfg,
+        s,
+        ferry_api::public_gateway(&s.hosts).map(|g| g.name.as_str()),
+    );
     let mut remotes: Vec<(Ipv4Addr, Endpoint)> = Vec::with_capacity(s.endpoints.len());
     for ep in &s.endpoints {
         if ep.host == cfg.host {
@@ -165,7 +172,7 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
                     mac: ep.mac,
                 },
             );
-        } else if let Some((vtep, _, _)) = hosts.get(&ep.host) {
+        } else if let Some((vtep, _)) = hosts.get(&ep.host) {
             remotes.push((ep.ip, remote(*vtep, vni)));
         } else {
             d.orphans.push(ep.ip);
@@ -178,7 +185,7 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
         let Some(ep) = s.endpoints.iter().find(|e| e.ip == m.container) else {
             continue;
         };
-        let Some((to_vtep, _, _)) = hosts.get(&m.to) else {
+        let Some((to_vtep, _)) = hosts.get(&m.to) else {
             continue;
         };
         let me_from = m.from == cfg.host;
@@ -258,6 +265,26 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
         }
     }
     d
+}
+
+/// The public side when `facing` (a gateway-role host of `s`) faces the internet: on a
+/// gateway-role host, whether it stands by; on any other, where the containers' traffic for
+/// outside the overlay goes. The registry decides `facing` ([`ferry_api::public_gateway`]);
+/// the agent's own view replaces it while that host is silent (`crate::public_ha`).
+pub fn set_facing(d: &mut Desired, cfg: &AgentConfig, s: &Snapshot, facing: Option<&str>) {
+    let Some(g) = facing
+        .and_then(|f| s.hosts.iter().find(|h| h.name == f))
+        .filter(|h| h.role == HostRole::Gateway)
+    else {
+        return;
+    };
+    d.egress_vtep = None;
+    d.public_standby = false;
+    if cfg.role == HostRole::Gateway {
+        d.public_standby = g.name != cfg.host;
+    } else if g.name != cfg.host {
+        d.egress_vtep = Some(g.vtep);
+    }
 }
 
 /// Inserts `entries` into `map`, overriding what it holds (as inserting them one by one
@@ -397,6 +424,7 @@ overlay_cidr = "10.244.0.0/16"
             vtep: Ipv4Addr::new(198, 18, 1, last),
             overlay_ip: Ipv4Addr::new(10, 244, 255, last - 9),
             role,
+            active_since: None,
         }
     }
 
@@ -512,6 +540,34 @@ overlay_cidr = "10.244.0.0/16"
         assert_eq!(back.addr_be, ipv4_be([203, 0, 113, 131]));
         assert_eq!(u16::from_be(back.port_be), 8080);
         assert_eq!(d.snat.len(), 2);
+    }
+
+    #[test]
+    fn the_gateway_facing_the_internet_carries_egress_and_the_other_stands_by() {
+        let mut s = snap();
+        s.hosts.push(host("gw2", 13, HostRole::Gateway));
+        let gw_cfg = |name: &str, last: u8| {
+            let mut c = cfg(HostRole::Gateway);
+            c.host = name.into();
+            c.vtep = Ipv4Addr::new(198, 18, 1, last);
+            c.overlay_ip = Ipv4Addr::new(10, 244, 255, last - 9);
+            c
+        };
+        // No takeover yet: the first by name faces the internet.
+        let d = desired(&cfg(HostRole::Host), Some(&s));
+        assert_eq!(d.egress_vtep, Some("198.18.1.12".parse().unwrap()));
+        assert!(!desired(&gw_cfg("gw", 12), Some(&s)).public_standby);
+        let standby = desired(&gw_cfg("gw2", 13), Some(&s));
+        assert!(standby.public_standby);
+        assert_eq!(standby.egress_vtep, None);
+        // Both translate: the standby still holds every public entry.
+        assert_eq!(standby.public.len(), 4);
+        // gw2 took over.
+        s.hosts[3].active_since = Some(8);
+        let d = desired(&cfg(HostRole::Host), Some(&s));
+        assert_eq!(d.egress_vtep, Some("198.18.1.13".parse().unwrap()));
+        assert!(desired(&gw_cfg("gw", 12), Some(&s)).public_standby);
+        assert!(!desired(&gw_cfg("gw2", 13), Some(&s)).public_standby);
     }
 
     fn migration(phase: MigrationPhase) -> ferry_api::Migration {

@@ -12,7 +12,7 @@ use ferry_api::{Client, HostInfo, Snapshot, WatchUpdate};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
-use crate::{config::AgentConfig, fencing::Fencing, node::Node, plan};
+use crate::{config::AgentConfig, fencing::Fencing, node::Node};
 
 /// How long a watch may stay open before the agent asks again (the gateway answers first).
 const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -22,15 +22,57 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often the agent tells the gateway it is alive (see the gateway's `DEAD_AFTER_MS`).
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 
-/// Heartbeats until the task is dropped (failures are the gateway's to notice).
+/// How long a heartbeat may take before the gateway counts as gone (a live gateway answers in
+/// milliseconds; a dead host answers nothing at all, not even a refusal).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// Heartbeats until the task is dropped (failures are the gateway's to notice). With
+/// several gateways, one that does not answer a heartbeat in time is left for the next: the
+/// client's clones (the watch's too, see [`follow`]) move with it.
 pub async fn heartbeat(host: String, client: Client) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = client.heartbeat(&host).await {
-            debug!(error = %e, "heartbeat not delivered");
+        let at = client.addr();
+        // Only silence moves: a gateway that answers, even with an error (this host not
+        // registered yet), is alive.
+        let failed = match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(&host)).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e @ ferry_api::ApiError::Http { .. })) => {
+                debug!(error = %e, "heartbeat refused");
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {HEARTBEAT_TIMEOUT:?}")),
+        };
+        if let Some(e) = failed {
+            debug!(gateway = %at, error = %e, "heartbeat not delivered");
+            if client.move_on_from(at) {
+                warn!(gateway = %at, next = %client.addr(), error = %e, "the gateway did not answer a heartbeat; moving to the next");
+            }
         }
+    }
+}
+
+/// `fut`, or `None` as soon as `client` moved to another gateway than `at` (its heartbeat saw
+/// `at` go silent): a long poll on a dead host would otherwise wait out its whole timeout.
+async fn unless_moved<T>(
+    client: &Client,
+    at: std::net::SocketAddr,
+    fut: impl Future<Output = T>,
+) -> Option<T> {
+    let moved = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if client.addr() != at {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = fut => Some(r),
+        () = moved => None,
     }
 }
 
@@ -48,6 +90,7 @@ pub async fn follow(
         vtep: cfg.vtep,
         overlay_ip: cfg.overlay_ip,
         role: cfg.role,
+        active_since: None,
     };
     let mut backoff = BACKOFF_MIN;
     'register: loop {
@@ -75,12 +118,19 @@ pub async fn follow(
                     .filter(|r| r.version == n.applied.version && n.applied.version > 0);
                 (n.applied.version, base)
             };
-            let update = match &base {
-                Some(_) => client.watch_update(&cfg.host, after, WATCH_TIMEOUT).await,
-                None => client
-                    .watch(&cfg.host, after, WATCH_TIMEOUT)
-                    .await
-                    .map(WatchUpdate::Snapshot),
+            let at = client.addr();
+            let watch = async {
+                match &base {
+                    Some(_) => client.watch_update(&cfg.host, after, WATCH_TIMEOUT).await,
+                    None => client
+                        .watch(&cfg.host, after, WATCH_TIMEOUT)
+                        .await
+                        .map(WatchUpdate::Snapshot),
+                }
+            };
+            let Some(update) = unless_moved(&client, at, watch).await else {
+                info!(from = %at, to = %client.addr(), "watching another gateway");
+                continue;
             };
             let kind = match &update {
                 Ok(WatchUpdate::Delta(_)) => "delta",
@@ -143,7 +193,7 @@ pub async fn follow(
             // Shared from here on (kept as the base of the next delta): never copied.
             let snap = Arc::new(snap);
             let t1 = std::time::Instant::now();
-            let want = plan::desired(&cfg, Some(&*snap));
+            let want = n.desired(&cfg, Some(&*snap));
             let planned = t1.elapsed();
             if let Some(f) = &fencing {
                 // A copy released here runs before its held packets are written back.

@@ -137,6 +137,9 @@ pub struct Adoption {
     /// The configuration the re-opened config map held (its registry-derived parts, such as
     /// the egress VTEP, are worth keeping until the registry is heard again).
     pub previous_config: Option<Config>,
+    /// The pinned endpoint map had another capacity or flags (an older agent's): replaced by a
+    /// new one, this many entries copied over before the programs moved to it.
+    pub endpoints_copied: Option<usize>,
 }
 
 /// One program attached to one interface.
@@ -252,7 +255,14 @@ impl Datapath {
             }
             None => Vec::new(),
         };
+        // An endpoint map pinned by an agent of another size or kind (an upgrade across a
+        // change of `MAX_ENDPOINTS`) is set aside: a new one is created, the old one's entries
+        // copied into it before any program uses it (below).
+        let mut resized = None;
         for (name, path) in &map_paths {
+            if *name == maps::ENDPOINTS && path.exists() {
+                resized = set_aside_if_resized(path)?;
+            }
             if path.exists() {
                 maps_reused.push(*name);
             }
@@ -295,9 +305,13 @@ impl Datapath {
             // start's: kept until the agent hears the registry again.
             if let Some(prev) = dp.adoption.previous_config {
                 config.egress_vtep_be = prev.egress_vtep_be;
+                config.flags |= prev.flags & ferry_common::config_flags::PUBLIC_STANDBY;
             }
         }
         dp.adoption.maps_reused = maps_reused;
+        if let Some(old) = resized {
+            dp.adoption.endpoints_copied = Some(dp.copy_endpoints_from(old)?);
+        }
         dp.adopt_links()?;
         dp.set_config(config)?;
         dp.attach_to(programs::FROM_OVERLAY, vxlan)?;
@@ -535,6 +549,21 @@ impl Datapath {
         self.snat.keys().filter_map(Result::ok).collect()
     }
 
+    /// Copies every entry of `old` (an older agent's endpoint map) into this one.
+    fn copy_endpoints_from(&mut self, old: MapData) -> Result<usize, DatapathError> {
+        let old: HashMap<MapData, u32, Endpoint> =
+            HashMap::try_from(aya::maps::Map::HashMap(old)).map_err(map_err(maps::ENDPOINTS))?;
+        let mut n = 0;
+        for entry in old.iter() {
+            let (k, v) = entry.map_err(map_err(maps::ENDPOINTS))?;
+            self.endpoints
+                .insert(k, v, 0)
+                .map_err(map_err(maps::ENDPOINTS))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn endpoint_count(&self) -> usize {
         self.endpoints.keys().filter(Result::is_ok).count()
     }
@@ -705,6 +734,31 @@ fn classifier<'a>(
         .ok_or(DatapathError::MissingProgram(name))?
         .try_into()
         .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// If the endpoint map pinned at `path` differs from the one this build creates (capacity,
+/// flags), opens it, removes its pin (programs still attached keep it alive) and returns it.
+fn set_aside_if_resized(path: &Path) -> Result<Option<MapData>, DatapathError> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(map_err(maps::ENDPOINTS))?;
+    if info.max_entries() == ferry_common::MAX_ENDPOINTS
+        && info.map_flags() == ferry_common::ENDPOINTS_MAP_FLAGS
+    {
+        return Ok(None);
+    }
+    let old = MapData::from_pin(path).map_err(map_err(maps::ENDPOINTS))?;
+    std::fs::remove_file(path).map_err(|source| DatapathError::Unpin {
+        path: path.to_owned(),
+        source,
+    })?;
+    tracing::info!(
+        path = %path.display(),
+        max_entries = info.max_entries(),
+        flags = info.map_flags(),
+        want_max_entries = ferry_common::MAX_ENDPOINTS,
+        want_flags = ferry_common::ENDPOINTS_MAP_FLAGS,
+        "the pinned endpoint map is an older agent's: replacing it, entries copied"
+    );
+    Ok(Some(old))
 }
 
 fn typed<T>(map: aya::maps::Map, name: &'static str) -> Result<T, DatapathError>

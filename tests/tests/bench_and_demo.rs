@@ -258,7 +258,7 @@ fn the_control_benchmark_measures_change_to_applied() {
     let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON document");
     let rows = r["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 2, "{r}");
-    // With etcd: a gateway daemon's death, measured (its figures are reported, not judged
+    // With etcd: a gateway host's death, measured (its figures are reported, not judged
     // here; what must hold does).
     let f = &r["failover"];
     assert_eq!(
@@ -274,9 +274,10 @@ fn the_control_benchmark_measures_change_to_applied() {
         f["public_ms"].as_f64().is_some_and(|v| v >= 0.0),
         "public_ms: {r}"
     );
-    for k in ["agent_ms", "migration_ms"] {
+    for k in ["agent_ms", "migration_ms", "takeover_ms"] {
         assert!(f[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
     }
+    assert!(f["etcd_leader_lost"].is_boolean(), "{r}");
     for (row, store) in rows.iter().zip(["file", "etcd"]) {
         assert_eq!(
             (

@@ -644,6 +644,19 @@ fn from_public_translates_mapped_ports_with_correct_checksums() {
     run.expect(TC_ACT_REDIRECT, Reason::ArpReply, req.len());
     assert_arp_reply(&run.frame, PUBLIC_MAC, PUBLIC_IP, CLIENT_MAC, CLIENT_IP);
 
+    // Standing by (another gateway-role host faces the internet): the ARP goes unanswered,
+    // counted; a segment that still reaches this host is translated all the same.
+    let mut config = b.dp.config().expect("config");
+    config.flags |= config_flags::PUBLIC_STANDBY;
+    b.dp.set_config(config).expect("set config");
+    let run = b.run(program, b.public, &req);
+    run.expect(TC_ACT_OK, Reason::PublicStandbyArp, req.len());
+    assert_eq!(run.frame, req, "left as it came");
+    let run = b.run(program, b.public, &syn);
+    run.expect(TC_ACT_REDIRECT, Reason::PublicDnat, syn.len());
+    config.flags &= !config_flags::PUBLIC_STANDBY;
+    b.dp.set_config(config).expect("set config");
+
     // The reply from the container (on the gateway host): source translated back, checksums
     // still right, handed to the gateway's stack.
     let reply = tcp(A_MAC, GATEWAY_MAC, (A_IP, 8080), (CLIENT_IP, 40000));
@@ -1268,4 +1281,66 @@ fn from_container_relays_only_a_containers_own_announcements() {
         }
     }
     assert_eq!(relayed(&b), before, "nothing forged or early was relayed");
+}
+
+/// An agent upgraded across a change of the endpoint map's size or flags (131,072 entries,
+/// preallocated, before 256 Ki not preallocated) finds the older map pinned: the datapath
+/// creates the new one, copies every entry into it before any program uses it, and pins it
+/// in the old one's place.
+#[test]
+fn an_older_pinned_endpoint_map_is_replaced_with_its_entries() {
+    if !require_root_and_tools(&["ip"]) {
+        return;
+    }
+    use aya::maps::{HashMap, MapData, MapInfo};
+    let ns = Netns::create();
+    ns.ip(&[
+        "link", "add", "ferry_vx", "type", "vxlan", "external", "dstport", "4789",
+    ]);
+    let _guard = NetNsGuard::enter(&netns_path(&ns.0)).expect("entering the test's netns");
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/ferry-test-resize-{}", ns.0));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pinned = dir.join(ferry_overlay::common::maps::ENDPOINTS);
+    let mut old: HashMap<MapData, u32, Endpoint> = HashMap::create(131_072, 0).unwrap();
+    let remote = Endpoint {
+        kind: kind::REMOTE,
+        vtep_be: ipv4_be(REMOTE_VTEP),
+        vni: VNI,
+        ..Endpoint::default()
+    };
+    for ip in [A_IP, B_IP, REMOTE_IP] {
+        old.insert(ipv4_be(ip), remote, 0).unwrap();
+    }
+    old.pin(&pinned).unwrap();
+    let config = Config {
+        vni: VNI,
+        tunnel_ttl: 64,
+        overlay_net_be: ipv4_be(OVERLAY),
+        overlay_mask_be: ipv4_be([255, 255, 0, 0]),
+        ..Config::default()
+    };
+    let dp = Datapath::attach("ferry_vx", config, Some(&dir));
+    let result = dp.as_ref().map_err(ToString::to_string).map(|dp| {
+        let info = MapInfo::from_pin(&pinned).unwrap();
+        (
+            dp.adoption().endpoints_copied,
+            dp.endpoint_count(),
+            info.max_entries(),
+            info.map_flags(),
+        )
+    });
+    drop(dp);
+    let removed = ferry_overlay::datapath::remove_pins(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (copied, count, max, flags) = result.expect("datapath attach over the older map");
+    removed.expect("removing the pins");
+    assert_eq!(copied, Some(3));
+    assert_eq!(count, 3);
+    assert_eq!(
+        (max, flags),
+        (
+            ferry_overlay::common::MAX_ENDPOINTS,
+            ferry_overlay::common::ENDPOINTS_MAP_FLAGS
+        )
+    );
 }

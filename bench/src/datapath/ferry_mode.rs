@@ -80,6 +80,7 @@ pub fn fill_map(lab: &Lab, n: usize) -> Result<(), BenchError> {
                 vtep: Ipv4Addr::new(198, 18, 254, 254),
                 overlay_ip: phantom_overlay,
                 role: ferry_api::HostRole::Host,
+                active_since: None,
             })
             .await?;
             let specs: Vec<ferry_api::EndpointSpec> = (0..n)

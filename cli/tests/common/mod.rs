@@ -246,6 +246,7 @@ impl Env {
                 vtep: vtep.parse().unwrap(),
                 overlay_ip: ov.parse().unwrap(),
                 role,
+                active_since: None,
             }))
             .unwrap();
         }

@@ -6,8 +6,14 @@
 //! user space, convert with [`ipv4_be`] / [`ipv4_from_be`].
 #![no_std]
 
-/// Maximum number of endpoints (container or host overlay addresses) per host.
-pub const MAX_ENDPOINTS: u32 = 131_072;
+/// Maximum number of endpoints (container or host overlay addresses) per host: every host
+/// holds an entry for every endpoint of the registry.
+pub const MAX_ENDPOINTS: u32 = 262_144;
+
+/// Flags of the endpoint map: not preallocated (`BPF_F_NO_PREALLOC`), so its memory follows
+/// the registry (about 100 bytes per entry) rather than its capacity (27 MB per host at
+/// 262,144 entries, for a lab host holding a handful).
+pub const ENDPOINTS_MAP_FLAGS: u32 = 1;
 /// Maximum number of VTEPs (hosts) allowed to send VXLAN to this host.
 pub const MAX_VTEPS: u32 = 4_096;
 
@@ -118,6 +124,11 @@ pub mod config_flags {
     /// neighbour's MAC, `bpf_redirect_neigh`), not encapsulated; the tunnel stays for every
     /// other host, and for holds and forwarding pointers.
     pub const DIRECT: u32 = 1 << 3;
+    /// Gateway only: another gateway-role host faces the internet. This one still translates
+    /// what reaches it (stateless: either host may), but answers no ARP for the public
+    /// addresses (counted `public_standby_arp`), so the internet side's neighbours keep the
+    /// host that faces it.
+    pub const PUBLIC_STANDBY: u32 = 1 << 4;
 }
 
 /// Single-entry array: the host's datapath configuration.
@@ -433,6 +444,10 @@ reasons! {
         "from-container: an announcement from a copy that is not the one serving the address \
         (restored but not yet released, frozen, or being moved away): relaying it would draw \
         peers to the wrong copy.";
+    PublicStandbyArp = 53, pass, "public_standby_arp",
+        "from-public: an ARP request for a public address on a gateway that stands by \
+        (`PUBLIC_STANDBY`: another gateway-role host faces the internet), left unanswered \
+        (handed to the stack, which does not answer for it either).";
 }
 
 impl Reason {

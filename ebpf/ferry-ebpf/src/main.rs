@@ -627,6 +627,9 @@ fn try_from_public(ctx: &TcContext) -> Result<Verdict, Reason> {
             if maps::public_entry(&NatKey::presence(req.target_be())).is_none() {
                 return Ok(pass(Reason::PublicPass));
             }
+            if cfg.flags & config_flags::PUBLIC_STANDBY != 0 {
+                return Ok(pass(Reason::PublicStandbyArp));
+            }
             arp::reply(ctx, &req, &cfg.public_mac)?;
             return redirect_to(ifindex(ctx), Reason::ArpReply);
         }

@@ -5,14 +5,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use ferry_common::{
-    Config, Counter, Endpoint, MAX_ENDPOINTS, MAX_PUBLIC, MAX_VTEPS, NatKey, NatValue, Reason, Vtep,
+    Config, Counter, ENDPOINTS_MAP_FLAGS, Endpoint, MAX_ENDPOINTS, MAX_PUBLIC, MAX_VTEPS, NatKey,
+    NatValue, Reason, Vtep,
 };
 
 #[map(name = "FERRY_COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
 #[map(name = "FERRY_ENDPOINTS")]
-static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+static ENDPOINTS: HashMap<u32, Endpoint> =
+    HashMap::with_max_entries(MAX_ENDPOINTS, ENDPOINTS_MAP_FLAGS);
 
 #[map(name = "FERRY_VTEPS")]
 static VTEPS: HashMap<u32, Vtep> = HashMap::with_max_entries(MAX_VTEPS, 0);

@@ -52,6 +52,7 @@ fn base() -> Registry {
         vtep: vtep.parse().unwrap(),
         overlay_ip: overlay.parse().unwrap(),
         role,
+        active_since: None,
     };
     for h in [
         host("a1", "198.18.1.10", "10.244.255.1", HostRole::Host),

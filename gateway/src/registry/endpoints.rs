@@ -273,9 +273,9 @@ mod tests {
     #[test]
     fn requests_and_the_registry_are_bounded() {
         use ferry_api::validate::MAX_ENDPOINTS_PER_REQUEST;
-        // A /14: room for more than the agents' map holds.
+        // A /13: room for more than the agents' map holds.
         let mut r = crate::registry::Registry::new(crate::registry::NetConfig {
-            overlay_cidr: "10.244.0.0/14".parse().unwrap(),
+            overlay_cidr: "10.240.0.0/13".parse().unwrap(),
             overlay6_cidr: None,
             ..net()
         });
@@ -285,30 +285,35 @@ mod tests {
             "10.247.255.1",
         )))
         .unwrap();
-        let base = u32::from(std::net::Ipv4Addr::new(10, 244, 0, 1));
+        let base = u32::from(std::net::Ipv4Addr::new(10, 240, 0, 1));
+        let per = MAX_ENDPOINTS_PER_REQUEST;
         refused(
             &mut r,
-            Request::AddEndpoints(many(base, MAX_ENDPOINTS_PER_REQUEST + 1)),
+            Request::AddEndpoints(many(base, per + 1)),
             ErrorCode::BadRequest,
             "endpoints: 65537 in one request: at most 65536",
         );
-        r.apply(Request::AddEndpoints(many(base, MAX_ENDPOINTS_PER_REQUEST)))
-            .unwrap();
-        let room = ferry_common::MAX_ENDPOINTS as usize - MAX_ENDPOINTS_PER_REQUEST - 1;
-        let next = base + MAX_ENDPOINTS_PER_REQUEST as u32;
+        // Three full batches: 1 host and 196,608 endpoints.
+        for i in 0..3 {
+            r.apply(Request::AddEndpoints(many(base + (i * per) as u32, per)))
+                .unwrap();
+        }
+        let next = base + (3 * per) as u32;
+        let room = ferry_common::MAX_ENDPOINTS as usize - 3 * per - 1;
+        assert_eq!(room, 65_535);
         refused(
             &mut r,
             Request::AddEndpoints(many(next, room + 1)),
             ErrorCode::Conflict,
-            "the registry holds 65537 overlay addresses (hosts and endpoints): 65536 more \
-             would exceed 131072",
+            "the registry holds 196609 overlay addresses (hosts and endpoints): 65536 more \
+             would exceed 262144",
         );
         r.apply(Request::AddEndpoints(many(next, room))).unwrap();
         refused(
             &mut r,
             Request::RegisterHost(host("b1", "198.18.2.10", "10.247.255.2")),
             ErrorCode::Conflict,
-            "1 more would exceed 131072",
+            "1 more would exceed 262144",
         );
     }
 

@@ -46,6 +46,13 @@ impl Registry {
         self.check_overlay_ip("overlay_ip", h.overlay_ip)?;
 
         let old = self.hosts.get(&h.name).cloned();
+        // The registry's to set (a takeover), kept across re-registrations; a host that is
+        // no gateway any more loses it.
+        let mut h = h;
+        h.active_since = old
+            .as_ref()
+            .and_then(|o| o.active_since)
+            .filter(|_| h.role == HostRole::Gateway);
         if old.as_ref() == Some(&h) {
             return Ok(Change::HostUnchanged(h));
         }
@@ -72,15 +79,6 @@ impl Registry {
                     format!(
                         "overlay_ip {} is already host {}'s overlay_ip",
                         h.overlay_ip, other.name
-                    ),
-                );
-            }
-            if h.role == HostRole::Gateway && other.role == HostRole::Gateway {
-                return fail(
-                    ErrorCode::Conflict,
-                    format!(
-                        "host {} already has role gateway: there can be only one gateway",
-                        other.name
                     ),
                 );
             }
@@ -118,6 +116,48 @@ impl Registry {
             None => Change::HostAdded(h),
             Some(old) => Change::HostUpdated { old, new: h },
         })
+    }
+
+    /// `host` (role gateway) takes the internet side over from `from`, the host facing it now
+    /// ([`ferry_api::public_gateway`]). Refused if `from` is not that host (someone else took
+    /// over first, or the caller's view is old); unchanged if `host` already faces it.
+    pub(crate) fn take_over_public(
+        &mut self,
+        host: &str,
+        from: &str,
+    ) -> Result<Change, RegistryError> {
+        let Some(h) = self.hosts.get(host).cloned() else {
+            return fail(
+                ErrorCode::UnknownHost,
+                format!("host {host:?} is not registered"),
+            );
+        };
+        if h.role != HostRole::Gateway {
+            return fail(
+                ErrorCode::BadRequest,
+                format!(
+                    "host {host} does not have role gateway: only a gateway-role host can face \
+                     the internet"
+                ),
+            );
+        }
+        let now = ferry_api::public_gateway(self.hosts.values()).map(|g| g.name.clone());
+        if now.as_deref() == Some(host) {
+            return Ok(Change::HostUnchanged(h));
+        }
+        if now.as_deref() != Some(from) {
+            return fail(
+                ErrorCode::Conflict,
+                format!(
+                    "host {host} cannot take the internet side over from {from}: {} faces it",
+                    now.as_deref().unwrap_or("no host")
+                ),
+            );
+        }
+        let mut new = h.clone();
+        new.active_since = Some(self.version + 1);
+        self.hosts.insert(new.name.clone(), new.clone());
+        Ok(Change::HostUpdated { old: h, new })
     }
 
     pub(crate) fn remove_host(&mut self, name: &str) -> Result<Change, RegistryError> {
@@ -230,21 +270,19 @@ mod tests {
         // Role change is an update too.
         let promoted = HostInfo {
             role: HostRole::Gateway,
+            active_since: None,
             ..host("b1", "198.18.2.10", "10.244.255.3")
         };
-        refused(
-            &mut r,
-            Request::RegisterHost(promoted),
-            ErrorCode::Conflict,
-            "host gw already has role gateway",
-        );
+        // A second gateway-role host is a standby for the internet side.
+        r.apply(Request::RegisterHost(promoted)).unwrap();
+        assert_eq!(r.version(), v + 2);
         r.apply(Request::RegisterHost(gw(
             "gw",
             "198.18.0.10",
             "10.244.255.254",
         )))
         .unwrap();
-        assert_eq!(r.version(), v + 1, "gateway re-registration unchanged");
+        assert_eq!(r.version(), v + 2, "gateway re-registration unchanged");
         r.apply(Request::RegisterHost(host(
             "gw",
             "198.18.0.10",
@@ -351,11 +389,6 @@ mod tests {
                 Conflict,
                 "overlay_ip 10.244.1.5 is the address of endpoint 10.244.1.5 on host a1",
             ),
-            (
-                gw("c1", "198.18.9.1", "10.244.255.9"),
-                Conflict,
-                "host gw already has role gateway",
-            ),
             // An update of a1 must not collide with b1 either.
             (
                 host("a1", "198.18.2.10", "10.244.255.1"),
@@ -420,5 +453,70 @@ mod tests {
         );
         assert_eq!(r.version(), v + 1);
         assert!(r.host("gw").is_none());
+    }
+
+    #[test]
+    fn a_standby_gateway_takes_the_internet_side_over_exactly_once() {
+        let mut r = populated();
+        let gw2 = gw("gw2", "198.18.2.20", "10.244.255.20");
+        r.apply(Request::RegisterHost(gw2.clone())).unwrap();
+        let facing = |r: &crate::registry::Registry| {
+            ferry_api::public_gateway(r.hosts()).map(|h| h.name.clone())
+        };
+        // Before any takeover: the first by name.
+        assert_eq!(facing(&r).as_deref(), Some("gw"));
+        refused(
+            &mut r,
+            Request::TakeOverPublic {
+                host: "a1".into(),
+                from: "gw".into(),
+            },
+            ErrorCode::BadRequest,
+            "host a1 does not have role gateway",
+        );
+        refused(
+            &mut r,
+            Request::TakeOverPublic {
+                host: "nope".into(),
+                from: "gw".into(),
+            },
+            ErrorCode::UnknownHost,
+            "host \"nope\" is not registered",
+        );
+        let v = r.version();
+        let take = Request::TakeOverPublic {
+            host: "gw2".into(),
+            from: "gw".into(),
+        };
+        let Change::HostUpdated { new, .. } = r.apply(take.clone()).unwrap() else {
+            panic!("a takeover updates the host");
+        };
+        assert_eq!(new.active_since, Some(v + 1));
+        assert_eq!(r.version(), v + 1);
+        assert_eq!(facing(&r).as_deref(), Some("gw2"));
+        // The same call again: unchanged.
+        assert!(matches!(r.apply(take).unwrap(), Change::HostUnchanged(_)));
+        assert_eq!(r.version(), v + 1);
+        // The old one taking over from itself (an old view) is refused: one winner.
+        refused(
+            &mut r,
+            Request::TakeOverPublic {
+                host: "gw".into(),
+                from: "gw".into(),
+            },
+            ErrorCode::Conflict,
+            "host gw cannot take the internet side over from gw: gw2 faces it",
+        );
+        // The agent re-registering keeps what the registry decided.
+        r.apply(Request::RegisterHost(gw2)).unwrap();
+        assert_eq!(facing(&r).as_deref(), Some("gw2"));
+        assert_eq!(r.version(), v + 1);
+        // And back, from the one facing it now.
+        r.apply(Request::TakeOverPublic {
+            host: "gw".into(),
+            from: "gw2".into(),
+        })
+        .unwrap();
+        assert_eq!(facing(&r).as_deref(), Some("gw"));
     }
 }

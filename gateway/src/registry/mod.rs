@@ -104,6 +104,11 @@ pub enum Request {
     Allocate(IpamAllocateRequest),
     /// `POST /v1/ipam/release`.
     Release(IpamReleaseRequest),
+    /// `POST /v1/public/takeover`.
+    TakeOverPublic {
+        host: String,
+        from: String,
+    },
 }
 
 /// What a successful request did.
@@ -284,6 +289,7 @@ impl Registry {
             Request::SwitchMigration { id, now_ms } => self.switch_migration(&id, now_ms)?,
             Request::Allocate(req) => self.allocate(req)?,
             Request::Release(req) => self.release(req)?,
+            Request::TakeOverPublic { host, from } => self.take_over_public(&host, &from)?,
         };
         if change.changes_state() {
             self.version += 1;

@@ -26,12 +26,14 @@ pub(crate) fn host(name: &str, vtep: &str, overlay: &str) -> HostInfo {
         vtep: vtep.parse().unwrap(),
         overlay_ip: overlay.parse().unwrap(),
         role: HostRole::Host,
+        active_since: None,
     }
 }
 
 pub(crate) fn gw(name: &str, vtep: &str, overlay: &str) -> HostInfo {
     HostInfo {
         role: HostRole::Gateway,
+        active_since: None,
         ..host(name, vtep, overlay)
     }
 }

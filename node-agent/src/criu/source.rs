@@ -1019,6 +1019,7 @@ mod tests {
                 vtep: "198.18.2.10".parse().unwrap(),
                 overlay_ip: "10.244.255.3".parse().unwrap(),
                 role: ferry_api::HostRole::Host,
+                active_since: None,
             }],
             endpoints: vec![],
             public: vec![],

@@ -77,6 +77,7 @@ pub enum Call {
         to: Delivery,
     },
     Announce(Ipv4Addr),
+    AnnouncePublic(Vec<Ipv4Addr>),
 }
 
 /// The error of a call the fake was told to fail.
@@ -575,5 +576,8 @@ impl ContainerNet for Fake {
 impl Announcer for Fake {
     fn announce(&self, c: &LocalContainer, _: &Built) {
         self.world().log.push(Call::Announce(c.ip));
+    }
+    fn announce_public(&self, _: [u8; 6], ips: Vec<Ipv4Addr>) {
+        self.world().log.push(Call::AnnouncePublic(ips));
     }
 }

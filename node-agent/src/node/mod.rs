@@ -73,6 +73,8 @@ pub struct Applied {
     pub snat: BTreeMap<NatKey, NatValue>,
     pub containers: BTreeMap<Ipv4Addr, (LocalContainer, Built)>,
     pub egress_vtep: Option<Ipv4Addr>,
+    /// Gateway role: another gateway-role host faces the internet (see `Desired`).
+    pub public_standby: bool,
     /// The registry version applied without errors (0: none yet).
     pub version: u64,
     /// Local containers whose connections have been dumped here (they left with a hand-off
@@ -205,9 +207,26 @@ pub struct Node<D = SharedDatapath, H = Hold, N = HostNetwork, A = Announcements
     pub udp_pace: std::time::Duration,
     /// Paced releases under way.
     pub pacers: Vec<tokio::task::JoinHandle<pace::PaceReport>>,
+    /// Who faces the internet by this agent's own view, while the host the registry names is
+    /// silent (`crate::public_ha`); None: the registry's.
+    pub facing_override: Option<String>,
 }
 
 impl<D, H, N, A> Node<D, H, N, A> {
+    /// The datapath's desired state for `snap` ([`crate::plan::desired`]), with this agent's
+    /// own view of who faces the internet when it has one.
+    pub fn desired(
+        &self,
+        cfg: &crate::config::AgentConfig,
+        snap: Option<&ferry_api::Snapshot>,
+    ) -> Desired {
+        let mut d = crate::plan::desired(cfg, snap);
+        if let (Some(f), Some(s)) = (&self.facing_override, snap) {
+            crate::plan::set_facing(&mut d, cfg, s, Some(f));
+        }
+        d
+    }
+
     pub fn status(&self) -> Status {
         let a = &self.applied;
         Status {
@@ -224,6 +243,25 @@ impl<D, H, N, A> Node<D, H, N, A> {
 }
 
 impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A> {
+    /// Sets (or clears) this agent's own view of who faces the internet and applies the public
+    /// side at once — the egress VTEP, the standby flag and, on a host that starts facing it,
+    /// the announcement of the public addresses: nothing else depends on it. Returns the
+    /// errors met.
+    pub fn set_facing_override(
+        &mut self,
+        cfg: &crate::config::AgentConfig,
+        facing: Option<String>,
+    ) -> Vec<String> {
+        self.facing_override = facing;
+        let Some(snap) = self.registry.clone() else {
+            return Vec::new();
+        };
+        let want = self.desired(cfg, Some(&snap));
+        let mut errors = Vec::new();
+        self.write_egress(&want, &mut errors);
+        errors
+    }
+
     /// Applies `want`, step by step (each step's ordering rule is on its function in
     /// [`steps`]). Returns the errors met (empty: the datapath now matches `want`, and its
     /// version is recorded as applied).

@@ -115,6 +115,9 @@ pub trait Announcer {
     /// Announces, from the container's own interface and in the background, that `c` is
     /// reachable here now.
     fn announce(&self, c: &LocalContainer, built: &Built);
+    /// Gateway role: announces, from the public interface and in the background, that the
+    /// public addresses `ips` answer at `mac` (this host's public interface) now.
+    fn announce_public(&self, mac: [u8; 6], ips: Vec<Ipv4Addr>);
 }
 
 /// The loaded datapath, shared with the metrics handler (which reads its counters).
@@ -213,6 +216,27 @@ pub struct Announcements {
     /// Dual-stack overlay: the IPv6 prefix (the container's IPv6 address is announced with an
     /// unsolicited neighbour advertisement on the same schedule as the gratuitous ARP).
     pub overlay6: Option<ipnet::Ipv6Net>,
+    /// Gateway role: the interface facing the internet.
+    pub public_interface: Option<String>,
+}
+
+impl Announcements {
+    fn tally(ip: &dyn std::fmt::Display, r: ferry_announce::Result<ferry_announce::Report>) {
+        match r {
+            Ok(r) => {
+                info!(address = %ip, sent = ?r.sent, rounds = r.rounds_ok, "announced");
+                ANNOUNCED[0].fetch_add(u64::from(r.sent.arp_requests), Ordering::Relaxed);
+                ANNOUNCED[1].fetch_add(u64::from(r.sent.arp_replies), Ordering::Relaxed);
+                ANNOUNCED[2].fetch_add(u64::from(r.sent.neighbour_adverts), Ordering::Relaxed);
+                let failed = r.rounds_planned.saturating_sub(r.rounds_ok);
+                ANNOUNCED[3].fetch_add(u64::from(failed), Ordering::Relaxed);
+            }
+            Err(e) => {
+                warn!(address = %ip, error = %e, "announcing");
+                ANNOUNCED[3].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Announcer for Announcements {
@@ -229,20 +253,31 @@ impl Announcer for Announcements {
         };
         let (netns, schedule, ip) = (built.netns.clone(), self.schedule.clone(), c.ip);
         tokio::task::spawn_blocking(move || {
-            match ferry_announce::announce_in_netns(&netns, &ann, &schedule, None) {
-                Ok(r) => {
-                    info!(container = %ip, sent = ?r.sent, rounds = r.rounds_ok, "announced");
-                    ANNOUNCED[0].fetch_add(u64::from(r.sent.arp_requests), Ordering::Relaxed);
-                    ANNOUNCED[1].fetch_add(u64::from(r.sent.arp_replies), Ordering::Relaxed);
-                    ANNOUNCED[2].fetch_add(u64::from(r.sent.neighbour_adverts), Ordering::Relaxed);
-                    let failed = r.rounds_planned.saturating_sub(r.rounds_ok);
-                    ANNOUNCED[3].fetch_add(u64::from(failed), Ordering::Relaxed);
-                }
-                Err(e) => {
-                    warn!(container = %ip, error = %e, "announcing");
-                    ANNOUNCED[3].fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            Self::tally(
+                &ip,
+                ferry_announce::announce_in_netns(&netns, &ann, &schedule, None),
+            );
+        });
+    }
+
+    fn announce_public(&self, mac: [u8; 6], ips: Vec<Ipv4Addr>) {
+        let Some(interface) = self.public_interface.clone() else {
+            return;
+        };
+        if ips.is_empty() {
+            return;
+        }
+        let what = format!("{} public address(es) on {interface}", ips.len());
+        let ann = ferry_announce::Announcement {
+            interface,
+            mac,
+            ipv4: ips,
+            ipv6: Vec::new(),
+        };
+        let schedule = self.schedule.clone();
+        // The agent's own namespace: the host's.
+        tokio::task::spawn_blocking(move || {
+            Self::tally(&what, ferry_announce::announce(&ann, &schedule, None));
         });
     }
 }

@@ -9,7 +9,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ferry_common::{Endpoint, flags, ipv4_be, kind};
+use ferry_common::{Endpoint, config_flags, flags, ipv4_be, kind};
 use tracing::{info, warn};
 
 use super::{
@@ -475,19 +475,52 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         });
     }
 
-    /// Where traffic for outside the overlay goes (the gateway's VTEP, in the configuration).
+    /// What the registry decides in the configuration: where traffic for outside the overlay
+    /// goes (the VTEP of the gateway facing the internet) and, on a gateway-role host, whether
+    /// it stands by. A gateway-role host that starts facing the internet announces every
+    /// public address from its public interface at once (the internet side's neighbours still
+    /// point at the host it takes over from).
     pub(super) fn write_egress(&mut self, want: &Desired, errors: &mut Vec<String>) {
-        if self.applied.egress_vtep == want.egress_vtep {
+        if self.applied.egress_vtep == want.egress_vtep
+            && self.applied.public_standby == want.public_standby
+        {
             return;
         }
         let mut cfg = self.base_config;
         cfg.egress_vtep_be = want.egress_vtep.map_or(0, |v| ipv4_be(v.octets()));
+        if want.public_standby {
+            cfg.flags |= config_flags::PUBLIC_STANDBY;
+        }
+        let took_over = self.applied.public_standby && !want.public_standby;
         match self.datapath.set_config(cfg) {
             Ok(()) => {
-                info!(egress_vtep = ?want.egress_vtep, "egress gateway set");
+                info!(
+                    egress_vtep = ?want.egress_vtep,
+                    public_standby = want.public_standby,
+                    "egress gateway set"
+                );
                 self.applied.egress_vtep = want.egress_vtep;
+                self.applied.public_standby = want.public_standby;
             }
-            Err(e) => errors.push(format!("setting config: {e}")),
+            Err(e) => {
+                errors.push(format!("setting config: {e}"));
+                return;
+            }
+        }
+        if took_over && cfg.flags & config_flags::GATEWAY != 0 {
+            let mut ips: Vec<Ipv4Addr> = want
+                .public
+                .keys()
+                .filter(|k| k.proto == plan::PRESENCE_PROTO)
+                .map(|k| Ipv4Addr::from(ferry_common::ipv4_from_be(k.addr_be)))
+                .collect();
+            ips.sort_unstable();
+            ips.dedup();
+            info!(
+                addresses = ips.len(),
+                "facing the internet now: announcing the public addresses"
+            );
+            self.announcer.announce_public(cfg.public_mac, ips);
         }
     }
 

@@ -34,6 +34,7 @@ fn node() -> (FakeNode, Fake) {
         leftovers: Default::default(),
         udp_pace: std::time::Duration::from_secs(1),
         pacers: Vec::new(),
+        facing_override: None,
     };
     (n, f)
 }
