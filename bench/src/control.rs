@@ -39,6 +39,9 @@ use crate::{BenchError, Progress, print_report, stats::percentile_of};
 
 pub mod failover;
 
+/// Most endpoints a row may hold: the agents' map, less room for the hosts and the changes.
+const MAX_BENCH_ENDPOINTS: u32 = ferry_overlay::common::MAX_ENDPOINTS - 1_144;
+
 /// The gateway's `max_connections_per_peer` in the bench's labs.
 pub const PER_PEER: usize = 320;
 /// Watchers the bench can hold open: 4 namespaces × (the connections per peer, less the real
@@ -50,16 +53,17 @@ const WATCHER_HOSTS: [&str; 4] = ["a1", "a2", "b1", "gw"];
 const AGENTS: [&str; 4] = ["a1", "a2", "b1", "gw"];
 /// The registered host without an agent.
 const PHANTOM: &str = "phantom";
-/// The endpoint the measured changes add and remove.
-const CHANGED: Ipv4Addr = Ipv4Addr::new(10, 242, 0, 1);
+/// The endpoint the measured changes add and remove (beyond the phantom's endpoints, which
+/// start at 10.241.0.0).
+const CHANGED: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// How long one change may take to reach everyone before the bench gives up.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// `ferry-lab bench control`.
 #[derive(Debug, Clone, Args)]
 pub struct ControlArgs {
-    /// Registry sizes: endpoints on `phantom` (comma-separated; at most 131,000, the agents'
-    /// map holds 131,072).
+    /// Registry sizes: endpoints on `phantom` (comma-separated; at most 261,000, the agents'
+    /// map holds 262,144 with the hosts and the changes).
     #[arg(long, value_delimiter = ',', default_value = "1000,65536")]
     pub endpoints: Vec<u32>,
     /// Simulated watchers besides the 4 real agents (comma-separated; at most 1000).
@@ -131,9 +135,15 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
             "--watchers {w}: at most {MAX_WATCHERS} (the lab's gateway allows {PER_PEER} connections per peer)"
         )));
     }
-    if let Some(n) = args.endpoints.iter().find(|n| **n > 131_000 || **n == 0) {
+    if let Some(n) = args
+        .endpoints
+        .iter()
+        .find(|n| **n > MAX_BENCH_ENDPOINTS || **n == 0)
+    {
         return Err(BenchError::failed(format!(
-            "--endpoints {n}: 1 to 131,000 (the agents' map holds 131,072)"
+            "--endpoints {n}: 1 to {MAX_BENCH_ENDPOINTS} (the agents' map holds {} with the \
+             hosts and the changes)",
+            ferry_overlay::common::MAX_ENDPOINTS
         )));
     }
     if args.changes == 0 {
@@ -145,7 +155,7 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
     }
     let mut rows = Vec::new();
     for &store in &args.stores {
-        // 131,000 endpoints do not fit a /16 next to the hosts: a /12.
+        // 261,000 endpoints do not fit a /16 next to the hosts: a /12.
         let lab = Lab::up(LabOptions {
             topology: Topology {
                 overlay_cidr: "10.240.0.0/12".parse().expect("valid"),

@@ -678,6 +678,39 @@ impl Lab {
             .map_err(failed)
     }
 
+    /// One sample of `host`'s agent metrics: `series` is the whole name with its labels as
+    /// the agent writes them (`ferry_public_failover_total{host="gw2",event="heartbeat_heard"}`).
+    /// None if the agent does not answer or has no such series.
+    pub fn agent_metric(&self, host: &str, series: &str) -> Option<u64> {
+        let out = self
+            .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// Waits (up to `within`) until the agents of `hosts` have heard a heartbeat from the
+    /// gateway-role hosts ([`Self::agent_metric`] `heartbeat_heard` > 0): before that, a
+    /// standby gives a silent host ten times as long (it may not have started yet).
+    pub fn wait_public_heartbeats(&self, hosts: &[&str], within: Duration) -> Result<(), LabError> {
+        let deadline = Instant::now() + within;
+        for h in hosts {
+            let series =
+                format!("ferry_public_failover_total{{host=\"{h}\",event=\"heartbeat_heard\"}} ");
+            while self.agent_metric(h, &series).unwrap_or(0) == 0 {
+                if Instant::now() > deadline {
+                    return Err(LabError::io(
+                        format!("waiting for {h} to hear the gateway-role hosts"),
+                        std::io::Error::other(format!("no heartbeat heard within {within:?}")),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
     /// `host` dies at once, as at a power cut: every process the lab runs there (its agent, a
     /// gateway daemon, an etcd member) is SIGKILLed by PID, and every interface of its
     /// namespace is set down, so nothing reaches it and nothing leaves it (its eBPF programs

@@ -268,7 +268,9 @@ fn accept(
     match named {
         Some(name) if known => {
             count(HEARD);
-            heard.insert(name.to_owned(), Instant::now());
+            if heard.insert(name.to_owned(), Instant::now()).is_none() {
+                info!(gateway = %name, "public failover: first heartbeat of a gateway-role host");
+            }
         }
         _ => {
             count(IGNORED);

@@ -203,6 +203,10 @@ fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
     }
     assert_eq!(facing(&lab, &gw2_gateway).as_deref(), Some("gw"));
 
+    // Steady state: every agent has heard the gateway-role hosts.
+    lab.wait_public_heartbeats(&["gw2", "a1", "a2", "b1"], Duration::from_secs(20))
+        .unwrap();
+
     let t0 = std::time::Instant::now();
     let killed = lab.power_off("gw").unwrap();
     assert!(killed.contains(&"agent".to_owned()), "{killed:?}");

@@ -110,6 +110,8 @@ fn run(p: &Progress, lab: &mut Lab, bin: &std::path::Path) -> Result<Failover, B
     }
     let second = lab.extra_gateway(SECOND)?;
 
+    // Steady state: every agent has heard the gateway-role hosts.
+    lab.wait_public_heartbeats(&[SECOND, "a1", "a2", "b1"], Duration::from_secs(20))?;
     let leader_lost = etcd_leader_on(lab, "gw");
     p.say("failover: gw powered off");
     let t0 = Instant::now();
@@ -176,6 +178,13 @@ fn run(p: &Progress, lab: &mut Lab, bin: &std::path::Path) -> Result<Failover, B
     p.say(format!(
         "failover: {SECOND} faces the internet {takeover_ms:.0} ms after the power-off (etcd leader lost: {leader_lost}); a2 applied a change through {SECOND}'s gateway after {agent_ms:.0} ms"
     ));
+    if takeover_ms > 2_000.0 && !leader_lost {
+        // Not the etcd election: say what the standby saw.
+        let log = std::fs::read_to_string(lab.agent_log(SECOND)).unwrap_or_default();
+        for l in log.lines().filter(|l| l.contains("public failover")) {
+            p.say(format!("failover: {SECOND}: {l}"));
+        }
+    }
     // The public side watched for a while after the takeover.
     let until = Instant::now() + PUBLIC_WINDOW;
     while Instant::now() < until {
