@@ -166,7 +166,11 @@ fn bad_requests_are_refused_with_clear_messages_and_change_nothing() {
         ("POST", "/v1/hosts", Some(host("c1", "198.18.9.1", "10.245.0.1", "host")), 400, "invalid_address", "overlay_ip 10.245.0.1 is outside overlay_cidr"),
         ("POST", "/v1/hosts", Some(host("c1", "198.18.1.10", "10.244.255.9", "host")), 409, "conflict", "vtep 198.18.1.10 is already host a1's vtep"),
         ("POST", "/v1/hosts", Some(host("c1", "198.18.9.1", "10.244.1.5", "host")), 409, "conflict", "endpoint 10.244.1.5 on host a1"),
-        ("POST", "/v1/hosts", Some(host("c1", "198.18.9.1", "10.244.255.9", "gateway")), 409, "conflict", "host gw already has role gateway"),
+        // A takeover of the internet side: only by a gateway-role host that is registered,
+        // from the one facing it now.
+        ("POST", "/v1/public/takeover", Some(r#"{"host":"a1","from":"gw"}"#.into()), 400, "bad_request", "host a1 does not have role gateway"),
+        ("POST", "/v1/public/takeover", Some(r#"{"host":"zz","from":"gw"}"#.into()), 404, "unknown_host", "host \"zz\" is not registered"),
+        ("POST", "/v1/public/takeover", Some(r#"{"host":"gw"}"#.into()), 400, "bad_request", "missing field `from`"),
         ("POST", "/v1/hosts", Some(host("c1", "198.18.9.1", "10.244.255.9", "router")), 400, "bad_request", "unknown variant `router`"),
         ("POST", "/v1/hosts", Some(r#"{"name":"c1","vtep":"198.18.9.1","overlay_ip":"10.244.255.9","color":"red"}"#.into()), 400, "bad_request", "unknown field `color`"),
         ("POST", "/v1/hosts", Some(r#"{"name":"c1","vtep":"198.18.9","overlay_ip":"10.244.255.9"}"#.into()), 400, "bad_request", "vtep: invalid IPv4 address syntax"),
