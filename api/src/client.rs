@@ -252,18 +252,14 @@ impl Client {
         if n < 2 {
             return false;
         }
-        let now = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
-        if self.all[now] != addr {
-            return false;
-        }
-        self.current
-            .compare_exchange(
-                self.current.load(std::sync::atomic::Ordering::Relaxed),
-                (now + 1) % n,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.current.load(Relaxed);
+        // Only from the value read: a clone that moved meanwhile is not moved twice.
+        self.all[now % n] == addr
+            && self
+                .current
+                .compare_exchange(now, (now % n + 1) % n, Relaxed, Relaxed)
+                .is_ok()
     }
 
     /// Every gateway this client knows, the first configured first.

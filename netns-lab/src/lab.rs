@@ -678,16 +678,29 @@ impl Lab {
             .map_err(failed)
     }
 
+    /// `host`'s agent metrics (Prometheus text, from inside its namespace).
+    pub fn agent_metrics_text(&self, host: &str) -> Result<String, LabError> {
+        let out = self.exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])?;
+        if !out.status.success() {
+            return Err(LabError::io(
+                format!("reading the metrics of {host}'s agent"),
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// One sample of `host`'s agent metrics: `series` is the whole name with its labels as
     /// the agent writes them (`ferry_public_failover_total{host="gw2",event="heartbeat_heard"}`).
     /// None if the agent does not answer or has no such series.
     pub fn agent_metric(&self, host: &str, series: &str) -> Option<u64> {
-        let out = self
-            .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        self.agent_metrics_text(host).ok()?.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Waits (up to `within`) until the agents of `hosts` have heard a heartbeat from the
@@ -697,7 +710,7 @@ impl Lab {
         let deadline = Instant::now() + within;
         for h in hosts {
             let series =
-                format!("ferry_public_failover_total{{host=\"{h}\",event=\"heartbeat_heard\"}} ");
+                format!("ferry_public_failover_total{{host=\"{h}\",event=\"heartbeat_heard\"}}");
             while self.agent_metric(h, &series).unwrap_or(0) == 0 {
                 if Instant::now() > deadline {
                     return Err(LabError::io(

@@ -243,15 +243,8 @@ pub fn spawn_lab_owner(args: &[&str]) -> (KillOnDrop, String) {
 /// A host agent's Prometheus text; an endpoint that cannot be read fails the test (it is not
 /// a zero).
 pub fn metrics_text(lab: &ferry_lab::Lab, host: &str) -> String {
-    let out = lab
-        .exec(host, &["curl", "-sf", "http://127.0.0.1:9464/metrics"])
-        .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "metrics of {host}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lab.agent_metrics_text(host)
+        .unwrap_or_else(|e| panic!("metrics of {host}: {e}"))
 }
 
 /// A series of the lab's gateway (`series` as written in its `/metrics`, labels included,

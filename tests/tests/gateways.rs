@@ -244,14 +244,11 @@ fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
     let after = counters(&lab, "gw2");
     assert!(delta(&gw2, &after, "public_dnat") > 0, "{after:?}");
     assert!(delta(&gw2, &after, "public_snat") > 0, "{after:?}");
-    let metrics = ferry_tests::metrics_text(&lab, "gw2");
-    let won = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("ferry_public_failover_total{host=\"gw2\",event=\"takeover_won\"} ")
-        })
-        .and_then(|n| n.parse::<u64>().ok());
-    assert!(won.is_some_and(|n| n >= 1), "{metrics}");
+    let won = lab.agent_metric(
+        "gw2",
+        "ferry_public_failover_total{host=\"gw2\",event=\"takeover_won\"}",
+    );
+    assert!(won.is_some_and(|n| n >= 1), "takeovers won by gw2: {won:?}");
     // A new connection, answered through gw2.
     tcp_echo(&inet, public, 50_000).expect("a new connection through gw2");
     drop(conn);
