@@ -1414,6 +1414,11 @@ fn spawn_in_current_netns(
     let mut env_ptrs: Vec<*const c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
     let lists = plan.pointers();
+    // The agent's end and the child's (both close-on-exec): the child says its namespace is
+    // private, the agent sends what to detach from it (see `isolation`).
+    let (sync, child_sync) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| ("socketpair", e))?;
+    let mut detach_buf = vec![0u8; isolation::DETACH_CAP];
     let mut fds = [0 as c_int; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -1434,7 +1439,7 @@ fn spawn_in_current_netns(
         envp: env_ptrs.as_ptr(),
         status_fd: status_w.as_raw_fd(),
         empty_mask,
-        plan: lists.child_plan(uid),
+        plan: lists.child_plan(uid, child_sync.as_raw_fd(), &mut detach_buf),
     };
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down: its top, 16-byte aligned.
@@ -1456,7 +1461,20 @@ fn spawn_in_current_netns(
         ));
     }
     drop(status_w);
+    drop(child_sync);
     drop(stack);
+    drop(detach_buf);
+    if let Err(e) = send_detach(sync, pid, plan) {
+        // The child is waiting for the list (or gone): it must not run undetached.
+        // SAFETY: signals our own child, not yet reaped (so its PID is not reused).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+        return Err(("reading the container's mount table", e));
+    }
     // Until EOF: nothing means the exec succeeded (the pipe closed on exec).
     let mut report = [0u8; 8];
     let mut got = 0;
@@ -1498,6 +1516,37 @@ fn spawn_in_current_netns(
     let stage = i32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     Err((stage_name(stage), io::Error::from_raw_os_error(errno)))
+}
+
+/// The agent's side of the child's mount set-up: once the child says its namespace is
+/// private, its own table gives what to detach. Ok also when the child failed before saying so
+/// (its status pipe tells why); Err only when the table could not be read or sent to a child
+/// that is waiting for it.
+fn send_detach(
+    mut sync: std::os::unix::net::UnixStream,
+    pid: i32,
+    plan: &MountPlan,
+) -> io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut byte = [0u8; 1];
+    loop {
+        match sync.read(&mut byte) {
+            // The child failed (or exited) before: its report says why.
+            Ok(0) => return Ok(()),
+            Ok(_) if byte[0] == isolation::PRIVATE_NOW => break,
+            Ok(_) => return Err(io::Error::other("unexpected byte from the child")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let message = plan.detach_message(pid)?;
+    let mut framed = (message.len() as u64).to_le_bytes().to_vec();
+    framed.extend_from_slice(&message);
+    match sync.write_all(&framed) {
+        // The child died meanwhile: its status says why (or that it was killed).
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
 }
 
 #[cfg(test)]
@@ -1871,9 +1920,69 @@ mod tests {
         }
     }
 
+    /// Root, or a skip (a failure under `CI=true`: CI runs as root).
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        let root = unsafe { libc::geteuid() == 0 };
+        assert!(
+            root || std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: this test needs root"
+        );
+        root
+    }
+
+    /// Root only: a mount made on the host after the plan was computed (another container's
+    /// network namespace bound under /run/netns while this one starts, as happens when two
+    /// labs or two containers start together) is detached from the child's namespace too. Left
+    /// there, CRIU refuses to dump the tree (`doesn't have a proper root mount`).
+    #[test]
+    fn a_mount_made_after_the_plan_is_detached_too() {
+        if !is_root() {
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        struct Bound(PathBuf);
+        impl Drop for Bound {
+            fn drop(&mut self) {
+                let c = CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: unmounts what this test bound.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+            }
+        }
+        let plan = isolation(Vec::new()).plan().unwrap();
+        let dir = std::env::temp_dir().join(format!("ferry-rt-late-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("ns");
+        std::fs::write(&target, "").unwrap();
+        let bound = Bound(target.clone());
+        let c_target = CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: bind-mounts this thread's network namespace file on a file of our own.
+        let rc = unsafe {
+            libc::mount(
+                c"/proc/thread-self/ns/net".as_ptr(),
+                c_target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mark = format!(" {} ", target.display());
+        assert!(host.contains(&mark) && host.contains(" nsfs "), "{host}");
+        let argv = ["/bin/sleep".to_string(), "30".to_string()];
+        let pid = spawn_in_current_netns(&argv, &[], 0, &plan).unwrap();
+        let inside = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"));
+        // SAFETY: kills and reaps our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        drop(bound);
+        let inside = inside.unwrap();
+        assert!(!inside.contains(&mark), "{inside}");
+        assert!(!inside.contains(" nsfs "), "{inside}");
     }
 
     /// Root only (a PID namespace): start in our own network namespace, exec failure, stop.

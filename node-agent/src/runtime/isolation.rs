@@ -36,9 +36,14 @@
 //! Without any capability and with a read-only view, uid 0 gives a container nothing the
 //! owner bits would (root-owned 0600 files it can see are only the host's ordinary ones).
 //!
-//! The mount plan ([`MountPlan`]) is computed by the agent before the clone (the child may
-//! not allocate): it is read from the agent's /proc/self/mountinfo, which the child's new
-//! namespace copies.
+//! What to hide ([`MountPlan`]) is computed by the agent before the clone (the child may not
+//! allocate). What to detach is not: a mount made on the host between a table read before the
+//! clone and the child's making its namespace private (another container's network namespace
+//! bound under /run/netns, say) reaches the child's copy, and one nsfs mount left there makes
+//! CRIU refuse the dump (`doesn't have a proper root mount`). So the child makes its namespace
+//! private, tells the agent, and waits; the agent reads the child's own /proc/PID/mountinfo
+//! (fixed from then on) and sends the mount points to detach ([`MountPlan::detach_message`]),
+//! which the child reads into a buffer prepared before the clone ([`DETACH_CAP`]).
 
 use std::{
     ffi::{CStr, CString, c_char, c_int},
@@ -99,14 +104,14 @@ impl Isolation {
         ferry_config::container_uid(self.uid_base, self.overlay, ip)
     }
 
-    /// The mount plan for a tree started now, from the agent's own mount table.
+    /// The mount plan for a tree started now (what to detach comes later, from the child's own
+    /// table: [`MountPlan::detach_message`]).
     pub fn plan(&self) -> io::Result<MountPlan> {
         let hide = hidden_roots(&self.hide);
-        let detach = to_detach(&ferry_overlay::sys::mountinfo()?, &hide);
-        let mut plan = MountPlan::default();
-        for p in detach {
-            plan.detach.push(c_path(&p)?);
-        }
+        let mut plan = MountPlan {
+            hide_roots: hide.clone(),
+            ..MountPlan::default()
+        };
         for p in hide {
             // What does not exist (or lives on a tmpfs that is detached) is hidden already.
             match std::fs::metadata(&p) {
@@ -119,17 +124,31 @@ impl Isolation {
     }
 }
 
+/// Most bytes of mount points the child can be sent to detach (its buffer is allocated before
+/// the clone, zeroed lazily: only what a message uses is touched).
+pub const DETACH_CAP: usize = 1 << 20;
+
 /// What the child does to its copy of the agent's mount namespace (see the module's doc):
-/// detach `detach` (deepest first), cover `hide_dirs` and `hide_files`. C strings, ready
-/// before the clone.
+/// detach what [`MountPlan::detach_message`] names (deepest first), cover `hide_dirs` and
+/// `hide_files`. C strings, ready before the clone.
 #[derive(Debug, Default)]
 pub struct MountPlan {
-    pub detach: Vec<CString>,
+    hide_roots: Vec<PathBuf>,
     pub hide_dirs: Vec<CString>,
     pub hide_files: Vec<CString>,
 }
 
 impl MountPlan {
+    /// What the child (PID `pid`, its namespace private already) is sent: the mount points to
+    /// detach from its own table, each NUL-terminated, deepest first.
+    pub fn detach_message(&self, pid: i32) -> io::Result<Vec<u8>> {
+        let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+        detach_message(
+            &ferry_overlay::sys::parse_mountinfo(&table),
+            &self.hide_roots,
+        )
+    }
+
     /// The null-terminated pointer lists the child walks (they borrow the plan's strings).
     pub fn pointers(&self) -> PlanPointers<'_> {
         let list = |v: &[CString]| -> Vec<*const c_char> {
@@ -139,7 +158,6 @@ impl MountPlan {
                 .collect()
         };
         PlanPointers {
-            detach: list(&self.detach),
             hide_dirs: list(&self.hide_dirs),
             hide_files: list(&self.hide_files),
             _plan: std::marker::PhantomData,
@@ -149,17 +167,20 @@ impl MountPlan {
 
 /// A [`MountPlan`] as pointer lists (see [`MountPlan::pointers`]).
 pub struct PlanPointers<'a> {
-    detach: Vec<*const c_char>,
     hide_dirs: Vec<*const c_char>,
     hide_files: Vec<*const c_char>,
     _plan: std::marker::PhantomData<&'a MountPlan>,
 }
 
 impl PlanPointers<'_> {
-    /// What the child is given; valid while `self` lives.
-    pub fn child_plan(&self, uid: u32) -> ChildPlan {
+    /// What the child is given; valid while `self` and `detach_buf` live. `sync_fd`: the
+    /// child's end of a stream socket pair whose other end the agent uses to hear that the
+    /// namespace is private and to send what to detach.
+    pub fn child_plan(&self, uid: u32, sync_fd: c_int, detach_buf: &mut [u8]) -> ChildPlan {
         ChildPlan {
-            detach: self.detach.as_ptr(),
+            sync_fd,
+            detach_buf: detach_buf.as_mut_ptr(),
+            detach_cap: detach_buf.len(),
             hide_dirs: self.hide_dirs.as_ptr(),
             hide_files: self.hide_files.as_ptr(),
             uid,
@@ -167,13 +188,19 @@ impl PlanPointers<'_> {
     }
 }
 
-/// The plan as the cloned child sees it: raw pointers into memory prepared before the clone.
+/// The plan as the cloned child sees it: raw pointers into memory prepared before the clone
+/// (without CLONE_VM the child writes into its own copy of `detach_buf`).
 pub struct ChildPlan {
-    detach: *const *const c_char,
+    sync_fd: c_int,
+    detach_buf: *mut u8,
+    detach_cap: usize,
     hide_dirs: *const *const c_char,
     hide_files: *const *const c_char,
     uid: libc::uid_t,
 }
+
+/// The byte the child sends once its mount namespace is private.
+pub const PRIVATE_NOW: u8 = b'p';
 
 /// The child's stages, reported with the errno (numbers after the runtime's own).
 pub const FIRST_STAGE: i32 = 20;
@@ -188,6 +215,7 @@ const STAGE_BOUNDING: i32 = 27;
 const STAGE_IDS: i32 = 28;
 const STAGE_CAPS: i32 = 29;
 const STAGE_NNP: i32 = 30;
+const STAGE_SYNC: i32 = 31;
 
 pub fn stage_name(stage: i32) -> Option<&'static str> {
     Some(match stage {
@@ -202,6 +230,7 @@ pub fn stage_name(stage: i32) -> Option<&'static str> {
         STAGE_IDS => "switching to the container's uid and gid",
         STAGE_CAPS => "dropping every capability",
         STAGE_NNP => "setting no_new_privs",
+        STAGE_SYNC => "waiting for the agent's list of mounts to detach",
         _ => return None,
     })
 }
@@ -249,6 +278,69 @@ fn errno() -> c_int {
     unsafe { *libc::__errno_location() }
 }
 
+fn set_errno(e: c_int) {
+    // SAFETY: the calling thread's errno location is always valid.
+    unsafe { *libc::__errno_location() = e }
+}
+
+/// Reads exactly `len` bytes from `fd` into `buf` (retrying EINTR); an early end is EPIPE.
+///
+/// # Safety
+/// `buf` is valid for `len` bytes. Async-signal-safe.
+unsafe fn read_exact(fd: c_int, buf: *mut u8, len: usize) -> Result<(), ()> {
+    let mut got = 0;
+    while got < len {
+        // SAFETY: reads into the unread tail of `buf`.
+        let n = unsafe { libc::read(fd, buf.add(got).cast(), len - got) };
+        match n {
+            0 => {
+                set_errno(libc::EPIPE);
+                return Err(());
+            }
+            n if n > 0 => got += n as usize,
+            _ if errno() == libc::EINTR => {}
+            _ => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// In the child: tells the agent its namespace is private, then reads what to detach (a
+/// little-endian u64 length, then that many bytes of NUL-terminated paths) into its buffer.
+/// Returns the message's length.
+///
+/// # Safety
+/// Only in the child after clone(2). Async-signal-safe.
+unsafe fn receive_detach(plan: &ChildPlan) -> Result<usize, i32> {
+    // SAFETY: write(2)/read(2) on the socket and on memory prepared before the clone.
+    unsafe {
+        let byte = PRIVATE_NOW;
+        let sent = loop {
+            let n = libc::write(plan.sync_fd, (&raw const byte).cast(), 1);
+            if n >= 0 || errno() != libc::EINTR {
+                break n;
+            }
+        };
+        if sent != 1 {
+            return Err(STAGE_SYNC);
+        }
+        let mut len = [0u8; 8];
+        read_exact(plan.sync_fd, len.as_mut_ptr(), len.len()).map_err(|()| STAGE_SYNC)?;
+        let len = u64::from_le_bytes(len);
+        if len > plan.detach_cap as u64 {
+            set_errno(libc::E2BIG);
+            return Err(STAGE_DETACH);
+        }
+        let len = len as usize;
+        read_exact(plan.sync_fd, plan.detach_buf, len).map_err(|()| STAGE_SYNC)?;
+        if len > 0 && *plan.detach_buf.add(len - 1) != 0 {
+            set_errno(libc::EINVAL);
+            return Err(STAGE_DETACH);
+        }
+        Ok(len)
+    }
+}
+
 /// In the cloned child (new PID and mount namespaces, still privileged): the mount namespace
 /// of the module's doc. Async-signal-safe system calls only. Err: the stage that failed
 /// (errno set).
@@ -273,15 +365,19 @@ pub unsafe fn enter_mount_namespace(plan: &ChildPlan) -> Result<(), i32> {
             ),
             STAGE_PRIVATE,
         )?;
-        each(plan.detach, |p| {
+        // From here on nothing reaches this namespace: the agent reads its table.
+        let len = receive_detach(plan)?;
+        let mut at = 0;
+        while at < len {
+            let p = plan.detach_buf.add(at).cast::<c_char>();
             // Gone with a parent detached before it: fine.
             if libc::umount2(p, libc::MNT_DETACH) < 0
                 && !matches!(errno(), libc::EINVAL | libc::ENOENT)
             {
                 return Err(STAGE_DETACH);
             }
-            Ok(())
-        })?;
+            at += libc::strlen(p) + 1;
+        }
         let attr = libc::mount_attr {
             attr_set: libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
             attr_clr: 0,
@@ -452,6 +548,15 @@ pub fn hidden_roots(hide: &[PathBuf]) -> Vec<PathBuf> {
     v
 }
 
+/// [`MountPlan::detach_message`] of a mount table already read.
+pub fn detach_message(mounts: &[Mount], hide: &[PathBuf]) -> io::Result<Vec<u8>> {
+    let mut m = Vec::new();
+    for p in to_detach(mounts, hide) {
+        m.extend_from_slice(c_path(&p)?.as_bytes_with_nul());
+    }
+    Ok(m)
+}
+
 /// The mount points to detach, deepest first (see the module's doc).
 pub fn to_detach(mounts: &[Mount], hide: &[PathBuf]) -> Vec<PathBuf> {
     let mut v: Vec<&Mount> = mounts
@@ -520,6 +625,12 @@ mod tests {
                 "/proc",
             ]
         );
+        // What the child is sent: the same, each NUL-terminated.
+        let m = detach_message(&parse_mountinfo(MOUNTINFO), &hide).unwrap();
+        let mut want = d.join("\0").into_bytes();
+        want.push(0);
+        assert_eq!(m, want);
+        assert!(detach_message(&[], &hide).unwrap().is_empty());
     }
 
     #[test]
