@@ -573,13 +573,16 @@ impl Client {
         self.send::<(), _>("GET", path, None, self.timeout).await
     }
 
-    async fn send<B: Serialize, T: DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&B>,
-        timeout: Duration,
-    ) -> Result<T, ApiError> {
+    /// A watch of its own that keeps its connection open between long polls ([`Watcher`]).
+    pub fn watcher(&self) -> Watcher {
+        Watcher {
+            client: self.clone(),
+            conn: None,
+        }
+    }
+
+    /// `method path` with this client's identity (TLS, token) and `timeout`.
+    fn request(&self, method: &str, path: &str, timeout: Duration) -> Request {
         let mut request = Request::new(method, path)
             .tls(self.tls.clone())
             .header("Accept", "application/json")
@@ -587,6 +590,20 @@ impl Client {
         if let Some(t) = &self.token {
             request = request.token(t.as_str());
         }
+        if self.all.len() > 1 {
+            request = request.connect_timeout(FALLBACK_CONNECT_TIMEOUT);
+        }
+        request
+    }
+
+    async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let mut request = self.request(method, path, timeout);
         if let Some(body) = body {
             let body = serde_json::to_vec(body).map_err(|source| ApiError::Decode {
                 what: format!("the body of {}", request.what()),
@@ -598,9 +615,8 @@ impl Client {
         if self.all.len() < 2 {
             return request.send(self.addr).await?.json(&what);
         }
-        // A gateway whose host died answers nothing: the next one is tried after a second
-        // rather than after the whole request's timeout.
-        let request = request.connect_timeout(FALLBACK_CONNECT_TIMEOUT);
+        // (A gateway whose host died answers nothing: `request` gives up its connect after a
+        // second and the next one is tried, rather than after the whole request's timeout.)
         // Several gateways: from the one that answered last, each in turn while the failure
         // says the request did not reach a gateway (or, for a read, whatever it says).
         let n = self.all.len();
@@ -625,6 +641,78 @@ impl Client {
             }
         }
         Err(last.expect("at least two gateways tried").into())
+    }
+}
+
+/// A watch that keeps its connection to the gateway open between long polls (HTTP/1.1
+/// keep-alive, [`crate::transport::KeptConnection`]): an agent follows the registry with one
+/// TCP connection and one TLS handshake instead of one per change. The connection follows the
+/// client: when the client moved to another gateway, the next poll connects there; a
+/// gateway that cannot be reached is left as the client leaves it (each gateway in turn).
+#[derive(Debug)]
+pub struct Watcher {
+    client: Client,
+    conn: Option<crate::transport::KeptConnection>,
+}
+
+impl Watcher {
+    /// [`Client::watch`] on the kept connection.
+    pub async fn watch(
+        &mut self,
+        host: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Snapshot, ApiError> {
+        let path = format!("/v1/watch?host={}&after={after}", percent_encode(host));
+        self.get(&path, timeout).await
+    }
+
+    /// [`Client::watch_update`] on the kept connection.
+    pub async fn watch_update(
+        &mut self,
+        host: &str,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<crate::WatchUpdate, ApiError> {
+        let path = format!(
+            "/v1/watch?host={}&after={after}&delta=true",
+            percent_encode(host)
+        );
+        self.get(&path, timeout).await
+    }
+
+    /// Whether a connection is open for the next poll (tests).
+    pub fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.is_closed())
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let addr = self.client.addr();
+        let request = self.client.request("GET", path, timeout);
+        let what = request.what();
+        let kept = self
+            .conn
+            .take()
+            .filter(|c| c.addr() == addr && !c.is_closed());
+        let conn = match kept {
+            Some(c) => c,
+            None => match request.open_kept(addr).await {
+                Ok(c) => c,
+                // Not reachable: the client's own way, each gateway in turn (the next poll
+                // connects to the one that answered).
+                Err(_) if self.client.all.len() > 1 => {
+                    return self.client.send::<(), T>("GET", path, None, timeout).await;
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let (answer, back) = request.send_kept(conn).await;
+        self.conn = back;
+        answer?.json(&what)
     }
 }
 
@@ -728,6 +816,69 @@ mod tests {
             req.to_lowercase().contains("authorization: bearer tok\r\n"),
             "{req}"
         );
+    }
+
+    /// A watcher's polls share one connection while the server keeps it open; a server that
+    /// closes it (`connection: close`, or a restart) gets a new one at the next poll.
+    #[tokio::test]
+    async fn a_watcher_keeps_its_connection_between_polls() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, sv) = (accepted.clone(), served.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                a.fetch_add(1, SeqCst);
+                let sv = sv.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            buf.drain(..end + 4);
+                            assert!(!head.contains("connection: close"), "{head}");
+                            // The third answer closes the connection.
+                            let third = sv.fetch_add(1, SeqCst) == 2;
+                            let body = r#"{"delta":{"from":1,"version":2,"overlay_cidr":"10.244.0.0/16","vni":1,"migrations":[]}}"#;
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
+                                body.len(),
+                                if third { "connection: close\r\n" } else { "" }
+                            );
+                            s.write_all(answer.as_bytes()).await.unwrap();
+                            if third {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let mut w = Client::new(addr, None).watcher();
+        for _ in 0..3 {
+            let u = w
+                .watch_update("a1", 1, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(u.version(), 2);
+        }
+        assert_eq!(accepted.load(SeqCst), 1, "three polls, one connection");
+        assert!(!w.is_connected(), "the server closed it");
+        w.watch_update("a1", 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(accepted.load(SeqCst), 2);
+        assert!(w.is_connected());
+        assert_eq!(served.load(SeqCst), 4);
     }
 
     #[tokio::test]

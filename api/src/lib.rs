@@ -128,7 +128,7 @@ pub mod transport;
 pub mod types;
 pub mod validate;
 
-pub use client::{ApiError, Client};
+pub use client::{ApiError, Client, Watcher};
 pub use clock::{unix_ms, unix_ms_f64};
 pub use types::*;
 pub use validate::{ContainerAddr, PublicKey};

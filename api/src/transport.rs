@@ -294,13 +294,19 @@ impl Request {
         block_on(self.send(addr)).map_err(|source| HttpError::Runtime { addr, source })?
     }
 
-    fn build(self, addr: SocketAddr) -> Result<hyper::Request<ReqBody>, hyper::http::Error> {
+    fn build(
+        self,
+        addr: SocketAddr,
+        keep_alive: bool,
+    ) -> Result<hyper::Request<ReqBody>, hyper::http::Error> {
         let mut b = hyper::Request::builder()
             .method(self.method.as_str())
             .uri(self.path.as_str())
             .header(HOST, addr.to_string())
-            .header(USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")))
-            .header(CONNECTION, "close");
+            .header(USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")));
+        if !keep_alive {
+            b = b.header(CONNECTION, "close");
+        }
         if let Some(t) = &self.token {
             b = b.header(AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -415,36 +421,18 @@ impl Request {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let max = self.max_answer;
-        let request = self.build(addr).map_err(|source| HttpError::Request {
-            addr,
-            what: what.to_owned(),
-            source,
-        })?;
+        let request = self
+            .build(addr, false)
+            .map_err(|source| HttpError::Request {
+                addr,
+                what: what.to_owned(),
+                source,
+            })?;
         let failed = |e: hyper::Error| classify(addr, what, e);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(failed)?;
-        let answer = async {
-            let answer = sender.send_request(request).await.map_err(failed)?;
-            let (parts, body) = answer.into_parts();
-            let body = Limited::new(body, max)
-                .collect()
-                .await
-                .map_err(|e| match e.downcast::<hyper::Error>() {
-                    Ok(e) => failed(*e),
-                    Err(_) => HttpError::Protocol {
-                        addr,
-                        what: what.to_owned(),
-                        source: ProtocolError::TooLarge { limit: max },
-                    },
-                })?
-                .to_bytes();
-            Ok(Response {
-                status: parts.status.as_u16(),
-                headers: parts.headers,
-                body,
-            })
-        };
+        let answer = answer_of(&mut sender, request, addr, what, max);
         // The connection makes progress only while polled; it ends after the answer
         // (`Connection: close`), or with the error the request also sees.
         let mut conn = pin!(conn);
@@ -454,6 +442,162 @@ impl Request {
             c = &mut conn => {
                 c.map_err(failed)?;
                 answer.await
+            }
+        }
+    }
+}
+
+/// Sends `request` on `sender` and reads its whole answer, up to `max` bytes of body.
+async fn answer_of(
+    sender: &mut hyper::client::conn::http1::SendRequest<ReqBody>,
+    request: hyper::Request<ReqBody>,
+    addr: SocketAddr,
+    what: &str,
+    max: usize,
+) -> Result<Response, HttpError> {
+    let failed = |e: hyper::Error| classify(addr, what, e);
+    let answer = sender.send_request(request).await.map_err(failed)?;
+    let (parts, body) = answer.into_parts();
+    let body = Limited::new(body, max)
+        .collect()
+        .await
+        .map_err(|e| match e.downcast::<hyper::Error>() {
+            Ok(e) => failed(*e),
+            Err(_) => HttpError::Protocol {
+                addr,
+                what: what.to_owned(),
+                source: ProtocolError::TooLarge { limit: max },
+            },
+        })?
+        .to_bytes();
+    Ok(Response {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// An HTTP/1.1 connection kept open between requests ([`Request::send_kept`]): a watch's
+/// long polls, one after the other, pay for one TCP connect and one TLS handshake (with its
+/// certificate signatures on both sides) in all instead of one per change. With a thousand
+/// watchers, those handshakes were most of a change's cost on the gateway. One request at a
+/// time; a connection whose request failed or timed out is not reused (its state is unknown).
+pub struct KeptConnection {
+    addr: SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<ReqBody>,
+    /// Polls the connection (hyper's side of it) until it closes; aborted with this.
+    driver: tokio::task::JoinHandle<()>,
+    alert: Option<Arc<std::sync::Mutex<Option<rustls::Error>>>>,
+}
+
+impl std::fmt::Debug for KeptConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptConnection")
+            .field("addr", &self.addr)
+            .field("closed", &self.sender.is_closed())
+            .finish()
+    }
+}
+
+impl Drop for KeptConnection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl KeptConnection {
+    /// The address it is connected to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the peer (or an error) closed it: a request would fail at once.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed() || self.driver.is_finished()
+    }
+}
+
+impl Request {
+    /// Opens a connection to `addr` that stays open between requests (see
+    /// [`KeptConnection`]), with this request's TLS identity and connect deadline. Within
+    /// the request's deadline.
+    pub async fn open_kept(&self, addr: SocketAddr) -> Result<KeptConnection, HttpError> {
+        let what = self.what();
+        let open = async {
+            let Connection {
+                addr,
+                stream,
+                alert,
+            } = self.connect(addr).await?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| classify(addr, &what, e))?;
+            let driver = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok(KeptConnection {
+                addr,
+                sender,
+                driver,
+                alert,
+            })
+        };
+        match self.timeout {
+            None => open.await,
+            Some(t) => tokio::time::timeout(t, open).await.unwrap_or_else(|_| {
+                Err(HttpError::Timeout {
+                    addr,
+                    what: what.clone(),
+                    timeout: t,
+                })
+            }),
+        }
+    }
+
+    /// Sends the request on `conn` (without `Connection: close`) and reads the whole answer,
+    /// within the request's deadline. Gives the connection back for the next request if the
+    /// exchange completed and the peer keeps it open; otherwise it is dropped.
+    pub async fn send_kept(
+        self,
+        mut conn: KeptConnection,
+    ) -> (Result<Response, HttpError>, Option<KeptConnection>) {
+        let (what, addr, timeout, max) = (self.what(), conn.addr, self.timeout, self.max_answer);
+        let request = match self.build(addr, true) {
+            Ok(r) => r,
+            Err(source) => {
+                let e = HttpError::Request {
+                    addr,
+                    what: what.clone(),
+                    source,
+                };
+                return (Err(e), Some(conn));
+            }
+        };
+        let r = within(
+            timeout,
+            addr,
+            &what,
+            answer_of(&mut conn.sender, request, addr, &what, max),
+        )
+        .await;
+        let seen = conn
+            .alert
+            .as_ref()
+            .and_then(|a| a.lock().unwrap_or_else(|p| p.into_inner()).take());
+        match (r, seen) {
+            (Err(_), Some(e)) => (
+                Err(tls_error(addr, &io::Error::other(e)).expect("a rustls error is a TLS error")),
+                None,
+            ),
+            (Err(e), None) => (Err(e), None),
+            (Ok(resp), _) => {
+                let closing = resp
+                    .headers
+                    .get(CONNECTION)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                let keep = (!closing && !conn.is_closed()).then_some(conn);
+                (Ok(resp), keep)
             }
         }
     }

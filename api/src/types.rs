@@ -397,6 +397,80 @@ impl SnapshotDelta {
     }
 }
 
+/// Above this many endpoint changes, [`SnapshotDelta::apply_in_place`] merges the lists in one
+/// pass instead of editing them entry by entry (each edit moves the list's tail).
+const IN_PLACE_MAX: usize = 64;
+
+impl SnapshotDelta {
+    /// [`Self::apply_to`] on `base` itself, which must be in the gateway's order (endpoints by
+    /// address, as every snapshot the gateway sends and every [`Self::apply_to`] result is):
+    /// each changed endpoint is found by binary search and replaced, inserted or removed where
+    /// it is, so a change costs O(log n) lookups and moving the list's tail (a memmove), not a
+    /// copy of the snapshot. A large change (more than 64 endpoints) is merged in one pass.
+    /// Hosts and public mappings (few; a change to them is rare) are rebuilt when the delta
+    /// touches them.
+    pub fn apply_in_place(&self, base: &mut Snapshot) -> Result<(), DeltaMismatch> {
+        use std::collections::BTreeMap;
+        if base.version != self.from {
+            return Err(DeltaMismatch {
+                from: self.from,
+                have: base.version,
+            });
+        }
+        if !self.hosts.is_empty() || !self.hosts_removed.is_empty() {
+            let mut hosts: BTreeMap<String, HostInfo> = std::mem::take(&mut base.hosts)
+                .into_iter()
+                .map(|h| (h.name.clone(), h))
+                .collect();
+            for name in &self.hosts_removed {
+                hosts.remove(name);
+            }
+            hosts.extend(self.hosts.iter().map(|h| (h.name.clone(), h.clone())));
+            base.hosts = hosts.into_values().collect();
+        }
+        let eps = &mut base.endpoints;
+        if self.endpoints.len() + self.endpoints_removed.len() > IN_PLACE_MAX {
+            let mut all: BTreeMap<Ipv4Addr, Endpoint> =
+                std::mem::take(eps).into_iter().map(|e| (e.ip, e)).collect();
+            for ip in &self.endpoints_removed {
+                all.remove(ip);
+            }
+            all.extend(self.endpoints.iter().map(|e| (e.ip, e.clone())));
+            *eps = all.into_values().collect();
+        } else {
+            for ip in &self.endpoints_removed {
+                if let Ok(i) = eps.binary_search_by_key(ip, |e| e.ip) {
+                    eps.remove(i);
+                }
+            }
+            for e in &self.endpoints {
+                match eps.binary_search_by_key(&e.ip, |x| x.ip) {
+                    Ok(i) => eps[i] = e.clone(),
+                    Err(i) => eps.insert(i, e.clone()),
+                }
+            }
+        }
+        if !self.public.is_empty() || !self.public_removed.is_empty() {
+            let mut public: BTreeMap<crate::PublicKey, PublicMapping> =
+                std::mem::take(&mut base.public)
+                    .into_iter()
+                    .map(|p| (p.public_key(), p))
+                    .collect();
+            for key in &self.public_removed {
+                public.retain(|_, p| p.key() != *key);
+            }
+            public.extend(self.public.iter().map(|p| (p.public_key(), p.clone())));
+            base.public = public.into_values().collect();
+        }
+        base.version = self.version;
+        base.overlay_cidr = self.overlay_cidr;
+        base.overlay6_cidr = self.overlay6_cidr;
+        base.vni = self.vni;
+        base.migrations.clone_from(&self.migrations);
+        Ok(())
+    }
+}
+
 /// The answer of `GET /v1/watch?…&delta=true`: a delta from the agent's version when the
 /// gateway still knows what changed since, else the whole snapshot (first contact, a
 /// restarted gateway, an agent too far behind).
@@ -953,7 +1027,108 @@ pub struct IpamStatus {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    fn endpoint(last: u8, host: u8) -> Endpoint {
+        Endpoint {
+            ip: Ipv4Addr::new(10, 244, 0, last),
+            host: format!("h{host}"),
+            mac: MacAddr([0x0e, 0, 0, 0, host, last]),
+        }
+    }
+
+    fn host(n: u8) -> HostInfo {
+        HostInfo {
+            name: format!("h{n}"),
+            vtep: Ipv4Addr::new(192, 168, 0, n),
+            overlay_ip: Ipv4Addr::new(10, 244, 255, n),
+            role: HostRole::Host,
+            active_since: None,
+        }
+    }
+
+    fn mapping(last: u8, port: Option<u16>, container: u8) -> PublicMapping {
+        PublicMapping {
+            public: Ipv4Addr::new(203, 0, 113, last),
+            public_port: port,
+            container: Ipv4Addr::new(10, 244, 0, container),
+            container_port: port,
+            proto: port.map(|_| Proto::Tcp),
+        }
+    }
+
+    prop_compose! {
+        /// A snapshot in the gateway's order, from a small address space (so changes collide
+        /// with what is there).
+        fn snapshot()(
+            eps in prop::collection::btree_map(any::<u8>(), 0u8..4, 0..200),
+            hosts in prop::collection::btree_set(0u8..6, 0..4),
+            public in prop::collection::btree_map((0u8..8, prop::option::of(1u16..4)), any::<u8>(), 0..6),
+        ) -> Snapshot {
+            Snapshot {
+                version: 7,
+                overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+                overlay6_cidr: None,
+                vni: 42,
+                hosts: hosts.into_iter().map(host).collect(),
+                endpoints: eps.into_iter().map(|(ip, h)| endpoint(ip, h)).collect(),
+                public: {
+                    let mut v: Vec<PublicMapping> =
+                        public.into_iter().map(|((l, p), c)| mapping(l, p, c)).collect();
+                    v.sort_by_key(PublicMapping::public_key);
+                    v
+                },
+                migrations: Vec::new(),
+            }
+        }
+    }
+
+    prop_compose! {
+        /// A delta from version 7, of 0 to 150 endpoint changes (both sides of
+        /// `IN_PLACE_MAX`), some hosts and mappings.
+        fn delta()(
+            eps in prop::collection::vec((any::<u8>(), 0u8..4), 0..100),
+            removed in prop::collection::vec(any::<u8>(), 0..50),
+            hosts in prop::collection::vec(0u8..6, 0..3),
+            hosts_removed in prop::collection::vec(0u8..6, 0..2),
+            public in prop::collection::vec(((0u8..8, prop::option::of(1u16..4)), any::<u8>()), 0..3),
+            public_removed in prop::collection::vec((0u8..8, prop::option::of(1u16..4)), 0..3),
+        ) -> SnapshotDelta {
+            SnapshotDelta {
+                from: 7,
+                version: 8,
+                overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+                overlay6_cidr: None,
+                vni: 42,
+                hosts: hosts.into_iter().map(host).collect(),
+                hosts_removed: hosts_removed.into_iter().map(|n| format!("h{n}")).collect(),
+                endpoints: eps.into_iter().map(|(ip, h)| endpoint(ip, h)).collect(),
+                endpoints_removed: removed.into_iter().map(|l| Ipv4Addr::new(10, 244, 0, l)).collect(),
+                public: public.into_iter().map(|((l, p), c)| mapping(l, p, c)).collect(),
+                public_removed: public_removed.into_iter().map(|(l, p)| mapping(l, p, 0).key()).collect(),
+                migrations: Vec::new(),
+            }
+        }
+    }
+
+    proptest! {
+        /// Editing the snapshot in place gives what building a new one gives, and keeps the
+        /// endpoints in order (the next edit's binary search relies on it).
+        #[test]
+        fn a_delta_applied_in_place_is_the_delta_applied(base in snapshot(), d in delta()) {
+            let want = d.apply_to(&base).unwrap();
+            let mut got = base.clone();
+            d.apply_in_place(&mut got).unwrap();
+            prop_assert_eq!(&got, &want);
+            prop_assert!(got.endpoints.windows(2).all(|w| w[0].ip < w[1].ip));
+            let mut stale = base.clone();
+            stale.version = 6;
+            prop_assert!(d.apply_in_place(&mut stale).is_err());
+            prop_assert_eq!(stale.endpoints, base.endpoints);
+        }
+    }
 
     #[test]
     fn host_status_round_trips_and_rejects_unknown_fields() {

@@ -353,14 +353,16 @@ impl Drop for Watchers {
 /// One simulated watcher: the agent's long poll, answered as deltas after the first snapshot.
 async fn watch(client: Client, seen: Seen) {
     let mut after = 0;
+    // Its own connection, kept open between polls, as an agent's.
+    let mut watcher = client.watcher();
     loop {
         let answer = if after == 0 {
-            client
+            watcher
                 .watch(PHANTOM, 0, Duration::from_secs(90))
                 .await
                 .map(|s| s.version)
         } else {
-            client
+            watcher
                 .watch_update(PHANTOM, after, Duration::from_secs(90))
                 .await
                 .map(|u| u.version())

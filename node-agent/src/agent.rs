@@ -400,6 +400,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         udp_pace: std::time::Duration::from_millis(cfg.hold.udp_pace_ms),
         pacers: Vec::new(),
         facing_override: None,
+        planned: None,
     };
     let hold_reader = tokio::spawn(read_hold_device(hold.clone()));
     // The static configuration alone does not know the containers: on an adopted datapath

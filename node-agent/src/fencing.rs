@@ -153,6 +153,11 @@ impl Fencing {
         }
     }
 
+    /// Whether any copy here is fenced (a registry change may then make it the owner).
+    pub fn any_fenced(&self) -> bool {
+        !self.runtime.fenced().is_empty()
+    }
+
     /// Resumes the destination copies that `snap` releases here, before the apply that
     /// releases them (called without the node lock): the held packets are then written back
     /// to a copy that runs and reads its sockets. Released the other way round, the copy

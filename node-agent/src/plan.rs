@@ -61,8 +61,62 @@ pub struct Desired {
     pub version: u64,
     /// The VNI in use.
     pub vni: u32,
-    /// Endpoints the snapshot places on hosts it does not list (ignored, reported).
+    /// Endpoints the snapshot places on hosts it does not list (ignored, reported), in
+    /// address order.
     pub orphans: Vec<Ipv4Addr>,
+    /// A plan patched from the previous one ([`patch`]): what may differ from it. `None`:
+    /// anything may (a plan made afresh), and the apply compares everything.
+    pub touched: Option<Touched>,
+}
+
+/// What a [`patch`] recomputed: the apply compares only these against what it applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Addresses whose endpoint entry, local container, hold, staging or forwarding pointer
+    /// was computed again.
+    pub endpoints: BTreeSet<Ipv4Addr>,
+    /// The translations (public and SNAT maps) were computed again.
+    pub translations: bool,
+}
+
+/// Name → (VTEP, overlay address) of every host a plan knows: the static peers, then the
+/// registry's (which wins on conflicts).
+type Hosts = BTreeMap<String, (Ipv4Addr, Ipv4Addr)>;
+
+fn hosts_of(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Hosts {
+    let mut hosts: Hosts = cfg
+        .peers
+        .iter()
+        .map(|p| (p.name.clone(), (p.vtep, p.overlay_ip)))
+        .collect();
+    if let Some(s) = snap {
+        for h in &s.hosts {
+            hosts.insert(h.name.clone(), (h.vtep, h.overlay_ip));
+        }
+    }
+    hosts
+}
+
+/// Whether `name` / `vtep` is this host (its own entry is `HOST`, it is no peer).
+fn is_me(cfg: &AgentConfig, name: &str, vtep: Ipv4Addr) -> bool {
+    name == cfg.host || vtep == cfg.vtep
+}
+
+/// The registry's record of `ip`: by binary search when the snapshot is in the gateway's
+/// order (`sorted`), else by a walk.
+fn record(s: &Snapshot, ip: Ipv4Addr, sorted: bool) -> Option<&ferry_api::Endpoint> {
+    if sorted {
+        s.endpoints
+            .binary_search_by_key(&ip, |e| e.ip)
+            .ok()
+            .map(|i| &s.endpoints[i])
+    } else {
+        s.endpoints.iter().find(|e| e.ip == ip)
+    }
+}
+
+fn is_sorted(s: &Snapshot) -> bool {
+    s.endpoints.windows(2).all(|w| w[0].ip < w[1].ip)
 }
 
 fn remote(vtep: Ipv4Addr, vni: u32) -> Endpoint {
@@ -132,20 +186,10 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
             ..Endpoint::default()
         },
     );
-    // Hosts: static peers first, then the registry's (which wins on conflicts).
-    let mut hosts: BTreeMap<String, (Ipv4Addr, Ipv4Addr)> = cfg
-        .peers
-        .iter()
-        .map(|p| (p.name.clone(), (p.vtep, p.overlay_ip)))
-        .collect();
-    if let Some(s) = snap {
-        for h in &s.hosts {
-            hosts.insert(h.name.clone(), (h.vtep, h.overlay_ip));
-        }
-    }
+    let hosts = hosts_of(cfg, snap);
     for (i, (name, (vtep, overlay_ip))) in hosts.iter().enumerate() {
         let host_id = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        if *name == cfg.host || *vtep == cfg.vtep {
+        if is_me(cfg, name, *vtep) {
             continue;
         }
         d.vteps.insert(*vtep, Vtep { vni, host_id });
@@ -179,92 +223,211 @@ pub fn desired(cfg: &AgentConfig, snap: Option<&Snapshot>) -> Desired {
         }
     }
     add_sorted(&mut d.endpoints, remotes);
-    // Migrations: the destination builds the container and holds it until release; from
-    // freeze on everyone else points at the destination and the source forwards to it.
+    d.orphans.sort_unstable();
+    d.orphans.dedup();
+    let sorted = is_sorted(s);
     for m in &s.migrations {
-        let Some(ep) = s.endpoints.iter().find(|e| e.ip == m.container) else {
-            continue;
-        };
-        let Some((to_vtep, _)) = hosts.get(&m.to) else {
-            continue;
-        };
-        let me_from = m.from == cfg.host;
-        let me_to = m.to == cfg.host;
-        match m.phase {
-            // Prepared: the destination builds the container, but its entry still points at
-            // the source (its own containers reach the migrating one there).
-            MigrationPhase::Prepared if me_to => {
-                d.containers.insert(
-                    m.container,
-                    LocalContainer {
-                        ip: m.container,
-                        mac: ep.mac,
-                    },
-                );
-                d.staged.insert(m.container);
-            }
-            // Frozen: the destination holds from the first half of the freeze on.
-            MigrationPhase::Frozen if me_to => {
-                d.endpoints.remove(&m.container);
-                d.containers.insert(
-                    m.container,
-                    LocalContainer {
-                        ip: m.container,
-                        mac: ep.mac,
-                    },
-                );
-                d.hold.insert(m.container);
-            }
-            // The first half of a freeze changes nothing but the destination.
-            MigrationPhase::Frozen if m.switch_pending => {}
-            MigrationPhase::Frozen | MigrationPhase::Released if me_from => {
-                d.endpoints.remove(&m.container);
-                d.containers.insert(
-                    m.container,
-                    LocalContainer {
-                        ip: m.container,
-                        mac: ep.mac,
-                    },
-                );
-                d.forward.insert(m.container, *to_vtep);
-            }
-            MigrationPhase::Frozen if !me_to => {
-                d.endpoints.insert(m.container, remote(*to_vtep, vni));
-            }
-            _ => {}
-        }
+        place_migration(&mut d, cfg, s, &hosts, m, sorted);
     }
-    if cfg.role == HostRole::Gateway {
-        for m in &s.public {
-            let port = match (m.public_port, m.container_port, m.proto) {
-                (Some(pp), Some(cp), Some(proto)) => Some((pp, cp, proto.number())),
-                _ => None,
-            };
-            d.public.insert(
-                nat_key(m.public, Some((0, PRESENCE_PROTO))),
-                nat_value(m.public, None),
-            );
-            match port {
-                Some((pp, cp, proto)) => {
-                    d.public.insert(
-                        nat_key(m.public, Some((pp, proto))),
-                        nat_value(m.container, Some(cp)),
-                    );
-                    d.snat.insert(
-                        nat_key(m.container, Some((cp, proto))),
-                        nat_value(m.public, Some(pp)),
-                    );
-                }
-                None => {
-                    d.public
-                        .insert(nat_key(m.public, None), nat_value(m.container, None));
-                    d.snat
-                        .insert(nat_key(m.container, None), nat_value(m.public, None));
-                }
-            }
-        }
-    }
+    translations(&mut d, cfg, s);
     d
+}
+
+/// One migration's part of the plan (its container's entries): the destination builds the
+/// container and holds it until release; from freeze on everyone else points at the
+/// destination and the source forwards to it.
+fn place_migration(
+    d: &mut Desired,
+    cfg: &AgentConfig,
+    s: &Snapshot,
+    hosts: &Hosts,
+    m: &ferry_api::Migration,
+    sorted: bool,
+) {
+    let Some(ep) = record(s, m.container, sorted) else {
+        return;
+    };
+    let Some((to_vtep, _)) = hosts.get(&m.to) else {
+        return;
+    };
+    let vni = d.vni;
+    let me_from = m.from == cfg.host;
+    let me_to = m.to == cfg.host;
+    let container = LocalContainer {
+        ip: m.container,
+        mac: ep.mac,
+    };
+    match m.phase {
+        // Prepared: the destination builds the container, but its entry still points at
+        // the source (its own containers reach the migrating one there).
+        MigrationPhase::Prepared if me_to => {
+            d.containers.insert(m.container, container);
+            d.staged.insert(m.container);
+        }
+        // Frozen: the destination holds from the first half of the freeze on.
+        MigrationPhase::Frozen if me_to => {
+            d.endpoints.remove(&m.container);
+            d.containers.insert(m.container, container);
+            d.hold.insert(m.container);
+        }
+        // The first half of a freeze changes nothing but the destination.
+        MigrationPhase::Frozen if m.switch_pending => {}
+        MigrationPhase::Frozen | MigrationPhase::Released if me_from => {
+            d.endpoints.remove(&m.container);
+            d.containers.insert(m.container, container);
+            d.forward.insert(m.container, *to_vtep);
+        }
+        MigrationPhase::Frozen if !me_to => {
+            d.endpoints.insert(m.container, remote(*to_vtep, vni));
+        }
+        _ => {}
+    }
+}
+
+/// Gateway role only: both directions of every public mapping, and one presence marker per
+/// public address (computed afresh).
+fn translations(d: &mut Desired, cfg: &AgentConfig, s: &Snapshot) {
+    d.public.clear();
+    d.snat.clear();
+    if cfg.role != HostRole::Gateway {
+        return;
+    }
+    for m in &s.public {
+        let port = match (m.public_port, m.container_port, m.proto) {
+            (Some(pp), Some(cp), Some(proto)) => Some((pp, cp, proto.number())),
+            _ => None,
+        };
+        d.public.insert(
+            nat_key(m.public, Some((0, PRESENCE_PROTO))),
+            nat_value(m.public, None),
+        );
+        match port {
+            Some((pp, cp, proto)) => {
+                d.public.insert(
+                    nat_key(m.public, Some((pp, proto))),
+                    nat_value(m.container, Some(cp)),
+                );
+                d.snat.insert(
+                    nat_key(m.container, Some((cp, proto))),
+                    nat_value(m.public, Some(pp)),
+                );
+            }
+            None => {
+                d.public
+                    .insert(nat_key(m.public, None), nat_value(m.container, None));
+                d.snat
+                    .insert(nat_key(m.container, None), nat_value(m.public, None));
+            }
+        }
+    }
+}
+
+/// Everything the plan holds for address `ip`, computed again from `s`, as [`desired`] would
+/// (the property test `a_patched_plan_is_the_plan_made_afresh` holds them to it): a host's own
+/// entry, the registry's record, then that container's migrations in order.
+fn place(d: &mut Desired, cfg: &AgentConfig, s: &Snapshot, hosts: &Hosts, ip: Ipv4Addr) {
+    d.endpoints.remove(&ip);
+    d.containers.remove(&ip);
+    d.hold.remove(&ip);
+    d.staged.remove(&ip);
+    d.forward.remove(&ip);
+    if let Ok(i) = d.orphans.binary_search(&ip) {
+        d.orphans.remove(i);
+    }
+    if ip == cfg.overlay_ip {
+        d.endpoints.insert(
+            ip,
+            Endpoint {
+                kind: kind::HOST,
+                ..Endpoint::default()
+            },
+        );
+    } else if let Some((vtep, _)) = hosts
+        .iter()
+        .rev()
+        .find(|(name, (vtep, overlay_ip))| *overlay_ip == ip && !is_me(cfg, name, *vtep))
+        .map(|(_, v)| v)
+    {
+        d.endpoints.insert(ip, remote(*vtep, d.vni));
+    }
+    if let Some(ep) = record(s, ip, true) {
+        if ep.host == cfg.host {
+            d.containers.insert(ip, LocalContainer { ip, mac: ep.mac });
+        } else if let Some((vtep, _)) = hosts.get(&ep.host) {
+            d.endpoints.insert(ip, remote(*vtep, d.vni));
+        } else if let Err(i) = d.orphans.binary_search(&ip) {
+            d.orphans.insert(i, ip);
+        }
+    }
+    for m in s.migrations.iter().filter(|m| m.container == ip) {
+        place_migration(d, cfg, s, hosts, m, true);
+    }
+}
+
+/// `d`, the plan of the snapshot a delta applies to, patched into the plan of `s` (that
+/// snapshot with `delta` applied; `before`: the migrations of the snapshot it applied to).
+/// Only what the delta touches is computed again — the addresses of its endpoints, the
+/// containers whose migrations changed, the translations if it changes a public mapping —
+/// so a change costs O(its size × log n), not a plan of the whole registry. Returns false
+/// (and leaves `d` as it was) when the delta changes what every entry depends on (hosts,
+/// the VNI) or `d` is not the plan it applies to: plan afresh then. `s`'s endpoints must be
+/// in the gateway's order.
+pub fn patch(
+    d: &mut Desired,
+    cfg: &AgentConfig,
+    s: &Snapshot,
+    delta: &ferry_api::SnapshotDelta,
+    before: &[ferry_api::Migration],
+) -> bool {
+    if d.version != delta.from
+        || s.version != delta.version
+        || d.vni != s.vni
+        || !delta.hosts.is_empty()
+        || !delta.hosts_removed.is_empty()
+    {
+        return false;
+    }
+    let hosts = hosts_of(cfg, Some(s));
+    let mut touched: BTreeSet<Ipv4Addr> = delta
+        .endpoints
+        .iter()
+        .map(|e| e.ip)
+        .chain(delta.endpoints_removed.iter().copied())
+        .collect();
+    fn by_container(ms: &[ferry_api::Migration]) -> BTreeMap<Ipv4Addr, Vec<&ferry_api::Migration>> {
+        let mut g: BTreeMap<Ipv4Addr, Vec<&ferry_api::Migration>> = BTreeMap::new();
+        for m in ms {
+            g.entry(m.container).or_default().push(m);
+        }
+        g
+    }
+    let (was, now) = (by_container(before), by_container(&s.migrations));
+    for ip in was.keys().chain(now.keys()) {
+        if was.get(ip) != now.get(ip) {
+            touched.insert(*ip);
+        }
+    }
+    for ip in &touched {
+        place(d, cfg, s, &hosts, *ip);
+    }
+    let retranslate = !delta.public.is_empty() || !delta.public_removed.is_empty();
+    if retranslate {
+        translations(d, cfg, s);
+    }
+    d.version = s.version;
+    d.egress_vtep = None;
+    d.public_standby = false;
+    set_facing(
+        d,
+        cfg,
+        s,
+        ferry_api::public_gateway(&s.hosts).map(|g| g.name.as_str()),
+    );
+    d.touched = Some(Touched {
+        endpoints: touched,
+        translations: retranslate,
+    });
+    true
 }
 
 /// The public side when `facing` (a gateway-role host of `s`) faces the internet: on a
@@ -568,6 +731,180 @@ overlay_cidr = "10.244.0.0/16"
         assert_eq!(d.egress_vtep, Some("198.18.1.13".parse().unwrap()));
         assert!(desired(&gw_cfg("gw", 12), Some(&s)).public_standby);
         assert!(!desired(&gw_cfg("gw2", 13), Some(&s)).public_standby);
+    }
+
+    mod patched {
+        //! The patched plan against the plan made afresh, over random snapshots and deltas.
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const NAMES: [&str; 5] = ["a1", "a2", "b1", "gw", "zz"];
+        const PHASES: [MigrationPhase; 4] = [
+            MigrationPhase::Prepared,
+            MigrationPhase::Frozen,
+            MigrationPhase::Released,
+            MigrationPhase::Aborted,
+        ];
+
+        /// Addresses that collide: containers, and the hosts' overlay addresses (10.244.255.1–4).
+        fn addr() -> impl Strategy<Value = Ipv4Addr> {
+            (prop::sample::select(vec![1u8, 2, 255]), 0u8..12)
+                .prop_map(|(c, d)| Ipv4Addr::new(10, 244, c, d))
+        }
+
+        fn record() -> impl Strategy<Value = (Ipv4Addr, ApiEndpoint)> {
+            (addr(), 0usize..5, any::<u8>()).prop_map(|(ip, h, m)| {
+                (
+                    ip,
+                    ApiEndpoint {
+                        ip,
+                        host: NAMES[h].into(),
+                        mac: MacAddr([0x0e, 0, 0, 0, 1, m]),
+                    },
+                )
+            })
+        }
+
+        fn mapping() -> impl Strategy<Value = PublicSpec> {
+            (0u8..4, prop::option::of(1u16..3), addr()).prop_map(|(p, port, c)| PublicSpec {
+                public: Ipv4Addr::new(203, 0, 113, p),
+                public_port: port,
+                container: c,
+                container_port: port.map(|p| p + 100),
+                proto: port.map(|_| Proto::Tcp),
+            })
+        }
+
+        fn migrations() -> impl Strategy<Value = Vec<ferry_api::Migration>> {
+            prop::collection::vec(
+                (addr(), 0usize..5, 0usize..5, 0usize..4, any::<bool>()),
+                0..4,
+            )
+            .prop_map(|v| {
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, (ip, f, t, p, pending))| ferry_api::Migration {
+                        switch_pending: pending,
+                        ..ferry_api::Migration::new(
+                            format!("m{i}"),
+                            ip,
+                            NAMES[f],
+                            NAMES[t],
+                            PHASES[p],
+                        )
+                    })
+                    .collect()
+            })
+        }
+
+        fn hosts() -> impl Strategy<Value = Vec<HostInfo>> {
+            prop::collection::btree_set(0usize..4, 1..5).prop_map(|set| {
+                set.into_iter()
+                    .map(|i| {
+                        let role = if NAMES[i] == "gw" {
+                            HostRole::Gateway
+                        } else {
+                            HostRole::Host
+                        };
+                        host(NAMES[i], 10 + i as u8, role)
+                    })
+                    .collect()
+            })
+        }
+
+        prop_compose! {
+            fn snapshot()(
+                hosts in hosts(),
+                eps in prop::collection::btree_map(addr(), (0usize..5, any::<u8>()), 0..30),
+                public in prop::collection::vec(mapping(), 0..4),
+                migrations in migrations(),
+            ) -> Snapshot {
+                let mut public: BTreeMap<ferry_api::PublicKey, PublicSpec> =
+                    public.into_iter().map(|m| (m.public_key(), m)).collect();
+                Snapshot {
+                    version: 5,
+                    overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+                    overlay6_cidr: None,
+                    vni: 7,
+                    hosts,
+                    endpoints: eps
+                        .into_iter()
+                        .map(|(ip, (h, m))| ApiEndpoint {
+                            ip,
+                            host: NAMES[h].into(),
+                            mac: MacAddr([0x0e, 0, 0, 0, 1, m]),
+                        })
+                        .collect(),
+                    public: std::mem::take(&mut public).into_values().collect(),
+                    migrations,
+                }
+            }
+        }
+
+        prop_compose! {
+            /// A delta from version 5: endpoints upserted and removed, sometimes the
+            /// migrations or a public mapping changed, rarely a host.
+            fn delta()(
+                upserts in prop::collection::vec(record(), 0..8),
+                removed in prop::collection::vec(addr(), 0..4),
+                migrations in prop::option::weighted(0.5, migrations()),
+                public in prop::collection::vec(mapping(), 0..2),
+                public_removed in prop::collection::vec(mapping(), 0..2),
+                new_host in prop::option::weighted(0.1, 0usize..4),
+            ) -> (ferry_api::SnapshotDelta, Option<Vec<ferry_api::Migration>>) {
+                (ferry_api::SnapshotDelta {
+                    from: 5,
+                    version: 6,
+                    overlay_cidr: "10.244.0.0/16".parse().unwrap(),
+                    overlay6_cidr: None,
+                    vni: 7,
+                    hosts: new_host.map(|i| host(NAMES[i], 20 + i as u8, HostRole::Host)).into_iter().collect(),
+                    hosts_removed: Vec::new(),
+                    endpoints: upserts.into_iter().map(|(_, e)| e).collect(),
+                    endpoints_removed: removed,
+                    public,
+                    public_removed: public_removed.iter().map(PublicSpec::key).collect(),
+                    migrations: Vec::new(),
+                }, migrations)
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            /// Whatever the delta, the patched plan is the plan made afresh from the new
+            /// snapshot (for a worker and for the gateway), or the patch declines (hosts
+            /// changed) and leaves the plan alone.
+            #[test]
+            fn a_patched_plan_is_the_plan_made_afresh(
+                base in snapshot(),
+                (mut d, migrations) in delta(),
+                gateway in any::<bool>(),
+            ) {
+                d.migrations = migrations.unwrap_or_else(|| base.migrations.clone());
+                let cfg = cfg(if gateway { HostRole::Gateway } else { HostRole::Host });
+                let new = d.apply_to(&base).unwrap();
+                let old = desired(&cfg, Some(&base));
+                let mut patched = old.clone();
+                if patch(&mut patched, &cfg, &new, &d, &base.migrations) {
+                    prop_assert!(d.hosts.is_empty());
+                    let touched = patched.touched.take().unwrap();
+                    prop_assert_eq!(&patched, &desired(&cfg, Some(&new)));
+                    // What was not touched did not change.
+                    for (ip, e) in &old.endpoints {
+                        if !touched.endpoints.contains(ip) {
+                            prop_assert_eq!(patched.endpoints.get(ip), Some(e));
+                        }
+                    }
+                    if !touched.translations {
+                        prop_assert_eq!(&patched.public, &old.public);
+                    }
+                } else {
+                    prop_assert!(!d.hosts.is_empty());
+                    prop_assert_eq!(patched, old);
+                }
+            }
+        }
     }
 
     fn migration(phase: MigrationPhase) -> ferry_api::Migration {

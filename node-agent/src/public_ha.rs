@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_api::{Client, HostRole, Snapshot};
+use ferry_api::{Client, HostInfo, HostRole};
 use ferry_config::{AgentConfig, PublicFailover};
 use tokio::{net::UdpSocket, time::Instant};
 use tracing::{Instrument, debug, info, warn};
@@ -131,8 +131,10 @@ pub async fn run(cfg: AgentConfig, client: Client, node: Arc<tokio::sync::Mutex<
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hello = [MAGIC, cfg.host.as_bytes()].concat();
-    // The registry's view, refreshed when the node is not busy applying.
-    let mut snap: Option<Arc<Snapshot>> = None;
+    // The registry's hosts (and the version they are of), refreshed when the node is not busy
+    // applying. A copy, not the snapshot: a clone of the registry's Arc held here would make
+    // the next delta copy the whole snapshot instead of editing it in place.
+    let mut hosts: Option<(u64, Vec<HostInfo>)> = None;
     let mut heard: BTreeMap<String, Instant> = BTreeMap::new();
     // Since when the host the registry names has been watched.
     let mut watching: Option<(String, Instant)> = None;
@@ -145,7 +147,9 @@ pub async fn run(cfg: AgentConfig, client: Client, node: Arc<tokio::sync::Mutex<
             _ = tick.tick() => {}
             r = socket.recv_from(&mut buf) => {
                 match r {
-                    Ok((n, from)) => accept(&buf[..n], from, snap.as_deref(), &mut heard),
+                    Ok((n, from)) => {
+                        accept(&buf[..n], from, hosts.as_ref().map(|(_, h)| &h[..]), &mut heard)
+                    }
                     Err(e) => debug!(error = %e, "public failover: receiving"),
                 }
                 continue;
@@ -153,21 +157,21 @@ pub async fn run(cfg: AgentConfig, client: Client, node: Arc<tokio::sync::Mutex<
         }
         if let Ok(n) = node.try_lock()
             && let Some(s) = &n.registry
+            && hosts.as_ref().is_none_or(|(v, _)| *v != s.version)
         {
-            snap = Some(s.clone());
+            hosts = Some((s.version, s.hosts.clone()));
         }
-        let Some(s) = snap.clone() else {
+        let Some((_, known)) = &hosts else {
             continue;
         };
-        let gateways: Vec<&str> = s
-            .hosts
+        let gateways: Vec<&str> = known
             .iter()
             .filter(|h| h.role == HostRole::Gateway)
             .map(|h| h.name.as_str())
             .collect();
         // Heartbeats matter only where another gateway-role host could take over.
         if gateway_role && gateways.len() > 1 {
-            for h in s.hosts.iter().filter(|h| h.name != cfg.host) {
+            for h in known.iter().filter(|h| h.name != cfg.host) {
                 let to = SocketAddr::V4(SocketAddrV4::new(h.vtep, port));
                 match socket.send_to(&hello, to).await {
                     Ok(_) => count(SENT),
@@ -176,7 +180,7 @@ pub async fn run(cfg: AgentConfig, client: Client, node: Arc<tokio::sync::Mutex<
             }
         }
         let now = Instant::now();
-        let Some(named) = ferry_api::public_gateway(&s.hosts).map(|h| h.name.clone()) else {
+        let Some(named) = ferry_api::public_gateway(known).map(|h| h.name.clone()) else {
             watching = None;
             continue;
         };
@@ -248,7 +252,7 @@ async fn take_over(client: Client, me: String, from: String) {
 fn accept(
     data: &[u8],
     from: SocketAddr,
-    snap: Option<&Snapshot>,
+    hosts: Option<&[HostInfo]>,
     heard: &mut BTreeMap<String, Instant>,
 ) {
     let named = data
@@ -258,9 +262,8 @@ fn accept(
         SocketAddr::V4(a) => Some(*a.ip()),
         SocketAddr::V6(_) => None,
     };
-    let known = match (named, snap, from_ip) {
-        (Some(name), Some(s), Some(ip)) => s
-            .hosts
+    let known = match (named, hosts, from_ip) {
+        (Some(name), Some(hosts), Some(ip)) => hosts
             .iter()
             .any(|h| h.role == HostRole::Gateway && h.name == name && h.vtep == ip),
         _ => false,
@@ -342,7 +345,7 @@ mod tests {
             role,
             active_since: None,
         };
-        let snap = Snapshot {
+        let snap = ferry_api::Snapshot {
             version: 1,
             overlay_cidr: "10.244.0.0/16".parse().unwrap(),
             overlay6_cidr: None,
@@ -359,13 +362,28 @@ mod tests {
         let mut heard = BTreeMap::new();
         let from = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 7401);
         let msg = |name: &str| [MAGIC, name.as_bytes()].concat();
-        accept(&msg("gw"), from("198.18.0.10"), Some(&snap), &mut heard);
+        accept(
+            &msg("gw"),
+            from("198.18.0.10"),
+            Some(&snap.hosts),
+            &mut heard,
+        );
         assert!(heard.contains_key("gw"));
         // A host that is not a gateway, a name that does not match its address, garbage,
         // or nothing known yet: ignored.
-        accept(&msg("a1"), from("198.18.1.10"), Some(&snap), &mut heard);
-        accept(&msg("gw2"), from("198.18.0.10"), Some(&snap), &mut heard);
-        accept(b"hello", from("198.18.0.10"), Some(&snap), &mut heard);
+        accept(
+            &msg("a1"),
+            from("198.18.1.10"),
+            Some(&snap.hosts),
+            &mut heard,
+        );
+        accept(
+            &msg("gw2"),
+            from("198.18.0.10"),
+            Some(&snap.hosts),
+            &mut heard,
+        );
+        accept(b"hello", from("198.18.0.10"), Some(&snap.hosts), &mut heard);
         accept(&msg("gw2"), from("198.18.2.20"), None, &mut heard);
         assert_eq!(heard.len(), 1);
     }

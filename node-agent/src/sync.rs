@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ferry_api::{Client, HostInfo, Snapshot, WatchUpdate};
+use ferry_api::{Client, HostInfo, WatchUpdate};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
@@ -55,6 +55,13 @@ pub async fn heartbeat(host: String, client: Client) {
     }
 }
 
+/// A delta that does not apply (not expected: the gateway answers deltas from the version
+/// asked for): the next watch asks for the whole snapshot.
+async fn mismatch(node: &Mutex<Node>, why: &str) {
+    warn!(error = %why, "a registry delta that does not apply; asking for the whole snapshot");
+    node.lock().await.registry = None;
+}
+
 /// `fut`, or `None` as soon as `client` moved to another gateway than `at` (its heartbeat saw
 /// `at` go silent): a long poll on a dead host would otherwise wait out its whole timeout.
 async fn unless_moved<T>(
@@ -93,6 +100,8 @@ pub async fn follow(
         active_since: None,
     };
     let mut backoff = BACKOFF_MIN;
+    // The watch's own connection, kept open between long polls.
+    let mut watcher = client.watcher();
     'register: loop {
         match client.register_host(&me).await {
             Ok(_) => {
@@ -121,8 +130,8 @@ pub async fn follow(
             let at = client.addr();
             let watch = async {
                 match &base {
-                    Some(_) => client.watch_update(&cfg.host, after, WATCH_TIMEOUT).await,
-                    None => client
+                    Some(_) => watcher.watch_update(&cfg.host, after, WATCH_TIMEOUT).await,
+                    None => watcher
                         .watch(&cfg.host, after, WATCH_TIMEOUT)
                         .await
                         .map(WatchUpdate::Snapshot),
@@ -132,29 +141,8 @@ pub async fn follow(
                 info!(from = %at, to = %client.addr(), "watching another gateway");
                 continue;
             };
-            let kind = match &update {
-                Ok(WatchUpdate::Delta(_)) => "delta",
-                _ => "snapshot",
-            };
-            let t0 = std::time::Instant::now();
-            let update = update.map(|u| match (u, &base) {
-                (WatchUpdate::Snapshot(s), _) => Ok(s),
-                (WatchUpdate::Delta(d), Some(b)) => d.apply_to(b),
-                (WatchUpdate::Delta(d), None) => Err(ferry_api::DeltaMismatch {
-                    from: d.from,
-                    have: 0,
-                }),
-            });
-            let merged = t0.elapsed();
-            let snap: Snapshot = match update {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    // Not expected (the gateway answers deltas from the version asked for):
-                    // the next watch asks for the whole snapshot.
-                    warn!(error = %e, "a registry delta that does not apply; asking for the whole snapshot");
-                    node.lock().await.registry = None;
-                    continue;
-                }
+            let update = match update {
+                Ok(u) => u,
                 Err(e) if e.code() == Some("unknown_host") => {
                     warn!("the gateway does not know this host (any more); registering again");
                     continue 'register;
@@ -167,46 +155,111 @@ pub async fn follow(
                 }
             };
             backoff = BACKOFF_MIN;
-            if snap.vni != cfg.vni
-                || snap.overlay_cidr != cfg.overlay_cidr
-                || snap.overlay6_cidr != cfg.overlay6_cidr
-            {
+            let (vni, cidr, cidr6) = match &update {
+                WatchUpdate::Snapshot(s) => (s.vni, s.overlay_cidr, s.overlay6_cidr),
+                WatchUpdate::Delta(d) => (d.vni, d.overlay_cidr, d.overlay6_cidr),
+            };
+            if vni != cfg.vni || cidr != cfg.overlay_cidr || cidr6 != cfg.overlay6_cidr {
                 warn!(
-                    registry_vni = snap.vni,
-                    registry_cidr = %snap.overlay_cidr,
-                    registry_cidr6 = ?snap.overlay6_cidr,
+                    registry_vni = vni,
+                    registry_cidr = %cidr,
+                    registry_cidr6 = ?cidr6,
                     "the registry's overlay differs from this agent's configuration; ignoring it"
                 );
                 tokio::time::sleep(BACKOFF_MAX).await;
                 continue;
             }
+            let kind = match &update {
+                WatchUpdate::Delta(_) => "delta",
+                WatchUpdate::Snapshot(_) => "snapshot",
+            };
+            let t0 = std::time::Instant::now();
+            // A fenced copy that the new snapshot makes the owner resumes before its held
+            // packets are written back, without the node's lock (it takes it): that needs the
+            // new snapshot before the lock, hence a copy. Otherwise (no copy fenced here: the
+            // common case) the delta edits the registry's snapshot in place, under the lock.
+            let fenced = fencing.as_ref().is_some_and(|f| f.any_fenced());
+            // Until the node's lock is held (another task may hold it: a CNI call, a scrape).
+            let locked: Duration;
+            let (mut n, snap, delta, before) = match update {
+                WatchUpdate::Snapshot(mut s) => {
+                    // The gateway sends them in order; the plan's and the next delta's binary
+                    // searches rely on it.
+                    if !s.endpoints.windows(2).all(|w| w[0].ip < w[1].ip) {
+                        s.endpoints.sort_by_key(|e| e.ip);
+                    }
+                    drop(base);
+                    if let Some(f) = &fencing {
+                        f.resume_before_release(&s).await;
+                    }
+                    let n = node.lock().await;
+                    locked = t0.elapsed();
+                    if seen == Some(s.version) && n.applied.version == s.version {
+                        debug!(version = s.version, "no change");
+                        continue;
+                    }
+                    (n, Arc::new(s), None, Vec::new())
+                }
+                WatchUpdate::Delta(d) if fenced => {
+                    let merged = base
+                        .as_deref()
+                        .map(|b| (d.apply_to(b), b.migrations.clone()));
+                    drop(base);
+                    let (s, before) = match merged {
+                        Some((Ok(s), before)) => (s, before),
+                        Some((Err(e), _)) => {
+                            mismatch(&node, &e.to_string()).await;
+                            continue;
+                        }
+                        None => {
+                            mismatch(&node, "no snapshot to apply it to").await;
+                            continue;
+                        }
+                    };
+                    if let Some(f) = &fencing {
+                        f.resume_before_release(&s).await;
+                    }
+                    let n = node.lock().await;
+                    locked = t0.elapsed();
+                    (n, Arc::new(s), Some(d), before)
+                }
+                WatchUpdate::Delta(d) => {
+                    // Ours dropped first: the registry's copy is then normally the only one
+                    // (a reader holding it a moment makes `make_mut` copy it).
+                    drop(base);
+                    let mut n = node.lock().await;
+                    locked = t0.elapsed();
+                    let Some(mut reg) = n.registry.take() else {
+                        drop(n);
+                        mismatch(&node, "no snapshot to apply it to").await;
+                        continue;
+                    };
+                    let before = reg.migrations.clone();
+                    if let Err(e) = d.apply_in_place(Arc::make_mut(&mut reg)) {
+                        drop(n);
+                        mismatch(&node, &e.to_string()).await;
+                        continue;
+                    }
+                    (n, reg, Some(d), before)
+                }
+            };
+            let merged = t0.elapsed();
             if !snap.hosts.iter().any(|h| h.name == cfg.host) {
                 warn!("this host is missing from the registry's snapshot; registering again");
                 continue 'register;
             }
-            let mut n = node.lock().await;
-            if seen == Some(snap.version) && n.applied.version == snap.version {
-                debug!(version = snap.version, "no change");
-                continue;
-            }
             seen = Some(snap.version);
-            // Shared from here on (kept as the base of the next delta): never copied.
-            let snap = Arc::new(snap);
             let t1 = std::time::Instant::now();
-            let want = n.desired(&cfg, Some(&*snap));
+            let want = n.plan_update(&cfg, &snap, delta.as_ref().map(|d| (d, before.as_slice())));
             let planned = t1.elapsed();
-            if let Some(f) = &fencing {
-                // A copy released here runs before its held packets are written back.
-                drop(n);
-                f.resume_before_release(&snap).await;
-                n = node.lock().await;
-            }
+            let touched = want.touched.as_ref().map(|t| t.endpoints.len());
             // Recorded under the same lock as its apply: whoever sees this version as
             // received (the CNI plugin's wait for its container) sees it applied too.
             n.registry = Some(snap.clone());
             let t2 = std::time::Instant::now();
             let errors = n.apply(&want).await;
             let applied = t2.elapsed();
+            n.planned = Some(want);
             drop(n);
             if let Some(f) = &fencing {
                 f.reconcile().await;
@@ -215,7 +268,9 @@ pub async fn follow(
             info!(
                 version = snap.version,
                 kind,
-                merge_ms = ms(merged),
+                touched,
+                wait_ms = ms(locked),
+                merge_ms = ms(merged - locked),
                 plan_ms = ms(planned),
                 apply_ms = ms(applied),
                 total_ms = ms(t0.elapsed()),

@@ -101,6 +101,9 @@ pub struct Applied {
     /// The last drain's number: each drain gets the next one ([`Node::start_drain`]), so
     /// whoever started a drain ends that drain and not a later one.
     pub drains: u64,
+    /// The last apply met no error: the maps hold everything it wanted, so the next one may
+    /// compare only what its plan touched ([`crate::plan::Touched`]).
+    pub complete: bool,
 }
 
 /// The flags the agent adds to a local container's entry: a FORWARD entry drops the old
@@ -210,6 +213,9 @@ pub struct Node<D = SharedDatapath, H = Hold, N = HostNetwork, A = Announcements
     /// Who faces the internet by this agent's own view, while the host the registry names is
     /// silent (`crate::public_ha`); None: the registry's.
     pub facing_override: Option<String>,
+    /// The plan of the registry's last snapshot given to [`Node::apply`] by the watch: the
+    /// next delta patches it ([`Node::plan_update`]).
+    pub planned: Option<Desired>,
 }
 
 impl<D, H, N, A> Node<D, H, N, A> {
@@ -225,6 +231,31 @@ impl<D, H, N, A> Node<D, H, N, A> {
             crate::plan::set_facing(&mut d, cfg, s, Some(f));
         }
         d
+    }
+
+    /// The plan of `snap`: when `snap` is `delta` applied to the snapshot last planned and
+    /// applied in full (`before`: that snapshot's migrations), the last plan patched
+    /// ([`crate::plan::patch`]: only what the delta touches is computed again, and the apply
+    /// compares only that); otherwise made afresh. Takes the last plan: give the result back
+    /// to `planned` once applied.
+    pub fn plan_update(
+        &mut self,
+        cfg: &crate::config::AgentConfig,
+        snap: &ferry_api::Snapshot,
+        delta: Option<(&ferry_api::SnapshotDelta, &[ferry_api::Migration])>,
+    ) -> Desired {
+        let last = self.planned.take();
+        if let (Some((delta, before)), Some(mut d)) = (delta, last)
+            && self.applied.complete
+            && self.applied.version == delta.from
+            && crate::plan::patch(&mut d, cfg, snap, delta, before)
+        {
+            if let Some(f) = &self.facing_override {
+                crate::plan::set_facing(&mut d, cfg, snap, Some(f));
+            }
+            return d;
+        }
+        self.desired(cfg, Some(snap))
     }
 
     pub fn status(&self) -> Status {
@@ -272,12 +303,12 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         }
         self.allow_peers(want, &mut errors);
         let departing = self.build_containers(want, &mut errors).await;
-        let endpoints = self.endpoint_entries(want);
+        let entries = self.endpoint_entries(want);
         self.start_holding(want);
         let releasing = self.releasing(want);
-        let udp = self.drain_held(&releasing, &endpoints, &mut errors).await;
-        self.write_endpoints(&endpoints, &mut errors);
-        let arrived = self.end_holds(&releasing, &endpoints, udp);
+        let udp = self.drain_held(&releasing, &entries.map, &mut errors).await;
+        self.write_endpoints(&entries, &mut errors);
+        let arrived = self.end_holds(&releasing, &entries.map, udp);
         self.announce_arrivals(&arrived);
         self.remove_departed(departing, &mut errors).await;
         self.write_translations(want, &mut errors);

@@ -143,8 +143,35 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// [`plan::local_entry`]), a `FORWARD` one with `DROP_EGRESS` while the old copy is
     /// dumped or silenced. A container whose build failed gets none. A dumped copy is
     /// forgotten once this host no longer forwards for it.
-    pub(super) fn endpoint_entries(&mut self, want: &Desired) -> BTreeMap<Ipv4Addr, Endpoint> {
-        let mut endpoints = want.endpoints.clone();
+    ///
+    /// A patched plan ([`Desired::touched`]) after an apply that met no error: only the
+    /// addresses it touched, plus every address with local state (containers built or
+    /// wanted, held, drained, dumped, silenced, fenced), are compared: the rest of the map
+    /// holds what the last plan wanted, which the patch left as it was.
+    pub(super) fn endpoint_entries(&mut self, want: &Desired) -> Entries {
+        let scope = want
+            .touched
+            .as_ref()
+            .filter(|_| self.applied.complete)
+            .map(|t| {
+                let a = &self.applied;
+                let mut scope = t.endpoints.clone();
+                scope.extend(want.containers.keys());
+                scope.extend(a.containers.keys());
+                scope.extend(a.dumped.iter().chain(&a.silenced).chain(&a.fenced));
+                scope.extend(a.draining.keys());
+                if let Some(h) = &self.hold {
+                    scope.extend(h.held());
+                }
+                scope
+            });
+        let mut endpoints = match &scope {
+            None => want.endpoints.clone(),
+            Some(scope) => scope
+                .iter()
+                .filter_map(|ip| want.endpoints.get(ip).map(|e| (*ip, *e)))
+                .collect(),
+        };
         for (ip, (c, built)) in &self.applied.containers {
             if want.containers.contains_key(ip) && !want.staged.contains(ip) {
                 let mut e = plan::local_entry(want, c, built.ifindex);
@@ -160,7 +187,10 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         self.applied
             .draining
             .retain(|ip, _| endpoints.get(ip).is_some_and(|e| e.kind == kind::LOCAL));
-        endpoints
+        Entries {
+            map: endpoints,
+            scope,
+        }
     }
 
     /// Hold: queueing starts before any entry says `HOLD`, so the first held packet is
@@ -286,12 +316,24 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
 
     /// Entries, make-before-break: every new or changed entry is written before any stale one
     /// is removed, so a packet meets the old entry or the new one, never none.
-    pub(super) fn write_endpoints(
-        &mut self,
-        endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
-        errors: &mut Vec<String>,
-    ) {
-        let d = plan::diff(&self.applied.endpoints, endpoints);
+    pub(super) fn write_endpoints(&mut self, entries: &Entries, errors: &mut Vec<String>) {
+        let d = match &entries.scope {
+            None => plan::diff(&self.applied.endpoints, &entries.map),
+            Some(scope) => {
+                let mut d = plan::Diff {
+                    upsert: Vec::new(),
+                    remove: Vec::new(),
+                };
+                for ip in scope {
+                    match (self.applied.endpoints.get(ip), entries.map.get(ip)) {
+                        (have, Some(want)) if have != Some(want) => d.upsert.push((*ip, *want)),
+                        (Some(_), None) => d.remove.push(*ip),
+                        _ => {}
+                    }
+                }
+                d
+            }
+        };
         let applied = &mut self.applied.endpoints;
         upsert_each(applied, d.upsert, "setting endpoint", errors, |ip, e| {
             self.datapath.set_endpoint(ip, e)
@@ -457,6 +499,10 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// Public translation (gateway only; empty elsewhere), both directions: new and changed
     /// entries before stale ones are removed.
     pub(super) fn write_translations(&mut self, want: &Desired, errors: &mut Vec<String>) {
+        // A patched plan that left them alone, after an apply that wrote them all.
+        if self.applied.complete && want.touched.as_ref().is_some_and(|t| !t.translations) {
+            return;
+        }
         let d = plan::diff(&self.applied.public, &want.public);
         let applied = &mut self.applied.public;
         upsert_each(applied, d.upsert, "setting public entry", errors, |k, v| {
@@ -542,6 +588,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         if errors.is_empty() {
             self.applied.version = want.version;
         }
+        self.applied.complete = errors.is_empty();
         info!(
             version = want.version,
             endpoints = self.applied.endpoints.len(),
@@ -552,6 +599,14 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
             "datapath reconciled"
         );
     }
+}
+
+/// The endpoint entries an apply wants ([`Node::endpoint_entries`]).
+pub(super) struct Entries {
+    /// Every entry wanted (`scope` None), or those of the addresses in `scope`.
+    pub map: BTreeMap<Ipv4Addr, Endpoint>,
+    /// The addresses compared with what is applied; None: every one.
+    pub scope: Option<std::collections::BTreeSet<Ipv4Addr>>,
 }
 
 /// Writes frames back through the hold device, in order. Returns how many failed.

@@ -35,6 +35,7 @@ fn node() -> (FakeNode, Fake) {
         udp_pace: std::time::Duration::from_secs(1),
         pacers: Vec::new(),
         facing_override: None,
+        planned: None,
     };
     (n, f)
 }
@@ -651,4 +652,168 @@ async fn a_release_writes_tcp_at_once_and_paces_udp_to_the_socket() {
     assert_eq!(socket.got, udp_tags);
     assert_eq!(f.hold_counters().paced, 21);
     assert!(log.contains(&Call::Announce(A)));
+}
+
+mod patched {
+    //! Plans patched from deltas ([`Node::plan_update`]) against plans made afresh.
+
+    use ferry_api::{
+        Endpoint as Record, HostInfo, HostRole, Migration, MigrationPhase, Snapshot, SnapshotDelta,
+    };
+
+    use super::*;
+    use crate::{config::AgentConfig, node::seams::Datapath as _};
+
+    fn cfg() -> AgentConfig {
+        AgentConfig::parse(
+            std::path::Path::new("t.toml"),
+            r#"
+host = "a1"
+vtep = "198.18.1.10"
+overlay_ip = "10.244.255.1"
+overlay_cidr = "10.244.0.0/16"
+"#,
+        )
+        .unwrap()
+    }
+
+    fn record(ip: Ipv4Addr, host: &str) -> Record {
+        Record {
+            ip,
+            host: host.into(),
+            mac: MacAddr::for_container(ip),
+        }
+    }
+
+    fn base(cfg: &AgentConfig) -> Snapshot {
+        let host = |name: &str, last: u8| HostInfo {
+            name: name.into(),
+            vtep: Ipv4Addr::new(198, 18, 1, last),
+            overlay_ip: Ipv4Addr::new(10, 244, 255, last - 9),
+            role: HostRole::Host,
+            active_since: None,
+        };
+        let mut endpoints: Vec<Record> = (0..=255u8)
+            .map(|i| record(Ipv4Addr::new(10, 244, 2, i), "a2"))
+            .collect();
+        endpoints.insert(0, record(A, "a1"));
+        Snapshot {
+            version: 1,
+            overlay_cidr: cfg.overlay_cidr,
+            overlay6_cidr: None,
+            vni: cfg.vni,
+            hosts: vec![host("a1", 10), host("a2", 11)],
+            endpoints,
+            public: Vec::new(),
+            migrations: Vec::new(),
+        }
+    }
+
+    fn delta(from: &Snapshot) -> SnapshotDelta {
+        SnapshotDelta {
+            from: from.version,
+            version: from.version + 1,
+            overlay_cidr: from.overlay_cidr,
+            overlay6_cidr: from.overlay6_cidr,
+            vni: from.vni,
+            hosts: Vec::new(),
+            hosts_removed: Vec::new(),
+            endpoints: Vec::new(),
+            endpoints_removed: Vec::new(),
+            public: Vec::new(),
+            public_removed: Vec::new(),
+            migrations: from.migrations.clone(),
+        }
+    }
+
+    /// One registry change, made to the delta.
+    type Step = Box<dyn Fn(&mut SnapshotDelta)>;
+
+    fn moving(phase: MigrationPhase, pending: bool) -> Vec<Migration> {
+        vec![Migration {
+            switch_pending: pending,
+            ..Migration::new("m1", A, "a1", "a2", phase)
+        }]
+    }
+
+    /// A registry that changes by deltas — remote endpoints come and go, a local container
+    /// arrives, another migrates away through every phase — applied by one agent with plans
+    /// patched and by another with plans made afresh: after every change both datapaths hold
+    /// the same entries and containers. A write that fails makes the next apply compare
+    /// everything (the failed entry is written then).
+    #[tokio::test]
+    async fn patched_plans_leave_the_datapath_as_plans_made_afresh() {
+        let cfg = cfg();
+        let (mut inc, fi) = node();
+        let (mut full, ff) = node();
+        let mut snap = base(&cfg);
+        let mut steps: Vec<Step> = vec![
+            Box::new(|d| d.endpoints.push(record(Ipv4Addr::new(10, 244, 3, 1), "a2"))),
+            Box::new(|d| d.endpoints_removed.push(Ipv4Addr::new(10, 244, 2, 5))),
+            Box::new(|d| d.endpoints.push(record(B, "a1"))),
+            Box::new(|d| d.migrations = moving(MigrationPhase::Prepared, false)),
+            Box::new(|d| d.migrations = moving(MigrationPhase::Frozen, true)),
+            Box::new(|d| d.migrations = moving(MigrationPhase::Frozen, false)),
+            Box::new(|d| {
+                d.migrations = moving(MigrationPhase::Released, false);
+                d.endpoints.push(record(A, "a2"));
+            }),
+            Box::new(|d| d.migrations = Vec::new()),
+            Box::new(|d| d.endpoints.push(record(Ipv4Addr::new(10, 244, 3, 2), "a2"))),
+            Box::new(|d| d.endpoints.push(record(Ipv4Addr::new(10, 244, 3, 3), "a2"))),
+            Box::new(|d| d.endpoints_removed.push(B)),
+        ];
+        let first = inc.plan_update(&cfg, &snap, None);
+        assert!(first.touched.is_none());
+        assert!(inc.apply(&first).await.is_empty());
+        inc.planned = Some(first);
+        assert!(
+            full.apply(&full.desired(&cfg, Some(&snap)))
+                .await
+                .is_empty()
+        );
+        for (i, step) in steps.drain(..).enumerate() {
+            let mut d = delta(&snap);
+            step(&mut d);
+            let before = snap.migrations.clone();
+            d.apply_in_place(&mut snap).unwrap();
+            // The write of 10.244.3.2 fails once (the step that adds it).
+            if i == 8 {
+                fi.fail_once(set(Ipv4Addr::new(10, 244, 3, 2), kind::REMOTE));
+            }
+            let want = inc.plan_update(&cfg, &snap, Some((&d, &before)));
+            // Patched, except right after the apply that failed.
+            assert_eq!(want.touched.is_some(), i != 9, "step {i}");
+            let errors = inc.apply(&want).await;
+            assert_eq!(errors.is_empty(), i != 8, "step {i}: {errors:?}");
+            inc.planned = Some(want);
+            assert!(
+                full.apply(&full.desired(&cfg, Some(&snap)))
+                    .await
+                    .is_empty()
+            );
+            let (ki, kf) = (fi.installed(), ff.installed());
+            if i == 8 {
+                assert!(!ki.endpoints.contains(&Ipv4Addr::new(10, 244, 3, 2)));
+                continue;
+            }
+            // (Not assert_eq: 260 entries printed would bury the message.)
+            assert!(inc.applied.endpoints == full.applied.endpoints, "step {i}");
+            assert!(ki.endpoints == kf.endpoints, "step {i}");
+            assert_eq!(
+                inc.applied.containers.keys().collect::<Vec<_>>(),
+                full.applied.containers.keys().collect::<Vec<_>>(),
+                "step {i}"
+            );
+        }
+        assert_eq!(
+            fi.endpoint(A).map(|e| (e.kind, e.vtep_be)),
+            Some((kind::REMOTE, ipv4_be(PEER.octets())))
+        );
+        assert_eq!(
+            fi.endpoint(Ipv4Addr::new(10, 244, 3, 2)).map(|e| e.kind),
+            Some(kind::REMOTE)
+        );
+        assert!(fi.endpoint(B).is_none() && !fi.has_net(B));
+    }
 }
