@@ -3,7 +3,10 @@
 //!
 //! Each request opens its own TCP connection (`Connection: close`, as before: the lab makes
 //! requests from inside network namespaces and the gateway counts watches, so no pool), has one
-//! deadline over connect, request and the whole answer, and bounds the answer's body. The
+//! deadline over connect, request and the whole answer, and bounds the answer's body. The one
+//! exception is a watch's long polls, which follow each other on one connection owned by the
+//! watch ([`KeptConnection`], `crate::Watcher`): no pool either, and a connection whose
+//! request failed is dropped. The
 //! connection is handed to hyper's `client::conn::http1` as a plain byte stream, so a TLS stream
 //! (tokio-rustls) takes the TCP stream's place when the request has a TLS configuration
 //! ([`Request::tls`]): the server's certificate must come from the cluster's CA and name the
