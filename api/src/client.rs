@@ -698,17 +698,42 @@ impl Watcher {
             .conn
             .take()
             .filter(|c| c.addr() == addr && !c.is_closed());
-        let conn = match kept {
-            Some(c) => c,
-            None => match request.open_kept(addr).await {
-                Ok(c) => c,
-                // Not reachable: the client's own way, each gateway in turn (the next poll
-                // connects to the one that answered).
-                Err(_) if self.client.all.len() > 1 => {
-                    return self.client.send::<(), T>("GET", path, None, timeout).await;
+        if let Some(conn) = kept {
+            let again = request.try_clone().expect("a watch has no body");
+            match request.send_kept(conn).await {
+                (Ok(answer), back) => {
+                    self.conn = back;
+                    return answer.json(&what);
                 }
-                Err(e) => return Err(e.into()),
-            },
+                (Err(e @ crate::transport::HttpError::Timeout { .. }), _) => return Err(e.into()),
+                // The server closed the kept connection as the poll went out (its idle
+                // timeout, a restart): a watch may be asked again, on a new connection.
+                (Err(e), _) => {
+                    tracing::debug!(gateway = %addr, error = %e, "the kept watch connection failed; polling on a new one");
+                    return self.get_fresh(again, addr, path, timeout).await;
+                }
+            }
+        }
+        self.get_fresh(request, addr, path, timeout).await
+    }
+
+    /// The poll on a new kept connection to `addr`.
+    async fn get_fresh<T: DeserializeOwned>(
+        &mut self,
+        request: Request,
+        addr: SocketAddr,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let what = request.what();
+        let conn = match request.open_kept(addr).await {
+            Ok(c) => c,
+            // Not reachable: the client's own way, each gateway in turn (the next poll
+            // connects to the one that answered).
+            Err(_) if self.client.all.len() > 1 => {
+                return self.client.send::<(), T>("GET", path, None, timeout).await;
+            }
+            Err(e) => return Err(e.into()),
         };
         let (answer, back) = request.send_kept(conn).await;
         self.conn = back;
@@ -846,8 +871,14 @@ mod tests {
                             let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
                             buf.drain(..end + 4);
                             assert!(!head.contains("connection: close"), "{head}");
-                            // The third answer closes the connection.
-                            let third = sv.fetch_add(1, SeqCst) == 2;
+                            // The third answer closes the connection; the fifth request
+                            // is not answered, its connection dropped without a word (a
+                            // server closing an idle connection as the poll goes out).
+                            let n = sv.fetch_add(1, SeqCst);
+                            if n == 4 {
+                                return;
+                            }
+                            let third = n == 2;
                             let body = r#"{"delta":{"from":1,"version":2,"overlay_cidr":"10.244.0.0/16","vni":1,"migrations":[]}}"#;
                             let answer = format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
@@ -877,8 +908,17 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(accepted.load(SeqCst), 2);
-        assert!(w.is_connected());
         assert_eq!(served.load(SeqCst), 4);
+        // The next poll's connection fails under it: asked again on a new one, the caller
+        // sees the answer.
+        let u = w
+            .watch_update("a1", 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(u.version(), 2);
+        assert_eq!(accepted.load(SeqCst), 3);
+        assert_eq!(served.load(SeqCst), 6);
+        assert!(w.is_connected());
     }
 
     #[tokio::test]
