@@ -550,8 +550,8 @@ impl Client {
         after: u64,
         timeout: Duration,
     ) -> Result<Snapshot, ApiError> {
-        let path = format!("/v1/watch?host={}&after={after}", percent_encode(host));
-        self.send::<(), _>("GET", &path, None, timeout).await
+        self.send::<(), _>("GET", &watch_path(host, after, false), None, timeout)
+            .await
     }
 
     /// [`Client::watch`], answered as a delta from `after` when the gateway can (the caller
@@ -562,11 +562,8 @@ impl Client {
         after: u64,
         timeout: Duration,
     ) -> Result<crate::WatchUpdate, ApiError> {
-        let path = format!(
-            "/v1/watch?host={}&after={after}&delta=true",
-            percent_encode(host)
-        );
-        self.send::<(), _>("GET", &path, None, timeout).await
+        self.send::<(), _>("GET", &watch_path(host, after, true), None, timeout)
+            .await
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
@@ -644,6 +641,15 @@ impl Client {
     }
 }
 
+/// `GET /v1/watch` for `host` from version `after`, answered as a delta when `delta`.
+fn watch_path(host: &str, after: u64, delta: bool) -> String {
+    let delta = if delta { "&delta=true" } else { "" };
+    format!(
+        "/v1/watch?host={}&after={after}{delta}",
+        percent_encode(host)
+    )
+}
+
 /// A watch that keeps its connection to the gateway open between long polls (HTTP/1.1
 /// keep-alive, [`crate::transport::KeptConnection`]): an agent follows the registry with one
 /// TCP connection and one TLS handshake instead of one per change. The connection follows the
@@ -663,8 +669,7 @@ impl Watcher {
         after: u64,
         timeout: Duration,
     ) -> Result<Snapshot, ApiError> {
-        let path = format!("/v1/watch?host={}&after={after}", percent_encode(host));
-        self.get(&path, timeout).await
+        self.get(&watch_path(host, after, false), timeout).await
     }
 
     /// [`Client::watch_update`] on the kept connection.
@@ -674,11 +679,7 @@ impl Watcher {
         after: u64,
         timeout: Duration,
     ) -> Result<crate::WatchUpdate, ApiError> {
-        let path = format!(
-            "/v1/watch?host={}&after={after}&delta=true",
-            percent_encode(host)
-        );
-        self.get(&path, timeout).await
+        self.get(&watch_path(host, after, true), timeout).await
     }
 
     /// Whether a connection is open for the next poll (tests).

@@ -405,13 +405,7 @@ impl Request {
             alert,
         } = conn;
         let r = self.exchange_on(stream, addr, what).await;
-        let seen = alert.and_then(|a| a.lock().unwrap_or_else(|p| p.into_inner()).take());
-        match (r, seen) {
-            (Err(_), Some(e)) => {
-                Err(tls_error(addr, &io::Error::other(e)).expect("a rustls error is a TLS error"))
-            }
-            (r, _) => r,
-        }
+        blame_alert(r, alert.as_ref(), addr)
     }
 
     async fn exchange_on<S>(
@@ -545,16 +539,7 @@ impl Request {
                 alert,
             })
         };
-        match self.timeout {
-            None => open.await,
-            Some(t) => tokio::time::timeout(t, open).await.unwrap_or_else(|_| {
-                Err(HttpError::Timeout {
-                    addr,
-                    what: what.clone(),
-                    timeout: t,
-                })
-            }),
-        }
+        within(self.timeout, addr, &what, open).await
     }
 
     /// Sends the request on `conn` (without `Connection: close`) and reads the whole answer,
@@ -583,17 +568,9 @@ impl Request {
             answer_of(&mut conn.sender, request, addr, &what, max),
         )
         .await;
-        let seen = conn
-            .alert
-            .as_ref()
-            .and_then(|a| a.lock().unwrap_or_else(|p| p.into_inner()).take());
-        match (r, seen) {
-            (Err(_), Some(e)) => (
-                Err(tls_error(addr, &io::Error::other(e)).expect("a rustls error is a TLS error")),
-                None,
-            ),
-            (Err(e), None) => (Err(e), None),
-            (Ok(resp), _) => {
+        match blame_alert(r, conn.alert.as_ref(), addr) {
+            Err(e) => (Err(e), None),
+            Ok(resp) => {
                 let closing = resp
                     .headers
                     .get(CONNECTION)
@@ -606,13 +583,30 @@ impl Request {
     }
 }
 
+/// A failed exchange on a TLS stream that recorded an alert fails for that alert (in TLS 1.3
+/// the server judges the client's certificate after the client's handshake is over, so its
+/// alert may surface in hyper as any failure).
+fn blame_alert<T>(
+    r: Result<T, HttpError>,
+    alert: Option<&Arc<std::sync::Mutex<Option<rustls::Error>>>>,
+    addr: SocketAddr,
+) -> Result<T, HttpError> {
+    let seen = alert.and_then(|a| a.lock().unwrap_or_else(|p| p.into_inner()).take());
+    match (r, seen) {
+        (Err(_), Some(e)) => {
+            Err(tls_error(addr, &io::Error::other(e)).expect("a rustls error is a TLS error"))
+        }
+        (r, _) => r,
+    }
+}
+
 /// `exchange` within `timeout` (none: as long as it takes).
-async fn within(
+async fn within<T>(
     timeout: Option<Duration>,
     addr: SocketAddr,
     what: &str,
-    exchange: impl Future<Output = Result<Response, HttpError>>,
-) -> Result<Response, HttpError> {
+    exchange: impl Future<Output = Result<T, HttpError>>,
+) -> Result<T, HttpError> {
     match timeout {
         None => exchange.await,
         Some(timeout) => {

@@ -558,12 +558,13 @@ pub fn container_host_if(ip: Ipv4Addr) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Peer;
     use ferry_api::{Endpoint as ApiEndpoint, HostInfo, Proto, PublicSpec};
 
-    fn cfg(role: HostRole) -> AgentConfig {
+    /// Host a1 (VTEP 198.18.1.10, overlay 10.244.255.1) in 10.244.0.0/16, with `role`.
+    pub(crate) fn cfg(role: HostRole) -> AgentConfig {
         let mut c = AgentConfig::parse(
             std::path::Path::new("t.toml"),
             r#"

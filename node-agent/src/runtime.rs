@@ -1468,11 +1468,7 @@ fn spawn_in_current_netns(
         // The child is waiting for the list (or gone): it must not run undetached.
         // SAFETY: signals our own child, not yet reaped (so its PID is not reused).
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
+        wait_for_child(pid);
         return Err(("reading the container's mount table", e));
     }
     // Until EOF: nothing means the exec succeeded (the pipe closed on exec).
@@ -1502,11 +1498,7 @@ fn spawn_in_current_netns(
         return Ok(pid);
     }
     // The child failed before or at exec, and exits 127: reap it (the runtime never knew it).
-    let mut status = 0;
-    // SAFETY: waits for our own child, blocking for the moment it takes to _exit.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-    {}
+    let status = wait_for_child(pid);
     if got < report.len() {
         return Err((
             "the child",
@@ -1516,6 +1508,17 @@ fn spawn_in_current_netns(
     let stage = i32::from_ne_bytes(report[..4].try_into().expect("4 bytes"));
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     Err((stage_name(stage), io::Error::from_raw_os_error(errno)))
+}
+
+/// Reaps our own child `pid`, which has ended or is about to (blocking for the moment it takes
+/// to exit); its wait status.
+fn wait_for_child(pid: i32) -> c_int {
+    let mut status = 0;
+    // SAFETY: waits for our own child; `status` is a valid out pointer.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+    status
 }
 
 /// The agent's side of the child's mount set-up: once the child says its namespace is

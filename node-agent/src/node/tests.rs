@@ -665,16 +665,7 @@ mod patched {
     use crate::{config::AgentConfig, node::seams::Datapath as _};
 
     fn cfg() -> AgentConfig {
-        AgentConfig::parse(
-            std::path::Path::new("t.toml"),
-            r#"
-host = "a1"
-vtep = "198.18.1.10"
-overlay_ip = "10.244.255.1"
-overlay_cidr = "10.244.0.0/16"
-"#,
-        )
-        .unwrap()
+        crate::plan::tests::cfg(HostRole::Host)
     }
 
     fn record(ip: Ipv4Addr, host: &str) -> Record {
