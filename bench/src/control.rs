@@ -19,7 +19,10 @@
 //!
 //! `--stores file,etcd`: each store in a lab of its own, side by side in one run (etcd: the
 //! topology's `etcd`, a member in the first host of each cloud, so every change commits
-//! across clouds). With etcd, `"failover"`: what losing a gateway host costs, in a lab of its
+//! across clouds). With etcd the lab runs a second gateway on b1 ([`FOLLOWER`]), as a
+//! deployment with one gateway per cloud would: the changes go through the main one, and
+//! b1's agent and the simulated watchers in b1's namespace follow the second, which applies
+//! each change from etcd's log before it answers them (the `follower_ms` columns). With etcd, `"failover"`: what losing a gateway host costs, in a lab of its
 //! own with two hosts facing the internet ([`failover`]).
 
 use std::{
@@ -51,6 +54,8 @@ pub const MAX_WATCHERS: u32 = 4 * 250;
 const WATCHER_HOSTS: [&str; 4] = ["a1", "a2", "b1", "gw"];
 /// The lab's real agents.
 const AGENTS: [&str; 4] = ["a1", "a2", "b1", "gw"];
+/// The host of the second gateway in the etcd labs (its cloud's agent and watchers use it).
+const FOLLOWER: &str = "b1";
 /// The registered host without an agent.
 const PHANTOM: &str = "phantom";
 /// The endpoint the measured changes add and remove (beyond the phantom's endpoints, which
@@ -114,6 +119,11 @@ pub struct Row {
     /// The real agents alone (applied and reported).
     pub agents_applied_ms_p50: f64,
     pub agents_applied_ms_p99: f64,
+    /// The simulated watchers and the agent that follow the second gateway (etcd only;
+    /// included in the figures above too): how many, and their change to applied.
+    pub follower_watchers: u32,
+    pub follower_ms_p50: Option<f64>,
+    pub follower_ms_p99: Option<f64>,
     /// Bytes per watch answer during the changes, and of a whole snapshot.
     pub bytes_per_answer: u64,
     pub snapshot_bytes: u64,
@@ -160,6 +170,11 @@ pub fn run(args: &ControlArgs) -> Result<i32, BenchError> {
             topology: Topology {
                 overlay_cidr: "10.240.0.0/12".parse().expect("valid"),
                 etcd: store == Store::Etcd,
+                extra_gateways: if store == Store::Etcd {
+                    vec![FOLLOWER.into()]
+                } else {
+                    Vec::new()
+                },
                 gateway_connections_per_peer: Some(PER_PEER),
                 ..Topology::default()
             },
@@ -280,8 +295,9 @@ fn wait_agents(lab: &Lab, v: u64) -> Result<(), BenchError> {
     }
 }
 
-/// Versions seen by the simulated watchers: version → receipt instants.
-type Seen = Arc<Mutex<HashMap<u64, Vec<Instant>>>>;
+/// Versions seen by the simulated watchers: version → receipt instants, each with whether
+/// the watcher follows the second gateway.
+type Seen = Arc<Mutex<HashMap<u64, Vec<(Instant, bool)>>>>;
 
 /// The simulated watchers of one row: a thread per namespace, each entering it before its
 /// runtime starts (no `setns` around an `.await`); dropped, they stop.
@@ -297,13 +313,15 @@ impl Watchers {
             .control()
             .ok_or_else(|| BenchError::failed("no gateway"))?;
         let tls = cp.client_tls(Party::Operator)?;
+        let follower = lab.extra_gateway(FOLLOWER).ok().map(|g| g.api);
         let mut threads = Vec::new();
         for (i, host) in WATCHER_HOSTS.iter().enumerate() {
             let mine = count / 4 + u32::from((i as u32) < count % 4);
             if mine == 0 {
                 continue;
             }
-            let client = Client::with_token_file(cp.api, &cp.token_file)
+            let via = follower.filter(|_| *host == FOLLOWER);
+            let client = Client::with_token_file(via.unwrap_or(cp.api), &cp.token_file)
                 .map_err(|e| BenchError::failed(format!("client: {e}")))?
                 .with_tls(tls.clone());
             let netns = lab.netns(host);
@@ -330,7 +348,7 @@ impl Watchers {
                 rt.block_on(async move {
                     let mut tasks = tokio::task::JoinSet::new();
                     for _ in 0..mine {
-                        tasks.spawn(watch(client.clone(), seen.clone()));
+                        tasks.spawn(watch(client.clone(), seen.clone(), via.is_some()));
                     }
                     let _ = stop_rx.wait_for(|s| *s).await;
                     tasks.abort_all();
@@ -351,7 +369,7 @@ impl Drop for Watchers {
 }
 
 /// One simulated watcher: the agent's long poll, answered as deltas after the first snapshot.
-async fn watch(client: Client, seen: Seen) {
+async fn watch(client: Client, seen: Seen, follower: bool) {
     let mut after = 0;
     // Its own connection, kept open between polls, as an agent's.
     let mut watcher = client.watcher();
@@ -374,7 +392,7 @@ async fn watch(client: Client, seen: Seen) {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .entry(v)
                         .or_default()
-                        .push(Instant::now());
+                        .push((Instant::now(), follower));
                 }
                 after = v;
             }
@@ -442,14 +460,35 @@ fn row(
     let cp = lab
         .control()
         .ok_or_else(|| BenchError::failed("no gateway"))?;
-    let client = Client::with_token_file(cp.api, &cp.token_file)
-        .map_err(|e| BenchError::failed(format!("client: {e}")))?
-        .with_tls(cp.client_tls(Party::Operator)?);
+    let operator = |api| -> Result<Client, BenchError> {
+        Ok(Client::with_token_file(api, &cp.token_file)
+            .map_err(|e| BenchError::failed(format!("client: {e}")))?
+            .with_tls(cp.client_tls(Party::Operator)?))
+    };
+    let client = operator(cp.api)?;
+    let follower = match lab.extra_gateway(FOLLOWER) {
+        Ok(g) => Some(operator(g.api)?),
+        Err(_) => None,
+    };
     let seen2 = seen.clone();
-    let (all, agents) = ferry_overlay::netns::run_in(&lab.netns(&cp.host), move || {
-        ferry_api::transport::block_on(drive(client, changes, simulated, seen2))
+    let Applied {
+        all,
+        agents,
+        follower,
+    } = ferry_overlay::netns::run_in(&lab.netns(&cp.host), move || {
+        ferry_api::transport::block_on(drive(client, follower, changes, simulated, seen2))
     })?
     .map_err(|e| BenchError::io("the bench's runtime", e))??;
+    let follower_watchers = if lab.extra_gateway(FOLLOWER).is_ok() {
+        // The namespace's share of the watchers (see `Watchers::start`), and its agent.
+        let i = WATCHER_HOSTS
+            .iter()
+            .position(|h| *h == FOLLOWER)
+            .unwrap_or(0) as u32;
+        simulated / 4 + u32::from(i < simulated % 4) + 1
+    } else {
+        0
+    };
     drop(watchers);
     let (bytes1, answers1) = watch_bytes(lab)?;
     let round = |x: f64| (x * 100.0).round() / 100.0;
@@ -461,22 +500,39 @@ fn row(
         applied_ms_p99: round(percentile_of(&all, 99.0).unwrap_or(0.0)),
         agents_applied_ms_p50: round(percentile_of(&agents, 50.0).unwrap_or(0.0)),
         agents_applied_ms_p99: round(percentile_of(&agents, 99.0).unwrap_or(0.0)),
+        follower_watchers,
+        follower_ms_p50: percentile_of(&follower, 50.0).map(round),
+        follower_ms_p99: percentile_of(&follower, 99.0).map(round),
         bytes_per_answer: (bytes1 - bytes0) / (answers1 - answers0).max(1),
         snapshot_bytes,
     })
 }
 
-/// Makes `changes` changes; for each, the milliseconds from just before its request until
-/// each simulated watcher received it and each agent reported it applied: (everyone,
-/// the agents).
+/// Milliseconds from a change's request to its receipt or application, over every change.
+#[derive(Default)]
+struct Applied {
+    /// Every simulated watcher and real agent.
+    all: Vec<f64>,
+    /// The real agents.
+    agents: Vec<f64>,
+    /// Those that follow the second gateway.
+    follower: Vec<f64>,
+}
+
+/// Makes `changes` changes through `c`; for each, the milliseconds from just before its
+/// request until each simulated watcher received it and each agent reported it applied. An
+/// agent's report is read from every gateway (`follower`: the second one, if the lab runs
+/// it), so that an agent of the second gateway is timed when that gateway knows, not when its
+/// report reached the first through etcd.
 async fn drive(
     c: Client,
+    follower: Option<Client>,
     changes: u32,
     simulated: u32,
     seen: Seen,
-) -> Result<(Vec<f64>, Vec<f64>), BenchError> {
+) -> Result<Applied, BenchError> {
     let api = |e: ferry_api::ApiError| BenchError::failed(format!("gateway API: {e}"));
-    let (mut all, mut agents) = (Vec::new(), Vec::new());
+    let mut out = Applied::default();
     for k in 0..changes {
         let t0 = Instant::now();
         if k % 2 == 0 {
@@ -494,7 +550,10 @@ async fn drive(
         let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
         let mut applied: HashMap<String, Instant> = HashMap::new();
         loop {
-            let hosts = c.hosts().await.map_err(api)?;
+            let mut hosts = c.hosts().await.map_err(api)?;
+            if let Some(f) = &follower {
+                hosts.extend(f.hosts().await.map_err(api)?);
+            }
             let now = Instant::now();
             for h in hosts {
                 if AGENTS.contains(&h.info.name.as_str()) && h.applied_version >= v {
@@ -508,9 +567,14 @@ async fn drive(
                 .cloned()
                 .unwrap_or_default();
             if applied.len() == AGENTS.len() && got.len() >= simulated as usize {
-                agents.extend(applied.values().map(|t| ms(*t)));
-                all.extend(applied.values().map(|t| ms(*t)));
-                all.extend(got.iter().map(|t| ms(*t)));
+                out.agents.extend(applied.values().map(|t| ms(*t)));
+                out.all.extend(applied.values().map(|t| ms(*t)));
+                out.all.extend(got.iter().map(|(t, _)| ms(*t)));
+                if follower.is_some() {
+                    out.follower.extend(applied.get(FOLLOWER).map(|t| ms(*t)));
+                    out.follower
+                        .extend(got.iter().filter(|(_, f)| *f).map(|(t, _)| ms(*t)));
+                }
                 break;
             }
             if now > t0 + CHANGE_DEADLINE {
@@ -523,14 +587,14 @@ async fn drive(
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    Ok((all, agents))
+    Ok(out)
 }
 
 fn table(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<6} {:>9} {:>9} {:>12} {:>12} {:>14} {:>14} {:>10} {:>12}",
+        "{:<6} {:>9} {:>9} {:>12} {:>12} {:>14} {:>14} {:>24} {:>10} {:>12}",
         "store",
         "endpoints",
         "watchers",
@@ -538,13 +602,18 @@ fn table(r: &Report) -> String {
         "applied p99",
         "agents p50",
         "agents p99",
+        "2nd gateway's p50/p99",
         "B/answer",
         "snapshot B"
     );
     for row in &r.rows {
+        let follower = match (row.follower_ms_p50, row.follower_ms_p99) {
+            (Some(a), Some(b)) => format!("{a:.1}/{b:.1}ms ({})", row.follower_watchers),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             s,
-            "{:<6} {:>9} {:>9} {:>10.1}ms {:>10.1}ms {:>12.1}ms {:>12.1}ms {:>10} {:>12}",
+            "{:<6} {:>9} {:>9} {:>10.1}ms {:>10.1}ms {:>12.1}ms {:>12.1}ms {:>24} {:>10} {:>12}",
             row.store,
             row.endpoints,
             row.watchers,
@@ -552,6 +621,7 @@ fn table(r: &Report) -> String {
             row.applied_ms_p99,
             row.agents_applied_ms_p50,
             row.agents_applied_ms_p99,
+            follower,
             row.bytes_per_answer,
             row.snapshot_bytes
         );

@@ -425,8 +425,24 @@ impl EtcdStore {
         entry: LogEntry,
         revision: i64,
     ) -> Result<Registry, StoreError> {
-        let state = self.apply_state(reg.to_persisted(), version, entry, revision)?;
-        self.registry(reg.net(), state)
+        match entry {
+            // The record alone: the cost of the change, not of the registry.
+            LogEntry::Record(r) => {
+                if r.version != version {
+                    return Err(
+                        self.corrupt(format!("log key {version} holds version {}", r.version))
+                    );
+                }
+                let mut next = reg.clone();
+                next.apply_record(*r)
+                    .map_err(|e| self.corrupt(format!("log entry {version}: {e}")))?;
+                Ok(next)
+            }
+            LogEntry::Checkpoint(p) => {
+                let state = self.read_checkpoint(&p, revision)?;
+                self.registry(reg.net(), state)
+            }
+        }
     }
 
     /// `state` as a registry under `net` (one that does not load is corruption of the store).

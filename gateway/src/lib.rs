@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod migration;
 pub mod registry;
 pub mod server;
+pub mod shared_map;
 pub mod store;
 pub mod watch;
 

@@ -536,11 +536,13 @@ impl Gateway {
             // A gap (this gateway missed versions): read the registry whole.
             return self.reload_locked(store).map(|_| ());
         }
+        let t0 = std::time::Instant::now();
         let next = store.apply_entry(&old, version, entry, revision)?;
         let touched = crate::watch::touched(&old, &next);
         info!(
             version = next.version(),
             keys = touched.len(),
+            apply_ms = t0.elapsed().as_secs_f64() * 1e3,
             "change of another gateway applied"
         );
         self.metrics.count_store("remote");

@@ -2,9 +2,9 @@
 //! agent as the few entries it touched instead of the whole registry.
 //!
 //! Each change's keys (hosts, endpoints, public mappings that were added, changed or removed)
-//! are found by comparing the registry before and after it ([`touched`]: one ordered walk of
-//! each map, on the change's blocking thread, next to the clone and the persist that already
-//! cost as much) and kept in a bounded [`ChangeLog`]. A watch from version N is answered with
+//! are found by comparing the registry before and after it ([`touched`]: the change was made on
+//! a clone whose maps share their unchanged chunks with the old registry's, so the comparison
+//! skips them and costs what the change copied, see [`crate::shared_map`]) and kept in a bounded [`ChangeLog`]. A watch from version N is answered with
 //! the union of the keys of versions N+1..=current, each looked up in the current registry:
 //! present → sent whole, absent → sent as removed ([`delta`]). The answer's size follows the
 //! changes since N, not the registry; an agent the log no longer covers (too far behind, or
@@ -14,14 +14,13 @@
 //! check `delta(N→M)` applied to `snapshot(N)` against `snapshot(M)` over random changes).
 
 use std::{
-    cmp::Ordering,
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeSet, VecDeque},
     net::Ipv4Addr,
 };
 
 use ferry_api::{PublicKey, SnapshotDelta};
 
-use crate::{migration::transitions::in_snapshot, registry::Registry};
+use crate::{migration::transitions::in_snapshot, registry::Registry, shared_map::SharedMap};
 
 /// Versions the log keeps (a watch further behind gets the whole snapshot).
 pub const LOG_VERSIONS: usize = 4096;
@@ -52,52 +51,12 @@ impl Touched {
     }
 }
 
-/// Keys whose entries differ between `old` and `new` (added, changed or removed), by one
-/// ordered walk of both.
-pub(crate) fn diff_keys<K: Ord + Clone, V: PartialEq>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    out: &mut BTreeSet<K>,
-) {
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return,
-            (Some((k, _)), None) => {
-                out.insert((*k).clone());
-                a.next();
-            }
-            (None, Some((k, _))) => {
-                out.insert((*k).clone());
-                b.next();
-            }
-            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                Ordering::Less => {
-                    out.insert((*ka).clone());
-                    a.next();
-                }
-                Ordering::Greater => {
-                    out.insert((*kb).clone());
-                    b.next();
-                }
-                Ordering::Equal => {
-                    if va != vb {
-                        out.insert((*ka).clone());
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-}
-
 /// What a change from `old` to `new` touched.
 pub fn touched(old: &Registry, new: &Registry) -> Touched {
     let mut t = Touched::default();
-    diff_keys(&old.hosts, &new.hosts, &mut t.hosts);
-    diff_keys(&old.endpoints, &new.endpoints, &mut t.endpoints);
-    diff_keys(&old.public, &new.public, &mut t.public);
+    SharedMap::diff_keys(&old.hosts, &new.hosts, &mut t.hosts);
+    SharedMap::diff_keys(&old.endpoints, &new.endpoints, &mut t.endpoints);
+    SharedMap::diff_keys(&old.public, &new.public, &mut t.public);
     t
 }
 
@@ -221,7 +180,7 @@ impl Touched {
 /// The entries of `map` at `keys` as they are now, and (written by `removed`) the keys it no
 /// longer holds.
 pub(crate) fn split<K: Ord, V: Clone, R>(
-    map: &BTreeMap<K, V>,
+    map: &SharedMap<K, V>,
     keys: &BTreeSet<K>,
     removed: impl Fn(&K) -> R,
 ) -> (Vec<V>, Vec<R>) {
@@ -237,6 +196,8 @@ pub(crate) fn split<K: Ord, V: Clone, R>(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use ferry_api::{PublicSpec, Snapshot};
 
     use super::*;

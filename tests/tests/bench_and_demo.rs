@@ -291,6 +291,17 @@ fn the_control_benchmark_measures_change_to_applied() {
         for k in ["applied_ms_p50", "applied_ms_p99", "agents_applied_ms_p50"] {
             assert!(row[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
         }
+        // With etcd, a second gateway serves b1's agent and its share of the watchers: each
+        // change reached them through it (applied from etcd's log).
+        if store == "etcd" {
+            assert_eq!(row["follower_watchers"].as_u64(), Some(3), "{r}");
+            for k in ["follower_ms_p50", "follower_ms_p99"] {
+                assert!(row[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+            }
+        } else {
+            assert_eq!(row["follower_watchers"].as_u64(), Some(0), "{r}");
+            assert!(row["follower_ms_p50"].is_null(), "{r}");
+        }
         let (answer, snapshot) = (
             row["bytes_per_answer"].as_u64().unwrap(),
             row["snapshot_bytes"].as_u64().unwrap(),

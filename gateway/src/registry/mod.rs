@@ -22,8 +22,8 @@ use ferry_api::{
 };
 use ipnet::Ipv4Net;
 
-use crate::migration::transitions::in_snapshot;
 pub use crate::migration::transitions::{LiveMigration, MIGRATION_HISTORY};
+use crate::{migration::transitions::in_snapshot, shared_map::SharedMap};
 
 mod endpoints;
 mod hosts;
@@ -175,11 +175,11 @@ impl Change {
 pub struct Registry {
     pub(crate) net: NetConfig,
     pub(crate) version: u64,
-    pub(crate) hosts: BTreeMap<String, HostInfo>,
-    pub(crate) endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    pub(crate) hosts: SharedMap<String, HostInfo>,
+    pub(crate) endpoints: SharedMap<Ipv4Addr, Endpoint>,
     /// Index: MAC → endpoint IP.
-    pub(crate) macs: BTreeMap<MacAddr, Ipv4Addr>,
-    pub(crate) public: BTreeMap<PublicKey, PublicMapping>,
+    pub(crate) macs: SharedMap<MacAddr, Ipv4Addr>,
+    pub(crate) public: SharedMap<PublicKey, PublicMapping>,
     /// Live migrations (in the snapshot), by the number of their id.
     pub(crate) migrations: BTreeMap<u64, LiveMigration>,
     /// Finished migrations, oldest first (at most [`MIGRATION_HISTORY`]).
@@ -187,7 +187,7 @@ pub struct Registry {
     /// The number of the next migration id (ids are never reused).
     pub(crate) next_migration: u64,
     /// IPAM leases, by address.
-    pub(crate) leases: BTreeMap<Ipv4Addr, IpamLease>,
+    pub(crate) leases: SharedMap<Ipv4Addr, IpamLease>,
     /// Where the next address search starts (an offset in the pool: round robin).
     pub(crate) ipam_next: u64,
 }
@@ -198,14 +198,14 @@ impl Registry {
         Self {
             net,
             version: 0,
-            hosts: BTreeMap::new(),
-            endpoints: BTreeMap::new(),
-            macs: BTreeMap::new(),
-            public: BTreeMap::new(),
+            hosts: SharedMap::new(),
+            endpoints: SharedMap::new(),
+            macs: SharedMap::new(),
+            public: SharedMap::new(),
             migrations: BTreeMap::new(),
             history: VecDeque::new(),
             next_migration: 1,
-            leases: BTreeMap::new(),
+            leases: SharedMap::new(),
             ipam_next: 0,
         }
     }

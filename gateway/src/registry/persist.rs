@@ -2,11 +2,11 @@
 
 use std::collections::BTreeSet;
 
-use ferry_api::{EndpointSpec, Migration, MigrationPhase};
+use ferry_api::{EndpointSpec, Migration, MigrationPhase, validate::MAX_ENDPOINTS_PER_REQUEST};
 
 use super::{NetConfig, Registry, RegistryError};
 use crate::migration::transitions::LiveMigration;
-use crate::store::PersistedState;
+use crate::store::{JournalRecord, PersistedState};
 
 /// Why a stored state does not fit (the config, or itself). Nothing was loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +45,9 @@ pub enum LoadError {
     NextMigration { next: u64, max_seq: u64 },
     #[error("{}", .0.message)]
     Lease(#[source] RegistryError),
+    /// A journal record that does not apply to the registry it follows.
+    #[error("the record of version {version}: {what}")]
+    Record { version: u64, what: String },
 }
 
 impl Registry {
@@ -65,7 +68,7 @@ impl Registry {
             public_removed,
         } = touched.entries(self);
         let mut leases = BTreeSet::new();
-        crate::watch::diff_keys(&old.leases, &self.leases, &mut leases);
+        crate::shared_map::SharedMap::diff_keys(&old.leases, &self.leases, &mut leases);
         let (ipam, ipam_removed) = crate::watch::split(&self.leases, &leases, |ip| *ip);
         let mut r = crate::store::JournalRecord {
             version: self.version,
@@ -126,10 +129,12 @@ impl Registry {
             r.register_host(h)
                 .map_err(|source| LoadError::Host { name, source })?;
         }
-        if !s.endpoints.is_empty() {
-            let specs = s
-                .endpoints
-                .into_iter()
+        // In batches of what one request may carry: a registry holds up to MAX_ENDPOINTS.
+        let mut endpoints = s.endpoints.into_iter().peekable();
+        while endpoints.peek().is_some() {
+            let specs = endpoints
+                .by_ref()
+                .take(MAX_ENDPOINTS_PER_REQUEST)
                 .map(|e| EndpointSpec {
                     ip: e.ip,
                     host: e.host,
@@ -162,6 +167,89 @@ impl Registry {
         }
         r.version = s.version;
         Ok(r)
+    }
+
+    /// Applies the journal record of the next version in place, at the cost of what it
+    /// touched (a follower gateway, for each change another gateway logged in etcd). Each
+    /// entry it sets is checked as far as it can be alone (addresses in the overlay, the
+    /// endpoint's host registered, one endpoint per MAC); the live migrations and the
+    /// history are checked whole (a bounded handful). A state that does not fit is corruption
+    /// of the store: on error, `self` is left half-changed, so apply to a clone.
+    pub fn apply_record(&mut self, r: JournalRecord) -> Result<(), LoadError> {
+        let bad = |what: String| LoadError::Record {
+            version: r.version,
+            what,
+        };
+        if Some(r.version) != self.version.checked_add(1) {
+            return Err(bad(format!("does not follow version {}", self.version)));
+        }
+        for name in &r.hosts_removed {
+            self.hosts.remove(name.as_str());
+        }
+        for h in r.hosts {
+            self.hosts.insert(h.name.clone(), h);
+        }
+        for ip in &r.endpoints_removed {
+            if let Some(e) = self.endpoints.remove(ip) {
+                self.macs.remove(&e.mac);
+            }
+        }
+        // Old MACs of the endpoints set go first: two endpoints may swap theirs in one record.
+        for e in &r.endpoints {
+            if let Some(old) = self.endpoints.get(&e.ip)
+                && old.mac != e.mac
+            {
+                let mac = old.mac;
+                self.macs.remove(&mac);
+            }
+        }
+        for e in r.endpoints {
+            self.check_overlay_ip("endpoint", e.ip)
+                .map_err(|x| bad(x.message))?;
+            if !self.hosts.contains_key(e.host.as_str()) {
+                return Err(bad(format!(
+                    "endpoint {} is on host {}, which is not registered",
+                    e.ip, e.host
+                )));
+            }
+            if let Some(other) = self.macs.insert(e.mac, e.ip)
+                && other != e.ip
+            {
+                return Err(bad(format!(
+                    "mac {} of endpoint {} is also endpoint {other}'s",
+                    e.mac, e.ip
+                )));
+            }
+            self.endpoints.insert(e.ip, e);
+        }
+        for k in &r.public_removed {
+            let key: ferry_api::PublicKey = k
+                .parse()
+                .map_err(|e| bad(format!("public key {k:?}: {e}")))?;
+            self.public.remove(&key);
+        }
+        for p in r.public {
+            self.check_overlay_ip("public mapping's container", p.container)
+                .map_err(|x| bad(x.message))?;
+            self.public.insert(p.public_key(), p);
+        }
+        for ip in &r.ipam_removed {
+            self.leases.remove(ip);
+        }
+        for l in r.ipam {
+            self.check_overlay_ip("lease", l.ip)
+                .map_err(|x| bad(x.message))?;
+            self.leases.insert(l.ip, l);
+        }
+        self.ipam_next = r.ipam_next;
+        let mut history: Vec<Migration> = std::mem::take(&mut self.history).into();
+        history.extend(r.history_push);
+        let extra = history.len().saturating_sub(r.history_len);
+        history.drain(..extra);
+        self.migrations.clear();
+        self.load_migrations(r.version, r.migrations, history, r.next_migration)?;
+        self.version = r.version;
+        Ok(())
     }
 
     /// Checks and installs persisted migrations (after the hosts and endpoints).
@@ -258,6 +346,39 @@ mod tests {
     use crate::store::PersistedState;
 
     use crate::registry::testutil::*;
+
+    /// A registry larger than one request may carry loads (it is built by several requests;
+    /// loading it must not be refused by the per-request limit: a gateway restarting, or one
+    /// reading the registry whole from etcd, once did).
+    #[test]
+    fn a_registry_larger_than_one_request_loads() {
+        let mut cfg = net();
+        cfg.overlay_cidr = "10.240.0.0/12".parse().unwrap();
+        let mut r = Registry::new(cfg.clone());
+        r.apply(Request::RegisterHost(host(
+            "a1",
+            "198.18.1.10",
+            "10.244.255.1",
+        )))
+        .unwrap();
+        let n = ferry_api::validate::MAX_ENDPOINTS_PER_REQUEST + 10;
+        let base = u32::from(std::net::Ipv4Addr::new(10, 241, 0, 0));
+        let ips: Vec<std::net::Ipv4Addr> = (0..n as u32).map(|i| (base + i).into()).collect();
+        for batch in ips.chunks(ferry_api::validate::MAX_ENDPOINTS_PER_REQUEST) {
+            let specs = batch
+                .iter()
+                .map(|ip| ferry_api::EndpointSpec {
+                    ip: *ip,
+                    host: "a1".into(),
+                    mac: None,
+                })
+                .collect();
+            r.apply(Request::AddEndpoints(specs)).unwrap();
+        }
+        assert!(r.endpoint_count() > ferry_api::validate::MAX_ENDPOINTS_PER_REQUEST);
+        let back = Registry::from_persisted(cfg, r.to_persisted()).unwrap();
+        assert_eq!(back, r);
+    }
 
     #[test]
     fn persisted_round_trip_including_kept_mappings() {
