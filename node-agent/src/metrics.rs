@@ -96,22 +96,22 @@ impl Collector for Scrape {
         for (name, help, value) in [
             (
                 names::ENDPOINTS,
-                "Entries in the endpoint map.",
+                "Entries the agent wrote to the endpoint map.",
                 g.endpoints as u64,
             ),
             (
                 names::VTEPS,
-                "Entries in the VTEP allow-list.",
+                "Entries the agent wrote to the VTEP allow-list.",
                 g.vteps as u64,
             ),
             (
                 names::PUBLIC_ENTRIES,
-                "Entries in the public-address map (gateway).",
+                "Entries the agent wrote to the public-address map (gateway).",
                 g.public as u64,
             ),
             (
                 names::SNAT_ENTRIES,
-                "Entries in the source-translation map (gateway).",
+                "Entries the agent wrote to the source-translation map (gateway).",
                 g.snat as u64,
             ),
             (

@@ -222,13 +222,18 @@ impl Registry {
                 // A runtime restoring a checkpoint without asking for its address (Podman's
                 // `--ignore-static-ip`) keeps its container id: the lease it held on the
                 // source names it, and its migration comes here.
-                let arriving = self.leases.values().find_map(|l| {
-                    let m = &self.active_migration(l.ip)?.migration;
-                    (l.container_id == req.container_id
-                        && l.ifname == req.ifname
-                        && m.to == req.host)
-                        .then_some((l.ip, m.id.clone()))
-                });
+                // (Through the live migrations, a handful, not the leases.)
+                let arriving = self
+                    .migrations
+                    .values()
+                    .map(|l| &l.migration)
+                    .filter(|m| m.phase.is_active() && m.to == req.host)
+                    .filter_map(|m| {
+                        let l = self.leases.get(&m.container)?;
+                        (l.container_id == req.container_id && l.ifname == req.ifname)
+                            .then_some((l.ip, m.id.clone()))
+                    })
+                    .min_by_key(|(ip, _)| *ip);
                 if let Some((ip, id)) = arriving {
                     return Ok(Change::Allocated(IpamAllocation {
                         ip,
@@ -274,11 +279,21 @@ impl Registry {
         let pool = self.net.ipam.pool;
         let size = 1u64 << (32 - pool.prefix_len());
         let base = u32::from(pool.network());
-        let held = self.held_addresses();
+        // Leases and endpoints are looked up per candidate (the next one is usually free):
+        // the cost follows the candidates tried, not the registry's size.
+        let others: BTreeSet<Ipv4Addr> = self
+            .hosts
+            .values()
+            .map(|h| h.overlay_ip)
+            .chain(self.public.values().map(|p| p.container))
+            .collect();
+        let held = |ip: &Ipv4Addr| {
+            self.leases.contains_key(ip) || self.endpoints.contains_key(ip) || others.contains(ip)
+        };
         for i in 0..size {
             let off = (self.ipam_next + i) % size;
             let ip = Ipv4Addr::from(base + off as u32);
-            if self.unusable(ip).is_none() && !held.contains(&ip) {
+            if self.unusable(ip).is_none() && !held(&ip) {
                 return Ok(ip);
             }
         }
