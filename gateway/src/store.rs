@@ -795,8 +795,14 @@ mod tests {
         rec.endpoints[0].host = host;
         r.clone().apply_record(rec.clone()).unwrap();
         rec.endpoints[0].ip = "192.0.2.1".parse().unwrap();
-        let e = r.clone().apply_record(rec).unwrap_err();
+        let e = r.clone().apply_record(rec.clone()).unwrap_err();
         assert!(e.to_string().contains("outside overlay_cidr"), "{e}");
+        // A host removed while an endpoint stays on it.
+        let on = r.endpoints().next().expect("an endpoint").clone();
+        rec.endpoints.clear();
+        rec.hosts_removed = vec![on.host.clone()];
+        let e = r.clone().apply_record(rec.clone()).unwrap_err();
+        assert!(e.to_string().contains("is still on it"), "{e}");
     }
 
     #[test]

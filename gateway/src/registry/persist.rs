@@ -189,6 +189,27 @@ impl Registry {
         for h in r.hosts {
             self.hosts.insert(h.name.clone(), h);
         }
+        // A host goes only without endpoints (checked over the endpoints, once per removal:
+        // rare).
+        let gone: Vec<&String> = r
+            .hosts_removed
+            .iter()
+            .filter(|n| !self.hosts.contains_key(n.as_str()))
+            .collect();
+        if !gone.is_empty() {
+            let removed_here: BTreeSet<std::net::Ipv4Addr> =
+                r.endpoints_removed.iter().copied().collect();
+            if let Some(e) = self
+                .endpoints
+                .values()
+                .find(|e| gone.contains(&&e.host) && !removed_here.contains(&e.ip))
+            {
+                return Err(bad(format!(
+                    "host {} is removed but endpoint {} is still on it",
+                    e.host, e.ip
+                )));
+            }
+        }
         for ip in &r.endpoints_removed {
             if let Some(e) = self.endpoints.remove(ip) {
                 self.macs.remove(&e.mac);
