@@ -42,12 +42,16 @@ fn push(frame: &[u8]) -> Result<Verdict, String> {
         }
     }
     if let Some(ip) = dst {
-        // The parsed address is the IPv4 header's destination field, nothing else.
-        assert_eq!(frame[12..14], [0x08, 0x00]);
-        assert_eq!(ip.octets(), frame[30..34]);
+        // The parsed address is the IPv4 header's destination field or the last 32 bits of
+        // the IPv6 header's (the overlay's /96 ends in the endpoint's IPv4), nothing else.
+        match frame[12..14] {
+            [0x08, 0x00] => assert_eq!(ip.octets(), frame[30..34]),
+            [0x86, 0xdd] => assert_eq!(ip.octets(), frame[50..54]),
+            ref other => panic!("an address parsed from ethertype {other:02x?}"),
+        }
     }
     match verdict {
-        Verdict::Malformed => Err("not an IPv4 frame".into()),
+        Verdict::Malformed => Err("neither an IPv4 nor an IPv6 frame".into()),
         v => Ok(v),
     }
 }
