@@ -631,7 +631,39 @@ impl Gateway {
     /// (the watch asked for a delta from that version): a [`ferry_api::WatchUpdate`], the
     /// delta when the change log still covers that version (never from 0), else the whole
     /// snapshot.
+    /// The delta from `from` to the current version if it is already serialised (every
+    /// watcher at `from` after the first): a lock and a reference count, answered on the
+    /// runtime's worker rather than a blocking thread (a thousand watchers woken by one
+    /// change would otherwise each take a trip through the blocking pool).
+    fn cached_delta(&self, from: u64) -> Option<Bytes> {
+        let version = self.current().version();
+        let cache = lock(&self.delta_cache);
+        match &*cache {
+            Some((f, (v, until, b)))
+                if from > 0 && *f == from && *v == version && ferry_api::unix_ms() < *until =>
+            {
+                Some(b.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn watch_answer(&self, kind: &'static str, b: Bytes) -> Response {
+        self.metrics.count_watch(kind, b.len());
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            b,
+        )
+            .into_response()
+    }
+
     async fn snapshot_response(self: &Arc<Self>, delta_from: Option<u64>) -> Response {
+        if let Some(b) = delta_from.and_then(|f| self.cached_delta(f)) {
+            return self.watch_answer("delta", b);
+        }
         let g = self.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             let reg = g.current();
@@ -680,17 +712,7 @@ impl Gateway {
         })
         .await;
         match bytes {
-            Ok(Ok((kind, b))) => {
-                self.metrics.count_watch(kind, b.len());
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    )],
-                    b,
-                )
-                    .into_response()
-            }
+            Ok(Ok((kind, b))) => self.watch_answer(kind, b),
             Ok(Err(e)) => ApiFailure::new(
                 ErrorCode::Internal,
                 format!("serialising the snapshot: {e}"),
