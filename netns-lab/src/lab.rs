@@ -573,13 +573,24 @@ impl Lab {
 
     /// Starts the etcd member on `host` again from its data; waits until it is healthy.
     pub fn start_etcd_member(&mut self, host: &str) -> Result<(), LabError> {
-        let child = etcd_member_command(&self.prefix, &self.topology, host)?
-            .spawn()
-            .map_err(|e| LabError::io("spawning etcd", e))?;
-        let recorded = self.record_started(&child, "etcd", host);
-        self.children.push(child);
-        recorded?;
-        wait_etcd_member(&self.prefix, &self.topology, host)
+        self.start_etcd_members(&[host])
+    }
+
+    /// Starts the etcd members on `hosts` again from their data, all before waiting for any
+    /// (a member is healthy only once a quorum of them runs); waits until each is healthy.
+    pub fn start_etcd_members(&mut self, hosts: &[&str]) -> Result<(), LabError> {
+        for host in hosts {
+            let child = etcd_member_command(&self.prefix, &self.topology, host)?
+                .spawn()
+                .map_err(|e| LabError::io("spawning etcd", e))?;
+            let recorded = self.record_started(&child, "etcd", host);
+            self.children.push(child);
+            recorded?;
+        }
+        for host in hosts {
+            wait_etcd_member(&self.prefix, &self.topology, host)?;
+        }
+        Ok(())
     }
 
     /// The extra gateway on `host` (topology `extra_gateways`).

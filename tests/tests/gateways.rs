@@ -3,6 +3,8 @@
 //! the gateway of its own cloud, the others the main one; changes made through either reach
 //! every agent, a migration step driven by the main gateway waits for b1's agent through what
 //! b1's gateway publishes, and when b1's gateway dies its agent carries on with the main one.
+//! The same change sent through both at once wins once; with etcd unreachable both refuse
+//! changes and still serve reads.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -252,5 +254,138 @@ fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
     // A new connection, answered through gw2.
     tcp_echo(&inet, public, 50_000).expect("a new connection through gw2");
     drop(conn);
+    lab.down().unwrap();
+}
+
+/// Adds endpoint `ip` on `host` through `cp`'s gateway.
+fn add(
+    lab: &ferry_lab::Lab,
+    cp: &ControlPlane,
+    ip: Ipv4Addr,
+    host: &'static str,
+) -> Result<Vec<ferry_api::Endpoint>, ferry_api::ApiError> {
+    lab.api_at(cp, move |c| async move {
+        c.add_endpoints(&[ferry_api::EndpointSpec {
+            ip,
+            host: host.into(),
+            mac: None,
+        }])
+        .await
+    })
+    .unwrap()
+}
+
+/// The host of endpoint `ip` as `cp`'s gateway serves it.
+fn endpoint_on(lab: &ferry_lab::Lab, cp: &ControlPlane, ip: Ipv4Addr) -> Option<String> {
+    lab.api_at(cp, |c| async move { c.endpoints().await })
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.ip == ip)
+        .map(|e| e.host)
+}
+
+/// Two gateways on one etcd, the same change sent to both at once: one wins, the other is
+/// refused, and both then serve the winner's version. Then etcd is unreachable (every member
+/// killed): a change through either gateway is refused with `store_unavailable`, reads are
+/// still served from what each gateway holds, and once the members are back the refused
+/// change is nowhere.
+#[test]
+fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
+    if !require_root_and_tools(&["ip", "nft", "etcd"]) {
+        return;
+    }
+    let mut lab = agents_lab(LabOptions {
+        topology: Topology {
+            etcd: true,
+            extra_gateways: vec!["b1".into()],
+            ..Topology::default()
+        },
+        ..LabOptions::default()
+    });
+    let main = lab.control().unwrap();
+    let b1gw = lab.extra_gateway("b1").unwrap();
+    for i in 0..8u8 {
+        let ip = Ipv4Addr::new(10, 244, 9, 10 + i);
+        // The same address for a1 through the main gateway and for a2 through b1's, at once.
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| add(&lab, &main, ip, "a1"));
+            let b = s.spawn(|| add(&lab, &b1gw, ip, "a2"));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let winner = match (&a, &b) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => {
+                assert_eq!(
+                    e.code(),
+                    Some("duplicate_endpoint"),
+                    "round {i}: the loser is refused by name: {e}"
+                );
+                if a.is_ok() { "a1" } else { "a2" }
+            }
+            other => panic!("round {i}: want exactly one winner, got {other:?}"),
+        };
+        wait_for(
+            "both gateways at one version",
+            Duration::from_secs(20),
+            || {
+                let v = version(&lab, &main)?;
+                (version(&lab, &b1gw)? == v).then_some(())
+            },
+        );
+        for cp in [&main, &b1gw] {
+            assert_eq!(
+                endpoint_on(&lab, cp, ip).as_deref(),
+                Some(winner),
+                "round {i}: {} serves the winner",
+                cp.host
+            );
+        }
+    }
+
+    // etcd unreachable (every member gone): changes refused, reads served.
+    let members: Vec<String> = ferry_lab::control::etcd_members(lab.topology())
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(members.len(), 3, "{members:?}");
+    let v = version(&lab, &main).unwrap();
+    for m in &members {
+        lab.kill_etcd_member(m).unwrap();
+    }
+    let refused = ip("10.244.9.99");
+    for cp in [&main, &b1gw] {
+        let e = add(&lab, cp, refused, "a1").expect_err("a change without etcd");
+        assert_eq!(e.code(), Some("store_unavailable"), "{}: {e}", cp.host);
+        assert!(e.to_string().contains("not applied"), "a clear error: {e}");
+        // Reads are served from what the gateway holds.
+        assert_eq!(version(&lab, cp), Some(v), "{} still answers", cp.host);
+        assert_eq!(endpoint_on(&lab, cp, refused), None);
+    }
+    let names: Vec<&str> = members.iter().map(String::as_str).collect();
+    lab.start_etcd_members(&names).unwrap();
+    // Back: changes are taken again, and the refused one never happened.
+    let after = ip("10.244.9.100");
+    wait_for(
+        "a change taken once the quorum is back",
+        Duration::from_secs(60),
+        || add(&lab, &main, after, "a1").ok(),
+    );
+    wait_for(
+        "both gateways at one version",
+        Duration::from_secs(20),
+        || {
+            let v = version(&lab, &main)?;
+            (version(&lab, &b1gw)? == v).then_some(())
+        },
+    );
+    for cp in [&main, &b1gw] {
+        assert_eq!(
+            endpoint_on(&lab, cp, refused),
+            None,
+            "{}: nothing half-applied",
+            cp.host
+        );
+        assert_eq!(endpoint_on(&lab, cp, after).as_deref(), Some("a1"));
+    }
     lab.down().unwrap();
 }
