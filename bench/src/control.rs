@@ -295,6 +295,11 @@ fn wait_agents(lab: &Lab, v: u64) -> Result<(), BenchError> {
     }
 }
 
+/// The simulated watchers of `WATCHER_HOSTS[i]`: `count` spread evenly over the four.
+fn share(count: u32, i: usize) -> u32 {
+    count / 4 + u32::from((i as u32) < count % 4)
+}
+
 /// Versions seen by the simulated watchers: version → receipt instants, each with whether
 /// the watcher follows the second gateway.
 type Seen = Arc<Mutex<HashMap<u64, Vec<(Instant, bool)>>>>;
@@ -316,7 +321,7 @@ impl Watchers {
         let follower = lab.extra_gateway(FOLLOWER).ok().map(|g| g.api);
         let mut threads = Vec::new();
         for (i, host) in WATCHER_HOSTS.iter().enumerate() {
-            let mine = count / 4 + u32::from((i as u32) < count % 4);
+            let mine = share(count, i);
             if mine == 0 {
                 continue;
             }
@@ -484,8 +489,8 @@ fn row(
         let i = WATCHER_HOSTS
             .iter()
             .position(|h| *h == FOLLOWER)
-            .unwrap_or(0) as u32;
-        simulated / 4 + u32::from(i < simulated % 4) + 1
+            .unwrap_or(0);
+        share(simulated, i) + 1
     } else {
         0
     };

@@ -225,6 +225,21 @@ impl HostRuntime {
     }
 }
 
+/// The cached delta from `from` (> 0) if it is the one to `version` and still exact at `now`.
+fn delta_hit(
+    cache: &Option<(u64, CachedSnapshot)>,
+    from: u64,
+    version: u64,
+    now: u64,
+) -> Option<Bytes> {
+    match cache {
+        Some((f, (v, until, b))) if from > 0 && *f == from && *v == version && now < *until => {
+            Some(b.clone())
+        }
+        _ => None,
+    }
+}
+
 /// A serialised snapshot: its version, and until when (unix ms) it stays exact (the next end
 /// of a forwarding grace in it).
 type CachedSnapshot = (u64, u64, Bytes);
@@ -637,15 +652,12 @@ impl Gateway {
     /// change would otherwise each take a trip through the blocking pool).
     fn cached_delta(&self, from: u64) -> Option<Bytes> {
         let version = self.current().version();
-        let cache = lock(&self.delta_cache);
-        match &*cache {
-            Some((f, (v, until, b)))
-                if from > 0 && *f == from && *v == version && ferry_api::unix_ms() < *until =>
-            {
-                Some(b.clone())
-            }
-            _ => None,
-        }
+        delta_hit(
+            &lock(&self.delta_cache),
+            from,
+            version,
+            ferry_api::unix_ms(),
+        )
     }
 
     fn watch_answer(&self, kind: &'static str, b: Bytes) -> Response {
@@ -671,12 +683,8 @@ impl Gateway {
             let valid_until = reg.next_expiry_after(now).unwrap_or(u64::MAX);
             if let Some(from) = delta_from.filter(|f| *f > 0) {
                 let mut cache = lock(&g.delta_cache);
-                if let Some((f, (v, until, b))) = &*cache
-                    && *f == from
-                    && *v == reg.version()
-                    && now < *until
-                {
-                    return Ok(("delta", b.clone()));
+                if let Some(b) = delta_hit(&cache, from, reg.version(), now) {
+                    return Ok(("delta", b));
                 }
                 // Nothing new (the long poll timed out): an empty delta, not the registry.
                 let touched = if from == reg.version() {

@@ -33,12 +33,10 @@ fn version(lab: &ferry_lab::Lab, cp: &ControlPlane) -> Option<u64> {
         .ok()
 }
 
-#[test]
-fn agents_follow_the_gateway_of_their_cloud_and_carry_on_when_it_dies() {
-    if !require_root_and_tools(&["ip", "nft", "etcd"]) {
-        return;
-    }
-    let mut lab = agents_lab(LabOptions {
+/// The lab of these tests: etcd (three members), the main gateway on gw and a second on b1,
+/// agents running; with both gateways' control planes.
+fn two_gateways() -> (ferry_lab::Lab, ControlPlane, ControlPlane) {
+    let lab = agents_lab(LabOptions {
         topology: Topology {
             etcd: true,
             extra_gateways: vec!["b1".into()],
@@ -48,6 +46,27 @@ fn agents_follow_the_gateway_of_their_cloud_and_carry_on_when_it_dies() {
     });
     let main = lab.control().unwrap();
     let b1gw = lab.extra_gateway("b1").unwrap();
+    (lab, main, b1gw)
+}
+
+/// Waits until both gateways serve one version.
+fn same_version(lab: &ferry_lab::Lab, main: &ControlPlane, b1gw: &ControlPlane) {
+    wait_for(
+        "both gateways at one version",
+        Duration::from_secs(20),
+        || {
+            let v = version(lab, main)?;
+            (version(lab, b1gw)? == v).then_some(())
+        },
+    );
+}
+
+#[test]
+fn agents_follow_the_gateway_of_their_cloud_and_carry_on_when_it_dies() {
+    if !require_root_and_tools(&["ip", "nft", "etcd"]) {
+        return;
+    }
+    let (mut lab, main, b1gw) = two_gateways();
     let link = ControlPlane::agent_link(lab.prefix(), lab.topology(), "b1").unwrap();
     assert_eq!(
         link.address, b1gw.api,
@@ -295,16 +314,7 @@ fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
     if !require_root_and_tools(&["ip", "nft", "etcd"]) {
         return;
     }
-    let mut lab = agents_lab(LabOptions {
-        topology: Topology {
-            etcd: true,
-            extra_gateways: vec!["b1".into()],
-            ..Topology::default()
-        },
-        ..LabOptions::default()
-    });
-    let main = lab.control().unwrap();
-    let b1gw = lab.extra_gateway("b1").unwrap();
+    let (mut lab, main, b1gw) = two_gateways();
     for i in 0..8u8 {
         let ip = Ipv4Addr::new(10, 244, 9, 10 + i);
         // The same address for a1 through the main gateway and for a2 through b1's, at once.
@@ -324,14 +334,7 @@ fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
             }
             other => panic!("round {i}: want exactly one winner, got {other:?}"),
         };
-        wait_for(
-            "both gateways at one version",
-            Duration::from_secs(20),
-            || {
-                let v = version(&lab, &main)?;
-                (version(&lab, &b1gw)? == v).then_some(())
-            },
-        );
+        same_version(&lab, &main, &b1gw);
         for cp in [&main, &b1gw] {
             assert_eq!(
                 endpoint_on(&lab, cp, ip).as_deref(),
@@ -370,14 +373,7 @@ fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
         Duration::from_secs(60),
         || add(&lab, &main, after, "a1").ok(),
     );
-    wait_for(
-        "both gateways at one version",
-        Duration::from_secs(20),
-        || {
-            let v = version(&lab, &main)?;
-            (version(&lab, &b1gw)? == v).then_some(())
-        },
-    );
+    same_version(&lab, &main, &b1gw);
     for cp in [&main, &b1gw] {
         assert_eq!(
             endpoint_on(&lab, cp, refused),
