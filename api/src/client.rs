@@ -19,6 +19,11 @@ use crate::{
 
 /// Default deadline of one request (connect and complete answer).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The header a gateway cut off from the registry's store (etcd's quorum out of reach) puts
+/// on every answer: milliseconds since it last heard the quorum. What it answers is true of
+/// some version, maybe not the newest: a client with other gateways reads from them first.
+pub const CUT_OFF_HEADER: &str = "ferry-cut-off-ms";
 /// Largest answer body accepted: a snapshot of 65,536 endpoints is about 6 MB, of 262,144
 /// (the agents' endpoint map) about 24 MB.
 pub const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -615,15 +620,35 @@ impl Client {
         // (A gateway whose host died answers nothing: `request` gives up its connect after a
         // second and the next one is tried, rather than after the whole request's timeout.)
         // Several gateways: from the one that answered last, each in turn while the failure
-        // says the request did not reach a gateway (or, for a read, whatever it says).
+        // says the request did not reach a gateway (or, for a read, whatever it says, and a
+        // gateway's answer that it cannot vouch for what it holds).
         let n = self.all.len();
         let first = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
         let read = method == "GET";
         let mut last = None;
+        let mut refused = None;
         for i in 0..n {
             let at = (first + i) % n;
             let copy = request.try_clone().expect("the client's bodies are whole");
             match copy.send(self.all[at]).await {
+                // A gateway cut off from its store: it refused the request (`cut_off`: nothing
+                // was applied, any request may go to the next one), or answered a read with
+                // what it holds, maybe behind. The next one is asked; this answer is the one
+                // given if no gateway does better.
+                Ok(r)
+                    if (read && r.headers.contains_key(CUT_OFF_HEADER))
+                        || (r.status == 503 && r.error().code() == Some("cut_off")) =>
+                {
+                    let better =
+                        refused
+                            .as_ref()
+                            .is_none_or(|p: &(usize, crate::transport::Response)| {
+                                !p.1.is_success() && r.is_success()
+                            });
+                    if better {
+                        refused = Some((at, r));
+                    }
+                }
                 Ok(r) => {
                     self.current.store(at, std::sync::atomic::Ordering::Relaxed);
                     return r.json(&what);
@@ -636,6 +661,12 @@ impl Client {
                     last = Some(e);
                 }
             }
+        }
+        if let Some((at, r)) = refused {
+            if r.is_success() {
+                self.current.store(at, std::sync::atomic::Ordering::Relaxed);
+            }
+            return r.json(&what);
         }
         Err(last.expect("at least two gateways tried").into())
     }

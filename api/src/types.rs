@@ -803,10 +803,15 @@ pub enum ErrorCode {
     /// it was not applied (or, when the message says so, its outcome is unknown: it shows in
     /// the registry once this gateway reads it back). Reads are still served.
     StoreUnavailable,
+    /// 503: this gateway is cut off from the registry's store (it has not heard etcd's
+    /// quorum for longer than its lease may live): it refused the request at once, nothing
+    /// was applied, and another gateway serves it. Clients with other gateways ask the next
+    /// one; agents follow another one.
+    CutOff,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::BadRequest,
@@ -824,6 +829,7 @@ impl ErrorCode {
         ErrorCode::RolledBack,
         ErrorCode::NeedsAttention,
         ErrorCode::StoreUnavailable,
+        ErrorCode::CutOff,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -845,6 +851,7 @@ impl ErrorCode {
             ErrorCode::RolledBack => "rolled_back",
             ErrorCode::NeedsAttention => "needs_attention",
             ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::CutOff => "cut_off",
         }
     }
 
@@ -865,7 +872,7 @@ impl ErrorCode {
             | ErrorCode::BadPhase => 409,
             ErrorCode::Internal => 500,
             ErrorCode::RolledBack | ErrorCode::NeedsAttention => 504,
-            ErrorCode::StoreUnavailable => 503,
+            ErrorCode::StoreUnavailable | ErrorCode::CutOff => 503,
         }
     }
 }

@@ -21,7 +21,131 @@ use crate::{
 };
 
 /// Seconds a gateway's lease lives without renewal (its presence reports go with it).
-pub const LEASE_TTL_SECS: i64 = 3;
+///
+/// Long enough that an election (a second or two: the leader's host cut off) does not make
+/// a gateway take its own lease for lapsed ([`Quorum`]): a new leader extends every lease, but
+/// no renewal is answered until it is elected.
+pub const LEASE_TTL_SECS: i64 = 5;
+/// How much earlier than etcd a gateway takes its own lease for lapsed: the lease's clock
+/// starts when etcd's leader got the renewal, this gateway counts from when it sent it, and
+/// the margin covers the clocks' rates and an action already under way.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// What this gateway knows of its contact with etcd's quorum. A lease grant or renewal is
+/// answered only by a leader that a quorum follows; the gateway counts its lease valid until
+/// the renewal's send time plus the TTL, less [`LEASE_MARGIN`]. Before that instant etcd
+/// cannot have let the lease (and what hangs on it: the runs this gateway drives) go; after
+/// it, this gateway is **cut off**: it stops driving runs, refuses changes at once, and sends
+/// its agents to another gateway, because what it holds may be behind.
+#[derive(Debug)]
+pub struct Quorum {
+    inner: std::sync::Mutex<QuorumState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct QuorumState {
+    /// The lease held (0: none).
+    lease: i64,
+    /// When the last answer from a quorum was asked for.
+    heard: std::time::Instant,
+    /// Until when that answer vouches for the lease.
+    fresh_until: std::time::Instant,
+    /// When contact came back after the last time the gateway was cut off.
+    recovered: Option<std::time::Instant>,
+}
+
+impl Default for Quorum {
+    fn default() -> Self {
+        Self::new(std::time::Instant::now())
+    }
+}
+
+impl Quorum {
+    /// A gateway that read the registry from a quorum at `read` (its start), with no lease yet.
+    pub fn new(read: std::time::Instant) -> Self {
+        Self {
+            inner: std::sync::Mutex::new(QuorumState {
+                lease: 0,
+                heard: read,
+                fresh_until: read + ttl(LEASE_TTL_SECS),
+                recovered: None,
+            }),
+        }
+    }
+
+    fn state(&self) -> QuorumState {
+        *self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lease `lease` was granted or renewed (`ttl_secs` left), by a request sent at `sent`.
+    pub fn heard(&self, lease: i64, sent: std::time::Instant, ttl_secs: i64) {
+        let mut s = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now().max(sent);
+        if now >= s.fresh_until {
+            // It was cut off until this answer.
+            s.recovered = Some(now);
+        }
+        if s.lease != lease {
+            // A new lease: nothing that hung on the old one is this gateway's any more.
+            s.fresh_until = sent;
+        }
+        s.lease = lease;
+        s.heard = s.heard.max(sent);
+        s.fresh_until = s.fresh_until.max(sent + ttl(ttl_secs));
+    }
+
+    /// The lease is gone (etcd said it expired).
+    pub fn lost(&self) {
+        let mut s = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.lease = 0;
+    }
+
+    /// The lease this gateway may still act on at `now` (`None`: none, or it may have lapsed).
+    pub fn fresh_lease_at(&self, now: std::time::Instant) -> Option<i64> {
+        let s = self.state();
+        (s.lease != 0 && now < s.fresh_until).then_some(s.lease)
+    }
+
+    pub fn fresh_lease(&self) -> Option<i64> {
+        self.fresh_lease_at(std::time::Instant::now())
+    }
+
+    /// Whether `lease` is still the one held and may not have lapsed.
+    pub fn holds(&self, lease: i64) -> bool {
+        self.fresh_lease() == Some(lease)
+    }
+
+    /// Since when this gateway may be behind: `None` while it is in contact, else how long
+    /// ago it last heard a quorum.
+    pub fn cut_off_at(&self, now: std::time::Instant) -> Option<Duration> {
+        let s = self.state();
+        (now >= s.fresh_until).then(|| now.saturating_duration_since(s.heard))
+    }
+
+    pub fn cut_off(&self) -> Option<Duration> {
+        self.cut_off_at(std::time::Instant::now())
+    }
+
+    /// Whether this gateway was cut off at any time since `t` (or is now).
+    pub fn cut_off_since(&self, t: std::time::Instant) -> bool {
+        let now = std::time::Instant::now();
+        let s = self.state();
+        now >= s.fresh_until || s.recovered.is_some_and(|r| r >= t)
+    }
+}
+
+fn ttl(secs: i64) -> Duration {
+    Duration::from_secs(u64::try_from(secs).unwrap_or(0)).saturating_sub(LEASE_MARGIN)
+}
 /// How often the lease is renewed, and presence published without a change to wake it.
 const TICK: Duration = Duration::from_millis(500);
 /// How often an agent's timestamps alone (last seen, last watch) are published: well inside
@@ -271,20 +395,24 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
         }
         let result = (|| {
             if lease != 0 && renewed.elapsed() >= TICK {
-                if kv.keepalive(lease)? == 0 {
+                let sent = std::time::Instant::now();
+                let left = kv.keepalive(lease)?;
+                if left == 0 {
                     // Whatever hung on it (presence, the runs this gateway drives) is gone.
-                    g.lease.store(0, std::sync::atomic::Ordering::Relaxed);
+                    g.quorum.lost();
                     warn!(lease = %format!("{lease:x}"), "etcd: this gateway's lease expired; publishing presence again");
                     lease = 0;
+                } else {
+                    g.quorum.heard(lease, sent, left);
                 }
-                renewed = std::time::Instant::now();
+                renewed = sent;
             }
             if lease == 0 {
-                g.lease.store(0, std::sync::atomic::Ordering::Relaxed);
+                let sent = std::time::Instant::now();
                 lease = kv.grant(LEASE_TTL_SECS)?;
-                renewed = std::time::Instant::now();
+                g.quorum.heard(lease, sent, LEASE_TTL_SECS);
+                renewed = sent;
                 published.clear();
-                g.lease.store(lease, std::sync::atomic::Ordering::Relaxed);
             }
             // At once when what a step waits for moved (applied version, connected); the
             // timestamps alone at most every REFRESH (many watches re-open per change).
@@ -332,5 +460,67 @@ fn publish(g: &Arc<Gateway>, prefix: &[u8], me: &str) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{LEASE_MARGIN, LEASE_TTL_SECS, Quorum};
+
+    const TTL: Duration = Duration::from_secs(LEASE_TTL_SECS as u64);
+
+    #[test]
+    fn a_lease_is_acted_on_until_its_renewals_send_time_plus_the_ttl_less_the_margin() {
+        let t0 = Instant::now();
+        let q = Quorum::new(t0);
+        // The registry was read at t0: in touch, but no lease to drive a run on.
+        assert_eq!(q.fresh_lease_at(t0), None);
+        assert_eq!(q.cut_off_at(t0), None);
+        q.heard(7, t0, LEASE_TTL_SECS);
+        let edge = t0 + TTL - LEASE_MARGIN;
+        assert_eq!(q.fresh_lease_at(edge - Duration::from_millis(1)), Some(7));
+        assert_eq!(
+            q.fresh_lease_at(edge),
+            None,
+            "lapsed before etcd can let it go"
+        );
+        assert_eq!(q.cut_off_at(edge), Some(TTL - LEASE_MARGIN));
+        // A renewal sent later (answered) moves the edge; one sent earlier does not move it back.
+        let t1 = t0 + Duration::from_secs(1);
+        q.heard(7, t1, LEASE_TTL_SECS);
+        q.heard(7, t0, LEASE_TTL_SECS);
+        assert_eq!(q.fresh_lease_at(edge), Some(7));
+        assert_eq!(q.cut_off_at(edge), None);
+        assert_eq!(q.fresh_lease_at(t1 + TTL - LEASE_MARGIN), None);
+    }
+
+    #[test]
+    fn a_new_lease_does_not_inherit_the_old_ones_time_and_a_lost_lease_is_not_acted_on() {
+        let t0 = Instant::now();
+        let q = Quorum::new(t0);
+        q.heard(1, t0 + Duration::from_secs(2), LEASE_TTL_SECS);
+        // etcd says lease 1 expired; this gateway is still in touch.
+        q.lost();
+        let t = t0 + Duration::from_secs(3);
+        assert_eq!(q.fresh_lease_at(t), None);
+        assert_eq!(q.cut_off_at(t), None);
+        // A new lease granted by a request sent at t counts from t, not from lease 1's
+        // edge (t0 + 2 + TTL - margin, later than lease 2's with a 2 s TTL).
+        q.heard(2, t, 2);
+        assert_eq!(q.fresh_lease_at(t), Some(2));
+        let lease2_edge = t + Duration::from_secs(2) - LEASE_MARGIN;
+        assert!(lease2_edge < t0 + Duration::from_secs(2) + TTL - LEASE_MARGIN);
+        assert_eq!(q.fresh_lease_at(lease2_edge), None);
+    }
+
+    #[test]
+    fn a_gateway_that_never_hears_a_quorum_after_its_start_is_cut_off() {
+        let t0 = Instant::now();
+        let q = Quorum::new(t0);
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(q.cut_off_at(later), Some(Duration::from_secs(10)));
+        assert_eq!(q.fresh_lease_at(later), None);
     }
 }

@@ -337,6 +337,14 @@ pub async fn serve(config_path: &Path, store: Option<&str>) -> Result<(), StartE
         config.step_timeout(),
     );
     g.set_client_tls(tls.as_ref().map(|t| t.client_config()));
+    if let Some(store) = g.store.etcd() {
+        // A change etcd lost the answer to is sent again only while its caller still waits.
+        let weak = std::sync::Arc::downgrade(&g);
+        store.set_resend_gate(Box::new(move |began| {
+            weak.upgrade()
+                .is_some_and(|g| !g.quorum.cut_off_since(began))
+        }));
+    }
     if let StoreSpec::Etcd(members) = config.store_spec() {
         crate::cluster::spawn(g.clone(), members.0, revision, config.listen.to_string());
     }

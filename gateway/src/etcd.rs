@@ -190,6 +190,8 @@ pub trait Kv: Send + Sync + 'static {
 /// whose host died answers nothing, and every change would otherwise wait out the whole
 /// request's timeout on it first.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a member gets to answer a lease renewal.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// The real members, through etcd's JSON gateway.
 #[derive(Debug)]
@@ -267,6 +269,18 @@ impl HttpKv {
         body: Value,
         idempotent: bool,
     ) -> Result<Value, EtcdError> {
+        self.call_within(path, what, body, idempotent, self.timeout)
+    }
+
+    /// [`Self::call`], each member given `timeout`.
+    fn call_within(
+        &self,
+        path: &str,
+        what: &str,
+        body: Value,
+        idempotent: bool,
+        timeout: Duration,
+    ) -> Result<Value, EtcdError> {
         use ferry_api::transport::{HttpError, Request};
         let body = bytes::Bytes::from(serde_json::to_vec(&body).expect("JSON values serialise"));
         let n = self.members.0.len();
@@ -278,7 +292,7 @@ impl HttpKv {
             let request = Request::post(path)
                 .plain()
                 .json(body.clone())
-                .timeout(self.timeout)
+                .timeout(timeout)
                 .connect_timeout(CONNECT_TIMEOUT)
                 .max_answer(256 << 20);
             // send_blocking starts a runtime of its own, which tokio refuses inside a running
@@ -453,11 +467,14 @@ impl Kv for HttpKv {
 
     fn keepalive(&self, id: i64) -> Result<i64, EtcdError> {
         let what = format!("lease keepalive {id:x}");
-        let v = self.call(
+        // Short: a renewal lost in an election is sent again soon, to the new leader, rather
+        // than waited for (the gateway's view of its lease counts from the last one answered).
+        let v = self.call_within(
             "/v3/lease/keepalive",
             &what,
             json!({"ID": id.to_string()}),
             true,
+            KEEPALIVE_TIMEOUT,
         )?;
         int(&v["result"]["TTL"]).map_err(|problem| self.decode(&what, problem))
     }
@@ -639,6 +656,9 @@ pub(crate) mod fake {
         leases: Mutex<BTreeMap<i64, Vec<Vec<u8>>>>,
         /// Bytes a transaction may carry (etcd's --max-request-bytes).
         pub max_request: Mutex<Option<usize>>,
+        /// The next transaction's answer is lost and it is not applied (a leader lost
+        /// before it committed).
+        pub lose_next_txn: AtomicBool,
     }
 
     impl FakeKv {
@@ -715,6 +735,13 @@ pub(crate) mod fake {
                 return Err(EtcdError::Unreachable {
                     what: txn.describe(),
                     tried: "fake: down".into(),
+                });
+            }
+            if self.lose_next_txn.swap(false, Ordering::Relaxed) {
+                return Err(EtcdError::Unknown {
+                    member: ([127, 0, 0, 1], 2379).into(),
+                    what: txn.describe(),
+                    problem: "fake: answer lost".into(),
                 });
             }
             if let Some(max) = *self.max_request.lock().unwrap()

@@ -59,12 +59,17 @@ pub enum LogEntry {
 }
 
 /// The registry's store on etcd.
+/// Whether a change that etcd says was not applied, after losing the answer to it, may be sent
+/// again: given when the change began (see [`EtcdStore::set_resend_gate`]).
+pub type ResendGate = Box<dyn Fn(std::time::Instant) -> bool + Send + Sync>;
+
 pub struct EtcdStore {
     kv: Arc<dyn Kv>,
     prefix: String,
     /// Changes logged since the last checkpoint.
     since_checkpoint: Mutex<usize>,
     compact_records: usize,
+    resend: std::sync::OnceLock<ResendGate>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -87,7 +92,17 @@ impl EtcdStore {
             prefix: prefix.to_owned(),
             since_checkpoint: Mutex::new(0),
             compact_records: COMPACT_RECORDS,
+            resend: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A change whose answer etcd lost and that etcd then says was not applied is sent again
+    /// only while `gate(began)` holds (the gateway: it has not been cut off from etcd's
+    /// quorum since the change began, so its caller is still waiting for the answer). Else it
+    /// is reported not applied: a caller already told "outcome unknown" must not find it
+    /// applied later. Without a gate, it is sent again.
+    pub fn set_resend_gate(&self, gate: ResendGate) {
+        let _ = self.resend.set(gate);
     }
 
     /// The same, writing a checkpoint every `n` changes (tests).
@@ -184,7 +199,8 @@ impl EtcdStore {
                 Op::Put(self.head_key(), version.to_string().into_bytes()),
             ],
         };
-        let deadline = std::time::Instant::now() + RESOLVE_FOR;
+        let began = std::time::Instant::now();
+        let deadline = began + RESOLVE_FOR;
         let mut lost = None;
         loop {
             // The answer to the last try was lost: find out what etcd holds before anything
@@ -193,6 +209,13 @@ impl EtcdStore {
                 match self.outcome(version, &entry) {
                     Ok(Some(true)) => break,
                     Ok(Some(false)) => return Err(StoreError::Conflict { version }),
+                    Ok(None) if self.resend.get().is_some_and(|gate| !gate(began)) => {
+                        tracing::warn!(
+                            version,
+                            "etcd did not apply a change whose answer it lost; not sending it again (its caller may have been told its outcome is unknown)"
+                        );
+                        return Err(StoreError::NotResent { version });
+                    }
                     Ok(None) => {}
                     Err(_) if std::time::Instant::now() < deadline => {
                         lost = Some(e);
@@ -543,11 +566,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_same_change_on_the_same_version_wins_once() {
-        let kv: Arc<dyn Kv> = Arc::new(FakeKv::default());
-        let a = EtcdStore::new(kv.clone(), PREFIX);
-        let b = EtcdStore::new(kv.clone(), PREFIX);
+    /// Version 1 (a1 registered) and its journal record.
+    fn first_change() -> (Registry, Option<JournalRecord>) {
         let reg = Registry::new(net());
         let mut next = reg.clone();
         next.apply(crate::registry::Request::RegisterHost(host(
@@ -558,6 +578,50 @@ mod tests {
         .unwrap();
         let t = crate::watch::touched(&reg, &next);
         let rec = next.journal_record(&reg, &t);
+        (next, rec)
+    }
+
+    /// A change whose answer etcd lost, and that etcd then says it did not apply, is sent
+    /// again only while the gate allows (the gateway was not cut off meanwhile: its caller
+    /// still waits); else it is reported not applied and never applied later.
+    #[test]
+    fn a_lost_change_is_sent_again_only_while_its_caller_still_waits() {
+        let one = |gate: Option<bool>| {
+            let fake = Arc::new(FakeKv::default());
+            let kv: Arc<dyn Kv> = fake.clone();
+            let s = EtcdStore::new(kv, PREFIX);
+            if let Some(open) = gate {
+                s.set_resend_gate(Box::new(move |_| open));
+            }
+            let (next, rec) = first_change();
+            fake.lose_next_txn
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let r = s.append(1, rec.as_ref(), || next.to_persisted());
+            let stored = s.load().unwrap().0.map(|p| p.version);
+            (r, stored)
+        };
+        let (r, stored) = one(None);
+        assert!(r.is_ok(), "no gate: sent again: {r:?}");
+        assert_eq!(stored, Some(1));
+        let (r, stored) = one(Some(true));
+        assert!(r.is_ok(), "gate open: sent again: {r:?}");
+        assert_eq!(stored, Some(1));
+        let (r, stored) = one(Some(false));
+        let e = r.expect_err("gate closed: not sent again");
+        assert!(matches!(e, StoreError::NotResent { version: 1 }), "{e}");
+        assert!(
+            e.unavailable() && !e.outcome_unknown(),
+            "reported not applied: {e}"
+        );
+        assert_eq!(stored, None, "and not applied");
+    }
+
+    #[test]
+    fn the_same_change_on_the_same_version_wins_once() {
+        let kv: Arc<dyn Kv> = Arc::new(FakeKv::default());
+        let a = EtcdStore::new(kv.clone(), PREFIX);
+        let b = EtcdStore::new(kv.clone(), PREFIX);
+        let (next, rec) = first_change();
         a.append(1, rec.as_ref(), || next.to_persisted()).unwrap();
         let lost = b.append(1, rec.as_ref(), || next.to_persisted());
         assert!(

@@ -94,10 +94,20 @@ pub struct Metrics {
     /// Store outcomes of changes: conflict (another gateway won the version), unavailable,
     /// remote (another gateway's change applied here).
     store_events: Family<KindLabel, Counter>,
+    /// Seconds since this gateway last heard etcd's quorum, once it counts as cut off (0:
+    /// in touch, or the file store).
+    cut_off: Gauge<f64, AtomicU64>,
 }
 
 /// `ferry_gateway_store_events_total{kind}`.
-pub const STORE_EVENTS: [&str; 3] = ["conflict", "unavailable", "remote"];
+pub const STORE_EVENTS: [&str; 6] = [
+    "conflict",
+    "unavailable",
+    "remote",
+    "cut_off",
+    "handed_over",
+    "sent_away",
+];
 
 /// The kinds of watch answers (`ferry_gateway_watch_answers_total{kind}`).
 pub const WATCH_KINDS: [&str; 2] = ["snapshot", "delta"];
@@ -136,6 +146,7 @@ impl Metrics {
             watch_answers: Family::default(),
             watch_bytes: Family::default(),
             store_events: Family::default(),
+            cut_off: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -204,8 +215,18 @@ impl Metrics {
             "store_events",
             "The registry's store (etcd): changes another gateway made first (conflict: this \
              one caught up and tried again), changes refused because the store was unavailable, \
-             changes of other gateways applied here (remote)",
+             changes of other gateways applied here (remote); while this gateway was cut off \
+             from etcd's quorum: changes refused at once (cut_off), runs it stopped driving \
+             (handed_over), agents' heartbeats answered with a refusal that sends them to \
+             another gateway (sent_away)",
             m.store_events.clone(),
+        );
+        r.register(
+            "store_cut_off_seconds",
+            "Seconds since this gateway last heard etcd's quorum, while it counts as cut off \
+             (its lease may have lapsed: it drives no run, refuses changes, sends its agents \
+             away); 0 while in touch and with the file store",
+            m.cut_off.clone(),
         );
         for kind in STORE_EVENTS {
             drop(m.store_events.get_or_create(&KindLabel { kind }));
@@ -278,6 +299,11 @@ impl Metrics {
             let c = self.connections.get_or_create(&ConnectionLabel { result });
             c.inc_by(n.saturating_sub(c.get()));
         }
+    }
+
+    /// How long this gateway has been cut off from etcd's quorum (`None`: it is not).
+    pub fn set_cut_off(&self, since: Option<std::time::Duration>) {
+        self.cut_off.set(since.map_or(0.0, |d| d.as_secs_f64()));
     }
 
     /// The exposition, with the registry's gauges set to `g`.

@@ -240,6 +240,10 @@ fn delta_hit(
     }
 }
 
+/// How long a change's caller waits at most for its answer: inside the clients' default
+/// timeout (10 s), so a store that hangs gets a clear answer, not a timeout.
+pub const CHANGE_ANSWER: Duration = Duration::from_secs(8);
+
 /// A serialised snapshot: its version, and until when (unix ms) it stays exact (the next end
 /// of a forwarding grace in it).
 type CachedSnapshot = (u64, u64, Bytes);
@@ -253,9 +257,10 @@ pub struct Gateway {
     /// What other gateways on the same etcd report of the agents they serve, by (host,
     /// gateway) (see [`crate::cluster`]).
     pub(crate) remote_runtime: Mutex<HashMap<(String, String), HostRuntime>>,
-    /// This gateway's etcd lease (0: none yet), kept alive by [`crate::cluster`]: its
-    /// presence reports and the runs it drives ([`crate::migration::takeover`]) hang on it.
-    pub(crate) lease: std::sync::atomic::AtomicI64,
+    /// This gateway's etcd lease and its contact with etcd's quorum, kept up by
+    /// [`crate::cluster`]: its presence reports and the runs it drives
+    /// ([`crate::migration::takeover`]) hang on the lease; without contact it is cut off.
+    pub(crate) quorum: crate::cluster::Quorum,
     pub(crate) version_tx: watch::Sender<u64>,
     pub(crate) shutdown_tx: watch::Sender<bool>,
     /// Ticks whenever an agent reports an applied version (wakes the coordinator's waits).
@@ -332,7 +337,7 @@ impl Gateway {
             store,
             runtime: Mutex::new(HashMap::new()),
             remote_runtime: Mutex::new(HashMap::new()),
-            lease: std::sync::atomic::AtomicI64::new(0),
+            quorum: crate::cluster::Quorum::default(),
             version_tx,
             shutdown_tx,
             applied_tx,
@@ -416,18 +421,94 @@ impl Gateway {
     }
 
     /// Applies a change: validated, persisted, published, logged. Runs to completion even if
-    /// the caller goes away.
+    /// the caller goes away. The caller is answered within [`CHANGE_ANSWER`], or as soon as
+    /// this gateway counts itself cut off from etcd's quorum: a store that has not confirmed
+    /// the change by then gets an answer saying the outcome is unknown, while the change goes
+    /// on being resolved.
     pub(crate) async fn change(
         self: &Arc<Self>,
         req: Request,
     ) -> Result<(Change, u64), ApiFailure> {
         let g = self.clone();
-        tokio::task::spawn_blocking(move || g.change_blocking(req))
-            .await
-            .map_err(|e| ApiFailure::new(ErrorCode::Internal, format!("change task failed: {e}")))?
+        let task = tokio::task::spawn_blocking(move || g.change_blocking(req));
+        // This gateway found itself cut off from etcd's quorum while the change waited on it:
+        // etcd will not answer soon, so neither does the change.
+        // (Cut off already: the change is refused at once, `cut_off`, not raced.)
+        let cut_off_before = self.cut_off().is_some();
+        let cut_off = async {
+            if cut_off_before {
+                return std::future::pending().await;
+            }
+            while self.cut_off().is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let answered = tokio::select! {
+            done = tokio::time::timeout(CHANGE_ANSWER, task) => done.ok(),
+            () = cut_off => None,
+        };
+        match answered {
+            Some(done) => done.map_err(|e| {
+                ApiFailure::new(ErrorCode::Internal, format!("change task failed: {e}"))
+            })?,
+            None => {
+                self.metrics.count_store("unavailable");
+                warn!(
+                    cut_off = self.cut_off().is_some(),
+                    "the store has not confirmed a change in time; answering that its outcome is unknown"
+                );
+                let why = match self.cut_off() {
+                    Some(d) => format!(
+                        "this gateway has not heard etcd's quorum for {} ms (cut off), and",
+                        d.as_millis()
+                    ),
+                    None => String::new(),
+                };
+                Err(ApiFailure::new(
+                    ErrorCode::StoreUnavailable,
+                    format!(
+                        "{why} {} has not confirmed the change: its outcome is unknown (it may \
+                         or may not be applied); this gateway shows it once it reads it back \
+                         from the store",
+                        self.store.describe(),
+                    )
+                    .trim_start()
+                    .to_owned(),
+                ))
+            }
+        }
+    }
+
+    /// How long this gateway has been out of touch with etcd's quorum (`None`: in touch, or
+    /// the file store, which this process is).
+    pub(crate) fn cut_off(&self) -> Option<Duration> {
+        self.store.etcd()?;
+        self.quorum.cut_off()
+    }
+
+    /// The refusal of what a gateway cut off from etcd's quorum cannot do (`what`: the
+    /// request), or `None` while it is in touch.
+    pub(crate) fn refuse_if_cut_off(&self, what: &str) -> Option<ApiFailure> {
+        let since = self.cut_off()?;
+        Some(ApiFailure::new(
+            ErrorCode::CutOff,
+            format!(
+                "this gateway has not heard etcd's quorum for {} ms (cut off from the other \
+                 members?), so what it holds may be behind: {what}; another gateway serves it, \
+                 or this one once it is back in touch",
+                since.as_millis()
+            ),
+        ))
     }
 
     fn change_blocking(&self, req: Request) -> Result<(Change, u64), ApiFailure> {
+        // Before queueing behind a change whose answer etcd lost (resolved for up to 15 s):
+        // a cut-off gateway refuses at once (and again below, for one that waited).
+        if let Some(f) = self.refuse_if_cut_off("the change was not applied") {
+            self.metrics.count_store("cut_off");
+            return Err(f);
+        }
+        let began = std::time::Instant::now();
         let writer = lock(&self.writer);
         // Another gateway may win the version this change was made on (etcd): read what won,
         // apply it, and make the change again on the newer registry (which may refuse it).
@@ -435,6 +516,21 @@ impl Gateway {
         loop {
             attempts += 1;
             match self.change_once(&writer, req.clone()) {
+                // Its caller may have been told the outcome is unknown (this gateway was cut
+                // off meanwhile): not made again on a newer registry.
+                Err(Retry::Conflict(version))
+                    if self.store.etcd().is_some() && self.quorum.cut_off_since(began) =>
+                {
+                    self.metrics.count_store("conflict");
+                    return Err(ApiFailure::new(
+                        ErrorCode::StoreUnavailable,
+                        format!(
+                            "another gateway changed the registry to version {version} first, \
+                             and this one was cut off from etcd's quorum meanwhile: the change \
+                             was not applied, nor made again"
+                        ),
+                    ));
+                }
                 Err(Retry::Conflict(version)) if attempts < 16 => {
                     self.metrics.count_store("conflict");
                     info!(
@@ -478,6 +574,12 @@ impl Gateway {
         };
         let version = next.version();
         if change.changes_state() {
+            // Made on what may be behind, and etcd would not take it anyway: refused at once
+            // rather than after a transaction's timeout.
+            if let Some(f) = self.refuse_if_cut_off("the change was not applied") {
+                self.metrics.count_store("cut_off");
+                return Err(Retry::Failed(f));
+            }
             let applied = t0.elapsed();
             let touched = crate::watch::touched(&old, &next);
             let record = next.journal_record(&old, &touched);
@@ -522,6 +624,12 @@ impl Gateway {
         lock(&self.changelog).record(version, touched);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         self.version_tx.send_replace(version);
+    }
+
+    /// Applies what other gateways logged after the current version (etcd), now.
+    fn catch_up_now(&self) -> Result<(), StoreError> {
+        let writer = lock(&self.writer);
+        self.catch_up(&writer)
     }
 
     /// Applies what other gateways logged after the current version (etcd).
@@ -747,6 +855,7 @@ impl Gateway {
             )
         };
         self.metrics.count_connections(&self.connections);
+        self.metrics.set_cut_off(self.cut_off());
         self.metrics.render(&RegistryGauges {
             hosts: reg.host_count(),
             endpoints: reg.endpoint_count(),
@@ -953,6 +1062,12 @@ async fn heartbeat(
     PathParam(name): PathParam,
 ) -> Result<Json<HostStatus>, ApiFailure> {
     host_name_param("host name in the path", &name)?;
+    // An agent that follows a gateway cut off from etcd would miss what the others change:
+    // the refusal sends it to another gateway (it moves on a `cut_off` heartbeat).
+    if let Some(f) = g.refuse_if_cut_off("follow another gateway") {
+        g.metrics.count_store("sent_away");
+        return Err(f);
+    }
     let info = g.current().host(&name).cloned().ok_or_else(|| {
         ApiFailure::new(
             ErrorCode::UnknownHost,
@@ -1148,8 +1263,30 @@ async fn watch_snapshot(
             format!("host {:?} is not registered", q.host),
         ));
     }
-    let current = reg.version();
+    let mut current = reg.version();
     drop(reg);
+    // Gateways on etcd: an agent ahead of this gateway moved here from one that is not behind
+    // (this one missed changes: it was cut off, or its watch of the log lags). Caught up
+    // first; never sent an older registry than the one it applied.
+    if q.after > current && g.store.etcd().is_some() {
+        let g2 = g.clone();
+        let caught = tokio::task::spawn_blocking(move || g2.catch_up_now()).await;
+        current = g.current().version();
+        if q.after > current {
+            let why = match caught {
+                Ok(Err(e)) => format!(": {e}"),
+                _ => String::new(),
+            };
+            return Err(ApiFailure::new(
+                ErrorCode::StoreUnavailable,
+                format!(
+                    "this gateway is at version {current}, behind host {}'s {} (catching up \
+                     from etcd{why}): ask again, or another gateway",
+                    q.host, q.after
+                ),
+            ));
+        }
+    }
     let applied = if q.after > current {
         warn!(
             host = %q.host, after = q.after, version = current,
@@ -1236,10 +1373,18 @@ async fn count_requests(State(g): Shared, req: HttpRequest, next: Next) -> Respo
         Some(p) => format!("{} {}", req.method(), p.as_str()),
         None => "unmatched".to_string(),
     };
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
     let status = resp.status().as_u16();
     debug!(%route, status, "answered");
     g.metrics.count_request(route, status);
+    // Cut off from etcd's quorum: every answer says since when (clients with other gateways
+    // read from those first).
+    if let Some(d) = g.cut_off() {
+        resp.headers_mut().insert(
+            ferry_api::client::CUT_OFF_HEADER,
+            HeaderValue::from(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        );
+    }
     resp
 }
 

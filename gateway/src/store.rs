@@ -258,6 +258,14 @@ pub enum StoreError {
     /// Another gateway made version `version` first (nothing was written).
     #[error("another gateway changed the registry to version {version} first")]
     Conflict { version: u64 },
+    /// etcd lost the answer to version `version`'s change, then said it was not applied; it
+    /// was not sent again (this gateway was cut off from etcd's quorum meanwhile).
+    #[error(
+        "etcd lost the answer to the change to version {version} and then said it was not \
+         applied; it was not sent again, this gateway having been cut off from etcd's quorum \
+         meanwhile"
+    )]
+    NotResent { version: u64 },
 }
 
 impl StoreError {
@@ -270,7 +278,7 @@ impl StoreError {
     }
     /// The store could not be reached or refused (not a local disk or corruption problem).
     pub fn unavailable(&self) -> bool {
-        matches!(self, StoreError::Etcd(_))
+        matches!(self, StoreError::Etcd(_) | StoreError::NotResent { .. })
     }
 }
 

@@ -24,6 +24,9 @@ use crate::{
     wan,
 };
 
+/// The nftables table of [`Lab::cut_from_etcd`] in a host's namespace.
+const ETCD_CUT_TABLE: &str = "ferry_lab_etcd_cut";
+
 /// Name of the router node (and of its namespace suffix).
 pub const ROUTER: &str = "router";
 /// Name of the internet client node.
@@ -569,6 +572,61 @@ impl Lab {
                     std::io::Error::other(e),
                 )
             })
+    }
+
+    /// Cuts `host` off from etcd (`cut`), or ends the cut: in its namespace, TCP between any
+    /// other address and etcd's client and peer ports (either end's) is refused with a reset,
+    /// both ways, connections already open included (a stream the other side opened would
+    /// otherwise still carry the leader's appends out and their acknowledgements in). So its
+    /// gateway reaches only the member on `host` (if there is one), and that member loses its
+    /// peers: it has no quorum. Everything else (agents, VXLAN, the public side) still flows:
+    /// the gateway is alive and answering, only etcd is out of its reach.
+    pub fn cut_from_etcd(&self, host: &str, cut: bool) -> Result<(), LabError> {
+        let h = self.topology.host(host).ok_or_else(|| {
+            LabError::io(
+                format!("cutting {host} from etcd"),
+                std::io::Error::other("not a host of this lab"),
+            )
+        })?;
+        let (client, peer) = (
+            crate::control::ETCD_CLIENT_PORT,
+            crate::control::ETCD_PEER_PORT,
+        );
+        let ruleset = format!(
+            "table inet {ETCD_CUT_TABLE} {{\n\
+             chain out {{ type filter hook output priority 0; policy accept;\n\
+             ip daddr != {{ {a}, 127.0.0.0/8 }} tcp dport {{ {client}, {peer} }} reject with tcp reset\n\
+             ip daddr != {{ {a}, 127.0.0.0/8 }} tcp sport {{ {client}, {peer} }} reject with tcp reset\n}}\n\
+             chain in {{ type filter hook input priority 0; policy accept;\n\
+             ip saddr != {{ {a}, 127.0.0.0/8 }} tcp dport {{ {client}, {peer} }} reject with tcp reset\n\
+             ip saddr != {{ {a}, 127.0.0.0/8 }} tcp sport {{ {client}, {peer} }} reject with tcp reset\n}}\n\
+             }}\n",
+            a = h.address
+        );
+        let out = if cut {
+            let file = state::state_dir(&self.prefix).join(format!("etcd-cut-{host}.nft"));
+            std::fs::write(&file, ruleset)
+                .map_err(|e| LabError::io(format!("writing {}", file.display()), e))?;
+            self.exec(host, &["nft", "-f", &file.to_string_lossy()])?
+        } else {
+            // No cut (the fault never landed): nothing to end.
+            let listed = self.exec(host, &["nft", "list", "table", "inet", ETCD_CUT_TABLE])?;
+            if !listed.status.success() {
+                return Ok(());
+            }
+            self.exec(host, &["nft", "delete", "table", "inet", ETCD_CUT_TABLE])?
+        };
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(LabError::io(
+                format!(
+                    "{} {host}'s cut from etcd",
+                    if cut { "making" } else { "ending" }
+                ),
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ))
+        }
     }
 
     /// Starts the etcd member on `host` again from its data; waits until it is healthy.
@@ -1877,6 +1935,10 @@ fn etcd_member_command(prefix: &str, t: &LabTopology, name: &str) -> Result<Comm
             "100",
             "--election-timeout",
             "1000",
+            // A member that was cut off and comes back does not depose the leader (its term
+            // grew while it campaigned alone): without pre-vote its return would cost every
+            // gateway an election, and their leases' renewals with it.
+            "--pre-vote=true",
             // Old revisions go after 5 minutes (the gateways' log is compacted by
             // checkpoints; this bounds etcd's own history).
             "--auto-compaction-retention",

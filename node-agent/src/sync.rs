@@ -26,12 +26,18 @@ pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// milliseconds; a dead host answers nothing at all, not even a refusal).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(400);
 
+/// How often at most the agent leaves a gateway that refuses its heartbeat because it is cut
+/// off from the registry's store.
+const SENT_AWAY_EVERY: Duration = Duration::from_secs(2);
+
 /// Heartbeats until the task is dropped (failures are the gateway's to notice). With
-/// several gateways, one that does not answer a heartbeat in time is left for the next: the
-/// client's clones (the watch's too, see [`follow`]) move with it.
+/// several gateways, one that does not answer a heartbeat in time, or answers that it is cut
+/// off from the registry's store (`cut_off`), is left for the next: the client's
+/// clones (the watch's too, see [`follow`]) move with it.
 pub async fn heartbeat(host: String, client: Client) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent_away = None;
     loop {
         tick.tick().await;
         let at = client.addr();
@@ -39,6 +45,17 @@ pub async fn heartbeat(host: String, client: Client) {
         // registered yet), is alive.
         let failed = match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.heartbeat(&host)).await {
             Ok(Ok(_)) => None,
+            // A gateway cut off from its store (etcd) may be behind: follow another one. Not
+            // more often than every SENT_AWAY_EVERY, so with every gateway cut off (etcd
+            // down) the agent stays on one for a while rather than hopping at each beat.
+            Ok(Err(e)) if e.code() == Some("cut_off") => {
+                if sent_away.is_none_or(|t: tokio::time::Instant| t.elapsed() >= SENT_AWAY_EVERY) {
+                    sent_away = Some(tokio::time::Instant::now());
+                    Some(e.to_string())
+                } else {
+                    None
+                }
+            }
             Ok(Err(e @ ferry_api::ApiError::Http { .. })) => {
                 debug!(error = %e, "heartbeat refused");
                 None

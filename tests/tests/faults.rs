@@ -103,7 +103,9 @@ fn assert_invariant(r: &Value, faults: &[&str]) {
         if c["fault_landed"] != true {
             why.push("the fault did not land".to_owned());
         }
-        if c["fault"] == "kill-gateway-takeover" && c["taken_over"] != true {
+        if (c["fault"] == "kill-gateway-takeover" || c["fault"] == "cut-gateway-etcd")
+            && c["taken_over"] != true
+        {
             why.push("no other gateway took the run over".to_owned());
         }
         for k in ["outcome", "gap_ms", "converge_ms"] {
@@ -173,6 +175,28 @@ fn the_gateway_driving_a_run_killed_for_good_at_any_phase_another_one_finishes_i
         return;
     }
     run(&["kill-gateway-takeover"]);
+}
+
+/// Two gateways on etcd: the one driving the run is cut off from etcd at each phase (alive
+/// and answering, its host's member without peers) until the cell converged. It stops
+/// driving once its lease may have lapsed, refuses changes, sends its agents away; the
+/// other gateway takes the run over (`taken_over`) and finishes it: one copy, no reset.
+#[test]
+fn the_gateway_driving_a_run_cut_off_from_etcd_at_any_phase_stops_and_another_one_finishes_it() {
+    if !require_root_and_tools(&["etcd", "nft"]) {
+        return;
+    }
+    let r = matrix(&["cut-gateway-etcd"]);
+    assert_invariant(&r, &["cut-gateway-etcd"]);
+    // Once its run was under way (after the prepare), the cut-off gateway stopped driving it.
+    for c in r["cells"].as_array().expect("cells") {
+        if c["phase"] != "prepare" {
+            assert!(
+                c["handed_over"].as_u64().is_some_and(|n| n >= 1),
+                "the cut-off gateway handed the run over: {c}"
+            );
+        }
+    }
 }
 
 /// The registry on a three-member etcd (one per cloud): the member on the source host is

@@ -305,16 +305,29 @@ fn endpoint_on(lab: &ferry_lab::Lab, cp: &ControlPlane, ip: Ipv4Addr) -> Option<
 }
 
 /// Two gateways on one etcd, the same change sent to both at once: one wins, the other is
-/// refused, and both then serve the winner's version. Then etcd is unreachable (every member
-/// killed): a change through either gateway is refused with `store_unavailable`, reads are
-/// still served from what each gateway holds, and once the members are back the refused
-/// change is nowhere.
+/// refused, and both then serve the winner's version. Then the main gateway is cut off from
+/// etcd (alive): it refuses changes as `cut_off`, clients and agents move to the other one,
+/// and it catches up once the cut ends. Then etcd is unreachable (every member killed): a
+/// change through either gateway is refused (`store_unavailable` or `cut_off`, "not
+/// applied"), reads are still served from what each gateway holds, and once the members are
+/// back the refused change is nowhere.
 #[test]
 fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
     if !require_root_and_tools(&["ip", "nft", "etcd"]) {
         return;
     }
     let (mut lab, main, b1gw) = two_gateways();
+    // Both gateways know both hosts (b1's learns a1's and a2's registrations from etcd).
+    wait_for(
+        "both gateways know a1 and a2",
+        Duration::from_secs(20),
+        || {
+            [&main, &b1gw]
+                .iter()
+                .all(|cp| seen(&lab, cp, "a1").is_some() && seen(&lab, cp, "a2").is_some())
+                .then_some(())
+        },
+    );
     for i in 0..8u8 {
         let ip = Ipv4Addr::new(10, 244, 9, 10 + i);
         // The same address for a1 through the main gateway and for a2 through b1's, at once.
@@ -345,6 +358,52 @@ fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
         }
     }
 
+    // The main gateway cut off from etcd (alive and answering; its host's member loses its
+    // peers): once it counts its lease as lapsed it refuses changes at once (`cut_off`, not
+    // applied), a client that knows both gateways gets its change made through b1's, the
+    // agents that followed it follow b1's, and reads from it are what it holds.
+    lab.cut_from_etcd(&main.host, true).unwrap();
+    let probe = ip("10.244.9.51");
+    let e = wait_for(
+        "the cut-off gateway refuses changes as cut_off",
+        Duration::from_secs(30),
+        || match add(&lab, &main, probe, "a1") {
+            Err(e) if e.code() == Some("cut_off") => Some(e),
+            _ => None,
+        },
+    );
+    assert!(e.to_string().contains("not applied"), "a clear error: {e}");
+    let moved = ip("10.244.9.50");
+    let made = lab
+        .api(move |c| async move {
+            c.add_endpoints(&[ferry_api::EndpointSpec {
+                ip: moved,
+                host: "a1".into(),
+                mac: None,
+            }])
+            .await
+        })
+        .unwrap()
+        .expect("a client with both gateways: made through b1's");
+    assert_eq!(made[0].host, "a1");
+    let v_moved = version(&lab, &b1gw).unwrap();
+    assert_eq!(endpoint_on(&lab, &b1gw, moved).as_deref(), Some("a1"));
+    assert_eq!(endpoint_on(&lab, &main, moved), None, "gw cannot know it");
+    // a1's agent watched gw: it follows b1's gateway now, and applied the change.
+    wait_for(
+        "a1's agent applies, through b1's gateway, a change gw cannot see",
+        Duration::from_secs(30),
+        || seen(&lab, &b1gw, "a1").filter(|(v, c)| *c && *v >= v_moved),
+    );
+    lab.cut_from_etcd(&main.host, false).unwrap();
+    same_version(&lab, &main, &b1gw);
+    assert_eq!(endpoint_on(&lab, &main, moved).as_deref(), Some("a1"));
+    assert_eq!(
+        endpoint_on(&lab, &main, probe),
+        None,
+        "the refused change never happened"
+    );
+
     // etcd unreachable (every member gone): changes refused, reads served.
     let members: Vec<String> = ferry_lab::control::etcd_members(lab.topology())
         .into_iter()
@@ -358,7 +417,12 @@ fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
     let refused = ip("10.244.9.99");
     for cp in [&main, &b1gw] {
         let e = add(&lab, cp, refused, "a1").expect_err("a change without etcd");
-        assert_eq!(e.code(), Some("store_unavailable"), "{}: {e}", cp.host);
+        // Refused by etcd's client, or at once once the gateway counts itself cut off.
+        assert!(
+            matches!(e.code(), Some("store_unavailable" | "cut_off")),
+            "{}: {e}",
+            cp.host
+        );
         assert!(e.to_string().contains("not applied"), "a clear error: {e}");
         // Reads are served from what the gateway holds.
         assert_eq!(version(&lab, cp), Some(v), "{} still answers", cp.host);

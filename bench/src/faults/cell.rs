@@ -194,7 +194,7 @@ impl FaultLab {
     fn up(p: &Progress, fault: Fault, bin: &Path) -> Result<Self, Box<LabRecord>> {
         p.say(format!("{}: bringing up a lab with agents", fault.name()));
         let topology = match fault {
-            Fault::KillGatewayTakeover => ferry_lab::Topology {
+            Fault::KillGatewayTakeover | Fault::CutGatewayEtcd => ferry_lab::Topology {
                 etcd: true,
                 extra_gateways: vec![TAKEOVER_GATEWAY.into()],
                 ..ferry_lab::Topology::default()
@@ -401,6 +401,10 @@ impl FaultLab {
         let restarted = match self.fault {
             Fault::KillGatewayTakeover => self.lab.start_gateway(),
             Fault::KillEtcdMember => self.lab.start_etcd_member(&cell.from),
+            Fault::CutGatewayEtcd => self
+                .gateway_host()
+                .and_then(|h| self.lab.cut_from_etcd(&h, false))
+                .and_then(|()| self.gateway_in_touch()),
             _ => Ok(()),
         };
         if let Err(e) = restarted {
@@ -428,6 +432,9 @@ impl FaultLab {
         cell: &mut Cell,
     ) -> Result<(), FaultError> {
         let name = format!("{} at {}", self.fault.name(), phase.point());
+        let handed_before = (self.fault == Fault::CutGatewayEtcd)
+            .then(|| self.handed_over_count())
+            .flatten();
         let client = self.start_client(args)?;
         let armed = Armed::arm(&self.lab.fault_dir(), phase.point())?;
         let mut cli = RunCli::spawn(&self.lab, &cell.to)?;
@@ -569,7 +576,13 @@ impl FaultLab {
         let record = id
             .as_ref()
             .and_then(|id| seen.migrations.iter().find(|m| &m.id == id));
-        if self.fault == Fault::KillGatewayTakeover {
+        if matches!(
+            self.fault,
+            Fault::KillGatewayTakeover | Fault::CutGatewayEtcd
+        ) {
+            if let Some(before) = handed_before {
+                cell.handed_over = self.handed_over_count().map(|n| n.saturating_sub(before));
+            }
             cell.taken_over = Some(report.as_ref().is_some_and(|r| {
                 r.events
                     .iter()
@@ -603,6 +616,74 @@ impl FaultLab {
         }
         cell.status_host = status_host(report.as_ref(), record);
         Ok(())
+    }
+
+    /// The host of the lab's (main) gateway.
+    fn gateway_host(&self) -> Result<String, LabError> {
+        self.lab
+            .control()
+            .map(|c| c.host.clone())
+            .ok_or_else(|| LabError::Ferry {
+                args: String::new(),
+                message: "this lab runs no gateway".into(),
+            })
+    }
+
+    /// Waits (at most 30 s) until the main gateway answers without
+    /// [`ferry_api::client::CUT_OFF_HEADER`]: back in touch with etcd's quorum, as a killed
+    /// gateway is waited for until it is ready again.
+    fn gateway_in_touch(&self) -> Result<(), LabError> {
+        let cp = self.lab.control().ok_or_else(|| LabError::Ferry {
+            args: String::new(),
+            message: "this lab runs no gateway".into(),
+        })?;
+        let tls = cp.client_tls(ferry_lab::control::Party::Operator)?;
+        let (api, ns) = (cp.api, self.lab.netns(&cp.host));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let tls = tls.clone();
+            let answer = ferry_overlay::netns::run_in(&ns, move || {
+                ferry_api::transport::Request::get("/v1/health")
+                    .tls(tls)
+                    .timeout(Duration::from_secs(3))
+                    .send_blocking(api)
+            });
+            if let Ok(Ok(r)) = answer
+                && r.is_success()
+                && !r.headers.contains_key(ferry_api::client::CUT_OFF_HEADER)
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LabError::Ferry {
+                    args: String::new(),
+                    message: "the gateway is still cut off from etcd 30 s after the cut ended"
+                        .into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The main gateway's `ferry_gateway_store_events_total{kind="handed_over"}` (`None`: no
+    /// answer).
+    fn handed_over_count(&self) -> Option<u64> {
+        let cp = self.lab.control()?;
+        let tls = cp.client_tls(ferry_lab::control::Party::Operator).ok()?;
+        let api = cp.api;
+        let resp = ferry_overlay::netns::run_in(&self.lab.netns(&cp.host), move || {
+            ferry_api::transport::Request::get("/metrics")
+                .tls(tls)
+                .timeout(Duration::from_secs(3))
+                .send_blocking(api)
+        })
+        .ok()?
+        .ok()?;
+        String::from_utf8_lossy(&resp.body)
+            .lines()
+            .find(|l| l.starts_with("ferry_gateway_store_events_total{kind=\"handed_over\"}"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .map(|v| v as u64)
     }
 
     /// Injects the fault; `armed` is disarmed as the fault requires (after a kill, before
@@ -641,6 +722,13 @@ impl FaultLab {
                 let killed = self.lab.kill_etcd_member(&cell.from);
                 armed.disarm();
                 killed?;
+            }
+            Fault::CutGatewayEtcd => {
+                // Cut until the cell converged (see `run_cell`).
+                let h = self.gateway_host()?;
+                let cut = self.lab.cut_from_etcd(&h, true);
+                armed.disarm();
+                cut?;
             }
             Fault::DiskFullDest => {
                 let filled = fill(&self.work_dir(&cell.to).join(FILLER));

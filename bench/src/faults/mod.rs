@@ -24,6 +24,7 @@
 //! | `kill-gateway` | SIGKILL to the gateway daemon, disarm, start it again at once (same configuration and state directory) |
 //! | `kill-etcd-member` | in a lab whose registry is on etcd (three members, one per cloud): SIGKILL to the member on the run's source host, disarm, and leave it dead until the cell converged (then it starts again from its data) |
 //! | `kill-gateway-takeover` | in a lab whose registry is on etcd (three members, one per cloud) with a second gateway on a2: SIGKILL to the main gateway, disarm, and leave it dead until the cell converged: the second gateway takes the run over once the dead one's lease ends, the CLI and the agents fall back to it |
+//! | `cut-gateway-etcd` | the same lab as `kill-gateway-takeover`; the main gateway's host cut off from etcd (TCP to etcd's ports of every other host refused both ways: the gateway reaches only its own host's member, which loses its peers), disarm, and leave it cut until the cell converged: the gateway stays alive and answering, stops driving the run once its lease may have lapsed, refuses changes and sends its agents away; the second gateway takes the run over |
 //! | `cut-source-3s` … `cut-dest-20s` | the host's underlay link down (its port on the cloud's bridge, in the router namespace: the host loses carrier, as with a cut cable or a dead switch port), disarm, keep it down 3 s / 20 s, up again |
 //! | `disk-full-dest` | the destination's CRIU work directory (a 16 MiB tmpfs the harness mounted there for this lab) filled to the last byte, disarm; it stays full until the cell ends |
 //!
@@ -103,6 +104,9 @@ pub enum Fault {
     KillGatewayTakeover,
     /// SIGKILL one etcd member of three (the one on the source host).
     KillEtcdMember,
+    /// The main gateway of two on etcd cut off from etcd (alive, answering); the other takes
+    /// the run over.
+    CutGatewayEtcd,
     /// The source host's underlay link down for 3 s.
     #[value(name = "cut-source-3s")]
     #[serde(rename = "cut-source-3s")]
@@ -124,12 +128,13 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::KillSourceAgent,
         Fault::KillDestAgent,
         Fault::KillGateway,
         Fault::KillGatewayTakeover,
         Fault::KillEtcdMember,
+        Fault::CutGatewayEtcd,
         Fault::CutSource3s,
         Fault::CutSource20s,
         Fault::CutDest3s,
@@ -144,6 +149,7 @@ impl Fault {
             Fault::KillGateway => "kill-gateway",
             Fault::KillGatewayTakeover => "kill-gateway-takeover",
             Fault::KillEtcdMember => "kill-etcd-member",
+            Fault::CutGatewayEtcd => "cut-gateway-etcd",
             Fault::CutSource3s => "cut-source-3s",
             Fault::CutSource20s => "cut-source-20s",
             Fault::CutDest3s => "cut-dest-3s",
@@ -252,9 +258,15 @@ pub struct Cell {
     pub endpoint_host: Option<String>,
     /// Where the run report (else the migration's record) says the container is.
     pub status_host: Option<String>,
-    /// `kill-gateway-takeover`: the run's report says another gateway took it over.
+    /// `kill-gateway-takeover`, `cut-gateway-etcd`: the run's report says another gateway
+    /// took it over.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub taken_over: Option<bool>,
+    /// `cut-gateway-etcd`: runs the cut-off gateway stopped driving during the cell (its
+    /// `ferry_gateway_store_events_total{kind="handed_over"}`; 0 when the run had not
+    /// started driving yet, as in `prepare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handed_over: Option<u64>,
     /// A fresh client through the public address got its replies.
     pub public_reachable: bool,
     /// The fault point was reached and the fault injected.

@@ -65,6 +65,13 @@ pub struct Runs {
     dir: OnceLock<PathBuf>,
     /// With the registry on etcd: reports go there instead ([`super::takeover`]).
     etcd: OnceLock<super::takeover::ReportWriter>,
+    /// With the registry on etcd: the containers whose run this gateway claimed, and the
+    /// lease each claim is on ([`super::takeover::claim`]).
+    claims: Mutex<HashMap<std::net::Ipv4Addr, i64>>,
+    /// Runs this gateway stopped driving because its lease may have lapsed (cut off from
+    /// etcd's quorum): their reports here stop where it stopped; another gateway's, in etcd,
+    /// go on.
+    handed: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Runs {
@@ -73,16 +80,45 @@ impl Runs {
         let _ = self.etcd.set(w);
     }
 
-    /// Gives container `c`'s claim up after the reports already queued (`false`: reports are
-    /// not in etcd).
-    pub(crate) fn release_after_reports(&self, c: std::net::Ipv4Addr, me: &str) -> bool {
+    /// Gives container `c`'s claim (on `lease`) up after the reports already queued
+    /// (`false`: reports are not in etcd).
+    pub(crate) fn release_after_reports(
+        &self,
+        c: std::net::Ipv4Addr,
+        me: &str,
+        lease: i64,
+    ) -> bool {
         match self.etcd.get() {
             Some(w) => {
-                w.release(c, me);
+                w.release(c, me, lease);
                 true
             }
             None => false,
         }
+    }
+
+    /// Container `c`'s run is this gateway's, claimed on `lease`.
+    pub(crate) fn claimed(&self, c: std::net::Ipv4Addr, lease: i64) {
+        lock(&self.claims).insert(c, lease);
+    }
+
+    /// Container `c`'s run is no longer this gateway's: the lease its claim was on.
+    pub(crate) fn unclaimed(&self, c: std::net::Ipv4Addr) -> Option<i64> {
+        lock(&self.claims).remove(&c)
+    }
+
+    /// Whether this gateway holds a claim on container `c`'s run.
+    pub(crate) fn drives(&self, c: std::net::Ipv4Addr) -> bool {
+        lock(&self.claims).contains_key(&c)
+    }
+
+    fn claim_lease(&self, c: std::net::Ipv4Addr) -> Option<i64> {
+        lock(&self.claims).get(&c).copied()
+    }
+
+    /// Whether this gateway stopped driving run `id` (cut off from etcd's quorum).
+    pub(crate) fn handed_over(&self, id: &str) -> bool {
+        lock(&self.handed).contains(id)
     }
 
     /// This gateway's name among gateways sharing a registry: its API address.
@@ -138,7 +174,13 @@ impl Runs {
 
     fn save(&self, r: &RunReport) {
         if let Some(w) = self.etcd.get() {
-            w.save(r);
+            // Only the driver writes a run's story (the claim's lease fences the write).
+            match self.claim_lease(r.container) {
+                Some(lease) => w.save(r, lease),
+                None => {
+                    tracing::debug!(migration = %r.id, "run report kept here only: this gateway does not drive the run")
+                }
+            }
             return;
         }
         let Some(dir) = self.dir.get() else { return };
@@ -255,7 +297,11 @@ async fn start(
     // page arrived: the memory is still split between two hosts, it cannot move again yet.
     if let Some(id) = lock(&g.runs.reports)
         .values()
-        .find(|r| r.container == req.container && r.state == RunState::Running)
+        .find(|r| {
+            r.container == req.container
+                && r.state == RunState::Running
+                && !g.runs.handed_over(&r.id)
+        })
         .map(|r| r.id.clone())
     {
         return Err(ApiFailure::new(
@@ -279,7 +325,7 @@ async fn start(
                 ),
             ));
         }
-        super::takeover::Claimed::Ours | super::takeover::Claimed::NotShared => {}
+        super::takeover::Claimed::Ours(_) | super::takeover::Claimed::NotShared => {}
     }
     let unclaim = |g: &Arc<Gateway>| super::takeover::release(g, req.container, &me);
     let started = ferry_api::unix_ms_f64();
@@ -357,9 +403,77 @@ async fn start(
     Ok((StatusCode::ACCEPTED, Json(report)).into_response())
 }
 
+/// How often a run's driver checks that it may still drive it.
+const FENCE_POLL: Duration = Duration::from_millis(50);
+
+/// Runs `rest` (what is left of run `id`, of container `c`) while this gateway may drive it.
+/// With the registry on etcd, once the lease its claim is on may have lapsed (this gateway cut
+/// off from etcd's quorum: [`crate::cluster::Quorum`]), `rest` is dropped where it is and the
+/// run handed over, before etcd can let the lease go: the gateway that claims the container
+/// next resumes the run from the registry. What `rest` had asked of the agents goes on
+/// there, as after this gateway's death.
+async fn while_driving(
+    g: &Arc<Gateway>,
+    id: &str,
+    c: std::net::Ipv4Addr,
+    rest: impl Future<Output = ()>,
+) {
+    if g.store.etcd().is_none() {
+        rest.await;
+        return;
+    }
+    let lapsed = async {
+        while g.runs.claim_lease(c).is_some_and(|l| g.quorum.holds(l)) {
+            tokio::time::sleep(FENCE_POLL).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = rest => {}
+        () = lapsed => hand_over(g, id, c),
+    }
+}
+
+/// This gateway stops driving run `id` (see [`while_driving`]): its claim is forgotten here
+/// (the lease ends it in etcd), its report here says why and stops there.
+fn hand_over(g: &Gateway, id: &str, c: std::net::Ipv4Addr) {
+    let lease = g.runs.unclaimed(c).unwrap_or(0);
+    lock(&g.runs.handed).insert(id.to_owned());
+    g.metrics.count_store("handed_over");
+    let quiet_ms = g.cut_off().map_or(0, |d| d.as_millis() as u64);
+    warn!(
+        migration = %id, container = %c, lease = %format!("{lease:x}"), quiet_ms,
+        "this gateway may have lost its etcd lease (cut off from the quorum): it stops driving the run; the gateway that claims it next finishes it"
+    );
+    if let Some(r) = lock(&g.runs.reports).get_mut(id) {
+        r.events.push(event(
+            "info",
+            format!(
+                "gateway {} has not heard etcd's quorum for {quiet_ms} ms, so its lease may \
+                 have lapsed: it stops driving the run; the gateway that claims it next \
+                 finishes it (its report is in etcd)",
+                g.runs.me()
+            ),
+        ));
+    }
+}
+
+/// The rest of a run, after prepare, while this gateway may drive it ([`while_driving`]).
+async fn drive(
+    g: Arc<Gateway>,
+    client: Client,
+    id: String,
+    source: SocketAddr,
+    req: CheckpointRequest,
+) {
+    let c = req.container;
+    let rest = drive_rest(g.clone(), client, id.clone(), source, req);
+    while_driving(&g, &id, c, rest).await;
+}
+
 /// The rest of a run, after prepare: the checkpoint (raced against the source agent's death
 /// and against a decision taken elsewhere), then [`resolve`].
-async fn drive(
+async fn drive_rest(
     g: Arc<Gateway>,
     client: Client,
     id: String,
@@ -472,6 +586,7 @@ pub(crate) fn adopt(g: &Gateway, id: &str, report: Option<RunReport>) {
         "info",
         format!("gateway {} takes the run over", g.runs.me()),
     );
+    lock(&g.runs.handed).remove(id);
     match report {
         Some(mut r) => {
             r.state = RunState::Running;
@@ -513,18 +628,25 @@ pub(crate) fn resume(g: &Arc<Gateway>, id: String, why: &'static str) {
             format!("{why}: resuming the run from the registry"),
         ))
     });
+    let container = lock(&g.runs.reports).get(&id).map(|r| r.container);
     let g = g.clone();
     tokio::spawn(async move {
-        let (state, error) = match to_api {
-            Some(to_api) => resolve(&g, &client, &id, to_api, Some(why.into())).await,
-            None => (
-                RunState::NeedsAttention,
-                Some(format!(
-                    "migration {id} or its destination host is no longer in the registry"
-                )),
-            ),
+        let rest = async {
+            let (state, error) = match to_api {
+                Some(to_api) => resolve(&g, &client, &id, to_api, Some(why.into())).await,
+                None => (
+                    RunState::NeedsAttention,
+                    Some(format!(
+                        "migration {id} or its destination host is no longer in the registry"
+                    )),
+                ),
+            };
+            finish(&g, &id, state, error);
         };
-        finish(&g, &id, state, error);
+        match container {
+            Some(c) => while_driving(&g, &id, c, rest).await,
+            None => rest.await,
+        }
     });
 }
 
@@ -816,10 +938,33 @@ async fn one(
 ) -> Result<Json<RunReport>, ApiFailure> {
     migration_id_param(&id)?;
     let local = lock(&g.runs.reports).get(&id).cloned();
+    let handed = g.runs.handed_over(&id);
     let report = match local {
-        Some(r) => Some(r),
-        // Gateways sharing a registry: another may drive it.
-        None => super::takeover::read_report(&g, &id).await,
+        Some(r) if !handed => Some(r),
+        // Gateways sharing a registry: another may drive it (or took it over from this one,
+        // whose report stops where it handed the run over).
+        local => {
+            if let Some(f) = g.refuse_if_cut_off(&format!(
+                "run {id}'s report is in etcd (another gateway drives the run{})",
+                if handed {
+                    ", taken over from this one"
+                } else {
+                    ""
+                }
+            )) {
+                return Err(f);
+            }
+            match super::takeover::read_report(&g, &id).await {
+                Some(r) => {
+                    if handed && r.state.finished() {
+                        lock(&g.runs.reports).insert(id.clone(), r.clone());
+                        lock(&g.runs.handed).remove(&id);
+                    }
+                    Some(r)
+                }
+                None => local,
+            }
+        }
     };
     report.map(Json).ok_or_else(|| {
         ApiFailure::new(
