@@ -24,6 +24,8 @@
 //! # public6 = false            # gateway only, with overlay6_cidr: route the overlay's IPv6
 //! #                            # prefix from the internet (containers' IPv6 addresses are
 //! #                            # public); false: IPv6 egress masqueraded, inbound dropped
+//! # public6_next_hop = "2001:db8:ffff::1"  # with public6 and a standby: the next hop the
+//! #                            # internet routes the prefix to, held by the facing host
 //!
 //! handoff_socket = "/run/ferry/handoff.sock"  # the socket hand-off API (local processes)
 //! api_listen = "198.18.1.10:7401"            # the peer API (other agents); same port everywhere
@@ -138,6 +140,13 @@ pub struct AgentConfig {
     /// masqueraded (with `masquerade`).
     #[serde(default)]
     pub public6: bool,
+    /// Gateway role, with `public6` and more than one gateway-role host: the address the
+    /// internet routes the overlay's IPv6 prefix to. The host facing the internet holds it on
+    /// its public interface (and announces it with an unsolicited neighbour advertisement
+    /// when it takes over); a standby does not. Without it, the next hop is whatever address
+    /// the operator configured on the gateway, and a standby cannot take the IPv6 side over.
+    #[serde(default)]
+    pub public6_next_hop: Option<std::net::Ipv6Addr>,
     /// No-tunnel mode: packets for endpoints on hosts of this host's own underlay subnet go
     /// there untunnelled (the underlay must carry overlay addresses between those hosts: one
     /// L2 segment); the VXLAN tunnel stays for every other host.
@@ -476,6 +485,17 @@ impl AgentConfig {
         }
         if self.public6 && self.overlay6_cidr.is_none() {
             return err("public6", "needs overlay6_cidr".into());
+        }
+        if let Some(a) = self.public6_next_hop {
+            if !self.public6 || self.public_interface.is_none() {
+                return err(
+                    "public6_next_hop",
+                    "needs public6 and public_interface (a gateway-role host)".into(),
+                );
+            }
+            if a.is_unspecified() || a.is_loopback() || a.is_multicast() {
+                return err("public6_next_hop", format!("{a} is not a unicast address"));
+            }
         }
         if !self.overlay_cidr.contains(&self.overlay_ip) {
             return err(

@@ -24,6 +24,17 @@ use crate::{
     wan,
 };
 
+/// With a standby and `public6`: the gateway-role hosts' own IPv6 addresses on the internet
+/// segment start this far after the gateway address (which moves to the facing host).
+const FLOATING6_OWN: u128 = 0x10;
+
+/// The next hop the internet's client routes the overlay's IPv6 through, when it moves between
+/// gateway-role hosts: with `public6` and at least one standby.
+fn public6_next_hop(inet: &crate::topology::Internet) -> Option<std::net::Ipv6Addr> {
+    let v6 = inet.ipv6.as_ref()?;
+    (inet.public6 && !inet.standby.is_empty()).then_some(v6.gateway_address)
+}
+
 /// The nftables table of [`Lab::cut_from_etcd`] in a host's namespace.
 const ETCD_CUT_TABLE: &str = "ferry_lab_etcd_cut";
 
@@ -1394,12 +1405,19 @@ impl Builder {
                     inet.subnet.prefix_len()
                 ));
                 if let Some(v6) = &inet.ipv6 {
-                    // A standby's: the next ones after the gateway's.
-                    let nth = inet
-                        .standby
-                        .iter()
-                        .position(|(g, _)| *g == h.name)
-                        .map_or(0, |i| i as u128 + 1);
+                    // One facing host: it holds the address the client routes through. With a
+                    // standby, that address moves (the facing host's agent holds it:
+                    // `public6_next_hop`) and each gateway-role host has one of its own.
+                    let nth = match public6_next_hop(inet) {
+                        None => 0,
+                        Some(_) => {
+                            FLOATING6_OWN
+                                + inet
+                                    .facing()
+                                    .position(|g| g == h.name)
+                                    .map_or(0, |i| i as u128)
+                        }
+                    };
                     b.push_str(&format!(
                         "addr add {}/{} dev {PUBLIC_IF} nodad\n",
                         std::net::Ipv6Addr::from(u128::from(v6.gateway_address) + nth),
@@ -1617,6 +1635,11 @@ impl Builder {
                 overlay_cidr: t.overlay_cidr,
                 overlay6_cidr: t.overlay6_cidr,
                 public6: gateway_role && t.internet.as_ref().is_some_and(|i| i.public6),
+                public6_next_hop: t
+                    .internet
+                    .as_ref()
+                    .filter(|_| gateway_role)
+                    .and_then(public6_next_hop),
                 direct_routing: t.direct_routing,
                 vni: t.vni,
                 vxlan_port: t.vxlan_port,

@@ -390,6 +390,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 .public_interface
                 .clone()
                 .filter(|_| cfg.role == HostRole::Gateway),
+            public6_next_hop: cfg
+                .public6_next_hop
+                .filter(|_| cfg.role == HostRole::Gateway),
         },
         registry: None,
         leftovers: if cfg.gateway.is_some() {

@@ -342,6 +342,71 @@ impl Netlink {
         Ok(None)
     }
 
+    /// Holds (`hold`) or gives up `ip`/128 on link `index` (`name`), without duplicate address
+    /// detection: an address that moves between hosts (the next hop the internet routes the
+    /// overlay's public IPv6 prefix to). Idempotent; returns whether it changed anything.
+    pub async fn hold_address6(
+        &self,
+        index: u32,
+        name: &str,
+        ip: Ipv6Addr,
+        hold: bool,
+    ) -> Result<bool, NetlinkError> {
+        let what = || format!("{ip}/128 on {name}");
+        let mut found = None;
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(a) = addrs.try_next().await.map_err(|source| NetlinkError::Op {
+            op: "get addresses",
+            what: what(),
+            source,
+        })? {
+            let holds = a.attributes.iter().any(|at| {
+                matches!(at, AddressAttribute::Local(x) | AddressAttribute::Address(x) if *x == IpAddr::V6(ip))
+            });
+            if holds {
+                found = Some(a);
+                break;
+            }
+        }
+        match (hold, found) {
+            (true, Some(_)) | (false, None) => Ok(false),
+            (true, None) => {
+                let mut add = self.handle.address().add(index, ip.into(), 128);
+                add.message_mut().header.flags |=
+                    netlink_packet_route::address::AddressHeaderFlags::Nodad;
+                match add.execute().await {
+                    Ok(()) => Ok(true),
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+                        Ok(false)
+                    }
+                    Err(source) => Err(NetlinkError::Op {
+                        op: "add address",
+                        what: what(),
+                        source,
+                    }),
+                }
+            }
+            (false, Some(msg)) => match self.handle.address().del(msg).execute().await {
+                Ok(()) => Ok(true),
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.raw_code() == -libc::EADDRNOTAVAIL || e.raw_code() == -libc::ENOENT =>
+                {
+                    Ok(false)
+                }
+                Err(source) => Err(NetlinkError::Op {
+                    op: "delete address",
+                    what: what(),
+                    source,
+                }),
+            },
+        }
+    }
+
     /// The name of link `index`.
     pub async fn link_name(&self, index: u32) -> Result<Option<String>, NetlinkError> {
         self.link_attr(index, |a| match a {

@@ -148,7 +148,8 @@ fn agents_follow_the_gateway_of_their_cloud_and_carry_on_when_it_dies() {
 /// connection to a public address: gw2 hears gw fall silent, takes the internet side over
 /// through the registry, announces the public address; the agents send the containers'
 /// traffic out through gw2. The client's connection carries on, every byte in order, and a
-/// new connection is answered through gw2.
+/// new connection is answered through gw2. The same over IPv6 (the containers' own addresses,
+/// routed from the internet): gw2 takes over the next hop the internet routes them to.
 #[test]
 fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
     use std::net::SocketAddrV4;
@@ -182,6 +183,20 @@ fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
     let before_gw2 = counters(&lab, "gw2");
     let mut conn = tcp_connect(&inet, public, Duration::from_secs(5)).unwrap();
     echo_roundtrip(&mut conn, &pattern(10_000, 1)).unwrap();
+    // IPv6: the container's own address, routed from the internet (public6) through the next
+    // hop the host facing the internet holds (`public6_next_hop`).
+    let public6 = std::net::SocketAddr::new(
+        ferry_config::overlay_ipv6(
+            lab.topology()
+                .overlay6_cidr
+                .expect("the default lab is dual-stack"),
+            c,
+        )
+        .into(),
+        7000,
+    );
+    let mut conn6 = tcp_connect(&inet, public6, Duration::from_secs(5)).unwrap();
+    echo_roundtrip(&mut conn6, &pattern(10_000, 4)).unwrap();
     let gw = counters(&lab, "gw");
     let gw2 = counters(&lab, "gw2");
     assert!(gw["public_dnat"] > 0, "the client talks through gw: {gw:?}");
@@ -254,6 +269,14 @@ fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
         }
     }
     echo_roundtrip(&mut conn, &pattern(100_000, 3)).expect("and goes on");
+    // The IPv6 connection too: gw2 took the next hop over and announced it.
+    let t6 = std::time::Instant::now();
+    echo_roundtrip(&mut conn6, &pattern(10_000, 5)).expect("the IPv6 connection survives gw");
+    eprintln!(
+        "IPv6 round trip after the IPv4 one: {:?} (since power-off {:?})",
+        t6.elapsed(),
+        t0.elapsed()
+    );
     // The registry records that gw2 faces the internet (the traffic did not wait for it: an
     // etcd leader that died with gw delays the record by an election); gw2 translates both
     // ways now.
@@ -270,9 +293,13 @@ fn a_gateway_host_powered_off_hands_the_public_side_to_the_standby() {
         "ferry_public_failover_total{host=\"gw2\",event=\"takeover_won\"}",
     );
     assert!(won.is_some_and(|n| n >= 1), "takeovers won by gw2: {won:?}");
-    // A new connection, answered through gw2.
+    // A new connection, answered through gw2, over both families.
     tcp_echo(&inet, public, 50_000).expect("a new connection through gw2");
+    tcp_echo(&inet, public6, 50_000).expect("a new IPv6 connection through gw2");
+    let routed6 = counters(&lab, "gw2");
+    assert!(delta(&after, &routed6, "public6_routed") > 0, "{routed6:?}");
     drop(conn);
+    drop(conn6);
     lab.down().unwrap();
 }
 

@@ -511,7 +511,8 @@ mod tests {
         assert_eq!(c.args.faults(), [Fault::CutSource3s, Fault::DiskFullDest]);
         assert_eq!(c.args.phases(), [Phase::Prepare, Phase::Release]);
         let all = Cli::parse_from(["x"]);
-        assert_eq!(all.args.faults().len(), 10);
+        assert_eq!(all.args.faults().len(), Fault::ALL.len());
+        assert_eq!(Fault::ALL.len(), 11);
         assert_eq!(all.args.phases().len(), 5);
         assert!(Cli::try_parse_from(["x", "--fault", "nope"]).is_err());
         for f in Fault::ALL {

@@ -78,6 +78,8 @@ pub enum Call {
     },
     Announce(Ipv4Addr),
     AnnouncePublic(Vec<Ipv4Addr>),
+    /// The public IPv6 prefix's next hop held (true) or given up.
+    HoldPublic6(std::net::Ipv6Addr, bool),
 }
 
 /// The error of a call the fake was told to fail.
@@ -110,6 +112,8 @@ struct World {
     udp: BTreeMap<u16, UdpSocket>,
     /// Looks at the UDP buffers fail.
     udp_fail: bool,
+    /// The announcer's `public6_next_hop`.
+    public6_next_hop: Option<std::net::Ipv6Addr>,
 }
 
 /// A UDP socket and its reader: `per_ms` bytes read a millisecond from `starts` on (the
@@ -190,6 +194,11 @@ impl Default for Fake {
 impl Fake {
     fn world(&self) -> MutexGuard<'_, World> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The announcer is configured with a moving public IPv6 next hop.
+    pub fn set_public6_next_hop(&self, addr: std::net::Ipv6Addr) {
+        self.world().public6_next_hop = Some(addr);
     }
 
     /// The calls that succeeded, in order.
@@ -579,5 +588,11 @@ impl Announcer for Fake {
     }
     fn announce_public(&self, _: [u8; 6], ips: Vec<Ipv4Addr>) {
         self.world().log.push(Call::AnnouncePublic(ips));
+    }
+    fn public6_next_hop(&self) -> Option<std::net::Ipv6Addr> {
+        self.world().public6_next_hop
+    }
+    fn hold_public6(&self, _: [u8; 6], addr: std::net::Ipv6Addr, hold: bool) {
+        self.world().log.push(Call::HoldPublic6(addr, hold));
     }
 }

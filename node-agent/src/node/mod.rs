@@ -75,6 +75,9 @@ pub struct Applied {
     pub egress_vtep: Option<Ipv4Addr>,
     /// Gateway role: another gateway-role host faces the internet (see `Desired`).
     pub public_standby: bool,
+    /// Gateway role with a moving IPv6 next hop: whether this host holds it (None: not yet
+    /// decided since the agent started).
+    pub public6_held: Option<bool>,
     /// The registry version applied without errors (0: none yet).
     pub version: u64,
     /// Local containers whose connections have been dumped here (they left with a hand-off

@@ -118,6 +118,15 @@ pub trait Announcer {
     /// Gateway role: announces, from the public interface and in the background, that the
     /// public addresses `ips` answer at `mac` (this host's public interface) now.
     fn announce_public(&self, mac: [u8; 6], ips: Vec<Ipv4Addr>);
+    /// Gateway role: the address the internet routes the overlay's public IPv6 prefix to,
+    /// when it moves between gateway-role hosts (`public6_next_hop`).
+    fn public6_next_hop(&self) -> Option<std::net::Ipv6Addr> {
+        None
+    }
+    /// Gateway role: holds the IPv6 next hop `addr` on the public interface and announces it
+    /// at `mac` (unsolicited neighbour advertisements, on the announce schedule), or gives it
+    /// up (`hold` false: a standby). In the background.
+    fn hold_public6(&self, _mac: [u8; 6], _addr: std::net::Ipv6Addr, _hold: bool) {}
 }
 
 /// The loaded datapath, shared with the metrics handler (which reads its counters).
@@ -218,6 +227,8 @@ pub struct Announcements {
     pub overlay6: Option<ipnet::Ipv6Net>,
     /// Gateway role: the interface facing the internet.
     pub public_interface: Option<String>,
+    /// Gateway role: the moving IPv6 next hop of the public prefix (`public6_next_hop`).
+    pub public6_next_hop: Option<std::net::Ipv6Addr>,
 }
 
 impl Announcements {
@@ -278,6 +289,52 @@ impl Announcer for Announcements {
         // The agent's own namespace: the host's.
         tokio::task::spawn_blocking(move || {
             Self::tally(&what, ferry_announce::announce(&ann, &schedule, None));
+        });
+    }
+
+    fn public6_next_hop(&self) -> Option<std::net::Ipv6Addr> {
+        self.public6_next_hop
+    }
+
+    fn hold_public6(&self, mac: [u8; 6], addr: std::net::Ipv6Addr, hold: bool) {
+        let Some(interface) = self.public_interface.clone() else {
+            return;
+        };
+        let schedule = self.schedule.clone();
+        tokio::spawn(async move {
+            let held = async {
+                let nl = ferry_overlay::netlink::Netlink::open()?;
+                let index = nl.link_index(&interface).await?.ok_or_else(|| {
+                    ferry_overlay::netlink::NetlinkError::NoSuchLink(interface.clone())
+                })?;
+                nl.hold_address6(index, &interface, addr, hold).await
+            }
+            .await;
+            match held {
+                Ok(changed) => info!(
+                    address = %addr, interface, hold, changed,
+                    "the public IPv6 prefix's next hop"
+                ),
+                Err(e) => {
+                    warn!(address = %addr, interface, hold, error = %e, "holding the public IPv6 prefix's next hop");
+                    ANNOUNCED[3].fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            if !hold {
+                return;
+            }
+            // The internet side's router still points at the host this one takes over from.
+            let ann = ferry_announce::Announcement {
+                interface: interface.clone(),
+                mac,
+                ipv4: Vec::new(),
+                ipv6: vec![addr],
+            };
+            let _ = tokio::task::spawn_blocking(move || {
+                Self::tally(&addr, ferry_announce::announce(&ann, &schedule, None));
+            })
+            .await;
         });
     }
 }

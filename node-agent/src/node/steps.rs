@@ -527,6 +527,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
     /// public address from its public interface at once (the internet side's neighbours still
     /// point at the host it takes over from).
     pub(super) fn write_egress(&mut self, want: &Desired, errors: &mut Vec<String>) {
+        self.write_public6(want);
         if self.applied.egress_vtep == want.egress_vtep
             && self.applied.public_standby == want.public_standby
         {
@@ -568,6 +569,26 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
             );
             self.announcer.announce_public(cfg.public_mac, ips);
         }
+    }
+
+    /// Gateway role with a moving IPv6 next hop (`public6_next_hop`): the host facing the
+    /// internet holds it (and announces it when it starts to), a standby gives it up, so the
+    /// internet's router sends the overlay's public IPv6 to whichever faces it.
+    fn write_public6(&mut self, want: &Desired) {
+        let Some(addr) = self.announcer.public6_next_hop() else {
+            return;
+        };
+        if self.base_config.flags & config_flags::GATEWAY == 0 {
+            return;
+        }
+        let hold = !want.public_standby;
+        if self.applied.public6_held == Some(hold) {
+            return;
+        }
+        info!(address = %addr, hold, "the public IPv6 prefix's next hop: {}", if hold { "held here" } else { "left to the host facing the internet" });
+        self.announcer
+            .hold_public6(self.base_config.public_mac, addr, hold);
+        self.applied.public6_held = Some(hold);
     }
 
     /// Peers last: a VTEP is disallowed only once no entry points at it any more.

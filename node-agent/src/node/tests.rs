@@ -808,3 +808,48 @@ mod patched {
         assert!(fi.endpoint(B).is_none() && !fi.has_net(B));
     }
 }
+
+/// A gateway-role host with a moving public IPv6 next hop holds it while it faces the
+/// internet and gives it up when it stands by, once per change (not at every apply); a host
+/// without one, or not of the gateway role, never touches it.
+#[tokio::test]
+async fn the_facing_gateway_holds_the_public_ipv6_next_hop_and_a_standby_gives_it_up() {
+    let hop: std::net::Ipv6Addr = "2001:db8:ffff::1".parse().unwrap();
+    let holds = |f: &Fake| -> Vec<bool> {
+        f.log()
+            .iter()
+            .filter_map(|c| match c {
+                Call::HoldPublic6(a, h) if *a == hop => Some(*h),
+                _ => None,
+            })
+            .collect()
+    };
+    let (mut n, f) = node();
+    n.base_config.flags |= ferry_common::config_flags::GATEWAY;
+    f.set_public6_next_hop(hop);
+    let mut w = want(1, &[]);
+    assert!(n.apply(&w).await.is_empty());
+    assert_eq!(holds(&f), [true], "facing: held");
+    w.version = 2;
+    assert!(n.apply(&w).await.is_empty());
+    assert_eq!(holds(&f), [true], "unchanged: not again");
+    w.version = 3;
+    w.public_standby = true;
+    assert!(n.apply(&w).await.is_empty());
+    assert_eq!(holds(&f), [true, false], "standing by: given up");
+    w.version = 4;
+    w.public_standby = false;
+    assert!(n.apply(&w).await.is_empty());
+    assert_eq!(holds(&f), [true, false, true], "facing again: held");
+
+    // Not a gateway-role host: nothing, next hop or not.
+    let (mut n, f) = node();
+    f.set_public6_next_hop(hop);
+    assert!(n.apply(&want(1, &[])).await.is_empty());
+    assert!(holds(&f).is_empty());
+    // A gateway-role host without one: nothing.
+    let (mut n, f) = node();
+    n.base_config.flags |= ferry_common::config_flags::GATEWAY;
+    assert!(n.apply(&want(1, &[])).await.is_empty());
+    assert!(holds(&f).is_empty());
+}
