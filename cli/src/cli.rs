@@ -173,7 +173,8 @@ pub struct GatewayArgs {
     #[arg(long)]
     pub check: bool,
     /// Where the registry is kept, overriding the config's `store`: `file:DIR` (one gateway)
-    /// or `etcd:http://IP:PORT[,...]` (any number of gateways share it).
+    /// or `etcd:https://IP:PORT[,...]` (any number of gateways share it; `[etcd_tls]` in the
+    /// configuration; `http://` members are spoken to in plain HTTP).
     #[arg(long, value_name = "file:PATH|etcd:URLS")]
     pub store: Option<String>,
     /// Copy the file store in DIR (registry.json and its journal) into the etcd store, then

@@ -155,7 +155,13 @@ const REFRESH: Duration = Duration::from_millis(250);
 
 /// Starts the follower (log and presence watches) and the presence publisher of gateway
 /// `me` (its API address), from etcd `revision` (where the registry was read).
-pub fn spawn(g: Arc<Gateway>, members: Vec<SocketAddr>, revision: i64, me: String) {
+pub fn spawn(
+    g: Arc<Gateway>,
+    members: Vec<SocketAddr>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    revision: i64,
+    me: String,
+) {
     let Some(store) = g.store.etcd() else { return };
     let log = store.log_prefix();
     let agents = store.agents_prefix();
@@ -166,8 +172,8 @@ pub fn spawn(g: Arc<Gateway>, members: Vec<SocketAddr>, revision: i64, me: Strin
             let Some(rt) = runtime() else { return };
             rt.block_on(async {
                 tokio::join!(
-                    follow_log(&g, &members, log, revision),
-                    follow_agents(&g, &members, agents, &me),
+                    follow_log(&g, &members, tls.as_ref(), log, revision),
+                    follow_agents(&g, &members, tls.as_ref(), agents, &me),
                 )
             });
         });
@@ -198,9 +204,11 @@ enum Next {
 /// Watches `prefix` from `revision + 1` at each member in turn until shutdown. `on` handles
 /// each batch of events; `reload` reads the state whole and says from which revision to go
 /// on.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     g: &Gateway,
     members: &[SocketAddr],
+    tls: Option<&Arc<rustls::ClientConfig>>,
     prefix: &[u8],
     mut revision: i64,
     what: &str,
@@ -225,7 +233,7 @@ async fn follow(
                 }
             };
             tokio::select! {
-                r = crate::etcd::watch(member, prefix, from, events) => r,
+                r = crate::etcd::watch(member, tls, prefix, from, events) => r,
                 _ = shutdown.wait_for(|s| *s) => Ok(()),
             }
         };
@@ -255,7 +263,13 @@ async fn follow(
 }
 
 /// Other gateways' changes, applied in version order.
-async fn follow_log(g: &Arc<Gateway>, members: &[SocketAddr], prefix: Vec<u8>, revision: i64) {
+async fn follow_log(
+    g: &Arc<Gateway>,
+    members: &[SocketAddr],
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    prefix: Vec<u8>,
+    revision: i64,
+) {
     let on = |events: Vec<Event>| {
         let Some(store) = g.store.etcd() else {
             return Next::Continue(0);
@@ -289,7 +303,7 @@ async fn follow_log(g: &Arc<Gateway>, members: &[SocketAddr], prefix: Vec<u8>, r
             None
         }
     };
-    follow(g, members, &prefix, revision, "log", on, reload).await;
+    follow(g, members, tls, &prefix, revision, "log", on, reload).await;
 }
 
 /// `<prefix>agents/<host>/<gateway>` → (host, gateway).
@@ -300,7 +314,13 @@ fn presence_key(prefix: &[u8], key: &[u8]) -> Option<(String, String)> {
 }
 
 /// Other gateways' reports of their agents.
-async fn follow_agents(g: &Arc<Gateway>, members: &[SocketAddr], prefix: Vec<u8>, me: &str) {
+async fn follow_agents(
+    g: &Arc<Gateway>,
+    members: &[SocketAddr],
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    prefix: Vec<u8>,
+    me: &str,
+) {
     // Reads every report (replacing what is known) and says from which revision to watch.
     let load = || {
         let store = g.store.etcd()?;
@@ -364,7 +384,7 @@ async fn follow_agents(g: &Arc<Gateway>, members: &[SocketAddr], prefix: Vec<u8>
         }
     }
     let Some(revision) = start else { return };
-    follow(g, members, &prefix, revision, "agents", on, load).await;
+    follow(g, members, tls, &prefix, revision, "agents", on, load).await;
 }
 
 /// Publishes this gateway's knowledge of its agents whenever it changes (and renews the

@@ -5,8 +5,9 @@
 //! state_dir = "/var/lib/ferry/gateway"   # registry.json and registry.journal (default);
 //!                                        # run reports
 //! store = "file"                         # the registry in state_dir (default), or
-//!                                        # "etcd:http://IP:2379,http://IP:2379,..." shared by
-//!                                        # every gateway of the cluster
+//!                                        # "etcd:https://IP:2379,https://IP:2379,..." shared
+//!                                        # by every gateway of the cluster (https needs
+//!                                        # [etcd_tls]; http:// members: plain)
 //! etcd_prefix = "/ferry/registry/"       # where in etcd (default)
 //! max_connections_per_peer = 64          # open API connections one address may hold (every
 //!                                        # agent holds one long poll; default 64, at most 65536)
@@ -33,6 +34,11 @@
 //! ca = "/etc/ferry/tls/gateway/ca.pem"   # (ferry certs issue gateway --ip ...); without
 //! cert = "/etc/ferry/tls/gateway/cert.pem" # it the gateway refuses to start unless
 //! key = "/etc/ferry/tls/gateway/key.pem"   # insecure_plaintext = true
+//!
+//! [etcd_tls]                             # with store = "etcd:https://...": etcd's CA (best
+//! ca = "/etc/ferry/etcd/ca.pem"          # one of its own, not ferry's) and this gateway's
+//! cert = "/etc/ferry/etcd/cert.pem"      # client certificate there (naming the gateway's
+//! key = "/etc/ferry/etcd/key.pem"        # identity)
 //! ```
 
 use std::{
@@ -94,6 +100,11 @@ pub struct Config {
     /// `listen` address); agents and the CLI must present certificates from the same CA.
     #[serde(default)]
     pub tls: Option<ferry_tls::TlsFiles>,
+    /// With `store = "etcd:https://..."`: this gateway's client identity towards etcd (its
+    /// certificate must name the gateway's identity) and etcd's CA. Best a CA of etcd's own,
+    /// so that no agent's certificate can reach the registry's store.
+    #[serde(default)]
+    pub etcd_tls: Option<ferry_tls::TlsFiles>,
     /// Serve plain HTTP without `[tls]`: the token, checkpoint requests and every registry
     /// change then cross the underlay in clear. For benchmarks and old set-ups only.
     #[serde(default)]
@@ -162,7 +173,7 @@ impl std::str::FromStr for StoreSpec {
             return urls.parse().map(StoreSpec::Etcd);
         }
         Err(format!(
-            "store {s:?}: want \"file\", \"file:PATH\" or \"etcd:http://IP:PORT[,...]\""
+            "store {s:?}: want \"file\", \"file:PATH\" or \"etcd:https://IP:PORT[,...]\""
         ))
     }
 }
@@ -290,9 +301,28 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), InvalidConfig> {
-        self.store
+        let spec = self
+            .store
             .parse::<StoreSpec>()
             .map_err(InvalidConfig::Store)?;
+        match (&spec, &self.etcd_tls) {
+            (StoreSpec::Etcd(m), None) if m.1 == crate::etcd::Scheme::Https => {
+                return Err(InvalidConfig::Store(
+                    "etcd over https needs [etcd_tls] (ca, cert, key)".into(),
+                ));
+            }
+            (StoreSpec::Etcd(m), Some(_)) if m.1 == crate::etcd::Scheme::Http => {
+                return Err(InvalidConfig::Store(
+                    "[etcd_tls] is given but the etcd members are http://: use https://".into(),
+                ));
+            }
+            (StoreSpec::File(_), Some(_)) => {
+                return Err(InvalidConfig::Store(
+                    "[etcd_tls] is given but the store is not etcd".into(),
+                ));
+            }
+            _ => {}
+        }
         if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
             return Err(InvalidConfig::EtcdPrefix(self.etcd_prefix.clone()));
         }
@@ -456,6 +486,47 @@ key = "/etc/ferry/tls/key.pem"
 pool = "10.244.0.0/17"
 reserved = ["10.244.0.0/24"]
 "#;
+
+    /// etcd over https needs `[etcd_tls]`, which makes sense only with https members; http
+    /// and https members do not mix.
+    #[test]
+    fn etcd_tls_goes_with_https_members_and_only_with_them() {
+        let base = "overlay_cidr = \"10.244.0.0/16\"\nvni = 4242\ninsecure_plaintext = true\n";
+        let tls =
+            "\n[etcd_tls]\nca = \"/e/ca.pem\"\ncert = \"/e/cert.pem\"\nkey = \"/e/key.pem\"\n";
+        let with = |store: &str, etcd_tls: bool| {
+            Config::parse(&format!(
+                "store = \"{store}\"\n{base}{}",
+                if etcd_tls { tls } else { "" }
+            ))
+        };
+        let https = "etcd:https://198.18.0.10:2379,https://198.18.1.10:2379";
+        let http = "etcd:http://198.18.0.10:2379";
+        let c = with(https, true).unwrap();
+        let StoreSpec::Etcd(m) = c.store_spec() else {
+            panic!("etcd")
+        };
+        assert_eq!(m.1, crate::etcd::Scheme::Https);
+        assert_eq!(
+            m.to_string(),
+            "https://198.18.0.10:2379,https://198.18.1.10:2379"
+        );
+        assert!(with(http, false).is_ok());
+        for (store, etcd_tls, want) in [
+            (https, false, "needs [etcd_tls]"),
+            (http, true, "use https"),
+            ("file", true, "not etcd"),
+            (
+                "etcd:https://198.18.0.10:2379,http://198.18.1.10:2379",
+                true,
+                "every member over https",
+            ),
+            ("etcd:ftp://198.18.0.10:2379", true, "want https://"),
+        ] {
+            let e = with(store, etcd_tls).expect_err(store).to_string();
+            assert!(e.contains(want), "{store} {etcd_tls}: {e}");
+        }
+    }
 
     #[test]
     fn full_example_parses() {

@@ -113,9 +113,21 @@ fn load_config(config_path: &Path, store: Option<&str>) -> Result<Config, StartE
     Ok(config)
 }
 
-fn etcd_store(config: &Config, members: crate::etcd::Members) -> crate::etcd_store::EtcdStore {
-    let kv = std::sync::Arc::new(crate::etcd::HttpKv::new(members));
-    crate::etcd_store::EtcdStore::new(kv, &config.etcd_prefix)
+fn etcd_store(
+    config: &Config,
+    members: crate::etcd::Members,
+) -> Result<crate::etcd_store::EtcdStore, StartError> {
+    let kv = std::sync::Arc::new(crate::etcd::HttpKv::new(members, etcd_tls(config)?));
+    Ok(crate::etcd_store::EtcdStore::new(kv, &config.etcd_prefix))
+}
+
+/// The gateway's client identity towards etcd (`[etcd_tls]`), checked at start like `[tls]`.
+fn etcd_tls(config: &Config) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, StartError> {
+    let Some(files) = &config.etcd_tls else {
+        return Ok(None);
+    };
+    let tls = ferry_tls::Tls::load(files)?;
+    Ok(Some(tls.client_config()))
 }
 
 /// Loads what the daemon needs, in the daemon's order: config, token, TLS identity, stored
@@ -153,7 +165,7 @@ fn prepare(config_path: &Path, store: Option<&str>, lock: bool) -> Result<Prepar
             (store, state, 0, source)
         }
         StoreSpec::Etcd(members) => {
-            let s = etcd_store(&config, members);
+            let s = etcd_store(&config, members)?;
             let (state, revision) = s.load()?;
             let source = s.describe();
             (Some(Backend::Etcd(s)), state, revision, source)
@@ -250,7 +262,7 @@ pub fn import(
             source,
         }
     })?;
-    let s = etcd_store(&config, members);
+    let s = etcd_store(&config, members)?;
     let absent = crate::etcd::Compare::Absent(format!("{}head", config.etcd_prefix).into_bytes());
     match s.checkpoint(&state, absent) {
         Ok(()) => {}
@@ -346,7 +358,13 @@ pub async fn serve(config_path: &Path, store: Option<&str>) -> Result<(), StartE
         }));
     }
     if let StoreSpec::Etcd(members) = config.store_spec() {
-        crate::cluster::spawn(g.clone(), members.0, revision, config.listen.to_string());
+        crate::cluster::spawn(
+            g.clone(),
+            members.0,
+            etcd_tls(&config)?,
+            revision,
+            config.listen.to_string(),
+        );
     }
     g.configure_runs(
         config.listen,

@@ -10,7 +10,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -18,39 +21,62 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// `etcd:http://HOST:PORT[,http://HOST:PORT...]`: the members' client URLs (IP addresses:
-/// the gateway resolves nothing; plain HTTP: etcd's TLS is not supported yet).
+/// `etcd:https://IP:PORT[,https://IP:PORT...]` (or every one `http://`): the members' client
+/// URLs (IP addresses: the gateway resolves nothing; a member's certificate names its IP).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Members(pub Vec<SocketAddr>);
+pub struct Members(pub Vec<SocketAddr>, pub Scheme);
+
+/// How the members are spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    /// TLS, this gateway presenting its etcd client certificate (`[etcd_tls]`).
+    Https,
+}
 
 impl std::str::FromStr for Members {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut out = Vec::new();
+        let mut scheme = None;
         for url in s.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let Some(rest) = url.strip_prefix("http://") else {
+            let (this, rest) = if let Some(r) = url.strip_prefix("https://") {
+                (Scheme::Https, r)
+            } else if let Some(r) = url.strip_prefix("http://") {
+                (Scheme::Http, r)
+            } else {
                 return Err(format!(
-                    "etcd member {url:?}: want http://IP:PORT (https is not supported yet)"
+                    "etcd member {url:?}: want https://IP:PORT (or http://IP:PORT)"
                 ));
             };
+            if scheme.is_some_and(|s| s != this) {
+                return Err(format!(
+                    "etcd member {url:?}: every member over https, or every one over http"
+                ));
+            }
+            scheme = Some(this);
             let addr = rest.trim_end_matches('/');
             let addr: SocketAddr = addr
                 .parse()
-                .map_err(|e| format!("etcd member {url:?}: want http://IP:PORT: {e}"))?;
+                .map_err(|e| format!("etcd member {url:?}: want https://IP:PORT: {e}"))?;
             if !out.contains(&addr) {
                 out.push(addr);
             }
         }
-        if out.is_empty() {
-            return Err("no etcd member given (want http://IP:PORT[,...])".into());
+        match scheme {
+            Some(scheme) if !out.is_empty() => Ok(Members(out, scheme)),
+            _ => Err("no etcd member given (want https://IP:PORT[,...])".into()),
         }
-        Ok(Members(out))
     }
 }
 
 impl std::fmt::Display for Members {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let urls: Vec<String> = self.0.iter().map(|a| format!("http://{a}")).collect();
+        let scheme = match self.1 {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        let urls: Vec<String> = self.0.iter().map(|a| format!("{scheme}://{a}")).collect();
         f.write_str(&urls.join(","))
     }
 }
@@ -197,6 +223,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(800);
 #[derive(Debug)]
 pub struct HttpKv {
     members: Members,
+    /// With https members: this gateway's etcd client identity.
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The member that answered last (tried first).
     preferred: AtomicUsize,
     timeout: Duration,
@@ -247,9 +275,10 @@ fn retry_elsewhere(code: i64, message: &str) -> bool {
 }
 
 impl HttpKv {
-    pub fn new(members: Members) -> Self {
+    pub fn new(members: Members, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         Self {
             members,
+            tls,
             preferred: AtomicUsize::new(0),
             timeout: Duration::from_secs(3),
         }
@@ -289,8 +318,11 @@ impl HttpKv {
         for i in 0..n {
             let at = (first + i) % n;
             let member = self.members.0[at];
-            let request = Request::post(path)
-                .plain()
+            let request = match &self.tls {
+                Some(tls) => Request::post(path).tls(Some(tls.clone())),
+                None => Request::post(path).plain(),
+            };
+            let request = request
                 .json(body.clone())
                 .timeout(timeout)
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -515,6 +547,7 @@ pub enum WatchEnd {
 /// answer's events (in revision order) until `on` says stop (`false`) or the watch ends.
 pub async fn watch(
     member: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     prefix: &[u8],
     start_revision: i64,
     mut on: impl FnMut(Vec<Event>) -> bool,
@@ -531,11 +564,30 @@ pub async fn watch(
     .map_err(|e| failed("connect", &e))?
     .map_err(|e| failed("connect", &e))?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let (mut sender, conn) = match tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(member.ip().into());
+            let stream = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream),
+            )
             .await
-            .map_err(|e| failed("handshake", &e))?;
-    let conn = tokio::spawn(conn);
+            .map_err(|e| failed("TLS handshake", &e))?
+            .map_err(|e| failed("TLS handshake", &e))?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| failed("handshake", &e))?;
+            (sender, tokio::spawn(conn))
+        }
+        None => {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| failed("handshake", &e))?;
+            (sender, tokio::spawn(conn))
+        }
+    };
     let body = json!({"create_request": {
         "key": B64.encode(prefix),
         "range_end": B64.encode(prefix_end(prefix)),

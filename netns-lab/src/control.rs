@@ -300,10 +300,17 @@ impl ControlPlane {
         let mut members = etcd_members(t);
         let own = cloud_of(&self.host);
         members.sort_by_key(|(h, _)| cloud_of(h) != own);
+        // etcd's own TLS material (the lab writes it before starting the members).
+        let etcd_dir = self.tls_dir.with_file_name("etcd-tls");
+        let etcd_tls = etcd_dir.join("ca").join("ca.pem").exists();
+        let scheme = if etcd_tls { "https" } else { "http" };
         let store = if members.is_empty() {
             String::new()
         } else {
-            let urls: Vec<String> = members.iter().map(|(_, a)| format!("http://{a}")).collect();
+            let urls: Vec<String> = members
+                .iter()
+                .map(|(_, a)| format!("{scheme}://{a}"))
+                .collect();
             format!("store = \"etcd:{}\"\n", urls.join(","))
         };
         let store = match t.gateway_connections_per_peer {
@@ -319,7 +326,8 @@ impl ControlPlane {
              vni = {}\n\
              public_cidrs = [\"{}\"]\n\
              {store}\
-             {tls}",
+             {tls}\
+             {etcd_tls}",
             self.api,
             self.state_dir.display(),
             self.token_file.display(),
@@ -328,6 +336,17 @@ impl ControlPlane {
                 .map_or_else(String::new, |p| format!("overlay6_cidr = \"{p}\"\n")),
             t.vni,
             inet.public_pool,
+            etcd_tls = if etcd_tls && !members.is_empty() {
+                let f = ferry_tls::TlsFiles::in_dir(&etcd_dir.join("gateway"));
+                format!(
+                    "\n[etcd_tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    f.ca.display(),
+                    f.cert.display(),
+                    f.key.display()
+                )
+            } else {
+                String::new()
+            },
         );
         std::fs::write(&self.config, config)
             .map_err(|e| LabError::io(format!("writing {}", self.config.display()), e))

@@ -574,6 +574,13 @@ impl Lab {
         ready
     }
 
+    /// The gateways' client configuration towards this lab's etcd (`None`: plain HTTP).
+    pub fn etcd_client_tls(
+        &self,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, LabError> {
+        etcd_client_tls(&self.prefix)
+    }
+
     /// SIGKILLs the etcd member on `host` (topology `etcd`) and waits until it exited.
     pub fn kill_etcd_member(&mut self, host: &str) -> Result<(), LabError> {
         self.stop_recorded("etcd", Some(host), libc::SIGKILL, Duration::from_secs(5))
@@ -1223,6 +1230,9 @@ impl Builder {
     fn start_etcd(&mut self) -> Result<(), LabError> {
         let t = self.state.topology.clone();
         let members = crate::control::etcd_members(&t);
+        if !members.is_empty() && !self.state.insecure_plaintext {
+            write_etcd_tls(self.prefix(), &t)?;
+        }
         for (name, _) in &members {
             let child = etcd_member_command(self.prefix(), &t, name)?
                 .spawn()
@@ -1902,6 +1912,61 @@ fn rps_mask(n: usize) -> String {
         .join(",")
 }
 
+/// etcd's TLS material in lab `prefix`: a CA of etcd's own (`ca/`), each member's identity
+/// (`member-<host>/`) and the gateways' client identity (`gateway/`).
+pub(crate) fn etcd_tls_dir(prefix: &str) -> PathBuf {
+    state::state_dir(prefix).join("etcd-tls")
+}
+
+/// Whether lab `prefix` speaks TLS to etcd.
+pub(crate) fn etcd_tls_on(prefix: &str) -> bool {
+    etcd_tls_dir(prefix).join("ca").join("ca.pem").exists()
+}
+
+/// The gateways' client configuration towards etcd (`None`: plain HTTP).
+pub(crate) fn etcd_client_tls(
+    prefix: &str,
+) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, LabError> {
+    if !etcd_tls_on(prefix) {
+        return Ok(None);
+    }
+    let files = ferry_tls::TlsFiles::in_dir(&etcd_tls_dir(prefix).join("gateway"));
+    ferry_tls::Tls::load(&files)
+        .map(|t| Some(t.client_config()))
+        .map_err(|e| LabError::io("loading etcd's TLS material", std::io::Error::other(e)))
+}
+
+/// Makes etcd's CA, each member's certificate (its underlay address) and the gateways'
+/// client certificate (the gateway's identity). A CA of etcd's own: the agents' certificates
+/// (the lab's CA) cannot reach the registry's store.
+fn write_etcd_tls(prefix: &str, t: &LabTopology) -> Result<(), LabError> {
+    use ferry_tls::{Ca, Identity, Validity};
+    if etcd_tls_on(prefix) {
+        return Ok(());
+    }
+    let err = |e: ferry_tls::TlsError| {
+        LabError::io("making etcd's TLS material", std::io::Error::other(e))
+    };
+    let dir = etcd_tls_dir(prefix);
+    ferry_api::private::create_dir(&dir)
+        .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
+    let ca = Ca::generate("ferry lab etcd CA", Validity::days(30)).map_err(err)?;
+    let mut parties = vec![("gateway".to_owned(), Identity::Gateway, vec![])];
+    for (name, addr) in crate::control::etcd_members(t) {
+        parties.push((
+            format!("member-{name}"),
+            Identity::host(&format!("etcd-{name}")).map_err(err)?,
+            vec![addr.ip(), std::net::IpAddr::from([127, 0, 0, 1])],
+        ));
+    }
+    for (sub, id, ips) in parties {
+        let issued = ca.issue(&id, &ips, Validity::days(30)).map_err(err)?;
+        ferry_tls::write_party(&dir.join(sub), &ca, &issued).map_err(err)?;
+    }
+    // Last: its presence says the material is whole.
+    ca.save(&dir.join("ca")).map_err(err)
+}
+
 fn etcd_dir(prefix: &str) -> PathBuf {
     state::state_dir(prefix).join("etcd")
 }
@@ -1916,9 +1981,16 @@ fn etcd_member_command(prefix: &str, t: &LabTopology, name: &str) -> Result<Comm
             std::io::Error::other("not an etcd member of this lab"),
         ));
     };
+    let tls = etcd_tls_dir(prefix);
+    let secure = etcd_tls_on(prefix);
+    let scheme = if secure { "https" } else { "http" };
     let peer = |name: &str| {
         let h = t.host(name).expect("members are hosts");
-        format!("http://{}:{}", h.address, crate::control::ETCD_PEER_PORT)
+        format!(
+            "{scheme}://{}:{}",
+            h.address,
+            crate::control::ETCD_PEER_PORT
+        )
     };
     let initial = members
         .iter()
@@ -1939,9 +2011,9 @@ fn etcd_member_command(prefix: &str, t: &LabTopology, name: &str) -> Result<Comm
         .arg(dir.join(name))
         .args([
             "--listen-client-urls",
-            &format!("http://{client}"),
+            &format!("{scheme}://{client}"),
             "--advertise-client-urls",
-            &format!("http://{client}"),
+            &format!("{scheme}://{client}"),
             "--listen-peer-urls",
             &peer(name),
             "--initial-advertise-peer-urls",
@@ -1970,6 +2042,32 @@ fn etcd_member_command(prefix: &str, t: &LabTopology, name: &str) -> Result<Comm
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
+    if secure {
+        // Clients and peers both present a certificate of etcd's own CA (the gateways' etcd
+        // identity, the members'): nothing else on the underlay reads or writes the registry.
+        let member = ferry_tls::TlsFiles::in_dir(&tls.join(format!("member-{name}")));
+        let (ca, cert, key) = (
+            member.ca.display().to_string(),
+            member.cert.display().to_string(),
+            member.key.display().to_string(),
+        );
+        cmd.args([
+            "--cert-file",
+            &cert,
+            "--key-file",
+            &key,
+            "--trusted-ca-file",
+            &ca,
+            "--client-cert-auth",
+            "--peer-cert-file",
+            &cert,
+            "--peer-key-file",
+            &key,
+            "--peer-trusted-ca-file",
+            &ca,
+            "--peer-client-cert-auth",
+        ]);
+    }
     command_in(&mut cmd, &netns_path(&netns_name(prefix, name)))?;
     detach_session(&mut cmd);
     Ok(cmd)
@@ -1983,7 +2081,8 @@ fn wait_etcd_member(prefix: &str, t: &LabTopology, name: &str) -> Result<(), Lab
     };
     let deadline = Instant::now() + crate::control::ETCD_READY_TIMEOUT;
     let ns = netns_path(&netns_name(prefix, name));
-    while !crate::control::http_ok(&ns, *client, "/health", None) {
+    let tls = etcd_client_tls(prefix)?;
+    while !crate::control::http_ok(&ns, *client, "/health", tls.clone()) {
         if Instant::now() >= deadline {
             return Err(LabError::io(
                 format!(

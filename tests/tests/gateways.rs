@@ -344,6 +344,41 @@ fn a_conflicting_change_wins_once_and_an_unreachable_store_refuses_changes() {
         return;
     }
     let (mut lab, main, b1gw) = two_gateways();
+    // etcd answers TLS only, and only to certificates of its own CA: not plain HTTP, not an
+    // agent's identity (the lab's CA), but the gateways' etcd identity.
+    let (member_host, member) = ferry_lab::control::etcd_members(lab.topology())[0].clone();
+    let ns = lab.netns(&member_host);
+    let health = |tls: Option<std::sync::Arc<rustls::ClientConfig>>| {
+        let ns = ns.clone();
+        ferry_overlay::netns::run_in(&ns, move || {
+            let r = ferry_api::transport::Request::get("/health");
+            let r = match tls {
+                Some(t) => r.tls(Some(t)),
+                None => r.plain(),
+            };
+            r.timeout(Duration::from_secs(3))
+                .send_blocking(member)
+                .map(|a| a.status)
+        })
+        .unwrap()
+    };
+    let agent = main
+        .client_tls(ferry_lab::control::Party::Host("a1"))
+        .unwrap()
+        .expect("the lab speaks TLS");
+    assert!(
+        health(None).is_ok_and(|s| s != 200) || health(None).is_err(),
+        "plain HTTP refused"
+    );
+    assert!(
+        health(Some(agent)).is_err(),
+        "an agent's certificate is refused"
+    );
+    assert_eq!(
+        health(lab.etcd_client_tls().unwrap()).ok(),
+        Some(200),
+        "the gateways' etcd identity is served"
+    );
     // Both gateways know both hosts (b1's learns a1's and a2's registrations from etcd).
     wait_for(
         "both gateways know a1 and a2",

@@ -252,10 +252,14 @@ fn etcd_leader_on(lab: &Lab, host: &str) -> bool {
     else {
         return false;
     };
-    let status = ferry_api::transport::Request::post("/v3/maintenance/status")
-        .plain()
-        .json(b"{}".to_vec())
-        .timeout(Duration::from_secs(3));
+    let status = match lab.etcd_client_tls() {
+        Ok(Some(tls)) => {
+            ferry_api::transport::Request::post("/v3/maintenance/status").tls(Some(tls))
+        }
+        Ok(None) => ferry_api::transport::Request::post("/v3/maintenance/status").plain(),
+        Err(_) => return false,
+    };
+    let status = status.json(b"{}".to_vec()).timeout(Duration::from_secs(3));
     let Ok(answer) =
         ferry_overlay::netns::run_in(&lab.netns(host), move || status.send_blocking(addr))
     else {
