@@ -948,16 +948,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_parse_and_refuse_what_is_not_http_ip_port() {
+    fn members_parse_and_refuse_what_is_not_a_url_of_an_ip_and_port() {
         let m: Members = "http://127.0.0.1:2379, http://10.0.0.2:2379/"
             .parse()
             .unwrap();
         assert_eq!(m.0.len(), 2);
+        assert_eq!(m.1, Scheme::Http);
         assert_eq!(m.to_string(), "http://127.0.0.1:2379,http://10.0.0.2:2379");
+        let m: Members = "https://127.0.0.1:2379,https://10.0.0.2:2379"
+            .parse()
+            .unwrap();
+        assert_eq!(m.1, Scheme::Https);
+        assert_eq!(
+            m.to_string(),
+            "https://127.0.0.1:2379,https://10.0.0.2:2379"
+        );
         for bad in [
             "",
-            "https://127.0.0.1:2379",
+            "https://127.0.0.1:2379,http://10.0.0.2:2379",
+            "ftp://127.0.0.1:2379",
             "http://etcd:2379",
+            "https://etcd:2379",
             "127.0.0.1:2379",
         ] {
             assert!(bad.parse::<Members>().is_err(), "{bad:?} accepted");
