@@ -543,6 +543,21 @@ pub enum WatchEnd {
     Failed(String),
 }
 
+/// HTTP/1.1 over `io`, its connection driven on a task of its own.
+async fn http1<T>(
+    io: T,
+) -> hyper::Result<(
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    Ok((sender, tokio::spawn(conn)))
+}
+
 /// Watches keys with `prefix` from `start_revision` at `member`, calling `on` with each
 /// answer's events (in revision order) until `on` says stop (`false`) or the watch ends.
 pub async fn watch(
@@ -574,20 +589,11 @@ pub async fn watch(
             .await
             .map_err(|e| failed("TLS handshake", &e))?
             .map_err(|e| failed("TLS handshake", &e))?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| failed("handshake", &e))?;
-            (sender, tokio::spawn(conn))
+            http1(stream).await
         }
-        None => {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| failed("handshake", &e))?;
-            (sender, tokio::spawn(conn))
-        }
-    };
+        None => http1(stream).await,
+    }
+    .map_err(|e| failed("handshake", &e))?;
     let body = json!({"create_request": {
         "key": B64.encode(prefix),
         "range_end": B64.encode(prefix_end(prefix)),

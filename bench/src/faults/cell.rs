@@ -629,29 +629,30 @@ impl FaultLab {
             })
     }
 
+    /// `GET path` on the main gateway, as the operator (`None`: no answer within 3 s).
+    fn gateway_get(&self, path: &str) -> Option<ferry_api::transport::Response> {
+        let cp = self.lab.control()?;
+        let tls = cp.client_tls(ferry_lab::control::Party::Operator).ok()?;
+        let (api, path) = (cp.api, path.to_owned());
+        ferry_overlay::netns::run_in(&self.lab.netns(&cp.host), move || {
+            ferry_api::transport::Request::get(path)
+                .tls(tls)
+                .timeout(Duration::from_secs(3))
+                .send_blocking(api)
+        })
+        .ok()?
+        .ok()
+    }
+
     /// Waits (at most 30 s) until the main gateway answers without
     /// [`ferry_api::client::CUT_OFF_HEADER`]: back in touch with etcd's quorum, as a killed
     /// gateway is waited for until it is ready again.
     fn gateway_in_touch(&self) -> Result<(), LabError> {
-        let cp = self.lab.control().ok_or_else(|| LabError::Ferry {
-            args: String::new(),
-            message: "this lab runs no gateway".into(),
-        })?;
-        let tls = cp.client_tls(ferry_lab::control::Party::Operator)?;
-        let (api, ns) = (cp.api, self.lab.netns(&cp.host));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let tls = tls.clone();
-            let answer = ferry_overlay::netns::run_in(&ns, move || {
-                ferry_api::transport::Request::get("/v1/health")
-                    .tls(tls)
-                    .timeout(Duration::from_secs(3))
-                    .send_blocking(api)
-            });
-            if let Ok(Ok(r)) = answer
-                && r.is_success()
-                && !r.headers.contains_key(ferry_api::client::CUT_OFF_HEADER)
-            {
+            if self.gateway_get("/v1/health").is_some_and(|r| {
+                r.is_success() && !r.headers.contains_key(ferry_api::client::CUT_OFF_HEADER)
+            }) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -668,17 +669,7 @@ impl FaultLab {
     /// The main gateway's `ferry_gateway_store_events_total{kind="handed_over"}` (`None`: no
     /// answer).
     fn handed_over_count(&self) -> Option<u64> {
-        let cp = self.lab.control()?;
-        let tls = cp.client_tls(ferry_lab::control::Party::Operator).ok()?;
-        let api = cp.api;
-        let resp = ferry_overlay::netns::run_in(&self.lab.netns(&cp.host), move || {
-            ferry_api::transport::Request::get("/metrics")
-                .tls(tls)
-                .timeout(Duration::from_secs(3))
-                .send_blocking(api)
-        })
-        .ok()?
-        .ok()?;
+        let resp = self.gateway_get("/metrics")?;
         String::from_utf8_lossy(&resp.body)
             .lines()
             .find(|l| l.starts_with("ferry_gateway_store_events_total{kind=\"handed_over\"}"))
