@@ -43,6 +43,26 @@ pub struct Cluster {
     token: String,
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up), for a server to
+/// bind later: a port from [`free_port`] is released before etcd binds it, and any outgoing
+/// connection (another test's etcd client, say) may take it meanwhile; below the range only
+/// another bind can, and the start varies with the process and each call.
+fn listen_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (seed.wrapping_add(n.wrapping_mul(97))) % SPAN)
+            .expect("below 32768");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 impl Cluster {
     /// Starts `n` members and waits until every one answers healthy (a leader is elected).
     pub fn start(n: usize) -> Self {
@@ -52,8 +72,8 @@ impl Cluster {
                 let lo = |p| format!("127.0.0.1:{p}").parse().unwrap();
                 Member {
                     name: format!("m{i}"),
-                    client: lo(free_port()),
-                    peer: lo(free_port()),
+                    client: lo(listen_port()),
+                    peer: lo(listen_port()),
                     data: dir.path().join(format!("m{i}")),
                     log: dir.path().join(format!("m{i}.log")),
                     child: None,
