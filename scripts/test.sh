@@ -8,6 +8,16 @@ export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/local/bin:$PATH"
 
 step() { printf '\n== %s\n' "$*"; }
 
+# A build used once keeps nothing from incremental state: under CI it only costs disk.
+if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"; fi
+
+# The cold build and the labs need a few GB; say so plainly rather than fail mid-link.
+need_kb=$((6 * 1024 * 1024))
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ "${free_kb:-0}" -lt "$need_kb" ]; then
+    echo "warning: $((free_kb / 1024)) MB free where ferry builds; a cold build and the tests need about 6 GB" >&2
+fi
+
 step "set-up"
 bash scripts/setup.sh
 
