@@ -480,6 +480,29 @@ impl Client {
     /// A progress event for run `id` (agents, during a checkpoint).
     pub async fn run_event(&self, id: &str, event: &crate::run::RunEvent) -> Result<(), ApiError> {
         let path = format!("/v1/runs/{}/events", percent_encode(id));
+        // With several gateways the run is driven by one of them, not necessarily the one
+        // this client follows: a gateway that does not hold the run answers
+        // `unknown_migration` (nothing appended) and the next one is asked.
+        let _: serde_json::Value = self
+            .send_with(
+                "POST",
+                &path,
+                Some(event),
+                self.timeout,
+                Elsewhere::OrUnknownRun,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// [`Self::run_event`] to the gateway this client uses only: for a caller that cannot
+    /// wait on the others (CRIU's hook, while the container is frozen).
+    pub async fn run_event_here(
+        &self,
+        id: &str,
+        event: &crate::run::RunEvent,
+    ) -> Result<(), ApiError> {
+        let path = format!("/v1/runs/{}/events", percent_encode(id));
         let _: serde_json::Value = self.send("POST", &path, Some(event), self.timeout).await?;
         Ok(())
     }
@@ -605,6 +628,18 @@ impl Client {
         body: Option<&B>,
         timeout: Duration,
     ) -> Result<T, ApiError> {
+        self.send_with(method, path, body, timeout, Elsewhere::CutOff)
+            .await
+    }
+
+    async fn send_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+        elsewhere: Elsewhere,
+    ) -> Result<T, ApiError> {
         let mut request = self.request(method, path, timeout);
         if let Some(body) = body {
             let body = serde_json::to_vec(body).map_err(|source| ApiError::Decode {
@@ -627,6 +662,7 @@ impl Client {
         let read = method == "GET";
         let mut last = None;
         let mut refused = None;
+        let mut not_here = false;
         for i in 0..n {
             let at = (first + i) % n;
             let copy = request.try_clone().expect("the client's bodies are whole");
@@ -637,7 +673,9 @@ impl Client {
                 // given if no gateway does better.
                 Ok(r)
                     if (read && r.headers.contains_key(CUT_OFF_HEADER))
-                        || (r.status == 503 && r.error().code() == Some("cut_off")) =>
+                        || (r.status == 503 && r.error().code() == Some("cut_off"))
+                        || (elsewhere == Elsewhere::OrUnknownRun
+                            && r.error().code() == Some("unknown_migration")) =>
                 {
                     let better =
                         refused
@@ -645,12 +683,19 @@ impl Client {
                             .is_none_or(|p: &(usize, crate::transport::Response)| {
                                 !p.1.is_success() && r.is_success()
                             });
+                    if r.error().code() == Some("unknown_migration") {
+                        not_here = true;
+                    }
                     if better {
                         refused = Some((at, r));
                     }
                 }
                 Ok(r) => {
-                    self.current.store(at, std::sync::atomic::Ordering::Relaxed);
+                    // A request that went on to where its run is (not where the client's
+                    // other requests go) leaves the client where it was.
+                    if !not_here {
+                        self.current.store(at, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return r.json(&what);
                 }
                 Err(e) => {
@@ -670,6 +715,16 @@ impl Client {
         }
         Err(last.expect("at least two gateways tried").into())
     }
+}
+
+/// Which gateways' answers send a request on to the next gateway (with several).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Elsewhere {
+    /// Only a gateway cut off from its store (`cut_off`, or a read marked as maybe behind).
+    CutOff,
+    /// Those, and a gateway that does not hold the request's run (`unknown_migration`):
+    /// the run is driven by another gateway.
+    OrUnknownRun,
 }
 
 /// `GET /v1/watch` for `host` from version `after`, answered as a delta when `delta`.
@@ -951,6 +1006,66 @@ mod tests {
         assert_eq!(accepted.load(SeqCst), 3);
         assert_eq!(served.load(SeqCst), 6);
         assert!(w.is_connected());
+    }
+
+    /// With several gateways, a run's event goes on past gateways that do not hold the run
+    /// (`unknown_migration`) to the one that drives it, and the client stays where it was;
+    /// another request does not go on for `unknown_migration`.
+    #[tokio::test]
+    async fn a_run_event_goes_on_to_the_gateway_that_holds_the_run() {
+        fn answer(status: &str, body: &str) -> &'static [u8] {
+            let a = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            Box::leak(a.into_bytes().into_boxed_slice())
+        }
+        let unknown = answer(
+            "404 Not Found",
+            r#"{"error":{"code":"unknown_migration","message":"no run has id m1"}}"#,
+        );
+        let ok = answer("200 OK", r#"{"ok":true}"#);
+        let event = crate::run::RunEvent {
+            unix_ms: 1.0,
+            kind: "info".into(),
+            message: "dumped".into(),
+            phase: None,
+            bytes: None,
+            criu: None,
+        };
+        let (not_here, h1) = one_shot(unknown).await;
+        let (driver, h2) = one_shot(ok).await;
+        let c = Client::new(not_here, None).with_fallbacks(&[driver]);
+        c.run_event("m1", &event).await.unwrap();
+        for h in [h1, h2] {
+            let req = String::from_utf8(h.await.unwrap()).unwrap();
+            assert!(
+                req.starts_with("POST /v1/runs/m1/events HTTP/1.1\r\n"),
+                "{req}"
+            );
+        }
+        assert_eq!(c.addr(), not_here, "the client stays with its gateway");
+
+        // No gateway holds the run: the caller is told so.
+        let (a, _h1) = one_shot(unknown).await;
+        let (b, _h2) = one_shot(unknown).await;
+        let e = Client::new(a, None)
+            .with_fallbacks(&[b])
+            .run_event("m1", &event)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("unknown_migration"), "{e}");
+
+        // Any other request takes `unknown_migration` as the answer.
+        let (a, _h1) = one_shot(unknown).await;
+        let (b, h2) = one_shot(ok).await;
+        let e = Client::new(a, None)
+            .with_fallbacks(&[b])
+            .run("m1")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("unknown_migration"), "{e}");
+        drop(h2);
     }
 
     #[tokio::test]

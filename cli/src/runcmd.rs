@@ -438,7 +438,8 @@ pub async fn action_script(
         bytes: None,
         criu: None,
     };
-    let _ = c.run_event(&id, &event).await;
+    // Only to the gateway the hook uses: asking the others would lengthen the freeze.
+    let _ = c.run_event_here(&id, &event).await;
     if step == MigrationStepKind::Freeze {
         // The tasks are frozen and CRIU dumps: a harness may land a fault here.
         ferry_api::faultpoint::pause("dump", &id).await;

@@ -2,7 +2,8 @@
 //! members (one per cloud), the main gateway on gw and a second one on b1. b1's agent watches
 //! the gateway of its own cloud, the others the main one; changes made through either reach
 //! every agent, a migration step driven by the main gateway waits for b1's agent through what
-//! b1's gateway publishes, and when b1's gateway dies its agent carries on with the main one.
+//! b1's gateway publishes, a run driven by b1's gateway gets the progress of a source that
+//! follows the main one, and when b1's gateway dies its agent carries on with the main one.
 //! The same change sent through both at once wins once; with etcd unreachable both refuse
 //! changes and still serve reads.
 
@@ -63,7 +64,7 @@ fn same_version(lab: &ferry_lab::Lab, main: &ControlPlane, b1gw: &ControlPlane) 
 
 #[test]
 fn agents_follow_the_gateway_of_their_cloud_and_carry_on_when_it_dies() {
-    if !require_root_and_tools(&["ip", "nft", "etcd"]) {
+    if !require_root_and_tools(&["ip", "nft", "etcd", "criu"]) {
         return;
     }
     let (mut lab, main, b1gw) = two_gateways();
@@ -112,6 +113,46 @@ fn agents_follow_the_gateway_of_their_cloud_and_carry_on_when_it_dies() {
     }
     assert_eq!(lab.endpoint_host(c).unwrap(), "b1");
     assert!(lab.container_netns("b1", c).exists());
+
+    // A whole-container run driven by b1's gateway: the source, a1's agent, follows the main
+    // gateway, which does not hold the run; the agent's progress goes on to b1's gateway,
+    // which writes it into the run's report.
+    let c3 = ip("10.244.1.30");
+    lab.add_container("a1", c3).unwrap();
+    lab.start_process(c3, &["/bin/sleep", "1000"]).unwrap();
+    let req: ferry_api::run::RunRequest =
+        serde_json::from_value(serde_json::json!({"container": c3, "to": "a2"})).unwrap();
+    let id = lab
+        .api_at(&b1gw, move |c| async move { c.start_run(&req).await })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("run through b1's gateway: {e}"))
+        .id;
+    let report = wait_for(
+        "the run driven by b1's gateway ends",
+        Duration::from_secs(120),
+        || {
+            let id = id.clone();
+            lab.api_at(&b1gw, move |c| async move { c.run(&id).await })
+                .ok()?
+                .ok()
+                .filter(|r| r.state.finished())
+        },
+    );
+    assert_eq!(
+        report.state,
+        ferry_api::run::RunState::Released,
+        "{report:?}\nagent log: {}",
+        lab.agent_log("a1").display()
+    );
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| e.kind == "phase" && e.message.starts_with("dump:")),
+        "the source's dump event reached the driving gateway: {:?}",
+        report.events
+    );
+    assert_eq!(lab.endpoint_host(c3).unwrap(), "a2");
 
     // b1's gateway dies: b1's agent moves to the main gateway, and changes still reach it.
     lab.kill_extra_gateway("b1", libc::SIGKILL).unwrap();

@@ -983,6 +983,15 @@ async fn add_event(
     migration_id_param(&id)?;
     ferry_api::validate::validate_run_event(&e)
         .map_err(|e| ApiFailure::bad_request(format!("run event: {e}")))?;
+    // A run this gateway handed over is driven by another one, which writes its report: an
+    // event kept here would be lost with this copy. Refused as unknown, so a client with
+    // several gateways takes it on to the driver.
+    if g.runs.handed_over(&id) {
+        return Err(ApiFailure::new(
+            ErrorCode::UnknownMigration,
+            format!("run {id} was handed over to another gateway"),
+        ));
+    }
     let mut reports = lock(&g.runs.reports);
     let r = reports.get_mut(&id).ok_or_else(|| {
         ApiFailure::new(ErrorCode::UnknownMigration, format!("no run has id {id:?}"))
