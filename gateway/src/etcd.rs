@@ -204,6 +204,12 @@ pub trait Kv: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Range, EtcdError>;
     fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError>;
+    /// [`Self::txn`], each member given `timeout` to answer (a member that says nothing in
+    /// that time: [`EtcdError::Unknown`]).
+    fn txn_within(&self, txn: &Txn, timeout: Duration) -> Result<TxnResult, EtcdError> {
+        let _ = timeout;
+        self.txn(txn)
+    }
     /// A lease of `ttl_secs`: its id.
     fn grant(&self, ttl_secs: i64) -> Result<i64, EtcdError>;
     /// Renews lease `id`: the seconds it has left (0: it expired, its keys are gone).
@@ -438,6 +444,10 @@ impl Kv for HttpKv {
     }
 
     fn txn(&self, txn: &Txn) -> Result<TxnResult, EtcdError> {
+        self.txn_within(txn, self.timeout)
+    }
+
+    fn txn_within(&self, txn: &Txn, timeout: Duration) -> Result<TxnResult, EtcdError> {
         let compare: Vec<Value> = txn
             .compare
             .iter()
@@ -468,11 +478,12 @@ impl Kv for HttpKv {
             })
             .collect();
         let what = txn.describe();
-        let v = self.call(
+        let v = self.call_within(
             "/v3/kv/txn",
             &what,
             json!({ "compare": compare, "success": success }),
             false,
+            timeout,
         )?;
         let revision =
             int(&v["header"]["revision"]).map_err(|problem| self.decode(&what, problem))?;
@@ -717,6 +728,11 @@ pub(crate) mod fake {
         /// The next transaction's answer is lost and it is not applied (a leader lost
         /// before it committed).
         pub lose_next_txn: AtomicBool,
+        /// The next transaction's answer is lost and it is applied only just before the
+        /// transaction after it (a proposal that was slow, not lost: a read in between does
+        /// not see it).
+        pub late_next_txn: AtomicBool,
+        late: Mutex<Option<Txn>>,
     }
 
     impl FakeKv {
@@ -800,6 +816,18 @@ pub(crate) mod fake {
                     member: ([127, 0, 0, 1], 2379).into(),
                     what: txn.describe(),
                     problem: "fake: answer lost".into(),
+                });
+            }
+            let late = self.late.lock().unwrap().take();
+            if let Some(late) = late {
+                let _ = self.txn(&late);
+            }
+            if self.late_next_txn.swap(false, Ordering::Relaxed) {
+                *self.late.lock().unwrap() = Some(txn.clone());
+                return Err(EtcdError::Unknown {
+                    member: ([127, 0, 0, 1], 2379).into(),
+                    what: txn.describe(),
+                    problem: "fake: answer lost, applied later".into(),
                 });
             }
             if let Some(max) = *self.max_request.lock().unwrap()

@@ -36,6 +36,14 @@ pub const CHUNK: usize = 768 << 10;
 /// How long a change whose answer etcd lost is resolved (a leader elected meanwhile)
 /// before the change is reported as of unknown outcome.
 const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a member gets to answer a change before its answer counts as lost (and the log
+/// is read to find out). A change a follower forwarded to a leader that just died is dropped
+/// by etcd without a word: the caller would otherwise wait out the request's whole timeout
+/// (3 s) while the members elect a new leader in about one election timeout (1 s by
+/// default). Above that, so that the read which follows finds a leader, and far above a
+/// healthy change (a few round trips and an fsync). A change that was only slow is found
+/// applied, never made twice (the compare).
+const CHANGE_TXN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
 /// Log entries read per range.
 const PAGE: i64 = 256;
 
@@ -202,6 +210,7 @@ impl EtcdStore {
         let began = std::time::Instant::now();
         let deadline = began + RESOLVE_FOR;
         let mut lost = None;
+        let mut sent = false;
         loop {
             // The answer to the last try was lost: find out what etcd holds before anything
             // else (the compare makes a second try harmless either way).
@@ -225,8 +234,17 @@ impl EtcdStore {
                     Err(_) => return Err(etcd(e)),
                 }
             }
-            match self.kv.txn(&txn) {
+            let resent = sent;
+            sent = true;
+            match self.kv.txn_within(&txn, CHANGE_TXN_TIMEOUT) {
                 Ok(r) if r.succeeded => break,
+                // Sent again after a lost answer: the first try may have been slow, not lost,
+                // and be what now fails the compare.
+                Ok(_) if resent => match self.outcome(version, &entry) {
+                    Ok(Some(true)) => break,
+                    Ok(_) => return Err(StoreError::Conflict { version }),
+                    Err(e) => return Err(etcd(e)),
+                },
                 Ok(_) => return Err(StoreError::Conflict { version }),
                 Err(e @ EtcdError::Unknown { .. }) if std::time::Instant::now() < deadline => {
                     tracing::warn!(version, error = %e, "etcd lost the answer to a change; finding out whether it was applied");
@@ -614,6 +632,41 @@ mod tests {
             "reported not applied: {e}"
         );
         assert_eq!(stored, None, "and not applied");
+    }
+
+    /// A change whose answer was lost because it was slow, not dropped: the log read after
+    /// it does not see it yet, it is sent again, and the second try fails the compare because
+    /// the first one has since been applied. That is this change's success, not a conflict.
+    #[test]
+    fn a_slow_change_sent_again_is_found_applied_not_taken_for_a_conflict() {
+        let fake = Arc::new(FakeKv::default());
+        let kv: Arc<dyn Kv> = fake.clone();
+        let s = EtcdStore::new(kv.clone(), PREFIX);
+        let (next, rec) = first_change();
+        fake.late_next_txn
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = s.append(1, rec.as_ref(), || next.to_persisted());
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(s.load().unwrap().0.map(|p| p.version), Some(1));
+        // Another gateway's different change at the same version, its answer lost too: the
+        // log holds the first one there, so it conflicts.
+        let other = EtcdStore::new(kv, PREFIX);
+        let reg = Registry::new(net());
+        let mut next = reg.clone();
+        next.apply(crate::registry::Request::RegisterHost(host(
+            "b1",
+            "198.18.2.10",
+            "10.244.255.2",
+        )))
+        .unwrap();
+        let rec = next.journal_record(&reg, &crate::watch::touched(&reg, &next));
+        fake.late_next_txn
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let lost = other.append(1, rec.as_ref(), || next.to_persisted());
+        assert!(
+            matches!(lost, Err(StoreError::Conflict { version: 1 })),
+            "{lost:?}"
+        );
     }
 
     #[test]

@@ -581,6 +581,33 @@ impl Lab {
         etcd_client_tls(&self.prefix)
     }
 
+    /// The host whose etcd member leads (topology `etcd`): each member's
+    /// `/v3/maintenance/status` names the leader's id and its own; the one whose own id is the
+    /// leader's, as that member says. `None` while no member answers as leader (an election).
+    pub fn etcd_leader(&self) -> Result<Option<String>, LabError> {
+        let tls = etcd_client_tls(&self.prefix)?;
+        for (name, client) in crate::control::etcd_members(&self.topology) {
+            let ns = self.netns(&name);
+            let tls = tls.clone();
+            let answer = run_in(&ns, move || {
+                ferry_api::transport::Request::post("/v3/maintenance/status")
+                    .tls(tls)
+                    .json(b"{}".to_vec())
+                    .timeout(Duration::from_secs(2))
+                    .send_blocking(client)
+            })?;
+            let Ok(answer) = answer else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
+                continue;
+            };
+            let own = v["header"]["member_id"].as_str();
+            if own.is_some() && own == v["leader"].as_str() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// SIGKILLs the etcd member on `host` (topology `etcd`) and waits until it exited.
     pub fn kill_etcd_member(&mut self, host: &str) -> Result<(), LabError> {
         self.stop_recorded("etcd", Some(host), libc::SIGKILL, Duration::from_secs(5))

@@ -187,6 +187,9 @@ struct FaultLab {
     bin: PathBuf,
     /// tmpfs mounts standing for the hosts' disks (`disk-full-dest`).
     disks: Vec<PathBuf>,
+    /// The host of the etcd member killed in this cell (`kill-etcd-*`), started again once the
+    /// cell converged.
+    killed_member: Option<String>,
     cells: u32,
 }
 
@@ -199,7 +202,7 @@ impl FaultLab {
                 extra_gateways: vec![TAKEOVER_GATEWAY.into()],
                 ..ferry_lab::Topology::default()
             },
-            Fault::KillEtcdMember => ferry_lab::Topology {
+            Fault::KillEtcdMember | Fault::KillEtcdLeader => ferry_lab::Topology {
                 etcd: true,
                 ..ferry_lab::Topology::default()
             },
@@ -230,6 +233,7 @@ impl FaultLab {
             hosts,
             bin: bin.to_owned(),
             disks: Vec::new(),
+            killed_member: None,
             cells: 0,
         };
         match fl.set_up() {
@@ -400,7 +404,10 @@ impl FaultLab {
         }
         let restarted = match self.fault {
             Fault::KillGatewayTakeover => self.lab.start_gateway(),
-            Fault::KillEtcdMember => self.lab.start_etcd_member(&cell.from),
+            Fault::KillEtcdMember | Fault::KillEtcdLeader => match self.killed_member.take() {
+                Some(host) => self.lab.start_etcd_member(&host),
+                None => Ok(()),
+            },
             Fault::CutGatewayEtcd => self
                 .gateway_host()
                 .and_then(|h| self.lab.cut_from_etcd(&h, false))
@@ -710,7 +717,40 @@ impl FaultLab {
             }
             Fault::KillEtcdMember => {
                 // Dead until the cell converged (see `run_cell`).
+                self.killed_member = Some(cell.from.clone());
                 let killed = self.lab.kill_etcd_member(&cell.from);
+                armed.disarm();
+                killed?;
+            }
+            Fault::KillEtcdLeader => {
+                // The leader as the members say it now (an election may be under way after
+                // the last cell's restart: until one leads, asked again), dead until the
+                // cell converged.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let leader = loop {
+                    match self.lab.etcd_leader() {
+                        Ok(Some(host)) => break Ok(host),
+                        Ok(None) if std::time::Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Ok(None) => {
+                            break Err(FaultError::io(
+                                "finding etcd's leader",
+                                std::io::Error::other("no member leads within 10 s"),
+                            ));
+                        }
+                        Err(e) => break Err(e.into()),
+                    }
+                };
+                let leader = match leader {
+                    Ok(h) => h,
+                    Err(e) => {
+                        armed.disarm();
+                        return Err(e);
+                    }
+                };
+                self.killed_member = Some(leader.clone());
+                let killed = self.lab.kill_etcd_member(&leader);
                 armed.disarm();
                 killed?;
             }

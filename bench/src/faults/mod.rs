@@ -104,6 +104,8 @@ pub enum Fault {
     KillGatewayTakeover,
     /// SIGKILL one etcd member of three (the one on the source host).
     KillEtcdMember,
+    /// SIGKILL etcd's leader (one member of three): a change in flight was forwarded to it.
+    KillEtcdLeader,
     /// The main gateway of two on etcd cut off from etcd (alive, answering); the other takes
     /// the run over.
     CutGatewayEtcd,
@@ -128,12 +130,13 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::KillSourceAgent,
         Fault::KillDestAgent,
         Fault::KillGateway,
         Fault::KillGatewayTakeover,
         Fault::KillEtcdMember,
+        Fault::KillEtcdLeader,
         Fault::CutGatewayEtcd,
         Fault::CutSource3s,
         Fault::CutSource20s,
@@ -149,6 +152,7 @@ impl Fault {
             Fault::KillGateway => "kill-gateway",
             Fault::KillGatewayTakeover => "kill-gateway-takeover",
             Fault::KillEtcdMember => "kill-etcd-member",
+            Fault::KillEtcdLeader => "kill-etcd-leader",
             Fault::CutGatewayEtcd => "cut-gateway-etcd",
             Fault::CutSource3s => "cut-source-3s",
             Fault::CutSource20s => "cut-source-20s",
@@ -512,7 +516,7 @@ mod tests {
         assert_eq!(c.args.phases(), [Phase::Prepare, Phase::Release]);
         let all = Cli::parse_from(["x"]);
         assert_eq!(all.args.faults().len(), Fault::ALL.len());
-        assert_eq!(Fault::ALL.len(), 11);
+        assert_eq!(Fault::ALL.len(), 12);
         assert_eq!(all.args.phases().len(), 5);
         assert!(Cli::try_parse_from(["x", "--fault", "nope"]).is_err());
         for f in Fault::ALL {
