@@ -197,11 +197,13 @@ impl FaultLab {
     fn up(p: &Progress, fault: Fault, bin: &Path) -> Result<Self, Box<LabRecord>> {
         p.say(format!("{}: bringing up a lab with agents", fault.name()));
         let topology = match fault {
-            Fault::KillGatewayTakeover | Fault::CutGatewayEtcd => ferry_lab::Topology {
-                etcd: true,
-                extra_gateways: vec![TAKEOVER_GATEWAY.into()],
-                ..ferry_lab::Topology::default()
-            },
+            Fault::KillGatewayTakeover | Fault::KillGatewayRestartEtcd | Fault::CutGatewayEtcd => {
+                ferry_lab::Topology {
+                    etcd: true,
+                    extra_gateways: vec![TAKEOVER_GATEWAY.into()],
+                    ..ferry_lab::Topology::default()
+                }
+            }
             Fault::KillEtcdMember | Fault::KillEtcdLeader => ferry_lab::Topology {
                 etcd: true,
                 ..ferry_lab::Topology::default()
@@ -703,7 +705,7 @@ impl FaultLab {
                 killed?;
                 self.lab.start_agent(&h)?;
             }
-            Fault::KillGateway => {
+            Fault::KillGateway | Fault::KillGatewayRestartEtcd => {
                 let killed = self.lab.kill_gateway(libc::SIGKILL);
                 armed.disarm();
                 killed?;

@@ -102,6 +102,9 @@ pub enum Fault {
     KillGateway,
     /// SIGKILL the main gateway of two on etcd; the other takes the run over.
     KillGatewayTakeover,
+    /// SIGKILL the main gateway of two on etcd, then start it again at once (its lease still
+    /// holds the run's claim).
+    KillGatewayRestartEtcd,
     /// SIGKILL one etcd member of three (the one on the source host).
     KillEtcdMember,
     /// SIGKILL etcd's leader (one member of three): a change in flight was forwarded to it.
@@ -130,11 +133,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 13] = [
         Fault::KillSourceAgent,
         Fault::KillDestAgent,
         Fault::KillGateway,
         Fault::KillGatewayTakeover,
+        Fault::KillGatewayRestartEtcd,
         Fault::KillEtcdMember,
         Fault::KillEtcdLeader,
         Fault::CutGatewayEtcd,
@@ -151,6 +155,7 @@ impl Fault {
             Fault::KillDestAgent => "kill-dest-agent",
             Fault::KillGateway => "kill-gateway",
             Fault::KillGatewayTakeover => "kill-gateway-takeover",
+            Fault::KillGatewayRestartEtcd => "kill-gateway-restart-etcd",
             Fault::KillEtcdMember => "kill-etcd-member",
             Fault::KillEtcdLeader => "kill-etcd-leader",
             Fault::CutGatewayEtcd => "cut-gateway-etcd",
@@ -516,7 +521,7 @@ mod tests {
         assert_eq!(c.args.phases(), [Phase::Prepare, Phase::Release]);
         let all = Cli::parse_from(["x"]);
         assert_eq!(all.args.faults().len(), Fault::ALL.len());
-        assert_eq!(Fault::ALL.len(), 12);
+        assert_eq!(Fault::ALL.len(), 13);
         assert_eq!(all.args.phases().len(), 5);
         assert!(Cli::try_parse_from(["x", "--fault", "nope"]).is_err());
         for f in Fault::ALL {
