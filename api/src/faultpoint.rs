@@ -15,6 +15,7 @@
 //! | `transfer` | source agent | the dump is on disk, before the images are streamed |
 //! | `restore` | destination agent | the images arrived, before `criu restore` |
 //! | `release` | destination agent | the tree is restored (stopped), before the release is asked for |
+//! | `lazy-refused` | source agent | a lazy run: the destination refused the container, before the source ends its page server |
 //! | `frozen` | gateway | the first half of a freeze (the destination holds) is persisted |
 //! | `switched` | gateway | the second half of a freeze (everyone to the destination) is persisted |
 //! | `released` | gateway | the release is persisted, before the agents are waited for |

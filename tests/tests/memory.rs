@@ -7,6 +7,7 @@
 //! report carries the page transfer (the `pages` phase, its bytes).
 use std::{
     net::Ipv4Addr,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -255,6 +256,26 @@ fn a_256_mib_container_moves_lazily_across_the_wan_and_back_by_copy() {
 /// tree, seized by its page server, is stopped, the page server ended, and the tree resumed
 /// by the abort: the same process on a1, its memory intact, the client untouched. Then the
 /// same container moves lazily for real.
+/// Whether a `criu dump` whose images are under `work` runs (a lazy dump serves its pages
+/// until it ends).
+fn criu_dump_under(work: &Path) -> bool {
+    let work = work.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| {
+            let args: Vec<String> = c
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.first().is_some_and(|a| a.ends_with("criu"))
+                && args.iter().any(|a| a == "dump")
+                && args.iter().any(|a| a.starts_with(work.as_ref()))
+        })
+}
+
 #[test]
 fn a_lazy_run_that_fails_before_the_release_rolls_back_to_the_same_tree() {
     if !require_root_and_tools(TOOLS) {
@@ -265,7 +286,47 @@ fn a_lazy_run_that_fails_before_the_release_rolls_back_to_the_same_tree() {
     let pid = lab.process(c()).unwrap().expect("the server").pid;
     let mut args = run_args("b1", MemoryMode::Lazy).to_vec();
     args.extend(["--fail", "restore"]);
-    let out = lab.ferry(&args).expect("running ferry");
+    // The source is held once the destination refused, until CRIU's page server has ended by
+    // itself (the destination's lazy-pages daemon went with its failed restore) and let the
+    // tasks go: CRIU's failure path would let the tree run with its connections still in
+    // repair mode, where a read fails and the server closes them. The tree must be stopped.
+    let armed = lab.fault_dir().join("lazy-refused");
+    let reached = lab.fault_dir().join("lazy-refused.reached");
+    std::fs::write(&armed, b"").unwrap();
+    let child = lab
+        .ferry_command(&args)
+        .expect("the ferry command")
+        .spawn()
+        .expect("running ferry");
+    wait_for(
+        "the source hears the destination's refusal",
+        Duration::from_secs(60),
+        || reached.exists().then_some(()),
+    );
+    let work = lab.criu_work_dir("a1");
+    let state = wait_for(
+        "CRIU's page server on a1 ends and lets the tree go",
+        Duration::from_secs(30),
+        || {
+            if criu_dump_under(&work) {
+                return None;
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            (field("TracerPid:")? == "0").then(|| field("State:").unwrap_or_default())
+        },
+    );
+    assert!(
+        state.starts_with('T'),
+        "the tree stays stopped once CRIU let it go: {state}"
+    );
+    std::fs::remove_file(&armed).unwrap();
+    let out = child.wait_with_output().expect("ferry's output");
     let (code, r) = ferry_tests::run_report(&format!("ferry {args:?}"), &out);
     assert_eq!(
         r.state,

@@ -83,12 +83,19 @@ fn unrepair(pid: i32) -> io::Result<usize> {
         if !is_socket {
             continue;
         }
-        let Ok(sock) = pidfd_getfd(&pidfd, fd) else {
-            continue;
+        let sock = match pidfd_getfd(&pidfd, fd) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pid, fd, error = %e, "resuming: a socket of the tree could not be taken");
+                continue;
+            }
         };
         match tcp_state(&sock) {
             Some(s) if s != TCP_LISTEN && s != TCP_CLOSE => {}
-            _ => continue,
+            state => {
+                tracing::debug!(pid, fd, ?state, "resuming: not a connected TCP socket");
+                continue;
+            }
         }
         let off = TCP_REPAIR_OFF;
         // SAFETY: a c_int option value.

@@ -760,6 +760,9 @@ async fn run_inner(
                 // The destination will not pull the pages: the tree stays stopped (SIGSTOP
                 // pending while CRIU still traces it) and the page server goes; the abort
                 // resumes the tree like any dumped one.
+                // (A harness may hold the source here while CRIU's page server ends by
+                // itself: the tree must stay stopped all the same.)
+                ferry_api::faultpoint::pause("lazy-refused", &id).await;
                 let stopped = lazy::stop_tree(pid);
                 s.kill().await;
                 ctx.runtime.serving_pages(ip, false);
