@@ -477,22 +477,13 @@ impl Client {
         self.get(&format!("/v1/runs/{}", percent_encode(id))).await
     }
 
-    /// A progress event for run `id` (agents, during a checkpoint).
+    /// A progress event for run `id` (agents, during a checkpoint). With several gateways
+    /// the run is driven by one of them, not necessarily the one this client follows: a
+    /// gateway that does not hold the run answers `unknown_migration` (nothing appended) and
+    /// the next one is asked.
     pub async fn run_event(&self, id: &str, event: &crate::run::RunEvent) -> Result<(), ApiError> {
-        let path = format!("/v1/runs/{}/events", percent_encode(id));
-        // With several gateways the run is driven by one of them, not necessarily the one
-        // this client follows: a gateway that does not hold the run answers
-        // `unknown_migration` (nothing appended) and the next one is asked.
-        let _: serde_json::Value = self
-            .send_with(
-                "POST",
-                &path,
-                Some(event),
-                self.timeout,
-                Elsewhere::OrUnknownRun,
-            )
-            .await?;
-        Ok(())
+        self.post_run_event(id, event, Elsewhere::OrUnknownRun)
+            .await
     }
 
     /// [`Self::run_event`] to the gateway this client uses only: for a caller that cannot
@@ -502,8 +493,19 @@ impl Client {
         id: &str,
         event: &crate::run::RunEvent,
     ) -> Result<(), ApiError> {
+        self.post_run_event(id, event, Elsewhere::CutOff).await
+    }
+
+    async fn post_run_event(
+        &self,
+        id: &str,
+        event: &crate::run::RunEvent,
+        elsewhere: Elsewhere,
+    ) -> Result<(), ApiError> {
         let path = format!("/v1/runs/{}/events", percent_encode(id));
-        let _: serde_json::Value = self.send("POST", &path, Some(event), self.timeout).await?;
+        let _: serde_json::Value = self
+            .send_with("POST", &path, Some(event), self.timeout, elsewhere)
+            .await?;
         Ok(())
     }
 

@@ -586,12 +586,19 @@ mod tests {
 
     /// Version 1 (a1 registered) and its journal record.
     fn first_change() -> (Registry, Option<JournalRecord>) {
+        first_host_change("a1", "198.18.1.10", "10.244.255.1")
+    }
+
+    /// Version 1 (host `name` registered) and its journal record.
+    fn first_host_change(
+        name: &str,
+        underlay: &str,
+        gateway: &str,
+    ) -> (Registry, Option<JournalRecord>) {
         let reg = Registry::new(net());
         let mut next = reg.clone();
         next.apply(crate::registry::Request::RegisterHost(host(
-            "a1",
-            "198.18.1.10",
-            "10.244.255.1",
+            name, underlay, gateway,
         )))
         .unwrap();
         let t = crate::watch::touched(&reg, &next);
@@ -651,15 +658,7 @@ mod tests {
         // Another gateway's different change at the same version, its answer lost too: the
         // log holds the first one there, so it conflicts.
         let other = EtcdStore::new(kv, PREFIX);
-        let reg = Registry::new(net());
-        let mut next = reg.clone();
-        next.apply(crate::registry::Request::RegisterHost(host(
-            "b1",
-            "198.18.2.10",
-            "10.244.255.2",
-        )))
-        .unwrap();
-        let rec = next.journal_record(&reg, &crate::watch::touched(&reg, &next));
+        let (next, rec) = first_host_change("b1", "198.18.2.10", "10.244.255.2");
         fake.late_next_txn
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let lost = other.append(1, rec.as_ref(), || next.to_persisted());
@@ -720,14 +719,7 @@ mod tests {
         let fake = Arc::new(FakeKv::default());
         let kv: Arc<dyn Kv> = fake.clone();
         let s = EtcdStore::new(kv, PREFIX);
-        let reg = Registry::new(net());
-        let mut next = reg.clone();
-        next.apply(crate::registry::Request::RegisterHost(host(
-            "a1",
-            "198.18.1.10",
-            "10.244.255.1",
-        )))
-        .unwrap();
+        let (next, _) = first_change();
         fake.down.store(true, std::sync::atomic::Ordering::Relaxed);
         let e = s.append(1, None, || next.to_persisted()).unwrap_err();
         assert!(e.to_string().contains("etcd unreachable"), "{e}");
