@@ -776,19 +776,8 @@ async fn read_hold_device(hold: Arc<Hold>) {
             }
         };
         loop {
-            match hold.tap.read_frame(&mut buf) {
-                Ok(n) => {
-                    let (verdict, back) = hold
-                        .queues
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(buf[..n].to_vec());
-                    if let Some(frame) = back
-                        && let Err(e) = hold.tap.write_frame(&frame)
-                    {
-                        warn!(error = %e, ?verdict, "passing a straggler on");
-                    }
-                }
+            match hold.read_one(&mut buf) {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     ready.clear_ready();
                     break;

@@ -105,6 +105,8 @@ struct World {
     /// Frames that reach the hold device while a held endpoint's entry is being switched
     /// away from HOLD (in flight when the switch happens).
     in_flight_at_switch: BTreeMap<Ipv4Addr, Vec<Vec<u8>>>,
+    /// Frames in the hold device that the agent's reader has not read yet (it lags).
+    unread: VecDeque<Vec<u8>>,
     /// Frames that arrive for an endpoint while the agent writes one back, routed by the entry
     /// at that moment (HOLD: queued behind).
     arriving: BTreeMap<Ipv4Addr, VecDeque<Vec<u8>>>,
@@ -263,6 +265,14 @@ impl Fake {
         let mut w = self.world();
         for f in frames {
             w.queues.push(f);
+        }
+    }
+
+    /// Frames for `ip` that reached the hold device but that its reader has not read yet.
+    pub fn unread_in_device(&self, ip: Ipv4Addr, tags: impl IntoIterator<Item = u8>) {
+        let mut w = self.world();
+        for t in tags {
+            w.unread.push_back(frame(ip, t));
         }
     }
 
@@ -446,6 +456,16 @@ impl HoldDevice for Fake {
     }
     fn held(&self) -> Vec<Ipv4Addr> {
         self.world().queues.held()
+    }
+    fn pull(&self) {
+        let unread = std::mem::take(&mut self.world().unread);
+        for f in unread {
+            let back = self.world().queues.push(f).1;
+            if let Some(f) = back {
+                // A straggler: written back at once, as the real reader does.
+                let _ = self.write_frame(&f);
+            }
+        }
     }
     fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
         self.world().queues.drain(ip)

@@ -439,6 +439,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         let Some(h) = self.hold.clone() else {
             return Some(0);
         };
+        h.pull();
         let frames = h.release(ip);
         let n = frames.len();
         let failed = steps::reinject(&*h, frames);

@@ -68,6 +68,11 @@ pub trait HoldDevice: Send + Sync + 'static {
     fn hold(&self, ip: Ipv4Addr);
     /// The endpoints being held.
     fn held(&self) -> Vec<Ipv4Addr>;
+    /// Reads every frame waiting in the device into the queues (stragglers for endpoints no
+    /// longer held are written back). The device's reader task lags when the agent is busy:
+    /// a release that only looked at the queues would switch the entry with frames still
+    /// unread in the device, and the flow's next packets would overtake them.
+    fn pull(&self);
     /// Takes the frames queued so far for `ip`, in order, and keeps holding it.
     fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>>;
     /// Stops holding `ip` and takes what is still queued, in order (later arrivals are
@@ -194,12 +199,43 @@ pub struct Hold {
     pub queues: Mutex<HoldQueues>,
 }
 
+impl Hold {
+    /// Reads one frame from the device and queues it (a straggler is written back). The
+    /// queues' lock is held from the read to the push, so frames read by the reader task and
+    /// by a release ([`HoldDevice::pull`]) are queued in the device's order. `WouldBlock`:
+    /// nothing waits.
+    pub fn read_one(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut queues = lock(&self.queues);
+        let n = self.tap.read_frame(buf)?;
+        let (verdict, back) = queues.push(buf[..n].to_vec());
+        if let Some(frame) = back
+            && let Err(e) = self.tap.write_frame(&frame)
+        {
+            warn!(error = %e, ?verdict, "passing a straggler on");
+        }
+        Ok(())
+    }
+}
+
 impl HoldDevice for Hold {
     fn hold(&self, ip: Ipv4Addr) {
         lock(&self.queues).hold(ip);
     }
     fn held(&self) -> Vec<Ipv4Addr> {
         lock(&self.queues).held()
+    }
+    fn pull(&self) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            match self.read_one(&mut buf) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!(error = %e, "reading the hold device");
+                    return;
+                }
+            }
+        }
     }
     fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
         lock(&self.queues).drain(ip)

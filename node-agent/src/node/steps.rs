@@ -282,6 +282,7 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
                 .flatten()
                 .map(|(_, built)| (UdpHeld::default(), self.net.udp_buffers(built)));
             for _ in 0..MAX_DRAIN_ROUNDS {
+                h.pull();
                 let frames = h.drain(*ip);
                 if frames.is_empty() {
                     break;
@@ -363,6 +364,8 @@ impl<D: Datapath, H: HoldDevice, N: ContainerNet, A: Announcer> Node<D, H, N, A>
         };
         self.pacers.retain(|p| !p.is_finished());
         let mut arrived = Vec::new();
+        // What reached the device before the switch and is not read yet goes first.
+        h.pull();
         for ip in releasing {
             let frames = h.release(*ip);
             let n = frames.len();

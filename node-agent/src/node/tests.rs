@@ -225,6 +225,42 @@ async fn abort_sends_held_frames_back_towards_the_source_then_removes_the_contai
     assert!(n.applied.containers.is_empty());
 }
 
+/// The device's reader lags (a busy agent, CI's two loaded cores): frames wait in the hold
+/// device unread when the release starts. They are the flow's oldest after the queued ones, so
+/// they must be written back before the entry switches, or the flow's next packets, no longer
+/// held, overtake them (hold.rs saw 36 datagrams reordered after an abort).
+#[tokio::test]
+async fn frames_not_read_from_the_device_yet_are_written_back_before_the_switch() {
+    for abort in [false, true] {
+        let (mut n, f) = holding_a().await;
+        f.held_frames(A, 1..=3);
+        f.unread_in_device(A, 4..=6);
+        f.clear_log();
+        let w = if abort {
+            let mut w = want(2, &[]);
+            w.endpoints.insert(A, remote());
+            w
+        } else {
+            want(2, &[A])
+        };
+        assert!(n.apply(&w).await.is_empty());
+
+        let log = f.log();
+        let switch = at(&log, set(A, if abort { kind::REMOTE } else { kind::LOCAL }));
+        let w = writes(&log, A);
+        assert_eq!(
+            w.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5, 6],
+            "abort={abort}: every frame once, in order: {log:#?}"
+        );
+        assert!(
+            w.iter().all(|(_, _, i)| *i < switch),
+            "abort={abort}: all before the switch: {log:#?}"
+        );
+        assert_eq!(f.hold_counters().released, 6);
+    }
+}
+
 #[tokio::test]
 async fn a_removed_container_loses_its_entry_before_its_veth_and_is_detached_before_deletion() {
     let (mut n, f) = node();
