@@ -325,7 +325,9 @@ async fn start(
                 ),
             ));
         }
-        super::takeover::Claimed::Ours(_) | super::takeover::Claimed::NotShared => {}
+        super::takeover::Claimed::Ours(_)
+        | super::takeover::Claimed::OursAgain(_)
+        | super::takeover::Claimed::NotShared => {}
     }
     let unclaim = |g: &Arc<Gateway>| super::takeover::release(g, req.container, &me);
     let started = ferry_api::unix_ms_f64();

@@ -60,6 +60,9 @@ pub(crate) enum Claimed {
     NotShared,
     /// This gateway's, on this lease.
     Ours(i64),
+    /// This gateway's own claim from an earlier lease (it was restarted, or cut off from
+    /// etcd), taken again on this lease.
+    OursAgain(i64),
     /// Driven by this gateway (its API address).
     Theirs(String),
 }
@@ -112,7 +115,7 @@ pub(crate) async fn claim(g: &Arc<Gateway>, c: Ipv4Addr, me: &str) -> Result<Cla
                 success: vec![Op::PutLeased(key.clone(), value(&me, lease), lease)],
             })?;
             if again.succeeded {
-                return Ok(Claimed::Ours(lease));
+                return Ok(Claimed::OursAgain(lease));
             }
         }
         Ok(Claimed::Theirs(driver.map_or_else(
@@ -128,7 +131,7 @@ pub(crate) async fn claim(g: &Arc<Gateway>, c: Ipv4Addr, me: &str) -> Result<Cla
             format!("claiming container {c}'s run: {e}; nothing was changed"),
         )
     })?;
-    if let Claimed::Ours(lease) = claimed {
+    if let Claimed::Ours(lease) | Claimed::OursAgain(lease) = claimed {
         g.runs.claimed(c, lease);
     }
     Ok(claimed)
@@ -382,14 +385,15 @@ pub(crate) async fn watch_orphans(g: Arc<Gateway>, me: String) {
             }
         }
         for (id, c) in orphans {
-            match claim(&g, c, &me).await {
-                Ok(Claimed::Ours(_)) => {}
+            let again = match claim(&g, c, &me).await {
+                Ok(Claimed::Ours(_)) => false,
+                Ok(Claimed::OursAgain(_)) => true,
                 Ok(_) => continue,
                 Err(e) => {
                     warn!(migration = %id, error = %e.message, "looking for runs nobody drives");
                     continue;
                 }
-            }
+            };
             // Still a run to finish (it may have ended while we claimed).
             let report = read_report(&g, &id).await;
             // Without any report, a run the registry knows needs one written: resumed, it
@@ -402,13 +406,14 @@ pub(crate) async fn watch_orphans(g: Arc<Gateway>, me: String) {
                 release(&g, c, &me);
                 continue;
             }
-            info!(migration = %id, container = %c, gateway = %me, "taking over a run whose gateway is gone");
+            let why = if again {
+                "this gateway drove the run before it was restarted or cut off: it takes the run up again"
+            } else {
+                "the gateway driving the run is gone: another one takes it over"
+            };
+            info!(migration = %id, container = %c, gateway = %me, why, "taking over a run");
             super::runs::adopt(&g, &id, report);
-            super::runs::resume(
-                &g,
-                id,
-                "the gateway driving the run is gone: another one takes it over",
-            );
+            super::runs::resume(&g, id, why);
         }
     }
 }
