@@ -775,20 +775,10 @@ async fn read_hold_device(hold: Arc<Hold>) {
                 return;
             }
         };
-        loop {
-            match hold.read_one(&mut buf) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ready.clear_ready();
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, "reading the hold device");
-                    ready.clear_ready();
-                    break;
-                }
-            }
+        if let Err(e) = hold.read_waiting(&mut buf) {
+            warn!(error = %e, "reading the hold device");
         }
+        ready.clear_ready();
     }
 }
 

@@ -200,20 +200,25 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// Reads one frame from the device and queues it (a straggler is written back). The
-    /// queues' lock is held from the read to the push, so frames read by the reader task and
-    /// by a release ([`HoldDevice::pull`]) are queued in the device's order. `WouldBlock`:
-    /// nothing waits.
-    pub fn read_one(&self, buf: &mut [u8]) -> std::io::Result<()> {
-        let mut queues = lock(&self.queues);
-        let n = self.tap.read_frame(buf)?;
-        let (verdict, back) = queues.push(buf[..n].to_vec());
-        if let Some(frame) = back
-            && let Err(e) = self.tap.write_frame(&frame)
-        {
-            warn!(error = %e, ?verdict, "passing a straggler on");
+    /// Reads every frame waiting in the device and queues it (a straggler is written back),
+    /// until none waits. The queues' lock is held from each read to its push, so frames read
+    /// by the reader task and by a release ([`HoldDevice::pull`]) are queued in the device's
+    /// order. An error other than `WouldBlock` ends the reads and is returned.
+    pub fn read_waiting(&self, buf: &mut [u8]) -> std::io::Result<()> {
+        loop {
+            let mut queues = lock(&self.queues);
+            let n = match self.tap.read_frame(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let (verdict, back) = queues.push(buf[..n].to_vec());
+            if let Some(frame) = back
+                && let Err(e) = self.tap.write_frame(&frame)
+            {
+                warn!(error = %e, ?verdict, "passing a straggler on");
+            }
         }
-        Ok(())
     }
 }
 
@@ -225,16 +230,8 @@ impl HoldDevice for Hold {
         lock(&self.queues).held()
     }
     fn pull(&self) {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            match self.read_one(&mut buf) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    warn!(error = %e, "reading the hold device");
-                    return;
-                }
-            }
+        if let Err(e) = self.read_waiting(&mut vec![0u8; 65_536]) {
+            warn!(error = %e, "reading the hold device");
         }
     }
     fn drain(&self, ip: Ipv4Addr) -> VecDeque<Vec<u8>> {
